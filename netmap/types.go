@@ -1,0 +1,210 @@
+// Package netmap holds the wire types shared by the coordinator and the
+// agent: nodes, registration, the streamed network map and its deltas, the
+// DERP map and compiled packet-filter rules. It has no behaviour beyond
+// encoding, validation and applying a delta to a map.
+package netmap
+
+import (
+	"encoding/json"
+	"net/netip"
+	"time"
+)
+
+// ProtocolVersion is the control protocol version this build speaks. The
+// coordinator refuses clients older than MinProtocolVersion with a message
+// saying to upgrade, rather than misreading their requests.
+const (
+	ProtocolVersion    = 1
+	MinProtocolVersion = 1
+)
+
+// NodeID identifies a node in the coordinator's registry. It is stable for
+// the node's lifetime and never reused.
+type NodeID uint64
+
+// Node is one machine in the tailnet as the coordinator describes it to its
+// peers and to itself.
+type Node struct {
+	ID         NodeID        `json:"id"`
+	Hostname   string        `json:"hostname"`
+	User       string        `json:"user,omitempty"` // owner's login; empty for tagged nodes
+	Tags       []string      `json:"tags,omitempty"` // sorted, lowercase "tag:x"
+	MachineKey MachinePublic `json:"machine_key"`
+	NodeKey    NodePublic    `json:"node_key"`
+	DiscoKey   DiscoPublic   `json:"disco_key"`
+	// Addresses are the node's own tailnet addresses (/32 and /128).
+	Addresses []netip.Prefix `json:"addresses"`
+	// AllowedIPs are the prefixes routed to this node: its Addresses plus any
+	// approved subnet routes.
+	AllowedIPs []netip.Prefix `json:"allowed_ips"`
+	// Endpoints are candidate UDP addresses (local interfaces, STUN results).
+	Endpoints []netip.AddrPort `json:"endpoints,omitempty"`
+	HomeDERP  int              `json:"home_derp,omitempty"` // DERP region id, 0 = none
+	Online    bool             `json:"online"`
+	LastSeen  time.Time        `json:"last_seen,omitzero"`
+	Created   time.Time        `json:"created,omitzero"`
+	// KeyExpiry is when the node key stops being valid; zero means never
+	// (tagged nodes).
+	KeyExpiry time.Time `json:"key_expiry,omitzero"`
+	Ephemeral bool      `json:"ephemeral,omitempty"`
+	// Capabilities granted to this node *as a peer* of the receiving node,
+	// compiled from the policy's "app" grants. Keyed by capability name.
+	Capabilities map[string][]json.RawMessage `json:"capabilities,omitempty"`
+}
+
+// RegisterRequest enrols a machine, or re-registers a known one. It is sent
+// over the authenticated control channel, so the machine key is the TLS
+// client certificate's and is not repeated here.
+type RegisterRequest struct {
+	Version  int         `json:"version"`
+	NodeKey  NodePublic  `json:"node_key"`
+	DiscoKey DiscoPublic `json:"disco_key"`
+	// OldNodeKey is set when rotating the node key.
+	OldNodeKey  NodePublic `json:"old_node_key,omitzero"`
+	Hostname    string     `json:"hostname"`
+	AuthKey     string     `json:"auth_key,omitempty"` // empty when the machine is already registered
+	RequestTags []string   `json:"request_tags,omitempty"`
+}
+
+// RegisterResponse tells the node who it is.
+type RegisterResponse struct {
+	Node Node `json:"node"`
+	// ServerKey is the coordinator's public key fingerprint that the node
+	// should pin for later connections.
+	ServerKey string `json:"server_key"`
+}
+
+// MapRequest opens the map stream, or (Stream=false) reports endpoints and
+// other node state changes without opening one.
+type MapRequest struct {
+	Version   int              `json:"version"`
+	NodeKey   NodePublic       `json:"node_key"`
+	DiscoKey  DiscoPublic      `json:"disco_key"`
+	Stream    bool             `json:"stream"`
+	Endpoints []netip.AddrPort `json:"endpoints,omitempty"`
+	HomeDERP  int              `json:"home_derp,omitempty"`
+	// Since is the last map version the client applied. If the coordinator
+	// still holds every change after it, the stream starts with those deltas
+	// instead of a full map.
+	Since uint64 `json:"since,omitempty"`
+	// Epoch is the coordinator epoch Since belongs to (a restarted
+	// coordinator has a new one and sends a full map).
+	Epoch string `json:"epoch,omitempty"`
+}
+
+// MapResponse is one message of the map stream. The first message of a
+// stream is either a full map (Full=true: Self, Peers, DERPMap and
+// PacketFilter are authoritative) or, when resuming, a delta. Later messages
+// are deltas or keep-alives.
+type MapResponse struct {
+	Epoch     string `json:"epoch"`
+	Version   uint64 `json:"version"`
+	Full      bool   `json:"full,omitempty"`
+	KeepAlive bool   `json:"keep_alive,omitempty"`
+
+	Self *Node `json:"self,omitempty"`
+
+	// Peers is the complete peer list (only when Full).
+	Peers []Node `json:"peers,omitempty"`
+	// PeersChanged are peers added or replaced whole.
+	PeersChanged []Node `json:"peers_changed,omitempty"`
+	// PeersRemoved are peers that are gone (deleted or no longer visible).
+	PeersRemoved []NodeID `json:"peers_removed,omitempty"`
+	// PeersPatch are small in-place changes (endpoints, DERP home, online).
+	PeersPatch []PeerPatch `json:"peers_patch,omitempty"`
+
+	DERPMap *DERPMap `json:"derp_map,omitempty"`
+	// PacketFilter replaces the node's inbound filter when non-nil. An empty
+	// non-nil slice means deny all inbound.
+	PacketFilter *[]FilterRule `json:"packet_filter,omitempty"`
+	// PolicyBootstrap reports that no policy is loaded and the coordinator's
+	// allow-all default is in force.
+	PolicyBootstrap bool `json:"policy_bootstrap,omitempty"`
+}
+
+// PeerPatch changes some fields of a peer already in the map; nil fields are
+// unchanged. Patches keep endpoint churn cheap: a few dozen bytes per peer
+// instead of a whole Node.
+type PeerPatch struct {
+	ID        NodeID            `json:"id"`
+	Endpoints *[]netip.AddrPort `json:"endpoints,omitempty"`
+	HomeDERP  *int              `json:"home_derp,omitempty"`
+	Online    *bool             `json:"online,omitempty"`
+	LastSeen  *time.Time        `json:"last_seen,omitempty"`
+	DiscoKey  *DiscoPublic      `json:"disco_key,omitempty"`
+	NodeKey   *NodePublic       `json:"node_key,omitempty"`
+}
+
+// DERPMap lists the relay regions nodes may use.
+type DERPMap struct {
+	Regions []DERPRegion `json:"regions"`
+}
+
+// DERPRegion is a set of DERP servers that mesh with each other.
+type DERPRegion struct {
+	ID    int        `json:"id"`
+	Code  string     `json:"code"`
+	Name  string     `json:"name,omitempty"`
+	Nodes []DERPNode `json:"nodes"`
+}
+
+// DERPNode is one relay server.
+type DERPNode struct {
+	Name     string `json:"name"`
+	Host     string `json:"host"` // hostname or IP literal
+	DERPPort int    `json:"derp_port"`
+	STUNPort int    `json:"stun_port,omitempty"` // 0: no STUN; -1: disabled
+	STUNOnly bool   `json:"stun_only,omitempty"`
+	// CertFingerprint pins the relay's TLS certificate (hex SHA-256 of the
+	// SubjectPublicKeyInfo) for relays with self-signed certificates, such as
+	// the coordinator's embedded one.
+	CertFingerprint string `json:"cert_fingerprint,omitempty"`
+}
+
+// FilterRule is one compiled packet-filter rule for traffic arriving at a
+// node: packets from SrcIPs to any of DstPorts, with a protocol in IPProto,
+// may open a flow. Return traffic is allowed by the filter's flow state, not
+// by rules.
+type FilterRule struct {
+	SrcIPs   []netip.Prefix `json:"src_ips"`
+	DstPorts []NetPortRange `json:"dst_ports"`
+	// IPProto lists IANA protocol numbers. Empty means TCP, UDP, ICMPv4 and
+	// ICMPv6, as in Tailscale.
+	IPProto []uint8 `json:"ip_proto,omitempty"`
+	// CapGrants carries "app" grants: capabilities the destination grants to
+	// the sources. They match no packets.
+	CapGrants []CapGrant `json:"cap_grants,omitempty"`
+	// Origin names the policy rule this was compiled from (file:line), for
+	// explaining drops and accepts.
+	Origin string `json:"origin,omitempty"`
+}
+
+// NetPortRange is a destination prefix and port range.
+type NetPortRange struct {
+	Net   netip.Prefix `json:"net"`
+	Ports PortRange    `json:"ports"`
+}
+
+// PortRange is an inclusive range of ports; {0, 65535} is every port.
+type PortRange struct {
+	First uint16 `json:"first"`
+	Last  uint16 `json:"last"`
+}
+
+// AllPorts is every port.
+var AllPorts = PortRange{First: 0, Last: 65535}
+
+// CapGrant grants capabilities on destinations Dsts.
+type CapGrant struct {
+	Dsts []netip.Prefix               `json:"dsts"`
+	Caps map[string][]json.RawMessage `json:"caps"`
+}
+
+// IANA protocol numbers used by filter rules.
+const (
+	ProtoICMPv4 uint8 = 1
+	ProtoTCP    uint8 = 6
+	ProtoUDP    uint8 = 17
+	ProtoICMPv6 uint8 = 58
+	ProtoSCTP   uint8 = 132
+)
