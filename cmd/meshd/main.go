@@ -60,6 +60,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			c.statusCmd(),
 			c.ipCmd(),
 			c.policyCmd(),
+			c.derpCmd(),
 		},
 		Exec: func(context.Context, []string) error { return flag.ErrHelp },
 	}
