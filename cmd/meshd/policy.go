@@ -1,0 +1,273 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/peterbourgon/ff/v3/ffcli"
+
+	"meshd.dev/meshd/policy"
+)
+
+// policyCmd is the offline policy toolkit: check, explain and diff work on
+// files, need no coordinator, and are what GitOps pipelines run.
+func (c *cli) policyCmd() *ffcli.Command {
+	return &ffcli.Command{
+		Name:       "policy",
+		ShortUsage: "meshd policy <check|explain|diff> [flags] FILE...",
+		ShortHelp:  "check, explain and diff tailnet policy files offline",
+		LongHelp: `Offline tools for the huJSON tailnet policy file (the format Tailscale users
+already write: groups, hosts, tagOwners, acls, grants, tests, ssh, autoApprovers,
+nodeAttrs). Nothing here talks to a coordinator; put "meshd policy check" in CI.`,
+		FlagSet:     flag.NewFlagSet("meshd policy", flag.ContinueOnError),
+		Options:     envOptions,
+		Subcommands: []*ffcli.Command{c.policyCheckCmd(), c.policyExplainCmd(), c.policyDiffCmd()},
+		Exec:        func(context.Context, []string) error { return flag.ErrHelp },
+	}
+}
+
+// parseInterspersed parses fs from args, allowing flags after positional
+// arguments ("meshd policy explain FILE --src x"), which the flag package
+// alone stops at.
+func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		if fs.NArg() == 0 {
+			return pos, nil
+		}
+		pos = append(pos, fs.Arg(0))
+		args = fs.Args()[1:]
+	}
+}
+
+// loadPolicy reads and parses FILE. Problems are returned as an *policy.Error.
+func loadPolicy(file string) (*policy.Policy, error) {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return nil, fmt.Errorf("read policy: %w", err)
+	}
+	return policy.Parse(file, b)
+}
+
+// printProblems prints each problem as FILE:LINE:COL: message and returns
+// an exit error when the policy was rejected; other errors pass through.
+func (c *cli) policyError(err error) error {
+	var perr *policy.Error
+	if errors.As(err, &perr) {
+		for _, p := range perr.Problems {
+			fmt.Fprintln(c.stdout, p)
+		}
+		return &exitError{code: 1, msg: fmt.Sprintf("policy rejected: %d problem(s)", len(perr.Problems))}
+	}
+	return &exitError{code: 1, msg: err.Error()}
+}
+
+type jsonProblem struct {
+	File     string `json:"file"`
+	Line     int    `json:"line"`
+	Col      int    `json:"col"`
+	Severity string `json:"severity"`
+	Message  string `json:"message"`
+}
+
+func toJSONProblems(ps []policy.Problem) []jsonProblem {
+	out := []jsonProblem{}
+	for _, p := range ps {
+		out = append(out, jsonProblem{File: p.Pos.File, Line: p.Pos.Line, Col: p.Pos.Col, Severity: p.Severity.String(), Message: p.Msg})
+	}
+	return out
+}
+
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func (c *cli) policyCheckCmd() *ffcli.Command {
+	fs := flag.NewFlagSet("meshd policy check", flag.ContinueOnError)
+	asJSON := fs.Bool("json", false, "print the result as JSON")
+	strict := fs.Bool("strict", false, "also exit 1 on lint warnings (wide rules, unowned tags, unused groups, shadowed rules)")
+	return &ffcli.Command{
+		Name:       "check",
+		ShortUsage: "meshd policy check [--json] [--strict] FILE",
+		ShortHelp:  "parse, validate, run the policy's tests and lint it",
+		LongHelp: `Parses FILE, validates every section, runs its "tests" and lints it.
+Each problem is printed to stdout as FILE:LINE:COL: message.
+
+Exit status: 0 when the policy is valid and its tests pass (lint warnings are
+printed but do not fail the check unless --strict); 1 when it is invalid, a
+test fails, or --strict is set and there are warnings.`,
+		FlagSet: fs,
+		Options: envOptions,
+		Exec: func(_ context.Context, args []string) error {
+			pos, err := parseInterspersed(fs, args)
+			if err != nil {
+				return err
+			}
+			if len(pos) != 1 {
+				return &exitError{code: 2, msg: "policy check: name one policy file: meshd policy check FILE"}
+			}
+			file := pos[0]
+			pol, err := loadPolicy(file)
+			var perr *policy.Error
+			if err != nil && !errors.As(err, &perr) {
+				return &exitError{code: 1, msg: err.Error()}
+			}
+			var errs, warns []policy.Problem
+			if perr != nil {
+				errs = perr.Problems
+			} else {
+				warns = pol.Lint()
+			}
+			failed := len(errs) > 0 || *strict && len(warns) > 0
+			if *asJSON {
+				res := struct {
+					File     string        `json:"file"`
+					Valid    bool          `json:"valid"`
+					Errors   []jsonProblem `json:"errors"`
+					Warnings []jsonProblem `json:"warnings"`
+				}{File: file, Valid: len(errs) == 0, Errors: toJSONProblems(errs), Warnings: toJSONProblems(warns)}
+				if err := writeJSON(c.stdout, res); err != nil {
+					return err
+				}
+			} else {
+				for _, p := range errs {
+					fmt.Fprintln(c.stdout, p)
+				}
+				for _, p := range warns {
+					fmt.Fprintln(c.stdout, p)
+				}
+				if len(errs) == 0 {
+					fmt.Fprintf(c.stdout, "%s: valid: %d rule(s), %d test(s) pass, %d warning(s)\n", file, pol.NumRules(), pol.NumTests(), len(warns))
+				}
+			}
+			switch {
+			case len(errs) > 0:
+				return &exitError{code: 1, msg: fmt.Sprintf("%s: policy rejected: %d problem(s)", file, len(errs))}
+			case failed:
+				return &exitError{code: 1, msg: fmt.Sprintf("%s: %d warning(s) and --strict is set", file, len(warns))}
+			}
+			return nil
+		},
+	}
+}
+
+func (c *cli) policyExplainCmd() *ffcli.Command {
+	fs := flag.NewFlagSet("meshd policy explain", flag.ContinueOnError)
+	src := fs.String("src", "", "source: a user email, group:NAME, tag:NAME, host alias or IP")
+	dst := fs.String("dst", "", "destination HOST:PORT: tag:NAME:PORT, USER:PORT, a host alias or an IP with one port")
+	proto := fs.String("proto", "", "protocol name or number (default tcp)")
+	asJSON := fs.Bool("json", false, "print the result as JSON")
+	return &ffcli.Command{
+		Name:       "explain",
+		ShortUsage: "meshd policy explain FILE --src SEL --dst HOST:PORT [--proto P] [--json]",
+		ShortHelp:  "say whether a flow is allowed and which rule decides it",
+		LongHelp: `Reads the source and destination as the policy's tests do: a user is one of
+their untagged devices, a tag a device carrying only that tag, a group every
+member (allowed only if every member is).
+
+Exit status: 0 allowed; 1 denied, or the policy or the arguments are invalid.`,
+		FlagSet: fs,
+		Options: envOptions,
+		Exec: func(_ context.Context, args []string) error {
+			pos, err := parseInterspersed(fs, args)
+			if err != nil {
+				return err
+			}
+			if len(pos) != 1 || *src == "" || *dst == "" {
+				return &exitError{code: 2, msg: "policy explain: usage: meshd policy explain FILE --src SEL --dst HOST:PORT [--proto P]"}
+			}
+			pol, err := loadPolicy(pos[0])
+			if err != nil {
+				return c.policyError(err)
+			}
+			ex, err := pol.Explain(*src, *dst, *proto)
+			if err != nil {
+				return &exitError{code: 1, msg: "policy explain: " + err.Error()}
+			}
+			if *asJSON {
+				if err := writeJSON(c.stdout, ex); err != nil {
+					return err
+				}
+			} else {
+				for _, v := range ex.Verdicts {
+					if v.Allowed {
+						fmt.Fprintf(c.stdout, "allowed: %s -> %s (%s) by the rule at %s\n", v.Src, ex.Dst, ex.Proto, v.Rule)
+					} else {
+						fmt.Fprintf(c.stdout, "denied:  %s -> %s (%s): no rule allows it (deny by default)\n", v.Src, ex.Dst, ex.Proto)
+					}
+				}
+			}
+			if !ex.Allowed {
+				return &exitError{code: 1}
+			}
+			return nil
+		},
+	}
+}
+
+func (c *cli) policyDiffCmd() *ffcli.Command {
+	fs := flag.NewFlagSet("meshd policy diff", flag.ContinueOnError)
+	asJSON := fs.Bool("json", false, "print the result as JSON")
+	return &ffcli.Command{
+		Name:       "diff",
+		ShortUsage: "meshd policy diff [--json] OLD NEW",
+		ShortHelp:  "list the flows NEW opens and closes compared with OLD",
+		LongHelp: `Compares two policy files by what they allow, not by their text: each line is
+a flow (source, destination, ports, protocols) that NEW opens or closes, with
+the rule responsible. Groups are expanded to their members, so a membership
+change shows as the flows it opens or closes. Rewording a rule without
+changing what it allows shows nothing.
+
+Exit status: 0 when both files are valid (whether or not they differ); 1 when
+either is invalid.`,
+		FlagSet: fs,
+		Options: envOptions,
+		Exec: func(_ context.Context, args []string) error {
+			pos, err := parseInterspersed(fs, args)
+			if err != nil {
+				return err
+			}
+			if len(pos) != 2 {
+				return &exitError{code: 2, msg: "policy diff: usage: meshd policy diff OLD NEW"}
+			}
+			oldP, err := loadPolicy(pos[0])
+			if err != nil {
+				return c.policyError(err)
+			}
+			newP, err := loadPolicy(pos[1])
+			if err != nil {
+				return c.policyError(err)
+			}
+			d := policy.Diff(oldP, newP)
+			if *asJSON {
+				return writeJSON(c.stdout, d)
+			}
+			if len(d.Opened) == 0 && len(d.Closed) == 0 {
+				fmt.Fprintf(c.stdout, "no change in allowed flows between %s and %s\n", pos[0], pos[1])
+				return nil
+			}
+			printFlows := func(title, sign string, fl []policy.Flow) {
+				if len(fl) == 0 {
+					return
+				}
+				fmt.Fprintf(c.stdout, "%s (%d):\n", title, len(fl))
+				for _, f := range fl {
+					fmt.Fprintf(c.stdout, "  %s %s\n", sign, f)
+				}
+			}
+			printFlows("opened by "+pos[1], "+", d.Opened)
+			printFlows("closed by "+pos[1], "-", d.Closed)
+			return nil
+		},
+	}
+}

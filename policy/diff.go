@@ -1,0 +1,182 @@
+package policy
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+
+	"meshd.dev/meshd/netmap"
+)
+
+// Flow is a set of connections a policy allows: sources matching Src may
+// open flows to destinations matching Dst on Ports over Protos.
+type Flow struct {
+	Src    string `json:"src"`
+	Dst    string `json:"dst"`
+	Protos string `json:"protos"` // e.g. "tcp,udp,icmp,icmpv6"
+	Ports  string `json:"ports"`  // e.g. "22,8080" or "*"
+	// Rule is the file:line of the rule in the policy that allows (for an
+	// opened flow: NEW; for a closed one: OLD) the flow.
+	Rule string `json:"rule"`
+}
+
+func (f Flow) String() string {
+	return fmt.Sprintf("%s -> %s:%s (%s)  [%s]", f.Src, f.Dst, f.Ports, f.Protos, f.Rule)
+}
+
+// PolicyDiff lists the flows NEW opens and closes compared with OLD.
+type PolicyDiff struct {
+	Opened []Flow `json:"opened"`
+	Closed []Flow `json:"closed"`
+}
+
+// flowAtom is one rule target with groups expanded to their users (so a
+// membership change shows up as the flows it opens or closes) and one
+// protocol.
+type flowAtom struct {
+	src, dst selector
+	proto    uint8
+	ports    []netmap.PortRange
+	rule     *rule
+	// srcGroup/dstGroup name the group a user selector was expanded from,
+	// so rows can be folded back into the group for display.
+	srcGroup, dstGroup string
+}
+
+func (p *Policy) atoms() []flowAtom {
+	var out []flowAtom
+	type expanded struct {
+		sel   selector
+		group string
+	}
+	expand := func(s selector) []expanded {
+		if s.kind != selGroup {
+			return []expanded{{sel: s}}
+		}
+		var us []expanded
+		for _, u := range p.groups[s.name] {
+			us = append(us, expanded{selector{kind: selUser, name: u, raw: u}, s.name})
+		}
+		return us
+	}
+	for i := range p.rules {
+		r := &p.rules[i]
+		for _, s := range r.src {
+			for _, src := range expand(s) {
+				for _, t := range r.targets {
+					for _, dst := range expand(t.dst) {
+						for _, proto := range effectiveProtos(t.protos) {
+							ports := t.ports
+							if !hasPorts([]uint8{proto}) {
+								ports = []netmap.PortRange{netmap.AllPorts}
+							}
+							out = append(out, flowAtom{src: src.sel, dst: dst.sel, proto: proto, ports: ports, rule: r,
+								srcGroup: src.group, dstGroup: dst.group})
+						}
+					}
+				}
+			}
+		}
+	}
+	return out
+}
+
+// Diff compares two policies by the flows they allow: what NEW opens that
+// OLD did not allow, and what it closes. A flow allowed by a wider
+// selector on the other side (say "*" or autogroup:member) counts as
+// allowed, so rewording a rule does not show up as a change.
+func Diff(old, new *Policy) PolicyDiff {
+	oa, na := old.atoms(), new.atoms()
+	return PolicyDiff{
+		Opened: uncovered(na, new, oa, old),
+		Closed: uncovered(oa, old, na, new),
+	}
+}
+
+// uncovered returns the flows of as (from policy ap) not allowed by any atom
+// of bs (from policy bp), merged across protocols, with users folded back
+// into their group when every member of the group has the same row.
+func uncovered(as []flowAtom, ap *Policy, bs []flowAtom, bp *Policy) []Flow {
+	type row struct {
+		src, dst, ports, rule string
+		srcGroup, dstGroup    string
+	}
+	protos := map[row][]uint8{}
+	var order []row
+	for _, a := range as {
+		rest := slices.Clone(a.ports)
+		for _, b := range bs {
+			if len(rest) == 0 {
+				break
+			}
+			if b.proto == a.proto && bp.selCovers(b.src, a.src) && bp.selCovers(b.dst, a.dst) {
+				rest = subtractPorts(rest, b.ports)
+			}
+		}
+		if len(rest) == 0 {
+			continue
+		}
+		k := row{src: a.src.raw, dst: a.dst.raw, ports: formatPorts(rest), rule: a.rule.origin(), srcGroup: a.srcGroup, dstGroup: a.dstGroup}
+		if _, ok := protos[k]; !ok {
+			order = append(order, k)
+		}
+		if !slices.Contains(protos[k], a.proto) {
+			protos[k] = append(protos[k], a.proto)
+		}
+	}
+	// Fold: a row whose source (then destination) came from a group is
+	// shown as the group when every member has the same row.
+	fold := func(rows []row, isSrc bool) []row {
+		type gk struct {
+			r     row
+			proto string
+		}
+		count := map[gk]int{}
+		norm := func(r row) row {
+			if isSrc {
+				r.src = r.srcGroup
+			} else {
+				r.dst = r.dstGroup
+			}
+			return r
+		}
+		for _, r := range rows {
+			g := r.srcGroup
+			if !isSrc {
+				g = r.dstGroup
+			}
+			if g != "" {
+				count[gk{norm(r), string(protos[r])}]++
+			}
+		}
+		var out []row
+		done := map[gk]bool{}
+		for _, r := range rows {
+			g := r.srcGroup
+			if !isSrc {
+				g = r.dstGroup
+			}
+			k := gk{norm(r), string(protos[r])}
+			if g == "" || count[k] != len(ap.groups[g]) {
+				out = append(out, r)
+				continue
+			}
+			if !done[k] {
+				done[k] = true
+				protos[k.r] = protos[r]
+				out = append(out, k.r)
+			}
+		}
+		return out
+	}
+	order = fold(fold(order, true), false)
+	out := []Flow{}
+	for _, k := range order {
+		names := make([]string, 0, len(protos[k]))
+		for _, p := range protos[k] {
+			names = append(names, protoName(p))
+		}
+		out = append(out, Flow{Src: k.src, Dst: k.dst, Ports: k.ports, Protos: strings.Join(names, ","), Rule: k.rule})
+	}
+	return out
+}

@@ -1,0 +1,625 @@
+package policy
+
+import (
+	"cmp"
+	"encoding/json"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+
+	"meshd.dev/meshd/netmap"
+)
+
+// Engine is a Policy compiled against the tailnet's nodes: it answers, per
+// node, the inbound packet-filter rules, the peers the node may see and the
+// capabilities a peer holds on it. It is safe for concurrent use.
+//
+// The compiled form is indexed so that one node's answer and one node's
+// change cost what they touch, not a recompute for every node:
+//
+//   - nodes are indexed by identity key ("user:alice@x", "tag:gpu",
+//     "member", "tagged", "*");
+//   - each destination selector of every rule is indexed by the same keys,
+//     so FilterFor(n) visits only the rule targets that can match n;
+//   - each rule keeps its resolved source addresses, computed on first use
+//     and invalidated only when a node carrying one of the rule's source
+//     keys joins, leaves or changes identity or addresses.
+//
+// The Engine satisfies control's Policy interface (CanSee, FilterFor,
+// CheckTags). Keep it current with SetNodes, UpsertNode and RemoveNode;
+// FilterFor given a non-nil node list also brings the index up to date.
+type Engine struct {
+	pol   *Policy
+	rules []*crule
+
+	// Rule indexes, built once per policy.
+	dstByKey    map[string][]*tref // node key -> targets whose dst selector has that key
+	dstPrefix   []*tref            // targets whose dst is an address, CIDR or host
+	dstSelf     []*tref            // autogroup:self targets
+	srcByKey    map[string][]*crule
+	srcOpen     []*crule // rules whose src has "*" or an address/CIDR
+	targetOrder int
+
+	mu    sync.Mutex
+	gen   uint64 // SetNodes generation, to find nodes no longer present
+	nodes map[netmap.NodeID]*nodeEntry
+	byKey map[string]map[netmap.NodeID]*nodeEntry
+}
+
+// crule is a rule with its source side compiled.
+type crule struct {
+	r        *rule
+	idx      int
+	origin   string
+	srcAny   bool
+	srcKeys  map[string]bool
+	srcPfx   []netip.Prefix // literal addresses, CIDRs and hosts
+	targets  []*tref
+	srcIPs   []netip.Prefix // cache: every source address; valid when srcValid
+	srcValid bool
+}
+
+// tref is one destination of a rule: an "ip" target, or (target == nil) an
+// "app" capability destination.
+type tref struct {
+	rule   *crule
+	order  int
+	sel    selector
+	target *target
+}
+
+type nodeEntry struct {
+	id      netmap.NodeID
+	user    string
+	tags    []string
+	addrs   []netip.Prefix
+	allowed []netip.Prefix
+	keys    []string
+	seen    uint64
+}
+
+func entryFor(n *netmap.Node) *nodeEntry {
+	e := &nodeEntry{id: n.ID, user: strings.ToLower(n.User), addrs: n.Addresses, allowed: n.AllowedIPs}
+	for _, t := range n.Tags {
+		e.tags = append(e.tags, strings.ToLower(t))
+	}
+	e.keys = nodeKeys(e)
+	if len(e.allowed) == 0 {
+		e.allowed = e.addrs
+	}
+	return e
+}
+
+// nodeKeys are the index keys a node is found under. A tagged node is a
+// service identity: it is never one of its enrolling user's devices.
+func nodeKeys(e *nodeEntry) []string {
+	keys := []string{"*"}
+	switch {
+	case len(e.tags) > 0:
+		keys = append(keys, "tagged")
+		keys = append(keys, e.tags...)
+	case e.user != "":
+		keys = append(keys, "member", "user:"+e.user)
+	}
+	return keys
+}
+
+// selKeys are the index keys a selector matches.
+func (p *Policy) selKeys(s selector) []string {
+	switch s.kind {
+	case selAny:
+		return []string{"*"}
+	case selUser:
+		return []string{"user:" + s.name}
+	case selGroup:
+		var ks []string
+		for _, u := range p.groups[s.name] {
+			ks = append(ks, "user:"+u)
+		}
+		return ks
+	case selTag:
+		return []string{s.name}
+	case selMember:
+		return []string{"member"}
+	case selTagged:
+		return []string{"tagged"}
+	}
+	return nil
+}
+
+// NewEngine compiles p. Add the nodes with SetNodes.
+func NewEngine(p *Policy) *Engine {
+	e := &Engine{
+		pol:      p,
+		dstByKey: map[string][]*tref{},
+		srcByKey: map[string][]*crule{},
+		nodes:    map[netmap.NodeID]*nodeEntry{},
+		byKey:    map[string]map[netmap.NodeID]*nodeEntry{},
+	}
+	for i := range p.rules {
+		r := &p.rules[i]
+		cr := &crule{r: r, idx: i, origin: r.origin(), srcKeys: map[string]bool{}}
+		for _, s := range r.src {
+			switch s.kind {
+			case selAny:
+				cr.srcAny = true
+			case selPrefix:
+				cr.srcPfx = append(cr.srcPfx, s.prefix)
+			default:
+				for _, k := range p.selKeys(s) {
+					cr.srcKeys[k] = true
+				}
+			}
+		}
+		if cr.srcAny || len(cr.srcPfx) > 0 {
+			e.srcOpen = append(e.srcOpen, cr)
+		}
+		for k := range cr.srcKeys {
+			e.srcByKey[k] = append(e.srcByKey[k], cr)
+		}
+		for j := range r.targets {
+			e.addTarget(cr, r.targets[j].dst, &r.targets[j])
+		}
+		for _, d := range r.capDsts {
+			e.addTarget(cr, d, nil)
+		}
+		e.rules = append(e.rules, cr)
+	}
+	return e
+}
+
+func (e *Engine) addTarget(cr *crule, sel selector, t *target) {
+	tr := &tref{rule: cr, order: e.targetOrder, sel: sel, target: t}
+	e.targetOrder++
+	cr.targets = append(cr.targets, tr)
+	switch sel.kind {
+	case selPrefix:
+		e.dstPrefix = append(e.dstPrefix, tr)
+	case selSelf:
+		e.dstSelf = append(e.dstSelf, tr)
+	default:
+		for _, k := range e.pol.selKeys(sel) {
+			e.dstByKey[k] = append(e.dstByKey[k], tr)
+		}
+	}
+}
+
+// Policy returns the policy the engine was compiled from.
+func (e *Engine) Policy() *Policy { return e.pol }
+
+// SetNodes makes the engine's node set exactly all, updating only the nodes
+// whose identity (user, tags) or addresses changed.
+func (e *Engine) SetNodes(all []*netmap.Node) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.syncLocked(all)
+}
+
+func (e *Engine) syncLocked(all []*netmap.Node) {
+	e.gen++
+	seen := 0
+	for _, n := range all {
+		if n == nil {
+			continue
+		}
+		e.upsertLocked(n) // a no-op when nothing relevant changed
+		if ne := e.nodes[n.ID]; ne.seen != e.gen {
+			ne.seen = e.gen
+			seen++
+		}
+	}
+	if seen == len(e.nodes) {
+		return
+	}
+	for id, ne := range e.nodes {
+		if ne.seen != e.gen {
+			e.removeLocked(id)
+		}
+	}
+}
+
+// sameIdentity reports whether n still matches what the index holds.
+func sameIdentity(old *nodeEntry, n *netmap.Node) bool {
+	if len(old.tags) != len(n.Tags) || !slices.Equal(old.addrs, n.Addresses) {
+		return false
+	}
+	for i, t := range n.Tags {
+		if !strings.EqualFold(old.tags[i], t) {
+			return false
+		}
+	}
+	allowed := n.AllowedIPs
+	if len(allowed) == 0 {
+		allowed = n.Addresses
+	}
+	return strings.EqualFold(old.user, n.User) && slices.Equal(old.allowed, allowed)
+}
+
+// UpsertNode adds n or updates it after a change of user, tags or
+// addresses. Only the rules whose sources n matched or now matches are
+// invalidated.
+func (e *Engine) UpsertNode(n *netmap.Node) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.upsertLocked(n)
+}
+
+// RemoveNode forgets a node.
+func (e *Engine) RemoveNode(id netmap.NodeID) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.removeLocked(id)
+}
+
+func (e *Engine) upsertLocked(n *netmap.Node) {
+	if old, ok := e.nodes[n.ID]; ok {
+		if sameIdentity(old, n) {
+			return
+		}
+		e.removeLocked(n.ID)
+	}
+	ne := entryFor(n)
+	e.nodes[n.ID] = ne
+	for _, k := range ne.keys {
+		m := e.byKey[k]
+		if m == nil {
+			m = map[netmap.NodeID]*nodeEntry{}
+			e.byKey[k] = m
+		}
+		m[n.ID] = ne
+		e.invalidate(k)
+	}
+}
+
+func (e *Engine) removeLocked(id netmap.NodeID) {
+	ne, ok := e.nodes[id]
+	if !ok {
+		return
+	}
+	delete(e.nodes, id)
+	for _, k := range ne.keys {
+		delete(e.byKey[k], id)
+		e.invalidate(k)
+	}
+}
+
+func (e *Engine) invalidate(key string) {
+	for _, cr := range e.srcByKey[key] {
+		cr.srcValid, cr.srcIPs = false, nil
+	}
+}
+
+var allIPs = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
+
+// srcIPsLocked returns the rule's source addresses, from the cache when
+// no node it depends on changed.
+func (e *Engine) srcIPsLocked(cr *crule) []netip.Prefix {
+	if cr.srcValid {
+		return cr.srcIPs
+	}
+	var ips []netip.Prefix
+	if cr.srcAny {
+		ips = slices.Clone(allIPs)
+	} else {
+		ips = slices.Clone(cr.srcPfx)
+		for k := range cr.srcKeys {
+			for _, ne := range e.byKey[k] {
+				ips = append(ips, ne.addrs...)
+			}
+		}
+		sortPrefixes(&ips)
+	}
+	cr.srcIPs, cr.srcValid = ips, true
+	return ips
+}
+
+func sortPrefixes(ps *[]netip.Prefix) {
+	slices.SortFunc(*ps, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.Bits(), b.Bits())
+	})
+	*ps = slices.Compact(*ps)
+}
+
+// srcMatches reports whether node x is a source of rule cr.
+func srcMatches(cr *crule, x *nodeEntry) bool {
+	if cr.srcAny {
+		return true
+	}
+	for _, k := range x.keys {
+		if cr.srcKeys[k] {
+			return true
+		}
+	}
+	for _, p := range cr.srcPfx {
+		for _, a := range x.allowed {
+			if p.Overlaps(a) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// targetsFor returns the rule targets whose destination matches n, in
+// policy order.
+func (e *Engine) targetsFor(n *nodeEntry) []*tref {
+	var out []*tref
+	for _, k := range n.keys {
+		out = append(out, e.dstByKey[k]...)
+	}
+	for _, tr := range e.dstPrefix {
+		if len(dstNets(tr.sel, n)) > 0 {
+			out = append(out, tr)
+		}
+	}
+	if len(n.tags) == 0 && n.user != "" {
+		out = append(out, e.dstSelf...)
+	}
+	slices.SortFunc(out, func(a, b *tref) int { return a.order - b.order })
+	return slices.CompactFunc(out, func(a, b *tref) bool { return a == b })
+}
+
+// dstNets returns the prefixes of n that sel names as a destination: its own
+// addresses, every routed prefix for "*", or for an address or CIDR the
+// parts of n's routed prefixes inside it.
+func dstNets(sel selector, n *nodeEntry) []netip.Prefix {
+	switch sel.kind {
+	case selAny:
+		return n.allowed
+	case selPrefix:
+		var out []netip.Prefix
+		for _, a := range n.allowed {
+			if sel.prefix.Overlaps(a) {
+				if sel.prefix.Bits() > a.Bits() {
+					out = append(out, sel.prefix)
+				} else {
+					out = append(out, a)
+				}
+			}
+		}
+		return out
+	}
+	return n.addrs
+}
+
+// FilterFor returns the inbound packet-filter rules for n: the flows other
+// nodes (and addresses) may open to n's addresses and routes, each naming
+// its policy rule in Origin. If all is non-nil the engine's node set is
+// first brought up to date with it (cheap when nothing changed: one
+// comparison per node); pass nil when the engine is kept current with
+// UpsertNode/RemoveNode. The returned SrcIPs slices are shared between
+// calls and must not be modified.
+func (e *Engine) FilterFor(n *netmap.Node, all []*netmap.Node) []netmap.FilterRule {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if all != nil {
+		e.syncLocked(all)
+	}
+	self := entryFor(n)
+	out := []netmap.FilterRule{}
+	// One FilterRule per rule and protocol set, merging that rule's
+	// destinations, so a grant with many dst entries stays one rule.
+	type mergeKey struct {
+		rule   int
+		protos string
+		caps   bool
+	}
+	merged := map[mergeKey]int{}
+	for _, tr := range e.targetsFor(self) {
+		nets := dstNets(tr.sel, self)
+		var src []netip.Prefix
+		if tr.sel.kind == selSelf {
+			src = e.selfSourcesLocked(tr.rule, self)
+		} else {
+			src = e.srcIPsLocked(tr.rule)
+		}
+		if len(src) == 0 || len(nets) == 0 {
+			continue
+		}
+		if tr.target == nil {
+			k := mergeKey{rule: tr.rule.idx, caps: true}
+			if i, ok := merged[k]; ok && tr.sel.kind != selSelf {
+				out[i].CapGrants[0].Dsts = appendUnique(out[i].CapGrants[0].Dsts, nets...)
+				continue
+			}
+			merged[k] = len(out)
+			out = append(out, netmap.FilterRule{
+				SrcIPs:    src,
+				CapGrants: []netmap.CapGrant{{Dsts: slices.Clone(nets), Caps: tr.rule.r.caps}},
+				Origin:    tr.rule.origin,
+			})
+			continue
+		}
+		var ports []netmap.NetPortRange
+		for _, d := range nets {
+			for _, pr := range tr.target.ports {
+				ports = append(ports, netmap.NetPortRange{Net: d, Ports: pr})
+			}
+		}
+		k := mergeKey{rule: tr.rule.idx, protos: string(tr.target.protos)}
+		if i, ok := merged[k]; ok && tr.sel.kind != selSelf {
+			out[i].DstPorts = appendUnique(out[i].DstPorts, ports...)
+			continue
+		}
+		if tr.sel.kind != selSelf {
+			merged[k] = len(out)
+		}
+		out = append(out, netmap.FilterRule{
+			SrcIPs:   src,
+			DstPorts: ports,
+			IPProto:  slices.Clone(tr.target.protos),
+			Origin:   tr.rule.origin,
+		})
+	}
+	return out
+}
+
+func appendUnique[T comparable](s []T, add ...T) []T {
+	for _, a := range add {
+		if !slices.Contains(s, a) {
+			s = append(s, a)
+		}
+	}
+	return s
+}
+
+// selfSourcesLocked returns the addresses of n's owner's own untagged
+// devices that are sources of cr (autogroup:self).
+func (e *Engine) selfSourcesLocked(cr *crule, n *nodeEntry) []netip.Prefix {
+	var ips []netip.Prefix
+	for _, ne := range e.byKey["user:"+n.user] {
+		if srcMatches(cr, ne) {
+			ips = append(ips, ne.addrs...)
+		}
+	}
+	sortPrefixes(&ips)
+	return ips
+}
+
+// reaches reports whether x may open some flow to y (or holds an "app"
+// capability on y).
+func (e *Engine) reaches(x, y *nodeEntry) bool {
+	for _, tr := range e.targetsFor(y) {
+		if tr.sel.kind == selSelf && (len(x.tags) > 0 || x.user != y.user) {
+			continue
+		}
+		if srcMatches(tr.rule, x) {
+			return true
+		}
+	}
+	return false
+}
+
+// CanSee reports whether a may learn about b: either may reach the other.
+// It needs no node index.
+func (e *Engine) CanSee(a, b *netmap.Node) bool {
+	if a.ID == b.ID {
+		return true
+	}
+	ea, eb := entryFor(a), entryFor(b)
+	return e.reaches(ea, eb) || e.reaches(eb, ea)
+}
+
+// Peers returns the IDs of the indexed nodes n may see (n itself
+// excluded), sorted: every node that can reach n and every node n can
+// reach. It costs the rules touching n plus the size of the answer, not a
+// CanSee call per pair.
+func (e *Engine) Peers(n *netmap.Node) []netmap.NodeID {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	self := entryFor(n)
+	set := map[netmap.NodeID]bool{}
+	// Who reaches n.
+	for _, tr := range e.targetsFor(self) {
+		cr := tr.rule
+		if tr.sel.kind == selSelf {
+			for id, ne := range e.byKey["user:"+self.user] {
+				if srcMatches(cr, ne) {
+					set[id] = true
+				}
+			}
+			continue
+		}
+		e.addSources(cr, set)
+	}
+	// Whom n reaches.
+	rules := slices.Clone(e.srcOpen)
+	for _, k := range self.keys {
+		rules = append(rules, e.srcByKey[k]...)
+	}
+	for _, cr := range rules {
+		if !srcMatches(cr, self) {
+			continue
+		}
+		for _, tr := range cr.targets {
+			e.addDests(tr, self, set)
+		}
+	}
+	delete(set, n.ID)
+	ids := make([]netmap.NodeID, 0, len(set))
+	for id := range set {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+func (e *Engine) addSources(cr *crule, set map[netmap.NodeID]bool) {
+	if cr.srcAny {
+		for id := range e.nodes {
+			set[id] = true
+		}
+		return
+	}
+	for k := range cr.srcKeys {
+		for id := range e.byKey[k] {
+			set[id] = true
+		}
+	}
+	if len(cr.srcPfx) > 0 {
+		for id, ne := range e.nodes {
+			if !set[id] && srcMatches(cr, ne) {
+				set[id] = true
+			}
+		}
+	}
+}
+
+func (e *Engine) addDests(tr *tref, src *nodeEntry, set map[netmap.NodeID]bool) {
+	switch tr.sel.kind {
+	case selSelf:
+		if len(src.tags) == 0 && src.user != "" {
+			for id := range e.byKey["user:"+src.user] {
+				set[id] = true
+			}
+		}
+	case selPrefix:
+		for id, ne := range e.nodes {
+			if !set[id] && len(dstNets(tr.sel, ne)) > 0 {
+				set[id] = true
+			}
+		}
+	default:
+		for _, k := range e.pol.selKeys(tr.sel) {
+			for id := range e.byKey[k] {
+				set[id] = true
+			}
+		}
+	}
+}
+
+// PeerCaps returns the "app" capabilities peer holds on dst: what control
+// puts in the Capabilities of peer's entry in dst's network map. Nil when
+// none.
+func (e *Engine) PeerCaps(dst, peer *netmap.Node) map[string][]json.RawMessage {
+	d, p := entryFor(dst), entryFor(peer)
+	var caps map[string][]json.RawMessage
+	for _, tr := range e.targetsFor(d) {
+		if tr.target != nil {
+			continue
+		}
+		if tr.sel.kind == selSelf && (len(p.tags) > 0 || p.user != d.user) {
+			continue
+		}
+		if !srcMatches(tr.rule, p) {
+			continue
+		}
+		if caps == nil {
+			caps = map[string][]json.RawMessage{}
+		}
+		for name, vals := range tr.rule.r.caps {
+			caps[name] = append(caps[name], vals...)
+		}
+	}
+	return caps
+}
+
+// CheckTags reports whether the requester may apply the requested tags; see
+// Policy.CheckTags.
+func (e *Engine) CheckTags(user string, keyTags []string, requested []string) error {
+	return e.pol.CheckTags(user, keyTags, requested)
+}

@@ -1,0 +1,210 @@
+package policy
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+)
+
+// subject is a device as the policy's tests and `policy explain` imagine it,
+// without a real node list: one untagged device of a user, a device that
+// carries only some tags, or a bare address.
+type subject struct {
+	user string   // owner of an untagged device
+	tags []string // tags of a tagged device
+	addr netip.Addr
+}
+
+func (s subject) String() string {
+	switch {
+	case s.user != "":
+		return s.user
+	case len(s.tags) > 0:
+		return strings.Join(s.tags, ",")
+	}
+	return s.addr.String()
+}
+
+// matchSubject reports whether sel matches d. src is the other end of the
+// flow, used by autogroup:self.
+func (p *Policy) matchSubject(sel selector, d, src subject) bool {
+	switch sel.kind {
+	case selAny:
+		return true
+	case selUser:
+		return d.user != "" && d.user == sel.name
+	case selGroup:
+		return d.user != "" && slices.Contains(p.groups[sel.name], d.user)
+	case selTag:
+		return slices.Contains(d.tags, sel.name)
+	case selMember:
+		return d.user != ""
+	case selTagged:
+		return len(d.tags) > 0
+	case selSelf:
+		return d.user != "" && d.user == src.user
+	case selPrefix:
+		return d.addr.IsValid() && sel.prefix.Contains(d.addr)
+	}
+	return false
+}
+
+// decide returns the first rule (in file order) that lets src open a flow
+// to dst on proto/port, or nil: deny by default.
+func (p *Policy) decide(src, dst subject, proto uint8, port uint16) *rule {
+	for i := range p.rules {
+		r := &p.rules[i]
+		srcOK := slices.ContainsFunc(r.src, func(s selector) bool { return p.matchSubject(s, src, subject{}) })
+		if !srcOK {
+			continue
+		}
+		for _, t := range r.targets {
+			if !slices.Contains(effectiveProtos(t.protos), proto) {
+				continue
+			}
+			if hasPorts([]uint8{proto}) && !portsContain(t.ports, port) {
+				continue
+			}
+			if p.matchSubject(t.dst, dst, src) {
+				return r
+			}
+		}
+	}
+	return nil
+}
+
+// subjectsFor expands a test or explain source or destination into the
+// devices it stands for: a user's one untagged device, a device carrying
+// only the tag, each member of a group, or an address.
+func (p *Policy) subjectsFor(sel selector) []subject {
+	switch sel.kind {
+	case selUser:
+		return []subject{{user: sel.name}}
+	case selTag:
+		return []subject{{tags: []string{sel.name}}}
+	case selGroup:
+		var out []subject
+		for _, u := range p.groups[sel.name] {
+			out = append(out, subject{user: u})
+		}
+		return out
+	case selPrefix:
+		return []subject{{addr: sel.prefix.Addr()}}
+	}
+	return nil
+}
+
+func (p *Policy) runTests() []Problem {
+	var probs []Problem
+	for _, t := range p.tests {
+		srcs := p.subjectsFor(t.src)
+		if len(srcs) == 0 {
+			probs = append(probs, Problem{Pos: t.src.pos, Msg: fmt.Sprintf("test src %s has no members, so the test checks nothing", t.src.raw)})
+			continue
+		}
+		check := func(d testDst, wantAccept bool) {
+			dst := p.subjectsFor(d.host)[0]
+			for _, src := range srcs {
+				for _, proto := range t.protos {
+					r := p.decide(src, dst, proto, d.port)
+					switch {
+					case wantAccept && r == nil:
+						probs = append(probs, Problem{Pos: d.pos, Msg: fmt.Sprintf(
+							"test failed: %s -> %s (%s) is denied, the test expects accept", describeSrc(t.src, src), d.raw, protoName(proto))})
+						return
+					case !wantAccept && r != nil:
+						probs = append(probs, Problem{Pos: d.pos, Msg: fmt.Sprintf(
+							"test failed: %s -> %s (%s) is allowed by the rule at %s, the test expects deny", describeSrc(t.src, src), d.raw, protoName(proto), r.origin())})
+						return
+					}
+				}
+			}
+		}
+		for _, d := range t.accept {
+			check(d, true)
+		}
+		for _, d := range t.deny {
+			check(d, false)
+		}
+	}
+	return probs
+}
+
+func describeSrc(sel selector, s subject) string {
+	if sel.kind == selGroup {
+		return fmt.Sprintf("%s (member %s)", sel.raw, s.user)
+	}
+	return sel.raw
+}
+
+// Verdict is the decision for one source device in Explain.
+type Verdict struct {
+	Src     string // the device the source stands for (a group is one per member)
+	Allowed bool
+	// Rule is the file:line of the first rule allowing the flow; empty when
+	// denied (nothing allows it: deny by default).
+	Rule string
+}
+
+// Explanation answers `meshd policy explain`.
+type Explanation struct {
+	Src, Dst string
+	Proto    string
+	// Allowed is true when every device the source stands for is allowed.
+	Allowed  bool
+	Verdicts []Verdict
+}
+
+// Explain says whether src may open a flow to dst ("HOST:PORT") over proto
+// ("" means TCP), and which rule decides it. src and dst are read as in the
+// policy's tests: a user is one of their untagged devices, a tag a device
+// carrying only that tag, a group every member.
+func (p *Policy) Explain(src, dst, proto string) (Explanation, error) {
+	ex := Explanation{Src: src, Dst: dst, Proto: proto}
+	if proto == "" {
+		ex.Proto = "tcp"
+	}
+	protos, err := parseProto(ex.Proto)
+	if err != nil {
+		return ex, err
+	}
+	ssel, err := p.resolveSelector(src, Pos{}, ctxTestSrc)
+	if err != nil {
+		return ex, fmt.Errorf("--src: %w", err)
+	}
+	host, portStr, err := splitHostPorts(dst)
+	if err != nil {
+		return ex, fmt.Errorf("--dst: %w", err)
+	}
+	port, err := parsePort(portStr)
+	if err != nil {
+		return ex, fmt.Errorf("--dst %q: name one port: %w", dst, err)
+	}
+	dsel, err := p.resolveSelector(host, Pos{}, ctxTestDst)
+	if err != nil {
+		return ex, fmt.Errorf("--dst: %w", err)
+	}
+	srcs := p.subjectsFor(ssel)
+	if len(srcs) == 0 {
+		return ex, fmt.Errorf("--src %s has no members", src)
+	}
+	dsub := p.subjectsFor(dsel)[0]
+	ex.Allowed = true
+	for _, s := range srcs {
+		v := Verdict{Src: s.String(), Allowed: true}
+		for _, pr := range protos {
+			r := p.decide(s, dsub, pr, port)
+			if r == nil {
+				v.Allowed, v.Rule = false, ""
+				break
+			}
+			if v.Rule == "" {
+				v.Rule = r.origin()
+			}
+		}
+		ex.Allowed = ex.Allowed && v.Allowed
+		ex.Verdicts = append(ex.Verdicts, v)
+	}
+	return ex, nil
+}

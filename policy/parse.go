@@ -1,0 +1,822 @@
+package policy
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/tailscale/hujson"
+
+	"meshd.dev/meshd/netmap"
+)
+
+// MaxSize bounds a policy file. Real policies are kilobytes; the bound keeps
+// a mistaken upload (a binary, a log) from costing the coordinator memory.
+const MaxSize = 4 << 20
+
+// Policy is a parsed and validated tailnet policy whose tests pass. It is
+// immutable and safe for concurrent use. Compile it against the node list
+// with NewEngine.
+type Policy struct {
+	file      string
+	bootstrap bool
+
+	groups    map[string][]string // "group:x" -> lowercased member logins
+	groupPos  map[string]Pos
+	hosts     map[string]netip.Prefix
+	hostPos   map[string]Pos
+	tagOwners map[string][]selector // "tag:x" -> owners
+	tagPos    map[string]Pos
+	rules     []rule
+	tests     []test
+	ssh       []sshRule
+	approvers []selector // every selector of "autoApprovers", for lints
+	nodeAttrs []nodeAttr
+}
+
+// rule is one "acls" or "grants" entry. Both compile to the same form.
+type rule struct {
+	pos     Pos
+	src     []selector
+	targets []target
+	// capDsts and caps are the "app" part of a grant: the destinations grant
+	// caps to the sources.
+	capDsts []selector
+	caps    map[string][]json.RawMessage
+}
+
+// target is one destination with its protocols and ports.
+type target struct {
+	dst    selector
+	protos []uint8 // nil: TCP, UDP, ICMP
+	ports  []netmap.PortRange
+}
+
+// origin is the rule's position as carried in netmap.FilterRule.Origin.
+func (r *rule) origin() string {
+	if r.pos.Line == 0 {
+		return r.pos.File
+	}
+	return fmt.Sprintf("%s:%d", r.pos.File, r.pos.Line)
+}
+
+type test struct {
+	pos    Pos
+	src    selector
+	protos []uint8
+	accept []testDst
+	deny   []testDst
+}
+
+type testDst struct {
+	raw  string
+	pos  Pos
+	host selector
+	port uint16
+}
+
+type sshRule struct {
+	pos    Pos
+	action string
+	src    []selector
+	dst    []selector
+	users  []string
+	period time.Duration
+}
+
+type nodeAttr struct {
+	pos    Pos
+	target []selector
+	attrs  []string
+	caps   map[string][]json.RawMessage
+}
+
+// Sections a policy may contain. Anything else is an error, so that a
+// Tailscale feature meshd lacks is reported rather than silently ignored.
+var sections = []string{"groups", "hosts", "tagOwners", "acls", "grants", "tests", "ssh", "autoApprovers", "nodeAttrs"}
+
+// parser walks the huJSON syntax tree, collecting every problem with the
+// position of the offending value.
+type parser struct {
+	pol   *Policy
+	src   []byte
+	probs []Problem
+	// lineStarts holds the offset of each line's first byte.
+	lineStarts []int
+}
+
+func (ps *parser) pos(v *hujson.Value) Pos {
+	return ps.posAt(v.StartOffset)
+}
+
+func (ps *parser) posAt(off int) Pos {
+	// Binary search: the last line start <= off.
+	lo, hi := 0, len(ps.lineStarts)-1
+	for lo < hi {
+		mid := (lo + hi + 1) / 2
+		if ps.lineStarts[mid] <= off {
+			lo = mid
+		} else {
+			hi = mid - 1
+		}
+	}
+	return Pos{File: ps.pol.file, Line: lo + 1, Col: off - ps.lineStarts[lo] + 1}
+}
+
+func (ps *parser) errorf(v *hujson.Value, format string, args ...any) {
+	ps.probs = append(ps.probs, Problem{Pos: ps.pos(v), Msg: fmt.Sprintf(format, args...)})
+}
+
+var hujsonErrRE = regexp.MustCompile(`^hujson: line (\d+), column (\d+): (.*)$`)
+
+// Parse parses, validates and tests a policy. file names the policy in
+// positions and in FilterRule origins. On failure the error is an *Error
+// listing every problem.
+func Parse(file string, data []byte) (*Policy, error) {
+	pol := &Policy{
+		file:      file,
+		groups:    map[string][]string{},
+		groupPos:  map[string]Pos{},
+		hosts:     map[string]netip.Prefix{},
+		hostPos:   map[string]Pos{},
+		tagOwners: map[string][]selector{},
+		tagPos:    map[string]Pos{},
+	}
+	ps := &parser{pol: pol, src: data, lineStarts: []int{0}}
+	for i, b := range data {
+		if b == '\n' {
+			ps.lineStarts = append(ps.lineStarts, i+1)
+		}
+	}
+	if len(data) > MaxSize {
+		return nil, &Error{Problems: []Problem{{Pos: Pos{File: file, Line: 1, Col: 1},
+			Msg: fmt.Sprintf("policy is %d bytes, more than the %d byte limit", len(data), MaxSize)}}}
+	}
+	root, err := hujson.Parse(data)
+	if err != nil {
+		pr := Problem{Pos: Pos{File: file, Line: 1, Col: 1}, Msg: "syntax error: " + err.Error()}
+		if m := hujsonErrRE.FindStringSubmatch(err.Error()); m != nil {
+			pr.Pos.Line, _ = strconv.Atoi(m[1])
+			pr.Pos.Col, _ = strconv.Atoi(m[2])
+			pr.Msg = "syntax error: " + m[3]
+		}
+		return nil, &Error{Problems: []Problem{pr}}
+	}
+	obj, ok := root.Value.(*hujson.Object)
+	if !ok {
+		ps.errorf(&root, "a policy is a JSON object with sections such as \"grants\" and \"tagOwners\"")
+		return nil, &Error{Problems: ps.probs}
+	}
+	// Definitions first, whatever their order in the file, so that rules
+	// may refer to groups and tags defined below them.
+	byName := map[string]*hujson.Value{}
+	for i := range obj.Members {
+		m := &obj.Members[i]
+		name, ok := ps.memberName(m)
+		if !ok {
+			continue
+		}
+		known := false
+		for _, s := range sections {
+			if s == name {
+				known = true
+			}
+		}
+		switch {
+		case !known:
+			ps.errorf(&m.Name, "unknown section %q: meshd policies have %s", name, strings.Join(sections, ", "))
+		case byName[name] != nil:
+			ps.errorf(&m.Name, "duplicate section %q", name)
+		default:
+			byName[name] = &m.Value
+		}
+	}
+	if v := byName["tagOwners"]; v != nil {
+		ps.tagNames(v)
+	}
+	if v := byName["groups"]; v != nil {
+		ps.parseGroups(v)
+	}
+	if v := byName["hosts"]; v != nil {
+		ps.parseHosts(v)
+	}
+	if v := byName["tagOwners"]; v != nil {
+		ps.parseTagOwners(v)
+	}
+	if v := byName["acls"]; v != nil {
+		ps.eachElem(v, "acls", ps.parseACL)
+	}
+	if v := byName["grants"]; v != nil {
+		ps.eachElem(v, "grants", ps.parseGrant)
+	}
+	if v := byName["ssh"]; v != nil {
+		ps.eachElem(v, "ssh", ps.parseSSH)
+	}
+	if v := byName["autoApprovers"]; v != nil {
+		ps.parseAutoApprovers(v)
+	}
+	if v := byName["nodeAttrs"]; v != nil {
+		ps.eachElem(v, "nodeAttrs", ps.parseNodeAttr)
+	}
+	if v := byName["tests"]; v != nil {
+		ps.eachElem(v, "tests", ps.parseTest)
+	}
+	// Rules come out in file order regardless of section, so "the first
+	// rule that allows a flow" means the same thing to the reader.
+	sortRules(pol.rules)
+	if len(ps.probs) == 0 {
+		ps.probs = append(ps.probs, pol.runTests()...)
+	}
+	if len(ps.probs) > 0 {
+		sortProblems(ps.probs)
+		return nil, &Error{Problems: ps.probs}
+	}
+	return pol, nil
+}
+
+func sortRules(rs []rule) {
+	for i := 1; i < len(rs); i++ {
+		for j := i; j > 0 && (rs[j].pos.Line < rs[j-1].pos.Line ||
+			rs[j].pos.Line == rs[j-1].pos.Line && rs[j].pos.Col < rs[j-1].pos.Col); j-- {
+			rs[j], rs[j-1] = rs[j-1], rs[j]
+		}
+	}
+}
+
+func (ps *parser) memberName(m *hujson.ObjectMember) (string, bool) {
+	lit, ok := m.Name.Value.(hujson.Literal)
+	if !ok || lit.Kind() != '"' {
+		ps.errorf(&m.Name, "object keys must be strings")
+		return "", false
+	}
+	return lit.String(), true
+}
+
+// object returns v's members by name, reporting duplicates, and reports
+// fields not in allowed (nil allows any name).
+func (ps *parser) object(v *hujson.Value, what string, allowed ...string) ([]hujson.ObjectMember, bool) {
+	obj, ok := v.Value.(*hujson.Object)
+	if !ok {
+		ps.errorf(v, "%s must be an object", what)
+		return nil, false
+	}
+	seen := map[string]bool{}
+	out := obj.Members[:0:0]
+	for i := range obj.Members {
+		m := obj.Members[i]
+		name, ok := ps.memberName(&m)
+		if !ok {
+			continue
+		}
+		if seen[name] {
+			ps.errorf(&obj.Members[i].Name, "duplicate key %q in %s", name, what)
+			continue
+		}
+		seen[name] = true
+		if allowed != nil && !contains(allowed, name) {
+			ps.errorf(&obj.Members[i].Name, "unknown field %q in %s: allowed fields are %s", name, what, strings.Join(allowed, ", "))
+			continue
+		}
+		out = append(out, obj.Members[i])
+	}
+	return out, true
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+func (ps *parser) field(members []hujson.ObjectMember, name string) *hujson.Value {
+	for i := range members {
+		if lit, ok := members[i].Name.Value.(hujson.Literal); ok && lit.String() == name {
+			return &members[i].Value
+		}
+	}
+	return nil
+}
+
+func (ps *parser) eachElem(v *hujson.Value, what string, f func(*hujson.Value)) {
+	arr, ok := v.Value.(*hujson.Array)
+	if !ok {
+		ps.errorf(v, "%q must be an array", what)
+		return
+	}
+	for i := range arr.Elements {
+		f(&arr.Elements[i])
+	}
+}
+
+func (ps *parser) str(v *hujson.Value, what string) (string, bool) {
+	lit, ok := v.Value.(hujson.Literal)
+	if !ok || lit.Kind() != '"' {
+		ps.errorf(v, "%s must be a string", what)
+		return "", false
+	}
+	return lit.String(), true
+}
+
+type strAt struct {
+	s   string
+	val *hujson.Value
+}
+
+func (ps *parser) strList(v *hujson.Value, what string) []strAt {
+	arr, ok := v.Value.(*hujson.Array)
+	if !ok {
+		ps.errorf(v, "%s must be an array of strings", what)
+		return nil
+	}
+	var out []strAt
+	for i := range arr.Elements {
+		e := &arr.Elements[i]
+		if s, ok := ps.str(e, what+" entries"); ok {
+			out = append(out, strAt{s, e})
+		}
+	}
+	return out
+}
+
+func (ps *parser) selectors(v *hujson.Value, what string, ctx selContext) []selector {
+	var out []selector
+	list := ps.strList(v, what)
+	if v != nil && len(list) == 0 {
+		if arr, ok := v.Value.(*hujson.Array); ok && len(arr.Elements) == 0 {
+			ps.errorf(v, "%s is empty", what)
+		}
+	}
+	for _, e := range list {
+		sel, err := ps.pol.resolveSelector(e.s, ps.pos(e.val), ctx)
+		if err != nil {
+			ps.errorf(e.val, "%s: %v", what, err)
+			continue
+		}
+		out = append(out, sel)
+	}
+	return out
+}
+
+func (ps *parser) required(v *hujson.Value, members []hujson.ObjectMember, name, what string) *hujson.Value {
+	f := ps.field(members, name)
+	if f == nil {
+		ps.errorf(v, "%s needs %q", what, name)
+	}
+	return f
+}
+
+func (ps *parser) tagNames(v *hujson.Value) {
+	members, ok := ps.object(v, `"tagOwners"`)
+	if !ok {
+		return
+	}
+	for i := range members {
+		name, _ := ps.memberName(&members[i])
+		lower := strings.ToLower(name)
+		if !strings.HasPrefix(lower, "tag:") || !validName(lower[4:]) {
+			ps.errorf(&members[i].Name, "bad tag %q in \"tagOwners\": tags look like tag:NAME (letters, digits, '-', '_', '.')", name)
+			continue
+		}
+		if _, dup := ps.pol.tagPos[lower]; dup {
+			ps.errorf(&members[i].Name, "tag %q is defined twice (tags are case-insensitive)", name)
+			continue
+		}
+		ps.pol.tagPos[lower] = ps.pos(&members[i].Name)
+		ps.pol.tagOwners[lower] = nil
+	}
+}
+
+func (ps *parser) parseGroups(v *hujson.Value) {
+	members, ok := ps.object(v, `"groups"`)
+	if !ok {
+		return
+	}
+	for i := range members {
+		name, _ := ps.memberName(&members[i])
+		lower := strings.ToLower(name)
+		if !strings.HasPrefix(lower, "group:") || !validName(lower[6:]) {
+			ps.errorf(&members[i].Name, "bad group %q: groups look like group:NAME (letters, digits, '-', '_', '.')", name)
+			continue
+		}
+		if _, dup := ps.pol.groupPos[lower]; dup {
+			ps.errorf(&members[i].Name, "group %q is defined twice (groups are case-insensitive)", name)
+			continue
+		}
+		ps.pol.groupPos[lower] = ps.pos(&members[i].Name)
+		users := []string{}
+		for _, e := range ps.strList(&members[i].Value, "group members") {
+			if !strings.Contains(e.s, "@") || strings.ContainsAny(e.s, " \t:/") {
+				ps.errorf(e.val, "group %s: member %q is not a user login: groups hold users such as alice@example.com (no groups, tags or addresses)", lower, e.s)
+				continue
+			}
+			users = append(users, strings.ToLower(e.s))
+		}
+		ps.pol.groups[lower] = users
+	}
+}
+
+func (ps *parser) parseHosts(v *hujson.Value) {
+	members, ok := ps.object(v, `"hosts"`)
+	if !ok {
+		return
+	}
+	for i := range members {
+		name, _ := ps.memberName(&members[i])
+		if name == "" || strings.ContainsAny(name, ":@*/ ") || !validName(strings.ToLower(name)) {
+			ps.errorf(&members[i].Name, "bad host name %q: use letters, digits, '-', '_' or '.'", name)
+			continue
+		}
+		if _, err := netip.ParseAddr(name); err == nil {
+			ps.errorf(&members[i].Name, "host name %q is an address: host aliases are names", name)
+			continue
+		}
+		s, ok := ps.str(&members[i].Value, "host "+name)
+		if !ok {
+			continue
+		}
+		pfx, err := parsePrefixOrAddr(s)
+		if err != nil {
+			ps.errorf(&members[i].Value, "host %s: bad address or CIDR %q: %v", name, s, err)
+			continue
+		}
+		ps.pol.hosts[name] = pfx
+		ps.pol.hostPos[name] = ps.pos(&members[i].Name)
+	}
+}
+
+func (ps *parser) parseTagOwners(v *hujson.Value) {
+	members, ok := ps.object(v, `"tagOwners"`)
+	if !ok {
+		return
+	}
+	for i := range members {
+		name, _ := ps.memberName(&members[i])
+		lower := strings.ToLower(name)
+		if _, ok := ps.pol.tagOwners[lower]; !ok {
+			continue // reported by tagNames
+		}
+		owners := ps.strList(&members[i].Value, "tag owners")
+		sels := []selector{}
+		for _, o := range owners {
+			sel, err := ps.pol.resolveSelector(o.s, ps.pos(o.val), ctxTagOwner)
+			if err != nil {
+				ps.errorf(o.val, "owner of %s: %v", lower, err)
+				continue
+			}
+			sels = append(sels, sel)
+		}
+		ps.pol.tagOwners[lower] = sels
+	}
+}
+
+func (ps *parser) parseACL(v *hujson.Value) {
+	members, ok := ps.object(v, "an acl", "action", "src", "dst", "proto")
+	if !ok {
+		return
+	}
+	r := rule{pos: ps.pos(v)}
+	if a := ps.required(v, members, "action", "an acl"); a != nil {
+		if s, ok := ps.str(a, `"action"`); ok && s != "accept" {
+			ps.errorf(a, "action %q: the only action is \"accept\" (everything else is denied by default)", s)
+		}
+	}
+	var protos []uint8
+	if p := ps.field(members, "proto"); p != nil {
+		if s, ok := ps.str(p, `"proto"`); ok {
+			var err error
+			if protos, err = parseProto(s); err != nil {
+				ps.errorf(p, "%v", err)
+			}
+		}
+	}
+	if src := ps.required(v, members, "src", "an acl"); src != nil {
+		r.src = ps.selectors(src, "src", ctxSrc)
+	}
+	if dst := ps.required(v, members, "dst", "an acl"); dst != nil {
+		list := ps.strList(dst, "dst")
+		if arr, ok := dst.Value.(*hujson.Array); ok && len(arr.Elements) == 0 {
+			ps.errorf(dst, "dst is empty")
+		}
+		for _, e := range list {
+			host, portStr, err := splitHostPorts(e.s)
+			if err != nil {
+				ps.errorf(e.val, "dst: %v", err)
+				continue
+			}
+			sel, err := ps.pol.resolveSelector(host, ps.pos(e.val), ctxDst)
+			if err != nil {
+				ps.errorf(e.val, "dst: %v", err)
+				continue
+			}
+			ports, err := parsePorts(portStr)
+			if err != nil {
+				ps.errorf(e.val, "dst: %v", err)
+				continue
+			}
+			if !hasPorts(protos) && protos != nil && portStr != "*" {
+				ps.errorf(e.val, "dst: protocol %s has no ports: write %s:*", protoName(protos[0]), host)
+				continue
+			}
+			r.targets = append(r.targets, target{dst: sel, protos: protos, ports: ports})
+		}
+	}
+	ps.pol.rules = append(ps.pol.rules, r)
+}
+
+// splitHostPorts splits an ACL destination "HOST:PORTS" at its last colon;
+// IPv6 addresses may be bracketed ("[fd7a::1]:22").
+func splitHostPorts(s string) (host, ports string, err error) {
+	if strings.HasPrefix(s, "[") {
+		end := strings.Index(s, "]:")
+		if end < 0 {
+			return "", "", fmt.Errorf("%q: write a bracketed IPv6 destination as [ADDR]:PORTS", s)
+		}
+		return s[1:end], s[end+2:], nil
+	}
+	i := strings.LastIndexByte(s, ':')
+	if i < 0 {
+		return "", "", fmt.Errorf("%q has no ports: write HOST:PORTS such as tag:web:443 or *:*", s)
+	}
+	host, ports = s[:i], s[i+1:]
+	if host == "" || ports == "" {
+		return "", "", fmt.Errorf("%q: write HOST:PORTS such as tag:web:443 or *:*", s)
+	}
+	// "tag:web" alone splits into "tag" and "web": point at the missing ports.
+	if host == "tag" || host == "group" || host == "autogroup" {
+		return "", "", fmt.Errorf("%q has no ports: write %s:PORTS such as %s:443", s, s, s)
+	}
+	return host, ports, nil
+}
+
+func (ps *parser) parseGrant(v *hujson.Value) {
+	members, ok := ps.object(v, "a grant", "src", "dst", "ip", "app")
+	if !ok {
+		return
+	}
+	r := rule{pos: ps.pos(v)}
+	if src := ps.required(v, members, "src", "a grant"); src != nil {
+		r.src = ps.selectors(src, "src", ctxSrc)
+	}
+	var dsts []selector
+	if dst := ps.required(v, members, "dst", "a grant"); dst != nil {
+		dsts = ps.selectors(dst, "dst", ctxDst)
+	}
+	ip, app := ps.field(members, "ip"), ps.field(members, "app")
+	if ip == nil && app == nil {
+		ps.errorf(v, "a grant needs \"ip\" (ports it opens) or \"app\" (capabilities it grants), or both")
+	}
+	if ip != nil {
+		list := ps.strList(ip, `"ip"`)
+		if arr, ok := ip.Value.(*hujson.Array); ok && len(arr.Elements) == 0 {
+			ps.errorf(ip, "\"ip\" is empty: use [\"*\"] for every port")
+		}
+		for _, e := range list {
+			protos, ports, err := parseIPSpec(e.s)
+			if err != nil {
+				ps.errorf(e.val, "ip: %v", err)
+				continue
+			}
+			for _, d := range dsts {
+				r.targets = append(r.targets, target{dst: d, protos: protos, ports: ports})
+			}
+		}
+	}
+	if app != nil {
+		r.caps = ps.parseCaps(app)
+		r.capDsts = dsts
+	}
+	ps.pol.rules = append(ps.pol.rules, r)
+}
+
+// parseIPSpec parses one grant "ip" entry: "*", "22", "1000-2000",
+// "tcp:443", "icmp:*", "6:80,443".
+func parseIPSpec(s string) ([]uint8, []netmap.PortRange, error) {
+	if s == "*" {
+		return nil, []netmap.PortRange{netmap.AllPorts}, nil
+	}
+	protoStr, portStr, hasProto := strings.Cut(s, ":")
+	if !hasProto {
+		ports, err := parsePorts(s)
+		return nil, ports, err
+	}
+	protos, err := parseProto(protoStr)
+	if err != nil {
+		return nil, nil, err
+	}
+	if protoStr == "" {
+		return nil, nil, fmt.Errorf("%q: missing protocol before ':'", s)
+	}
+	ports, err := parsePorts(portStr)
+	if err != nil {
+		return nil, nil, err
+	}
+	if !hasPorts(protos) && portStr != "*" {
+		return nil, nil, fmt.Errorf("%q: protocol %s has no ports: write %s:*", s, protoStr, protoStr)
+	}
+	return protos, ports, nil
+}
+
+func (ps *parser) parseCaps(v *hujson.Value) map[string][]json.RawMessage {
+	members, ok := ps.object(v, `"app"`)
+	if !ok {
+		return nil
+	}
+	caps := map[string][]json.RawMessage{}
+	for i := range members {
+		name, _ := ps.memberName(&members[i])
+		if !strings.Contains(name, "/") || strings.ContainsAny(name, " \t") {
+			ps.errorf(&members[i].Name, "capability %q: name capabilities by domain, such as meshd.dev/cap/kubernetes", name)
+			continue
+		}
+		arr, ok := members[i].Value.Value.(*hujson.Array)
+		if !ok {
+			ps.errorf(&members[i].Value, "capability %s: the value is an array of JSON objects", name)
+			continue
+		}
+		vals := []json.RawMessage{}
+		for j := range arr.Elements {
+			e := &arr.Elements[j]
+			if _, ok := e.Value.(*hujson.Object); !ok {
+				ps.errorf(e, "capability %s: each value must be a JSON object", name)
+				continue
+			}
+			c := e.Clone()
+			c.Minimize()
+			vals = append(vals, json.RawMessage(bytes.Clone(c.Pack())))
+		}
+		caps[name] = vals
+	}
+	return caps
+}
+
+func (ps *parser) parseSSH(v *hujson.Value) {
+	members, ok := ps.object(v, "an ssh rule", "action", "src", "dst", "users", "checkPeriod", "acceptEnv")
+	if !ok {
+		return
+	}
+	r := sshRule{pos: ps.pos(v)}
+	if a := ps.required(v, members, "action", "an ssh rule"); a != nil {
+		if s, ok := ps.str(a, `"action"`); ok {
+			if s != "accept" && s != "check" {
+				ps.errorf(a, "ssh action %q: use \"accept\" or \"check\"", s)
+			}
+			r.action = s
+		}
+	}
+	if src := ps.required(v, members, "src", "an ssh rule"); src != nil {
+		r.src = ps.selectors(src, "src", ctxSrc)
+	}
+	if dst := ps.required(v, members, "dst", "an ssh rule"); dst != nil {
+		r.dst = ps.selectors(dst, "dst", ctxDst)
+	}
+	if u := ps.required(v, members, "users", "an ssh rule"); u != nil {
+		for _, e := range ps.strList(u, "users") {
+			if e.s == "" || strings.ContainsAny(e.s, " \t:/") && !strings.HasPrefix(e.s, "autogroup:") {
+				ps.errorf(e.val, "ssh users: %q is not a login name (use root, ubuntu, autogroup:nonroot ...)", e.s)
+				continue
+			}
+			if strings.HasPrefix(e.s, "autogroup:") && e.s != "autogroup:nonroot" {
+				ps.errorf(e.val, "ssh users: unknown %q: the only autogroup here is autogroup:nonroot", e.s)
+				continue
+			}
+			r.users = append(r.users, e.s)
+		}
+	}
+	if cp := ps.field(members, "checkPeriod"); cp != nil {
+		if s, ok := ps.str(cp, `"checkPeriod"`); ok && s != "always" {
+			d, err := time.ParseDuration(s)
+			if err != nil || d <= 0 {
+				ps.errorf(cp, "checkPeriod %q: use a duration such as 12h, or \"always\"", s)
+			}
+			r.period = d
+		}
+		if r.action != "check" {
+			ps.errorf(cp, "checkPeriod only applies to \"check\" rules")
+		}
+	}
+	if env := ps.field(members, "acceptEnv"); env != nil {
+		ps.strList(env, "acceptEnv")
+	}
+	ps.pol.ssh = append(ps.pol.ssh, r)
+}
+
+func (ps *parser) parseAutoApprovers(v *hujson.Value) {
+	members, ok := ps.object(v, `"autoApprovers"`, "routes", "exitNode")
+	if !ok {
+		return
+	}
+	if routes := ps.field(members, "routes"); routes != nil {
+		rm, ok := ps.object(routes, `"routes"`)
+		if ok {
+			for i := range rm {
+				name, _ := ps.memberName(&rm[i])
+				if pfx, err := netip.ParsePrefix(name); err != nil || pfx.Masked() != pfx {
+					ps.errorf(&rm[i].Name, "autoApprovers routes: %q is not a CIDR such as 10.0.0.0/24", name)
+				}
+				ps.pol.approvers = append(ps.pol.approvers, ps.selectors(&rm[i].Value, "route approvers", ctxTarget)...)
+			}
+		}
+	}
+	if exit := ps.field(members, "exitNode"); exit != nil {
+		ps.pol.approvers = append(ps.pol.approvers, ps.selectors(exit, "exitNode approvers", ctxTarget)...)
+	}
+}
+
+func (ps *parser) parseNodeAttr(v *hujson.Value) {
+	members, ok := ps.object(v, "a nodeAttrs entry", "target", "attr", "app")
+	if !ok {
+		return
+	}
+	na := nodeAttr{pos: ps.pos(v)}
+	if t := ps.required(v, members, "target", "a nodeAttrs entry"); t != nil {
+		na.target = ps.selectors(t, "target", ctxTarget)
+	}
+	if a := ps.field(members, "attr"); a != nil {
+		for _, e := range ps.strList(a, "attr") {
+			na.attrs = append(na.attrs, e.s)
+		}
+	}
+	if app := ps.field(members, "app"); app != nil {
+		na.caps = ps.parseCaps(app)
+	}
+	if ps.field(members, "attr") == nil && ps.field(members, "app") == nil {
+		ps.errorf(v, "a nodeAttrs entry needs \"attr\" or \"app\"")
+	}
+	ps.pol.nodeAttrs = append(ps.pol.nodeAttrs, na)
+}
+
+func (ps *parser) parseTest(v *hujson.Value) {
+	members, ok := ps.object(v, "a test", "src", "accept", "deny", "proto")
+	if !ok {
+		return
+	}
+	t := test{pos: ps.pos(v)}
+	if src := ps.required(v, members, "src", "a test"); src != nil {
+		if s, ok := ps.str(src, "test src"); ok {
+			sel, err := ps.pol.resolveSelector(s, ps.pos(src), ctxTestSrc)
+			if err != nil {
+				ps.errorf(src, "test src: %v", err)
+			} else if sel.kind == selPrefix && sel.prefix.Bits() != sel.prefix.Addr().BitLen() {
+				ps.errorf(src, "test src %q: a test source is one device, not a CIDR", s)
+			} else {
+				t.src = sel
+			}
+		}
+	}
+	if p := ps.field(members, "proto"); p != nil {
+		if s, ok := ps.str(p, `"proto"`); ok {
+			protos, err := parseProto(s)
+			if err != nil {
+				ps.errorf(p, "%v", err)
+			}
+			t.protos = protos
+		}
+	}
+	if t.protos == nil {
+		t.protos = []uint8{netmap.ProtoTCP} // tests without proto mean TCP
+	}
+	parseDsts := func(name string) []testDst {
+		f := ps.field(members, name)
+		if f == nil {
+			return nil
+		}
+		var out []testDst
+		for _, e := range ps.strList(f, name) {
+			host, portStr, err := splitHostPorts(e.s)
+			if err != nil {
+				ps.errorf(e.val, "test %s: %v", name, err)
+				continue
+			}
+			port, err := parsePort(portStr)
+			if err != nil {
+				ps.errorf(e.val, "test %s %q: a test destination names one port, not a list, range or *", name, e.s)
+				continue
+			}
+			sel, err := ps.pol.resolveSelector(host, ps.pos(e.val), ctxTestDst)
+			if err != nil {
+				ps.errorf(e.val, "test %s: %v", name, err)
+				continue
+			}
+			if sel.kind == selPrefix && sel.prefix.Bits() != sel.prefix.Addr().BitLen() {
+				ps.errorf(e.val, "test %s %q: a test destination is one address, not a CIDR", name, e.s)
+				continue
+			}
+			out = append(out, testDst{raw: e.s, pos: ps.pos(e.val), host: sel, port: port})
+		}
+		return out
+	}
+	t.accept = parseDsts("accept")
+	t.deny = parseDsts("deny")
+	if ps.field(members, "accept") == nil && ps.field(members, "deny") == nil {
+		ps.errorf(v, "a test needs \"accept\" or \"deny\" (or both)")
+	}
+	ps.pol.tests = append(ps.pol.tests, t)
+}
