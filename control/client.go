@@ -1,0 +1,458 @@
+package control
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"meshd.dev/meshd/netmap"
+)
+
+// ClientOptions configures a node's control client.
+type ClientOptions struct {
+	// URL is the coordinator, https://HOST:PORT (a bare HOST:PORT means
+	// https).
+	URL string
+	// MachineKey is the machine's long-lived key; the client proves it with
+	// a self-signed TLS client certificate.
+	MachineKey ed25519.PrivateKey
+	// ServerPin is the coordinator fingerprint pinned from an earlier
+	// registration. Empty: Register takes it from the auth key.
+	ServerPin string
+	Logger    *slog.Logger
+	// MinBackoff and MaxBackoff bound Follow's reconnect delay (defaults 1s
+	// and 60s); each delay is jittered.
+	MinBackoff, MaxBackoff time.Duration
+}
+
+// Client is a node's connection to the coordinator. Its methods are safe for
+// concurrent use; one HTTP/2 connection carries the map stream and updates.
+type Client struct {
+	base       *url.URL
+	log        *slog.Logger
+	hc         *http.Client
+	tr         *http.Transport
+	minB, maxB time.Duration
+
+	mu      sync.Mutex
+	pin     string
+	lastBad string // fingerprint seen on the last pin mismatch
+}
+
+// ParseURL accepts https://HOST:PORT or a bare HOST:PORT.
+func ParseURL(s string) (*url.URL, error) {
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return nil, errors.New("coordinator URL is empty: pass --coordinator https://HOST:PORT")
+	}
+	if !strings.Contains(s, "://") {
+		s = "https://" + s
+	}
+	u, err := url.Parse(s)
+	if err != nil {
+		return nil, fmt.Errorf("coordinator URL %q: %w", s, err)
+	}
+	if u.Scheme != "https" {
+		return nil, fmt.Errorf("coordinator URL %q: the coordinator only speaks https", s)
+	}
+	if u.Host == "" {
+		return nil, fmt.Errorf("coordinator URL %q has no host", s)
+	}
+	u.Path, u.RawQuery, u.Fragment = "", "", ""
+	return u, nil
+}
+
+// pinnedTransport builds an HTTP/2-capable transport that accepts exactly
+// the server key whose fingerprint pin() returns. Not a CA check: the
+// coordinator's certificate is self-signed and only its key matters.
+func pinnedTransport(pin func() string, mismatch func(got string), cert *tls.Certificate) *http.Transport {
+	cfg := &tls.Config{
+		MinVersion:         tls.VersionTLS13,
+		InsecureSkipVerify: true, // replaced by VerifyConnection's pin check
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 {
+				return fmt.Errorf("%w: coordinator sent no certificate", ErrPinMismatch)
+			}
+			got, want := Fingerprint(cs.PeerCertificates[0]), pin()
+			if want == "" {
+				return errors.New("no coordinator fingerprint to verify against: register with an auth key first")
+			}
+			if got != want {
+				mismatch(got)
+				return fmt.Errorf("%w: coordinator presented %s, expected %s: check --coordinator URL or remove the pin from the state dir", ErrPinMismatch, got, want)
+			}
+			return nil
+		},
+	}
+	if cert != nil {
+		cfg.Certificates = []tls.Certificate{*cert}
+	}
+	return &http.Transport{
+		TLSClientConfig:     cfg,
+		ForceAttemptHTTP2:   true,
+		TLSHandshakeTimeout: 10 * time.Second,
+		IdleConnTimeout:     90 * time.Second,
+		HTTP2: &http.HTTP2Config{
+			// Detect a dead connection under a quiet map stream.
+			SendPingTimeout: 30 * time.Second,
+			PingTimeout:     15 * time.Second,
+		},
+	}
+}
+
+// NewClient returns a client; it connects lazily.
+func NewClient(o ClientOptions) (*Client, error) {
+	u, err := ParseURL(o.URL)
+	if err != nil {
+		return nil, err
+	}
+	if len(o.MachineKey) != ed25519.PrivateKeySize {
+		return nil, errors.New("control client: machine key missing or not an Ed25519 private key")
+	}
+	cert, err := selfSignedCert(o.MachineKey, "meshd machine")
+	if err != nil {
+		return nil, err
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.MinBackoff <= 0 {
+		o.MinBackoff = time.Second
+	}
+	if o.MaxBackoff < o.MinBackoff {
+		o.MaxBackoff = max(60*time.Second, o.MinBackoff)
+	}
+	c := &Client{base: u, log: o.Logger, pin: strings.ToLower(strings.TrimSpace(o.ServerPin)), minB: o.MinBackoff, maxB: o.MaxBackoff}
+	c.tr = pinnedTransport(c.ServerPin, c.sawMismatch, &cert)
+	c.hc = &http.Client{Transport: c.tr}
+	return c, nil
+}
+
+// ServerPin returns the coordinator fingerprint the client verifies; persist
+// it after Register.
+func (c *Client) ServerPin() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.pin
+}
+
+func (c *Client) sawMismatch(got string) {
+	c.mu.Lock()
+	c.lastBad = got
+	c.mu.Unlock()
+}
+
+// Close releases idle connections.
+func (c *Client) Close() { c.tr.CloseIdleConnections() }
+
+// Register enrols the machine (with req.AuthKey) or re-registers it.
+func (c *Client) Register(ctx context.Context, req netmap.RegisterRequest) (*netmap.RegisterResponse, error) {
+	if req.Version == 0 {
+		req.Version = netmap.ProtocolVersion
+	}
+	if c.ServerPin() == "" {
+		if req.AuthKey == "" {
+			return nil, errors.New("no coordinator fingerprint pinned and no auth key given: run meshd up with --authkey")
+		}
+		fp, err := AuthKeyFingerprint(req.AuthKey)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrAuthKeyUnknown, err)
+		}
+		c.mu.Lock()
+		c.pin = fp
+		c.mu.Unlock()
+	}
+	var resp netmap.RegisterResponse
+	if err := c.do(ctx, "/machine/register", req, &resp); err != nil {
+		return nil, fmt.Errorf("register with %s: %w", c.base.Host, err)
+	}
+	if resp.ServerKey != c.ServerPin() {
+		return nil, fmt.Errorf("%w: coordinator reports key %s over a connection pinned to %s", ErrPinMismatch, resp.ServerKey, c.ServerPin())
+	}
+	if err := resp.Node.Validate(); err != nil {
+		return nil, fmt.Errorf("register: coordinator sent an invalid node: %w", err)
+	}
+	return &resp, nil
+}
+
+// Update reports endpoints, home DERP, disco key or a rotated node key
+// without opening a stream. req carries the node's full current state.
+func (c *Client) Update(ctx context.Context, req netmap.MapRequest) error {
+	if req.Version == 0 {
+		req.Version = netmap.ProtocolVersion
+	}
+	req.Stream = false
+	if err := c.do(ctx, "/machine/map", req, &struct{}{}); err != nil {
+		return fmt.Errorf("update coordinator: %w", err)
+	}
+	return nil
+}
+
+func (c *Client) do(ctx context.Context, path string, in, out any) error {
+	return doJSON(ctx, c.hc, http.MethodPost, c.base.JoinPath(path).String(), "", in, out, c.pinErr)
+}
+
+// pinErr turns a transport error after a pin mismatch into ErrPinMismatch
+// even where the TLS error was flattened on its way up.
+func (c *Client) pinErr(err error) error {
+	if errors.Is(err, ErrPinMismatch) {
+		return err
+	}
+	c.mu.Lock()
+	bad := c.lastBad
+	c.lastBad = ""
+	pin := c.pin
+	c.mu.Unlock()
+	if bad != "" {
+		return fmt.Errorf("%w: coordinator presented %s, expected %s: check --coordinator URL or remove the pin from the state dir", ErrPinMismatch, bad, pin)
+	}
+	return err
+}
+
+func doJSON(ctx context.Context, hc *http.Client, method, u, bearer string, in, out any, mapErr func(error) error) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u, body)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	if bearer != "" {
+		req.Header.Set("Authorization", "Bearer "+bearer)
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		if mapErr != nil {
+			return mapErr(err)
+		}
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return readAPIError(resp)
+	}
+	if out == nil {
+		return nil
+	}
+	if err := netmap.DecodeJSON(resp.Body, netmap.MaxMessageSize, out); err != nil {
+		return fmt.Errorf("coordinator response: %w", err)
+	}
+	return nil
+}
+
+func readAPIError(resp *http.Response) error {
+	var eb errorBody
+	data, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	if err := json.Unmarshal(data, &eb); err != nil || eb.Error == "" {
+		return &APIError{Status: resp.StatusCode, Code: "", Message: fmt.Sprintf("coordinator answered %s: %s", resp.Status, strings.TrimSpace(string(data)))}
+	}
+	return &APIError{Status: resp.StatusCode, Code: eb.Code, Message: eb.Error}
+}
+
+// permanent reports errors that reconnecting cannot fix.
+func permanent(err error) bool {
+	return errors.Is(err, ErrNodeExpired) || errors.Is(err, ErrNotRegistered) ||
+		errors.Is(err, ErrPinMismatch) || errors.Is(err, ErrTooOld)
+}
+
+// Follow keeps one map stream open and calls fn with a fresh copy of the
+// network map after each applied message. It reconnects with exponential
+// backoff and jitter, resuming from the last version it applied. It returns
+// when ctx ends, or early with an error wrapping ErrNodeExpired,
+// ErrNotRegistered, ErrPinMismatch or ErrTooOld, which retrying cannot fix
+// (the node must re-enrol or be reconfigured).
+func (c *Client) Follow(ctx context.Context, req netmap.MapRequest, fn func(*netmap.NetworkMap)) error {
+	if req.Version == 0 {
+		req.Version = netmap.ProtocolVersion
+	}
+	req.Stream = true
+	var nm netmap.NetworkMap
+	backoff := c.minB
+	for {
+		if nm.Peers != nil {
+			req.Since, req.Epoch = nm.Version, nm.Epoch
+		} else {
+			req.Since, req.Epoch = 0, ""
+		}
+		progressed, err := c.followOnce(ctx, req, &nm, fn)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if permanent(err) {
+			return fmt.Errorf("map stream: %w", err)
+		}
+		if errors.Is(err, netmap.ErrNeedFullMap) {
+			nm = netmap.NetworkMap{}
+		}
+		if progressed {
+			backoff = c.minB
+		}
+		// Jitter in [backoff/2, backoff] spreads a fleet reconnecting after
+		// a coordinator restart.
+		d := backoff/2 + rand.N(backoff/2+1)
+		c.log.Info("map stream ended; reconnecting", "err", err, "in", d.Round(time.Millisecond))
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(d):
+		}
+		backoff = min(2*backoff, c.maxB)
+	}
+}
+
+// followOnce runs one stream. progressed reports whether any message was
+// applied (which resets the backoff).
+func (c *Client) followOnce(ctx context.Context, req netmap.MapRequest, nm *netmap.NetworkMap, fn func(*netmap.NetworkMap)) (progressed bool, err error) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	b, err := json.Marshal(req)
+	if err != nil {
+		return false, err
+	}
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base.JoinPath("/machine/map").String(), bytes.NewReader(b))
+	if err != nil {
+		return false, err
+	}
+	hreq.Header.Set("Content-Type", "application/json")
+	resp, err := c.hc.Do(hreq)
+	if err != nil {
+		return false, c.pinErr(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return false, readAPIError(resp)
+	}
+	// Watchdog: a stream that stays silent for several keep-alive periods
+	// is dead even if TCP has not noticed.
+	ka := 20 * time.Second
+	if ms, err := strconv.Atoi(resp.Header.Get(keepAliveHeader)); err == nil && ms > 0 {
+		ka = time.Duration(ms) * time.Millisecond
+	}
+	errStale := errors.New("map stream silent for too long")
+	idle := 3*ka + 5*time.Second
+	wd := time.AfterFunc(idle, func() { cancel(errStale) })
+	defer wd.Stop()
+	var buf []byte
+	for {
+		var mr *netmap.MapResponse
+		mr, buf, err = readMapResponse(resp.Body, buf)
+		if err != nil {
+			if cause := context.Cause(ctx); cause != nil && ctx.Err() != nil {
+				return progressed, cause
+			}
+			return progressed, err
+		}
+		wd.Reset(idle)
+		if err := nm.Apply(mr); err != nil {
+			return progressed, fmt.Errorf("apply map response: %w", err)
+		}
+		if mr.KeepAlive && !mr.Full {
+			continue
+		}
+		progressed = true
+		fn(nm.Clone())
+	}
+}
+
+// AdminClient talks to the coordinator's admin API.
+type AdminClient struct {
+	base  *url.URL
+	token string
+	hc    *http.Client
+}
+
+// NewAdminClient returns an admin client for the coordinator at rawURL.
+// The token (the content of admin.token) carries the coordinator's
+// fingerprint, which the client pins.
+func NewAdminClient(rawURL, token string) (*AdminClient, error) {
+	u, err := ParseURL(rawURL)
+	if err != nil {
+		return nil, err
+	}
+	token = strings.TrimSpace(token)
+	fp, err := AdminTokenFingerprint(token)
+	if err != nil {
+		return nil, err
+	}
+	tr := pinnedTransport(func() string { return fp }, func(string) {}, nil)
+	return &AdminClient{base: u, token: token, hc: &http.Client{Transport: tr, Timeout: 30 * time.Second}}, nil
+}
+
+func (a *AdminClient) do(ctx context.Context, method, path string, in, out any) error {
+	return doJSON(ctx, a.hc, method, a.base.JoinPath(path).String(), a.token, in, out, nil)
+}
+
+// CreateAuthKey creates a key; the result includes the secret.
+func (a *AdminClient) CreateAuthKey(ctx context.Context, o AuthKeyOptions) (NewAuthKey, error) {
+	var out NewAuthKey
+	req := createKeyRequest{Reusable: o.Reusable, Ephemeral: o.Ephemeral, Preauthorized: o.Preauthorized, Tags: o.Tags, User: o.User}
+	if o.Expiry != 0 {
+		req.Expiry = o.Expiry.String()
+	}
+	err := a.do(ctx, http.MethodPost, "/admin/v1/keys", req, &out)
+	return out, err
+}
+
+// AuthKeys lists auth keys.
+func (a *AdminClient) AuthKeys(ctx context.Context) ([]AuthKey, error) {
+	var out []AuthKey
+	return out, a.do(ctx, http.MethodGet, "/admin/v1/keys", nil, &out)
+}
+
+// RevokeAuthKey revokes a key.
+func (a *AdminClient) RevokeAuthKey(ctx context.Context, id string) error {
+	return a.do(ctx, http.MethodPost, "/admin/v1/keys/"+url.PathEscape(id)+"/revoke", nil, nil)
+}
+
+// Nodes lists nodes.
+func (a *AdminClient) Nodes(ctx context.Context) ([]NodeInfo, error) {
+	var out []NodeInfo
+	return out, a.do(ctx, http.MethodGet, "/admin/v1/nodes", nil, &out)
+}
+
+func nodePath(id netmap.NodeID) string { return "/admin/v1/nodes/" + strconv.FormatUint(uint64(id), 10) }
+
+// DeleteNode deletes a node.
+func (a *AdminClient) DeleteNode(ctx context.Context, id netmap.NodeID) error {
+	return a.do(ctx, http.MethodDelete, nodePath(id), nil, nil)
+}
+
+// ExpireNode expires a node's key now.
+func (a *AdminClient) ExpireNode(ctx context.Context, id netmap.NodeID) error {
+	return a.do(ctx, http.MethodPost, nodePath(id)+"/expire", nil, nil)
+}
+
+// ApproveNode authorizes a node waiting for approval.
+func (a *AdminClient) ApproveNode(ctx context.Context, id netmap.NodeID) error {
+	return a.do(ctx, http.MethodPost, nodePath(id)+"/approve", nil, nil)
+}
+
+// TagNode replaces a node's tags.
+func (a *AdminClient) TagNode(ctx context.Context, id netmap.NodeID, tags []string) error {
+	return a.do(ctx, http.MethodPost, nodePath(id)+"/tags", tagRequest{Tags: tags}, nil)
+}
+
+// Users lists users.
+func (a *AdminClient) Users(ctx context.Context) ([]User, error) {
+	var out []User
+	return out, a.do(ctx, http.MethodGet, "/admin/v1/users", nil, &out)
+}

@@ -1,0 +1,72 @@
+package control
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+
+	"meshd.dev/meshd/netmap"
+)
+
+// The map stream is a sequence of frames: a 4-byte big-endian length, then
+// that many bytes of JSON MapResponse. Length-prefixing (rather than
+// newline-delimited JSON) lets the reader refuse an oversized message before
+// buffering it.
+
+const frameHeaderLen = 4
+
+// encodeFrame returns resp as one frame.
+func encodeFrame(resp *netmap.MapResponse) ([]byte, error) {
+	body, err := json.Marshal(resp)
+	if err != nil {
+		return nil, fmt.Errorf("encode map response: %w", err)
+	}
+	if len(body) > netmap.MaxMessageSize {
+		return nil, fmt.Errorf("map response of %d bytes exceeds the %d byte limit", len(body), netmap.MaxMessageSize)
+	}
+	out := make([]byte, frameHeaderLen, frameHeaderLen+len(body))
+	binary.BigEndian.PutUint32(out, uint32(len(body)))
+	return append(out, body...), nil
+}
+
+// errFrameTooLarge is returned for a frame whose header announces more than
+// netmap.MaxMessageSize bytes.
+var errFrameTooLarge = errors.New("map frame exceeds the size limit")
+
+// readFrame reads one frame body from r, reusing buf when it is large enough.
+func readFrame(r io.Reader, buf []byte) ([]byte, error) {
+	var hdr [frameHeaderLen]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return nil, err // io.EOF at a frame boundary is a clean end
+	}
+	n := binary.BigEndian.Uint32(hdr[:])
+	if n > netmap.MaxMessageSize {
+		return nil, fmt.Errorf("%w: %d bytes announced, limit %d", errFrameTooLarge, n, netmap.MaxMessageSize)
+	}
+	if n == 0 {
+		return nil, errors.New("map frame: empty body")
+	}
+	if cap(buf) < int(n) {
+		buf = make([]byte, n)
+	}
+	buf = buf[:n]
+	if _, err := io.ReadFull(r, buf); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, fmt.Errorf("map frame body: %w", err)
+	}
+	return buf, nil
+}
+
+// readMapResponse reads and validates one map stream message.
+func readMapResponse(r io.Reader, buf []byte) (*netmap.MapResponse, []byte, error) {
+	body, err := readFrame(r, buf)
+	if err != nil {
+		return nil, buf, err
+	}
+	resp, err := netmap.DecodeMapResponse(body)
+	return resp, body, err
+}

@@ -1,0 +1,216 @@
+package control
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"errors"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"meshd.dev/meshd/netmap"
+)
+
+func testLogger(t testing.TB) *slog.Logger {
+	if os.Getenv("MESHD_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+type testServer struct {
+	*Server
+	url  string
+	dir  string
+	addr string
+	done chan error
+}
+
+// startServer runs a coordinator on a loopback port for the test.
+func startServer(t testing.TB, opts ServerOptions) *testServer {
+	t.Helper()
+	if opts.StateDir == "" {
+		opts.StateDir = t.TempDir()
+	}
+	return startServerAt(t, opts, "127.0.0.1:0")
+}
+
+func startServerAt(t testing.TB, opts ServerOptions, addr string) *testServer {
+	t.Helper()
+	if opts.Logger == nil {
+		opts.Logger = testLogger(t)
+	}
+	s, err := NewServer(context.Background(), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ln net.Listener
+	// A restarted server rebinds its old port; the kernel may need a moment.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		ln, err = net.Listen("tcp", addr)
+		if err == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		s.Close()
+		t.Fatal(err)
+	}
+	ts := &testServer{Server: s, url: "https://" + ln.Addr().String(), dir: opts.StateDir, addr: ln.Addr().String(), done: make(chan error, 1)}
+	go func() { ts.done <- s.Serve(ln) }()
+	t.Cleanup(func() { ts.stop(t) })
+	return ts
+}
+
+func (ts *testServer) stop(t testing.TB) {
+	ts.Close()
+	select {
+	case err := <-ts.done:
+		if err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+		ts.done <- nil // later stops return at once
+	case <-time.After(10 * time.Second):
+		t.Error("Serve did not return after Close")
+	}
+}
+
+func (ts *testServer) key(t testing.TB, o AuthKeyOptions) string {
+	t.Helper()
+	k, _, err := ts.CreateAuthKey(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// testNode is a machine with its keys and a control client.
+type testNode struct {
+	mk    ed25519.PrivateKey
+	nk    netmap.NodePrivate
+	dk    netmap.DiscoPrivate
+	c     *Client
+	id    netmap.NodeID
+	self  netmap.Node
+	mu    sync.Mutex
+	nm    *netmap.NetworkMap
+	maps  chan *netmap.NetworkMap
+	fdone chan error
+}
+
+func newTestNode(t testing.TB, url, pin string) *testNode {
+	t.Helper()
+	_, mk, _ := ed25519.GenerateKey(rand.Reader)
+	return newTestNodeKey(t, url, pin, mk)
+}
+
+func newTestNodeKey(t testing.TB, url, pin string, mk ed25519.PrivateKey) *testNode {
+	t.Helper()
+	c, err := NewClient(ClientOptions{URL: url, MachineKey: mk, ServerPin: pin, Logger: testLogger(t), MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return &testNode{mk: mk, nk: netmap.NewNodePrivate(), dk: netmap.NewDiscoPrivate(), c: c, maps: make(chan *netmap.NetworkMap, 1)}
+}
+
+func (n *testNode) register(ctx context.Context, authKey, host string, tags ...string) (*netmap.RegisterResponse, error) {
+	resp, err := n.c.Register(ctx, netmap.RegisterRequest{
+		NodeKey: n.nk.Public(), DiscoKey: n.dk.Public(), Hostname: host, AuthKey: authKey, RequestTags: tags,
+	})
+	if err == nil {
+		n.id, n.self = resp.Node.ID, resp.Node
+	}
+	return resp, err
+}
+
+func (n *testNode) mustRegister(t testing.TB, authKey, host string) *netmap.RegisterResponse {
+	t.Helper()
+	resp, err := n.register(context.Background(), authKey, host)
+	if err != nil {
+		t.Fatalf("register %s: %v", host, err)
+	}
+	return resp
+}
+
+func (n *testNode) mapRequest() netmap.MapRequest {
+	return netmap.MapRequest{NodeKey: n.nk.Public(), DiscoKey: n.dk.Public()}
+}
+
+// follow runs the map stream until the returned cancel is called.
+func (n *testNode) follow(t testing.TB, req netmap.MapRequest) context.CancelFunc {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	n.fdone = make(chan error, 1)
+	go func() {
+		n.fdone <- n.c.Follow(ctx, req, func(m *netmap.NetworkMap) {
+			n.mu.Lock()
+			n.nm = m
+			n.mu.Unlock()
+			select { // keep only the latest
+			case <-n.maps:
+			default:
+			}
+			n.maps <- m
+		})
+	}()
+	stop := func() {
+		cancel()
+		select {
+		case <-n.fdone:
+		case <-time.After(10 * time.Second):
+			t.Error("Follow did not return after cancel")
+		}
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
+func (n *testNode) current() *netmap.NetworkMap {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.nm
+}
+
+// waitMap polls the node's latest map until cond holds.
+func (n *testNode) waitMap(t testing.TB, what string, cond func(*netmap.NetworkMap) bool) *netmap.NetworkMap {
+	t.Helper()
+	deadline := time.After(20 * time.Second)
+	for {
+		if m := n.current(); m != nil && cond(m) {
+			return m
+		}
+		select {
+		case <-n.maps:
+		case err := <-n.fdone:
+			n.fdone <- err
+			t.Fatalf("node %d: Follow ended while waiting for %s: %v", n.id, what, err)
+		case <-deadline:
+			t.Fatalf("node %d: timed out waiting for %s; last map: %+v", n.id, what, n.current())
+		}
+	}
+}
+
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func wantErr(t testing.TB, err, want error) {
+	t.Helper()
+	if !errors.Is(err, want) {
+		t.Fatalf("error %v: want %v", err, want)
+	}
+}

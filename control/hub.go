@@ -1,0 +1,539 @@
+package control
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"net/netip"
+	"reflect"
+	"slices"
+	"sync"
+	"time"
+
+	"meshd.dev/meshd/netmap"
+)
+
+// hub is the in-memory registry of visible nodes and the fan-out of map
+// deltas to connected map sessions.
+//
+// Cost model: a change to one node (join, leave, endpoint or online change)
+// is encoded once into a shared frame and enqueued to each session that can
+// see the node, so it costs O(sessions affected) with O(1) encoding work,
+// never a rebuild of every node's map (which would be O(n²) per change). A
+// full map is built only for a session that starts without a usable resume
+// point, and costs O(n) for that one session.
+type hub struct {
+	mu        sync.Mutex
+	epoch     string
+	version   uint64
+	nodes     map[netmap.NodeID]*netmap.Node // immutable values, replaced on change
+	all       []*netmap.Node                 // cache for Policy.FilterFor; nil when stale
+	sessions  map[netmap.NodeID][]*session
+	policy    Policy
+	bootstrap bool
+	derpMap   *netmap.DERPMap
+	queueLen  int
+	now       func() time.Time
+	keepAlive []byte // the keep-alive frame of this epoch
+
+	// log records which node changed at each version, for resuming streams
+	// (id 0 marks a change that needs a full map, such as a policy change).
+	log     []change
+	logNext int // ring position of the next entry
+	logFull bool
+}
+
+type change struct {
+	version uint64
+	id      netmap.NodeID
+}
+
+// session is one open map stream.
+type session struct {
+	node       netmap.NodeID
+	q          chan []byte   // encoded frames, in order
+	dead       chan struct{} // closed when the hub drops the session
+	dropped    bool
+	dropErr    error
+	lastFilter []byte // last PacketFilter sent (JSON), under a real policy
+}
+
+// errSlowConsumer drops a session whose queue overflowed; the client
+// reconnects and resumes, so one slow reader never stalls the coordinator.
+var errSlowConsumer = errors.New("map session dropped: client too slow to read updates")
+
+const defaultQueueLen = 1024
+const changeLogLen = 4096
+
+func newHub(epoch string, derpMap *netmap.DERPMap, queueLen int, now func() time.Time) *hub {
+	if queueLen <= 0 {
+		queueLen = defaultQueueLen
+	}
+	h := &hub{
+		epoch:     epoch,
+		nodes:     make(map[netmap.NodeID]*netmap.Node),
+		sessions:  make(map[netmap.NodeID][]*session),
+		policy:    newBootstrapPolicy(),
+		bootstrap: true,
+		derpMap:   derpMap,
+		queueLen:  queueLen,
+		now:       now,
+		log:       make([]change, changeLogLen),
+	}
+	h.keepAlive, _ = encodeFrame(&netmap.MapResponse{Epoch: epoch, KeepAlive: true})
+	return h
+}
+
+func (h *hub) logChange(id netmap.NodeID) {
+	h.log[h.logNext] = change{version: h.version, id: id}
+	h.logNext++
+	if h.logNext == len(h.log) {
+		h.logNext, h.logFull = 0, true
+	}
+}
+
+// changesSince returns the ids changed after version since, and false if
+// the log no longer holds all of them.
+func (h *hub) changesSince(since uint64) ([]netmap.NodeID, bool) {
+	n := h.logNext
+	if h.logFull {
+		n = len(h.log)
+	}
+	// Entries are in version order starting at the oldest.
+	oldest := 0
+	if h.logFull {
+		oldest = h.logNext
+	}
+	if n > 0 && h.log[oldest].version > since+1 {
+		return nil, false
+	}
+	if n == 0 && since != h.version {
+		return nil, false
+	}
+	seen := map[netmap.NodeID]bool{}
+	var ids []netmap.NodeID
+	for i := 0; i < n; i++ {
+		c := h.log[(oldest+i)%len(h.log)]
+		if c.version <= since {
+			continue
+		}
+		if c.id == 0 {
+			return nil, false
+		}
+		if !seen[c.id] {
+			seen[c.id] = true
+			ids = append(ids, c.id)
+		}
+	}
+	return ids, true
+}
+
+func (h *hub) base() netmap.MapResponse {
+	return netmap.MapResponse{Epoch: h.epoch, Version: h.version, PolicyBootstrap: h.bootstrap}
+}
+
+// lazyFrame encodes a response once, on first use, for every session that
+// receives it.
+type lazyFrame struct {
+	resp netmap.MapResponse
+	b    []byte
+}
+
+func (f *lazyFrame) bytes() []byte {
+	if f.b == nil {
+		b, err := encodeFrame(&f.resp)
+		if err != nil {
+			// Only reachable with a node larger than MaxMessageSize, which
+			// validation upstream rules out.
+			panic(err)
+		}
+		f.b = b
+	}
+	return f.b
+}
+
+func (h *hub) send(s *session, frame []byte) {
+	if s.dropped {
+		return
+	}
+	select {
+	case s.q <- frame:
+	default:
+		h.dropLocked(s, errSlowConsumer)
+	}
+}
+
+func (h *hub) dropLocked(s *session, err error) {
+	if s.dropped {
+		return
+	}
+	s.dropped, s.dropErr = true, err
+	close(s.dead)
+}
+
+// get returns the current node (nil if not visible in the hub).
+func (h *hub) get(id netmap.NodeID) *netmap.Node {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.nodes[id]
+}
+
+// upsert adds or replaces n and sends the delta to the affected sessions. n
+// must not be modified afterwards.
+func (h *hub) upsert(n *netmap.Node) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.upsertLocked(n)
+}
+
+func (h *hub) upsertLocked(n *netmap.Node) {
+	old := h.nodes[n.ID]
+	h.nodes[n.ID] = n
+	h.all = nil
+	h.version++
+	h.logChange(n.ID)
+
+	var patchF *lazyFrame
+	if old != nil {
+		if p, ok := patchFor(old, n); ok {
+			patchF = &lazyFrame{resp: h.base()}
+			patchF.resp.PeersPatch = []netmap.PeerPatch{p}
+		}
+	}
+	changedF := &lazyFrame{resp: h.base()}
+	changedF.resp.PeersChanged = []netmap.Node{*n}
+	removedF := &lazyFrame{resp: h.base()}
+	removedF.resp.PeersRemoved = []netmap.NodeID{n.ID}
+	identityChanged := old != nil && patchF == nil && (old.User != n.User || !slices.Equal(old.Tags, n.Tags))
+
+	for id, ss := range h.sessions {
+		if id == n.ID {
+			var f []byte
+			if !h.bootstrap && identityChanged {
+				// Who this node may see depends on its identity: resend its
+				// whole map (O(n), for this node only).
+				f = h.mustEncode(h.fullLocked(n))
+				for _, s := range ss {
+					s.lastFilter = h.filterJSON(n)
+				}
+			} else {
+				r := h.base()
+				r.Self = n
+				f = h.mustEncode(&r)
+			}
+			for _, s := range ss {
+				h.send(s, f)
+			}
+			continue
+		}
+		viewer := h.nodes[id]
+		if viewer == nil {
+			continue
+		}
+		oldVis := old != nil && h.policy.CanSee(viewer, old)
+		newVis := h.policy.CanSee(viewer, n)
+		var f *lazyFrame
+		switch {
+		case oldVis && newVis && patchF != nil:
+			f = patchF
+		case newVis:
+			f = changedF
+		case oldVis:
+			f = removedF
+		}
+		if f != nil {
+			for _, s := range ss {
+				h.send(s, f.bytes())
+			}
+		}
+	}
+	h.refreshFiltersLocked()
+}
+
+func (h *hub) mustEncode(r *netmap.MapResponse) []byte {
+	f := lazyFrame{resp: *r}
+	return f.bytes()
+}
+
+// remove deletes a node from the hub, tells the sessions that could see it,
+// and drops the node's own sessions with reason.
+func (h *hub) remove(id netmap.NodeID, reason error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	old := h.nodes[id]
+	if old == nil {
+		return
+	}
+	delete(h.nodes, id)
+	h.all = nil
+	h.version++
+	h.logChange(id)
+	removedF := &lazyFrame{resp: h.base()}
+	removedF.resp.PeersRemoved = []netmap.NodeID{id}
+	for vid, ss := range h.sessions {
+		if vid == id {
+			for _, s := range ss {
+				h.dropLocked(s, reason)
+			}
+			continue
+		}
+		viewer := h.nodes[vid]
+		if viewer != nil && h.policy.CanSee(viewer, old) {
+			for _, s := range ss {
+				h.send(s, removedF.bytes())
+			}
+		}
+	}
+	h.refreshFiltersLocked()
+}
+
+// allLocked returns every node, cached between changes.
+func (h *hub) allLocked() []*netmap.Node {
+	if h.all == nil {
+		h.all = make([]*netmap.Node, 0, len(h.nodes))
+		for _, n := range h.nodes {
+			h.all = append(h.all, n)
+		}
+		slices.SortFunc(h.all, func(a, b *netmap.Node) int { return int(a.ID) - int(b.ID) })
+	}
+	return h.all
+}
+
+func (h *hub) filterFor(n *netmap.Node) []netmap.FilterRule {
+	f := h.policy.FilterFor(n, h.allLocked())
+	if f == nil {
+		f = []netmap.FilterRule{} // non-nil: an empty filter means deny all
+	}
+	return f
+}
+
+func (h *hub) filterJSON(n *netmap.Node) []byte {
+	b, _ := json.Marshal(h.filterFor(n))
+	return b
+}
+
+// refreshFiltersLocked resends the packet filter to the sessions whose
+// filter changed. Under the bootstrap policy filters
+// never depend on the node list, so there is nothing to do.
+func (h *hub) refreshFiltersLocked() {
+	if h.bootstrap {
+		return
+	}
+	for id, ss := range h.sessions {
+		n := h.nodes[id]
+		if n == nil {
+			continue
+		}
+		f := h.filterFor(n)
+		b, _ := json.Marshal(f)
+		for _, s := range ss {
+			if bytes.Equal(b, s.lastFilter) {
+				continue
+			}
+			s.lastFilter = b
+			r := h.base()
+			r.PacketFilter = &f
+			h.send(s, h.mustEncode(&r))
+		}
+	}
+}
+
+// fullLocked builds n's full map.
+func (h *hub) fullLocked(self *netmap.Node) *netmap.MapResponse {
+	r := h.base()
+	r.Full = true
+	sc := *self
+	r.Self = &sc
+	r.Peers = make([]netmap.Node, 0, len(h.nodes))
+	for _, p := range h.allLocked() {
+		if p.ID != self.ID && h.policy.CanSee(self, p) {
+			r.Peers = append(r.Peers, *p)
+		}
+	}
+	r.DERPMap = h.derpMap
+	f := h.filterFor(self)
+	r.PacketFilter = &f
+	return &r
+}
+
+// resumeLocked builds the delta that brings a client at version since (of
+// epoch) up to date, or returns nil if it needs a full map.
+func (h *hub) resumeLocked(self *netmap.Node, since uint64, epoch string) *netmap.MapResponse {
+	if epoch != h.epoch || since == 0 || since > h.version {
+		return nil
+	}
+	ids, ok := h.changesSince(since)
+	if !ok {
+		return nil
+	}
+	r := h.base()
+	for _, id := range ids {
+		if id == self.ID {
+			sc := *self
+			r.Self = &sc
+			continue
+		}
+		if p := h.nodes[id]; p != nil && h.policy.CanSee(self, p) {
+			r.PeersChanged = append(r.PeersChanged, *p)
+		} else {
+			r.PeersRemoved = append(r.PeersRemoved, id)
+		}
+	}
+	f := h.filterFor(self)
+	r.PacketFilter = &f
+	return &r
+}
+
+// subscribe opens a map session for node id, marking it online. The first
+// message is returned rather than queued so the caller can encode a large
+// full map outside the hub lock.
+func (h *hub) subscribe(id netmap.NodeID, since uint64, epoch string) (*session, *netmap.MapResponse, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := h.nodes[id]
+	if n == nil {
+		return nil, nil, ErrNotRegistered
+	}
+	if len(h.sessions[id]) == 0 && !n.Online {
+		nn := *n
+		nn.Online = true
+		h.upsertLocked(&nn)
+		n = &nn
+	}
+	s := &session{node: id, q: make(chan []byte, h.queueLen), dead: make(chan struct{})}
+	h.sessions[id] = append(h.sessions[id], s)
+	first := h.resumeLocked(n, since, epoch)
+	if first == nil {
+		first = h.fullLocked(n)
+	}
+	if !h.bootstrap {
+		s.lastFilter, _ = json.Marshal(*first.PacketFilter)
+	}
+	return s, first, nil
+}
+
+// unsubscribe ends a session. If it was the node's last, the node goes
+// offline and unsubscribe returns the offline node (nil otherwise).
+func (h *hub) unsubscribe(s *session) *netmap.Node {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	ss := h.sessions[s.node]
+	i := slices.Index(ss, s)
+	if i < 0 {
+		return nil
+	}
+	ss = slices.Delete(ss, i, i+1)
+	if len(ss) > 0 {
+		h.sessions[s.node] = ss
+		return nil
+	}
+	delete(h.sessions, s.node)
+	n := h.nodes[s.node]
+	if n == nil {
+		return nil
+	}
+	nn := *n
+	nn.Online = false
+	nn.LastSeen = h.now().UTC().Truncate(time.Second)
+	h.upsertLocked(&nn)
+	return &nn
+}
+
+// expired returns the visible nodes whose key expired by now.
+func (h *hub) expired(now time.Time) []netmap.NodeID {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var out []netmap.NodeID
+	for id, n := range h.nodes {
+		if !n.KeyExpiry.IsZero() && !now.Before(n.KeyExpiry) {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+// online reports whether node id has an open map session.
+func (h *hub) online(id netmap.NodeID) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.sessions[id]) > 0
+}
+
+// setPolicy swaps the policy and sends every session the visibility and
+// filter changes. This is O(n²) CanSee calls, acceptable for a rare admin
+// action; per-node changes stay O(affected).
+func (h *hub) setPolicy(p Policy) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	old := h.policy
+	if p == nil {
+		h.policy, h.bootstrap = newBootstrapPolicy(), true
+	} else {
+		h.policy, h.bootstrap = p, false
+	}
+	h.version++
+	h.logChange(0) // resuming across a policy change needs a full map
+	all := h.allLocked()
+	for id, ss := range h.sessions {
+		viewer := h.nodes[id]
+		if viewer == nil {
+			continue
+		}
+		r := h.base()
+		for _, m := range all {
+			if m.ID == id {
+				continue
+			}
+			was, is := old.CanSee(viewer, m), h.policy.CanSee(viewer, m)
+			switch {
+			case is && !was:
+				r.PeersChanged = append(r.PeersChanged, *m)
+			case was && !is:
+				r.PeersRemoved = append(r.PeersRemoved, m.ID)
+			}
+		}
+		f := h.filterFor(viewer)
+		r.PacketFilter = &f
+		fb, _ := json.Marshal(f)
+		frame := h.mustEncode(&r)
+		for _, s := range ss {
+			s.lastFilter = fb
+			h.send(s, frame)
+		}
+	}
+}
+
+// patchFor returns the patch that turns old into n, if they differ only in
+// fields a PeerPatch carries.
+func patchFor(old, n *netmap.Node) (netmap.PeerPatch, bool) {
+	probe := *n
+	probe.Endpoints, probe.HomeDERP, probe.Online, probe.LastSeen = old.Endpoints, old.HomeDERP, old.Online, old.LastSeen
+	probe.DiscoKey, probe.NodeKey = old.DiscoKey, old.NodeKey
+	if !reflect.DeepEqual(&probe, old) {
+		return netmap.PeerPatch{}, false
+	}
+	p := netmap.PeerPatch{ID: n.ID}
+	if !slices.Equal(old.Endpoints, n.Endpoints) {
+		eps := n.Endpoints
+		if eps == nil {
+			eps = []netip.AddrPort{}
+		}
+		p.Endpoints = &eps
+	}
+	if old.HomeDERP != n.HomeDERP {
+		p.HomeDERP = &n.HomeDERP
+	}
+	if old.Online != n.Online {
+		p.Online = &n.Online
+	}
+	if !old.LastSeen.Equal(n.LastSeen) {
+		p.LastSeen = &n.LastSeen
+	}
+	if old.DiscoKey != n.DiscoKey {
+		p.DiscoKey = &n.DiscoKey
+	}
+	if old.NodeKey != n.NodeKey {
+		p.NodeKey = &n.NodeKey
+	}
+	return p, true
+}

@@ -1,0 +1,391 @@
+package control
+
+import (
+	"context"
+	"crypto/ed25519"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"meshd.dev/meshd/control/store"
+	"meshd.dev/meshd/netmap"
+)
+
+// machineKey returns the machine key the client proved in the TLS handshake.
+func machineKey(r *http.Request) (netmap.MachinePublic, error) {
+	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+		return netmap.MachinePublic{}, fmt.Errorf("%w: no client certificate: machine requests must present the machine key", ErrBadRequest)
+	}
+	pub, ok := r.TLS.PeerCertificates[0].PublicKey.(ed25519.PublicKey)
+	if !ok {
+		return netmap.MachinePublic{}, fmt.Errorf("%w: client certificate key is %T, want Ed25519", ErrBadRequest, r.TLS.PeerCertificates[0].PublicKey)
+	}
+	return netmap.MachinePublicFromEd25519(pub)
+}
+
+func checkVersion(v int) error {
+	if v < netmap.MinProtocolVersion {
+		return fmt.Errorf("%w: client speaks protocol %d, this coordinator needs at least %d: upgrade meshd on the node", ErrTooOld, v, netmap.MinProtocolVersion)
+	}
+	return nil
+}
+
+// sanitizeHostname makes a DNS label of what the node calls itself.
+func sanitizeHostname(h string) string {
+	h = strings.ToLower(strings.TrimSpace(h))
+	if i := strings.IndexByte(h, '.'); i >= 0 {
+		h = h[:i]
+	}
+	b := []byte(h)
+	for i, c := range b {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+			b[i] = '-'
+		}
+	}
+	h = strings.Trim(string(b), "-")
+	if len(h) > 63 {
+		h = strings.TrimRight(h[:63], "-")
+	}
+	if h == "" {
+		h = "node"
+	}
+	return h
+}
+
+func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
+	mk, err := machineKey(r)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	var req netmap.RegisterRequest
+	if err := decodeBody(r, &req); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	resp, err := s.register(r.Context(), mk, req)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// register enrols or re-registers machine mk.
+func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netmap.RegisterRequest) (*netmap.RegisterResponse, error) {
+	if err := checkVersion(req.Version); err != nil {
+		return nil, err
+	}
+	if req.NodeKey.IsZero() {
+		return nil, fmt.Errorf("%w: node_key is missing", ErrBadRequest)
+	}
+	if len(req.Hostname) > 1024 || len(req.RequestTags) > 64 {
+		return nil, fmt.Errorf("%w: hostname or tag list too long", ErrBadRequest)
+	}
+	requested, err := netmap.NormalizeTags(req.RequestTags)
+	if err != nil {
+		return nil, fmt.Errorf("%w: requested tags: %v", ErrBadRequest, err)
+	}
+	now := time.Now().UTC()
+	p := store.RegisterParams{
+		MachineKey: mk, NodeKey: req.NodeKey, DiscoKey: req.DiscoKey,
+		Hostname: sanitizeHostname(req.Hostname), Now: now,
+	}
+	pol := s.policy()
+	if req.AuthKey != "" {
+		key, err := s.checkAuthKey(ctx, mk, req.AuthKey, now)
+		if err != nil {
+			return nil, err
+		}
+		if err := pol.CheckTags(key.User, key.Tags, requested); err != nil {
+			return nil, fmt.Errorf("%w: %v", ErrTagsForbidden, err)
+		}
+		tags := slices.Compact(slices.Sorted(slices.Values(append(slices.Clone(key.Tags), requested...))))
+		id := &store.Identity{
+			Tags: tags, Ephemeral: key.Ephemeral, AuthKeyID: key.ID,
+			Authorized: key.Preauthorized || !s.opts.RequireApproval,
+		}
+		if len(tags) == 0 {
+			id.User = key.User
+			id.KeyExpiry = now.Add(s.opts.NodeKeyExpiry)
+		}
+		p.Identity, p.ConsumeKey, p.Reusable = id, true, key.Reusable
+	} else if len(requested) > 0 {
+		return nil, fmt.Errorf("%w: changing tags needs an auth key (or `meshd admin nodes tag`)", ErrBadRequest)
+	}
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if p.Identity == nil {
+		old, err := s.store.NodeByMachine(ctx, mk)
+		if errors.Is(err, store.ErrNotFound) {
+			return nil, fmt.Errorf("%w: this machine is not enrolled: run meshd up with --authkey", ErrNotRegistered)
+		}
+		if err != nil {
+			return nil, err
+		}
+		if !old.KeyExpiry.IsZero() && !now.Before(old.KeyExpiry) {
+			return nil, fmt.Errorf("%w: node %d's key expired at %s: re-authenticate with a new --authkey", ErrNodeExpired, old.ID, old.KeyExpiry.Format(time.RFC3339))
+		}
+		if !req.OldNodeKey.IsZero() && req.OldNodeKey != old.NodeKey {
+			return nil, fmt.Errorf("%w: old_node_key does not match the registered node key", ErrBadRequest)
+		}
+	}
+	n, err := s.store.Register(ctx, p)
+	if errors.Is(err, store.ErrKeyUnusable) {
+		// Lost a race for a single-use key, or it was revoked meanwhile.
+		if k, kerr := s.store.AuthKey(ctx, p.Identity.AuthKeyID); kerr == nil && !k.Revoked.IsZero() {
+			return nil, fmt.Errorf("%w: key %s was revoked", ErrAuthKeyRevoked, k.ID)
+		}
+		return nil, fmt.Errorf("%w: key %s is single-use and another machine used it", ErrAuthKeyUsed, p.Identity.AuthKeyID)
+	}
+	if err != nil {
+		return nil, err
+	}
+	wn := n.Node
+	if s.visible(n, now) {
+		if cur := s.hub.get(n.ID); cur != nil {
+			wn.Online = cur.Online
+		}
+		s.hub.upsert(&wn)
+	} else {
+		s.hub.remove(n.ID, ErrNotAuthorized)
+	}
+	if n.Ephemeral && !s.hub.online(n.ID) {
+		// A node that registers but never opens a stream is cleaned up too.
+		s.scheduleEphemeralLocked(n.ID)
+	}
+	s.log.Info("node registered", "node", n.ID, "hostname", n.Hostname, "user", n.User, "tags", n.Tags, "addrs", n.Addresses)
+	return &netmap.RegisterResponse{Node: wn, ServerKey: s.fingerprint}, nil
+}
+
+// checkAuthKey validates an auth key's secret and state. A single-use key
+// that this same machine already used is accepted again (a retry after a
+// lost response) without being consumed twice.
+func (s *Server) checkAuthKey(ctx context.Context, mk netmap.MachinePublic, text string, now time.Time) (store.AuthKey, error) {
+	pk, err := parseAuthKey(text)
+	if err != nil {
+		return store.AuthKey{}, fmt.Errorf("%w: %v", ErrAuthKeyUnknown, err)
+	}
+	if pk.Fingerprint != s.fingerprint {
+		return store.AuthKey{}, fmt.Errorf("%w: the key was issued by a different coordinator (fingerprint %s..., this one is %s...)", ErrAuthKeyUnknown, pk.Fingerprint[:12], s.fingerprint[:12])
+	}
+	k, err := s.store.AuthKey(ctx, pk.ID)
+	if errors.Is(err, store.ErrNotFound) || err == nil && !hashEqual(k.Hash, hashSecret(pk.Secret)) {
+		return k, fmt.Errorf("%w: no auth key %s on this coordinator", ErrAuthKeyUnknown, pk.ID)
+	}
+	if err != nil {
+		return k, err
+	}
+	switch {
+	case !k.Revoked.IsZero():
+		return k, fmt.Errorf("%w: key %s was revoked at %s", ErrAuthKeyRevoked, k.ID, k.Revoked.Format(time.RFC3339))
+	case !k.Expires.IsZero() && !now.Before(k.Expires):
+		return k, fmt.Errorf("%w: key %s expired at %s", ErrAuthKeyExpired, k.ID, k.Expires.Format(time.RFC3339))
+	case !k.Reusable && k.Uses > 0:
+		if n, err := s.store.NodeByMachine(ctx, mk); err == nil && n.AuthKeyID == k.ID {
+			k.Reusable = true // idempotent retry by the machine that used it
+			return k, nil
+		}
+		return k, fmt.Errorf("%w: key %s is single-use and was used at %s", ErrAuthKeyUsed, k.ID, k.LastUsed.Format(time.RFC3339))
+	}
+	return k, nil
+}
+
+// nodeForMap loads the calling machine's node and checks it may use the map.
+func (s *Server) nodeForMap(ctx context.Context, mk netmap.MachinePublic) (store.Node, error) {
+	n, err := s.store.NodeByMachine(ctx, mk)
+	if errors.Is(err, store.ErrNotFound) {
+		return n, fmt.Errorf("%w: this machine is not enrolled (or was deleted): run meshd up with --authkey", ErrNotRegistered)
+	}
+	if err != nil {
+		return n, err
+	}
+	if !n.KeyExpiry.IsZero() && !time.Now().Before(n.KeyExpiry) {
+		return n, fmt.Errorf("%w: node %d's key expired at %s: re-authenticate with a new --authkey", ErrNodeExpired, n.ID, n.KeyExpiry.Format(time.RFC3339))
+	}
+	if !n.Authorized {
+		return n, fmt.Errorf("%w: node %d must be approved by an administrator: meshd admin nodes approve %d", ErrNotAuthorized, n.ID, n.ID)
+	}
+	return n, nil
+}
+
+func validateMapRequest(req *netmap.MapRequest) error {
+	if err := checkVersion(req.Version); err != nil {
+		return err
+	}
+	if req.NodeKey.IsZero() {
+		return fmt.Errorf("%w: node_key is missing", ErrBadRequest)
+	}
+	if len(req.Endpoints) > maxEndpoints {
+		return fmt.Errorf("%w: %d endpoints, at most %d", ErrBadRequest, len(req.Endpoints), maxEndpoints)
+	}
+	for i, ep := range req.Endpoints {
+		if !ep.IsValid() || ep.Port() == 0 || ep.Addr().IsUnspecified() {
+			return fmt.Errorf("%w: endpoint %v is not a usable ip:port", ErrBadRequest, ep)
+		}
+		req.Endpoints[i] = netip.AddrPortFrom(ep.Addr().Unmap(), ep.Port())
+	}
+	if req.HomeDERP < 0 {
+		return fmt.Errorf("%w: home_derp %d is negative", ErrBadRequest, req.HomeDERP)
+	}
+	return nil
+}
+
+// applyMapRequest records what the node reports (endpoints, home DERP,
+// disco key, a rotated node key). A MapRequest carries the node's full
+// current state, so an empty endpoint list clears the endpoints.
+func (s *Server) applyMapRequest(ctx context.Context, sn store.Node, req *netmap.MapRequest) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	cur := s.hub.get(sn.ID)
+	if cur == nil {
+		return fmt.Errorf("%w: node %d was removed", ErrNotRegistered, sn.ID)
+	}
+	nn := *cur
+	nn.NodeKey = req.NodeKey
+	if !req.DiscoKey.IsZero() {
+		nn.DiscoKey = req.DiscoKey
+	}
+	nn.Endpoints = slices.Clone(req.Endpoints)
+	nn.HomeDERP = req.HomeDERP
+	if nn.NodeKey == cur.NodeKey && nn.DiscoKey == cur.DiscoKey && nn.HomeDERP == cur.HomeDERP && slices.Equal(nn.Endpoints, cur.Endpoints) {
+		return nil
+	}
+	if nn.NodeKey != cur.NodeKey {
+		s.log.Info("node key rotated", "node", sn.ID, "old", cur.NodeKey.ShortString(), "new", nn.NodeKey.ShortString())
+	}
+	sn.Node.NodeKey, sn.Node.DiscoKey, sn.Node.Endpoints, sn.Node.HomeDERP = nn.NodeKey, nn.DiscoKey, nn.Endpoints, nn.HomeDERP
+	sn.Online = false
+	if err := s.store.UpdateNode(ctx, sn); err != nil {
+		return err
+	}
+	s.hub.upsert(&nn)
+	return nil
+}
+
+func (s *Server) handleMap(w http.ResponseWriter, r *http.Request) {
+	mk, err := machineKey(r)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	var req netmap.MapRequest
+	if err := decodeBody(r, &req); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if err := validateMapRequest(&req); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	sn, err := s.nodeForMap(r.Context(), mk)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if err := s.applyMapRequest(r.Context(), sn, &req); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if !req.Stream {
+		writeJSON(w, http.StatusOK, struct{}{})
+		return
+	}
+	s.stream(w, r, sn.ID, &req)
+}
+
+// stream serves one map session until the client goes away, the hub drops
+// the session, or the coordinator closes.
+func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID, req *netmap.MapRequest) {
+	sess, first, err := s.hub.subscribe(id, req.Since, req.Epoch)
+	if err != nil {
+		s.writeError(w, r, fmt.Errorf("%w: node %d was removed", err, id))
+		return
+	}
+	s.mu.Lock()
+	s.cancelEphemeralLocked(id)
+	s.mu.Unlock()
+	defer s.endSession(sess)
+
+	frame, err := encodeFrame(first)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	rc := http.NewResponseController(w)
+	w.Header().Set("Content-Type", "application/x-meshd-map-frames")
+	w.Header().Set(keepAliveHeader, strconv.FormatInt(int64(s.opts.KeepAliveInterval/time.Millisecond), 10))
+	w.WriteHeader(http.StatusOK)
+	write := func(b []byte) bool {
+		rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+		if _, err := w.Write(b); err != nil {
+			return false
+		}
+		return true
+	}
+	if !write(frame) || rc.Flush() != nil {
+		return
+	}
+	s.log.Debug("map stream open", "node", id, "full", first.Full, "version", first.Version)
+	ka := time.NewTicker(s.opts.KeepAliveInterval)
+	defer ka.Stop()
+	for {
+		select {
+		case f := <-sess.q:
+			if !write(f) {
+				return
+			}
+			// Batch whatever else is queued into one flush.
+			for more := true; more; {
+				select {
+				case f := <-sess.q:
+					if !write(f) {
+						return
+					}
+				default:
+					more = false
+				}
+			}
+		case <-ka.C:
+			if !write(s.hub.keepAlive) {
+				return
+			}
+		case <-sess.dead:
+			s.log.Info("map stream closed by coordinator", "node", id, "reason", sess.dropErr)
+			return
+		case <-r.Context().Done():
+			return
+		}
+		if rc.Flush() != nil {
+			return
+		}
+	}
+}
+
+// keepAliveHeader tells the client the keep-alive interval in milliseconds,
+// so it can detect a dead stream.
+const keepAliveHeader = "Meshd-Keep-Alive-Ms"
+
+func (s *Server) endSession(sess *session) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	off := s.hub.unsubscribe(sess)
+	if off == nil {
+		return
+	}
+	if sn, err := s.store.Node(s.ctx, off.ID); err == nil {
+		sn.LastSeen = off.LastSeen
+		if err := s.store.UpdateNode(s.ctx, sn); err != nil && !s.closed {
+			s.log.Warn("record last seen", "node", off.ID, "err", err)
+		}
+	}
+	if off.Ephemeral && !s.closed {
+		s.scheduleEphemeralLocked(off.ID)
+	}
+}

@@ -1,0 +1,46 @@
+package control
+
+import (
+	"net/netip"
+
+	"meshd.dev/meshd/netmap"
+)
+
+// Policy decides what nodes may learn about and send to each other. The
+// policy engine (package policy) provides the real one; until one is set the
+// coordinator runs the bootstrap default.
+type Policy interface {
+	// CanSee reports whether node a may learn about node b (either may reach
+	// the other). It must be a pure function of the two nodes.
+	CanSee(a, b *netmap.Node) bool
+	// FilterFor returns the inbound packet-filter rules for node n given all
+	// nodes.
+	FilterFor(n *netmap.Node, all []*netmap.Node) []netmap.FilterRule
+	// CheckTags reports whether the requester (a user, or an auth key's tags)
+	// may apply the requested tags. This is the tagOwners hook.
+	CheckTags(user string, keyTags []string, requested []string) error
+}
+
+// bootstrapPolicy is in force while no policy is loaded: every node sees
+// every other, inbound traffic from any tailnet address is allowed, and any
+// tag may be applied.
+type bootstrapPolicy struct{ rules []netmap.FilterRule }
+
+func newBootstrapPolicy() bootstrapPolicy {
+	return bootstrapPolicy{rules: []netmap.FilterRule{{
+		SrcIPs: []netip.Prefix{IPv4Pool, IPv6Pool},
+		DstPorts: []netmap.NetPortRange{
+			{Net: IPv4Pool, Ports: netmap.AllPorts},
+			{Net: IPv6Pool, Ports: netmap.AllPorts},
+		},
+		Origin: "bootstrap: no policy loaded, allow all",
+	}}}
+}
+
+func (bootstrapPolicy) CanSee(a, b *netmap.Node) bool { return true }
+
+func (p bootstrapPolicy) FilterFor(*netmap.Node, []*netmap.Node) []netmap.FilterRule {
+	return p.rules
+}
+
+func (bootstrapPolicy) CheckTags(string, []string, []string) error { return nil }

@@ -1,0 +1,399 @@
+// Package control is the coordinator: the node registry and its store, auth
+// keys, the admin API, streaming network maps, and the client nodes use to
+// talk to it.
+//
+// The control channel is TLS 1.3 with pinned keys and no CA: the
+// coordinator serves a self-signed certificate for its long-term Ed25519 key,
+// nodes pin its fingerprint (carried inside every auth key), and nodes prove
+// their machine key with a self-signed client certificate. HTTP/2 over that
+// connection carries the long-lived map stream and the other requests.
+package control
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"meshd.dev/meshd/control/store"
+	"meshd.dev/meshd/netmap"
+)
+
+// ServerOptions configures a coordinator.
+type ServerOptions struct {
+	// StateDir holds the coordinator key, the admin token and (by default)
+	// the SQLite database. Created with mode 0700 if missing.
+	StateDir string
+	// DBURL selects the database: "" is SQLite in StateDir; "sqlite:PATH"
+	// is SQLite elsewhere.
+	DBURL  string
+	Logger *slog.Logger
+	// EphemeralTimeout is how long after its last map stream closes an
+	// ephemeral node is deleted (default 5m).
+	EphemeralTimeout time.Duration
+	// KeepAliveInterval is the idle time after which a map stream carries a
+	// keep-alive (default 20s).
+	KeepAliveInterval time.Duration
+	DERPMap           *netmap.DERPMap
+
+	// NodeKeyExpiry is how long a user's node key is valid after it
+	// registers (default 180 days). Tagged nodes never expire.
+	NodeKeyExpiry time.Duration
+	// RequireApproval makes nodes enrolled with keys that are not
+	// pre-authorized wait for `meshd admin nodes approve`.
+	RequireApproval bool
+	// SessionQueueLen bounds the frames queued per map stream before a slow
+	// reader is dropped (default 1024).
+	SessionQueueLen int
+	// SweepInterval is how often expired node keys are looked for
+	// (default 30s).
+	SweepInterval time.Duration
+}
+
+// Server is a coordinator.
+type Server struct {
+	opts        ServerOptions
+	log         *slog.Logger
+	store       store.Store
+	cert        tls.Certificate
+	fingerprint string
+	adminHash   []byte
+	adminPath   string
+	hub         *hub
+	ctx         context.Context
+	cancel      context.CancelFunc
+	wg          sync.WaitGroup
+
+	mu        sync.Mutex // serialises node mutations: store write, then hub
+	ephemeral map[netmap.NodeID]*time.Timer
+	servers   []*http.Server
+	closed    bool
+}
+
+const (
+	keyFile        = "coordinator.key"
+	dbFile         = "coordinator.db"
+	adminTokenFile = "admin.token"
+	metaAdminHash  = "admin_token_sha256"
+
+	maxRequestBody = 64 << 10
+	maxEndpoints   = 64
+	writeTimeout   = 30 * time.Second
+)
+
+// NewServer opens (or initialises) the coordinator state in opts.StateDir.
+// On first start it creates the coordinator key and the admin token.
+func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
+	if opts.StateDir == "" {
+		return nil, errors.New("coordinator: --state-dir is required")
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.EphemeralTimeout <= 0 {
+		opts.EphemeralTimeout = 5 * time.Minute
+	}
+	if opts.KeepAliveInterval <= 0 {
+		opts.KeepAliveInterval = 20 * time.Second
+	}
+	if opts.NodeKeyExpiry <= 0 {
+		opts.NodeKeyExpiry = 180 * 24 * time.Hour
+	}
+	if opts.SweepInterval <= 0 {
+		opts.SweepInterval = 30 * time.Second
+	}
+	if opts.DERPMap != nil {
+		if err := opts.DERPMap.Validate(); err != nil {
+			return nil, fmt.Errorf("coordinator: %w", err)
+		}
+	}
+	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("coordinator state dir: %w", err)
+	}
+	key, err := loadOrCreateKey(filepath.Join(opts.StateDir, keyFile))
+	if err != nil {
+		return nil, err
+	}
+	cert, err := selfSignedCert(key, "meshd coordinator")
+	if err != nil {
+		return nil, err
+	}
+	st, err := openStore(ctx, opts)
+	if err != nil {
+		return nil, err
+	}
+	var epoch [8]byte
+	rand.Read(epoch[:])
+	s := &Server{
+		opts:        opts,
+		log:         opts.Logger,
+		store:       st,
+		cert:        cert,
+		fingerprint: Fingerprint(cert.Leaf),
+		adminPath:   filepath.Join(opts.StateDir, adminTokenFile),
+		hub:         newHub(hex.EncodeToString(epoch[:]), opts.DERPMap, opts.SessionQueueLen, time.Now),
+		ephemeral:   make(map[netmap.NodeID]*time.Timer),
+	}
+	if err := s.initAdminToken(ctx); err != nil {
+		st.Close()
+		return nil, err
+	}
+	if err := s.loadNodes(ctx); err != nil {
+		st.Close()
+		return nil, err
+	}
+	s.ctx, s.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	s.wg.Add(1)
+	go s.sweep()
+	return s, nil
+}
+
+func openStore(ctx context.Context, opts ServerOptions) (store.Store, error) {
+	path := filepath.Join(opts.StateDir, dbFile)
+	switch u := opts.DBURL; {
+	case u == "":
+	case strings.HasPrefix(u, "sqlite:"):
+		path = strings.TrimPrefix(strings.TrimPrefix(u, "sqlite:"), "//")
+	case strings.HasPrefix(u, "postgres://"), strings.HasPrefix(u, "postgresql://"):
+		return nil, errors.New("coordinator: PostgreSQL is not supported by this build yet; omit --db to use SQLite in --state-dir")
+	default:
+		return nil, fmt.Errorf("coordinator: --db %q: want sqlite:PATH (or omit it for SQLite in --state-dir)", u)
+	}
+	st, err := store.OpenSQLite(ctx, path, addrPool{})
+	if err != nil {
+		return nil, fmt.Errorf("coordinator: %w", err)
+	}
+	return st, nil
+}
+
+// initAdminToken makes sure admin.token exists and matches the stored hash.
+// Deleting the file and restarting rotates the token.
+func (s *Server) initAdminToken(ctx context.Context) error {
+	data, err := os.ReadFile(s.adminPath)
+	switch {
+	case err == nil:
+		tok := strings.TrimSpace(string(data))
+		want, merr := s.store.Meta(ctx, metaAdminHash)
+		if merr == nil {
+			if wb, _ := hex.DecodeString(want); hashEqual(wb, hashSecret(tok)) {
+				fp, _ := AdminTokenFingerprint(tok)
+				if fp != s.fingerprint {
+					return fmt.Errorf("coordinator: %s carries fingerprint %s but the coordinator key is %s: delete %s to issue a new token", s.adminPath, fp, s.fingerprint, s.adminPath)
+				}
+				s.adminHash = wb
+				return nil
+			}
+		}
+		s.log.Warn("admin token file does not match the database; issuing a new one", "path", s.adminPath)
+	case !errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("coordinator: read admin token: %w", err)
+	}
+	tok := adminTokenPrefix + "-" + randomSecret() + "-" + s.fingerprint
+	s.adminHash = hashSecret(tok)
+	if err := s.store.SetMeta(ctx, metaAdminHash, hex.EncodeToString(s.adminHash)); err != nil {
+		return fmt.Errorf("coordinator: %w", err)
+	}
+	if err := writeFileAtomic(s.adminPath, []byte(tok+"\n")); err != nil {
+		return fmt.Errorf("coordinator: write admin token: %w", err)
+	}
+	return nil
+}
+
+// loadNodes fills the hub from the store after a (re)start. Every node
+// starts offline; ephemeral ones get their cleanup timer now, since they may
+// never come back.
+func (s *Server) loadNodes(ctx context.Context) error {
+	nodes, err := s.store.Nodes(ctx)
+	if err != nil {
+		return fmt.Errorf("coordinator: load nodes: %w", err)
+	}
+	now := time.Now()
+	for _, n := range nodes {
+		if s.visible(n, now) {
+			wn := n.Node
+			wn.Online = false
+			s.hub.upsert(&wn)
+		}
+		if n.Ephemeral {
+			s.scheduleEphemeralLocked(n.ID)
+		}
+	}
+	return nil
+}
+
+func (s *Server) visible(n store.Node, now time.Time) bool {
+	return n.Authorized && (n.KeyExpiry.IsZero() || now.Before(n.KeyExpiry))
+}
+
+// Fingerprint is the coordinator's key fingerprint (hex SHA-256 of its
+// certificate's SubjectPublicKeyInfo).
+func (s *Server) Fingerprint() string { return s.fingerprint }
+
+// AdminTokenPath is where the admin token was written.
+func (s *Server) AdminTokenPath() string { return s.adminPath }
+
+// Epoch identifies this run of the coordinator in map responses.
+func (s *Server) Epoch() string { return s.hub.epoch }
+
+// SetPolicy replaces the policy (nil restores the bootstrap default) and
+// pushes visibility and packet-filter changes to connected nodes.
+func (s *Server) SetPolicy(p Policy) { s.hub.setPolicy(p) }
+
+func (s *Server) policy() Policy {
+	s.hub.mu.Lock()
+	defer s.hub.mu.Unlock()
+	return s.hub.policy
+}
+
+// TLSConfig returns the server side TLS configuration: TLS 1.3 only, the
+// self-signed certificate, and a request (not a requirement) for a client
+// certificate, since admin clients authenticate with a bearer token
+// instead. Machine endpoints refuse requests without one.
+func (s *Server) TLSConfig() *tls.Config {
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{s.cert},
+		ClientAuth:   tls.RequestClientCert,
+		NextProtos:   []string{"h2", "http/1.1"},
+	}
+}
+
+// Serve accepts connections on ln (plain TCP: Serve adds TLS) until Close.
+func (s *Server) Serve(ln net.Listener) error {
+	srv := &http.Server{
+		Handler:           s.Handler(),
+		TLSConfig:         s.TLSConfig(),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		BaseContext:       func(net.Listener) context.Context { return s.ctx },
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return http.ErrServerClosed
+	}
+	s.servers = append(s.servers, srv)
+	s.mu.Unlock()
+	err := srv.ServeTLS(ln, "", "")
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+// Close stops serving, ends every map stream and closes the store.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	for _, t := range s.ephemeral {
+		t.Stop()
+	}
+	servers := s.servers
+	s.mu.Unlock()
+	s.cancel()
+	for _, srv := range servers {
+		// Close, not Shutdown: map streams never go idle by themselves.
+		srv.Close()
+	}
+	s.wg.Wait()
+	return s.store.Close()
+}
+
+// sweep removes nodes whose key expired from everyone's map.
+func (s *Server) sweep() {
+	defer s.wg.Done()
+	t := time.NewTicker(s.opts.SweepInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case now := <-t.C:
+			for _, id := range s.hub.expired(now) {
+				s.log.Info("node key expired", "node", id)
+				s.hub.remove(id, ErrNodeExpired)
+			}
+		}
+	}
+}
+
+// scheduleEphemeralLocked (re)starts node id's deletion timer. s.mu held.
+func (s *Server) scheduleEphemeralLocked(id netmap.NodeID) {
+	if t := s.ephemeral[id]; t != nil {
+		t.Stop()
+	}
+	s.ephemeral[id] = time.AfterFunc(s.opts.EphemeralTimeout, func() { s.reapEphemeral(id) })
+}
+
+func (s *Server) cancelEphemeralLocked(id netmap.NodeID) {
+	if t := s.ephemeral[id]; t != nil {
+		t.Stop()
+		delete(s.ephemeral, id)
+	}
+}
+
+func (s *Server) reapEphemeral(id netmap.NodeID) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || s.hub.online(id) {
+		return
+	}
+	delete(s.ephemeral, id)
+	if err := s.store.DeleteNode(s.ctx, id); err != nil && !errors.Is(err, store.ErrNotFound) {
+		s.log.Error("delete ephemeral node", "node", id, "err", err)
+		return
+	}
+	s.hub.remove(id, ErrNotRegistered)
+	s.log.Info("deleted ephemeral node after it went offline", "node", id, "timeout", s.opts.EphemeralTimeout)
+}
+
+// Handler returns the coordinator's HTTP API (machine and admin).
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /machine/register", s.handleRegister)
+	mux.HandleFunc("POST /machine/map", s.handleMap)
+	s.adminRoutes(mux)
+	return mux
+}
+
+func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
+	code, status := codeOf(err)
+	msg := err.Error()
+	if status == http.StatusInternalServerError {
+		s.log.Error("request failed", "path", r.URL.Path, "err", err)
+		msg = "internal coordinator error; see the coordinator log"
+	} else {
+		s.log.Debug("request refused", "path", r.URL.Path, "code", code, "err", err)
+	}
+	writeJSON(w, status, errorBody{Error: msg, Code: code})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(v)
+}
+
+func decodeBody(r *http.Request, v any) error {
+	if err := netmap.DecodeJSON(io.LimitReader(r.Body, maxRequestBody+1), maxRequestBody, v); err != nil {
+		return fmt.Errorf("%w: %v", ErrBadRequest, err)
+	}
+	return nil
+}

@@ -1,0 +1,126 @@
+// Package store persists the coordinator's state: users, auth keys, nodes and
+// a few settings. The coordinator talks to it only through the Store
+// interface so that a PostgreSQL implementation (several coordinator replicas
+// sharing one database) can replace the embedded SQLite one without any SQL
+// dialect leaking into the rest of the code.
+package store
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"time"
+
+	"meshd.dev/meshd/netmap"
+)
+
+// Errors returned by every Store implementation. Callers test them with
+// errors.Is; implementations wrap them with context.
+var (
+	ErrNotFound      = errors.New("not found")
+	ErrKeyUnusable   = errors.New("auth key already used or revoked")
+	ErrPoolExhausted = errors.New("address pool exhausted")
+)
+
+// User is a person who owns devices. Users are created on first use.
+type User struct {
+	ID      int64     `json:"id"`
+	Login   string    `json:"login"`
+	Created time.Time `json:"created"`
+}
+
+// AuthKey is an enrolment key as stored: only a hash of its secret.
+type AuthKey struct {
+	ID            string
+	Hash          []byte // SHA-256 of the secret
+	Reusable      bool
+	Ephemeral     bool
+	Preauthorized bool
+	Tags          []string
+	User          string // owner login for untagged keys
+	Created       time.Time
+	Expires       time.Time // zero: never
+	Revoked       time.Time // zero: not revoked
+	LastUsed      time.Time // zero: never used
+	Uses          int
+}
+
+// Node is a registered machine: the wire description plus the coordinator's
+// bookkeeping.
+type Node struct {
+	netmap.Node
+	AuthKeyID string `json:"auth_key_id,omitempty"`
+	// Authorized is false for nodes waiting for an administrator's approval.
+	Authorized bool `json:"authorized"`
+}
+
+// Identity is who a node is, set when it registers with an auth key or when an
+// administrator re-tags it.
+type Identity struct {
+	User       string
+	Tags       []string
+	Ephemeral  bool
+	Authorized bool
+	KeyExpiry  time.Time
+	AuthKeyID  string
+}
+
+// RegisterParams describes one registration.
+type RegisterParams struct {
+	MachineKey netmap.MachinePublic
+	NodeKey    netmap.NodePublic
+	DiscoKey   netmap.DiscoPublic
+	Hostname   string
+	Now        time.Time
+	// Identity is applied when non-nil (registration with an auth key);
+	// a re-registration without a key keeps the stored identity and may
+	// only update keys and hostname of an existing node.
+	Identity *Identity
+	// ConsumeKey marks Identity.AuthKeyID used, atomically with the
+	// registration; it fails with ErrKeyUnusable if a single-use key was
+	// already used or the key was revoked meanwhile.
+	ConsumeKey bool
+	// Reusable is the consumed key's reusability: a single-use key is
+	// consumed only if nobody used it before.
+	Reusable bool
+}
+
+// AddrAllocator hands out tailnet addresses. It is the coordinator's policy;
+// the store only guarantees uniqueness inside its transaction.
+type AddrAllocator interface {
+	// Next returns the IPv4 candidate following prev (an invalid prev asks
+	// for the first one). It wraps around at the end of the pool.
+	Next(prev netip.Addr) netip.Addr
+	// Size is the number of candidates in the pool.
+	Size() int
+	// Addresses returns a node's addresses for its IPv4 (its IPv6 is derived).
+	Addresses(v4 netip.Addr) []netip.Prefix
+}
+
+// Store is the coordinator's persistent state.
+type Store interface {
+	// Meta returns a setting, or ErrNotFound.
+	Meta(ctx context.Context, key string) (string, error)
+	SetMeta(ctx context.Context, key, value string) error
+
+	EnsureUser(ctx context.Context, login string, now time.Time) (User, error)
+	Users(ctx context.Context) ([]User, error)
+
+	InsertAuthKey(ctx context.Context, k AuthKey) error
+	AuthKey(ctx context.Context, id string) (AuthKey, error)
+	AuthKeys(ctx context.Context) ([]AuthKey, error)
+	RevokeAuthKey(ctx context.Context, id string, now time.Time) error
+
+	// Register creates the node for p.MachineKey, or updates it keeping its
+	// id and addresses, consuming the auth key in the same transaction.
+	Register(ctx context.Context, p RegisterParams) (Node, error)
+	Node(ctx context.Context, id netmap.NodeID) (Node, error)
+	NodeByMachine(ctx context.Context, mk netmap.MachinePublic) (Node, error)
+	Nodes(ctx context.Context) ([]Node, error)
+	// UpdateNode replaces a node's mutable fields (not its id, machine key
+	// or addresses).
+	UpdateNode(ctx context.Context, n Node) error
+	DeleteNode(ctx context.Context, id netmap.NodeID) error
+
+	Close() error
+}
