@@ -1,0 +1,359 @@
+package derp
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"sync"
+
+	"golang.org/x/crypto/nacl/box"
+
+	"meshd.dev/meshd/netmap"
+)
+
+// ClientOptions configures Dial.
+type ClientOptions struct {
+	// NodeKey is the key the client proves and receives packets for.
+	NodeKey netmap.NodePrivate
+	// CertFingerprint pins the relay's certificate (hex SHA-256 of its
+	// SPKI, netmap.DERPNode.CertFingerprint). Empty: verify against the
+	// system roots.
+	CertFingerprint string
+	// MeshKey makes this a mesh connection between servers of a region.
+	MeshKey string
+	// DialContext opens the TCP connection; nil uses a net.Dialer.
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+}
+
+// Client is one connection to a relay. Send may be called concurrently with
+// Recv; Recv must be called from a single goroutine. A Client does not
+// reconnect: when Send or Recv fail, Close it and Dial again.
+type Client struct {
+	conn      net.Conn
+	br        *bufio.Reader
+	serverKey netmap.NodePublic
+	info      ServerInfo
+
+	wmu sync.Mutex
+	bw  *bufio.Writer
+
+	rbuf []byte
+}
+
+// Message is something received from the relay: ReceivedPacket, PeerGone,
+// PeerPresent, Pong, Health or KeepAlive.
+type Message interface{ derpMessage() }
+
+// ReceivedPacket is a packet another node sent to this client's key. Data
+// is only valid until the next call to Recv.
+type ReceivedPacket struct {
+	Source netmap.NodePublic
+	Data   []byte
+}
+
+// PeerGone reports that a node this client sent to is not (or no longer)
+// connected to the relay.
+type PeerGone struct {
+	Key    netmap.NodePublic
+	Reason PeerGoneReason
+}
+
+// PeerPresent reports a node connected to the relay (mesh connections only).
+type PeerPresent struct{ Key netmap.NodePublic }
+
+// Pong answers a Ping with the same data.
+type Pong struct{ Data [8]byte }
+
+// Health carries the relay's current problem; empty Problem means healthy.
+type Health struct{ Problem string }
+
+// KeepAlive is the relay's periodic liveness frame.
+type KeepAlive struct{}
+
+func (ReceivedPacket) derpMessage() {}
+func (PeerGone) derpMessage()       {}
+func (PeerPresent) derpMessage()    {}
+func (Pong) derpMessage()           {}
+func (Health) derpMessage()         {}
+func (KeepAlive) derpMessage()      {}
+
+// Dial connects to the relay at rawURL ("https://host:port" or, behind a
+// TLS-terminating proxy or in tests, "http://host:port"; the path defaults
+// to /derp), upgrades and authenticates with opts.NodeKey.
+func Dial(ctx context.Context, rawURL string, opts ClientOptions) (*Client, error) {
+	u, err := url.Parse(rawURL)
+	if err != nil {
+		return nil, fmt.Errorf("derp: relay URL %q: %w", rawURL, err)
+	}
+	if u.Scheme != "https" && u.Scheme != "http" {
+		return nil, fmt.Errorf("derp: relay URL %q: scheme must be https or http", rawURL)
+	}
+	host := u.Host
+	if u.Port() == "" {
+		if u.Scheme == "https" {
+			host = net.JoinHostPort(u.Hostname(), "443")
+		} else {
+			host = net.JoinHostPort(u.Hostname(), "80")
+		}
+	}
+	if u.Path == "" || u.Path == "/" {
+		u.Path = "/derp"
+	}
+	dial := opts.DialContext
+	if dial == nil {
+		dial = (&net.Dialer{}).DialContext
+	}
+	conn, err := dial(ctx, "tcp", host)
+	if err != nil {
+		return nil, fmt.Errorf("derp: dial %s: %w", host, err)
+	}
+	if u.Scheme == "https" {
+		cfg, err := pinnedTLSConfig(u.Hostname(), opts.CertFingerprint)
+		if err != nil {
+			conn.Close()
+			return nil, err
+		}
+		tc := tls.Client(conn, cfg)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			conn.Close()
+			return nil, fmt.Errorf("derp: TLS with %s: %w", host, err)
+		}
+		conn = tc
+	}
+	c, err := newClient(ctx, conn, u, opts)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+func newClient(ctx context.Context, conn net.Conn, u *url.URL, opts ClientOptions) (*Client, error) {
+	if opts.NodeKey.IsZero() {
+		return nil, errors.New("derp: client needs a node key")
+	}
+	// The context bounds the whole handshake, including a silent server.
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+
+	br := bufio.NewReaderSize(conn, 64<<10)
+	bw := bufio.NewWriterSize(conn, 64<<10)
+	req := &http.Request{Method: http.MethodGet, URL: u, Host: u.Host, Header: http.Header{
+		"Upgrade":    {upgradeProtocol},
+		"Connection": {"Upgrade"},
+	}, ProtoMajor: 1, ProtoMinor: 1}
+	if err := req.Write(bw); err != nil {
+		return nil, fmt.Errorf("derp: send upgrade: %w", err)
+	}
+	if err := bw.Flush(); err != nil {
+		return nil, fmt.Errorf("derp: send upgrade: %w", err)
+	}
+	resp, err := http.ReadResponse(br, req)
+	if err != nil {
+		return nil, ctxErr(ctx, fmt.Errorf("derp: read upgrade response: %w", err))
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		resp.Body.Close()
+		return nil, fmt.Errorf("derp: %s is not a meshd relay: upgrade answered %s: %q", u.Redacted(), resp.Status, body)
+	}
+
+	t, payload, err := readFrame(br, nil)
+	if err != nil {
+		return nil, ctxErr(ctx, fmt.Errorf("derp: read server key: %w", err))
+	}
+	if t != frameServerKey || len(payload) != len(magic)+keyLen+nonceLen || string(payload[:len(magic)]) != magic {
+		return nil, fmt.Errorf("derp: %s did not start the relay protocol (frame 0x%02x)", u.Redacted(), byte(t))
+	}
+	c := &Client{conn: conn, br: br, bw: bw, serverKey: keyFrom(payload[len(magic):])}
+	var nonce [nonceLen]byte
+	copy(nonce[:], payload[len(magic)+keyLen:])
+
+	ci := clientInfo{Version: ProtocolVersion, MeshKey: opts.MeshKey}
+	if opts.MeshKey != "" {
+		k, err := ParseMeshKey(opts.MeshKey)
+		if err != nil {
+			return nil, err
+		}
+		ci.MeshKey = hex.EncodeToString(k)
+	}
+	plain, _ := json.Marshal(ci)
+	pub := opts.NodeKey.Public()
+	sealed := box.Seal(nil, plain, &nonce, (*[32]byte)(&c.serverKey), (*[32]byte)(&opts.NodeKey))
+	if err := writeFrame(bw, frameClientInfo, pub[:], sealed); err != nil {
+		return nil, fmt.Errorf("derp: send client info: %w", err)
+	}
+	if err := bw.Flush(); err != nil {
+		return nil, fmt.Errorf("derp: send client info: %w", err)
+	}
+	t, payload, err = readFrame(br, nil)
+	if err != nil {
+		return nil, ctxErr(ctx, fmt.Errorf("derp: read server info: %w", err))
+	}
+	switch t {
+	case frameServerInfo:
+		if err := json.Unmarshal(payload, &c.info); err != nil {
+			return nil, fmt.Errorf("derp: server info: %w", err)
+		}
+	case frameHealth:
+		return nil, fmt.Errorf("derp: relay rejected the connection: %s", payload)
+	default:
+		return nil, fmt.Errorf("derp: expected server info, got frame 0x%02x", byte(t))
+	}
+	return c, nil
+}
+
+func ctxErr(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return fmt.Errorf("%w (%v)", ctx.Err(), err)
+	}
+	return err
+}
+
+// ServerPublicKey is the relay's key, as it announced it.
+func (c *Client) ServerPublicKey() netmap.NodePublic { return c.serverKey }
+
+// ServerInfo is what the relay said about itself when it accepted us.
+func (c *Client) ServerInfo() ServerInfo { return c.info }
+
+// LocalAddr is the local address of the underlying connection.
+func (c *Client) LocalAddr() net.Addr { return c.conn.LocalAddr() }
+
+// Close ends the connection; blocked Send and Recv calls return.
+func (c *Client) Close() error { return c.conn.Close() }
+
+// Send relays pkt to the node with key dst. It blocks while the relay
+// pushes back (rate limit, full socket buffers).
+func (c *Client) Send(dst netmap.NodePublic, pkt []byte) error {
+	if len(pkt) > MaxPacketSize {
+		return fmt.Errorf("derp: packet of %d bytes exceeds the %d-byte limit", len(pkt), MaxPacketSize)
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if err := writeFrame(c.bw, frameSendPacket, dst[:], pkt); err != nil {
+		return err
+	}
+	return c.bw.Flush()
+}
+
+// SendBatch relays several packets to dst with one flush, which is what a
+// WireGuard bind with batched writes wants.
+func (c *Client) SendBatch(dst netmap.NodePublic, pkts [][]byte) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	for _, pkt := range pkts {
+		if len(pkt) > MaxPacketSize {
+			return fmt.Errorf("derp: packet of %d bytes exceeds the %d-byte limit", len(pkt), MaxPacketSize)
+		}
+		if err := writeFrame(c.bw, frameSendPacket, dst[:], pkt); err != nil {
+			return err
+		}
+	}
+	return c.bw.Flush()
+}
+
+// Ping asks the relay to answer with a Pong carrying data, to measure
+// latency or check the connection is alive.
+func (c *Client) Ping(data [8]byte) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if err := writeFrame(c.bw, framePing, data[:]); err != nil {
+		return err
+	}
+	return c.bw.Flush()
+}
+
+// watchConns subscribes a mesh connection to presence events.
+func (c *Client) watchConns() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if err := writeFrameHeader(c.bw, frameWatchConns, 0); err != nil {
+		return err
+	}
+	return c.bw.Flush()
+}
+
+// forward sends packets on behalf of src over a mesh connection; flush
+// tells it whether more are coming right away.
+func (c *Client) forward(src, dst netmap.NodePublic, pkt []byte, flush bool) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if err := writeFrame(c.bw, frameForwardPacket, src[:], dst[:], pkt); err != nil {
+		return err
+	}
+	if flush {
+		return c.bw.Flush()
+	}
+	return nil
+}
+
+// Recv returns the next message from the relay. Unknown frame types from a
+// newer relay are skipped.
+func (c *Client) Recv() (Message, error) {
+	for {
+		if c.rbuf == nil {
+			c.rbuf = make([]byte, maxFrameLen)
+		}
+		t, p, err := readFrame(c.br, c.rbuf)
+		if err != nil {
+			return nil, err
+		}
+		switch t {
+		case frameRecvPacket:
+			if len(p) < keyLen {
+				return nil, fmt.Errorf("%w: receive packet frame of %d bytes", errProtocol, len(p))
+			}
+			return ReceivedPacket{Source: keyFrom(p), Data: p[keyLen:]}, nil
+		case framePeerGone:
+			if len(p) != keyLen+1 {
+				return nil, fmt.Errorf("%w: peer gone frame of %d bytes", errProtocol, len(p))
+			}
+			return PeerGone{Key: keyFrom(p), Reason: PeerGoneReason(p[keyLen])}, nil
+		case framePeerPresent:
+			if len(p) != keyLen {
+				return nil, fmt.Errorf("%w: peer present frame of %d bytes", errProtocol, len(p))
+			}
+			return PeerPresent{Key: keyFrom(p)}, nil
+		case framePong:
+			if len(p) != pingLen {
+				return nil, fmt.Errorf("%w: pong frame of %d bytes", errProtocol, len(p))
+			}
+			var m Pong
+			copy(m.Data[:], p)
+			return m, nil
+		case frameHealth:
+			return Health{Problem: string(p)}, nil
+		case frameKeepAlive:
+			return KeepAlive{}, nil
+		case framePing:
+			if len(p) != pingLen {
+				return nil, fmt.Errorf("%w: ping frame of %d bytes", errProtocol, len(p))
+			}
+			c.wmu.Lock()
+			err := writeFrame(c.bw, framePong, p)
+			if err == nil {
+				err = c.bw.Flush()
+			}
+			c.wmu.Unlock()
+			if err != nil {
+				return nil, err
+			}
+		}
+	}
+}
+
+// NewPingData returns random ping payload.
+func NewPingData() [8]byte {
+	var b [8]byte
+	rand.Read(b[:])
+	return b
+}
