@@ -1,0 +1,452 @@
+package filter
+
+import (
+	"context"
+	"log/slog"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// Verdict is the outcome of filtering one packet: Accept, or the reason it
+// was dropped.
+type Verdict uint8
+
+const (
+	// Accept lets the packet through.
+	Accept Verdict = iota
+	// DropNoRule: no rule allows the packet and it belongs to no flow this
+	// node opened.
+	DropNoRule
+	// DropNotLocal: the destination is none of this node's addresses or
+	// routes.
+	DropNotLocal
+	// DropMalformed: the packet is not a well-formed IPv4 or IPv6 packet
+	// the filter can judge (short, bad header length, lying lengths, broken
+	// options, truncated transport header).
+	DropMalformed
+	// DropFragment: a non-first fragment whose first fragment was not
+	// accepted (or was never seen).
+	DropFragment
+
+	numVerdicts
+)
+
+var verdictNames = [numVerdicts]string{"accept", "no_rule", "not_local", "malformed", "fragment"}
+
+func (v Verdict) String() string {
+	if v < numVerdicts {
+		return verdictNames[v]
+	}
+	return "unknown"
+}
+
+// Direction is which way a packet crosses the tunnel.
+type Direction uint8
+
+const (
+	// In is from a peer (after decryption) to this node.
+	In Direction = iota
+	// Out is from this node to a peer (before encryption).
+	Out
+)
+
+func (d Direction) String() string {
+	if d == In {
+		return "in"
+	}
+	return "out"
+}
+
+// Options configure a Filter. The zero value gives the defaults.
+type Options struct {
+	// MaxFlows bounds the flow table (default 65536, about 6 MiB).
+	MaxFlows int
+	// MaxFlowsPerPeer bounds the flows one remote address may hold
+	// (default MaxFlows/8), so one peer cannot evict everyone else's.
+	MaxFlowsPerPeer int
+	// MaxFragments bounds the table of fragmented datagrams whose first
+	// fragment was accepted (default 4096).
+	MaxFragments int
+	// Idle timeouts. Defaults: TCP 120h (as Linux conntrack: long-lived
+	// training jobs keep idle connections for days), TCP after FIN/RST
+	// 30s, UDP 180s, ICMP echo 30s, other protocols 180s, fragments 30s.
+	TCPTimeout, TCPClosingTimeout, UDPTimeout, ICMPTimeout time.Duration
+	OtherTimeout, FragmentTimeout                          time.Duration
+	// RecentDrops is how many dropped packets RecentDrops keeps (default 128).
+	RecentDrops int
+	// Logger receives a rate-limited log of dropped packets; nil: none.
+	Logger *slog.Logger
+	// DropLogEvery and DropLogBurst rate-limit the drop log (default one
+	// line per second, bursts of 10).
+	DropLogEvery time.Duration
+	DropLogBurst int
+	// Shards is the number of flow table shards (default 64).
+	Shards int
+}
+
+// Filter enforces compiled Rules on packets in both directions and keeps
+// the flow state that lets replies in. Rules are swapped atomically with
+// SetRules; flow state lives here, not in Rules, so a swap keeps every
+// flow. All methods are safe for concurrent use.
+type Filter struct {
+	rules atomic.Pointer[Rules]
+	flows *flowTable
+	frags *flowTable
+	ttl   timeouts
+	base  time.Time
+
+	drops [2][numVerdicts]atomic.Uint64
+
+	recentMu sync.Mutex
+	recent   []DropRecord
+	recentN  uint64 // total records written
+
+	log     *slog.Logger
+	limiter *rate.Limiter
+}
+
+// New returns a Filter that denies every inbound packet that is not a reply
+// to a flow this node opens, until SetRules installs rules.
+func New(opts Options) *Filter {
+	def := func(v, d int) int {
+		if v <= 0 {
+			return d
+		}
+		return v
+	}
+	dur := func(v, d time.Duration) int64 {
+		if v <= 0 {
+			return int64(d)
+		}
+		return int64(v)
+	}
+	maxFlows := def(opts.MaxFlows, 65536)
+	shards := def(opts.Shards, 64)
+	f := &Filter{
+		flows: newFlowTable(maxFlows, def(opts.MaxFlowsPerPeer, maxFlows/8), shards),
+		frags: newFlowTable(def(opts.MaxFragments, 4096), def(opts.MaxFragments, 4096)/8, 16),
+		ttl: timeouts{
+			tcp:        dur(opts.TCPTimeout, 120*time.Hour),
+			tcpClosing: dur(opts.TCPClosingTimeout, 30*time.Second),
+			udp:        dur(opts.UDPTimeout, 180*time.Second),
+			icmp:       dur(opts.ICMPTimeout, 30*time.Second),
+			other:      dur(opts.OtherTimeout, 180*time.Second),
+			frag:       dur(opts.FragmentTimeout, 30*time.Second),
+		},
+		base:   time.Now(),
+		recent: make([]DropRecord, def(opts.RecentDrops, 128)),
+		log:    opts.Logger,
+	}
+	every := opts.DropLogEvery
+	if every <= 0 {
+		every = time.Second
+	}
+	f.limiter = rate.NewLimiter(rate.Every(every), def(opts.DropLogBurst, 10))
+	empty, _ := Compile(nil, nil)
+	f.rules.Store(empty)
+	return f
+}
+
+// SetRules installs r for every packet filtered after it returns. Packets
+// being filtered concurrently finish with the rules they started with; a
+// batch is judged entirely by one Rules.
+func (f *Filter) SetRules(r *Rules) {
+	if r == nil {
+		r, _ = Compile(nil, nil)
+	}
+	f.rules.Store(r)
+}
+
+// Rules returns the rules in force.
+func (f *Filter) Rules() *Rules { return f.rules.Load() }
+
+func (f *Filter) mono(now time.Time) int64 { return int64(now.Sub(f.base)) }
+
+// Inbound judges a packet arriving from a peer (after WireGuard decryption
+// and cryptokey routing). Drops are counted, recorded and logged.
+func (f *Filter) Inbound(pkt []byte, now time.Time) Verdict {
+	return f.in(f.rules.Load(), pkt, now, f.mono(now))
+}
+
+// Outbound judges a packet this node sends to a peer (before encryption)
+// and learns flows from it, so that the peer's replies are let in.
+func (f *Filter) Outbound(pkt []byte, now time.Time) Verdict {
+	return f.out(f.rules.Load(), pkt, now, f.mono(now))
+}
+
+// InboundBatch filters packets about to be written to the TUN device, as
+// wireguard-go's Device.Write hands them over: packet i is
+// bufs[i][offset:]. It compacts bufs in place, keeping accepted packets in
+// order, and returns the accepted prefix of bufs.
+func (f *Filter) InboundBatch(bufs [][]byte, offset int, now time.Time) [][]byte {
+	r := f.rules.Load()
+	t := f.mono(now)
+	k := 0
+	for i, b := range bufs {
+		if offset > len(b) {
+			f.dropped(In, DropMalformed, nil, 0, now)
+			continue
+		}
+		if f.in(r, b[offset:], now, t) == Accept {
+			bufs[k] = bufs[i]
+			k++
+		}
+	}
+	return bufs[:k]
+}
+
+// OutboundBatch filters packets read from the TUN device, as
+// wireguard-go's Device.Read returns them: packet i is
+// bufs[i][offset:offset+sizes[i]]. A dropped packet gets sizes[i] = 0,
+// which wireguard-go's send loop skips. It returns how many were dropped.
+func (f *Filter) OutboundBatch(bufs [][]byte, offset int, sizes []int, now time.Time) int {
+	r := f.rules.Load()
+	t := f.mono(now)
+	dropped := 0
+	for i := range min(len(bufs), len(sizes)) {
+		if sizes[i] <= 0 {
+			continue
+		}
+		end := offset + sizes[i]
+		if offset < 0 || end > len(bufs[i]) {
+			f.dropped(Out, DropMalformed, nil, sizes[i], now)
+			sizes[i] = 0
+			dropped++
+			continue
+		}
+		if f.out(r, bufs[i][offset:end], now, t) != Accept {
+			sizes[i] = 0
+			dropped++
+		}
+	}
+	return dropped
+}
+
+func (f *Filter) in(r *Rules, b []byte, now time.Time, t int64) Verdict {
+	var p packet
+	if !parse(b, &p) {
+		f.dropped(In, DropMalformed, nil, len(b), now)
+		return DropMalformed
+	}
+	v := f.judgeIn(r, &p, t)
+	if v != Accept {
+		f.dropped(In, v, &p, p.end, now)
+	}
+	return v
+}
+
+func (f *Filter) judgeIn(r *Rules, p *packet, t int64) Verdict {
+	if !r.isLocal(p.dst) {
+		return DropNotLocal
+	}
+	if p.frag == fragLater {
+		k := fragKey(p)
+		if _, ok := f.frags.lookup(&k, t, 0, &f.ttl); ok {
+			return Accept
+		}
+		return DropFragment
+	}
+	v := f.judgeInFlow(r, p, t)
+	if v == Accept && p.frag == fragFirst {
+		k := fragKey(p)
+		f.frags.insert(&k, 0, t, 0, &f.ttl)
+	}
+	return v
+}
+
+func (f *Filter) judgeInFlow(r *Rules, p *packet, t int64) Verdict {
+	if p.ports {
+		if r.allowed(p.proto, p.src, p.dst, p.dstPort) {
+			return Accept
+		}
+		k := flowKey{local: p.dst.As16(), remote: p.src.As16(), lport: p.dstPort, rport: p.srcPort, proto: p.proto}
+		if st, ok := f.flows.lookup(&k, t, p.tcpFlags, &f.ttl); ok && st&stLocal != 0 {
+			return Accept
+		}
+		return DropNoRule
+	}
+	if r.allowed(p.proto, p.src, p.dst, 0) {
+		return Accept
+	}
+	if !p.isICMP() {
+		return DropNoRule
+	}
+	switch p.icmpKind() {
+	case icmpEchoReply:
+		k := flowKey{local: p.dst.As16(), remote: p.src.As16(), lport: p.icmpID, proto: p.proto}
+		if st, ok := f.flows.lookup(&k, t, 0, &f.ttl); ok && st&stLocal != 0 {
+			return Accept
+		}
+	case icmpError:
+		// An error about a packet this node sent: the quote's source is
+		// this node. Any tracked flow qualifies (a "packet too big" for a
+		// reply this node sends as a server matters as much as one for a
+		// flow it opened).
+		var q packet
+		if !parseQuoted(p.icmpMsg, p.v6, &q) || !r.isLocal(q.src) {
+			return DropNoRule
+		}
+		k := flowKey{local: q.src.As16(), remote: q.dst.As16(), proto: q.proto}
+		switch {
+		case q.ports:
+			k.lport, k.rport = q.srcPort, q.dstPort
+		case q.proto == protoICMPv4 || q.proto == protoICMPv6:
+			k.lport = q.icmpID
+		default:
+			return DropNoRule
+		}
+		if _, ok := f.flows.lookup(&k, t, 0, &f.ttl); ok {
+			return Accept
+		}
+	}
+	return DropNoRule
+}
+
+func (f *Filter) out(r *Rules, b []byte, now time.Time, t int64) Verdict {
+	var p packet
+	if !parse(b, &p) {
+		f.dropped(Out, DropMalformed, nil, len(b), now)
+		return DropMalformed
+	}
+	if p.frag == fragLater {
+		return Accept
+	}
+	switch {
+	case p.ports:
+		k := flowKey{local: p.src.As16(), remote: p.dst.As16(), lport: p.srcPort, rport: p.dstPort, proto: p.proto}
+		if p.proto == protoTCP && p.tcpFlags&tcpRST != 0 {
+			// A reset creates nothing; it only closes what exists.
+			f.flows.lookup(&k, t, p.tcpFlags, &f.ttl)
+			return Accept
+		}
+		if _, ok := f.flows.lookup(&k, t, p.tcpFlags, &f.ttl); ok && p.tcpFlags&tcpSYN == 0 {
+			return Accept
+		}
+		f.flows.insert(&k, f.origin(r, &p), t, p.tcpFlags, &f.ttl)
+	case p.isICMP() && p.icmpKind() == icmpEchoRequest:
+		k := flowKey{local: p.src.As16(), remote: p.dst.As16(), lport: p.icmpID, proto: p.proto}
+		f.flows.insert(&k, stLocal, t, 0, &f.ttl)
+	}
+	// This node's rules describe only what it accepts; what the peer
+	// accepts is the peer's to enforce, so nothing well-formed is dropped
+	// on the way out.
+	return Accept
+}
+
+// origin decides who opened a flow first seen in an outbound packet. A SYN
+// is this node opening; a SYN-ACK answers the peer. Mid-flow (a flow that
+// predates a restart, or a UDP flow) the flow is the peer's if the rules let
+// the peer open it, so that revoking that rule still cuts it; otherwise
+// this node opened it (conntrack's loose pick-up).
+func (f *Filter) origin(r *Rules, p *packet) uint8 {
+	if p.proto == protoTCP && p.tcpFlags&tcpSYN != 0 {
+		if p.tcpFlags&tcpACK != 0 {
+			return 0
+		}
+		return stLocal
+	}
+	if r.allowed(p.proto, p.dst, p.src, p.srcPort) {
+		return 0
+	}
+	return stLocal
+}
+
+func fragKey(p *packet) flowKey {
+	return flowKey{
+		local:  p.dst.As16(),
+		remote: p.src.As16(),
+		lport:  uint16(p.fragID >> 16),
+		rport:  uint16(p.fragID),
+		proto:  p.proto,
+		kind:   kindFrag,
+	}
+}
+
+// DropRecord describes one dropped packet.
+type DropRecord struct {
+	Time      time.Time  `json:"time"`
+	Direction Direction  `json:"-"`
+	Dir       string     `json:"dir"`
+	Reason    string     `json:"reason"`
+	Proto     uint8      `json:"proto"`
+	Src       netip.Addr `json:"src,omitzero"`
+	Dst       netip.Addr `json:"dst,omitzero"`
+	SrcPort   uint16     `json:"src_port,omitempty"`
+	DstPort   uint16     `json:"dst_port,omitempty"`
+	Len       int        `json:"len"`
+}
+
+func (f *Filter) dropped(dir Direction, v Verdict, p *packet, n int, now time.Time) {
+	f.drops[dir][v].Add(1)
+	rec := DropRecord{Time: now, Direction: dir, Dir: dir.String(), Reason: v.String(), Len: n}
+	if p != nil {
+		rec.Proto, rec.Src, rec.Dst = p.proto, p.src, p.dst
+		if p.ports {
+			rec.SrcPort, rec.DstPort = p.srcPort, p.dstPort
+		}
+	}
+	f.recentMu.Lock()
+	f.recent[f.recentN%uint64(len(f.recent))] = rec
+	f.recentN++
+	f.recentMu.Unlock()
+	if f.log != nil && f.limiter.AllowN(now, 1) {
+		f.log.LogAttrs(context.Background(), slog.LevelInfo, "packet dropped",
+			slog.String("dir", rec.Dir), slog.String("reason", rec.Reason),
+			slog.Int("proto", int(rec.Proto)),
+			slog.String("src", netip.AddrPortFrom(rec.Src, rec.SrcPort).String()),
+			slog.String("dst", netip.AddrPortFrom(rec.Dst, rec.DstPort).String()),
+			slog.Int("len", n))
+	}
+}
+
+// RecentDrops returns the last dropped packets, oldest first.
+func (f *Filter) RecentDrops() []DropRecord {
+	f.recentMu.Lock()
+	defer f.recentMu.Unlock()
+	n := min(f.recentN, uint64(len(f.recent)))
+	out := make([]DropRecord, 0, n)
+	for i := f.recentN - n; i < f.recentN; i++ {
+		out = append(out, f.recent[i%uint64(len(f.recent))])
+	}
+	return out
+}
+
+// Stats is a snapshot of the filter's counters, shaped for
+// `meshd status --json`.
+type Stats struct {
+	Rules     int               `json:"rules"`
+	Flows     int               `json:"flows"`
+	Fragments int               `json:"fragments"`
+	DropsIn   map[string]uint64 `json:"drops_in"`
+	DropsOut  map[string]uint64 `json:"drops_out"`
+}
+
+// Stats returns the current counters. Every drop reason is present, zero
+// or not, so scripts can rely on the keys.
+func (f *Filter) Stats() Stats {
+	s := Stats{
+		Rules:     f.rules.Load().Len(),
+		Flows:     f.flows.len(),
+		Fragments: f.frags.len(),
+		DropsIn:   make(map[string]uint64, numVerdicts-1),
+		DropsOut:  make(map[string]uint64, numVerdicts-1),
+	}
+	for v := Verdict(1); v < numVerdicts; v++ {
+		s.DropsIn[v.String()] = f.drops[In][v].Load()
+		s.DropsOut[v.String()] = f.drops[Out][v].Load()
+	}
+	return s
+}
+
+// Dropped returns how many packets were dropped in direction dir for
+// reason v.
+func (f *Filter) Dropped(dir Direction, v Verdict) uint64 {
+	if v >= numVerdicts || dir > Out {
+		return 0
+	}
+	return f.drops[dir][v].Load()
+}

@@ -1,0 +1,396 @@
+package filter
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"math/bits"
+	"sync"
+)
+
+// flowKey identifies a flow from this node's point of view. For fragments
+// (kind kindFrag) the ports hold the IP identification and local/remote are
+// the fragment's destination/source.
+type flowKey struct {
+	local, remote [16]byte
+	lport, rport  uint16
+	proto         uint8
+	kind          uint8
+}
+
+const (
+	kindFlow = iota
+	kindFrag
+)
+
+// Flow state bits.
+const (
+	// stLocal marks a flow this node opened (or one picked up mid-flow
+	// that no rule explains): packets from the remote end are accepted
+	// because of it. A flow without stLocal answers a flow the remote
+	// opened; it is tracked only so that a later outbound packet is not
+	// mistaken for a new locally opened flow, and inbound packets of it
+	// are judged by the rules in force (so a revoked rule cuts it).
+	stLocal = 1 << iota
+	// stClosing: a FIN or RST was seen; the entry expires soon.
+	stClosing
+)
+
+// flowEntry is one slot of a shard. Slots are linked into the shard's LRU
+// list (most recent at head) or, when unused, the free list.
+type flowEntry struct {
+	key     flowKey
+	hash    uint64
+	expires int64 // monotonic nanoseconds since the Filter's base
+	prev    int32
+	next    int32
+	peer    int32 // slot in the shard's peer table
+	state   uint8
+}
+
+// peerEntry counts the entries a remote address holds in one shard.
+type peerEntry struct {
+	addr  [16]byte
+	hash  uint64
+	count int32
+	next  int32 // free list
+}
+
+// flowShard is a fixed-size hash table with open addressing (linear
+// probing, backward-shift deletion: no tombstones, so a long-running table
+// never degrades) and an intrusive LRU list. Nothing is allocated after
+// construction.
+type flowShard struct {
+	mu      sync.Mutex
+	entries []flowEntry
+	index   []int32 // -1 empty, else entry slot
+	head    int32   // most recently used, -1 if empty
+	tail    int32   // least recently used
+	free    int32   // free entry list (via next)
+	n       int
+
+	peers     []peerEntry
+	peerIndex []int32
+	peerFree  int32
+
+	_ [64]byte // keep neighbouring shards' locks off this cache line
+}
+
+// flowTable is a bounded, sharded flow table. Shards are chosen by a keyed
+// hash of the whole flow key, so a peer cannot aim its flows at one shard.
+// Fairness: a remote address may hold at most perPeer entries per shard
+// (its flows spread evenly over the shards, so this is a global quota of
+// roughly perPeer*len(shards)); a peer at its quota recycles its own least
+// recently used entry, never another peer's. When a shard is full the
+// least recently used entry of the shard is evicted.
+type flowTable struct {
+	seed    [4]uint64
+	shards  []flowShard
+	shift   uint // hash >> shift selects the shard
+	perPeer int32
+	// Counters, updated under the shard locks; read with Stats.
+}
+
+func newFlowTable(capacity, perPeer, nshards int) *flowTable {
+	if nshards < 1 {
+		nshards = 1
+	}
+	nshards = 1 << bits.Len(uint(nshards-1)) // round up to a power of two
+	per := (capacity + nshards - 1) / nshards
+	if per < 4 {
+		per = 4
+	}
+	pp := (perPeer + nshards - 1) / nshards
+	if pp < 1 {
+		pp = 1
+	}
+	t := &flowTable{
+		shards:  make([]flowShard, nshards),
+		shift:   uint(64 - bits.Len(uint(nshards-1))),
+		perPeer: int32(pp),
+	}
+	if nshards == 1 {
+		t.shift = 64
+	}
+	var seed [32]byte
+	_, _ = rand.Read(seed[:]) // crypto/rand.Read never fails (Go 1.24+)
+	for i := range t.seed {
+		t.seed[i] = binary.LittleEndian.Uint64(seed[i*8:])
+	}
+	slots := 1 << bits.Len(uint(2*per-1))
+	for i := range t.shards {
+		s := &t.shards[i]
+		s.entries = make([]flowEntry, per)
+		s.index = make([]int32, slots)
+		s.peers = make([]peerEntry, per)
+		s.peerIndex = make([]int32, slots)
+		for j := range s.index {
+			s.index[j] = -1
+			s.peerIndex[j] = -1
+		}
+		for j := range s.entries {
+			s.entries[j].next = int32(j + 1)
+			s.peers[j].next = int32(j + 1)
+		}
+		s.entries[per-1].next = -1
+		s.peers[per-1].next = -1
+		s.head, s.tail = -1, -1
+	}
+	return t
+}
+
+func mum(a, b uint64) uint64 {
+	hi, lo := bits.Mul64(a, b)
+	return hi ^ lo
+}
+
+// hash is a keyed wyhash-style mix: with a secret seed, remote peers cannot
+// craft keys that collide into one probe chain.
+func (t *flowTable) hash(k *flowKey) uint64 {
+	a := binary.LittleEndian.Uint64(k.local[0:8])
+	b := binary.LittleEndian.Uint64(k.local[8:16])
+	c := binary.LittleEndian.Uint64(k.remote[0:8])
+	d := binary.LittleEndian.Uint64(k.remote[8:16])
+	e := uint64(k.lport) | uint64(k.rport)<<16 | uint64(k.proto)<<32 | uint64(k.kind)<<40
+	h := mum(a^t.seed[0], b^t.seed[1])
+	h = mum(h^c, d^t.seed[2])
+	return mum(h^e, t.seed[3]^0x9e3779b97f4a7c15)
+}
+
+func (t *flowTable) peerHash(addr *[16]byte) uint64 {
+	a := binary.LittleEndian.Uint64(addr[0:8])
+	b := binary.LittleEndian.Uint64(addr[8:16])
+	return mum(a^t.seed[2], b^t.seed[3])
+}
+
+func (t *flowTable) shard(h uint64) *flowShard {
+	if t.shift >= 64 {
+		return &t.shards[0]
+	}
+	return &t.shards[h>>t.shift]
+}
+
+// find returns the index position and entry slot of k, or slot -1.
+func (s *flowShard) find(k *flowKey, h uint64) (pos int, slot int32) {
+	mask := len(s.index) - 1
+	for i := int(h) & mask; ; i = (i + 1) & mask {
+		e := s.index[i]
+		if e < 0 {
+			return i, -1
+		}
+		if s.entries[e].hash == h && s.entries[e].key == *k {
+			return i, e
+		}
+	}
+}
+
+// unlinkIndex removes index position pos, shifting back later members of
+// its probe run so that lookups never need tombstones.
+func unlinkIndex(index []int32, pos int, home func(int32) int) {
+	mask := len(index) - 1
+	i := pos
+	for j := (i + 1) & mask; index[j] >= 0; j = (j + 1) & mask {
+		k := home(index[j])
+		// Move index[j] into the hole at i if its home is not in (i, j].
+		if (j > i && (k <= i || k > j)) || (j < i && k <= i && k > j) {
+			index[i] = index[j]
+			i = j
+		}
+	}
+	index[i] = -1
+}
+
+func (s *flowShard) lruRemove(e int32) {
+	en := &s.entries[e]
+	if en.prev >= 0 {
+		s.entries[en.prev].next = en.next
+	} else {
+		s.head = en.next
+	}
+	if en.next >= 0 {
+		s.entries[en.next].prev = en.prev
+	} else {
+		s.tail = en.prev
+	}
+}
+
+func (s *flowShard) lruPushFront(e int32) {
+	en := &s.entries[e]
+	en.prev = -1
+	en.next = s.head
+	if s.head >= 0 {
+		s.entries[s.head].prev = e
+	}
+	s.head = e
+	if s.tail < 0 {
+		s.tail = e
+	}
+}
+
+func (s *flowShard) touch(e int32) {
+	if s.head == e {
+		return
+	}
+	s.lruRemove(e)
+	s.lruPushFront(e)
+}
+
+// remove deletes entry slot e (at index position pos, or -1 to look it up).
+func (s *flowShard) remove(e int32, pos int) {
+	en := &s.entries[e]
+	if pos < 0 {
+		pos, _ = s.find(&en.key, en.hash)
+	}
+	mask := len(s.index) - 1
+	unlinkIndex(s.index, pos, func(x int32) int { return int(s.entries[x].hash) & mask })
+	s.lruRemove(e)
+	s.peerRelease(en.peer)
+	en.next = s.free
+	s.free = e
+	s.n--
+}
+
+func (s *flowShard) peerFind(addr *[16]byte, h uint64) (pos int, slot int32) {
+	mask := len(s.peerIndex) - 1
+	for i := int(h) & mask; ; i = (i + 1) & mask {
+		p := s.peerIndex[i]
+		if p < 0 {
+			return i, -1
+		}
+		if s.peers[p].hash == h && s.peers[p].addr == *addr {
+			return i, p
+		}
+	}
+}
+
+func (s *flowShard) peerRelease(p int32) {
+	pe := &s.peers[p]
+	pe.count--
+	if pe.count > 0 {
+		return
+	}
+	pos, _ := s.peerFind(&pe.addr, pe.hash)
+	mask := len(s.peerIndex) - 1
+	unlinkIndex(s.peerIndex, pos, func(x int32) int { return int(s.peers[x].hash) & mask })
+	pe.next = s.peerFree
+	s.peerFree = p
+}
+
+// lookup finds k; an expired entry is removed and reported missing. A hit
+// refreshes the entry's expiry (ttl picks it from the state) and LRU
+// position and folds TCP FIN/RST into the state. It returns the state.
+func (t *flowTable) lookup(k *flowKey, now int64, tcpFlags uint8, ttl *timeouts) (state uint8, ok bool) {
+	h := t.hash(k)
+	s := t.shard(h)
+	s.mu.Lock()
+	pos, e := s.find(k, h)
+	if e < 0 {
+		s.mu.Unlock()
+		return 0, false
+	}
+	en := &s.entries[e]
+	if en.expires <= now {
+		s.remove(e, pos)
+		s.mu.Unlock()
+		return 0, false
+	}
+	if tcpFlags&(tcpFIN|tcpRST) != 0 {
+		en.state |= stClosing
+	}
+	en.expires = now + ttl.of(k, en.state)
+	s.touch(e)
+	state = en.state
+	s.mu.Unlock()
+	return state, true
+}
+
+// insert adds k with state, or refreshes it if it exists (a new SYN on a
+// closing flow reopens it). It reports whether k is in the table afterwards.
+func (t *flowTable) insert(k *flowKey, state uint8, now int64, tcpFlags uint8, ttl *timeouts) {
+	h := t.hash(k)
+	s := t.shard(h)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	pos, e := s.find(k, h)
+	if e >= 0 && s.entries[e].expires > now {
+		en := &s.entries[e]
+		switch {
+		case tcpFlags&(tcpFIN|tcpRST) != 0:
+			en.state |= stClosing
+		case tcpFlags&tcpSYN != 0:
+			en.state = state
+		}
+		en.expires = now + ttl.of(k, en.state)
+		s.touch(e)
+		return
+	}
+	if e >= 0 { // expired: replace
+		s.remove(e, pos)
+	}
+
+	ph := t.peerHash(&k.remote)
+	_, p := s.peerFind(&k.remote, ph)
+	if p >= 0 && s.peers[p].count >= t.perPeer {
+		// The peer is at its quota: recycle its own least recently used
+		// entry rather than anybody else's.
+		for v := s.tail; v >= 0; v = s.entries[v].prev {
+			if s.entries[v].peer == p {
+				s.remove(v, -1)
+				break
+			}
+		}
+	} else if s.free < 0 {
+		s.remove(s.tail, -1)
+	}
+	// Removals may have released the peer's slot or moved index entries.
+	ppos, p := s.peerFind(&k.remote, ph)
+	if p < 0 {
+		p = s.peerFree
+		s.peerFree = s.peers[p].next
+		s.peers[p] = peerEntry{addr: k.remote, hash: ph}
+		s.peerIndex[ppos] = p
+	}
+	s.peers[p].count++
+
+	e = s.free
+	s.free = s.entries[e].next
+	pos, _ = s.find(k, h)
+	s.entries[e] = flowEntry{key: *k, hash: h, state: state, peer: p, expires: now + ttl.of(k, state)}
+	s.index[pos] = e
+	s.lruPushFront(e)
+	s.n++
+}
+
+// len counts live and not yet collected entries.
+func (t *flowTable) len() int {
+	n := 0
+	for i := range t.shards {
+		s := &t.shards[i]
+		s.mu.Lock()
+		n += s.n
+		s.mu.Unlock()
+	}
+	return n
+}
+
+// timeouts are the idle timeouts by flow kind, in nanoseconds.
+type timeouts struct {
+	tcp, tcpClosing, udp, icmp, other, frag int64
+}
+
+func (t *timeouts) of(k *flowKey, state uint8) int64 {
+	if k.kind == kindFrag {
+		return t.frag
+	}
+	switch k.proto {
+	case protoTCP:
+		if state&stClosing != 0 {
+			return t.tcpClosing
+		}
+		return t.tcp
+	case protoUDP:
+		return t.udp
+	case protoICMPv4, protoICMPv6:
+		return t.icmp
+	}
+	return t.other
+}
