@@ -101,8 +101,14 @@ func uncovered(as []flowAtom, ap *Policy, bs []flowAtom, bp *Policy) []Flow {
 		src, dst, ports, rule string
 		srcGroup, dstGroup    string
 	}
-	protos := map[row][]uint8{}
-	var order []row
+	// Gather the uncovered ports per source, destination, rule and
+	// protocol, uniting the ports of a rule's separate "ip" entries.
+	type cell struct {
+		row   row
+		proto uint8
+	}
+	cellPorts := map[cell][]netmap.PortRange{}
+	var cells []cell
 	for _, a := range as {
 		rest := slices.Clone(a.ports)
 		for _, b := range bs {
@@ -116,13 +122,21 @@ func uncovered(as []flowAtom, ap *Policy, bs []flowAtom, bp *Policy) []Flow {
 		if len(rest) == 0 {
 			continue
 		}
-		k := row{src: a.src.raw, dst: a.dst.raw, ports: formatPorts(rest), rule: a.rule.origin(), srcGroup: a.srcGroup, dstGroup: a.dstGroup}
+		c := cell{row{src: a.src.raw, dst: a.dst.raw, rule: a.rule.origin(), srcGroup: a.srcGroup, dstGroup: a.dstGroup}, a.proto}
+		if _, ok := cellPorts[c]; !ok {
+			cells = append(cells, c)
+		}
+		cellPorts[c] = normalizePorts(append(cellPorts[c], rest...))
+	}
+	protos := map[row][]uint8{}
+	var order []row
+	for _, c := range cells {
+		k := c.row
+		k.ports = formatPorts(cellPorts[c])
 		if _, ok := protos[k]; !ok {
 			order = append(order, k)
 		}
-		if !slices.Contains(protos[k], a.proto) {
-			protos[k] = append(protos[k], a.proto)
-		}
+		protos[k] = append(protos[k], c.proto)
 	}
 	// Fold: a row whose source (then destination) came from a group is
 	// shown as the group when every member has the same row.
