@@ -1,0 +1,646 @@
+// Package agent is the per-node daemon: it keeps the node's identity in a
+// state dir, registers with the coordinator, follows the network map stream
+// and runs a wireguard-go device (over a kernel TUN or gVisor's netstack)
+// whose peers come from that map. It serves the local API the CLI uses.
+package agent
+
+import (
+	"cmp"
+	"context"
+	"crypto/ed25519"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.zx2c4.com/wireguard/conn"
+	"golang.zx2c4.com/wireguard/tun"
+
+	"meshd.dev/meshd/agent/localapi"
+	"meshd.dev/meshd/agent/proxy"
+	"meshd.dev/meshd/netmap"
+)
+
+// DefaultPort is WireGuard's UDP port unless --port says otherwise.
+const DefaultPort = 41641
+
+// ControlClient is the agent's view of the coordinator client
+// (control.Client satisfies it).
+type ControlClient interface {
+	Register(ctx context.Context, req netmap.RegisterRequest) (*netmap.RegisterResponse, error)
+	ServerPin() string
+	Update(ctx context.Context, req netmap.MapRequest) error
+	Follow(ctx context.Context, req netmap.MapRequest, fn func(*netmap.NetworkMap)) error
+	// Close releases the client's connections.
+	Close()
+}
+
+// ControlConfig is what a ControlClient is built from.
+type ControlConfig struct {
+	URL        string
+	MachineKey ed25519.PrivateKey
+	// ServerPin is the coordinator fingerprint to require; "" on first
+	// registration (the client pins from the auth key).
+	ServerPin string
+	Logger    *slog.Logger
+}
+
+// Options configure an Agent.
+type Options struct {
+	StateDir string
+	// TUN is a kernel interface name, or TUNUserspace for gVisor's netstack.
+	TUN string
+	// Port is WireGuard's UDP listen port; 0 picks a random one.
+	Port int
+	MTU  int
+	// Forwards expose local TCP services on the node's tailnet addresses.
+	Forwards []Forward
+	// SOCKS5Addr and HTTPProxyAddr, when set, are where the outbound
+	// proxies into the tailnet listen.
+	SOCKS5Addr    string
+	HTTPProxyAddr string
+	// LoopbackOnly reports only loopback endpoints (127.0.0.1, ::1), for
+	// meshes whose nodes all run on this machine (meshd demo, tests): no
+	// traffic then leaves the machine.
+	LoopbackOnly bool
+	// NewControlClient builds the coordinator client. Defaults to
+	// control.NewClient.
+	NewControlClient func(ControlConfig) (ControlClient, error)
+	// NewBind builds the WireGuard bind. Defaults to direct UDP
+	// (conn.NewStdNetBind); the NAT-traversing magic bind plugs in here.
+	NewBind func() conn.Bind
+	// WrapTUN, if set, wraps the TUN device before WireGuard uses it (the
+	// packet filter's seam).
+	WrapTUN func(tun.Device) (tun.Device, error)
+	// EndpointInterval is how often local endpoints are re-checked and
+	// reported when changed. Defaults to 30s.
+	EndpointInterval time.Duration
+	Logger           *slog.Logger
+}
+
+// Agent is one node's daemon. Its methods are safe for concurrent use.
+type Agent struct {
+	opts  Options
+	log   *slog.Logger
+	store *Store
+	id    *Identity
+	disco netmap.DiscoPrivate
+
+	mu       sync.Mutex
+	login    *Login
+	nm       *netmap.NetworkMap
+	eng      *engine
+	engErr   error // why the data plane is not up, for status
+	sess     *session
+	mapSeen  chan struct{} // closed when this session applied its first map
+	ctlState string        // human-readable control connection state
+}
+
+// session is a running control loop; it owns the data plane it starts.
+type session struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// New opens the state dir and loads (or creates) the node's identity. It
+// fails on a state dir that is not writable or holds a corrupt file.
+func New(opts Options) (*Agent, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.MTU == 0 {
+		opts.MTU = 1280
+	}
+	if opts.MTU < 576 || opts.MTU > 65535 {
+		return nil, fmt.Errorf("--mtu %d out of range (576-65535)", opts.MTU)
+	}
+	if opts.Port < 0 || opts.Port > 65535 {
+		return nil, fmt.Errorf("--port %d out of range (0-65535)", opts.Port)
+	}
+	if opts.TUN == "" {
+		opts.TUN = TUNUserspace
+	}
+	if opts.NewBind == nil {
+		opts.NewBind = conn.NewStdNetBind
+	}
+	if opts.NewControlClient == nil {
+		opts.NewControlClient = defaultControlClient
+	}
+	if opts.EndpointInterval == 0 {
+		opts.EndpointInterval = 30 * time.Second
+	}
+	st, err := OpenStore(opts.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	id, err := st.LoadOrCreateIdentity()
+	if err != nil {
+		return nil, err
+	}
+	login, err := st.LoadLogin()
+	if err != nil {
+		return nil, err
+	}
+	var nm *netmap.NetworkMap
+	if login != nil {
+		if nm, err = st.LoadNetworkMap(); err != nil {
+			return nil, err
+		}
+	}
+	return &Agent{
+		opts: opts, log: opts.Logger, store: st, id: id, disco: netmap.NewDiscoPrivate(),
+		login: login, nm: nm, ctlState: "not connected",
+	}, nil
+}
+
+// NodeKey returns the node's WireGuard public key.
+func (a *Agent) NodeKey() netmap.NodePublic { return a.id.NodeKey.Public() }
+
+// Run runs the agent until ctx ends: it brings the node back up if it was
+// up before (from the saved map, even with the coordinator down) and serves
+// the proxies. It returns after everything it started has stopped.
+func (a *Agent) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	errc := make(chan error, 2)
+	ps := &proxy.Server{Dial: a.Dial, Log: a.log}
+	for _, p := range []struct {
+		addr  string
+		name  string
+		serve func(context.Context, net.Listener) error
+	}{
+		{a.opts.SOCKS5Addr, "--socks5-server", ps.ServeSOCKS5},
+		{a.opts.HTTPProxyAddr, "--http-proxy", ps.ServeHTTPConnect},
+	} {
+		if p.addr == "" {
+			continue
+		}
+		ln, err := net.Listen("tcp", p.addr)
+		if err != nil {
+			return fmt.Errorf("%s %s: %w", p.name, p.addr, err)
+		}
+		a.log.Info("proxy listening", "proxy", strings.TrimPrefix(p.name, "--"), "addr", ln.Addr().String())
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := p.serve(ctx, ln); err != nil {
+				errc <- err
+			}
+		}()
+	}
+	a.mu.Lock()
+	if a.login != nil && a.login.WantRunning {
+		a.startLocked()
+	}
+	a.mu.Unlock()
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	a.stop()
+	wg.Wait()
+	return err
+}
+
+// startLocked starts the data plane from the saved map (if any) and the
+// control loop. a.mu must be held.
+func (a *Agent) startLocked() {
+	if a.sess != nil {
+		return
+	}
+	a.mapSeen = make(chan struct{})
+	if a.nm != nil {
+		if err := a.applyMapLocked(a.nm); err != nil {
+			a.log.Warn("data plane from saved map", "err", err)
+		} else {
+			a.log.Info("data plane up from the saved network map", "peers", len(a.nm.Peers))
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &session{cancel: cancel, done: make(chan struct{})}
+	a.sess = s
+	login := *a.login
+	go func() {
+		defer close(s.done)
+		a.controlLoop(ctx, login)
+	}()
+}
+
+// stop ends the control loop and the data plane, keeping all state.
+func (a *Agent) stop() {
+	a.mu.Lock()
+	s := a.sess
+	a.sess = nil
+	a.mu.Unlock()
+	if s != nil {
+		s.cancel()
+		<-s.done
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.eng != nil {
+		a.eng.close()
+		a.eng = nil
+	}
+	a.ctlState = "not connected"
+}
+
+func (a *Agent) controlCfg(l Login) ControlConfig {
+	return ControlConfig{URL: l.CoordinatorURL, MachineKey: a.id.MachineKey, ServerPin: l.ServerPin, Logger: a.log}
+}
+
+// controlLoop follows the map stream and reports endpoints until ctx ends.
+// The control client reconnects with backoff by itself; the data plane keeps
+// running on the last map meanwhile.
+func (a *Agent) controlLoop(ctx context.Context, login Login) {
+	cc, err := a.opts.NewControlClient(a.controlCfg(login))
+	if err != nil {
+		a.setCtlState("error: " + err.Error())
+		a.log.Error("coordinator client", "err", err)
+		return
+	}
+	defer cc.Close()
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		a.reportEndpoints(ctx, cc)
+	}()
+	a.setCtlState("connecting to " + login.CoordinatorURL)
+	req := netmap.MapRequest{
+		Version: netmap.ProtocolVersion, NodeKey: a.NodeKey(), DiscoKey: a.disco.Public(),
+		Stream: true, Endpoints: a.endpoints(),
+	}
+	err = cc.Follow(ctx, req, func(nm *netmap.NetworkMap) {
+		a.onMap(nm.Clone())
+	})
+	if err != nil && ctx.Err() == nil {
+		a.setCtlState("error: " + err.Error())
+		a.log.Error("map stream ended", "err", err)
+	}
+	wg.Wait()
+}
+
+func (a *Agent) setCtlState(s string) {
+	a.mu.Lock()
+	a.ctlState = s
+	a.mu.Unlock()
+}
+
+// onMap applies a new network map from the coordinator and saves it.
+func (a *Agent) onMap(nm *netmap.NetworkMap) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.sess == nil {
+		return // raced with Down
+	}
+	a.ctlState = "connected"
+	if err := a.applyMapLocked(nm); err != nil {
+		a.log.Error("apply network map", "err", err)
+	}
+	a.nm = nm
+	if err := a.store.SaveNetworkMap(nm); err != nil {
+		a.log.Error("save network map", "err", err)
+	}
+	select {
+	case <-a.mapSeen:
+	default:
+		close(a.mapSeen)
+	}
+}
+
+// applyMapLocked brings the data plane in line with nm, (re)creating it if
+// our own addresses changed (a netstack cannot change them in place).
+func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
+	addrs := slices.Clone(nm.Self.Addresses)
+	slices.SortFunc(addrs, comparePrefix)
+	if a.eng != nil && !slices.Equal(a.eng.cfg.addrs, addrs) {
+		a.log.Info("own addresses changed; restarting the data plane", "addrs", addrs)
+		a.eng.close()
+		a.eng = nil
+	}
+	if a.eng == nil {
+		eng, err := newEngine(engineConfig{
+			tunName: a.opts.TUN, mtu: a.opts.MTU, port: a.opts.Port, nodeKey: a.id.NodeKey,
+			addrs: addrs, forwards: a.opts.Forwards, wrapTUN: a.opts.WrapTUN, newBind: a.opts.NewBind,
+			log: a.log, localAddrs: localPrefixes,
+		})
+		if err != nil {
+			a.engErr = err
+			return err
+		}
+		a.engErr = nil
+		a.eng = eng
+		a.log.Info("data plane up", "tun", a.opts.TUN, "addrs", addrs, "udp_port", eng.port)
+	}
+	return a.eng.applyMap(nm)
+}
+
+// endpoints returns the UDP endpoints to report, or nil before the data
+// plane (and so the UDP port) exists.
+func (a *Agent) endpoints() []netip.AddrPort {
+	a.mu.Lock()
+	eng := a.eng
+	a.mu.Unlock()
+	if eng == nil {
+		return nil
+	}
+	locals, err := localPrefixes()
+	if err != nil {
+		a.log.Warn("local endpoints", "err", err)
+		return nil
+	}
+	return endpointCandidates(locals, eng.port, eng.cfg.addrs, a.opts.LoopbackOnly)
+}
+
+// reportEndpoints tells the coordinator our endpoints whenever they change
+// (including the first time the data plane comes up), retrying on error.
+func (a *Agent) reportEndpoints(ctx context.Context, cc ControlClient) {
+	var reported []netip.AddrPort
+	retry := time.Second
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		next := a.opts.EndpointInterval
+		if eps := a.endpoints(); eps != nil && !slices.Equal(eps, reported) {
+			err := cc.Update(ctx, netmap.MapRequest{
+				Version: netmap.ProtocolVersion, NodeKey: a.NodeKey(), DiscoKey: a.disco.Public(), Endpoints: eps,
+			})
+			if err == nil {
+				reported = eps
+				retry = time.Second
+				a.log.Info("reported endpoints", "endpoints", eps)
+			} else if ctx.Err() == nil {
+				a.log.Warn("report endpoints", "err", err)
+				next, retry = retry, min(retry*2, a.opts.EndpointInterval)
+			}
+		} else if eps == nil {
+			// Data plane not up yet: look again soon.
+			next = min(200*time.Millisecond, next)
+		}
+		t.Reset(next)
+	}
+}
+
+// Up joins the tailnet: it registers with an auth key the first time, and
+// otherwise restarts with the saved identity. It waits (bounded by ctx) for
+// the first network map.
+func (a *Agent) Up(ctx context.Context, req localapi.UpRequest) (*localapi.Status, error) {
+	a.mu.Lock()
+	login := a.login
+	a.mu.Unlock()
+	switch {
+	case login != nil && req.Coordinator != "" && req.Coordinator != login.CoordinatorURL:
+		return nil, fmt.Errorf("this node is registered with %s, not %s: use a fresh --state-dir to join another coordinator",
+			login.CoordinatorURL, req.Coordinator)
+	case login == nil && req.AuthKey == "":
+		return nil, errors.New("this node is not registered yet: pass --authkey KEY --coordinator URL")
+	case login == nil && req.Coordinator == "":
+		return nil, errors.New("no coordinator: pass --coordinator URL")
+	case login == nil:
+		l, err := a.register(ctx, req)
+		if err != nil {
+			return nil, err
+		}
+		login = l
+	}
+	a.mu.Lock()
+	if !a.login.WantRunning {
+		l := *a.login
+		l.WantRunning = true
+		if err := a.store.SaveLogin(&l); err != nil {
+			a.mu.Unlock()
+			return nil, err
+		}
+		a.login = &l
+	}
+	a.startLocked()
+	seen := a.mapSeen
+	a.mu.Unlock()
+	wait, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	select {
+	case <-seen:
+	case <-wait.Done():
+	}
+	return a.Status(ctx)
+}
+
+func (a *Agent) register(ctx context.Context, req localapi.UpRequest) (*Login, error) {
+	hostname := req.Hostname
+	if hostname == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			return nil, fmt.Errorf("no --hostname given and the system hostname is unknown: %w", err)
+		}
+		hostname = h
+	}
+	tags, err := netmap.NormalizeTags(req.Tags)
+	if err != nil {
+		return nil, fmt.Errorf("--advertise-tags: %w", err)
+	}
+	cc, err := a.opts.NewControlClient(ControlConfig{URL: req.Coordinator, MachineKey: a.id.MachineKey, Logger: a.log})
+	if err != nil {
+		return nil, err
+	}
+	defer cc.Close()
+	resp, err := cc.Register(ctx, netmap.RegisterRequest{
+		Version: netmap.ProtocolVersion, NodeKey: a.NodeKey(), DiscoKey: a.disco.Public(),
+		Hostname: hostname, AuthKey: req.AuthKey, RequestTags: tags,
+	})
+	if err != nil {
+		return nil, explainControlError(req.Coordinator, err)
+	}
+	l := &Login{
+		CoordinatorURL: req.Coordinator, ServerPin: cmp.Or(cc.ServerPin(), resp.ServerKey), NodeID: resp.Node.ID,
+		Hostname: resp.Node.Hostname, Tags: resp.Node.Tags, Ephemeral: resp.Node.Ephemeral, WantRunning: true,
+	}
+	if err := a.store.SaveLogin(l); err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	a.login = l
+	a.mu.Unlock()
+	a.log.Info("registered", "node_id", resp.Node.ID, "hostname", resp.Node.Hostname, "addresses", resp.Node.Addresses)
+	return l, nil
+}
+
+// Down takes the node off the tailnet and keeps it off across daemon
+// restarts until the next Up. Identity and the saved map are kept.
+func (a *Agent) Down(ctx context.Context) error {
+	a.mu.Lock()
+	if a.login != nil && a.login.WantRunning {
+		l := *a.login
+		l.WantRunning = false
+		if err := a.store.SaveLogin(&l); err != nil {
+			a.mu.Unlock()
+			return err
+		}
+		a.login = &l
+	}
+	a.mu.Unlock()
+	a.stop()
+	return nil
+}
+
+// Status reports the node and its peers.
+func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	st := &localapi.Status{TUN: a.opts.TUN, Peers: []localapi.Peer{}}
+	switch {
+	case a.login == nil:
+		st.BackendState = localapi.StateNeedsLogin
+		st.Message = "not registered: run meshd up --authkey KEY --coordinator URL"
+		return st, nil
+	case a.sess == nil:
+		st.BackendState = localapi.StateStopped
+	case a.eng == nil:
+		st.BackendState = localapi.StateStarting
+	default:
+		st.BackendState = localapi.StateRunning
+	}
+	st.Coordinator = a.login.CoordinatorURL
+	if a.sess != nil && a.ctlState != "connected" {
+		st.Message = "coordinator: " + a.ctlState
+	}
+	if a.engErr != nil {
+		st.Message = a.engErr.Error()
+	}
+	if a.nm == nil {
+		st.Self = &localapi.Node{ID: a.login.NodeID, Hostname: a.login.Hostname, Tags: nonNil(a.login.Tags), IPs: []netip.Addr{}}
+		return st, nil
+	}
+	self := statusNode(&a.nm.Self)
+	self.Online = a.sess != nil && a.ctlState == "connected"
+	st.Self = &self
+	var stats *wgDeviceStats
+	if a.eng != nil {
+		var err error
+		if stats, err = a.eng.stats(); err != nil {
+			return nil, err
+		}
+	}
+	for _, n := range a.nm.SortedPeers() {
+		p := localapi.Peer{Node: statusNode(n), Path: "none"}
+		if stats != nil {
+			if ps, ok := stats.Peers[n.NodeKey]; ok {
+				if ps.Endpoint.IsValid() {
+					p.Endpoint = ps.Endpoint.String()
+				}
+				p.RxBytes, p.TxBytes = ps.RxBytes, ps.TxBytes
+				if !ps.LastHandshake.IsZero() {
+					t := ps.LastHandshake.UTC()
+					p.LastHandshake = &t
+					p.Path = "direct"
+				}
+			}
+		}
+		st.Peers = append(st.Peers, p)
+	}
+	return st, nil
+}
+
+func statusNode(n *netmap.Node) localapi.Node {
+	return localapi.Node{
+		ID: n.ID, Hostname: n.Hostname, User: n.User, IPs: netmap.AddrsOf(n.Addresses),
+		Tags: nonNil(n.Tags), Online: n.Online, NodeKey: n.NodeKey.String(),
+	}
+}
+
+func nonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
+}
+
+// Dial opens a TCP connection into the tailnet. addr's host is an IP
+// literal or a peer's hostname (resolved from the network map; there is no
+// DNS inside the tailnet yet).
+func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	if network != "tcp" && network != "tcp4" && network != "tcp6" {
+		return nil, fmt.Errorf("dial %s: only tcp is supported", network)
+	}
+	host, portStr, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial %q: %w", addr, err)
+	}
+	port, err := strconv.ParseUint(portStr, 10, 16)
+	if err != nil {
+		return nil, fmt.Errorf("dial %q: bad port", addr)
+	}
+	a.mu.Lock()
+	eng, nm := a.eng, a.nm
+	a.mu.Unlock()
+	if eng == nil || nm == nil {
+		return nil, fmt.Errorf("dial %s: %w (the node is not up)", addr, proxy.ErrNoRoute)
+	}
+	ip, err := resolvePeer(nm, host)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", addr, err)
+	}
+	return eng.dial(ctx, netip.AddrPortFrom(ip, uint16(port)))
+}
+
+// resolvePeer turns host into a tailnet address: an IP literal inside the
+// tailnet, or a peer's hostname (case-insensitive), IPv4 first.
+func resolvePeer(nm *netmap.NetworkMap, host string) (netip.Addr, error) {
+	if ip, err := netip.ParseAddr(host); err == nil {
+		ip = ip.Unmap()
+		for _, n := range append([]*netmap.Node{&nm.Self}, nm.SortedPeers()...) {
+			for _, p := range n.AllowedIPs {
+				if p.Contains(ip) {
+					return ip, nil
+				}
+			}
+			for _, p := range n.Addresses {
+				if p.Contains(ip) {
+					return ip, nil
+				}
+			}
+		}
+		return netip.Addr{}, fmt.Errorf("%v is not a tailnet address: %w", ip, proxy.ErrNoRoute)
+	}
+	name := strings.TrimSuffix(strings.ToLower(host), ".")
+	for _, n := range append([]*netmap.Node{&nm.Self}, nm.SortedPeers()...) {
+		if strings.ToLower(n.Hostname) != name || len(n.Addresses) == 0 {
+			continue
+		}
+		addrs := netmap.AddrsOf(n.Addresses)
+		slices.SortFunc(addrs, func(x, y netip.Addr) int { return x.Compare(y) }) // IPv4 sorts first
+		return addrs[0], nil
+	}
+	return netip.Addr{}, fmt.Errorf("no peer named %q: %w", host, proxy.ErrNoRoute)
+}
+
+// Listen opens a TCP listener on port of the node's first tailnet address
+// of the given family ("tcp4" or "tcp6"; "tcp" means IPv4). In userspace
+// mode this is the only way for a program to accept tailnet connections
+// (besides --forward). The listener dies with the data plane.
+func (a *Agent) Listen(network string, port uint16) (net.Listener, error) {
+	a.mu.Lock()
+	eng := a.eng
+	a.mu.Unlock()
+	if eng == nil {
+		return nil, errors.New("listen: the node is not up")
+	}
+	for _, p := range eng.cfg.addrs {
+		if (network == "tcp6") == p.Addr().Is6() {
+			return eng.listen(netip.AddrPortFrom(p.Addr(), port))
+		}
+	}
+	return nil, fmt.Errorf("listen %s: the node has no such address", network)
+}

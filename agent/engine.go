@@ -1,0 +1,298 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+
+	"golang.zx2c4.com/wireguard/conn"
+	"golang.zx2c4.com/wireguard/device"
+	"golang.zx2c4.com/wireguard/tun"
+	"golang.zx2c4.com/wireguard/tun/netstack"
+
+	"meshd.dev/meshd/netmap"
+)
+
+// TUNUserspace selects gVisor's netstack instead of a kernel TUN device.
+const TUNUserspace = "userspace"
+
+// cgnatRange is the IPv4 range tailnet addresses come from.
+var cgnatRange = netip.MustParsePrefix("100.64.0.0/10")
+
+// engineConfig is what the data plane needs to start.
+type engineConfig struct {
+	tunName    string // interface name or TUNUserspace
+	mtu        int
+	port       int
+	nodeKey    netmap.NodePrivate
+	addrs      []netip.Prefix // the node's own tailnet addresses
+	forwards   []Forward
+	wrapTUN    func(tun.Device) (tun.Device, error)
+	newBind    func() conn.Bind
+	log        *slog.Logger
+	localAddrs func() ([]netip.Prefix, error)
+}
+
+// engine is the running data plane: a TUN (kernel or netstack), the bind,
+// and the wireguard-go device between them.
+type engine struct {
+	cfg  engineConfig
+	dev  *device.Device
+	tnet *netstack.Net // userspace mode only
+	link *kernelLink   // kernel mode only
+	port uint16
+
+	mu     sync.Mutex
+	peers  map[netmap.NodePublic]wgPeer
+	routes []netip.Prefix
+
+	fwdCancel context.CancelFunc
+	fwdWG     sync.WaitGroup
+}
+
+func newEngine(cfg engineConfig) (_ *engine, err error) {
+	e := &engine{cfg: cfg, peers: map[netmap.NodePublic]wgPeer{}}
+	var tdev tun.Device
+	if cfg.tunName == TUNUserspace {
+		tdev, e.tnet, err = netstack.CreateNetTUN(netmap.AddrsOf(cfg.addrs), nil, cfg.mtu)
+		if err != nil {
+			return nil, fmt.Errorf("userspace network stack: %w", err)
+		}
+	} else {
+		tdev, e.link, err = createKernelTUN(cfg.tunName, cfg.mtu, cfg.addrs)
+		if err != nil {
+			return nil, err
+		}
+	}
+	// The seam for the packet filter (a later issue): it wraps the TUN
+	// device before wireguard-go sees it.
+	if cfg.wrapTUN != nil {
+		wrapped, err := cfg.wrapTUN(tdev)
+		if err != nil {
+			tdev.Close()
+			return nil, fmt.Errorf("wrap TUN: %w", err)
+		}
+		tdev = wrapped
+	}
+	bind := cfg.newBind()
+	e.dev = device.NewDevice(tdev, bind, wgLogger(cfg.log))
+	defer func() {
+		if err != nil {
+			e.dev.Close()
+		}
+	}()
+	k := cfg.nodeKey.Raw()
+	if err := e.dev.IpcSet(fmt.Sprintf("private_key=%x\nlisten_port=%d\n", k[:], cfg.port)); err != nil {
+		return nil, fmt.Errorf("configure WireGuard: %w (is UDP port %d in use? pass --port 0 for a random one)", err, cfg.port)
+	}
+	if err := e.dev.Up(); err != nil {
+		return nil, fmt.Errorf("WireGuard up (UDP port %d): %w (pass --port 0 for a random one)", cfg.port, err)
+	}
+	st, err := e.stats()
+	if err != nil {
+		return nil, err
+	}
+	e.port = st.ListenPort
+	if len(cfg.forwards) > 0 {
+		if err := e.startForwards(); err != nil {
+			return nil, err
+		}
+	}
+	return e, nil
+}
+
+// wgLogger sends wireguard-go's logs to slog: errors at debug level too,
+// because wireguard-go reports routine events (a peer without an endpoint
+// yet) as errors.
+func wgLogger(log *slog.Logger) *device.Logger {
+	return &device.Logger{
+		Verbosef: func(format string, args ...any) { log.Debug("wireguard: " + fmt.Sprintf(format, args...)) },
+		Errorf:   func(format string, args ...any) { log.Debug("wireguard error: " + fmt.Sprintf(format, args...)) },
+	}
+}
+
+// applyMap reconciles WireGuard peers and kernel routes with nm.
+func (e *engine) applyMap(nm *netmap.NetworkMap) error {
+	locals, _ := e.cfg.localAddrs() // best effort: only used to rank endpoints
+	want := wgPeersFromMap(nm, func(c []netip.AddrPort) netip.AddrPort { return pickEndpoint(locals, c) })
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var errs []error
+	if diff := uapiDiff(e.peers, want); diff != "" {
+		if err := e.dev.IpcSet(diff); err != nil {
+			errs = append(errs, fmt.Errorf("configure WireGuard peers: %w", err))
+		} else {
+			e.peers = want
+		}
+	}
+	if e.link != nil {
+		routes := tailnetRoutes(e.cfg.addrs, nm)
+		if !slices.Equal(routes, e.routes) {
+			if err := e.link.setRoutes(routes, e.cfg.addrs); err != nil {
+				errs = append(errs, err)
+			}
+			e.routes = routes
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// tailnetRoutes is the set of routes through the TUN: the whole CGNAT range
+// when our IPv4 address is in it, the /48 our IPv6 address is in (the
+// coordinator allocates a tailnet's IPv6 addresses from one ULA /48), and
+// any peer prefix outside those (subnet routes). Whole ranges rather than
+// per-peer routes keep the kernel table constant as peers come and go;
+// WireGuard's cryptokey routing drops packets to addresses no peer has.
+func tailnetRoutes(self []netip.Prefix, nm *netmap.NetworkMap) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range self {
+		switch {
+		case p.Addr().Is4() && cgnatRange.Contains(p.Addr()):
+			out = append(out, cgnatRange)
+		case p.Addr().Is6():
+			r, _ := p.Addr().Prefix(48)
+			out = append(out, r)
+		}
+	}
+	covered := slices.Clone(out)
+	for _, n := range nm.Peers {
+		for _, p := range n.AllowedIPs {
+			if p.Bits() == 0 {
+				continue // a default route is an exit node's job, not this issue's
+			}
+			if slices.ContainsFunc(covered, func(c netip.Prefix) bool { return c.Bits() <= p.Bits() && c.Contains(p.Addr()) }) {
+				continue
+			}
+			if slices.ContainsFunc(self, func(s netip.Prefix) bool { return s == p }) {
+				continue
+			}
+			out = append(out, p)
+		}
+	}
+	slices.SortFunc(out, comparePrefix)
+	return slices.Compact(out)
+}
+
+func (e *engine) stats() (*wgDeviceStats, error) {
+	var b strings.Builder
+	if err := e.dev.IpcGetOperation(&b); err != nil {
+		return nil, fmt.Errorf("read WireGuard state: %w", err)
+	}
+	return parseUAPIGet(b.String())
+}
+
+// dial opens a TCP connection to addr inside the tailnet.
+func (e *engine) dial(ctx context.Context, addr netip.AddrPort) (net.Conn, error) {
+	if e.tnet != nil {
+		return e.tnet.DialContextTCPAddrPort(ctx, addr)
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, "tcp", addr.String())
+}
+
+// listen opens a TCP listener on our tailnet address (userspace mode: in the
+// netstack; kernel mode: on the TUN's address).
+func (e *engine) listen(addr netip.AddrPort) (net.Listener, error) {
+	if e.tnet != nil {
+		return e.tnet.ListenTCPAddrPort(addr)
+	}
+	return net.Listen("tcp", addr.String())
+}
+
+// Forward sends inbound tailnet TCP connections on Port to Target, a local
+// host:port. It is how a sidecar exposes its pod's service to the tailnet
+// in userspace mode.
+type Forward struct {
+	Port   uint16
+	Target string
+}
+
+func (f Forward) String() string { return fmt.Sprintf("%d=%s", f.Port, f.Target) }
+
+func (e *engine) startForwards() error {
+	ctx, cancel := context.WithCancel(context.Background())
+	e.fwdCancel = cancel
+	for _, f := range e.cfg.forwards {
+		for _, a := range e.cfg.addrs {
+			ln, err := e.listen(netip.AddrPortFrom(a.Addr(), f.Port))
+			if err != nil {
+				cancel()
+				e.fwdWG.Wait()
+				return fmt.Errorf("forward %v: listen on %v: %w", f, a.Addr(), err)
+			}
+			e.fwdWG.Add(1)
+			go func() {
+				defer e.fwdWG.Done()
+				e.serveForward(ctx, ln, f)
+			}()
+		}
+	}
+	return nil
+}
+
+func (e *engine) serveForward(ctx context.Context, ln net.Listener, f Forward) {
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() == nil {
+				e.cfg.log.Warn("forward stopped", "forward", f.String(), "err", err)
+			}
+			return
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer c.Close()
+			stopConn := context.AfterFunc(ctx, func() { c.Close() })
+			defer stopConn()
+			var d net.Dialer
+			out, err := d.DialContext(ctx, "tcp", f.Target)
+			if err != nil {
+				e.cfg.log.Warn("forward: local target unreachable", "forward", f.String(), "from", c.RemoteAddr(), "err", err)
+				return
+			}
+			defer out.Close()
+			pipe(c, out)
+		}()
+	}
+}
+
+// pipe copies both ways, half-closing each direction as it ends.
+func pipe(a, b net.Conn) {
+	done := make(chan struct{})
+	go func() {
+		io.Copy(b, a)
+		closeWrite(b)
+		close(done)
+	}()
+	io.Copy(a, b)
+	closeWrite(a)
+	<-done
+}
+
+func closeWrite(c net.Conn) {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+		return
+	}
+	c.Close()
+}
+
+func (e *engine) close() {
+	if e.fwdCancel != nil {
+		e.fwdCancel()
+		e.fwdWG.Wait()
+	}
+	e.dev.Close() // closes the TUN and the bind; a kernel TUN vanishes with it
+}

@@ -1,0 +1,286 @@
+// Package localapi is the daemon's local control API: JSON over HTTP on a
+// unix socket, used by `meshd up/down/status/ip`. Only root and the daemon's
+// own user may connect (checked with SO_PEERCRED), on top of the socket's
+// 0600 mode.
+package localapi
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"meshd.dev/meshd/netmap"
+)
+
+// DefaultSocket is where the daemon listens unless told otherwise.
+const DefaultSocket = "/run/meshd/meshd.sock"
+
+// UpRequest asks the daemon to join (or rejoin) the tailnet.
+type UpRequest struct {
+	AuthKey     string   `json:"auth_key,omitempty"`
+	Coordinator string   `json:"coordinator,omitempty"`
+	Hostname    string   `json:"hostname,omitempty"`
+	Tags        []string `json:"advertise_tags,omitempty"`
+}
+
+// Node is one node in a Status.
+type Node struct {
+	ID       netmap.NodeID `json:"id"`
+	Hostname string        `json:"hostname"`
+	User     string        `json:"user,omitempty"`
+	IPs      []netip.Addr  `json:"ips"`
+	Tags     []string      `json:"tags"`
+	Online   bool          `json:"online"`
+	NodeKey  string        `json:"node_key,omitempty"`
+}
+
+// Peer is a peer in a Status with its data-plane state.
+type Peer struct {
+	Node
+	// Endpoint is the UDP address WireGuard last used for the peer; empty
+	// when none is known.
+	Endpoint string `json:"endpoint"`
+	// Path is "direct" once a handshake has happened over UDP, "derp" when
+	// relayed, "none" otherwise.
+	Path          string     `json:"path"`
+	RxBytes       uint64     `json:"rx_bytes"`
+	TxBytes       uint64     `json:"tx_bytes"`
+	LastHandshake *time.Time `json:"last_handshake"`
+}
+
+// Backend states.
+const (
+	StateNeedsLogin = "NeedsLogin" // never registered
+	StateStopped    = "Stopped"    // registered, taken down with `meshd down`
+	StateStarting   = "Starting"   // registered, no network map yet
+	StateRunning    = "Running"
+)
+
+// Status is the daemon's view of itself and its peers.
+type Status struct {
+	BackendState string `json:"backend_state"`
+	Coordinator  string `json:"coordinator,omitempty"`
+	// TUN is the interface name, or "userspace".
+	TUN   string `json:"tun,omitempty"`
+	Self  *Node  `json:"self"`
+	Peers []Peer `json:"peers"`
+	// Message explains a degraded state (coordinator unreachable, ...).
+	Message string `json:"message,omitempty"`
+}
+
+// Backend is what the server exposes; the agent implements it.
+type Backend interface {
+	Up(ctx context.Context, req UpRequest) (*Status, error)
+	Down(ctx context.Context) error
+	Status(ctx context.Context) (*Status, error)
+}
+
+type errorBody struct {
+	Error string `json:"error"`
+}
+
+// maxRequest bounds a request body; the API has only small requests.
+const maxRequest = 64 << 10
+
+// Handler serves the API for b.
+func Handler(b Backend) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v0/up", func(w http.ResponseWriter, r *http.Request) {
+		var req UpRequest
+		if err := netmap.DecodeJSON(r.Body, maxRequest, &req); err != nil {
+			writeJSON(w, http.StatusBadRequest, errorBody{"bad request: " + err.Error()})
+			return
+		}
+		st, err := b.Up(r.Context(), req)
+		if err != nil {
+			writeJSON(w, http.StatusBadRequest, errorBody{err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, st)
+	})
+	mux.HandleFunc("POST /v0/down", func(w http.ResponseWriter, r *http.Request) {
+		if err := b.Down(r.Context()); err != nil {
+			writeJSON(w, http.StatusInternalServerError, errorBody{err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, struct{}{})
+	})
+	mux.HandleFunc("GET /v0/status", func(w http.ResponseWriter, r *http.Request) {
+		st, err := b.Status(r.Context())
+		if err != nil {
+			writeJSON(w, http.StatusInternalServerError, errorBody{err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, st)
+	})
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(v)
+}
+
+// Listen creates the unix socket at path (mode 0600, its directory 0755 if
+// missing), replacing a stale socket left by a crashed daemon but refusing
+// to take over one a live daemon is serving.
+func Listen(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("local api socket dir: %w (pass --socket PATH somewhere writable)", err)
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("another meshd daemon is already listening on %s (stop it, or pass a different --socket)", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("remove stale socket %s: %w", path, err)
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("local api: %w (pass --socket PATH somewhere writable)", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("local api: chmod socket: %w", err)
+	}
+	return &credListener{UnixListener: ln.(*net.UnixListener), uid: os.Getuid()}, nil
+}
+
+// credListener drops connections from users other than root and the
+// daemon's own user. The socket mode already keeps others out; this is the
+// second lock, and it survives a mistaken chmod.
+type credListener struct {
+	*net.UnixListener
+	uid int
+}
+
+func (l *credListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.AcceptUnix()
+		if err != nil {
+			return nil, err
+		}
+		uid, err := peerUID(c)
+		if err == nil && (uid == 0 || uid == l.uid) {
+			return c, nil
+		}
+		c.Close()
+	}
+}
+
+func peerUID(c *net.UnixConn) (int, error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	var (
+		cred *syscall.Ucred
+		cerr error
+	)
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
+	}); err != nil {
+		return -1, err
+	}
+	if cerr != nil {
+		return -1, cerr
+	}
+	return int(cred.Uid), nil
+}
+
+// Serve serves the API for b on ln until ctx ends.
+func Serve(ctx context.Context, ln net.Listener, b Backend) error {
+	srv := &http.Server{Handler: Handler(b), ReadHeaderTimeout: 10 * time.Second}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+		return nil
+	}
+}
+
+// ErrNoDaemon is returned by the client when no daemon listens on the socket.
+var ErrNoDaemon = errors.New("no daemon")
+
+// Client talks to a daemon.
+type Client struct {
+	path string
+	hc   *http.Client
+}
+
+// NewClient returns a client for the daemon at socket path.
+func NewClient(path string) *Client {
+	return &Client{path: path, hc: &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		},
+	}}}
+}
+
+// Up asks the daemon to join the tailnet.
+func (c *Client) Up(ctx context.Context, req UpRequest) (*Status, error) {
+	var st Status
+	return &st, c.do(ctx, "POST", "/v0/up", req, &st)
+}
+
+// Down takes the node off the tailnet, keeping its state.
+func (c *Client) Down(ctx context.Context) error {
+	return c.do(ctx, "POST", "/v0/down", struct{}{}, nil)
+}
+
+// Status returns the daemon's status.
+func (c *Client) Status(ctx context.Context) (*Status, error) {
+	var st Status
+	return &st, c.do(ctx, "GET", "/v0/status", nil, &st)
+}
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		pr, pw := io.Pipe()
+		go func() { pw.CloseWithError(json.NewEncoder(pw).Encode(in)) }()
+		body = pr
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://meshd"+path, body)
+	if err != nil {
+		return err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
+			return fmt.Errorf("%w at %s", ErrNoDaemon, c.path)
+		}
+		return fmt.Errorf("local api %s: %w", c.path, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var eb errorBody
+		if err := netmap.DecodeJSON(resp.Body, maxRequest, &eb); err != nil || eb.Error == "" {
+			return fmt.Errorf("local api %s: %s", path, resp.Status)
+		}
+		return errors.New(eb.Error)
+	}
+	if out == nil {
+		return nil
+	}
+	if err := netmap.DecodeJSON(resp.Body, netmap.MaxMessageSize, out); err != nil {
+		return fmt.Errorf("local api %s: decode response: %w", path, err)
+	}
+	return nil
+}

@@ -1,0 +1,100 @@
+package localapi
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+type fakeBackend struct {
+	ups   []UpRequest
+	downs int
+}
+
+func (f *fakeBackend) Up(_ context.Context, req UpRequest) (*Status, error) {
+	if req.AuthKey == "bad" {
+		return nil, errors.New("register: auth key unknown (check the key)")
+	}
+	f.ups = append(f.ups, req)
+	return &Status{BackendState: StateRunning, Self: &Node{ID: 7, Hostname: req.Hostname}}, nil
+}
+
+func (f *fakeBackend) Down(context.Context) error { f.downs++; return nil }
+
+func (f *fakeBackend) Status(context.Context) (*Status, error) {
+	return &Status{BackendState: StateStopped, Peers: []Peer{{Node: Node{ID: 2, Hostname: "p"}, Path: "none"}}}, nil
+}
+
+func TestLocalAPIRoundTrip(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "meshd.sock")
+	ln, err := Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode %v, want 0600", fi.Mode().Perm())
+	}
+	b := &fakeBackend{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Serve(ctx, ln, b) }()
+	defer func() {
+		cancel()
+		<-done
+	}()
+
+	// A second daemon on the same socket is refused, not allowed to steal it.
+	if _, err := Listen(sock); err == nil || !strings.Contains(err.Error(), "already listening") {
+		t.Errorf("second Listen: %v", err)
+	}
+
+	c := NewClient(sock)
+	st, err := c.Up(ctx, UpRequest{AuthKey: "k", Coordinator: "https://c", Hostname: "h1", Tags: []string{"tag:a"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Self.ID != 7 || st.Self.Hostname != "h1" || len(b.ups) != 1 || b.ups[0].Tags[0] != "tag:a" {
+		t.Fatalf("up: %+v, backend saw %+v", st, b.ups)
+	}
+	if _, err := c.Up(ctx, UpRequest{AuthKey: "bad"}); err == nil || err.Error() != "register: auth key unknown (check the key)" {
+		t.Fatalf("up with bad key: %v", err)
+	}
+	if err := c.Down(ctx); err != nil || b.downs != 1 {
+		t.Fatalf("down: %v, downs=%d", err, b.downs)
+	}
+	st, err = c.Status(ctx)
+	if err != nil || st.BackendState != StateStopped || len(st.Peers) != 1 || st.Peers[0].Path != "none" {
+		t.Fatalf("status: %+v, %v", st, err)
+	}
+}
+
+func TestClientNoDaemon(t *testing.T) {
+	dir := t.TempDir()
+	// Missing socket, and a stale socket file nobody listens on.
+	stale := filepath.Join(dir, "stale.sock")
+	ln, err := Listen(stale)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.(interface{ SetUnlinkOnClose(bool) }).SetUnlinkOnClose(false)
+	ln.Close()
+	for _, sock := range []string{filepath.Join(dir, "missing.sock"), stale} {
+		_, err := NewClient(sock).Status(context.Background())
+		if !errors.Is(err, ErrNoDaemon) {
+			t.Errorf("%s: got %v, want ErrNoDaemon", sock, err)
+		}
+	}
+	// A stale socket is replaced by a new daemon.
+	ln, err = Listen(stale)
+	if err != nil {
+		t.Fatalf("Listen over stale socket: %v", err)
+	}
+	ln.Close()
+}

@@ -1,0 +1,257 @@
+package agent
+
+import (
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"meshd.dev/meshd/netmap"
+)
+
+// State file names inside the state dir. Each is written atomically and on
+// its own, so a crash mid-write can never leave the identity half-updated.
+const (
+	identityFile = "identity.json"
+	loginFile    = "login.json"
+	netmapFile   = "netmap.json"
+	maxStateFile = netmap.MaxMessageSize
+)
+
+// Identity is the node's long-lived key material.
+type Identity struct {
+	// MachineKey is the Ed25519 key of the control channel's TLS client
+	// certificate. It never changes for a state dir.
+	MachineKey ed25519.PrivateKey `json:"machine_key"`
+	// NodeKey is the WireGuard private key.
+	NodeKey netmap.NodePrivate `json:"node_key"`
+}
+
+// Login records where and as whom the node is registered.
+type Login struct {
+	CoordinatorURL string        `json:"coordinator_url"`
+	ServerPin      string        `json:"server_pin"`
+	NodeID         netmap.NodeID `json:"node_id"`
+	Hostname       string        `json:"hostname,omitempty"`
+	Tags           []string      `json:"tags,omitempty"`
+	Ephemeral      bool          `json:"ephemeral,omitempty"`
+	// WantRunning is false after `meshd down`: a restarted daemon then stays
+	// down until `meshd up`, as a user who took the node down expects.
+	WantRunning bool `json:"want_running"`
+}
+
+// CorruptFileError reports a state file that could not be decoded. The file
+// has been moved aside to MovedTo so that nothing is silently overwritten.
+type CorruptFileError struct {
+	Path    string
+	MovedTo string
+	Err     error
+}
+
+func (e *CorruptFileError) Error() string {
+	return fmt.Sprintf("state file %s is corrupt (%v); moved it to %s: restore it from a backup, or remove it to start over (a new identity needs a new auth key)",
+		e.Path, e.Err, e.MovedTo)
+}
+
+func (e *CorruptFileError) Unwrap() error { return e.Err }
+
+// Store reads and writes the state dir. It holds no cache: each call goes to
+// disk, which keeps it trivially consistent across restarts.
+type Store struct {
+	dir string
+	now func() time.Time
+}
+
+// OpenStore creates dir (0700) if needed and checks it is writable, so that a
+// read-only or foreign-owned dir is reported at start, not at the first save.
+func OpenStore(dir string) (*Store, error) {
+	if dir == "" {
+		return nil, errors.New("no state dir: pass --state-dir (or MESHD_STATE_DIR)")
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("state dir %s: %w (choose a writable --state-dir)", dir, err)
+	}
+	// Keys live here: tighten a dir that someone created with a looser mode.
+	// A failure shows up as "not writable" just below, or is harmless.
+	_ = os.Chmod(dir, 0o700)
+	probe, err := os.CreateTemp(dir, ".probe-*")
+	if err != nil {
+		return nil, fmt.Errorf("state dir %s is not writable: %w (fix its permissions or choose another --state-dir)", dir, err)
+	}
+	probe.Close()
+	os.Remove(probe.Name())
+	return &Store{dir: dir, now: time.Now}, nil
+}
+
+// Dir returns the state dir path.
+func (s *Store) Dir() string { return s.dir }
+
+// LoadOrCreateIdentity returns the stored identity, generating and saving a
+// new one if there is none yet.
+func (s *Store) LoadOrCreateIdentity() (*Identity, error) {
+	var id Identity
+	ok, err := s.readJSON(identityFile, &id, func() error {
+		if len(id.MachineKey) != ed25519.PrivateKeySize {
+			return fmt.Errorf("machine key: want %d bytes, got %d", ed25519.PrivateKeySize, len(id.MachineKey))
+		}
+		if id.NodeKey.IsZero() {
+			return fmt.Errorf("node key: %w", netmap.ErrZeroKey)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if ok {
+		return &id, nil
+	}
+	_, mk, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, fmt.Errorf("generate machine key: %w", err)
+	}
+	id = Identity{MachineKey: mk, NodeKey: netmap.NewNodePrivate()}
+	if err := s.writeJSON(identityFile, &id); err != nil {
+		return nil, err
+	}
+	return &id, nil
+}
+
+// LoadLogin returns the stored login, or nil if the node never registered.
+func (s *Store) LoadLogin() (*Login, error) {
+	var l Login
+	ok, err := s.readJSON(loginFile, &l, func() error {
+		if l.CoordinatorURL == "" {
+			return errors.New("no coordinator url")
+		}
+		if l.NodeID == 0 {
+			return errors.New("node id is zero")
+		}
+		return nil
+	})
+	if err != nil || !ok {
+		return nil, err
+	}
+	return &l, nil
+}
+
+// SaveLogin stores l.
+func (s *Store) SaveLogin(l *Login) error { return s.writeJSON(loginFile, l) }
+
+// LoadNetworkMap returns the last network map saved, or nil if there is none.
+func (s *Store) LoadNetworkMap() (*netmap.NetworkMap, error) {
+	var resp netmap.MapResponse
+	ok, err := s.readJSON(netmapFile, &resp, func() error {
+		if !resp.Full {
+			return errors.New("not a full map")
+		}
+		return resp.Validate()
+	})
+	if err != nil || !ok {
+		return nil, err
+	}
+	var nm netmap.NetworkMap
+	if err := nm.Apply(&resp); err != nil {
+		return nil, fmt.Errorf("state file %s: %w", filepath.Join(s.dir, netmapFile), err)
+	}
+	return &nm, nil
+}
+
+// SaveNetworkMap stores nm as a full map response, the same form the
+// coordinator sends, so loading it goes through the same validation.
+func (s *Store) SaveNetworkMap(nm *netmap.NetworkMap) error {
+	self := nm.Self
+	resp := netmap.MapResponse{
+		Epoch: nm.Epoch, Version: nm.Version, Full: true, Self: &self,
+		PolicyBootstrap: nm.PolicyBootstrap,
+	}
+	for _, p := range nm.SortedPeers() {
+		resp.Peers = append(resp.Peers, *p)
+	}
+	if len(nm.DERPMap.Regions) > 0 {
+		d := nm.DERPMap
+		resp.DERPMap = &d
+	}
+	if nm.PacketFilter != nil {
+		pf := nm.PacketFilter
+		resp.PacketFilter = &pf
+	}
+	return s.writeJSON(netmapFile, &resp)
+}
+
+// readJSON decodes name into v and runs check. It reports ok=false when the
+// file does not exist. A file that fails to decode or check is moved aside
+// and reported as a *CorruptFileError.
+func (s *Store) readJSON(name string, v any, check func() error) (ok bool, err error) {
+	path := filepath.Join(s.dir, name)
+	f, err := os.Open(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("read state: %w", err)
+	}
+	derr := netmap.DecodeJSON(f, maxStateFile, v)
+	f.Close()
+	if derr == nil {
+		derr = check()
+	}
+	if derr == nil {
+		return true, nil
+	}
+	moved := fmt.Sprintf("%s.corrupt-%s", path, s.now().UTC().Format("20060102T150405.000000000Z"))
+	if err := os.Rename(path, moved); err != nil {
+		return false, fmt.Errorf("state file %s is corrupt (%v) and could not be moved aside: %w", path, derr, err)
+	}
+	return false, &CorruptFileError{Path: path, MovedTo: moved, Err: derr}
+}
+
+// writeJSON replaces name atomically: temp file, fsync, rename, fsync dir.
+func (s *Store) writeJSON(name string, v any) error {
+	data, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode %s: %w", name, err)
+	}
+	return writeFileAtomic(filepath.Join(s.dir, name), append(data, '\n'))
+}
+
+func writeFileAtomic(path string, data []byte) error {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp) // no-op after a successful rename
+	if err := f.Chmod(0o600); err != nil {
+		f.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("write %s: sync dir: %w", path, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("write %s: sync dir: %w", path, err)
+	}
+	return nil
+}

@@ -1,0 +1,18 @@
+//go:build !linux
+
+package agent
+
+import (
+	"errors"
+	"net/netip"
+
+	"golang.zx2c4.com/wireguard/tun"
+)
+
+type kernelLink struct{}
+
+func createKernelTUN(name string, mtu int, addrs []netip.Prefix) (tun.Device, *kernelLink, error) {
+	return nil, nil, errors.New("kernel TUN is only supported on Linux; use --tun userspace")
+}
+
+func (kl *kernelLink) setRoutes(want, src []netip.Prefix) error { return nil }

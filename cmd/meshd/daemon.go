@@ -1,0 +1,122 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"runtime"
+	"strings"
+
+	"github.com/peterbourgon/ff/v3/ffcli"
+
+	"meshd.dev/meshd/agent"
+	"meshd.dev/meshd/agent/localapi"
+)
+
+// agentFlags are the flags shared by `meshd daemon` and `meshd up
+// --foreground`, which both run the whole agent.
+type agentFlags struct {
+	stateDir  string
+	tun       string
+	port      int
+	mtu       int
+	socks5    string
+	httpProxy string
+	forwards  forwardList
+}
+
+// forwardList collects repeatable --forward flags.
+type forwardList []agent.Forward
+
+func (f *forwardList) String() string {
+	var s []string
+	for _, x := range *f {
+		s = append(s, x.String())
+	}
+	return strings.Join(s, ",")
+}
+
+func (f *forwardList) Set(v string) error {
+	fs, err := agent.ParseForwards(v)
+	if err != nil {
+		return err
+	}
+	*f = append(*f, fs...)
+	return nil
+}
+
+// defaultTUN is a kernel TUN where we can create one, else the netstack.
+func defaultTUN() string {
+	if runtime.GOOS == "linux" && os.Geteuid() == 0 {
+		return "meshd0"
+	}
+	return agent.TUNUserspace
+}
+
+func (af *agentFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&af.stateDir, "state-dir", "/var/lib/meshd", "directory for keys, registration and the last network map")
+	fs.StringVar(&af.tun, "tun", defaultTUN(), `kernel TUN interface name, or "userspace" for the netstack (no root needed)`)
+	fs.IntVar(&af.port, "port", agent.DefaultPort, "WireGuard UDP port (0 = random)")
+	fs.IntVar(&af.mtu, "mtu", 1280, "tunnel MTU")
+	fs.StringVar(&af.socks5, "socks5-server", "", "serve a SOCKS5 proxy into the tailnet on this address (e.g. 127.0.0.1:1055)")
+	fs.StringVar(&af.httpProxy, "http-proxy", "", "serve an HTTP CONNECT proxy into the tailnet on this address")
+	fs.Var(&af.forwards, "forward", "forward inbound tailnet TCP PORT to LOCALADDR (PORT=LOCALADDR, repeatable or comma-separated)")
+}
+
+func (c *cli) newAgent(af *agentFlags) (*agent.Agent, error) {
+	return agent.New(agent.Options{
+		StateDir: af.stateDir, TUN: af.tun, Port: af.port, MTU: af.mtu,
+		Forwards: af.forwards, SOCKS5Addr: af.socks5, HTTPProxyAddr: af.httpProxy,
+		Logger: c.log,
+	})
+}
+
+func (c *cli) daemonCmd() *ffcli.Command {
+	fs := flag.NewFlagSet("daemon", flag.ContinueOnError)
+	var af agentFlags
+	af.register(fs)
+	socket := fs.String("socket", localapi.DefaultSocket, "local API unix socket")
+	return &ffcli.Command{
+		Name:       "daemon",
+		ShortUsage: "meshd daemon --state-dir DIR [--tun NAME|userspace] [--socket PATH] [--port N]",
+		ShortHelp:  "run the node agent (then use `meshd up` to join a tailnet)",
+		FlagSet:    fs,
+		Options:    envOptions,
+		Exec: func(ctx context.Context, args []string) error {
+			if len(args) > 0 {
+				return fmt.Errorf("daemon: unexpected arguments %q", args)
+			}
+			a, err := c.newAgent(&af)
+			if err != nil {
+				return err
+			}
+			ln, err := localapi.Listen(*socket)
+			if err != nil {
+				return err
+			}
+			c.log.Info("meshd daemon started", "state_dir", af.stateDir, "tun", af.tun, "socket", *socket)
+			return runAgent(ctx, a, ln)
+		},
+	}
+}
+
+// runAgent runs a and, if ln is not nil, the local API on ln, until ctx
+// ends or the agent fails.
+func runAgent(ctx context.Context, a *agent.Agent, ln net.Listener) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	apiDone := make(chan error, 1)
+	if ln != nil {
+		go func() { apiDone <- localapi.Serve(ctx, ln, a) }()
+	} else {
+		apiDone <- nil
+	}
+	err := a.Run(ctx)
+	cancel()
+	if aerr := <-apiDone; aerr != nil && err == nil {
+		err = fmt.Errorf("local api: %w", aerr)
+	}
+	return err
+}

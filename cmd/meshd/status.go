@@ -1,0 +1,115 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net/netip"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/peterbourgon/ff/v3/ffcli"
+
+	"meshd.dev/meshd/agent/localapi"
+)
+
+func (c *cli) statusCmd() *ffcli.Command {
+	fs := flag.NewFlagSet("status", flag.ContinueOnError)
+	socket := fs.String("socket", localapi.DefaultSocket, "local API unix socket of the daemon")
+	asJSON := fs.Bool("json", false, "print JSON")
+	return &ffcli.Command{
+		Name:       "status",
+		ShortUsage: "meshd status [--json] [--socket PATH]",
+		ShortHelp:  "show this node and its peers",
+		FlagSet:    fs,
+		Options:    envOptions,
+		Exec: func(ctx context.Context, args []string) error {
+			if len(args) > 0 {
+				return fmt.Errorf("status: unexpected arguments %q", args)
+			}
+			st, err := localapi.NewClient(*socket).Status(ctx)
+			if err != nil {
+				return noDaemonHint(err, *socket)
+			}
+			if *asJSON {
+				enc := json.NewEncoder(c.stdout)
+				enc.SetIndent("", "  ")
+				return enc.Encode(st)
+			}
+			writeStatus(c.stdout, st, time.Now())
+			return nil
+		},
+	}
+}
+
+// writeStatus prints the table a Tailscale user knows: address, name,
+// owner, and connection state, self first.
+func writeStatus(w io.Writer, st *localapi.Status, now time.Time) {
+	if st.BackendState == localapi.StateNeedsLogin {
+		fmt.Fprintln(w, "Logged out: run meshd up --authkey KEY --coordinator URL")
+		return
+	}
+	if st.BackendState == localapi.StateStopped {
+		fmt.Fprintln(w, "meshd is stopped: run meshd up")
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 3, ' ', 0)
+	if st.Self != nil {
+		state := "-"
+		if !st.Self.Online {
+			state = "offline (coordinator unreachable; data plane on last map)"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\n", firstIP(st.Self.IPs), st.Self.Hostname, owner(st.Self), state)
+	}
+	for _, p := range st.Peers {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\n", firstIP(p.IPs), p.Hostname, owner(&p.Node), peerState(&p, now))
+	}
+	tw.Flush()
+	if st.Message != "" {
+		fmt.Fprintf(w, "# %s\n", st.Message)
+	}
+}
+
+func firstIP(ips []netip.Addr) string {
+	for _, ip := range ips {
+		if ip.Is4() {
+			return ip.String()
+		}
+	}
+	if len(ips) > 0 {
+		return ips[0].String()
+	}
+	return "-"
+}
+
+func owner(n *localapi.Node) string {
+	if len(n.Tags) > 0 {
+		return strings.Join(n.Tags, ",")
+	}
+	if n.User != "" {
+		return n.User
+	}
+	return "-"
+}
+
+func peerState(p *localapi.Peer, now time.Time) string {
+	var parts []string
+	switch {
+	case !p.Online:
+		parts = append(parts, "offline")
+	case p.Path == "direct" && p.LastHandshake != nil && now.Sub(*p.LastHandshake) < 3*time.Minute:
+		parts = append(parts, "active; direct "+p.Endpoint)
+	case p.Path == "direct":
+		parts = append(parts, "idle; direct "+p.Endpoint)
+	case p.Path == "derp":
+		parts = append(parts, "active; relay")
+	default:
+		parts = append(parts, "idle")
+	}
+	if p.RxBytes > 0 || p.TxBytes > 0 {
+		parts = append(parts, fmt.Sprintf("tx %d rx %d", p.TxBytes, p.RxBytes))
+	}
+	return strings.Join(parts, ", ")
+}
