@@ -25,6 +25,7 @@ type agentFlags struct {
 	socks5    string
 	httpProxy string
 	forwards  forwardList
+	loopback  bool
 }
 
 // forwardList collects repeatable --forward flags.
@@ -62,13 +63,14 @@ func (af *agentFlags) register(fs *flag.FlagSet) {
 	fs.IntVar(&af.mtu, "mtu", 1280, "tunnel MTU")
 	fs.StringVar(&af.socks5, "socks5-server", "", "serve a SOCKS5 proxy into the tailnet on this address (e.g. 127.0.0.1:1055)")
 	fs.StringVar(&af.httpProxy, "http-proxy", "", "serve an HTTP CONNECT proxy into the tailnet on this address")
+	fs.BoolVar(&af.loopback, "loopback-only", false, "report only loopback UDP endpoints (every node on this machine: tests, demos)")
 	fs.Var(&af.forwards, "forward", "forward inbound tailnet TCP PORT to LOCALADDR (PORT=LOCALADDR, repeatable or comma-separated)")
 }
 
 func (c *cli) newAgent(af *agentFlags) (*agent.Agent, error) {
 	return agent.New(agent.Options{
 		StateDir: af.stateDir, TUN: af.tun, Port: af.port, MTU: af.mtu,
-		Forwards: af.forwards, SOCKS5Addr: af.socks5, HTTPProxyAddr: af.httpProxy,
+		Forwards: af.forwards, SOCKS5Addr: af.socks5, HTTPProxyAddr: af.httpProxy, LoopbackOnly: af.loopback,
 		Logger: c.log,
 	})
 }
