@@ -109,9 +109,31 @@ func uncovered(as []flowAtom, ap *Policy, bs []flowAtom, bp *Policy) []Flow {
 	}
 	cellPorts := map[cell][]netmap.PortRange{}
 	var cells []cell
+	// Only atoms whose destination is broad, or names the same thing, can
+	// cover an atom: bucket bs so large policies do not compare every pair.
+	type bucket struct {
+		proto uint8
+		kind  selKind
+		name  string
+	}
+	buckets := map[bucket][]flowAtom{}
+	for _, b := range bs {
+		k := bucket{proto: b.proto}
+		switch b.dst.kind {
+		case selTag, selUser:
+			k.kind, k.name = b.dst.kind, b.dst.name
+		default:
+			k.kind = selAny // broad: "*", autogroups, addresses
+		}
+		buckets[k] = append(buckets[k], b)
+	}
 	for _, a := range as {
 		rest := slices.Clone(a.ports)
-		for _, b := range bs {
+		candidates := buckets[bucket{proto: a.proto, kind: selAny}]
+		if a.dst.kind == selTag || a.dst.kind == selUser {
+			candidates = append(slices.Clip(candidates), buckets[bucket{a.proto, a.dst.kind, a.dst.name}]...)
+		}
+		for _, b := range candidates {
 			if len(rest) == 0 {
 				break
 			}

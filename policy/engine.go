@@ -409,6 +409,7 @@ func (e *Engine) FilterFor(n *netmap.Node, all []*netmap.Node) []netmap.FilterRu
 		caps   bool
 	}
 	merged := map[mergeKey]int{}
+	dirty := map[int]bool{} // merged rules that may hold duplicates
 	for _, tr := range e.targetsFor(self) {
 		nets := dstNets(tr.sel, self)
 		var src []netip.Prefix
@@ -423,7 +424,8 @@ func (e *Engine) FilterFor(n *netmap.Node, all []*netmap.Node) []netmap.FilterRu
 		if tr.target == nil {
 			k := mergeKey{rule: tr.rule.idx, caps: true}
 			if i, ok := merged[k]; ok && tr.sel.kind != selSelf {
-				out[i].CapGrants[0].Dsts = appendUnique(out[i].CapGrants[0].Dsts, nets...)
+				out[i].CapGrants[0].Dsts = append(out[i].CapGrants[0].Dsts, nets...)
+				dirty[i] = true
 				continue
 			}
 			merged[k] = len(out)
@@ -442,7 +444,8 @@ func (e *Engine) FilterFor(n *netmap.Node, all []*netmap.Node) []netmap.FilterRu
 		}
 		k := mergeKey{rule: tr.rule.idx, protos: string(tr.target.protos)}
 		if i, ok := merged[k]; ok && tr.sel.kind != selSelf {
-			out[i].DstPorts = appendUnique(out[i].DstPorts, ports...)
+			out[i].DstPorts = append(out[i].DstPorts, ports...)
+			dirty[i] = true
 			continue
 		}
 		if tr.sel.kind != selSelf {
@@ -455,16 +458,22 @@ func (e *Engine) FilterFor(n *netmap.Node, all []*netmap.Node) []netmap.FilterRu
 			Origin:   tr.rule.origin,
 		})
 	}
-	return out
-}
-
-func appendUnique[T comparable](s []T, add ...T) []T {
-	for _, a := range add {
-		if !slices.Contains(s, a) {
-			s = append(s, a)
+	for i := range dirty {
+		r := &out[i]
+		if len(r.CapGrants) > 0 {
+			sortPrefixes(&r.CapGrants[0].Dsts)
+			continue
 		}
+		// Keep the rule's own order (address, then ports as written) but
+		// drop repeats, as when two dst entries name the same node.
+		seen := make(map[netmap.NetPortRange]bool, len(r.DstPorts))
+		r.DstPorts = slices.DeleteFunc(r.DstPorts, func(np netmap.NetPortRange) bool {
+			dup := seen[np]
+			seen[np] = true
+			return dup
+		})
 	}
-	return s
+	return out
 }
 
 // selfSourcesLocked returns the addresses of n's owner's own untagged

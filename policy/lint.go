@@ -33,7 +33,13 @@ func (p *Policy) Lint() []Problem {
 			warn(pos, "%s is never used", g)
 		}
 	}
+	if len(p.rules) > maxShadowRules {
+		warn(Pos{File: p.file, Line: 1, Col: 1}, "%d rules: the shadowed-rule check is skipped above %d rules", len(p.rules), maxShadowRules)
+	}
 	for j := range p.rules {
+		if len(p.rules) > maxShadowRules {
+			break
+		}
 		if by := p.shadowedBy(j); by != nil {
 			warn(p.rules[j].pos, "rule allows nothing more than the wider rule at %s: remove it or narrow that one", by.origin())
 		}
@@ -145,8 +151,19 @@ func (p *Policy) shadowedBy(j int) *rule {
 	return nil
 }
 
+// maxCoverWork bounds the comparison of two rules in lint: beyond it (rules
+// with thousands of destinations each) the shadowing lint skips the pair
+// rather than make `policy check` quadratic in a pathological file.
+const maxCoverWork = 1 << 20
+
+// maxShadowRules bounds the pairwise shadowed-rule check.
+const maxShadowRules = 5000
+
 // rulesCover reports whether every flow of b is a flow of a.
 func (p *Policy) rulesCover(a, b *rule) bool {
+	if len(a.targets)*len(b.targets)+len(a.src)*len(b.src) > maxCoverWork {
+		return false
+	}
 	for _, s := range b.src {
 		if !slices.ContainsFunc(a.src, func(sup selector) bool { return p.selCovers(sup, s) }) {
 			return false

@@ -28,9 +28,9 @@ func TestCheckTags(t *testing.T) {
 		{"alice@example.com", nil, []string{"tag:inference", "tag:ci"}, `"tag:ci"`},
 		{"alice@example.com", nil, []string{"tag:prod"}, "does not own"}, // admin-owned: not by users
 		{"alice@example.com", nil, []string{"tag:nope"}, "not defined"},
-		{"", []string{"tag:prod"}, []string{"tag:prod"}, ""},      // the key carries it
-		{"", []string{"tag:locked"}, []string{"tag:locked"}, ""},  // empty owners: keys only
-		{"", []string{"tag:inference"}, []string{"tag:ci"}, ""},   // tag owns tag
+		{"", []string{"tag:prod"}, []string{"tag:prod"}, ""},     // the key carries it
+		{"", []string{"tag:locked"}, []string{"tag:locked"}, ""}, // empty owners: keys only
+		{"", []string{"tag:inference"}, []string{"tag:ci"}, ""},  // tag owns tag
 		{"", []string{"tag:inference"}, []string{"tag:prod"}, "not owned by the auth key"},
 		{"", []string{"tag:ci"}, []string{"tag:inference"}, "not owned by the auth key"},
 		{"", nil, []string{"tag:ci"}, "needs an owner"},
