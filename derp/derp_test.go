@@ -348,6 +348,11 @@ func TestClientInfoForgeryRejected(t *testing.T) {
 		{"low-order public key", func(r *rawConn) {
 			r.sendInfo(lowOrder, attacker, r.nonce, clientInfo{Version: 1})
 		}, "not a valid Curve25519"},
+		{"non-canonical key encoding", func(r *rawConn) {
+			k := victim.Public()
+			k[31] |= 0x80 // same point for X25519, different bytes
+			r.sendInfo(k, victim, r.nonce, clientInfo{Version: 1})
+		}, "not a valid Curve25519"},
 		{"mesh key on a server without mesh", func(r *rawConn) {
 			r.sendInfo(attacker.Public(), attacker, r.nonce, clientInfo{Version: 1, MeshKey: strings.Repeat("ab", 32)})
 		}, "mesh key rejected"},
