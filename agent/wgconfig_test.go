@@ -36,7 +36,7 @@ func TestUAPIDiff(t *testing.T) {
 	}{
 		{name: "no change", old: set(peer(k1, ep1, ips1)), want: set(peer(k1, ep1, ips1)), empty: true},
 		{name: "add", old: set(), want: set(peer(k1, ep1, ips1)),
-			wantLines: []string{"public_key=" + hx(k1), "endpoint=198.18.0.1:41641", "allowed_ip=100.64.0.1/32"},
+			wantLines: []string{"public_key=" + hx(k1), "persistent_keepalive_interval=25", "endpoint=198.18.0.1:41641", "allowed_ip=100.64.0.1/32"},
 			notWant:   []string{"update_only", "remove"}},
 		{name: "add without endpoint", old: set(), want: set(peer(k1, netip.AddrPort{}, ips1)),
 			wantLines: []string{"public_key=" + hx(k1), "allowed_ip=100.64.0.1/32"}, notWant: []string{"endpoint="}},

@@ -1,0 +1,522 @@
+// Package e2e runs the built meshd binary end to end: a coordinator and
+// daemons with kernel TUN devices in network namespaces (root), and the
+// same flow in userspace (netstack) mode on loopback through the SOCKS5
+// proxy (no root).
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/net/proxy"
+
+	"meshd.dev/meshd/agent/localapi"
+	"meshd.dev/meshd/internal/netlab"
+)
+
+// buildMeshd compiles cmd/meshd into a temp dir.
+func buildMeshd(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "meshd")
+	cmd := exec.Command("go", "build", "-o", bin, "meshd.dev/meshd/cmd/meshd")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// proc is a running meshd process.
+type proc struct {
+	name string
+	cmd  *exec.Cmd
+	out  *syncBuffer
+	done chan struct{}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+func start(t *testing.T, name string, cmd *exec.Cmd) *proc {
+	t.Helper()
+	p := &proc{name: name, cmd: cmd, out: &syncBuffer{}, done: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = p.out, p.out
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", name, err)
+	}
+	go func() { cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		p.kill()
+		if t.Failed() {
+			t.Logf("--- %s output:\n%s", name, p.out.String())
+		}
+	})
+	return p
+}
+
+// kill is kill -9: no clean shutdown, as after a crash.
+func (p *proc) kill() {
+	select {
+	case <-p.done:
+		return
+	default:
+	}
+	p.cmd.Process.Signal(syscall.SIGKILL)
+	<-p.done
+}
+
+func (p *proc) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// env is one test's mesh: how to start processes and where things are.
+type env struct {
+	t   *testing.T
+	bin string
+	dir string
+	// command builds a command for node (a namespace name or "" for the
+	// local machine).
+	command   func(host *netlab.Host, args ...string) *exec.Cmd
+	coordURL  string
+	coord     *proc
+	tokenFile string
+}
+
+type node struct {
+	name     string
+	host     *netlab.Host // nil on loopback
+	stateDir string
+	socket   string
+	args     []string // daemon flags besides --state-dir and --socket
+	proc     *proc
+}
+
+func (e *env) cmd(host *netlab.Host, args ...string) *exec.Cmd {
+	if host != nil {
+		return host.Command(context.Background(), e.bin, args...)
+	}
+	return exec.Command(e.bin, args...)
+}
+
+func (e *env) startCoordinator(host *netlab.Host, listen string) {
+	e.t.Helper()
+	dir := filepath.Join(e.dir, "coordinator")
+	e.coord = start(e.t, "coordinator", e.cmd(host, "coordinator", "--listen", listen, "--state-dir", dir))
+	e.coordURL = "https://" + listen
+	e.tokenFile = filepath.Join(dir, "admin.token")
+	waitFor(e.t, 30*time.Second, "coordinator to start", func() (bool, string) {
+		if e.coord.exited() {
+			e.t.Fatalf("coordinator exited:\n%s", e.coord.out.String())
+		}
+		_, err := os.Stat(e.tokenFile)
+		return err == nil, fmt.Sprint(err)
+	})
+}
+
+// authKey creates a reusable tagged key through the admin CLI.
+func (e *env) authKey(host *netlab.Host) string {
+	e.t.Helper()
+	var out []byte
+	var err error
+	// The admin API may still be coming up right after admin.token appears.
+	waitFor(e.t, 15*time.Second, "admin keys create", func() (bool, string) {
+		out, err = e.cmd(host, "admin", "keys", "create", "--coordinator", e.coordURL, "--token-file", e.tokenFile,
+			"--reusable", "--tags", "tag:e2e", "--json").Output()
+		return err == nil, fmt.Sprintf("%v: %s", err, out)
+	})
+	var k struct {
+		Key string `json:"key"`
+	}
+	if err := json.Unmarshal(out, &k); err != nil || k.Key == "" {
+		e.t.Fatalf("admin keys create printed %q: %v", out, err)
+	}
+	return k.Key
+}
+
+func (e *env) newNode(name string, host *netlab.Host, args ...string) *node {
+	return &node{name: name, host: host, stateDir: filepath.Join(e.dir, name), socket: filepath.Join(e.dir, name+".sock"), args: args}
+}
+
+// startDaemon starts (or restarts) n's daemon and waits for its socket.
+func (e *env) startDaemon(n *node) {
+	e.t.Helper()
+	args := append([]string{"daemon", "--state-dir", n.stateDir, "--socket", n.socket}, n.args...)
+	n.proc = start(e.t, n.name, e.cmd(n.host, args...))
+	waitFor(e.t, 15*time.Second, n.name+" daemon socket", func() (bool, string) {
+		if n.proc.exited() {
+			e.t.Fatalf("%s daemon exited:\n%s", n.name, n.proc.out.String())
+		}
+		_, err := localapi.NewClient(n.socket).Status(context.Background())
+		return err == nil, fmt.Sprint(err)
+	})
+}
+
+// cli runs a meshd CLI command against n's daemon, from the root namespace
+// (the socket is just a path).
+func (e *env) cli(n *node, args ...string) (string, error) {
+	args = append(args[:1:1], append([]string{"--socket", n.socket}, args[1:]...)...)
+	out, err := exec.Command(e.bin, args...).CombinedOutput()
+	return string(out), err
+}
+
+func (e *env) up(n *node, authKey string) {
+	e.t.Helper()
+	out, err := e.cli(n, "up", "--authkey", authKey, "--coordinator", e.coordURL, "--hostname", n.name)
+	if err != nil {
+		e.t.Fatalf("meshd up %s: %v\n%s", n.name, err, out)
+	}
+}
+
+func (e *env) status(n *node) *localapi.Status {
+	e.t.Helper()
+	out, err := e.cli(n, "status", "--json")
+	if err != nil {
+		e.t.Fatalf("meshd status %s: %v\n%s", n.name, err, out)
+	}
+	var st localapi.Status
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		e.t.Fatalf("status --json of %s: %v\n%s", n.name, err, out)
+	}
+	return &st
+}
+
+// waitPeers waits until n's status lists every one of names as a peer.
+func (e *env) waitPeers(n *node, names ...string) {
+	e.t.Helper()
+	waitFor(e.t, 30*time.Second, n.name+" to see "+strings.Join(names, ","), func() (bool, string) {
+		st := e.status(n)
+		var have []string
+		for _, p := range st.Peers {
+			have = append(have, p.Hostname)
+		}
+		for _, want := range names {
+			if !slices.Contains(have, want) {
+				return false, fmt.Sprintf("peers %v", have)
+			}
+		}
+		return true, ""
+	})
+}
+
+func waitFor(t *testing.T, d time.Duration, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		ok, detail := cond()
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s: %s", d, what, detail)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func ipv4Of(st *localapi.Status) netip.Addr {
+	for _, ip := range st.Self.IPs {
+		if ip.Is4() {
+			return ip
+		}
+	}
+	return netip.Addr{}
+}
+
+func freePort(t *testing.T, network string) int {
+	t.Helper()
+	switch network {
+	case "udp":
+		c, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		return c.LocalAddr().(*net.UDPAddr).Port
+	default:
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		return l.Addr().(*net.TCPAddr).Port
+	}
+}
+
+// payload is the data every transfer sends and checks.
+func payload() []byte {
+	b := make([]byte, 4<<20)
+	for i := range b {
+		b[i] = byte(i*131 + i>>11)
+	}
+	return b
+}
+
+// serveSHA accepts connections on ln, reads everything and answers with
+// the SHA-256 of what it read.
+func serveSHA(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(60 * time.Second))
+			h := sha256.New()
+			io.Copy(h, c)
+			c.Write(h.Sum(nil))
+		}()
+	}
+}
+
+// transfer sends the payload over c (half-closing after it) and checks the
+// SHA-256 the server answers with.
+func transfer(c net.Conn) error {
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	data := payload()
+	if _, err := c.Write(data); err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+	got, err := io.ReadAll(c)
+	if err != nil {
+		return fmt.Errorf("read digest: %w", err)
+	}
+	want := sha256.Sum256(data)
+	if !bytes.Equal(got, want[:]) {
+		return fmt.Errorf("digest mismatch: got %x", got)
+	}
+	return nil
+}
+
+// TestKernelTUN: coordinator and daemons in network namespaces with kernel
+// TUN devices.
+func TestKernelTUN(t *testing.T) {
+	t.Parallel()
+	lab := netlab.New(t)
+	e := &env{t: t, bin: buildMeshd(t), dir: t.TempDir()}
+	lan := lab.NewSegment("lan", netip.MustParsePrefix("198.18.0.0/24"))
+	hosts := map[string]*netlab.Host{}
+	for _, name := range []string{"coord", "n1", "n2", "n3"} {
+		hosts[name] = lab.NewHost(name)
+		hosts[name].Attach(lan)
+	}
+	e.startCoordinator(hosts["coord"], "198.18.0.1:8443")
+	key := e.authKey(hosts["coord"])
+
+	n1 := e.newNode("n1", hosts["n1"], "--tun", "meshd0")
+	n2 := e.newNode("n2", hosts["n2"], "--tun", "meshd0")
+	n3 := e.newNode("n3", hosts["n3"], "--tun", "meshd0")
+	for _, n := range []*node{n1, n2} {
+		e.startDaemon(n)
+		e.up(n, key)
+	}
+	e.waitPeers(n1, "n2")
+	e.waitPeers(n2, "n1")
+	st2 := e.status(n2)
+	ip2 := ipv4Of(st2)
+	if !ip2.IsValid() || len(st2.Self.Tags) != 1 || st2.Self.Tags[0] != "tag:e2e" {
+		t.Fatalf("n2 status self: %+v", st2.Self)
+	}
+	// The TUN really exists with the tailnet address.
+	if out := hosts["n2"].MustRun("ip", "-o", "addr", "show", "dev", "meshd0"); !strings.Contains(out, ip2.String()+"/32") {
+		t.Fatalf("meshd0 in n2 lacks %v:\n%s", ip2, out)
+	}
+
+	// A SHA server on n2's tailnet address, inside n2's namespace.
+	var ln net.Listener
+	if err := hosts["n2"].Do(func() (err error) { ln, err = net.Listen("tcp", netip.AddrPortFrom(ip2, 5201).String()); return }); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go serveSHA(ln)
+
+	pingAndTransfer := func(step string, from *netlab.Host, to netip.Addr, check *node) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		if err := from.Ping(ctx, to); err != nil {
+			t.Fatalf("%s: %v", step, err)
+		}
+		var c net.Conn
+		if err := from.Do(func() (err error) {
+			d := net.Dialer{Timeout: 20 * time.Second}
+			c, err = d.Dial("tcp", netip.AddrPortFrom(to, 5201).String())
+			return
+		}); err != nil {
+			t.Fatalf("%s: dial: %v", step, err)
+		}
+		if err := transfer(c); err != nil {
+			t.Fatalf("%s: transfer: %v", step, err)
+		}
+		// The transfer shows in status as a direct path with bytes.
+		if check != nil {
+			for _, p := range e.status(check).Peers {
+				if p.IPs[0] == to && (p.Path != "direct" || p.TxBytes < 4<<20 || p.LastHandshake == nil) {
+					t.Fatalf("%s: status after transfer: %+v", step, p)
+				}
+			}
+		}
+		t.Logf("%s: ping and 4 MiB transfer to %v ok", step, to)
+	}
+	pingAndTransfer("first contact", hosts["n1"], ip2, n1)
+	// IPv6 through the tunnel too.
+	for _, ip := range st2.Self.IPs {
+		if ip.Is6() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			if err := hosts["n1"].Ping(ctx, ip); err != nil {
+				t.Fatalf("ping6: %v", err)
+			}
+			cancel()
+		}
+	}
+
+	// kill -9 and restart n2: same addresses, no auth key.
+	n2.proc.kill()
+	e.startDaemon(n2)
+	waitFor(t, 20*time.Second, "n2 running again", func() (bool, string) {
+		st := e.status(n2)
+		return st.BackendState == localapi.StateRunning, st.BackendState
+	})
+	if got := e.status(n2).Self.IPs; !slices.Equal(got, st2.Self.IPs) {
+		t.Fatalf("n2 addresses after restart: %v, before %v", got, st2.Self.IPs)
+	}
+	pingAndTransfer("after n2 restart", hosts["n1"], ip2, nil)
+
+	// A third node joins and shows up in the others' status.
+	e.startDaemon(n3)
+	e.up(n3, key)
+	e.waitPeers(n1, "n2", "n3")
+	e.waitPeers(n2, "n1", "n3")
+	e.waitPeers(n3, "n1", "n2")
+	ip3 := ipv4Of(e.status(n3))
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := hosts["n1"].Ping(ctx, ip3); err != nil {
+		t.Fatalf("n1 -> new node n3: %v", err)
+	}
+
+	// Coordinator down: existing peers keep working, and a node restarted
+	// meanwhile comes back from its saved map.
+	e.coord.kill()
+	pingAndTransfer("coordinator down", hosts["n1"], ip2, nil)
+	n1.proc.kill()
+	e.startDaemon(n1)
+	waitFor(t, 20*time.Second, "n1 data plane from saved map", func() (bool, string) {
+		st := e.status(n1)
+		return st.BackendState == localapi.StateRunning && len(st.Peers) == 2, fmt.Sprintf("%s, %d peers, %s", st.BackendState, len(st.Peers), st.Message)
+	})
+	pingAndTransfer("n1 restarted with coordinator down", hosts["n1"], ip2, nil)
+	if err := hosts["n3"].Ping(ctx, ipv4Of(e.status(n1))); err != nil {
+		t.Fatalf("n3 -> n1 with coordinator down: %v", err)
+	}
+}
+
+// TestUserspaceSOCKS5: the same flow in netstack mode without root, on
+// loopback, through the SOCKS5 proxy and --forward.
+func TestUserspaceSOCKS5(t *testing.T) {
+	t.Parallel()
+	e := &env{t: t, bin: buildMeshd(t), dir: t.TempDir()}
+	e.startCoordinator(nil, fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp")))
+	key := e.authKey(nil)
+
+	// The service n2 exposes to the tailnet lives on the local machine.
+	svc, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer svc.Close()
+	go serveSHA(svc)
+
+	socks := fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp"))
+	common := []string{"--tun", "userspace", "--loopback-only"}
+	n1 := e.newNode("n1", nil, append(common, "--port", fmt.Sprint(freePort(t, "udp")), "--socks5-server", socks)...)
+	n2 := e.newNode("n2", nil, append(common, "--port", fmt.Sprint(freePort(t, "udp")), "--forward", "8080="+svc.Addr().String())...)
+	n3 := e.newNode("n3", nil, append(common, "--port", "0")...)
+	for _, n := range []*node{n1, n2} {
+		e.startDaemon(n)
+		e.up(n, key)
+	}
+	e.waitPeers(n1, "n2")
+	e.waitPeers(n2, "n1")
+	ip2 := ipv4Of(e.status(n2))
+
+	viaSOCKS := func(step, target string) {
+		t.Helper()
+		d, err := proxy.SOCKS5("tcp", socks, nil, &net.Dialer{Timeout: 10 * time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var c net.Conn
+		// The first dial after a restart may race the new handshake.
+		waitFor(t, 20*time.Second, step+": SOCKS5 connect "+target, func() (bool, string) {
+			c, err = d.Dial("tcp", target)
+			return err == nil, fmt.Sprint(err)
+		})
+		if err := transfer(c); err != nil {
+			t.Fatalf("%s: %v", step, err)
+		}
+		t.Logf("%s: 4 MiB through SOCKS5 to %s ok", step, target)
+	}
+	viaSOCKS("first contact", netip.AddrPortFrom(ip2, 8080).String())
+	viaSOCKS("by hostname", "n2:8080")
+
+	n2.proc.kill()
+	e.startDaemon(n2)
+	waitFor(t, 20*time.Second, "n2 running again", func() (bool, string) {
+		st := e.status(n2)
+		return st.BackendState == localapi.StateRunning && ipv4Of(st) == ip2, fmt.Sprint(st.BackendState, st.Self)
+	})
+	viaSOCKS("after n2 restart", netip.AddrPortFrom(ip2, 8080).String())
+
+	e.startDaemon(n3)
+	e.up(n3, key)
+	e.waitPeers(n1, "n2", "n3")
+	e.waitPeers(n2, "n1", "n3")
+
+	e.coord.kill()
+	viaSOCKS("coordinator down", netip.AddrPortFrom(ip2, 8080).String())
+	n1.proc.kill()
+	e.startDaemon(n1)
+	waitFor(t, 20*time.Second, "n1 from saved map", func() (bool, string) {
+		st := e.status(n1)
+		return st.BackendState == localapi.StateRunning && len(st.Peers) == 2, st.BackendState
+	})
+	viaSOCKS("n1 restarted with coordinator down", netip.AddrPortFrom(ip2, 8080).String())
+}
