@@ -104,7 +104,7 @@ func TestParseStrict(t *testing.T) {
 		{"ping zero node key", Marshal(Ping{TxID: NewTxID()}), "without node key"},
 		{"ping nonzero padding", append(append([]byte(nil), ping...), 0, 1), "padding"},
 		{"long pong", append(append([]byte(nil), pong...), 0), "pong of"},
-		{"pong port zero", pong[:len(pong)-2:len(pong)-2], "pong of"},
+		{"pong port zero", pong[: len(pong)-2 : len(pong)-2], "pong of"},
 		{"pong unspecified src", Marshal(Pong{Src: netip.AddrPortFrom(netip.IPv4Unspecified(), 9)}), "invalid endpoint"},
 		{"pong zero port", Marshal(Pong{Src: netip.MustParseAddrPort("192.0.2.1:0")}), "invalid endpoint"},
 		{"call-me-maybe ragged", cmm[:len(cmm)-1], "multiple of"},
