@@ -429,7 +429,9 @@ func (a *AdminClient) Nodes(ctx context.Context) ([]NodeInfo, error) {
 	return out, a.do(ctx, http.MethodGet, "/admin/v1/nodes", nil, &out)
 }
 
-func nodePath(id netmap.NodeID) string { return "/admin/v1/nodes/" + strconv.FormatUint(uint64(id), 10) }
+func nodePath(id netmap.NodeID) string {
+	return "/admin/v1/nodes/" + strconv.FormatUint(uint64(id), 10)
+}
 
 // DeleteNode deletes a node.
 func (a *AdminClient) DeleteNode(ctx context.Context, id netmap.NodeID) error {

@@ -1,6 +1,8 @@
 package control
 
 import (
+	"bytes"
+	"net/http"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
@@ -160,13 +162,16 @@ func (n *testNode) follow(t testing.TB, req netmap.MapRequest) context.CancelFun
 			n.maps <- m
 		})
 	}()
+	var once sync.Once
 	stop := func() {
-		cancel()
-		select {
-		case <-n.fdone:
-		case <-time.After(10 * time.Second):
-			t.Error("Follow did not return after cancel")
-		}
+		once.Do(func() {
+			cancel()
+			select {
+			case <-n.fdone:
+			case <-time.After(10 * time.Second):
+				t.Error("Follow did not return after cancel")
+			}
+		})
 	}
 	t.Cleanup(stop)
 	return stop
@@ -213,4 +218,23 @@ func wantErr(t testing.TB, err, want error) {
 	if !errors.Is(err, want) {
 		t.Fatalf("error %v: want %v", err, want)
 	}
+}
+
+var osReadFile = os.ReadFile
+
+// doRaw posts body as-is to a machine endpoint with c's credentials.
+func doRaw(ctx context.Context, c *Client, path string, body []byte) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base.JoinPath(path).String(), bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return readAPIError(resp)
+	}
+	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"reflect"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"meshd.dev/meshd/netmap"
@@ -38,6 +39,10 @@ type hub struct {
 
 	// log records which node changed at each version, for resuming streams
 	// (id 0 marks a change that needs a full map, such as a policy change).
+	stats struct {
+		full, resumed atomic.Int64 // first messages sent, by kind
+	}
+
 	log     []change
 	logNext int // ring position of the next entry
 	logFull bool
@@ -405,6 +410,9 @@ func (h *hub) subscribe(id netmap.NodeID, since uint64, epoch string) (*session,
 	first := h.resumeLocked(n, since, epoch)
 	if first == nil {
 		first = h.fullLocked(n)
+		h.stats.full.Add(1)
+	} else {
+		h.stats.resumed.Add(1)
 	}
 	if !h.bootstrap {
 		s.lastFilter, _ = json.Marshal(*first.PacketFilter)

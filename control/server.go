@@ -270,7 +270,8 @@ func (s *Server) TLSConfig() *tls.Config {
 	}
 }
 
-// Serve accepts connections on ln (plain TCP: Serve adds TLS) until Close.
+// Serve accepts connections on ln (plain TCP: Serve adds TLS) until Close,
+// and then returns nil.
 func (s *Server) Serve(ln net.Listener) error {
 	srv := &http.Server{
 		Handler:           s.Handler(),
@@ -283,7 +284,8 @@ func (s *Server) Serve(ln net.Listener) error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
-		return http.ErrServerClosed
+		ln.Close()
+		return nil
 	}
 	s.servers = append(s.servers, srv)
 	s.mu.Unlock()
