@@ -58,7 +58,22 @@ type crule struct {
 	targets  []*tref
 	srcIPs   []netip.Prefix // cache: every source address; valid when srcValid
 	srcValid bool
+	// pending are node joins and leaves not yet folded into srcIPs: a
+	// join then costs one merge into the sorted cache on next use, not a
+	// rebuild of a source set that may hold every device of the tailnet.
+	pending []srcChange
 }
+
+type srcChange struct {
+	add   bool
+	addrs []netip.Prefix
+}
+
+// minPending is how many changes may queue on any rule before its source
+// set is rebuilt from the index instead; larger sets queue up to an eighth
+// of their size, since folding k changes costs O(n + k log k) against a
+// rebuild's O(n log n).
+const minPending = 64
 
 // tref is one destination of a rule: an "ip" target, or (target == nil) an
 // "app" capability destination.
@@ -268,7 +283,7 @@ func (e *Engine) upsertLocked(n *netmap.Node) {
 			e.byKey[k] = m
 		}
 		m[n.ID] = ne
-		e.invalidate(k)
+		e.noteChange(k, true, ne.addrs)
 	}
 }
 
@@ -280,13 +295,22 @@ func (e *Engine) removeLocked(id netmap.NodeID) {
 	delete(e.nodes, id)
 	for _, k := range ne.keys {
 		delete(e.byKey[k], id)
-		e.invalidate(k)
+		e.noteChange(k, false, ne.addrs)
 	}
 }
 
-func (e *Engine) invalidate(key string) {
+// noteChange records that a node with addrs joined (add) or left the set
+// of nodes under key, for every rule whose sources include key.
+func (e *Engine) noteChange(key string, add bool, addrs []netip.Prefix) {
 	for _, cr := range e.srcByKey[key] {
-		cr.srcValid, cr.srcIPs = false, nil
+		if !cr.srcValid {
+			continue
+		}
+		if len(cr.pending) >= max(minPending, len(cr.srcIPs)/8) {
+			cr.srcValid, cr.srcIPs, cr.pending = false, nil, nil
+			continue
+		}
+		cr.pending = append(cr.pending, srcChange{add: add, addrs: addrs})
 	}
 }
 
@@ -295,6 +319,10 @@ var allIPs = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParseP
 // srcIPsLocked returns the rule's source addresses, from the cache when
 // no node it depends on changed.
 func (e *Engine) srcIPsLocked(cr *crule) []netip.Prefix {
+	if cr.srcValid && len(cr.pending) > 0 {
+		cr.srcIPs = applyChanges(cr.srcIPs, cr.pending, cr.srcPfx)
+		cr.pending = nil
+	}
 	if cr.srcValid {
 		return cr.srcIPs
 	}
@@ -314,13 +342,64 @@ func (e *Engine) srcIPsLocked(cr *crule) []netip.Prefix {
 	return ips
 }
 
-func sortPrefixes(ps *[]netip.Prefix) {
-	slices.SortFunc(*ps, func(a, b netip.Prefix) int {
-		if c := a.Addr().Compare(b.Addr()); c != 0 {
-			return c
+// applyChanges returns a new sorted source set: cur with the queued joins
+// and leaves applied in order. cur itself is never modified, since earlier
+// FilterFor results share it. Addresses in literal (the rule's own
+// addresses and CIDRs) stay even when a node holding one leaves. Node
+// addresses are unique in a tailnet, so a leave removes exactly that
+// node's addresses.
+func applyChanges(cur []netip.Prefix, changes []srcChange, literal []netip.Prefix) []netip.Prefix {
+	final := map[netip.Prefix]bool{} // true: add, false: remove
+	for _, c := range changes {
+		for _, a := range c.addrs {
+			final[a] = c.add
 		}
-		return cmp.Compare(a.Bits(), b.Bits())
-	})
+	}
+	var adds, dels []netip.Prefix
+	for a, add := range final {
+		switch {
+		case add:
+			adds = append(adds, a)
+		case !slices.Contains(literal, a):
+			dels = append(dels, a)
+		}
+	}
+	sortPrefixes(&adds)
+	sortPrefixes(&dels)
+	out := make([]netip.Prefix, 0, len(cur)+len(adds))
+	i, j, k := 0, 0, 0
+	for i < len(cur) || j < len(adds) {
+		var next netip.Prefix
+		if j == len(adds) || i < len(cur) && comparePrefix(cur[i], adds[j]) <= 0 {
+			next = cur[i]
+			i++
+		} else {
+			next = adds[j]
+			j++
+		}
+		for k < len(dels) && comparePrefix(dels[k], next) < 0 {
+			k++
+		}
+		if k < len(dels) && dels[k] == next {
+			continue
+		}
+		if len(out) > 0 && out[len(out)-1] == next {
+			continue
+		}
+		out = append(out, next)
+	}
+	return out
+}
+
+func comparePrefix(a, b netip.Prefix) int {
+	if c := a.Addr().Compare(b.Addr()); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.Bits(), b.Bits())
+}
+
+func sortPrefixes(ps *[]netip.Prefix) {
+	slices.SortFunc(*ps, comparePrefix)
 	*ps = slices.Compact(*ps)
 }
 
