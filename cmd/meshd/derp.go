@@ -1,0 +1,225 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/peterbourgon/ff/v3/ffcli"
+	"golang.org/x/time/rate"
+
+	"meshd.dev/meshd/derp"
+	"meshd.dev/meshd/nat/stun"
+	"meshd.dev/meshd/netmap"
+)
+
+func (c *cli) derpCmd() *ffcli.Command {
+	fs := flag.NewFlagSet("derp", flag.ContinueOnError)
+	listen := fs.String("listen", ":443", "TCP `address` for the relay (TLS, HTTP upgrade on /derp)")
+	stunListen := fs.String("stun-listen", ":3478", "UDP `address` for the STUN server; empty disables it")
+	stateDir := fs.String("state-dir", "", "`directory` keeping the relay key and TLS certificate, so the fingerprint survives restarts; empty: ephemeral, new fingerprint each start")
+	certHosts := fs.String("cert-hosts", "", "comma-separated host names and IPs for the self-signed certificate (default: the --listen host)")
+	meshKeyFile := fs.String("mesh-key-file", "", "`file` holding the region's mesh key (64 hex digits); servers sharing it forward to each other")
+	meshWith := fs.String("mesh-with", "", "comma-separated `URLs` of the other relays of this region, each https://HOST:PORT#FINGERPRINT")
+	clientRate := fs.Float64("client-rate-mbit", 0, "per-client relay rate limit in Mbit/s (0: unlimited)")
+	queue := fs.Int("client-queue", derp.DefaultSendQueueDepth, "packets queued per receiving client before new ones are dropped")
+	return &ffcli.Command{
+		Name:       "derp",
+		ShortUsage: "meshd derp --listen ADDR [--stun-listen ADDR] [--state-dir DIR] [--mesh-key-file F --mesh-with URL,..]",
+		ShortHelp:  "run a DERP relay (and STUN server) for nodes that cannot reach each other directly",
+		LongHelp: `Runs a relay that forwards WireGuard packets between nodes addressed by
+their public key, over TLS on one TCP port, so it works where only outbound
+TCP is open. Clients prove they hold the node key they claim. It prints its
+certificate fingerprint and a DERP map node entry to paste into the
+coordinator's --derp-map file.`,
+		FlagSet: fs,
+		Options: envOptions,
+		Exec: func(ctx context.Context, args []string) error {
+			if len(args) > 0 {
+				return &exitError{2, fmt.Sprintf("derp: unexpected arguments %q", args)}
+			}
+			if *clientRate < 0 || *queue <= 0 {
+				return &exitError{2, "derp: --client-rate-mbit must be >= 0 and --client-queue > 0"}
+			}
+			var meshKey string
+			if *meshKeyFile != "" {
+				b, err := os.ReadFile(*meshKeyFile)
+				if err != nil {
+					return &exitError{2, fmt.Sprintf("derp: --mesh-key-file: %v", err)}
+				}
+				meshKey = strings.TrimSpace(string(b))
+				if _, err := derp.ParseMeshKey(meshKey); err != nil {
+					return &exitError{2, fmt.Sprintf("derp: %s: %v", *meshKeyFile, err)}
+				}
+			}
+			peers, err := parseMeshWith(*meshWith)
+			if err != nil {
+				return &exitError{2, "derp: " + err.Error()}
+			}
+			if len(peers) > 0 && meshKey == "" {
+				return &exitError{2, "derp: --mesh-with needs --mesh-key-file (the region's shared mesh key)"}
+			}
+			return c.runDERP(ctx, derpConfig{
+				listen: *listen, stunListen: *stunListen, stateDir: *stateDir, certHosts: *certHosts,
+				meshKey: meshKey, meshWith: peers, clientRate: *clientRate, queue: *queue,
+			})
+		},
+	}
+}
+
+type meshPeer struct{ url, fingerprint string }
+
+func parseMeshWith(s string) ([]meshPeer, error) {
+	var peers []meshPeer
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		u, fp, _ := strings.Cut(f, "#")
+		if !strings.HasPrefix(u, "https://") && !strings.HasPrefix(u, "http://") {
+			return nil, fmt.Errorf("--mesh-with %q: want https://HOST:PORT#FINGERPRINT", f)
+		}
+		peers = append(peers, meshPeer{u, fp})
+	}
+	return peers, nil
+}
+
+type derpConfig struct {
+	listen, stunListen, stateDir, certHosts string
+	meshKey                                 string
+	meshWith                                []meshPeer
+	clientRate                              float64
+	queue                                   int
+}
+
+func (c *cli) runDERP(ctx context.Context, cfg derpConfig) error {
+	ln, err := net.Listen("tcp", cfg.listen)
+	if err != nil {
+		return fmt.Errorf("derp: listen on %s: %w", cfg.listen, err)
+	}
+	defer ln.Close()
+	hosts := splitList(cfg.certHosts)
+	if len(hosts) == 0 {
+		if h, _, err := net.SplitHostPort(cfg.listen); err == nil && h != "" {
+			hosts = []string{h}
+		}
+	}
+	var cert tls.Certificate
+	var key netmap.NodePrivate
+	if cfg.stateDir != "" {
+		if cert, err = derp.LoadOrCreateCert(cfg.stateDir, hosts); err != nil {
+			return err
+		}
+		if key, err = derp.LoadOrCreateServerKey(cfg.stateDir); err != nil {
+			return err
+		}
+	} else {
+		c.log.Warn("derp: no --state-dir: the certificate fingerprint changes on every start, so pinned DERP maps must be updated")
+		if cert, err = derp.NewSelfSignedCert(hosts); err != nil {
+			return err
+		}
+		key = netmap.NewNodePrivate()
+	}
+	opts := derp.ServerOptions{PrivateKey: key, MeshKey: cfg.meshKey, SendQueueDepth: cfg.queue, Logger: c.log}
+	if cfg.clientRate > 0 {
+		opts.ClientRate = rate.Limit(cfg.clientRate * 1e6 / 8)
+	}
+	srv, err := derp.NewServer(opts)
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	stunPort := -1
+	if cfg.stunListen != "" {
+		st, err := stun.Listen(cfg.stunListen, c.log)
+		if err != nil {
+			return fmt.Errorf("derp: %w", err)
+		}
+		stunPort = int(st.AddrPort().Port())
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := st.Serve(ctx); err != nil {
+				c.log.Error("derp: STUN server stopped", "err", err)
+			}
+		}()
+	}
+	for _, p := range cfg.meshWith {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := srv.RunMeshPeer(ctx, p.url, p.fingerprint); err != nil {
+				c.log.Error("derp: mesh peer disabled", "peer", p.url, "err", err)
+			}
+		}()
+	}
+
+	mux := http.NewServeMux()
+	mux.Handle("/derp", srv)
+	mux.HandleFunc("/derp/probe", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusNoContent) })
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, "meshd DERP relay; clients connect to /derp")
+	})
+	hs := &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: 10 * time.Second,
+		// TLS handshake noise from scanners belongs at debug level.
+		ErrorLog:  slog.NewLogLogger(c.log.Handler(), slog.LevelDebug),
+		TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}, MinVersion: tls.VersionTLS12},
+	}
+	fp := derp.Fingerprint(cert.Leaf)
+	addr := ln.Addr().(*net.TCPAddr)
+	node := netmap.DERPNode{Name: "1a", Host: printableHost(cfg.listen, addr), DERPPort: addr.Port, STUNPort: stunPort, CertFingerprint: fp}
+	nodeJSON, _ := json.Marshal(node)
+	fmt.Fprintf(c.stdout, "derp listening on https://%s\nfingerprint: %s\nserver key: %s\nderp map node: %s\n", addr, fp, srv.PublicKey(), nodeJSON)
+
+	errc := make(chan error, 1)
+	go func() { errc <- hs.ServeTLS(ln, "", "") }()
+	select {
+	case <-ctx.Done():
+		c.log.Info("derp shutting down")
+		sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
+		hs.Shutdown(sctx)
+		scancel()
+		srv.Close()
+		<-errc
+		return nil
+	case err := <-errc:
+		if errors.Is(err, http.ErrServerClosed) {
+			err = nil
+		}
+		return fmt.Errorf("derp: stopped serving: %w", err)
+	}
+}
+
+// printableHost is the host to advertise in the printed DERP map entry: the
+// --listen host, or the bound address when listening on all interfaces.
+func printableHost(listen string, addr *net.TCPAddr) string {
+	h, _, err := net.SplitHostPort(listen)
+	if err == nil && h != "" {
+		if ip := net.ParseIP(h); ip == nil || !ip.IsUnspecified() {
+			return h
+		}
+	}
+	if addr.IP.IsUnspecified() {
+		return "HOST"
+	}
+	return addr.IP.String()
+}

@@ -1,0 +1,157 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"meshd.dev/meshd/derp"
+	"meshd.dev/meshd/nat/stun"
+	"meshd.dev/meshd/netmap"
+)
+
+// startDERP runs `meshd derp` with args and returns the DERP map node it
+// printed and a function that stops it and returns its exit code.
+func startDERP(t *testing.T, args ...string) (netmap.DERPNode, func() int) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	pr, pw := io.Pipe()
+	code := make(chan int, 1)
+	go func() {
+		code <- run(ctx, append([]string{"derp"}, args...), pw, io.Discard)
+		pw.Close()
+	}()
+	var node netmap.DERPNode
+	sc := bufio.NewScanner(pr)
+	found := false
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), "derp map node: "); ok {
+			if err := json.Unmarshal([]byte(rest), &node); err != nil {
+				t.Fatalf("printed node %q: %v", rest, err)
+			}
+			found = true
+			break
+		}
+	}
+	if !found {
+		cancel()
+		t.Fatalf("meshd derp exited (code %d) without printing its node", <-code)
+	}
+	go io.Copy(io.Discard, pr)
+	stopped := false
+	stop := func() int {
+		if stopped {
+			return 0
+		}
+		stopped = true
+		cancel()
+		select {
+		case c := <-code:
+			return c
+		case <-time.After(10 * time.Second):
+			t.Fatal("meshd derp did not stop")
+			return -1
+		}
+	}
+	t.Cleanup(func() { stop() })
+	return node, stop
+}
+
+func TestDERPCommandRelaysAndAnswersSTUN(t *testing.T) {
+	dir := t.TempDir()
+	node, stop := startDERP(t, "--listen", "127.0.0.1:0", "--stun-listen", "127.0.0.1:0", "--state-dir", dir)
+	if node.Host != "127.0.0.1" || node.DERPPort == 0 || node.STUNPort <= 0 || len(node.CertFingerprint) != 64 {
+		t.Fatalf("printed node %+v", node)
+	}
+	url := "https://" + net.JoinHostPort(node.Host, itoa(node.DERPPort))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ka, kb := netmap.NewNodePrivate(), netmap.NewNodePrivate()
+	a, err := derp.Dial(ctx, url, derp.ClientOptions{NodeKey: ka, CertFingerprint: node.CertFingerprint})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, err := derp.Dial(ctx, url, derp.ClientOptions{NodeKey: kb, CertFingerprint: node.CertFingerprint})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	if err := a.Send(kb.Public(), []byte("through the relay")); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		m, err := b.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p, ok := m.(derp.ReceivedPacket); ok {
+			if p.Source != ka.Public() || string(p.Data) != "through the relay" {
+				t.Fatalf("got %q from %s", p.Data, p.Source.ShortString())
+			}
+			break
+		}
+	}
+
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	mapped, _, err := stun.Request(ctx, pc, netip.AddrPortFrom(netip.MustParseAddr(node.Host), uint16(node.STUNPort)))
+	if err != nil || mapped != pc.LocalAddr().(*net.UDPAddr).AddrPort() {
+		t.Fatalf("STUN: mapped %v, err %v", mapped, err)
+	}
+
+	if code := stop(); code != 0 {
+		t.Fatalf("exit code %d after shutdown", code)
+	}
+	// Same state dir: same fingerprint, so pinned DERP maps keep working.
+	node2, _ := startDERP(t, "--listen", "127.0.0.1:0", "--stun-listen", "", "--state-dir", dir)
+	if node2.CertFingerprint != node.CertFingerprint {
+		t.Fatal("fingerprint changed across restarts with the same --state-dir")
+	}
+	if node2.STUNPort != -1 {
+		t.Fatalf("STUN disabled but node says stun_port %d", node2.STUNPort)
+	}
+}
+
+func TestDERPCommandRejectsBadFlags(t *testing.T) {
+	dir := t.TempDir()
+	badKey := filepath.Join(dir, "bad.key")
+	os.WriteFile(badKey, []byte("not hex"), 0o600)
+	goodKey := filepath.Join(dir, "mesh.key")
+	os.WriteFile(goodKey, []byte(strings.Repeat("ab", 32)+"\n"), 0o600)
+	tests := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"mesh-with without key", []string{"--mesh-with", "https://127.0.0.1:1#ab"}, "needs --mesh-key-file"},
+		{"bad mesh key", []string{"--mesh-key-file", badKey}, "64 hex digits"},
+		{"missing mesh key file", []string{"--mesh-key-file", filepath.Join(dir, "nope")}, "no such file"},
+		{"mesh-with not a URL", []string{"--mesh-key-file", goodKey, "--mesh-with", "relay2:443"}, "https://HOST:PORT"},
+		{"negative rate", []string{"--client-rate-mbit", "-1"}, "client-rate"},
+		{"stray argument", []string{"extra"}, "unexpected arguments"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var stderr strings.Builder
+			code := run(context.Background(), append([]string{"derp", "--listen", "127.0.0.1:0"}, tt.args...), io.Discard, &stderr)
+			if code != 2 || !strings.Contains(stderr.String(), tt.want) {
+				t.Fatalf("exit %d, stderr %q; want 2 mentioning %q", code, stderr.String(), tt.want)
+			}
+		})
+	}
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }
