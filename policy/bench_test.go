@@ -192,3 +192,14 @@ func BenchmarkParse(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkCanSee is one pair, as control's policy-change path calls it.
+func BenchmarkCanSee(b *testing.B) {
+	p, nodes := benchFleet(b, 1000, 10000)
+	e := NewEngine(p)
+	i := 0
+	for b.Loop() {
+		e.CanSee(nodes[i%len(nodes)], nodes[(i*7919)%len(nodes)])
+		i++
+	}
+}

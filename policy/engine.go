@@ -18,8 +18,8 @@ import (
 // The compiled form is indexed so that one node's answer and one node's
 // change cost what they touch, not a recompute for every node:
 //
-//   - nodes are indexed by identity key ("user:alice@x", "tag:gpu",
-//     "member", "tagged", "*");
+//   - nodes are indexed by identity key (a user, a tag, autogroup:member,
+//     autogroup:tagged, "*");
 //   - each destination selector of every rule is indexed by the same keys,
 //     so FilterFor(n) visits only the rule targets that can match n;
 //   - each rule keeps its resolved source addresses, computed on first use
@@ -34,17 +34,20 @@ type Engine struct {
 	rules []*crule
 
 	// Rule indexes, built once per policy.
-	dstByKey    map[string][]*tref // node key -> targets whose dst selector has that key
+	dstByKey    map[idKey][]*tref // node key -> targets whose dst selector has that key
 	dstPrefix   []*tref            // targets whose dst is an address, CIDR or host
 	dstSelf     []*tref            // autogroup:self targets
-	srcByKey    map[string][]*crule
+	srcByKey    map[idKey][]*crule
 	srcOpen     []*crule // rules whose src has "*" or an address/CIDR
 	targetOrder int
 
 	mu    sync.Mutex
 	gen   uint64 // SetNodes generation, to find nodes no longer present
+	// lastAll is the node list of the last sync, to skip comparing node
+	// fields when FilterFor is called again with the same values.
+	lastAll []*netmap.Node
 	nodes map[netmap.NodeID]*nodeEntry
-	byKey map[string]map[netmap.NodeID]*nodeEntry
+	byKey map[idKey]map[netmap.NodeID]*nodeEntry
 }
 
 // crule is a rule with its source side compiled.
@@ -53,7 +56,7 @@ type crule struct {
 	idx      int
 	origin   string
 	srcAny   bool
-	srcKeys  map[string]bool
+	srcKeys  map[idKey]bool
 	srcPfx   []netip.Prefix // literal addresses, CIDRs and hosts
 	targets  []*tref
 	srcIPs   []netip.Prefix // cache: every source address; valid when srcValid
@@ -90,7 +93,7 @@ type nodeEntry struct {
 	tags    []string
 	addrs   []netip.Prefix
 	allowed []netip.Prefix
-	keys    []string
+	keys    []idKey
 	seen    uint64
 }
 
@@ -106,39 +109,47 @@ func entryFor(n *netmap.Node) *nodeEntry {
 	return e
 }
 
+// idKey is an identity a node is indexed under and a selector matches:
+// {selAny}, {selMember}, {selTagged}, {selUser, login} or {selTag, tag}.
+// A struct rather than a "user:x" string so that building a node's keys
+// costs no string concatenation.
+type idKey struct {
+	kind selKind
+	name string
+}
+
+func userKey(u string) idKey { return idKey{selUser, u} }
+
 // nodeKeys are the index keys a node is found under. A tagged node is a
 // service identity: it is never one of its enrolling user's devices.
-func nodeKeys(e *nodeEntry) []string {
-	keys := []string{"*"}
+func nodeKeys(e *nodeEntry) []idKey {
+	keys := make([]idKey, 1, 2+max(1, len(e.tags)))
+	keys[0] = idKey{kind: selAny}
 	switch {
 	case len(e.tags) > 0:
-		keys = append(keys, "tagged")
-		keys = append(keys, e.tags...)
+		keys = append(keys, idKey{kind: selTagged})
+		for _, t := range e.tags {
+			keys = append(keys, idKey{selTag, t})
+		}
 	case e.user != "":
-		keys = append(keys, "member", "user:"+e.user)
+		keys = append(keys, idKey{kind: selMember}, userKey(e.user))
 	}
 	return keys
 }
 
 // selKeys are the index keys a selector matches.
-func (p *Policy) selKeys(s selector) []string {
+func (p *Policy) selKeys(s selector) []idKey {
 	switch s.kind {
-	case selAny:
-		return []string{"*"}
-	case selUser:
-		return []string{"user:" + s.name}
+	case selAny, selMember, selTagged:
+		return []idKey{{kind: s.kind}}
+	case selUser, selTag:
+		return []idKey{{s.kind, s.name}}
 	case selGroup:
-		var ks []string
+		var ks []idKey
 		for _, u := range p.groups[s.name] {
-			ks = append(ks, "user:"+u)
+			ks = append(ks, userKey(u))
 		}
 		return ks
-	case selTag:
-		return []string{s.name}
-	case selMember:
-		return []string{"member"}
-	case selTagged:
-		return []string{"tagged"}
 	}
 	return nil
 }
@@ -147,14 +158,14 @@ func (p *Policy) selKeys(s selector) []string {
 func NewEngine(p *Policy) *Engine {
 	e := &Engine{
 		pol:      p,
-		dstByKey: map[string][]*tref{},
-		srcByKey: map[string][]*crule{},
+		dstByKey: map[idKey][]*tref{},
+		srcByKey: map[idKey][]*crule{},
 		nodes:    map[netmap.NodeID]*nodeEntry{},
-		byKey:    map[string]map[netmap.NodeID]*nodeEntry{},
+		byKey:    map[idKey]map[netmap.NodeID]*nodeEntry{},
 	}
 	for i := range p.rules {
 		r := &p.rules[i]
-		cr := &crule{r: r, idx: i, origin: r.origin(), srcKeys: map[string]bool{}}
+		cr := &crule{r: r, idx: i, origin: r.origin(), srcKeys: map[idKey]bool{}}
 		for _, s := range r.src {
 			switch s.kind {
 			case selAny:
@@ -212,6 +223,13 @@ func (e *Engine) SetNodes(all []*netmap.Node) {
 }
 
 func (e *Engine) syncLocked(all []*netmap.Node) {
+	// Fast path: the same node values as last time (callers replace a
+	// changed node rather than modify it, as control does), one pointer
+	// comparison each.
+	if len(all) > 0 && slices.Equal(all, e.lastAll) {
+		return
+	}
+	defer func() { e.lastAll = append(e.lastAll[:0], all...) }()
 	e.gen++
 	seen := 0
 	for _, n := range all {
@@ -268,6 +286,7 @@ func (e *Engine) RemoveNode(id netmap.NodeID) {
 }
 
 func (e *Engine) upsertLocked(n *netmap.Node) {
+	e.lastAll = e.lastAll[:0]
 	if old, ok := e.nodes[n.ID]; ok {
 		if sameIdentity(old, n) {
 			return
@@ -288,6 +307,7 @@ func (e *Engine) upsertLocked(n *netmap.Node) {
 }
 
 func (e *Engine) removeLocked(id netmap.NodeID) {
+	e.lastAll = e.lastAll[:0]
 	ne, ok := e.nodes[id]
 	if !ok {
 		return
@@ -301,7 +321,7 @@ func (e *Engine) removeLocked(id netmap.NodeID) {
 
 // noteChange records that a node with addrs joined (add) or left the set
 // of nodes under key, for every rule whose sources include key.
-func (e *Engine) noteChange(key string, add bool, addrs []netip.Prefix) {
+func (e *Engine) noteChange(key idKey, add bool, addrs []netip.Prefix) {
 	for _, cr := range e.srcByKey[key] {
 		if !cr.srcValid {
 			continue
@@ -431,7 +451,7 @@ func (e *Engine) targetsFor(n *nodeEntry) []*tref {
 		out = append(out, e.dstByKey[k]...)
 	}
 	for _, tr := range e.dstPrefix {
-		if len(dstNets(tr.sel, n)) > 0 {
+		if prefixDst(tr.sel.prefix, n) {
 			out = append(out, tr)
 		}
 	}
@@ -468,8 +488,11 @@ func dstNets(sel selector, n *nodeEntry) []netip.Prefix {
 // FilterFor returns the inbound packet-filter rules for n: the flows other
 // nodes (and addresses) may open to n's addresses and routes, each naming
 // its policy rule in Origin. If all is non-nil the engine's node set is
-// first brought up to date with it (cheap when nothing changed: one
-// comparison per node); pass nil when the engine is kept current with
+// first brought up to date with it: a pointer comparison per node when
+// the list holds the same *Node values as last time (so replace a changed
+// node, never modify one in place), else a field comparison per node and
+// an index update per changed one. Pass nil when the engine is kept
+// current with
 // UpsertNode/RemoveNode. The returned SrcIPs slices are shared between
 // calls and must not be modified.
 func (e *Engine) FilterFor(n *netmap.Node, all []*netmap.Node) []netmap.FilterRule {
@@ -559,7 +582,7 @@ func (e *Engine) FilterFor(n *netmap.Node, all []*netmap.Node) []netmap.FilterRu
 // devices that are sources of cr (autogroup:self).
 func (e *Engine) selfSourcesLocked(cr *crule, n *nodeEntry) []netip.Prefix {
 	var ips []netip.Prefix
-	for _, ne := range e.byKey["user:"+n.user] {
+	for _, ne := range e.byKey[userKey(n.user)] {
 		if srcMatches(cr, ne) {
 			ips = append(ips, ne.addrs...)
 		}
@@ -569,13 +592,36 @@ func (e *Engine) selfSourcesLocked(cr *crule, n *nodeEntry) []netip.Prefix {
 }
 
 // reaches reports whether x may open some flow to y (or holds an "app"
-// capability on y).
+// capability on y). It allocates nothing: control calls CanSee for many
+// pairs.
 func (e *Engine) reaches(x, y *nodeEntry) bool {
-	for _, tr := range e.targetsFor(y) {
-		if tr.sel.kind == selSelf && (len(x.tags) > 0 || x.user != y.user) {
-			continue
+	for _, k := range y.keys {
+		for _, tr := range e.dstByKey[k] {
+			if srcMatches(tr.rule, x) {
+				return true
+			}
 		}
-		if srcMatches(tr.rule, x) {
+	}
+	for _, tr := range e.dstPrefix {
+		if prefixDst(tr.sel.prefix, y) && srcMatches(tr.rule, x) {
+			return true
+		}
+	}
+	if len(y.tags) == 0 && y.user != "" && len(x.tags) == 0 && x.user == y.user {
+		for _, tr := range e.dstSelf {
+			if srcMatches(tr.rule, x) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// prefixDst reports whether an address or CIDR destination names part of
+// n: one of its addresses or routed prefixes.
+func prefixDst(p netip.Prefix, n *nodeEntry) bool {
+	for _, a := range n.allowed {
+		if p.Overlaps(a) {
 			return true
 		}
 	}
@@ -605,7 +651,7 @@ func (e *Engine) Peers(n *netmap.Node) []netmap.NodeID {
 	for _, tr := range e.targetsFor(self) {
 		cr := tr.rule
 		if tr.sel.kind == selSelf {
-			for id, ne := range e.byKey["user:"+self.user] {
+			for id, ne := range e.byKey[userKey(self.user)] {
 				if srcMatches(cr, ne) {
 					set[id] = true
 				}
@@ -661,13 +707,13 @@ func (e *Engine) addDests(tr *tref, src *nodeEntry, set map[netmap.NodeID]bool) 
 	switch tr.sel.kind {
 	case selSelf:
 		if len(src.tags) == 0 && src.user != "" {
-			for id := range e.byKey["user:"+src.user] {
+			for id := range e.byKey[userKey(src.user)] {
 				set[id] = true
 			}
 		}
 	case selPrefix:
 		for id, ne := range e.nodes {
-			if !set[id] && len(dstNets(tr.sel, ne)) > 0 {
+			if !set[id] && prefixDst(tr.sel.prefix, ne) {
 				set[id] = true
 			}
 		}
