@@ -35,19 +35,19 @@ type Engine struct {
 
 	// Rule indexes, built once per policy.
 	dstByKey    map[idKey][]*tref // node key -> targets whose dst selector has that key
-	dstPrefix   []*tref            // targets whose dst is an address, CIDR or host
-	dstSelf     []*tref            // autogroup:self targets
+	dstPrefix   []*tref           // targets whose dst is an address, CIDR or host
+	dstSelf     []*tref           // autogroup:self targets
 	srcByKey    map[idKey][]*crule
 	srcOpen     []*crule // rules whose src has "*" or an address/CIDR
 	targetOrder int
 
-	mu    sync.Mutex
-	gen   uint64 // SetNodes generation, to find nodes no longer present
+	mu  sync.Mutex
+	gen uint64 // SetNodes generation, to find nodes no longer present
 	// lastAll is the node list of the last sync, to skip comparing node
 	// fields when FilterFor is called again with the same values.
 	lastAll []*netmap.Node
-	nodes map[netmap.NodeID]*nodeEntry
-	byKey map[idKey]map[netmap.NodeID]*nodeEntry
+	nodes   map[netmap.NodeID]*nodeEntry
+	byKey   map[idKey]map[netmap.NodeID]*nodeEntry
 }
 
 // crule is a rule with its source side compiled.
