@@ -492,9 +492,8 @@ func dstNets(sel selector, n *nodeEntry) []netip.Prefix {
 // the list holds the same *Node values as last time (so replace a changed
 // node, never modify one in place), else a field comparison per node and
 // an index update per changed one. Pass nil when the engine is kept
-// current with
-// UpsertNode/RemoveNode. The returned SrcIPs slices are shared between
-// calls and must not be modified.
+// current with UpsertNode/RemoveNode. The returned SrcIPs slices are
+// shared between calls and must not be modified.
 func (e *Engine) FilterFor(n *netmap.Node, all []*netmap.Node) []netmap.FilterRule {
 	e.mu.Lock()
 	defer e.mu.Unlock()
