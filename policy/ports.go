@@ -82,12 +82,12 @@ func parsePorts(s string) ([]netmap.PortRange, error) {
 		lo, hi, isRange := strings.Cut(part, "-")
 		first, err := parsePort(lo)
 		if err != nil {
-			return nil, fmt.Errorf("ports %q: %w", s, err)
+			return nil, portsErr(s, err)
 		}
 		last := first
 		if isRange {
 			if last, err = parsePort(hi); err != nil {
-				return nil, fmt.Errorf("ports %q: %w", s, err)
+				return nil, portsErr(s, err)
 			}
 			if last < first {
 				return nil, fmt.Errorf("ports %q: range %s is backwards: write it low-high", s, part)
@@ -96,6 +96,14 @@ func parsePorts(s string) ([]netmap.PortRange, error) {
 		out = append(out, netmap.PortRange{First: first, Last: last})
 	}
 	return normalizePorts(out), nil
+}
+
+// portsErr names the whole port list in err when it has several parts.
+func portsErr(list string, err error) error {
+	if strings.ContainsAny(list, ",-") {
+		return fmt.Errorf("ports %q: %w", list, err)
+	}
+	return err
 }
 
 func parsePort(s string) (uint16, error) {
