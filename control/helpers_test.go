@@ -2,13 +2,13 @@ package control
 
 import (
 	"bytes"
-	"net/http"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
 	"errors"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"sync"
 	"testing"

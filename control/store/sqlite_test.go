@@ -26,7 +26,9 @@ func (tinyPool) Next(prev netip.Addr) netip.Addr {
 	}
 	return tinyAddrs[0]
 }
-func (tinyPool) Addresses(v4 netip.Addr) []netip.Prefix { return []netip.Prefix{netip.PrefixFrom(v4, 32)} }
+func (tinyPool) Addresses(v4 netip.Addr) []netip.Prefix {
+	return []netip.Prefix{netip.PrefixFrom(v4, 32)}
+}
 
 func open(t *testing.T, path string) *SQLite {
 	t.Helper()

@@ -1,0 +1,203 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/json"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"meshd.dev/meshd/control"
+	"meshd.dev/meshd/netmap"
+)
+
+// startCoordinator runs `meshd coordinator` in-process on a loopback port
+// and returns its URL and state dir.
+func startCoordinator(t *testing.T) (url, dir string) {
+	t.Helper()
+	dir = t.TempDir()
+	ctx, cancel := context.WithCancel(context.Background())
+	pr, pw := io.Pipe()
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, []string{"coordinator", "--listen", "127.0.0.1:0", "--state-dir", dir, "--ephemeral-timeout", "1m"}, pw, io.Discard)
+		pw.Close()
+	}()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case code := <-done:
+			if code != 0 {
+				t.Errorf("coordinator exited %d after cancel", code)
+			}
+		case <-time.After(10 * time.Second):
+			t.Error("coordinator did not stop")
+		}
+	})
+	sc := bufio.NewScanner(pr)
+	var lines []string
+	for len(lines) < 3 && sc.Scan() {
+		lines = append(lines, sc.Text())
+	}
+	go io.Copy(io.Discard, pr)
+	if len(lines) < 3 {
+		t.Fatalf("coordinator printed %q", lines)
+	}
+	url, ok := strings.CutPrefix(lines[0], "coordinator listening on ")
+	if !ok || !strings.HasPrefix(lines[1], "fingerprint: ") || lines[2] != "admin token: "+filepath.Join(dir, "admin.token") {
+		t.Fatalf("coordinator start-up output %q", lines)
+	}
+	return url, dir
+}
+
+func runAdmin(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
+	var stdout, stderr bytes.Buffer
+	code := run(context.Background(), append([]string{"admin"}, args...), &stdout, &stderr)
+	return code, stdout.String(), stderr.String()
+}
+
+func TestAdminCommands(t *testing.T) {
+	url, dir := startCoordinator(t)
+	tok := filepath.Join(dir, "admin.token")
+	if fi, err := os.Stat(tok); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("admin.token: %v %v; want mode 0600", fi.Mode(), err)
+	}
+	t.Setenv("MESHD_COORDINATOR", url)
+	t.Setenv("MESHD_TOKEN_FILE", tok)
+
+	code, out, errOut := runAdmin(t, "keys", "create", "--tags", "tag:gpu,tag:prod", "--reusable", "--expiry", "24h", "--json")
+	if code != 0 {
+		t.Fatalf("keys create: exit %d: %s", code, errOut)
+	}
+	var created struct {
+		ID, Key                            string
+		Reusable, Ephemeral, Preauthorized bool
+		Tags                               []string
+		Expires                            time.Time
+	}
+	if err := json.Unmarshal([]byte(out), &created); err != nil {
+		t.Fatalf("keys create --json output %q: %v", out, err)
+	}
+	if !created.Reusable || strings.Join(created.Tags, ",") != "tag:gpu,tag:prod" || !strings.HasPrefix(created.Key, "mskey-"+created.ID+"-") ||
+		created.Expires.Before(time.Now().Add(23*time.Hour)) {
+		t.Fatalf("created key %+v", created)
+	}
+	for _, field := range []string{`"id"`, `"key"`, `"reusable"`, `"ephemeral"`, `"preauthorized"`, `"tags"`, `"expires"`} {
+		if !strings.Contains(out, field) {
+			t.Errorf("keys create --json lacks %s", field)
+		}
+	}
+
+	// Human form: the key alone on stdout.
+	code, out, _ = runAdmin(t, "keys", "create", "--user", "alice@example.com")
+	userKey := strings.TrimSpace(out)
+	if code != 0 || !strings.HasPrefix(userKey, "mskey-") || strings.Contains(userKey, "\n") {
+		t.Fatalf("keys create --user: exit %d, stdout %q", code, out)
+	}
+	if code, _, errOut := runAdmin(t, "keys", "create"); code != 1 || !strings.Contains(errOut, "--tags") {
+		t.Errorf("keys create without tags or user: exit %d, %q", code, errOut)
+	}
+
+	// A node enrols with the user's key, verifying the coordinator from it.
+	_, mk, _ := ed25519.GenerateKey(rand.Reader)
+	c, err := control.NewClient(control.ClientOptions{URL: strings.TrimPrefix(url, "https://"), MachineKey: mk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	resp, err := c.Register(context.Background(), netmap.RegisterRequest{NodeKey: netmap.NewNodePrivate().Public(), Hostname: "laptop", AuthKey: userKey})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := resp.Node.ID
+
+	code, out, _ = runAdmin(t, "nodes", "list")
+	if code != 0 || !strings.Contains(out, "HOSTNAME") || !strings.Contains(out, "laptop") || !strings.Contains(out, "alice@example.com") {
+		t.Fatalf("nodes list: exit %d\n%s", code, out)
+	}
+	idArg := resp.Node.Addresses[0].Addr().String() // not an id
+	if code, _, errOut := runAdmin(t, "nodes", "tag", idArg, "tag:x"); code != 2 || !strings.Contains(errOut, "not a positive number") {
+		t.Errorf("nodes tag with an address: exit %d %q", code, errOut)
+	}
+	sid := jsonNum(id)
+	if code, _, errOut := runAdmin(t, "nodes", "tag", sid, "tag:ci"); code != 0 {
+		t.Fatalf("nodes tag: exit %d %s", code, errOut)
+	}
+	code, out, _ = runAdmin(t, "nodes", "list", "--json")
+	var nodes []control.NodeInfo
+	if err := json.Unmarshal([]byte(out), &nodes); code != 0 || err != nil || len(nodes) != 1 ||
+		strings.Join(nodes[0].Tags, ",") != "tag:ci" || nodes[0].User != "" || nodes[0].Addresses[0] != resp.Node.Addresses[0] {
+		t.Fatalf("nodes list --json after tag: exit %d %v %+v", code, err, nodes)
+	}
+	if code, _, errOut := runAdmin(t, "nodes", "expire", sid); code != 0 {
+		t.Fatalf("nodes expire: %d %s", code, errOut)
+	}
+	if code, _, errOut := runAdmin(t, "nodes", "delete", sid); code != 0 {
+		t.Fatalf("nodes delete: %d %s", code, errOut)
+	}
+	if code, _, errOut := runAdmin(t, "nodes", "delete", sid); code != 1 || !strings.Contains(errOut, "no node") {
+		t.Errorf("deleting twice: exit %d %q", code, errOut)
+	}
+
+	if code, _, errOut := runAdmin(t, "keys", "revoke", created.ID); code != 0 {
+		t.Fatalf("keys revoke: %d %s", code, errOut)
+	}
+	code, out, _ = runAdmin(t, "keys", "list", "--json")
+	var keys []control.AuthKey
+	if err := json.Unmarshal([]byte(out), &keys); code != 0 || err != nil || len(keys) != 2 {
+		t.Fatalf("keys list --json: %d %v %s", code, err, out)
+	}
+	states := map[string]string{}
+	for _, k := range keys {
+		states[k.ID] = k.State
+	}
+	if states[created.ID] != "revoked" {
+		t.Errorf("key states %v", states)
+	}
+	if code, out, _ := runAdmin(t, "keys", "list"); code != 0 || !strings.Contains(out, "revoked") || !strings.Contains(out, "used") {
+		t.Errorf("keys list table:\n%s", out)
+	}
+	if code, out, _ := runAdmin(t, "users", "list"); code != 0 || !strings.Contains(out, "alice@example.com") {
+		t.Errorf("users list: %d\n%s", code, out)
+	}
+
+	// The token itself through the environment, without the file.
+	data, _ := os.ReadFile(tok)
+	t.Setenv("MESHD_TOKEN_FILE", "")
+	t.Setenv("MESHD_ADMIN_TOKEN", strings.TrimSpace(string(data)))
+	if code, _, errOut := runAdmin(t, "users", "list", "--json"); code != 0 {
+		t.Errorf("MESHD_ADMIN_TOKEN: exit %d %s", code, errOut)
+	}
+	t.Setenv("MESHD_ADMIN_TOKEN", "")
+	if code, _, errOut := runAdmin(t, "users", "list"); code != 2 || !strings.Contains(errOut, "--token-file") {
+		t.Errorf("no token: exit %d %q", code, errOut)
+	}
+	t.Setenv("MESHD_COORDINATOR", "")
+	if code, _, errOut := runAdmin(t, "keys", "list", "--token-file", tok); code != 2 || !strings.Contains(errOut, "--coordinator") {
+		t.Errorf("no coordinator: exit %d %q", code, errOut)
+	}
+}
+
+func jsonNum(id netmap.NodeID) string {
+	b, _ := json.Marshal(id)
+	return string(b)
+}
+
+func TestCoordinatorFlags(t *testing.T) {
+	var stderr bytes.Buffer
+	if code := run(context.Background(), []string{"coordinator", "--listen", "127.0.0.1:0"}, io.Discard, &stderr); code != 2 || !strings.Contains(stderr.String(), "--state-dir") {
+		t.Errorf("without --state-dir: exit %d %q", code, stderr.String())
+	}
+	stderr.Reset()
+	if code := run(context.Background(), []string{"coordinator", "--state-dir", t.TempDir(), "--db", "postgres://x"}, io.Discard, &stderr); code != 1 || !strings.Contains(stderr.String(), "PostgreSQL") {
+		t.Errorf("postgres: exit %d %q", code, stderr.String())
+	}
+}
