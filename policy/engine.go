@@ -22,9 +22,10 @@ import (
 //     autogroup:tagged, "*");
 //   - each destination selector of every rule is indexed by the same keys,
 //     so FilterFor(n) visits only the rule targets that can match n;
-//   - each rule keeps its resolved source addresses, computed on first use
-//     and invalidated only when a node carrying one of the rule's source
-//     keys joins, leaves or changes identity or addresses.
+//   - each rule keeps its resolved source addresses, sorted, computed on
+//     first use; a node joining, leaving or changing identity or addresses
+//     queues a change on only the rules whose sources it matched or now
+//     matches, folded into the cached set by one merge on next use.
 //
 // The Engine satisfies control's Policy interface (CanSee, FilterFor,
 // CheckTags). Keep it current with SetNodes, UpsertNode and RemoveNode;
@@ -97,10 +98,26 @@ type nodeEntry struct {
 	seen    uint64
 }
 
+// entryFor describes n for matching. Entries kept in the index copy n's
+// slices, since the index outlives them; transient ones (CanSee, FilterFor's
+// own node) borrow them.
 func entryFor(n *netmap.Node) *nodeEntry {
+	e := transientEntry(n)
+	e.addrs, e.allowed, e.tags = slices.Clone(e.addrs), slices.Clone(e.allowed), slices.Clone(e.tags)
+	return e
+}
+
+func transientEntry(n *netmap.Node) *nodeEntry {
 	e := &nodeEntry{id: n.ID, user: strings.ToLower(n.User), addrs: n.Addresses, allowed: n.AllowedIPs}
-	for _, t := range n.Tags {
-		e.tags = append(e.tags, strings.ToLower(t))
+	e.tags = n.Tags
+	cloned := false
+	for i, t := range n.Tags {
+		if lt := strings.ToLower(t); lt != t {
+			if !cloned {
+				e.tags, cloned = slices.Clone(n.Tags), true
+			}
+			e.tags[i] = lt
+		}
 	}
 	e.keys = nodeKeys(e)
 	if len(e.allowed) == 0 {
@@ -500,7 +517,7 @@ func (e *Engine) FilterFor(n *netmap.Node, all []*netmap.Node) []netmap.FilterRu
 	if all != nil {
 		e.syncLocked(all)
 	}
-	self := entryFor(n)
+	self := transientEntry(n)
 	out := []netmap.FilterRule{}
 	// One FilterRule per rule and protocol set, merging that rule's
 	// destinations, so a grant with many dst entries stays one rule.
@@ -633,7 +650,7 @@ func (e *Engine) CanSee(a, b *netmap.Node) bool {
 	if a.ID == b.ID {
 		return true
 	}
-	ea, eb := entryFor(a), entryFor(b)
+	ea, eb := transientEntry(a), transientEntry(b)
 	return e.reaches(ea, eb) || e.reaches(eb, ea)
 }
 
@@ -644,7 +661,7 @@ func (e *Engine) CanSee(a, b *netmap.Node) bool {
 func (e *Engine) Peers(n *netmap.Node) []netmap.NodeID {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	self := entryFor(n)
+	self := transientEntry(n)
 	set := map[netmap.NodeID]bool{}
 	// Who reaches n.
 	for _, tr := range e.targetsFor(self) {
@@ -729,7 +746,7 @@ func (e *Engine) addDests(tr *tref, src *nodeEntry, set map[netmap.NodeID]bool) 
 // puts in the Capabilities of peer's entry in dst's network map. Nil when
 // none.
 func (e *Engine) PeerCaps(dst, peer *netmap.Node) map[string][]json.RawMessage {
-	d, p := entryFor(dst), entryFor(peer)
+	d, p := transientEntry(dst), transientEntry(peer)
 	var caps map[string][]json.RawMessage
 	for _, tr := range e.targetsFor(d) {
 		if tr.target != nil {

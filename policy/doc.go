@@ -1,0 +1,38 @@
+// Package policy is the tailnet policy engine: huJSON in, a validated
+// Policy out, compiled per node into inbound packet-filter rules, peer
+// visibility and "app" capabilities. It is pure: no network, no disk, no
+// goroutines.
+//
+// The file format is the one Tailscale users write (sections "groups",
+// "hosts", "tagOwners", "acls", "grants", "tests", "ssh", "autoApprovers",
+// "nodeAttrs"), so policies carry over where the features exist. Unknown
+// sections and fields are errors rather than silently ignored, and every
+// problem is reported at the FILE:LINE:COL of the offending value.
+//
+// Use:
+//
+//	p, err := policy.Parse("policy.hujson", data) // validates and runs "tests"
+//	e := policy.NewEngine(p)                     // or policy.NewEngine(policy.Bootstrap())
+//	e.SetNodes(all)                              // then UpsertNode / RemoveNode
+//	rules := e.FilterFor(n, nil)                 // inbound rules for n
+//	peers := e.Peers(n)                          // whom n may see
+//	caps := e.PeerCaps(n, peer)                  // peer's capabilities on n
+//
+// Semantics worth knowing:
+//
+//   - Deny by default; a rule lets src open flows to dst (return traffic is
+//     the filter's flow state). "acls" and "grants" compile to the same rules.
+//   - A tagged node is a service identity: user, group and autogroup:member
+//     selectors never match it, even if the coordinator kept the enrolling
+//     user on record.
+//   - Tags and groups are case-insensitive (lowercased); user logins too.
+//   - autogroup:admin may appear only in "tagOwners". meshd has no admin
+//     devices, so it grants no user anything: such tags are applied through
+//     the admin API or by auth keys an admin created with them (CheckTags).
+//   - "tests" are evaluated against the policy alone: a user stands for one
+//     untagged device of theirs, a tag for a device carrying only that tag,
+//     a group for each member (an accept passes only if every member
+//     passes); a destination names one port; no proto means TCP.
+//   - Without any policy, Bootstrap is Tailscale's default: everything
+//     reaches everything. Lint flags a file equivalent to it as a wide rule.
+package policy
