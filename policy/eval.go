@@ -140,20 +140,21 @@ func describeSrc(sel selector, s subject) string {
 
 // Verdict is the decision for one source device in Explain.
 type Verdict struct {
-	Src     string // the device the source stands for (a group is one per member)
-	Allowed bool
+	Src     string `json:"src"` // the device the source stands for (a group is one per member)
+	Allowed bool   `json:"allowed"`
 	// Rule is the file:line of the first rule allowing the flow; empty when
 	// denied (nothing allows it: deny by default).
-	Rule string
+	Rule string `json:"rule,omitempty"`
 }
 
 // Explanation answers `meshd policy explain`.
 type Explanation struct {
-	Src, Dst string
-	Proto    string
+	Src   string `json:"src"`
+	Dst   string `json:"dst"`
+	Proto string `json:"proto"`
 	// Allowed is true when every device the source stands for is allowed.
-	Allowed  bool
-	Verdicts []Verdict
+	Allowed  bool      `json:"allowed"`
+	Verdicts []Verdict `json:"verdicts"`
 }
 
 // Explain says whether src may open a flow to dst ("HOST:PORT") over proto

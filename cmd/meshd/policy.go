@@ -57,8 +57,8 @@ func loadPolicy(file string) (*policy.Policy, error) {
 	return policy.Parse(file, b)
 }
 
-// printProblems prints each problem as FILE:LINE:COL: message and returns
-// an exit error when the policy was rejected; other errors pass through.
+// policyError prints each problem of a rejected policy as FILE:LINE:COL:
+// message and returns the exit error for it (or for a read failure).
 func (c *cli) policyError(err error) error {
 	var perr *policy.Error
 	if errors.As(err, &perr) {
@@ -133,9 +133,14 @@ test fails, or --strict is set and there are warnings.`,
 				res := struct {
 					File     string        `json:"file"`
 					Valid    bool          `json:"valid"`
+					Rules    int           `json:"rules"`
+					Tests    int           `json:"tests"`
 					Errors   []jsonProblem `json:"errors"`
 					Warnings []jsonProblem `json:"warnings"`
 				}{File: file, Valid: len(errs) == 0, Errors: toJSONProblems(errs), Warnings: toJSONProblems(warns)}
+				if pol != nil {
+					res.Rules, res.Tests = pol.NumRules(), pol.NumTests()
+				}
 				if err := writeJSON(c.stdout, res); err != nil {
 					return err
 				}
