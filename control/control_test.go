@@ -290,6 +290,9 @@ func TestMapStreamJoinLeaveEndpoints(t *testing.T) {
 		return p != nil && len(p.Endpoints) == 2 && p.NodeKey == newKey.Public()
 	})
 	b.waitMap(t, "b's own new key", func(m *netmap.NetworkMap) bool { return m.Self.NodeKey == newKey.Public() })
+	if !ts.NodeKeyKnown(newKey.Public()) || ts.NodeKeyKnown(b.nk.Public()) {
+		t.Error("NodeKeyKnown does not follow the rotation")
+	}
 
 	stopB()
 	a.waitMap(t, "b offline", peerOnline(b.id, false))
@@ -300,6 +303,9 @@ func TestMapStreamJoinLeaveEndpoints(t *testing.T) {
 		t.Fatal(err)
 	}
 	a.waitMap(t, "b removed", func(m *netmap.NetworkMap) bool { return m.Peers[b.id] == nil })
+	if ts.NodeKeyKnown(newKey.Public()) {
+		t.Error("deleted node's key still known")
+	}
 	// A deleted machine is told so.
 	wantErr(t, b.c.Update(ctx, b.mapRequest()), ErrNotRegistered)
 }

@@ -28,7 +28,8 @@ type hub struct {
 	epoch     string
 	version   uint64
 	nodes     map[netmap.NodeID]*netmap.Node // immutable values, replaced on change
-	all       []*netmap.Node                 // cache for Policy.FilterFor; nil when stale
+	byKey     map[netmap.NodePublic]netmap.NodeID
+	all       []*netmap.Node // cache for Policy.FilterFor; nil when stale
 	sessions  map[netmap.NodeID][]*session
 	policy    Policy
 	bootstrap bool
@@ -77,6 +78,7 @@ func newHub(epoch string, derpMap *netmap.DERPMap, queueLen int, now func() time
 	h := &hub{
 		epoch:     epoch,
 		nodes:     make(map[netmap.NodeID]*netmap.Node),
+		byKey:     make(map[netmap.NodePublic]netmap.NodeID),
 		sessions:  make(map[netmap.NodeID][]*session),
 		policy:    newBootstrapPolicy(),
 		bootstrap: true,
@@ -194,6 +196,10 @@ func (h *hub) upsert(n *netmap.Node) {
 func (h *hub) upsertLocked(n *netmap.Node) {
 	old := h.nodes[n.ID]
 	h.nodes[n.ID] = n
+	if old != nil && old.NodeKey != n.NodeKey {
+		delete(h.byKey, old.NodeKey)
+	}
+	h.byKey[n.NodeKey] = n.ID
 	h.all = nil
 	h.version++
 	h.logChange(n.ID)
@@ -270,6 +276,9 @@ func (h *hub) remove(id netmap.NodeID, reason error) {
 		return
 	}
 	delete(h.nodes, id)
+	if h.byKey[old.NodeKey] == id {
+		delete(h.byKey, old.NodeKey)
+	}
 	h.all = nil
 	h.version++
 	h.logChange(id)
@@ -445,6 +454,13 @@ func (h *hub) unsubscribe(s *session) *netmap.Node {
 	nn.LastSeen = h.now().UTC().Truncate(time.Second)
 	h.upsertLocked(&nn)
 	return &nn
+}
+
+func (h *hub) nodeKeyKnown(k netmap.NodePublic) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	_, ok := h.byKey[k]
+	return ok
 }
 
 // expired returns the visible nodes whose key expired by now.

@@ -358,6 +358,9 @@ func (s *Server) reapEphemeral(id netmap.NodeID) {
 		return
 	}
 	delete(s.ephemeral, id)
+	if n, err := s.store.Node(s.ctx, id); err != nil || !n.Ephemeral {
+		return // gone already, or re-enrolled with a non-ephemeral key
+	}
 	if err := s.store.DeleteNode(s.ctx, id); err != nil && !errors.Is(err, store.ErrNotFound) {
 		s.log.Error("delete ephemeral node", "node", id, "err", err)
 		return
@@ -372,8 +375,21 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /machine/register", s.handleRegister)
 	mux.HandleFunc("POST /machine/map", s.handleMap)
 	s.adminRoutes(mux)
-	return mux
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mux.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), responseWriterKey{}, w)))
+	})
 }
+
+// responseWriterKey carries the ResponseWriter to decodeBody, which sets a
+// read deadline on it.
+type responseWriterKey struct{}
+
+const requestReadTimeout = 15 * time.Second
+
+// NodeKeyKnown reports whether k is the node key of a node currently in the
+// tailnet (registered, authorized, not expired). An embedded DERP server
+// uses it to serve only the tailnet's nodes.
+func (s *Server) NodeKeyKnown(k netmap.NodePublic) bool { return s.hub.nodeKeyKnown(k) }
 
 func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	code, status := codeOf(err)
@@ -394,6 +410,13 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 func decodeBody(r *http.Request, v any) error {
+	// Bound how long a client may take to send its (small) request, without
+	// a server-wide ReadTimeout that would also cut long-lived map streams.
+	if w, ok := r.Context().Value(responseWriterKey{}).(http.ResponseWriter); ok {
+		rc := http.NewResponseController(w)
+		rc.SetReadDeadline(time.Now().Add(requestReadTimeout))
+		defer rc.SetReadDeadline(time.Time{})
+	}
 	if err := netmap.DecodeJSON(io.LimitReader(r.Body, maxRequestBody+1), maxRequestBody, v); err != nil {
 		return fmt.Errorf("%w: %v", ErrBadRequest, err)
 	}

@@ -1,0 +1,111 @@
+package control
+
+import (
+	"context"
+	"crypto/tls"
+	"net/http"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"meshd.dev/meshd/netmap"
+)
+
+func TestHTTP2OverTLS13(t *testing.T) {
+	ts := startServer(t, ServerOptions{})
+	n := newTestNode(t, ts.url, ts.Fingerprint())
+	resp, err := n.c.hc.Post(ts.url+"/machine/map", "application/json", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.ProtoMajor != 2 || resp.TLS == nil || resp.TLS.Version != tls.VersionTLS13 {
+		t.Fatalf("proto %s, TLS %+v; want HTTP/2 over TLS 1.3", resp.Proto, resp.TLS)
+	}
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("empty map request: status %d", resp.StatusCode)
+	}
+}
+
+func TestStateFilesAndAdminTokenRotation(t *testing.T) {
+	dir := t.TempDir()
+	ts := startServer(t, ServerOptions{StateDir: dir})
+	for _, f := range []string{keyFile, adminTokenFile} {
+		fi, err := os.Stat(filepath.Join(dir, f))
+		if err != nil || fi.Mode().Perm() != 0o600 {
+			t.Fatalf("%s: %v %v; want mode 0600", f, fi, err)
+		}
+	}
+	old, _ := os.ReadFile(filepath.Join(dir, adminTokenFile))
+	ts.stop(t)
+	// Deleting the token file and restarting issues a new one; the old one
+	// stops working.
+	os.Remove(filepath.Join(dir, adminTokenFile))
+	ts2 := startServer(t, ServerOptions{StateDir: dir})
+	tok, _ := os.ReadFile(filepath.Join(dir, adminTokenFile))
+	if string(tok) == string(old) {
+		t.Fatal("admin token not rotated")
+	}
+	ac, _ := NewAdminClient(ts2.url, string(old))
+	if _, err := ac.Users(context.Background()); err == nil {
+		t.Fatal("old admin token still accepted")
+	}
+	ac, _ = NewAdminClient(ts2.url, string(tok))
+	if _, err := ac.Users(context.Background()); err != nil {
+		t.Fatalf("new admin token: %v", err)
+	}
+}
+
+func TestNodeKeyExpiresOverTime(t *testing.T) {
+	ts := startServer(t, ServerOptions{NodeKeyExpiry: 300 * time.Millisecond, SweepInterval: 20 * time.Millisecond})
+	ukey := ts.key(t, AuthKeyOptions{User: "alice@example.com", Reusable: true})
+	tkey := ts.key(t, AuthKeyOptions{Tags: []string{"tag:srv"}})
+	u, srv := newTestNode(t, ts.url, ""), newTestNode(t, ts.url, "")
+	u.mustRegister(t, ukey, "laptop")
+	srv.mustRegister(t, tkey, "server")
+	u.follow(t, u.mapRequest())
+	srv.follow(t, srv.mapRequest())
+	srv.waitMap(t, "laptop online", peerOnline(u.id, true))
+	// The user's node key expires; the tagged server's never does.
+	srv.waitMap(t, "expired laptop gone", func(m *netmap.NetworkMap) bool { return m.Peers[u.id] == nil })
+	wantErr(t, u.c.Update(context.Background(), u.mapRequest()), ErrNodeExpired)
+	if err := srv.c.Update(context.Background(), srv.mapRequest()); err != nil {
+		t.Fatalf("tagged node after the user's expiry: %v", err)
+	}
+}
+
+func TestEphemeralCleanedUpAfterRestart(t *testing.T) {
+	dir := t.TempDir()
+	ts := startServer(t, ServerOptions{StateDir: dir})
+	e := newTestNode(t, ts.url, "")
+	e.mustRegister(t, ts.key(t, AuthKeyOptions{Tags: []string{"tag:ci"}, Ephemeral: true}), "job")
+	ts.stop(t)
+	// The node never comes back after the coordinator restarts.
+	ts2 := startServer(t, ServerOptions{StateDir: dir, EphemeralTimeout: 50 * time.Millisecond})
+	waitFor(t, "ephemeral node deleted", func() bool {
+		nodes, err := ts2.Nodes(context.Background())
+		return err == nil && len(nodes) == 0
+	})
+}
+
+func TestPolicyHooks(t *testing.T) {
+	ts := startServer(t, ServerOptions{})
+	ctx := context.Background()
+	ts.SetPolicy(tagPolicy{refuse: "tag:evil"})
+	key := ts.key(t, AuthKeyOptions{User: "bob@example.com", Reusable: true})
+	n := newTestNode(t, ts.url, "")
+	_, err := n.register(ctx, key, "x", "tag:evil")
+	wantErr(t, err, ErrTagsForbidden)
+
+	a, b := newTestNode(t, ts.url, ""), newTestNode(t, ts.url, "")
+	a.register(ctx, key, "a", "tag:red")
+	b.register(ctx, key, "b", "tag:blue")
+	a.follow(t, a.mapRequest())
+	m := a.waitMap(t, "first map", func(*netmap.NetworkMap) bool { return true })
+	if m.PolicyBootstrap || len(m.Peers) != 0 {
+		t.Fatalf("under the tag policy a sees %v (bootstrap=%v)", peerIDs(m), m.PolicyBootstrap)
+	}
+	ts.SetPolicy(nil)
+	a.waitMap(t, "b visible under bootstrap", func(m *netmap.NetworkMap) bool { return m.PolicyBootstrap && m.Peers[b.id] != nil })
+}
