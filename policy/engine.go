@@ -3,6 +3,7 @@ package policy
 import (
 	"cmp"
 	"encoding/json"
+	"math/bits"
 	"net/netip"
 	"slices"
 	"strings"
@@ -44,6 +45,10 @@ type Engine struct {
 
 	mu  sync.Mutex
 	gen uint64 // SetNodes generation, to find nodes no longer present
+	// slots maps a dense slot to the node holding it; freeSlots are
+	// slots of removed nodes, reused by the next joins.
+	slots     []netmap.NodeID
+	freeSlots []int
 	// lastAll is the node list of the last sync, to skip comparing node
 	// fields when FilterFor is called again with the same values.
 	lastAll []*netmap.Node
@@ -96,6 +101,7 @@ type nodeEntry struct {
 	allowed []netip.Prefix
 	keys    []idKey
 	seen    uint64
+	slot    int // dense index for peerSet
 }
 
 // entryFor describes n for matching. Entries kept in the index copy n's
@@ -311,6 +317,13 @@ func (e *Engine) upsertLocked(n *netmap.Node) {
 		e.removeLocked(n.ID)
 	}
 	ne := entryFor(n)
+	if k := len(e.freeSlots); k > 0 {
+		ne.slot, e.freeSlots = e.freeSlots[k-1], e.freeSlots[:k-1]
+		e.slots[ne.slot] = n.ID
+	} else {
+		ne.slot = len(e.slots)
+		e.slots = append(e.slots, n.ID)
+	}
 	e.nodes[n.ID] = ne
 	for _, k := range ne.keys {
 		m := e.byKey[k]
@@ -330,6 +343,7 @@ func (e *Engine) removeLocked(id netmap.NodeID) {
 		return
 	}
 	delete(e.nodes, id)
+	e.freeSlots = append(e.freeSlots, ne.slot)
 	for _, k := range ne.keys {
 		delete(e.byKey[k], id)
 		e.noteChange(k, false, ne.addrs)
@@ -662,81 +676,117 @@ func (e *Engine) Peers(n *netmap.Node) []netmap.NodeID {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	self := transientEntry(n)
-	set := map[netmap.NodeID]bool{}
+	set := peerSet{bits: make([]uint64, (len(e.slots)+63)/64)}
+	done := make([]bool, len(e.rules)) // each rule's sources added once
 	// Who reaches n.
 	for _, tr := range e.targetsFor(self) {
 		cr := tr.rule
 		if tr.sel.kind == selSelf {
-			for id, ne := range e.byKey[userKey(self.user)] {
+			for _, ne := range e.byKey[userKey(self.user)] {
 				if srcMatches(cr, ne) {
-					set[id] = true
+					set.add(ne)
 				}
 			}
 			continue
 		}
-		e.addSources(cr, set)
+		if !done[cr.idx] {
+			done[cr.idx] = true
+			e.addSources(cr, &set)
+		}
 	}
 	// Whom n reaches.
-	rules := slices.Clone(e.srcOpen)
-	for _, k := range self.keys {
-		rules = append(rules, e.srcByKey[k]...)
-	}
-	for _, cr := range rules {
-		if !srcMatches(cr, self) {
-			continue
+	clear(done)
+	visit := func(cr *crule) {
+		if done[cr.idx] || !srcMatches(cr, self) {
+			return
 		}
+		done[cr.idx] = true
 		for _, tr := range cr.targets {
-			e.addDests(tr, self, set)
+			e.addDests(tr, self, &set)
 		}
 	}
-	delete(set, n.ID)
-	ids := make([]netmap.NodeID, 0, len(set))
-	for id := range set {
-		ids = append(ids, id)
+	for _, cr := range e.srcOpen {
+		visit(cr)
 	}
+	for _, k := range self.keys {
+		for _, cr := range e.srcByKey[k] {
+			visit(cr)
+		}
+	}
+	ids := make([]netmap.NodeID, 0, set.n)
+	for w, word := range set.bits {
+		for word != 0 {
+			b := bits.TrailingZeros64(word)
+			word &^= 1 << b
+			if id := e.slots[w*64+b]; id != n.ID {
+				ids = append(ids, id)
+			}
+		}
+	}
+	// Slots are handed out in join order, which is mostly ID order: this
+	// sort is nearly free.
 	slices.Sort(ids)
 	return ids
 }
 
-func (e *Engine) addSources(cr *crule, set map[netmap.NodeID]bool) {
+// peerSet is a set of indexed nodes, a bit per index slot: adding the
+// thousands of nodes a wide rule names costs a bit each, not a map insert.
+type peerSet struct {
+	bits []uint64
+	n    int
+}
+
+func (s *peerSet) add(ne *nodeEntry) {
+	w, b := ne.slot/64, uint(ne.slot%64)
+	if s.bits[w]&(1<<b) == 0 {
+		s.bits[w] |= 1 << b
+		s.n++
+	}
+}
+
+func (s *peerSet) has(ne *nodeEntry) bool {
+	return s.bits[ne.slot/64]&(1<<uint(ne.slot%64)) != 0
+}
+
+func (e *Engine) addSources(cr *crule, set *peerSet) {
 	if cr.srcAny {
-		for id := range e.nodes {
-			set[id] = true
+		for _, ne := range e.nodes {
+			set.add(ne)
 		}
 		return
 	}
 	for k := range cr.srcKeys {
-		for id := range e.byKey[k] {
-			set[id] = true
+		for _, ne := range e.byKey[k] {
+			set.add(ne)
 		}
 	}
 	if len(cr.srcPfx) > 0 {
-		for id, ne := range e.nodes {
-			if !set[id] && srcMatches(cr, ne) {
-				set[id] = true
+		for _, ne := range e.nodes {
+			if !set.has(ne) && srcMatches(cr, ne) {
+				set.add(ne)
 			}
 		}
 	}
 }
 
-func (e *Engine) addDests(tr *tref, src *nodeEntry, set map[netmap.NodeID]bool) {
+func (e *Engine) addDests(tr *tref, src *nodeEntry, set *peerSet) {
 	switch tr.sel.kind {
 	case selSelf:
 		if len(src.tags) == 0 && src.user != "" {
-			for id := range e.byKey[userKey(src.user)] {
-				set[id] = true
+			for _, ne := range e.byKey[userKey(src.user)] {
+				set.add(ne)
 			}
 		}
 	case selPrefix:
-		for id, ne := range e.nodes {
-			if !set[id] && prefixDst(tr.sel.prefix, ne) {
-				set[id] = true
+		for _, ne := range e.nodes {
+			if !set.has(ne) && prefixDst(tr.sel.prefix, ne) {
+				set.add(ne)
 			}
 		}
 	default:
 		for _, k := range e.pol.selKeys(tr.sel) {
-			for id := range e.byKey[k] {
-				set[id] = true
+			for _, ne := range e.byKey[k] {
+				set.add(ne)
 			}
 		}
 	}
