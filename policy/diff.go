@@ -1,7 +1,9 @@
 package policy
 
 import (
+	"encoding/json"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 
@@ -15,12 +17,18 @@ type Flow struct {
 	Dst    string `json:"dst"`
 	Protos string `json:"protos"` // e.g. "tcp,udp,icmp,icmpv6"
 	Ports  string `json:"ports"`  // e.g. "22,8080" or "*"
+	// App, instead of ports, is an "app" capability grant: the capability
+	// name and its values, e.g. meshd.dev/cap/kubernetes=[{...}].
+	App string `json:"app,omitempty"`
 	// Rule is the file:line of the rule in the policy that allows (for an
 	// opened flow: NEW; for a closed one: OLD) the flow.
 	Rule string `json:"rule"`
 }
 
 func (f Flow) String() string {
+	if f.App != "" {
+		return fmt.Sprintf("%s -> %s app %s  [%s]", f.Src, f.Dst, f.App, f.Rule)
+	}
 	return fmt.Sprintf("%s -> %s:%s (%s)  [%s]", f.Src, f.Dst, f.Ports, f.Protos, f.Rule)
 }
 
@@ -38,6 +46,9 @@ type flowAtom struct {
 	proto    uint8
 	ports    []netmap.PortRange
 	rule     *rule
+	// app is set for a capability grant ("name=values"); proto and ports
+	// are then unused.
+	app string
 	// srcGroup/dstGroup name the group a user selector was expanded from,
 	// so rows can be folded back into the group for display.
 	srcGroup, dstGroup string
@@ -75,6 +86,15 @@ func (p *Policy) atoms() []flowAtom {
 						}
 					}
 				}
+				for _, d := range r.capDsts {
+					for _, dst := range expand(d) {
+						for _, name := range slices.Sorted(maps.Keys(r.caps)) {
+							vals, _ := json.Marshal(r.caps[name])
+							out = append(out, flowAtom{src: src.sel, dst: dst.sel, ports: []netmap.PortRange{netmap.AllPorts}, rule: r,
+								app: name + "=" + string(vals), srcGroup: src.group, dstGroup: dst.group})
+						}
+					}
+				}
 			}
 		}
 	}
@@ -98,8 +118,8 @@ func Diff(old, new *Policy) PolicyDiff {
 // into their group when every member of the group has the same row.
 func uncovered(as []flowAtom, ap *Policy, bs []flowAtom, bp *Policy) []Flow {
 	type row struct {
-		src, dst, ports, rule string
-		srcGroup, dstGroup    string
+		src, dst, ports, rule, app string
+		srcGroup, dstGroup         string
 	}
 	// Gather the uncovered ports per source, destination, rule and
 	// protocol, uniting the ports of a rule's separate "ip" entries.
@@ -113,12 +133,13 @@ func uncovered(as []flowAtom, ap *Policy, bs []flowAtom, bp *Policy) []Flow {
 	// cover an atom: bucket bs so large policies do not compare every pair.
 	type bucket struct {
 		proto uint8
+		app   string
 		kind  selKind
 		name  string
 	}
 	buckets := map[bucket][]flowAtom{}
 	for _, b := range bs {
-		k := bucket{proto: b.proto}
+		k := bucket{proto: b.proto, app: b.app}
 		switch b.dst.kind {
 		case selTag, selUser:
 			k.kind, k.name = b.dst.kind, b.dst.name
@@ -129,22 +150,22 @@ func uncovered(as []flowAtom, ap *Policy, bs []flowAtom, bp *Policy) []Flow {
 	}
 	for _, a := range as {
 		rest := slices.Clone(a.ports)
-		candidates := buckets[bucket{proto: a.proto, kind: selAny}]
+		candidates := buckets[bucket{proto: a.proto, app: a.app, kind: selAny}]
 		if a.dst.kind == selTag || a.dst.kind == selUser {
-			candidates = append(slices.Clip(candidates), buckets[bucket{a.proto, a.dst.kind, a.dst.name}]...)
+			candidates = append(slices.Clip(candidates), buckets[bucket{a.proto, a.app, a.dst.kind, a.dst.name}]...)
 		}
 		for _, b := range candidates {
 			if len(rest) == 0 {
 				break
 			}
-			if b.proto == a.proto && bp.selCovers(b.src, a.src) && bp.selCovers(b.dst, a.dst) {
+			if b.proto == a.proto && b.app == a.app && bp.selCovers(b.src, a.src) && bp.selCovers(b.dst, a.dst) {
 				rest = subtractPorts(rest, b.ports)
 			}
 		}
 		if len(rest) == 0 {
 			continue
 		}
-		c := cell{row{src: a.src.raw, dst: a.dst.raw, rule: a.rule.origin(), srcGroup: a.srcGroup, dstGroup: a.dstGroup}, a.proto}
+		c := cell{row{src: a.src.raw, dst: a.dst.raw, rule: a.rule.origin(), app: a.app, srcGroup: a.srcGroup, dstGroup: a.dstGroup}, a.proto}
 		if _, ok := cellPorts[c]; !ok {
 			cells = append(cells, c)
 		}
@@ -211,6 +232,10 @@ func uncovered(as []flowAtom, ap *Policy, bs []flowAtom, bp *Policy) []Flow {
 		names := make([]string, 0, len(protos[k]))
 		for _, p := range protos[k] {
 			names = append(names, protoName(p))
+		}
+		if k.app != "" {
+			out = append(out, Flow{Src: k.src, Dst: k.dst, App: k.app, Rule: k.rule})
+			continue
 		}
 		out = append(out, Flow{Src: k.src, Dst: k.dst, Ports: k.ports, Protos: strings.Join(names, ","), Rule: k.rule})
 	}

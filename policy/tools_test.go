@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -186,6 +187,10 @@ func TestDiff(t *testing.T) {
 		{"src": ["*"], "dst": ["tag:srv"], "ip": ["tcp:22", "tcp:80"]},
 		{"src": ["tag:srv"], "dst": ["tag:db"], "ip": ["tcp:5432"]}]}`,
 			[]string{"* -> tag:srv:22,80 (tcp)  [test.hujson:5]"}, nil},
+		{"capability granted", hdr + `"grants": [
+		{"src": ["group:eng"], "dst": ["tag:srv"], "ip": ["tcp:22", "tcp:80"], "app": {"meshd.dev/cap/k8s": [{"impersonate": {"groups": ["viewers"]}}]}},
+		{"src": ["tag:srv"], "dst": ["tag:db"], "ip": ["tcp:5432"]}]}`,
+			[]string{`group:eng -> tag:srv app meshd.dev/cap/k8s=[{"impersonate":{"groups":["viewers"]}}]  [test.hujson:5]`}, nil},
 		{"everything closed", `{}`, nil, []string{"group:eng -> tag:srv:22,80 (tcp)  [test.hujson:5]", "tag:srv -> tag:db:5432 (tcp)  [test.hujson:6]"}},
 	}
 	for _, tc := range tests {
@@ -203,5 +208,24 @@ func TestDiff(t *testing.T) {
 			check("opened", d.Opened, tc.opened)
 			check("closed", d.Closed, tc.closed)
 		})
+	}
+}
+
+// TestDiffCapabilities: changing what an "app" grant carries shows as the
+// old capability closed and the new one opened.
+func TestDiffCapabilities(t *testing.T) {
+	const pol = `{
+	"groups": {"group:eng": ["alice@example.com", "bob@example.com"]},
+	"tagOwners": {"tag:k8s": []},
+	"grants": [{"src": ["group:eng"], "dst": ["tag:k8s"], "app": {"meshd.dev/cap/kubernetes": [{"impersonate": {"groups": [%q]}}]}}],
+}`
+	old := mustParse(t, fmt.Sprintf(pol, "viewers"))
+	d := Diff(old, mustParse(t, fmt.Sprintf(pol, "system:masters")))
+	if len(d.Opened) != 1 || !strings.Contains(d.Opened[0].App, "system:masters") || d.Opened[0].Src != "group:eng" ||
+		len(d.Closed) != 1 || !strings.Contains(d.Closed[0].App, "viewers") {
+		t.Errorf("diff = %+v", d)
+	}
+	if d := Diff(old, old); len(d.Opened)+len(d.Closed) != 0 {
+		t.Errorf("self diff = %+v", d)
 	}
 }
