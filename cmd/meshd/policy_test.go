@@ -8,7 +8,13 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"meshd.dev/meshd/control"
+	"meshd.dev/meshd/policy"
 )
+
+// The compiled policy is what the coordinator's policy seam takes.
+var _ control.Policy = (*policy.Engine)(nil)
 
 // runPolicy runs `meshd policy ARGS...` and returns its exit code and output.
 func runPolicy(t *testing.T, args ...string) (int, string, string) {
