@@ -3,6 +3,7 @@ package policy
 import (
 	"cmp"
 	"encoding/json"
+	"fmt"
 	"math/bits"
 	"net/netip"
 	"slices"
@@ -39,8 +40,9 @@ type Engine struct {
 	dstByKey    map[idKey][]*tref // node key -> targets whose dst selector has that key
 	dstPrefix   []*tref           // targets whose dst is an address, CIDR or host
 	dstSelf     []*tref           // autogroup:self targets
-	srcByKey    map[idKey][]*crule
-	srcOpen     []*crule // rules whose src has "*" or an address/CIDR
+	srcByKey    map[idKey][]*crule  // node key -> rules whose sources include it
+	setsByKey   map[idKey][]*srcSet // node key -> distinct source sets including it
+	srcOpen     []*crule            // rules whose src has "*" or an address/CIDR
 	targetOrder int
 
 	mu  sync.Mutex
@@ -58,19 +60,43 @@ type Engine struct {
 
 // crule is a rule with its source side compiled.
 type crule struct {
-	r        *rule
-	idx      int
-	origin   string
+	r      *rule
+	idx    int
+	origin string
+	// srcSet is shared by every rule with the same sources: policies name
+	// the same group or tag in many rules, and each distinct source set is
+	// resolved and kept current once.
+	*srcSet
+	targets []*tref
+}
+
+// srcSet is a resolved set of sources.
+type srcSet struct {
 	srcAny   bool
 	srcKeys  map[idKey]bool
 	srcPfx   []netip.Prefix // literal addresses, CIDRs and hosts
-	targets  []*tref
 	srcIPs   []netip.Prefix // cache: every source address; valid when srcValid
 	srcValid bool
 	// pending are node joins and leaves not yet folded into srcIPs: a
 	// join then costs one merge into the sorted cache on next use, not a
 	// rebuild of a source set that may hold every device of the tailnet.
 	pending []srcChange
+}
+
+// signature identifies the set's sources, to share it between rules.
+func (ss *srcSet) signature() string {
+	var parts []string
+	if ss.srcAny {
+		parts = append(parts, "*")
+	}
+	for k := range ss.srcKeys {
+		parts = append(parts, fmt.Sprintf("%d:%s", k.kind, k.name))
+	}
+	for _, p := range ss.srcPfx {
+		parts = append(parts, p.String())
+	}
+	slices.Sort(parts)
+	return strings.Join(parts, "\x00")
 }
 
 type srcChange struct {
@@ -182,13 +208,15 @@ func NewEngine(p *Policy) *Engine {
 	e := &Engine{
 		pol:      p,
 		dstByKey: map[idKey][]*tref{},
-		srcByKey: map[idKey][]*crule{},
-		nodes:    map[netmap.NodeID]*nodeEntry{},
-		byKey:    map[idKey]map[netmap.NodeID]*nodeEntry{},
+		srcByKey:  map[idKey][]*crule{},
+		setsByKey: map[idKey][]*srcSet{},
+		nodes:     map[netmap.NodeID]*nodeEntry{},
+		byKey:     map[idKey]map[netmap.NodeID]*nodeEntry{},
 	}
+	sets := map[string]*srcSet{}
 	for i := range p.rules {
 		r := &p.rules[i]
-		cr := &crule{r: r, idx: i, origin: r.origin(), srcKeys: map[idKey]bool{}}
+		cr := &crule{r: r, idx: i, origin: r.origin(), srcSet: &srcSet{srcKeys: map[idKey]bool{}}}
 		for _, s := range r.src {
 			switch s.kind {
 			case selAny:
@@ -199,6 +227,15 @@ func NewEngine(p *Policy) *Engine {
 				for _, k := range p.selKeys(s) {
 					cr.srcKeys[k] = true
 				}
+			}
+		}
+		sig := cr.srcSet.signature()
+		if shared, ok := sets[sig]; ok {
+			cr.srcSet = shared
+		} else {
+			sets[sig] = cr.srcSet
+			for k := range cr.srcKeys {
+				e.setsByKey[k] = append(e.setsByKey[k], cr.srcSet)
 			}
 		}
 		if cr.srcAny || len(cr.srcPfx) > 0 {
@@ -351,9 +388,9 @@ func (e *Engine) removeLocked(id netmap.NodeID) {
 }
 
 // noteChange records that a node with addrs joined (add) or left the set
-// of nodes under key, for every rule whose sources include key.
+// of nodes under key, for every source set that includes key.
 func (e *Engine) noteChange(key idKey, add bool, addrs []netip.Prefix) {
-	for _, cr := range e.srcByKey[key] {
+	for _, cr := range e.setsByKey[key] {
 		if !cr.srcValid {
 			continue
 		}
@@ -367,29 +404,29 @@ func (e *Engine) noteChange(key idKey, add bool, addrs []netip.Prefix) {
 
 var allIPs = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
 
-// srcIPsLocked returns the rule's source addresses, from the cache when
+// srcIPsLocked returns the set's source addresses, from the cache when
 // no node it depends on changed.
-func (e *Engine) srcIPsLocked(cr *crule) []netip.Prefix {
-	if cr.srcValid && len(cr.pending) > 0 {
-		cr.srcIPs = applyChanges(cr.srcIPs, cr.pending, cr.srcPfx)
-		cr.pending = nil
+func (e *Engine) srcIPsLocked(ss *srcSet) []netip.Prefix {
+	if ss.srcValid && len(ss.pending) > 0 {
+		ss.srcIPs = applyChanges(ss.srcIPs, ss.pending, ss.srcPfx)
+		ss.pending = nil
 	}
-	if cr.srcValid {
-		return cr.srcIPs
+	if ss.srcValid {
+		return ss.srcIPs
 	}
 	var ips []netip.Prefix
-	if cr.srcAny {
+	if ss.srcAny {
 		ips = slices.Clone(allIPs)
 	} else {
-		ips = slices.Clone(cr.srcPfx)
-		for k := range cr.srcKeys {
+		ips = slices.Clone(ss.srcPfx)
+		for k := range ss.srcKeys {
 			for _, ne := range e.byKey[k] {
 				ips = append(ips, ne.addrs...)
 			}
 		}
 		sortPrefixes(&ips)
 	}
-	cr.srcIPs, cr.srcValid = ips, true
+	ss.srcIPs, ss.srcValid = ips, true
 	return ips
 }
 
@@ -548,7 +585,7 @@ func (e *Engine) FilterFor(n *netmap.Node, all []*netmap.Node) []netmap.FilterRu
 		if tr.sel.kind == selSelf {
 			src = e.selfSourcesLocked(tr.rule, self)
 		} else {
-			src = e.srcIPsLocked(tr.rule)
+			src = e.srcIPsLocked(tr.rule.srcSet)
 		}
 		if len(src) == 0 || len(nets) == 0 {
 			continue

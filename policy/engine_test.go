@@ -378,6 +378,10 @@ func TestIncrementalMatchesFull(t *testing.T) {
 			{"src": ["autogroup:member"], "dst": ["autogroup:self"], "ip": ["*"]},
 			{"src": ["net"], "dst": ["tag:t2"], "ip": ["443"]},
 			{"src": ["autogroup:tagged"], "dst": ["group:b"], "ip": ["udp:53"]},
+			// Same sources as rules above: the compiled source sets are shared.
+			{"src": ["group:a"], "dst": ["tag:t2"], "ip": ["udp:1"]},
+			{"src": ["u0@x.com", "u1@x.com"], "dst": ["tag:t1"], "ip": ["udp:2"]},
+			{"src": ["autogroup:member"], "dst": ["tag:t0", "tag:t1"], "ip": ["tcp:3"]},
 		],
 		"acls": [{"action": "accept", "src": ["u3@x.com"], "dst": ["net:80"]}],
 	}`)
