@@ -37,9 +37,9 @@ type Engine struct {
 	rules []*crule
 
 	// Rule indexes, built once per policy.
-	dstByKey    map[idKey][]*tref // node key -> targets whose dst selector has that key
-	dstPrefix   []*tref           // targets whose dst is an address, CIDR or host
-	dstSelf     []*tref           // autogroup:self targets
+	dstByKey    map[idKey][]*tref   // node key -> targets whose dst selector has that key
+	dstPrefix   []*tref             // targets whose dst is an address, CIDR or host
+	dstSelf     []*tref             // autogroup:self targets
 	srcByKey    map[idKey][]*crule  // node key -> rules whose sources include it
 	setsByKey   map[idKey][]*srcSet // node key -> distinct source sets including it
 	srcOpen     []*crule            // rules whose src has "*" or an address/CIDR
@@ -206,8 +206,8 @@ func (p *Policy) selKeys(s selector) []idKey {
 // NewEngine compiles p. Add the nodes with SetNodes.
 func NewEngine(p *Policy) *Engine {
 	e := &Engine{
-		pol:      p,
-		dstByKey: map[idKey][]*tref{},
+		pol:       p,
+		dstByKey:  map[idKey][]*tref{},
 		srcByKey:  map[idKey][]*crule{},
 		setsByKey: map[idKey][]*srcSet{},
 		nodes:     map[netmap.NodeID]*nodeEntry{},
