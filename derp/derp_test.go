@@ -484,6 +484,9 @@ func TestRateLimitPerClient(t *testing.T) {
 	const limit = 256 << 10 // bytes per second
 	srv := newTestServer(t, ServerOptions{ClientRate: rate.Limit(limit)})
 	knoisy, kquiet, ksink, kpeer := netmap.NewNodePrivate(), netmap.NewNodePrivate(), netmap.NewNodePrivate(), netmap.NewNodePrivate()
+	// The noisy client's token bucket starts when it connects, so the
+	// budget is counted from before that.
+	start := time.Now()
 	noisy, quiet := dial(t, srv.url, knoisy), dial(t, srv.url, kquiet)
 	sink, peer := dial(t, srv.url, ksink), dial(t, srv.url, kpeer)
 	if got := noisy.ServerInfo().RateBytesPerSec; got != limit {
@@ -505,7 +508,6 @@ func TestRateLimitPerClient(t *testing.T) {
 	}()
 	var received int64
 	var mu sync.Mutex
-	start := time.Now()
 	go func() {
 		defer wg.Done()
 		for {
@@ -599,14 +601,15 @@ func TestGarbageAndOversizedFlood(t *testing.T) {
 		for i := range junk {
 			junk[i] = byte(rng.Uint32())
 		}
-		c.wmu.Lock()
 		if rng.IntN(2) == 0 {
-			c.bw.Write(hdr[:])
+			c.queueRaw(hdr[:])
 		} else {
-			c.bw.Write(junk)
+			c.queueRaw(junk)
 		}
-		c.bw.Flush()
-		c.wmu.Unlock()
+		// Let the flusher hand the bytes to the kernel before half-closing.
+		if err := flushed(c); err != nil {
+			return err
+		}
 		// Random junk may announce a frame that is within limits and wait
 		// for its payload; ending our side makes the outcome deterministic.
 		c.conn.(*net.TCPConn).CloseWrite()
@@ -628,11 +631,9 @@ func TestGarbageAndOversizedFlood(t *testing.T) {
 			return nil
 		}
 		defer c.Close()
-		c.wmu.Lock()
 		dst := kb.Public()
-		writeFrame(c.bw, frameSendPacket, dst[:], make([]byte, MaxPacketSize+1))
-		c.bw.Flush()
-		c.wmu.Unlock()
+		c.queue(frameSendPacket, dst[:], make([]byte, MaxPacketSize+1))
+		flushed(c)
 		return nil
 	})
 
@@ -649,6 +650,22 @@ func TestGarbageAndOversizedFlood(t *testing.T) {
 	wg.Wait()
 	if st := srv.Stats(); st.Clients < 2 {
 		t.Fatalf("well-behaved clients lost: %+v", st)
+	}
+}
+
+// flushed waits until c's queued bytes were handed to the kernel.
+func flushed(c *Client) error {
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		c.wmu.Lock()
+		done := len(c.pending) == 0 && c.spare != nil
+		err := c.werr
+		c.wmu.Unlock()
+		if done || err != nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return errors.New("queued bytes never written")
+		}
 	}
 }
 
@@ -712,7 +729,7 @@ func TestMeshFramesRefusedFromClients(t *testing.T) {
 	}{
 		{"watch", func(c *Client) error { return c.watchConns() }},
 		{"forward with forged source", func(c *Client) error {
-			return c.forward(netmap.NewNodePrivate().Public(), kb.Public(), []byte("forged"), true)
+			return c.forward(netmap.NewNodePrivate().Public(), kb.Public(), []byte("forged"))
 		}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {

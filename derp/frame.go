@@ -161,6 +161,20 @@ func writeFrame(bw *bufio.Writer, t frameType, parts ...[]byte) error {
 	return nil
 }
 
+// appendFrame appends one frame whose payload is the concatenation of parts.
+func appendFrame(b []byte, t frameType, parts ...[]byte) []byte {
+	n := 0
+	for _, p := range parts {
+		n += len(p)
+	}
+	b = append(b, byte(t))
+	b = binary.BigEndian.AppendUint32(b, uint32(n))
+	for _, p := range parts {
+		b = append(b, p...)
+	}
+	return b
+}
+
 // readFrameHeader reads a header and checks the length against the type's
 // limit before anything of the payload is read.
 func readFrameHeader(br *bufio.Reader) (frameType, uint32, error) {

@@ -54,7 +54,11 @@ func FuzzReadFrame(f *testing.F) {
 func FuzzClientRecv(f *testing.F) {
 	frameSeeds(f)
 	f.Fuzz(func(t *testing.T, data []byte) {
-		c := &Client{br: bufio.NewReader(bytes.NewReader(data)), bw: bufio.NewWriter(io.Discard)}
+		cs, ss := net.Pipe()
+		go io.Copy(io.Discard, ss)
+		c := &Client{conn: cs, br: bufio.NewReader(bytes.NewReader(data))}
+		c.start()
+		defer c.Close()
 		for {
 			m, err := c.Recv()
 			if err != nil {

@@ -131,8 +131,7 @@ func (l *meshLink) writeLoop(ctx context.Context, c *Client) error {
 			return nil
 		case p = <-l.q:
 		}
-		// Flush only when the queue is empty, batching under load.
-		err := c.forward(p.src, p.dst, (*p.buf)[:p.n], len(l.q) == 0)
+		err := c.forward(p.src, p.dst, (*p.buf)[:p.n])
 		l.s.putBuf(p.buf)
 		if err != nil {
 			c.Close()
