@@ -186,6 +186,11 @@ func (p *Policy) Explain(src, dst, proto string) (Explanation, error) {
 	if err != nil {
 		return ex, fmt.Errorf("--dst: %w", err)
 	}
+	for _, sel := range []selector{ssel, dsel} {
+		if sel.kind == selPrefix && sel.prefix.Bits() != sel.prefix.Addr().BitLen() {
+			return ex, fmt.Errorf("%s is a CIDR: name one address", sel.raw)
+		}
+	}
 	srcs := p.subjectsFor(ssel)
 	if len(srcs) == 0 {
 		return ex, fmt.Errorf("--src %s has no members", src)

@@ -145,6 +145,7 @@ func TestExplain(t *testing.T) {
 		{"alice@example.com", "tag:prod", ""},
 		{"alice@example.com", "tag:unknown:22", ""},
 		{"alice@example.com", "tag:prod:22", "bogus"},
+		{"alice@example.com", "10.0.0.0/8:22", ""},
 	} {
 		if _, err := p.Explain(bad[0], bad[1], bad[2]); err == nil {
 			t.Errorf("Explain(%v): want an error", bad)
