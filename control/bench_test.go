@@ -33,7 +33,9 @@ func benchNode(id netmap.NodeID) *netmap.Node {
 func benchHub(n int) *hub {
 	h := newHub("bench", nil, 8, time.Now)
 	for id := netmap.NodeID(1); id <= netmap.NodeID(n); id++ {
-		h.nodes[id] = benchNode(id)
+		n := benchNode(id)
+		h.nodes[id] = n
+		h.byKey[n.NodeKey] = id
 		h.sessions[id] = []*session{{node: id, q: make(chan []byte, 8), dead: make(chan struct{})}}
 	}
 	return h
@@ -143,9 +145,9 @@ func BenchmarkFullMap(b *testing.B) {
 			b.ReportAllocs()
 			for i := 0; i < b.N; i++ {
 				h.mu.Lock()
-				r := h.fullLocked(self)
+				m := h.fullLocked(self)
 				h.mu.Unlock()
-				f, err := encodeFrame(r)
+				f, err := m.frame()
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -169,7 +171,9 @@ func BenchmarkNaiveRebuild(b *testing.B) {
 			total = 0
 			h.mu.Lock()
 			for _, self := range h.nodes {
-				f, err := encodeFrame(h.fullLocked(self))
+				// No peer-JSON cache: the naive design encodes every map anew.
+				clear(h.peerJSON)
+				f, err := h.fullLocked(self).frame()
 				if err != nil {
 					b.Fatal(err)
 				}

@@ -2,8 +2,10 @@ package control
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/netip"
 	"reflect"
 	"slices"
@@ -24,11 +26,15 @@ import (
 // full map is built only for a session that starts without a usable resume
 // point, and costs O(n) for that one session.
 type hub struct {
-	mu        sync.Mutex
-	epoch     string
-	version   uint64
-	nodes     map[netmap.NodeID]*netmap.Node // immutable values, replaced on change
-	byKey     map[netmap.NodePublic]netmap.NodeID
+	mu      sync.Mutex
+	epoch   string
+	version uint64
+	nodes   map[netmap.NodeID]*netmap.Node // immutable values, replaced on change
+	byKey   map[netmap.NodePublic]netmap.NodeID
+	// peerJSON caches each node's JSON as a peer entry, so a full map is
+	// assembled by copying bytes instead of encoding n nodes again (which
+	// matters when a whole fleet reconnects after a coordinator restart).
+	peerJSON  map[netmap.NodeID][]byte
 	all       []*netmap.Node // cache for Policy.FilterFor; nil when stale
 	sessions  map[netmap.NodeID][]*session
 	policy    Policy
@@ -79,6 +85,7 @@ func newHub(epoch string, derpMap *netmap.DERPMap, queueLen int, now func() time
 		epoch:     epoch,
 		nodes:     make(map[netmap.NodeID]*netmap.Node),
 		byKey:     make(map[netmap.NodePublic]netmap.NodeID),
+		peerJSON:  make(map[netmap.NodeID][]byte),
 		sessions:  make(map[netmap.NodeID][]*session),
 		policy:    newBootstrapPolicy(),
 		bootstrap: true,
@@ -200,6 +207,7 @@ func (h *hub) upsertLocked(n *netmap.Node) {
 		delete(h.byKey, old.NodeKey)
 	}
 	h.byKey[n.NodeKey] = n.ID
+	delete(h.peerJSON, n.ID)
 	h.all = nil
 	h.version++
 	h.logChange(n.ID)
@@ -223,7 +231,10 @@ func (h *hub) upsertLocked(n *netmap.Node) {
 			if !h.bootstrap && identityChanged {
 				// Who this node may see depends on its identity: resend its
 				// whole map (O(n), for this node only).
-				f = h.mustEncode(h.fullLocked(n))
+				var err error
+				if f, err = h.fullLocked(n).frame(); err != nil {
+					panic(err) // see lazyFrame.bytes
+				}
 				for _, s := range ss {
 					s.lastFilter = h.filterJSON(n)
 				}
@@ -279,6 +290,7 @@ func (h *hub) remove(id netmap.NodeID, reason error) {
 	if h.byKey[old.NodeKey] == id {
 		delete(h.byKey, old.NodeKey)
 	}
+	delete(h.peerJSON, id)
 	h.all = nil
 	h.version++
 	h.logChange(id)
@@ -352,27 +364,74 @@ func (h *hub) refreshFiltersLocked() {
 	}
 }
 
-// fullLocked builds n's full map.
-func (h *hub) fullLocked(self *netmap.Node) *netmap.MapResponse {
+// mapMessage is a map response whose peer list (full maps only) is held as
+// cached JSON and spliced in when the frame is built.
+type mapMessage struct {
+	resp  *netmap.MapResponse
+	peers [][]byte
+}
+
+// frame encodes m as one stream frame.
+func (m *mapMessage) frame() ([]byte, error) {
+	if len(m.peers) == 0 {
+		return encodeFrame(m.resp)
+	}
+	head, err := json.Marshal(m.resp) // resp.Peers is nil: omitted
+	if err != nil {
+		return nil, fmt.Errorf("encode map response: %w", err)
+	}
+	size := len(head) + len(`,"peers":[]`) + len(m.peers)
+	for _, p := range m.peers {
+		size += len(p)
+	}
+	if size > netmap.MaxMessageSize {
+		return nil, fmt.Errorf("map response of %d bytes exceeds the %d byte limit", size, netmap.MaxMessageSize)
+	}
+	out := make([]byte, frameHeaderLen, frameHeaderLen+size)
+	out = append(out, head[:len(head)-1]...) // drop the closing brace
+	out = append(out, `,"peers":[`...)
+	for i, p := range m.peers {
+		if i > 0 {
+			out = append(out, ',')
+		}
+		out = append(out, p...)
+	}
+	out = append(out, "]}"...)
+	binary.BigEndian.PutUint32(out, uint32(len(out)-frameHeaderLen))
+	return out, nil
+}
+
+func (h *hub) peerJSONLocked(n *netmap.Node) []byte {
+	b, ok := h.peerJSON[n.ID]
+	if !ok {
+		b, _ = json.Marshal(n) // a Node always encodes
+		h.peerJSON[n.ID] = b
+	}
+	return b
+}
+
+// fullLocked builds n's full map. Only byte-slice references to the cached
+// peer entries are collected under the lock; the copying happens in frame.
+func (h *hub) fullLocked(self *netmap.Node) *mapMessage {
 	r := h.base()
 	r.Full = true
 	sc := *self
 	r.Self = &sc
-	r.Peers = make([]netmap.Node, 0, len(h.nodes))
+	m := &mapMessage{resp: &r, peers: make([][]byte, 0, len(h.nodes))}
 	for _, p := range h.allLocked() {
 		if p.ID != self.ID && h.policy.CanSee(self, p) {
-			r.Peers = append(r.Peers, *p)
+			m.peers = append(m.peers, h.peerJSONLocked(p))
 		}
 	}
 	r.DERPMap = h.derpMap
 	f := h.filterFor(self)
 	r.PacketFilter = &f
-	return &r
+	return m
 }
 
 // resumeLocked builds the delta that brings a client at version since (of
 // epoch) up to date, or returns nil if it needs a full map.
-func (h *hub) resumeLocked(self *netmap.Node, since uint64, epoch string) *netmap.MapResponse {
+func (h *hub) resumeLocked(self *netmap.Node, since uint64, epoch string) *mapMessage {
 	if epoch != h.epoch || since == 0 || since > h.version {
 		return nil
 	}
@@ -395,13 +454,13 @@ func (h *hub) resumeLocked(self *netmap.Node, since uint64, epoch string) *netma
 	}
 	f := h.filterFor(self)
 	r.PacketFilter = &f
-	return &r
+	return &mapMessage{resp: &r}
 }
 
 // subscribe opens a map session for node id, marking it online. The first
 // message is returned rather than queued so the caller can encode a large
 // full map outside the hub lock.
-func (h *hub) subscribe(id netmap.NodeID, since uint64, epoch string) (*session, *netmap.MapResponse, error) {
+func (h *hub) subscribe(id netmap.NodeID, since uint64, epoch string) (*session, *mapMessage, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	n := h.nodes[id]
@@ -424,7 +483,7 @@ func (h *hub) subscribe(id netmap.NodeID, since uint64, epoch string) (*session,
 		h.stats.resumed.Add(1)
 	}
 	if !h.bootstrap {
-		s.lastFilter, _ = json.Marshal(*first.PacketFilter)
+		s.lastFilter, _ = json.Marshal(*first.resp.PacketFilter)
 	}
 	return s, first, nil
 }

@@ -2,6 +2,7 @@ package control
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -51,7 +52,7 @@ func subscribeMap(t testing.TB, h *hub, id netmap.NodeID) (*session, *netmap.Net
 		t.Fatal(err)
 	}
 	m := &netmap.NetworkMap{}
-	if err := m.Apply(first); err != nil {
+	if err := m.Apply(decodeMsg(t, first)); err != nil {
 		t.Fatal(err)
 	}
 	return s, m
@@ -212,11 +213,11 @@ func TestHubResume(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer h.unsubscribe(s)
-			if first.Full != tt.full {
-				t.Fatalf("full=%v; want %v", first.Full, tt.full)
+			if first.resp.Full != tt.full {
+				t.Fatalf("full=%v; want %v", first.resp.Full, tt.full)
 			}
 			mm := m.Clone()
-			if err := mm.Apply(first); err != nil {
+			if err := mm.Apply(decodeMsg(t, first)); err != nil {
 				t.Fatal(err)
 			}
 			if got := peerIDs(mm); !slices.Equal(got, []netmap.NodeID{2, 9}) || len(mm.Peers[2].Endpoints) != 1 {
@@ -232,7 +233,7 @@ func TestHubResume(t *testing.T) {
 	}
 	s, first, _ := h.subscribe(1, since, "e")
 	h.unsubscribe(s)
-	if !first.Full {
+	if !first.resp.Full {
 		t.Fatal("resume across a wrapped change log was not a full map")
 	}
 }
@@ -305,5 +306,48 @@ func TestAddrPool(t *testing.T) {
 	}
 	if got := v6For(netip.MustParseAddr("100.64.1.2")); got != netip.MustParseAddr("fd5e:5a1e:d::6440:102") {
 		t.Errorf("v6For = %v", got)
+	}
+}
+
+// decodeMsg builds m's frame and reads it back, as a client would.
+func decodeMsg(t testing.TB, m *mapMessage) *netmap.MapResponse {
+	t.Helper()
+	f, err := m.frame()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, _, err := readMapResponse(bytes.NewReader(f), nil)
+	if err != nil {
+		t.Fatalf("read back %s: %v", f[frameHeaderLen:], err)
+	}
+	return r
+}
+
+func TestFullMapSplicingMatchesPlainEncoding(t *testing.T) {
+	h := newHub("e", &netmap.DERPMap{Regions: []netmap.DERPRegion{{ID: 1, Code: "x", Nodes: []netmap.DERPNode{{Name: "a", Host: "127.0.0.1", DERPPort: 1}}}}}, 0, time.Now)
+	for id := range netmap.NodeID(5) {
+		h.upsert(benchNode(id + 1))
+	}
+	for _, n := range []int{1, 5} { // with peers, and alone after removals
+		h.mu.Lock()
+		m := h.fullLocked(h.nodes[1])
+		h.mu.Unlock()
+		got := decodeMsg(t, m)
+		want := *m.resp
+		for _, p := range h.allLocked() {
+			if p.ID != 1 {
+				want.Peers = append(want.Peers, *p)
+			}
+		}
+		wb, _ := json.Marshal(&want)
+		gb, _ := json.Marshal(got)
+		if !bytes.Equal(wb, gb) {
+			t.Fatalf("spliced full map differs:\n got %s\nwant %s", gb, wb)
+		}
+		if n == 1 {
+			for id := netmap.NodeID(2); id <= 5; id++ {
+				h.remove(id, ErrNotRegistered)
+			}
+		}
 	}
 }

@@ -313,7 +313,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 	s.mu.Unlock()
 	defer s.endSession(sess)
 
-	frame, err := encodeFrame(first)
+	frame, err := first.frame()
 	if err != nil {
 		s.writeError(w, r, err)
 		return
@@ -332,7 +332,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 	if !write(frame) || rc.Flush() != nil {
 		return
 	}
-	s.log.Debug("map stream open", "node", id, "full", first.Full, "version", first.Version)
+	s.log.Debug("map stream open", "node", id, "full", first.resp.Full, "version", first.resp.Version)
 	ka := time.NewTicker(s.opts.KeepAliveInterval)
 	defer ka.Stop()
 	for {
