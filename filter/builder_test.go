@@ -1,12 +1,13 @@
 package filter
 
 import (
-	"encoding/binary"
 	"net/netip"
+
+	"meshd.dev/meshd/filter/filtertest"
 )
 
-// pkt describes a test packet; build renders it as IPv4 or IPv6 depending
-// on the family of src.
+// pkt is a terse filtertest.Packet for table-driven tests: addresses are
+// strings, the family of src picks IPv4 or IPv6.
 type pkt struct {
 	src, dst     string
 	proto        uint8
@@ -24,68 +25,13 @@ type pkt struct {
 }
 
 func (k pkt) build() []byte {
-	src, dst := netip.MustParseAddr(k.src), netip.MustParseAddr(k.dst)
-	var l4 []byte
-	if k.fragOff == 0 {
-		switch k.proto {
-		case protoTCP:
-			l4 = make([]byte, 20)
-			binary.BigEndian.PutUint16(l4[0:], k.sport)
-			binary.BigEndian.PutUint16(l4[2:], k.dport)
-			l4[12] = 5 << 4
-			l4[13] = k.flags
-		case protoUDP:
-			l4 = make([]byte, 8)
-			binary.BigEndian.PutUint16(l4[0:], k.sport)
-			binary.BigEndian.PutUint16(l4[2:], k.dport)
-		case protoSCTP:
-			l4 = make([]byte, 12)
-			binary.BigEndian.PutUint16(l4[0:], k.sport)
-			binary.BigEndian.PutUint16(l4[2:], k.dport)
-		case protoICMPv4, protoICMPv6:
-			l4 = make([]byte, 8)
-			l4[0], l4[1] = k.icmpType, k.icmpCode
-			binary.BigEndian.PutUint16(l4[4:], k.icmpID)
-			l4 = append(l4, k.quote...)
-		}
-	}
-	l4 = append(l4, make([]byte, k.payload)...)
-	if src.Is4() {
-		h := make([]byte, 20)
-		h[0] = 0x45
-		binary.BigEndian.PutUint16(h[2:], uint16(20+len(l4)))
-		binary.BigEndian.PutUint16(h[4:], uint16(k.id))
-		ff := uint16(k.fragOff / 8)
-		if k.more {
-			ff |= 0x2000
-		}
-		binary.BigEndian.PutUint16(h[6:], ff)
-		h[8] = 64
-		h[9] = k.proto
-		copy(h[12:], src.AsSlice())
-		copy(h[16:], dst.AsSlice())
-		return append(h, l4...)
-	}
-	h := make([]byte, 40)
-	h[0] = 0x60
-	h[6] = k.proto
-	h[7] = 64
-	copy(h[8:], src.AsSlice())
-	copy(h[24:], dst.AsSlice())
-	if k.frag || k.fragOff > 0 || k.more {
-		fh := make([]byte, 8)
-		fh[0] = k.proto
-		fo := uint16(k.fragOff/8) << 3
-		if k.more {
-			fo |= 1
-		}
-		binary.BigEndian.PutUint16(fh[2:], fo)
-		binary.BigEndian.PutUint32(fh[4:], k.id)
-		h[6] = 44
-		h = append(h, fh...)
-	}
-	binary.BigEndian.PutUint16(h[4:], uint16(len(h)-40+len(l4)))
-	return append(h, l4...)
+	return filtertest.Packet{
+		Src: netip.MustParseAddr(k.src), Dst: netip.MustParseAddr(k.dst),
+		Proto: k.proto, SrcPort: k.sport, DstPort: k.dport, TCPFlags: k.flags,
+		ICMPType: k.icmpType, ICMPCode: k.icmpCode, ICMPID: k.icmpID,
+		FragOffset: k.fragOff, MoreFragments: k.more, FragmentHeader: k.frag,
+		ID: k.id, Payload: k.payload, Quote: k.quote,
+	}.Build()
 }
 
 // reply swaps the endpoints of k.

@@ -102,7 +102,7 @@ type Filter struct {
 	drops [2][numVerdicts]atomic.Uint64
 
 	recentMu sync.Mutex
-	recent   []DropRecord
+	recent   []dropRecord
 	recentN  uint64 // total records written
 
 	log     *slog.Logger
@@ -138,7 +138,7 @@ func New(opts Options) *Filter {
 			frag:       dur(opts.FragmentTimeout, 30*time.Second),
 		},
 		base:   time.Now(),
-		recent: make([]DropRecord, def(opts.RecentDrops, 128)),
+		recent: make([]dropRecord, def(opts.RecentDrops, 128)),
 		log:    opts.Logger,
 	}
 	every := opts.DropLogEvery
@@ -164,18 +164,34 @@ func (f *Filter) SetRules(r *Rules) {
 // Rules returns the rules in force.
 func (f *Filter) Rules() *Rules { return f.rules.Load() }
 
-func (f *Filter) mono(now time.Time) int64 { return int64(now.Sub(f.base)) }
+// clock turns the caller's time into the flow table's monotonic
+// nanoseconds on first use only: most packets are judged by rules alone.
+type clock struct {
+	now  time.Time
+	base *time.Time
+	t    int64
+	set  bool
+}
+
+func (c *clock) mono() int64 {
+	if !c.set {
+		c.t, c.set = int64(c.now.Sub(*c.base)), true
+	}
+	return c.t
+}
 
 // Inbound judges a packet arriving from a peer (after WireGuard decryption
 // and cryptokey routing). Drops are counted, recorded and logged.
 func (f *Filter) Inbound(pkt []byte, now time.Time) Verdict {
-	return f.in(f.rules.Load(), pkt, now, f.mono(now))
+	c := clock{now: now, base: &f.base}
+	return f.in(f.rules.Load(), pkt, &c)
 }
 
 // Outbound judges a packet this node sends to a peer (before encryption)
 // and learns flows from it, so that the peer's replies are let in.
 func (f *Filter) Outbound(pkt []byte, now time.Time) Verdict {
-	return f.out(f.rules.Load(), pkt, now, f.mono(now))
+	c := clock{now: now, base: &f.base}
+	return f.out(f.rules.Load(), pkt, &c)
 }
 
 // InboundBatch filters packets about to be written to the TUN device, as
@@ -184,14 +200,14 @@ func (f *Filter) Outbound(pkt []byte, now time.Time) Verdict {
 // order, and returns the accepted prefix of bufs.
 func (f *Filter) InboundBatch(bufs [][]byte, offset int, now time.Time) [][]byte {
 	r := f.rules.Load()
-	t := f.mono(now)
+	c := clock{now: now, base: &f.base}
 	k := 0
 	for i, b := range bufs {
 		if offset > len(b) {
 			f.dropped(In, DropMalformed, nil, 0, now)
 			continue
 		}
-		if f.in(r, b[offset:], now, t) == Accept {
+		if f.in(r, b[offset:], &c) == Accept {
 			bufs[k] = bufs[i]
 			k++
 		}
@@ -205,7 +221,7 @@ func (f *Filter) InboundBatch(bufs [][]byte, offset int, now time.Time) [][]byte
 // which wireguard-go's send loop skips. It returns how many were dropped.
 func (f *Filter) OutboundBatch(bufs [][]byte, offset int, sizes []int, now time.Time) int {
 	r := f.rules.Load()
-	t := f.mono(now)
+	c := clock{now: now, base: &f.base}
 	dropped := 0
 	for i := range min(len(bufs), len(sizes)) {
 		if sizes[i] <= 0 {
@@ -218,7 +234,7 @@ func (f *Filter) OutboundBatch(bufs [][]byte, offset int, sizes []int, now time.
 			dropped++
 			continue
 		}
-		if f.out(r, bufs[i][offset:end], now, t) != Accept {
+		if f.out(r, bufs[i][offset:end], &c) != Accept {
 			sizes[i] = 0
 			dropped++
 		}
@@ -226,50 +242,71 @@ func (f *Filter) OutboundBatch(bufs [][]byte, offset int, sizes []int, now time.
 	return dropped
 }
 
-func (f *Filter) in(r *Rules, b []byte, now time.Time, t int64) Verdict {
+func (f *Filter) in(r *Rules, b []byte, c *clock) Verdict {
 	var p packet
 	if !parse(b, &p) {
-		f.dropped(In, DropMalformed, nil, len(b), now)
+		f.dropped(In, DropMalformed, nil, len(b), c.now)
 		return DropMalformed
 	}
-	v := f.judgeIn(r, &p, t)
+	// Fast path, most packets: a whole packet with ports that a rule
+	// allows, on a node whose rules only name its own addresses.
+	if p.ports && p.frag == fragNone && r.dstsLocal && r.match(p.proto, p.src, p.dst, p.dstPort) >= 0 {
+		return Accept
+	}
+	v := f.judgeIn(r, &p, c)
 	if v != Accept {
-		f.dropped(In, v, &p, p.end, now)
+		f.dropped(In, v, &p, p.end, c.now)
 	}
 	return v
 }
 
-func (f *Filter) judgeIn(r *Rules, p *packet, t int64) Verdict {
+func (f *Filter) judgeIn(r *Rules, p *packet, c *clock) Verdict {
+	var v Verdict
+	if p.frag == fragLater {
+		// Only fragments of accepted first fragments are in the table, so
+		// a hit needs no further checks.
+		k := fragKey(p)
+		if _, ok := f.frags.lookup(&k, c.mono(), 0, &f.ttl); ok {
+			return Accept
+		}
+		v = DropFragment
+	} else {
+		v = f.judgeInFlow(r, p, c)
+		if v == Accept {
+			if p.frag == fragFirst {
+				k := fragKey(p)
+				f.frags.insert(&k, 0, c.mono(), 0, &f.ttl)
+			}
+			return Accept
+		}
+	}
 	if !r.isLocal(p.dst) {
 		return DropNotLocal
 	}
-	if p.frag == fragLater {
-		k := fragKey(p)
-		if _, ok := f.frags.lookup(&k, t, 0, &f.ttl); ok {
-			return Accept
-		}
-		return DropFragment
-	}
-	v := f.judgeInFlow(r, p, t)
-	if v == Accept && p.frag == fragFirst {
-		k := fragKey(p)
-		f.frags.insert(&k, 0, t, 0, &f.ttl)
-	}
 	return v
 }
 
-func (f *Filter) judgeInFlow(r *Rules, p *packet, t int64) Verdict {
+// judgeInFlow judges a packet that is not a later fragment.
+func (f *Filter) judgeInFlow(r *Rules, p *packet, c *clock) Verdict {
 	if p.ports {
-		if r.allowed(p.proto, p.src, p.dst, p.dstPort) {
+		// in's fast path has already asked the rules about whole packets
+		// when every rule destination is local.
+		asked := r.dstsLocal && p.frag == fragNone
+		if !asked && r.allowed(p.proto, p.src, p.dst, p.dstPort) && r.isLocal(p.dst) {
 			return Accept
 		}
-		k := flowKey{local: p.dst.As16(), remote: p.src.As16(), lport: p.dstPort, rport: p.srcPort, proto: p.proto}
-		if st, ok := f.flows.lookup(&k, t, p.tcpFlags, &f.ttl); ok && st&stLocal != 0 {
+		if p.proto == protoTCP && p.tcpFlags&(tcpSYN|tcpACK) == tcpSYN {
+			// A bare SYN opens a connection; it never answers one this
+			// node opened (simultaneous open aside), so only rules count.
+			return DropNoRule
+		}
+		k := flowKey{local: p.dst, remote: p.src, lport: p.dstPort, rport: p.srcPort, proto: p.proto}
+		if st, ok := f.flows.lookup(&k, c.mono(), p.tcpFlags, &f.ttl); ok && st&stLocal != 0 {
 			return Accept
 		}
 		return DropNoRule
 	}
-	if r.allowed(p.proto, p.src, p.dst, 0) {
+	if r.allowed(p.proto, p.src, p.dst, 0) && (r.dstsLocal || r.isLocal(p.dst)) {
 		return Accept
 	}
 	if !p.isICMP() {
@@ -277,8 +314,8 @@ func (f *Filter) judgeInFlow(r *Rules, p *packet, t int64) Verdict {
 	}
 	switch p.icmpKind() {
 	case icmpEchoReply:
-		k := flowKey{local: p.dst.As16(), remote: p.src.As16(), lport: p.icmpID, proto: p.proto}
-		if st, ok := f.flows.lookup(&k, t, 0, &f.ttl); ok && st&stLocal != 0 {
+		k := flowKey{local: p.dst, remote: p.src, lport: p.icmpID, proto: p.proto}
+		if st, ok := f.flows.lookup(&k, c.mono(), 0, &f.ttl); ok && st&stLocal != 0 {
 			return Accept
 		}
 	case icmpError:
@@ -290,7 +327,7 @@ func (f *Filter) judgeInFlow(r *Rules, p *packet, t int64) Verdict {
 		if !parseQuoted(p.icmpMsg, p.v6, &q) || !r.isLocal(q.src) {
 			return DropNoRule
 		}
-		k := flowKey{local: q.src.As16(), remote: q.dst.As16(), proto: q.proto}
+		k := flowKey{local: q.src, remote: q.dst, proto: q.proto}
 		switch {
 		case q.ports:
 			k.lport, k.rport = q.srcPort, q.dstPort
@@ -299,17 +336,17 @@ func (f *Filter) judgeInFlow(r *Rules, p *packet, t int64) Verdict {
 		default:
 			return DropNoRule
 		}
-		if _, ok := f.flows.lookup(&k, t, 0, &f.ttl); ok {
+		if _, ok := f.flows.lookup(&k, c.mono(), 0, &f.ttl); ok {
 			return Accept
 		}
 	}
 	return DropNoRule
 }
 
-func (f *Filter) out(r *Rules, b []byte, now time.Time, t int64) Verdict {
+func (f *Filter) out(r *Rules, b []byte, c *clock) Verdict {
 	var p packet
 	if !parse(b, &p) {
-		f.dropped(Out, DropMalformed, nil, len(b), now)
+		f.dropped(Out, DropMalformed, nil, len(b), c.now)
 		return DropMalformed
 	}
 	if p.frag == fragLater {
@@ -317,19 +354,19 @@ func (f *Filter) out(r *Rules, b []byte, now time.Time, t int64) Verdict {
 	}
 	switch {
 	case p.ports:
-		k := flowKey{local: p.src.As16(), remote: p.dst.As16(), lport: p.srcPort, rport: p.dstPort, proto: p.proto}
+		k := flowKey{local: p.src, remote: p.dst, lport: p.srcPort, rport: p.dstPort, proto: p.proto}
 		if p.proto == protoTCP && p.tcpFlags&tcpRST != 0 {
 			// A reset creates nothing; it only closes what exists.
-			f.flows.lookup(&k, t, p.tcpFlags, &f.ttl)
+			f.flows.lookup(&k, c.mono(), p.tcpFlags, &f.ttl)
 			return Accept
 		}
-		if _, ok := f.flows.lookup(&k, t, p.tcpFlags, &f.ttl); ok && p.tcpFlags&tcpSYN == 0 {
+		if _, ok := f.flows.lookup(&k, c.mono(), p.tcpFlags, &f.ttl); ok && p.tcpFlags&tcpSYN == 0 {
 			return Accept
 		}
-		f.flows.insert(&k, f.origin(r, &p), t, p.tcpFlags, &f.ttl)
+		f.flows.insert(&k, f.origin(r, &p), c.mono(), p.tcpFlags, &f.ttl)
 	case p.isICMP() && p.icmpKind() == icmpEchoRequest:
-		k := flowKey{local: p.src.As16(), remote: p.dst.As16(), lport: p.icmpID, proto: p.proto}
-		f.flows.insert(&k, stLocal, t, 0, &f.ttl)
+		k := flowKey{local: p.src, remote: p.dst, lport: p.icmpID, proto: p.proto}
+		f.flows.insert(&k, stLocal, c.mono(), 0, &f.ttl)
 	}
 	// This node's rules describe only what it accepts; what the peer
 	// accepts is the peer's to enforce, so nothing well-formed is dropped
@@ -357,8 +394,8 @@ func (f *Filter) origin(r *Rules, p *packet) uint8 {
 
 func fragKey(p *packet) flowKey {
 	return flowKey{
-		local:  p.dst.As16(),
-		remote: p.src.As16(),
+		local:  p.dst,
+		remote: p.src,
 		lport:  uint16(p.fragID >> 16),
 		rport:  uint16(p.fragID),
 		proto:  p.proto,
@@ -380,13 +417,34 @@ type DropRecord struct {
 	Len       int        `json:"len"`
 }
 
+// dropRecord is what the drop path stores: raw fields, converted to a
+// DropRecord only when someone asks.
+type dropRecord struct {
+	t                time.Time
+	src, dst         ipAddr
+	n                int
+	srcPort, dstPort uint16
+	dir              Direction
+	v                Verdict
+	proto            uint8
+	parsed           bool
+}
+
+func (d *dropRecord) export() DropRecord {
+	r := DropRecord{Time: d.t, Direction: d.dir, Dir: d.dir.String(), Reason: d.v.String(), Len: d.n}
+	if d.parsed {
+		r.Proto, r.Src, r.Dst, r.SrcPort, r.DstPort = d.proto, d.src.netip(), d.dst.netip(), d.srcPort, d.dstPort
+	}
+	return r
+}
+
 func (f *Filter) dropped(dir Direction, v Verdict, p *packet, n int, now time.Time) {
 	f.drops[dir][v].Add(1)
-	rec := DropRecord{Time: now, Direction: dir, Dir: dir.String(), Reason: v.String(), Len: n}
+	rec := dropRecord{t: now, dir: dir, v: v, n: n}
 	if p != nil {
-		rec.Proto, rec.Src, rec.Dst = p.proto, p.src, p.dst
+		rec.parsed, rec.proto, rec.src, rec.dst = true, p.proto, p.src, p.dst
 		if p.ports {
-			rec.SrcPort, rec.DstPort = p.srcPort, p.dstPort
+			rec.srcPort, rec.dstPort = p.srcPort, p.dstPort
 		}
 	}
 	f.recentMu.Lock()
@@ -394,11 +452,12 @@ func (f *Filter) dropped(dir Direction, v Verdict, p *packet, n int, now time.Ti
 	f.recentN++
 	f.recentMu.Unlock()
 	if f.log != nil && f.limiter.AllowN(now, 1) {
+		e := rec.export()
 		f.log.LogAttrs(context.Background(), slog.LevelInfo, "packet dropped",
-			slog.String("dir", rec.Dir), slog.String("reason", rec.Reason),
-			slog.Int("proto", int(rec.Proto)),
-			slog.String("src", netip.AddrPortFrom(rec.Src, rec.SrcPort).String()),
-			slog.String("dst", netip.AddrPortFrom(rec.Dst, rec.DstPort).String()),
+			slog.String("dir", e.Dir), slog.String("reason", e.Reason),
+			slog.Int("proto", int(e.Proto)),
+			slog.String("src", netip.AddrPortFrom(e.Src, e.SrcPort).String()),
+			slog.String("dst", netip.AddrPortFrom(e.Dst, e.DstPort).String()),
 			slog.Int("len", n))
 	}
 }
@@ -410,7 +469,7 @@ func (f *Filter) RecentDrops() []DropRecord {
 	n := min(f.recentN, uint64(len(f.recent)))
 	out := make([]DropRecord, 0, n)
 	for i := f.recentN - n; i < f.recentN; i++ {
-		out = append(out, f.recent[i%uint64(len(f.recent))])
+		out = append(out, f.recent[i%uint64(len(f.recent))].export())
 	}
 	return out
 }

@@ -414,6 +414,8 @@ func TestMalformed(t *testing.T) {
 		{"tcp data offset past packet", mod(good4, func(b []byte) []byte { b[32] = 0xf0; return b }), DropMalformed},
 		{"udp short", truncateIP(pkt{src: engineer, dst: inference, proto: protoUDP}.build(), 7), DropMalformed},
 		{"icmp short", truncateIP(pkt{src: engineer, dst: inference, proto: protoICMPv4, icmpType: 8}.build(), 7), DropMalformed},
+		{"udp length > packet", mod(pkt{src: engineer, dst: inference, proto: protoUDP, sport: 1, dport: 2}.build(), func(b []byte) []byte { b[25] = 9; return b }), DropMalformed},
+		{"udp length < 8", mod(pkt{src: engineer, dst: inference, proto: protoUDP, sport: 1, dport: 2}.build(), func(b []byte) []byte { b[25] = 7; return b }), DropMalformed},
 		{"sctp short", truncateIP(pkt{src: engineer, dst: inference, proto: protoSCTP}.build(), 11), DropMalformed},
 		{"v6 short", good6[:39], DropMalformed},
 		{"v6 payload length > buffer", mod(good6, func(b []byte) []byte { b[5]++; return b }), DropMalformed},

@@ -5,13 +5,14 @@ import (
 	"encoding/binary"
 	"math/bits"
 	"sync"
+	"time"
 )
 
 // flowKey identifies a flow from this node's point of view. For fragments
 // (kind kindFrag) the ports hold the IP identification and local/remote are
 // the fragment's destination/source.
 type flowKey struct {
-	local, remote [16]byte
+	local, remote ipAddr
 	lport, rport  uint16
 	proto         uint8
 	kind          uint8
@@ -35,12 +36,17 @@ const (
 	stClosing
 )
 
+// lruGranularity is how stale an entry's LRU position may get, in
+// nanoseconds.
+const lruGranularity = int64(time.Second)
+
 // flowEntry is one slot of a shard. Slots are linked into the shard's LRU
 // list (most recent at head) or, when unused, the free list.
 type flowEntry struct {
 	key     flowKey
 	hash    uint64
 	expires int64 // monotonic nanoseconds since the Filter's base
+	touched int64 // when the entry last moved to the LRU head
 	prev    int32
 	next    int32
 	peer    int32 // slot in the shard's peer table
@@ -49,7 +55,7 @@ type flowEntry struct {
 
 // peerEntry counts the entries a remote address holds in one shard.
 type peerEntry struct {
-	addr  [16]byte
+	addr  ipAddr
 	hash  uint64
 	count int32
 	next  int32 // free list
@@ -146,20 +152,15 @@ func mum(a, b uint64) uint64 {
 // hash is a keyed wyhash-style mix: with a secret seed, remote peers cannot
 // craft keys that collide into one probe chain.
 func (t *flowTable) hash(k *flowKey) uint64 {
-	a := binary.LittleEndian.Uint64(k.local[0:8])
-	b := binary.LittleEndian.Uint64(k.local[8:16])
-	c := binary.LittleEndian.Uint64(k.remote[0:8])
-	d := binary.LittleEndian.Uint64(k.remote[8:16])
+	a, b, c, d := k.local.hi, k.local.lo, k.remote.hi, k.remote.lo
 	e := uint64(k.lport) | uint64(k.rport)<<16 | uint64(k.proto)<<32 | uint64(k.kind)<<40
 	h := mum(a^t.seed[0], b^t.seed[1])
 	h = mum(h^c, d^t.seed[2])
 	return mum(h^e, t.seed[3]^0x9e3779b97f4a7c15)
 }
 
-func (t *flowTable) peerHash(addr *[16]byte) uint64 {
-	a := binary.LittleEndian.Uint64(addr[0:8])
-	b := binary.LittleEndian.Uint64(addr[8:16])
-	return mum(a^t.seed[2], b^t.seed[3])
+func (t *flowTable) peerHash(addr *ipAddr) uint64 {
+	return mum(addr.hi^t.seed[2], addr.lo^t.seed[3])
 }
 
 func (t *flowTable) shard(h uint64) *flowShard {
@@ -249,7 +250,7 @@ func (s *flowShard) remove(e int32, pos int) {
 	s.n--
 }
 
-func (s *flowShard) peerFind(addr *[16]byte, h uint64) (pos int, slot int32) {
+func (s *flowShard) peerFind(addr *ipAddr, h uint64) (pos int, slot int32) {
 	mask := len(s.peerIndex) - 1
 	for i := int(h) & mask; ; i = (i + 1) & mask {
 		p := s.peerIndex[i]
@@ -297,7 +298,12 @@ func (t *flowTable) lookup(k *flowKey, now int64, tcpFlags uint8, ttl *timeouts)
 		en.state |= stClosing
 	}
 	en.expires = now + ttl.of(k, en.state)
-	s.touch(e)
+	if now-en.touched > lruGranularity {
+		// Relinking on every packet costs more than it is worth: LRU order
+		// to the second is plenty for choosing what to evict.
+		en.touched = now
+		s.touch(e)
+	}
 	state = en.state
 	s.mu.Unlock()
 	return state, true
@@ -354,7 +360,7 @@ func (t *flowTable) insert(k *flowKey, state uint8, now int64, tcpFlags uint8, t
 	e = s.free
 	s.free = s.entries[e].next
 	pos, _ = s.find(k, h)
-	s.entries[e] = flowEntry{key: *k, hash: h, state: state, peer: p, expires: now + ttl.of(k, state)}
+	s.entries[e] = flowEntry{key: *k, hash: h, state: state, peer: p, expires: now + ttl.of(k, state), touched: now}
 	s.index[pos] = e
 	s.lruPushFront(e)
 	s.n++

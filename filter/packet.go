@@ -1,9 +1,6 @@
 package filter
 
-import (
-	"encoding/binary"
-	"net/netip"
-)
+import "encoding/binary"
 
 // IANA protocol numbers the parser understands beyond netmap's.
 const (
@@ -36,7 +33,7 @@ const maxExtHeaders = 8
 // packet is the part of an IP packet the filter judges. It lives on the
 // stack of Inbound/Outbound: parsing never allocates.
 type packet struct {
-	src, dst netip.Addr
+	src, dst ipAddr
 	proto    uint8
 	v6       bool
 	frag     uint8
@@ -80,7 +77,7 @@ func parse4(b []byte, p *packet) bool {
 		return false
 	}
 	b = b[:total]
-	if !validOptions4(b[20:ihl]) {
+	if ihl > 20 && !validOptions4(b[20:ihl]) {
 		return false
 	}
 	ff := binary.BigEndian.Uint16(b[6:8])
@@ -94,8 +91,8 @@ func parse4(b []byte, p *packet) bool {
 	}
 	p.v6 = false
 	p.proto = b[9]
-	p.src = netip.AddrFrom4([4]byte(b[12:16]))
-	p.dst = netip.AddrFrom4([4]byte(b[16:20]))
+	p.src = ip4(b[12:16])
+	p.dst = ip4(b[16:20])
 	p.fragID = uint32(binary.BigEndian.Uint16(b[4:6]))
 	p.l4 = ihl
 	p.end = total
@@ -145,8 +142,8 @@ func parse6(b []byte, p *packet) bool {
 	}
 	b = b[:end]
 	p.v6 = true
-	p.src = netip.AddrFrom16([16]byte(b[8:24]))
-	p.dst = netip.AddrFrom16([16]byte(b[24:40]))
+	p.src = ip6(b[8:24])
+	p.dst = ip6(b[24:40])
 	p.end = end
 	p.frag = fragNone
 	nh := b[6]
@@ -222,6 +219,11 @@ func parseL4(b []byte, p *packet) bool {
 		p.tcpFlags = t[13]
 	case protoUDP:
 		if len(t) < 8 {
+			return false
+		}
+		// The UDP length covers the whole datagram, so it can only be
+		// checked against an unfragmented packet. Zero is a UDP jumbogram.
+		if ul := int(binary.BigEndian.Uint16(t[4:6])); p.frag == fragNone && ul != 0 && (ul < 8 || ul > len(t)) {
 			return false
 		}
 	case protoSCTP:
@@ -309,8 +311,8 @@ func parseQuoted(b []byte, v6 bool, q *packet) bool {
 			return false // a later fragment quotes no ports
 		}
 		q.proto = b[9]
-		q.src = netip.AddrFrom4([4]byte(b[12:16]))
-		q.dst = netip.AddrFrom4([4]byte(b[16:20]))
+		q.src = ip4(b[12:16])
+		q.dst = ip4(b[16:20])
 		t = b[ihl:]
 	} else {
 		// Only a quote without extension headers is matched; errors about
@@ -319,8 +321,8 @@ func parseQuoted(b []byte, v6 bool, q *packet) bool {
 			return false
 		}
 		q.proto = b[6]
-		q.src = netip.AddrFrom16([16]byte(b[8:24]))
-		q.dst = netip.AddrFrom16([16]byte(b[24:40]))
+		q.src = ip6(b[8:24])
+		q.dst = ip6(b[24:40])
 		t = b[40:]
 	}
 	q.v6 = v6

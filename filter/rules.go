@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
-	"strings"
 
 	"github.com/gaissmai/bart"
 
@@ -31,10 +30,14 @@ var defaultProtos = []uint8{protoTCP, protoUDP, protoICMPv4, protoICMPv6}
 // A Rules value is safe for concurrent use and is never modified after
 // Compile returns.
 type Rules struct {
-	protos  [256]*protoRules
-	local   prefixList // this node's addresses and routes; empty: no check
-	origins []string   // by rule index
-	n       int
+	protos [256]*protoRules
+	local  prefixList // this node's addresses and routes; empty: no check
+	// dstsLocal: every rule destination lies inside local, so a packet a
+	// rule allows is local and the per-packet local check can be skipped.
+	dstsLocal     bool
+	localPrefixes []netip.Prefix
+	origins       []string // by rule index
+	n             int
 }
 
 // protoRules is the lookup structure of one IP protocol.
@@ -44,117 +47,94 @@ type protoRules struct {
 	// Portless protocols have a single interval.
 	bounds []uint16
 	cells  []*dstTable // by interval
+	// byPort maps a port straight to its interval when there are at most
+	// 256 intervals (nearly always): one load from a 64 KiB table instead
+	// of a binary search whose every step waits on the previous load.
+	byPort []uint8
 }
 
 // dstTable maps a destination address to the sources allowed to reach it.
 // Nested destination prefixes are merged at compile time (a /32 inside a /24
 // also carries the /24's sources), so one longest-prefix match suffices.
 type dstTable struct {
-	small []dstEntry // longest prefix first
+	small netList   // value: index into srcs
+	srcs  []*srcSet // for small
 	big   *bart.Table[*srcSet]
 }
 
-type dstEntry struct {
-	pfx  netip.Prefix
-	srcs *srcSet
-}
-
 // srcSet is a set of source prefixes; the value of each is the index of a
-// rule that allows it (for explaining a verdict).
+// rule that allows it (for explaining a verdict). Policies name hosts far
+// more often than subnets, so single addresses go into flat hash sets (one
+// multiply and usually one probe) and only real prefixes into a short
+// mask-compare list or, when there are many, a bart trie.
 type srcSet struct {
-	small []srcEntry // longest prefix first
-	big   *bart.Table[int32]
+	hosts4 hostSet4
+	hosts6 hostSet6
+	small  netList // non-host prefixes; value: rule index
+	big    *bart.Table[int32]
 }
 
-type srcEntry struct {
-	pfx  netip.Prefix
-	rule int32
-}
-
+// prefixList is a set of prefixes without values.
 type prefixList struct {
-	small []netip.Prefix
+	small netList
 	big   *bart.Lite
 }
 
-func (l *prefixList) empty() bool { return len(l.small) == 0 && l.big == nil }
+func (l *prefixList) empty() bool { return l.small.len() == 0 && l.big == nil }
 
-func (l *prefixList) contains(a netip.Addr) bool {
+func (l *prefixList) contains(a ipAddr) bool {
 	if l.big != nil {
-		return l.big.Contains(a)
+		return l.big.Contains(a.netip())
 	}
-	for _, p := range l.small {
-		if p.Contains(a) {
-			return true
-		}
-	}
-	return false
+	return l.small.lookup(a) >= 0
 }
 
-func (d *dstTable) lookup(a netip.Addr) *srcSet {
+func (d *dstTable) lookup(a ipAddr) *srcSet {
 	if d.big != nil {
-		s, _ := d.big.Lookup(a)
+		s, _ := d.big.Lookup(a.netip())
 		return s
 	}
-	for i := range d.small {
-		if d.small[i].pfx.Contains(a) {
-			return d.small[i].srcs
-		}
+	if i := d.small.lookup(a); i >= 0 {
+		return d.srcs[i]
 	}
 	return nil
 }
 
-func (s *srcSet) lookup(a netip.Addr) int32 {
+func (s *srcSet) lookup(a ipAddr) int32 {
+	if a.is4() {
+		if r := s.hosts4.get(a.v4()); r >= 0 {
+			return r
+		}
+	} else if r := s.hosts6.get(a.hi, a.lo); r >= 0 {
+		return r
+	}
 	if s.big != nil {
-		if r, ok := s.big.Lookup(a); ok {
+		if r, ok := s.big.Lookup(a.netip()); ok {
 			return r
 		}
 		return -1
 	}
-	for i := range s.small {
-		if s.small[i].pfx.Contains(a) {
-			return s.small[i].rule
-		}
-	}
-	return -1
-}
-
-func (s *srcSet) contains(a netip.Addr) bool {
-	if s.big != nil {
-		return s.big.Contains(a)
-	}
-	for i := range s.small {
-		if s.small[i].pfx.Contains(a) {
-			return true
-		}
-	}
-	return false
+	return s.small.lookup(a)
 }
 
 // allowed reports whether a rule allows a packet of proto from src to
-// dst:dport. It is match without the rule label, on the per-packet path.
-func (r *Rules) allowed(proto uint8, src, dst netip.Addr, dport uint16) bool {
-	srcs := r.lookupDst(proto, dst, dport)
-	return srcs != nil && srcs.contains(src)
+// dst:dport (dport is ignored for portless protocols).
+func (r *Rules) allowed(proto uint8, src, dst ipAddr, dport uint16) bool {
+	return r.match(proto, src, dst, dport) >= 0
 }
 
 // match returns the index of a rule allowing a packet of proto from src to
 // dst:dport, or -1. Portless protocols ignore dport.
-func (r *Rules) match(proto uint8, src, dst netip.Addr, dport uint16) int32 {
-	srcs := r.lookupDst(proto, dst, dport)
-	if srcs == nil {
-		return -1
-	}
-	return srcs.lookup(src)
-}
-
-// lookupDst finds the sources allowed to reach dst:dport over proto.
-func (r *Rules) lookupDst(proto uint8, dst netip.Addr, dport uint16) *srcSet {
+func (r *Rules) match(proto uint8, src, dst ipAddr, dport uint16) int32 {
 	pr := r.protos[proto]
 	if pr == nil {
-		return nil
+		return -1
 	}
 	i := 0
-	if len(pr.bounds) > 1 {
+	switch {
+	case pr.byPort != nil:
+		i = int(pr.byPort[dport])
+	case len(pr.bounds) > 1:
 		// Largest i with bounds[i] <= dport; bounds[0] == 0.
 		lo, hi := 0, len(pr.bounds)
 		for hi-lo > 1 {
@@ -169,9 +149,13 @@ func (r *Rules) lookupDst(proto uint8, dst netip.Addr, dport uint16) *srcSet {
 	}
 	cell := pr.cells[i]
 	if cell == nil {
-		return nil
+		return -1
 	}
-	return cell.lookup(dst)
+	srcs := cell.lookup(dst)
+	if srcs == nil {
+		return -1
+	}
+	return srcs.lookup(src)
 }
 
 // Len is the number of rules compiled.
@@ -182,17 +166,33 @@ func (r *Rules) Len() int { return r.n }
 // portless protocols dstPort is ignored. It does not consult flow state:
 // it answers "would the policy let this flow open", for explaining drops.
 func (r *Rules) Match(proto uint8, src, dst netip.Addr, dstPort uint16) (origin string, ok bool) {
-	if !r.isLocal(dst) {
+	s, d := fromNetip(src), fromNetip(dst)
+	if !r.isLocal(d) {
 		return "", false
 	}
-	i := r.match(proto, src.Unmap(), dst.Unmap(), dstPort)
+	i := r.match(proto, s, d, dstPort)
 	if i < 0 {
 		return "", false
 	}
 	return r.origins[i], true
 }
 
-func (r *Rules) isLocal(a netip.Addr) bool {
+func (r *Rules) isLocalPrefix(p netip.Prefix) bool {
+	if r.local.empty() {
+		return true
+	}
+	if r.local.big != nil {
+		return r.local.big.LookupPrefix(p)
+	}
+	for _, l := range r.localPrefixes {
+		if l.Bits() <= p.Bits() && l.Contains(p.Addr()) {
+			return true
+		}
+	}
+	return false
+}
+
+func (r *Rules) isLocal(a ipAddr) bool {
 	return r.local.empty() || r.local.contains(a)
 }
 
@@ -234,6 +234,7 @@ func Compile(rules []netmap.FilterRule, local []netip.Prefix) (*Rules, error) {
 		}
 	}
 	out.local = newPrefixList(local)
+	out.localPrefixes = slices.Clone(local)
 
 	c := &compiler{
 		rules: rules,
@@ -241,6 +242,7 @@ func Compile(rules []netmap.FilterRule, local []netip.Prefix) (*Rules, error) {
 		srcs:  make(map[string]*srcSet),
 	}
 	groupIDs := make(map[string]int32)
+	var rawKey []byte
 	var byProto [256][]atom
 	for i, rule := range rules {
 		out.origins[i] = rule.Origin
@@ -248,22 +250,31 @@ func Compile(rules []netmap.FilterRule, local []netip.Prefix) (*Rules, error) {
 		if rule.Origin != "" {
 			where += " (" + rule.Origin + ")"
 		}
-		srcs := make([]netip.Prefix, 0, len(rule.SrcIPs))
+		// Policies give many rules the same source list (a tag, a group):
+		// key the raw list first so each distinct list is normalised and
+		// built into tables once.
+		rawKey = rawKey[:0]
 		for _, s := range rule.SrcIPs {
 			if !s.IsValid() {
 				return nil, fmt.Errorf("filter: %s: invalid source prefix %q", where, s)
 			}
-			srcs = append(srcs, s.Masked())
+			a := s.Addr().As16()
+			rawKey = append(rawKey, a[:]...)
+			rawKey = append(rawKey, byte(s.Bits()), byte(len(s.Addr().AsSlice())))
 		}
-		slices.SortFunc(srcs, netip.Prefix.Compare)
-		srcs = slices.Compact(srcs)
-		gkey := prefixKey(srcs)
-		g, ok := groupIDs[gkey]
+		g, ok := groupIDs[string(rawKey)]
 		if !ok {
+			srcs := make([]netip.Prefix, 0, len(rule.SrcIPs))
+			for _, s := range rule.SrcIPs {
+				srcs = append(srcs, s.Masked())
+			}
+			slices.SortFunc(srcs, netip.Prefix.Compare)
+			srcs = slices.Compact(srcs)
 			g = int32(len(c.groups))
-			groupIDs[gkey] = g
+			groupIDs[string(rawKey)] = g
 			c.groups = append(c.groups, srcs)
 		}
+		nsrcs := len(c.groups[g])
 		protos := defaultProtos
 		if len(rule.IPProto) > 0 {
 			protos = slices.Clone(rule.IPProto)
@@ -277,7 +288,7 @@ func Compile(rules []netmap.FilterRule, local []netip.Prefix) (*Rules, error) {
 			if d.Ports.First > d.Ports.Last {
 				return nil, fmt.Errorf("filter: %s: port range %d-%d is empty", where, d.Ports.First, d.Ports.Last)
 			}
-			if len(srcs) == 0 {
+			if nsrcs == 0 {
 				continue
 			}
 			a := atom{rule: int32(i), group: g, dst: d.Net.Masked(), first: d.Ports.First, last: d.Ports.Last}
@@ -291,7 +302,13 @@ func Compile(rules []netmap.FilterRule, local []netip.Prefix) (*Rules, error) {
 			}
 		}
 	}
+	out.dstsLocal = true
 	for p := range byProto {
+		for _, a := range byProto[p] {
+			if !out.isLocalPrefix(a.dst) {
+				out.dstsLocal = false
+			}
+		}
 		if len(byProto[p]) > 0 {
 			out.protos[p] = c.protoRules(uint8(p), byProto[p])
 		}
@@ -301,11 +318,7 @@ func Compile(rules []netmap.FilterRule, local []netip.Prefix) (*Rules, error) {
 
 func newPrefixList(ps []netip.Prefix) prefixList {
 	if len(ps) <= smallSet {
-		l := prefixList{small: make([]netip.Prefix, 0, len(ps))}
-		for _, p := range ps {
-			l.small = append(l.small, p.Masked())
-		}
-		return l
+		return prefixList{small: newNetList(ps, make([]int32, len(ps)))}
 	}
 	lite := new(bart.Lite)
 	for _, p := range ps {
@@ -349,6 +362,18 @@ func (c *compiler) protoRules(proto uint8, atoms []atom) *protoRules {
 		pr.bounds = append(pr.bounds, start)
 		pr.cells = append(pr.cells, cell)
 	}
+	if len(pr.cells) > 1 && len(pr.cells) <= 256 {
+		pr.byPort = make([]uint8, 65536)
+		for i, start := range pr.bounds {
+			end := 65536
+			if i+1 < len(pr.bounds) {
+				end = int(pr.bounds[i+1])
+			}
+			for port := int(start); port < end; port++ {
+				pr.byPort[port] = uint8(i)
+			}
+		}
+	}
 	return pr
 }
 
@@ -383,7 +408,7 @@ func (c *compiler) cell(active []atom) *dstTable {
 	slices.SortFunc(dsts, netip.Prefix.Compare)
 	dsts = slices.Compact(dsts)
 	t := &dstTable{}
-	entries := make([]dstEntry, 0, len(dsts))
+	srcs := make([]*srcSet, 0, len(dsts))
 	for _, d := range dsts {
 		// rep[group] = lowest rule index contributing that source group.
 		rep := make(map[int32]int32)
@@ -394,15 +419,18 @@ func (c *compiler) cell(active []atom) *dstTable {
 				}
 			}
 		}
-		entries = append(entries, dstEntry{pfx: d, srcs: c.srcSet(rep)})
+		srcs = append(srcs, c.srcSet(rep))
 	}
-	if len(entries) <= smallSet {
-		slices.SortStableFunc(entries, func(x, y dstEntry) int { return y.pfx.Bits() - x.pfx.Bits() })
-		t.small = entries
+	if len(dsts) <= smallSet {
+		idx := make([]int32, len(dsts))
+		for i := range idx {
+			idx[i] = int32(i)
+		}
+		t.small, t.srcs = newNetList(dsts, idx), srcs
 	} else {
 		t.big = new(bart.Table[*srcSet])
-		for _, e := range entries {
-			t.big.Insert(e.pfx, e.srcs)
+		for i, d := range dsts {
+			t.big.Insert(d, srcs[i])
 		}
 	}
 	c.cells[string(c.key)] = t
@@ -434,31 +462,32 @@ func (c *compiler) srcSet(rep map[int32]int32) *srcSet {
 		}
 	}
 	s := &srcSet{}
-	if len(label) <= smallSet {
-		for p, r := range label {
-			s.small = append(s.small, srcEntry{pfx: p, rule: r})
+	var h4 []hostRule4
+	var h6 []hostRule6
+	var prefixes []netip.Prefix
+	var rules []int32
+	for p, r := range label {
+		switch {
+		case p.IsSingleIP() && p.Addr().Is4():
+			h4 = append(h4, hostRule4{key: binary.BigEndian.Uint32(p.Addr().AsSlice()), rule: r})
+		case p.IsSingleIP():
+			a := p.Addr().As16()
+			h6 = append(h6, hostRule6{hi: binary.BigEndian.Uint64(a[:8]), lo: binary.BigEndian.Uint64(a[8:]), rule: r})
+		default:
+			prefixes = append(prefixes, p)
+			rules = append(rules, r)
 		}
-		slices.SortFunc(s.small, func(x, y srcEntry) int {
-			if d := y.pfx.Bits() - x.pfx.Bits(); d != 0 {
-				return d
-			}
-			return x.pfx.Compare(y.pfx)
-		})
+	}
+	s.hosts4 = newHostSet4(h4)
+	s.hosts6 = newHostSet6(h6)
+	if len(prefixes) <= smallSet {
+		s.small = newNetList(prefixes, rules)
 	} else {
 		s.big = new(bart.Table[int32])
-		for p, r := range label {
-			s.big.Insert(p, r)
+		for i, p := range prefixes {
+			s.big.Insert(p, rules[i])
 		}
 	}
 	c.srcs[string(key)] = s
 	return s
-}
-
-func prefixKey(ps []netip.Prefix) string {
-	var b strings.Builder
-	for _, p := range ps {
-		b.WriteString(p.String())
-		b.WriteByte(',')
-	}
-	return b.String()
 }

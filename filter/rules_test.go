@@ -1,6 +1,7 @@
 package filter
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"net/netip"
 	"slices"
@@ -242,15 +243,44 @@ func TestCompileAgreesWithReference(t *testing.T) {
 			src, dst := addr(), addr()
 			p := port() + uint16(rng.IntN(3)) - 1
 			want := refMatch(rules, proto, src, dst, p)
-			if got := c.allowed(proto, src, dst, p); got != want {
+			if got := c.allowed(proto, fromNetip(src), fromNetip(dst), p); got != want {
 				t.Fatalf("round %d: allowed(%d, %v, %v, %d) = %v, reference says %v\nrules: %+v", round, proto, src, dst, p, got, want, rules)
 			}
-			i := c.match(proto, src, dst, p)
+			i := c.match(proto, fromNetip(src), fromNetip(dst), p)
 			if (i >= 0) != want {
 				t.Fatalf("round %d: match(%d, %v, %v, %d) = %d, reference says %v", round, proto, src, dst, p, i, want)
 			}
 			if i >= 0 && !refMatch(rules[i:i+1], proto, src, dst, p) {
 				t.Fatalf("round %d: match names rule %d, which does not allow (%d, %v, %v, %d)", round, i, proto, src, dst, p)
+			}
+		}
+	}
+}
+
+// More than 256 port intervals take the binary-search path instead of the
+// direct port index; both must agree with the reference.
+func TestManyPortIntervals(t *testing.T) {
+	var rules []netmap.FilterRule
+	for i := range 300 {
+		rules = append(rules, netmap.FilterRule{
+			SrcIPs:   pfxs(fmt.Sprintf("10.0.%d.%d", i/200, i%200)),
+			DstPorts: []netmap.NetPortRange{dst("10.9.0.1", uint16(1000+3*i), uint16(1000+3*i+1))},
+		})
+	}
+	r, err := Compile(rules, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pr := r.protos[protoTCP]; pr.byPort != nil || len(pr.cells) <= 256 {
+		t.Fatalf("%d cells, byPort=%v: test does not exercise the binary search", len(pr.cells), pr.byPort != nil)
+	}
+	d := netip.MustParseAddr("10.9.0.1")
+	for i := range 300 {
+		src := netip.MustParseAddr(fmt.Sprintf("10.0.%d.%d", i/200, i%200))
+		for port := uint16(999 + 3*i); port <= uint16(1003+3*i); port++ {
+			want := refMatch(rules, protoTCP, src, d, port)
+			if _, got := r.Match(protoTCP, src, d, port); got != want {
+				t.Fatalf("Match(%v, %d) = %v, want %v", src, port, got, want)
 			}
 		}
 	}
