@@ -719,6 +719,39 @@ func TestMeshDeliversAcrossServers(t *testing.T) {
 	}
 }
 
+func TestMeshPeerDownReportsHealth(t *testing.T) {
+	meshKey := strings.Repeat("5a", 32)
+	s1 := newTestServer(t, ServerOptions{MeshKey: meshKey})
+	s2 := newTestServer(t, ServerOptions{MeshKey: meshKey})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); s1.RunMeshPeer(ctx, s2.url, "") }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	a := dial(t, s1.url, netmap.NewNodePrivate())
+	b := dial(t, s2.url, netmap.NewNodePrivate())
+	waitFor(t, "s1 to learn B", func() bool { return s1.Stats().RemoteKeys == 1 })
+	// s2 goes away: s1's clients are told, and s1 forgets s2's clients.
+	s2.Close()
+	s2.hs.Close()
+	b.Close()
+	for {
+		m := recvMsg(t, a)
+		if h, ok := m.(Health); ok {
+			if !strings.Contains(h.Problem, "unreachable") {
+				t.Fatalf("health %q", h.Problem)
+			}
+			break
+		}
+	}
+	waitFor(t, "s1 to forget B", func() bool { return s1.Stats().RemoteKeys == 0 })
+	// A client connecting while the problem lasts hears about it at once.
+	late := dial(t, s1.url, netmap.NewNodePrivate())
+	if h, ok := recvMsg(t, late).(Health); !ok || h.Problem == "" {
+		t.Fatalf("late client got %#v, want the current health problem", h)
+	}
+}
+
 func TestMeshFramesRefusedFromClients(t *testing.T) {
 	srv := newTestServer(t, ServerOptions{MeshKey: strings.Repeat("aa", 32)})
 	kb := netmap.NewNodePrivate()

@@ -304,17 +304,23 @@ func (s *Server) handshake(conn net.Conn, br *bufio.Reader, bw *bufio.Writer) (*
 	if err := bw.Flush(); err != nil {
 		return nil, err
 	}
-	t, payload, err := readFrame(br, nil)
-	if err != nil {
-		return nil, fmt.Errorf("read client info: %w", err)
-	}
 	reject := func(msg string) (*sclient, error) {
 		writeFrame(bw, frameHealth, []byte(msg))
 		bw.Flush()
 		return nil, &errRejected{msg}
 	}
+	// Check the type before reading a payload: an unauthenticated peer
+	// must not make us buffer anything but a client info.
+	t, n, err := readFrameHeader(br)
+	if err != nil {
+		return nil, fmt.Errorf("read client info: %w", err)
+	}
 	if t != frameClientInfo {
 		return reject(fmt.Sprintf("protocol error: expected client info frame, got type 0x%02x", byte(t)))
+	}
+	payload := make([]byte, n)
+	if _, err := io.ReadFull(br, payload); err != nil {
+		return nil, fmt.Errorf("read client info: %w", err)
 	}
 	if len(payload) < keyLen+box.Overhead {
 		return reject("protocol error: client info frame too short")

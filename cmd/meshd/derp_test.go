@@ -155,3 +155,86 @@ func TestDERPCommandRejectsBadFlags(t *testing.T) {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+func TestDERPCommandRegionMesh(t *testing.T) {
+	keyFile := filepath.Join(t.TempDir(), "mesh.key")
+	if err := os.WriteFile(keyFile, []byte(strings.Repeat("c3", 32)+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Certificates made up front, so each relay can pin the other's.
+	var dirs [2]string
+	var fps [2]string
+	var urls [2]string
+	for i := range 2 {
+		dirs[i] = t.TempDir()
+		cert, err := derp.LoadOrCreateCert(dirs[i], []string{"127.0.0.1"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		fps[i] = derp.Fingerprint(cert.Leaf)
+		urls[i] = "https://127.0.0.1:" + strconv.Itoa(freePort(t))
+	}
+	for i := range 2 {
+		other := 1 - i
+		node, _ := startDERP(t, "--listen", strings.TrimPrefix(urls[i], "https://"), "--stun-listen", "",
+			"--state-dir", dirs[i], "--mesh-key-file", keyFile, "--mesh-with", urls[other]+"#"+fps[other])
+		if node.CertFingerprint != fps[i] {
+			t.Fatalf("relay %d serves fingerprint %s, want the one in its state dir", i, node.CertFingerprint)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	ka, kb := netmap.NewNodePrivate(), netmap.NewNodePrivate()
+	a, err := derp.Dial(ctx, urls[0], derp.ClientOptions{NodeKey: ka, CertFingerprint: fps[0]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, err := derp.Dial(ctx, urls[1], derp.ClientOptions{NodeKey: kb, CertFingerprint: fps[1]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	got := make(chan []byte, 1)
+	go func() {
+		for {
+			m, err := b.Recv()
+			if err != nil {
+				return
+			}
+			if p, ok := m.(derp.ReceivedPacket); ok && p.Source == ka.Public() {
+				got <- append([]byte(nil), p.Data...)
+				return
+			}
+		}
+	}()
+	// Until the relays have meshed, relay 0 answers "not here"; keep
+	// sending until the packet crosses.
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if err := a.Send(kb.Public(), []byte("across the region")); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case d := <-got:
+			if string(d) != "across the region" {
+				t.Fatalf("got %q", d)
+			}
+			return
+		case <-tick.C:
+		case <-ctx.Done():
+			t.Fatal("packet never crossed the mesh")
+		}
+	}
+}
