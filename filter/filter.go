@@ -63,10 +63,10 @@ func (d Direction) String() string {
 
 // Options configure a Filter. The zero value gives the defaults.
 type Options struct {
-	// MaxFlows bounds the flow table (default 65536, about 6 MiB).
+	// MaxFlows bounds the flow table (default 65536, about 8 MiB preallocated).
 	MaxFlows int
 	// MaxFlowsPerPeer bounds the flows one remote address may hold
-	// (default MaxFlows/8), so one peer cannot evict everyone else's.
+	// (default MaxFlows/4), so one peer cannot evict everyone else's.
 	MaxFlowsPerPeer int
 	// MaxFragments bounds the table of fragmented datagrams whose first
 	// fragment was accepted (default 4096).
@@ -127,7 +127,7 @@ func New(opts Options) *Filter {
 	maxFlows := def(opts.MaxFlows, 65536)
 	shards := def(opts.Shards, 64)
 	f := &Filter{
-		flows: newFlowTable(maxFlows, def(opts.MaxFlowsPerPeer, maxFlows/8), shards),
+		flows: newFlowTable(maxFlows, def(opts.MaxFlowsPerPeer, maxFlows/4), shards),
 		frags: newFlowTable(def(opts.MaxFragments, 4096), def(opts.MaxFragments, 4096)/8, 16),
 		ttl: timeouts{
 			tcp:        dur(opts.TCPTimeout, 120*time.Hour),

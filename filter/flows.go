@@ -105,7 +105,9 @@ func newFlowTable(capacity, perPeer, nshards int) *flowTable {
 	if per < 4 {
 		per = 4
 	}
-	pp := (perPeer + nshards - 1) / nshards
+	// A peer's flows spread over the shards binomially, not exactly
+	// evenly: 25% slack keeps the effective quota close to perPeer.
+	pp := (perPeer*5/4 + nshards - 1) / nshards
 	if pp < 1 {
 		pp = 1
 	}

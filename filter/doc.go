@@ -1,0 +1,104 @@
+// Package filter is meshd's data-plane packet filter: it judges every packet
+// that crosses the tunnel against the rules the policy engine compiled for
+// this node (netmap.FilterRule), and keeps the flow state that lets replies
+// in. It does no I/O; the agent's TUN wrapper calls it on whole batches.
+//
+// # Rules: compiled, immutable, swapped atomically
+//
+// Compile turns []netmap.FilterRule plus the node's own prefixes into a
+// Rules value whose lookup never walks the rule list:
+//
+//   - protocol: an array of 256 entries;
+//   - destination port: the policy's port ranges are cut into elementary
+//     intervals at compile time; a 64 KiB port index (binary search if a
+//     protocol has more than 256 intervals) gives the interval;
+//   - destination address: a short mask-compare list (bart trie when there
+//     are more than 8 prefixes) whose nested prefixes were merged at compile
+//     time, so the longest match carries every source allowed to reach it;
+//   - source address: single addresses (most of a tag-based policy) in flat
+//     open-addressing hash sets, other prefixes in a mask-compare list or a
+//     bart trie.
+//
+// Cells of identical rule sets and unions of identical source groups are
+// built once, so 10,000 rules over tags of thousands of hosts stay small.
+// The cost per packet is a handful of loads whatever the rule count; see
+// BenchmarkFilter and bench/filtercmp. Rules are immutable; a Filter holds
+// them in an atomic.Pointer, and a batch is judged by the one Rules value it
+// loaded first, so no packet sees half a policy.
+//
+// # Flow state
+//
+// Flow state lives in the Filter, not in Rules, so swapping rules never
+// loses a flow. Flows are learned from outbound packets only (a peer cannot
+// create state by sending), keyed by (protocol, local address and port,
+// remote address and port); ICMP echo flows by identifier:
+//
+//   - an outbound TCP SYN, any first outbound UDP/SCTP packet and ICMP echo
+//     request open a flow this node owns: the peer's replies are accepted;
+//   - an outbound SYN-ACK answers a connection the peer opened: the flow is
+//     recorded, but the peer's packets stay judged by the rules in force, so
+//     revoking the rule cuts the connection on the next packet;
+//   - a flow first seen mid-stream (after a daemon restart or a map swap) is
+//     picked up as conntrack's loose mode does: it belongs to the peer if a
+//     rule lets the peer open it, otherwise to this node, so a multi-day
+//     training job's connections survive a restart;
+//   - inbound TCP that matches no rule and no flow of this node is dropped,
+//     SYN or not (Tailscale lets every non-SYN packet through); ICMP errors
+//     pass only when they quote a packet of a tracked flow.
+//
+// FIN or RST shortens a TCP flow's idle timeout to 30 s; idle timeouts are
+// otherwise 120 h for TCP (as Linux conntrack), 180 s for UDP, 30 s for ICMP
+// echo.
+//
+// The flow table is bounded (Options.MaxFlows, 65,536 by default, about 8 MiB
+// preallocated) and sharded 64 ways by a keyed hash of the whole flow key, each
+// shard a fixed array with open addressing, backward-shift deletion and an
+// intrusive LRU list: nothing is allocated per packet and there is no global
+// lock. Fairness: each remote address may hold at most MaxFlowsPerPeer
+// entries (MaxFlows/4 by default, enforced per shard with 25% slack); a
+// peer at its quota recycles its own least recently used flow, never
+// another peer's. So one peer (or a service that makes this node answer a
+// spray of ports) can hold at most about a quarter of the table, and other
+// peers' flows are evicted, in LRU order, only when their shard is full. The hash seed is random per Filter, so peers
+// cannot aim flows at one shard or one probe chain.
+//
+// Fragments: the first fragment is judged by its ports like any packet;
+// when accepted its (source, destination, protocol, IP ID) is remembered
+// for 30 s in a separate bounded table, and later fragments pass only if
+// they match. Orphan fragments and fragments of dropped datagrams are
+// dropped (DropFragment). A first fragment that does not hold the whole
+// transport header is malformed.
+//
+// # Drops
+//
+// Every drop is counted by direction and Verdict (atomic counters, Stats,
+// shaped for `meshd status --json`), kept in a ring of the last
+// Options.RecentDrops packets (RecentDrops, for `meshd debug drops`) and
+// logged through a rate limiter. Malformed packets (short, bad IHL, lying
+// lengths, broken IPv4 options, too many or misplaced IPv6 extension
+// headers, type-0 routing headers, truncated transport headers) are dropped
+// with DropMalformed, never a panic; FuzzFilter checks that.
+//
+// # Outbound
+//
+// This node's rules describe what it accepts; what a peer accepts is the
+// peer's to enforce and is not in this node's map. So the outbound
+// direction drops only malformed packets, and learns flows.
+//
+// # Using it from a TUN wrapper
+//
+// wireguard-go's tun.Device moves batches: Read(bufs, sizes, offset) for
+// packets leaving through the tunnel, Write(bufs, offset) for packets that
+// arrived. A wrapper is two lines per direction:
+//
+//	n, err := dev.Read(bufs, sizes, offset)
+//	f.OutboundBatch(bufs[:n], offset, sizes[:n], time.Now()) // drops get sizes[i] = 0, which wireguard-go skips
+//
+//	kept := f.InboundBatch(bufs, offset, time.Now()) // compacts bufs in place
+//	_, err := dev.Write(kept, offset)
+//
+// The same wrapper serves a kernel TUN and gVisor netstack, which both
+// implement tun.Device. With Linux TUN offloads, wireguard-go's tun package
+// splits GSO super-packets before Read returns and coalesces after Write,
+// so the filter always sees plain IP packets.
+package filter
