@@ -101,6 +101,7 @@ type Agent struct {
 	sess     *session
 	mapSeen  chan struct{} // closed when this session applied its first map
 	ctlState string        // human-readable control connection state
+	ctlErr   error         // why the control loop ended, if it did
 }
 
 // session is a running control loop; it owns the data plane it starts.
@@ -140,24 +141,36 @@ func New(opts Options) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	id, err := st.LoadOrCreateIdentity()
+	id, login, nm, err := loadState(st)
 	if err != nil {
+		st.Close()
 		return nil, err
-	}
-	login, err := st.LoadLogin()
-	if err != nil {
-		return nil, err
-	}
-	var nm *netmap.NetworkMap
-	if login != nil {
-		if nm, err = st.LoadNetworkMap(); err != nil {
-			return nil, err
-		}
 	}
 	return &Agent{
 		opts: opts, log: opts.Logger, store: st, id: id, disco: netmap.NewDiscoPrivate(),
 		login: login, nm: nm, ctlState: "not connected",
 	}, nil
+}
+
+// Close releases the state dir. Call it after Run has returned.
+func (a *Agent) Close() error { return a.store.Close() }
+
+func loadState(st *Store) (*Identity, *Login, *netmap.NetworkMap, error) {
+	id, err := st.LoadOrCreateIdentity()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	login, err := st.LoadLogin()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	var nm *netmap.NetworkMap
+	if login != nil {
+		if nm, err = st.LoadNetworkMap(); err != nil {
+			return nil, nil, nil, err
+		}
+	}
+	return id, login, nm, nil
 }
 
 // NodeKey returns the node's WireGuard public key.
@@ -167,6 +180,15 @@ func (a *Agent) NodeKey() netmap.NodePublic { return a.id.NodeKey.Public() }
 // up before (from the saved map, even with the coordinator down) and serves
 // the proxies. It returns after everything it started has stopped.
 func (a *Agent) Run(ctx context.Context) error {
+	if a.opts.TUN != TUNUserspace {
+		// Fail at start, not at the first network map, when the TUN
+		// cannot be created (no privileges, name taken).
+		dev, _, err := createKernelTUN(a.opts.TUN, a.opts.MTU, nil)
+		if err != nil {
+			return err
+		}
+		dev.Close()
+	}
 	var wg sync.WaitGroup
 	errc := make(chan error, 2)
 	ps := &proxy.Server{Dial: a.Dial, Log: a.log}
@@ -216,6 +238,7 @@ func (a *Agent) startLocked() {
 		return
 	}
 	a.mapSeen = make(chan struct{})
+	a.ctlErr = nil
 	if a.nm != nil {
 		if err := a.applyMapLocked(a.nm); err != nil {
 			a.log.Warn("data plane from saved map", "err", err)
@@ -262,16 +285,21 @@ func (a *Agent) controlCfg(l Login) ControlConfig {
 func (a *Agent) controlLoop(ctx context.Context, login Login) {
 	cc, err := a.opts.NewControlClient(a.controlCfg(login))
 	if err != nil {
-		a.setCtlState("error: " + err.Error())
+		a.mu.Lock()
+		a.ctlState = "error: " + err.Error()
+		a.ctlErr = err
+		a.mu.Unlock()
 		a.log.Error("coordinator client", "err", err)
 		return
 	}
 	defer cc.Close()
 	var wg sync.WaitGroup
 	wg.Add(1)
+	rctx, stopReports := context.WithCancel(ctx)
+	defer stopReports()
 	go func() {
 		defer wg.Done()
-		a.reportEndpoints(ctx, cc)
+		a.reportEndpoints(rctx, cc)
 	}()
 	a.setCtlState("connecting to " + login.CoordinatorURL)
 	req := netmap.MapRequest{
@@ -282,9 +310,16 @@ func (a *Agent) controlLoop(ctx context.Context, login Login) {
 		a.onMap(nm.Clone())
 	})
 	if err != nil && ctx.Err() == nil {
-		a.setCtlState("error: " + err.Error())
-		a.log.Error("map stream ended", "err", err)
+		// Only errors retrying cannot fix end Follow (pin mismatch, node
+		// deleted or expired). The data plane keeps running on the last
+		// map: peers that still know us stay reachable.
+		a.mu.Lock()
+		a.ctlState = "error: " + err.Error()
+		a.ctlErr = err
+		a.mu.Unlock()
+		a.log.Error("map stream ended; the data plane stays up on the last map", "err", err)
 	}
+	stopReports()
 	wg.Wait()
 }
 
@@ -399,8 +434,26 @@ func (a *Agent) reportEndpoints(ctx context.Context, cc ControlClient) {
 // the first network map.
 func (a *Agent) Up(ctx context.Context, req localapi.UpRequest) (*localapi.Status, error) {
 	a.mu.Lock()
-	login := a.login
+	login, ctlErr := a.login, a.ctlErr
 	a.mu.Unlock()
+	if login != nil && req.AuthKey != "" && needsReauth(ctlErr) {
+		// The coordinator forgot or expired this node: enrol again with
+		// the same machine and node keys. (A node that works ignores the
+		// auth key, so a container entrypoint can pass it on every start
+		// without spending a single-use key.)
+		a.log.Info("re-registering with the auth key", "reason", ctlErr)
+		a.stop()
+		a.mu.Lock()
+		a.login = nil
+		a.mu.Unlock()
+		if req.Coordinator == "" {
+			req.Coordinator = login.CoordinatorURL
+		}
+		if req.Hostname == "" {
+			req.Hostname = login.Hostname
+		}
+		login = nil
+	}
 	switch {
 	case login != nil && req.Coordinator != "" && req.Coordinator != login.CoordinatorURL:
 		return nil, fmt.Errorf("this node is registered with %s, not %s: use a fresh --state-dir to join another coordinator",
@@ -427,13 +480,23 @@ func (a *Agent) Up(ctx context.Context, req localapi.UpRequest) (*localapi.Statu
 		a.login = &l
 	}
 	a.startLocked()
-	seen := a.mapSeen
+	seen, sess := a.mapSeen, a.sess
 	a.mu.Unlock()
 	wait, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
 	select {
 	case <-seen:
+	case <-sess.done:
 	case <-wait.Done():
+	}
+	a.mu.Lock()
+	engErr, ctlErr := a.engErr, a.ctlErr
+	a.mu.Unlock()
+	if ctlErr != nil {
+		return nil, explainControlError(login.CoordinatorURL, ctlErr)
+	}
+	if engErr != nil {
+		return nil, fmt.Errorf("registered, but the data plane failed: %w", engErr)
 	}
 	return a.Status(ctx)
 }

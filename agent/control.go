@@ -31,10 +31,20 @@ func explainControlError(url string, err error) error {
 		hint = "the key was revoked; create a new one"
 	case errors.Is(err, control.ErrPinMismatch):
 		hint = "the coordinator's key is not the one this auth key or state dir expects; check --coordinator (possible interception)"
+	case errors.Is(err, control.ErrNotRegistered), errors.Is(err, control.ErrNodeExpired):
+		hint = "the coordinator removed or expired this node; run meshd up --authkey KEY to enrol it again"
 	case errors.Is(err, control.ErrTagsForbidden):
 		hint = "the auth key may not apply those tags; drop --advertise-tags or use a key that carries them"
 	default:
 		hint = "check --coordinator and that the coordinator is running and reachable"
 	}
-	return fmt.Errorf("register with %s: %w (%s)", url, err, hint)
+	// The client's errors already name the coordinator.
+	return fmt.Errorf("%w (%s)", err, hint)
+}
+
+// needsReauth reports whether the control loop ended because the
+// coordinator no longer accepts this node, so that an auth key given to
+// `meshd up` should be used to enrol it again.
+func needsReauth(err error) bool {
+	return errors.Is(err, control.ErrNotRegistered) || errors.Is(err, control.ErrNodeExpired)
 }

@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"meshd.dev/meshd/netmap"
@@ -63,8 +64,9 @@ func (e *CorruptFileError) Unwrap() error { return e.Err }
 // Store reads and writes the state dir. It holds no cache: each call goes to
 // disk, which keeps it trivially consistent across restarts.
 type Store struct {
-	dir string
-	now func() time.Time
+	dir  string
+	now  func() time.Time
+	lock *os.File
 }
 
 // OpenStore creates dir (0700) if needed and checks it is writable, so that a
@@ -85,8 +87,33 @@ func OpenStore(dir string) (*Store, error) {
 	}
 	probe.Close()
 	os.Remove(probe.Name())
-	return &Store{dir: dir, now: time.Now}, nil
+	lock, err := lockDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	return &Store{dir: dir, now: time.Now, lock: lock}, nil
 }
+
+// lockDir takes an exclusive lock on dir/lock so that two daemons never
+// share a state dir (they would fight over the same node key). The kernel
+// drops the lock when the process dies, even after kill -9.
+func lockDir(dir string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("state dir %s: %w", dir, err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("state dir %s is in use by another meshd process (stop it, or use another --state-dir)", dir)
+		}
+		return nil, fmt.Errorf("state dir %s: lock: %w", dir, err)
+	}
+	return f, nil
+}
+
+// Close releases the state dir lock.
+func (s *Store) Close() error { return s.lock.Close() }
 
 // Dir returns the state dir path.
 func (s *Store) Dir() string { return s.dir }

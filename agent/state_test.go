@@ -22,6 +22,7 @@ func TestStoreIdentityPersists(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer s.Close()
 	id1, err := s.LoadOrCreateIdentity()
 	if err != nil {
 		t.Fatal(err)
@@ -63,6 +64,7 @@ func TestStoreCorruptFilesMovedAside(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			defer s.Close()
 			path := filepath.Join(dir, tc.file)
 			if err := os.WriteFile(path, []byte(tc.content), 0o600); err != nil {
 				t.Fatal(err)
@@ -91,6 +93,7 @@ func TestStoreNetworkMapRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer s.Close()
 	if nm, err := s.LoadNetworkMap(); err != nil || nm != nil {
 		t.Fatalf("empty store: got %v, %v", nm, err)
 	}
@@ -146,6 +149,7 @@ func FuzzLoadState(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		defer s.Close()
 		for _, name := range []string{identityFile, loginFile, netmapFile} {
 			os.WriteFile(filepath.Join(dir, name), data, 0o600)
 		}
@@ -164,4 +168,24 @@ func FuzzLoadState(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestStoreLock(t *testing.T) {
+	dir := t.TempDir()
+	s, err := OpenStore(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s2, err := OpenStore(dir); err == nil || !strings.Contains(err.Error(), "in use by another meshd") {
+		if s2 != nil {
+			s2.Close()
+		}
+		t.Fatalf("second OpenStore of a locked dir: %v", err)
+	}
+	s.Close()
+	s3, err := OpenStore(dir)
+	if err != nil {
+		t.Fatalf("OpenStore after Close: %v", err)
+	}
+	s3.Close()
 }

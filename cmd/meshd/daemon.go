@@ -94,6 +94,7 @@ func (c *cli) daemonCmd() *ffcli.Command {
 			if err != nil {
 				return err
 			}
+			defer a.Close()
 			ln, err := localapi.Listen(*socket)
 			if err != nil {
 				return err

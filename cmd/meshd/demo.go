@@ -105,6 +105,11 @@ func (c *cli) runDemo(ctx context.Context, verbose, keep bool) error {
 		for _, done := range running {
 			<-done
 		}
+		for _, n := range nodes {
+			if n.a != nil {
+				n.a.Close()
+			}
+		}
 	}()
 	for _, n := range nodes {
 		secret, _, err := srv.CreateAuthKey(ctx, n.key)

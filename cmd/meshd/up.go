@@ -92,6 +92,7 @@ func (c *cli) upForeground(ctx context.Context, af *agentFlags, socket string, f
 	if err != nil {
 		return err
 	}
+	defer a.Close()
 	socketSet := false
 	fs.Visit(func(f *flag.Flag) { socketSet = socketSet || f.Name == "socket" })
 	var ln net.Listener
