@@ -337,6 +337,14 @@ func TestExpireAndTagNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	a.waitMap(t, "expired b removed", func(m *netmap.NetworkMap) bool { return m.Peers[b.id] == nil })
+	// b's own stream ends, and Follow gives up: only a new key helps.
+	select {
+	case err := <-b.fdone:
+		b.fdone <- err
+		wantErr(t, err, ErrNodeExpired)
+	case <-time.After(20 * time.Second):
+		t.Fatal("Follow of an expired node did not return")
+	}
 	wantErr(t, b.c.Update(ctx, b.mapRequest()), ErrNodeExpired)
 	_, err := b.register(ctx, "", "b")
 	wantErr(t, err, ErrNodeExpired)
