@@ -13,6 +13,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -50,6 +51,9 @@ type Client struct {
 	mu      sync.Mutex
 	pin     string
 	lastBad string // fingerprint seen on the last pin mismatch
+	// state is the node state last reported by Update; Follow sends it
+	// when it reconnects so a new stream never reports stale endpoints.
+	state *netmap.MapRequest
 }
 
 // ParseURL accepts https://HOST:PORT or a bare HOST:PORT.
@@ -198,7 +202,30 @@ func (c *Client) Update(ctx context.Context, req netmap.MapRequest) error {
 	if err := c.do(ctx, "/machine/map", req, &struct{}{}); err != nil {
 		return fmt.Errorf("update coordinator: %w", err)
 	}
+	c.mu.Lock()
+	c.state = mergeState(c.state, &req)
+	c.mu.Unlock()
 	return nil
+}
+
+// mergeState folds the non-empty reported fields of req into prev, as the
+// coordinator does.
+func mergeState(prev *netmap.MapRequest, req *netmap.MapRequest) *netmap.MapRequest {
+	next := netmap.MapRequest{}
+	if prev != nil {
+		next = *prev
+	}
+	next.NodeKey = req.NodeKey
+	if !req.DiscoKey.IsZero() {
+		next.DiscoKey = req.DiscoKey
+	}
+	if len(req.Endpoints) > 0 {
+		next.Endpoints = slices.Clone(req.Endpoints)
+	}
+	if req.HomeDERP != 0 {
+		next.HomeDERP = req.HomeDERP
+	}
+	return &next
 }
 
 func (c *Client) do(ctx context.Context, path string, in, out any) error {
@@ -293,6 +320,12 @@ func (c *Client) Follow(ctx context.Context, req netmap.MapRequest, fn func(*net
 		} else {
 			req.Since, req.Epoch = 0, ""
 		}
+		c.mu.Lock()
+		if c.state != nil {
+			st := mergeState(&req, c.state)
+			req.NodeKey, req.DiscoKey, req.Endpoints, req.HomeDERP = st.NodeKey, st.DiscoKey, st.Endpoints, st.HomeDERP
+		}
+		c.mu.Unlock()
 		progressed, err := c.followOnce(ctx, req, &nm, fn)
 		if ctx.Err() != nil {
 			return ctx.Err()

@@ -482,10 +482,20 @@ func TestReconnectAfterDropResumes(t *testing.T) {
 	a, b := newTestNode(t, ts.url, ""), newTestNode(t, ts.url, "")
 	a.mustRegister(t, key, "a")
 	b.mustRegister(t, key, "b")
-	a.follow(t, a.mapRequest())
+	reqA := a.mapRequest()
+	reqA.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:1001")}
+	a.follow(t, reqA)
 	b.follow(t, b.mapRequest())
 	a.waitMap(t, "b online", peerOnline(b.id, true))
-	b.waitMap(t, "a online", peerOnline(a.id, true)) // both first maps sent
+	// a's endpoints move after its stream opened.
+	reqA.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:2002")}
+	if err := a.c.Update(context.Background(), reqA); err != nil {
+		t.Fatal(err)
+	}
+	b.waitMap(t, "a online at its new endpoint", func(m *netmap.NetworkMap) bool {
+		p := m.Peers[a.id]
+		return p != nil && p.Online && len(p.Endpoints) == 1 && p.Endpoints[0].Port() == 2002
+	})
 	fullBefore := ts.hub.stats.full.Load()
 
 	// The coordinator drops a's stream (as it does for a slow reader), and
@@ -504,6 +514,11 @@ func TestReconnectAfterDropResumes(t *testing.T) {
 	}
 	if !a.current().Peers[b.id].Online {
 		t.Error("b not online in a's resumed map")
+	}
+	// Reconnecting did not report the stale endpoint the stream opened with.
+	waitFor(t, "a online again", func() bool { return ts.hub.online(a.id) })
+	if eps := ts.hub.get(a.id).Endpoints; len(eps) != 1 || eps[0].Port() != 2002 {
+		t.Errorf("a's endpoints after reconnect %v; want the updated 127.0.0.1:2002", eps)
 	}
 }
 

@@ -238,8 +238,8 @@ func validateMapRequest(req *netmap.MapRequest) error {
 }
 
 // applyMapRequest records what the node reports (endpoints, home DERP,
-// disco key, a rotated node key). A MapRequest carries the node's full
-// current state, so an empty endpoint list clears the endpoints.
+// disco key, a rotated node key). Empty fields keep the stored values, so a
+// request that only opens a stream never erases what an Update reported.
 func (s *Server) applyMapRequest(ctx context.Context, sn store.Node, req *netmap.MapRequest) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -252,8 +252,12 @@ func (s *Server) applyMapRequest(ctx context.Context, sn store.Node, req *netmap
 	if !req.DiscoKey.IsZero() {
 		nn.DiscoKey = req.DiscoKey
 	}
-	nn.Endpoints = slices.Clone(req.Endpoints)
-	nn.HomeDERP = req.HomeDERP
+	if len(req.Endpoints) > 0 {
+		nn.Endpoints = slices.Clone(req.Endpoints)
+	}
+	if req.HomeDERP != 0 {
+		nn.HomeDERP = req.HomeDERP
+	}
 	if nn.NodeKey == cur.NodeKey && nn.DiscoKey == cur.DiscoKey && nn.HomeDERP == cur.HomeDERP && slices.Equal(nn.Endpoints, cur.Endpoints) {
 		return nil
 	}
