@@ -35,6 +35,7 @@
 //
 //   - an outbound TCP SYN, any first outbound UDP/SCTP packet and ICMP echo
 //     request open a flow this node owns: the peer's replies are accepted;
+//     other protocols (GRE, ESP, ...) are tracked by protocol and addresses;
 //   - an outbound SYN-ACK answers a connection the peer opened: the flow is
 //     recorded, but the peer's packets stay judged by the rules in force, so
 //     revoking the rule cuts the connection on the next packet;

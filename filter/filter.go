@@ -310,6 +310,11 @@ func (f *Filter) judgeInFlow(r *Rules, p *packet, c *clock) Verdict {
 		return Accept
 	}
 	if !p.isICMP() {
+		// Other protocols (GRE, ESP, ...) are tracked by addresses alone.
+		k := flowKey{local: p.dst, remote: p.src, proto: p.proto}
+		if st, ok := f.flows.lookup(&k, c.mono(), 0, &f.ttl); ok && st&stLocal != 0 {
+			return Accept
+		}
 		return DropNoRule
 	}
 	switch p.icmpKind() {
@@ -364,9 +369,16 @@ func (f *Filter) out(r *Rules, b []byte, c *clock) Verdict {
 			return Accept
 		}
 		f.flows.insert(&k, f.origin(r, &p), c.mono(), p.tcpFlags, &f.ttl)
-	case p.isICMP() && p.icmpKind() == icmpEchoRequest:
-		k := flowKey{local: p.src, remote: p.dst, lport: p.icmpID, proto: p.proto}
-		f.flows.insert(&k, stLocal, c.mono(), 0, &f.ttl)
+	case p.isICMP():
+		if p.icmpKind() == icmpEchoRequest {
+			k := flowKey{local: p.src, remote: p.dst, lport: p.icmpID, proto: p.proto}
+			f.flows.insert(&k, stLocal, c.mono(), 0, &f.ttl)
+		}
+	default:
+		k := flowKey{local: p.src, remote: p.dst, proto: p.proto}
+		if _, ok := f.flows.lookup(&k, c.mono(), 0, &f.ttl); !ok {
+			f.flows.insert(&k, f.origin(r, &p), c.mono(), 0, &f.ttl)
+		}
 	}
 	// This node's rules describe only what it accepts; what the peer
 	// accepts is the peer's to enforce, so nothing well-formed is dropped

@@ -172,7 +172,15 @@ func TestStateful(t *testing.T) {
 			{dir: In, p: echoReply, want: Accept},
 			{dir: In, p: echoReply, want: DropNoRule, wait: 31 * time.Second},
 		}},
-		{"v6 tcp reply", []step{
+		{"other protocol (GRE) reply by addresses", []step{
+			{dir: In, p: pkt{src: outsider, dst: training, proto: 47, payload: 8}, want: DropNoRule},
+			{dir: Out, p: pkt{src: training, dst: outsider, proto: 47, payload: 8}, want: Accept},
+			{dir: In, p: pkt{src: outsider, dst: training, proto: 47, payload: 8}, want: Accept},
+			{dir: In, p: pkt{src: engineer, dst: training, proto: 47, payload: 8}, want: DropNoRule},
+			{dir: In, p: pkt{src: outsider, dst: training, proto: 50, payload: 8}, want: DropNoRule},
+			{dir: In, p: pkt{src: outsider, dst: training, proto: 47, payload: 8}, want: DropNoRule, wait: 181 * time.Second},
+		}},
+				{"v6 tcp reply", []step{
 			{dir: Out, p: pkt{src: "fd7a::20", dst: outsider6, proto: protoTCP, sport: 1, dport: 2, flags: tcpSYN}, want: Accept},
 			{dir: In, p: pkt{src: outsider6, dst: "fd7a::20", proto: protoTCP, sport: 2, dport: 1, flags: tcpACK}, want: Accept},
 		}},
@@ -669,5 +677,45 @@ func TestConcurrentSwap(t *testing.T) {
 	close(errs)
 	for e := range errs {
 		t.Fatal(e)
+	}
+}
+
+// Many goroutines opening, answering and evicting flows in a small table:
+// the shards' bookkeeping must hold up (run with -race), and every flow
+// still in the table must be one that was opened.
+func TestConcurrentFlows(t *testing.T) {
+	f := New(Options{MaxFlows: 512, MaxFlowsPerPeer: 256, Shards: 8})
+	now := time.Now()
+	var wg sync.WaitGroup
+	var accepted, opened atomic.Int64
+	for g := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 3000 {
+				peer := fmt.Sprintf("100.64.%d.%d", g, i%50)
+				p := pkt{src: training, dst: peer, proto: protoUDP, sport: uint16(1000 + i%700), dport: 53}
+				f.Outbound(p.build(), now)
+				opened.Add(1)
+				if f.Inbound(p.reply().build(), now) == Accept {
+					accepted.Add(1)
+				}
+				// A reply to a flow nobody opened never passes.
+				bogus := pkt{src: peer, dst: training, proto: protoUDP, sport: 53, dport: 9}
+				if v := f.Inbound(bogus.build(), now); v != DropNoRule {
+					t.Errorf("reply of an unopened flow: %v", v)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if n := f.Stats().Flows; n > 512 || n == 0 {
+		t.Errorf("flows = %d, want 1..512", n)
+	}
+	// Each reply follows its own flow's creation by one packet; eviction by
+	// other goroutines in between is possible but rare.
+	if a, o := accepted.Load(), opened.Load(); a < o*9/10 {
+		t.Errorf("only %d of %d replies accepted right after their flow opened", a, o)
 	}
 }
