@@ -180,7 +180,7 @@ func TestStateful(t *testing.T) {
 			{dir: In, p: pkt{src: outsider, dst: training, proto: 50, payload: 8}, want: DropNoRule},
 			{dir: In, p: pkt{src: outsider, dst: training, proto: 47, payload: 8}, want: DropNoRule, wait: 181 * time.Second},
 		}},
-				{"v6 tcp reply", []step{
+		{"v6 tcp reply", []step{
 			{dir: Out, p: pkt{src: "fd7a::20", dst: outsider6, proto: protoTCP, sport: 1, dport: 2, flags: tcpSYN}, want: Accept},
 			{dir: In, p: pkt{src: outsider6, dst: "fd7a::20", proto: protoTCP, sport: 2, dport: 1, flags: tcpACK}, want: Accept},
 		}},
