@@ -153,21 +153,25 @@ type lazyFrame struct {
 	b    []byte
 }
 
+// bytes returns the encoded frame, or nil if it cannot be encoded (only a
+// message over MaxMessageSize, which request validation rules out).
 func (f *lazyFrame) bytes() []byte {
 	if f.b == nil {
-		b, err := encodeFrame(&f.resp)
-		if err != nil {
-			// Only reachable with a node larger than MaxMessageSize, which
-			// validation upstream rules out.
-			panic(err)
-		}
-		f.b = b
+		f.b, _ = encodeFrame(&f.resp)
 	}
 	return f.b
 }
 
+// errEncode drops a session whose next message could not be encoded; the
+// client reconnects and gets a fresh map rather than silently missing one.
+var errEncode = errors.New("map session dropped: could not encode an update")
+
 func (h *hub) send(s *session, frame []byte) {
 	if s.dropped {
+		return
+	}
+	if frame == nil {
+		h.dropLocked(s, errEncode)
 		return
 	}
 	select {
@@ -231,17 +235,15 @@ func (h *hub) upsertLocked(n *netmap.Node) {
 			if !h.bootstrap && identityChanged {
 				// Who this node may see depends on its identity: resend its
 				// whole map (O(n), for this node only).
-				var err error
-				if f, err = h.fullLocked(n).frame(); err != nil {
-					panic(err) // see lazyFrame.bytes
-				}
+				f, _ = h.fullLocked(n).frame() // nil on error: send drops
+
 				for _, s := range ss {
 					s.lastFilter = h.filterJSON(n)
 				}
 			} else {
 				r := h.base()
 				r.Self = n
-				f = h.mustEncode(&r)
+				f = h.encode(&r)
 			}
 			for _, s := range ss {
 				h.send(s, f)
@@ -272,7 +274,8 @@ func (h *hub) upsertLocked(n *netmap.Node) {
 	h.refreshFiltersLocked()
 }
 
-func (h *hub) mustEncode(r *netmap.MapResponse) []byte {
+// encode returns r as a frame, or nil (which send turns into a drop).
+func (h *hub) encode(r *netmap.MapResponse) []byte {
 	f := lazyFrame{resp: *r}
 	return f.bytes()
 }
@@ -359,7 +362,7 @@ func (h *hub) refreshFiltersLocked() {
 			s.lastFilter = b
 			r := h.base()
 			r.PacketFilter = &f
-			h.send(s, h.mustEncode(&r))
+			h.send(s, h.encode(&r))
 		}
 	}
 }
@@ -578,7 +581,7 @@ func (h *hub) setPolicy(p Policy) {
 		f := h.filterFor(viewer)
 		r.PacketFilter = &f
 		fb, _ := json.Marshal(f)
-		frame := h.mustEncode(&r)
+		frame := h.encode(&r)
 		for _, s := range ss {
 			s.lastFilter = fb
 			h.send(s, frame)
