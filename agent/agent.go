@@ -433,6 +433,17 @@ func (a *Agent) reportEndpoints(ctx context.Context, cc ControlClient) {
 // otherwise restarts with the saved identity. It waits (bounded by ctx) for
 // the first network map.
 func (a *Agent) Up(ctx context.Context, req localapi.UpRequest) (*localapi.Status, error) {
+	st, err := a.up(ctx, req)
+	if err != nil && req.AuthKey != "" && needsReauth(err) {
+		// Found out only now (the stream was refused) that the
+		// coordinator dropped this node, e.g. an ephemeral node whose
+		// container restarted with its old state volume: enrol again.
+		return a.up(ctx, req)
+	}
+	return st, err
+}
+
+func (a *Agent) up(ctx context.Context, req localapi.UpRequest) (*localapi.Status, error) {
 	a.mu.Lock()
 	login, ctlErr := a.login, a.ctlErr
 	a.mu.Unlock()
