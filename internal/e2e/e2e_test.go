@@ -5,6 +5,7 @@
 package e2e
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -12,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -465,8 +467,9 @@ func TestUserspaceSOCKS5(t *testing.T) {
 	go serveSHA(svc)
 
 	socks := fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp"))
+	httpProxy := fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp"))
 	common := []string{"--tun", "userspace", "--loopback-only"}
-	n1 := e.newNode("n1", nil, append(common, "--port", fmt.Sprint(freePort(t, "udp")), "--socks5-server", socks)...)
+	n1 := e.newNode("n1", nil, append(common, "--port", fmt.Sprint(freePort(t, "udp")), "--socks5-server", socks, "--http-proxy", httpProxy)...)
 	n2 := e.newNode("n2", nil, append(common, "--port", fmt.Sprint(freePort(t, "udp")), "--forward", "8080="+svc.Addr().String())...)
 	n3 := e.newNode("n3", nil, append(common, "--port", "0")...)
 	for _, n := range []*node{n1, n2} {
@@ -496,6 +499,13 @@ func TestUserspaceSOCKS5(t *testing.T) {
 	}
 	viaSOCKS("first contact", netip.AddrPortFrom(ip2, 8080).String())
 	viaSOCKS("by hostname", "n2:8080")
+	c, err := dialHTTPConnect(httpProxy, netip.AddrPortFrom(ip2, 8080).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := transfer(c); err != nil {
+		t.Fatalf("through the HTTP CONNECT proxy: %v", err)
+	}
 
 	n2.proc.kill()
 	e.startDaemon(n2)
@@ -520,3 +530,105 @@ func TestUserspaceSOCKS5(t *testing.T) {
 	})
 	viaSOCKS("n1 restarted with coordinator down", netip.AddrPortFrom(ip2, 8080).String())
 }
+
+// TestEphemeralForeground: `meshd up --foreground` with an ephemeral key,
+// as a container runs it; stopping it (SIGTERM) removes the node from the
+// tailnet after the coordinator's ephemeral timeout.
+func TestEphemeralForeground(t *testing.T) {
+	t.Parallel()
+	e := &env{t: t, bin: buildMeshd(t), dir: t.TempDir()}
+	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp"))
+	dir := filepath.Join(e.dir, "coordinator")
+	e.coord = start(t, "coordinator", exec.Command(e.bin, "coordinator", "--listen", listen, "--state-dir", dir, "--ephemeral-timeout", "1s"))
+	e.coordURL, e.tokenFile = "https://"+listen, filepath.Join(dir, "admin.token")
+	waitFor(t, 30*time.Second, "coordinator", func() (bool, string) {
+		_, err := os.Stat(e.tokenFile)
+		return err == nil, fmt.Sprint(err)
+	})
+	key := e.authKey(nil)
+	out, err := exec.Command(e.bin, "admin", "keys", "create", "--coordinator", e.coordURL, "--token-file", e.tokenFile,
+		"--ephemeral", "--reusable", "--tags", "tag:e2e", "--json").Output()
+	if err != nil {
+		t.Fatalf("ephemeral key: %v %s", err, out)
+	}
+	var ek struct {
+		Key string `json:"key"`
+	}
+	json.Unmarshal(out, &ek)
+
+	watcher := e.newNode("watcher", nil, "--tun", "userspace", "--port", "0", "--loopback-only")
+	e.startDaemon(watcher)
+	e.up(watcher, key)
+
+	// The sidecar form: everything from the environment, as the container
+	// entrypoint passes it.
+	side := e.newNode("sidecar", nil)
+	cmd := exec.Command(e.bin, "up", "--foreground")
+	cmd.Env = append(os.Environ(), "MESHD_AUTHKEY="+ek.Key, "MESHD_COORDINATOR="+e.coordURL, "MESHD_HOSTNAME=sidecar",
+		"MESHD_STATE_DIR="+side.stateDir, "MESHD_SOCKET="+side.socket, "MESHD_TUN=userspace", "MESHD_PORT=0", "MESHD_LOOPBACK_ONLY=true")
+	p := start(t, "sidecar", cmd)
+	e.waitPeers(watcher, "sidecar")
+	st := e.status(side)
+	if st.Self.Hostname != "sidecar" || st.BackendState != localapi.StateRunning {
+		t.Fatalf("sidecar status: %+v", st)
+	}
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-p.done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("meshd up --foreground did not exit on SIGTERM")
+	}
+	if code := p.cmd.ProcessState.ExitCode(); code != 0 {
+		t.Fatalf("foreground exit code %d after SIGTERM:\n%s", code, p.out.String())
+	}
+	waitFor(t, 30*time.Second, "the ephemeral node to be removed", func() (bool, string) {
+		var names []string
+		for _, peer := range e.status(watcher).Peers {
+			names = append(names, peer.Hostname)
+		}
+		return !slices.Contains(names, "sidecar"), fmt.Sprint(names)
+	})
+	// Its state is still on disk: a clean stop does not delete it.
+	if _, err := os.Stat(filepath.Join(side.stateDir, "identity.json")); err != nil {
+		t.Fatalf("state after stop: %v", err)
+	}
+
+	// The container restarts with its old state volume: the coordinator
+	// refuses the deleted node, and the agent enrols again with the key.
+	cmd2 := exec.Command(e.bin, "up", "--foreground")
+	cmd2.Env = cmd.Env
+	start(t, "sidecar-again", cmd2)
+	e.waitPeers(watcher, "sidecar")
+}
+
+// dialHTTPConnect opens a tunnel to target through an HTTP CONNECT proxy.
+func dialHTTPConnect(proxyAddr, target string) (net.Conn, error) {
+	c, err := net.DialTimeout("tcp", proxyAddr, 10*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	fmt.Fprintf(c, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", target, target)
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("CONNECT %s: %w", target, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		c.Close()
+		return nil, fmt.Errorf("CONNECT %s: %s", target, resp.Status)
+	}
+	c.SetDeadline(time.Time{})
+	return &bufferedConn{TCPConn: c.(*net.TCPConn), r: br}, nil
+}
+
+// bufferedConn reads through the reader that parsed the proxy's answer.
+type bufferedConn struct {
+	*net.TCPConn
+	r io.Reader
+}
+
+func (b *bufferedConn) Read(p []byte) (int, error) { return b.r.Read(p) }

@@ -1,0 +1,104 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"meshd.dev/meshd/agent/localapi"
+)
+
+// TestDemo runs `meshd demo` in-process, as a newcomer would, and checks it
+// made every connection it promises.
+func TestDemo(t *testing.T) {
+	var out, errb bytes.Buffer
+	code := run(context.Background(), []string{"demo"}, &out, &errb)
+	if code != 0 {
+		t.Fatalf("demo exit %d\nstdout:\n%s\nstderr:\n%s", code, out.String(), errb.String())
+	}
+	for _, want := range []string{
+		"inference-1 joined with a tag:inference-server key",
+		"training-1 joined with a tag:training-cluster key",
+		"alice-laptop joined with a alice@example.com key",
+		"[ok] alice-laptop -> inference-1:8000",
+		"[ok] training-1 -> inference-1:8000",
+		"[ok] inference-1 -> training-1:9000",
+		"[ok] alice-laptop -> training-1:9001",
+		"all 4 flows behaved as expected",
+	} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("demo output lacks %q:\n%s", want, out.String())
+		}
+	}
+	if strings.Contains(out.String(), "UNEXPECTED") {
+		t.Errorf("demo reported an unexpected flow:\n%s", out.String())
+	}
+}
+
+func TestWriteStatus(t *testing.T) {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	recent := now.Add(-10 * time.Second)
+	st := &localapi.Status{
+		BackendState: localapi.StateRunning,
+		Self:         &localapi.Node{ID: 1, Hostname: "alice-laptop", User: "alice@example.com", IPs: []netip.Addr{netip.MustParseAddr("fd5e:5a1e:d::1"), netip.MustParseAddr("100.64.0.3")}, Online: true},
+		Peers: []localapi.Peer{
+			{Node: localapi.Node{ID: 2, Hostname: "inference-1", Tags: []string{"tag:inference-server"}, IPs: []netip.Addr{netip.MustParseAddr("100.64.0.1")}, Online: true},
+				Endpoint: "198.18.0.2:41641", Path: "direct", RxBytes: 10, TxBytes: 20, LastHandshake: &recent},
+			{Node: localapi.Node{ID: 3, Hostname: "training-1", Tags: []string{"tag:training-cluster"}, IPs: []netip.Addr{netip.MustParseAddr("100.64.0.2")}}, Path: "none"},
+		},
+	}
+	var b bytes.Buffer
+	writeStatus(&b, st, now)
+	lines := strings.Split(strings.TrimSpace(b.String()), "\n")
+	if len(lines) != 3 {
+		t.Fatalf("want 3 lines:\n%s", b.String())
+	}
+	for i, want := range [][]string{
+		{"100.64.0.3", "alice-laptop", "alice@example.com"},
+		{"100.64.0.1", "inference-1", "tag:inference-server", "active; direct 198.18.0.2:41641", "tx 20 rx 10"},
+		{"100.64.0.2", "training-1", "tag:training-cluster", "offline"},
+	} {
+		for _, w := range want {
+			if !strings.Contains(lines[i], w) {
+				t.Errorf("line %d %q lacks %q", i, lines[i], w)
+			}
+		}
+	}
+	b.Reset()
+	writeStatus(&b, &localapi.Status{BackendState: localapi.StateNeedsLogin}, now)
+	if !strings.Contains(b.String(), "meshd up --authkey") {
+		t.Errorf("logged-out status does not say what to do: %q", b.String())
+	}
+}
+
+func TestFindNode(t *testing.T) {
+	st := &localapi.Status{
+		Self: &localapi.Node{ID: 1, Hostname: "me", IPs: []netip.Addr{netip.MustParseAddr("100.64.0.1")}},
+		Peers: []localapi.Peer{{Node: localapi.Node{ID: 7, Hostname: "Inference-1", IPs: []netip.Addr{netip.MustParseAddr("100.64.0.7"), netip.MustParseAddr("fd5e:5a1e:d::7")}}}},
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{nil, "me"},
+		{[]string{"inference-1"}, "Inference-1"},
+		{[]string{"7"}, "Inference-1"},
+		{[]string{"fd5e:5a1e:d::7"}, "Inference-1"},
+		{[]string{"100.64.0.1"}, "me"},
+		{[]string{"nobody"}, ""},
+	} {
+		n, err := findNode(st, tc.args)
+		if tc.want == "" {
+			if err == nil {
+				t.Errorf("findNode(%v) = %v, want error", tc.args, n.Hostname)
+			}
+			continue
+		}
+		if err != nil || n.Hostname != tc.want {
+			t.Errorf("findNode(%v) = %v, %v; want %s", tc.args, n, err, tc.want)
+		}
+	}
+}
