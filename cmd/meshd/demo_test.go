@@ -76,7 +76,7 @@ func TestWriteStatus(t *testing.T) {
 
 func TestFindNode(t *testing.T) {
 	st := &localapi.Status{
-		Self: &localapi.Node{ID: 1, Hostname: "me", IPs: []netip.Addr{netip.MustParseAddr("100.64.0.1")}},
+		Self:  &localapi.Node{ID: 1, Hostname: "me", IPs: []netip.Addr{netip.MustParseAddr("100.64.0.1")}},
 		Peers: []localapi.Peer{{Node: localapi.Node{ID: 7, Hostname: "Inference-1", IPs: []netip.Addr{netip.MustParseAddr("100.64.0.7"), netip.MustParseAddr("fd5e:5a1e:d::7")}}}},
 	}
 	for _, tc := range []struct {
