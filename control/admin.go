@@ -370,7 +370,8 @@ type tagRequest struct {
 }
 
 func parseNodeID(s string) (netmap.NodeID, error) {
-	id, err := strconv.ParseUint(s, 10, 64)
+	// 63 bits: node ids are SQL integers, which are signed.
+	id, err := strconv.ParseUint(s, 10, 63)
 	if err != nil || id == 0 {
 		return 0, fmt.Errorf("%w: node id %q: want a positive number as listed by `meshd admin nodes list`", ErrBadRequest, s)
 	}

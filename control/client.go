@@ -381,7 +381,7 @@ func (c *Client) followOnce(ctx context.Context, req netmap.MapRequest, nm *netm
 		ka = time.Duration(ms) * time.Millisecond
 	}
 	errStale := errors.New("map stream silent for too long")
-	idle := 3*ka + 5*time.Second
+	idle := 4 * ka
 	wd := time.AfterFunc(idle, func() { cancel(errStale) })
 	defer wd.Stop()
 	var buf []byte

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
 	"net/url"
 	"time"
@@ -398,8 +399,15 @@ func decodeNode(data string) (Node, error) {
 	return n, nil
 }
 
+// validID reports whether id fits SQLite's signed 64-bit integers; larger
+// ids cannot exist.
+func validID(id netmap.NodeID) bool { return id > 0 && id <= math.MaxInt64 }
+
 // Node implements Store.
 func (s *SQLite) Node(ctx context.Context, id netmap.NodeID) (Node, error) {
+	if !validID(id) {
+		return Node{}, fmt.Errorf("node %d: %w", id, ErrNotFound)
+	}
 	var data string
 	err := s.db.QueryRowContext(ctx, `SELECT data FROM nodes WHERE id = ?`, id).Scan(&data)
 	if errors.Is(err, sql.ErrNoRows) {
@@ -440,6 +448,9 @@ func (s *SQLite) Nodes(ctx context.Context) ([]Node, error) {
 
 // UpdateNode implements Store.
 func (s *SQLite) UpdateNode(ctx context.Context, n Node) error {
+	if !validID(n.ID) {
+		return fmt.Errorf("node %d: %w", n.ID, ErrNotFound)
+	}
 	err := s.tx(ctx, func(tx *sql.Tx) error {
 		var data string
 		if err := tx.QueryRowContext(ctx, `SELECT data FROM nodes WHERE id = ?`, n.ID).Scan(&data); errors.Is(err, sql.ErrNoRows) {
@@ -468,6 +479,9 @@ func (s *SQLite) UpdateNode(ctx context.Context, n Node) error {
 
 // DeleteNode implements Store.
 func (s *SQLite) DeleteNode(ctx context.Context, id netmap.NodeID) error {
+	if !validID(id) {
+		return fmt.Errorf("node %d: %w", id, ErrNotFound)
+	}
 	res, err := s.db.ExecContext(ctx, `DELETE FROM nodes WHERE id = ?`, id)
 	if err != nil {
 		return fmt.Errorf("delete node %d: %w", id, err)

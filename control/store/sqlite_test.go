@@ -158,6 +158,9 @@ func TestAllocationExhaustsAndReuses(t *testing.T) {
 	if err != nil || n.Addresses[0] != nodes[1].Addresses[0] || n.ID <= nodes[2].ID {
 		t.Fatalf("after delete: id %d addrs %v err %v; want the freed address and a fresh id", n.ID, n.Addresses, err)
 	}
+	if err := s.DeleteNode(ctx, 1<<63); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("delete an id beyond int64: %v", err)
+	}
 	if err := s.DeleteNode(ctx, 12345); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("delete unknown: %v", err)
 	}

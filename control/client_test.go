@@ -1,0 +1,97 @@
+package control
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/tls"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"meshd.dev/meshd/netmap"
+)
+
+// TestFollowDetectsSilentStream serves a map stream that sends one full map
+// and then goes silent without closing: the client must notice from the
+// keep-alive interval it was told, and reconnect.
+func TestFollowDetectsSilentStream(t *testing.T) {
+	_, key, _ := ed25519.GenerateKey(rand.Reader)
+	cert, err := selfSignedCert(key, "silent")
+	if err != nil {
+		t.Fatal(err)
+	}
+	self := hubNode(1)
+	full, _ := encodeFrame(&netmap.MapResponse{Epoch: "e", Version: 1, Full: true, Self: self})
+	var streams atomic.Int32
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		streams.Add(1)
+		w.Header().Set(keepAliveHeader, "25")
+		w.Write(full)
+		w.(http.Flusher).Flush()
+		<-r.Context().Done() // silent, never closes by itself
+	}))
+	srv.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequestClientCert}
+	srv.EnableHTTP2 = true
+	srv.StartTLS()
+	defer srv.Close()
+
+	_, mk, _ := ed25519.GenerateKey(rand.Reader)
+	c, err := NewClient(ClientOptions{URL: srv.URL, MachineKey: mk, ServerPin: Fingerprint(cert.Leaf), MinBackoff: 10 * time.Millisecond, MaxBackoff: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	maps := make(chan struct{}, 16)
+	go func() {
+		done <- c.Follow(ctx, netmap.MapRequest{NodeKey: self.NodeKey}, func(*netmap.NetworkMap) {
+			select {
+			case maps <- struct{}{}:
+			default:
+			}
+		})
+	}()
+	waitFor(t, "a second stream after the first went silent", func() bool { return streams.Load() >= 2 })
+	cancel()
+	if err := <-done; err != context.Canceled {
+		t.Errorf("Follow returned %v; want context.Canceled", err)
+	}
+	if len(maps) == 0 {
+		t.Error("no map delivered")
+	}
+}
+
+func TestParseURL(t *testing.T) {
+	tests := []struct {
+		in, want string
+		ok       bool
+	}{
+		{"127.0.0.1:8443", "https://127.0.0.1:8443", true},
+		{"https://coord.example:8443/", "https://coord.example:8443", true},
+		{" https://[::1]:1 ", "https://[::1]:1", true},
+		{"http://coord:80", "", false},
+		{"", "", false},
+		{"https://", "", false},
+	}
+	for _, tt := range tests {
+		u, err := ParseURL(tt.in)
+		if (err == nil) != tt.ok || err == nil && u.String() != tt.want {
+			t.Errorf("ParseURL(%q) = %v, %v; want %q ok=%v", tt.in, u, err, tt.want, tt.ok)
+		}
+	}
+}
+
+func TestMergeState(t *testing.T) {
+	k1, k2 := netmap.NewNodePrivate().Public(), netmap.NewNodePrivate().Public()
+	ep := []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:1")}
+	s := mergeState(nil, &netmap.MapRequest{NodeKey: k1, Endpoints: ep, HomeDERP: 2})
+	s = mergeState(s, &netmap.MapRequest{NodeKey: k2})
+	if s.NodeKey != k2 || len(s.Endpoints) != 1 || s.HomeDERP != 2 {
+		t.Fatalf("merged state %+v", s)
+	}
+}
