@@ -879,3 +879,75 @@ func TestLoadOrCreateKeepsIdentity(t *testing.T) {
 		t.Fatalf("server key not kept: %v", err)
 	}
 }
+
+func TestReconnectingClientSurvivesRelayRestart(t *testing.T) {
+	key := netmap.NewNodePrivate()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	start := func(ln net.Listener) (*Server, *http.Server) {
+		s, err := NewServer(ServerOptions{PrivateKey: key})
+		if err != nil {
+			t.Fatal(err)
+		}
+		hs := &http.Server{Handler: s}
+		go hs.Serve(ln)
+		return s, hs
+	}
+	s1, hs1 := start(ln)
+
+	ka, kb := netmap.NewNodePrivate(), netmap.NewNodePrivate()
+	rc := NewReconnectingClient("http://"+addr, ClientOptions{NodeKey: kb}, nil)
+	got := make(chan string, 16)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		rc.Run(ctx, func(m Message) {
+			if p, ok := m.(ReceivedPacket); ok {
+				got <- string(p.Data)
+			}
+		})
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	waitFor(t, "first connection", rc.Connected)
+
+	// Packets reach the reconnecting client; it can send too.
+	a := dial(t, "http://"+addr, ka)
+	a.Send(kb.Public(), []byte("before"))
+	if m := <-got; m != "before" {
+		t.Fatalf("got %q", m)
+	}
+	if err := rc.Send(ka.Public(), []byte("from rc")); err != nil {
+		t.Fatal(err)
+	}
+	if p := recvPacket(t, a); string(p.Data) != "from rc" {
+		t.Fatalf("a got %q", p.Data)
+	}
+
+	s1.Close()
+	hs1.Close()
+	waitFor(t, "disconnect noticed", func() bool { return !rc.Connected() })
+	if err := rc.Send(ka.Public(), []byte("x")); !errors.Is(err, ErrNotConnected) {
+		t.Fatalf("send while down: %v", err)
+	}
+	ln2, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2, hs2 := start(ln2)
+	t.Cleanup(func() { s2.Close(); hs2.Close() })
+	waitFor(t, "reconnect", func() bool { return rc.Connected() && s2.Stats().Clients == 1 })
+	a2 := dial(t, "http://"+addr, ka)
+	a2.Send(kb.Public(), []byte("after"))
+	select {
+	case m := <-got:
+		if m != "after" {
+			t.Fatalf("got %q", m)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no packet after the relay restarted")
+	}
+}
