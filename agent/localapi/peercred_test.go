@@ -1,0 +1,81 @@
+package localapi
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+)
+
+// TestPeerCredHelper is not a test: TestPeerCredRejectsOtherUsers runs the
+// test binary as another user with this as the entry point.
+func TestPeerCredHelper(t *testing.T) {
+	sock := os.Getenv("MESHD_TEST_PEERCRED_SOCKET")
+	if sock == "" {
+		t.Skip("helper process for TestPeerCredRejectsOtherUsers")
+	}
+	_, err := NewClient(sock).Status(context.Background())
+	fmt.Printf("RESULT:%v\n", err)
+}
+
+// TestPeerCredRejectsOtherUsers opens the socket's mode to everyone and
+// checks that the SO_PEERCRED check still turns away another user.
+func TestPeerCredRejectsOtherUsers(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run a client as another user")
+	}
+	dir := t.TempDir()
+	for d := dir; d != "/" && d != os.TempDir(); d = filepath.Dir(d) {
+		os.Chmod(d, 0o755)
+	}
+	sock := filepath.Join(dir, "meshd.sock")
+	ln, err := Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(sock, 0o666) // a mistaken chmod: the credential check must hold
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Serve(ctx, ln, &fakeBackend{}) }()
+	defer func() { cancel(); <-done }()
+
+	// Copy the test binary somewhere the other user can execute it.
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "localapi.test")
+	src, err := os.Open(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dst, err := os.OpenFile(bin, os.O_CREATE|os.O_WRONLY, 0o755)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(dst, src)
+	src.Close()
+	dst.Close()
+
+	for _, tc := range []struct {
+		uid    uint32
+		wantOK bool
+	}{{0, true}, {65534, false}} {
+		cmd := exec.Command(bin, "-test.run=^TestPeerCredHelper$", "-test.v")
+		cmd.Env = []string{"MESHD_TEST_PEERCRED_SOCKET=" + sock}
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: tc.uid, Gid: tc.uid}}
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("uid %d helper: %v\n%s", tc.uid, err, out)
+		}
+		ok := strings.Contains(string(out), "RESULT:<nil>")
+		if !strings.Contains(string(out), "RESULT:") || ok != tc.wantOK {
+			t.Fatalf("uid %d: allowed=%v, want %v\n%s", tc.uid, ok, tc.wantOK, out)
+		}
+	}
+}
