@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -213,6 +214,7 @@ func TestTLSPinnedFingerprint(t *testing.T) {
 		t.Fatal(err)
 	}
 	hs := httptest.NewUnstartedServer(s)
+	hs.Config.ErrorLog = log.New(io.Discard, "", 0) // the failing cases log TLS errors by design
 	hs.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}}
 	hs.StartTLS()
 	t.Cleanup(func() { s.Close(); hs.Close() })
