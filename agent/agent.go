@@ -492,8 +492,16 @@ func (a *Agent) up(ctx context.Context, req localapi.UpRequest) (*localapi.Statu
 	}
 	a.startLocked()
 	seen, sess := a.mapSeen, a.sess
+	// With the data plane already up from the saved map, wait only briefly
+	// for the coordinator: long enough to report a refused connection (pin
+	// mismatch, node deleted), short enough that `meshd up` with the
+	// coordinator down returns promptly; the node works meanwhile.
+	timeout := 20 * time.Second
+	if a.eng != nil {
+		timeout = 5 * time.Second
+	}
 	a.mu.Unlock()
-	wait, cancel := context.WithTimeout(ctx, 20*time.Second)
+	wait, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	select {
 	case <-seen:
@@ -509,7 +517,15 @@ func (a *Agent) up(ctx context.Context, req localapi.UpRequest) (*localapi.Statu
 	if engErr != nil {
 		return nil, fmt.Errorf("registered, but the data plane failed: %w", engErr)
 	}
-	return a.Status(ctx)
+	st, err := a.Status(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if req.Hostname != "" && st.Self != nil && req.Hostname != st.Self.Hostname {
+		st.Message = strings.TrimPrefix(st.Message+"; ", "; ") +
+			fmt.Sprintf("already registered as %q: --hostname %q is not applied to a registered node", st.Self.Hostname, req.Hostname)
+	}
+	return st, nil
 }
 
 func (a *Agent) register(ctx context.Context, req localapi.UpRequest) (*Login, error) {

@@ -515,6 +515,32 @@ func TestUserspaceSOCKS5(t *testing.T) {
 	})
 	viaSOCKS("after n2 restart", netip.AddrPortFrom(ip2, 8080).String())
 
+	// meshd down takes n1 off the tailnet and keeps it off across a daemon
+	// restart; meshd up without a key brings it back.
+	if out, err := e.cli(n1, "down"); err != nil {
+		t.Fatalf("meshd down: %v\n%s", err, out)
+	}
+	if st := e.status(n1); st.BackendState != localapi.StateStopped {
+		t.Fatalf("after down: %s", st.BackendState)
+	}
+	d, err := proxy.SOCKS5("tcp", socks, nil, &net.Dialer{Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, err := d.Dial("tcp", netip.AddrPortFrom(ip2, 8080).String()); err == nil {
+		c.Close()
+		t.Fatal("SOCKS5 reached the tailnet while down")
+	}
+	n1.proc.kill()
+	e.startDaemon(n1)
+	if st := e.status(n1); st.BackendState != localapi.StateStopped {
+		t.Fatalf("after down and a restart: %s", st.BackendState)
+	}
+	if out, err := e.cli(n1, "up"); err != nil {
+		t.Fatalf("meshd up after down: %v\n%s", err, out)
+	}
+	viaSOCKS("up after down", netip.AddrPortFrom(ip2, 8080).String())
+
 	e.startDaemon(n3)
 	e.up(n3, key)
 	e.waitPeers(n1, "n2", "n3")
