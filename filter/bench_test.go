@@ -2,6 +2,7 @@ package filter
 
 import (
 	"fmt"
+	"math"
 	"net/netip"
 	"testing"
 	"time"
@@ -65,8 +66,22 @@ func BenchmarkFilter(b *testing.B) {
 					b.Fatalf("verdict %v, want %v", v, want)
 				}
 				b.ReportAllocs()
-				for b.Loop() {
-					run(p, now)
+				// The machines this runs on are shared: besides the mean,
+				// report the fastest 1024-packet chunk, the filter's own cost.
+				best := math.Inf(1)
+				for i := 0; i < b.N; {
+					n := min(1024, b.N-i)
+					t := time.Now()
+					for range n {
+						run(p, now)
+					}
+					if d := float64(time.Since(t).Nanoseconds()) / float64(n); n == 1024 && d < best {
+						best = d
+					}
+					i += n
+				}
+				if !math.IsInf(best, 1) {
+					b.ReportMetric(best, "best-ns/op")
 				}
 			})
 		}
