@@ -1,0 +1,209 @@
+package agent
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"meshd.dev/meshd/agent/localapi"
+	"meshd.dev/meshd/control"
+	"meshd.dev/meshd/netmap"
+)
+
+// testMesh runs an in-process coordinator on loopback.
+type testMesh struct {
+	t   *testing.T
+	srv *control.Server
+	url string
+	key string
+}
+
+func newTestMesh(t *testing.T) *testMesh {
+	t.Helper()
+	ctx := context.Background()
+	srv, err := control.NewServer(ctx, control.ServerOptions{StateDir: t.TempDir(), Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	key, _, err := srv.CreateAuthKey(ctx, control.AuthKeyOptions{Reusable: true, Tags: []string{"tag:test"}, Preauthorized: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &testMesh{t: t, srv: srv, url: "https://" + ln.Addr().String(), key: key}
+}
+
+// join starts an agent and brings it up.
+func (m *testMesh) join(name string) *Agent {
+	m.t.Helper()
+	a, err := New(Options{StateDir: filepath.Join(m.t.TempDir(), name), TUN: TUNUserspace, LoopbackOnly: true,
+		EndpointInterval: time.Second, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	m.t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			m.t.Errorf("%s Run: %v", name, err)
+		}
+		a.Close()
+	})
+	if _, err := a.Up(context.Background(), localapi.UpRequest{AuthKey: m.key, Coordinator: m.url, Hostname: name}); err != nil {
+		m.t.Fatalf("%s up: %v", name, err)
+	}
+	return a
+}
+
+func waitStatus(t *testing.T, a *Agent, what string, cond func(*localapi.Status) bool) *localapi.Status {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		st, err := a.Status(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cond(st) {
+			return st
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s: %+v", what, st)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func peerNamed(st *localapi.Status, name string) *localapi.Peer {
+	for i := range st.Peers {
+		if st.Peers[i].Hostname == name {
+			return &st.Peers[i]
+		}
+	}
+	return nil
+}
+
+// TestMapChangesKeepSessions checks that map updates reach the WireGuard
+// device as minimal changes: a peer joining does not reset the session
+// with an existing one, and a deleted peer is removed from the device.
+func TestMapChangesKeepSessions(t *testing.T) {
+	m := newTestMesh(t)
+	a := m.join("a")
+	b := m.join("b")
+	waitStatus(t, a, "a to see b", func(st *localapi.Status) bool { return peerNamed(st, "b") != nil })
+
+	// Traffic a -> b so that a session exists.
+	ln, err := b.Listen("tcp4", 7000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			io.Copy(c, c)
+			c.Close()
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	c, err := a.Dial(ctx, "tcp", "b:7000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Write([]byte("ping"))
+	buf := make([]byte, 4)
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "ping" {
+		t.Fatalf("echo: %q %v", buf, err)
+	}
+	c.Close()
+	before := waitStatus(t, a, "a handshake with b", func(st *localapi.Status) bool {
+		p := peerNamed(st, "b")
+		return p != nil && p.Path == "direct" && p.LastHandshake != nil
+	})
+	hs := *peerNamed(before, "b").LastHandshake
+
+	// A third node joins: a's map changes, its session with b must not.
+	cNode := m.join("c")
+	after := waitStatus(t, a, "a to see c", func(st *localapi.Status) bool { return peerNamed(st, "c") != nil })
+	pb := peerNamed(after, "b")
+	if pb.LastHandshake == nil || !pb.LastHandshake.Equal(hs) || pb.RxBytes < peerNamed(before, "b").RxBytes {
+		t.Fatalf("session with b was reset by c joining: before %v, after %+v", hs, pb)
+	}
+
+	// c is deleted by the admin: it leaves a's map and a's WireGuard device.
+	cst, _ := cNode.Status(context.Background())
+	if err := m.srv.DeleteNode(context.Background(), cst.Self.ID); err != nil {
+		t.Fatal(err)
+	}
+	waitStatus(t, a, "c to be removed", func(st *localapi.Status) bool { return peerNamed(st, "c") == nil })
+	a.mu.Lock()
+	eng := a.eng
+	a.mu.Unlock()
+	stats, err := eng.stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pk, err := netmap.ParseNodePublic(peerNamed(after, "c").NodeKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := stats.Peers[pk]; ok {
+		t.Fatal("deleted peer c is still configured on a's WireGuard device")
+	}
+	if len(stats.Peers) != 1 {
+		t.Fatalf("a's device has %d peers, want 1 (b)", len(stats.Peers))
+	}
+}
+
+// TestUpErrors checks up's refusals leave the node unregistered and give
+// actionable errors.
+func TestUpErrors(t *testing.T) {
+	m := newTestMesh(t)
+	a, err := New(Options{StateDir: t.TempDir(), TUN: TUNUserspace, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	ctx := context.Background()
+	for _, tc := range []struct {
+		req  localapi.UpRequest
+		want string
+	}{
+		{localapi.UpRequest{Coordinator: m.url}, "--authkey"},
+		{localapi.UpRequest{AuthKey: m.key}, "--coordinator"},
+		{localapi.UpRequest{AuthKey: m.key, Coordinator: m.url, Tags: []string{"Not A Tag!"}}, "--advertise-tags"},
+		{localapi.UpRequest{AuthKey: "mskey-nope", Coordinator: m.url}, "auth key"},
+	} {
+		_, err := a.Up(ctx, tc.req)
+		if err == nil || !contains(err.Error(), tc.want) {
+			t.Errorf("Up(%+v) = %v, want an error mentioning %q", tc.req, err, tc.want)
+		}
+	}
+	st, _ := a.Status(ctx)
+	if st.BackendState != localapi.StateNeedsLogin {
+		t.Fatalf("state after failed ups: %s", st.BackendState)
+	}
+	if _, err := a.Up(ctx, localapi.UpRequest{AuthKey: m.key, Coordinator: m.url, Hostname: "x"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Up(ctx, localapi.UpRequest{Coordinator: "https://127.0.0.1:1"}); err == nil || !contains(err.Error(), "fresh --state-dir") {
+		t.Fatalf("up with another coordinator: %v", err)
+	}
+}
+
+func contains(s, sub string) bool { return strings.Contains(s, sub) }
