@@ -61,10 +61,10 @@ func writeStatus(w io.Writer, st *localapi.Status, now time.Time) {
 		if !st.Self.Online {
 			state = "offline (coordinator unreachable; data plane on last map)"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\n", firstIP(st.Self.IPs), st.Self.Hostname, owner(st.Self), state)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", firstIP(st.Self.IPs), st.Self.Hostname, owner(st.Self), state)
 	}
 	for _, p := range st.Peers {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\n", firstIP(p.IPs), p.Hostname, owner(&p.Node), peerState(&p, now))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", firstIP(p.IPs), p.Hostname, owner(&p.Node), peerState(&p, now))
 	}
 	tw.Flush()
 	if st.Message != "" {
