@@ -102,6 +102,9 @@ type Agent struct {
 	mapSeen  chan struct{} // closed when this session applied its first map
 	ctlState string        // human-readable control connection state
 	ctlErr   error         // why the control loop ended, if it did
+	// ctlReachErr is the last failure to reach the coordinator, nil after
+	// a success.
+	ctlReachErr error
 }
 
 // session is a running control loop; it owns the data plane it starts.
@@ -238,7 +241,7 @@ func (a *Agent) startLocked() {
 		return
 	}
 	a.mapSeen = make(chan struct{})
-	a.ctlErr = nil
+	a.ctlErr, a.ctlReachErr = nil, nil
 	if a.nm != nil {
 		if err := a.applyMapLocked(a.nm); err != nil {
 			a.log.Warn("data plane from saved map", "err", err)
@@ -397,6 +400,10 @@ func (a *Agent) endpoints() []netip.AddrPort {
 
 // reportEndpoints tells the coordinator our endpoints whenever they change
 // (including the first time the data plane comes up), retrying on error.
+// Every EndpointInterval it reports even without a change: the coordinator
+// treats an unchanged report as a no-op, and its success or failure is how
+// status knows whether the coordinator is reachable (the map stream
+// reconnects silently inside the control client).
 func (a *Agent) reportEndpoints(ctx context.Context, cc ControlClient) {
 	var reported []netip.AddrPort
 	retry := time.Second
@@ -409,21 +416,33 @@ func (a *Agent) reportEndpoints(ctx context.Context, cc ControlClient) {
 		case <-t.C:
 		}
 		next := a.opts.EndpointInterval
-		if eps := a.endpoints(); eps != nil && !slices.Equal(eps, reported) {
-			err := cc.Update(ctx, netmap.MapRequest{
-				Version: netmap.ProtocolVersion, NodeKey: a.NodeKey(), DiscoKey: a.disco.Public(), Endpoints: eps,
-			})
-			if err == nil {
-				reported = eps
-				retry = time.Second
-				a.log.Info("reported endpoints", "endpoints", eps)
-			} else if ctx.Err() == nil {
-				a.log.Warn("report endpoints", "err", err)
-				next, retry = retry, min(retry*2, a.opts.EndpointInterval)
-			}
-		} else if eps == nil {
+		eps := a.endpoints()
+		if eps == nil {
 			// Data plane not up yet: look again soon.
-			next = min(200*time.Millisecond, next)
+			t.Reset(min(200*time.Millisecond, next))
+			continue
+		}
+		err := cc.Update(ctx, netmap.MapRequest{
+			Version: netmap.ProtocolVersion, NodeKey: a.NodeKey(), DiscoKey: a.disco.Public(), Endpoints: eps,
+		})
+		if ctx.Err() != nil {
+			return
+		}
+		a.mu.Lock()
+		if err != nil {
+			a.ctlReachErr = err
+		} else {
+			a.ctlReachErr = nil
+		}
+		a.mu.Unlock()
+		switch {
+		case err != nil:
+			a.log.Warn("report endpoints", "err", err)
+			next, retry = retry, min(retry*2, a.opts.EndpointInterval)
+		case !slices.Equal(eps, reported):
+			reported = eps
+			retry = time.Second
+			a.log.Info("reported endpoints", "endpoints", eps)
 		}
 		t.Reset(next)
 	}
@@ -603,8 +622,12 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 		st.BackendState = localapi.StateRunning
 	}
 	st.Coordinator = a.login.CoordinatorURL
-	if a.sess != nil && a.ctlState != "connected" {
+	online := a.sess != nil && a.ctlState == "connected" && a.ctlReachErr == nil
+	switch {
+	case a.sess != nil && a.ctlState != "connected":
 		st.Message = "coordinator: " + a.ctlState
+	case a.sess != nil && a.ctlReachErr != nil:
+		st.Message = "coordinator unreachable, running on the last network map: " + a.ctlReachErr.Error()
 	}
 	if a.engErr != nil {
 		st.Message = a.engErr.Error()
@@ -614,7 +637,7 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 		return st, nil
 	}
 	self := statusNode(&a.nm.Self)
-	self.Online = a.sess != nil && a.ctlState == "connected"
+	self.Online = online
 	st.Self = &self
 	var stats *wgDeviceStats
 	if a.eng != nil {

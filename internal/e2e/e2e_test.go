@@ -555,6 +555,9 @@ func TestUserspaceSOCKS5(t *testing.T) {
 		return st.BackendState == localapi.StateRunning && len(st.Peers) == 2, st.BackendState
 	})
 	viaSOCKS("n1 restarted with coordinator down", netip.AddrPortFrom(ip2, 8080).String())
+	if st := e.status(n1); st.Self.Online || !strings.Contains(st.Message, "coordinator") {
+		t.Fatalf("n1 with the coordinator down reports online=%v, message %q", st.Self.Online, st.Message)
+	}
 }
 
 // TestEphemeralForeground: `meshd up --foreground` with an ephemeral key,
