@@ -1,7 +1,3 @@
-// Package agent is the per-node daemon: it keeps the node's identity in a
-// state dir, registers with the coordinator, follows the network map stream
-// and runs a wireguard-go device (over a kernel TUN or gVisor's netstack)
-// whose peers come from that map. It serves the local API the CLI uses.
 package agent
 
 import (
@@ -92,6 +88,10 @@ type Agent struct {
 	store *Store
 	id    *Identity
 	disco netmap.DiscoPrivate
+
+	// upMu serialises Up and Down, so that two concurrent `meshd up` cannot
+	// both register (spending two keys, creating two nodes).
+	upMu sync.Mutex
 
 	mu       sync.Mutex
 	login    *Login
@@ -452,6 +452,8 @@ func (a *Agent) reportEndpoints(ctx context.Context, cc ControlClient) {
 // otherwise restarts with the saved identity. It waits (bounded by ctx) for
 // the first network map.
 func (a *Agent) Up(ctx context.Context, req localapi.UpRequest) (*localapi.Status, error) {
+	a.upMu.Lock()
+	defer a.upMu.Unlock()
 	st, err := a.up(ctx, req)
 	if err != nil && req.AuthKey != "" && needsReauth(err) {
 		// Found out only now (the stream was refused) that the
@@ -589,6 +591,8 @@ func (a *Agent) register(ctx context.Context, req localapi.UpRequest) (*Login, e
 // Down takes the node off the tailnet and keeps it off across daemon
 // restarts until the next Up. Identity and the saved map are kept.
 func (a *Agent) Down(ctx context.Context) error {
+	a.upMu.Lock()
+	defer a.upMu.Unlock()
 	a.mu.Lock()
 	if a.login != nil && a.login.WantRunning {
 		l := *a.login

@@ -1,0 +1,26 @@
+// Package agent is the per-node daemon: it keeps the node's identity in a
+// state dir, registers with the coordinator, follows the network map stream
+// and runs a wireguard-go device (over a kernel TUN or gVisor's netstack)
+// whose peers come from that map. cmd/meshd serves its methods on the local
+// API (package localapi) and offers its Dial through the SOCKS5 and HTTP
+// CONNECT proxies (package proxy).
+//
+// Lifecycle: New loads the state dir (keys, registration, last map) and
+// locks it; Run brings the node back up if it was up before (the data plane
+// starts from the saved map at once, even with the coordinator down) and
+// runs until its context ends; Up registers with an auth key the first time
+// and otherwise just starts; Down stops and stays stopped across restarts
+// until the next Up. Nothing in the state dir is deleted by a clean stop.
+//
+// Data plane: one engine per set of own addresses. The engine builds the
+// tun.Device (kernel TUN with netlink addresses and routes, or netstack),
+// lets Options.WrapTUN wrap it (the packet filter's seam), builds the bind
+// with Options.NewBind (direct UDP today; the NAT-traversing magic bind's
+// seam) and configures wireguard-go in-process with UAPI text, never a UAPI
+// socket. Each new map becomes a minimal UAPI diff: only added, removed or
+// changed peers are touched, so sessions of unchanged peers survive.
+//
+// Kernel routes: the whole 100.64.0.0/10 and the tailnet's IPv6 /48 point
+// at the TUN (constant as peers come and go; WireGuard's cryptokey routing
+// drops what no peer owns), plus any peer prefix outside those.
+package agent
