@@ -85,6 +85,8 @@ func FuzzReadRequest(f *testing.F) {
 	f.Add(append(append([]byte{5, 1, 0, 4}, bytes.Repeat([]byte{0}, 15)...), 1, 0, 80))
 	f.Add([]byte{5, 2, 0, 3, 0})
 	f.Fuzz(func(t *testing.T, data []byte) {
+		// The greeting parser must not panic on the same bytes either.
+		readGreeting(bytes.NewReader(data))
 		target, err := readRequest(bytes.NewReader(data))
 		if err != nil {
 			return
