@@ -38,6 +38,7 @@ type hub struct {
 	all       []*netmap.Node // cache for Policy.FilterFor; nil when stale
 	sessions  map[netmap.NodeID][]*session
 	policy    Policy
+	indexer   NodeIndexer // policy's node index, if it keeps one
 	bootstrap bool
 	derpMap   *netmap.DERPMap
 	queueLen  int
@@ -213,6 +214,9 @@ func (h *hub) upsertLocked(n *netmap.Node) {
 	h.byKey[n.NodeKey] = n.ID
 	delete(h.peerJSON, n.ID)
 	h.all = nil
+	if h.indexer != nil {
+		h.indexer.UpsertNode(n)
+	}
 	h.version++
 	h.logChange(n.ID)
 
@@ -248,6 +252,9 @@ func (h *hub) upsertLocked(n *netmap.Node) {
 			for _, s := range ss {
 				h.send(s, f)
 			}
+			if patchF == nil {
+				h.refreshFilterLocked(n, ss)
+			}
 			continue
 		}
 		viewer := h.nodes[id]
@@ -269,9 +276,13 @@ func (h *hub) upsertLocked(n *netmap.Node) {
 			for _, s := range ss {
 				h.send(s, f.bytes())
 			}
+			// Patched fields (endpoints, DERP home, online, keys) never
+			// change a filter.
+			if patchF == nil {
+				h.refreshFilterLocked(viewer, ss)
+			}
 		}
 	}
-	h.refreshFiltersLocked()
 }
 
 // encode returns r as a frame, or nil (which send turns into a drop).
@@ -295,6 +306,9 @@ func (h *hub) remove(id netmap.NodeID, reason error) {
 	}
 	delete(h.peerJSON, id)
 	h.all = nil
+	if h.indexer != nil {
+		h.indexer.RemoveNode(id)
+	}
 	h.version++
 	h.logChange(id)
 	removedF := &lazyFrame{resp: h.base()}
@@ -311,9 +325,9 @@ func (h *hub) remove(id netmap.NodeID, reason error) {
 			for _, s := range ss {
 				h.send(s, removedF.bytes())
 			}
+			h.refreshFilterLocked(viewer, ss)
 		}
 	}
-	h.refreshFiltersLocked()
 }
 
 // allLocked returns every node, cached between changes.
@@ -329,7 +343,11 @@ func (h *hub) allLocked() []*netmap.Node {
 }
 
 func (h *hub) filterFor(n *netmap.Node) []netmap.FilterRule {
-	f := h.policy.FilterFor(n, h.allLocked())
+	var all []*netmap.Node
+	if h.indexer == nil {
+		all = h.allLocked()
+	}
+	f := h.policy.FilterFor(n, all)
 	if f == nil {
 		f = []netmap.FilterRule{} // non-nil: an empty filter means deny all
 	}
@@ -341,29 +359,28 @@ func (h *hub) filterJSON(n *netmap.Node) []byte {
 	return b
 }
 
-// refreshFiltersLocked resends the packet filter to the sessions whose
-// filter changed. Under the bootstrap policy filters
+// refreshFilterLocked resends n's packet filter to its sessions if it
+// changed. A node's filter lists only its own addresses as destinations and
+// the nodes that may reach it as sources, so a change to node x can only
+// change the filters of nodes that see x (before or after) and of x itself:
+// callers refresh just those, keeping a change O(affected) under a real
+// policy too. Policy.CanSee must hold whenever either node may reach the
+// other, as documented. Under the bootstrap policy filters
 // never depend on the node list, so there is nothing to do.
-func (h *hub) refreshFiltersLocked() {
+func (h *hub) refreshFilterLocked(n *netmap.Node, ss []*session) {
 	if h.bootstrap {
 		return
 	}
-	for id, ss := range h.sessions {
-		n := h.nodes[id]
-		if n == nil {
+	f := h.filterFor(n)
+	b, _ := json.Marshal(f)
+	for _, s := range ss {
+		if bytes.Equal(b, s.lastFilter) {
 			continue
 		}
-		f := h.filterFor(n)
-		b, _ := json.Marshal(f)
-		for _, s := range ss {
-			if bytes.Equal(b, s.lastFilter) {
-				continue
-			}
-			s.lastFilter = b
-			r := h.base()
-			r.PacketFilter = &f
-			h.send(s, h.encode(&r))
-		}
+		s.lastFilter = b
+		r := h.base()
+		r.PacketFilter = &f
+		h.send(s, h.encode(&r))
 	}
 }
 
@@ -556,6 +573,10 @@ func (h *hub) setPolicy(p Policy) {
 		h.policy, h.bootstrap = newBootstrapPolicy(), true
 	} else {
 		h.policy, h.bootstrap = p, false
+	}
+	h.indexer, _ = p.(NodeIndexer)
+	if h.indexer != nil {
+		h.indexer.SetNodes(h.allLocked())
 	}
 	h.version++
 	h.logChange(0) // resuming across a policy change needs a full map

@@ -21,6 +21,16 @@ type Policy interface {
 	CheckTags(user string, keyTags []string, requested []string) error
 }
 
+// NodeIndexer is implemented by policies that index the node list so that
+// FilterFor costs what it touches (policy.Engine). The coordinator keeps such
+// a policy current with every node change and then calls FilterFor with a
+// nil node list.
+type NodeIndexer interface {
+	SetNodes(all []*netmap.Node)
+	UpsertNode(n *netmap.Node)
+	RemoveNode(id netmap.NodeID)
+}
+
 // bootstrapPolicy is in force while no policy is loaded: every node sees
 // every other, inbound traffic from any tailnet address is allowed, and any
 // tag may be applied.
