@@ -56,6 +56,13 @@ func defaultTUN() string {
 	return agent.TUNUserspace
 }
 
+// isAgentFlag reports whether register defines the flag name.
+func isAgentFlag(name string) bool {
+	fs := flag.NewFlagSet("", flag.ContinueOnError)
+	new(agentFlags).register(fs)
+	return fs.Lookup(name) != nil
+}
+
 func (af *agentFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&af.stateDir, "state-dir", "/var/lib/meshd", "directory for keys, registration and the last network map")
 	fs.StringVar(&af.tun, "tun", defaultTUN(), `kernel TUN interface name, or "userspace" for the netstack (no root needed)`)

@@ -49,6 +49,19 @@ func (c *cli) upCmd() *ffcli.Command {
 			if *foreground {
 				return c.upForeground(ctx, &af, *socket, fs, req)
 			}
+			// The daemon flags configure an agent in this process; without
+			// --foreground the running daemon has its own. Say so rather
+			// than ignore them silently (they may come from MESHD_* in the
+			// environment, so this is not an error).
+			var ignored []string
+			fs.Visit(func(f *flag.Flag) {
+				if isAgentFlag(f.Name) {
+					ignored = append(ignored, "--"+f.Name)
+				}
+			})
+			if len(ignored) > 0 {
+				fmt.Fprintf(c.stderr, "meshd: note: %s apply only with --foreground; the daemon keeps its own settings\n", strings.Join(ignored, ", "))
+			}
 			cl := localapi.NewClient(*socket)
 			st, err := cl.Up(ctx, req)
 			if err != nil {
