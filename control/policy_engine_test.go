@@ -114,4 +114,3 @@ func BenchmarkJoinDeltaPolicy(b *testing.B) {
 		})
 	}
 }
-
