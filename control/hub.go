@@ -39,6 +39,7 @@ type hub struct {
 	sessions  map[netmap.NodeID][]*session
 	policy    Policy
 	indexer   NodeIndexer // policy's node index, if it keeps one
+	capper    PeerCapper  // policy's app capabilities, if it has any
 	bootstrap bool
 	derpMap   *netmap.DERPMap
 	queueLen  int
@@ -266,9 +267,13 @@ func (h *hub) upsertLocked(n *netmap.Node) {
 		var f *lazyFrame
 		switch {
 		case oldVis && newVis && patchF != nil:
-			f = patchF
+			f = patchF // patched fields never change capabilities
 		case newVis:
 			f = changedF
+			if caps := h.capsLocked(viewer, n); len(caps) > 0 {
+				f = &lazyFrame{resp: h.base()}
+				f.resp.PeersChanged = []netmap.Node{withCaps(n, caps)}
+			}
 		case oldVis:
 			f = removedF
 		}
@@ -421,6 +426,21 @@ func (m *mapMessage) frame() ([]byte, error) {
 	return out, nil
 }
 
+// capsLocked returns the capabilities peer holds on viewer under the
+// current policy.
+func (h *hub) capsLocked(viewer, peer *netmap.Node) map[string][]json.RawMessage {
+	if h.capper == nil {
+		return nil
+	}
+	return h.capper.PeerCaps(viewer, peer)
+}
+
+func withCaps(n *netmap.Node, caps map[string][]json.RawMessage) netmap.Node {
+	c := *n
+	c.Capabilities = caps
+	return c
+}
+
 func (h *hub) peerJSONLocked(n *netmap.Node) []byte {
 	b, ok := h.peerJSON[n.ID]
 	if !ok {
@@ -440,6 +460,12 @@ func (h *hub) fullLocked(self *netmap.Node) *mapMessage {
 	m := &mapMessage{resp: &r, peers: make([][]byte, 0, len(h.nodes))}
 	for _, p := range h.allLocked() {
 		if p.ID != self.ID && h.policy.CanSee(self, p) {
+			if caps := h.capsLocked(self, p); len(caps) > 0 {
+				// Per-viewer entry: not cacheable.
+				b, _ := json.Marshal(withCaps(p, caps))
+				m.peers = append(m.peers, b)
+				continue
+			}
 			m.peers = append(m.peers, h.peerJSONLocked(p))
 		}
 	}
@@ -467,7 +493,7 @@ func (h *hub) resumeLocked(self *netmap.Node, since uint64, epoch string) *mapMe
 			continue
 		}
 		if p := h.nodes[id]; p != nil && h.policy.CanSee(self, p) {
-			r.PeersChanged = append(r.PeersChanged, *p)
+			r.PeersChanged = append(r.PeersChanged, withCaps(p, h.capsLocked(self, p)))
 		} else {
 			r.PeersRemoved = append(r.PeersRemoved, id)
 		}
@@ -574,7 +600,9 @@ func (h *hub) setPolicy(p Policy) {
 	} else {
 		h.policy, h.bootstrap = p, false
 	}
+	oldCapper := h.capper
 	h.indexer, _ = p.(NodeIndexer)
+	h.capper, _ = p.(PeerCapper)
 	if h.indexer != nil {
 		h.indexer.SetNodes(h.allLocked())
 	}
@@ -594,9 +622,17 @@ func (h *hub) setPolicy(p Policy) {
 			was, is := old.CanSee(viewer, m), h.policy.CanSee(viewer, m)
 			switch {
 			case is && !was:
-				r.PeersChanged = append(r.PeersChanged, *m)
+				r.PeersChanged = append(r.PeersChanged, withCaps(m, h.capsLocked(viewer, m)))
 			case was && !is:
 				r.PeersRemoved = append(r.PeersRemoved, m.ID)
+			case is && (oldCapper != nil || h.capper != nil):
+				var oc map[string][]json.RawMessage
+				if oldCapper != nil {
+					oc = oldCapper.PeerCaps(viewer, m)
+				}
+				if nc := h.capsLocked(viewer, m); !capsEqual(oc, nc) {
+					r.PeersChanged = append(r.PeersChanged, withCaps(m, nc))
+				}
 			}
 		}
 		f := h.filterFor(viewer)
@@ -643,4 +679,22 @@ func patchFor(old, n *netmap.Node) (netmap.PeerPatch, bool) {
 		p.NodeKey = &n.NodeKey
 	}
 	return p, true
+}
+
+func capsEqual(a, b map[string][]json.RawMessage) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, av := range a {
+		bv, ok := b[k]
+		if !ok || len(av) != len(bv) {
+			return false
+		}
+		for i := range av {
+			if !bytes.Equal(av[i], bv[i]) {
+				return false
+			}
+		}
+	}
+	return true
 }

@@ -1,6 +1,7 @@
 package control
 
 import (
+	"encoding/json"
 	"net/netip"
 
 	"meshd.dev/meshd/netmap"
@@ -29,6 +30,13 @@ type NodeIndexer interface {
 	SetNodes(all []*netmap.Node)
 	UpsertNode(n *netmap.Node)
 	RemoveNode(id netmap.NodeID)
+}
+
+// PeerCapper is implemented by policies with "app" grants (policy.Engine):
+// PeerCaps returns the capabilities peer holds on dst, which the coordinator
+// puts in the Capabilities of peer's entry in dst's map.
+type PeerCapper interface {
+	PeerCaps(dst, peer *netmap.Node) map[string][]json.RawMessage
 }
 
 // bootstrapPolicy is in force while no policy is loaded: every node sees

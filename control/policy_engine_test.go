@@ -22,7 +22,7 @@ func mustEngine(t testing.TB, src string) *policy.Engine {
 
 const prodPolicy = `{
 	"tagOwners": {"tag:prod": [], "tag:dev": []},
-	"grants": [{"src": ["tag:prod"], "dst": ["tag:prod"], "ip": ["*"]}],
+	"grants": [{"src": ["tag:prod"], "dst": ["tag:prod"], "ip": ["*"], "app": {"example.com/cap/ops": [{"role": "admin"}]}}],
 }`
 
 // TestPolicyEngineThroughCoordinator runs the real policy engine behind a
@@ -46,8 +46,10 @@ func TestPolicyEngineThroughCoordinator(t *testing.T) {
 		}
 		return out
 	}
-	p1.waitMap(t, "p2 only, and p2 in the filter", func(m *netmap.NetworkMap) bool {
-		return !m.PolicyBootstrap && slices.Equal(peerIDs(m), []netmap.NodeID{p2.id}) && slices.Contains(srcs(m), p2.self.Addresses[0])
+	hasCap := func(p *netmap.Node) bool { return p != nil && len(p.Capabilities["example.com/cap/ops"]) == 1 }
+	p1.waitMap(t, "p2 only, in the filter, with its app capability", func(m *netmap.NetworkMap) bool {
+		return !m.PolicyBootstrap && slices.Equal(peerIDs(m), []netmap.NodeID{p2.id}) && slices.Contains(srcs(m), p2.self.Addresses[0]) &&
+			hasCap(m.Peers[p2.id])
 	})
 	d1.waitMap(t, "nothing for dev", func(m *netmap.NetworkMap) bool {
 		return len(m.Peers) == 0 && m.PacketFilter != nil && len(m.PacketFilter) == 0
@@ -56,7 +58,7 @@ func TestPolicyEngineThroughCoordinator(t *testing.T) {
 	p3 := newTestNode(t, ts.url, "")
 	p3.mustRegister(t, prod, "p3")
 	p1.waitMap(t, "p3 joined", func(m *netmap.NetworkMap) bool {
-		return m.Peers[p3.id] != nil && slices.Contains(srcs(m), p3.self.Addresses[0])
+		return hasCap(m.Peers[p3.id]) && slices.Contains(srcs(m), p3.self.Addresses[0])
 	})
 	if d1.current().Peers[p3.id] != nil {
 		t.Error("dev node learned about a prod node")
@@ -65,12 +67,14 @@ func TestPolicyEngineThroughCoordinator(t *testing.T) {
 	if err := ts.TagNode(t.Context(), d1.id, []string{"tag:prod"}); err != nil {
 		t.Fatal(err)
 	}
-	d1.waitMap(t, "d1 sees prod", func(m *netmap.NetworkMap) bool { return len(m.Peers) == 3 })
+	d1.waitMap(t, "d1 sees prod", func(m *netmap.NetworkMap) bool { return len(m.Peers) == 3 && hasCap(m.Peers[p1.id]) })
 	p1.waitMap(t, "p1 sees d1 and may be reached by it", func(m *netmap.NetworkMap) bool {
-		return m.Peers[d1.id] != nil && slices.Contains(srcs(m), d1.self.Addresses[0])
+		return hasCap(m.Peers[d1.id]) && slices.Contains(srcs(m), d1.self.Addresses[0])
 	})
 	ts.SetPolicy(nil)
-	p1.waitMap(t, "bootstrap again", func(m *netmap.NetworkMap) bool { return m.PolicyBootstrap && len(m.Peers) == 3 })
+	p1.waitMap(t, "bootstrap again, capabilities gone", func(m *netmap.NetworkMap) bool {
+		return m.PolicyBootstrap && len(m.Peers) == 3 && !hasCap(m.Peers[p2.id])
+	})
 }
 
 // tenantPolicy gives each of k tenants a tag whose nodes reach each other.
