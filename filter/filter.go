@@ -243,6 +243,16 @@ func (f *Filter) OutboundBatch(bufs [][]byte, offset int, sizes []int, now time.
 }
 
 func (f *Filter) in(r *Rules, b []byte, c *clock) Verdict {
+	accept, judged := r.fastAccept(b)
+	if accept {
+		return Accept
+	}
+	return f.inFull(r, b, c, judged)
+}
+
+// inFull judges a packet with the full parser; in tries the fast path
+// first and passes judged when the rules already said no.
+func (f *Filter) inFull(r *Rules, b []byte, c *clock, judged bool) Verdict {
 	var p packet
 	if !parse(b, &p) {
 		f.dropped(In, DropMalformed, nil, len(b), c.now)
@@ -250,7 +260,7 @@ func (f *Filter) in(r *Rules, b []byte, c *clock) Verdict {
 	}
 	// Fast path, most packets: a whole packet with ports that a rule
 	// allows, on a node whose rules only name its own addresses.
-	if p.ports && p.frag == fragNone && r.dstsLocal && r.match(p.proto, p.src, p.dst, p.dstPort) >= 0 {
+	if !judged && p.ports && p.frag == fragNone && r.dstsLocal && r.match(p.proto, p.src, p.dst, p.dstPort) >= 0 {
 		return Accept
 	}
 	v := f.judgeIn(r, &p, c)

@@ -41,6 +41,18 @@ func FuzzFilter(f *testing.F) {
 			var q packet
 			parseQuoted(p.icmpMsg, p.v6, &q)
 		}
+		// The fast path may only judge packets the full parser accepts
+		// whole, with ports.
+		// When it judges, it must agree with the rules as the full path
+		// asks them.
+		if accept, judged := r.fastAccept(b); judged {
+			if !ok || !p.ports || p.frag != fragNone {
+				t.Fatalf("fast path judged a packet the parser calls ok=%v ports=%v frag=%d", ok, p.ports, p.frag)
+			}
+			if want := r.match(p.proto, p.src, p.dst, p.dstPort) >= 0; accept != want {
+				t.Fatalf("fast path says %v, rules say %v", accept, want)
+			}
+		}
 		if v := flt.Inbound(b, now); v >= numVerdicts || (!ok && v != DropMalformed) {
 			t.Fatalf("Inbound = %v (parsed: %v)", v, ok)
 		}

@@ -491,3 +491,103 @@ func (c *compiler) srcSet(rep map[int32]int32) *srcSet {
 	c.srcs[string(key)] = s
 	return s
 }
+
+// fastAccept is the fast path for the most common packet: a whole IPv4 or
+// IPv6 TCP or UDP packet without options or extension headers, on a node
+// whose rule destinations are all local. It reads only the fields it needs
+// and fills no packet struct. judged reports that it asked the rules (so
+// accept is their answer and the full path need not ask again); when it
+// cannot judge a packet it returns false, false and the full path (parse,
+// judgeIn) decides. It must never accept a packet the full path would
+// drop, which FuzzFilter checks.
+func (r *Rules) fastAccept(b []byte) (accept, judged bool) {
+	if !r.dstsLocal || len(b) < 28 {
+		return false, false
+	}
+	var l4, total int
+	switch b[0] {
+	case 0x45:
+		total = int(binary.BigEndian.Uint16(b[2:4]))
+		// No fragment offset, no MF, no reserved bit (DF is fine).
+		if total > len(b) || binary.BigEndian.Uint16(b[6:8])&0xbfff != 0 {
+			return false, false
+		}
+		l4 = 20
+	default:
+		if b[0]>>4 != 6 || len(b) < 48 {
+			return false, false
+		}
+		total = 40 + int(binary.BigEndian.Uint16(b[4:6]))
+		if total > len(b) {
+			return false, false
+		}
+		l4 = 40
+	}
+	proto := b[9]
+	if l4 == 40 {
+		proto = b[6]
+	}
+	switch proto {
+	case protoTCP:
+		if total < l4+20 {
+			return false, false
+		}
+		if doff := int(b[l4+12]>>4) * 4; doff < 20 || l4+doff > total {
+			return false, false
+		}
+	case protoUDP:
+		if total < l4+8 {
+			return false, false
+		}
+		if ul := int(binary.BigEndian.Uint16(b[l4+4 : l4+6])); ul != 0 && (ul < 8 || ul > total-l4) {
+			return false, false
+		}
+	default:
+		return false, false
+	}
+	pr := r.protos[proto]
+	if pr == nil {
+		return false, true
+	}
+	if pr.byPort == nil {
+		return false, false
+	}
+	cell := pr.cells[pr.byPort[binary.BigEndian.Uint16(b[l4+2:l4+4])]]
+	if cell == nil {
+		return false, true
+	}
+	if cell.big != nil {
+		return false, false
+	}
+	var srcs *srcSet
+	if l4 == 20 {
+		dst := binary.BigEndian.Uint32(b[16:20])
+		for i := range cell.small.v4 {
+			if n := &cell.small.v4[i]; dst&n.mask == n.net {
+				srcs = cell.srcs[n.val]
+				break
+			}
+		}
+	} else {
+		hi, lo := binary.BigEndian.Uint64(b[24:32]), binary.BigEndian.Uint64(b[32:40])
+		for i := range cell.small.v6 {
+			if n := &cell.small.v6[i]; hi&n.mhi == n.hi && lo&n.mlo == n.lo {
+				srcs = cell.srcs[n.val]
+				break
+			}
+		}
+	}
+	if srcs == nil {
+		return false, true
+	}
+	if l4 == 20 {
+		if srcs.hosts4.get(binary.BigEndian.Uint32(b[12:16])) >= 0 {
+			return true, true
+		}
+		return srcs.lookup(ip4(b[12:16])) >= 0, true
+	}
+	if srcs.hosts6.get(binary.BigEndian.Uint64(b[8:16]), binary.BigEndian.Uint64(b[16:24])) >= 0 {
+		return true, true
+	}
+	return srcs.lookup(ip6(b[8:24])) >= 0, true
+}
