@@ -6,8 +6,12 @@ package derpcmp
 
 import (
 	"context"
+	"crypto/tls"
+	"encoding/pem"
 	"fmt"
+	"net/http"
 	"net/http/httptest"
+	"os"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -32,19 +36,53 @@ type pair struct {
 	close func()
 }
 
-func meshdPair(b *testing.B) pair {
+// relayCert is the certificate both relays serve in TLS runs. Tailscale's
+// client verifies against the system roots, which TestMain points at it
+// through SSL_CERT_FILE; meshd's client pins its fingerprint.
+var relayCert tls.Certificate
+
+func TestMain(m *testing.M) {
+	cert, err := mderp.NewSelfSignedCert([]string{"127.0.0.1"})
+	if err != nil {
+		panic(err)
+	}
+	relayCert = cert
+	f, err := os.CreateTemp("", "derpcmp-ca-*.pem")
+	if err != nil {
+		panic(err)
+	}
+	pem.Encode(f, &pem.Block{Type: "CERTIFICATE", Bytes: cert.Certificate[0]})
+	f.Close()
+	os.Setenv("SSL_CERT_FILE", f.Name())
+	code := m.Run()
+	os.Remove(f.Name())
+	os.Exit(code)
+}
+
+func serve(h http.Handler, useTLS bool) *httptest.Server {
+	if !useTLS {
+		return httptest.NewServer(h)
+	}
+	hs := httptest.NewUnstartedServer(h)
+	hs.TLS = &tls.Config{Certificates: []tls.Certificate{relayCert}, NextProtos: []string{"http/1.1"}}
+	hs.StartTLS()
+	return hs
+}
+
+func meshdPair(b *testing.B, useTLS bool) pair {
 	s, err := mderp.NewServer(mderp.ServerOptions{PrivateKey: netmap.NewNodePrivate()})
 	if err != nil {
 		b.Fatal(err)
 	}
-	hs := httptest.NewServer(s)
+	hs := serve(s, useTLS)
 	ka, kb := netmap.NewNodePrivate(), netmap.NewNodePrivate()
 	ctx := context.Background()
-	a, err := mderp.Dial(ctx, hs.URL, mderp.ClientOptions{NodeKey: ka})
+	fp := mderp.Fingerprint(relayCert.Leaf)
+	a, err := mderp.Dial(ctx, hs.URL, mderp.ClientOptions{NodeKey: ka, CertFingerprint: fp})
 	if err != nil {
 		b.Fatal(err)
 	}
-	c, err := mderp.Dial(ctx, hs.URL, mderp.ClientOptions{NodeKey: kb})
+	c, err := mderp.Dial(ctx, hs.URL, mderp.ClientOptions{NodeKey: kb, CertFingerprint: fp})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -62,9 +100,9 @@ func meshdPair(b *testing.B) pair {
 	}
 }
 
-func tailscalePair(b *testing.B) pair {
+func tailscalePair(b *testing.B, useTLS bool) pair {
 	s := derpserver.New(key.NewNode(), logger.Discard)
-	hs := httptest.NewServer(derpserver.Handler(s))
+	hs := serve(derpserver.Handler(s), useTLS)
 	ka, kb := key.NewNode(), key.NewNode()
 	mk := func(k key.NodePrivate) *derphttp.Client {
 		c, err := derphttp.NewClient(k, hs.URL+"/derp", logger.Discard, netmon.NewStatic())
@@ -115,11 +153,16 @@ func relay(b *testing.B, p pair, size, window int) {
 	if window > 0 {
 		credit = make(chan struct{}, window)
 	}
+	var recvErr error
 	go func() {
 		warmed := false
 		for {
 			d, err := p.recv()
 			if err != nil {
+				// A relay that dropped the receiver (e.g. as a slow
+				// reader on an overloaded machine) ends the run.
+				recvErr = err
+				close(end)
 				return
 			}
 			if d == nil {
@@ -151,6 +194,8 @@ func relay(b *testing.B, p pair, size, window int) {
 		select {
 		case <-got:
 			warming = false
+		case <-end:
+			b.Fatalf("receiver lost its relay connection while warming up: %v", recvErr)
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
@@ -176,7 +221,12 @@ func relay(b *testing.B, p pair, size, window int) {
 				select {
 				case credit <- struct{}{}:
 				case <-stall.C:
-					<-credit
+					// The receiver may have freed credit meanwhile;
+					// never block on taking it back.
+					select {
+					case <-credit:
+					default:
+					}
 					credit <- struct{}{}
 				}
 			}
@@ -196,6 +246,9 @@ func relay(b *testing.B, p pair, size, window int) {
 	}
 	elapsed, cpu := time.Since(t0), cpuTime()-cpu0
 	b.StopTimer()
+	if recvErr != nil {
+		b.Fatalf("receiver lost its relay connection: %v", recvErr)
+	}
 	n := delivered.Load()
 	b.ReportMetric(float64(bytes.Load())*8/elapsed.Seconds()/1e9, "Gbit/s")
 	b.ReportMetric(float64(n)/elapsed.Seconds(), "pkts/s")
@@ -207,7 +260,7 @@ func relay(b *testing.B, p pair, size, window int) {
 
 var impls = []struct {
 	name string
-	mk   func(*testing.B) pair
+	mk   func(*testing.B, bool) pair
 }{{"meshd", meshdPair}, {"tailscale", tailscalePair}}
 
 // BenchmarkRelay: a sender as fast as TCP lets it (relays drop the excess).
@@ -215,20 +268,24 @@ func BenchmarkRelay(b *testing.B) {
 	for _, size := range []int{64, 1420, 8192} {
 		for _, impl := range impls {
 			b.Run(fmt.Sprintf("blast/%dB/%s", size, impl.name), func(b *testing.B) {
-				relay(b, impl.mk(b), size, 0)
+				relay(b, impl.mk(b, false), size, 0)
 			})
 		}
 	}
 }
 
 // BenchmarkRelayWindowed: at most 32 packets in flight (Tailscale's
-// per-client queue depth), so neither relay needs to drop.
+// per-client queue depth), so neither relay needs to drop; over plain
+// HTTP and over TLS as deployed.
 func BenchmarkRelayWindowed(b *testing.B) {
-	for _, size := range []int{64, 1420, 8192} {
-		for _, impl := range impls {
-			b.Run(fmt.Sprintf("window32/%dB/%s", size, impl.name), func(b *testing.B) {
-				relay(b, impl.mk(b), size, 32)
-			})
+	for _, useTLS := range []bool{false, true} {
+		transport := map[bool]string{false: "http", true: "tls"}[useTLS]
+		for _, size := range []int{64, 1420, 8192} {
+			for _, impl := range impls {
+				b.Run(fmt.Sprintf("window32/%s/%dB/%s", transport, size, impl.name), func(b *testing.B) {
+					relay(b, impl.mk(b, useTLS), size, 32)
+				})
+			}
 		}
 	}
 }
