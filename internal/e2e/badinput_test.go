@@ -97,17 +97,25 @@ func TestBadInput(t *testing.T) {
 		if os.Geteuid() != 0 {
 			t.Skip("needs root to run the daemon as another user")
 		}
-		// The binary and a state dir must be reachable by nobody.
-		for _, d := range []string{filepath.Dir(e.bin), filepath.Dir(filepath.Dir(e.bin))} {
-			os.Chmod(d, 0o755)
-		}
+		// A dir of nobody's own (directly under the system temp dir, whose
+		// mode is left alone) holds a copy of the binary and the state.
 		dir, err := os.MkdirTemp("", "meshd-nobody-")
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer os.RemoveAll(dir)
-		os.Chown(dir, 65534, 65534)
-		cmd := exec.Command(e.bin, "daemon", "--state-dir", filepath.Join(dir, "s"), "--socket", filepath.Join(dir, "s.sock"), "--tun", "meshd0")
+		bin := filepath.Join(dir, "meshd")
+		data, err := os.ReadFile(e.bin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(bin, data, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(dir, 65534, 65534); err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command(bin, "daemon", "--state-dir", filepath.Join(dir, "s"), "--socket", filepath.Join(dir, "s.sock"), "--tun", "meshd0")
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
 		code, out := runMeshd(t, cmd)
 		wantOneLineError(t, "daemon --tun as nobody", code, out, `create TUN "meshd0"`, "--tun userspace")

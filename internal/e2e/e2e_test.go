@@ -31,15 +31,32 @@ import (
 	"meshd.dev/meshd/internal/netlab"
 )
 
-// buildMeshd compiles cmd/meshd into a temp dir.
+// meshdBin is the binary every test runs, built once by TestMain: five
+// tests building it in parallel would cost more than all of them together.
+var meshdBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "meshd-e2e-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	meshdBin = filepath.Join(dir, "meshd")
+	out, err := exec.Command("go", "build", "-o", meshdBin, "meshd.dev/meshd/cmd/meshd").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "go build meshd: %v\n%s", err, out)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// buildMeshd returns the binary built by TestMain.
 func buildMeshd(t *testing.T) string {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "meshd")
-	cmd := exec.Command("go", "build", "-o", bin, "meshd.dev/meshd/cmd/meshd")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	return bin
+	return meshdBin
 }
 
 // proc is a running meshd process.
