@@ -238,7 +238,14 @@ func (a *Agent) Run(ctx context.Context) error {
 // control loop. a.mu must be held.
 func (a *Agent) startLocked() {
 	if a.sess != nil {
-		return
+		select {
+		case <-a.sess.done:
+			// The control loop gave up (pin mismatch, node deleted): try
+			// again. The data plane keeps running meanwhile.
+			a.sess = nil
+		default:
+			return
+		}
 	}
 	a.mapSeen = make(chan struct{})
 	a.ctlErr, a.ctlReachErr = nil, nil

@@ -148,13 +148,17 @@ func TestBadInput(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// A coordinator with a different key on the same address (its state
-	// was replaced): the pin must not match, and nothing is lost.
+	// An impostor coordinator (another key) on the same address: the pin
+	// must not match, and nothing is lost.
 	n.proc.kill()
 	e.coord.kill()
 	listen := strings.TrimPrefix(e.coordURL, "https://")
-	os.RemoveAll(filepath.Join(e.dir, "coordinator"))
-	e.startCoordinator(nil, listen)
+	impostorDir := filepath.Join(e.dir, "impostor")
+	impostor := start(t, "impostor", exec.Command(e.bin, "coordinator", "--listen", listen, "--state-dir", impostorDir))
+	waitFor(t, 30*time.Second, "impostor coordinator", func() (bool, string) {
+		_, err := os.Stat(filepath.Join(impostorDir, "admin.token"))
+		return err == nil, fmt.Sprint(err)
+	})
 	e.startDaemon(n)
 	code, out = up()
 	wantOneLineError(t, "pin mismatch", code, out, "does not match")
@@ -165,4 +169,15 @@ func TestBadInput(t *testing.T) {
 	if after, _ := os.ReadFile(filepath.Join(n.stateDir, "login.json")); string(after) != string(login) {
 		t.Fatalf("login.json changed after a pin mismatch:\nbefore %s\nafter  %s", login, after)
 	}
+
+	// The real coordinator is back: `meshd up` reconnects, no key needed.
+	impostor.kill()
+	e.startCoordinator(nil, listen)
+	if code, out = up(); code != 0 {
+		t.Fatalf("up after the real coordinator returned: %d\n%s", code, out)
+	}
+	waitFor(t, 15*time.Second, "online again", func() (bool, string) {
+		st := e.status(n)
+		return st.Self.Online && st.Message == "", st.Message
+	})
 }
