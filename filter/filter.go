@@ -2,6 +2,7 @@ package filter
 
 import (
 	"context"
+	"encoding/binary"
 	"log/slog"
 	"net/netip"
 	"sync"
@@ -244,10 +245,35 @@ func (f *Filter) OutboundBatch(bufs [][]byte, offset int, sizes []int, now time.
 
 func (f *Filter) in(r *Rules, b []byte, c *clock) Verdict {
 	accept, judged := r.fastAccept(b)
-	if accept {
+	if accept || (judged && f.fastReply(b, c)) {
 		return Accept
 	}
 	return f.inFull(r, b, c, judged)
+}
+
+// fastReply looks up the flow of a packet fastAccept judged (so a whole
+// IPv4 or IPv6 TCP or UDP packet without options or extension headers) and
+// reports whether it answers a flow this node opened.
+func (f *Filter) fastReply(b []byte, c *clock) bool {
+	var k flowKey
+	l4 := 20
+	if b[0] == 0x45 {
+		k.proto, k.local, k.remote = b[9], ip4(b[16:20]), ip4(b[12:16])
+	} else {
+		l4 = 40
+		k.proto, k.local, k.remote = b[6], ip6(b[24:40]), ip6(b[8:24])
+	}
+	k.rport = binary.BigEndian.Uint16(b[l4 : l4+2])
+	k.lport = binary.BigEndian.Uint16(b[l4+2 : l4+4])
+	var flags uint8
+	if k.proto == protoTCP {
+		flags = b[l4+13]
+		if flags&(tcpSYN|tcpACK) == tcpSYN {
+			return false // a bare SYN answers nothing; see judgeInFlow
+		}
+	}
+	st, ok := f.flows.lookup(&k, c.mono(), flags, &f.ttl)
+	return ok && st&stLocal != 0
 }
 
 // inFull judges a packet with the full parser; in tries the fast path
@@ -263,14 +289,14 @@ func (f *Filter) inFull(r *Rules, b []byte, c *clock, judged bool) Verdict {
 	if !judged && p.ports && p.frag == fragNone && r.dstsLocal && r.match(p.proto, p.src, p.dst, p.dstPort) >= 0 {
 		return Accept
 	}
-	v := f.judgeIn(r, &p, c)
+	v := f.judgeIn(r, &p, c, judged)
 	if v != Accept {
 		f.dropped(In, v, &p, p.end, c.now)
 	}
 	return v
 }
 
-func (f *Filter) judgeIn(r *Rules, p *packet, c *clock) Verdict {
+func (f *Filter) judgeIn(r *Rules, p *packet, c *clock, judged bool) Verdict {
 	var v Verdict
 	if p.frag == fragLater {
 		// Only fragments of accepted first fragments are in the table, so
@@ -281,7 +307,7 @@ func (f *Filter) judgeIn(r *Rules, p *packet, c *clock) Verdict {
 		}
 		v = DropFragment
 	} else {
-		v = f.judgeInFlow(r, p, c)
+		v = f.judgeInFlow(r, p, c, judged)
 		if v == Accept {
 			if p.frag == fragFirst {
 				k := fragKey(p)
@@ -297,13 +323,16 @@ func (f *Filter) judgeIn(r *Rules, p *packet, c *clock) Verdict {
 }
 
 // judgeInFlow judges a packet that is not a later fragment.
-func (f *Filter) judgeInFlow(r *Rules, p *packet, c *clock) Verdict {
+func (f *Filter) judgeInFlow(r *Rules, p *packet, c *clock, judged bool) Verdict {
 	if p.ports {
 		// in's fast path has already asked the rules about whole packets
 		// when every rule destination is local.
 		asked := r.dstsLocal && p.frag == fragNone
 		if !asked && r.allowed(p.proto, p.src, p.dst, p.dstPort) && r.isLocal(p.dst) {
 			return Accept
+		}
+		if judged {
+			return DropNoRule // fastReply has looked the flow up
 		}
 		if p.proto == protoTCP && p.tcpFlags&(tcpSYN|tcpACK) == tcpSYN {
 			// A bare SYN opens a connection; it never answers one this

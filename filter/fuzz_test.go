@@ -52,6 +52,12 @@ func FuzzFilter(f *testing.F) {
 			if want := r.match(p.proto, p.src, p.dst, p.dstPort) >= 0; accept != want {
 				t.Fatalf("fast path says %v, rules say %v", accept, want)
 			}
+			// Fast route (rules and flow from the bytes) and full route
+			// must reach the same verdict, flow state included.
+			c := clock{now: now, base: &flt.base}
+			if full, fast := flt.inFull(r, b, &c, false), flt.Inbound(b, now); full != fast {
+				t.Fatalf("full path %v, fast path %v", full, fast)
+			}
 		}
 		if v := flt.Inbound(b, now); v >= numVerdicts || (!ok && v != DropMalformed) {
 			t.Fatalf("Inbound = %v (parsed: %v)", v, ok)
