@@ -72,6 +72,7 @@ type Server struct {
 	adminHash   []byte
 	adminPath   string
 	hub         *hub
+	mux         *http.ServeMux
 	ctx         context.Context
 	cancel      context.CancelFunc
 	wg          sync.WaitGroup
@@ -154,6 +155,10 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 		st.Close()
 		return nil, err
 	}
+	s.mux = http.NewServeMux()
+	s.mux.HandleFunc("POST /machine/register", s.handleRegister)
+	s.mux.HandleFunc("POST /machine/map", s.handleMap)
+	s.adminRoutes(s.mux)
 	s.ctx, s.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	s.wg.Add(1)
 	go s.sweep()
@@ -372,16 +377,20 @@ func (s *Server) reapEphemeral(id netmap.NodeID) {
 	s.log.Info("deleted ephemeral node after it went offline", "node", id, "timeout", s.opts.EphemeralTimeout)
 }
 
-// Handler returns the coordinator's HTTP API (machine and admin).
+// Handler returns the coordinator's HTTP API (machine and admin, and
+// anything added with Handle).
 func (s *Server) Handler() http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("POST /machine/register", s.handleRegister)
-	mux.HandleFunc("POST /machine/map", s.handleMap)
-	s.adminRoutes(mux)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		mux.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), responseWriterKey{}, w)))
+		s.mux.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), responseWriterKey{}, w)))
 	})
 }
+
+// Handle serves another handler on the coordinator's listener, such as an
+// embedded DERP relay on "/derp". Patterns follow http.ServeMux; call it
+// before Serve or while serving (ServeMux is safe for concurrent use). A
+// pattern that conflicts with the coordinator's own routes (/machine/...,
+// /admin/...) panics, as ServeMux.Handle does: a programming error.
+func (s *Server) Handle(pattern string, h http.Handler) { s.mux.Handle(pattern, h) }
 
 // responseWriterKey carries the ResponseWriter to decodeBody, which sets a
 // read deadline on it.

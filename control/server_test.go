@@ -3,6 +3,7 @@ package control
 import (
 	"context"
 	"crypto/tls"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -25,6 +26,22 @@ func TestHTTP2OverTLS13(t *testing.T) {
 	}
 	if resp.StatusCode != http.StatusBadRequest {
 		t.Errorf("empty map request: status %d", resp.StatusCode)
+	}
+}
+
+func TestHandleMountsExtraHandlers(t *testing.T) {
+	ts := startServer(t, ServerOptions{})
+	// Registered after Serve started is fine too: the mux is shared.
+	ts.Handle("GET /derp", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("relay")) }))
+	n := newTestNode(t, ts.url, ts.Fingerprint())
+	resp, err := n.c.hc.Get(ts.url + "/derp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK || string(body) != "relay" {
+		t.Fatalf("mounted handler: %d %q", resp.StatusCode, body)
 	}
 }
 
