@@ -130,7 +130,7 @@ type Policy struct {
 	Member4, Member6     netip.Addr
 	Port                 uint16
 	Stranger4, Stranger6 netip.Addr
-	Sources              int // distinct source prefixes over all rules
+	Sources              int // distinct source prefixes in the tag pool rules draw from
 }
 
 // ports are the destination port forms rules draw from: single well-known
