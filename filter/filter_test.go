@@ -150,6 +150,11 @@ func TestStateful(t *testing.T) {
 			{dir: In, p: ack, want: Accept, wait: 20 * time.Second},
 			{dir: In, p: ack, want: Accept, wait: 20 * time.Second},
 		}},
+		{"tcp picked up at FIN expires quickly", []step{
+			{dir: Out, p: func() pkt { q := syn; q.flags = tcpFIN | tcpACK; return q }(), want: Accept},
+			{dir: In, p: ack, want: Accept, wait: 10 * time.Second},
+			{dir: In, p: ack, want: DropNoRule, wait: 31 * time.Second},
+		}},
 		{"tcp outbound RST opens nothing", []step{
 			{dir: Out, p: func() pkt { q := syn; q.flags = tcpRST; return q }(), want: Accept},
 			{dir: In, p: ack, want: DropNoRule},

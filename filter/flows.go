@@ -312,7 +312,8 @@ func (t *flowTable) lookup(k *flowKey, now int64, tcpFlags uint8, ttl *timeouts)
 }
 
 // insert adds k with state, or refreshes it if it exists (a new SYN on a
-// closing flow reopens it). It reports whether k is in the table afterwards.
+// closing flow reopens it). It evicts to make room: the peer's own least
+// recently used entry when the peer is at its quota, else the shard's.
 func (t *flowTable) insert(k *flowKey, state uint8, now int64, tcpFlags uint8, ttl *timeouts) {
 	h := t.hash(k)
 	s := t.shard(h)
@@ -346,7 +347,8 @@ func (t *flowTable) insert(k *flowKey, state uint8, now int64, tcpFlags uint8, t
 				break
 			}
 		}
-	} else if s.free < 0 {
+	}
+	if s.free < 0 {
 		s.remove(s.tail, -1)
 	}
 	// Removals may have released the peer's slot or moved index entries.
@@ -359,6 +361,9 @@ func (t *flowTable) insert(k *flowKey, state uint8, now int64, tcpFlags uint8, t
 	}
 	s.peers[p].count++
 
+	if tcpFlags&(tcpFIN|tcpRST) != 0 {
+		state |= stClosing // first seen while closing: keep it briefly
+	}
 	e = s.free
 	s.free = s.entries[e].next
 	pos, _ = s.find(k, h)
