@@ -289,3 +289,13 @@ func BenchmarkRelayWindowed(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkRelayOneInFlight: one packet at a time, so nothing can be
+// coalesced: per-packet relay latency (ns/op) and cost.
+func BenchmarkRelayOneInFlight(b *testing.B) {
+	for _, impl := range impls {
+		b.Run(fmt.Sprintf("window1/http/1420B/%s", impl.name), func(b *testing.B) {
+			relay(b, impl.mk(b, false), 1420, 1)
+		})
+	}
+}
