@@ -126,3 +126,24 @@ func TestPolicyHooks(t *testing.T) {
 	ts.SetPolicy(nil)
 	a.waitMap(t, "b visible under bootstrap", func(m *netmap.NetworkMap) bool { return m.PolicyBootstrap && m.Peers[b.id] != nil })
 }
+
+func TestDBURL(t *testing.T) {
+	dir := t.TempDir()
+	elsewhere := filepath.Join(t.TempDir(), "meshd.db")
+	s, err := NewServer(context.Background(), ServerOptions{StateDir: dir, DBURL: "sqlite:" + elsewhere})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if _, err := os.Stat(elsewhere); err != nil {
+		t.Errorf("sqlite:PATH did not create the database there: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, dbFile)); err == nil {
+		t.Error("database created in the state dir despite --db")
+	}
+	for _, u := range []string{"postgres://db/meshd", "mysql://x", "file.db"} {
+		if _, err := NewServer(context.Background(), ServerOptions{StateDir: dir, DBURL: u}); err == nil {
+			t.Errorf("DBURL %q accepted", u)
+		}
+	}
+}
