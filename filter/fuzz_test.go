@@ -1,8 +1,11 @@
 package filter
 
 import (
+	"encoding/json"
 	"testing"
 	"time"
+
+	"meshd.dev/meshd/netmap"
 )
 
 // FuzzFilter feeds arbitrary bytes to the parser and to both directions of
@@ -81,6 +84,45 @@ func FuzzFilter(f *testing.F) {
 				copy(rev[16:20], b[12:16])
 			}
 			flt.Inbound(rev, now)
+		}
+	})
+}
+
+// FuzzCompile feeds arbitrary packet-filter JSON, as it arrives in a map
+// response, to Compile: it must never panic, and whatever it compiles must
+// answer like the reference matcher.
+func FuzzCompile(f *testing.F) {
+	f.Add([]byte(`[{"src_ips":["100.64.1.1/32","fd7a:115c:a1e0::1:1/128"],"dst_ports":[{"net":"100.64.0.10/32","ports":{"first":0,"last":65535}}],"origin":"policy.hujson:12"}]`))
+	f.Add([]byte(`[{"src_ips":["100.64.1.0/24"],"dst_ports":[{"net":"100.64.0.20/32","ports":{"first":22,"last":22}},{"net":"100.64.0.20/32","ports":{"first":8080,"last":8080}}],"ip_proto":[6]}]`))
+	f.Add([]byte(`[{"src_ips":["0.0.0.0/0","::/0"],"dst_ports":[{"net":"10.0.0.0/8","ports":{"first":9000,"last":8000}}]}]`))
+	f.Add([]byte(`[{"src_ips":["10.0.0.1/32"],"dst_ports":[{"net":"10.9.0.0/24","ports":{"first":0,"last":65535}}],"ip_proto":[47,132,1,58]}]`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var rules []netmap.FilterRule
+		if json.Unmarshal(data, &rules) != nil {
+			return
+		}
+		r, err := Compile(rules, nil)
+		if err != nil {
+			return
+		}
+		// Probe with addresses and ports taken from the rules themselves.
+		for _, rule := range rules {
+			for _, s := range rule.SrcIPs {
+				for _, d := range rule.DstPorts {
+					if !s.IsValid() || !d.Net.IsValid() {
+						continue
+					}
+					for _, proto := range []uint8{protoTCP, protoUDP, protoICMPv4, protoSCTP, 47} {
+						for _, port := range []uint16{d.Ports.First, d.Ports.Last, d.Ports.Last + 1} {
+							src, dst := s.Addr(), d.Net.Addr()
+							want := refMatch(rules, proto, src.Unmap(), dst.Unmap(), port)
+							if got := r.allowed(proto, fromNetip(src), fromNetip(dst), port); got != want {
+								t.Fatalf("allowed(%d, %v, %v, %d) = %v, reference %v", proto, src, dst, port, got, want)
+							}
+						}
+					}
+				}
+			}
 		}
 	})
 }
