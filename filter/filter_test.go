@@ -185,6 +185,15 @@ func TestStateful(t *testing.T) {
 			{dir: In, p: pkt{src: outsider, dst: training, proto: 50, payload: 8}, want: DropNoRule},
 			{dir: In, p: pkt{src: outsider, dst: training, proto: 47, payload: 8}, want: DropNoRule, wait: 181 * time.Second},
 		}},
+		{"icmpv6 echo and udp over v6", []step{
+			{dir: In, p: pkt{src: outsider6, dst: "fd7a::20", proto: protoICMPv6, icmpType: 129, icmpID: 5}, want: DropNoRule},
+			{dir: Out, p: pkt{src: "fd7a::20", dst: outsider6, proto: protoICMPv6, icmpType: 128, icmpID: 5}, want: Accept},
+			{dir: In, p: pkt{src: outsider6, dst: "fd7a::20", proto: protoICMPv6, icmpType: 129, icmpID: 5}, want: Accept},
+			{dir: In, p: pkt{src: outsider6, dst: "fd7a::20", proto: protoICMPv6, icmpType: 129, icmpID: 6}, want: DropNoRule},
+			{dir: Out, p: pkt{src: "fd7a::20", dst: outsider6, proto: protoUDP, sport: 4000, dport: 443}, want: Accept},
+			{dir: In, p: pkt{src: outsider6, dst: "fd7a::20", proto: protoUDP, sport: 443, dport: 4000}, want: Accept},
+			{dir: In, p: pkt{src: outsider6, dst: "fd7a::20", proto: protoUDP, sport: 443, dport: 4001}, want: DropNoRule},
+		}},
 		{"v6 tcp reply", []step{
 			{dir: Out, p: pkt{src: "fd7a::20", dst: outsider6, proto: protoTCP, sport: 1, dport: 2, flags: tcpSYN}, want: Accept},
 			{dir: In, p: pkt{src: outsider6, dst: "fd7a::20", proto: protoTCP, sport: 2, dport: 1, flags: tcpACK}, want: Accept},
