@@ -42,6 +42,12 @@ var migrations = []string{
 		machine_key TEXT NOT NULL UNIQUE,
 		ipv4 TEXT NOT NULL UNIQUE,
 		data TEXT NOT NULL);`,
+	// 2: the tailnet policy file in force, as its author wrote it (one row).
+	`CREATE TABLE policy (
+		id INTEGER PRIMARY KEY CHECK (id = 1),
+		file TEXT NOT NULL,
+		data BLOB NOT NULL,
+		updated INTEGER NOT NULL);`,
 }
 
 // SQLite is the embedded single-file Store.

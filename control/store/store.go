@@ -85,6 +85,16 @@ type RegisterParams struct {
 	Reusable bool
 }
 
+// Policy is the tailnet policy file in force, stored as its author wrote
+// it (comments included) so that `meshd admin policy get` gives it back
+// unchanged. The store does not parse it; the coordinator validated it
+// before storing it.
+type Policy struct {
+	File    string // base name the file was set under, for messages
+	Data    []byte
+	Updated time.Time
+}
+
 // AddrAllocator hands out tailnet addresses. It is the coordinator's policy;
 // the store only guarantees uniqueness inside its transaction.
 type AddrAllocator interface {
@@ -121,6 +131,12 @@ type Store interface {
 	// or addresses).
 	UpdateNode(ctx context.Context, n Node) error
 	DeleteNode(ctx context.Context, id netmap.NodeID) error
+
+	// Policy returns the tailnet policy last stored, or ErrNotFound if
+	// none ever was (the coordinator then runs the bootstrap default).
+	Policy(ctx context.Context) (Policy, error)
+	// SetPolicy replaces the stored policy.
+	SetPolicy(ctx context.Context, p Policy) error
 
 	Close() error
 }
