@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"net/url"
 	"sync"
+	"time"
 
 	"golang.org/x/crypto/nacl/box"
 
@@ -32,6 +33,13 @@ type ClientOptions struct {
 	MeshKey string
 	// DialContext opens the TCP connection; nil uses a net.Dialer.
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+	// IdleTimeout makes Recv fail when nothing (not even a keep-alive)
+	// arrived for about this long, so a relay that vanished without
+	// closing the connection (a dropped route, a dead NAT mapping) is
+	// noticed in seconds rather than after TCP's minutes. 0: twice the
+	// relay's keep-alive interval plus 5s. Negative: never; the caller
+	// manages read deadlines itself.
+	IdleTimeout time.Duration
 }
 
 // Client is one connection to a relay. Send may be called concurrently with
@@ -56,6 +64,10 @@ type Client struct {
 	closeOnce sync.Once
 
 	rbuf []byte
+	// idle is the effective IdleTimeout; deadlineSet is when the read
+	// deadline was last pushed out (only Recv touches either).
+	idle        time.Duration
+	deadlineSet time.Time
 }
 
 // maxPending bounds queued outgoing bytes; Send blocks beyond it, which is
@@ -303,6 +315,14 @@ func newClient(ctx context.Context, conn net.Conn, u *url.URL, opts ClientOption
 	default:
 		return nil, fmt.Errorf("derp: expected server info, got frame 0x%02x", byte(t))
 	}
+	c.idle = opts.IdleTimeout
+	if c.idle == 0 {
+		ka := time.Duration(c.info.KeepAliveSec) * time.Second
+		if ka <= 0 {
+			ka = DefaultKeepAlive
+		}
+		c.idle = 2*ka + 5*time.Second
+	}
 	c.start()
 	return c, nil
 }
@@ -378,6 +398,16 @@ func (c *Client) Recv() (Message, error) {
 	for {
 		if c.rbuf == nil {
 			c.rbuf = make([]byte, maxFrameLen)
+		}
+		if c.idle > 0 {
+			// Pushing the deadline out at most every quarter of the
+			// timeout keeps timer updates off the per-packet path.
+			if now := time.Now(); now.Sub(c.deadlineSet) > c.idle/4 {
+				if err := c.conn.SetReadDeadline(now.Add(c.idle)); err != nil {
+					return nil, err
+				}
+				c.deadlineSet = now
+			}
 		}
 		t, p, err := readFrame(c.br, c.rbuf)
 		if err != nil {

@@ -51,7 +51,8 @@ func dial(t testing.TB, url string, key netmap.NodePrivate) *Client {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := Dial(ctx, url, ClientOptions{NodeKey: key})
+	// Tests manage read deadlines themselves.
+	c, err := Dial(ctx, url, ClientOptions{NodeKey: key, IdleTimeout: -1})
 	if err != nil {
 		t.Fatalf("dial %s: %v", url, err)
 	}
@@ -591,7 +592,7 @@ func TestGarbageAndOversizedFlood(t *testing.T) {
 	// Authenticated clients sending garbage frames and oversized headers:
 	// the server must drop them, not allocate what they announce.
 	attack("authenticated garbage", func(rng *rand.Rand) error {
-		c, err := Dial(ctx, srv.url, ClientOptions{NodeKey: netmap.NewNodePrivate()})
+		c, err := Dial(ctx, srv.url, ClientOptions{NodeKey: netmap.NewNodePrivate(), IdleTimeout: -1})
 		if err != nil {
 			return nil // the server may be busy; ctx cancel also lands here
 		}
@@ -951,5 +952,59 @@ func TestReconnectingClientSurvivesRelayRestart(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("no packet after the relay restarted")
+	}
+}
+
+func TestClientIdleTimeout(t *testing.T) {
+	for _, tt := range []struct {
+		name      string
+		keepAlive time.Duration
+		idle      time.Duration
+		wantDead  bool
+	}{
+		// A silent relay (keep-alives far apart) is declared dead.
+		{"silent relay", time.Hour, 300 * time.Millisecond, true},
+		// Keep-alives keep an otherwise idle connection up.
+		{"keep-alives", 50 * time.Millisecond, 300 * time.Millisecond, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := newTestServer(t, ServerOptions{KeepAlive: tt.keepAlive})
+			c, err := Dial(context.Background(), srv.url, ClientOptions{NodeKey: netmap.NewNodePrivate(), IdleTimeout: tt.idle})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			errc := make(chan error, 1)
+			go func() {
+				for {
+					if _, err := c.Recv(); err != nil {
+						errc <- err
+						return
+					}
+				}
+			}()
+			select {
+			case err := <-errc:
+				var ne net.Error
+				if !tt.wantDead || !errors.As(err, &ne) || !ne.Timeout() {
+					t.Fatalf("Recv failed with %v", err)
+				}
+			case <-time.After(1500 * time.Millisecond):
+				if tt.wantDead {
+					t.Fatal("silent relay not noticed")
+				}
+			}
+		})
+	}
+	// The default follows the relay's announced keep-alive interval.
+	srv := newTestServer(t, ServerOptions{KeepAlive: 7 * time.Second})
+	c := dial(t, srv.url, netmap.NewNodePrivate())
+	c2, err := Dial(context.Background(), srv.url, ClientOptions{NodeKey: netmap.NewNodePrivate()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if c.idle >= 0 || c2.idle != 19*time.Second {
+		t.Fatalf("idle timeouts %v (disabled) and %v (default), want <0 and 19s", c.idle, c2.idle)
 	}
 }
