@@ -111,9 +111,13 @@ func (s *Server) CreateAuthKey(ctx context.Context, o AuthKeyOptions) (string, A
 			return "", AuthKey{}, err
 		}
 	}
-	// Tags on a key are the administrator's to apply, so tagOwners is not
-	// consulted here; it is at registration, for tags a node requests
-	// beyond its key's (Policy.CheckTags).
+	// Tags on a key are the administrator's to apply: like Tailscale's
+	// admin, the token holder owns every tag the policy defines, so the
+	// key's tags must only exist in "tagOwners". Tags a node requests
+	// beyond its key's are checked against their owners at registration.
+	if err := s.adminMayApply(tags); err != nil {
+		return "", AuthKey{}, err
+	}
 	now := time.Now().UTC()
 	if o.User != "" {
 		if _, err := s.store.EnsureUser(ctx, o.User, now); err != nil {
@@ -229,6 +233,9 @@ func (s *Server) TagNode(ctx context.Context, id netmap.NodeID, tags []string) e
 	if len(tags) == 0 {
 		return fmt.Errorf("%w: give at least one tag (a node cannot be untagged back to a user; re-enrol it with a user's key)", ErrBadRequest)
 	}
+	if err := s.adminMayApply(tags); err != nil {
+		return err
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	n, err := s.storeNode(ctx, id)
@@ -240,6 +247,18 @@ func (s *Server) TagNode(ctx context.Context, id netmap.NodeID, tags []string) e
 		return err
 	}
 	s.republishLocked(n)
+	return nil
+}
+
+// adminMayApply checks tags the administrator applies (admin nodes tag,
+// keys create --tags) against the policy: the admin acts as an owner of
+// every tag, the way an auth key carrying a tag may apply it, so CheckTags
+// refuses only tags the policy does not define. Under the bootstrap
+// default any tag goes.
+func (s *Server) adminMayApply(tags []string) error {
+	if err := s.policy().CheckTags("", tags, tags); err != nil {
+		return fmt.Errorf("%w: %v", ErrTagsForbidden, err)
+	}
 	return nil
 }
 
@@ -347,6 +366,7 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 		}
 		return struct{}{}, s.TagNode(r.Context(), id, req.Tags)
 	}))
+	s.policyRoutes(mux, h)
 	mux.HandleFunc("GET /admin/v1/users", h(func(r *http.Request) (any, error) {
 		u, err := s.Users(r.Context())
 		if u == nil {

@@ -41,6 +41,7 @@ var errorCodes = []struct {
 	{ErrUnauthorized, "unauthorized", http.StatusUnauthorized},
 	{ErrNotFound, "not_found", http.StatusNotFound},
 	{ErrTooOld, "too_old", http.StatusBadRequest},
+	{ErrPolicyInvalid, "policy_invalid", http.StatusUnprocessableEntity},
 	{ErrBadRequest, "bad_request", http.StatusBadRequest},
 }
 

@@ -589,12 +589,14 @@ func (h *hub) online(id netmap.NodeID) bool {
 }
 
 // setPolicy swaps the policy and sends every session the visibility and
-// filter changes. This is O(n²) CanSee calls, acceptable for a rare admin
-// action; per-node changes stay O(affected).
+// filter changes. Each viewer's old and new peer sets come from the
+// policies' own index when they have one (PeerLister, e.g. policy.Engine:
+// the rules touching the viewer plus the size of the answer) and from a
+// CanSee per node otherwise; the two sorted sets are then merged.
 func (h *hub) setPolicy(p Policy) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	old := h.policy
+	old, oldIndexed := h.policy, h.indexer != nil
 	if p == nil {
 		h.policy, h.bootstrap = newBootstrapPolicy(), true
 	} else {
@@ -603,36 +605,51 @@ func (h *hub) setPolicy(p Policy) {
 	oldCapper := h.capper
 	h.indexer, _ = p.(NodeIndexer)
 	h.capper, _ = p.(PeerCapper)
+	all := h.allLocked()
+	// The old policy's view is taken before the new one is indexed; the
+	// old index is still current (nodes only change under h.mu).
+	was := make(map[netmap.NodeID][]netmap.NodeID, len(h.sessions))
+	for id := range h.sessions {
+		if viewer := h.nodes[id]; viewer != nil {
+			was[id] = visible(old, oldIndexed, viewer, all)
+		}
+	}
 	if h.indexer != nil {
-		h.indexer.SetNodes(h.allLocked())
+		h.indexer.SetNodes(all)
 	}
 	h.version++
 	h.logChange(0) // resuming across a policy change needs a full map
-	all := h.allLocked()
 	for id, ss := range h.sessions {
 		viewer := h.nodes[id]
 		if viewer == nil {
 			continue
 		}
+		is := visible(h.policy, h.indexer != nil, viewer, all)
 		r := h.base()
-		for _, m := range all {
-			if m.ID == id {
-				continue
-			}
-			was, is := old.CanSee(viewer, m), h.policy.CanSee(viewer, m)
+		wasIDs := was[id]
+		i, j := 0, 0
+		for i < len(wasIDs) || j < len(is) {
 			switch {
-			case is && !was:
-				r.PeersChanged = append(r.PeersChanged, withCaps(m, h.capsLocked(viewer, m)))
-			case was && !is:
-				r.PeersRemoved = append(r.PeersRemoved, m.ID)
-			case is && (oldCapper != nil || h.capper != nil):
-				var oc map[string][]json.RawMessage
-				if oldCapper != nil {
-					oc = oldCapper.PeerCaps(viewer, m)
+			case j == len(is) || i < len(wasIDs) && wasIDs[i] < is[j]:
+				r.PeersRemoved = append(r.PeersRemoved, wasIDs[i])
+				i++
+			case i == len(wasIDs) || is[j] < wasIDs[i]:
+				if m := h.nodes[is[j]]; m != nil {
+					r.PeersChanged = append(r.PeersChanged, withCaps(m, h.capsLocked(viewer, m)))
 				}
-				if nc := h.capsLocked(viewer, m); !capsEqual(oc, nc) {
-					r.PeersChanged = append(r.PeersChanged, withCaps(m, nc))
+				j++
+			default: // visible before and after: only capabilities may change
+				if m := h.nodes[is[j]]; m != nil && (oldCapper != nil || h.capper != nil) {
+					var oc map[string][]json.RawMessage
+					if oldCapper != nil {
+						oc = oldCapper.PeerCaps(viewer, m)
+					}
+					if nc := h.capsLocked(viewer, m); !capsEqual(oc, nc) {
+						r.PeersChanged = append(r.PeersChanged, withCaps(m, nc))
+					}
 				}
+				i++
+				j++
 			}
 		}
 		f := h.filterFor(viewer)
@@ -644,6 +661,29 @@ func (h *hub) setPolicy(p Policy) {
 			h.send(s, frame)
 		}
 	}
+}
+
+// visible returns the IDs viewer may see under p, sorted, from p's index if
+// it has one that is current (indexed), else by a CanSee per node of all
+// (sorted by ID).
+func visible(p Policy, indexed bool, viewer *netmap.Node, all []*netmap.Node) []netmap.NodeID {
+	if pl, ok := p.(PeerLister); ok && indexed {
+		return pl.Peers(viewer)
+	}
+	ids := make([]netmap.NodeID, 0, len(all))
+	for _, m := range all {
+		if m.ID != viewer.ID && p.CanSee(viewer, m) {
+			ids = append(ids, m.ID)
+		}
+	}
+	return ids
+}
+
+// connected is the number of nodes with an open map stream.
+func (h *hub) connected() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.sessions)
 }
 
 // patchFor returns the patch that turns old into n, if they differ only in

@@ -39,6 +39,15 @@ type PeerCapper interface {
 	PeerCaps(dst, peer *netmap.Node) map[string][]json.RawMessage
 }
 
+// PeerLister is implemented by indexing policies (policy.Engine): Peers
+// returns the IDs of the nodes n may see, sorted ascending, n excluded,
+// consistent with CanSee. The coordinator uses it, when the policy is also
+// a NodeIndexer, to compute whole peer lists on a policy change without a
+// CanSee call per pair of nodes.
+type PeerLister interface {
+	Peers(n *netmap.Node) []netmap.NodeID
+}
+
 // bootstrapPolicy is in force while no policy is loaded: every node sees
 // every other, inbound traffic from any tailnet address is allowed, and any
 // tag may be applied.

@@ -60,6 +60,13 @@ type ServerOptions struct {
 	// SweepInterval is how often expired node keys are looked for
 	// (default 30s).
 	SweepInterval time.Duration
+	// Policy, when non-nil, is the tailnet policy file to start with
+	// (meshd coordinator --policy FILE): it must validate, it replaces the
+	// stored policy and is stored. When nil the stored policy (the last one
+	// set) is used, or the bootstrap default if none ever was.
+	Policy []byte
+	// PolicyFile names Policy in messages (its base name is used).
+	PolicyFile string
 }
 
 // Server is a coordinator.
@@ -81,6 +88,7 @@ type Server struct {
 	ephemeral map[netmap.NodeID]*time.Timer
 	servers   []*http.Server
 	closed    bool
+	polInfo   PolicyInfo // the policy file in force
 }
 
 const (
@@ -152,6 +160,10 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 		return nil, err
 	}
 	if err := s.loadNodes(ctx); err != nil {
+		st.Close()
+		return nil, err
+	}
+	if err := s.initPolicy(ctx); err != nil {
 		st.Close()
 		return nil, err
 	}
@@ -253,8 +265,19 @@ func (s *Server) AdminTokenPath() string { return s.adminPath }
 func (s *Server) Epoch() string { return s.hub.epoch }
 
 // SetPolicy replaces the policy (nil restores the bootstrap default) and
-// pushes visibility and packet-filter changes to connected nodes.
-func (s *Server) SetPolicy(p Policy) { s.hub.setPolicy(p) }
+// pushes visibility and packet-filter changes to connected nodes. It is the
+// in-process seam and stores nothing; ApplyPolicy is the stored,
+// validated path that `meshd admin policy set` takes.
+func (s *Server) SetPolicy(p Policy) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.hub.setPolicy(p)
+	if p == nil {
+		s.polInfo = bootstrapInfo()
+	} else {
+		s.polInfo = PolicyInfo{File: "(set in process, not stored)"}
+	}
+}
 
 func (s *Server) policy() Policy {
 	s.hub.mu.Lock()
