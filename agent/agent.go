@@ -72,8 +72,8 @@ type Options struct {
 	// NewBind builds the WireGuard bind. Defaults to direct UDP
 	// (conn.NewStdNetBind); the NAT-traversing magic bind plugs in here.
 	NewBind func() conn.Bind
-	// WrapTUN, if set, wraps the TUN device before WireGuard uses it (the
-	// packet filter's seam).
+	// WrapTUN, if set, wraps the TUN device before WireGuard uses it,
+	// outside the packet filter, which is always installed.
 	WrapTUN func(tun.Device) (tun.Device, error)
 	// EndpointInterval is how often local endpoints are re-checked and
 	// reported when changed. Defaults to 30s.
@@ -88,6 +88,7 @@ type Agent struct {
 	store *Store
 	id    *Identity
 	disco netmap.DiscoPrivate
+	pf    *packetFilter // guarded by mu; its Filter is safe for concurrent use
 
 	// upMu serialises Up and Down, so that two concurrent `meshd up` cannot
 	// both register (spending two keys, creating two nodes).
@@ -151,7 +152,7 @@ func New(opts Options) (*Agent, error) {
 	}
 	return &Agent{
 		opts: opts, log: opts.Logger, store: st, id: id, disco: netmap.NewDiscoPrivate(),
-		login: login, nm: nm, ctlState: "not connected",
+		login: login, nm: nm, ctlState: "not connected", pf: newPacketFilter(opts.Logger),
 	}, nil
 }
 
@@ -364,6 +365,9 @@ func (a *Agent) onMap(nm *netmap.NetworkMap) {
 // applyMapLocked brings the data plane in line with nm, (re)creating it if
 // our own addresses changed (a netstack cannot change them in place).
 func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
+	// Rules first, so that a new data plane never passes a packet the
+	// map's (or the saved map's, after a restart) rules would drop.
+	a.pf.update(nm)
 	addrs := slices.Clone(nm.Self.Addresses)
 	slices.SortFunc(addrs, comparePrefix)
 	if a.eng != nil && !slices.Equal(a.eng.cfg.addrs, addrs) {
@@ -375,7 +379,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 		eng, err := newEngine(engineConfig{
 			tunName: a.opts.TUN, mtu: a.opts.MTU, port: a.opts.Port, nodeKey: a.id.NodeKey,
 			addrs: addrs, forwards: a.opts.Forwards, wrapTUN: a.opts.WrapTUN, newBind: a.opts.NewBind,
-			log: a.log, localAddrs: localPrefixes,
+			log: a.log, localAddrs: localPrefixes, filter: a.pf.f,
 		})
 		if err != nil {
 			a.engErr = err
@@ -633,6 +637,7 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 		st.BackendState = localapi.StateRunning
 	}
 	st.Coordinator = a.login.CoordinatorURL
+	st.Filter = a.pf.status()
 	online := a.sess != nil && a.ctlState == "connected" && a.ctlReachErr == nil
 	switch {
 	case a.sess != nil && a.ctlState != "connected":

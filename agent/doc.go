@@ -14,7 +14,8 @@
 //
 // Data plane: one engine per set of own addresses. The engine builds the
 // tun.Device (kernel TUN with netlink addresses and routes, or netstack),
-// lets Options.WrapTUN wrap it (the packet filter's seam), builds the bind
+// puts the packet filter (package filter, fed with each map's rules; see
+// filter.go) right on it, lets Options.WrapTUN wrap that, builds the bind
 // with Options.NewBind (direct UDP today; the NAT-traversing magic bind's
 // seam) and configures wireguard-go in-process with UAPI text, never a UAPI
 // socket. Each new map becomes a minimal UAPI diff: only added, removed or

@@ -17,6 +17,7 @@ import (
 	"golang.zx2c4.com/wireguard/tun"
 	"golang.zx2c4.com/wireguard/tun/netstack"
 
+	"meshd.dev/meshd/filter"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -35,6 +36,7 @@ type engineConfig struct {
 	addrs      []netip.Prefix // the node's own tailnet addresses
 	forwards   []Forward
 	wrapTUN    func(tun.Device) (tun.Device, error)
+	filter     *filter.Filter // nil: no packet filter (engine tests only)
 	newBind    func() conn.Bind
 	log        *slog.Logger
 	localAddrs func() ([]netip.Prefix, error)
@@ -71,8 +73,12 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 			return nil, err
 		}
 	}
-	// The seam for the packet filter (a later issue): it wraps the TUN
-	// device before wireguard-go sees it.
+	// The packet filter sits right next to the TUN; Options.WrapTUN, if
+	// any, wraps outside it (it sees what apps send before the filter and
+	// only what the filter let in).
+	if cfg.filter != nil {
+		tdev = newFilterTUN(tdev, cfg.filter)
+	}
 	if cfg.wrapTUN != nil {
 		wrapped, err := cfg.wrapTUN(tdev)
 		if err != nil {

@@ -75,6 +75,43 @@ type Status struct {
 	Peers []Peer `json:"peers"`
 	// Message explains a degraded state (coordinator unreachable, ...).
 	Message string `json:"message,omitempty"`
+	// Filter is the packet filter's state; nil before the node registered.
+	Filter *FilterStatus `json:"filter,omitempty"`
+}
+
+// FilterStatus is the packet filter's rule count, flow table use and drop
+// counters. DropsIn and DropsOut hold every drop reason ("no_rule",
+// "not_local", "malformed", "fragment"), zero or not.
+type FilterStatus struct {
+	Rules     int               `json:"rules"`
+	Flows     int               `json:"flows"`
+	Fragments int               `json:"fragments"`
+	DropsIn   map[string]uint64 `json:"drops_in"`
+	DropsOut  map[string]uint64 `json:"drops_out"`
+	// Error says why the rules of the last network map were rejected (the
+	// previous rules stay in force); empty when they are in force.
+	Error string `json:"error,omitempty"`
+}
+
+// Drop is one packet the filter dropped.
+type Drop struct {
+	Time    time.Time  `json:"time"`
+	Dir     string     `json:"dir"`    // "in" (from a peer) or "out"
+	Reason  string     `json:"reason"` // a FilterStatus drop reason
+	Proto   uint8      `json:"proto"`  // IP protocol number; 0 for unparsed packets
+	Src     netip.Addr `json:"src,omitzero"`
+	Dst     netip.Addr `json:"dst,omitzero"`
+	SrcPort uint16     `json:"src_port,omitempty"`
+	DstPort uint16     `json:"dst_port,omitempty"`
+	Len     int        `json:"len"`
+	// AllowedNowBy is the origin of a rule in force now that allows this
+	// flow: the packet was dropped under earlier rules.
+	AllowedNowBy string `json:"allowed_now_by,omitempty"`
+}
+
+// Drops are the last packets the filter dropped, oldest first.
+type Drops struct {
+	Drops []Drop `json:"drops"`
 }
 
 // Backend is what the server exposes; the agent implements it.
@@ -82,6 +119,7 @@ type Backend interface {
 	Up(ctx context.Context, req UpRequest) (*Status, error)
 	Down(ctx context.Context) error
 	Status(ctx context.Context) (*Status, error)
+	Drops(ctx context.Context) (*Drops, error)
 }
 
 type errorBody struct {
@@ -121,6 +159,14 @@ func Handler(b Backend) http.Handler {
 			return
 		}
 		writeJSON(w, http.StatusOK, st)
+	})
+	mux.HandleFunc("GET /v0/drops", func(w http.ResponseWriter, r *http.Request) {
+		d, err := b.Drops(r.Context())
+		if err != nil {
+			writeJSON(w, http.StatusInternalServerError, errorBody{err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, d)
 	})
 	return mux
 }
@@ -248,6 +294,12 @@ func (c *Client) Down(ctx context.Context) error {
 func (c *Client) Status(ctx context.Context) (*Status, error) {
 	var st Status
 	return &st, c.do(ctx, "GET", "/v0/status", nil, &st)
+}
+
+// Drops returns the last packets the daemon's filter dropped.
+func (c *Client) Drops(ctx context.Context) (*Drops, error) {
+	var d Drops
+	return &d, c.do(ctx, "GET", "/v0/drops", nil, &d)
 }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {

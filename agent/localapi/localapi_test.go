@@ -3,10 +3,12 @@ package localapi
 import (
 	"context"
 	"errors"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 type fakeBackend struct {
@@ -26,6 +28,14 @@ func (f *fakeBackend) Down(context.Context) error { f.downs++; return nil }
 
 func (f *fakeBackend) Status(context.Context) (*Status, error) {
 	return &Status{BackendState: StateStopped, Peers: []Peer{{Node: Node{ID: 2, Hostname: "p"}, Path: "none"}}}, nil
+}
+
+func (f *fakeBackend) Drops(context.Context) (*Drops, error) {
+	return &Drops{Drops: []Drop{{
+		Time: time.Unix(1700000000, 0).UTC(), Dir: "in", Reason: "no_rule", Proto: 6,
+		Src: netip.MustParseAddr("100.64.0.1"), Dst: netip.MustParseAddr("100.64.0.2"), SrcPort: 40000, DstPort: 9090,
+		Len: 60, AllowedNowBy: "grants[0]",
+	}}}, nil
 }
 
 func TestLocalAPIRoundTrip(t *testing.T) {
@@ -72,6 +82,11 @@ func TestLocalAPIRoundTrip(t *testing.T) {
 	st, err = c.Status(ctx)
 	if err != nil || st.BackendState != StateStopped || len(st.Peers) != 1 || st.Peers[0].Path != "none" {
 		t.Fatalf("status: %+v, %v", st, err)
+	}
+	d, err := c.Drops(ctx)
+	want, _ := b.Drops(ctx)
+	if err != nil || len(d.Drops) != 1 || d.Drops[0] != want.Drops[0] {
+		t.Fatalf("drops: %+v, %v; want %+v", d, err, want)
 	}
 }
 

@@ -67,6 +67,9 @@ func writeStatus(w io.Writer, st *localapi.Status, now time.Time) {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", firstIP(p.IPs), p.Hostname, owner(&p.Node), peerState(&p, now))
 	}
 	tw.Flush()
+	if st.Filter != nil {
+		fmt.Fprintf(w, "# %s\n", filterLine(st.Filter))
+	}
 	if st.Message != "" {
 		fmt.Fprintf(w, "# %s\n", st.Message)
 	}

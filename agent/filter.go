@@ -1,0 +1,133 @@
+package agent
+
+import (
+	"context"
+	"log/slog"
+	"net/netip"
+	"reflect"
+	"slices"
+	"time"
+
+	"golang.zx2c4.com/wireguard/tun"
+
+	"meshd.dev/meshd/agent/localapi"
+	"meshd.dev/meshd/filter"
+	"meshd.dev/meshd/netmap"
+)
+
+// filterTUN puts the packet filter between the TUN (kernel or netstack) and
+// wireguard-go: Read is the outbound direction (before encryption), Write
+// the inbound one (after decryption and cryptokey routing, so a packet's
+// source is bound to the peer that sent it). It works on whole batches in
+// place and allocates nothing.
+type filterTUN struct {
+	tun.Device
+	f *filter.Filter
+}
+
+func newFilterTUN(dev tun.Device, f *filter.Filter) *filterTUN {
+	return &filterTUN{Device: dev, f: f}
+}
+
+// Read reads a batch from the TUN and drops what the filter rejects by
+// setting its size to 0: wireguard-go's RoutineReadFromTUN skips entries
+// with sizes[i] < 1 (device/send.go), so n stays the count read.
+func (t *filterTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	n, err := t.Device.Read(bufs, sizes, offset)
+	if n > 0 {
+		t.f.OutboundBatch(bufs[:n], offset, sizes[:n], time.Now())
+	}
+	return n, err
+}
+
+// Write filters a batch and writes the accepted packets to the TUN. The
+// filter compacts bufs in place; that is safe for wireguard-go, which
+// returns its buffers to the pools through its own element list and
+// truncates bufs after Write (device/receive.go). It returns the number of
+// accepted packets written; a batch with nothing accepted does not reach
+// the device.
+func (t *filterTUN) Write(bufs [][]byte, offset int) (int, error) {
+	kept := t.f.InboundBatch(bufs, offset, time.Now())
+	if len(kept) == 0 {
+		return 0, nil
+	}
+	return t.Device.Write(kept, offset)
+}
+
+// packetFilter feeds the agent's Filter with the rules of each network map.
+// The Filter outlives data plane restarts (own addresses changed, down/up),
+// so its counters and flow table do too. Guarded by Agent.mu.
+type packetFilter struct {
+	f   *filter.Filter
+	log *slog.Logger
+	// src and local are what the rules in force were compiled from, so
+	// that maps which change only peers or endpoints cost no recompile.
+	src      []netmap.FilterRule
+	local    []netip.Prefix
+	compiled bool
+	err      error // why the last map's rules were rejected; nil if in force
+}
+
+func newPacketFilter(log *slog.Logger) *packetFilter {
+	return &packetFilter{f: filter.New(filter.Options{Logger: log}), log: log}
+}
+
+// update installs nm's packet filter, compiled for the prefixes routed to
+// this node. Rules that fail to compile are logged and the previous rules
+// stay in force. A map that never carried a filter compiles to no rules:
+// inbound traffic is then limited to replies to flows this node opens.
+func (p *packetFilter) update(nm *netmap.NetworkMap) {
+	local := nm.Self.AllowedIPs
+	if len(local) == 0 {
+		local = nm.Self.Addresses
+	}
+	if p.compiled && slices.Equal(local, p.local) && reflect.DeepEqual(nm.PacketFilter, p.src) {
+		return
+	}
+	r, err := filter.Compile(nm.PacketFilter, local)
+	if err != nil {
+		p.err = err
+		p.log.Error("packet filter in the network map rejected; the previous rules stay in force", "err", err)
+		return
+	}
+	p.f.SetRules(r)
+	p.src, p.local, p.compiled, p.err = slices.Clone(nm.PacketFilter), slices.Clone(local), true, nil
+	p.log.Info("packet filter updated", "rules", r.Len(), "bootstrap_allow_all", nm.PolicyBootstrap)
+}
+
+func (p *packetFilter) status() *localapi.FilterStatus {
+	s := p.f.Stats()
+	fs := &localapi.FilterStatus{
+		Rules: s.Rules, Flows: s.Flows, Fragments: s.Fragments,
+		DropsIn: s.DropsIn, DropsOut: s.DropsOut,
+	}
+	if p.err != nil {
+		fs.Error = p.err.Error()
+	}
+	return fs
+}
+
+// Drops returns the packets the filter dropped last, oldest first. An
+// inbound drop that the rules in force now would allow (it was dropped
+// under an earlier policy) names the rule that allows it.
+func (a *Agent) Drops(context.Context) (*localapi.Drops, error) {
+	recs := a.pf.f.RecentDrops()
+	rules := a.pf.f.Rules()
+	out := &localapi.Drops{Drops: make([]localapi.Drop, 0, len(recs))}
+	for _, r := range recs {
+		d := localapi.Drop{
+			Time: r.Time.UTC(), Dir: r.Dir, Reason: r.Reason, Proto: r.Proto,
+			Src: r.Src, Dst: r.Dst, SrcPort: r.SrcPort, DstPort: r.DstPort, Len: r.Len,
+		}
+		if r.Direction == filter.In && r.Src.IsValid() {
+			if origin, ok := rules.Match(r.Proto, r.Src, r.Dst, r.DstPort); ok {
+				d.AllowedNowBy = origin
+				if d.AllowedNowBy == "" {
+					d.AllowedNowBy = "(rule without origin)"
+				}
+			}
+		}
+		out.Drops = append(out.Drops, d)
+	}
+	return out, nil
+}

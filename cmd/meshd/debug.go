@@ -1,0 +1,142 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"maps"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/peterbourgon/ff/v3/ffcli"
+
+	"meshd.dev/meshd/agent/localapi"
+)
+
+func (c *cli) debugCmd() *ffcli.Command {
+	return &ffcli.Command{
+		Name:        "debug",
+		ShortUsage:  "meshd debug <subcommand>",
+		ShortHelp:   "inspect the running daemon",
+		FlagSet:     flag.NewFlagSet("debug", flag.ContinueOnError),
+		Subcommands: []*ffcli.Command{c.debugDropsCmd()},
+		Exec:        func(context.Context, []string) error { return flag.ErrHelp },
+	}
+}
+
+func (c *cli) debugDropsCmd() *ffcli.Command {
+	fs := flag.NewFlagSet("debug drops", flag.ContinueOnError)
+	socket := fs.String("socket", localapi.DefaultSocket, "local API unix socket of the daemon")
+	asJSON := fs.Bool("json", false, "print JSON")
+	return &ffcli.Command{
+		Name:       "drops",
+		ShortUsage: "meshd debug drops [--json] [--socket PATH]",
+		ShortHelp:  "show the last packets the packet filter dropped, and why",
+		LongHelp: "Lists the packets the daemon's packet filter dropped most recently, oldest first:\n" +
+			"time, direction (in: from a peer, out: to a peer), reason, protocol and addresses.\n" +
+			"A drop that the rules in force now would allow names the rule (it was dropped\n" +
+			"under an earlier policy). Counters of all drops are in `meshd status --json`.",
+		FlagSet: fs,
+		Options: envOptions,
+		Exec: func(ctx context.Context, args []string) error {
+			if len(args) > 0 {
+				return fmt.Errorf("debug drops: unexpected arguments %q", args)
+			}
+			d, err := localapi.NewClient(*socket).Drops(ctx)
+			if err != nil {
+				return noDaemonHint(err, *socket)
+			}
+			if *asJSON {
+				enc := json.NewEncoder(c.stdout)
+				enc.SetIndent("", "  ")
+				return enc.Encode(d)
+			}
+			writeDrops(c.stdout, d)
+			return nil
+		},
+	}
+}
+
+// writeDrops prints one line per dropped packet.
+func writeDrops(w io.Writer, d *localapi.Drops) {
+	if len(d.Drops) == 0 {
+		fmt.Fprintln(w, "no packets dropped")
+		return
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "TIME\tDIR\tREASON\tPROTO\tSRC\tDST\tLEN\tNOTE")
+	for _, p := range d.Drops {
+		note := ""
+		if p.AllowedNowBy != "" {
+			note = "allowed now by " + p.AllowedNowBy
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", p.Time.Local().Format(time.TimeOnly+".000"), p.Dir, p.Reason,
+			protoName(p.Proto, p.Src.IsValid()), hostPort(p.Src, p.SrcPort), hostPort(p.Dst, p.DstPort), p.Len, note)
+	}
+	tw.Flush()
+}
+
+func protoName(p uint8, parsed bool) string {
+	if !parsed {
+		return "-"
+	}
+	switch p {
+	case 1:
+		return "icmp"
+	case 6:
+		return "tcp"
+	case 17:
+		return "udp"
+	case 58:
+		return "icmpv6"
+	case 132:
+		return "sctp"
+	}
+	return "proto-" + strconv.Itoa(int(p))
+}
+
+func hostPort(a netip.Addr, port uint16) string {
+	switch {
+	case !a.IsValid():
+		return "-"
+	case port == 0:
+		return a.String()
+	}
+	return netip.AddrPortFrom(a, port).String()
+}
+
+// filterLine summarises the packet filter for the human status: rules,
+// flows and the non-zero drop counters.
+func filterLine(f *localapi.FilterStatus) string {
+	var dirs []string
+	for _, dir := range []struct {
+		name   string
+		counts map[string]uint64
+	}{{"in", f.DropsIn}, {"out", f.DropsOut}} {
+		var parts []string
+		for _, reason := range slices.Sorted(maps.Keys(dir.counts)) {
+			if n := dir.counts[reason]; n > 0 {
+				parts = append(parts, fmt.Sprintf("%s %d", reason, n))
+			}
+		}
+		if len(parts) > 0 {
+			dirs = append(dirs, dir.name+": "+strings.Join(parts, ", "))
+		}
+	}
+	s := fmt.Sprintf("filter: %d rules, %d flows; ", f.Rules, f.Flows)
+	if len(dirs) == 0 {
+		s += "no drops"
+	} else {
+		s += "dropped " + strings.Join(dirs, "; ") + " (see meshd debug drops)"
+	}
+	if f.Error != "" {
+		s += "; rules of the last map rejected, previous ones in force: " + f.Error
+	}
+	return s
+}
