@@ -68,6 +68,9 @@ type Client struct {
 	// deadline was last pushed out (only Recv touches either).
 	idle        time.Duration
 	deadlineSet time.Time
+	// keepAlive is the relay's interval: flushLoop sends a keep-alive when
+	// nothing else went out for that long.
+	keepAlive time.Duration
 }
 
 // maxPending bounds queued outgoing bytes; Send blocks beyond it, which is
@@ -85,9 +88,25 @@ func (c *Client) start() {
 }
 
 func (c *Client) flushLoop() {
+	var tick <-chan time.Time
+	if c.keepAlive > 0 {
+		t := time.NewTicker(c.keepAlive)
+		defer t.Stop()
+		tick = t.C
+	}
+	wrote := false // frames other than keep-alives written since the last tick
 	for {
 		select {
 		case <-c.flushSig:
+			wrote = true
+		case <-tick:
+			if wrote {
+				wrote = false
+				continue
+			}
+			c.wmu.Lock()
+			c.pending = appendFrame(c.pending, frameKeepAlive)
+			c.wmu.Unlock()
 		case <-c.done:
 			return
 		}
@@ -315,13 +334,13 @@ func newClient(ctx context.Context, conn net.Conn, u *url.URL, opts ClientOption
 	default:
 		return nil, fmt.Errorf("derp: expected server info, got frame 0x%02x", byte(t))
 	}
+	c.keepAlive = time.Duration(c.info.KeepAliveMillis) * time.Millisecond
+	if c.keepAlive <= 0 {
+		c.keepAlive = DefaultKeepAlive
+	}
 	c.idle = opts.IdleTimeout
 	if c.idle == 0 {
-		ka := time.Duration(c.info.KeepAliveSec) * time.Second
-		if ka <= 0 {
-			ka = DefaultKeepAlive
-		}
-		c.idle = 2*ka + 5*time.Second
+		c.idle = 2*c.keepAlive + 5*time.Second
 	}
 	c.start()
 	return c, nil

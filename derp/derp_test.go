@@ -1004,7 +1004,39 @@ func TestClientIdleTimeout(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c2.Close()
-	if c.idle >= 0 || c2.idle != 19*time.Second {
+	if c.idle >= 0 || c2.idle != 19*time.Second || c2.keepAlive != 7*time.Second {
 		t.Fatalf("idle timeouts %v (disabled) and %v (default), want <0 and 19s", c.idle, c2.idle)
+	}
+}
+
+func TestServerDropsSilentClients(t *testing.T) {
+	srv := newTestServer(t, ServerOptions{KeepAlive: 50 * time.Millisecond})
+	ka, kb := netmap.NewNodePrivate(), netmap.NewNodePrivate()
+	// A's client sends keep-alives on its own while idle.
+	a := dial(t, srv.url, ka)
+	go func() {
+		for {
+			if _, err := a.Recv(); err != nil {
+				return
+			}
+		}
+	}()
+	// B handshakes by hand and then never sends a byte, like a node whose
+	// network vanished.
+	r := rawDial(t, srv.url)
+	r.sendInfo(kb.Public(), kb, r.nonce, clientInfo{Version: 1})
+	if msg := r.result(t); msg != "" {
+		t.Fatal(msg)
+	}
+	go io.Copy(io.Discard, r.br)
+	waitFor(t, "both registered", func() bool { return srv.Stats().Clients == 2 })
+	waitFor(t, "silent client dropped", func() bool { return srv.Stats().Clients == 1 })
+	// A, idle but alive, is still there well after three intervals.
+	time.Sleep(300 * time.Millisecond)
+	if n := srv.Stats().Clients; n != 1 {
+		t.Fatalf("clients = %d, want A still connected", n)
+	}
+	if err := a.Send(ka.Public(), []byte("self")); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -64,7 +64,10 @@ type ServerOptions struct {
 	WriteTimeout time.Duration
 	// HandshakeTimeout bounds the upgrade-to-accepted exchange.
 	HandshakeTimeout time.Duration
-	// KeepAlive is the interval of server keep-alive frames.
+	// KeepAlive is the interval of keep-alive frames, sent by the server
+	// and (as it tells them) by clients. A client the server heard nothing
+	// from for three intervals is dropped as gone, so its peers learn it
+	// left (PeerGone) instead of sending into a dead connection.
 	KeepAlive time.Duration
 	// ClientRate limits the bytes per second the server reads from each
 	// client (0: unlimited). The limit is applied by reading slower, so TCP
@@ -281,8 +284,9 @@ type ServerInfo struct {
 	// RateBytesPerSec and BurstBytes describe the per-client limit (0: none).
 	RateBytesPerSec int `json:"rate_bytes_per_sec,omitempty"`
 	BurstBytes      int `json:"burst_bytes,omitempty"`
-	// KeepAliveSec is how often the server sends keep-alives.
-	KeepAliveSec int `json:"keep_alive_sec"`
+	// KeepAliveMillis is how often the server sends keep-alives and the
+	// client must send something (a keep-alive when idle).
+	KeepAliveMillis int64 `json:"keep_alive_ms"`
 }
 
 // errRejected is a handshake failure the client is told about.
@@ -353,7 +357,7 @@ func (s *Server) handshake(conn net.Conn, br *bufio.Reader, bw *bufio.Writer) (*
 			return reject(fmt.Sprintf("node %s not accepted by this relay: %v", clientKey.ShortString(), err))
 		}
 	}
-	info := ServerInfo{Version: ProtocolVersion, KeepAliveSec: int(s.opts.KeepAlive / time.Second)}
+	info := ServerInfo{Version: ProtocolVersion, KeepAliveMillis: s.opts.KeepAlive.Milliseconds()}
 	if s.opts.ClientRate > 0 && s.opts.ClientRate != rate.Inf {
 		info.RateBytesPerSec = int(s.opts.ClientRate)
 		info.BurstBytes = s.opts.ClientBurst
@@ -632,7 +636,17 @@ var errProtocol = errors.New("derp: protocol violation")
 func (c *sclient) readLoop() error {
 	s := c.s
 	var small [2 * keyLen]byte
+	idle := 3 * s.opts.KeepAlive
+	var deadlineSet time.Time
 	for {
+		// Pushed out at most every quarter of the timeout, to keep timer
+		// updates off the per-packet path.
+		if now := time.Now(); now.Sub(deadlineSet) > idle/4 {
+			if err := c.conn.SetReadDeadline(now.Add(idle)); err != nil {
+				return err
+			}
+			deadlineSet = now
+		}
 		t, n, err := readFrameHeader(c.br)
 		if err != nil {
 			return err
