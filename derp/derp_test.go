@@ -1040,3 +1040,54 @@ func TestServerDropsSilentClients(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// The coordinator embeds the relay on its own HTTPS listener, which also
+// speaks HTTP/2 and asks for (optional) client certificates: the relay
+// client must still get an upgradable HTTP/1.1 connection there.
+func TestEmbeddedInHTTP2Server(t *testing.T) {
+	cert, err := NewSelfSignedCert([]string{"127.0.0.1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := NewServer(ServerOptions{PrivateKey: netmap.NewNodePrivate()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/derp", s)
+	mux.HandleFunc("/api", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, r.Proto) })
+	hs := httptest.NewUnstartedServer(mux)
+	hs.EnableHTTP2 = true
+	hs.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequestClientCert}
+	hs.StartTLS()
+	t.Cleanup(func() { s.Close(); hs.Close() })
+
+	// The listener really negotiates HTTP/2 for other clients.
+	resp, err := hs.Client().Get(hs.URL + "/api")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(body) != "HTTP/2.0" {
+		t.Fatalf("other routes use %s, want HTTP/2.0", body)
+	}
+	ka, kb := netmap.NewNodePrivate(), netmap.NewNodePrivate()
+	fp := Fingerprint(cert.Leaf)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	a, err := Dial(ctx, hs.URL, ClientOptions{NodeKey: ka, CertFingerprint: fp})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, err := Dial(ctx, hs.URL, ClientOptions{NodeKey: kb, CertFingerprint: fp, IdleTimeout: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	a.Send(kb.Public(), []byte("embedded"))
+	if got := recvPacket(t, b); string(got.Data) != "embedded" {
+		t.Fatalf("got %q", got.Data)
+	}
+}
