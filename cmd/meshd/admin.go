@@ -3,10 +3,12 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -78,13 +80,14 @@ func (c *cli) adminCmd() *ffcli.Command {
 	}
 	return &ffcli.Command{
 		Name:       "admin",
-		ShortUsage: "meshd admin <keys|nodes|users> <command> --coordinator URL --token-file FILE",
-		ShortHelp:  "manage auth keys, nodes and users on a coordinator",
+		ShortUsage: "meshd admin <keys|nodes|users|policy> <command> --coordinator URL --token-file FILE",
+		ShortHelp:  "manage auth keys, nodes, users and the policy on a coordinator",
 		FlagSet:    flag.NewFlagSet("admin", flag.ContinueOnError),
 		Subcommands: []*ffcli.Command{
 			group("keys", "create, list and revoke auth keys", c.keysCreateCmd(), c.keysListCmd(), c.keysRevokeCmd()),
 			group("nodes", "list, delete, expire, tag and approve nodes", c.nodesListCmd(), c.nodesDeleteCmd(), c.nodesExpireCmd(), c.nodesTagCmd(), c.nodesApproveCmd()),
 			group("users", "list users", c.usersListCmd()),
+			group("policy", "show or replace the tailnet policy in force", c.policyGetCmd(), c.policySetCmd()),
 		},
 		Exec: func(context.Context, []string) error { return flag.ErrHelp },
 	}
@@ -324,5 +327,71 @@ func (c *cli) usersListCmd() *ffcli.Command {
 				rows = append(rows, []string{strconv.FormatInt(u.ID, 10), u.Login, fmtTime(u.Created)})
 			}
 			return table(c.stdout, "ID\tLOGIN\tCREATED", rows)
+		})
+}
+
+func (c *cli) policyGetCmd() *ffcli.Command {
+	var asJSON bool
+	return c.adminLeaf("get", "meshd admin policy get [--json]", "print the policy file in force (or the bootstrap default)",
+		func(fs *flag.FlagSet) { fs.BoolVar(&asJSON, "json", false, "print JSON: file, text, sha256, updated, rules, tests, bootstrap") },
+		func(ctx context.Context, ac *control.AdminClient, args []string) error {
+			if len(args) > 0 {
+				return &exitError{2, fmt.Sprintf("policy get: unexpected arguments %q", args)}
+			}
+			p, err := ac.Policy(ctx)
+			if err != nil {
+				return fmt.Errorf("policy get: %w", err)
+			}
+			if asJSON {
+				return printJSON(c.stdout, p)
+			}
+			// The text alone on stdout, so that get > FILE, edit, set FILE
+			// round-trips; what it is goes to stderr.
+			if p.Bootstrap {
+				fmt.Fprintln(c.stderr, control.BootstrapNotice)
+			} else {
+				fmt.Fprintf(c.stderr, "policy %s, set %s: %d rules, %d tests, sha256 %s\n", p.File, fmtTime(p.Updated), p.Rules, p.Tests, p.SHA256)
+			}
+			_, err = io.WriteString(c.stdout, p.Text)
+			return err
+		})
+}
+
+func (c *cli) policySetCmd() *ffcli.Command {
+	var asJSON bool
+	return c.adminLeaf("set", "meshd admin policy set FILE [--json]",
+		"validate FILE on the coordinator and put it in force for every node, or reject it and keep the previous one",
+		func(fs *flag.FlagSet) { fs.BoolVar(&asJSON, "json", false, "print the applied policy as JSON") },
+		func(ctx context.Context, ac *control.AdminClient, args []string) error {
+			file, err := oneArg("policy set", args, "policy FILE")
+			if err != nil {
+				return err
+			}
+			name := filepath.Base(file)
+			data, err := readPolicyFile(file)
+			if err != nil {
+				return &exitError{1, fmt.Sprintf("policy set: %v; the policy in force is unchanged", err)}
+			}
+			p, err := ac.SetPolicy(ctx, file, data)
+			if errors.Is(err, control.ErrPolicyInvalid) {
+				msg := err.Error()
+				var ae *control.APIError
+				if errors.As(err, &ae) {
+					msg = ae.Message
+				}
+				fmt.Fprintln(c.stderr, msg)
+				return &exitError{1, "policy set: " + name + " rejected; the previous policy stays in force"}
+			}
+			if err != nil {
+				return fmt.Errorf("policy set: %w", err)
+			}
+			for _, w := range p.Warnings {
+				fmt.Fprintln(c.stderr, w)
+			}
+			if asJSON {
+				return printJSON(c.stdout, p)
+			}
+			fmt.Fprintf(c.stdout, "policy %s in force: %d rules, %d tests passed; pushed to %d connected nodes\n", p.File, p.Rules, p.Tests, p.ConnectedNodes)
+			return nil
 		})
 }

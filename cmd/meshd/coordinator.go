@@ -5,12 +5,16 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
+	"os"
+	"strings"
 	"time"
 
 	"github.com/peterbourgon/ff/v3/ffcli"
 
 	"meshd.dev/meshd/control"
+	"meshd.dev/meshd/policy"
 )
 
 func (c *cli) coordinatorCmd() *ffcli.Command {
@@ -21,13 +25,20 @@ func (c *cli) coordinatorCmd() *ffcli.Command {
 	ephemeral := fs.Duration("ephemeral-timeout", 5*time.Minute, "delete ephemeral nodes this long after their last map stream closes")
 	keyExpiry := fs.Duration("node-key-expiry", 180*24*time.Hour, "how long a user's node key is valid after it registers (tagged nodes never expire)")
 	approval := fs.Bool("require-approval", false, "nodes enrolled with keys that are not --preauthorized wait for `meshd admin nodes approve`")
+	policyFile := fs.String("policy", "", "tailnet policy `file` (huJSON) to load at start; it must validate, and it replaces (and is stored over) the policy last set with meshd admin policy set")
 	return &ffcli.Command{
 		Name:       "coordinator",
-		ShortUsage: "meshd coordinator --listen ADDR --state-dir DIR [--db URL] [--ephemeral-timeout D]",
+		ShortUsage: "meshd coordinator --listen ADDR --state-dir DIR [--db URL] [--policy FILE] [--ephemeral-timeout D]",
 		ShortHelp:  "run the coordinator: node registry, auth keys and network maps",
 		LongHelp: `Runs the coordinator. On first start it creates its key and an admin token
 (DIR/admin.token, mode 0600) that ` + "`meshd admin`" + ` uses. Auth keys carry the
-coordinator's fingerprint, so nodes verify it with nothing else given.`,
+coordinator's fingerprint, so nodes verify it with nothing else given.
+
+Policy: with --policy FILE the coordinator loads FILE (refusing to start if it
+does not validate), stores it and puts it in force, replacing whatever was set
+before with ` + "`meshd admin policy set`" + `. Without --policy it uses the policy
+last set (stored in its database), or, if none ever was, the bootstrap
+default: every node may reach every node.`,
 		FlagSet: fs,
 		Options: envOptions,
 		Exec: func(ctx context.Context, args []string) error {
@@ -37,10 +48,27 @@ coordinator's fingerprint, so nodes verify it with nothing else given.`,
 			if *stateDir == "" {
 				return &exitError{2, "coordinator: --state-dir is required (or MESHD_STATE_DIR)"}
 			}
-			s, err := control.NewServer(ctx, control.ServerOptions{
+			opts := control.ServerOptions{
 				StateDir: *stateDir, DBURL: *db, Logger: c.log,
 				EphemeralTimeout: *ephemeral, NodeKeyExpiry: *keyExpiry, RequireApproval: *approval,
-			})
+			}
+			if *policyFile != "" {
+				data, err := readPolicyFile(*policyFile)
+				if err != nil {
+					return &exitError{1, fmt.Sprintf("coordinator: --policy: %v", err)}
+				}
+				opts.Policy, opts.PolicyFile = data, *policyFile
+			}
+			s, err := control.NewServer(ctx, opts)
+			var perr *control.PolicyError
+			if errors.As(err, &perr) {
+				for _, p := range perr.Problems {
+					fmt.Fprintln(c.stderr, p)
+				}
+				// The problems are printed above; the message says whose.
+				msg := strings.TrimSuffix(strings.TrimSuffix(err.Error(), perr.Error()), ": ")
+				return &exitError{1, msg + ": policy rejected, not starting"}
+			}
 			if err != nil {
 				return err
 			}
@@ -51,6 +79,11 @@ coordinator's fingerprint, so nodes verify it with nothing else given.`,
 			}
 			fmt.Fprintf(c.stdout, "coordinator listening on https://%s\nfingerprint: %s\nadmin token: %s\n",
 				ln.Addr(), s.Fingerprint(), s.AdminTokenPath())
+			if p := s.CurrentPolicy(); p.Bootstrap {
+				fmt.Fprintln(c.stdout, "policy: none loaded, bootstrap default in force (every node may reach every node)")
+			} else {
+				fmt.Fprintf(c.stdout, "policy: %s (%d rules, %d tests, set %s)\n", p.File, p.Rules, p.Tests, fmtTime(p.Updated))
+			}
 			errc := make(chan error, 1)
 			go func() { errc <- s.Serve(ln) }()
 			select {
@@ -68,4 +101,22 @@ coordinator's fingerprint, so nodes verify it with nothing else given.`,
 			}
 		},
 	}
+}
+
+// readPolicyFile reads a policy file, refusing one over the policy size
+// limit before reading it whole.
+func readPolicyFile(file string) ([]byte, error) {
+	f, err := os.Open(file)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, policy.MaxSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", file, err)
+	}
+	if len(data) > policy.MaxSize {
+		return nil, fmt.Errorf("%s: policy is larger than the %d byte (4 MiB) limit", file, policy.MaxSize)
+	}
+	return data, nil
 }

@@ -1,0 +1,116 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"meshd.dev/meshd/control"
+)
+
+const cliGoodPolicy = `// ops may reach the GPU servers on 22
+{
+	"groups": {"group:ops": ["alice@example.com"]},
+	"tagOwners": {"tag:gpu": []},
+	"grants": [{"src": ["group:ops"], "dst": ["tag:gpu"], "ip": ["22"]}],
+	"tests": [{"src": "alice@example.com", "accept": ["tag:gpu:22"], "deny": ["tag:gpu:80"]}],
+}
+`
+
+const cliBadPolicy = `{
+	"tagOwners": {"tag:gpu": []},
+	"grants": [{"src": ["group:nobody"], "dst": ["tag:gpu"], "ip": ["22"]}],
+}
+`
+
+func writeFile(t *testing.T, dir, name, text string) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	if err := os.WriteFile(p, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestAdminPolicyCommands(t *testing.T) {
+	url, dir := startCoordinator(t)
+	t.Setenv("MESHD_COORDINATOR", url)
+	t.Setenv("MESHD_TOKEN_FILE", filepath.Join(dir, "admin.token"))
+	files := t.TempDir()
+
+	code, out, errOut := runAdmin(t, "policy", "get")
+	if code != 0 || out != control.BootstrapPolicyText || !strings.Contains(errOut, control.BootstrapNotice) {
+		t.Fatalf("get on a fresh coordinator: exit %d, stdout %q, stderr %q", code, out, errOut)
+	}
+
+	good := writeFile(t, files, "good.hujson", cliGoodPolicy)
+	code, out, errOut = runAdmin(t, "policy", "set", good)
+	if code != 0 || !strings.HasPrefix(out, "policy good.hujson in force: 1 rules, 1 tests passed") {
+		t.Fatalf("set good: exit %d, stdout %q, stderr %q", code, out, errOut)
+	}
+	code, out, _ = runAdmin(t, "policy", "get")
+	if code != 0 || out != cliGoodPolicy {
+		t.Fatalf("get after set: exit %d, %q", code, out)
+	}
+
+	bad := writeFile(t, files, "bad.hujson", cliBadPolicy)
+	code, out, errOut = runAdmin(t, "policy", "set", bad)
+	if code != 1 || !strings.HasPrefix(errOut, "bad.hujson:3:") || strings.Contains(errOut, files) ||
+		!strings.Contains(errOut, "bad.hujson rejected; the previous policy stays in force") {
+		t.Fatalf("set bad: exit %d, stdout %q, stderr %q", code, out, errOut)
+	}
+	code, out, _ = runAdmin(t, "policy", "get", "--json")
+	var p control.PolicyInfo
+	if err := json.Unmarshal([]byte(out), &p); code != 0 || err != nil || p.File != "good.hujson" || p.Text != cliGoodPolicy || p.Bootstrap {
+		t.Fatalf("get --json after a rejected set: exit %d, %+v, %v", code, p, err)
+	}
+
+	code, _, errOut = runAdmin(t, "policy", "set", filepath.Join(files, "missing.hujson"))
+	if code != 1 || !strings.Contains(errOut, "missing.hujson") {
+		t.Fatalf("set of a missing file: exit %d, %q", code, errOut)
+	}
+}
+
+func TestCoordinatorPolicyFlag(t *testing.T) {
+	files := t.TempDir()
+	bad := writeFile(t, files, "bad.hujson", cliBadPolicy)
+	var stdout, stderr bytes.Buffer
+	code := run(context.Background(), []string{"coordinator", "--listen", "127.0.0.1:0", "--state-dir", t.TempDir(), "--policy", bad}, &stdout, &stderr)
+	if code != 1 || !strings.Contains(stderr.String(), "bad.hujson:3:") || !strings.Contains(stderr.String(), "not starting") {
+		t.Fatalf("coordinator --policy bad: exit %d, stderr %q", code, stderr.String())
+	}
+
+	good := writeFile(t, files, "good.hujson", cliGoodPolicy)
+	ctx, cancel := context.WithCancel(context.Background())
+	pr, pw := io.Pipe()
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, []string{"coordinator", "--listen", "127.0.0.1:0", "--state-dir", t.TempDir(), "--policy", good}, pw, io.Discard)
+		pw.Close()
+	}()
+	sc := bufio.NewScanner(pr)
+	var lines []string
+	for len(lines) < 4 && sc.Scan() {
+		lines = append(lines, sc.Text())
+	}
+	go io.Copy(io.Discard, pr)
+	cancel()
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Errorf("coordinator exited %d after cancel", code)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("coordinator did not stop")
+	}
+	if len(lines) < 4 || !strings.HasPrefix(lines[3], "policy: good.hujson (1 rules, 1 tests") {
+		t.Fatalf("start-up output %q: want the policy named", lines)
+	}
+}
