@@ -333,7 +333,9 @@ func (c *cli) usersListCmd() *ffcli.Command {
 func (c *cli) policyGetCmd() *ffcli.Command {
 	var asJSON bool
 	return c.adminLeaf("get", "meshd admin policy get [--json]", "print the policy file in force (or the bootstrap default)",
-		func(fs *flag.FlagSet) { fs.BoolVar(&asJSON, "json", false, "print JSON: file, text, sha256, updated, rules, tests, bootstrap") },
+		func(fs *flag.FlagSet) {
+			fs.BoolVar(&asJSON, "json", false, "print JSON: file, text, sha256, updated, rules, tests, bootstrap")
+		},
 		func(ctx context.Context, ac *control.AdminClient, args []string) error {
 			if len(args) > 0 {
 				return &exitError{2, fmt.Sprintf("policy get: unexpected arguments %q", args)}
