@@ -62,10 +62,11 @@ type packetFilter struct {
 	log *slog.Logger
 	// src and local are what the rules in force were compiled from, so
 	// that maps which change only peers or endpoints cost no recompile.
-	src      []netmap.FilterRule
-	local    []netip.Prefix
-	compiled bool
-	err      error // why the last map's rules were rejected; nil if in force
+	src       []netmap.FilterRule
+	local     []netip.Prefix
+	compiled  bool
+	bootstrap bool  // the rules in force are the coordinator's allow-all bootstrap
+	err       error // why the last map's rules were rejected; nil if in force
 }
 
 func newPacketFilter(log *slog.Logger) *packetFilter {
@@ -81,7 +82,7 @@ func (p *packetFilter) update(nm *netmap.NetworkMap) {
 	if len(local) == 0 {
 		local = nm.Self.Addresses
 	}
-	if p.compiled && slices.Equal(local, p.local) && reflect.DeepEqual(nm.PacketFilter, p.src) {
+	if p.compiled && slices.Equal(local, p.local) && reflect.DeepEqual(nm.PacketFilter, p.src) && p.bootstrap == nm.PolicyBootstrap {
 		return
 	}
 	r, err := filter.Compile(nm.PacketFilter, local)
@@ -92,6 +93,7 @@ func (p *packetFilter) update(nm *netmap.NetworkMap) {
 	}
 	p.f.SetRules(r)
 	p.src, p.local, p.compiled, p.err = slices.Clone(nm.PacketFilter), slices.Clone(local), true, nil
+	p.bootstrap = nm.PolicyBootstrap
 	p.log.Info("packet filter updated", "rules", r.Len(), "bootstrap_allow_all", nm.PolicyBootstrap)
 }
 
@@ -99,7 +101,7 @@ func (p *packetFilter) status() *localapi.FilterStatus {
 	s := p.f.Stats()
 	fs := &localapi.FilterStatus{
 		Rules: s.Rules, Flows: s.Flows, Fragments: s.Fragments,
-		DropsIn: s.DropsIn, DropsOut: s.DropsOut,
+		DropsIn: s.DropsIn, DropsOut: s.DropsOut, Bootstrap: p.bootstrap,
 	}
 	if p.err != nil {
 		fs.Error = p.err.Error()

@@ -526,7 +526,7 @@ func TestAgentFilterFromSavedMap(t *testing.T) {
 	st := waitStatus(t, a, "filter rules from the map", func(st *localapi.Status) bool {
 		return st.Filter != nil && st.Filter.Rules == 1
 	})
-	if _, ok := st.Filter.DropsIn["no_rule"]; !ok || st.Filter.Error != "" {
+	if _, ok := st.Filter.DropsIn["no_rule"]; !ok || st.Filter.Error != "" || !st.Filter.Bootstrap {
 		t.Fatalf("filter status: %+v", st.Filter)
 	}
 	stop()

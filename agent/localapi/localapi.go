@@ -88,6 +88,9 @@ type FilterStatus struct {
 	Fragments int               `json:"fragments"`
 	DropsIn   map[string]uint64 `json:"drops_in"`
 	DropsOut  map[string]uint64 `json:"drops_out"`
+	// Bootstrap is set while the coordinator has no policy loaded and
+	// serves its allow-all bootstrap rule.
+	Bootstrap bool `json:"bootstrap,omitempty"`
 	// Error says why the rules of the last network map were rejected (the
 	// previous rules stay in force); empty when they are in force.
 	Error string `json:"error,omitempty"`

@@ -130,6 +130,9 @@ func filterLine(f *localapi.FilterStatus) string {
 		}
 	}
 	s := fmt.Sprintf("filter: %d rules, %d flows; ", f.Rules, f.Flows)
+	if f.Bootstrap {
+		s = fmt.Sprintf("filter: allow all (the coordinator has no policy: meshd admin policy set FILE), %d flows; ", f.Flows)
+	}
 	if len(dirs) == 0 {
 		s += "no drops"
 	} else {
