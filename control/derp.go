@@ -1,0 +1,299 @@
+package control
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"meshd.dev/meshd/netmap"
+)
+
+// EmbeddedDERPRegionID is the region id of the relay embedded in the
+// coordinator when no --derp-map is given.
+const EmbeddedDERPRegionID = 1
+
+// EmbeddedDERPMap is the one-region map pointing at a relay embedded in
+// (or run next to) the coordinator: host is what nodes dial, fingerprint
+// pins its certificate (the coordinator's own when the relay shares its
+// listener). stunPort 0 means no STUN server.
+func EmbeddedDERPMap(host string, derpPort, stunPort int, fingerprint string) *netmap.DERPMap {
+	return &netmap.DERPMap{Regions: []netmap.DERPRegion{{
+		ID: EmbeddedDERPRegionID, Code: "coord", Name: "coordinator",
+		Nodes: []netmap.DERPNode{{
+			Name: "1a", Host: host, DERPPort: derpPort, STUNPort: stunPort, CertFingerprint: fingerprint,
+		}},
+	}}}
+}
+
+// SetDERPMap replaces the DERP map that full network maps carry. It is meant
+// for start-up, before Serve, when the map depends on the coordinator itself
+// (the embedded relay is pinned by the coordinator's fingerprint, which is
+// only known once NewServer has loaded its key). Streams already open keep
+// the map they were sent until they reconnect.
+func (s *Server) SetDERPMap(m *netmap.DERPMap) error {
+	if m != nil {
+		if err := m.Validate(); err != nil {
+			return fmt.Errorf("coordinator: %w", err)
+		}
+	}
+	s.hub.mu.Lock()
+	defer s.hub.mu.Unlock()
+	s.hub.derpMap = m
+	return nil
+}
+
+// DERPMap returns the DERP map handed out to nodes (nil if none).
+func (s *Server) DERPMap() *netmap.DERPMap {
+	s.hub.mu.Lock()
+	defer s.hub.mu.Unlock()
+	return s.hub.derpMap
+}
+
+// ErrUnknownNodeKey is what a relay tells a client the coordinator does not
+// know.
+var ErrUnknownNodeKey = errors.New("node key is not registered with the coordinator, or it expired: run `meshd up` on the node")
+
+// VerifyNodeKey is the "verify clients" check for a DERP relay: nil if k is
+// the key of a registered, authorized node whose key has not expired. It
+// fits derp.ServerOptions.Verify for a relay embedded in the coordinator.
+func (s *Server) VerifyNodeKey(_ context.Context, k netmap.NodePublic) error {
+	if s.nodeKeyValid(k, time.Now()) {
+		return nil
+	}
+	return ErrUnknownNodeKey
+}
+
+// nodeKeyValid checks expiry itself rather than trusting the hub alone:
+// the expiry sweep runs every SweepInterval, and a relay should not accept
+// a key in the gap.
+func (s *Server) nodeKeyValid(k netmap.NodePublic, now time.Time) bool {
+	h := s.hub
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	id, ok := h.byKey[k]
+	if !ok {
+		return false
+	}
+	n := h.nodes[id]
+	return n != nil && (n.KeyExpiry.IsZero() || now.Before(n.KeyExpiry))
+}
+
+// Relay tokens let standalone relays (`meshd derp --coordinator`) ask the
+// coordinator about node keys. They are separate from the admin token so a
+// relay host holds no power over the tailnet: the token answers one yes/no
+// question per key. Like admin tokens they carry the coordinator's
+// fingerprint, which the relay pins.
+const (
+	relayTokenFile   = "relay.token"
+	relayTokenPrefix = "msrly"
+	relayVerifyPath  = "/relay/v1/verify"
+)
+
+// RelayVerifyResponse is the answer of GET /relay/v1/verify?key=nodekey:….
+type RelayVerifyResponse struct {
+	Known bool `json:"known"`
+}
+
+// EnableRelayVerify makes sure DIR/relay.token exists (creating it, mode
+// 0600, on first use; delete it and restart to rotate) and serves
+// GET /relay/v1/verify?key=NODEKEY to holders of that token. It returns the
+// token file's path.
+func (s *Server) EnableRelayVerify() (string, error) {
+	path := filepath.Join(s.opts.StateDir, relayTokenFile)
+	tok, err := readRelayToken(path)
+	if err == nil {
+		if fp, _ := relayTokenFingerprint(tok); fp != s.fingerprint {
+			s.log.Warn("relay token was issued by another coordinator key; issuing a new one", "path", path)
+			err = os.ErrNotExist
+		}
+	}
+	if errors.Is(err, os.ErrNotExist) {
+		tok = relayTokenPrefix + "-" + randomSecret() + "-" + s.fingerprint
+		if err := writeFileAtomic(path, []byte(tok+"\n")); err != nil {
+			return "", fmt.Errorf("coordinator: write relay token: %w", err)
+		}
+	} else if err != nil {
+		return "", err
+	}
+	want := hashSecret(tok)
+	s.mux.HandleFunc("GET "+relayVerifyPath, func(w http.ResponseWriter, r *http.Request) {
+		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if !ok || !hashEqual(hashSecret(strings.TrimSpace(got)), want) {
+			// Not ErrUnauthorized, whose message names the admin token.
+			writeJSON(w, http.StatusUnauthorized, errorBody{Code: "unauthorized",
+				Error: "relay token missing or wrong: use the content of the coordinator's " + relayTokenFile})
+			return
+		}
+		k, err := netmap.ParseNodePublic(r.URL.Query().Get("key"))
+		if err != nil {
+			s.writeError(w, r, fmt.Errorf("%w: key: %v", ErrBadRequest, err))
+			return
+		}
+		writeJSON(w, http.StatusOK, RelayVerifyResponse{Known: s.nodeKeyValid(k, time.Now())})
+	})
+	return path, nil
+}
+
+func readRelayToken(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return "", err
+		}
+		return "", fmt.Errorf("coordinator: read relay token: %w", err)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+// relayTokenFingerprint returns the coordinator fingerprint a relay token
+// carries.
+func relayTokenFingerprint(token string) (string, error) {
+	parts := strings.Split(strings.TrimSpace(token), "-")
+	if len(parts) != 3 || parts[0] != relayTokenPrefix || len(parts[2]) != fingerprintLen || !isHex(parts[2]) {
+		return "", errors.New("relay token is malformed: want msrly-SECRET-FINGERPRINT, the content of the coordinator's relay.token")
+	}
+	return parts[2], nil
+}
+
+// RelayVerifierOptions tunes a RelayVerifier; zero values pick defaults.
+type RelayVerifierOptions struct {
+	// TTL is how long a "known" answer is trusted (default 30s).
+	TTL time.Duration
+	// NegativeTTL is how long an "unknown" answer is trusted (default 5s),
+	// short so a node that just registered gets in on its next attempt.
+	NegativeTTL time.Duration
+	// StaleTTL is how long a "known" answer keeps being used while the
+	// coordinator cannot be reached (default 10m), so a coordinator
+	// restart does not lock known nodes out of the relay. Unknown keys are
+	// refused while the coordinator is unreachable.
+	StaleTTL time.Duration
+	// MaxEntries bounds the cache (default 65536).
+	MaxEntries int
+	Logger     *slog.Logger
+}
+
+// RelayVerifier answers derp.ServerOptions.Verify for a standalone relay by
+// asking the coordinator, caching answers briefly.
+type RelayVerifier struct {
+	base  *url.URL
+	token string
+	hc    *http.Client
+	opts  RelayVerifierOptions
+	now   func() time.Time
+
+	mu    sync.Mutex
+	cache map[netmap.NodePublic]verifyEntry
+}
+
+type verifyEntry struct {
+	known bool
+	at    time.Time
+}
+
+// NewRelayVerifier returns a verifier for the coordinator at rawURL; token is
+// the content of the coordinator's relay.token, whose fingerprint is pinned.
+func NewRelayVerifier(rawURL, token string, opts RelayVerifierOptions) (*RelayVerifier, error) {
+	u, err := ParseURL(rawURL)
+	if err != nil {
+		return nil, err
+	}
+	token = strings.TrimSpace(token)
+	fp, err := relayTokenFingerprint(token)
+	if err != nil {
+		return nil, err
+	}
+	if opts.TTL <= 0 {
+		opts.TTL = 30 * time.Second
+	}
+	if opts.NegativeTTL <= 0 {
+		opts.NegativeTTL = 5 * time.Second
+	}
+	if opts.StaleTTL <= 0 {
+		opts.StaleTTL = 10 * time.Minute
+	}
+	if opts.MaxEntries <= 0 {
+		opts.MaxEntries = 65536
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	tr := pinnedTransport(func() string { return fp }, func(string) {}, nil)
+	return &RelayVerifier{
+		base: u, token: token, opts: opts, now: time.Now,
+		hc:    &http.Client{Transport: tr, Timeout: 10 * time.Second},
+		cache: make(map[netmap.NodePublic]verifyEntry),
+	}, nil
+}
+
+// Close releases idle connections.
+func (v *RelayVerifier) Close() { v.hc.CloseIdleConnections() }
+
+// Verify returns nil if the coordinator knows k (from cache when fresh).
+func (v *RelayVerifier) Verify(ctx context.Context, k netmap.NodePublic) error {
+	now := v.now()
+	v.mu.Lock()
+	e, cached := v.cache[k]
+	v.mu.Unlock()
+	if cached {
+		ttl := v.opts.NegativeTTL
+		if e.known {
+			ttl = v.opts.TTL
+		}
+		if now.Sub(e.at) < ttl {
+			return verdict(e.known)
+		}
+	}
+	known, err := v.ask(ctx, k)
+	if err != nil {
+		if cached && e.known && now.Sub(e.at) < v.opts.StaleTTL {
+			v.opts.Logger.Warn("relay: coordinator unreachable; accepting a node it knew recently", "node", k.ShortString(), "err", err)
+			return nil
+		}
+		return fmt.Errorf("cannot check the node with the coordinator: %w", err)
+	}
+	v.mu.Lock()
+	if len(v.cache) >= v.opts.MaxEntries {
+		v.evictLocked(now)
+	}
+	v.cache[k] = verifyEntry{known: known, at: now}
+	v.mu.Unlock()
+	return verdict(known)
+}
+
+func verdict(known bool) error {
+	if known {
+		return nil
+	}
+	return ErrUnknownNodeKey
+}
+
+// evictLocked drops entries past any use; if that frees nothing the cache
+// starts over rather than growing without bound.
+func (v *RelayVerifier) evictLocked(now time.Time) {
+	for k, e := range v.cache {
+		if now.Sub(e.at) >= v.opts.StaleTTL || (!e.known && now.Sub(e.at) >= v.opts.NegativeTTL) {
+			delete(v.cache, k)
+		}
+	}
+	if len(v.cache) >= v.opts.MaxEntries {
+		clear(v.cache)
+	}
+}
+
+func (v *RelayVerifier) ask(ctx context.Context, k netmap.NodePublic) (bool, error) {
+	u := v.base.JoinPath(relayVerifyPath)
+	u.RawQuery = url.Values{"key": {k.String()}}.Encode()
+	var out RelayVerifyResponse
+	if err := doJSON(ctx, v.hc, http.MethodGet, u.String(), v.token, nil, &out, nil); err != nil {
+		return false, err
+	}
+	return out.Known, nil
+}
