@@ -1,0 +1,836 @@
+// Package magicbind is the agent's WireGuard conn.Bind that sends each peer's
+// packets over the best path it currently has: a direct UDP ip:port that
+// recently answered a disco ping, or else the peer's home DERP relay.
+//
+// WireGuard sees one stable endpoint per peer, keyed by the peer's node key
+// (Bind.EndpointFor gives the string to configure), never a raw address: the
+// path is chosen per send, and every received packet, whatever address or
+// relay it came from, is handed to WireGuard with that same endpoint, so
+// WireGuard's own roaming never fights the path selection.
+//
+// One UDP socket (conn.StdNetBind's, for its recvmmsg/sendmmsg and UDP
+// GSO/GRO) carries WireGuard, disco and STUN; they are told apart by their
+// first bytes. Per peer, a nat/endpoint.Selector decides which pings to send
+// and which path to use; traffic starts on DERP at once and moves to a
+// direct path when a pong arrives.
+package magicbind
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.zx2c4.com/wireguard/conn"
+
+	"meshd.dev/meshd/derp"
+	"meshd.dev/meshd/nat/disco"
+	"meshd.dev/meshd/nat/endpoint"
+	"meshd.dev/meshd/nat/stun"
+	"meshd.dev/meshd/netmap"
+)
+
+// Path names, as `meshd status` shows them.
+const (
+	PathDirect = "direct"
+	PathDERP   = "derp"
+	PathNone   = "none"
+)
+
+// derpMagicAddr is the address a pong sent through DERP carries (with the
+// region id as port), and what WireGuard's UAPI shows for a relayed peer: it
+// is never sent to. Tailscale uses the same convention.
+var derpMagicAddr = netip.MustParseAddr("127.3.3.40")
+
+// Options configure a Bind.
+type Options struct {
+	// NodeKey is this node's WireGuard key: the DERP identity.
+	NodeKey netmap.NodePrivate
+	// DiscoKey seals and opens disco messages.
+	DiscoKey netmap.DiscoPrivate
+	// Paths holds the path selection timing; zero fields take defaults.
+	Paths endpoint.Config
+	// STUNInterval is how often the public mapping of the socket and the
+	// latency to each DERP region are re-measured (default 20s).
+	STUNInterval time.Duration
+	// OnChange, if set, is called (from a background goroutine) when the
+	// home DERP region or the STUN-learnt endpoints change, so the agent
+	// can report them to the coordinator at once.
+	OnChange func()
+	// DERPDialContext opens the TCP connections to relays; nil uses a
+	// net.Dialer.
+	DERPDialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+	Logger          *slog.Logger
+}
+
+// Bind is the magic bind. Create it with New; WireGuard calls Open and
+// Close. SetNetworkMap feeds it peers and the DERP map.
+type Bind struct {
+	opts   Options
+	log    *slog.Logger
+	std    conn.Bind
+	selfPK netmap.NodePublic
+
+	mu      sync.Mutex
+	peers   map[netmap.NodePublic]*peer
+	byDisco map[netmap.DiscoPublic]*peer
+	derpMap netmap.DERPMap
+	selfEps []netip.AddrPort // what the coordinator has for us
+	stunEps []netip.AddrPort // public mappings learnt over STUN
+	home    int
+	regions map[int]*region
+	stunTx  map[stun.TxID]stunProbe
+	stunLat map[int]time.Duration
+	waiters map[disco.TxID]*pingWaiter
+	open    *openState // nil while closed
+
+	// byAddr maps a direct source address to its peer; replaced whole
+	// (copy on write) so the receive path reads it without a lock.
+	byAddr atomic.Pointer[map[netip.AddrPort]*peer]
+	// byKey is the same for DERP sources.
+	byKey atomic.Pointer[map[netmap.NodePublic]*peer]
+}
+
+// openState is what lives from Open to Close.
+type openState struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	derpRx chan derpPacket
+	wake   chan struct{}
+}
+
+type derpPacket struct {
+	p   *peer
+	buf *[]byte
+	n   int
+}
+
+type region struct {
+	id     int
+	code   string
+	client *derp.ReconnectingClient
+}
+
+type stunProbe struct {
+	region int
+	sent   time.Time
+}
+
+type pingWaiter struct {
+	p      *peer
+	sent   time.Time
+	result chan PingResult
+}
+
+// peer is one WireGuard peer's path state.
+type peer struct {
+	key netmap.NodePublic
+	ep  *Endpoint
+
+	mu       sync.Mutex
+	name     string
+	disco    netmap.DiscoPublic
+	home     int
+	cands    []netip.AddrPort // from the netmap
+	sel      *endpoint.Selector
+	lastSend time.Time
+	directEP *conn.StdNetEndpoint // cached for the current direct path
+}
+
+// New returns a Bind for the node with the given keys. It does nothing until
+// WireGuard opens it.
+func New(opts Options) *Bind {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.STUNInterval == 0 {
+		opts.STUNInterval = 20 * time.Second
+	}
+	b := &Bind{
+		opts: opts, log: opts.Logger, std: conn.NewStdNetBind(), selfPK: opts.NodeKey.Public(),
+		peers: map[netmap.NodePublic]*peer{}, byDisco: map[netmap.DiscoPublic]*peer{},
+		regions: map[int]*region{}, stunTx: map[stun.TxID]stunProbe{}, stunLat: map[int]time.Duration{},
+		waiters: map[disco.TxID]*pingWaiter{},
+	}
+	b.byAddr.Store(&map[netip.AddrPort]*peer{})
+	b.byKey.Store(&map[netmap.NodePublic]*peer{})
+	return b
+}
+
+// Endpoint is the conn.Endpoint of one peer, stable for the peer's life in
+// the bind.
+type Endpoint struct {
+	p *peer
+	b *Bind
+}
+
+// ClearSrc is a no-op: the bind does not pin source addresses.
+func (e *Endpoint) ClearSrc() {}
+
+// SrcToString is empty: the source is whatever the socket uses.
+func (e *Endpoint) SrcToString() string { return "" }
+
+// DstToString is the current path: the direct ip:port, or 127.3.3.40:REGION
+// while relayed (what WireGuard's UAPI shows).
+func (e *Endpoint) DstToString() string {
+	path, addr, _ := e.b.peerPath(e.p, time.Now())
+	if path == PathDirect {
+		return addr.String()
+	}
+	e.p.mu.Lock()
+	home := e.p.home
+	e.p.mu.Unlock()
+	return netip.AddrPortFrom(derpMagicAddr, uint16(home)).String()
+}
+
+// DstToBytes identifies the peer for WireGuard's cookie MACs: its key, which
+// unlike an address does not change with the path.
+func (e *Endpoint) DstToBytes() []byte { return e.p.key[:] }
+
+// DstIP is the direct path's address, or zero while relayed.
+func (e *Endpoint) DstIP() netip.Addr {
+	if path, addr, _ := e.b.peerPath(e.p, time.Now()); path == PathDirect {
+		return addr.Addr()
+	}
+	return netip.Addr{}
+}
+
+// SrcIP is zero: the bind does not pin source addresses.
+func (e *Endpoint) SrcIP() netip.Addr { return netip.Addr{} }
+
+// EndpointFor is the endpoint string to configure in WireGuard for the peer
+// with key k (UAPI "endpoint="): its node key.
+func EndpointFor(k netmap.NodePublic) string { return k.String() }
+
+// ParseEndpoint accepts the strings EndpointFor makes. A peer not yet in the
+// network map gets its endpoint now and its paths when the map arrives.
+func (b *Bind) ParseEndpoint(s string) (conn.Endpoint, error) {
+	k, err := netmap.ParseNodePublic(s)
+	if err != nil {
+		return nil, fmt.Errorf("magic bind endpoint %q: want a node key: %w", s, err)
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.peerLocked(k).ep, nil
+}
+
+func (b *Bind) peerLocked(k netmap.NodePublic) *peer {
+	if p, ok := b.peers[k]; ok {
+		return p
+	}
+	p := &peer{key: k, sel: endpoint.New(b.opts.Paths)}
+	p.ep = &Endpoint{p: p, b: b}
+	b.peers[k] = p
+	b.publishKeysLocked()
+	return p
+}
+
+func (b *Bind) publishKeysLocked() {
+	m := make(map[netmap.NodePublic]*peer, len(b.peers))
+	for k, p := range b.peers {
+		m[k] = p
+	}
+	b.byKey.Store(&m)
+}
+
+// SetNetworkMap brings the bind's peers, their disco keys, candidate
+// endpoints and home regions, and the DERP map in line with nm.
+func (b *Bind) SetNetworkMap(nm *netmap.NetworkMap) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	seen := make(map[netmap.NodePublic]bool, len(nm.Peers))
+	b.byDisco = make(map[netmap.DiscoPublic]*peer, len(nm.Peers))
+	addrs := map[netip.AddrPort]*peer{}
+	for _, n := range nm.Peers {
+		if n.NodeKey.IsZero() || n.NodeKey == b.selfPK {
+			continue
+		}
+		seen[n.NodeKey] = true
+		p := b.peerLocked(n.NodeKey)
+		p.mu.Lock()
+		p.name, p.disco, p.home = n.Hostname, n.DiscoKey, n.HomeDERP
+		p.cands = slices.Clone(n.Endpoints)
+		p.sel.SetCandidates(n.Endpoints)
+		for _, c := range p.sel.State(time.Now()).Candidates {
+			addrs[c.Addr] = p
+		}
+		p.mu.Unlock()
+		if !n.DiscoKey.IsZero() {
+			b.byDisco[n.DiscoKey] = p
+		}
+	}
+	for k := range b.peers {
+		if !seen[k] {
+			// WireGuard removes the peer too; its endpoint stays valid
+			// (sends go nowhere) until then.
+			delete(b.peers, k)
+		}
+	}
+	b.publishKeysLocked()
+	b.byAddr.Store(&addrs)
+	b.selfEps = slices.Clone(nm.Self.Endpoints)
+	mapChanged := !derpMapEqual(b.derpMap, nm.DERPMap)
+	b.derpMap = nm.DERPMap
+	if mapChanged && b.open != nil {
+		b.kickLocked()
+		b.startSTUNLocked()
+	}
+}
+
+func derpMapEqual(a, b netmap.DERPMap) bool {
+	return slices.EqualFunc(a.Regions, b.Regions, func(x, y netmap.DERPRegion) bool {
+		return x.ID == y.ID && x.Code == y.Code && slices.Equal(x.Nodes, y.Nodes)
+	})
+}
+
+// learnAddr ties a direct source address to p (after an authenticated ping
+// or pong from it).
+func (b *Bind) learnAddr(a netip.AddrPort, p *peer) {
+	if (*b.byAddr.Load())[a] == p {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.peers[p.key] != p {
+		return // removed meanwhile
+	}
+	old := *b.byAddr.Load()
+	m := make(map[netip.AddrPort]*peer, len(old)+1)
+	for k, v := range old {
+		m[k] = v
+	}
+	m[a] = p
+	b.byAddr.Store(&m)
+}
+
+// Open opens the UDP socket on port, connects to the home DERP region and
+// starts path discovery.
+func (b *Bind) Open(port uint16) ([]conn.ReceiveFunc, uint16, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.open != nil {
+		return nil, 0, conn.ErrBindAlreadyOpen
+	}
+	fns, actual, err := b.std.Open(port)
+	if err != nil {
+		return nil, 0, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	o := &openState{ctx: ctx, cancel: cancel, derpRx: make(chan derpPacket, 256), wake: make(chan struct{}, 1)}
+	b.open = o
+	out := make([]conn.ReceiveFunc, 0, len(fns)+1)
+	for _, fn := range fns {
+		out = append(out, b.wrapReceive(fn))
+	}
+	out = append(out, b.receiveDERP(o))
+	o.wg.Add(2)
+	go func() {
+		defer o.wg.Done()
+		b.discoLoop(o)
+	}()
+	go func() {
+		defer o.wg.Done()
+		b.stunLoop(o)
+	}()
+	return out, actual, nil
+}
+
+// Close closes the socket and the relay connections; the receive functions
+// return net.ErrClosed.
+func (b *Bind) Close() error {
+	b.mu.Lock()
+	o := b.open
+	b.open = nil
+	// The relay connections' Run loops end with o.ctx.
+	b.regions = map[int]*region{}
+	b.mu.Unlock()
+	err := b.std.Close()
+	if o != nil {
+		o.cancel()
+		o.wg.Wait()
+	}
+	return err
+}
+
+// SetMark sets SO_MARK on the UDP socket.
+func (b *Bind) SetMark(mark uint32) error { return b.std.SetMark(mark) }
+
+// BatchSize is the UDP socket's batch size.
+func (b *Bind) BatchSize() int { return b.std.BatchSize() }
+
+// errNoPath is returned by Send for a peer with neither a direct path nor a
+// relay; WireGuard retries its handshake later.
+var errNoPath = errors.New("magic bind: no path to peer (no direct path yet and no DERP home)")
+
+// Send sends bufs to the peer of ep over its best path.
+func (b *Bind) Send(bufs [][]byte, cep conn.Endpoint) error {
+	ep, ok := cep.(*Endpoint)
+	if !ok || ep.b != b {
+		return fmt.Errorf("magic bind: foreign endpoint %T", cep)
+	}
+	p := ep.p
+	now := time.Now()
+	p.mu.Lock()
+	kick := now.Sub(p.lastSend) > 500*time.Millisecond
+	p.lastSend = now
+	p.sel.NoteActivity(now)
+	addr, direct := p.sel.Path(now)
+	var dst *conn.StdNetEndpoint
+	if direct {
+		if p.directEP == nil || p.directEP.AddrPort != addr {
+			p.directEP = &conn.StdNetEndpoint{AddrPort: addr}
+		}
+		dst = p.directEP
+	}
+	home := p.home
+	p.mu.Unlock()
+	if kick {
+		b.kick()
+	}
+	if direct {
+		return b.std.Send(bufs, dst)
+	}
+	if home != 0 {
+		if r := b.region(home); r != nil {
+			for _, buf := range bufs {
+				if err := r.client.Send(p.key, buf); err != nil {
+					return fmt.Errorf("magic bind: via DERP region %d: %w", home, err)
+				}
+			}
+			return nil
+		}
+	}
+	return b.sendUnrelayed(p, bufs)
+}
+
+// sendUnrelayed handles a peer without a relay (no DERP map, as in the
+// demo and on a flat LAN): rather than waiting for a pong, it sends to every
+// candidate the coordinator published; WireGuard drops the duplicates.
+func (b *Bind) sendUnrelayed(p *peer, bufs [][]byte) error {
+	b.mu.Lock()
+	noDERP := len(b.derpMap.Regions) == 0
+	b.mu.Unlock()
+	p.mu.Lock()
+	cands := p.cands
+	p.mu.Unlock()
+	if !noDERP || len(cands) == 0 {
+		return errNoPath
+	}
+	var errs []error
+	for _, c := range cands {
+		if err := b.std.Send(bufs, stdEndpoint(c)); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) == len(cands) {
+		return errors.Join(errs...)
+	}
+	return nil
+}
+
+// region returns the relay connection for region id, starting it if the
+// bind is open and the region is in the DERP map.
+func (b *Bind) region(id int) *region {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.regionLocked(id)
+}
+
+func (b *Bind) regionLocked(id int) *region {
+	if r, ok := b.regions[id]; ok {
+		return r
+	}
+	if b.open == nil {
+		return nil
+	}
+	var reg *netmap.DERPRegion
+	for i := range b.derpMap.Regions {
+		if b.derpMap.Regions[i].ID == id {
+			reg = &b.derpMap.Regions[i]
+		}
+	}
+	if reg == nil {
+		return nil
+	}
+	var node *netmap.DERPNode
+	for i := range reg.Nodes {
+		if !reg.Nodes[i].STUNOnly && reg.Nodes[i].DERPPort > 0 {
+			node = &reg.Nodes[i]
+			break
+		}
+	}
+	if node == nil {
+		return nil
+	}
+	url := "https://" + net.JoinHostPort(node.Host, strconv.Itoa(node.DERPPort))
+	rc := derp.NewReconnectingClient(url, derp.ClientOptions{
+		NodeKey: b.opts.NodeKey, CertFingerprint: node.CertFingerprint, DialContext: b.opts.DERPDialContext,
+	}, b.log.With("derp_region", reg.Code))
+	r := &region{id: id, code: reg.Code, client: rc}
+	b.regions[id] = r
+	o := b.open
+	o.wg.Add(1)
+	go func() {
+		defer o.wg.Done()
+		rc.Run(o.ctx, func(m derp.Message) { b.handleDERP(o, r, m) })
+	}()
+	b.log.Debug("connecting to DERP region", "region", reg.Code, "url", url)
+	return r
+}
+
+// handleDERP runs on a relay's receive goroutine.
+func (b *Bind) handleDERP(o *openState, r *region, m derp.Message) {
+	pkt, ok := m.(derp.ReceivedPacket)
+	if !ok {
+		return
+	}
+	if disco.Looks(pkt.Data) {
+		b.handleDisco(pkt.Data, netip.AddrPortFrom(derpMagicAddr, uint16(r.id)), r, pkt.Source)
+		return
+	}
+	p := (*b.byKey.Load())[pkt.Source]
+	if p == nil || len(pkt.Data) > derpBufSize {
+		return
+	}
+	buf := derpBufs.Get().(*[]byte)
+	n := copy(*buf, pkt.Data)
+	select {
+	case o.derpRx <- derpPacket{p: p, buf: buf, n: n}:
+	case <-o.ctx.Done():
+		derpBufs.Put(buf)
+	}
+}
+
+// derpBufSize covers a WireGuard packet on a jumbo-frame underlay.
+const derpBufSize = 65535
+
+var derpBufs = sync.Pool{New: func() any { b := make([]byte, derpBufSize); return &b }}
+
+// receiveDERP hands WireGuard the packets relays delivered, as many as are
+// waiting, up to the batch.
+func (b *Bind) receiveDERP(o *openState) conn.ReceiveFunc {
+	return func(packets [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
+		var pk derpPacket
+		select {
+		case pk = <-o.derpRx:
+		case <-o.ctx.Done():
+			return 0, net.ErrClosed
+		}
+		n := 0
+		for {
+			sizes[n] = copy(packets[n], (*pk.buf)[:pk.n])
+			eps[n] = pk.p.ep
+			derpBufs.Put(pk.buf)
+			n++
+			if n == len(packets) {
+				return n, nil
+			}
+			select {
+			case pk = <-o.derpRx:
+			default:
+				return n, nil
+			}
+		}
+	}
+}
+
+// wrapReceive turns the UDP socket's receive function into one that hands
+// WireGuard only WireGuard packets from known peers, each with its peer's
+// endpoint, and handles disco and STUN itself. Packets it consumes get
+// size 0, which WireGuard skips.
+func (b *Bind) wrapReceive(fn conn.ReceiveFunc) conn.ReceiveFunc {
+	return func(packets [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
+		n, err := fn(packets, sizes, eps)
+		addrs := *b.byAddr.Load()
+		for i := 0; i < n; i++ {
+			se, ok := eps[i].(*conn.StdNetEndpoint)
+			if !ok {
+				sizes[i] = 0
+				continue
+			}
+			src := netip.AddrPortFrom(se.Addr().Unmap(), se.Port())
+			pkt := packets[i][:sizes[i]]
+			switch {
+			case disco.Looks(pkt):
+				b.handleDisco(pkt, src, nil, netmap.NodePublic{})
+				sizes[i] = 0
+			case stun.Is(pkt):
+				b.handleSTUN(pkt, src)
+				sizes[i] = 0
+			default:
+				p := addrs[src]
+				if p == nil {
+					// Not from a path we know: WireGuard would roam
+					// the peer to a raw address we cannot keep.
+					sizes[i] = 0
+					continue
+				}
+				eps[i] = p.ep
+			}
+		}
+		return n, err
+	}
+}
+
+func (b *Bind) kick() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.kickLocked()
+}
+
+func (b *Bind) kickLocked() {
+	if b.open == nil {
+		return
+	}
+	select {
+	case b.open.wake <- struct{}{}:
+	default:
+	}
+}
+
+// discoLoop sends the pings and call-me-maybes the peers' selectors ask
+// for, sleeping until the earliest next wake (at most a second).
+func (b *Bind) discoLoop(o *openState) {
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-o.ctx.Done():
+			return
+		case <-t.C:
+		case <-o.wake:
+		}
+		now := time.Now()
+		next := now.Add(time.Second)
+		b.mu.Lock()
+		peers := make([]*peer, 0, len(b.peers))
+		for _, p := range b.peers {
+			peers = append(peers, p)
+		}
+		myEps := b.myEndpointsLocked()
+		b.mu.Unlock()
+		for _, p := range peers {
+			p.mu.Lock()
+			act := p.sel.Poll(now)
+			if w := p.sel.NextWake(now); !w.IsZero() && w.Before(next) {
+				next = w
+			}
+			dk, home := p.disco, p.home
+			p.mu.Unlock()
+			if dk.IsZero() {
+				continue
+			}
+			for _, pr := range act.Pings {
+				b.sendDiscoUDP(pr.To, dk, disco.Ping{TxID: pr.TxID, NodeKey: b.selfPK})
+			}
+			if act.CallMeMaybe && home != 0 && len(myEps) > 0 {
+				b.sendDiscoDERP(p, home, dk, disco.CallMeMaybe{Endpoints: myEps})
+			}
+		}
+		d := max(next.Sub(time.Now()), 10*time.Millisecond)
+		t.Reset(d)
+	}
+}
+
+func (b *Bind) myEndpointsLocked() []netip.AddrPort {
+	eps := append(slices.Clone(b.selfEps), b.stunEps...)
+	slices.SortFunc(eps, func(x, y netip.AddrPort) int { return x.Compare(y) })
+	eps = slices.Compact(eps)
+	if len(eps) > disco.MaxEndpoints {
+		eps = eps[:disco.MaxEndpoints]
+	}
+	return eps
+}
+
+func (b *Bind) sendDiscoUDP(to netip.AddrPort, dk netmap.DiscoPublic, m disco.Message) {
+	pkt := disco.Seal(b.opts.DiscoKey, dk, m)
+	if err := b.std.Send([][]byte{pkt}, stdEndpoint(to)); err != nil {
+		b.log.Debug("disco send", "to", to, "err", err)
+	}
+}
+
+func (b *Bind) sendDiscoDERP(p *peer, regionID int, dk netmap.DiscoPublic, m disco.Message) {
+	r := b.region(regionID)
+	if r == nil {
+		return
+	}
+	if err := r.client.Send(p.key, disco.Seal(b.opts.DiscoKey, dk, m)); err != nil {
+		b.log.Debug("disco send via DERP", "region", regionID, "err", err)
+	}
+}
+
+// handleDisco handles a disco packet from src (a UDP address, or the DERP
+// magic address when r is set, with derpSrc the relay's sender key).
+func (b *Bind) handleDisco(pkt []byte, src netip.AddrPort, r *region, derpSrc netmap.NodePublic) {
+	sender, err := disco.Sender(pkt)
+	if err != nil {
+		return
+	}
+	b.mu.Lock()
+	p := b.byDisco[sender]
+	b.mu.Unlock()
+	if p == nil {
+		return // not a peer of ours (or its disco key is not in our map yet)
+	}
+	_, msg, err := disco.Open(b.opts.DiscoKey, pkt)
+	if err != nil {
+		b.log.Debug("disco: bad packet", "src", src, "err", err)
+		return
+	}
+	if r != nil && derpSrc != p.key {
+		return // a relayed disco packet must come from its peer's own key
+	}
+	now := time.Now()
+	switch m := msg.(type) {
+	case disco.Ping:
+		if m.NodeKey != p.key {
+			return
+		}
+		pong := disco.Pong{TxID: m.TxID, Src: src}
+		if r != nil {
+			b.sendDiscoDERP(p, r.id, p.disco, pong)
+			return
+		}
+		p.mu.Lock()
+		p.sel.AddCandidate(src, endpoint.FromPing)
+		p.mu.Unlock()
+		b.learnAddr(src, p)
+		b.sendDiscoUDP(src, p.disco, pong)
+	case disco.Pong:
+		if r == nil {
+			p.mu.Lock()
+			ok := p.sel.HandlePong(now, m.TxID, src)
+			p.mu.Unlock()
+			if ok {
+				b.learnAddr(src, p)
+			}
+		}
+		b.mu.Lock()
+		w := b.waiters[m.TxID]
+		delete(b.waiters, m.TxID)
+		b.mu.Unlock()
+		if w != nil && w.p == p {
+			res := PingResult{Latency: now.Sub(w.sent), Peer: p.name}
+			if r != nil {
+				res.Path, res.DERPRegion, res.DERPCode = PathDERP, r.id, r.code
+			} else {
+				res.Path, res.Addr = PathDirect, src
+				b.learnAddr(src, p)
+			}
+			select {
+			case w.result <- res:
+			default:
+			}
+		}
+	case disco.CallMeMaybe:
+		if r == nil {
+			return // only meaningful through the relay
+		}
+		p.mu.Lock()
+		for _, ep := range m.Endpoints {
+			p.sel.AddCandidate(ep, endpoint.FromCallMeMaybe)
+		}
+		// New candidates are pinged at the next Poll, which the kick
+		// makes immediate: the peer is pinging us right now, so both NATs
+		// open together. Known ones are re-pinged on the selector's
+		// probe round. NoteActivity wakes an idle peer for this.
+		p.sel.NoteActivity(now)
+		p.mu.Unlock()
+		b.kick()
+	}
+}
+
+// PeerStatus is one peer's path, for `meshd status`.
+type PeerStatus struct {
+	// Path is PathDirect, PathDERP or PathNone.
+	Path string
+	// Addr is the direct address in use (Path == PathDirect).
+	Addr netip.AddrPort
+	// DERPRegion and DERPCode are the relay used (Path == PathDERP).
+	DERPRegion int
+	DERPCode   string
+	Latency    time.Duration
+}
+
+// Endpoint formats the path's endpoint: "ip:port", or "derp:CODE".
+func (s PeerStatus) Endpoint() string {
+	switch s.Path {
+	case PathDirect:
+		return s.Addr.String()
+	case PathDERP:
+		return "derp:" + s.DERPCode
+	}
+	return ""
+}
+
+// PeerStatus reports the path packets to the peer with key k take now.
+func (b *Bind) PeerStatus(k netmap.NodePublic) PeerStatus {
+	b.mu.Lock()
+	p := b.peers[k]
+	b.mu.Unlock()
+	if p == nil {
+		return PeerStatus{Path: PathNone}
+	}
+	path, addr, home := b.peerPath(p, time.Now())
+	st := PeerStatus{Path: path, Addr: addr}
+	if path == PathDERP {
+		st.DERPRegion = home
+		b.mu.Lock()
+		st.DERPCode = b.regionCodeLocked(home)
+		b.mu.Unlock()
+	}
+	return st
+}
+
+func (b *Bind) regionCodeLocked(id int) string {
+	for _, r := range b.derpMap.Regions {
+		if r.ID == id {
+			return r.Code
+		}
+	}
+	return strconv.Itoa(id)
+}
+
+// peerPath is the path a send to p would take now.
+func (b *Bind) peerPath(p *peer, now time.Time) (path string, addr netip.AddrPort, home int) {
+	p.mu.Lock()
+	addr, direct := p.sel.Path(now)
+	home = p.home
+	p.mu.Unlock()
+	if direct {
+		return PathDirect, addr, home
+	}
+	if home != 0 {
+		b.mu.Lock()
+		r := b.regions[home]
+		b.mu.Unlock()
+		if r != nil && r.client.Connected() {
+			return PathDERP, netip.AddrPort{}, home
+		}
+	}
+	return PathNone, netip.AddrPort{}, home
+}
+
+// HomeDERP is the region this node receives relayed packets on (0 before
+// one is known).
+func (b *Bind) HomeDERP() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.home
+}
+
+// STUNEndpoints are the public ip:port mappings of the UDP socket that STUN
+// servers reported, to publish as candidates.
+func (b *Bind) STUNEndpoints() []netip.AddrPort {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return slices.Clone(b.stunEps)
+}

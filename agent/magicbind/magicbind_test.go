@@ -1,0 +1,282 @@
+package magicbind
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http/httptest"
+	"net/netip"
+	"strconv"
+	"testing"
+	"time"
+
+	"golang.zx2c4.com/wireguard/device"
+	"golang.zx2c4.com/wireguard/tun/netstack"
+
+	"meshd.dev/meshd/derp"
+	"meshd.dev/meshd/nat/endpoint"
+	"meshd.dev/meshd/nat/stun"
+	"meshd.dev/meshd/netmap"
+)
+
+// startRelay runs a DERP server (TLS, pinned) and a STUN server on loopback
+// and returns a DERP map with them as region 1.
+func startRelay(t *testing.T) netmap.DERPMap {
+	t.Helper()
+	cert, err := derp.NewSelfSignedCert([]string{"127.0.0.1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := derp.NewServer(derp.ServerOptions{PrivateKey: netmap.NewNodePrivate()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := httptest.NewUnstartedServer(s)
+	hs.Config.ErrorLog = log.New(io.Discard, "", 0)
+	hs.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}}
+	hs.StartTLS()
+	t.Cleanup(func() { s.Close(); hs.Close() })
+	ss, err := stun.Listen("127.0.0.1:0", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); ss.Serve(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	port := hs.Listener.Addr().(*net.TCPAddr).Port
+	return netmap.DERPMap{Regions: []netmap.DERPRegion{{ID: 1, Code: "lab", Nodes: []netmap.DERPNode{{
+		Name: "1a", Host: "127.0.0.1", DERPPort: port, STUNPort: int(ss.AddrPort().Port()),
+		CertFingerprint: derp.Fingerprint(cert.Leaf),
+	}}}}}
+}
+
+type testNode struct {
+	name  string
+	key   netmap.NodePrivate
+	disco netmap.DiscoPrivate
+	ip    netip.Addr
+	bind  *Bind
+	dev   *device.Device
+	tnet  *netstack.Net
+	port  uint16
+}
+
+func newTestNode(t *testing.T, name string, ip string) *testNode {
+	t.Helper()
+	n := &testNode{name: name, key: netmap.NewNodePrivate(), disco: netmap.NewDiscoPrivate(), ip: netip.MustParseAddr(ip)}
+	n.bind = New(Options{
+		NodeKey: n.key, DiscoKey: n.disco,
+		// Quick timings so fallback tests take seconds.
+		Paths: endpoint.Config{HeartbeatInterval: 300 * time.Millisecond, TrustDuration: time.Second, ProbeInterval: 500 * time.Millisecond},
+	})
+	tdev, tnet, err := netstack.CreateNetTUN([]netip.Addr{n.ip}, nil, 1280)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.tnet = tnet
+	n.dev = device.NewDevice(tdev, n.bind, device.NewLogger(device.LogLevelSilent, ""))
+	t.Cleanup(n.dev.Close)
+	k := n.key.Raw()
+	if err := n.dev.IpcSet(fmt.Sprintf("private_key=%x\nlisten_port=0\n", k[:])); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.dev.Up(); err != nil {
+		t.Fatal(err)
+	}
+	get, err := n.dev.IpcGet()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range bytes.Split([]byte(get), []byte("\n")) {
+		if v, ok := bytes.CutPrefix(line, []byte("listen_port=")); ok {
+			p, _ := strconv.Atoi(string(v))
+			n.port = uint16(p)
+		}
+	}
+	if n.port == 0 {
+		t.Fatal("no listen port")
+	}
+	return n
+}
+
+func (n *testNode) node(id netmap.NodeID, withEndpoints bool) netmap.Node {
+	nd := netmap.Node{
+		ID: id, Hostname: n.name, NodeKey: n.key.Public(), DiscoKey: n.disco.Public(),
+		Addresses: []netip.Prefix{netip.PrefixFrom(n.ip, 32)}, HomeDERP: 1,
+	}
+	if withEndpoints {
+		nd.Endpoints = []netip.AddrPort{netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), n.port)}
+	}
+	return nd
+}
+
+// connect gives a and b each other as peers, with the DERP map dm.
+func connect(t *testing.T, a, b *testNode, dm netmap.DERPMap, endpoints bool) {
+	t.Helper()
+	na, nb := a.node(1, endpoints), b.node(2, endpoints)
+	for _, x := range []struct {
+		self      *testNode
+		selfN, pN netmap.Node
+		peer      *testNode
+	}{{a, na, nb, b}, {b, nb, na, a}} {
+		pN := x.pN
+		x.self.bind.SetNetworkMap(&netmap.NetworkMap{Self: x.selfN, Peers: map[netmap.NodeID]*netmap.Node{pN.ID: &pN}, DERPMap: dm})
+		pk := x.peer.key.Public()
+		cfg := fmt.Sprintf("public_key=%x\nendpoint=%s\npersistent_keepalive_interval=5\nallowed_ip=%s/32\n", pk[:], EndpointFor(pk), x.peer.ip)
+		if err := x.self.dev.IpcSet(cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// transfer sends size random bytes from a to b over TCP through the tunnel
+// and checks they arrive intact.
+func transfer(t *testing.T, a, b *testNode, size int) {
+	t.Helper()
+	ln, err := b.tnet.ListenTCPAddrPort(netip.AddrPortFrom(b.ip, 5001))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	want := make([]byte, size)
+	rand.Read(want)
+	got := make(chan []byte, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			got <- nil
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		data, _ := io.ReadAll(c)
+		got <- data
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c, err := a.tnet.DialContextTCPAddrPort(ctx, netip.AddrPortFrom(b.ip, 5001))
+	if err != nil {
+		t.Fatalf("dial through the tunnel: %v", err)
+	}
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	if _, err := c.Write(want); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	c.Close()
+	if data := <-got; !bytes.Equal(data, want) {
+		t.Fatalf("received %d bytes, want the %d sent", len(data), len(want))
+	}
+}
+
+func waitPath(t *testing.T, n *testNode, peer *testNode, want string, within time.Duration) PeerStatus {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		st := n.bind.PeerStatus(peer.key.Public())
+		if st.Path == want {
+			return st
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s -> %s: path %q after %v, want %q", n.name, peer.name, st.Path, within, want)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func TestRelayedOnly(t *testing.T) {
+	dm := startRelay(t)
+	a, b := newTestNode(t, "a", "100.64.0.1"), newTestNode(t, "b", "100.64.0.2")
+	// No endpoints published: the only path is the relay.
+	connect(t, a, b, dm, false)
+	transfer(t, a, b, 1<<20)
+	st := waitPath(t, a, b, PathDERP, 5*time.Second)
+	if st.DERPCode != "lab" || st.Endpoint() != "derp:lab" {
+		t.Errorf("status %+v, want region lab", st)
+	}
+	if h := a.bind.HomeDERP(); h != 1 {
+		t.Errorf("home DERP %d, want 1", h)
+	}
+	if eps := a.bind.STUNEndpoints(); len(eps) != 1 || eps[0] != netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), a.port) {
+		t.Errorf("STUN endpoints %v, want the socket's 127.0.0.1:%d", eps, a.port)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	res, err := a.bind.Ping(ctx, b.key.Public())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Path != PathDERP || res.DERPCode != "lab" || res.Peer != "b" || res.Latency <= 0 {
+		t.Errorf("ping %+v, want a pong from b via DERP(lab)", res)
+	}
+}
+
+func TestDirectAfterPong(t *testing.T) {
+	dm := startRelay(t)
+	a, b := newTestNode(t, "a", "100.64.0.1"), newTestNode(t, "b", "100.64.0.2")
+	connect(t, a, b, dm, true)
+	transfer(t, a, b, 256<<10)
+	st := waitPath(t, a, b, PathDirect, 5*time.Second)
+	if st.Addr.Port() != b.port {
+		t.Errorf("direct path %v, want b's port %d", st.Addr, b.port)
+	}
+	waitPath(t, b, a, PathDirect, 5*time.Second)
+	transfer(t, b, a, 1<<20)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	res, err := a.bind.Ping(ctx, b.key.Public())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Path != PathDirect || res.Addr.Port() != b.port {
+		t.Errorf("ping %+v, want a direct pong from b's port %d", res, b.port)
+	}
+}
+
+func TestNoRelayUsesPublishedEndpoints(t *testing.T) {
+	a, b := newTestNode(t, "a", "100.64.0.1"), newTestNode(t, "b", "100.64.0.2")
+	connect(t, a, b, netmap.DERPMap{}, true)
+	transfer(t, a, b, 64<<10)
+	waitPath(t, a, b, PathDirect, 5*time.Second)
+}
+
+func TestNoPathAtAll(t *testing.T) {
+	a, b := newTestNode(t, "a", "100.64.0.1"), newTestNode(t, "b", "100.64.0.2")
+	connect(t, a, b, netmap.DERPMap{}, false)
+	if st := a.bind.PeerStatus(b.key.Public()); st.Path != PathNone || st.Endpoint() != "" {
+		t.Errorf("status %+v, want none", st)
+	}
+	ep, err := a.bind.ParseEndpoint(EndpointFor(b.key.Public()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.bind.Send([][]byte{make([]byte, 100)}, ep); err == nil {
+		t.Error("Send with no path succeeded")
+	}
+}
+
+func TestParseEndpoint(t *testing.T) {
+	b := New(Options{NodeKey: netmap.NewNodePrivate(), DiscoKey: netmap.NewDiscoPrivate()})
+	k := netmap.NewNodePrivate().Public()
+	e1, err := b.ParseEndpoint(EndpointFor(k))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e2, _ := b.ParseEndpoint(EndpointFor(k))
+	if e1 != e2 {
+		t.Error("two parses of one key gave different endpoints; WireGuard needs one per peer")
+	}
+	if !bytes.Equal(e1.DstToBytes(), k[:]) {
+		t.Error("DstToBytes is not the peer key")
+	}
+	for _, bad := range []string{"", "127.0.0.1:41641", "nodekey:zz"} {
+		if _, err := b.ParseEndpoint(bad); err == nil {
+			t.Errorf("ParseEndpoint(%q) accepted", bad)
+		}
+	}
+}
