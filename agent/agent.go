@@ -69,8 +69,9 @@ type Options struct {
 	// NewControlClient builds the coordinator client. Defaults to
 	// control.NewClient.
 	NewControlClient func(ControlConfig) (ControlClient, error)
-	// NewBind builds the WireGuard bind. Defaults to direct UDP
-	// (conn.NewStdNetBind); the NAT-traversing magic bind plugs in here.
+	// NewBind builds the WireGuard bind. Defaults to the NAT-traversing
+	// magic bind (agent/magicbind): direct UDP when a path answers disco
+	// pings, the peer's DERP relay otherwise.
 	NewBind func() conn.Bind
 	// WrapTUN, if set, wraps the TUN device before WireGuard uses it,
 	// outside the packet filter, which is always installed.
@@ -106,6 +107,9 @@ type Agent struct {
 	// ctlReachErr is the last failure to reach the coordinator, nil after
 	// a success.
 	ctlReachErr error
+	// pathsChanged is signalled by the magic bind when our home DERP or
+	// public endpoints change, to report them at once.
+	pathsChanged chan struct{}
 }
 
 // session is a running control loop; it owns the data plane it starts.
@@ -132,9 +136,6 @@ func New(opts Options) (*Agent, error) {
 	if opts.TUN == "" {
 		opts.TUN = TUNUserspace
 	}
-	if opts.NewBind == nil {
-		opts.NewBind = conn.NewStdNetBind
-	}
 	if opts.NewControlClient == nil {
 		opts.NewControlClient = defaultControlClient
 	}
@@ -150,10 +151,15 @@ func New(opts Options) (*Agent, error) {
 		st.Close()
 		return nil, err
 	}
-	return &Agent{
+	a := &Agent{
 		opts: opts, log: opts.Logger, store: st, id: id, disco: netmap.NewDiscoPrivate(),
 		login: login, nm: nm, ctlState: "not connected", pf: newPacketFilter(opts.Logger),
-	}, nil
+		pathsChanged: make(chan struct{}, 1),
+	}
+	if a.opts.NewBind == nil {
+		a.opts.NewBind = a.newMagicBind
+	}
+	return a, nil
 }
 
 // Close releases the state dir. Call it after Run has returned.
@@ -406,7 +412,8 @@ func (a *Agent) endpoints() []netip.AddrPort {
 		a.log.Warn("local endpoints", "err", err)
 		return nil
 	}
-	return endpointCandidates(locals, eng.port, eng.cfg.addrs, a.opts.LoopbackOnly)
+	eps := endpointCandidates(locals, eng.port, eng.cfg.addrs, a.opts.LoopbackOnly)
+	return withSTUNEndpoints(eng, eps)
 }
 
 // reportEndpoints tells the coordinator our endpoints whenever they change
@@ -417,6 +424,7 @@ func (a *Agent) endpoints() []netip.AddrPort {
 // reconnects silently inside the control client).
 func (a *Agent) reportEndpoints(ctx context.Context, cc ControlClient) {
 	var reported []netip.AddrPort
+	reportedHome := 0
 	retry := time.Second
 	t := time.NewTimer(0)
 	defer t.Stop()
@@ -425,6 +433,7 @@ func (a *Agent) reportEndpoints(ctx context.Context, cc ControlClient) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-a.pathsChanged:
 		}
 		next := a.opts.EndpointInterval
 		eps := a.endpoints()
@@ -433,8 +442,10 @@ func (a *Agent) reportEndpoints(ctx context.Context, cc ControlClient) {
 			t.Reset(min(200*time.Millisecond, next))
 			continue
 		}
+		home := a.homeDERP()
 		err := cc.Update(ctx, netmap.MapRequest{
 			Version: netmap.ProtocolVersion, NodeKey: a.NodeKey(), DiscoKey: a.disco.Public(), Endpoints: eps,
+			HomeDERP: home,
 		})
 		if ctx.Err() != nil {
 			return
@@ -450,10 +461,10 @@ func (a *Agent) reportEndpoints(ctx context.Context, cc ControlClient) {
 		case err != nil:
 			a.log.Warn("report endpoints", "err", err)
 			next, retry = retry, min(retry*2, a.opts.EndpointInterval)
-		case !slices.Equal(eps, reported):
-			reported = eps
+		case !slices.Equal(eps, reported) || home != reportedHome:
+			reported, reportedHome = eps, home
 			retry = time.Second
-			a.log.Info("reported endpoints", "endpoints", eps)
+			a.log.Info("reported endpoints", "endpoints", eps, "home_derp", home)
 		}
 		t.Reset(next)
 	}
@@ -664,16 +675,21 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 	}
 	for _, n := range a.nm.SortedPeers() {
 		p := localapi.Peer{Node: statusNode(n), Path: "none"}
+		if a.eng != nil && a.eng.magic() != nil {
+			p.Path, p.Endpoint = peerPath(a.eng.magic(), n.NodeKey)
+		}
 		if stats != nil {
 			if ps, ok := stats.Peers[n.NodeKey]; ok {
-				if ps.Endpoint.IsValid() {
+				if ps.Endpoint.IsValid() && a.eng.magic() == nil {
 					p.Endpoint = ps.Endpoint.String()
 				}
 				p.RxBytes, p.TxBytes = ps.RxBytes, ps.TxBytes
 				if !ps.LastHandshake.IsZero() {
 					t := ps.LastHandshake.UTC()
 					p.LastHandshake = &t
-					p.Path = "direct"
+					if a.eng.magic() == nil {
+						p.Path = "direct"
+					}
 				}
 			}
 		}

@@ -46,6 +46,7 @@ type engineConfig struct {
 // and the wireguard-go device between them.
 type engine struct {
 	cfg  engineConfig
+	bind conn.Bind
 	dev  *device.Device
 	tnet *netstack.Net // userspace mode only
 	link *kernelLink   // kernel mode only
@@ -87,8 +88,8 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 		}
 		tdev = wrapped
 	}
-	bind := cfg.newBind()
-	e.dev = device.NewDevice(tdev, bind, wgLogger(cfg.log))
+	e.bind = cfg.newBind()
+	e.dev = device.NewDevice(tdev, e.bind, wgLogger(cfg.log))
 	defer func() {
 		if err != nil {
 			e.dev.Close()
@@ -128,6 +129,10 @@ func wgLogger(log *slog.Logger) *device.Logger {
 func (e *engine) applyMap(nm *netmap.NetworkMap) error {
 	locals, _ := e.cfg.localAddrs() // best effort: only used to rank endpoints
 	want := wgPeersFromMap(nm, func(c []netip.AddrPort) netip.AddrPort { return pickEndpoint(locals, c) })
+	if mb := e.magic(); mb != nil {
+		mb.SetNetworkMap(nm)
+		setMagicEndpoints(want)
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	var errs []error

@@ -22,6 +22,20 @@ type wgPeer struct {
 	Key        netmap.NodePublic
 	Endpoint   netip.AddrPort // zero: none known yet
 	AllowedIPs []netip.Prefix // sorted
+	// BindEndpoint, when set, is the endpoint string given to WireGuard
+	// instead of Endpoint: the magic bind's per-peer endpoint.
+	BindEndpoint string
+}
+
+// endpointText is what goes after UAPI "endpoint=", "" for none.
+func (p wgPeer) endpointText() string {
+	if p.BindEndpoint != "" {
+		return p.BindEndpoint
+	}
+	if p.Endpoint.IsValid() {
+		return p.Endpoint.String()
+	}
+	return ""
 }
 
 func (p wgPeer) equalIPs(o wgPeer) bool { return slices.Equal(p.AllowedIPs, o.AllowedIPs) }
@@ -81,21 +95,21 @@ func uapiDiff(old, want map[netmap.NodePublic]wgPeer) string {
 			// after our restart recovers immediately instead of after
 			// WireGuard's 15 s timeout; it also keeps NAT mappings warm.
 			fmt.Fprintf(&b, "public_key=%s\npersistent_keepalive_interval=%d\n", hex.EncodeToString(k[:]), keepaliveSeconds)
-			if w.Endpoint.IsValid() {
-				fmt.Fprintf(&b, "endpoint=%s\n", w.Endpoint)
+			if ep := w.endpointText(); ep != "" {
+				fmt.Fprintf(&b, "endpoint=%s\n", ep)
 			}
 			for _, p := range w.AllowedIPs {
 				fmt.Fprintf(&b, "allowed_ip=%s\n", p)
 			}
 		default:
-			epChanged := w.Endpoint.IsValid() && w.Endpoint != o.Endpoint
+			epChanged := w.endpointText() != "" && w.endpointText() != o.endpointText()
 			ipsChanged := !w.equalIPs(o)
 			if !epChanged && !ipsChanged {
 				continue
 			}
 			fmt.Fprintf(&b, "public_key=%s\nupdate_only=true\n", hex.EncodeToString(k[:]))
 			if epChanged {
-				fmt.Fprintf(&b, "endpoint=%s\n", w.Endpoint)
+				fmt.Fprintf(&b, "endpoint=%s\n", w.endpointText())
 			}
 			if ipsChanged {
 				b.WriteString("replace_allowed_ips=true\n")

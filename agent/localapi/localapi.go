@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -125,6 +126,25 @@ type Backend interface {
 	Drops(ctx context.Context) (*Drops, error)
 }
 
+// PingResult is one disco ping's answer (`meshd ping`).
+type PingResult struct {
+	Peer string     `json:"peer"`
+	IP   netip.Addr `json:"ip"`
+	// Path is "direct" (Endpoint is the peer's ip:port that answered) or
+	// "derp" (through DERPRegion/DERPCode).
+	Path       string  `json:"path"`
+	Endpoint   string  `json:"endpoint,omitempty"`
+	DERPRegion int     `json:"derp_region,omitempty"`
+	DERPCode   string  `json:"derp_code,omitempty"`
+	LatencyMS  float64 `json:"latency_ms"`
+}
+
+// Pinger is implemented by backends that can disco-ping peers; the API
+// serves /v0/ping for them.
+type Pinger interface {
+	Ping(ctx context.Context, peer string) (*PingResult, error)
+}
+
 type errorBody struct {
 	Error string `json:"error"`
 }
@@ -171,6 +191,21 @@ func Handler(b Backend) http.Handler {
 		}
 		writeJSON(w, http.StatusOK, d)
 	})
+	if p, ok := b.(Pinger); ok {
+		mux.HandleFunc("POST /v0/ping", func(w http.ResponseWriter, r *http.Request) {
+			peer := r.URL.Query().Get("peer")
+			if peer == "" {
+				writeJSON(w, http.StatusBadRequest, errorBody{"ping: no peer given"})
+				return
+			}
+			res, err := p.Ping(r.Context(), peer)
+			if err != nil {
+				writeJSON(w, http.StatusBadRequest, errorBody{err.Error()})
+				return
+			}
+			writeJSON(w, http.StatusOK, res)
+		})
+	}
 	return mux
 }
 
@@ -303,6 +338,12 @@ func (c *Client) Status(ctx context.Context) (*Status, error) {
 func (c *Client) Drops(ctx context.Context) (*Drops, error) {
 	var d Drops
 	return &d, c.do(ctx, "GET", "/v0/drops", nil, &d)
+}
+
+// Ping sends one disco ping to peer (a hostname or tailnet IP).
+func (c *Client) Ping(ctx context.Context, peer string) (*PingResult, error) {
+	var res PingResult
+	return &res, c.do(ctx, "POST", "/v0/ping?peer="+url.QueryEscape(peer), struct{}{}, &res)
 }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {

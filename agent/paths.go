@@ -1,0 +1,116 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+
+	"golang.zx2c4.com/wireguard/conn"
+
+	"meshd.dev/meshd/agent/localapi"
+	"meshd.dev/meshd/agent/magicbind"
+	"meshd.dev/meshd/netmap"
+)
+
+// newMagicBind is the default Options.NewBind: a magic bind with this
+// node's keys, which tells the agent when its home relay or public
+// endpoints change.
+func (a *Agent) newMagicBind() conn.Bind {
+	return magicbind.New(magicbind.Options{
+		NodeKey: a.id.NodeKey, DiscoKey: a.disco, Logger: a.log,
+		OnChange: func() {
+			select {
+			case a.pathsChanged <- struct{}{}:
+			default:
+			}
+		},
+	})
+}
+
+// magic returns the engine's magic bind, or nil when Options.NewBind
+// installed another bind.
+func (e *engine) magic() *magicbind.Bind {
+	mb, _ := e.bind.(*magicbind.Bind)
+	return mb
+}
+
+// setMagicEndpoints configures every peer with the magic bind's stable
+// per-peer endpoint instead of an address: the bind picks the path.
+func setMagicEndpoints(peers map[netmap.NodePublic]wgPeer) {
+	for k, p := range peers {
+		p.BindEndpoint = magicbind.EndpointFor(k)
+		peers[k] = p
+	}
+}
+
+// withSTUNEndpoints adds the public mappings the magic bind learnt to the
+// local endpoint candidates.
+func withSTUNEndpoints(eng *engine, eps []netip.AddrPort) []netip.AddrPort {
+	mb := eng.magic()
+	if mb == nil {
+		return eps
+	}
+	eps = append(eps, mb.STUNEndpoints()...)
+	slices.SortFunc(eps, func(x, y netip.AddrPort) int { return x.Compare(y) })
+	return slices.Compact(eps)
+}
+
+// homeDERP is the home relay region to publish, 0 for none.
+func (a *Agent) homeDERP() int {
+	a.mu.Lock()
+	eng := a.eng
+	a.mu.Unlock()
+	if eng == nil || eng.magic() == nil {
+		return 0
+	}
+	return eng.magic().HomeDERP()
+}
+
+// peerPath is a peer's path and endpoint for status.
+func peerPath(mb *magicbind.Bind, k netmap.NodePublic) (path, endpoint string) {
+	st := mb.PeerStatus(k)
+	return st.Path, st.Endpoint()
+}
+
+// Ping sends one disco ping to the peer named by peer (hostname or tailnet
+// IP) over every path and reports the first pong, preferring a direct one.
+func (a *Agent) Ping(ctx context.Context, peer string) (*localapi.PingResult, error) {
+	a.mu.Lock()
+	eng, nm := a.eng, a.nm
+	a.mu.Unlock()
+	if eng == nil || nm == nil {
+		return nil, errors.New("ping: the node is not up (run meshd up)")
+	}
+	mb := eng.magic()
+	if mb == nil {
+		return nil, errors.New("ping: disco ping needs the magic bind, and this daemon runs another one")
+	}
+	ip, err := resolvePeer(nm, peer)
+	if err != nil {
+		return nil, fmt.Errorf("ping: %w", err)
+	}
+	var n *netmap.Node
+	for _, p := range nm.SortedPeers() {
+		if slices.ContainsFunc(p.Addresses, func(x netip.Prefix) bool { return x.Addr() == ip }) {
+			n = p
+			break
+		}
+	}
+	if n == nil {
+		return nil, fmt.Errorf("ping: %s is not a peer (it is this node, or a subnet route)", peer)
+	}
+	res, err := mb.Ping(ctx, n.NodeKey)
+	if err != nil {
+		return nil, err
+	}
+	out := &localapi.PingResult{
+		Peer: n.Hostname, IP: ip, Path: res.Path, DERPRegion: res.DERPRegion, DERPCode: res.DERPCode,
+		LatencyMS: float64(res.Latency.Microseconds()) / 1000,
+	}
+	if res.Addr.IsValid() {
+		out.Endpoint = res.Addr.String()
+	}
+	return out, nil
+}
