@@ -58,6 +58,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			c.upCmd(),
 			c.downCmd(),
 			c.statusCmd(),
+			c.pingCmd(),
 			c.ipCmd(),
 			c.policyCmd(),
 			c.derpCmd(),
