@@ -26,9 +26,10 @@ func (c *cli) coordinatorCmd() *ffcli.Command {
 	keyExpiry := fs.Duration("node-key-expiry", 180*24*time.Hour, "how long a user's node key is valid after it registers (tagged nodes never expire)")
 	approval := fs.Bool("require-approval", false, "nodes enrolled with keys that are not --preauthorized wait for `meshd admin nodes approve`")
 	policyFile := fs.String("policy", "", "tailnet policy `file` (huJSON) to load at start; it must validate, and it replaces (and is stored over) the policy last set with meshd admin policy set")
+	derpFlags := registerCoordDERPFlags(fs)
 	return &ffcli.Command{
 		Name:       "coordinator",
-		ShortUsage: "meshd coordinator --listen ADDR --state-dir DIR [--db URL] [--policy FILE] [--ephemeral-timeout D]",
+		ShortUsage: "meshd coordinator --listen ADDR --state-dir DIR [--db URL] [--policy FILE] [--derp-map FILE | --derp-host H --derp-listen ADDR --stun-listen ADDR]",
 		ShortHelp:  "run the coordinator: node registry, auth keys and network maps",
 		LongHelp: `Runs the coordinator. On first start it creates its key and an admin token
 (DIR/admin.token, mode 0600) that ` + "`meshd admin`" + ` uses. Auth keys carry the
@@ -38,7 +39,17 @@ Policy: with --policy FILE the coordinator loads FILE (refusing to start if it
 does not validate), stores it and puts it in force, replacing whatever was set
 before with ` + "`meshd admin policy set`" + `. Without --policy it uses the policy
 last set (stored in its database), or, if none ever was, the bootstrap
-default: every node may reach every node.`,
+default: every node may reach every node.
+
+Relays: with --derp-map FILE (huJSON, {"regions": [{"id": 1, "code": "lab",
+"nodes": [{"name": "1a", "host": "198.18.1.2", "derp_port": 443,
+"stun_port": 3478, "cert_fingerprint": "..."}]}]}) nodes get that map.
+Without it the coordinator is its own relay: DERP on /derp of its listener
+(or --derp-listen), STUN on the same port over UDP (or --stun-listen), and a
+one-region map pointing at --derp-host (default: the --listen host), pinned
+by the coordinator's fingerprint. Only registered, unexpired nodes may use
+it. Standalone relays (meshd derp --coordinator URL) check nodes with the
+token in DIR/relay.token.`,
 		FlagSet: fs,
 		Options: envOptions,
 		Exec: func(ctx context.Context, args []string) error {
@@ -59,6 +70,11 @@ default: every node may reach every node.`,
 				}
 				opts.Policy, opts.PolicyFile = data, *policyFile
 			}
+			derpMap, err := derpFlags.loadMap()
+			if err != nil {
+				return &exitError{2, fmt.Sprintf("coordinator: --derp-map: %v", err)}
+			}
+			opts.DERPMap = derpMap
 			s, err := control.NewServer(ctx, opts)
 			var perr *control.PolicyError
 			if errors.As(err, &perr) {
@@ -79,6 +95,13 @@ default: every node may reach every node.`,
 			}
 			fmt.Fprintf(c.stdout, "coordinator listening on https://%s\nfingerprint: %s\nadmin token: %s\n",
 				ln.Addr(), s.Fingerprint(), s.AdminTokenPath())
+			stopRelays, err := c.startCoordDERP(ctx, s, *listen, ln, derpFlags, *stateDir)
+			if err != nil {
+				ln.Close()
+				s.Close()
+				return &exitError{1, "coordinator: " + err.Error()}
+			}
+			defer stopRelays()
 			if p := s.CurrentPolicy(); p.Bootstrap {
 				fmt.Fprintln(c.stdout, "policy: none loaded, bootstrap default in force (every node may reach every node)")
 			} else {

@@ -18,6 +18,7 @@ import (
 	"github.com/peterbourgon/ff/v3/ffcli"
 	"golang.org/x/time/rate"
 
+	"meshd.dev/meshd/control"
 	"meshd.dev/meshd/derp"
 	"meshd.dev/meshd/nat/stun"
 	"meshd.dev/meshd/netmap"
@@ -33,13 +34,20 @@ func (c *cli) derpCmd() *ffcli.Command {
 	meshWith := fs.String("mesh-with", "", "comma-separated `URLs` of the other relays of this region, each https://HOST:PORT#FINGERPRINT")
 	clientRate := fs.Float64("client-rate-mbit", 0, "per-client relay rate limit in Mbit/s (0: unlimited)")
 	queue := fs.Int("client-queue", derp.DefaultSendQueueDepth, "packets queued per receiving client before new ones are dropped")
+	coordinator := fs.String("coordinator", "", "coordinator `URL`; when set, only nodes it knows (registered, key not expired) may use the relay")
+	coordTokenFile := fs.String("coordinator-token-file", "", "`file` with the coordinator's relay token (its DIR/relay.token); required with --coordinator")
 	return &ffcli.Command{
 		Name:       "derp",
-		ShortUsage: "meshd derp --listen ADDR [--stun-listen ADDR] [--state-dir DIR] [--mesh-key-file F --mesh-with URL,..]",
+		ShortUsage: "meshd derp --listen ADDR [--stun-listen ADDR] [--state-dir DIR] [--coordinator URL --coordinator-token-file F] [--mesh-key-file F --mesh-with URL,..]",
 		ShortHelp:  "run a DERP relay (and STUN server) for nodes that cannot reach each other directly",
 		LongHelp: `Runs a relay that forwards WireGuard packets between nodes addressed by
 their public key, over TLS on one TCP port, so it works where only outbound
-TCP is open. Clients prove they hold the node key they claim. It prints its
+TCP is open. Clients prove they hold the node key they claim; with
+--coordinator they must also be nodes the coordinator knows, which the relay
+asks it (authenticated by the coordinator's relay.token, whose fingerprint
+pins the coordinator) and caches briefly: 30s for known keys, 5s for
+unknown ones, and known keys stay accepted for up to 10 minutes while the
+coordinator is unreachable. The check is made when a node connects. It prints its
 certificate fingerprint and a DERP map node entry to paste into the
 coordinator's --derp-map file.`,
 		FlagSet: fs,
@@ -69,8 +77,26 @@ coordinator's --derp-map file.`,
 			if len(peers) > 0 && meshKey == "" {
 				return &exitError{2, "derp: --mesh-with needs --mesh-key-file (the region's shared mesh key)"}
 			}
+			var verifier *control.RelayVerifier
+			switch {
+			case *coordinator != "" && *coordTokenFile == "":
+				return &exitError{2, "derp: --coordinator needs --coordinator-token-file (the coordinator's DIR/relay.token)"}
+			case *coordinator == "" && *coordTokenFile != "":
+				return &exitError{2, "derp: --coordinator-token-file needs --coordinator URL"}
+			case *coordinator != "":
+				tok, err := os.ReadFile(*coordTokenFile)
+				if err != nil {
+					return &exitError{2, fmt.Sprintf("derp: --coordinator-token-file: %v", err)}
+				}
+				verifier, err = control.NewRelayVerifier(*coordinator, string(tok), control.RelayVerifierOptions{Logger: c.log})
+				if err != nil {
+					return &exitError{2, fmt.Sprintf("derp: %s: %v", *coordTokenFile, err)}
+				}
+				defer verifier.Close()
+			}
 			return c.runDERP(ctx, derpConfig{
-				listen: *listen, stunListen: *stunListen, stateDir: *stateDir, certHosts: *certHosts,
+				verifier: verifier,
+				listen:   *listen, stunListen: *stunListen, stateDir: *stateDir, certHosts: *certHosts,
 				meshKey: meshKey, meshWith: peers, clientRate: *clientRate, queue: *queue,
 			})
 		},
@@ -101,6 +127,7 @@ type derpConfig struct {
 	meshWith                                []meshPeer
 	clientRate                              float64
 	queue                                   int
+	verifier                                *control.RelayVerifier
 }
 
 func (c *cli) runDERP(ctx context.Context, cfg derpConfig) error {
@@ -132,6 +159,9 @@ func (c *cli) runDERP(ctx context.Context, cfg derpConfig) error {
 		key = netmap.NewNodePrivate()
 	}
 	opts := derp.ServerOptions{PrivateKey: key, MeshKey: cfg.meshKey, SendQueueDepth: cfg.queue, Logger: c.log}
+	if cfg.verifier != nil {
+		opts.Verify = cfg.verifier.Verify
+	}
 	if cfg.clientRate > 0 {
 		opts.ClientRate = rate.Limit(cfg.clientRate * 1e6 / 8)
 	}
