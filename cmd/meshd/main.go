@@ -62,6 +62,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			c.ipCmd(),
 			c.policyCmd(),
 			c.derpCmd(),
+			c.netcheckCmd(),
 			c.debugCmd(),
 		},
 		Exec: func(context.Context, []string) error { return flag.ErrHelp },
