@@ -23,7 +23,7 @@ const EmbeddedDERPRegionID = 1
 // EmbeddedDERPMap is the one-region map pointing at a relay embedded in
 // (or run next to) the coordinator: host is what nodes dial, fingerprint
 // pins its certificate (the coordinator's own when the relay shares its
-// listener). stunPort 0 means no STUN server.
+// listener). stunPort -1 means no STUN server.
 func EmbeddedDERPMap(host string, derpPort, stunPort int, fingerprint string) *netmap.DERPMap {
 	return &netmap.DERPMap{Regions: []netmap.DERPRegion{{
 		ID: EmbeddedDERPRegionID, Code: "coord", Name: "coordinator",
@@ -105,7 +105,7 @@ type RelayVerifyResponse struct {
 // EnableRelayVerify makes sure DIR/relay.token exists (creating it, mode
 // 0600, on first use; delete it and restart to rotate) and serves
 // GET /relay/v1/verify?key=NODEKEY to holders of that token. It returns the
-// token file's path.
+// token file's path. Calling it again is harmless.
 func (s *Server) EnableRelayVerify() (string, error) {
 	path := filepath.Join(s.opts.StateDir, relayTokenFile)
 	tok, err := readRelayToken(path)
@@ -124,6 +124,10 @@ func (s *Server) EnableRelayVerify() (string, error) {
 		return "", err
 	}
 	want := hashSecret(tok)
+	probe := &http.Request{Method: http.MethodGet, URL: &url.URL{Path: relayVerifyPath}}
+	if _, pattern := s.mux.Handler(probe); pattern == "GET "+relayVerifyPath {
+		return path, nil // enabled before; the token is the same file
+	}
 	s.mux.HandleFunc("GET "+relayVerifyPath, func(w http.ResponseWriter, r *http.Request) {
 		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 		if !ok || !hashEqual(hashSecret(strings.TrimSpace(got)), want) {

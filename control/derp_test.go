@@ -162,6 +162,12 @@ func TestRelayVerifier(t *testing.T) {
 	}
 	tokBytes, _ := os.ReadFile(path)
 	tok := strings.TrimSpace(string(tokBytes))
+	if again, err := ts.EnableRelayVerify(); err != nil || again != path {
+		t.Fatalf("second EnableRelayVerify: %q %v", again, err)
+	}
+	if b, _ := os.ReadFile(path); string(b) != string(tokBytes) {
+		t.Fatal("second EnableRelayVerify changed the token")
+	}
 
 	clock := &fakeClock{t: time.Now()}
 	v, err := NewRelayVerifier(ts.url, tok, RelayVerifierOptions{TTL: time.Minute, NegativeTTL: 10 * time.Second, StaleTTL: time.Hour, Logger: testLogger(t)})

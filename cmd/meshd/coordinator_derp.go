@@ -138,7 +138,7 @@ func (c *cli) startCoordDERP(ctx context.Context, s *control.Server, listen stri
 		context.AfterFunc(ctx, func() { hs.Close() })
 	}
 
-	stunPort := 0
+	stunPort := -1 // disabled, explicitly: some readers take 0 as "the default port"
 	if *f.stunListen != "off" {
 		addr := *f.stunListen
 		if addr == "" {

@@ -278,7 +278,10 @@ func TestDERPCommandCoordinatorVerify(t *testing.T) {
 	cr := startCoordinatorArgs(t, "--stun-listen", "off")
 	tokFile := filepath.Join(cr.dir, "relay.token")
 	node, _ := startDERP(t, "--listen", "127.0.0.1:0", "--stun-listen", "", "--coordinator", cr.url, "--coordinator-token-file", tokFile)
-	a, _ := cr.register(t)
+	a, nm := cr.register(t)
+	if n := nm.DERPMap.Regions[0].Nodes[0]; n.STUNPort != -1 || !cr.has("derp: embedded relay") || !strings.HasSuffix(cr.out[len(cr.out)-2], "STUN off") {
+		t.Errorf("--stun-listen off: map node %+v, output %q", n, cr.out)
+	}
 	b, _ := cr.register(t)
 	relayWorks(t, node, a, b)
 	_, err := dialDERPNode(t, node, netmap.NewNodePrivate())
