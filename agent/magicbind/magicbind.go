@@ -399,7 +399,7 @@ func (b *Bind) Send(bufs [][]byte, cep conn.Endpoint) error {
 		return b.std.Send(bufs, dst)
 	}
 	if home != 0 {
-		if r := b.region(home); r != nil {
+		if r := b.region(home); r != nil && r.client.Connected() {
 			for _, buf := range bufs {
 				if err := r.client.Send(p.key, buf); err != nil {
 					return fmt.Errorf("magic bind: via DERP region %d: %w", home, err)
@@ -411,17 +411,16 @@ func (b *Bind) Send(bufs [][]byte, cep conn.Endpoint) error {
 	return b.sendUnrelayed(p, bufs)
 }
 
-// sendUnrelayed handles a peer without a relay (no DERP map, as in the
-// demo and on a flat LAN): rather than waiting for a pong, it sends to every
-// candidate the coordinator published; WireGuard drops the duplicates.
+// sendUnrelayed handles a peer without a usable relay (no DERP map, as in
+// the demo and on a flat LAN, or its relay is down): rather than wait for a
+// pong, it sends to every candidate the coordinator published; WireGuard
+// drops the duplicates, and a candidate that works carries the handshake
+// while disco confirms a path.
 func (b *Bind) sendUnrelayed(p *peer, bufs [][]byte) error {
-	b.mu.Lock()
-	noDERP := len(b.derpMap.Regions) == 0
-	b.mu.Unlock()
 	p.mu.Lock()
 	cands := p.cands
 	p.mu.Unlock()
-	if !noDERP || len(cands) == 0 {
+	if len(cands) == 0 {
 		return errNoPath
 	}
 	var errs []error
