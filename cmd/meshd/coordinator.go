@@ -95,6 +95,11 @@ token in DIR/relay.token.`,
 			}
 			fmt.Fprintf(c.stdout, "coordinator listening on https://%s\nfingerprint: %s\nadmin token: %s\n",
 				ln.Addr(), s.Fingerprint(), s.AdminTokenPath())
+			if p := s.CurrentPolicy(); p.Bootstrap {
+				fmt.Fprintln(c.stdout, "policy: none loaded, bootstrap default in force (every node may reach every node)")
+			} else {
+				fmt.Fprintf(c.stdout, "policy: %s (%d rules, %d tests, set %s)\n", p.File, p.Rules, p.Tests, fmtTime(p.Updated))
+			}
 			stopRelays, err := c.startCoordDERP(ctx, s, *listen, ln, derpFlags, *stateDir)
 			if err != nil {
 				ln.Close()
@@ -102,11 +107,6 @@ token in DIR/relay.token.`,
 				return &exitError{1, "coordinator: " + err.Error()}
 			}
 			defer stopRelays()
-			if p := s.CurrentPolicy(); p.Bootstrap {
-				fmt.Fprintln(c.stdout, "policy: none loaded, bootstrap default in force (every node may reach every node)")
-			} else {
-				fmt.Fprintf(c.stdout, "policy: %s (%d rules, %d tests, set %s)\n", p.File, p.Rules, p.Tests, fmtTime(p.Updated))
-			}
 			errc := make(chan error, 1)
 			go func() { errc <- s.Serve(ln) }()
 			select {

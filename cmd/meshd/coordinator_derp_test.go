@@ -25,7 +25,7 @@ import (
 // coordRun is a `meshd coordinator` running in-process.
 type coordRun struct {
 	url, dir, fingerprint string
-	out                   []string // start-up output, up to the policy line
+	out                   []string // start-up output, up to the relay line
 }
 
 // startCoordinatorArgs runs `meshd coordinator --listen 127.0.0.1:0
@@ -56,12 +56,12 @@ func startCoordinatorArgs(t *testing.T, args ...string) *coordRun {
 	sc := bufio.NewScanner(pr)
 	for sc.Scan() {
 		cr.out = append(cr.out, sc.Text())
-		if strings.HasPrefix(sc.Text(), "policy: ") {
+		if strings.HasPrefix(sc.Text(), "derp: ") {
 			break
 		}
 	}
 	go io.Copy(io.Discard, pr)
-	if len(cr.out) == 0 || !strings.HasPrefix(cr.out[len(cr.out)-1], "policy: ") {
+	if len(cr.out) == 0 || !strings.HasPrefix(cr.out[len(cr.out)-1], "derp: ") {
 		cancel()
 		t.Fatalf("coordinator start-up output %q, exit %d, stderr %q", cr.out, <-done, stderr.String())
 	}
@@ -279,7 +279,7 @@ func TestDERPCommandCoordinatorVerify(t *testing.T) {
 	tokFile := filepath.Join(cr.dir, "relay.token")
 	node, _ := startDERP(t, "--listen", "127.0.0.1:0", "--stun-listen", "", "--coordinator", cr.url, "--coordinator-token-file", tokFile)
 	a, nm := cr.register(t)
-	if n := nm.DERPMap.Regions[0].Nodes[0]; n.STUNPort != -1 || !cr.has("derp: embedded relay") || !strings.HasSuffix(cr.out[len(cr.out)-2], "STUN off") {
+	if n := nm.DERPMap.Regions[0].Nodes[0]; n.STUNPort != -1 || !cr.has("derp: embedded relay") || !strings.HasSuffix(cr.out[len(cr.out)-1], "STUN off") {
 		t.Errorf("--stun-listen off: map node %+v, output %q", n, cr.out)
 	}
 	b, _ := cr.register(t)
