@@ -32,7 +32,7 @@ func registerCoordDERPFlags(fs *flag.FlagSet) *coordDERPFlags {
 		derpMap:    fs.String("derp-map", "", "DERP map `file` (huJSON) to hand out; without it the coordinator runs an embedded relay and STUN server and hands out a one-region map pointing at itself"),
 		derpListen: fs.String("derp-listen", "", "TCP `address` for the embedded relay (TLS, coordinator's certificate); empty: /derp on the --listen port"),
 		stunListen: fs.String("stun-listen", "", "UDP `address` for the embedded STUN server; empty: the --listen address on UDP; \"off\" disables it"),
-		derpHost:   fs.String("derp-host", "", "host name or IP nodes use to reach the embedded relay (default: the --listen host; required when that is 0.0.0.0 or ::)"),
+		derpHost:   fs.String("derp-host", "", "`host` name or IP nodes use to reach the embedded relay (default: the --listen host; required when that is 0.0.0.0 or ::)"),
 	}
 }
 
