@@ -95,8 +95,8 @@ coordinator's --derp-map file.`,
 				defer verifier.Close()
 			}
 			return c.runDERP(ctx, derpConfig{
-				verifier: verifier,
-				listen:   *listen, stunListen: *stunListen, stateDir: *stateDir, certHosts: *certHosts,
+				verifier: verifier, coordinator: *coordinator,
+				listen: *listen, stunListen: *stunListen, stateDir: *stateDir, certHosts: *certHosts,
 				meshKey: meshKey, meshWith: peers, clientRate: *clientRate, queue: *queue,
 			})
 		},
@@ -128,6 +128,7 @@ type derpConfig struct {
 	clientRate                              float64
 	queue                                   int
 	verifier                                *control.RelayVerifier
+	coordinator                             string
 }
 
 func (c *cli) runDERP(ctx context.Context, cfg derpConfig) error {
@@ -161,6 +162,7 @@ func (c *cli) runDERP(ctx context.Context, cfg derpConfig) error {
 	opts := derp.ServerOptions{PrivateKey: key, MeshKey: cfg.meshKey, SendQueueDepth: cfg.queue, Logger: c.log}
 	if cfg.verifier != nil {
 		opts.Verify = cfg.verifier.Verify
+		c.log.Info("derp: accepting only nodes the coordinator knows", "coordinator", cfg.coordinator)
 	}
 	if cfg.clientRate > 0 {
 		opts.ClientRate = rate.Limit(cfg.clientRate * 1e6 / 8)
