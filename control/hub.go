@@ -452,22 +452,38 @@ func (h *hub) peerJSONLocked(n *netmap.Node) []byte {
 
 // fullLocked builds n's full map. Only byte-slice references to the cached
 // peer entries are collected under the lock; the copying happens in frame.
+// Under an indexing policy the peer list comes from its index (PeerLister),
+// so a fleet reconnecting after a coordinator restart costs each node its
+// own peers, not a CanSee call per node of the tailnet.
 func (h *hub) fullLocked(self *netmap.Node) *mapMessage {
 	r := h.base()
 	r.Full = true
 	sc := *self
 	r.Self = &sc
-	m := &mapMessage{resp: &r, peers: make([][]byte, 0, len(h.nodes))}
-	for _, p := range h.allLocked() {
-		if p.ID != self.ID && h.policy.CanSee(self, p) {
-			if caps := h.capsLocked(self, p); len(caps) > 0 {
-				// Per-viewer entry: not cacheable.
-				b, _ := json.Marshal(withCaps(p, caps))
-				m.peers = append(m.peers, b)
-				continue
+	var peers []*netmap.Node
+	if pl, ok := h.policy.(PeerLister); ok && h.indexer != nil {
+		for _, id := range pl.Peers(self) {
+			if p := h.nodes[id]; p != nil {
+				peers = append(peers, p)
 			}
-			m.peers = append(m.peers, h.peerJSONLocked(p))
 		}
+	} else {
+		peers = make([]*netmap.Node, 0, len(h.nodes))
+		for _, p := range h.allLocked() {
+			if p.ID != self.ID && h.policy.CanSee(self, p) {
+				peers = append(peers, p)
+			}
+		}
+	}
+	m := &mapMessage{resp: &r, peers: make([][]byte, 0, len(peers))}
+	for _, p := range peers {
+		if caps := h.capsLocked(self, p); len(caps) > 0 {
+			// Per-viewer entry: not cacheable.
+			b, _ := json.Marshal(withCaps(p, caps))
+			m.peers = append(m.peers, b)
+			continue
+		}
+		m.peers = append(m.peers, h.peerJSONLocked(p))
 	}
 	r.DERPMap = h.derpMap
 	f := h.filterFor(self)

@@ -284,9 +284,9 @@ func TestTagOwnersEnforced(t *testing.T) {
 	dev.waitMap(t, "dev no longer sees the re-tagged node", func(m *netmap.NetworkMap) bool { return m.Peers[alice.id] == nil })
 }
 
-// TestSetPolicyPeerListsMatchCanSee checks the indexed policy-change path
-// (PeerLister) against a CanSee per pair, through engine -> engine,
-// bootstrap -> engine and engine -> bootstrap changes.
+// TestSetPolicyPeerListsMatchCanSee checks the indexed paths (PeerLister)
+// of a policy change and of a full map against a CanSee per pair, through
+// engine -> engine, engine -> bootstrap and bootstrap -> engine changes.
 func TestSetPolicyPeerListsMatchCanSee(t *testing.T) {
 	h := newHub("e1", nil, 0, func() time.Time { return time.Unix(0, 0) })
 	const n = 40
@@ -325,6 +325,17 @@ func TestSetPolicyPeerListsMatchCanSee(t *testing.T) {
 			}
 			if got := peerIDs(sb.m); !slices.Equal(got, want) {
 				t.Fatalf("%s: node %d sees %v, CanSee says %v", st.name, id, got, want)
+			}
+			// A full map (new stream) lists the same peers.
+			h.mu.Lock()
+			full := h.fullLocked(h.nodes[id])
+			h.mu.Unlock()
+			fm := &netmap.NetworkMap{}
+			if err := fm.Apply(decodeMsg(t, full)); err != nil {
+				t.Fatal(err)
+			}
+			if got := peerIDs(fm); !slices.Equal(got, want) {
+				t.Fatalf("%s: node %d's full map lists %v, CanSee says %v", st.name, id, got, want)
 			}
 		}
 	}

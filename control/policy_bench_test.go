@@ -1,0 +1,64 @@
+package control
+
+import (
+	"fmt"
+	"testing"
+)
+
+// tenantHub is benchHub with every node in one of 100 tenants.
+func tenantHub(b *testing.B, n int) *hub {
+	h := benchHub(n)
+	for id, nd := range h.nodes {
+		nd.Tags = []string{fmt.Sprintf("tag:tenant%d", int(id)%100)}
+	}
+	h.setPolicy(mustEngine(b, tenantPolicy(100)))
+	drainAll(h)
+	return h
+}
+
+// BenchmarkSetPolicy measures `admin policy set` on a hub of n connected
+// nodes in 100 tenants, alternating two engines: the peer lists come from
+// the engine's index (PeerLister), not a CanSee call per pair of nodes.
+func BenchmarkSetPolicy(b *testing.B) {
+	for _, n := range benchSizes {
+		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
+			h := tenantHub(b, n)
+			engines := []Policy{mustEngine(b, tenantPolicy(100)), mustEngine(b, tenantPolicy(100))}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				h.setPolicy(engines[i%2])
+				b.StopTimer()
+				drainAll(h)
+				b.StartTimer()
+			}
+		})
+	}
+}
+
+// BenchmarkFullMapPolicy is BenchmarkFullMap under a 100-tenant policy: a
+// node's full map lists only its tenant.
+func BenchmarkFullMapPolicy(b *testing.B) {
+	for _, n := range benchSizes {
+		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
+			h := tenantHub(b, n)
+			self := h.nodes[1]
+			var peers int
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				h.mu.Lock()
+				m := h.fullLocked(self)
+				h.mu.Unlock()
+				if _, err := m.frame(); err != nil {
+					b.Fatal(err)
+				}
+				peers = len(m.peers)
+			}
+			if want := n/100 - 1; peers != want {
+				b.Fatalf("full map lists %d peers, want the %d of node 1's tenant", peers, want)
+			}
+			b.ReportMetric(float64(peers), "peers/map")
+		})
+	}
+}
