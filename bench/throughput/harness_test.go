@@ -296,7 +296,9 @@ func (tp *topo) startMesh(t testing.TB, bin string, policy string) *mesh {
 	}
 	m.authKey = k.Key
 	for name, h := range map[string]*netlab.Host{"a": tp.a, "b": tp.b} {
-		m.nodes[h] = &meshNode{name: name, stateDir: filepath.Join(tp.dir, "node-"+name), socket: filepath.Join(tp.dir, name+".sock")}
+		if h != nil {
+			m.nodes[h] = &meshNode{name: name, stateDir: filepath.Join(tp.dir, "node-"+name), socket: filepath.Join(tp.dir, name+".sock")}
+		}
 	}
 	return m
 }
@@ -394,6 +396,11 @@ func (m *mesh) meshd(t testing.TB, mtu int, netstack bool) *tunnel {
 		pb.Stop(10 * time.Second)
 	}
 	tn.check = func(t testing.TB) {
+		for _, h := range []*netlab.Host{tp.a, tp.b} {
+			if f := m.status(t, h).Filter; f != nil {
+				t.Logf("%s: filter on %s: %d rules, drops in %v, out %v", setup, m.nodes[h].name, f.Rules, f.DropsIn, f.DropsOut)
+			}
+		}
 		st := m.status(t, tp.a)
 		if st.Filter == nil || st.Filter.Bootstrap || st.Filter.Rules == 0 {
 			t.Errorf("meshd ran without the bench policy's filter: %+v", st.Filter)
@@ -457,8 +464,9 @@ func cpuPerGB(cpu float64, bytes int64) float64 {
 }
 
 // measure runs every test over tn, one after another, with an iperf3
-// server on b, and returns one result per test.
-func (tp *topo) measure(t testing.TB, tn *tunnel, tests []test, d time.Duration) []result {
+// server on b, and returns one result per test. around, if not nil, is
+// called before each test and the func it returns after it (profiling).
+func (tp *topo) measure(t testing.TB, tn *tunnel, tests []test, d time.Duration, around func(test) func()) []result {
 	t.Helper()
 	srv := []string{"-s", "-p", "5201"}
 	if tn.serverAddr != "" {
@@ -466,6 +474,13 @@ func (tp *topo) measure(t testing.TB, tn *tunnel, tests []test, d time.Duration)
 	}
 	server := tp.b.Start("iperf3", srv...)
 	defer server.Kill()
+	waitFor(t, 10*time.Second, "iperf3 server to listen", func() (bool, string) {
+		if exited(server) {
+			t.Fatalf("iperf3 -s exited:\n%s", server.Output())
+		}
+		out, err := tp.b.Run("ss", "-Hltn", "sport = :5201")
+		return err == nil && strings.Contains(out, "LISTEN"), fmt.Sprintf("ss: %q %v", out, err)
+	})
 	var out []result
 	for _, tc := range tests {
 		r := result{underlay: tp.mtu, setup: tn.setup, test: tc}
@@ -474,7 +489,12 @@ func (tp *topo) measure(t testing.TB, tn *tunnel, tests []test, d time.Duration)
 			out = append(out, r)
 			continue
 		}
+		after := func() {}
+		if around != nil {
+			after = around(tc)
+		}
 		r.bytes, r.seconds, r.cpu, r.hostCPU, r.err = tp.runIperf(tn, tc, d)
+		after()
 		if r.err != nil {
 			t.Logf("%s, %s: %v\niperf3 server:\n%s", tn.setup, tc.name, r.err, server.Output())
 		}
@@ -646,25 +666,29 @@ func parseCPULine(b []byte) (uint64, error) {
 }
 
 // procRSS returns VmRSS of pid in bytes.
-func procRSS(pid int) (int64, error) {
+func procRSS(pid int) (int64, error) { return procStatusKB(pid, "VmRSS:") }
+
+// procStatusKB returns a "kB" field of /proc/PID/status (VmRSS:, VmHWM:)
+// in bytes.
+func procStatusKB(pid int, field string) (int64, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, err
 	}
 	for line := range strings.Lines(string(b)) {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+		if v, ok := strings.CutPrefix(line, field); ok {
 			f := strings.Fields(v)
 			if len(f) != 2 || f[1] != "kB" {
-				return 0, fmt.Errorf("/proc/%d/status: VmRSS line %q", pid, line)
+				return 0, fmt.Errorf("/proc/%d/status: line %q", pid, line)
 			}
 			kb, err := strconv.ParseInt(f[0], 10, 64)
 			if err != nil {
-				return 0, fmt.Errorf("/proc/%d/status VmRSS: %w", pid, err)
+				return 0, fmt.Errorf("/proc/%d/status %s %w", pid, field, err)
 			}
 			return kb * 1024, nil
 		}
 	}
-	return 0, fmt.Errorf("/proc/%d/status has no VmRSS", pid)
+	return 0, fmt.Errorf("/proc/%d/status has no %s", pid, field)
 }
 
 // contextSwitches sums voluntary and involuntary context switches over

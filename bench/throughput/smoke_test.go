@@ -18,11 +18,11 @@ func TestSmoke(t *testing.T) {
 	tests := []test{tcp1, udp1280}
 
 	raw := tp.raw()
-	results := tp.measure(t, raw, tests, time.Second)
+	results := tp.measure(t, raw, tests, time.Second, nil)
 
 	m := tp.startMesh(t, bin, benchPolicy)
 	tn := m.meshd(t, 1420, false)
-	meshRes := tp.measure(t, tn, tests, time.Second)
+	meshRes := tp.measure(t, tn, tests, time.Second, nil)
 	tn.check(t)
 	tn.stop()
 	results = append(results, meshRes...)
