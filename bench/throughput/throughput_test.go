@@ -206,7 +206,7 @@ func startPerf(t testing.TB, tn *tunnel, prefix string) func() {
 			r.cmd.Process.Signal(os.Interrupt)
 			r.cmd.Wait()
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-			out, err := exec.CommandContext(ctx, "perf", "report", "-i", r.data, "--stdio", "--no-children", "--percent-limit", "1.5", "-g", "none", "--sort", "symbol").CombinedOutput()
+			out, err := exec.CommandContext(ctx, "perf", "report", "-i", r.data, "--stdio", "--no-children", "--percent-limit", "0.2", "-g", "none", "--sort", "symbol").CombinedOutput()
 			cancel()
 			if err != nil {
 				t.Logf("perf report %s: %v", r.data, err)
