@@ -78,6 +78,7 @@ func TestThroughput(t *testing.T) {
 	wgBin := wireguardGoBinary(t, *flagWGGo)
 	tests := []test{tcp1, tcp4, udp1280, udp8920}
 	host, _ := os.Hostname()
+	loadStart := loadAvg()
 	t.Logf("machine: %s, %s; meshd %s; wireguard-go %s; %v per run, %d rounds", host, cpuModel(), bin, wgBin, *flagDuration, *flagRepeat)
 
 	type topoMesh struct {
@@ -119,7 +120,8 @@ func TestThroughput(t *testing.T) {
 	}
 	final := medians(rounds)
 	var b strings.Builder
-	fmt.Fprintf(&b, "Machine: %s (%d CPUs), %s. iperf3 runs of %v, median of %d rounds.\n\n", cpuModel(), runtime.NumCPU(), kernel(), *flagDuration, len(rounds))
+	fmt.Fprintf(&b, "Machine: %s (%d CPUs), %s. iperf3 runs of %v, median of %d rounds. Load average (1/5/15 min) at the start %s, at the end %s.\n\n",
+		cpuModel(), runtime.NumCPU(), kernel(), *flagDuration, len(rounds), loadStart, loadAvg())
 	printTable(&b, final)
 	b.WriteString("\n")
 	printGains(&b, final)
@@ -224,6 +226,15 @@ func cpuModel() string {
 		}
 	}
 	return "unknown CPU"
+}
+
+func loadAvg() string {
+	b, _ := os.ReadFile("/proc/loadavg")
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
 }
 
 func kernel() string {
