@@ -41,7 +41,10 @@ func TestIdle(t *testing.T) {
 	coord, node := lab.NewHost("coord"), lab.NewHost("node")
 	_, coordAddr := lab.Link(node, coord, netip.MustParsePrefix("198.18.3.0/24"), 1500)
 	tp := &topo{lab: lab, a: node, r: coord, rAddr: coordAddr, mtu: 1500, dir: t.TempDir()}
-	bin := meshdBinary(t)
+	bin := *flagMeshd
+	if bin == "" {
+		bin = meshdBinary(t)
+	}
 	m := tp.startMesh(t, bin, benchPolicy)
 
 	type row struct {

@@ -22,6 +22,7 @@ var (
 	flagRepeat    = flag.Int("repeat", 3, "rounds over every row; the table shows each test's median round")
 	flagUnderlays = flag.String("underlays", "1500,9000", "underlay MTUs to measure")
 	flagWGGo      = flag.String("wireguard-go", "", "stock wireguard-go binary (default: built from the version in go.mod)")
+	flagMeshd     = flag.String("meshd", "", "meshd binary to measure (default: built from this tree)")
 	flagOut       = flag.String("out", "", "also write the table (Markdown) to this file")
 	flagPerfDir   = flag.String("perf-dir", "", "record `perf` CPU profiles of both tunnel ends during each TCP 1-stream run into this directory")
 )
@@ -74,7 +75,10 @@ func TestThroughput(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	bin := meshdBinary(t)
+	bin := *flagMeshd
+	if bin == "" {
+		bin = meshdBinary(t)
+	}
 	wgBin := wireguardGoBinary(t, *flagWGGo)
 	tests := []test{tcp1, tcp4, udp1280, udp8920}
 	host, _ := os.Hostname()
