@@ -612,7 +612,7 @@ func (h *hub) online(id netmap.NodeID) bool {
 func (h *hub) setPolicy(p Policy) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	old, oldIndexed := h.policy, h.indexer != nil
+	old, oldIndexed, oldBootstrap := h.policy, h.indexer != nil, h.bootstrap
 	if p == nil {
 		h.policy, h.bootstrap = newBootstrapPolicy(), true
 	} else {
@@ -671,8 +671,15 @@ func (h *hub) setPolicy(p Policy) {
 		f := h.filterFor(viewer)
 		r.PacketFilter = &f
 		fb, _ := json.Marshal(f)
-		frame := h.encode(&r)
+		same := oldBootstrap == h.bootstrap && len(r.PeersChanged) == 0 && len(r.PeersRemoved) == 0
+		var frame []byte
 		for _, s := range ss {
+			if same && bytes.Equal(s.lastFilter, fb) {
+				continue // nothing this node sees changed: send nothing
+			}
+			if frame == nil {
+				frame = h.encode(&r)
+			}
 			s.lastFilter = fb
 			h.send(s, frame)
 		}

@@ -340,3 +340,44 @@ func TestSetPolicyPeerListsMatchCanSee(t *testing.T) {
 		}
 	}
 }
+
+// TestSetPolicyQuietForUnaffectedNodes: a policy change sends frames only to
+// nodes whose peers, filter or bootstrap state change.
+func TestSetPolicyQuietForUnaffectedNodes(t *testing.T) {
+	h := newHub("e1", nil, 0, time.Now)
+	for id := netmap.NodeID(1); id <= 6; id++ {
+		h.upsert(hubNode(id, fmt.Sprintf("tag:tenant%d", int(id)%3)))
+	}
+	sessions := map[netmap.NodeID]*session{}
+	maps := map[netmap.NodeID]*netmap.NetworkMap{}
+	for id := netmap.NodeID(1); id <= 6; id++ {
+		sessions[id], maps[id] = subscribeMap(t, h, id)
+	}
+	h.setPolicy(mustEngine(t, tenantPolicy(3)))
+	for id, s := range sessions {
+		if n := drain(t, s, maps[id]); n == 0 {
+			t.Fatalf("bootstrap -> tenants: node %d got no update", id)
+		}
+	}
+	// Same rules, new engine: nothing to say to anyone.
+	h.setPolicy(mustEngine(t, tenantPolicy(3)))
+	for id, s := range sessions {
+		if n := drain(t, s, maps[id]); n != 0 {
+			t.Fatalf("identical policy: node %d got %d frames", id, n)
+		}
+	}
+	// tenant0 may now also reach tenant1: tenants 0 and 1 hear about it
+	// (nodes 3, 6 and 1, 4), tenant2 (nodes 2, 5) does not.
+	wider := tenantPolicy(3)
+	wider = strings.Replace(wider, `"grants": [`, `"grants": [{"src": ["tag:tenant0"], "dst": ["tag:tenant1"], "ip": ["22"]},`, 1)
+	h.setPolicy(mustEngine(t, wider))
+	for id, s := range sessions {
+		n := drain(t, s, maps[id])
+		if affected := id%3 != 2; affected != (n > 0) {
+			t.Fatalf("tenant0 -> tenant1 added: node %d got %d frames (affected %v)", id, n, affected)
+		}
+	}
+	if got := peerIDs(maps[1]); !slices.Equal(got, []netmap.NodeID{3, 4, 6}) {
+		t.Fatalf("node 1 (tenant1) sees %v, want its tenant (4) and tenant0 (3, 6)", got)
+	}
+}
