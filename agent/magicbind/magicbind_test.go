@@ -8,10 +8,13 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"log/slog"
 	"net"
 	"net/http/httptest"
 	"net/netip"
 	"strconv"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -56,6 +59,29 @@ func startRelay(t *testing.T) netmap.DERPMap {
 	}}}}}
 }
 
+// testLogger logs at debug level through t (shown for failed tests) until
+// the test's cleanups have run; WireGuard's goroutines log while stopping.
+func testLogger(t *testing.T, name string) *slog.Logger {
+	w := &tWriter{t: t}
+	t.Cleanup(func() { w.mu.Lock(); w.done = true; w.mu.Unlock() })
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug})).With("node", name)
+}
+
+type tWriter struct {
+	t    *testing.T
+	mu   sync.Mutex
+	done bool
+}
+
+func (w *tWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.done {
+		w.t.Log(strings.TrimSpace(string(p)))
+	}
+	return len(p), nil
+}
+
 type testNode struct {
 	name  string
 	key   netmap.NodePrivate
@@ -73,14 +99,18 @@ func newTestNode(t *testing.T, name string, ip string) *testNode {
 	n.bind = New(Options{
 		NodeKey: n.key, DiscoKey: n.disco,
 		// Quick timings so fallback tests take seconds.
-		Paths: endpoint.Config{HeartbeatInterval: 300 * time.Millisecond, TrustDuration: time.Second, ProbeInterval: 500 * time.Millisecond},
+		Paths:  endpoint.Config{HeartbeatInterval: 300 * time.Millisecond, TrustDuration: time.Second, ProbeInterval: 500 * time.Millisecond},
+		Logger: testLogger(t, name),
 	})
 	tdev, tnet, err := netstack.CreateNetTUN([]netip.Addr{n.ip}, nil, 1280)
 	if err != nil {
 		t.Fatal(err)
 	}
 	n.tnet = tnet
-	n.dev = device.NewDevice(tdev, n.bind, device.NewLogger(device.LogLevelSilent, ""))
+	n.dev = device.NewDevice(tdev, n.bind, &device.Logger{
+		Verbosef: func(f string, a ...any) { n.bind.log.Debug("wg: " + fmt.Sprintf(f, a...)) },
+		Errorf:   func(f string, a ...any) { n.bind.log.Debug("wg error: " + fmt.Sprintf(f, a...)) },
+	})
 	t.Cleanup(n.dev.Close)
 	k := n.key.Raw()
 	if err := n.dev.IpcSet(fmt.Sprintf("private_key=%x\nlisten_port=0\n", k[:])); err != nil {
@@ -128,7 +158,10 @@ func connect(t *testing.T, a, b *testNode, dm netmap.DERPMap, endpoints bool) {
 		pN := x.pN
 		x.self.bind.SetNetworkMap(&netmap.NetworkMap{Self: x.selfN, Peers: map[netmap.NodeID]*netmap.Node{pN.ID: &pN}, DERPMap: dm})
 		pk := x.peer.key.Public()
-		cfg := fmt.Sprintf("public_key=%x\nendpoint=%s\npersistent_keepalive_interval=5\nallowed_ip=%s/32\n", pk[:], EndpointFor(pk), x.peer.ip)
+		// No persistent keepalive: with both sides initiating at once,
+		// wireguard-go can lose the session key when the two handshakes
+		// cross in one receive batch, which recovers only on rekey.
+		cfg := fmt.Sprintf("public_key=%x\nendpoint=%s\nallowed_ip=%s/32\n", pk[:], EndpointFor(pk), x.peer.ip)
 		if err := x.self.dev.IpcSet(cfg); err != nil {
 			t.Fatal(err)
 		}

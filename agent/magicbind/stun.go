@@ -169,6 +169,14 @@ func (b *Bind) handleSTUN(pkt []byte, src netip.AddrPort) {
 	}
 	mapped = netip.AddrPortFrom(mapped.Addr().Unmap(), mapped.Port())
 	changed := false
+	if b.home == 0 {
+		// The first answer makes a home at once, so peers can reach us
+		// through it before the round ends; the round's end picks the
+		// fastest.
+		b.home = pr.region
+		b.regionLocked(pr.region)
+		changed = true
+	}
 	if !slices.Contains(b.stunEps, mapped) {
 		b.stunEps = append(b.stunEps, mapped)
 		// Keep the newest few: a rebinding NAT leaves stale mappings.

@@ -31,10 +31,20 @@ import (
 type natLab struct {
 	e      *env
 	lab    *netlab.Lab
-	sites  [2]*netlab.Site
+	relay  *labRelay
+	sites  [2]*netlab.Site // sites[1] == sites[0] with sameSite
 	hosts  [2]*netlab.Host
 	nodes  [2]*node
 	status [2]*localapi.Status
+}
+
+// natLabOptions shapes a natLab.
+type natLabOptions struct {
+	nat [2]netlab.NAT
+	// sameSite puts both nodes on the first site's LAN, behind one NAT.
+	sameSite bool
+	// beforeUp runs after the sites exist and before the nodes start.
+	beforeUp func(nl *natLab)
 }
 
 const (
@@ -43,6 +53,10 @@ const (
 )
 
 func newNATLab(t *testing.T, natA, natB netlab.NAT) *natLab {
+	return newNATLabWith(t, natLabOptions{nat: [2]netlab.NAT{natA, natB}})
+}
+
+func newNATLabWith(t *testing.T, o natLabOptions) *natLab {
 	lab := netlab.New(t)
 	e := &env{t: t, bin: buildMeshd(t), dir: t.TempDir()}
 	inet := lab.NewSegment("inet", netip.MustParsePrefix("198.18.0.0/24"))
@@ -50,12 +64,18 @@ func newNATLab(t *testing.T, natA, natB netlab.NAT) *natLab {
 	if got := srv.Attach(inet); got.String() != inetAddr {
 		t.Fatalf("server host got %v, want %s", got, inetAddr)
 	}
-	dm := startLabRelay(t, srv)
-	key := startLabCoordinator(t, e, srv, dm)
+	relay := startLabRelay(t, srv)
+	key := startLabCoordinator(t, e, srv, relay.derpMap())
 
-	nl := &natLab{e: e, lab: lab}
-	for i, nat := range []netlab.NAT{natA, natB} {
+	nl := &natLab{e: e, lab: lab, relay: relay}
+	for i, nat := range o.nat {
 		name := fmt.Sprintf("n%d", i+1)
+		if o.sameSite && i == 1 {
+			nl.sites[1] = nl.sites[0]
+			nl.hosts[1] = lab.NewHost(name)
+			nl.hosts[1].AttachToSite(nl.sites[1])
+			continue
+		}
 		nl.sites[i] = lab.NewSite("site"+name, inet, netip.MustParsePrefix(fmt.Sprintf("10.%d.0.0/24", i+1)), nat)
 		// The router's own firewall drops unsolicited inbound, as every
 		// home and cloud NAT does. Without it, a peer's ping that reaches
@@ -66,7 +86,12 @@ func newNATLab(t *testing.T, natA, natB netlab.NAT) *natLab {
 		nl.sites[i].Router.MustRun("iptables", "-A", "INPUT", "-i", "eth0", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")
 		nl.hosts[i] = lab.NewHost(name)
 		nl.hosts[i].AttachToSite(nl.sites[i])
-		nl.nodes[i] = e.newNode(name, nl.hosts[i], "--tun", "meshd0")
+	}
+	if o.beforeUp != nil {
+		o.beforeUp(nl)
+	}
+	for i := range nl.nodes {
+		nl.nodes[i] = e.newNode(fmt.Sprintf("n%d", i+1), nl.hosts[i], "--tun", "meshd0")
 		e.startDaemon(nl.nodes[i])
 		e.up(nl.nodes[i], key)
 	}
@@ -78,40 +103,66 @@ func newNATLab(t *testing.T, natA, natB netlab.NAT) *natLab {
 	return nl
 }
 
-// startLabRelay runs a DERP relay (TLS, pinned certificate) and a STUN
-// server on the internet host and returns the one-region DERP map.
-func startLabRelay(t *testing.T, h *netlab.Host) *netmap.DERPMap {
+// labRelay is a DERP relay (TLS, pinned certificate) and a STUN server on
+// the internet host.
+type labRelay struct {
+	t    *testing.T
+	h    *netlab.Host
+	cert tls.Certificate
+	key  netmap.NodePrivate
+	ds   *derp.Server
+	hs   *httptest.Server
+}
+
+func startLabRelay(t *testing.T, h *netlab.Host) *labRelay {
 	cert, err := derp.NewSelfSignedCert([]string{inetAddr})
 	if err != nil {
 		t.Fatal(err)
 	}
-	ds, err := derp.NewServer(derp.ServerOptions{PrivateKey: netmap.NewNodePrivate(), KeepAlive: 5 * time.Second})
-	if err != nil {
+	r := &labRelay{t: t, h: h, cert: cert, key: netmap.NewNodePrivate()}
+	var ss *stun.Server
+	if err := h.Do(func() (err error) { ss, err = stun.Listen(inetAddr+":3478", nil); return }); err != nil {
 		t.Fatal(err)
 	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); ss.Serve(ctx) }()
+	r.start()
+	t.Cleanup(func() { cancel(); <-done; r.stop() })
+	return r
+}
+
+// start serves the relay (again, after stop: same key and certificate, as
+// a relay restarted with its state dir).
+func (r *labRelay) start() {
+	ds, err := derp.NewServer(derp.ServerOptions{PrivateKey: r.key, KeepAlive: 5 * time.Second})
+	if err != nil {
+		r.t.Fatal(err)
+	}
 	var ln net.Listener
-	var ss *stun.Server
-	if err := h.Do(func() (err error) {
-		if ln, err = net.Listen("tcp", fmt.Sprintf("%s:%d", inetAddr, derpPort)); err != nil {
-			return err
-		}
-		ss, err = stun.Listen(inetAddr+":3478", nil)
-		return err
-	}); err != nil {
-		t.Fatal(err)
+	if err := r.h.Do(func() (err error) { ln, err = net.Listen("tcp", fmt.Sprintf("%s:%d", inetAddr, derpPort)); return }); err != nil {
+		r.t.Fatal(err)
 	}
 	hs := httptest.NewUnstartedServer(ds)
 	hs.Listener.Close()
 	hs.Listener = ln
 	hs.Config.ErrorLog = log.New(io.Discard, "", 0)
-	hs.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}}
+	hs.TLS = &tls.Config{Certificates: []tls.Certificate{r.cert}, NextProtos: []string{"http/1.1"}}
 	hs.StartTLS()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); ss.Serve(ctx) }()
-	t.Cleanup(func() { cancel(); <-done; ds.Close(); hs.Close() })
+	r.ds, r.hs = ds, hs
+}
+
+func (r *labRelay) stop() {
+	if r.ds != nil {
+		r.ds.Close()
+		r.hs.Close()
+		r.ds, r.hs = nil, nil
+	}
+}
+
+func (r *labRelay) derpMap() *netmap.DERPMap {
 	return &netmap.DERPMap{Regions: []netmap.DERPRegion{{ID: 1, Code: "lab", Nodes: []netmap.DERPNode{{
-		Name: "1a", Host: inetAddr, DERPPort: derpPort, STUNPort: 3478, CertFingerprint: derp.Fingerprint(cert.Leaf),
+		Name: "1a", Host: inetAddr, DERPPort: derpPort, STUNPort: 3478, CertFingerprint: derp.Fingerprint(r.cert.Leaf),
 	}}}}}
 }
 
@@ -182,7 +233,9 @@ func (nl *natLab) dialFrom(i int, to netip.AddrPort) net.Conn {
 	nl.e.t.Helper()
 	var c net.Conn
 	if err := nl.hosts[i].Do(func() (err error) {
-		d := net.Dialer{Timeout: 20 * time.Second}
+		// Generous: when both sides' first handshakes cross, wireguard-go
+		// may need a rekey (about 15 s) before the session works.
+		d := net.Dialer{Timeout: 45 * time.Second}
 		c, err = d.Dial("tcp", to.String())
 		return
 	}); err != nil {
@@ -283,5 +336,92 @@ func TestNATDirectPathCut(t *testing.T) {
 		if p := nl.peerOf(i); p.Path != "derp" {
 			t.Errorf("%s: path %q after the cut, want derp", nl.nodes[i].name, p.Path)
 		}
+	}
+}
+
+// TestNATHardToForwarded: one side symmetric (--random-fully), the other a
+// MASQUERADE router forwarding the node's WireGuard port (iptables DNAT, a
+// full-cone NAT for that port): the symmetric side's pings get through,
+// the forwarded side learns its mapping from them, and both go direct.
+func TestNATHardToForwarded(t *testing.T) {
+	t.Parallel()
+	nl := newNATLabWith(t, natLabOptions{nat: [2]netlab.NAT{netlab.HardNAT, netlab.EasyNAT}, beforeUp: func(nl *natLab) {
+		nl.sites[1].Router.MustRun("iptables", "-t", "nat", "-A", "PREROUTING", "-i", "eth0", "-p", "udp", "--dport", "41641",
+			"-j", "DNAT", "--to-destination", nl.hosts[1].Addrs()[0].Addr().String()+":41641")
+	}})
+	srv := nl.serveSHAOn(1)
+	if err := transfer(nl.dialFrom(0, srv)); err != nil {
+		t.Fatalf("transfer: %v", err)
+	}
+	p := nl.waitPath(0, "direct", 30*time.Second)
+	if want := netip.AddrPortFrom(nl.sites[1].WANAddr, 41641).String(); p.Endpoint != want {
+		t.Errorf("n1 direct endpoint %q, want the forwarded port %s", p.Endpoint, want)
+	}
+	p = nl.waitPath(1, "direct", 30*time.Second)
+	if ap, err := netip.ParseAddrPort(p.Endpoint); err != nil || ap.Addr() != nl.sites[0].WANAddr {
+		t.Errorf("n2 direct endpoint %q, want n1's router %v", p.Endpoint, nl.sites[0].WANAddr)
+	}
+	if err := transfer(nl.dialFrom(0, srv)); err != nil {
+		t.Fatalf("transfer over the direct path: %v", err)
+	}
+}
+
+// TestNATUDPBlocked: one site lets no UDP out at all (only TCP): STUN
+// fails there, the node still gets a home relay, and traffic flows over
+// DERP on TCP.
+func TestNATUDPBlocked(t *testing.T) {
+	t.Parallel()
+	nl := newNATLabWith(t, natLabOptions{nat: [2]netlab.NAT{netlab.EasyNAT, netlab.EasyNAT}, beforeUp: func(nl *natLab) {
+		nl.sites[0].Router.MustRun("iptables", "-I", "FORWARD", "-p", "udp", "-j", "DROP")
+	}})
+	srv := nl.serveSHAOn(1)
+	if err := transfer(nl.dialFrom(0, srv)); err != nil {
+		t.Fatalf("transfer with UDP blocked: %v", err)
+	}
+	for i := range nl.nodes {
+		if p := nl.waitPath(i, "derp", 10*time.Second); p.Endpoint != "derp:lab" {
+			t.Errorf("%s: endpoint %q, want derp:lab", nl.nodes[i].name, p.Endpoint)
+		}
+	}
+}
+
+// TestNATSameSite: two nodes behind one NAT talk directly over their LAN
+// addresses, not through the router.
+func TestNATSameSite(t *testing.T) {
+	t.Parallel()
+	nl := newNATLabWith(t, natLabOptions{nat: [2]netlab.NAT{netlab.HardNAT, netlab.HardNAT}, sameSite: true})
+	srv := nl.serveSHAOn(1)
+	if err := transfer(nl.dialFrom(0, srv)); err != nil {
+		t.Fatalf("transfer: %v", err)
+	}
+	for i := range nl.nodes {
+		p := nl.waitPath(i, "direct", 30*time.Second)
+		want := netip.AddrPortFrom(nl.hosts[1-i].Addrs()[0].Addr(), 41641).String()
+		if p.Endpoint != want {
+			t.Errorf("%s: direct endpoint %q, want the peer's LAN address %s", nl.nodes[i].name, p.Endpoint, want)
+		}
+	}
+}
+
+// TestNATRelayRestart: with both sides symmetric the relay is the only
+// path; it restarts, and the nodes reconnect and traffic flows again.
+func TestNATRelayRestart(t *testing.T) {
+	t.Parallel()
+	nl := newNATLab(t, netlab.HardNAT, netlab.HardNAT)
+	srv := nl.serveSHAOn(1)
+	if err := transfer(nl.dialFrom(0, srv)); err != nil {
+		t.Fatalf("transfer before the restart: %v", err)
+	}
+	nl.relay.stop()
+	waitFor(t, 20*time.Second, "nodes to notice the relay is gone", func() (bool, string) {
+		p := nl.peerOf(0)
+		return p.Path == "none", p.Path
+	})
+	nl.relay.start()
+	for i := range nl.nodes {
+		nl.waitPath(i, "derp", 30*time.Second)
+	}
+	if err := transfer(nl.dialFrom(0, srv)); err != nil {
+		t.Fatalf("transfer after the restart: %v", err)
 	}
 }
