@@ -82,7 +82,9 @@ func TestAdminPolicySetGetReject(t *testing.T) {
 	for _, n := range []*testNode{a1, a2, b1} {
 		n.follow(t, n.mapRequest())
 	}
-	a1.waitMap(t, "everyone under bootstrap", func(m *netmap.NetworkMap) bool { return m.PolicyBootstrap && len(m.Peers) == 2 })
+	for _, n := range []*testNode{a1, a2, b1} {
+		n.waitMap(t, "everyone under bootstrap", func(m *netmap.NetworkMap) bool { return m.PolicyBootstrap && len(m.Peers) == 2 })
+	}
 
 	info, err := ac.SetPolicy(ctx, "/some/dir/ab.hujson", []byte(abPolicy))
 	if err != nil {
@@ -132,6 +134,16 @@ func TestAdminPolicySetGetReject(t *testing.T) {
 	a1.waitMap(t, "a3 but not b2", func(m *netmap.NetworkMap) bool {
 		return slices.Equal(peerIDs(m), []netmap.NodeID{a2.id, a3.id})
 	})
+
+	// Up to the limit is fine: a 3 MiB file (mostly comment) goes through
+	// the admin API and comes back byte for byte.
+	big := abPolicy + "// " + strings.Repeat("x", 3<<20) + "\n"
+	if _, err := ac.SetPolicy(ctx, "big.hujson", []byte(big)); err != nil {
+		t.Fatalf("3 MiB policy: %v", err)
+	}
+	if got, err := ac.Policy(ctx); err != nil || got.Text != big {
+		t.Fatalf("get of the 3 MiB policy: %d bytes, %v", len(got.Text), err)
+	}
 
 	// A second good policy turns a1->a2 off and a1->b1 on, filters too.
 	if _, err := ac.SetPolicy(ctx, "bc.hujson", []byte(bcPolicy)); err != nil {
