@@ -96,6 +96,9 @@ type Bind struct {
 	byAddr atomic.Pointer[map[netip.AddrPort]*peer]
 	// byKey is the same for DERP sources.
 	byKey atomic.Pointer[map[netmap.NodePublic]*peer]
+	// derpBufs hold relayed packets between the relay's reader and
+	// WireGuard's receive call.
+	derpBufs sync.Pool
 }
 
 // openState is what lives from Open to Close.
@@ -160,6 +163,7 @@ func New(opts Options) *Bind {
 		regions: map[int]*region{}, stunTx: map[stun.TxID]stunProbe{}, stunLat: map[int]time.Duration{},
 		waiters: map[disco.TxID]*pingWaiter{},
 	}
+	b.derpBufs.New = func() any { buf := make([]byte, derpBufSize); return &buf }
 	b.byAddr.Store(&map[netip.AddrPort]*peer{})
 	b.byKey.Store(&map[netmap.NodePublic]*peer{})
 	return b
@@ -499,19 +503,17 @@ func (b *Bind) handleDERP(o *openState, r *region, m derp.Message) {
 	if p == nil || len(pkt.Data) > derpBufSize {
 		return
 	}
-	buf := derpBufs.Get().(*[]byte)
+	buf := b.derpBufs.Get().(*[]byte)
 	n := copy(*buf, pkt.Data)
 	select {
 	case o.derpRx <- derpPacket{p: p, buf: buf, n: n}:
 	case <-o.ctx.Done():
-		derpBufs.Put(buf)
+		b.derpBufs.Put(buf)
 	}
 }
 
 // derpBufSize covers a WireGuard packet on a jumbo-frame underlay.
 const derpBufSize = 65535
-
-var derpBufs = sync.Pool{New: func() any { b := make([]byte, derpBufSize); return &b }}
 
 // receiveDERP hands WireGuard the packets relays delivered, as many as are
 // waiting, up to the batch.
@@ -527,7 +529,7 @@ func (b *Bind) receiveDERP(o *openState) conn.ReceiveFunc {
 		for {
 			sizes[n] = copy(packets[n], (*pk.buf)[:pk.n])
 			eps[n] = pk.p.ep
-			derpBufs.Put(pk.buf)
+			b.derpBufs.Put(pk.buf)
 			n++
 			if n == len(packets) {
 				return n, nil

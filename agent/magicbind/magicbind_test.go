@@ -15,9 +15,11 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun/netstack"
 
@@ -95,6 +97,12 @@ type testNode struct {
 
 func newTestNode(t *testing.T, name string, ip string) *testNode {
 	t.Helper()
+	return newTestNodeWith(t, name, ip, nil)
+}
+
+// newTestNodeWith lets the test adjust the bind before WireGuard opens it.
+func newTestNodeWith(t *testing.T, name string, ip string, adjust func(*Bind)) *testNode {
+	t.Helper()
 	n := &testNode{name: name, key: netmap.NewNodePrivate(), disco: netmap.NewDiscoPrivate(), ip: netip.MustParseAddr(ip)}
 	n.bind = New(Options{
 		NodeKey: n.key, DiscoKey: n.disco,
@@ -102,6 +110,9 @@ func newTestNode(t *testing.T, name string, ip string) *testNode {
 		Paths:  endpoint.Config{HeartbeatInterval: 300 * time.Millisecond, TrustDuration: time.Second, ProbeInterval: 500 * time.Millisecond},
 		Logger: testLogger(t, name),
 	})
+	if adjust != nil {
+		adjust(n.bind)
+	}
 	tdev, tnet, err := netstack.CreateNetTUN([]netip.Addr{n.ip}, nil, 1280)
 	if err != nil {
 		t.Fatal(err)
@@ -312,4 +323,102 @@ func TestParseEndpoint(t *testing.T) {
 			t.Errorf("ParseEndpoint(%q) accepted", bad)
 		}
 	}
+}
+
+// cuttableBind is the UDP socket with a switch that drops every direct
+// datagram both ways, like a firewall rule appearing on the path; the
+// relay (TCP) is unaffected.
+type cuttableBind struct {
+	conn.Bind
+	cut atomic.Bool
+}
+
+func (c *cuttableBind) Send(bufs [][]byte, ep conn.Endpoint) error {
+	if c.cut.Load() {
+		return nil
+	}
+	return c.Bind.Send(bufs, ep)
+}
+
+func (c *cuttableBind) Open(port uint16) ([]conn.ReceiveFunc, uint16, error) {
+	fns, p, err := c.Bind.Open(port)
+	for i, fn := range fns {
+		fns[i] = func(packets [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
+			n, err := fn(packets, sizes, eps)
+			if c.cut.Load() {
+				for j := range n {
+					sizes[j] = 0
+				}
+			}
+			return n, err
+		}
+	}
+	return fns, p, err
+}
+
+// TestFallbackToRelayAndBack: a direct path dies in the middle of a TCP
+// transfer; traffic moves to the relay within the trust window and the
+// transfer completes; when the path heals, traffic goes direct again.
+func TestFallbackToRelayAndBack(t *testing.T) {
+	dm := startRelay(t)
+	cuts := [2]*cuttableBind{}
+	mk := func(i int, name, ip string) *testNode {
+		return newTestNodeWith(t, name, ip, func(b *Bind) {
+			cuts[i] = &cuttableBind{Bind: b.std}
+			b.std = cuts[i]
+		})
+	}
+	a, b := mk(0, "a", "100.64.0.1"), mk(1, "b", "100.64.0.2")
+	connect(t, a, b, dm, true)
+	transfer(t, a, b, 64<<10)
+	waitPath(t, a, b, PathDirect, 5*time.Second)
+
+	ln, err := b.tnet.ListenTCPAddrPort(netip.AddrPortFrom(b.ip, 5002))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	const size = 4 << 20
+	got := make(chan int, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			got <- -1
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		n, _ := io.Copy(io.Discard, c)
+		got <- int(n)
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := a.tnet.DialContextTCPAddrPort(ctx, netip.AddrPortFrom(b.ip, 5002))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	chunk := make([]byte, 64<<10)
+	for sent := 0; sent < size; sent += len(chunk) {
+		if sent == size/4 {
+			cuts[0].cut.Store(true)
+			cuts[1].cut.Store(true)
+		}
+		if _, err := c.Write(chunk); err != nil {
+			t.Fatalf("write after %d bytes: %v", sent, err)
+		}
+	}
+	c.Close()
+	if n := <-got; n != size {
+		t.Fatalf("received %d bytes across the cut, want %d", n, size)
+	}
+	if st := a.bind.PeerStatus(b.key.Public()); st.Path != PathDERP {
+		t.Errorf("path after the cut: %+v, want derp", st)
+	}
+	cuts[0].cut.Store(false)
+	cuts[1].cut.Store(false)
+	// The peer was active moments ago, so probing goes on and finds the
+	// healed path.
+	waitPath(t, a, b, PathDirect, 10*time.Second)
+	transfer(t, a, b, 64<<10)
 }
