@@ -61,6 +61,12 @@ func (c *cli) adminLeaf(name, usage, help string, setup func(fs *flag.FlagSet), 
 	return &ffcli.Command{
 		Name: name, ShortUsage: usage, ShortHelp: help, FlagSet: fs, Options: envOptions,
 		Exec: func(ctx context.Context, args []string) error {
+			// "admin policy set FILE --coordinator URL": flags may follow
+			// the positional arguments.
+			args, err := parseInterspersed(fs, args)
+			if err != nil {
+				return &exitError{2, err.Error()}
+			}
 			ac, err := conn.client()
 			if err != nil {
 				return err

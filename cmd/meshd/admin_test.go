@@ -201,3 +201,29 @@ func TestCoordinatorFlags(t *testing.T) {
 		t.Errorf("postgres: exit %d %q", code, stderr.String())
 	}
 }
+
+func TestAdminFlagsAfterArguments(t *testing.T) {
+	url, dir := startCoordinator(t)
+	tok := filepath.Join(dir, "admin.token")
+	t.Setenv("MESHD_COORDINATOR", "")
+	t.Setenv("MESHD_TOKEN_FILE", "")
+	code, out, errOut := runAdmin(t, "keys", "create", "--tags", "tag:a", "--json", "--coordinator", url, "--token-file", tok)
+	if code != 0 {
+		t.Fatalf("keys create: exit %d: %s", code, errOut)
+	}
+	var k struct{ ID string }
+	if err := json.Unmarshal([]byte(out), &k); err != nil {
+		t.Fatalf("keys create output %q: %v", out, err)
+	}
+	// The connection flags come after the positional ID here.
+	if code, _, errOut := runAdmin(t, "keys", "revoke", k.ID, "--coordinator", url, "--token-file", tok); code != 0 {
+		t.Fatalf("keys revoke ID --coordinator ...: exit %d: %s", code, errOut)
+	}
+	code, out, errOut = runAdmin(t, "keys", "list", "--json", "--coordinator", url, "--token-file", tok)
+	if code != 0 || !strings.Contains(out, `"revoked"`) {
+		t.Fatalf("keys list after revoke: exit %d %s %s", code, out, errOut)
+	}
+	if code, _, errOut := runAdmin(t, "keys", "revoke", k.ID, "--no-such-flag"); code != 2 || !strings.Contains(errOut, "no-such-flag") {
+		t.Fatalf("unknown flag after the argument: exit %d %q", code, errOut)
+	}
+}
