@@ -697,14 +697,14 @@ func (b *Bind) handleDisco(pkt []byte, src netip.AddrPort, r *region, derpSrc ne
 		}
 		pong := disco.Pong{TxID: m.TxID, Src: src}
 		if r != nil {
-			b.sendDiscoDERP(p, r.id, p.disco, pong)
+			b.sendDiscoDERP(p, r.id, sender, pong)
 			return
 		}
 		p.mu.Lock()
 		p.sel.AddCandidate(src, endpoint.FromPing)
 		p.mu.Unlock()
 		b.learnAddr(src, p)
-		b.sendDiscoUDP(src, p.disco, pong)
+		b.sendDiscoUDP(src, sender, pong)
 	case disco.Pong:
 		if r == nil {
 			p.mu.Lock()
@@ -719,7 +719,9 @@ func (b *Bind) handleDisco(pkt []byte, src netip.AddrPort, r *region, derpSrc ne
 		delete(b.waiters, m.TxID)
 		b.mu.Unlock()
 		if w != nil && w.p == p {
+			p.mu.Lock()
 			res := PingResult{Latency: now.Sub(w.sent), Peer: p.name}
+			p.mu.Unlock()
 			if r != nil {
 				res.Path, res.DERPRegion, res.DERPCode = PathDERP, r.id, r.code
 			} else {

@@ -222,7 +222,7 @@ func (b *Bind) Ping(ctx context.Context, k netmap.NodePublic) (PingResult, error
 	now := time.Now()
 	p.mu.Lock()
 	p.sel.NoteActivity(now) // a ping is a reason to look for paths
-	dk, home := p.disco, p.home
+	dk, home, name := p.disco, p.home, p.name
 	cands := slices.Clone(p.cands)
 	for _, c := range p.sel.State(now).Candidates {
 		cands = append(cands, c.Addr)
@@ -261,7 +261,7 @@ func (b *Bind) Ping(ctx context.Context, k netmap.NodePublic) (PingResult, error
 	select {
 	case first = <-res:
 	case <-ctx.Done():
-		return PingResult{}, fmt.Errorf("ping %s: no reply: %w", p.name, ctx.Err())
+		return PingResult{}, fmt.Errorf("ping %s: no reply: %w", name, ctx.Err())
 	}
 	if first.Path == PathDirect {
 		return first, nil
