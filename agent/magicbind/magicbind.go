@@ -741,13 +741,20 @@ func (b *Bind) handleDisco(pkt []byte, src netip.AddrPort, r *region, derpSrc ne
 		for _, ep := range m.Endpoints {
 			p.sel.AddCandidate(ep, endpoint.FromCallMeMaybe)
 		}
-		// New candidates are pinged at the next Poll, which the kick
-		// makes immediate: the peer is pinging us right now, so both NATs
-		// open together. Known ones are re-pinged on the selector's
-		// probe round. NoteActivity wakes an idle peer for this.
+		// NoteActivity wakes an idle peer so the selector probes; new
+		// candidates are pinged at the next Poll, which the kick makes
+		// immediate.
 		p.sel.NoteActivity(now)
 		p.mu.Unlock()
 		b.kick()
+		// The peer is pinging us right now: ping every endpoint it listed
+		// at once too, known or not, so our NAT opens towards it while
+		// its pings are on the way (simultaneous open). These pings are
+		// not the selector's: their pongs only tell the peer, whose pings
+		// now get through, and our own next probe finds the path.
+		for _, ep := range m.Endpoints {
+			b.sendDiscoUDP(ep, sender, disco.Ping{TxID: disco.NewTxID(), NodeKey: b.selfPK})
+		}
 	}
 }
 

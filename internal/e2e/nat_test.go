@@ -287,10 +287,12 @@ func TestNATBothHard(t *testing.T) {
 			t.Errorf("%s: peer %+v, want relayed through derp:lab with traffic", nl.nodes[i].name, p)
 		}
 	}
-	// A few rounds of probing later, still relayed: never a false direct.
-	time.Sleep(6 * time.Second)
-	if p := nl.peerOf(0); p.Path != "derp" {
-		t.Errorf("n1 path %q after probing, want derp", p.Path)
+	// Through a few rounds of probing (every 5 s while relayed), the path
+	// stays relayed: a pong that cannot happen never makes it direct.
+	for end := time.Now().Add(6 * time.Second); time.Now().Before(end); time.Sleep(500 * time.Millisecond) {
+		if p := nl.peerOf(0); p.Path != "derp" {
+			t.Fatalf("n1 path %q while probing, want derp", p.Path)
+		}
 	}
 	out, err := nl.e.cli(nl.nodes[0], "ping", "-c", "2", "n2")
 	if err == nil || !strings.Contains(out, "via DERP(lab)") || !strings.Contains(out, "direct connection not established") {
