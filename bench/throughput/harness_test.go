@@ -340,6 +340,16 @@ func (m *mesh) status(t testing.TB, h *netlab.Host) *localapi.Status {
 	return st
 }
 
+// peerPath is the path status reports for the peer with address ip.
+func peerPath(st *localapi.Status, ip netip.Addr) string {
+	for _, p := range st.Peers {
+		if len(p.IPs) > 0 && p.IPs[0] == ip {
+			return p.Path
+		}
+	}
+	return "no such peer"
+}
+
 func ipv4Of(n *localapi.Node) netip.Addr {
 	if n != nil {
 		for _, ip := range n.IPs {
@@ -391,6 +401,14 @@ func (m *mesh) meshd(t testing.TB, mtu int, netstack bool) *tunnel {
 			c.Close()
 		}
 		return err == nil || errors.Is(err, syscall.ECONNREFUSED), fmt.Sprint(err)
+	})
+	// The magic bind starts a peer on the coordinator's embedded DERP relay
+	// and moves it to the direct path when disco pings are answered; only
+	// the direct path is measured.
+	aIP := ipv4Of(m.status(t, tp.a).Self)
+	waitFor(t, 30*time.Second, "a direct path both ways", func() (bool, string) {
+		pa, pb := peerPath(m.status(t, tp.a), dst), peerPath(m.status(t, tp.b), aIP)
+		return pa == "direct" && pb == "direct", fmt.Sprintf("a->b %q, b->a %q", pa, pb)
 	})
 	tn.setup, tn.dst, tn.procs, tn.mtu = setup, dst, []*netlab.Process{pa, pb}, mtu
 	tn.stop = func() {
