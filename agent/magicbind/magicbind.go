@@ -287,6 +287,24 @@ func (b *Bind) SetNetworkMap(nm *netmap.NetworkMap) {
 		b.kickLocked()
 		b.startSTUNLocked()
 	}
+	b.connectPeerRegionsLocked()
+}
+
+// connectPeerRegionsLocked connects to every region a peer calls home, so
+// the first packets to a peer are not lost while a relay connection is
+// dialled.
+func (b *Bind) connectPeerRegionsLocked() {
+	if b.open == nil {
+		return
+	}
+	for _, p := range b.peers {
+		p.mu.Lock()
+		home := p.home
+		p.mu.Unlock()
+		if home != 0 {
+			b.regionLocked(home)
+		}
+	}
 }
 
 func derpMapEqual(a, b netmap.DERPMap) bool {
@@ -335,6 +353,7 @@ func (b *Bind) Open(port uint16) ([]conn.ReceiveFunc, uint16, error) {
 		out = append(out, b.wrapReceive(fn))
 	}
 	out = append(out, b.receiveDERP(o))
+	b.connectPeerRegionsLocked()
 	o.wg.Add(2)
 	go func() {
 		defer o.wg.Done()

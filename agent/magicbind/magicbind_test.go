@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http/httptest"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -421,4 +422,50 @@ func TestFallbackToRelayAndBack(t *testing.T) {
 	// healed path.
 	waitPath(t, a, b, PathDirect, 10*time.Second)
 	transfer(t, a, b, 64<<10)
+}
+
+// TestPeerInAnotherRegion: nodes with different home regions reach each
+// other through the peer's home, which each bind connects to when it first
+// sends there.
+func TestPeerInAnotherRegion(t *testing.T) {
+	r1, r2 := startRelay(t).Regions[0], startRelay(t).Regions[0]
+	r2.ID, r2.Code = 2, "far"
+	// Each node's STUN answers only from "its" region, so a's home is
+	// region 1 and b's region 2 (with the same map, the faster region
+	// would win).
+	noSTUN := func(r netmap.DERPRegion) netmap.DERPRegion {
+		r.Nodes = slices.Clone(r.Nodes)
+		r.Nodes[0].STUNPort = -1
+		return r
+	}
+	maps := [2]netmap.DERPMap{{Regions: []netmap.DERPRegion{r1, noSTUN(r2)}}, {Regions: []netmap.DERPRegion{noSTUN(r1), r2}}}
+	a, b := newTestNode(t, "a", "100.64.0.1"), newTestNode(t, "b", "100.64.0.2")
+	na, nb := a.node(1, false), b.node(2, false)
+	na.HomeDERP, nb.HomeDERP = 1, 2 // as each publishes it
+	for i, x := range []struct {
+		self      *testNode
+		selfN, pN netmap.Node
+		peer      *testNode
+	}{{a, na, nb, b}, {b, nb, na, a}} {
+		pN := x.pN
+		x.self.bind.SetNetworkMap(&netmap.NetworkMap{Self: x.selfN, Peers: map[netmap.NodeID]*netmap.Node{pN.ID: &pN}, DERPMap: maps[i]})
+		pk := x.peer.key.Public()
+		if err := x.self.dev.IpcSet(fmt.Sprintf("public_key=%x\nendpoint=%s\nallowed_ip=%s/32\n", pk[:], EndpointFor(pk), x.peer.ip)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for a.bind.HomeDERP() != 1 || b.bind.HomeDERP() != 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("homes a=%d b=%d, want 1 and 2", a.bind.HomeDERP(), b.bind.HomeDERP())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	transfer(t, a, b, 256<<10)
+	if st := waitPath(t, a, b, PathDERP, 5*time.Second); st.DERPRegion != 2 || st.DERPCode != "far" {
+		t.Errorf("a -> b through %+v, want b's home, region 2 (far)", st)
+	}
+	if st := waitPath(t, b, a, PathDERP, 5*time.Second); st.DERPRegion != 1 || st.DERPCode != "lab" {
+		t.Errorf("b -> a through %+v, want a's home, region 1 (lab)", st)
+	}
 }
