@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"net/netip"
 	"testing"
+	"time"
 
 	"meshd.dev/meshd/agent/localapi"
 )
@@ -41,5 +42,12 @@ func TestPingUsage(t *testing.T) {
 	}
 	if !bytes.Contains(errb.Bytes(), []byte("daemon")) {
 		t.Errorf("no-daemon error does not say so: %q", errb.String())
+	}
+}
+
+func TestPeerStateRelay(t *testing.T) {
+	p := &localapi.Peer{Node: localapi.Node{Online: true}, Path: "derp", Endpoint: "derp:lab", TxBytes: 3, RxBytes: 4}
+	if got, want := peerState(p, time.Now()), `active; relay "lab", tx 3 rx 4`; got != want {
+		t.Errorf("peerState = %q, want %q", got, want)
 	}
 }

@@ -107,7 +107,8 @@ func peerState(p *localapi.Peer, now time.Time) string {
 	case p.Path == "direct":
 		parts = append(parts, "idle; direct "+p.Endpoint)
 	case p.Path == "derp":
-		parts = append(parts, "active; relay")
+		// As tailscale shows it: active; relay "lab".
+		parts = append(parts, fmt.Sprintf("active; relay %q", strings.TrimPrefix(p.Endpoint, "derp:")))
 	default:
 		parts = append(parts, "idle")
 	}
