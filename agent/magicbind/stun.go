@@ -60,13 +60,11 @@ func (b *Bind) stunRound(ctx context.Context, dm netmap.DERPMap) {
 	round := time.Now()
 	for _, reg := range dm.Regions {
 		for _, n := range reg.Nodes {
-			if n.STUNPort < 0 {
+			// 0 and -1 both mean the node runs no STUN (netmap.DERPNode).
+			if n.STUNPort <= 0 {
 				continue
 			}
 			port := n.STUNPort
-			if port == 0 {
-				port = stun.DefaultPort
-			}
 			addrs, err := resolve(ctx, n.Host)
 			if err != nil {
 				b.log.Debug("STUN server address", "host", n.Host, "err", err)
