@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -17,6 +16,7 @@ import (
 	"golang.zx2c4.com/wireguard/tun"
 	"golang.zx2c4.com/wireguard/tun/netstack"
 
+	"meshd.dev/meshd/agent/proxy"
 	"meshd.dev/meshd/filter"
 	"meshd.dev/meshd/netmap"
 )
@@ -274,30 +274,9 @@ func (e *engine) serveForward(ctx context.Context, ln net.Listener, f Forward) {
 				return
 			}
 			defer out.Close()
-			pipe(c, out)
+			proxy.Relay(c, c, out)
 		}()
 	}
-}
-
-// pipe copies both ways, half-closing each direction as it ends.
-func pipe(a, b net.Conn) {
-	done := make(chan struct{})
-	go func() {
-		io.Copy(b, a)
-		closeWrite(b)
-		close(done)
-	}()
-	io.Copy(a, b)
-	closeWrite(a)
-	<-done
-}
-
-func closeWrite(c net.Conn) {
-	if cw, ok := c.(interface{ CloseWrite() error }); ok {
-		cw.CloseWrite()
-		return
-	}
-	c.Close()
 }
 
 func (e *engine) close() {

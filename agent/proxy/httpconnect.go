@@ -62,7 +62,7 @@ func (s *Server) handleHTTPConnect(ctx context.Context, c net.Conn) {
 		return
 	}
 	c.SetDeadline(time.Time{})
-	relay(c, br, out)
+	Relay(c, br, out)
 }
 
 func writeHTTPStatus(c net.Conn, code int, msg string) {

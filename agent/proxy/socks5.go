@@ -274,7 +274,7 @@ func (s *Server) handleSOCKS5(ctx context.Context, c net.Conn) {
 	}
 	c.SetDeadline(time.Time{})
 	// Bytes the client sent right after its request are in br's buffer.
-	relay(c, br, out)
+	Relay(c, br, out)
 }
 
 func (s *Server) logf(format string, args ...any) {
@@ -283,9 +283,11 @@ func (s *Server) logf(format string, args ...any) {
 	}
 }
 
-// relay copies both ways until both directions finish, half-closing so that
-// protocols that signal end-of-request with a FIN keep working.
-func relay(client net.Conn, clientR io.Reader, target net.Conn) {
+// Relay copies both ways between client (read through clientR, which may
+// hold bytes already buffered from it) and target until both directions
+// finish, half-closing so that protocols that signal end-of-request with a
+// FIN keep working.
+func Relay(client net.Conn, clientR io.Reader, target net.Conn) {
 	done := make(chan struct{})
 	go func() {
 		io.Copy(target, clientR)
