@@ -393,8 +393,10 @@ func (ps *parser) tagNames(v *hujson.Value) {
 	for i := range members {
 		name, _ := ps.memberName(&members[i])
 		lower := strings.ToLower(name)
-		if !strings.HasPrefix(lower, "tag:") || !validName(lower[4:]) {
-			ps.errorf(&members[i].Name, "bad tag %q in \"tagOwners\": tags look like tag:NAME (letters, digits, '-', '_', '.')", name)
+		// The coordinator stores and sends tags as netmap.CheckTag allows,
+		// so a policy may only define tags a node can actually carry.
+		if err := netmap.CheckTag(lower); err != nil {
+			ps.errorf(&members[i].Name, "bad tag in \"tagOwners\": %v", err)
 			continue
 		}
 		if _, dup := ps.pol.tagPos[lower]; dup {

@@ -34,6 +34,7 @@ func TestBadPolicies(t *testing.T) {
 	,"tagOwners": {}}`, `"tagOwners": {}`, "duplicate section"},
 		{"owner is a host", `{"hosts": {"db": "100.64.0.4"}, "tagOwners": {"tag:a": ["db"]}}`, `"db"]}}`, "cannot own tags"},
 		{"bad tag name", `{"tagOwners": {"tag:": []}}`, `"tag:"`, "bad tag"},
+		{"tag a node cannot carry", `{"tagOwners": {"tag:1gpu": []}}`, `"tag:1gpu"`, "must start with a letter"},
 		{"bad group name", `{"groups": {"eng": []}}`, `"eng"`, "bad group"},
 		{"group member is a tag", `{"groups": {"group:g": ["tag:srv"]}}`, `"tag:srv"`, "not a user login"},
 		{"bad port", hdr + `"grants": [{"src": ["*"], "dst": ["tag:srv"], "ip": ["70000"]}]}`, `"70000"`, "not a port number"},
