@@ -55,7 +55,8 @@ type Options struct {
 	TUN string
 	// Port is WireGuard's UDP listen port; 0 picks a random one.
 	Port int
-	MTU  int
+	// MTU is the tunnel's MTU; 0 derives it from the underlay (see autoMTU).
+	MTU int
 	// Forwards expose local TCP services on the node's tailnet addresses.
 	Forwards []Forward
 	// SOCKS5Addr and HTTPProxyAddr, when set, are where the outbound
@@ -125,7 +126,13 @@ func New(opts Options) (*Agent, error) {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	if opts.MTU == 0 {
-		opts.MTU = 1280
+		mtu, from := autoMTU(systemLinks(), opts.TUN)
+		if from.name == "" {
+			opts.Logger.Info("overlay MTU: no underlay interface found, using the IPv6 minimum", "mtu", mtu)
+		} else {
+			opts.Logger.Info("overlay MTU from the underlay", "mtu", mtu, "interface", from.name, "underlay_mtu", from.mtu)
+		}
+		opts.MTU = mtu
 	}
 	if opts.MTU < 576 || opts.MTU > 65535 {
 		return nil, fmt.Errorf("--mtu %d out of range (576-65535)", opts.MTU)

@@ -67,7 +67,7 @@ func (af *agentFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&af.stateDir, "state-dir", "/var/lib/meshd", "directory for keys, registration and the last network map")
 	fs.StringVar(&af.tun, "tun", defaultTUN(), `kernel TUN interface name, or "userspace" for the netstack (no root needed)`)
 	fs.IntVar(&af.port, "port", agent.DefaultPort, "WireGuard UDP port (0 = random)")
-	fs.IntVar(&af.mtu, "mtu", 1280, "tunnel MTU")
+	fs.IntVar(&af.mtu, "mtu", 0, "tunnel MTU; 0: the smallest underlay interface MTU minus 80 for WireGuard (1420 on 1500, 8920 on 9000), 1280 if none is found")
 	fs.StringVar(&af.socks5, "socks5-server", "", "serve a SOCKS5 proxy into the tailnet on this address (e.g. 127.0.0.1:1055)")
 	fs.StringVar(&af.httpProxy, "http-proxy", "", "serve an HTTP CONNECT proxy into the tailnet on this address")
 	fs.BoolVar(&af.loopback, "loopback-only", false, "report only loopback UDP endpoints (every node on this machine: tests, demos)")
