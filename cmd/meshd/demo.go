@@ -12,7 +12,9 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/peterbourgon/ff/v3/ffcli"
@@ -36,7 +38,13 @@ type demoFlow struct {
 	port     uint16
 	what     string
 	wantOK   bool // false: the connection must fail
-	check    func(ctx context.Context, conn net.Conn) error
+	// relayFirst: the peer must be idle and reachable only over the relay
+	// when the flow starts, so its first packets cross DERP; the path must
+	// then turn direct. This is what the demo shows of NAT traversal
+	// without root: every node can reach every other over UDP on loopback,
+	// so a node whose direct path is unusable cannot be made in-process.
+	relayFirst bool
+	check      func(ctx context.Context, conn net.Conn) error
 }
 
 func (c *cli) demoCmd() *ffcli.Command {
@@ -89,9 +97,29 @@ func (c *cli) runDemo(ctx context.Context, verbose, keep bool) error {
 	if err != nil {
 		return fmt.Errorf("demo: listen: %w", err)
 	}
-	go srv.Serve(ln)
 	url := "https://" + ln.Addr().String()
 	fmt.Fprintf(out, "    coordinator %s, key fingerprint %s\n", url, short(srv.Fingerprint()))
+
+	// The embedded relay and STUN server, set up exactly as `meshd
+	// coordinator` does without --derp-map. Its chatter (the relay token
+	// path) is not for the demo's reader, so only the relay line is shown.
+	var derpOut strings.Builder
+	dc := &cli{stdout: &derpOut, stderr: c.stderr, log: log.With("c", "derp")}
+	noDERPFlags := ""
+	stopDERP, err := dc.startCoordDERP(ctx, srv, ln.Addr().String(), ln,
+		&coordDERPFlags{derpMap: &noDERPFlags, derpListen: &noDERPFlags, stunListen: &noDERPFlags, derpHost: &noDERPFlags},
+		filepath.Join(dir, "coordinator"))
+	if err != nil {
+		ln.Close()
+		return fmt.Errorf("demo: embedded relay: %w", err)
+	}
+	defer stopDERP()
+	for _, l := range strings.Split(strings.TrimSpace(derpOut.String()), "\n") {
+		if strings.HasPrefix(l, "derp:") {
+			fmt.Fprintf(out, "    %s\n", l)
+		}
+	}
+	go srv.Serve(ln)
 
 	nodes := []*demoNode{
 		{name: "inference-1", key: control.AuthKeyOptions{Tags: []string{"tag:inference-server"}, Preauthorized: true}},
@@ -100,8 +128,12 @@ func (c *cli) runDemo(ctx context.Context, verbose, keep bool) error {
 	}
 	runCtx, stopAgents := context.WithCancel(ctx)
 	var running []chan error
+	paths := newPathRecorder()
+	recDone := make(chan struct{})
+	go func() { defer close(recDone); paths.run(runCtx, 5*time.Millisecond) }()
 	defer func() {
 		stopAgents()
+		<-recDone
 		for _, done := range running {
 			<-done
 		}
@@ -111,7 +143,7 @@ func (c *cli) runDemo(ctx context.Context, verbose, keep bool) error {
 			}
 		}
 	}()
-	for _, n := range nodes {
+	join := func(n *demoNode) error {
 		secret, _, err := srv.CreateAuthKey(ctx, n.key)
 		if err != nil {
 			return fmt.Errorf("demo: auth key for %s: %w", n.name, err)
@@ -126,14 +158,21 @@ func (c *cli) runDemo(ctx context.Context, verbose, keep bool) error {
 		done := make(chan error, 1)
 		running = append(running, done)
 		go func() { done <- n.a.Run(runCtx) }()
+		paths.add(n.name, n.a)
 		st, err := n.a.Up(ctx, localapi.UpRequest{AuthKey: secret, Coordinator: url, Hostname: n.name})
 		if err != nil {
 			return fmt.Errorf("demo: %s up: %w", n.name, err)
 		}
 		fmt.Fprintf(out, "==> %s joined with a %s key: %s, node %d, %s\n", n.name, keyKind(n.key), strings.Join(ipStrings(st.Self.IPs), " "), st.Self.ID, owner(st.Self))
+		return nil
+	}
+	for _, n := range nodes {
+		if err := join(n); err != nil {
+			return err
+		}
 	}
 
-	step("waiting until every node has the other two as peers")
+	step("waiting until every node has a path to the other two")
 	if err := waitMesh(ctx, nodes); err != nil {
 		return fmt.Errorf("demo: %w", err)
 	}
@@ -158,20 +197,88 @@ func (c *cli) runDemo(ctx context.Context, verbose, keep bool) error {
 		{from: "alice-laptop", to: "training-1", port: 9001, what: "nothing listens on :9001", wantOK: false},
 	}
 	failed := 0
-	for _, f := range flows {
-		err := runFlow(ctx, byName[f.from].a, f)
-		ok := (err == nil) == f.wantOK
+	do := func(f demoFlow, joined time.Duration) {
+		from := byName[f.from].a
+		before, err := peerPathOf(ctx, from, f.to)
+		if err != nil {
+			before = localapi.Peer{Path: "none"}
+		}
+		start := time.Now()
+		flowErr := runFlow(ctx, from, f)
+		ok := (flowErr == nil) == f.wantOK
+		var problems []string
+		after := before
+		if f.wantOK {
+			// The first pong makes a path direct; on loopback that takes
+			// milliseconds, but it races the flow itself, so poll.
+			if after, err = waitDirect(ctx, from, f.to, 5*time.Second); err != nil {
+				ok = false
+				problems = append(problems, err.Error())
+			}
+		}
+		took := time.Since(start)
+		pathLine := describeTransition(before, after, took)
+		if f.relayFirst {
+			var relayed bool
+			pathLine, relayed = describeHistory(paths.history(f.from, f.to), joined)
+			if !relayed {
+				ok = false
+				problems = append(problems, "status never showed the relay before the direct path: the first packets did not visibly cross DERP")
+			}
+		}
 		verdict := "ok"
 		if !ok {
 			verdict = "UNEXPECTED"
 			failed++
 		}
 		result := "connected"
-		if err != nil {
-			result = "failed: " + err.Error()
+		if flowErr != nil {
+			result = "failed: " + flowErr.Error()
 		}
 		fmt.Fprintf(out, "    [%s] %s -> %s:%d (%s): %s\n", verdict, f.from, f.to, f.port, f.what, result)
+		fmt.Fprintf(out, "         path: %s\n", pathLine)
+		for _, p := range problems {
+			fmt.Fprintf(out, "         problem: %s\n", p)
+		}
 	}
+	for _, f := range flows {
+		do(f, 0)
+	}
+
+	// A node joining a running tailnet: the others learn of it from the
+	// coordinator and handshake at once (persistent keepalive), before any
+	// disco pong has confirmed a direct path, so their first packets to it
+	// are relayed. The recorder's status polls show that, then the switch.
+	late := &demoNode{name: "gpu-spot-1", key: control.AuthKeyOptions{Tags: []string{"tag:inference-server"}, Preauthorized: true}}
+	step("%s joins the running tailnet: the others reach it via DERP(coord) first, then directly", late.name)
+	joinedAt := paths.since()
+	nodes = append(nodes, late)
+	if err := join(late); err != nil {
+		return err
+	}
+	byName[late.name] = late
+	if err := waitMesh(ctx, nodes); err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	if err := serveEcho(runCtx, late.a, 9100); err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	// Which node's first packets the polls caught on the relay is a race
+	// (the newcomer's own pings can make a path direct within
+	// milliseconds), so the flow starts from the first that shows it.
+	relayFrom := nodes[0].name
+	for _, n := range nodes[:len(nodes)-1] {
+		if _, err := waitDirect(ctx, n.a, late.name, 5*time.Second); err != nil {
+			continue // do reports the path that never turned direct
+		}
+		if _, relayed := describeHistory(paths.history(n.name, late.name), joinedAt); relayed {
+			relayFrom = n.name
+			break
+		}
+	}
+	relayFlow := demoFlow{from: relayFrom, to: late.name, port: 9100, what: "hands a batch to the new node (64 KiB echo)", wantOK: true, relayFirst: true, check: echoCheck(64 << 10)}
+	flows = append(flows, relayFlow)
+	do(relayFlow, joinedAt)
 
 	step("status as seen by alice-laptop")
 	st, err := byName["alice-laptop"].a.Status(ctx)
@@ -209,7 +316,8 @@ func ipStrings[T fmt.Stringer](ips []T) []string {
 	return out
 }
 
-// waitMesh polls until every node lists all others as peers.
+// waitMesh polls until every node lists all others as peers and has a
+// path to each, relayed or direct.
 func waitMesh(ctx context.Context, nodes []*demoNode) error {
 	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
@@ -222,7 +330,14 @@ func waitMesh(ctx context.Context, nodes []*demoNode) error {
 			}
 			if len(st.Peers) != len(nodes)-1 {
 				missing = fmt.Sprintf("%s sees %d peers", n.name, len(st.Peers))
+				continue
 			}
+			for _, p := range st.Peers {
+				if p.Path == "none" {
+					missing = fmt.Sprintf("%s has no path to %s yet", n.name, p.Hostname)
+				}
+			}
+
 		}
 		if missing == "" {
 			return nil
@@ -338,4 +453,153 @@ func echoCheck(n int) func(context.Context, net.Conn) error {
 		}
 		return nil
 	}
+}
+
+// peerPathOf is the path from's status reports towards the peer named to.
+func peerPathOf(ctx context.Context, from *agent.Agent, to string) (localapi.Peer, error) {
+	st, err := from.Status(ctx)
+	if err != nil {
+		return localapi.Peer{}, err
+	}
+	for _, p := range st.Peers {
+		if strings.EqualFold(p.Hostname, to) {
+			return p, nil
+		}
+	}
+	return localapi.Peer{}, fmt.Errorf("%s is not a peer in status", to)
+}
+
+// waitDirect polls from's status until the path to the peer named to is
+// direct, and returns that peer; after d it returns the last one seen and
+// an error.
+func waitDirect(ctx context.Context, from *agent.Agent, to string, d time.Duration) (localapi.Peer, error) {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for {
+		p, err := peerPathOf(ctx, from, to)
+		if err != nil {
+			return p, err
+		}
+		if p.Path == "direct" {
+			return p, nil
+		}
+		select {
+		case <-ctx.Done():
+			return p, fmt.Errorf("path to %s still %s after %v, not direct", to, describePath(p), d)
+		case <-t.C:
+		}
+	}
+}
+
+// describePath names a status path as the demo prints it: "via DERP(coord)"
+// or "direct 127.0.0.1:port".
+func describePath(p localapi.Peer) string {
+	switch p.Path {
+	case "derp":
+		return fmt.Sprintf("via DERP(%s)", strings.TrimPrefix(p.Endpoint, "derp:"))
+	case "direct":
+		return "direct " + p.Endpoint
+	}
+	return p.Path
+}
+
+// describeHistory tells the recorded paths relative to joined (when the
+// peer joined), and whether a relayed path preceded a direct one.
+func describeHistory(h []pathEvent, joined time.Duration) (line string, relayedFirst bool) {
+	if len(h) == 0 {
+		return "no path recorded", false
+	}
+	var parts []string
+	sawRelay := false
+	for _, e := range h {
+		parts = append(parts, fmt.Sprintf("%s from +%v", describePath(e.peer), (e.at-joined).Round(time.Millisecond)))
+		switch e.peer.Path {
+		case "derp":
+			sawRelay = true
+		case "direct":
+			relayedFirst = relayedFirst || sawRelay
+		}
+	}
+	return strings.Join(parts, ", then ") + " after it joined", relayedFirst
+}
+
+func describeTransition(before, after localapi.Peer, took time.Duration) string {
+	if before.Path == after.Path && before.Endpoint == after.Endpoint {
+		return describePath(after)
+	}
+	return fmt.Sprintf("%s, then %s (within %v of the first packet)", describePath(before), describePath(after), took.Round(time.Millisecond))
+}
+
+// pathRecorder polls the agents' status from before they join and keeps,
+// per (node, peer), each path the status reported and when: the only
+// in-process way to see the relayed first packets, since every peer
+// handshakes (persistent keepalive) as soon as it is configured.
+type pathRecorder struct {
+	start  time.Time
+	mu     sync.Mutex
+	agents []namedAgent
+	seen   map[[2]string][]pathEvent
+}
+
+type namedAgent struct {
+	name string
+	a    *agent.Agent
+}
+
+type pathEvent struct {
+	peer localapi.Peer
+	at   time.Duration
+}
+
+func newPathRecorder() *pathRecorder {
+	return &pathRecorder{start: time.Now(), seen: map[[2]string][]pathEvent{}}
+}
+
+func (r *pathRecorder) add(name string, a *agent.Agent) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.agents = append(r.agents, namedAgent{name, a})
+}
+
+func (r *pathRecorder) run(ctx context.Context, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		r.mu.Lock()
+		agents := slices.Clone(r.agents)
+		r.mu.Unlock()
+		for _, na := range agents {
+			st, err := na.a.Status(ctx)
+			if err != nil {
+				continue // stopping; the next tick or ctx ends the loop
+			}
+			at := time.Since(r.start)
+			r.mu.Lock()
+			for _, p := range st.Peers {
+				k := [2]string{na.name, p.Hostname}
+				ev := r.seen[k]
+				if p.Path != "none" && (len(ev) == 0 || ev[len(ev)-1].peer.Path != p.Path || ev[len(ev)-1].peer.Endpoint != p.Endpoint) {
+					r.seen[k] = append(ev, pathEvent{peer: p, at: at})
+				}
+			}
+			r.mu.Unlock()
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// since is the time since the recorder started, the origin of its events.
+func (r *pathRecorder) since() time.Duration { return time.Since(r.start) }
+
+// history is the paths from's status reported towards to, in order.
+func (r *pathRecorder) history(from, to string) []pathEvent {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.seen[[2]string{from, to}])
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"net/netip"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -20,17 +21,31 @@ func TestDemo(t *testing.T) {
 		t.Fatalf("demo exit %d\nstdout:\n%s\nstderr:\n%s", code, out.String(), errb.String())
 	}
 	for _, want := range []string{
+		"derp: embedded relay on https://127.0.0.1:",
 		"inference-1 joined with a tag:inference-server key",
 		"training-1 joined with a tag:training-cluster key",
 		"alice-laptop joined with a alice@example.com key",
-		"[ok] alice-laptop -> inference-1:8000",
-		"[ok] training-1 -> inference-1:8000",
-		"[ok] inference-1 -> training-1:9000",
-		"[ok] alice-laptop -> training-1:9001",
-		"all 4 flows behaved as expected",
+		"gpu-spot-1 joined with a tag:inference-server key",
+		"all 5 flows behaved as expected",
 	} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("demo output lacks %q:\n%s", want, out.String())
+		}
+	}
+	// Each flow's line is followed by the path its packets took, read from
+	// the sending node's status.
+	const loopEP = `(127\.0\.0\.1|\[::1\]):\d+`
+	for _, tc := range []struct{ flow, path string }{
+		{`alice-laptop -> inference-1:8000`, `(via DERP\(coord\), then )?direct ` + loopEP},
+		{`training-1 -> inference-1:8000`, `(via DERP\(coord\), then )?direct ` + loopEP},
+		{`inference-1 -> training-1:9000`, `(via DERP\(coord\), then )?direct ` + loopEP},
+		{`alice-laptop -> training-1:9001`, `(via DERP\(coord\)|direct ` + loopEP + `)`},
+		// The late joiner: relayed first, then direct.
+		{`(inference-1|training-1|alice-laptop) -> gpu-spot-1:9100`, `via DERP\(coord\) from \+\S+, then direct ` + loopEP + ` from \+\S+`},
+	} {
+		re := regexp.MustCompile(`\[ok\] ` + tc.flow + ` .*\n\s+path: ` + tc.path + `\b`)
+		if !re.MatchString(out.String()) {
+			t.Errorf("demo output lacks flow %s with path %s:\n%s", tc.flow, tc.path, out.String())
 		}
 	}
 	if strings.Contains(out.String(), "UNEXPECTED") {
