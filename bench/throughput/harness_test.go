@@ -363,13 +363,27 @@ func ipv4Of(n *localapi.Node) netip.Addr {
 
 // meshd starts both daemons (a always on a kernel TUN with mtu; b on a
 // kernel TUN, or the netstack with a --forward to its local iperf3 when
-// netstack is set) and waits until a reaches b through the tunnel.
+// netstack is set) and waits until a reaches b through the tunnel. mtu 0
+// is the daemon's automatic MTU, which must come out as the underlay's
+// minus WireGuard's 80 bytes.
 func (m *mesh) meshd(t testing.TB, mtu int, netstack bool) *tunnel {
 	t.Helper()
 	tp := m.tp
 	pa := m.daemon(t, tp.a, "--tun", "tpm0", "--mtu", strconv.Itoa(mtu))
 	bFlags := []string{"--tun", "tpm0", "--mtu", strconv.Itoa(mtu)}
-	setup := fmt.Sprintf("meshd kernel TUN + filter, MTU %d", mtu)
+	label := strconv.Itoa(mtu)
+	if mtu == 0 {
+		var err error
+		waitFor(t, 10*time.Second, "a's TUN", func() (bool, string) {
+			mtu, err = tp.a.MTU("tpm0")
+			return err == nil, fmt.Sprint(err)
+		})
+		if want := tp.mtu - 80; mtu != want {
+			t.Errorf("automatic MTU on a %d-byte underlay: %d, want %d", tp.mtu, mtu, want)
+		}
+		label = fmt.Sprintf("%d (auto)", mtu)
+	}
+	setup := fmt.Sprintf("meshd kernel TUN + filter, MTU %s", label)
 	tn := &tunnel{}
 	if netstack {
 		bFlags = []string{"--tun", "userspace", "--mtu", strconv.Itoa(mtu), "--forward", "5201=127.0.0.1:5201"}

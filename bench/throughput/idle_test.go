@@ -116,7 +116,7 @@ func TestIdle(t *testing.T) {
 		rows = append(rows, row{peers: n, register: reg, rss: rss, hwm: hwm, cpu: cpu1 - cpu0, switches: sw1 - sw0, window: window})
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "Idle daemon (kernel TUN, filter on, MTU 1280), %v window after %v settling; machine: %s; load average at the end %s.\n\n", *flagIdle, *flagSettle, cpuModel(), loadAvg())
+	fmt.Fprintf(&b, "Idle daemon (kernel TUN, filter on, default automatic MTU), %v window after %v settling; machine: %s; load average at the end %s.\n\n", *flagIdle, *flagSettle, cpuModel(), loadAvg())
 	fmt.Fprintln(&b, "| peers in map | VmRSS | VmHWM (peak) | idle CPU | context switches/s | registering the peers took |")
 	fmt.Fprintln(&b, "|---:|---:|---:|---:|---:|---:|")
 	for _, r := range rows {

@@ -21,7 +21,7 @@ func TestSmoke(t *testing.T) {
 	results := tp.measure(t, raw, tests, time.Second, nil)
 
 	m := tp.startMesh(t, bin, benchPolicy)
-	tn := m.meshd(t, 1420, false)
+	tn := m.meshd(t, 0, false) // automatic MTU: 1420
 	meshRes := tp.measure(t, tn, tests, time.Second, nil)
 	tn.check(t)
 	tn.stop()
@@ -45,7 +45,7 @@ func TestSmoke(t *testing.T) {
 	if lines := strings.Count(b.String(), "\n"); lines != 2+len(results) {
 		t.Errorf("table has %d lines, want header + %d rows", lines, len(results))
 	}
-	if !strings.Contains(b.String(), "| 1500 | meshd kernel TUN + filter, MTU 1420 | TCP 1 stream |") {
+	if !strings.Contains(b.String(), "| 1500 | meshd kernel TUN + filter, MTU 1420 (auto) | TCP 1 stream |") {
 		t.Errorf("table lacks the meshd TCP row:\n%s", b.String())
 	}
 }
