@@ -77,13 +77,6 @@ func newNATLabWith(t *testing.T, o natLabOptions) *natLab {
 			continue
 		}
 		nl.sites[i] = lab.NewSite("site"+name, inet, netip.MustParsePrefix(fmt.Sprintf("10.%d.0.0/24", i+1)), nat)
-		// The router's own firewall drops unsolicited inbound, as every
-		// home and cloud NAT does. Without it, a peer's ping that reaches
-		// the router before our node's first packet out leaves a
-		// conntrack entry for the router itself, and the node's mapping
-		// then gets another port (a Linux-only artefact, not NAT
-		// behaviour).
-		nl.sites[i].Router.MustRun("iptables", "-A", "INPUT", "-i", "eth0", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")
 		nl.hosts[i] = lab.NewHost(name)
 		nl.hosts[i].AttachToSite(nl.sites[i])
 	}

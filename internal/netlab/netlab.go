@@ -273,7 +273,13 @@ const (
 	HardNAT
 )
 
-// Masquerade NATs traffic from h's other interfaces out through ifname.
+// Masquerade NATs traffic from h's other interfaces out through ifname,
+// and drops connections opened from ifname to h itself, as every home and
+// cloud NAT's own firewall does. Without that drop, a peer's ping that
+// reaches the router before the inside node's first packet out leaves a
+// conntrack entry for the router itself, and the node's mapping then gets
+// another port: a Linux artefact, not NAT behaviour. Forwarded traffic (a
+// port forward's DNAT, replies to the inside) is not affected.
 func (h *Host) Masquerade(ifname string, nat NAT) {
 	h.lab.t.Helper()
 	if nat == NoNAT {
@@ -287,6 +293,7 @@ func (h *Host) Masquerade(ifname string, nat NAT) {
 		args = append(args, "--random-fully")
 	}
 	h.MustRun("iptables", args...)
+	h.MustRun("iptables", "-A", "INPUT", "-i", ifname, "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")
 }
 
 // Site is a LAN behind a router on an upstream segment.
