@@ -31,18 +31,17 @@ type demoNode struct {
 	a    *agent.Agent
 }
 
-// demoFlow is one connection the demo makes and what should happen. Later
-// issues (policy, DERP) add flows that must be refused or relayed.
+// demoFlow is one connection the demo makes and what should happen.
 type demoFlow struct {
 	from, to string
 	port     uint16
 	what     string
 	wantOK   bool // false: the connection must fail
-	// relayFirst: the peer must be idle and reachable only over the relay
-	// when the flow starts, so its first packets cross DERP; the path must
-	// then turn direct. This is what the demo shows of NAT traversal
-	// without root: every node can reach every other over UDP on loopback,
-	// so a node whose direct path is unusable cannot be made in-process.
+	// relayFirst: the sender's status, polled since the peer joined, must
+	// show the relay before the direct path, i.e. its first packets to the
+	// peer crossed DERP. A node whose direct path stays unusable cannot be
+	// made in one unprivileged process (every node reaches every other
+	// over UDP on loopback), so this is what the demo shows of the relay.
 	relayFirst bool
 	check      func(ctx context.Context, conn net.Conn) error
 }
@@ -54,7 +53,7 @@ func (c *cli) demoCmd() *ffcli.Command {
 	return &ffcli.Command{
 		Name:       "demo",
 		ShortUsage: "meshd demo [--verbose]",
-		ShortHelp:  "run a coordinator and three nodes in this process (no root) and check real connections between them",
+		ShortHelp:  "run a coordinator with its embedded DERP relay and four nodes in this process (no root), check real connections between them and show the path each took",
 		FlagSet:    fs,
 		Options:    envOptions,
 		Exec: func(ctx context.Context, args []string) error {
