@@ -1,19 +1,33 @@
 package derp
 
 import (
+	"bytes"
 	"context"
-	"errors"
+	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"time"
 
 	"meshd.dev/meshd/netmap"
 )
 
-// ErrNotConnected is returned by ReconnectingClient.Send while it has no
-// connection; the caller's packet is dropped, as a lossy link would.
-var ErrNotConnected = errors.New("derp: not connected to the relay")
+const (
+	// maxHeld bounds the packets held while (re)connecting. It is small:
+	// the point is the first handshake and its retries, not bulk data, which
+	// WireGuard's peers retransmit anyway.
+	maxHeld = 32
+	// heldMaxAge drops held packets that would arrive later than
+	// WireGuard's 5 s handshake retry; a newer one is on its way by then.
+	heldMaxAge = 5 * time.Second
+)
+
+type pendingPacket struct {
+	dst netmap.NodePublic
+	pkt []byte
+	at  time.Time
+}
 
 // ReconnectingClient keeps one connection to a relay up, redialing with
 // jittered exponential backoff after errors and after relay restarts.
@@ -24,6 +38,10 @@ type ReconnectingClient struct {
 
 	mu  sync.Mutex
 	cur *Client
+	// pending holds packets sent while no connection is up (the first
+	// handshake to a peer is usually sent while the relay is still being
+	// dialled); they go out as soon as it connects. Oldest first.
+	pending []pendingPacket
 }
 
 // NewReconnectingClient returns a client for the relay at url; Run
@@ -42,15 +60,45 @@ func (r *ReconnectingClient) Connected() bool {
 	return r.cur != nil
 }
 
-// Send relays pkt to dst over the current connection.
+// Send relays pkt to dst over the current connection. While there is none,
+// it keeps a copy of the packet (at most maxHeld, the oldest dropped
+// first) and sends it when the connection comes up, unless it is older than
+// heldMaxAge by then.
 func (r *ReconnectingClient) Send(dst netmap.NodePublic, pkt []byte) error {
 	r.mu.Lock()
 	c := r.cur
-	r.mu.Unlock()
 	if c == nil {
-		return ErrNotConnected
+		if len(pkt) > MaxPacketSize {
+			r.mu.Unlock()
+			return fmt.Errorf("derp: packet of %d bytes exceeds %d", len(pkt), MaxPacketSize)
+		}
+		if len(r.pending) == maxHeld {
+			r.pending = slices.Delete(r.pending, 0, 1)
+		}
+		r.pending = append(r.pending, pendingPacket{dst: dst, pkt: bytes.Clone(pkt), at: time.Now()})
+		r.mu.Unlock()
+		return nil
 	}
+	r.mu.Unlock()
 	return c.Send(dst, pkt)
+}
+
+// flushPending sends the packets held while disconnected over c.
+func (r *ReconnectingClient) flushPending(c *Client) {
+	r.mu.Lock()
+	held := r.pending
+	r.pending = nil
+	r.mu.Unlock()
+	now := time.Now()
+	for _, p := range held {
+		if now.Sub(p.at) > heldMaxAge {
+			continue
+		}
+		if err := c.Send(p.dst, p.pkt); err != nil {
+			r.log.Debug("derp: sending a held packet", "relay", r.url, "err", err)
+			return
+		}
+	}
 }
 
 // Run connects and hands every received message to handle (from this
@@ -74,6 +122,7 @@ func (r *ReconnectingClient) Run(ctx context.Context, handle func(Message)) erro
 			r.cur = c
 			r.mu.Unlock()
 			r.log.Debug("derp: connected", "relay", r.url)
+			r.flushPending(c)
 			stop := context.AfterFunc(ctx, func() { c.Close() })
 			err = r.recvLoop(c, handle)
 			stop()

@@ -138,10 +138,15 @@ type peer struct {
 	key netmap.NodePublic
 	ep  *Endpoint
 
-	mu       sync.Mutex
-	name     string
-	disco    netmap.DiscoPublic
-	home     int
+	mu    sync.Mutex
+	name  string
+	disco netmap.DiscoPublic
+	home  int
+	// heardVia is the relay region the peer's packets last arrived through:
+	// a reply path while the map does not yet say where its home is (it
+	// has just joined and is still measuring), so our answer to its first
+	// handshake is not sent to its NAT and lost.
+	heardVia int
 	cands    []netip.AddrPort // from the netmap
 	sel      *endpoint.Selector
 	lastSend time.Time
@@ -414,6 +419,9 @@ func (b *Bind) Send(bufs [][]byte, cep conn.Endpoint) error {
 		dst = p.directEP
 	}
 	home := p.home
+	if home == 0 {
+		home = p.heardVia
+	}
 	p.mu.Unlock()
 	if kick {
 		b.kick()
@@ -422,11 +430,21 @@ func (b *Bind) Send(bufs [][]byte, cep conn.Endpoint) error {
 		return b.std.Send(bufs, dst)
 	}
 	if home != 0 {
-		if r := b.region(home); r != nil && r.client.Connected() {
+		if r := b.region(home); r != nil {
+			connected := r.client.Connected()
 			for _, buf := range bufs {
 				if err := r.client.Send(p.key, buf); err != nil {
 					return fmt.Errorf("magic bind: via DERP region %d: %w", home, err)
 				}
+			}
+			if connected {
+				return nil
+			}
+			// The relay is still being dialled (or is down): it holds these
+			// packets until it connects, so the first handshake is not lost
+			// to a NAT; the published endpoints may also work (a flat LAN).
+			if err := b.sendUnrelayed(p, bufs); err != nil && !errors.Is(err, errNoPath) {
+				b.log.Debug("sending to published endpoints while the relay connects", "peer", p.key.ShortString(), "err", err)
 			}
 			return nil
 		}
@@ -514,11 +532,16 @@ func (b *Bind) handleDERP(o *openState, r *region, m derp.Message) {
 	if !ok {
 		return
 	}
+	p := (*b.byKey.Load())[pkt.Source]
+	if p != nil {
+		p.mu.Lock()
+		p.heardVia = r.id
+		p.mu.Unlock()
+	}
 	if disco.Looks(pkt.Data) {
 		b.handleDisco(pkt.Data, netip.AddrPortFrom(derpMagicAddr, uint16(r.id)), r, pkt.Source)
 		return
 	}
-	p := (*b.byKey.Load())[pkt.Source]
 	if p == nil || len(pkt.Data) > derpBufSize {
 		return
 	}

@@ -186,6 +186,7 @@ func (b *Bind) handleSTUN(pkt []byte, src netip.AddrPort) {
 	b.mu.Unlock()
 	if changed {
 		b.log.Info("public endpoint from STUN", "endpoint", mapped, "server", src)
+		b.reprobeAll()
 		b.notify()
 	}
 }
@@ -279,3 +280,21 @@ func (b *Bind) Ping(ctx context.Context, k netmap.NodePublic) (PingResult, error
 }
 
 func stdEndpoint(a netip.AddrPort) *conn.StdNetEndpoint { return &conn.StdNetEndpoint{AddrPort: a} }
+
+// reprobeAll starts a probe round (with call-me-maybe) to every peer, so
+// peers learn a new public endpoint of ours and punch through to it at once
+// rather than at their next scheduled round.
+func (b *Bind) reprobeAll() {
+	b.mu.Lock()
+	peers := make([]*peer, 0, len(b.peers))
+	for _, p := range b.peers {
+		peers = append(peers, p)
+	}
+	b.mu.Unlock()
+	for _, p := range peers {
+		p.mu.Lock()
+		p.sel.Reprobe()
+		p.mu.Unlock()
+	}
+	b.kick()
+}

@@ -131,6 +131,9 @@ func (s *Selector) SetCandidates(eps []netip.AddrPort) {
 			c.source = FromNetmap
 		} else {
 			s.cands[ep] = &candidate{source: FromNetmap}
+			// A peer that just learnt its public mapping is worth probing
+			// now rather than at the next round.
+			s.lastFull = time.Time{}
 		}
 	}
 	for ep, c := range s.cands {
@@ -139,6 +142,11 @@ func (s *Selector) SetCandidates(eps []netip.AddrPort) {
 		}
 	}
 }
+
+// Reprobe makes the next Poll a full round (pings to every candidate and a
+// call-me-maybe), for when our own endpoints changed: the peer can now reach
+// an address it could not before.
+func (s *Selector) Reprobe() { s.lastFull = time.Time{} }
 
 // AddCandidate adds an address the peer told us about (call-me-maybe) or
 // pinged us from. It is probed at the next Poll if it is new.
