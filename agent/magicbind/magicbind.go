@@ -743,10 +743,11 @@ func (b *Bind) handleDisco(pkt []byte, src netip.AddrPort, r *region, derpSrc ne
 			return
 		}
 		p.mu.Lock()
-		p.sel.AddCandidate(src, endpoint.FromPing)
+		p.sel.PingedFrom(now, src)
 		p.mu.Unlock()
 		b.learnAddr(src, p)
 		b.sendDiscoUDP(src, sender, pong)
+		b.kick()
 	case disco.Pong:
 		if r == nil {
 			p.mu.Lock()

@@ -94,6 +94,9 @@ type testNode struct {
 	dev   *device.Device
 	tnet  *netstack.Net
 	port  uint16
+	// transfers counts transfer calls to this node, so each listens on a
+	// fresh port: the previous one may still be in TIME_WAIT in gVisor.
+	transfers int
 }
 
 func newTestNode(t *testing.T, name string, ip string) *testNode {
@@ -184,7 +187,9 @@ func connect(t *testing.T, a, b *testNode, dm netmap.DERPMap, endpoints bool) {
 // and checks they arrive intact.
 func transfer(t *testing.T, a, b *testNode, size int) {
 	t.Helper()
-	ln, err := b.tnet.ListenTCPAddrPort(netip.AddrPortFrom(b.ip, 5001))
+	port := uint16(5100 + b.transfers)
+	b.transfers++
+	ln, err := b.tnet.ListenTCPAddrPort(netip.AddrPortFrom(b.ip, port))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -205,7 +210,7 @@ func transfer(t *testing.T, a, b *testNode, size int) {
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	c, err := a.tnet.DialContextTCPAddrPort(ctx, netip.AddrPortFrom(b.ip, 5001))
+	c, err := a.tnet.DialContextTCPAddrPort(ctx, netip.AddrPortFrom(b.ip, port))
 	if err != nil {
 		t.Fatalf("dial through the tunnel: %v", err)
 	}

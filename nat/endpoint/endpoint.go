@@ -148,6 +148,20 @@ func (s *Selector) SetCandidates(eps []netip.AddrPort) {
 // an address it could not before.
 func (s *Selector) Reprobe() { s.lastFull = time.Time{} }
 
+// PingedFrom notes a direct disco ping from the peer at ep. The peer is
+// talking to us, and its NAT has just opened towards us from ep, so if we do
+// not already trust ep we probe at once rather than at the next round: this
+// is what turns a one-sided hole punch into a direct path in one round trip.
+func (s *Selector) PingedFrom(now time.Time, ep netip.AddrPort) {
+	s.AddCandidate(ep, FromPing)
+	c, ok := s.cands[ep]
+	if !ok || s.trusted(now, c) {
+		return
+	}
+	s.NoteActivity(now)
+	s.lastFull = time.Time{}
+}
+
 // AddCandidate adds an address the peer told us about (call-me-maybe) or
 // pinged us from. It is probed at the next Poll if it is new.
 func (s *Selector) AddCandidate(ep netip.AddrPort, src Source) {

@@ -296,3 +296,31 @@ func TestNextWake(t *testing.T) {
 		t.Fatalf("direct wakes at +%v, want heartbeat +2s", w.Sub(p.now))
 	}
 }
+
+// The hole-punch round trip: our first ping to the peer's public address is
+// dropped by its NAT; the peer's ping then arrives from that address (its
+// NAT now open towards us), and we must probe again at once, not at the
+// next round 5 s later.
+func TestPingedFromProbesAtOnce(t *testing.T) {
+	p := newPeer(t, pubEP)
+	if pinged := p.step(0); !slices.Contains(pinged, pubEP) {
+		t.Fatalf("first round did not ping %v: %v", pubEP, pinged)
+	}
+	p.wantDERP()
+	p.rtt[pubEP] = 10 * ms // the peer's NAT is open now
+	if pinged := p.step(100 * ms); len(pinged) != 0 {
+		t.Fatalf("pinged %v before the next round without a reason", pinged)
+	}
+	p.s.PingedFrom(p.now, pubEP)
+	if pinged := p.step(ms); !slices.Contains(pinged, pubEP) {
+		t.Fatalf("ping from %v did not start a probe: %v", pubEP, pinged)
+	}
+	p.now = p.now.Add(10 * ms)
+	p.wantDirect(pubEP)
+	// Once the path is trusted, the peer's pings (its heartbeats) cause no
+	// extra rounds.
+	p.s.PingedFrom(p.now, pubEP)
+	if pinged := p.step(ms); len(pinged) != 0 {
+		t.Fatalf("ping from a trusted path started a probe: %v", pinged)
+	}
+}
