@@ -44,7 +44,7 @@ type demoFlow struct {
 	// reaches every other over UDP on loopback), so this is what the demo
 	// shows of the relay; the NAT lab tests (internal/e2e) assert it.
 	history bool
-	check      func(ctx context.Context, conn net.Conn) error
+	check   func(ctx context.Context, conn net.Conn) error
 }
 
 func (c *cli) demoCmd() *ffcli.Command {
