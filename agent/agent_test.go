@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -104,33 +105,7 @@ func TestMapChangesKeepSessions(t *testing.T) {
 	waitStatus(t, a, "a to see b", func(st *localapi.Status) bool { return peerNamed(st, "b") != nil })
 
 	// Traffic a -> b so that a session exists.
-	ln, err := b.Listen("tcp4", 7000)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			io.Copy(c, c)
-			c.Close()
-		}
-	}()
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	c, err := a.Dial(ctx, "tcp", "b:7000")
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.Write([]byte("ping"))
-	buf := make([]byte, 4)
-	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "ping" {
-		t.Fatalf("echo: %q %v", buf, err)
-	}
-	c.Close()
+	echoThrough(t, a, b, "b", 7000, "ping")
 	before := waitStatus(t, a, "a handshake with b", func(st *localapi.Status) bool {
 		p := peerNamed(st, "b")
 		return p != nil && p.Path == "direct" && p.LastHandshake != nil
@@ -207,3 +182,36 @@ func TestUpErrors(t *testing.T) {
 }
 
 func contains(s, sub string) bool { return strings.Contains(s, sub) }
+
+// echoThrough serves an echo on to's tailnet port and checks that from gets
+// msg back through the tunnel, dialling to by name.
+func echoThrough(t *testing.T, from, to *Agent, toName string, port uint16, msg string) {
+	t.Helper()
+	ln, err := to.Listen("tcp4", port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			io.Copy(c, c)
+			c.Close()
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	c, err := from.Dial(ctx, "tcp", fmt.Sprintf("%s:%d", toName, port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte(msg))
+	buf := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != msg {
+		t.Fatalf("echo through the tunnel: %q %v", buf, err)
+	}
+}

@@ -84,33 +84,7 @@ func TestMagicBindPaths(t *testing.T) {
 		}
 		return false
 	})
-	ln, err := b.Listen("tcp4", 7001)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			io.Copy(c, c)
-			c.Close()
-		}
-	}()
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	c, err := a.Dial(ctx, "tcp", "b:7001")
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.Write([]byte("hello"))
-	buf := make([]byte, 5)
-	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "hello" {
-		t.Fatalf("echo through the tunnel: %q %v", buf, err)
-	}
-	c.Close()
+	echoThrough(t, a, b, "b", 7001, "hello")
 	st := waitStatus(t, a, "a's path to b to be direct", func(st *localapi.Status) bool {
 		p := peerNamed(st, "b")
 		return p != nil && p.Path == "direct"
@@ -118,6 +92,8 @@ func TestMagicBindPaths(t *testing.T) {
 	if p := peerNamed(st, "b"); !isLoopback(p.Endpoint) {
 		t.Errorf("direct endpoint %q, want one of b's loopback endpoints", p.Endpoint)
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
 	res, err := a.Ping(ctx, "b")
 	if err != nil {
 		t.Fatal(err)
