@@ -13,7 +13,7 @@ import (
 	"meshd.dev/meshd/netmap"
 )
 
-// keepaliveSeconds is WireGuard's persistent keepalive for every peer.
+// keepaliveSeconds is WireGuard's persistent keepalive for online peers.
 const keepaliveSeconds = 25
 
 // wgPeer is the part of a peer's configuration the agent sets on the
@@ -25,6 +25,18 @@ type wgPeer struct {
 	// BindEndpoint, when set, is the endpoint string given to WireGuard
 	// instead of Endpoint: the magic bind's per-peer endpoint.
 	BindEndpoint string
+	// Keepalive is set for peers the coordinator reports online. An
+	// offline peer gets none: WireGuard would otherwise retry a handshake
+	// to it every 5 s forever and hold buffers for it, which is most of an
+	// idle node's CPU and memory in a large tailnet.
+	Keepalive bool
+}
+
+func (p wgPeer) keepaliveSeconds() int {
+	if p.Keepalive {
+		return keepaliveSeconds
+	}
+	return 0
 }
 
 // endpointText is what goes after UAPI "endpoint=", "" for none.
@@ -54,7 +66,7 @@ func wgPeersFromMap(nm *netmap.NetworkMap, pick func([]netip.AddrPort) netip.Add
 		}
 		slices.SortFunc(ips, comparePrefix)
 		ips = slices.Compact(ips)
-		out[n.NodeKey] = wgPeer{Key: n.NodeKey, Endpoint: pick(n.Endpoints), AllowedIPs: ips}
+		out[n.NodeKey] = wgPeer{Key: n.NodeKey, Endpoint: pick(n.Endpoints), AllowedIPs: ips, Keepalive: n.Online}
 	}
 	return out
 }
@@ -91,10 +103,11 @@ func uapiDiff(old, want map[netmap.NodePublic]wgPeer) string {
 			fmt.Fprintf(&b, "public_key=%s\nremove=true\n", hex.EncodeToString(k[:]))
 		case !had && keep:
 			// A persistent keepalive makes a (re)started node handshake
-			// with every peer at once, so a peer holding a stale session
-			// after our restart recovers immediately instead of after
-			// WireGuard's 15 s timeout; it also keeps NAT mappings warm.
-			fmt.Fprintf(&b, "public_key=%s\npersistent_keepalive_interval=%d\n", hex.EncodeToString(k[:]), keepaliveSeconds)
+			// with every online peer at once, so a peer holding a stale
+			// session after our restart recovers immediately instead of
+			// after WireGuard's 15 s timeout; it also keeps NAT mappings
+			// warm.
+			fmt.Fprintf(&b, "public_key=%s\npersistent_keepalive_interval=%d\n", hex.EncodeToString(k[:]), w.keepaliveSeconds())
 			if ep := w.endpointText(); ep != "" {
 				fmt.Fprintf(&b, "endpoint=%s\n", ep)
 			}
@@ -104,10 +117,17 @@ func uapiDiff(old, want map[netmap.NodePublic]wgPeer) string {
 		default:
 			epChanged := w.endpointText() != "" && w.endpointText() != o.endpointText()
 			ipsChanged := !w.equalIPs(o)
-			if !epChanged && !ipsChanged {
+			kaChanged := w.Keepalive != o.Keepalive
+			if !epChanged && !ipsChanged && !kaChanged {
 				continue
 			}
 			fmt.Fprintf(&b, "public_key=%s\nupdate_only=true\n", hex.EncodeToString(k[:]))
+			if kaChanged {
+				// Turning it on sends a keepalive at once: a peer that
+				// just came online gets a handshake without waiting for
+				// traffic.
+				fmt.Fprintf(&b, "persistent_keepalive_interval=%d\n", w.keepaliveSeconds())
+			}
 			if epChanged {
 				fmt.Fprintf(&b, "endpoint=%s\n", w.endpointText())
 			}

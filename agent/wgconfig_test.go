@@ -18,8 +18,9 @@ func TestUAPIDiff(t *testing.T) {
 	ips1 := []netip.Prefix{netip.MustParsePrefix("100.64.0.1/32")}
 	ips1b := []netip.Prefix{netip.MustParsePrefix("100.64.0.1/32"), netip.MustParsePrefix("10.1.0.0/16")}
 	peer := func(k netmap.NodePublic, ep netip.AddrPort, ips []netip.Prefix) wgPeer {
-		return wgPeer{Key: k, Endpoint: ep, AllowedIPs: ips}
+		return wgPeer{Key: k, Endpoint: ep, AllowedIPs: ips, Keepalive: true}
 	}
+	offline := func(p wgPeer) wgPeer { p.Keepalive = false; return p }
 	set := func(ps ...wgPeer) map[netmap.NodePublic]wgPeer {
 		m := map[netmap.NodePublic]wgPeer{}
 		for _, p := range ps {
@@ -40,6 +41,14 @@ func TestUAPIDiff(t *testing.T) {
 			notWant:   []string{"update_only", "remove"}},
 		{name: "add without endpoint", old: set(), want: set(peer(k1, netip.AddrPort{}, ips1)),
 			wantLines: []string{"public_key=" + hx(k1), "allowed_ip=100.64.0.1/32"}, notWant: []string{"endpoint="}},
+		{name: "add offline peer: no keepalive", old: set(), want: set(offline(peer(k1, ep1, ips1))),
+			wantLines: []string{"public_key=" + hx(k1), "persistent_keepalive_interval=0", "allowed_ip=100.64.0.1/32"}},
+		{name: "peer comes online", old: set(offline(peer(k1, ep1, ips1))), want: set(peer(k1, ep1, ips1)),
+			wantLines: []string{"public_key=" + hx(k1), "update_only=true", "persistent_keepalive_interval=25"},
+			notWant:   []string{"replace_allowed_ips", "endpoint="}},
+		{name: "peer goes offline", old: set(peer(k1, ep1, ips1)), want: set(offline(peer(k1, ep1, ips1))),
+			wantLines: []string{"public_key=" + hx(k1), "update_only=true", "persistent_keepalive_interval=0"},
+			notWant:   []string{"replace_allowed_ips", "endpoint="}},
 		{name: "remove", old: set(peer(k1, ep1, ips1)), want: set(),
 			wantLines: []string{"public_key=" + hx(k1), "remove=true"}},
 		{name: "endpoint change keeps allowed ips", old: set(peer(k1, ep1, ips1)), want: set(peer(k1, ep2, ips1)),
