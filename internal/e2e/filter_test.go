@@ -64,20 +64,8 @@ func TestFilterEnforced(t *testing.T) {
 	t.Parallel()
 	lab := netlab.New(t)
 	e := &env{t: t, bin: buildMeshd(t), dir: t.TempDir()}
-	lan := lab.NewSegment("lan", netip.MustParsePrefix("198.18.0.0/24"))
-	hosts := map[string]*netlab.Host{}
-	for _, name := range []string{"coord", "eng", "inf", "train"} {
-		hosts[name] = lab.NewHost(name)
-		hosts[name].Attach(lan)
-	}
-	files := t.TempDir()
-	write := func(name, text string) string {
-		p := filepath.Join(files, name)
-		if err := os.WriteFile(p, []byte(text), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
+	hosts := lanHosts(lab, "coord", "eng", "inf", "train")
+	write := func(name, text string) string { return writeTemp(t, name, text) }
 	seed, next := write("seed.hujson", policySeed), write("training-9000.hujson", policyTraining9000)
 
 	listen := "198.18.0.1:8443"

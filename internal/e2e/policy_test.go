@@ -41,20 +41,8 @@ func TestPolicySetSwitchesConnections(t *testing.T) {
 	t.Parallel()
 	lab := netlab.New(t)
 	e := &env{t: t, bin: buildMeshd(t), dir: t.TempDir()}
-	lan := lab.NewSegment("lan", netip.MustParsePrefix("198.18.0.0/24"))
-	hosts := map[string]*netlab.Host{}
-	for _, name := range []string{"coord", "a", "b", "c"} {
-		hosts[name] = lab.NewHost(name)
-		hosts[name].Attach(lan)
-	}
-	files := t.TempDir()
-	write := func(name, text string) string {
-		p := filepath.Join(files, name)
-		if err := os.WriteFile(p, []byte(text), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
+	hosts := lanHosts(lab, "coord", "a", "b", "c")
+	write := func(name, text string) string { return writeTemp(t, name, text) }
 	ab, ac := write("policy-ab.hujson", policyAB), write("policy-ac.hujson", policyAC)
 
 	// The coordinator starts with --policy.
