@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/ed25519"
@@ -22,39 +21,12 @@ import (
 // and returns its URL and state dir.
 func startCoordinator(t *testing.T) (url, dir string) {
 	t.Helper()
-	dir = t.TempDir()
-	ctx, cancel := context.WithCancel(context.Background())
-	pr, pw := io.Pipe()
-	done := make(chan int, 1)
-	go func() {
-		done <- run(ctx, []string{"coordinator", "--listen", "127.0.0.1:0", "--state-dir", dir, "--ephemeral-timeout", "1m"}, pw, io.Discard)
-		pw.Close()
-	}()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case code := <-done:
-			if code != 0 {
-				t.Errorf("coordinator exited %d after cancel", code)
-			}
-		case <-time.After(10 * time.Second):
-			t.Error("coordinator did not stop")
-		}
-	})
-	sc := bufio.NewScanner(pr)
-	var lines []string
-	for len(lines) < 3 && sc.Scan() {
-		lines = append(lines, sc.Text())
+	cr := startCoordinatorArgs(t, "--ephemeral-timeout", "1m")
+	if len(cr.out) < 3 || !strings.HasPrefix(cr.out[0], "coordinator listening on ") ||
+		!strings.HasPrefix(cr.out[1], "fingerprint: ") || cr.out[2] != "admin token: "+filepath.Join(cr.dir, "admin.token") {
+		t.Fatalf("coordinator start-up output %q", cr.out)
 	}
-	go io.Copy(io.Discard, pr)
-	if len(lines) < 3 {
-		t.Fatalf("coordinator printed %q", lines)
-	}
-	url, ok := strings.CutPrefix(lines[0], "coordinator listening on ")
-	if !ok || !strings.HasPrefix(lines[1], "fingerprint: ") || lines[2] != "admin token: "+filepath.Join(dir, "admin.token") {
-		t.Fatalf("coordinator start-up output %q", lines)
-	}
-	return url, dir
+	return cr.url, cr.dir
 }
 
 func runAdmin(t *testing.T, args ...string) (int, string, string) {
