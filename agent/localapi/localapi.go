@@ -12,10 +12,12 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -191,6 +193,14 @@ func Handler(b Backend) http.Handler {
 		}
 		writeJSON(w, http.StatusOK, d)
 	})
+	// Profiles of the running daemon (`curl --unix-socket SOCK
+	// http://x/debug/pprof/heap`): the socket is root-only, and a daemon
+	// moving tens of Gbit/s is where the cycles and bytes must be found.
+	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 	if p, ok := b.(Pinger); ok {
 		mux.HandleFunc("POST /v0/ping", func(w http.ResponseWriter, r *http.Request) {
 			peer := r.URL.Query().Get("peer")
@@ -344,6 +354,35 @@ func (c *Client) Drops(ctx context.Context) (*Drops, error) {
 func (c *Client) Ping(ctx context.Context, peer string) (*PingResult, error) {
 	var res PingResult
 	return &res, c.do(ctx, "POST", "/v0/ping?peer="+url.QueryEscape(peer), struct{}{}, &res)
+}
+
+// Profile writes the daemon's named runtime/pprof profile (heap, goroutine,
+// allocs, profile for CPU, ...) to w; params are its query parameters
+// (seconds=N for CPU profiles, debug=1 for text).
+func (c *Client) Profile(ctx context.Context, name string, params url.Values, w io.Writer) error {
+	if name == "" || strings.ContainsAny(name, "/?#") {
+		return fmt.Errorf("profile name %q: want one of heap, allocs, goroutine, profile, mutex, block, threadcreate", name)
+	}
+	req, err := http.NewRequestWithContext(ctx, "GET", "http://meshd/debug/pprof/"+name+"?"+params.Encode(), nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
+			return fmt.Errorf("%w at %s", ErrNoDaemon, c.path)
+		}
+		return fmt.Errorf("local api %s: %w", c.path, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+		return fmt.Errorf("profile %s: %s: %s", name, resp.Status, strings.TrimSpace(string(msg)))
+	}
+	if _, err := io.Copy(w, resp.Body); err != nil {
+		return fmt.Errorf("profile %s: %w", name, err)
+	}
+	return nil
 }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {

@@ -1,8 +1,11 @@
 package localapi
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"io"
+	"net/url"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -87,6 +90,24 @@ func TestLocalAPIRoundTrip(t *testing.T) {
 	want, _ := b.Drops(ctx)
 	if err != nil || len(d.Drops) != 1 || d.Drops[0] != want.Drops[0] {
 		t.Fatalf("drops: %+v, %v; want %+v", d, err, want)
+	}
+
+	// Profiles: the binary heap profile is gzip (pprof's format), the text
+	// goroutine dump names this test's goroutine, and a bad name is refused
+	// before any request.
+	var heap bytes.Buffer
+	if err := c.Profile(ctx, "heap", nil, &heap); err != nil || !bytes.HasPrefix(heap.Bytes(), []byte{0x1f, 0x8b}) {
+		t.Fatalf("heap profile: %v, %d bytes starting %x", err, heap.Len(), heap.Bytes()[:min(4, heap.Len())])
+	}
+	var gr bytes.Buffer
+	if err := c.Profile(ctx, "goroutine", url.Values{"debug": {"1"}}, &gr); err != nil || !strings.Contains(gr.String(), "TestLocalAPIRoundTrip") {
+		t.Fatalf("goroutine profile: %v\n%s", err, gr.String())
+	}
+	if err := c.Profile(ctx, "nosuch", nil, io.Discard); err == nil || !strings.Contains(err.Error(), "404") {
+		t.Fatalf("unknown profile: %v", err)
+	}
+	if err := c.Profile(ctx, "../v0/status", nil, io.Discard); err == nil || !strings.Contains(err.Error(), "want one of") {
+		t.Fatalf("profile name with a slash: %v", err)
 	}
 }
 

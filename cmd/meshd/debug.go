@@ -8,6 +8,8 @@ import (
 	"io"
 	"maps"
 	"net/netip"
+	"net/url"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -25,7 +27,7 @@ func (c *cli) debugCmd() *ffcli.Command {
 		ShortUsage:  "meshd debug <subcommand>",
 		ShortHelp:   "inspect the running daemon",
 		FlagSet:     flag.NewFlagSet("debug", flag.ContinueOnError),
-		Subcommands: []*ffcli.Command{c.debugDropsCmd()},
+		Subcommands: []*ffcli.Command{c.debugDropsCmd(), c.debugPprofCmd()},
 		Exec:        func(context.Context, []string) error { return flag.ErrHelp },
 	}
 }
@@ -58,6 +60,57 @@ func (c *cli) debugDropsCmd() *ffcli.Command {
 				return enc.Encode(d)
 			}
 			writeDrops(c.stdout, d)
+			return nil
+		},
+	}
+}
+
+func (c *cli) debugPprofCmd() *ffcli.Command {
+	fs := flag.NewFlagSet("debug pprof", flag.ContinueOnError)
+	socket := fs.String("socket", localapi.DefaultSocket, "local API unix socket of the daemon")
+	seconds := fs.Int("seconds", 10, "how long a CPU profile (profile) or trace records")
+	out := fs.String("o", "", "write the profile to this file (default: standard output)")
+	debug := fs.Int("debug", 0, "1 or 2: text instead of the binary pprof format (heap, goroutine, ...)")
+	return &ffcli.Command{
+		Name:       "pprof",
+		ShortUsage: "meshd debug pprof [--seconds N] [-o FILE] heap|allocs|goroutine|profile|mutex|block|trace",
+		ShortHelp:  "fetch a Go runtime profile of the running daemon",
+		LongHelp: "Fetches a runtime/pprof profile from the daemon's local API, for `go tool pprof`:\n" +
+			"  meshd debug pprof -o heap.pb.gz heap\n" +
+			"  meshd debug pprof --seconds 30 -o cpu.pb.gz profile\n" +
+			"  go tool pprof -top heap.pb.gz",
+		FlagSet: fs,
+		Options: envOptions,
+		Exec: func(ctx context.Context, args []string) error {
+			if len(args) != 1 {
+				return fmt.Errorf("debug pprof: want one profile name (heap, allocs, goroutine, profile, mutex, block, trace), got %q", args)
+			}
+			if *seconds < 1 {
+				return fmt.Errorf("debug pprof: --seconds %d: want at least 1", *seconds)
+			}
+			params := url.Values{}
+			switch args[0] {
+			case "profile", "trace":
+				params.Set("seconds", strconv.Itoa(*seconds))
+			}
+			if *debug != 0 {
+				params.Set("debug", strconv.Itoa(*debug))
+			}
+			w := c.stdout
+			if *out != "" {
+				f, err := os.Create(*out)
+				if err != nil {
+					return fmt.Errorf("debug pprof: %w", err)
+				}
+				defer f.Close()
+				w = f
+			}
+			if err := localapi.NewClient(*socket).Profile(ctx, args[0], params, w); err != nil {
+				return noDaemonHint(err, *socket)
+			}
+			if f, ok := w.(*os.File); ok && f != c.stdout {
+				return f.Close()
+			}
 			return nil
 		},
 	}
