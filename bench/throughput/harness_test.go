@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -24,6 +25,7 @@ import (
 	"golang.org/x/crypto/curve25519"
 
 	"meshd.dev/meshd/agent/localapi"
+	"meshd.dev/meshd/agent/magicbind"
 	"meshd.dev/meshd/internal/netlab"
 )
 
@@ -153,13 +155,14 @@ type tunnel struct {
 	mtu        int               // the largest IP packet it carries whole
 	noUDP      string            // why UDP tests do not apply; "" = they do
 	stop       func()
-	// check verifies after the runs that the tunnel carried the traffic.
-	check func(t testing.TB)
+	// check verifies after the runs that the tunnel carried the traffic;
+	// res are the runs' results.
+	check func(t testing.TB, res []result)
 }
 
 // raw is the underlay itself.
 func (tp *topo) raw() *tunnel {
-	return &tunnel{setup: "raw underlay", dst: tp.bAddr, mtu: tp.mtu, stop: func() {}, check: func(testing.TB) {}}
+	return &tunnel{setup: "raw underlay", dst: tp.bAddr, mtu: tp.mtu, stop: func() {}, check: func(testing.TB, []result) {}}
 }
 
 // wireguardGo starts stock wireguard-go in the foreground on a and b,
@@ -230,7 +233,7 @@ func (tp *topo) wireguardGo(t testing.TB, bin string, mtu int) *tunnel {
 				e.proc.Stop(5 * time.Second)
 			}
 		},
-		check: func(t testing.TB) {
+		check: func(t testing.TB, _ []result) {
 			out := tp.a.MustRun("wg", "show", ends[0].ifname, "transfer")
 			if f := strings.Fields(out); len(f) != 3 || f[2] == "0" {
 				t.Errorf("wireguard-go sent nothing: wg show transfer: %q", out)
@@ -254,6 +257,7 @@ const benchPolicy = `// throughput lab: iperf3 only
 // with stale peers.
 type mesh struct {
 	tp        *topo
+	coord     *netlab.Process // the coordinator, also the relay
 	bin       string
 	url       string
 	tokenFile string
@@ -280,7 +284,7 @@ func (tp *topo) startMesh(t testing.TB, bin string, policy string) *mesh {
 		args = append(args, "--policy", pf)
 	}
 	coord := tp.r.Start(bin, args...)
-	m := &mesh{tp: tp, bin: bin, url: "https://" + netip.AddrPortFrom(tp.rAddr, 8443).String(), tokenFile: filepath.Join(dir, "admin.token"), nodes: map[*netlab.Host]*meshNode{}}
+	m := &mesh{tp: tp, coord: coord, bin: bin, url: "https://" + netip.AddrPortFrom(tp.rAddr, 8443).String(), tokenFile: filepath.Join(dir, "admin.token"), nodes: map[*netlab.Host]*meshNode{}}
 	var out string
 	waitFor(t, 30*time.Second, "coordinator admin API", func() (bool, string) {
 		if exited(coord) {
@@ -361,14 +365,33 @@ func ipv4Of(n *localapi.Node) netip.Addr {
 	return netip.Addr{}
 }
 
-// meshd starts both daemons (a always on a kernel TUN with mtu; b on a
-// kernel TUN, or the netstack with a --forward to its local iperf3 when
-// netstack is set) and waits until a reaches b through the tunnel. mtu 0
-// is the daemon's automatic MTU, which must come out as the underlay's
-// minus WireGuard's 80 bytes.
-func (m *mesh) meshd(t testing.TB, mtu int, netstack bool) *tunnel {
+// meshdOpts selects a meshd row.
+type meshdOpts struct {
+	// mtu is the overlay MTU both daemons get; 0 is the daemon's automatic
+	// MTU, which must come out as the underlay's minus WireGuard's 80 bytes.
+	mtu int
+	// netstack puts b on the netstack with a --forward to its local iperf3
+	// instead of a kernel TUN.
+	netstack bool
+	// relay blocks direct UDP between a and b in the router, so WireGuard
+	// goes through the coordinator's embedded DERP relay (TLS on the
+	// coordinator's port, as deployed) while both still reach the
+	// coordinator.
+	relay bool
+}
+
+// meshd starts both daemons (a always on a kernel TUN; b on a kernel TUN or
+// the netstack) and waits until a reaches b through the tunnel on the path
+// the row measures: direct, or the relay when o.relay is set.
+func (m *mesh) meshd(t testing.TB, o meshdOpts) *tunnel {
 	t.Helper()
 	tp := m.tp
+	unblock := func() {}
+	if o.relay {
+		// Before the daemons start, so they never find a direct path.
+		unblock = tp.blockDirectUDP(t)
+	}
+	mtu := o.mtu
 	pa := m.daemon(t, tp.a, "--tun", "tpm0", "--mtu", strconv.Itoa(mtu))
 	bFlags := []string{"--tun", "tpm0", "--mtu", strconv.Itoa(mtu)}
 	label := strconv.Itoa(mtu)
@@ -384,8 +407,11 @@ func (m *mesh) meshd(t testing.TB, mtu int, netstack bool) *tunnel {
 		label = fmt.Sprintf("%d (auto)", mtu)
 	}
 	setup := fmt.Sprintf("meshd kernel TUN + filter, MTU %s", label)
+	if o.relay {
+		setup = fmt.Sprintf("meshd kernel TUN + filter, DERP relay (TLS), MTU %s", label)
+	}
 	tn := &tunnel{}
-	if netstack {
+	if o.netstack {
 		bFlags = []string{"--tun", "userspace", "--mtu", strconv.Itoa(mtu), "--forward", "5201=127.0.0.1:5201"}
 		setup = fmt.Sprintf("meshd kernel TUN -> netstack --forward, MTU %d", mtu)
 		tn.serverAddr = "127.0.0.1"
@@ -417,19 +443,30 @@ func (m *mesh) meshd(t testing.TB, mtu int, netstack bool) *tunnel {
 		return err == nil || errors.Is(err, syscall.ECONNREFUSED), fmt.Sprint(err)
 	})
 	// The magic bind starts a peer on the coordinator's embedded DERP relay
-	// and moves it to the direct path when disco pings are answered; only
-	// the direct path is measured.
+	// and moves it to the direct path when disco pings are answered. A
+	// direct row starts once both ends are direct; a relay row once both
+	// report the relay (with UDP between them blocked they cannot leave it).
+	want := magicbind.PathDirect
+	if o.relay {
+		want = magicbind.PathDERP
+	}
 	aIP := ipv4Of(m.status(t, tp.a).Self)
-	waitFor(t, 30*time.Second, "a direct path both ways", func() (bool, string) {
+	waitFor(t, 30*time.Second, "a "+want+" path both ways", func() (bool, string) {
 		pa, pb := peerPath(m.status(t, tp.a), dst), peerPath(m.status(t, tp.b), aIP)
-		return pa == "direct" && pb == "direct", fmt.Sprintf("a->b %q, b->a %q", pa, pb)
+		return pa == want && pb == want, fmt.Sprintf("a->b %q, b->a %q", pa, pb)
 	})
 	tn.setup, tn.dst, tn.procs, tn.mtu = setup, dst, []*netlab.Process{pa, pb}, mtu
+	if o.relay {
+		// The relay is part of this tunnel: its CPU counts (the coordinator's
+		// control work during a run is a map keepalive now and then).
+		tn.procs = append(tn.procs, m.coord)
+	}
 	tn.stop = func() {
 		pa.Stop(10 * time.Second)
 		pb.Stop(10 * time.Second)
+		unblock()
 	}
-	tn.check = func(t testing.TB) {
+	tn.check = func(t testing.TB, res []result) {
 		for _, h := range []*netlab.Host{tp.a, tp.b} {
 			if f := m.status(t, h).Filter; f != nil {
 				t.Logf("%s: filter on %s: %d rules, drops in %v, out %v", setup, m.nodes[h].name, f.Rules, f.DropsIn, f.DropsOut)
@@ -440,12 +477,154 @@ func (m *mesh) meshd(t testing.TB, mtu int, netstack bool) *tunnel {
 			t.Errorf("meshd ran without the bench policy's filter: %+v", st.Filter)
 		}
 		for _, p := range st.Peers {
-			if len(p.IPs) > 0 && p.IPs[0] == dst && (p.Path != "direct" || p.TxBytes == 0) {
-				t.Errorf("meshd peer b after the runs: path %q, %d bytes sent", p.Path, p.TxBytes)
+			if len(p.IPs) > 0 && p.IPs[0] == dst && (p.Path != want || p.TxBytes == 0) {
+				t.Errorf("%s: peer b after the runs: path %q (want %q), %d bytes sent", setup, p.Path, want, p.TxBytes)
 			}
+		}
+		if p := peerPath(m.status(t, tp.b), aIP); p != want {
+			t.Errorf("%s: b's path to a after the runs: %q, want %q", setup, p, want)
+		}
+		if o.relay {
+			tp.checkRelayCarried(t, setup, res)
 		}
 	}
 	return tn
+}
+
+// blockDirectUDP drops UDP between a's and b's underlay addresses in the
+// router, both ways, and returns a func that lifts the block. TCP and UDP
+// to the router itself (the coordinator, its relay and STUN) stay open, as
+// on a network that lets hosts out through a proxy-friendly firewall only.
+func (tp *topo) blockDirectUDP(t testing.TB) (unblock func()) {
+	t.Helper()
+	rules := [][]string{
+		{"FORWARD", "-p", "udp", "-s", tp.aAddr.String(), "-d", tp.bAddr.String(), "-j", "DROP"},
+		{"FORWARD", "-p", "udp", "-s", tp.bAddr.String(), "-d", tp.aAddr.String(), "-j", "DROP"},
+	}
+	for _, r := range rules {
+		tp.r.MustRun("iptables", append([]string{"-I"}, r...)...)
+	}
+	return func() {
+		for _, r := range rules {
+			if out, err := tp.r.Run("iptables", append([]string{"-D"}, r...)...); err != nil {
+				t.Errorf("lifting the UDP block in the router: %v\n%s", err, out)
+			}
+		}
+	}
+}
+
+// checkRelayCarried verifies that what iperf3 delivered in res went through
+// the relay: a's TCP connections to the coordinator's port (the relay and
+// the control stream) must have had at least that many bytes acknowledged,
+// and b's must have received at least that many. Both are cumulative over
+// the connections' lives, so a relay connection that was replaced during
+// the runs fails the check too (its bytes are gone with it), which is
+// worth knowing about a relayed figure.
+func (tp *topo) checkRelayCarried(t testing.TB, setup string, res []result) {
+	t.Helper()
+	var delivered int64
+	for _, r := range res {
+		delivered += r.bytes
+	}
+	if delivered == 0 {
+		t.Errorf("%s: iperf3 delivered nothing", setup)
+		return
+	}
+	relay := netip.AddrPortFrom(tp.rAddr, 8443)
+	for _, side := range []struct {
+		name string
+		h    *netlab.Host
+		sent bool
+	}{{"a", tp.a, true}, {"b", tp.b, false}} {
+		out, err := side.h.Run("ss", "-Htin", "state", "established", "dst", relay.String())
+		if err != nil {
+			t.Errorf("%s: ss on %s: %v\n%s", setup, side.name, err, out)
+			continue
+		}
+		st, err := parseSSInfo(out)
+		if err != nil {
+			t.Errorf("%s: ss on %s: %v", setup, side.name, err)
+			continue
+		}
+		got, what := st.bytesReceived, "received from"
+		if side.sent {
+			got, what = st.bytesAcked, "sent (acknowledged) to"
+		}
+		t.Logf("%s: %s's %d TCP connections to %s: %d bytes %s it, iperf3 delivered %d", setup, side.name, st.conns, relay, got, what, delivered)
+		if got < delivered {
+			t.Errorf("%s: %s %s the relay %s only %d bytes over TCP, but iperf3 delivered %d through the tunnel: the traffic did not go through the relay (or its connection was replaced mid-run)",
+				setup, side.name, what, relay, got, delivered)
+		}
+	}
+}
+
+// ssInfo is what the lab takes from `ss -tin`: totals over the listed
+// connections.
+type ssInfo struct {
+	conns                     int
+	bytesAcked, bytesReceived int64
+}
+
+// parseSSInfo sums bytes_acked and bytes_received over the connections
+// `ss -Htin` lists. Each connection is one line with its addresses and,
+// with -i, one indented line of "key:value" pairs; a connection that has
+// not sent or received anything lacks the field, which counts as 0.
+func parseSSInfo(out string) (ssInfo, error) {
+	var st ssInfo
+	for line := range strings.Lines(out) {
+		if strings.TrimSpace(line) == "" {
+			continue
+		}
+		if line[0] != ' ' && line[0] != '\t' {
+			st.conns++
+			continue
+		}
+		if st.conns == 0 {
+			return ssInfo{}, fmt.Errorf("ss: info line %q before any connection line", strings.TrimSpace(line))
+		}
+		for _, f := range strings.Fields(line) {
+			k, v, ok := strings.Cut(f, ":")
+			if !ok || (k != "bytes_acked" && k != "bytes_received") {
+				continue
+			}
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil || n < 0 {
+				return ssInfo{}, fmt.Errorf("ss: %s %q is not a byte count", k, v)
+			}
+			sum := &st.bytesAcked
+			if k == "bytes_received" {
+				sum = &st.bytesReceived
+			}
+			if *sum+n < *sum {
+				return ssInfo{}, fmt.Errorf("ss: %s total overflows", k)
+			}
+			*sum += n
+		}
+	}
+	return st, nil
+}
+
+// rowNames are the rows in the order they run; -rows picks a subset.
+var rowNames = []string{"raw", "wireguard-go", "meshd-1280", "meshd-auto", "meshd-netstack", "meshd-derp"}
+
+// parseRows turns -rows into the set of row names, every row when s is
+// empty.
+func parseRows(s string) (map[string]bool, error) {
+	want := map[string]bool{}
+	if strings.TrimSpace(s) == "" {
+		for _, n := range rowNames {
+			want[n] = true
+		}
+		return want, nil
+	}
+	for _, n := range strings.Split(s, ",") {
+		n = strings.TrimSpace(n)
+		if !slices.Contains(rowNames, n) {
+			return nil, fmt.Errorf("-rows: unknown row %q; rows are %s", n, strings.Join(rowNames, ","))
+		}
+		want[n] = true
+	}
+	return want, nil
 }
 
 // test is one iperf3 measurement: a column of the table.

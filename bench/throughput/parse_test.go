@@ -134,3 +134,65 @@ func FuzzParseCPULine(f *testing.F) {
 		parseCPULine(b) // must not panic
 	})
 }
+
+// ssRelay is `ss -Htin state established dst 198.18.1.2:8443` on a relayed
+// host: the control stream and the DERP connection (trimmed).
+const ssRelay = "0      0      198.18.1.1:40312 198.18.1.2:8443\n" +
+	"\t cubic wscale:7,7 rto:204 rtt:0.3/0.1 mss:1448 cwnd:10 bytes_sent:10372 bytes_acked:10372 bytes_received:20931 segs_out:40 bbr:(bw:1bps,mrtt:0.031)\n" +
+	"0      0      198.18.1.1:40320 198.18.1.2:8443\n" +
+	"\t cubic wscale:7,7 rto:204 rtt:0.2/0.1 mss:1448 cwnd:10 bytes_sent:1205433 bytes_acked:1205001 bytes_received:99012 segs_out:900\n"
+
+func TestParseSSInfo(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		in   string
+		want ssInfo
+		err  string
+	}{
+		{"two connections summed", ssRelay, ssInfo{conns: 2, bytesAcked: 1215373, bytesReceived: 119943}, ""},
+		{"none", "", ssInfo{}, ""},
+		{"connection that moved nothing", "0 0 198.18.1.1:1 198.18.1.2:8443\n\t cubic rto:204 mss:1448\n", ssInfo{conns: 1}, ""},
+		{"info before connection", "\t bytes_acked:5\n", ssInfo{}, "before any connection"},
+		{"not a number", "0 0 a b\n\t bytes_acked:x\n", ssInfo{}, "not a byte count"},
+		{"negative", "0 0 a b\n\t bytes_received:-1\n", ssInfo{}, "not a byte count"},
+		{"overflow", "0 0 a b\n\t bytes_acked:9223372036854775807\n0 0 c d\n\t bytes_acked:1\n", ssInfo{}, "overflows"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := parseSSInfo(tc.in)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("error %v, want one containing %q", err, tc.err)
+				}
+				return
+			}
+			if err != nil || got != tc.want {
+				t.Fatalf("got %+v, %v; want %+v", got, err, tc.want)
+			}
+		})
+	}
+}
+
+func TestParseRows(t *testing.T) {
+	all, err := parseRows("")
+	if err != nil || len(all) != len(rowNames) {
+		t.Fatalf("empty -rows: %v, %v; want every row", all, err)
+	}
+	got, err := parseRows("wireguard-go, meshd-derp")
+	if err != nil || len(got) != 2 || !got["wireguard-go"] || !got["meshd-derp"] {
+		t.Fatalf("two rows: %v, %v", got, err)
+	}
+	if _, err := parseRows("meshd-auto,meshd derp"); err == nil || !strings.Contains(err.Error(), `unknown row "meshd derp"`) || !strings.Contains(err.Error(), "meshd-derp") {
+		t.Fatalf("unknown row: error %v, want it named with the valid rows listed", err)
+	}
+}
+
+func FuzzParseSSInfo(f *testing.F) {
+	f.Add(ssRelay)
+	f.Add("0 0 a b\n\t bytes_acked:9223372036854775807\n0 0 c d\n\t bytes_acked:1\n")
+	f.Fuzz(func(t *testing.T, s string) {
+		st, err := parseSSInfo(s)
+		if err == nil && (st.bytesAcked < 0 || st.bytesReceived < 0 || st.conns < 0) {
+			t.Fatalf("accepted negative totals: %+v", st)
+		}
+	})
+}

@@ -8,11 +8,14 @@ import (
 
 // TestSmoke runs the harness end to end at the smallest scale: the raw
 // underlay and meshd (kernel TUN, filter on with a real policy) for one
-// second each, TCP and UDP, and checks that the table comes out and the
-// meshd rows moved data through the daemons. It measures nothing worth
-// reporting; the real run is TestThroughput (build tag "throughput").
+// second each, TCP and UDP, then meshd relayed through the coordinator's
+// DERP relay with direct UDP blocked (TCP only), and checks that the table
+// comes out, the meshd rows moved data through the daemons, and the
+// relayed row's data went through the relay's TCP connections. It measures
+// nothing worth reporting; the real run is TestThroughput (build tag
+// "throughput").
 func TestSmoke(t *testing.T) {
-	requireTools(t, "iperf3")
+	requireTools(t, "iperf3", "iptables", "ss")
 	tp := newTopo(t, 1500) // skips unless root
 	bin := meshdBinary(t)
 	tests := []test{tcp1, udp1280}
@@ -21,10 +24,20 @@ func TestSmoke(t *testing.T) {
 	results := tp.measure(t, raw, tests, time.Second, nil)
 
 	m := tp.startMesh(t, bin, benchPolicy)
-	tn := m.meshd(t, 0, false) // automatic MTU: 1420
-	meshRes := tp.measure(t, tn, tests, time.Second, nil)
-	tn.check(t)
-	tn.stop()
+	var meshRes []result
+	for _, row := range []struct {
+		opts  meshdOpts
+		tests []test
+	}{
+		{meshdOpts{}, tests}, // automatic MTU: 1420, direct
+		{meshdOpts{relay: true}, []test{tcp1}},
+	} {
+		tn := m.meshd(t, row.opts)
+		res := tp.measure(t, tn, row.tests, time.Second, nil)
+		tn.check(t, res)
+		tn.stop()
+		meshRes = append(meshRes, res...)
+	}
 	results = append(results, meshRes...)
 
 	for _, r := range results {
@@ -45,7 +58,12 @@ func TestSmoke(t *testing.T) {
 	if lines := strings.Count(b.String(), "\n"); lines != 2+len(results) {
 		t.Errorf("table has %d lines, want header + %d rows", lines, len(results))
 	}
-	if !strings.Contains(b.String(), "| 1500 | meshd kernel TUN + filter, MTU 1420 (auto) | TCP 1 stream |") {
-		t.Errorf("table lacks the meshd TCP row:\n%s", b.String())
+	for _, want := range []string{
+		"| 1500 | meshd kernel TUN + filter, MTU 1420 (auto) | TCP 1 stream |",
+		"| 1500 | meshd kernel TUN + filter, DERP relay (TLS), MTU 1420 (auto) | TCP 1 stream |",
+	} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("table lacks the row %q:\n%s", want, b.String())
+		}
 	}
 }

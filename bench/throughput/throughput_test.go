@@ -25,32 +25,36 @@ var (
 	flagMeshd     = flag.String("meshd", "", "meshd binary to measure (default: built from this tree)")
 	flagOut       = flag.String("out", "", "also write the table (Markdown) to this file")
 	flagPerfDir   = flag.String("perf-dir", "", "record `perf` CPU profiles of both tunnel ends during each TCP 1-stream run into this directory")
+	flagRows      = flag.String("rows", "", "comma-separated `rows` to measure (raw, wireguard-go, meshd-1280, meshd-auto, meshd-netstack, meshd-derp); empty: all")
 )
 
 // row is a tunnel to set up on a topology.
 type row struct {
-	name  string
+	name  string // what -rows selects it by
 	start func(t testing.TB, tp *topo, m *mesh) *tunnel
 }
 
 // rowsFor is what the lab measures on an underlay MTU: the raw link,
 // wireguard-go at the standard overlay MTU (underlay - 80), and meshd at
 // the old fixed default 1280, with its automatic MTU (the default, which
-// must pick underlay - 80), and in netstack mode.
-func rowsFor(underlay int, wgBin string) []row {
+// must pick underlay - 80), in netstack mode, and relayed through the
+// coordinator's DERP relay with direct UDP blocked. Only the rows named in
+// want are returned.
+func rowsFor(underlay int, wgBin string, want map[string]bool) []row {
 	auto := underlay - 80
 	rows := []row{
 		{"raw", func(t testing.TB, tp *topo, _ *mesh) *tunnel { return tp.raw() }},
 		{"wireguard-go", func(t testing.TB, tp *topo, _ *mesh) *tunnel { return tp.wireguardGo(t, wgBin, auto) }},
 	}
 	if underlay == 1500 {
-		rows = append(rows, row{"meshd 1280", func(t testing.TB, _ *topo, m *mesh) *tunnel { return m.meshd(t, 1280, false) }})
+		rows = append(rows, row{"meshd-1280", func(t testing.TB, _ *topo, m *mesh) *tunnel { return m.meshd(t, meshdOpts{mtu: 1280}) }})
 	}
-	rows = append(rows, row{"meshd auto", func(t testing.TB, _ *topo, m *mesh) *tunnel { return m.meshd(t, 0, false) }})
+	rows = append(rows, row{"meshd-auto", func(t testing.TB, _ *topo, m *mesh) *tunnel { return m.meshd(t, meshdOpts{}) }})
 	if underlay == 1500 {
-		rows = append(rows, row{"meshd netstack", func(t testing.TB, _ *topo, m *mesh) *tunnel { return m.meshd(t, 1280, true) }})
+		rows = append(rows, row{"meshd-netstack", func(t testing.TB, _ *topo, m *mesh) *tunnel { return m.meshd(t, meshdOpts{mtu: 1280, netstack: true}) }})
 	}
-	return rows
+	rows = append(rows, row{"meshd-derp", func(t testing.TB, _ *topo, m *mesh) *tunnel { return m.meshd(t, meshdOpts{relay: true}) }})
+	return slices.DeleteFunc(rows, func(r row) bool { return !want[r.name] })
 }
 
 // TestThroughput is the issue 7 table. Run it with bench/throughput/run.
@@ -63,6 +67,10 @@ func TestThroughput(t *testing.T) {
 			t.Fatalf("-underlays %q: want MTUs like 1500,9000", *flagUnderlays)
 		}
 		underlays = append(underlays, n)
+	}
+	wantRows, err := parseRows(*flagRows)
+	if err != nil {
+		t.Fatal(err)
 	}
 	if *flagRepeat < 1 {
 		t.Fatal("-repeat must be at least 1")
@@ -83,7 +91,7 @@ func TestThroughput(t *testing.T) {
 	tests := []test{tcp1, tcp4, udp1280, udp8920}
 	host, _ := os.Hostname()
 	loadStart := loadAvg()
-	t.Logf("machine: %s, %s; meshd %s; wireguard-go %s; %v per run, %d rounds", host, cpuModel(), bin, wgBin, *flagDuration, *flagRepeat)
+	t.Logf("machine: %s, %s; meshd %s; wireguard-go %s; %v per run, %d rounds; rows %s", host, cpuModel(), bin, wgBin, *flagDuration, *flagRepeat, *flagRows)
 
 	type topoMesh struct {
 		tp *topo
@@ -99,11 +107,11 @@ func TestThroughput(t *testing.T) {
 		var results []result
 		for _, u := range underlays {
 			l := labs[u]
-			for _, rw := range rowsFor(u, wgBin) {
+			for _, rw := range rowsFor(u, wgBin, wantRows) {
 				tn := rw.start(t, l.tp, l.m)
 				var around func(test) func()
 				if *flagPerfDir != "" && round == 0 && len(tn.procs) > 0 {
-					prefix := filepath.Join(*flagPerfDir, fmt.Sprintf("%d-%s", u, strings.ReplaceAll(rw.name, " ", "-")))
+					prefix := filepath.Join(*flagPerfDir, fmt.Sprintf("%d-%s", u, rw.name))
 					around = func(tc test) func() {
 						if tc != tcp1 {
 							return func() {}
@@ -112,7 +120,7 @@ func TestThroughput(t *testing.T) {
 					}
 				}
 				res := l.tp.measure(t, tn, tests, *flagDuration, around)
-				tn.check(t)
+				tn.check(t, res)
 				tn.stop()
 				results = append(results, res...)
 			}
@@ -184,6 +192,14 @@ func printGains(b *strings.Builder, rs []result) {
 		m14, ok14 := find(rs, 1500, "meshd kernel TUN + filter, MTU 1420", tc)
 		line("meshd MTU 8920 on the 9000 underlay / meshd MTU 1280 on 1500, "+tc.name, m9, m12, ok9, ok12)
 		line("meshd MTU 1420 / MTU 1280 on the 1500 underlay (what automatic MTU gains there), "+tc.name, m14, m12, ok14, ok12)
+		for _, u := range []int{1500, 9000} {
+			label := fmt.Sprintf("%d (auto)", u-80)
+			d, okD := find(rs, u, "meshd kernel TUN + filter, DERP relay (TLS), MTU "+label, tc)
+			dir, okDir := find(rs, u, "meshd kernel TUN + filter, MTU "+label, tc)
+			wg, okWG := find(rs, u, "wireguard-go", tc)
+			line(fmt.Sprintf("meshd relayed / meshd direct on the %d underlay, %s", u, tc.name), d, dir, okD, okDir)
+			line(fmt.Sprintf("meshd relayed / wireguard-go direct on the %d underlay, %s", u, tc.name), d, wg, okD, okWG)
+		}
 	}
 }
 
