@@ -128,12 +128,18 @@ func (s *Server) EnableRelayVerify() (string, error) {
 	if _, pattern := s.mux.Handler(probe); pattern == "GET "+relayVerifyPath {
 		return path, nil // enabled before; the token is the same file
 	}
-	s.mux.HandleFunc("GET "+relayVerifyPath, func(w http.ResponseWriter, r *http.Request) {
+	auth := func(w http.ResponseWriter, r *http.Request) bool {
 		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 		if !ok || !hashEqual(hashSecret(strings.TrimSpace(got)), want) {
 			// Not ErrUnauthorized, whose message names the admin token.
 			writeJSON(w, http.StatusUnauthorized, errorBody{Code: "unauthorized",
 				Error: "relay token missing or wrong: use the content of the coordinator's " + relayTokenFile})
+			return false
+		}
+		return true
+	}
+	s.mux.HandleFunc("GET "+relayVerifyPath, func(w http.ResponseWriter, r *http.Request) {
+		if !auth(w, r) {
 			return
 		}
 		k, err := netmap.ParseNodePublic(r.URL.Query().Get("key"))
@@ -143,6 +149,7 @@ func (s *Server) EnableRelayVerify() (string, error) {
 		}
 		writeJSON(w, http.StatusOK, RelayVerifyResponse{Known: s.nodeKeyValid(k, time.Now())})
 	})
+	s.relayRoutes(auth)
 	return path, nil
 }
 
@@ -190,8 +197,11 @@ type RelayVerifier struct {
 	base  *url.URL
 	token string
 	hc    *http.Client
-	opts  RelayVerifierOptions
-	now   func() time.Time
+	// stream has no overall timeout: it carries the revocation stream,
+	// whose liveness the keep-alives show.
+	stream *http.Client
+	opts   RelayVerifierOptions
+	now    func() time.Time
 
 	mu    sync.Mutex
 	cache map[netmap.NodePublic]verifyEntry
@@ -232,8 +242,9 @@ func NewRelayVerifier(rawURL, token string, opts RelayVerifierOptions) (*RelayVe
 	tr := pinnedTransport(func() string { return fp }, func(string) {}, nil)
 	return &RelayVerifier{
 		base: u, token: token, opts: opts, now: time.Now,
-		hc:    &http.Client{Transport: tr, Timeout: 10 * time.Second},
-		cache: make(map[netmap.NodePublic]verifyEntry),
+		hc:     &http.Client{Transport: tr, Timeout: 10 * time.Second},
+		stream: &http.Client{Transport: tr},
+		cache:  make(map[netmap.NodePublic]verifyEntry),
 	}, nil
 }
 
@@ -263,13 +274,17 @@ func (v *RelayVerifier) Verify(ctx context.Context, k netmap.NodePublic) error {
 		}
 		return fmt.Errorf("cannot check the node with the coordinator: %w", err)
 	}
+	v.store(k, known, now)
+	return verdict(known)
+}
+
+func (v *RelayVerifier) store(k netmap.NodePublic, known bool, now time.Time) {
 	v.mu.Lock()
+	defer v.mu.Unlock()
 	if len(v.cache) >= v.opts.MaxEntries {
 		v.evictLocked(now)
 	}
 	v.cache[k] = verifyEntry{known: known, at: now}
-	v.mu.Unlock()
-	return verdict(known)
 }
 
 func verdict(known bool) error {

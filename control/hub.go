@@ -45,6 +45,10 @@ type hub struct {
 	queueLen  int
 	now       func() time.Time
 	keepAlive []byte // the keep-alive frame of this epoch
+	// revoked, if set, is told every node key that stops being valid
+	// (its node left the hub or took a new key), under mu: it must not
+	// block.
+	revoked func(netmap.NodePublic)
 
 	// log records which node changed at each version, for resuming streams
 	// (id 0 marks a change that needs a full map, such as a policy change).
@@ -209,8 +213,9 @@ func (h *hub) upsert(n *netmap.Node) {
 func (h *hub) upsertLocked(n *netmap.Node) {
 	old := h.nodes[n.ID]
 	h.nodes[n.ID] = n
-	if old != nil && old.NodeKey != n.NodeKey {
+	if old != nil && old.NodeKey != n.NodeKey && h.byKey[old.NodeKey] == n.ID {
 		delete(h.byKey, old.NodeKey)
+		h.revokeLocked(old.NodeKey)
 	}
 	h.byKey[n.NodeKey] = n.ID
 	delete(h.peerJSON, n.ID)
@@ -290,6 +295,12 @@ func (h *hub) upsertLocked(n *netmap.Node) {
 	}
 }
 
+func (h *hub) revokeLocked(k netmap.NodePublic) {
+	if h.revoked != nil {
+		h.revoked(k)
+	}
+}
+
 // encode returns r as a frame, or nil (which send turns into a drop).
 func (h *hub) encode(r *netmap.MapResponse) []byte {
 	f := lazyFrame{resp: *r}
@@ -308,6 +319,7 @@ func (h *hub) remove(id netmap.NodeID, reason error) {
 	delete(h.nodes, id)
 	if h.byKey[old.NodeKey] == id {
 		delete(h.byKey, old.NodeKey)
+		h.revokeLocked(old.NodeKey)
 	}
 	delete(h.peerJSON, id)
 	h.all = nil

@@ -79,6 +79,7 @@ type Server struct {
 	adminHash   []byte
 	adminPath   string
 	hub         *hub
+	keys        keyFeed // revoked node keys, for relays
 	mux         *http.ServeMux
 	ctx         context.Context
 	cancel      context.CancelFunc
@@ -155,6 +156,7 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 		hub:         newHub(hex.EncodeToString(epoch[:]), opts.DERPMap, opts.SessionQueueLen, time.Now),
 		ephemeral:   make(map[netmap.NodeID]*time.Timer),
 	}
+	s.hub.revoked = s.keys.publish
 	if err := s.initAdminToken(ctx); err != nil {
 		st.Close()
 		return nil, err

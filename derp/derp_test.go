@@ -18,6 +18,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -1128,4 +1129,85 @@ func TestEmbeddedInHTTP2Server(t *testing.T) {
 	if got := recvPacket(t, b); string(got.Data) != "embedded" {
 		t.Fatalf("got %q", got.Data)
 	}
+}
+
+// TestDisconnectClient: a revoked client's connection closes, others stay,
+// and the server lists who is connected.
+func TestDisconnectClient(t *testing.T) {
+	s := newTestServer(t, ServerOptions{})
+	ka, kb := netmap.NewNodePrivate(), netmap.NewNodePrivate()
+	a, b := dial(t, s.url, ka), dial(t, s.url, kb)
+	waitFor(t, "both clients registered", func() bool { return s.Stats().Clients == 2 })
+	keys := s.ClientKeys()
+	if len(keys) != 2 || !(keys[0] == ka.Public() && keys[1] == kb.Public() || keys[0] == kb.Public() && keys[1] == ka.Public()) {
+		t.Fatalf("ClientKeys %v, want a and b", keys)
+	}
+	if s.DisconnectClient(netmap.NewNodePrivate().Public()) {
+		t.Fatal("DisconnectClient reported a key that is not connected")
+	}
+	if !s.DisconnectClient(ka.Public()) {
+		t.Fatal("DisconnectClient did not find a")
+	}
+	a.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	for {
+		_, err := a.Recv()
+		if err == nil {
+			continue
+		}
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			t.Fatal("a still connected 5s after DisconnectClient")
+		}
+		break
+	}
+	waitFor(t, "a unregistered", func() bool { return s.Stats().Clients == 1 })
+	if keys := s.ClientKeys(); len(keys) != 1 || keys[0] != kb.Public() {
+		t.Fatalf("ClientKeys after the disconnect %v, want b", keys)
+	}
+	if err := b.Ping(NewPingData()); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := recvMsg(t, b).(Pong); !ok {
+		t.Fatal("b lost its connection")
+	}
+	if got := s.Stats().Revoked; got != 1 {
+		t.Fatalf("Stats.Revoked %d, want 1", got)
+	}
+}
+
+// TestRevocationDuringHandshake: a key revoked after Verify accepted it but
+// before the client was registered is caught by the re-check, so it
+// cannot slip past DisconnectClient.
+func TestRevocationDuringHandshake(t *testing.T) {
+	k := netmap.NewNodePrivate()
+	var revoked atomic.Bool
+	var srv atomic.Pointer[Server]
+	calls := atomic.Int32{}
+	s := newTestServer(t, ServerOptions{Verify: func(_ context.Context, key netmap.NodePublic) error {
+		calls.Add(1)
+		if revoked.Load() {
+			return errors.New("node key revoked")
+		}
+		// The revocation lands now, while the client is not registered.
+		revoked.Store(true)
+		if srv.Load().DisconnectClient(key) {
+			return errors.New("test: client was registered before Verify returned")
+		}
+		return nil
+	}})
+	srv.Store(s.Server)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, s.url, ClientOptions{NodeKey: k, IdleTimeout: -1})
+	if err == nil {
+		c.Close()
+		t.Fatal("client revoked during its handshake was accepted")
+	}
+	if !strings.Contains(err.Error(), "node key revoked") {
+		t.Fatalf("refused with %v, want the re-check's reason", err)
+	}
+	if calls.Load() != 2 {
+		t.Fatalf("Verify called %d times, want 2 (handshake, re-check)", calls.Load())
+	}
+	waitFor(t, "no clients", func() bool { return s.Stats().Clients == 0 })
 }

@@ -90,6 +90,7 @@ type ServerStats struct {
 	PacketsDropped   uint64 // queue full, unknown destination or closed
 	SlowDisconnects  uint64 // clients dropped for not reading
 	HandshakeErrors  uint64 // rejected or broken handshakes
+	Revoked          uint64 // clients disconnected by DisconnectClient
 }
 
 // Server is a DERP relay. It is an http.Handler for the /derp upgrade
@@ -113,7 +114,11 @@ type Server struct {
 
 	pools [3]sync.Pool
 
-	relayed, forwarded, dropped, slow, handshakeErrs atomic.Uint64
+	// revokeGen counts DisconnectClient calls, so a handshake whose Verify
+	// ran before a revocation re-checks once registered (see run).
+	revokeGen atomic.Uint64
+
+	relayed, forwarded, dropped, slow, handshakeErrs, revoked atomic.Uint64
 }
 
 // poolSizes are the buffer size classes: a 1500-byte underlay packet, a
@@ -194,7 +199,40 @@ func (s *Server) Stats() ServerStats {
 	st.PacketsDropped = s.dropped.Load()
 	st.SlowDisconnects = s.slow.Load()
 	st.HandshakeErrors = s.handshakeErrs.Load()
+	st.Revoked = s.revoked.Load()
 	return st
+}
+
+// ClientKeys returns the node keys of the clients connected now (mesh
+// peers excluded), for re-checking them against the coordinator.
+func (s *Server) ClientKeys() []netmap.NodePublic {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	keys := make([]netmap.NodePublic, 0, len(s.clients))
+	for k := range s.clients {
+		keys = append(keys, k)
+	}
+	return keys
+}
+
+// DisconnectClient closes the connection of the client holding k, if one
+// is connected, and reports whether one was. It is how a revocation (node
+// deleted, expired, key rotated) takes effect on a live connection; Verify
+// refusing k is what keeps it out afterwards. A client whose handshake was
+// verified just before the call is re-verified once registered, so it
+// cannot slip in between the check and the disconnect.
+func (s *Server) DisconnectClient(k netmap.NodePublic) bool {
+	s.revokeGen.Add(1)
+	s.mu.RLock()
+	c := s.clients[k]
+	s.mu.RUnlock()
+	if c == nil {
+		return false
+	}
+	c.close()
+	s.revoked.Add(1)
+	s.log.Info("derp client disconnected: node key revoked", "key", k.ShortString(), "remote", c.conn.RemoteAddr())
+	return true
 }
 
 // Close disconnects every client and refuses new ones. Mesh links started
@@ -346,6 +384,7 @@ func (s *Server) handshake(conn net.Conn, br *bufio.Reader, bw *bufio.Writer) (*
 		return reject("client info: " + err.Error())
 	}
 	isMesh := false
+	var gen uint64
 	if ci.MeshKey != "" {
 		got, err := hex.DecodeString(ci.MeshKey)
 		if len(s.meshKey) == 0 || err != nil || subtle.ConstantTimeCompare(got, s.meshKey) != 1 {
@@ -353,6 +392,7 @@ func (s *Server) handshake(conn net.Conn, br *bufio.Reader, bw *bufio.Writer) (*
 		}
 		isMesh = true
 	} else if s.opts.Verify != nil {
+		gen = s.revokeGen.Load()
 		if err := s.opts.Verify(ctx, clientKey); err != nil {
 			return reject(fmt.Sprintf("node %s not accepted by this relay: %v", clientKey.ShortString(), err))
 		}
@@ -375,6 +415,7 @@ func (s *Server) handshake(conn net.Conn, br *bufio.Reader, bw *bufio.Writer) (*
 		sentTo:  make(map[*sclient]struct{}),
 		senders: make(map[netmap.NodePublic]struct{}),
 		presSig: make(chan struct{}, 1),
+		gen:     gen,
 	}
 	c.info, _ = json.Marshal(info)
 	if s.opts.ClientRate > 0 {
@@ -405,6 +446,22 @@ func (s *Server) run(c *sclient) {
 	s.mu.Unlock()
 	if old != nil {
 		old.close()
+	}
+	if !c.mesh && s.opts.Verify != nil && s.revokeGen.Load() != c.gen {
+		// A revocation ran after our Verify and may have missed c because
+		// it was not registered yet: ask again now that it is.
+		ctx, cancel := context.WithTimeout(s.ctx, s.opts.HandshakeTimeout)
+		err := s.opts.Verify(ctx, c.key)
+		cancel()
+		if err != nil {
+			s.handshakeErrs.Add(1)
+			c.setWriteDeadline()
+			writeFrame(c.bw, frameHealth, []byte(fmt.Sprintf("node %s not accepted by this relay: %v", c.key.ShortString(), err)))
+			c.bw.Flush()
+			c.close()
+			s.unregister(c)
+			return
+		}
 	}
 	// Server info goes out only now that c is registered: a client whose
 	// Dial returned can be sent to at once.
@@ -552,6 +609,7 @@ type sclient struct {
 	s       *Server
 	key     netmap.NodePublic
 	mesh    bool
+	gen     uint64 // s.revokeGen before Verify ran
 	info    []byte // server info JSON, sent once registered
 	conn    net.Conn
 	br      *bufio.Reader

@@ -111,6 +111,10 @@ func (c *cli) startCoordDERP(ctx context.Context, s *control.Server, listen stri
 		wg.Wait()
 	}
 	fail := func(err error) (func(), error) { stop(); return nil, err }
+	// A node deleted, expired or re-keyed loses its relay connection at
+	// once, not when it next reconnects.
+	wg.Add(1)
+	go func() { defer wg.Done(); s.EnforceRevocations(ctx, ds) }()
 
 	derpAddr := ln.Addr().(*net.TCPAddr)
 	if *f.derpListen == "" {

@@ -310,3 +310,71 @@ func TestDERPCommandCoordinatorVerify(t *testing.T) {
 		}
 	}
 }
+
+// TestAdminNodeDeleteDropsRelayConnections: `meshd admin nodes delete`
+// closes the node's connections to the coordinator's embedded relay and to
+// a standalone `meshd derp --coordinator` at once, and both refuse it
+// afterwards, while another node stays connected.
+func TestAdminNodeDeleteDropsRelayConnections(t *testing.T) {
+	cr := startCoordinatorArgs(t, "--stun-listen", "off")
+	standalone, _ := startDERP(t, "--listen", "127.0.0.1:0", "--stun-listen", "", "--coordinator", cr.url, "--coordinator-token-file", filepath.Join(cr.dir, "relay.token"))
+	a, nm := cr.register(t)
+	b, _ := cr.register(t)
+	embedded := nm.DERPMap.Regions[0].Nodes[0]
+
+	type conn struct {
+		what string
+		done chan error
+	}
+	var aConns, bConns []conn
+	for _, relay := range []struct {
+		what string
+		node netmap.DERPNode
+	}{{"embedded relay", embedded}, {"standalone relay", standalone}} {
+		for _, n := range []struct {
+			k     netmap.NodePrivate
+			conns *[]conn
+		}{{a, &aConns}, {b, &bConns}} {
+			c, err := dialDERPNode(t, relay.node, n.k)
+			if err != nil {
+				t.Fatalf("%s: %v", relay.what, err)
+			}
+			done := make(chan error, 1)
+			go func() {
+				for {
+					if _, err := c.Recv(); err != nil {
+						done <- err
+						return
+					}
+				}
+			}()
+			*n.conns = append(*n.conns, conn{relay.what, done})
+		}
+	}
+
+	var stdout, stderr bytes.Buffer
+	code := run(context.Background(), []string{"admin", "nodes", "delete", "--coordinator", cr.url,
+		"--token-file", filepath.Join(cr.dir, "admin.token"), itoa(int(nm.Self.ID))}, &stdout, &stderr)
+	if code != 0 {
+		t.Fatalf("admin nodes delete: exit %d, %s", code, stderr.String())
+	}
+	deadline := time.After(5 * time.Second)
+	for _, c := range aConns {
+		select {
+		case <-c.done:
+		case <-deadline:
+			t.Fatalf("%s: deleted node still connected 5s after the delete", c.what)
+		}
+	}
+	for _, n := range []netmap.DERPNode{embedded, standalone} {
+		_, err := dialDERPNode(t, n, a)
+		wantRelayRefused(t, err)
+	}
+	for _, c := range bConns {
+		select {
+		case err := <-c.done:
+			t.Fatalf("%s: the other node was disconnected: %v", c.what, err)
+		default:
+		}
+	}
+}

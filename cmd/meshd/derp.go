@@ -47,7 +47,11 @@ TCP is open. Clients prove they hold the node key they claim; with
 asks it (authenticated by the coordinator's relay.token, whose fingerprint
 pins the coordinator) and caches briefly: 30s for known keys, 5s for
 unknown ones, and known keys stay accepted for up to 10 minutes while the
-coordinator is unreachable. The check is made when a node connects. It prints its
+coordinator is unreachable. The check is made when a node connects, and the
+relay also holds a stream from the coordinator that names every node key
+revoked (node deleted, expired or re-keyed): that node's connection is
+closed at once and its reconnect refused. Each time the stream (re)opens the
+relay re-checks all of its clients in one batch. It prints its
 certificate fingerprint and a DERP map node entry to paste into the
 coordinator's --derp-map file.`,
 		FlagSet: fs,
@@ -192,6 +196,10 @@ func (c *cli) runDERP(ctx context.Context, cfg derpConfig) error {
 				c.log.Error("derp: STUN server stopped", "err", err)
 			}
 		}()
+	}
+	if cfg.verifier != nil {
+		wg.Add(1)
+		go func() { defer wg.Done(); cfg.verifier.Watch(ctx, srv) }()
 	}
 	for _, p := range cfg.meshWith {
 		wg.Add(1)

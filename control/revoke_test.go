@@ -1,0 +1,387 @@
+package control
+
+import (
+	"context"
+	"errors"
+	"net/http/httptest"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"meshd.dev/meshd/derp"
+	"meshd.dev/meshd/netmap"
+)
+
+// revocationBound is how long a revoked client's relay connection may
+// outlive the revocation. The push takes a round trip on loopback; the
+// bound is generous for a loaded CI machine, not a figure of merit.
+const revocationBound = 5 * time.Second
+
+// connClosed returns a channel that yields the error that ends c's
+// receive loop.
+func connClosed(c *derp.Client) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		for {
+			if _, err := c.Recv(); err != nil {
+				done <- err
+				return
+			}
+		}
+	}()
+	return done
+}
+
+func wantClosedWithin(t *testing.T, done <-chan error, what string) {
+	t.Helper()
+	select {
+	case <-done:
+	case <-time.After(revocationBound):
+		t.Fatalf("%s: relay connection still open %v after the revocation", what, revocationBound)
+	}
+}
+
+func wantOpen(t *testing.T, done <-chan error, what string) {
+	t.Helper()
+	select {
+	case err := <-done:
+		t.Fatalf("%s: relay connection closed: %v", what, err)
+	default:
+	}
+}
+
+// revocations are the ways a node key stops being valid while the node is
+// connected to a relay.
+var revocations = []struct {
+	name string
+	// revoke ends n's key; it returns the key that must now be refused.
+	revoke func(t *testing.T, ts *testServer, n *testNode) netmap.NodePrivate
+	// reconnect is the key the node may still connect with (zero: none).
+	reconnect func(n *testNode) netmap.NodePrivate
+}{
+	{
+		name: "node deleted",
+		revoke: func(t *testing.T, ts *testServer, n *testNode) netmap.NodePrivate {
+			if err := ts.DeleteNode(context.Background(), n.id); err != nil {
+				t.Fatal(err)
+			}
+			return n.nk
+		},
+	},
+	{
+		name: "node expired",
+		revoke: func(t *testing.T, ts *testServer, n *testNode) netmap.NodePrivate {
+			if err := ts.ExpireNode(context.Background(), n.id); err != nil {
+				t.Fatal(err)
+			}
+			return n.nk
+		},
+	},
+	{
+		name: "node key rotated",
+		revoke: func(t *testing.T, ts *testServer, n *testNode) netmap.NodePrivate {
+			old := n.nk
+			n.nk = netmap.NewNodePrivate()
+			if err := n.c.Update(context.Background(), n.mapRequest()); err != nil {
+				t.Fatal(err)
+			}
+			return old
+		},
+		reconnect: func(n *testNode) netmap.NodePrivate { return n.nk },
+	},
+}
+
+// TestEmbeddedRelayRevocation: the coordinator's own relay drops a client
+// as soon as its key is revoked, refuses it afterwards, and leaves other
+// clients alone.
+func TestEmbeddedRelayRevocation(t *testing.T) {
+	for _, tc := range revocations {
+		t.Run(tc.name, func(t *testing.T) {
+			ts := startServer(t, ServerOptions{})
+			ds := newRelay(t, ts.VerifyNodeKey)
+			ts.Handle("/derp", ds)
+			ctx, cancel := context.WithCancel(context.Background())
+			enforced := make(chan struct{})
+			go func() { ts.EnforceRevocations(ctx, ds); close(enforced) }()
+			t.Cleanup(func() { cancel(); <-enforced })
+
+			key := ts.key(t, AuthKeyOptions{Reusable: true, Tags: []string{"tag:gpu"}})
+			a := newTestNode(t, ts.url, ts.Fingerprint())
+			a.mustRegister(t, key, "a")
+			b := newTestNode(t, ts.url, ts.Fingerprint())
+			b.mustRegister(t, key, "b")
+			ca, err := dialRelay(t, ts.url+"/derp", ts.Fingerprint(), a.nk)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cb, err := dialRelay(t, ts.url+"/derp", ts.Fingerprint(), b.nk)
+			if err != nil {
+				t.Fatal(err)
+			}
+			aDone, bDone := connClosed(ca), connClosed(cb)
+
+			revoked := tc.revoke(t, ts, a)
+			wantClosedWithin(t, aDone, "revoked node")
+			_, err = dialRelay(t, ts.url+"/derp", ts.Fingerprint(), revoked)
+			wantRefused(t, err, "reconnect with the revoked key")
+			if tc.reconnect != nil {
+				if _, err := dialRelay(t, ts.url+"/derp", ts.Fingerprint(), tc.reconnect(a)); err != nil {
+					t.Fatalf("reconnect with the node's new key: %v", err)
+				}
+			}
+			wantOpen(t, bDone, "the other node")
+			if got := ds.Stats().Revoked; got != 1 {
+				t.Fatalf("relay counted %d revocations, want 1", got)
+			}
+		})
+	}
+}
+
+// TestEmbeddedRelayRevokesClientsConnectedBefore: clients connected before
+// enforcement started are checked when it starts.
+func TestEmbeddedRelayRevokesClientsConnectedBefore(t *testing.T) {
+	ts := startServer(t, ServerOptions{})
+	ds := newRelay(t, ts.VerifyNodeKey)
+	ts.Handle("/derp", ds)
+	key := ts.key(t, AuthKeyOptions{Reusable: true, Tags: []string{"tag:gpu"}})
+	a := newTestNode(t, ts.url, ts.Fingerprint())
+	a.mustRegister(t, key, "a")
+	ca, err := dialRelay(t, ts.url+"/derp", ts.Fingerprint(), a.nk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := connClosed(ca)
+	if err := ts.DeleteNode(context.Background(), a.id); err != nil {
+		t.Fatal(err)
+	}
+	wantOpen(t, done, "before enforcement") // the gap this test closes
+
+	ctx, cancel := context.WithCancel(context.Background())
+	enforced := make(chan struct{})
+	go func() { ts.EnforceRevocations(ctx, ds); close(enforced) }()
+	t.Cleanup(func() { cancel(); <-enforced })
+	wantClosedWithin(t, done, "deleted before enforcement started")
+}
+
+// standaloneRelay runs a relay on its own listener that checks clients
+// with ts through the relay token, as `meshd derp --coordinator` does.
+func standaloneRelay(t *testing.T, ts *testServer) (*RelayVerifier, *derp.Server, string) {
+	t.Helper()
+	path, err := ts.EnableRelayVerify()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Default TTLs: a cached "known" would let a revoked node back in for
+	// 30s if the revocation did not also reach the cache.
+	v, err := NewRelayVerifier(ts.url, string(tok), RelayVerifierOptions{Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(v.Close)
+	ds := newRelay(t, v.Verify)
+	hs := httptest.NewServer(ds)
+	t.Cleanup(hs.Close)
+	return v, ds, hs.URL
+}
+
+func startWatch(t *testing.T, v *RelayVerifier, ds *derp.Server) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- v.Watch(ctx, ds) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; !errors.Is(err, context.Canceled) {
+			t.Errorf("Watch returned %v, want context.Canceled", err)
+		}
+	})
+}
+
+// TestStandaloneRelayRevocation: a standalone relay learns revocations
+// from the coordinator's stream and drops the client at once; the
+// reconnect is refused even though the relay cached the key as known.
+func TestStandaloneRelayRevocation(t *testing.T) {
+	for _, tc := range revocations {
+		t.Run(tc.name, func(t *testing.T) {
+			ts := startServer(t, ServerOptions{})
+			v, ds, relayURL := standaloneRelay(t, ts)
+			startWatch(t, v, ds)
+
+			key := ts.key(t, AuthKeyOptions{Reusable: true, Tags: []string{"tag:gpu"}})
+			a := newTestNode(t, ts.url, ts.Fingerprint())
+			a.mustRegister(t, key, "a")
+			b := newTestNode(t, ts.url, ts.Fingerprint())
+			b.mustRegister(t, key, "b")
+			ca, err := dialRelay(t, relayURL, "", a.nk)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cb, err := dialRelay(t, relayURL, "", b.nk)
+			if err != nil {
+				t.Fatal(err)
+			}
+			aDone, bDone := connClosed(ca), connClosed(cb)
+
+			revoked := tc.revoke(t, ts, a)
+			wantClosedWithin(t, aDone, "revoked node")
+			_, err = dialRelay(t, relayURL, "", revoked)
+			wantRefused(t, err, "reconnect with the revoked key")
+			if tc.reconnect != nil {
+				if _, err := dialRelay(t, relayURL, "", tc.reconnect(a)); err != nil {
+					t.Fatalf("reconnect with the node's new key: %v", err)
+				}
+			}
+			wantOpen(t, bDone, "the other node")
+		})
+	}
+}
+
+// TestStandaloneRelayResync: revocations made while the relay's stream is
+// down (here: before it first opens, and across a coordinator restart)
+// are caught up by the batch re-check when the stream opens.
+func TestStandaloneRelayResync(t *testing.T) {
+	ts := startServer(t, ServerOptions{})
+	v, ds, relayURL := standaloneRelay(t, ts)
+	key := ts.key(t, AuthKeyOptions{Reusable: true, Tags: []string{"tag:gpu"}})
+	var nodes []*testNode
+	var done []<-chan error
+	for _, host := range []string{"a", "b", "c"} {
+		n := newTestNode(t, ts.url, ts.Fingerprint())
+		n.mustRegister(t, key, host)
+		c, err := dialRelay(t, relayURL, "", n.nk)
+		if err != nil {
+			t.Fatal(err)
+		}
+		nodes, done = append(nodes, n), append(done, connClosed(c))
+	}
+	if err := ts.DeleteNode(context.Background(), nodes[0].id); err != nil {
+		t.Fatal(err)
+	}
+	startWatch(t, v, ds)
+	wantClosedWithin(t, done[0], "deleted before the stream opened")
+
+	// The coordinator restarts on the same port and node b is deleted
+	// right after: the relay learns it from the push if its stream is back
+	// by then, else from the re-check when it reconnects.
+	ts.stop(t)
+	ts2 := startServerAt(t, ServerOptions{StateDir: ts.dir}, ts.addr)
+	if err := ts2.DeleteNode(context.Background(), nodes[1].id); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ts2.EnableRelayVerify(); err != nil {
+		t.Fatal(err)
+	}
+	wantClosedWithin2(t, done[1], "deleted while the coordinator restarted")
+	wantOpen(t, done[2], "node c, still registered")
+	_, err := dialRelay(t, relayURL, "", nodes[1].nk)
+	wantRefused(t, err, "reconnect of the node deleted during the restart")
+}
+
+// wantClosedWithin2 allows for the watch's reconnect backoff (at most 1s
+// plus jitter after the first failure, then 2s) on top of the push.
+func wantClosedWithin2(t *testing.T, done <-chan error, what string) {
+	t.Helper()
+	select {
+	case <-done:
+	case <-time.After(revocationBound + 5*time.Second):
+		t.Fatalf("%s: relay connection still open", what)
+	}
+}
+
+// TestKeyFeedDropsLaggingWatcher: a watcher that does not keep up is cut
+// off (so it resynchronises) and never blocks the publisher.
+func TestKeyFeedDropsLaggingWatcher(t *testing.T) {
+	var f keyFeed
+	slow, fast := f.subscribe(), f.subscribe()
+	got := 0
+	for i := 0; i < keyFeedBuffer+1; i++ {
+		f.publish(netmap.NewNodePrivate().Public())
+		select {
+		case <-fast.ch:
+			got++
+		default:
+		}
+	}
+	select {
+	case <-slow.lost:
+	default:
+		t.Fatal("lagging watcher not dropped")
+	}
+	select {
+	case <-fast.lost:
+		t.Fatal("watcher that kept up was dropped")
+	default:
+	}
+	if got != keyFeedBuffer+1 {
+		t.Fatalf("fast watcher got %d keys, want %d", got, keyFeedBuffer+1)
+	}
+	f.publish(netmap.NewNodePrivate().Public()) // no panic on a dropped watcher
+	f.unsubscribe(slow)
+	f.unsubscribe(fast)
+}
+
+// TestRelayVerifyBatch: the batch check answers per key, needs the relay
+// token and bounds the request.
+func TestRelayVerifyBatch(t *testing.T) {
+	ctx := context.Background()
+	ts := startServer(t, ServerOptions{})
+	path, err := ts.EnableRelayVerify()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, _ := os.ReadFile(path)
+	v, err := NewRelayVerifier(ts.url, string(tok), RelayVerifierOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(v.Close)
+	key := ts.key(t, AuthKeyOptions{Reusable: true, Tags: []string{"tag:gpu"}})
+	a := newTestNode(t, ts.url, ts.Fingerprint())
+	a.mustRegister(t, key, "a")
+	stranger := netmap.NewNodePrivate().Public()
+	u := v.base.JoinPath(relayVerifyPath).String()
+
+	many := make([]netmap.NodePublic, maxVerifyBatch+1)
+	for i := range many {
+		many[i] = netmap.NewNodePrivate().Public()
+	}
+	for _, tc := range []struct {
+		name    string
+		token   string
+		keys    []netmap.NodePublic
+		want    []bool
+		wantErr string
+	}{
+		{name: "mixed", token: v.token, keys: []netmap.NodePublic{a.nk.Public(), stranger}, want: []bool{true, false}},
+		{name: "empty", token: v.token, keys: nil, want: []bool{}},
+		{name: "no token", token: "", keys: []netmap.NodePublic{a.nk.Public()}, wantErr: "relay token missing or wrong"},
+		{name: "too many", token: v.token, keys: many, wantErr: "at most 512"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var out RelayVerifyBatchResponse
+			err := doJSON(ctx, v.hc, "POST", u, tc.token, RelayVerifyBatchRequest{Keys: tc.keys}, &out, nil)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("got %v, want %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(out.Known) != len(tc.want) {
+				t.Fatalf("known %v, want %v", out.Known, tc.want)
+			}
+			for i := range tc.want {
+				if out.Known[i] != tc.want[i] {
+					t.Fatalf("known %v, want %v", out.Known, tc.want)
+				}
+			}
+		})
+	}
+}
