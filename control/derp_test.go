@@ -282,3 +282,45 @@ func TestRelayVerifierTokens(t *testing.T) {
 		t.Fatalf("token changed across restart: %s %q", path2, tok2)
 	}
 }
+
+// TestFetchDERPMap: the map is public but pinned: the right fingerprint
+// gets exactly the map nodes get, a wrong one gets nothing.
+func TestFetchDERPMap(t *testing.T) {
+	ctx := context.Background()
+	ts := startServer(t, ServerOptions{})
+	_, err := FetchDERPMap(ctx, ts.url, ts.Fingerprint())
+	if err == nil || !strings.Contains(err.Error(), "hands out no DERP map") {
+		t.Fatalf("coordinator without a map: %v", err)
+	}
+	want := EmbeddedDERPMap("127.0.0.1", 8443, 3478, ts.Fingerprint())
+	want.Regions = append(want.Regions, netmap.DERPRegion{ID: 7, Code: "lab", Name: "lab relays", Nodes: []netmap.DERPNode{
+		{Name: "7a", Host: "198.18.1.2", DERPPort: 443, STUNPort: -1, CertFingerprint: strings.Repeat("cd", 32)},
+		{Name: "7b", Host: "relay.example", STUNOnly: true, STUNPort: 3478},
+	}})
+	if err := ts.SetDERPMap(want); err != nil {
+		t.Fatal(err)
+	}
+	got, err := FetchDERPMap(ctx, ts.url, ts.Fingerprint())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g, w := string(FormatDERPMap(got)), string(FormatDERPMap(want)); g != w {
+		t.Fatalf("fetched map\n%s\nwant\n%s", g, w)
+	}
+	for _, tc := range []struct {
+		name, url, fp string
+		want          error
+		wantMsg       string
+	}{
+		{name: "other coordinator's pin", url: ts.url, fp: strings.Repeat("ab", 32), want: ErrPinMismatch},
+		{name: "malformed pin", url: ts.url, fp: "xyz", wantMsg: "want 64 hex digits"},
+		{name: "plain http", url: "http://" + ts.addr, fp: ts.Fingerprint(), wantMsg: "only speaks https"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := FetchDERPMap(ctx, tc.url, tc.fp)
+			if tc.want != nil && !errors.Is(err, tc.want) || tc.wantMsg != "" && (err == nil || !strings.Contains(err.Error(), tc.wantMsg)) {
+				t.Fatalf("got %v, want %v %q", err, tc.want, tc.wantMsg)
+			}
+		})
+	}
+}

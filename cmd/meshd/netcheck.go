@@ -15,24 +15,30 @@ import (
 
 	"github.com/peterbourgon/ff/v3/ffcli"
 
+	"meshd.dev/meshd/agent"
 	"meshd.dev/meshd/control"
 	"meshd.dev/meshd/nat/netcheck"
 	"meshd.dev/meshd/netmap"
 )
 
-// savedNetmapFile is where the agent keeps its last network map in its
-// state dir (agent/state.go), a full MapResponse.
-const savedNetmapFile = "netmap.json"
+// Files the agent keeps in its state dir (agent/state.go): its last
+// network map (a full MapResponse) and its login (coordinator URL and pin).
+const (
+	savedNetmapFile = "netmap.json"
+	savedLoginFile  = "login.json"
+)
 
 func (c *cli) netcheckCmd() *ffcli.Command {
 	fs := flag.NewFlagSet("netcheck", flag.ContinueOnError)
 	derpMap := fs.String("derp-map", "", "DERP map `file` (huJSON, as the coordinator's --derp-map) to measure against")
-	stateDir := fs.String("state-dir", "/var/lib/meshd", "the node's state `directory`: the DERP map of its last network map is used when --derp-map is not given")
+	coordinator := fs.String("coordinator", "", "coordinator `URL` whose DERP map to fetch and measure against")
+	fingerprint := fs.String("fingerprint", "", "the coordinator's key `fingerprint` (printed at its start; the last part of every auth key); default: the pin in --state-dir when that node is registered with --coordinator")
+	stateDir := fs.String("state-dir", "/var/lib/meshd", "the node's state `directory`: the DERP map of its last network map is used when neither --derp-map nor --coordinator is given")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
 	timeout := fs.Duration("timeout", 3*time.Second, "how long to wait for STUN answers")
 	return &ffcli.Command{
 		Name:       "netcheck",
-		ShortUsage: "meshd netcheck [--derp-map FILE | --state-dir DIR] [--json]",
+		ShortUsage: "meshd netcheck [--derp-map FILE | --coordinator URL [--fingerprint FP] | --state-dir DIR] [--json]",
 		ShortHelp:  "report what the network allows: UDP, public endpoints, NAT type, DERP latency",
 		LongHelp: `Probes the STUN servers of every DERP region from this machine and reports
 whether UDP gets out, the public IPv4/IPv6 address and port the NAT maps to,
@@ -40,8 +46,10 @@ whether that mapping varies by destination (a symmetric NAT, which defeats
 direct connections), the latency to each region and the preferred one.
 
 It runs standalone (no daemon needed). The DERP map comes from --derp-map
-FILE or else from the node's last network map in --state-dir (written by
-meshd up / meshd daemon).`,
+FILE; or from the coordinator with --coordinator URL, fetched from its public
+/derpmap/default over TLS pinned to its key: --fingerprint FP, or the pin a
+node registered with that coordinator keeps in --state-dir; or else from the
+node's last network map in --state-dir (written by meshd up / meshd daemon).`,
 		FlagSet: fs,
 		Options: envOptions,
 		Exec: func(ctx context.Context, args []string) error {
@@ -51,11 +59,26 @@ meshd up / meshd daemon).`,
 			if *timeout <= 0 {
 				return &exitError{2, "netcheck: --timeout must be positive"}
 			}
+			if *derpMap != "" && *coordinator != "" {
+				return &exitError{2, "netcheck: --derp-map and --coordinator both name a DERP map: pass one"}
+			}
+			if *fingerprint != "" && *coordinator == "" {
+				return &exitError{2, "netcheck: --fingerprint pins the --coordinator: pass --coordinator URL too"}
+			}
 			var m *netmap.DERPMap
 			var err error
-			if *derpMap != "" {
+			switch {
+			case *derpMap != "":
 				m, err = control.LoadDERPMap(*derpMap)
-			} else {
+			case *coordinator != "":
+				fp := *fingerprint
+				if fp == "" {
+					if fp, err = savedPin(*stateDir, *coordinator); err != nil {
+						return &exitError{2, "netcheck: " + err.Error()}
+					}
+				}
+				m, err = control.FetchDERPMap(ctx, *coordinator, fp)
+			default:
 				m, err = savedDERPMap(*stateDir)
 			}
 			if err != nil {
@@ -100,6 +123,31 @@ func savedDERPMap(dir string) (*netmap.DERPMap, error) {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return resp.DERPMap, nil
+}
+
+// savedPin returns the coordinator key pin of the node registered in dir,
+// if it is registered with the coordinator at rawURL: the same trust
+// `meshd up` established from its auth key.
+func savedPin(dir, rawURL string) (string, error) {
+	want, err := control.ParseURL(rawURL)
+	if err != nil {
+		return "", err
+	}
+	hint := fmt.Sprintf("pass --fingerprint (printed by `meshd coordinator` at start; the last part of every auth key), or --state-dir of a node registered with %s", want)
+	path := filepath.Join(dir, savedLoginFile)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("the coordinator's key is not known (%v): %s", err, hint)
+	}
+	var login agent.Login
+	if err := json.Unmarshal(b, &login); err != nil {
+		return "", fmt.Errorf("%s: %v: %s", path, err, hint)
+	}
+	got, err := control.ParseURL(login.CoordinatorURL)
+	if err != nil || got.String() != want.String() || login.ServerPin == "" {
+		return "", fmt.Errorf("the node in %s is registered with %q, not %s: %s", dir, login.CoordinatorURL, want, hint)
+	}
+	return login.ServerPin, nil
 }
 
 func yesNo(b bool) string {

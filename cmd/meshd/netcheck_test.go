@@ -201,3 +201,67 @@ func TestNetcheckBadInput(t *testing.T) {
 		t.Errorf("corrupt saved map: exit %d %q", code, errOut)
 	}
 }
+
+// TestNetcheckCoordinator: `meshd netcheck --coordinator URL` fetches the
+// map of a real coordinator (with its embedded relay and STUN server on
+// loopback) over the pinned channel and measures against it, the pin taken
+// from --fingerprint or from a node registered with that coordinator.
+func TestNetcheckCoordinator(t *testing.T) {
+	cr := startCoordinatorArgs(t)
+	registered := t.TempDir()
+	st, err := agent.OpenStore(registered)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.SaveLogin(&agent.Login{CoordinatorURL: cr.url, ServerPin: cr.fingerprint, NodeID: 1}); err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close() // held as the daemon would: netcheck must not need the lock
+
+	for _, tc := range []struct {
+		name string
+		args []string
+	}{
+		{"--fingerprint", []string{"--coordinator", cr.url, "--fingerprint", cr.fingerprint, "--state-dir", t.TempDir()}},
+		{"pin of the registered node", []string{"--coordinator", cr.url, "--state-dir", registered}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, out, errOut := runNetcheck(t, append(tc.args, "--json")...)
+			if code != 0 {
+				t.Fatalf("exit %d: %s", code, errOut)
+			}
+			var r netcheckJSON
+			if err := json.Unmarshal([]byte(out), &r); err != nil {
+				t.Fatalf("%v: %s", err, out)
+			}
+			if !r.UDP || !r.GlobalV4.IsValid() || r.GlobalV4.Addr().String() != "127.0.0.1" {
+				t.Errorf("udp %v global v4 %v: the embedded STUN server did not answer", r.UDP, r.GlobalV4)
+			}
+			if len(r.Regions) != 1 || r.Regions[0].ID != 1 || r.Regions[0].Code != "coord" || r.Regions[0].Via != "udp" || r.PreferredDERP != 1 {
+				t.Errorf("regions %+v preferred %d, want the coordinator's region 1 over UDP", r.Regions, r.PreferredDERP)
+			}
+		})
+	}
+
+	other := strings.Repeat("ab", 32)
+	for _, tc := range []struct {
+		name string
+		args []string
+		code int
+		want string
+	}{
+		{"wrong fingerprint", []string{"--coordinator", cr.url, "--fingerprint", other}, 1, "coordinator presented " + cr.fingerprint + ", expected " + other},
+		{"malformed fingerprint", []string{"--coordinator", cr.url, "--fingerprint", "abc"}, 1, "want 64 hex digits"},
+		{"no pin", []string{"--coordinator", cr.url, "--state-dir", t.TempDir()}, 2, "pass --fingerprint"},
+		{"node of another coordinator", []string{"--coordinator", "https://127.0.0.1:1", "--state-dir", registered}, 2, "is registered with \"" + cr.url + "\""},
+		{"two maps", []string{"--coordinator", cr.url, "--derp-map", "m.hujson"}, 2, "pass one"},
+		{"fingerprint alone", []string{"--fingerprint", cr.fingerprint}, 2, "pass --coordinator URL too"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			code, _, errOut := runNetcheck(t, tc.args...)
+			if code != tc.code || !strings.Contains(errOut, tc.want) {
+				t.Fatalf("exit %d %q, want %d and %q", code, errOut, tc.code, tc.want)
+			}
+		})
+	}
+}
