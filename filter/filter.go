@@ -64,7 +64,8 @@ func (d Direction) String() string {
 
 // Options configure a Filter. The zero value gives the defaults.
 type Options struct {
-	// MaxFlows bounds the flow table (default 65536, about 8 MiB preallocated).
+	// MaxFlows bounds the flow table (default 65536: about 8 MiB of address
+	// space, resident only as far as flows have used it).
 	MaxFlows int
 	// MaxFlowsPerPeer bounds the flows one remote address may hold
 	// (default MaxFlows/4), so one peer cannot evict everyone else's.

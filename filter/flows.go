@@ -67,16 +67,22 @@ type peerEntry struct {
 // construction.
 type flowShard struct {
 	mu      sync.Mutex
+	// The tables are sized for the whole capacity up front but read as
+	// zero = empty, and slots are handed out from a high-water mark before
+	// the free lists: a fresh table touches no memory, so an idle node's
+	// 64K-flow table costs address space, not resident memory.
 	entries []flowEntry
-	index   []int32 // -1 empty, else entry slot
+	index   []int32 // 0 empty, else entry slot + 1
 	head    int32   // most recently used, -1 if empty
 	tail    int32   // least recently used
-	free    int32   // free entry list (via next)
+	free    int32   // free entry list (via next), -1 if empty
+	used    int32   // slots [used, len(entries)) were never used
 	n       int
 
 	peers     []peerEntry
-	peerIndex []int32
+	peerIndex []int32 // 0 empty, else peer slot + 1
 	peerFree  int32
+	peerUsed  int32
 
 	_ [64]byte // keep neighbouring shards' locks off this cache line
 }
@@ -131,17 +137,7 @@ func newFlowTable(capacity, perPeer, nshards int) *flowTable {
 		s.index = make([]int32, slots)
 		s.peers = make([]peerEntry, per)
 		s.peerIndex = make([]int32, slots)
-		for j := range s.index {
-			s.index[j] = -1
-			s.peerIndex[j] = -1
-		}
-		for j := range s.entries {
-			s.entries[j].next = int32(j + 1)
-			s.peers[j].next = int32(j + 1)
-		}
-		s.entries[per-1].next = -1
-		s.peers[per-1].next = -1
-		s.head, s.tail = -1, -1
+		s.head, s.tail, s.free, s.peerFree = -1, -1, -1, -1
 	}
 	return t
 }
@@ -176,7 +172,7 @@ func (t *flowTable) shard(h uint64) *flowShard {
 func (s *flowShard) find(k *flowKey, h uint64) (pos int, slot int32) {
 	mask := len(s.index) - 1
 	for i := int(h) & mask; ; i = (i + 1) & mask {
-		e := s.index[i]
+		e := s.index[i] - 1
 		if e < 0 {
 			return i, -1
 		}
@@ -191,15 +187,15 @@ func (s *flowShard) find(k *flowKey, h uint64) (pos int, slot int32) {
 func unlinkIndex(index []int32, pos int, home func(int32) int) {
 	mask := len(index) - 1
 	i := pos
-	for j := (i + 1) & mask; index[j] >= 0; j = (j + 1) & mask {
-		k := home(index[j])
+	for j := (i + 1) & mask; index[j] > 0; j = (j + 1) & mask {
+		k := home(index[j] - 1)
 		// Move index[j] into the hole at i if its home is not in (i, j].
 		if (j > i && (k <= i || k > j)) || (j < i && k <= i && k > j) {
 			index[i] = index[j]
 			i = j
 		}
 	}
-	index[i] = -1
+	index[i] = 0
 }
 
 func (s *flowShard) lruRemove(e int32) {
@@ -255,7 +251,7 @@ func (s *flowShard) remove(e int32, pos int) {
 func (s *flowShard) peerFind(addr *ipAddr, h uint64) (pos int, slot int32) {
 	mask := len(s.peerIndex) - 1
 	for i := int(h) & mask; ; i = (i + 1) & mask {
-		p := s.peerIndex[i]
+		p := s.peerIndex[i] - 1
 		if p < 0 {
 			return i, -1
 		}
@@ -348,27 +344,39 @@ func (t *flowTable) insert(k *flowKey, state uint8, now int64, tcpFlags uint8, t
 			}
 		}
 	}
-	if s.free < 0 {
+	if s.free < 0 && int(s.used) == len(s.entries) {
 		s.remove(s.tail, -1)
 	}
 	// Removals may have released the peer's slot or moved index entries.
 	ppos, p := s.peerFind(&k.remote, ph)
 	if p < 0 {
-		p = s.peerFree
-		s.peerFree = s.peers[p].next
+		// There are as many peer slots as entries and every live peer
+		// holds an entry, so one is free.
+		if s.peerFree >= 0 {
+			p = s.peerFree
+			s.peerFree = s.peers[p].next
+		} else {
+			p = s.peerUsed
+			s.peerUsed++
+		}
 		s.peers[p] = peerEntry{addr: k.remote, hash: ph}
-		s.peerIndex[ppos] = p
+		s.peerIndex[ppos] = p + 1
 	}
 	s.peers[p].count++
 
 	if tcpFlags&(tcpFIN|tcpRST) != 0 {
 		state |= stClosing // first seen while closing: keep it briefly
 	}
-	e = s.free
-	s.free = s.entries[e].next
+	if s.free >= 0 {
+		e = s.free
+		s.free = s.entries[e].next
+	} else {
+		e = s.used
+		s.used++
+	}
 	pos, _ = s.find(k, h)
 	s.entries[e] = flowEntry{key: *k, hash: h, state: state, peer: p, expires: now + ttl.of(k, state), touched: now}
-	s.index[pos] = e
+	s.index[pos] = e + 1
 	s.lruPushFront(e)
 	s.n++
 }
