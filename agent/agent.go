@@ -80,7 +80,14 @@ type Options struct {
 	// EndpointInterval is how often local endpoints are re-checked and
 	// reported when changed. Defaults to 30s.
 	EndpointInterval time.Duration
-	Logger           *slog.Logger
+	// PeerIdleTimeout is how long a peer without data traffic stays
+	// configured in WireGuard: peers enter the device on their first
+	// packet and leave after this long idle, so an idle node with
+	// thousands of peers holds WireGuard state only for the ones in use.
+	// 0 takes DefaultPeerIdleTimeout; a negative value configures every
+	// peer up front.
+	PeerIdleTimeout time.Duration
+	Logger          *slog.Logger
 }
 
 // Agent is one node's daemon. Its methods are safe for concurrent use.
@@ -392,7 +399,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 		eng, err := newEngine(engineConfig{
 			tunName: a.opts.TUN, mtu: a.opts.MTU, port: a.opts.Port, nodeKey: a.id.NodeKey,
 			addrs: addrs, forwards: a.opts.Forwards, wrapTUN: a.opts.WrapTUN, newBind: a.opts.NewBind,
-			log: a.log, localAddrs: localPrefixes, filter: a.pf.f,
+			log: a.log, localAddrs: localPrefixes, filter: a.pf.f, peerIdle: a.peerIdle(),
 		})
 		if err != nil {
 			a.engErr = err
@@ -403,6 +410,17 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 		a.log.Info("data plane up", "tun", a.opts.TUN, "addrs", addrs, "udp_port", eng.port)
 	}
 	return a.eng.applyMap(nm)
+}
+
+func (a *Agent) peerIdle() time.Duration {
+	switch d := a.opts.PeerIdleTimeout; {
+	case d == 0:
+		return DefaultPeerIdleTimeout
+	case d < 0:
+		return 0
+	default:
+		return d
+	}
 }
 
 // endpoints returns the UDP endpoints to report, or nil before the data

@@ -10,12 +10,14 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun"
 	"golang.zx2c4.com/wireguard/tun/netstack"
 
+	"meshd.dev/meshd/agent/magicbind"
 	"meshd.dev/meshd/agent/proxy"
 	"meshd.dev/meshd/filter"
 	"meshd.dev/meshd/netmap"
@@ -40,6 +42,10 @@ type engineConfig struct {
 	newBind    func() conn.Bind
 	log        *slog.Logger
 	localAddrs func() ([]netip.Prefix, error)
+	// peerIdle > 0 configures peers in WireGuard only while they have
+	// traffic (see lazy.go), removing them after this long idle; 0
+	// configures every peer of the map up front.
+	peerIdle time.Duration
 }
 
 // engine is the running data plane: a TUN (kernel or netstack), the bind,
@@ -52,10 +58,18 @@ type engine struct {
 	link *kernelLink   // kernel mode only
 	port uint16
 
-	mu     sync.Mutex
-	peers  map[netmap.NodePublic]wgPeer
+	mu    sync.Mutex
+	peers map[netmap.NodePublic]wgPeer // configured in the device
+	// want is every peer of the map; with lazy configuration only those
+	// with recent traffic are in peers.
+	want   map[netmap.NodePublic]wgPeer
 	routes []netip.Prefix
 
+	lazy       *lazyPeers // nil: every peer is configured
+	lazyCancel context.CancelFunc
+	lazyWG     sync.WaitGroup
+
+	closeOnce sync.Once
 	fwdCancel context.CancelFunc
 	fwdWG     sync.WaitGroup
 }
@@ -80,6 +94,15 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 	if cfg.filter != nil {
 		tdev = newFilterTUN(tdev, cfg.filter)
 	}
+	e.bind = cfg.newBind()
+	devBind := e.bind
+	// Lazy configuration needs to tell which peer sent a packet, which the
+	// magic bind's endpoints say; a plain UDP bind gets every peer.
+	if _, ok := e.bind.(*magicbind.Bind); ok && cfg.peerIdle > 0 {
+		e.lazy = newLazyPeers()
+		tdev = &lazyTUN{Device: tdev, l: e.lazy}
+		devBind = &lazyBind{Bind: e.bind, l: e.lazy}
+	}
 	if cfg.wrapTUN != nil {
 		wrapped, err := cfg.wrapTUN(tdev)
 		if err != nil {
@@ -88,13 +111,21 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 		}
 		tdev = wrapped
 	}
-	e.bind = cfg.newBind()
-	e.dev = device.NewDevice(tdev, e.bind, wgLogger(cfg.log))
+	e.dev = device.NewDevice(tdev, devBind, wgLogger(cfg.log))
 	defer func() {
 		if err != nil {
-			e.dev.Close()
+			e.close()
 		}
 	}()
+	if e.lazy != nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		e.lazyCancel = cancel
+		e.lazyWG.Add(1)
+		go func() {
+			defer e.lazyWG.Done()
+			e.runLazy(ctx)
+		}()
+	}
 	k := cfg.nodeKey.Raw()
 	if err := e.dev.IpcSet(fmt.Sprintf("private_key=%x\nlisten_port=%d\n", k[:], cfg.port)); err != nil {
 		return nil, fmt.Errorf("configure WireGuard: %w (is UDP port %d in use? pass --port 0 for a random one)", err, cfg.port)
@@ -136,13 +167,29 @@ func (e *engine) applyMap(nm *netmap.NetworkMap) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	var errs []error
-	if diff := uapiDiff(e.peers, want); diff != "" {
+	target := want
+	if e.lazy != nil {
+		// Only peers already configured stay (with the map's endpoint and
+		// addresses); the rest wait for their first packet.
+		target = make(map[netmap.NodePublic]wgPeer, len(e.peers))
+		for k, have := range e.peers {
+			if w, ok := want[k]; ok {
+				w.Keepalive = have.Keepalive
+				target[k] = w
+			}
+		}
+	}
+	if diff := uapiDiff(e.peers, target); diff != "" {
 		if err := e.dev.IpcSet(diff); err != nil {
 			errs = append(errs, fmt.Errorf("configure WireGuard peers: %w", err))
 		} else {
-			e.peers = want
+			e.peers = target
 		}
 	}
+	if e.lazy != nil && (e.want == nil || !sameShape(e.want, want)) {
+		e.lazy.publish(want, e.peers)
+	}
+	e.want = want
 	if e.link != nil {
 		routes := tailnetRoutes(e.cfg.addrs, nm)
 		if !slices.Equal(routes, e.routes) {
@@ -279,10 +326,28 @@ func (e *engine) serveForward(ctx context.Context, ln net.Listener, f Forward) {
 	}
 }
 
-func (e *engine) close() {
+func (e *engine) close() { e.closeOnce.Do(e.doClose) }
+
+func (e *engine) doClose() {
 	if e.fwdCancel != nil {
 		e.fwdCancel()
 		e.fwdWG.Wait()
 	}
+	if e.lazy != nil {
+		// Before the device: its Close waits for the TUN reader, which may
+		// be waiting for a peer's configuration.
+		close(e.lazy.closing)
+	}
 	e.dev.Close() // closes the TUN and the bind; a kernel TUN vanishes with it
+	if e.lazyCancel != nil {
+		e.lazyCancel()
+		e.lazyWG.Wait()
+	}
+}
+
+// configuredPeers is how many peers are in the WireGuard device now.
+func (e *engine) configuredPeers() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.peers)
 }

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -21,6 +23,7 @@ var (
 	flagIdle    = flag.Duration("idle", 30*time.Second, "idle window over which CPU and wake-ups are measured")
 	flagSettle  = flag.Duration("settle", 10*time.Second, "time after the daemon has its map before the idle window starts")
 	flagIdleOut = flag.String("idle-out", "", "also write the idle table (Markdown) to this file")
+	flagIdlePro = flag.String("idle-profile", "", "also save each idle daemon's heap and goroutine profiles (meshd debug pprof) in this directory")
 )
 
 // TestIdle measures an idle daemon (kernel TUN, filter on) with N peers in
@@ -112,6 +115,15 @@ func TestIdle(t *testing.T) {
 		hwm, err := procStatusKB(pid, "VmHWM:")
 		if err != nil {
 			t.Fatal(err)
+		}
+		if *flagIdlePro != "" {
+			for _, prof := range []string{"heap", "goroutine"} {
+				out := filepath.Join(*flagIdlePro, fmt.Sprintf("idle-%d-%s.pb.gz", n, prof))
+				cmd := exec.Command(bin, "debug", "pprof", "--socket", m.nodes[node].socket, "-o", out, prof)
+				if b, err := cmd.CombinedOutput(); err != nil {
+					t.Fatalf("%s profile of the idle daemon: %v\n%s", prof, err, b)
+				}
+			}
 		}
 		rows = append(rows, row{peers: n, register: reg, rss: rss, hwm: hwm, cpu: cpu1 - cpu0, switches: sw1 - sw0, window: window})
 	}

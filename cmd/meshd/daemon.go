@@ -8,6 +8,7 @@ import (
 	"os"
 	"runtime"
 	"strings"
+	"time"
 
 	"github.com/peterbourgon/ff/v3/ffcli"
 
@@ -26,6 +27,7 @@ type agentFlags struct {
 	httpProxy string
 	forwards  forwardList
 	loopback  bool
+	peerIdle  time.Duration
 }
 
 // forwardList collects repeatable --forward flags.
@@ -71,15 +73,28 @@ func (af *agentFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&af.socks5, "socks5-server", "", "serve a SOCKS5 proxy into the tailnet on this address (e.g. 127.0.0.1:1055)")
 	fs.StringVar(&af.httpProxy, "http-proxy", "", "serve an HTTP CONNECT proxy into the tailnet on this address")
 	fs.BoolVar(&af.loopback, "loopback-only", false, "report only loopback UDP endpoints (every node on this machine: tests, demos)")
+	fs.DurationVar(&af.peerIdle, "peer-idle-timeout", agent.DefaultPeerIdleTimeout, "configure a peer in WireGuard on its first packet and remove it after this long without data (0: configure every peer up front)")
 	fs.Var(&af.forwards, "forward", "forward inbound tailnet TCP PORT to LOCALADDR (PORT=LOCALADDR, repeatable or comma-separated)")
 }
 
 func (c *cli) newAgent(af *agentFlags) (*agent.Agent, error) {
+	if af.peerIdle < 0 {
+		return nil, fmt.Errorf("--peer-idle-timeout %v: want a duration >= 0 (0 configures every peer up front)", af.peerIdle)
+	}
 	return agent.New(agent.Options{
 		StateDir: af.stateDir, TUN: af.tun, Port: af.port, MTU: af.mtu,
 		Forwards: af.forwards, SOCKS5Addr: af.socks5, HTTPProxyAddr: af.httpProxy, LoopbackOnly: af.loopback,
-		Logger: c.log,
+		PeerIdleTimeout: peerIdleOption(af.peerIdle), Logger: c.log,
 	})
+}
+
+// peerIdleOption maps the flag (0 = eager) to agent.Options (negative =
+// eager, 0 = default).
+func peerIdleOption(d time.Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return d
 }
 
 func (c *cli) daemonCmd() *ffcli.Command {

@@ -44,7 +44,7 @@ func TestDemo(t *testing.T) {
 		// when the status polls caught it before hole punching finished).
 		{`(inference-1|training-1|alice-laptop) -> gpu-spot-1:9100`, `(via DERP\(coord\) from \+\S+, then )?direct ` + loopEP + ` from \+\S+`},
 	} {
-		re := regexp.MustCompile(`\[ok\] ` + tc.flow + ` .*\n\s+path: ` + tc.path + `\b`)
+		re := regexp.MustCompile(`\[ok\] ` + tc.flow + ` .*\n\s+path: ` + tc.path + `(\s|$)`)
 		if !re.MatchString(out.String()) {
 			t.Errorf("demo output lacks flow %s with path %s:\n%s", tc.flow, tc.path, out.String())
 		}
