@@ -66,7 +66,7 @@ type peerEntry struct {
 // never degrades) and an intrusive LRU list. Nothing is allocated after
 // construction.
 type flowShard struct {
-	mu      sync.Mutex
+	mu sync.Mutex
 	// The tables are sized for the whole capacity up front but read as
 	// zero = empty, and slots are handed out from a high-water mark before
 	// the free lists: a fresh table touches no memory, so an idle node's

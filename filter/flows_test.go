@@ -74,7 +74,7 @@ func checkShard(t *testing.T, s *flowShard) {
 func TestFlowTableModel(t *testing.T) {
 	ttl := &timeouts{tcp: 100, tcpClosing: 10, udp: 50, icmp: 20, other: 20, frag: 5}
 	for _, tc := range []struct {
-		name                   string
+		name                  string
 		capacity, perPeer, sh int
 	}{
 		{"one shard", 16, 16, 1},
