@@ -41,9 +41,21 @@ const (
 // MaxEndpoints bounds a call-me-maybe's endpoint list.
 const MaxEndpoints = 64
 
-// MaxPacketLen is the largest disco packet accepted; pings may be padded up
-// to it to probe the path MTU of a jumbo-frame underlay.
-const MaxPacketLen = 9000
+// MaxPacketLen is the largest disco packet accepted: the largest UDP
+// payload an IPv6 datagram without jumbogram options carries. Pings are
+// padded up to the size of the largest WireGuard packet the overlay MTU
+// produces (overlay MTU + 32) to probe the path MTU, and overlay MTUs go up
+// to 65535 on loopback-like underlays.
+const MaxPacketLen = 65535 - 8
+
+// PingLen is the length of a sealed Ping without padding: the smallest
+// datagram a path MTU probe can be.
+const PingLen = headerLen + box.Overhead + 2 + len(TxID{}) + keyLen
+
+// PaddingFor returns the Ping.Padding that makes the sealed ping exactly n
+// bytes long, the UDP payload size being probed; 0 when n is at most
+// PingLen.
+func PaddingFor(n int) int { return max(n-PingLen, 0) }
 
 // Message types (wire values).
 const (
@@ -73,7 +85,10 @@ type Message interface {
 type Ping struct {
 	TxID    TxID
 	NodeKey netmap.NodePublic
-	// Padding adds zero bytes to the sealed message, for path MTU probes.
+	// Padding adds zero bytes inside the sealed box, so the datagram is
+	// exactly the size a path MTU probe tests (see PaddingFor) and a
+	// middlebox cannot strip it. Old pings have none; the receiver
+	// answers padded and unpadded pings alike, with a small Pong.
 	Padding int
 }
 
@@ -209,11 +224,12 @@ func Seal(priv netmap.DiscoPrivate, to netmap.DiscoPublic, m Message) []byte {
 	var nonce [nonceLen]byte
 	rand.Read(nonce[:])
 	pub := priv.Public()
-	out := make([]byte, 0, headerLen+box.Overhead+64)
+	plain := Marshal(m)
+	out := make([]byte, 0, headerLen+box.Overhead+len(plain))
 	out = append(out, Magic...)
 	out = append(out, pub[:]...)
 	out = append(out, nonce[:]...)
-	return box.Seal(out, Marshal(m), &nonce, (*[32]byte)(&to), (*[32]byte)(&priv))
+	return box.Seal(out, plain, &nonce, (*[32]byte)(&to), (*[32]byte)(&priv))
 }
 
 // Open authenticates and decrypts a disco packet addressed to priv and

@@ -158,3 +158,31 @@ func FuzzOpen(f *testing.F) {
 		}
 	})
 }
+
+// TestPaddedPingSize: a ping padded with PaddingFor(n) seals to exactly n
+// bytes, for the probe sizes the bind uses (1280- and 1420-byte overlay
+// packets, the jumbo 8920, and the largest a datagram carries), opens to the
+// same ping, and an unpadded (old-format) ping still opens.
+func TestPaddedPingSize(t *testing.T) {
+	a, b := netmap.NewDiscoPrivate(), netmap.NewDiscoPrivate()
+	node := netmap.NewNodePrivate().Public()
+	for _, n := range []int{0, PingLen - 1, PingLen, PingLen + 1, 1280 + 32, 1420 + 32, 8920 + 32, MaxPacketLen} {
+		m := Ping{TxID: NewTxID(), NodeKey: node, Padding: PaddingFor(n)}
+		pkt := Seal(a, b.Public(), m)
+		if want := max(n, PingLen); len(pkt) != want {
+			t.Errorf("PaddingFor(%d): sealed ping of %d bytes, want %d", n, len(pkt), want)
+		}
+		_, got, err := Open(b, pkt)
+		if err != nil {
+			t.Fatalf("%d-byte ping: %v", len(pkt), err)
+		}
+		if got != m {
+			t.Errorf("%d-byte ping opened as %+v, want %+v", len(pkt), got, m)
+		}
+	}
+	// A ping one byte over the limit is refused before any cryptography.
+	over := Seal(a, b.Public(), Ping{TxID: NewTxID(), NodeKey: node, Padding: PaddingFor(MaxPacketLen + 1)})
+	if _, _, err := Open(b, over); err == nil || !strings.Contains(err.Error(), "exceeds") {
+		t.Errorf("%d-byte ping: %v, want an error saying it exceeds the limit", len(over), err)
+	}
+}
