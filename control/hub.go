@@ -73,7 +73,7 @@ type session struct {
 	dead       chan struct{} // closed when the hub drops the session
 	dropped    bool
 	dropErr    error
-	lastFilter []byte // last PacketFilter sent (JSON), under a real policy
+	lastFilter []byte // filterKey of the last PacketFilter sent, under a real policy
 }
 
 // errSlowConsumer drops a session whose queue overflowed; the client
@@ -245,10 +245,11 @@ func (h *hub) upsertLocked(n *netmap.Node) {
 			if !h.bootstrap && identityChanged {
 				// Who this node may see depends on its identity: resend its
 				// whole map (O(n), for this node only).
-				f, _ = h.fullLocked(n).frame() // nil on error: send drops
-
+				full := h.fullLocked(n)
+				f, _ = full.frame() // nil on error: send drops
+				key := filterKey(nil, *full.resp.PacketFilter)
 				for _, s := range ss {
-					s.lastFilter = h.filterJSON(n)
+					s.lastFilter = key
 				}
 			} else {
 				r := h.base()
@@ -371,11 +372,6 @@ func (h *hub) filterFor(n *netmap.Node) []netmap.FilterRule {
 	return f
 }
 
-func (h *hub) filterJSON(n *netmap.Node) []byte {
-	b, _ := json.Marshal(h.filterFor(n))
-	return b
-}
-
 // refreshFilterLocked resends n's packet filter to its sessions if it
 // changed. A node's filter lists only its own addresses as destinations and
 // the nodes that may reach it as sources, so a change to node x can only
@@ -389,7 +385,7 @@ func (h *hub) refreshFilterLocked(n *netmap.Node, ss []*session) {
 		return
 	}
 	f := h.filterFor(n)
-	b, _ := json.Marshal(f)
+	b := filterKey(nil, f)
 	for _, s := range ss {
 		if bytes.Equal(b, s.lastFilter) {
 			continue
@@ -487,19 +483,22 @@ func (h *hub) fullLocked(self *netmap.Node) *mapMessage {
 			}
 		}
 	}
+	f := h.filterFor(self)
+	r.PacketFilter = &f
+	hasCaps := h.capper != nil && filterHasCaps(f) // see PeerCapper
 	m := &mapMessage{resp: &r, peers: make([][]byte, 0, len(peers))}
 	for _, p := range peers {
-		if caps := h.capsLocked(self, p); len(caps) > 0 {
-			// Per-viewer entry: not cacheable.
-			b, _ := json.Marshal(withCaps(p, caps))
-			m.peers = append(m.peers, b)
-			continue
+		if hasCaps {
+			if caps := h.capper.PeerCaps(self, p); len(caps) > 0 {
+				// Per-viewer entry: not cacheable.
+				b, _ := json.Marshal(withCaps(p, caps))
+				m.peers = append(m.peers, b)
+				continue
+			}
 		}
 		m.peers = append(m.peers, h.peerJSONLocked(p))
 	}
 	r.DERPMap = h.derpMap
-	f := h.filterFor(self)
-	r.PacketFilter = &f
 	return m
 }
 
@@ -557,7 +556,7 @@ func (h *hub) subscribe(id netmap.NodeID, since uint64, epoch string) (*session,
 		h.stats.resumed.Add(1)
 	}
 	if !h.bootstrap {
-		s.lastFilter, _ = json.Marshal(*first.resp.PacketFilter)
+		s.lastFilter = filterKey(nil, *first.resp.PacketFilter)
 	}
 	return s, first, nil
 }
@@ -621,6 +620,9 @@ func (h *hub) online(id netmap.NodeID) bool {
 // policies' own index when they have one (PeerLister, e.g. policy.Engine:
 // the rules touching the viewer plus the size of the answer) and from a
 // CanSee per node otherwise; the two sorted sets are then merged.
+// Capabilities are asked for (PeerCaps, per pair) only for viewers whose
+// filter, under the old or the new policy, carries CapGrants: see
+// PeerCapper.
 func (h *hub) setPolicy(p Policy) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -636,10 +638,20 @@ func (h *hub) setPolicy(p Policy) {
 	all := h.allLocked()
 	// The old policy's view is taken before the new one is indexed; the
 	// old index is still current (nodes only change under h.mu).
-	was := make(map[netmap.NodeID][]netmap.NodeID, len(h.sessions))
+	type before struct {
+		peers []netmap.NodeID
+		caps  bool // the old filter grants capabilities to someone
+	}
+	was := make(map[netmap.NodeID]before, len(h.sessions))
+	var oldAll []*netmap.Node
+	if !oldIndexed {
+		oldAll = all
+	}
 	for id := range h.sessions {
 		if viewer := h.nodes[id]; viewer != nil {
-			was[id] = visible(old, oldIndexed, viewer, all)
+			b := before{peers: visible(old, oldIndexed, viewer, all)}
+			b.caps = oldCapper != nil && filterHasCaps(old.FilterFor(viewer, oldAll))
+			was[id] = b
 		}
 	}
 	if h.indexer != nil {
@@ -653,8 +665,11 @@ func (h *hub) setPolicy(p Policy) {
 			continue
 		}
 		is := visible(h.policy, h.indexer != nil, viewer, all)
+		f := h.filterFor(viewer)
+		newCaps := h.capper != nil && filterHasCaps(f)
+		oldCaps := was[id].caps
 		r := h.base()
-		wasIDs := was[id]
+		wasIDs := was[id].peers
 		i, j := 0, 0
 		for i < len(wasIDs) || j < len(is) {
 			switch {
@@ -663,16 +678,23 @@ func (h *hub) setPolicy(p Policy) {
 				i++
 			case i == len(wasIDs) || is[j] < wasIDs[i]:
 				if m := h.nodes[is[j]]; m != nil {
-					r.PeersChanged = append(r.PeersChanged, withCaps(m, h.capsLocked(viewer, m)))
+					var caps map[string][]json.RawMessage
+					if newCaps {
+						caps = h.capper.PeerCaps(viewer, m)
+					}
+					r.PeersChanged = append(r.PeersChanged, withCaps(m, caps))
 				}
 				j++
 			default: // visible before and after: only capabilities may change
-				if m := h.nodes[is[j]]; m != nil && (oldCapper != nil || h.capper != nil) {
-					var oc map[string][]json.RawMessage
-					if oldCapper != nil {
+				if m := h.nodes[is[j]]; m != nil && (oldCaps || newCaps) {
+					var oc, nc map[string][]json.RawMessage
+					if oldCaps {
 						oc = oldCapper.PeerCaps(viewer, m)
 					}
-					if nc := h.capsLocked(viewer, m); !capsEqual(oc, nc) {
+					if newCaps {
+						nc = h.capper.PeerCaps(viewer, m)
+					}
+					if !capsEqual(oc, nc) {
 						r.PeersChanged = append(r.PeersChanged, withCaps(m, nc))
 					}
 				}
@@ -680,9 +702,8 @@ func (h *hub) setPolicy(p Policy) {
 				j++
 			}
 		}
-		f := h.filterFor(viewer)
 		r.PacketFilter = &f
-		fb, _ := json.Marshal(f)
+		fb := filterKey(nil, f)
 		same := oldBootstrap == h.bootstrap && len(r.PeersChanged) == 0 && len(r.PeersRemoved) == 0
 		var frame []byte
 		for _, s := range ss {
@@ -696,6 +717,17 @@ func (h *hub) setPolicy(p Policy) {
 			h.send(s, frame)
 		}
 	}
+}
+
+// filterHasCaps reports whether a filter grants capabilities: by the
+// PeerCapper contract, no peer holds any on a node whose filter has none.
+func filterHasCaps(f []netmap.FilterRule) bool {
+	for i := range f {
+		if len(f[i].CapGrants) > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // visible returns the IDs viewer may see under p, sorted, from p's index if

@@ -35,6 +35,12 @@ type NodeIndexer interface {
 // PeerCapper is implemented by policies with "app" grants (policy.Engine):
 // PeerCaps returns the capabilities peer holds on dst, which the coordinator
 // puts in the Capabilities of peer's entry in dst's map.
+//
+// A capability is granted through the destination's packet filter, as in
+// Tailscale (a FilterRule's CapGrants): PeerCaps(dst, peer) must be empty
+// when FilterFor(dst) has no rule with CapGrants. The coordinator relies on
+// it to skip the per-pair PeerCaps calls for such nodes, which under most
+// policies (no "app" grants) is every node.
 type PeerCapper interface {
 	PeerCaps(dst, peer *netmap.Node) map[string][]json.RawMessage
 }

@@ -2,6 +2,7 @@ package control
 
 import (
 	"fmt"
+	"strings"
 	"testing"
 )
 
@@ -24,6 +25,39 @@ func BenchmarkSetPolicy(b *testing.B) {
 		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
 			h := tenantHub(b, n)
 			engines := []Policy{mustEngine(b, tenantPolicy(100)), mustEngine(b, tenantPolicy(100))}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				h.setPolicy(engines[i%2])
+				b.StopTimer()
+				drainAll(h)
+				b.StartTimer()
+			}
+		})
+	}
+}
+
+// tenantCapsPolicy is tenantPolicy with an "app" grant in each tenant:
+// every node holds a capability on each of its tenant's peers.
+func tenantCapsPolicy(k int) string {
+	var owners, grants []string
+	for i := range k {
+		owners = append(owners, fmt.Sprintf(`"tag:tenant%d": []`, i))
+		grants = append(grants, fmt.Sprintf(`{"src": ["tag:tenant%d"], "dst": ["tag:tenant%d"], "ip": ["*"], "app": {"example.com/cap/job": [{"tenant": %d}]}}`, i, i, i))
+	}
+	return `{"tagOwners": {` + strings.Join(owners, ",") + `}, "grants": [` + strings.Join(grants, ",") + `]}`
+}
+
+// BenchmarkSetPolicyCaps is BenchmarkSetPolicy where every tenant has an
+// "app" grant, so capabilities must be computed for every pair of peers
+// (the case the CapGrants gate cannot skip).
+func BenchmarkSetPolicyCaps(b *testing.B) {
+	for _, n := range benchSizes {
+		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
+			h := tenantHub(b, n)
+			engines := []Policy{mustEngine(b, tenantCapsPolicy(100)), mustEngine(b, tenantCapsPolicy(100))}
+			h.setPolicy(engines[1])
+			drainAll(h)
 			b.ReportAllocs()
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
