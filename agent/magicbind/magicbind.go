@@ -67,7 +67,20 @@ type Options struct {
 	// DERPDialContext opens the TCP connections to relays; nil uses a
 	// net.Dialer.
 	DERPDialContext func(ctx context.Context, network, addr string) (net.Conn, error)
-	Logger          *slog.Logger
+	// OverlayMTU is the tunnel's MTU. When set, every active peer's
+	// confirmed direct path is probed with disco pings padded to the size
+	// of the largest WireGuard packet this MTU produces, so a path that
+	// drops them (a smaller link whose ICMP is filtered) is reported in
+	// PeerStatus instead of silently blackholing bulk transfers. 0: no
+	// probing.
+	OverlayMTU int
+	// PMTUInterval is how often an active peer's direct path is probed
+	// again (default 5m); a new direct path is probed at once.
+	PMTUInterval time.Duration
+	// PMTUTimeout is how long each probe waits for its pong before it is
+	// sent again (default 1s); a size unanswered after three tries is lost.
+	PMTUTimeout time.Duration
+	Logger      *slog.Logger
 }
 
 // Bind is the magic bind. Create it with New; WireGuard calls Open and
@@ -151,6 +164,7 @@ type peer struct {
 	sel      *endpoint.Selector
 	lastSend time.Time
 	directEP *conn.StdNetEndpoint // cached for the current direct path
+	pmtu     pmtuState
 }
 
 // New returns a Bind for the node with the given keys. It does nothing until
@@ -161,6 +175,12 @@ func New(opts Options) *Bind {
 	}
 	if opts.STUNInterval == 0 {
 		opts.STUNInterval = 20 * time.Second
+	}
+	if opts.PMTUInterval <= 0 {
+		opts.PMTUInterval = defaultPMTUInterval
+	}
+	if opts.PMTUTimeout <= 0 {
+		opts.PMTUTimeout = defaultPMTUTimeout
 	}
 	b := &Bind{
 		opts: opts, log: opts.Logger, std: conn.NewStdNetBind(), selfPK: opts.NodeKey.Public(),
@@ -666,14 +686,25 @@ func (b *Bind) discoLoop(o *openState) {
 			if w := p.sel.NextWake(now); !w.IsZero() && w.Before(next) {
 				next = w
 			}
-			dk, home := p.disco, p.home
+			dk, home, name := p.disco, p.home, p.name
+			var probes []pmtuProbe
+			var res *pmtuResult
+			if !dk.IsZero() {
+				var w time.Time
+				probes, res, w = b.pmtuPollLocked(p, now)
+				if !w.IsZero() && w.Before(next) {
+					next = w
+				}
+			}
 			p.mu.Unlock()
 			if dk.IsZero() {
 				continue
 			}
+			b.logPMTU(name, res)
 			for _, pr := range act.Pings {
 				b.sendDiscoUDP(pr.To, dk, disco.Ping{TxID: pr.TxID, NodeKey: b.selfPK})
 			}
+			b.sendProbes(probes, dk)
 			if act.CallMeMaybe && home != 0 && len(myEps) > 0 {
 				b.sendDiscoDERP(p, home, dk, disco.CallMeMaybe{Endpoints: myEps})
 			}
@@ -751,8 +782,14 @@ func (b *Bind) handleDisco(pkt []byte, src netip.AddrPort, r *region, derpSrc ne
 	case disco.Pong:
 		if r == nil {
 			p.mu.Lock()
-			ok := p.sel.HandlePong(now, m.TxID, src)
+			probe, res := b.pmtuPongLocked(p, now, m.TxID, src)
+			ok := !probe && p.sel.HandlePong(now, m.TxID, src)
+			name := p.name
 			p.mu.Unlock()
+			if probe {
+				b.logPMTU(name, res)
+				return
+			}
 			if ok {
 				b.learnAddr(src, p)
 			}
@@ -811,6 +848,18 @@ type PeerStatus struct {
 	DERPRegion int
 	DERPCode   string
 	Latency    time.Duration
+	// PathMTU is the largest overlay packet (inner IP packet) that crossed
+	// the direct path in use in its last probe round; 0 while unknown
+	// (relayed, not probed yet, or Options.OverlayMTU unset) and when not
+	// even the smallest probe got through.
+	PathMTU int
+	// MTUProblem is set when the direct path in use drops packets of the
+	// full OverlayMTU: bulk traffic would stall there. MTUProblemText says
+	// what to do.
+	MTUProblem bool
+	// OverlayMTU is the MTU the probes tested (Options.OverlayMTU), set
+	// with a probe result.
+	OverlayMTU int
 }
 
 // Endpoint formats the path's endpoint: "ip:port", or "derp:CODE".
@@ -834,6 +883,13 @@ func (b *Bind) PeerStatus(k netmap.NodePublic) PeerStatus {
 	}
 	path, addr, home := b.peerPath(p, time.Now())
 	st := PeerStatus{Path: path, Addr: addr}
+	if path == PathDirect {
+		p.mu.Lock()
+		if pm := p.pmtu; pm.known && pm.addr == addr {
+			st.PathMTU, st.MTUProblem, st.OverlayMTU = pm.pathMTU, pm.lost, b.opts.OverlayMTU
+		}
+		p.mu.Unlock()
+	}
 	if path == PathDERP {
 		st.DERPRegion = home
 		b.mu.Lock()

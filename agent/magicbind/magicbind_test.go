@@ -90,6 +90,7 @@ type testNode struct {
 	key   netmap.NodePrivate
 	disco netmap.DiscoPrivate
 	ip    netip.Addr
+	addr  netip.Addr // the underlay address peers reach it on
 	bind  *Bind
 	dev   *device.Device
 	tnet  *netstack.Net
@@ -107,15 +108,40 @@ func newTestNode(t *testing.T, name string, ip string) *testNode {
 // newTestNodeWith lets the test adjust the bind before WireGuard opens it.
 func newTestNodeWith(t *testing.T, name string, ip string, adjust func(*Bind)) *testNode {
 	t.Helper()
-	n := &testNode{name: name, key: netmap.NewNodePrivate(), disco: netmap.NewDiscoPrivate(), ip: netip.MustParseAddr(ip)}
-	n.bind = New(Options{
+	return newTestNodeSetup(t, name, ip, nodeSetup{bind: adjust})
+}
+
+// nodeSetup adjusts a test node.
+type nodeSetup struct {
+	opts func(*Options) // the bind's options
+	bind func(*Bind)    // the bind, before WireGuard opens it
+	// in opens the UDP socket inside a namespace (netlab.Host.Do), and
+	// addr is the node's address there; default: loopback.
+	in   func(func() error) error
+	addr netip.Addr
+}
+
+func newTestNodeSetup(t *testing.T, name string, ip string, setup nodeSetup) *testNode {
+	t.Helper()
+	n := &testNode{name: name, key: netmap.NewNodePrivate(), disco: netmap.NewDiscoPrivate(), ip: netip.MustParseAddr(ip), addr: setup.addr}
+	if !n.addr.IsValid() {
+		n.addr = netip.MustParseAddr("127.0.0.1")
+	}
+	opts := Options{
 		NodeKey: n.key, DiscoKey: n.disco,
 		// Quick timings so fallback tests take seconds.
 		Paths:  endpoint.Config{HeartbeatInterval: 300 * time.Millisecond, TrustDuration: time.Second, ProbeInterval: 500 * time.Millisecond},
 		Logger: testLogger(t, name),
-	})
-	if adjust != nil {
-		adjust(n.bind)
+	}
+	if setup.opts != nil {
+		setup.opts(&opts)
+	}
+	n.bind = New(opts)
+	if setup.bind != nil {
+		setup.bind(n.bind)
+	}
+	if setup.in == nil {
+		setup.in = func(f func() error) error { return f() }
 	}
 	tdev, tnet, err := netstack.CreateNetTUN([]netip.Addr{n.ip}, nil, 1280)
 	if err != nil {
@@ -128,10 +154,12 @@ func newTestNodeWith(t *testing.T, name string, ip string, adjust func(*Bind)) *
 	})
 	t.Cleanup(n.dev.Close)
 	k := n.key.Raw()
-	if err := n.dev.IpcSet(fmt.Sprintf("private_key=%x\nlisten_port=0\n", k[:])); err != nil {
-		t.Fatal(err)
-	}
-	if err := n.dev.Up(); err != nil {
+	if err := setup.in(func() error {
+		if err := n.dev.IpcSet(fmt.Sprintf("private_key=%x\nlisten_port=0\n", k[:])); err != nil {
+			return err
+		}
+		return n.dev.Up()
+	}); err != nil {
 		t.Fatal(err)
 	}
 	get, err := n.dev.IpcGet()
@@ -156,7 +184,7 @@ func (n *testNode) node(id netmap.NodeID, withEndpoints bool) netmap.Node {
 		Addresses: []netip.Prefix{netip.PrefixFrom(n.ip, 32)}, HomeDERP: 1,
 	}
 	if withEndpoints {
-		nd.Endpoints = []netip.AddrPort{netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), n.port)}
+		nd.Endpoints = []netip.AddrPort{netip.AddrPortFrom(n.addr, n.port)}
 	}
 	return nd
 }

@@ -215,6 +215,13 @@ func (s *Selector) NoteActivity(now time.Time) {
 	s.lastActive = now
 }
 
+// Active reports whether packets were sent to the peer within
+// ActiveTimeout: only then is it worth probing (idle peers are left alone,
+// so idle nodes wake up no more than keepalives need).
+func (s *Selector) Active(now time.Time) bool {
+	return !s.lastActive.IsZero() && now.Sub(s.lastActive) < s.cfg.ActiveTimeout
+}
+
 func (s *Selector) trusted(now time.Time, c *candidate) bool {
 	return !c.lastPong.IsZero() && now.Sub(c.lastPong) < s.cfg.TrustDuration
 }

@@ -324,3 +324,21 @@ func TestPingedFromProbesAtOnce(t *testing.T) {
 		t.Fatalf("ping from a trusted path started a probe: %v", pinged)
 	}
 }
+
+// TestActive: a peer is active from its last send until ActiveTimeout has
+// passed, and never before the first.
+func TestActive(t *testing.T) {
+	s := New(Config{ActiveTimeout: 45 * second})
+	if s.Active(t0) {
+		t.Fatal("a peer nothing was ever sent to is active")
+	}
+	s.NoteActivity(t0)
+	for _, tt := range []struct {
+		at   time.Duration
+		want bool
+	}{{0, true}, {44 * second, true}, {45 * second, false}, {time.Hour, false}} {
+		if got := s.Active(t0.Add(tt.at)); got != tt.want {
+			t.Errorf("Active %v after the last send = %v, want %v", tt.at, got, tt.want)
+		}
+	}
+}
