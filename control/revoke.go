@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net/http"
 	"strconv"
@@ -276,15 +277,20 @@ func (v *RelayVerifier) watchOnce(ctx context.Context, relay RelayClients) (open
 	// A stream that goes quiet for three keep-alive intervals is dead.
 	idle := 3 * time.Minute
 	if ms, err := strconv.ParseInt(resp.Header.Get(keepAliveHeader), 10, 64); err == nil && ms > 0 {
-		idle = 3 * time.Duration(ms) * time.Millisecond
+		idle = 3 * time.Duration(min(ms, time.Hour.Milliseconds())) * time.Millisecond
 	}
 	watchdog := time.AfterFunc(idle, cancel)
 	defer watchdog.Stop()
+	return v.readRevocations(ctx, resp.Body, relay, func() { watchdog.Reset(idle) })
+}
 
-	sc := bufio.NewScanner(resp.Body)
+// readRevocations acts on a revocation stream: a resync at the ready line,
+// a disconnect per revoked key. alive is called for every line.
+func (v *RelayVerifier) readRevocations(ctx context.Context, body io.Reader, relay RelayClients, alive func()) (opened bool, err error) {
+	sc := bufio.NewScanner(body)
 	sc.Buffer(make([]byte, 0, 512), 4096)
 	for sc.Scan() {
-		watchdog.Reset(idle)
+		alive()
 		var line RelayRevocation
 		if err := json.Unmarshal(sc.Bytes(), &line); err != nil {
 			return opened, fmt.Errorf("revocation stream: %w", err)

@@ -1,7 +1,9 @@
 package control
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"net/http/httptest"
 	"os"
@@ -384,4 +386,60 @@ func TestRelayVerifyBatch(t *testing.T) {
 			}
 		})
 	}
+}
+
+// recordingRelay is a relay with no clients that records disconnects:
+// enough to see what a revocation stream makes a relay do.
+type recordingRelay struct{ disconnected []netmap.NodePublic }
+
+func (*recordingRelay) ClientKeys() []netmap.NodePublic { return nil }
+func (r *recordingRelay) DisconnectClient(k netmap.NodePublic) bool {
+	r.disconnected = append(r.disconnected, k)
+	return true
+}
+
+// FuzzRevocationStream feeds arbitrary bytes to the relay's reader of the
+// coordinator's revocation stream: it must not panic, and it may act only
+// on keys that lines of the input name, each then refused from the cache.
+func FuzzRevocationStream(f *testing.F) {
+	k := netmap.NewNodePrivate().Public()
+	f.Add([]byte("{\"ready\":true}\n{\"revoked\":\"" + k.String() + "\"}\n{}\n"))
+	f.Add([]byte("{\"revoked\":\"nodekey:00\"}\n"))
+	f.Add([]byte("{\"ready\":true,\"revoked\":\"" + k.String() + "\"}\n\n"))
+	f.Add([]byte("not json\n"))
+	f.Add([]byte(strings.Repeat("x", 5000)))
+	tok := "msrly-" + strings.Repeat("A", 32) + "-" + strings.Repeat("ab", 32)
+	f.Fuzz(func(t *testing.T, data []byte) {
+		v, err := NewRelayVerifier("https://127.0.0.1:1", tok, RelayVerifierOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer v.Close()
+		relay := &recordingRelay{}
+		lines := 0
+		_, err = v.readRevocations(context.Background(), bytes.NewReader(data), relay, func() { lines++ })
+		if err == nil {
+			t.Fatal("stream ended without an error")
+		}
+		// Every key revoked must be the key of one line of the input, in
+		// input order.
+		var named []netmap.NodePublic
+		for _, line := range bytes.Split(data, []byte("\n")) {
+			var r RelayRevocation
+			if json.Unmarshal(line, &r) == nil && r.Revoked != nil {
+				named = append(named, *r.Revoked)
+			}
+		}
+		for i, k := range relay.disconnected {
+			if i >= len(named) || named[i] != k {
+				t.Fatalf("disconnect %d is %v; the input's lines name %v", i, k, named)
+			}
+			if err := v.Verify(context.Background(), k); !errors.Is(err, ErrUnknownNodeKey) {
+				t.Fatalf("revoked key %v not refused from the cache: %v", k, err)
+			}
+		}
+		if len(relay.disconnected) > lines {
+			t.Fatalf("%d disconnects from %d lines", len(relay.disconnected), lines)
+		}
+	})
 }
