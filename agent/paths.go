@@ -16,10 +16,11 @@ import (
 
 // newMagicBind is the default Options.NewBind: a magic bind with this
 // node's keys, which tells the agent when its home relay or public
-// endpoints change.
+// endpoints change, and probes direct paths for the overlay MTU so a path
+// that drops full-size packets shows in status.
 func (a *Agent) newMagicBind() conn.Bind {
 	return magicbind.New(magicbind.Options{
-		NodeKey: a.id.NodeKey, DiscoKey: a.disco, Logger: a.log,
+		NodeKey: a.id.NodeKey, DiscoKey: a.disco, Logger: a.log, OverlayMTU: a.opts.MTU,
 		OnChange: func() {
 			select {
 			case a.pathsChanged <- struct{}{}:
@@ -72,6 +73,15 @@ func (a *Agent) homeDERP() int {
 func peerPath(mb *magicbind.Bind, k netmap.NodePublic) (path, endpoint string) {
 	st := mb.PeerStatus(k)
 	return st.Path, st.Endpoint()
+}
+
+// setPeerPath fills p's path fields from the magic bind: the path and its
+// endpoint, and for a direct path the probed path MTU and whether it drops
+// full-size packets.
+func setPeerPath(p *localapi.Peer, mb *magicbind.Bind, k netmap.NodePublic) {
+	st := mb.PeerStatus(k)
+	p.Path, p.Endpoint = st.Path, st.Endpoint()
+	p.PathMTU, p.MTUProblem, p.OverlayMTU = st.PathMTU, st.MTUProblem, st.OverlayMTU
 }
 
 // Ping sends one disco ping to the peer named by peer (hostname or tailnet

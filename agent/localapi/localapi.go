@@ -58,6 +58,18 @@ type Peer struct {
 	RxBytes       uint64     `json:"rx_bytes"`
 	TxBytes       uint64     `json:"tx_bytes"`
 	LastHandshake *time.Time `json:"last_handshake"`
+	// PathMTU is the largest tunnel packet (inner IP packet) that crossed
+	// the direct path in its last probe round; 0 when unknown (relayed,
+	// idle since the path was found, or not even the smallest probe got
+	// through).
+	PathMTU int `json:"path_mtu,omitempty"`
+	// MTUProblem: the direct path drops packets of the full overlay MTU
+	// (typically a smaller link whose ICMP "fragmentation needed" is
+	// filtered): small packets work, bulk transfers stall.
+	MTUProblem bool `json:"mtu_problem,omitempty"`
+	// OverlayMTU is the tunnel MTU the path was probed for; set with
+	// PathMTU.
+	OverlayMTU int `json:"overlay_mtu,omitempty"`
 }
 
 // Backend states.

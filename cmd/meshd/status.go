@@ -14,6 +14,7 @@ import (
 	"github.com/peterbourgon/ff/v3/ffcli"
 
 	"meshd.dev/meshd/agent/localapi"
+	"meshd.dev/meshd/agent/magicbind"
 )
 
 func (c *cli) statusCmd() *ffcli.Command {
@@ -72,6 +73,13 @@ func writeStatus(w io.Writer, st *localapi.Status, now time.Time) {
 	}
 	if st.Message != "" {
 		fmt.Fprintf(w, "# %s\n", st.Message)
+	}
+	// Small packets cross such a path, so the peer looks fine in the table
+	// while bulk transfers hang: say so, and what to do.
+	for _, p := range st.Peers {
+		if p.MTUProblem {
+			fmt.Fprintf(w, "# warning: %s\n", magicbind.MTUProblemText(p.Hostname, p.PathMTU, p.OverlayMTU))
+		}
 	}
 }
 

@@ -1,0 +1,61 @@
+package main
+
+import (
+	"bytes"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"meshd.dev/meshd/agent/localapi"
+)
+
+// TestWriteStatusMTUProblem: a peer whose direct path drops full-size
+// packets gets a warning line that names it, the size that gets through,
+// the overlay MTU and the fixes; peers without a problem get none.
+func TestWriteStatusMTUProblem(t *testing.T) {
+	now := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
+	hs := now.Add(-10 * time.Second)
+	peer := func(name, ip string, pathMTU int, problem bool) localapi.Peer {
+		return localapi.Peer{
+			Node: localapi.Node{Hostname: name, IPs: []netip.Addr{netip.MustParseAddr(ip)}, Tags: []string{"tag:gpu"}, Online: true},
+			Path: "direct", Endpoint: "198.18.2.2:41641", LastHandshake: &hs,
+			PathMTU: pathMTU, MTUProblem: problem, OverlayMTU: 8920,
+		}
+	}
+	for _, tt := range []struct {
+		name  string
+		peers []localapi.Peer
+		want  []string
+	}{
+		{"blackhole", []localapi.Peer{peer("gpu-1", "100.64.0.2", 8920, false), peer("gpu-2", "100.64.0.3", 1420, true)},
+			[]string{"# warning: peer gpu-2: direct path drops packets over 1420 bytes (overlay MTU 8920): run `meshd daemon --mtu 1420`, or allow ICMP fragmentation-needed on the path"}},
+		{"nothing gets through", []localapi.Peer{peer("gpu-3", "100.64.0.4", 0, true)},
+			[]string{"# warning: peer gpu-3: direct path drops even 1280-byte packets (overlay MTU 8920)"}},
+		{"clean", []localapi.Peer{peer("gpu-1", "100.64.0.2", 8920, false)}, nil},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			st := &localapi.Status{
+				BackendState: localapi.StateRunning,
+				Self:         &localapi.Node{Hostname: "gpu-0", IPs: []netip.Addr{netip.MustParseAddr("100.64.0.1")}, Online: true},
+				Peers:        tt.peers,
+			}
+			var b bytes.Buffer
+			writeStatus(&b, st, now)
+			var warnings []string
+			for _, l := range strings.Split(b.String(), "\n") {
+				if strings.HasPrefix(l, "# warning:") {
+					warnings = append(warnings, l)
+				}
+			}
+			if len(warnings) != len(tt.want) {
+				t.Fatalf("warnings %q, want %d:\n%s", warnings, len(tt.want), b.String())
+			}
+			for i, w := range tt.want {
+				if !strings.HasPrefix(warnings[i], w) {
+					t.Errorf("warning %q, want it to start %q", warnings[i], w)
+				}
+			}
+		})
+	}
+}
