@@ -203,13 +203,18 @@ type RelayVerifier struct {
 	opts   RelayVerifierOptions
 	now    func() time.Time
 
-	mu    sync.Mutex
-	cache map[netmap.NodePublic]verifyEntry
+	mu     sync.Mutex
+	cache  map[netmap.NodePublic]verifyEntry
+	revGen uint64 // revocations received, see verifyEntry.revoked
 }
 
 type verifyEntry struct {
 	known bool
 	at    time.Time
+	// revoked is the revocation generation that set this entry (0: an
+	// answer to a question), so an answer asked for before that revocation
+	// cannot overwrite it.
+	revoked uint64
 }
 
 // NewRelayVerifier returns a verifier for the coordinator at rawURL; token is
@@ -256,6 +261,7 @@ func (v *RelayVerifier) Verify(ctx context.Context, k netmap.NodePublic) error {
 	now := v.now()
 	v.mu.Lock()
 	e, cached := v.cache[k]
+	gen := v.revGen
 	v.mu.Unlock()
 	if cached {
 		ttl := v.opts.NegativeTTL
@@ -274,17 +280,35 @@ func (v *RelayVerifier) Verify(ctx context.Context, k netmap.NodePublic) error {
 		}
 		return fmt.Errorf("cannot check the node with the coordinator: %w", err)
 	}
-	v.store(k, known, now)
-	return verdict(known)
+	return verdict(v.store(k, known, now, gen))
 }
 
-func (v *RelayVerifier) store(k netmap.NodePublic, known bool, now time.Time) {
+// store caches an answer the coordinator gave to a question asked when
+// the revocation generation was gen, and returns the verdict to use: a
+// revocation of k received since then wins over a "known" that was on the
+// wire when it came.
+func (v *RelayVerifier) store(k netmap.NodePublic, known bool, now time.Time, gen uint64) bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if e, ok := v.cache[k]; ok && e.revoked > gen {
+		return false
+	}
+	if len(v.cache) >= v.opts.MaxEntries {
+		v.evictLocked(now)
+	}
+	v.cache[k] = verifyEntry{known: known, at: now}
+	return known
+}
+
+// markRevoked caches k as unknown because the coordinator revoked it.
+func (v *RelayVerifier) markRevoked(k netmap.NodePublic, now time.Time) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if len(v.cache) >= v.opts.MaxEntries {
 		v.evictLocked(now)
 	}
-	v.cache[k] = verifyEntry{known: known, at: now}
+	v.revGen++
+	v.cache[k] = verifyEntry{known: false, at: now, revoked: v.revGen}
 }
 
 func verdict(known bool) error {

@@ -314,7 +314,7 @@ func (v *RelayVerifier) readRevocations(ctx context.Context, body io.Reader, rel
 // revoke caches k as unknown (a reconnect is refused without waiting for
 // the negative answer to be asked for) and disconnects its client.
 func (v *RelayVerifier) revoke(k netmap.NodePublic, relay RelayClients) {
-	v.store(k, false, v.now())
+	v.markRevoked(k, v.now())
 	if relay.DisconnectClient(k) {
 		v.opts.Logger.Info("relay: disconnected a node the coordinator revoked", "node", k.ShortString())
 	}
@@ -323,6 +323,9 @@ func (v *RelayVerifier) revoke(k netmap.NodePublic, relay RelayClients) {
 // resync asks the coordinator about every connected client at once and
 // disconnects those it no longer knows.
 func (v *RelayVerifier) resync(ctx context.Context, relay RelayClients) error {
+	v.mu.Lock()
+	gen := v.revGen
+	v.mu.Unlock()
 	keys := relay.ClientKeys()
 	for len(keys) > 0 {
 		batch := keys[:min(len(keys), maxVerifyBatch)]
@@ -337,9 +340,7 @@ func (v *RelayVerifier) resync(ctx context.Context, relay RelayClients) error {
 		}
 		now := v.now()
 		for i, k := range batch {
-			if out.Known[i] {
-				v.store(k, true, now)
-			} else {
+			if !v.store(k, out.Known[i], now, gen) {
 				v.revoke(k, relay)
 			}
 		}

@@ -443,3 +443,80 @@ func FuzzRevocationStream(f *testing.F) {
 		}
 	})
 }
+
+// TestRevocationBeatsAnswerInFlight: a "known" answer asked for before a
+// revocation arrived (the coordinator answered, then deleted the node) must
+// not overwrite the revocation in the relay's cache.
+func TestRevocationBeatsAnswerInFlight(t *testing.T) {
+	tok := "msrly-" + strings.Repeat("A", 32) + "-" + strings.Repeat("ab", 32)
+	v, err := NewRelayVerifier("https://127.0.0.1:1", tok, RelayVerifierOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v.Close()
+	k, other := netmap.NewNodePrivate().Public(), netmap.NewNodePrivate().Public()
+	now := time.Now()
+	v.mu.Lock()
+	before := v.revGen
+	v.mu.Unlock()
+	v.markRevoked(k, now)
+	if v.store(k, true, now, before) {
+		t.Fatal("answer from before the revocation overrode it")
+	}
+	if err := v.Verify(context.Background(), k); !errors.Is(err, ErrUnknownNodeKey) {
+		t.Fatalf("revoked key after a stale answer: %v", err)
+	}
+	// Answers asked for after the revocation, and about other keys, count.
+	v.mu.Lock()
+	after := v.revGen
+	v.mu.Unlock()
+	if !v.store(other, true, now, before) || !v.store(k, true, now, after) {
+		t.Fatal("answer not affected by the revocation was dropped")
+	}
+	if err := v.Verify(context.Background(), k); err != nil {
+		t.Fatalf("key known again (re-registered) after a fresh answer: %v", err)
+	}
+}
+
+// TestRelayDropsNodeWhenKeyExpires: a user's node whose key expires while
+// it is connected loses its relay connection at the next expiry sweep,
+// on the embedded and on a standalone relay.
+func TestRelayDropsNodeWhenKeyExpires(t *testing.T) {
+	const expiry, sweep = 2 * time.Second, 50 * time.Millisecond
+	ts := startServer(t, ServerOptions{NodeKeyExpiry: expiry, SweepInterval: sweep})
+	embedded := newRelay(t, ts.VerifyNodeKey)
+	ts.Handle("/derp", embedded)
+	ctx, cancel := context.WithCancel(context.Background())
+	enforced := make(chan struct{})
+	go func() { ts.EnforceRevocations(ctx, embedded); close(enforced) }()
+	t.Cleanup(func() { cancel(); <-enforced })
+	v, standalone, standaloneURL := standaloneRelay(t, ts)
+	startWatch(t, v, standalone)
+
+	a := newTestNode(t, ts.url, ts.Fingerprint())
+	a.mustRegister(t, ts.key(t, AuthKeyOptions{User: "alice@example.com"}), "laptop")
+	registered := time.Now()
+	c1, err := dialRelay(t, ts.url+"/derp", ts.Fingerprint(), a.nk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2, err := dialRelay(t, standaloneURL, "", a.nk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		what string
+		done <-chan error
+	}{{"embedded relay", connClosed(c1)}, {"standalone relay", connClosed(c2)}} {
+		select {
+		case <-c.done:
+			if time.Since(registered) < expiry-time.Second {
+				t.Fatalf("%s: closed %v after registering, before the key expired", c.what, time.Since(registered))
+			}
+		case <-time.After(expiry + revocationBound):
+			t.Fatalf("%s: node still connected %v after its key expired", c.what, revocationBound)
+		}
+	}
+	_, err = dialRelay(t, standaloneURL, "", a.nk)
+	wantRefused(t, err, "reconnect with the expired key")
+}
