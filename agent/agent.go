@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -104,6 +105,7 @@ type Agent struct {
 	upMu sync.Mutex
 
 	mu       sync.Mutex
+	memPeers int // peers in the map when memory was last released
 	login    *Login
 	nm       *netmap.NetworkMap
 	eng      *engine
@@ -409,7 +411,27 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 		a.eng = eng
 		a.log.Info("data plane up", "tun", a.opts.TUN, "addrs", addrs, "udp_port", eng.port)
 	}
-	return a.eng.applyMap(nm)
+	err := a.eng.applyMap(nm)
+	a.releaseMapGarbage(len(nm.Peers))
+	return err
+}
+
+// releaseMapGarbage returns the memory a large map change left behind to
+// the OS. Decoding and applying a map of thousands of peers creates tens of
+// megabytes of garbage; the Go runtime keeps freed pages until the heap
+// shrinks below its goal, which here never happens, because wireguard-go's
+// batch buffers (33 MB at 128 packets per batch, mostly never touched)
+// count as live heap. Without this an idle node with 1,000 peers stayed at
+// ~68 MB RSS instead of ~36. Only changes of at least 256 peers (the first
+// map, a big policy change) pay for the extra GC cycle, off the caller's
+// goroutine.
+func (a *Agent) releaseMapGarbage(peers int) {
+	const bigChange = 256
+	if d := peers - a.memPeers; d > -bigChange && d < bigChange {
+		return
+	}
+	a.memPeers = peers
+	go debug.FreeOSMemory()
 }
 
 func (a *Agent) peerIdle() time.Duration {
