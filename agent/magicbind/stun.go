@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strconv"
 	"time"
 
 	"golang.zx2c4.com/wireguard/conn"
@@ -100,11 +101,17 @@ func (b *Bind) stunRound(ctx context.Context, dm netmap.DERPMap) {
 		}
 	}
 	if best == 0 && !slices.ContainsFunc(dm.Regions, func(r netmap.DERPRegion) bool { return r.ID == home }) {
-		// No STUN answer (UDP blocked, or no STUN servers): any region
-		// still relays over TCP; take the first.
-		home = 0
-		if len(dm.Regions) > 0 {
-			home = dm.Regions[0].ID
+		// No STUN answer (UDP blocked, or no STUN servers) and no home
+		// yet: every region still relays over TCP, so the one whose
+		// relay accepts a TCP connection fastest is home.
+		prev := b.home
+		b.mu.Unlock()
+		home, best = b.fastestRelay(ctx, dm)
+		b.mu.Lock()
+		if b.home != prev {
+			// A late STUN answer made a home meanwhile: it measured UDP,
+			// which is what peers' direct attempts use; keep it.
+			home = b.home
 		}
 	}
 	changed := home != b.home
@@ -118,6 +125,62 @@ func (b *Bind) stunRound(ctx context.Context, dm netmap.DERPMap) {
 		b.log.Info("home DERP region", "region", home, "latency", best)
 		b.notify()
 	}
+}
+
+// relayDialTimeout bounds one relay's TCP connect when measuring relay
+// latency without STUN.
+const relayDialTimeout = 2 * time.Second
+
+// fastestRelay measures the TCP connect time to each region's relay (all
+// at once) and returns the region that answered first with its latency; the
+// first region of the map, latency 0, when none answered; 0 for an empty
+// map. Only the TCP handshake is timed, so a relay is not made to do TLS
+// for a measurement.
+func (b *Bind) fastestRelay(ctx context.Context, dm netmap.DERPMap) (region int, latency time.Duration) {
+	if len(dm.Regions) == 0 {
+		return 0, 0
+	}
+	dial := b.opts.DERPDialContext
+	if dial == nil {
+		dial = (&net.Dialer{}).DialContext
+	}
+	ctx, cancel := context.WithTimeout(ctx, relayDialTimeout)
+	defer cancel()
+	type answer struct {
+		region int
+		lat    time.Duration
+	}
+	answers := make(chan answer, len(dm.Regions))
+	n := 0
+	for _, reg := range dm.Regions {
+		i := slices.IndexFunc(reg.Nodes, func(n netmap.DERPNode) bool { return !n.STUNOnly && n.DERPPort > 0 })
+		if i < 0 {
+			continue
+		}
+		addr := net.JoinHostPort(reg.Nodes[i].Host, strconv.Itoa(reg.Nodes[i].DERPPort))
+		n++
+		go func(id int) {
+			start := time.Now()
+			c, err := dial(ctx, "tcp", addr)
+			if err != nil {
+				answers <- answer{region: id}
+				return
+			}
+			lat := time.Since(start)
+			c.Close()
+			answers <- answer{region: id, lat: max(lat, time.Nanosecond)}
+		}(reg.ID)
+	}
+	// The dials start together, so the first to connect is the fastest;
+	// the others finish into the buffered channel and close their
+	// connections.
+	for range n {
+		if a := <-answers; a.lat > 0 {
+			return a.region, a.lat
+		}
+	}
+	b.log.Debug("no relay answered over TCP either; taking the first region", "region", dm.Regions[0].ID)
+	return dm.Regions[0].ID, 0
 }
 
 func (b *Bind) notify() {
