@@ -431,6 +431,7 @@ func (b *Bind) Send(bufs [][]byte, cep conn.Endpoint) error {
 	p.lastSend = now
 	p.sel.NoteActivity(now)
 	addr, direct := p.sel.Path(now)
+	doubt := direct && p.sel.InDoubt(now)
 	var dst *conn.StdNetEndpoint
 	if direct {
 		if p.directEP == nil || p.directEP.AddrPort != addr {
@@ -447,15 +448,25 @@ func (b *Bind) Send(bufs [][]byte, cep conn.Endpoint) error {
 		b.kick()
 	}
 	if direct {
-		return b.std.Send(bufs, dst)
+		err := b.std.Send(bufs, dst)
+		if doubt && home != 0 {
+			// The direct path missed a heartbeat and may have just died:
+			// the relay carries a copy until a pong settles it either
+			// way. WireGuard drops whichever copy arrives second.
+			if r := b.region(home); r != nil {
+				if rerr := b.sendRelay(r, p, bufs); rerr != nil && err != nil {
+					return errors.Join(err, rerr)
+				}
+				return nil
+			}
+		}
+		return err
 	}
 	if home != 0 {
 		if r := b.region(home); r != nil {
 			connected := r.client.Connected()
-			for _, buf := range bufs {
-				if err := r.client.Send(p.key, buf); err != nil {
-					return fmt.Errorf("magic bind: via DERP region %d: %w", home, err)
-				}
+			if err := b.sendRelay(r, p, bufs); err != nil {
+				return err
 			}
 			if connected {
 				return nil
@@ -470,6 +481,17 @@ func (b *Bind) Send(bufs [][]byte, cep conn.Endpoint) error {
 		}
 	}
 	return b.sendUnrelayed(p, bufs)
+}
+
+// sendRelay sends bufs to p through relay r (which holds them while it
+// connects).
+func (b *Bind) sendRelay(r *region, p *peer, bufs [][]byte) error {
+	for _, buf := range bufs {
+		if err := r.client.Send(p.key, buf); err != nil {
+			return fmt.Errorf("magic bind: via DERP region %d: %w", r.id, err)
+		}
+	}
+	return nil
 }
 
 // sendUnrelayed handles a peer without a usable relay (no DERP map, as in

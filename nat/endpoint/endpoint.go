@@ -236,6 +236,22 @@ func (s *Selector) Path(now time.Time) (addr netip.AddrPort, ok bool) {
 	return s.best, s.best.IsValid()
 }
 
+// InDoubt reports whether the direct path in use missed its latest
+// heartbeat: it is still trusted (its last pong is younger than
+// TrustDuration) but the ping sent after that pong is overdue (more than
+// three round trips, at least 100ms). The bind then sends over the relay
+// too, so a path that just died loses packets for about one heartbeat
+// instead of the whole TrustDuration: a TCP stream that loses a whole
+// window, and backs its retransmission timer off several times while it
+// does, takes many round trips to recover.
+func (s *Selector) InDoubt(now time.Time) bool {
+	c := s.cands[s.best]
+	if c == nil || !s.trusted(now, c) || !c.lastPing.After(c.lastPong) {
+		return false
+	}
+	return now.Sub(c.lastPing) > max(3*c.latency, 100*time.Millisecond)
+}
+
 // better reports whether a should replace b: clearly lower latency (by
 // more than 10%, so jitter does not flap the path), or equal-ish latency
 // and a private (LAN) address, which stays inside the site.

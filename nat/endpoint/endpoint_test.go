@@ -342,3 +342,44 @@ func TestActive(t *testing.T) {
 		}
 	}
 }
+
+// TestInDoubt: a direct path is in doubt from when its heartbeat is overdue
+// (three round trips, at least 100ms) until a pong comes or trust lapses.
+func TestInDoubt(t *testing.T) {
+	p := newPeer(t, pubEP)
+	p.rtt[pubEP] = 20 * ms
+	p.step(0)
+	if _, ok := p.s.Path(p.now); !ok {
+		t.Fatal("no direct path after a pong")
+	}
+	if p.s.InDoubt(p.now.Add(50 * ms)) {
+		t.Fatal("in doubt right after a pong")
+	}
+	// The path dies: the next heartbeat goes unanswered.
+	delete(p.rtt, pubEP)
+	for p.now.Sub(t0) < 2*second {
+		p.step(100 * ms)
+	}
+	hb := p.s.cands[pubEP].lastPing
+	if !hb.After(p.s.cands[pubEP].lastPong) {
+		t.Fatalf("no heartbeat sent after the last pong (ping %v, pong %v)", hb, p.s.cands[pubEP].lastPong)
+	}
+	for _, tt := range []struct {
+		at   time.Time
+		want bool
+	}{
+		{hb.Add(50 * ms), false},                           // within the grace of max(3 x 20ms, 100ms)
+		{hb.Add(150 * ms), true},                           // overdue, still trusted: send both ways
+		{p.s.cands[pubEP].lastPong.Add(5 * second), false}, // trust lapsed: plain DERP
+	} {
+		if got := p.s.InDoubt(tt.at); got != tt.want {
+			t.Errorf("InDoubt %v after the heartbeat = %v, want %v", tt.at.Sub(hb), got, tt.want)
+		}
+	}
+	// A pong clears the doubt.
+	p.rtt[pubEP] = 20 * ms
+	p.step(2 * second)
+	if p.s.InDoubt(p.now.Add(10 * ms)) {
+		t.Error("still in doubt after a pong")
+	}
+}
