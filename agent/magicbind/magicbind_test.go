@@ -488,3 +488,39 @@ func TestPeerInAnotherRegion(t *testing.T) {
 		t.Errorf("b -> a through %+v, want a's home, region 1 (lab)", st)
 	}
 }
+
+// TestDoubtfulPathCopiesToRelay: when a trusted direct path stops
+// answering heartbeats, traffic also goes through the relay at once rather
+// than after TrustDuration: a transfer started after the cut completes
+// while the direct path is still trusted (and so still shown).
+func TestDoubtfulPathCopiesToRelay(t *testing.T) {
+	dm := startRelay(t)
+	cuts := [2]*cuttableBind{}
+	mk := func(i int, name, ip string) *testNode {
+		return newTestNodeSetup(t, name, ip, nodeSetup{
+			opts: func(o *Options) {
+				// Trust outlasts the whole test: only the copies sent
+				// while in doubt can carry the transfer.
+				o.Paths.TrustDuration = time.Minute
+			},
+			bind: func(b *Bind) {
+				cuts[i] = &cuttableBind{Bind: b.std}
+				b.std = cuts[i]
+			},
+		})
+	}
+	a, b := mk(0, "a", "100.64.0.1"), mk(1, "b", "100.64.0.2")
+	connect(t, a, b, dm, true)
+	transfer(t, a, b, 64<<10)
+	waitPath(t, a, b, PathDirect, 5*time.Second)
+	waitPath(t, b, a, PathDirect, 5*time.Second)
+	cuts[0].cut.Store(true)
+	cuts[1].cut.Store(true)
+	transfer(t, a, b, 256<<10)
+	transfer(t, b, a, 256<<10)
+	for _, x := range [][2]*testNode{{a, b}, {b, a}} {
+		if st := x[0].bind.PeerStatus(x[1].key.Public()); st.Path != PathDirect {
+			t.Errorf("%s -> %s: %+v, want the direct path still trusted", x[0].name, x[1].name, st)
+		}
+	}
+}
