@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/netip"
 	"reflect"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -49,6 +50,9 @@ type hub struct {
 	// (its node left the hub or took a new key), under mu: it must not
 	// block.
 	revoked func(netmap.NodePublic)
+	// parallelChunk is how many viewers a setPolicy worker takes at a
+	// time, and the fewest per worker worth starting one for.
+	parallelChunk int
 
 	// log records which node changed at each version, for resuming streams
 	// (id 0 marks a change that needs a full map, such as a policy change).
@@ -99,6 +103,8 @@ func newHub(epoch string, derpMap *netmap.DERPMap, queueLen int, now func() time
 		queueLen:  queueLen,
 		now:       now,
 		log:       make([]change, changeLogLen),
+
+		parallelChunk: 64,
 	}
 	h.keepAlive, _ = encodeFrame(&netmap.MapResponse{Epoch: epoch, KeepAlive: true})
 	return h
@@ -622,7 +628,8 @@ func (h *hub) online(id netmap.NodeID) bool {
 // CanSee per node otherwise; the two sorted sets are then merged.
 // Capabilities are asked for (PeerCaps, per pair) only for viewers whose
 // filter, under the old or the new policy, carries CapGrants: see
-// PeerCapper.
+// PeerCapper. The per-viewer work runs on every CPU (policies are safe for
+// concurrent use); only the sending is serial.
 func (h *hub) setPolicy(p Policy) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -636,57 +643,71 @@ func (h *hub) setPolicy(p Policy) {
 	h.indexer, _ = p.(NodeIndexer)
 	h.capper, _ = p.(PeerCapper)
 	all := h.allLocked()
+	viewers := make([]*netmap.Node, 0, len(h.sessions))
+	for id := range h.sessions {
+		if viewer := h.nodes[id]; viewer != nil {
+			viewers = append(viewers, viewer)
+		}
+	}
 	// The old policy's view is taken before the new one is indexed; the
 	// old index is still current (nodes only change under h.mu).
 	type before struct {
 		peers []netmap.NodeID
 		caps  bool // the old filter grants capabilities to someone
 	}
-	was := make(map[netmap.NodeID]before, len(h.sessions))
+	was := make([]before, len(viewers))
 	var oldAll []*netmap.Node
 	if !oldIndexed {
 		oldAll = all
 	}
-	for id := range h.sessions {
-		if viewer := h.nodes[id]; viewer != nil {
-			b := before{peers: visible(old, oldIndexed, viewer, all)}
-			b.caps = oldCapper != nil && filterHasCaps(old.FilterFor(viewer, oldAll))
-			was[id] = b
-		}
-	}
+	h.parallel(len(viewers), func(i int) {
+		v := viewers[i]
+		was[i] = before{peers: visible(old, oldIndexed, v, all)}
+		was[i].caps = oldCapper != nil && filterHasCaps(old.FilterFor(v, oldAll))
+	})
 	if h.indexer != nil {
 		h.indexer.SetNodes(all)
 	}
 	h.version++
 	h.logChange(0) // resuming across a policy change needs a full map
-	for id, ss := range h.sessions {
-		viewer := h.nodes[id]
-		if viewer == nil {
-			continue
-		}
+	var newAll []*netmap.Node
+	if h.indexer == nil {
+		newAll = all
+	}
+	type update struct {
+		frame []byte // nil: the encoding failed (send drops the session)
+		key   []byte // filterKey of the new filter
+		same  bool   // nothing changed but maybe the filter
+	}
+	updates := make([]update, len(viewers))
+	h.parallel(len(viewers), func(i int) {
+		viewer := viewers[i]
 		is := visible(h.policy, h.indexer != nil, viewer, all)
-		f := h.filterFor(viewer)
+		f := h.policy.FilterFor(viewer, newAll)
+		if f == nil {
+			f = []netmap.FilterRule{} // as filterFor: empty means deny all
+		}
 		newCaps := h.capper != nil && filterHasCaps(f)
-		oldCaps := was[id].caps
+		oldCaps := was[i].caps
 		r := h.base()
-		wasIDs := was[id].peers
-		i, j := 0, 0
-		for i < len(wasIDs) || j < len(is) {
+		wasIDs := was[i].peers
+		a, b := 0, 0
+		for a < len(wasIDs) || b < len(is) {
 			switch {
-			case j == len(is) || i < len(wasIDs) && wasIDs[i] < is[j]:
-				r.PeersRemoved = append(r.PeersRemoved, wasIDs[i])
-				i++
-			case i == len(wasIDs) || is[j] < wasIDs[i]:
-				if m := h.nodes[is[j]]; m != nil {
+			case b == len(is) || a < len(wasIDs) && wasIDs[a] < is[b]:
+				r.PeersRemoved = append(r.PeersRemoved, wasIDs[a])
+				a++
+			case a == len(wasIDs) || is[b] < wasIDs[a]:
+				if m := h.nodes[is[b]]; m != nil {
 					var caps map[string][]json.RawMessage
 					if newCaps {
 						caps = h.capper.PeerCaps(viewer, m)
 					}
 					r.PeersChanged = append(r.PeersChanged, withCaps(m, caps))
 				}
-				j++
+				b++
 			default: // visible before and after: only capabilities may change
-				if m := h.nodes[is[j]]; m != nil && (oldCaps || newCaps) {
+				if m := h.nodes[is[b]]; m != nil && (oldCaps || newCaps) {
 					var oc, nc map[string][]json.RawMessage
 					if oldCaps {
 						oc = oldCapper.PeerCaps(viewer, m)
@@ -698,25 +719,70 @@ func (h *hub) setPolicy(p Policy) {
 						r.PeersChanged = append(r.PeersChanged, withCaps(m, nc))
 					}
 				}
-				i++
-				j++
+				a++
+				b++
 			}
 		}
 		r.PacketFilter = &f
-		fb := filterKey(nil, f)
-		same := oldBootstrap == h.bootstrap && len(r.PeersChanged) == 0 && len(r.PeersRemoved) == 0
-		var frame []byte
-		for _, s := range ss {
-			if same && bytes.Equal(s.lastFilter, fb) {
+		u := update{key: filterKey(nil, f)}
+		u.same = oldBootstrap == h.bootstrap && len(r.PeersChanged) == 0 && len(r.PeersRemoved) == 0
+		if !u.same || !h.filterSentToAll(viewer.ID, u.key) {
+			u.frame = h.encode(&r)
+		}
+		updates[i] = u
+	})
+	for i, viewer := range viewers {
+		u := updates[i]
+		for _, s := range h.sessions[viewer.ID] {
+			if u.same && bytes.Equal(s.lastFilter, u.key) {
 				continue // nothing this node sees changed: send nothing
 			}
-			if frame == nil {
-				frame = h.encode(&r)
-			}
-			s.lastFilter = fb
-			h.send(s, frame)
+			s.lastFilter = u.key
+			h.send(s, u.frame)
 		}
 	}
+}
+
+// filterSentToAll reports whether every session of node id was last sent
+// the filter with this key. Read-only: safe in setPolicy's workers.
+func (h *hub) filterSentToAll(id netmap.NodeID, key []byte) bool {
+	for _, s := range h.sessions[id] {
+		if !bytes.Equal(s.lastFilter, key) {
+			return false
+		}
+	}
+	return true
+}
+
+// parallel runs fn(0..n-1) on up to GOMAXPROCS goroutines (serially for
+// small n, where starting them costs more than it saves) and returns when
+// all calls have. h.mu is held by the caller throughout: fn may read hub
+// state but not change it.
+func (h *hub) parallel(n int, fn func(i int)) {
+	workers := min(runtime.GOMAXPROCS(0), n/h.parallelChunk)
+	if workers <= 1 {
+		for i := range n {
+			fn(i)
+		}
+		return
+	}
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for {
+				end := int(next.Add(int64(h.parallelChunk)))
+				start := end - h.parallelChunk
+				if start >= n {
+					return
+				}
+				for i := start; i < min(end, n); i++ {
+					fn(i)
+				}
+			}
+		})
+	}
+	wg.Wait()
 }
 
 // filterHasCaps reports whether a filter grants capabilities: by the

@@ -185,6 +185,7 @@ func TestSetPolicyMatchesReference(t *testing.T) {
 		return h
 	}
 	fast, ref := newHubWith(), newHubWith()
+	fast.parallelChunk = 1 // workers even for 7 nodes, for -race to watch
 	sent, withCaps := 0, 0
 	for i, name := range steps {
 		var pf, pr Policy
