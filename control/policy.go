@@ -9,7 +9,9 @@ import (
 
 // Policy decides what nodes may learn about and send to each other. The
 // policy engine (package policy) provides the real one; until one is set the
-// coordinator runs the bootstrap default.
+// coordinator runs the bootstrap default. Implementations must be safe for
+// concurrent use: a policy change computes every node's update in parallel
+// (the optional interfaces below included).
 type Policy interface {
 	// CanSee reports whether node a may learn about node b (either may reach
 	// the other). It must be a pure function of the two nodes.
