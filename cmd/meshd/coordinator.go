@@ -48,8 +48,11 @@ Without it the coordinator is its own relay: DERP on /derp of its listener
 (or --derp-listen), STUN on the same port over UDP (or --stun-listen), and a
 one-region map pointing at --derp-host (default: the --listen host), pinned
 by the coordinator's fingerprint. Only registered, unexpired nodes may use
-it. Standalone relays (meshd derp --coordinator URL) check nodes with the
-token in DIR/relay.token.`,
+it, and a node deleted, expired or re-keyed is disconnected at once.
+Standalone relays (meshd derp --coordinator URL) check nodes with the
+token in DIR/relay.token and are told of revocations the same way. The map
+is also served, unauthenticated, at /derpmap/default for meshd netcheck
+--coordinator.`,
 		FlagSet: fs,
 		Options: envOptions,
 		Exec: func(ctx context.Context, args []string) error {
