@@ -5,6 +5,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"strings"
@@ -519,4 +521,55 @@ func TestRelayDropsNodeWhenKeyExpires(t *testing.T) {
 	}
 	_, err = dialRelay(t, standaloneURL, "", a.nk)
 	wantRefused(t, err, "reconnect with the expired key")
+}
+
+// FuzzRelayVerifyBatch sends arbitrary bodies to the relay's batch check:
+// the answer is one verdict per key asked, or a 4xx JSON error; nothing
+// may panic or answer 500.
+func FuzzRelayVerifyBatch(f *testing.F) {
+	s, err := NewServer(context.Background(), ServerOptions{StateDir: f.TempDir()})
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Cleanup(func() { s.Close() })
+	path, err := s.EnableRelayVerify()
+	if err != nil {
+		f.Fatal(err)
+	}
+	tok, _ := os.ReadFile(path)
+	bearer := "Bearer " + strings.TrimSpace(string(tok))
+	h := s.Handler()
+	k := netmap.NewNodePrivate().Public()
+	f.Add([]byte(`{"keys":["` + k.String() + `"]}`))
+	f.Add([]byte(`{"keys":[]}`))
+	f.Add([]byte(`{"keys":["nodekey:zz"]}`))
+	f.Add([]byte(`{"keys":null,"extra":1}`))
+	f.Add([]byte(`{"keys":["` + k.String() + `","` + k.String() + `"]}` + "\n{}"))
+	f.Fuzz(func(t *testing.T, body []byte) {
+		req := httptest.NewRequest(http.MethodPost, relayVerifyPath, bytes.NewReader(body))
+		req.Header.Set("Authorization", bearer)
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		raw, _ := io.ReadAll(rec.Body)
+		if rec.Code == http.StatusOK {
+			var in RelayVerifyBatchRequest
+			var out RelayVerifyBatchResponse
+			if err := json.Unmarshal(raw, &out); err != nil {
+				t.Fatalf("200 with body %q: %v", raw, err)
+			}
+			if json.Unmarshal(body, &in) == nil && len(out.Known) != len(in.Keys) {
+				t.Fatalf("%d verdicts for %d keys", len(out.Known), len(in.Keys))
+			}
+			for i, known := range out.Known {
+				if known {
+					t.Fatalf("verdict %d: a key of a tailnet with no nodes is known", i)
+				}
+			}
+			return
+		}
+		var eb errorBody
+		if err := json.Unmarshal(raw, &eb); err != nil || eb.Code == "" || rec.Code >= 500 {
+			t.Fatalf("status %d with body %q: want a 4xx JSON error with a code", rec.Code, raw)
+		}
+	})
 }
