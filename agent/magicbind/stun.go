@@ -93,14 +93,26 @@ func (b *Bind) stunRound(ctx context.Context, dm netmap.DERPMap) {
 			delete(b.stunTx, tx)
 		}
 	}
+	if !derpMapEqual(b.derpMap, dm) {
+		// The map changed during the round (a round started at Open
+		// with no map yet, say): the round the change started decides.
+		b.mu.Unlock()
+		return
+	}
 	home := b.home
 	best := time.Duration(0)
+	inMap := func(id int) bool {
+		return slices.ContainsFunc(dm.Regions, func(r netmap.DERPRegion) bool { return r.ID == id })
+	}
 	for id, lat := range b.stunLat {
+		if !inMap(id) {
+			continue // answered for a region no longer in the map
+		}
 		if best == 0 || lat < best || (lat == best && id < home) {
 			home, best = id, lat
 		}
 	}
-	if best == 0 && !slices.ContainsFunc(dm.Regions, func(r netmap.DERPRegion) bool { return r.ID == home }) {
+	if best == 0 && !inMap(home) {
 		// No STUN answer (UDP blocked, or no STUN servers) and no home
 		// yet: every region still relays over TCP, so the one whose
 		// relay accepts a TCP connection fastest is home.
@@ -108,6 +120,10 @@ func (b *Bind) stunRound(ctx context.Context, dm netmap.DERPMap) {
 		b.mu.Unlock()
 		home, best = b.fastestRelay(ctx, dm)
 		b.mu.Lock()
+		if !derpMapEqual(b.derpMap, dm) {
+			b.mu.Unlock()
+			return
+		}
 		if b.home != prev {
 			// A late STUN answer made a home meanwhile: it measured UDP,
 			// which is what peers' direct attempts use; keep it.
