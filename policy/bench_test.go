@@ -16,6 +16,16 @@ import (
 // destination.
 func benchFleet(tb testing.TB, nGrants, nNodes int) (*Policy, []*netmap.Node) {
 	tb.Helper()
+	return benchFleetCaps(tb, nGrants, nNodes, 0)
+}
+
+// benchFleetCaps is benchFleet where every capsEvery-th grant (none if
+// capsEvery is 0) also grants an "app" capability, and, with capsEvery set,
+// every member holds one more on their own devices (autogroup:self), as
+// fleets that hand their users a Kubernetes or SSH role do. The nodes and
+// the other grants are the same as benchFleet's.
+func benchFleetCaps(tb testing.TB, nGrants, nNodes, capsEvery int) (*Policy, []*netmap.Node) {
+	tb.Helper()
 	const nTags, groupSize = 500, 20
 	nUsers := nNodes * 6 / 10 / 2
 	nGroups := nUsers / groupSize
@@ -49,7 +59,14 @@ func benchFleet(tb testing.TB, nGrants, nNodes int) (*Policy, []*netmap.Node) {
 		if i%3 == 0 {
 			dst += fmt.Sprintf(", %q", fmt.Sprintf("tag:t%d", rng.IntN(nTags)))
 		}
-		fmt.Fprintf(&b, "{\"src\": [%q], \"dst\": [%s], \"ip\": [%s]},\n", src, dst, ips[rng.IntN(len(ips))])
+		var app string
+		if capsEvery > 0 && i%capsEvery == 0 {
+			app = fmt.Sprintf(`, "app": {"meshd.dev/cap/job": [{"grant": %d}], "meshd.dev/cap/ssh": [{}]}`, i)
+		}
+		fmt.Fprintf(&b, "{\"src\": [%q], \"dst\": [%s], \"ip\": [%s]%s},\n", src, dst, ips[rng.IntN(len(ips))], app)
+	}
+	if capsEvery > 0 {
+		b.WriteString(`{"src": ["autogroup:member"], "dst": ["autogroup:self"], "app": {"meshd.dev/cap/kubernetes": [{"impersonate": {"groups": ["owners"]}}]}},` + "\n")
 	}
 	b.WriteString("]}\n")
 	p, err := Parse("bench.hujson", []byte(b.String()))

@@ -45,17 +45,34 @@ type Engine struct {
 	srcOpen     []*crule            // rules whose src has "*" or an address/CIDR
 	targetOrder int
 
-	mu  sync.Mutex
+	// mu guards the node index. Queries that only read it (Peers,
+	// PeerCapsFor, FilterFor without a node list) share it, so the
+	// coordinator's workers run them in parallel; each source set's cache,
+	// which FilterFor fills, has its own lock.
+	mu  sync.RWMutex
 	gen uint64 // SetNodes generation, to find nodes no longer present
-	// slots maps a dense slot to the node holding it; freeSlots are
-	// slots of removed nodes, reused by the next joins.
-	slots     []netmap.NodeID
+	// slots maps a dense slot to the node holding it (nil when free);
+	// freeSlots are slots of removed nodes, reused by the next joins;
+	// live has a bit set for each held slot. slotIDs are the slots' node
+	// IDs, so that listing a peer set reads no node entry.
+	slots     []*nodeEntry
+	slotIDs   []netmap.NodeID
 	freeSlots []int
+	live      []uint64
 	// lastAll is the node list of the last sync, to skip comparing node
 	// fields when FilterFor is called again with the same values.
 	lastAll []*netmap.Node
 	nodes   map[netmap.NodeID]*nodeEntry
-	byKey   map[idKey]map[netmap.NodeID]*nodeEntry
+	// byKey lists the nodes under each index key in a slice, not a map:
+	// Peers walks whole lists of them, and a slice of slots is read
+	// without a hash or a pointer dereference per node.
+	byKey map[idKey][]member
+}
+
+// member is a node in one of the index's per-key lists.
+type member struct {
+	slot int32
+	ne   *nodeEntry
 }
 
 // crule is a rule with its source side compiled.
@@ -81,6 +98,9 @@ type srcSet struct {
 	// join then costs one merge into the sorted cache on next use, not a
 	// rebuild of a source set that may hold every device of the tailnet.
 	pending []srcChange
+	// mu guards srcIPs, srcValid and pending when the engine's lock is
+	// only read-held (FilterFor fills the cache under a shared lock).
+	mu sync.Mutex
 }
 
 // signature identifies the set's sources, to share it between rules.
@@ -126,6 +146,7 @@ type nodeEntry struct {
 	addrs   []netip.Prefix
 	allowed []netip.Prefix
 	keys    []idKey
+	keyPos  []int32 // position in byKey[keys[i]]
 	seen    uint64
 	slot    int // dense index for peerSet
 }
@@ -211,7 +232,7 @@ func NewEngine(p *Policy) *Engine {
 		srcByKey:  map[idKey][]*crule{},
 		setsByKey: map[idKey][]*srcSet{},
 		nodes:     map[netmap.NodeID]*nodeEntry{},
-		byKey:     map[idKey]map[netmap.NodeID]*nodeEntry{},
+		byKey:     map[idKey][]member{},
 	}
 	sets := map[string]*srcSet{}
 	for i := range p.rules {
@@ -356,19 +377,20 @@ func (e *Engine) upsertLocked(n *netmap.Node) {
 	ne := entryFor(n)
 	if k := len(e.freeSlots); k > 0 {
 		ne.slot, e.freeSlots = e.freeSlots[k-1], e.freeSlots[:k-1]
-		e.slots[ne.slot] = n.ID
+		e.slots[ne.slot], e.slotIDs[ne.slot] = ne, n.ID
 	} else {
 		ne.slot = len(e.slots)
-		e.slots = append(e.slots, n.ID)
-	}
-	e.nodes[n.ID] = ne
-	for _, k := range ne.keys {
-		m := e.byKey[k]
-		if m == nil {
-			m = map[netmap.NodeID]*nodeEntry{}
-			e.byKey[k] = m
+		e.slots, e.slotIDs = append(e.slots, ne), append(e.slotIDs, n.ID)
+		if ne.slot%64 == 0 {
+			e.live = append(e.live, 0)
 		}
-		m[n.ID] = ne
+	}
+	e.live[ne.slot/64] |= 1 << uint(ne.slot%64)
+	e.nodes[n.ID] = ne
+	ne.keyPos = make([]int32, len(ne.keys))
+	for i, k := range ne.keys {
+		ne.keyPos[i] = int32(len(e.byKey[k]))
+		e.byKey[k] = append(e.byKey[k], member{int32(ne.slot), ne})
 		e.noteChange(k, true, ne.addrs)
 	}
 }
@@ -380,9 +402,21 @@ func (e *Engine) removeLocked(id netmap.NodeID) {
 		return
 	}
 	delete(e.nodes, id)
+	e.slots[ne.slot] = nil
+	e.live[ne.slot/64] &^= 1 << uint(ne.slot%64)
 	e.freeSlots = append(e.freeSlots, ne.slot)
-	for _, k := range ne.keys {
-		delete(e.byKey[k], id)
+	for i, k := range ne.keys {
+		// Swap-remove, moving the list's last member into ne's place.
+		ms := e.byKey[k]
+		pos, last := ne.keyPos[i], ms[len(ms)-1]
+		ms[pos] = last
+		last.ne.keyPos[slices.Index(last.ne.keys, k)] = pos
+		ms[len(ms)-1] = member{}
+		if len(ms) == 1 {
+			delete(e.byKey, k)
+		} else {
+			e.byKey[k] = ms[:len(ms)-1]
+		}
 		e.noteChange(k, false, ne.addrs)
 	}
 }
@@ -405,8 +439,10 @@ func (e *Engine) noteChange(key idKey, add bool, addrs []netip.Prefix) {
 var allIPs = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
 
 // srcIPsLocked returns the set's source addresses, from the cache when
-// no node it depends on changed.
+// no node it depends on changed. e.mu must be held, read or write.
 func (e *Engine) srcIPsLocked(ss *srcSet) []netip.Prefix {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
 	if ss.srcValid && len(ss.pending) > 0 {
 		ss.srcIPs = applyChanges(ss.srcIPs, ss.pending, ss.srcPfx)
 		ss.pending = nil
@@ -420,8 +456,8 @@ func (e *Engine) srcIPsLocked(ss *srcSet) []netip.Prefix {
 	} else {
 		ips = slices.Clone(ss.srcPfx)
 		for k := range ss.srcKeys {
-			for _, ne := range e.byKey[k] {
-				ips = append(ips, ne.addrs...)
+			for _, m := range e.byKey[k] {
+				ips = append(ips, m.ne.addrs...)
 			}
 		}
 		sortPrefixes(&ips)
@@ -563,11 +599,18 @@ func dstNets(sel selector, n *nodeEntry) []netip.Prefix {
 // current with UpsertNode/RemoveNode. The returned SrcIPs slices are
 // shared between calls and must not be modified.
 func (e *Engine) FilterFor(n *netmap.Node, all []*netmap.Node) []netmap.FilterRule {
-	e.mu.Lock()
-	defer e.mu.Unlock()
 	if all != nil {
-		e.syncLocked(all)
+		e.mu.RLock()
+		current := len(all) > 0 && slices.Equal(all, e.lastAll)
+		e.mu.RUnlock()
+		if !current {
+			e.mu.Lock()
+			e.syncLocked(all)
+			e.mu.Unlock()
+		}
 	}
+	e.mu.RLock()
+	defer e.mu.RUnlock()
 	self := transientEntry(n)
 	out := []netmap.FilterRule{}
 	// One FilterRule per rule and protocol set, merging that rule's
@@ -649,9 +692,9 @@ func (e *Engine) FilterFor(n *netmap.Node, all []*netmap.Node) []netmap.FilterRu
 // devices that are sources of cr (autogroup:self).
 func (e *Engine) selfSourcesLocked(cr *crule, n *nodeEntry) []netip.Prefix {
 	var ips []netip.Prefix
-	for _, ne := range e.byKey[userKey(n.user)] {
-		if srcMatches(cr, ne) {
-			ips = append(ips, ne.addrs...)
+	for _, m := range e.byKey[userKey(n.user)] {
+		if srcMatches(cr, m.ne) {
+			ips = append(ips, m.ne.addrs...)
 		}
 	}
 	sortPrefixes(&ips)
@@ -710,25 +753,25 @@ func (e *Engine) CanSee(a, b *netmap.Node) bool {
 // reach. It costs the rules touching n plus the size of the answer, not a
 // CanSee call per pair.
 func (e *Engine) Peers(n *netmap.Node) []netmap.NodeID {
-	e.mu.Lock()
-	defer e.mu.Unlock()
+	e.mu.RLock()
+	defer e.mu.RUnlock()
 	self := transientEntry(n)
-	set := peerSet{bits: make([]uint64, (len(e.slots)+63)/64)}
+	set := make(peerSet, len(e.live))
 	done := make([]bool, len(e.rules)) // each rule's sources added once
 	// Who reaches n.
 	for _, tr := range e.targetsFor(self) {
 		cr := tr.rule
 		if tr.sel.kind == selSelf {
-			for _, ne := range e.byKey[userKey(self.user)] {
-				if srcMatches(cr, ne) {
-					set.add(ne)
+			for _, m := range e.byKey[userKey(self.user)] {
+				if srcMatches(cr, m.ne) {
+					set.add(m.slot)
 				}
 			}
 			continue
 		}
 		if !done[cr.idx] {
 			done[cr.idx] = true
-			e.addSources(cr, &set)
+			e.addSources(cr, set)
 		}
 	}
 	// Whom n reaches.
@@ -739,7 +782,7 @@ func (e *Engine) Peers(n *netmap.Node) []netmap.NodeID {
 		}
 		done[cr.idx] = true
 		for _, tr := range cr.targets {
-			e.addDests(tr, self, &set)
+			e.addDests(tr, self, set)
 		}
 	}
 	for _, cr := range e.srcOpen {
@@ -750,12 +793,21 @@ func (e *Engine) Peers(n *netmap.Node) []netmap.NodeID {
 			visit(cr)
 		}
 	}
-	ids := make([]netmap.NodeID, 0, set.n)
-	for w, word := range set.bits {
+	return e.idsLocked(set, n.ID)
+}
+
+// idsLocked returns the IDs of the nodes in set but self, sorted.
+func (e *Engine) idsLocked(set peerSet, self netmap.NodeID) []netmap.NodeID {
+	count := 0
+	for _, word := range set {
+		count += bits.OnesCount64(word)
+	}
+	ids := make([]netmap.NodeID, 0, count)
+	for w, word := range set {
 		for word != 0 {
 			b := bits.TrailingZeros64(word)
 			word &^= 1 << b
-			if id := e.slots[w*64+b]; id != n.ID {
+			if id := e.slotIDs[w*64+b]; id != self {
 				ids = append(ids, id)
 			}
 		}
@@ -768,62 +820,58 @@ func (e *Engine) Peers(n *netmap.Node) []netmap.NodeID {
 
 // peerSet is a set of indexed nodes, a bit per index slot: adding the
 // thousands of nodes a wide rule names costs a bit each, not a map insert.
-type peerSet struct {
-	bits []uint64
-	n    int
-}
+type peerSet []uint64
 
-func (s *peerSet) add(ne *nodeEntry) {
-	w, b := ne.slot/64, uint(ne.slot%64)
-	if s.bits[w]&(1<<b) == 0 {
-		s.bits[w] |= 1 << b
-		s.n++
+func (s peerSet) add(slot int32) { s[slot/64] |= 1 << uint(slot%64) }
+
+func (s peerSet) has(slot int) bool { return s[slot/64]&(1<<uint(slot%64)) != 0 }
+
+// addAll adds every indexed node.
+func (s peerSet) addAll(live []uint64) {
+	for i, w := range live {
+		s[i] |= w
 	}
 }
 
-func (s *peerSet) has(ne *nodeEntry) bool {
-	return s.bits[ne.slot/64]&(1<<uint(ne.slot%64)) != 0
-}
-
-func (e *Engine) addSources(cr *crule, set *peerSet) {
+func (e *Engine) addSources(cr *crule, set peerSet) {
 	if cr.srcAny {
-		for _, ne := range e.nodes {
-			set.add(ne)
-		}
+		set.addAll(e.live)
 		return
 	}
 	for k := range cr.srcKeys {
-		for _, ne := range e.byKey[k] {
-			set.add(ne)
+		for _, m := range e.byKey[k] {
+			set.add(m.slot)
 		}
 	}
 	if len(cr.srcPfx) > 0 {
-		for _, ne := range e.nodes {
-			if !set.has(ne) && srcMatches(cr, ne) {
-				set.add(ne)
+		for slot, ne := range e.slots {
+			if ne != nil && !set.has(slot) && srcMatches(cr, ne) {
+				set.add(int32(slot))
 			}
 		}
 	}
 }
 
-func (e *Engine) addDests(tr *tref, src *nodeEntry, set *peerSet) {
+func (e *Engine) addDests(tr *tref, src *nodeEntry, set peerSet) {
 	switch tr.sel.kind {
 	case selSelf:
 		if len(src.tags) == 0 && src.user != "" {
-			for _, ne := range e.byKey[userKey(src.user)] {
-				set.add(ne)
+			for _, m := range e.byKey[userKey(src.user)] {
+				set.add(m.slot)
 			}
 		}
 	case selPrefix:
-		for _, ne := range e.nodes {
-			if !set.has(ne) && prefixDst(tr.sel.prefix, ne) {
-				set.add(ne)
+		for slot, ne := range e.slots {
+			if ne != nil && !set.has(slot) && prefixDst(tr.sel.prefix, ne) {
+				set.add(int32(slot))
 			}
 		}
+	case selAny:
+		set.addAll(e.live)
 	default:
 		for _, k := range e.pol.selKeys(tr.sel) {
-			for _, ne := range e.byKey[k] {
-				set.add(ne)
+			for _, m := range e.byKey[k] {
+				set.add(m.slot)
 			}
 		}
 	}
