@@ -895,7 +895,9 @@ func (s PeerStatus) Endpoint() string {
 	return ""
 }
 
-// PeerStatus reports the path packets to the peer with key k take now.
+// PeerStatus reports the path packets to the peer with key k take now: a
+// direct path that missed its heartbeat shows as the relay, which carries
+// copies of the traffic until a pong settles it.
 func (b *Bind) PeerStatus(k netmap.NodePublic) PeerStatus {
 	b.mu.Lock()
 	p := b.peers[k]
@@ -903,7 +905,19 @@ func (b *Bind) PeerStatus(k netmap.NodePublic) PeerStatus {
 	if p == nil {
 		return PeerStatus{Path: PathNone}
 	}
-	path, addr, home := b.peerPath(p, time.Now())
+	now := time.Now()
+	path, addr, home := b.peerPath(p, now)
+	if path == PathDirect {
+		p.mu.Lock()
+		doubt := p.sel.InDoubt(now)
+		p.mu.Unlock()
+		if doubt && b.relayConnected(home) {
+			// The direct path missed its heartbeat: what arrives now
+			// arrives through the relay, so say so rather than wait for
+			// the path's trust to lapse.
+			path, addr = PathDERP, netip.AddrPort{}
+		}
+	}
 	st := PeerStatus{Path: path, Addr: addr}
 	if path == PathDirect {
 		p.mu.Lock()
@@ -939,15 +953,21 @@ func (b *Bind) peerPath(p *peer, now time.Time) (path string, addr netip.AddrPor
 	if direct {
 		return PathDirect, addr, home
 	}
-	if home != 0 {
-		b.mu.Lock()
-		r := b.regions[home]
-		b.mu.Unlock()
-		if r != nil && r.client.Connected() {
-			return PathDERP, netip.AddrPort{}, home
-		}
+	if b.relayConnected(home) {
+		return PathDERP, netip.AddrPort{}, home
 	}
 	return PathNone, netip.AddrPort{}, home
+}
+
+// relayConnected reports whether the relay of region home is connected.
+func (b *Bind) relayConnected(home int) bool {
+	if home == 0 {
+		return false
+	}
+	b.mu.Lock()
+	r := b.regions[home]
+	b.mu.Unlock()
+	return r != nil && r.client.Connected()
 }
 
 // HomeDERP is the region this node receives relayed packets on (0 before

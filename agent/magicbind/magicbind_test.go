@@ -492,7 +492,8 @@ func TestPeerInAnotherRegion(t *testing.T) {
 // TestDoubtfulPathCopiesToRelay: when a trusted direct path stops
 // answering heartbeats, traffic also goes through the relay at once rather
 // than after TrustDuration: a transfer started after the cut completes
-// while the direct path is still trusted (and so still shown).
+// long before the direct path's trust (a minute) lapses, and status shows
+// the relay that carries it.
 func TestDoubtfulPathCopiesToRelay(t *testing.T) {
 	dm := startRelay(t)
 	cuts := [2]*cuttableBind{}
@@ -519,8 +520,17 @@ func TestDoubtfulPathCopiesToRelay(t *testing.T) {
 	transfer(t, a, b, 256<<10)
 	transfer(t, b, a, 256<<10)
 	for _, x := range [][2]*testNode{{a, b}, {b, a}} {
-		if st := x[0].bind.PeerStatus(x[1].key.Public()); st.Path != PathDirect {
-			t.Errorf("%s -> %s: %+v, want the direct path still trusted", x[0].name, x[1].name, st)
+		x[0].bind.mu.Lock()
+		p := x[0].bind.peers[x[1].key.Public()]
+		x[0].bind.mu.Unlock()
+		p.mu.Lock()
+		_, trusted := p.sel.Path(time.Now())
+		p.mu.Unlock()
+		if !trusted {
+			t.Errorf("%s -> %s: direct path no longer trusted; the test is not testing the doubt", x[0].name, x[1].name)
+		}
+		if st := x[0].bind.PeerStatus(x[1].key.Public()); st.Path != PathDERP || st.DERPCode != "lab" {
+			t.Errorf("%s -> %s: %+v, want the relay shown while the direct path is in doubt", x[0].name, x[1].name, st)
 		}
 	}
 }

@@ -78,8 +78,12 @@ const maxLearnt = 32
 type candidate struct {
 	source   Source
 	lastPing time.Time
-	lastPong time.Time
-	latency  time.Duration
+	// unanswered is when the first ping after the last pong went out:
+	// heartbeats keep going while none is answered, so lastPing alone
+	// would never look overdue.
+	unanswered time.Time
+	lastPong   time.Time
+	latency    time.Duration
 }
 
 type sentPing struct {
@@ -239,17 +243,17 @@ func (s *Selector) Path(now time.Time) (addr netip.AddrPort, ok bool) {
 // InDoubt reports whether the direct path in use missed its latest
 // heartbeat: it is still trusted (its last pong is younger than
 // TrustDuration) but the ping sent after that pong is overdue (more than
-// three round trips, at least 100ms). The bind then sends over the relay
+// three round trips, at least 250ms). The bind then sends over the relay
 // too, so a path that just died loses packets for about one heartbeat
 // instead of the whole TrustDuration: a TCP stream that loses a whole
 // window, and backs its retransmission timer off several times while it
 // does, takes many round trips to recover.
 func (s *Selector) InDoubt(now time.Time) bool {
 	c := s.cands[s.best]
-	if c == nil || !s.trusted(now, c) || !c.lastPing.After(c.lastPong) {
+	if c == nil || !s.trusted(now, c) || !c.unanswered.After(c.lastPong) {
 		return false
 	}
-	return now.Sub(c.lastPing) > max(3*c.latency, 100*time.Millisecond)
+	return now.Sub(c.unanswered) > max(3*c.latency, 250*time.Millisecond)
 }
 
 // better reports whether a should replace b: clearly lower latency (by
@@ -331,7 +335,11 @@ func (s *Selector) Poll(now time.Time) Actions {
 func (s *Selector) ping(now time.Time, to netip.AddrPort) Probe {
 	tx := s.cfg.NewTxID()
 	s.pings[tx] = sentPing{to: to, sent: now}
-	s.cands[to].lastPing = now
+	c := s.cands[to]
+	if !c.lastPing.After(c.lastPong) {
+		c.unanswered = now
+	}
+	c.lastPing = now
 	return Probe{To: to, TxID: tx}
 }
 

@@ -344,7 +344,7 @@ func TestActive(t *testing.T) {
 }
 
 // TestInDoubt: a direct path is in doubt from when its heartbeat is overdue
-// (three round trips, at least 100ms) until a pong comes or trust lapses.
+// (three round trips, at least 250ms) until a pong comes or trust lapses.
 func TestInDoubt(t *testing.T) {
 	p := newPeer(t, pubEP)
 	p.rtt[pubEP] = 20 * ms
@@ -360,7 +360,7 @@ func TestInDoubt(t *testing.T) {
 	for p.now.Sub(t0) < 2*second {
 		p.step(100 * ms)
 	}
-	hb := p.s.cands[pubEP].lastPing
+	hb := p.s.cands[pubEP].unanswered
 	if !hb.After(p.s.cands[pubEP].lastPong) {
 		t.Fatalf("no heartbeat sent after the last pong (ping %v, pong %v)", hb, p.s.cands[pubEP].lastPong)
 	}
@@ -368,13 +368,19 @@ func TestInDoubt(t *testing.T) {
 		at   time.Time
 		want bool
 	}{
-		{hb.Add(50 * ms), false},                           // within the grace of max(3 x 20ms, 100ms)
-		{hb.Add(150 * ms), true},                           // overdue, still trusted: send both ways
+		{hb.Add(200 * ms), false},                          // within the grace of max(3 x 20ms, 250ms)
+		{hb.Add(300 * ms), true},                           // overdue, still trusted: send both ways
 		{p.s.cands[pubEP].lastPong.Add(5 * second), false}, // trust lapsed: plain DERP
 	} {
 		if got := p.s.InDoubt(tt.at); got != tt.want {
 			t.Errorf("InDoubt %v after the heartbeat = %v, want %v", tt.at.Sub(hb), got, tt.want)
 		}
+	}
+	// Later heartbeats, unanswered too, keep it in doubt: the doubt dates
+	// from the first of them.
+	p.step(2 * second)
+	if last := p.s.cands[pubEP].lastPing; !last.After(hb) || !p.s.InDoubt(last.Add(ms)) {
+		t.Errorf("not in doubt just after a second unanswered heartbeat (first %v, last %v)", hb, last)
 	}
 	// A pong clears the doubt.
 	p.rtt[pubEP] = 20 * ms
