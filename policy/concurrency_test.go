@@ -31,6 +31,7 @@ func TestConcurrentUse(t *testing.T) {
 					all := append([]*netmap.Node{testNode(200, "carol@tenant-a.example")}, base...)
 					e.FilterFor(base[2], all)
 					e.Peers(base[0])
+					e.PeerCapsFor(base[2])
 				default:
 					e.CanSee(base[0], base[2])
 					e.PeerCaps(base[2], base[0])

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"cmp"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"math/bits"
@@ -879,12 +880,14 @@ func (e *Engine) addDests(tr *tref, src *nodeEntry, set peerSet) {
 
 // PeerCaps returns the "app" capabilities peer holds on dst: what control
 // puts in the Capabilities of peer's entry in dst's network map. Nil when
-// none.
+// none. Each grant counts once, even when several of its destinations name
+// dst. To ask about every peer of one node, PeerCapsFor costs far less.
 func (e *Engine) PeerCaps(dst, peer *netmap.Node) map[string][]json.RawMessage {
 	d, p := transientEntry(dst), transientEntry(peer)
 	var caps map[string][]json.RawMessage
+	var last *crule // a rule's targets are adjacent in policy order
 	for _, tr := range e.targetsFor(d) {
-		if tr.target != nil {
+		if tr.target != nil || tr.rule == last {
 			continue
 		}
 		if tr.sel.kind == selSelf && (len(p.tags) > 0 || p.user != d.user) {
@@ -893,14 +896,111 @@ func (e *Engine) PeerCaps(dst, peer *netmap.Node) map[string][]json.RawMessage {
 		if !srcMatches(tr.rule, p) {
 			continue
 		}
+		last = tr.rule
 		if caps == nil {
 			caps = map[string][]json.RawMessage{}
 		}
-		for name, vals := range tr.rule.r.caps {
-			caps[name] = append(caps[name], vals...)
-		}
+		mergeCaps(caps, tr.rule)
 	}
 	return caps
+}
+
+func mergeCaps(caps map[string][]json.RawMessage, cr *crule) {
+	for name, vals := range cr.r.caps {
+		caps[name] = append(caps[name], vals...)
+	}
+}
+
+// PeerCapsFor returns the "app" capabilities every indexed node holds on
+// dst, by node ID: for each indexed node p but dst itself, the entry for
+// p.ID is what PeerCaps(dst, p) returns, and p is absent when that is nil.
+// Every holder is one of Peers(dst).
+//
+// dst's side (the grants whose capability destinations name it) is worked
+// out once per call rather than once per pair, the holders come from the
+// index like Peers, and peers holding capabilities through the same grants
+// share one map: treat the maps as read-only. Like Peers, the answer is as
+// current as the index (see FilterFor).
+func (e *Engine) PeerCapsFor(dst *netmap.Node) map[netmap.NodeID]map[string][]json.RawMessage {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	d := transientEntry(dst)
+	// The grants giving capabilities on dst, in policy order, each once,
+	// with the nodes holding them.
+	var rules []*crule
+	var holders []peerSet
+	var union peerSet
+	var last *crule
+	for _, tr := range e.targetsFor(d) {
+		if tr.target != nil {
+			continue
+		}
+		if tr.rule != last {
+			last = tr.rule
+			rules, holders = append(rules, tr.rule), append(holders, make(peerSet, len(e.live)))
+		}
+		set := holders[len(holders)-1]
+		if tr.sel.kind == selSelf {
+			// dst is an untagged user device (targetsFor), and the holders
+			// are that user's own untagged devices among the sources.
+			for _, m := range e.byKey[userKey(d.user)] {
+				if srcMatches(tr.rule, m.ne) {
+					set.add(m.slot)
+				}
+			}
+		} else {
+			e.addSources(tr.rule, set)
+		}
+	}
+	if len(rules) == 0 {
+		return nil
+	}
+	union = make(peerSet, len(e.live))
+	for _, set := range holders {
+		for i, w := range set {
+			union[i] |= w
+		}
+	}
+	out := make(map[netmap.NodeID]map[string][]json.RawMessage)
+	// Peers holding capabilities through the same grants get the same map:
+	// a bit mask of the grants, as bytes, finds it.
+	shared := map[string]map[string][]json.RawMessage{}
+	words := (len(rules) + 63) / 64
+	mask := make([]uint64, words)
+	var key []byte
+	for w, word := range union {
+		for word != 0 {
+			b := bits.TrailingZeros64(word)
+			word &^= 1 << b
+			slot := w*64 + b
+			id := e.slotIDs[slot]
+			if id == dst.ID {
+				continue
+			}
+			clear(mask)
+			for i, set := range holders {
+				if set.has(slot) {
+					mask[i/64] |= 1 << uint(i%64)
+				}
+			}
+			key = key[:0]
+			for _, m := range mask {
+				key = binary.LittleEndian.AppendUint64(key, m)
+			}
+			caps, ok := shared[string(key)]
+			if !ok {
+				caps = map[string][]json.RawMessage{}
+				for i, cr := range rules {
+					if mask[i/64]&(1<<uint(i%64)) != 0 {
+						mergeCaps(caps, cr)
+					}
+				}
+				shared[string(key)] = caps
+			}
+			out[id] = caps
+		}
+	}
+	return out
 }
 
 // CheckTags reports whether the requester may apply the requested tags; see
