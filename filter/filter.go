@@ -256,24 +256,29 @@ func (f *Filter) in(r *Rules, b []byte, c *clock) Verdict {
 // IPv4 or IPv6 TCP or UDP packet without options or extension headers) and
 // reports whether it answers a flow this node opened.
 func (f *Filter) fastReply(b []byte, c *clock) bool {
-	var k flowKey
-	l4 := 20
+	// The packed key (flowKey.words) straight from the bytes: local is the
+	// destination, remote the source.
+	var kw keyWords
+	l4, proto := 20, b[9]
 	if b[0] == 0x45 {
-		k.proto, k.local, k.remote = b[9], ip4(b[16:20]), ip4(b[12:16])
+		kw[1] = v4Mapped | uint64(binary.BigEndian.Uint32(b[16:20]))
+		kw[3] = v4Mapped | uint64(binary.BigEndian.Uint32(b[12:16]))
 	} else {
-		l4 = 40
-		k.proto, k.local, k.remote = b[6], ip6(b[24:40]), ip6(b[8:24])
+		l4, proto = 40, b[6]
+		kw[0], kw[1] = binary.BigEndian.Uint64(b[24:32]), binary.BigEndian.Uint64(b[32:40])
+		kw[2], kw[3] = binary.BigEndian.Uint64(b[8:16]), binary.BigEndian.Uint64(b[16:24])
 	}
-	k.rport = binary.BigEndian.Uint16(b[l4 : l4+2])
-	k.lport = binary.BigEndian.Uint16(b[l4+2 : l4+4])
+	rport := binary.BigEndian.Uint16(b[l4 : l4+2])
+	lport := binary.BigEndian.Uint16(b[l4+2 : l4+4])
+	kw[4] = uint64(lport) | uint64(rport)<<16 | uint64(proto)<<32
 	var flags uint8
-	if k.proto == protoTCP {
+	if proto == protoTCP {
 		flags = b[l4+13]
 		if flags&(tcpSYN|tcpACK) == tcpSYN {
 			return false // a bare SYN answers nothing; see judgeInFlow
 		}
 	}
-	st, ok := f.flows.lookup(&k, c.mono(), flags, &f.ttl)
+	st, ok := f.flows.lookupWords(&kw, f.flows.hash(&kw), c.mono(), flags, &f.ttl)
 	return ok && st&stLocal != 0
 }
 
@@ -400,15 +405,17 @@ func (f *Filter) out(r *Rules, b []byte, c *clock) Verdict {
 	switch {
 	case p.ports:
 		k := flowKey{local: p.src, remote: p.dst, lport: p.srcPort, rport: p.dstPort, proto: p.proto}
+		kw := k.words()
+		h := f.flows.hash(&kw)
 		if p.proto == protoTCP && p.tcpFlags&tcpRST != 0 {
 			// A reset creates nothing; it only closes what exists.
-			f.flows.lookup(&k, c.mono(), p.tcpFlags, &f.ttl)
+			f.flows.lookupWords(&kw, h, c.mono(), p.tcpFlags, &f.ttl)
 			return Accept
 		}
-		if _, ok := f.flows.lookup(&k, c.mono(), p.tcpFlags, &f.ttl); ok && p.tcpFlags&tcpSYN == 0 {
+		if _, ok := f.flows.lookupWords(&kw, h, c.mono(), p.tcpFlags, &f.ttl); ok && p.tcpFlags&tcpSYN == 0 {
 			return Accept
 		}
-		f.flows.insert(&k, f.origin(r, &p), c.mono(), p.tcpFlags, &f.ttl)
+		f.flows.insertWords(&kw, h, f.origin(r, &p), c.mono(), p.tcpFlags, &f.ttl)
 	case p.isICMP():
 		if p.icmpKind() == icmpEchoRequest {
 			k := flowKey{local: p.src, remote: p.dst, lport: p.icmpID, proto: p.proto}
@@ -416,8 +423,10 @@ func (f *Filter) out(r *Rules, b []byte, c *clock) Verdict {
 		}
 	default:
 		k := flowKey{local: p.src, remote: p.dst, proto: p.proto}
-		if _, ok := f.flows.lookup(&k, c.mono(), 0, &f.ttl); !ok {
-			f.flows.insert(&k, f.origin(r, &p), c.mono(), 0, &f.ttl)
+		kw := k.words()
+		h := f.flows.hash(&kw)
+		if _, ok := f.flows.lookupWords(&kw, h, c.mono(), 0, &f.ttl); !ok {
+			f.flows.insertWords(&kw, h, f.origin(r, &p), c.mono(), 0, &f.ttl)
 		}
 	}
 	// This node's rules describe only what it accepts; what the peer

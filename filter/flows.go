@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"math/bits"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -40,17 +41,45 @@ const (
 // nanoseconds.
 const lruGranularity = int64(time.Second)
 
+// keyWords is a flowKey packed into the five words the table stores,
+// compares and hashes.
+type keyWords [5]uint64
+
+func (k *flowKey) words() keyWords {
+	return keyWords{k.local.hi, k.local.lo, k.remote.hi, k.remote.lo,
+		uint64(k.lport) | uint64(k.rport)<<16 | uint64(k.proto)<<32 | uint64(k.kind)<<40}
+}
+
 // flowEntry is one slot of a shard. Slots are linked into the shard's LRU
 // list (most recent at head) or, when unused, the free list.
+//
+// A hit on a known flow, the most common stateful packet, reads the shard
+// without its lock (see flowShard.peek), so everything peek reads is an
+// atomic; it is written only under the shard lock.
 type flowEntry struct {
-	key     flowKey
-	hash    uint64
-	expires int64 // monotonic nanoseconds since the Filter's base
+	kw      [5]atomic.Uint64 // keyWords
+	hash    atomic.Uint64
+	expires atomic.Int64  // monotonic nanoseconds since the Filter's base
+	state   atomic.Uint32 // st* bits
+
+	// Under the shard lock only.
 	touched int64 // when the entry last moved to the LRU head
 	prev    int32
 	next    int32
 	peer    int32 // slot in the shard's peer table
-	state   uint8
+}
+
+func (en *flowEntry) matches(kw *keyWords, h uint64) bool {
+	return en.hash.Load() == h && en.kw[0].Load() == kw[0] && en.kw[1].Load() == kw[1] &&
+		en.kw[2].Load() == kw[2] && en.kw[3].Load() == kw[3] && en.kw[4].Load() == kw[4]
+}
+
+func (en *flowEntry) words() keyWords {
+	var w keyWords
+	for i := range w {
+		w[i] = en.kw[i].Load()
+	}
+	return w
 }
 
 // peerEntry counts the entries a remote address holds in one shard.
@@ -65,18 +94,26 @@ type peerEntry struct {
 // probing, backward-shift deletion: no tombstones, so a long-running table
 // never degrades) and an intrusive LRU list. Nothing is allocated after
 // construction.
+//
+// Writers hold mu. Lookups of existing flows first try without it, as a
+// seqlock reader: a writer that changes which key a slot or index position
+// holds makes seq odd for the duration, and a reader that saw seq change
+// (or odd) retries under the lock. Refreshing an entry's expiry or state
+// changes no key, so it does not bump seq: those fields are single atomics
+// and any value a reader sees was true at some instant.
 type flowShard struct {
-	mu sync.Mutex
+	mu  sync.Mutex
+	seq atomic.Uint64
 	// The tables are sized for the whole capacity up front but read as
 	// zero = empty, and slots are handed out from a high-water mark before
 	// the free lists: a fresh table touches no memory, so an idle node's
 	// 64K-flow table costs address space, not resident memory.
 	entries []flowEntry
-	index   []int32 // 0 empty, else entry slot + 1
-	head    int32   // most recently used, -1 if empty
-	tail    int32   // least recently used
-	free    int32   // free entry list (via next), -1 if empty
-	used    int32   // slots [used, len(entries)) were never used
+	index   []atomic.Int32 // 0 empty, else entry slot + 1
+	head    int32          // most recently used, -1 if empty
+	tail    int32          // least recently used
+	free    int32          // free entry list (via next), -1 if empty
+	used    int32          // slots [used, len(entries)) were never used
 	n       int
 
 	peers     []peerEntry
@@ -99,7 +136,6 @@ type flowTable struct {
 	shards  []flowShard
 	shift   uint // hash >> shift selects the shard
 	perPeer int32
-	// Counters, updated under the shard locks; read with Stats.
 }
 
 func newFlowTable(capacity, perPeer, nshards int) *flowTable {
@@ -134,7 +170,7 @@ func newFlowTable(capacity, perPeer, nshards int) *flowTable {
 	for i := range t.shards {
 		s := &t.shards[i]
 		s.entries = make([]flowEntry, per)
-		s.index = make([]int32, slots)
+		s.index = make([]atomic.Int32, slots)
 		s.peers = make([]peerEntry, per)
 		s.peerIndex = make([]int32, slots)
 		s.head, s.tail, s.free, s.peerFree = -1, -1, -1, -1
@@ -149,12 +185,10 @@ func mum(a, b uint64) uint64 {
 
 // hash is a keyed wyhash-style mix: with a secret seed, remote peers cannot
 // craft keys that collide into one probe chain.
-func (t *flowTable) hash(k *flowKey) uint64 {
-	a, b, c, d := k.local.hi, k.local.lo, k.remote.hi, k.remote.lo
-	e := uint64(k.lport) | uint64(k.rport)<<16 | uint64(k.proto)<<32 | uint64(k.kind)<<40
-	h := mum(a^t.seed[0], b^t.seed[1])
-	h = mum(h^c, d^t.seed[2])
-	return mum(h^e, t.seed[3]^0x9e3779b97f4a7c15)
+func (t *flowTable) hash(w *keyWords) uint64 {
+	h := mum(w[0]^t.seed[0], w[1]^t.seed[1])
+	h = mum(h^w[2], w[3]^t.seed[2])
+	return mum(h^w[4], t.seed[3]^0x9e3779b97f4a7c15)
 }
 
 func (t *flowTable) peerHash(addr *ipAddr) uint64 {
@@ -168,28 +202,83 @@ func (t *flowTable) shard(h uint64) *flowShard {
 	return &t.shards[h>>t.shift]
 }
 
-// find returns the index position and entry slot of k, or slot -1.
-func (s *flowShard) find(k *flowKey, h uint64) (pos int, slot int32) {
+// Results of peek.
+const (
+	peekRetry = iota // a writer got in the way: ask again under the lock
+	peekMiss
+	peekHit
+)
+
+// peek looks kw up without the shard lock (a seqlock read). On peekHit it
+// returns the entry's expiry and state as they were at one instant at
+// which the key was in the table; peekMiss means it was not.
+func (s *flowShard) peek(kw *keyWords, h uint64) (expires int64, state uint8, res int) {
+	seq := s.seq.Load()
+	if seq&1 != 0 {
+		return 0, 0, peekRetry
+	}
+	mask := len(s.index) - 1
+	i := int(h) & mask
+	// A writer can move index entries under a reader; the bound keeps a
+	// reader that keeps losing that race from probing forever (the seq
+	// check below sends it to the lock anyway).
+	for range len(s.index) {
+		e := s.index[i].Load() - 1
+		if e < 0 {
+			res = peekMiss
+			break
+		}
+		if en := &s.entries[e]; en.matches(kw, h) {
+			expires, state, res = en.expires.Load(), uint8(en.state.Load()), peekHit
+			break
+		}
+		i = (i + 1) & mask
+	}
+	if res == peekRetry || s.seq.Load() != seq {
+		return 0, 0, peekRetry
+	}
+	return expires, state, res
+}
+
+// find returns the index position and entry slot of kw, or slot -1. The
+// caller holds the lock.
+func (s *flowShard) find(kw *keyWords, h uint64) (pos int, slot int32) {
 	mask := len(s.index) - 1
 	for i := int(h) & mask; ; i = (i + 1) & mask {
-		e := s.index[i] - 1
+		e := s.index[i].Load() - 1
 		if e < 0 {
 			return i, -1
 		}
-		if s.entries[e].hash == h && s.entries[e].key == *k {
+		if s.entries[e].matches(kw, h) {
 			return i, e
 		}
 	}
 }
 
-// unlinkIndex removes index position pos, shifting back later members of
-// its probe run so that lookups never need tombstones.
+// unlinkFlow removes index position pos, shifting back later members of
+// its probe run so that lookups never need tombstones. The caller holds
+// the lock and has made seq odd.
+func (s *flowShard) unlinkFlow(pos int) {
+	mask := len(s.index) - 1
+	i := pos
+	for j := (i + 1) & mask; s.index[j].Load() > 0; j = (j + 1) & mask {
+		v := s.index[j].Load()
+		k := int(s.entries[v-1].hash.Load()) & mask
+		// Move index[j] into the hole at i if its home is not in (i, j].
+		if (j > i && (k <= i || k > j)) || (j < i && k <= i && k > j) {
+			s.index[i].Store(v)
+			i = j
+		}
+	}
+	s.index[i].Store(0)
+}
+
+// unlinkIndex is unlinkFlow for the peer index.
 func unlinkIndex(index []int32, pos int, home func(int32) int) {
 	mask := len(index) - 1
 	i := pos
 	for j := (i + 1) & mask; index[j] > 0; j = (j + 1) & mask {
 		k := home(index[j] - 1)
-		// Move index[j] into the hole at i if its home is not in (i, j].
 		if (j > i && (k <= i || k > j)) || (j < i && k <= i && k > j) {
 			index[i] = index[j]
 			i = j
@@ -233,14 +322,18 @@ func (s *flowShard) touch(e int32) {
 	s.lruPushFront(e)
 }
 
-// remove deletes entry slot e (at index position pos, or -1 to look it up).
+// remove deletes entry slot e (at index position pos, or -1 to look it
+// up). The caller holds the lock and has made seq odd.
 func (s *flowShard) remove(e int32, pos int) {
 	en := &s.entries[e]
 	if pos < 0 {
-		pos, _ = s.find(&en.key, en.hash)
+		mask := len(s.index) - 1
+		pos = int(en.hash.Load()) & mask
+		for s.index[pos].Load() != e+1 {
+			pos = (pos + 1) & mask
+		}
 	}
-	mask := len(s.index) - 1
-	unlinkIndex(s.index, pos, func(x int32) int { return int(s.entries[x].hash) & mask })
+	s.unlinkFlow(pos)
 	s.lruRemove(e)
 	s.peerRelease(en.peer)
 	en.next = s.free
@@ -274,35 +367,64 @@ func (s *flowShard) peerRelease(p int32) {
 	s.peerFree = p
 }
 
+// refreshSlack is how far an entry's expiry may lag behind "now + idle
+// timeout" before a hit rewrites it: up to a second (1/64 of short
+// timeouts), so a flow's idle timeout is honoured to within that. It lets
+// nearly every hit on a busy flow be a pure read, which needs no lock and
+// dirties no cache line shared with another core.
+func refreshSlack(ttl int64) int64 { return min(ttl>>6, lruGranularity) }
+
 // lookup finds k; an expired entry is removed and reported missing. A hit
 // refreshes the entry's expiry (ttl picks it from the state) and LRU
 // position and folds TCP FIN/RST into the state. It returns the state.
 func (t *flowTable) lookup(k *flowKey, now int64, tcpFlags uint8, ttl *timeouts) (state uint8, ok bool) {
-	h := t.hash(k)
+	kw := k.words()
+	return t.lookupWords(&kw, t.hash(&kw), now, tcpFlags, ttl)
+}
+
+// lookupWords is lookup for a packed key and its hash, so that a caller
+// that may insert next hashes once.
+func (t *flowTable) lookupWords(kw *keyWords, h uint64, now int64, tcpFlags uint8, ttl *timeouts) (state uint8, ok bool) {
 	s := t.shard(h)
+	exp, st, res := s.peek(kw, h)
+	switch res {
+	case peekMiss:
+		return 0, false
+	case peekHit:
+		// Nothing to write (no FIN/RST to record, expiry fresh enough, and
+		// so the LRU position too): done without the lock.
+		if exp > now && tcpFlags&(tcpFIN|tcpRST) == 0 {
+			if d := ttl.of(kw, st); now+d-exp <= refreshSlack(d) {
+				return st, true
+			}
+		}
+	}
 	s.mu.Lock()
-	pos, e := s.find(k, h)
+	pos, e := s.find(kw, h)
 	if e < 0 {
 		s.mu.Unlock()
 		return 0, false
 	}
 	en := &s.entries[e]
-	if en.expires <= now {
+	if en.expires.Load() <= now {
+		s.seq.Add(1)
 		s.remove(e, pos)
+		s.seq.Add(1)
 		s.mu.Unlock()
 		return 0, false
 	}
+	state = uint8(en.state.Load())
 	if tcpFlags&(tcpFIN|tcpRST) != 0 {
-		en.state |= stClosing
+		state |= stClosing
+		en.state.Store(uint32(state))
 	}
-	en.expires = now + ttl.of(k, en.state)
+	en.expires.Store(now + ttl.of(kw, state))
 	if now-en.touched > lruGranularity {
 		// Relinking on every packet costs more than it is worth: LRU order
 		// to the second is plenty for choosing what to evict.
 		en.touched = now
 		s.touch(e)
 	}
-	state = en.state
 	s.mu.Unlock()
 	return state, true
 }
@@ -311,29 +433,40 @@ func (t *flowTable) lookup(k *flowKey, now int64, tcpFlags uint8, ttl *timeouts)
 // closing flow reopens it). It evicts to make room: the peer's own least
 // recently used entry when the peer is at its quota, else the shard's.
 func (t *flowTable) insert(k *flowKey, state uint8, now int64, tcpFlags uint8, ttl *timeouts) {
-	h := t.hash(k)
+	kw := k.words()
+	t.insertWords(&kw, t.hash(&kw), state, now, tcpFlags, ttl)
+}
+
+// insertWords is insert for a packed key and its hash.
+func (t *flowTable) insertWords(kw *keyWords, h uint64, state uint8, now int64, tcpFlags uint8, ttl *timeouts) {
 	s := t.shard(h)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	pos, e := s.find(k, h)
-	if e >= 0 && s.entries[e].expires > now {
+	pos, e := s.find(kw, h)
+	if e >= 0 && s.entries[e].expires.Load() > now {
 		en := &s.entries[e]
+		st := uint8(en.state.Load())
 		switch {
 		case tcpFlags&(tcpFIN|tcpRST) != 0:
-			en.state |= stClosing
+			st |= stClosing
 		case tcpFlags&tcpSYN != 0:
-			en.state = state
+			st = state
 		}
-		en.expires = now + ttl.of(k, en.state)
+		en.state.Store(uint32(st))
+		en.expires.Store(now + ttl.of(kw, st))
+		en.touched = now
 		s.touch(e)
 		return
 	}
+	s.seq.Add(1)
+	defer s.seq.Add(1)
 	if e >= 0 { // expired: replace
 		s.remove(e, pos)
 	}
 
-	ph := t.peerHash(&k.remote)
-	_, p := s.peerFind(&k.remote, ph)
+	remote := ipAddr{kw[2], kw[3]}
+	ph := t.peerHash(&remote)
+	_, p := s.peerFind(&remote, ph)
 	if p >= 0 && s.peers[p].count >= t.perPeer {
 		// The peer is at its quota: recycle its own least recently used
 		// entry rather than anybody else's.
@@ -348,7 +481,7 @@ func (t *flowTable) insert(k *flowKey, state uint8, now int64, tcpFlags uint8, t
 		s.remove(s.tail, -1)
 	}
 	// Removals may have released the peer's slot or moved index entries.
-	ppos, p := s.peerFind(&k.remote, ph)
+	ppos, p := s.peerFind(&remote, ph)
 	if p < 0 {
 		// There are as many peer slots as entries and every live peer
 		// holds an entry, so one is free.
@@ -359,7 +492,7 @@ func (t *flowTable) insert(k *flowKey, state uint8, now int64, tcpFlags uint8, t
 			p = s.peerUsed
 			s.peerUsed++
 		}
-		s.peers[p] = peerEntry{addr: k.remote, hash: ph}
+		s.peers[p] = peerEntry{addr: remote, hash: ph}
 		s.peerIndex[ppos] = p + 1
 	}
 	s.peers[p].count++
@@ -374,9 +507,16 @@ func (t *flowTable) insert(k *flowKey, state uint8, now int64, tcpFlags uint8, t
 		e = s.used
 		s.used++
 	}
-	pos, _ = s.find(k, h)
-	s.entries[e] = flowEntry{key: *k, hash: h, state: state, peer: p, expires: now + ttl.of(k, state), touched: now}
-	s.index[pos] = e + 1
+	pos, _ = s.find(kw, h)
+	en := &s.entries[e]
+	for i, w := range kw {
+		en.kw[i].Store(w)
+	}
+	en.hash.Store(h)
+	en.state.Store(uint32(state))
+	en.expires.Store(now + ttl.of(kw, state))
+	en.touched, en.peer = now, p
+	s.index[pos].Store(e + 1)
 	s.lruPushFront(e)
 	s.n++
 }
@@ -398,11 +538,11 @@ type timeouts struct {
 	tcp, tcpClosing, udp, icmp, other, frag int64
 }
 
-func (t *timeouts) of(k *flowKey, state uint8) int64 {
-	if k.kind == kindFrag {
+func (t *timeouts) of(kw *keyWords, state uint8) int64 {
+	if uint8(kw[4]>>40) == kindFrag {
 		return t.frag
 	}
-	switch k.proto {
+	switch uint8(kw[4] >> 32) {
 	case protoTCP:
 		if state&stClosing != 0 {
 			return t.tcpClosing

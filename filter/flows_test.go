@@ -1,7 +1,10 @@
 package filter
 
 import (
+	"fmt"
 	"math/rand/v2"
+	"sync"
+	"sync/atomic"
 	"testing"
 )
 
@@ -39,8 +42,8 @@ func checkShard(t *testing.T, s *flowShard) {
 		}
 	}
 	indexed := 0
-	for _, v := range s.index {
-		if v > 0 {
+	for i := range s.index {
+		if v := s.index[i].Load(); v > 0 {
 			indexed++
 			if state[v-1] != 1 {
 				t.Fatalf("index points at slot %d, which is not live", v-1)
@@ -53,8 +56,12 @@ func checkShard(t *testing.T, s *flowShard) {
 	counts := map[int32]int32{}
 	for e := s.head; e >= 0; e = s.entries[e].next {
 		en := &s.entries[e]
-		if _, got := s.find(&en.key, en.hash); got != e {
+		kw := en.words()
+		if _, got := s.find(&kw, en.hash.Load()); got != e {
 			t.Fatalf("find(slot %d's key) = %d", e, got)
+		}
+		if exp, st, res := s.peek(&kw, en.hash.Load()); res != peekHit || exp != en.expires.Load() || uint32(st) != en.state.Load() {
+			t.Fatalf("peek(slot %d's key) = %d, %d, %d; want a hit", e, exp, st, res)
 		}
 		counts[en.peer]++
 	}
@@ -112,5 +119,82 @@ func TestFlowTableModel(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestFlowTableLockFreeReads hammers a small table with inserts (so slots
+// are evicted and reused and index runs shift) while other goroutines look
+// keys up, mostly without the lock: a reader must never see a key that was
+// never inserted, nor a state that was never stored for the key it asked
+// for (run with -race).
+func TestFlowTableLockFreeReads(t *testing.T) {
+	ttl := &timeouts{tcp: 1e12, tcpClosing: 1e12, udp: 1e12, icmp: 1e12, other: 1e12, frag: 1e12}
+	ft := newFlowTable(32, 32, 2)
+	const now = 1000
+	key := func(r, l int) flowKey {
+		return flowKey{local: ipAddr{lo: 1}, remote: ipAddr{lo: uint64(r)}, lport: uint16(l), rport: 443, proto: protoUDP}
+	}
+	// A key's state is a function of the key, so a torn read shows.
+	wantState := func(r, l int) uint8 {
+		if (r+l)%2 == 0 {
+			return stLocal
+		}
+		return 0
+	}
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w), 1))
+			for range 20000 {
+				r, l := rng.IntN(4), rng.IntN(64)
+				k := key(r, l)
+				ft.insert(&k, wantState(r, l), now, 0, ttl)
+			}
+		}()
+	}
+	errs := make(chan string, 2)
+	var hits atomic.Int64
+	for g := range 2 {
+		go func() {
+			rng := rand.New(rand.NewPCG(uint64(g), 2))
+			for {
+				select {
+				case <-done:
+					errs <- ""
+					return
+				default:
+				}
+				r, l := rng.IntN(4), rng.IntN(64)
+				k := key(r, l)
+				if st, ok := ft.lookup(&k, now, 0, ttl); ok {
+					hits.Add(1)
+					if st != wantState(r, l) {
+						errs <- fmt.Sprintf("key (%d, %d): state %d, stored %d", r, l, st, wantState(r, l))
+						return
+					}
+				}
+				k.proto = protoTCP // never inserted
+				if _, ok := ft.lookup(&k, now, 0, ttl); ok {
+					errs <- fmt.Sprintf("key (%d, %d, tcp) found, never inserted", r, l)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(done)
+	for range 2 {
+		if e := <-errs; e != "" {
+			t.Fatal(e)
+		}
+	}
+	if hits.Load() == 0 {
+		t.Fatal("no lookup ever hit: the test exercised nothing")
+	}
+	for i := range ft.shards {
+		checkShard(t, &ft.shards[i])
 	}
 }
