@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"bytes"
 	"cmp"
 	"encoding/binary"
 	"encoding/json"
@@ -955,19 +956,28 @@ func (e *Engine) PeerCapsFor(dst *netmap.Node) map[netmap.NodeID]map[string][]js
 	if len(rules) == 0 {
 		return nil
 	}
-	union = make(peerSet, len(e.live))
-	for _, set := range holders {
-		for i, w := range set {
-			union[i] |= w
+	union = holders[0]
+	if len(holders) > 1 {
+		union = make(peerSet, len(e.live))
+		for _, set := range holders {
+			for i, w := range set {
+				union[i] |= w
+			}
 		}
 	}
-	out := make(map[netmap.NodeID]map[string][]json.RawMessage)
+	count := 0
+	for _, w := range union {
+		count += bits.OnesCount64(w)
+	}
+	out := make(map[netmap.NodeID]map[string][]json.RawMessage, count)
 	// Peers holding capabilities through the same grants get the same map:
-	// a bit mask of the grants, as bytes, finds it.
+	// a bit mask of the grants, as bytes, finds it. Neighbouring slots
+	// mostly hold the same grants, so the last mask is tried first.
 	shared := map[string]map[string][]json.RawMessage{}
 	words := (len(rules) + 63) / 64
 	mask := make([]uint64, words)
-	var key []byte
+	var key, lastKey []byte
+	var lastCaps map[string][]json.RawMessage
 	for w, word := range union {
 		for word != 0 {
 			b := bits.TrailingZeros64(word)
@@ -987,6 +997,10 @@ func (e *Engine) PeerCapsFor(dst *netmap.Node) map[netmap.NodeID]map[string][]js
 			for _, m := range mask {
 				key = binary.LittleEndian.AppendUint64(key, m)
 			}
+			if lastCaps != nil && bytes.Equal(key, lastKey) {
+				out[id] = lastCaps
+				continue
+			}
 			caps, ok := shared[string(key)]
 			if !ok {
 				caps = map[string][]json.RawMessage{}
@@ -998,6 +1012,7 @@ func (e *Engine) PeerCapsFor(dst *netmap.Node) map[netmap.NodeID]map[string][]js
 				shared[string(key)] = caps
 			}
 			out[id] = caps
+			key, lastKey, lastCaps = lastKey, key, caps
 		}
 	}
 	return out
