@@ -46,8 +46,15 @@ const lruGranularity = int64(time.Second)
 type keyWords [5]uint64
 
 func (k *flowKey) words() keyWords {
-	return keyWords{k.local.hi, k.local.lo, k.remote.hi, k.remote.lo,
-		uint64(k.lport) | uint64(k.rport)<<16 | uint64(k.proto)<<32 | uint64(k.kind)<<40}
+	return makeWords(k.local, k.remote, k.lport, k.rport, k.proto, k.kind)
+}
+
+// makeWords packs a key from its parts, for hot paths that would
+// otherwise assemble a flowKey only to read it back (a store-forwarding
+// stall: narrow stores, wide loads).
+func makeWords(local, remote ipAddr, lport, rport uint16, proto, kind uint8) keyWords {
+	return keyWords{local.hi, local.lo, remote.hi, remote.lo,
+		uint64(lport) | uint64(rport)<<16 | uint64(proto)<<32 | uint64(kind)<<40}
 }
 
 // flowEntry is one slot of a shard. Slots are linked into the shard's LRU

@@ -44,11 +44,20 @@ func FuzzFilter(f *testing.F) {
 			var q packet
 			parseQuoted(p.icmpMsg, p.v6, &q)
 		}
+		// The outbound fast path's shape check: only whole packets with
+		// ports, where its transport header is.
+		if l4 := fastShape(b); l4 != 0 && (!ok || !p.ports || p.frag != fragNone || p.l4 != l4) {
+			t.Fatalf("fastShape = %d for a packet the parser calls ok=%v ports=%v frag=%d l4=%d", l4, ok, p.ports, p.frag, p.l4)
+		}
 		// The fast path may only judge packets the full parser accepts
 		// whole, with ports.
 		// When it judges, it must agree with the rules as the full path
 		// asks them.
-		if accept, judged := r.fastAccept(b); judged {
+		if res, l4, _ := r.fastAccept(b, nil); res != fastUnjudged && l4 != fastShape(b) {
+			t.Fatalf("fastAccept's transport offset %d, fastShape's %d", l4, fastShape(b))
+		}
+		if res, _, _ := r.fastAccept(b, nil); res == fastAllow || res == fastDeny {
+			accept := res == fastAllow
 			if !ok || !p.ports || p.frag != fragNone {
 				t.Fatalf("fast path judged a packet the parser calls ok=%v ports=%v frag=%d", ok, p.ports, p.frag)
 			}
@@ -58,8 +67,14 @@ func FuzzFilter(f *testing.F) {
 			// Fast route (rules and flow from the bytes) and full route
 			// must reach the same verdict, flow state included.
 			c := clock{now: now, base: &flt.base}
-			if full, fast := flt.inFull(r, b, &c, false), flt.Inbound(b, now); full != fast {
+			full, fast := flt.inFull(r, b, &c, false), flt.Inbound(b, now)
+			if full != fast {
 				t.Fatalf("full path %v, fast path %v", full, fast)
+			}
+			// A drop is recorded alike by both (the fast path does not
+			// parse the packet again for its record).
+			if d := flt.RecentDrops(); full != Accept && (len(d) < 2 || d[len(d)-1] != d[len(d)-2]) {
+				t.Fatalf("drop records differ: full path %+v, fast path %+v", d[len(d)-2], d[len(d)-1])
 			}
 		}
 		if v := flt.Inbound(b, now); v >= numVerdicts || (!ok && v != DropMalformed) {

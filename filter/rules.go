@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"sync/atomic"
 
 	"github.com/gaissmai/bart"
 
@@ -108,6 +109,12 @@ func (s *srcSet) lookup(a ipAddr) int32 {
 	} else if r := s.hosts6.get(a.hi, a.lo); r >= 0 {
 		return r
 	}
+	return s.lookupNets(a)
+}
+
+// lookupNets is lookup without the host sets, for a caller that has
+// already asked them.
+func (s *srcSet) lookupNets(a ipAddr) int32 {
 	if s.big != nil {
 		if r, ok := s.big.Lookup(a.netip()); ok {
 			return r
@@ -500,26 +507,32 @@ func (c *compiler) srcSet(rep map[int32]int32) *srcSet {
 // cannot judge a packet it returns false, false and the full path (parse,
 // judgeIn) decides. It must never accept a packet the full path would
 // drop, which FuzzFilter checks.
-func (r *Rules) fastAccept(b []byte) (accept, judged bool) {
+//
+// It returns fastAllow or fastDeny when it asked the rules, fastUnjudged
+// when the full path must decide, and fastReplyFirst (rules not asked)
+// when replyFirst holds the packet's destination port: the node has opened
+// flows from that port, so the packet is most likely a reply and the flow
+// table is the cheaper first question. l4 and total locate the transport
+// header and the end of the IP packet when res is not fastUnjudged.
+func (r *Rules) fastAccept(b []byte, replyFirst *portSet) (res fastResult, l4, total int) {
 	if !r.dstsLocal || len(b) < 28 {
-		return false, false
+		return fastUnjudged, 0, 0
 	}
-	var l4, total int
 	switch b[0] {
 	case 0x45:
 		total = int(binary.BigEndian.Uint16(b[2:4]))
 		// No fragment offset, no MF, no reserved bit (DF is fine).
 		if total > len(b) || binary.BigEndian.Uint16(b[6:8])&0xbfff != 0 {
-			return false, false
+			return fastUnjudged, 0, 0
 		}
 		l4 = 20
 	default:
 		if b[0]>>4 != 6 || len(b) < 48 {
-			return false, false
+			return fastUnjudged, 0, 0
 		}
 		total = 40 + int(binary.BigEndian.Uint16(b[4:6]))
 		if total > len(b) {
-			return false, false
+			return fastUnjudged, 0, 0
 		}
 		l4 = 40
 	}
@@ -530,34 +543,38 @@ func (r *Rules) fastAccept(b []byte) (accept, judged bool) {
 	switch proto {
 	case protoTCP:
 		if total < l4+20 {
-			return false, false
+			return fastUnjudged, 0, 0
 		}
 		if doff := int(b[l4+12]>>4) * 4; doff < 20 || l4+doff > total {
-			return false, false
+			return fastUnjudged, 0, 0
 		}
 	case protoUDP:
 		if total < l4+8 {
-			return false, false
+			return fastUnjudged, 0, 0
 		}
 		if ul := int(binary.BigEndian.Uint16(b[l4+4 : l4+6])); ul != 0 && (ul < 8 || ul > total-l4) {
-			return false, false
+			return fastUnjudged, 0, 0
 		}
 	default:
-		return false, false
+		return fastUnjudged, 0, 0
+	}
+	dport := binary.BigEndian.Uint16(b[l4+2 : l4+4])
+	if replyFirst != nil && replyFirst.has(proto, dport) {
+		return fastReplyFirst, l4, total
 	}
 	pr := r.protos[proto]
 	if pr == nil {
-		return false, true
+		return fastDeny, l4, total
 	}
 	if pr.byPort == nil {
-		return false, false
+		return fastUnjudged, 0, 0
 	}
-	cell := pr.cells[pr.byPort[binary.BigEndian.Uint16(b[l4+2:l4+4])]]
+	cell := pr.cells[pr.byPort[dport]]
 	if cell == nil {
-		return false, true
+		return fastDeny, l4, total
 	}
 	if cell.big != nil {
-		return false, false
+		return fastUnjudged, 0, 0
 	}
 	var srcs *srcSet
 	if l4 == 20 {
@@ -578,16 +595,56 @@ func (r *Rules) fastAccept(b []byte) (accept, judged bool) {
 		}
 	}
 	if srcs == nil {
-		return false, true
+		return fastDeny, l4, total
 	}
+	var rule int32
 	if l4 == 20 {
-		if srcs.hosts4.get(binary.BigEndian.Uint32(b[12:16])) >= 0 {
-			return true, true
+		if rule = srcs.hosts4.get(binary.BigEndian.Uint32(b[12:16])); rule < 0 {
+			rule = srcs.lookupNets(ip4(b[12:16]))
 		}
-		return srcs.lookup(ip4(b[12:16])) >= 0, true
+	} else if rule = srcs.hosts6.get(binary.BigEndian.Uint64(b[8:16]), binary.BigEndian.Uint64(b[16:24])); rule < 0 {
+		rule = srcs.lookupNets(ip6(b[8:24]))
 	}
-	if srcs.hosts6.get(binary.BigEndian.Uint64(b[8:16]), binary.BigEndian.Uint64(b[16:24])) >= 0 {
-		return true, true
+	if rule < 0 {
+		return fastDeny, l4, total
 	}
-	return srcs.lookup(ip6(b[8:24])) >= 0, true
+	return fastAllow, l4, total
+}
+
+// fastResult is fastAccept's answer.
+type fastResult uint8
+
+const (
+	fastUnjudged fastResult = iota
+	fastDeny
+	fastAllow
+	fastReplyFirst
+)
+
+// portSet is a set of TCP and UDP port numbers, safe for concurrent use;
+// ports are only ever added.
+type portSet struct {
+	bits [2][65536 / 64]atomic.Uint64 // [0] TCP, [1] UDP
+}
+
+func portSetRow(proto uint8) int {
+	if proto == protoUDP {
+		return 1
+	}
+	return 0
+}
+
+func (s *portSet) has(proto uint8, port uint16) bool {
+	return s.bits[portSetRow(proto)][port>>6].Load()&(1<<(port&63)) != 0
+}
+
+// add adds a TCP or UDP port; other protocols are ignored.
+func (s *portSet) add(proto uint8, port uint16) {
+	if proto != protoTCP && proto != protoUDP {
+		return
+	}
+	w := &s.bits[portSetRow(proto)][port>>6]
+	if m := uint64(1) << (port & 63); w.Load()&m == 0 {
+		w.Or(m)
+	}
 }
