@@ -723,7 +723,7 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 	for _, n := range a.nm.SortedPeers() {
 		p := localapi.Peer{Node: statusNode(n), Path: "none"}
 		if a.eng != nil && a.eng.magic() != nil {
-			p.Path, p.Endpoint = peerPath(a.eng.magic(), n.NodeKey)
+			setPeerPath(&p, a.eng.magic(), n.NodeKey)
 		}
 		if stats != nil {
 			if ps, ok := stats.Peers[n.NodeKey]; ok {

@@ -70,11 +70,6 @@ func (a *Agent) homeDERP() int {
 }
 
 // peerPath is a peer's path and endpoint for status.
-func peerPath(mb *magicbind.Bind, k netmap.NodePublic) (path, endpoint string) {
-	st := mb.PeerStatus(k)
-	return st.Path, st.Endpoint()
-}
-
 // setPeerPath fills p's path fields from the magic bind: the path and its
 // endpoint, and for a direct path the probed path MTU and whether it drops
 // full-size packets.
