@@ -733,3 +733,63 @@ func TestConcurrentFlows(t *testing.T) {
 		t.Errorf("only %d of %d replies accepted right after their flow opened", a, o)
 	}
 }
+
+// Inbound packets to a local port this node has opened flows from ask the
+// flow table before the rules (an ordering hint). The verdicts, counters
+// and drop records must be exactly those of a filter without the hint.
+func TestReplyFirstSameVerdicts(t *testing.T) {
+	now := time.Now()
+	hinted := seedFilter(t, training, Options{})
+	plain := seedFilter(t, training, Options{})
+	opened := []pkt{
+		{src: training, dst: outsider, proto: protoTCP, sport: 22, dport: 80, flags: tcpSYN},
+		{src: training, dst: outsider, proto: protoTCP, sport: 40000, dport: 443, flags: tcpSYN},
+		{src: training, dst: outsider, proto: protoUDP, sport: 40000, dport: 53},
+	}
+	for _, f := range []*Filter{hinted, plain} {
+		for _, p := range opened {
+			if v := f.Outbound(p.build(), now); v != Accept {
+				t.Fatalf("outbound %+v: %v", p, v)
+			}
+		}
+	}
+	for r := range plain.replyPorts.bits {
+		for i := range plain.replyPorts.bits[r] {
+			plain.replyPorts.bits[r][i].Store(0)
+		}
+	}
+	if !hinted.replyPorts.has(protoTCP, 22) || !hinted.replyPorts.has(protoUDP, 40000) || hinted.replyPorts.has(protoUDP, 22) {
+		t.Fatal("replyPorts does not hold the ports of the flows this node opened")
+	}
+	ack := func(src string, sport, dport uint16, flags uint8) pkt {
+		return pkt{src: src, dst: training, proto: protoTCP, sport: sport, dport: dport, flags: flags}
+	}
+	for _, tc := range []struct {
+		p    pkt
+		want Verdict
+	}{
+		{ack(engineer, 5000, 22, tcpSYN), Accept},          // rule, hinted port
+		{ack(engineer, 5000, 22, tcpACK), Accept},          // rule, hinted port
+		{ack(outsider, 80, 22, tcpSYN|tcpACK), Accept},     // reply on a service port
+		{ack(outsider, 81, 22, tcpACK), DropNoRule},        // no such flow
+		{ack(outsider, 5000, 22, tcpSYN), DropNoRule},      // a bare SYN answers nothing
+		{ack(outsider, 443, 40000, tcpACK), Accept},        // reply
+		{ack(outsider, 443, 40000, tcpACK|tcpFIN), Accept}, // reply, closing
+		{ack(outsider, 443, 40001, tcpACK), DropNoRule},    // unhinted port
+		{ack(engineer, 443, 40000, tcpACK), DropNoRule},    // hinted port, other peer, no rule
+		{pkt{src: outsider, dst: training, proto: protoUDP, sport: 53, dport: 40000}, Accept},
+		{pkt{src: outsider, dst: training, proto: protoUDP, sport: 54, dport: 40000}, DropNoRule},
+		{pkt{src: engineer, dst: "100.64.0.99", proto: protoTCP, sport: 1, dport: 22, flags: tcpSYN}, DropNotLocal},
+	} {
+		b := tc.p.build()
+		if got, ref := hinted.Inbound(b, now), plain.Inbound(b, now); got != tc.want || ref != tc.want {
+			t.Errorf("%+v: hinted %v, plain %v, want %v", tc.p, got, ref, tc.want)
+		}
+	}
+	if h, p := hinted.Stats(), plain.Stats(); fmt.Sprint(h) != fmt.Sprint(p) {
+		t.Errorf("stats differ: hinted %+v, plain %+v", h, p)
+	}
+	if h, p := hinted.RecentDrops(), plain.RecentDrops(); fmt.Sprint(h) != fmt.Sprint(p) || len(h) != 6 {
+		t.Errorf("drop records differ or are missing:\nhinted %+v\nplain  %+v", h, p)
+	}
+}
