@@ -619,7 +619,9 @@ type DropRecord struct {
 // dropRecord is what the drop path stores: raw fields, converted to a
 // DropRecord only when someone asks.
 type dropRecord struct {
-	t                time.Time
+	// Unix nanoseconds: a time.Time holds a pointer, and storing one into
+	// the heap-allocated ring costs write-barrier work on every drop.
+	unixNano         int64
 	src, dst         ipAddr
 	n                int
 	srcPort, dstPort uint16
@@ -630,7 +632,7 @@ type dropRecord struct {
 }
 
 func (d *dropRecord) export() DropRecord {
-	r := DropRecord{Time: d.t, Direction: d.dir, Dir: d.dir.String(), Reason: d.v.String(), Len: d.n}
+	r := DropRecord{Time: time.Unix(0, d.unixNano), Direction: d.dir, Dir: d.dir.String(), Reason: d.v.String(), Len: d.n}
 	if d.parsed {
 		r.Proto, r.Src, r.Dst, r.SrcPort, r.DstPort = d.proto, d.src.netip(), d.dst.netip(), d.srcPort, d.dstPort
 	}
@@ -641,7 +643,7 @@ func (f *Filter) dropped(dir Direction, v Verdict, p *packet, n int, now time.Ti
 	f.recentMu.Lock()
 	f.drops[dir][v]++
 	rec := &f.recent[f.recentPos]
-	*rec = dropRecord{t: now, dir: dir, v: v, n: n}
+	*rec = dropRecord{unixNano: now.UnixNano(), dir: dir, v: v, n: n}
 	if p != nil {
 		rec.parsed, rec.proto, rec.src, rec.dst = true, p.proto, p.src, p.dst
 		if p.ports {
