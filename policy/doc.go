@@ -1,7 +1,9 @@
 // Package policy is the tailnet policy engine: huJSON in, a validated
 // Policy out, compiled per node into inbound packet-filter rules, peer
 // visibility and "app" capabilities. It is pure: no network, no disk, no
-// goroutines.
+// goroutines. An Engine is safe for concurrent use, and its queries that
+// only read the node index (Peers, PeerCapsFor, FilterFor given no node
+// list) run in parallel.
 //
 // The file format is the one Tailscale users write (sections "groups",
 // "hosts", "tagOwners", "acls", "grants", "tests", "ssh", "autoApprovers",
@@ -17,6 +19,7 @@
 //	rules := e.FilterFor(n, nil)                 // inbound rules for n
 //	peers := e.Peers(n)                          // whom n may see
 //	caps := e.PeerCaps(n, peer)                  // peer's capabilities on n
+//	byPeer := e.PeerCapsFor(n)                   // every peer's, in one call
 //
 // Semantics worth knowing:
 //
