@@ -173,13 +173,23 @@ func (f *Filter) SetRules(r *Rules) {
 // Rules returns the rules in force.
 func (f *Filter) Rules() *Rules { return f.rules.Load() }
 
-// clock turns the caller's time into the flow table's monotonic
-// nanoseconds on first use only: most packets are judged by rules alone.
+// clock is the state of one Inbound/Outbound call or one batch. It turns
+// the caller's time into the flow table's monotonic nanoseconds on first
+// use only (most packets are judged by rules alone), and remembers the last
+// flow whose reply it let in.
 type clock struct {
 	now  time.Time
 	base *time.Time
 	t    int64
 	set  bool
+	// last is the key of the last reply accepted by its flow in this batch.
+	// With GRO a batch is mostly consecutive packets of one flow, and all
+	// share one time: the first packet's lookup already did everything
+	// the next ones' would (expiry and LRU refreshed to this time), unless
+	// a FIN or RST changes the flow's state. So a batch sees a flow as it
+	// was at its first packet, as it sees one Rules throughout.
+	last    keyWords
+	hasLast bool
 }
 
 func (c *clock) mono() int64 {
@@ -306,8 +316,17 @@ func (f *Filter) fastReply(b []byte, l4 int, c *clock) bool {
 			return false // a bare SYN answers nothing; see judgeInFlow
 		}
 	}
+	// Word by word: == on the arrays calls memequal.
+	if c.hasLast && (kw[0]^c.last[0])|(kw[1]^c.last[1])|(kw[2]^c.last[2])|(kw[3]^c.last[3])|(kw[4]^c.last[4]) == 0 &&
+		flags&(tcpFIN|tcpRST) == 0 {
+		return true
+	}
 	st, ok := f.flows.lookupWords(&kw, f.flows.hash(&kw), c.mono(), flags, &f.ttl)
-	return ok && st&stLocal != 0
+	if ok && st&stLocal != 0 {
+		c.last, c.hasLast = kw, true
+		return true
+	}
+	return false
 }
 
 // fastDrop drops a packet that fastAccept judged and the rules and flow

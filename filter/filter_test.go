@@ -793,3 +793,42 @@ func TestReplyFirstSameVerdicts(t *testing.T) {
 		t.Errorf("drop records differ or are missing:\nhinted %+v\nplain  %+v", h, p)
 	}
 }
+
+// A batch remembers the last flow whose reply it let in, so that a GRO
+// batch of one flow costs one lookup. The memo must not let another flow's
+// packet in, and a FIN in the middle of the batch must still close the
+// flow.
+func TestBatchFlowMemo(t *testing.T) {
+	f := seedFilter(t, training, Options{})
+	now := time.Now()
+	udp := pkt{src: training, dst: outsider, proto: protoUDP, sport: 40000, dport: 53}
+	tcp := pkt{src: training, dst: outsider, proto: protoTCP, sport: 40001, dport: 443, flags: tcpSYN}
+	for _, p := range []pkt{udp, tcp} {
+		f.Outbound(p.build(), now)
+	}
+	other := udp.reply()
+	other.sport = 54 // same hosts and local port, another flow
+	ack := tcp.reply()
+	ack.flags = tcpACK
+	fin := ack
+	fin.flags = tcpACK | tcpFIN
+	batch := []pkt{udp.reply(), udp.reply(), other, udp.reply(), ack, ack, fin, ack}
+	bufs := make([][]byte, len(batch))
+	for i, p := range batch {
+		bufs[i] = p.build()
+	}
+	if kept := f.InboundBatch(bufs, 0, now); len(kept) != len(batch)-1 {
+		t.Fatalf("kept %d of %d packets, want all but the other flow's", len(kept), len(batch))
+	}
+	if d := f.RecentDrops(); len(d) != 1 || d[0].SrcPort != 54 {
+		t.Fatalf("drops %+v, want the other flow's packet", d)
+	}
+	// The FIN closed the TCP flow (30 s); the UDP flow lives on (180 s).
+	later := now.Add(31 * time.Second)
+	if v := f.Inbound(ack.build(), later); v != DropNoRule {
+		t.Errorf("TCP reply 31 s after a FIN: %v, want the flow closed", v)
+	}
+	if v := f.Inbound(udp.reply().build(), later); v != Accept {
+		t.Errorf("UDP reply after 31 s: %v", v)
+	}
+}

@@ -160,12 +160,17 @@ func TestFlowTableLockFreeReads(t *testing.T) {
 	for g := range 2 {
 		go func() {
 			rng := rand.New(rand.NewPCG(uint64(g), 2))
-			for {
-				select {
-				case <-done:
-					errs <- ""
-					return
-				default:
+			// At least 20000 lookups each (the table keeps 32 flows after
+			// the writers stop, so some hit), and on until the writers are
+			// done.
+			for i := 0; ; i++ {
+				if i >= 20000 {
+					select {
+					case <-done:
+						errs <- ""
+						return
+					default:
+					}
 				}
 				r, l := rng.IntN(4), rng.IntN(64)
 				k := key(r, l)
