@@ -65,7 +65,8 @@ type engine struct {
 	want   map[netmap.NodePublic]wgPeer
 	routes []netip.Prefix
 
-	lazy       *lazyPeers // nil: every peer is configured
+	lazy       *lazyPeers // per-peer data path state; nil without the magic bind
+	lazyOn     bool       // peers are configured on demand and trimmed
 	lazyCancel context.CancelFunc
 	lazyWG     sync.WaitGroup
 
@@ -96,12 +97,16 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 	}
 	e.bind = cfg.newBind()
 	devBind := e.bind
-	// Lazy configuration needs to tell which peer sent a packet, which the
-	// magic bind's endpoints say; a plain UDP bind gets every peer.
-	if _, ok := e.bind.(*magicbind.Bind); ok && cfg.peerIdle > 0 {
+	// The per-peer data path state (lazy configuration, MSS clamping)
+	// needs to tell which peer sent a packet, which the magic bind's
+	// endpoints say; with a plain UDP bind every peer is configured and
+	// nothing is clamped.
+	if mb, ok := e.bind.(*magicbind.Bind); ok {
 		e.lazy = newLazyPeers()
+		e.lazyOn = cfg.peerIdle > 0
 		tdev = &lazyTUN{Device: tdev, l: e.lazy}
 		devBind = &lazyBind{Bind: e.bind, l: e.lazy}
+		mb.SetPathMTUHook(e.lazy.setPathMTU)
 	}
 	if cfg.wrapTUN != nil {
 		wrapped, err := cfg.wrapTUN(tdev)
@@ -168,7 +173,7 @@ func (e *engine) applyMap(nm *netmap.NetworkMap) error {
 	defer e.mu.Unlock()
 	var errs []error
 	target := want
-	if e.lazy != nil {
+	if e.lazyOn {
 		// Only peers already configured stay (with the map's endpoint and
 		// addresses); the rest wait for their first packet.
 		target = make(map[netmap.NodePublic]wgPeer, len(e.peers))

@@ -61,6 +61,11 @@ type peerActivity struct {
 	last       atomic.Int64
 	configured atomic.Bool
 
+	// clampMTU, when > 0, is the largest overlay packet the peer's direct
+	// path carries, below the overlay MTU: TCP SYNs to and from the peer
+	// get their MSS clamped to fit it.
+	clampMTU atomic.Int32
+
 	mu     sync.Mutex
 	ready  chan struct{} // non-nil while an activation is queued; closed when done
 	reason activation
@@ -82,6 +87,9 @@ type lazyPeers struct {
 	byAddr  atomic.Pointer[bart.Table[*peerActivity]]
 	queue   chan *peerActivity
 	closing chan struct{} // closed before the device closes
+	// clamping counts peers with clampMTU set, so that the inbound path
+	// looks at nothing while no path needs clamping.
+	clamping atomic.Int32
 }
 
 func newLazyPeers() *lazyPeers {
@@ -116,11 +124,48 @@ func (l *lazyPeers) publish(want map[netmap.NodePublic]wgPeer, configured map[ne
 	for k, pa := range old {
 		if _, ok := byKey[k]; !ok {
 			pa.configured.Store(false)
+			if pa.clampMTU.Swap(0) > 0 {
+				l.clamping.Add(-1)
+			}
 			pa.finish()
 		}
 	}
 	l.byKey.Store(&byKey)
 	l.byAddr.Store(byAddr)
+}
+
+// setPathMTU is the magic bind's path MTU hook: a peer whose direct path
+// loses packets above pathMTU gets TCP MSS clamping, one whose path
+// carries full-size packets again loses it.
+func (l *lazyPeers) setPathMTU(k netmap.NodePublic, pathMTU int, lost bool) {
+	pa := (*l.byKey.Load())[k]
+	if pa == nil {
+		return
+	}
+	v := int32(0)
+	if lost && pathMTU >= minClampMTU {
+		v = int32(pathMTU)
+	}
+	switch old := pa.clampMTU.Swap(v); {
+	case old == 0 && v > 0:
+		l.clamping.Add(1)
+	case old > 0 && v == 0:
+		l.clamping.Add(-1)
+	}
+}
+
+// minClampMTU is the smallest path MTU clamped to: IPv6's minimum, below
+// which the MSS would make no sense.
+const minClampMTU = 1280
+
+// clampSYN clamps the MSS of a TCP SYN in pkt to fit a path that carries
+// overlay packets of up to mtu bytes.
+func clampSYN(pkt []byte, mtu int32) {
+	hdr := int32(40) // IPv4 + TCP
+	if len(pkt) > 0 && pkt[0]>>4 == 6 {
+		hdr = 60
+	}
+	ClampMSS(pkt, uint16(mtu-hdr))
 }
 
 // sameShape reports whether want has exactly the keys and addresses the
@@ -192,9 +237,12 @@ func (pa *peerActivity) finish() {
 // idle ones, until ctx ends.
 func (e *engine) runLazy(ctx context.Context) {
 	l := e.lazy
-	every := min(max(e.cfg.peerIdle/4, time.Second), 30*time.Second)
-	t := time.NewTicker(every)
-	defer t.Stop()
+	var trimTick <-chan time.Time // nil, never ready, when nothing is trimmed
+	if e.lazyOn {
+		t := time.NewTicker(min(max(e.cfg.peerIdle/4, time.Second), 30*time.Second))
+		defer t.Stop()
+		trimTick = t.C
+	}
 	var batch []*peerActivity
 	for {
 		select {
@@ -212,7 +260,7 @@ func (e *engine) runLazy(ctx context.Context) {
 				}
 			}
 			e.activate(batch)
-		case <-t.C:
+		case <-trimTick:
 			e.trim()
 		}
 	}
@@ -344,8 +392,69 @@ func (t *lazyTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 		if !pa.configured.Load() {
 			t.l.ensure(pa, activateOutbound, nil)
 		}
+		if m := pa.clampMTU.Load(); m > 0 {
+			clampSYN(bufs[i][offset:offset+sizes[i]], m)
+		}
 	}
 	return n, err
+}
+
+// Write clamps the MSS of TCP SYNs from peers whose direct path is
+// smaller than the overlay MTU, so this host's TCP never builds segments
+// that path drops; then it writes the batch.
+func (t *lazyTUN) Write(bufs [][]byte, offset int) (int, error) {
+	if t.l.clamping.Load() > 0 {
+		table := t.l.byAddr.Load()
+		for _, b := range bufs {
+			pkt := b[offset:]
+			if !isTCPSYN(pkt) {
+				continue
+			}
+			src, ok := packetSrc(pkt)
+			if !ok {
+				continue
+			}
+			if pa, _ := table.Lookup(src); pa != nil {
+				if m := pa.clampMTU.Load(); m > 0 {
+					clampSYN(pkt, m)
+				}
+			}
+		}
+	}
+	return t.Device.Write(bufs, offset)
+}
+
+// isTCPSYN is a cheap first test for a TCP SYN without IPv6 extension
+// headers or IPv4 options beyond what the header length says; ClampMSS
+// does the full parse.
+func isTCPSYN(p []byte) bool {
+	const flagSYN = 0x02
+	switch {
+	case len(p) >= 20 && p[0]>>4 == 4 && p[9] == 6:
+		ihl := int(p[0]&0x0f) * 4
+		return len(p) >= ihl+14 && p[ihl+13]&flagSYN != 0
+	case len(p) >= 40 && p[0]>>4 == 6 && p[6] == 6:
+		return len(p) >= 54 && p[53]&flagSYN != 0
+	}
+	return false
+}
+
+// packetSrc is an IP packet's source address.
+func packetSrc(p []byte) (netip.Addr, bool) {
+	if len(p) < 1 {
+		return netip.Addr{}, false
+	}
+	switch p[0] >> 4 {
+	case 4:
+		if len(p) >= 20 {
+			return netip.AddrFrom4([4]byte(p[12:16])), true
+		}
+	case 6:
+		if len(p) >= 40 {
+			return netip.AddrFrom16([16]byte(p[8:24])), true
+		}
+	}
+	return netip.Addr{}, false
 }
 
 // packetDst is an IP packet's destination address.

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -291,5 +292,89 @@ func TestLazyBindAbort(t *testing.T) {
 	case <-done:
 	case <-time.After(5 * time.Second):
 		t.Fatal("ensure still blocked after the engine closed")
+	}
+}
+
+// recordTUN keeps what is written to it.
+type recordTUN struct {
+	fixedTUN
+	written [][]byte
+}
+
+func (r *recordTUN) Write(bufs [][]byte, offset int) (int, error) {
+	for _, b := range bufs {
+		r.written = append(r.written, bytes.Clone(b[offset:]))
+	}
+	return len(bufs), nil
+}
+
+// TestMSSClampFromPathMTU checks the wiring from the magic bind's path MTU
+// result to the data path: SYNs to and from a peer whose direct path
+// carries only 1,420-byte packets get an MSS that fits (1,380 on IPv4,
+// 1,360 on IPv6, checksums still right); other peers' SYNs, and every SYN
+// once the path carries full-size packets again, are left alone.
+func TestMSSClampFromPathMTU(t *testing.T) {
+	const syn, synAck = 0x02, 0x12
+	l := newLazyPeers()
+	// synPacket goes from 100.64.0.1 / fd7a:115c:a1e0::1 to .2 / ::2.
+	far, near := netmap.NewNodePrivate().Public(), netmap.NewNodePrivate().Public()
+	want := map[netmap.NodePublic]wgPeer{
+		far:  {Key: far, AllowedIPs: pfx("100.64.0.2/32", "fd7a:115c:a1e0::2/128")},
+		near: {Key: near, AllowedIPs: pfx("100.64.0.1/32", "fd7a:115c:a1e0::1/128")},
+	}
+	l.publish(want, want)
+	l.setPathMTU(far, 1420, true)
+	if l.clamping.Load() != 1 {
+		t.Fatalf("clamping = %d after one lossy path, want 1", l.clamping.Load())
+	}
+
+	for _, v6 := range []bool{false, true} {
+		wantMSS := uint16(1380)
+		if v6 {
+			wantMSS = 1360
+		}
+		// Outbound: our SYN to the far peer.
+		out := &lazyTUN{Device: &fixedTUN{pkts: [][]byte{synPacket(v6, false, syn, mssOption(8880))}}, l: l}
+		bufs := [][]byte{make([]byte, 9000)}
+		sizes := []int{0}
+		if _, err := out.Read(bufs, sizes, 0); err != nil {
+			t.Fatal(err)
+		}
+		pkt := bufs[0][:sizes[0]]
+		if got := mssOf(pkt); got != wantMSS || !checksumOK(pkt) {
+			t.Errorf("v6=%v outbound SYN to the lossy peer: MSS %d (want %d), checksum ok %v", v6, got, wantMSS, checksumOK(pkt))
+		}
+		// Inbound: a SYN-ACK from the near peer (path fine) is left alone;
+		// from the far one (its source) it is clamped.
+		rec := &recordTUN{}
+		in := &lazyTUN{Device: rec, l: l}
+		fromNear := synPacket(v6, false, synAck, mssOption(8880)) // source .1: near
+		if _, err := in.Write([][]byte{fromNear}, 0); err != nil {
+			t.Fatal(err)
+		}
+		if got := mssOf(rec.written[0]); got != 8880 {
+			t.Errorf("v6=%v SYN-ACK from a peer with a full-size path: MSS %d, want 8880 untouched", v6, got)
+		}
+		l.setPathMTU(near, 1420, true)
+		rec.written = nil
+		if _, err := in.Write([][]byte{synPacket(v6, false, synAck, mssOption(8880))}, 0); err != nil {
+			t.Fatal(err)
+		}
+		if got := mssOf(rec.written[0]); got != wantMSS || !checksumOK(rec.written[0]) {
+			t.Errorf("v6=%v inbound SYN-ACK from a lossy peer: MSS %d (want %d), checksum ok %v", v6, got, wantMSS, checksumOK(rec.written[0]))
+		}
+		l.setPathMTU(near, 8920, false)
+	}
+
+	// The path carries full-size packets again: nothing is clamped.
+	l.setPathMTU(far, 8920, false)
+	if l.clamping.Load() != 0 {
+		t.Fatalf("clamping = %d after every path recovered, want 0", l.clamping.Load())
+	}
+	out := &lazyTUN{Device: &fixedTUN{pkts: [][]byte{synPacket(false, false, syn, mssOption(8880))}}, l: l}
+	bufs, sizes := [][]byte{make([]byte, 9000)}, []int{0}
+	out.Read(bufs, sizes, 0)
+	if got := mssOf(bufs[0][:sizes[0]]); got != 8880 {
+		t.Errorf("SYN after the path recovered: MSS %d, want 8880", got)
 	}
 }

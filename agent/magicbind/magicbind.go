@@ -109,6 +109,8 @@ type Bind struct {
 	byAddr atomic.Pointer[map[netip.AddrPort]*peer]
 	// byKey is the same for DERP sources.
 	byKey atomic.Pointer[map[netmap.NodePublic]*peer]
+	// pmtuHook is told about path MTU results (SetPathMTUHook).
+	pmtuHook atomic.Pointer[func(netmap.NodePublic, int, bool)]
 	// derpBufs hold relayed packets between the relay's reader and
 	// WireGuard's receive call.
 	derpBufs sync.Pool
@@ -722,7 +724,7 @@ func (b *Bind) discoLoop(o *openState) {
 			if dk.IsZero() {
 				continue
 			}
-			b.logPMTU(name, res)
+			b.logPMTU(p.key, name, res)
 			for _, pr := range act.Pings {
 				b.sendDiscoUDP(pr.To, dk, disco.Ping{TxID: pr.TxID, NodeKey: b.selfPK})
 			}
@@ -809,7 +811,7 @@ func (b *Bind) handleDisco(pkt []byte, src netip.AddrPort, r *region, derpSrc ne
 			name := p.name
 			p.mu.Unlock()
 			if probe {
-				b.logPMTU(name, res)
+				b.logPMTU(p.key, name, res)
 				return
 			}
 			if ok {

@@ -216,9 +216,12 @@ func (b *Bind) sendProbes(probes []pmtuProbe, dk netmap.DiscoPublic) {
 // logPMTU logs a changed probe result: a warning when full-size packets are
 // lost (once per change, not per round), an info line when they cross
 // again.
-func (b *Bind) logPMTU(name string, res *pmtuResult) {
+func (b *Bind) logPMTU(k netmap.NodePublic, name string, res *pmtuResult) {
 	if res == nil {
 		return
+	}
+	if fn := b.pmtuHook.Load(); fn != nil {
+		(*fn)(k, res.pathMTU, res.lost)
 	}
 	mtu := b.opts.OverlayMTU
 	switch {
@@ -241,6 +244,14 @@ func MTUProblemText(peer string, pathMTU, overlayMTU int) string {
 		return fmt.Sprintf("peer %s: direct path drops even %d-byte packets (overlay MTU %d): "+
 			"allow ICMP fragmentation-needed on the path, or fix the link MTUs between the hosts", peer, probeSizes(overlayMTU)[0], overlayMTU)
 	}
-	return fmt.Sprintf("peer %s: direct path drops packets over %d bytes (overlay MTU %d): "+
+	return fmt.Sprintf("peer %s: direct path drops packets over %d bytes (overlay MTU %d; TCP to it is clamped to fit, other traffic is not): "+
 		"run `meshd daemon --mtu %d`, or allow ICMP fragmentation-needed on the path", peer, pathMTU, overlayMTU, pathMTU)
+}
+
+// SetPathMTUHook registers fn, called from the bind's goroutines whenever a
+// peer's probe result changes: the largest overlay packet size its direct
+// path carries, and whether that is less than the overlay MTU. The agent
+// uses it to clamp TCP MSS towards such peers. fn must not block.
+func (b *Bind) SetPathMTUHook(fn func(k netmap.NodePublic, pathMTU int, lost bool)) {
+	b.pmtuHook.Store(&fn)
 }

@@ -181,8 +181,38 @@ func TestPMTUBlackholeReported(t *testing.T) {
 	if echoes(t, pl.hosts[0], pl.ips[1], 8000) {
 		t.Error("an 8000-byte ping crossed the 1500-byte link: the lab does not blackhole")
 	}
+	// Yet TCP works across it both ways: the agent clamps the MSS of
+	// SYNs to and from the peer to the probed path MTU, so neither end
+	// builds segments the path drops (Linux's TCP would otherwise hang,
+	// tcp_mtu_probing being off by default).
+	for i := range pl.nodes {
+		ap := netip.AddrPortFrom(pl.ips[1-i], 5201+uint16(i))
+		var ln net.Listener
+		if err := pl.hosts[1-i].Do(func() (err error) { ln, err = net.Listen("tcp", ap.String()); return }); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		go serveSHA(ln)
+		var c net.Conn
+		if err := pl.hosts[i].Do(func() (err error) { c, err = net.DialTimeout("tcp", ap.String(), 10*time.Second); return }); err != nil {
+			t.Fatalf("dial %v from %s: %v", ap, pl.nodes[i].name, err)
+		}
+		done := make(chan error, 1)
+		start := time.Now()
+		go func() { done <- transfer(c) }()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("TCP transfer %s -> %s across the blackhole: %v", pl.nodes[i].name, pl.nodes[1-i].name, err)
+			}
+			t.Logf("TCP transfer %s -> %s across the 1500 link: %v", pl.nodes[i].name, pl.nodes[1-i].name, time.Since(start).Round(time.Millisecond))
+		case <-time.After(20 * time.Second):
+			c.Close()
+			t.Errorf("TCP transfer %s -> %s stalled for 20 s: full-size segments blackholed (MSS not clamped)", pl.nodes[i].name, pl.nodes[1-i].name)
+		}
+	}
 	out, err := pl.e.cli(pl.nodes[0], "status")
-	want := "# warning: peer b: direct path drops packets over 1420 bytes (overlay MTU 8920): run `meshd daemon --mtu 1420`, or allow ICMP fragmentation-needed on the path"
+	want := "# warning: peer b: direct path drops packets over 1420 bytes (overlay MTU 8920; TCP to it is clamped to fit, other traffic is not): run `meshd daemon --mtu 1420`, or allow ICMP fragmentation-needed on the path"
 	if err != nil || !strings.Contains(out, want) {
 		t.Errorf("meshd status (err %v):\n%s\nwant the line %q", err, out, want)
 	}
