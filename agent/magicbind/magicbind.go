@@ -109,6 +109,13 @@ type Bind struct {
 	byAddr atomic.Pointer[map[netip.AddrPort]*peer]
 	// byKey is the same for DERP sources.
 	byKey atomic.Pointer[map[netmap.NodePublic]*peer]
+	// loop holds the peers the disco loop polls: those that were active
+	// recently. With thousands of idle peers the loop would otherwise walk
+	// every one every second. loopMu is taken before a peer's mu, never
+	// after.
+	loopMu sync.Mutex
+	loop   map[*peer]struct{}
+
 	// pmtuHook is told about path MTU results (SetPathMTUHook).
 	pmtuHook atomic.Pointer[func(netmap.NodePublic, int, bool)]
 	// derpBufs hold relayed packets between the relay's reader and
@@ -165,6 +172,7 @@ type peer struct {
 	cands    []netip.AddrPort // from the netmap
 	sel      *endpoint.Selector
 	lastSend time.Time
+	inLoop   bool // in Bind.loop (or about to be)
 	directEP *conn.StdNetEndpoint // cached for the current direct path
 	pmtu     pmtuState
 }
@@ -188,7 +196,7 @@ func New(opts Options) *Bind {
 		opts: opts, log: opts.Logger, std: conn.NewStdNetBind(), selfPK: opts.NodeKey.Public(),
 		peers: map[netmap.NodePublic]*peer{}, byDisco: map[netmap.DiscoPublic]*peer{},
 		regions: map[int]*region{}, stunTx: map[stun.TxID]stunProbe{}, stunLat: map[int]time.Duration{},
-		waiters: map[disco.TxID]*pingWaiter{},
+		waiters: map[disco.TxID]*pingWaiter{}, loop: map[*peer]struct{}{},
 	}
 	b.derpBufs.New = func() any { buf := make([]byte, derpBufSize); return &buf }
 	b.byAddr.Store(&map[netip.AddrPort]*peer{})
@@ -432,6 +440,7 @@ func (b *Bind) Send(bufs [][]byte, cep conn.Endpoint) error {
 	kick := now.Sub(p.lastSend) > 500*time.Millisecond
 	p.lastSend = now
 	p.sel.NoteActivity(now)
+	join := p.joinLoopLocked()
 	addr, direct := p.sel.Path(now)
 	doubt := direct && p.sel.InDoubt(now)
 	var dst *conn.StdNetEndpoint
@@ -446,7 +455,9 @@ func (b *Bind) Send(bufs [][]byte, cep conn.Endpoint) error {
 		home = p.heardVia
 	}
 	p.mu.Unlock()
-	if kick {
+	if join {
+		b.joinLoop(p)
+	} else if kick {
 		b.kick()
 	}
 	if direct {
@@ -696,19 +707,30 @@ func (b *Bind) discoLoop(o *openState) {
 		case <-o.wake:
 		}
 		now := time.Now()
-		next := now.Add(time.Second)
-		b.mu.Lock()
-		peers := make([]*peer, 0, len(b.peers))
-		for _, p := range b.peers {
+		b.loopMu.Lock()
+		peers := make([]*peer, 0, len(b.loop))
+		for p := range b.loop {
 			peers = append(peers, p)
 		}
+		b.loopMu.Unlock()
+		// With no active peer nothing is due until a send or a disco
+		// message wakes the loop: an idle node does not tick.
+		next := now.Add(time.Hour)
+		if len(peers) > 0 {
+			next = now.Add(time.Second)
+		}
+		b.mu.Lock()
 		myEps := b.myEndpointsLocked()
 		b.mu.Unlock()
 		for _, p := range peers {
 			p.mu.Lock()
 			act := p.sel.Poll(now)
-			if w := p.sel.NextWake(now); !w.IsZero() && w.Before(next) {
-				next = w
+			idle := true
+			if w := p.sel.NextWake(now); !w.IsZero() {
+				idle = false
+				if w.Before(next) {
+					next = w
+				}
 			}
 			dk, home, name := p.disco, p.home, p.name
 			var probes []pmtuProbe
@@ -716,11 +738,21 @@ func (b *Bind) discoLoop(o *openState) {
 			if !dk.IsZero() {
 				var w time.Time
 				probes, res, w = b.pmtuPollLocked(p, now)
-				if !w.IsZero() && w.Before(next) {
-					next = w
+				if !w.IsZero() {
+					idle = false
+					if w.Before(next) {
+						next = w
+					}
 				}
 			}
+			if idle && !p.sel.Active(now) {
+				p.inLoop = false
+			}
+			leave := !p.inLoop
 			p.mu.Unlock()
+			if leave {
+				b.leaveLoop(p)
+			}
 			if dk.IsZero() {
 				continue
 			}
@@ -736,6 +768,43 @@ func (b *Bind) discoLoop(o *openState) {
 		d := max(next.Sub(time.Now()), 10*time.Millisecond)
 		t.Reset(d)
 	}
+}
+
+// joinLoopLocked marks p as polled by the disco loop and reports whether
+// the caller must add it (joinLoop, after releasing p.mu).
+func (p *peer) joinLoopLocked() bool {
+	if p.inLoop {
+		return false
+	}
+	p.inLoop = true
+	return true
+}
+
+// joinLoop adds p to the peers the disco loop polls and wakes the loop.
+func (b *Bind) joinLoop(p *peer) {
+	b.loopMu.Lock()
+	b.loop[p] = struct{}{}
+	b.loopMu.Unlock()
+	b.kick()
+}
+
+// leaveLoop drops p from the disco loop unless it became active again
+// since the loop found it idle.
+func (b *Bind) leaveLoop(p *peer) {
+	b.loopMu.Lock()
+	p.mu.Lock()
+	if !p.inLoop {
+		delete(b.loop, p)
+	}
+	p.mu.Unlock()
+	b.loopMu.Unlock()
+}
+
+// polledPeers is how many peers the disco loop polls now (tests).
+func (b *Bind) polledPeers() int {
+	b.loopMu.Lock()
+	defer b.loopMu.Unlock()
+	return len(b.loop)
 }
 
 func (b *Bind) myEndpointsLocked() []netip.AddrPort {
@@ -849,7 +918,11 @@ func (b *Bind) handleDisco(pkt []byte, src netip.AddrPort, r *region, derpSrc ne
 		// candidates are pinged at the next Poll, which the kick makes
 		// immediate.
 		p.sel.NoteActivity(now)
+		join := p.joinLoopLocked()
 		p.mu.Unlock()
+		if join {
+			b.joinLoop(p)
+		}
 		b.kick()
 		// The peer is pinging us right now: ping every endpoint it listed
 		// at once too, known or not, so our NAT opens towards it while

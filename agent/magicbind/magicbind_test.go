@@ -534,3 +534,45 @@ func TestDoubtfulPathCopiesToRelay(t *testing.T) {
 		}
 	}
 }
+
+// TestDiscoLoopPollsActivePeersOnly: with many peers in the map, the disco
+// loop polls only those with recent traffic, and a peer leaves it once idle
+// (so an idle node with thousands of peers does no per-peer work).
+func TestDiscoLoopPollsActivePeersOnly(t *testing.T) {
+	dm := startRelay(t)
+	a := newTestNodeSetup(t, "a", "100.64.0.1", nodeSetup{opts: func(o *Options) {
+		o.Paths.ActiveTimeout = 2 * time.Second
+	}})
+	b := newTestNode(t, "b", "100.64.0.2")
+	connect(t, a, b, dm, true)
+	// 500 more peers that never send or receive anything.
+	nm := &netmap.NetworkMap{Self: a.node(1, true), Peers: map[netmap.NodeID]*netmap.Node{}, DERPMap: dm}
+	nb := b.node(2, true)
+	nm.Peers[2] = &nb
+	for i := range 500 {
+		n := netmap.Node{ID: netmap.NodeID(100 + i), NodeKey: netmap.NewNodePrivate().Public(), DiscoKey: netmap.NewDiscoPrivate().Public(), HomeDERP: 1,
+			Endpoints: []netip.AddrPort{netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(20000+i))}}
+		nm.Peers[n.ID] = &n
+	}
+	a.bind.SetNetworkMap(nm)
+	if n := a.bind.polledPeers(); n != 0 {
+		t.Fatalf("%d peers polled before any traffic, want 0", n)
+	}
+	transfer(t, a, b, 64<<10)
+	if n := a.bind.polledPeers(); n != 1 {
+		t.Fatalf("%d peers polled while talking to one, want 1", n)
+	}
+	waitPath(t, a, b, PathDirect, 5*time.Second)
+	deadline := time.Now().Add(10 * time.Second)
+	for a.bind.polledPeers() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d peers still polled 10 s after the traffic stopped (active timeout 2 s)", a.bind.polledPeers())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	// Traffic again: back in the loop, and the path works.
+	transfer(t, a, b, 64<<10)
+	if n := a.bind.polledPeers(); n != 1 {
+		t.Fatalf("%d peers polled after traffic resumed, want 1", n)
+	}
+}
