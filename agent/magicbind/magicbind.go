@@ -172,7 +172,7 @@ type peer struct {
 	cands    []netip.AddrPort // from the netmap
 	sel      *endpoint.Selector
 	lastSend time.Time
-	inLoop   bool // in Bind.loop (or about to be)
+	inLoop   bool                 // in Bind.loop (or about to be)
 	directEP *conn.StdNetEndpoint // cached for the current direct path
 	pmtu     pmtuState
 }
