@@ -597,18 +597,14 @@ func (r *Rules) fastAccept(b []byte, replyFirst *portSet) (res fastResult, l4, t
 	if srcs == nil {
 		return fastDeny, l4, total
 	}
-	var rule int32
 	if l4 == 20 {
-		if rule = srcs.hosts4.get(binary.BigEndian.Uint32(b[12:16])); rule < 0 {
-			rule = srcs.lookupNets(ip4(b[12:16]))
+		if srcs.hosts4.get(binary.BigEndian.Uint32(b[12:16])) >= 0 || srcs.lookupNets(ip4(b[12:16])) >= 0 {
+			return fastAllow, l4, total
 		}
-	} else if rule = srcs.hosts6.get(binary.BigEndian.Uint64(b[8:16]), binary.BigEndian.Uint64(b[16:24])); rule < 0 {
-		rule = srcs.lookupNets(ip6(b[8:24]))
+	} else if srcs.hosts6.get(binary.BigEndian.Uint64(b[8:16]), binary.BigEndian.Uint64(b[16:24])) >= 0 || srcs.lookupNets(ip6(b[8:24])) >= 0 {
+		return fastAllow, l4, total
 	}
-	if rule < 0 {
-		return fastDeny, l4, total
-	}
-	return fastAllow, l4, total
+	return fastDeny, l4, total
 }
 
 // fastResult is fastAccept's answer.
