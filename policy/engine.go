@@ -68,7 +68,15 @@ type Engine struct {
 	// byKey lists the nodes under each index key in a slice, not a map:
 	// Peers walks whole lists of them, and a slice of slots is read
 	// without a hash or a pointer dereference per node.
-	byKey map[idKey][]member
+	byKey map[idKey]*keyList
+}
+
+// keyList is the nodes under one index key. The lists of keys the policy
+// names are made when it is compiled and kept while empty (pinned), so
+// rule targets and source sets point at them and a query hashes no key.
+type keyList struct {
+	ms     []member
+	pinned bool
 }
 
 // member is a node in one of the index's per-key lists.
@@ -103,6 +111,8 @@ type srcSet struct {
 	// mu guards srcIPs, srcValid and pending when the engine's lock is
 	// only read-held (FilterFor fills the cache under a shared lock).
 	mu sync.Mutex
+	// lists are the index lists of srcKeys.
+	lists []*keyList
 }
 
 // signature identifies the set's sources, to share it between rules.
@@ -139,6 +149,9 @@ type tref struct {
 	order  int
 	sel    selector
 	target *target
+	// dstLists are the index lists sel names, for the selector kinds
+	// found by key.
+	dstLists []*keyList
 }
 
 type nodeEntry struct {
@@ -234,7 +247,7 @@ func NewEngine(p *Policy) *Engine {
 		srcByKey:  map[idKey][]*crule{},
 		setsByKey: map[idKey][]*srcSet{},
 		nodes:     map[netmap.NodeID]*nodeEntry{},
-		byKey:     map[idKey][]member{},
+		byKey:     map[idKey]*keyList{},
 	}
 	sets := map[string]*srcSet{}
 	for i := range p.rules {
@@ -259,6 +272,7 @@ func NewEngine(p *Policy) *Engine {
 			sets[sig] = cr.srcSet
 			for k := range cr.srcKeys {
 				e.setsByKey[k] = append(e.setsByKey[k], cr.srcSet)
+				cr.lists = append(cr.lists, e.pinList(k))
 			}
 		}
 		if cr.srcAny || len(cr.srcPfx) > 0 {
@@ -290,8 +304,29 @@ func (e *Engine) addTarget(cr *crule, sel selector, t *target) {
 	default:
 		for _, k := range e.pol.selKeys(sel) {
 			e.dstByKey[k] = append(e.dstByKey[k], tr)
+			tr.dstLists = append(tr.dstLists, e.pinList(k))
 		}
 	}
+}
+
+// pinList returns the index list of k, made if need be, and keeps it
+// while empty.
+func (e *Engine) pinList(k idKey) *keyList {
+	l := e.byKey[k]
+	if l == nil {
+		l = &keyList{}
+		e.byKey[k] = l
+	}
+	l.pinned = true
+	return l
+}
+
+// members returns the indexed nodes under k.
+func (e *Engine) members(k idKey) []member {
+	if l := e.byKey[k]; l != nil {
+		return l.ms
+	}
+	return nil
 }
 
 // Policy returns the policy the engine was compiled from.
@@ -391,8 +426,13 @@ func (e *Engine) upsertLocked(n *netmap.Node) {
 	e.nodes[n.ID] = ne
 	ne.keyPos = make([]int32, len(ne.keys))
 	for i, k := range ne.keys {
-		ne.keyPos[i] = int32(len(e.byKey[k]))
-		e.byKey[k] = append(e.byKey[k], member{int32(ne.slot), ne})
+		l := e.byKey[k]
+		if l == nil {
+			l = &keyList{}
+			e.byKey[k] = l
+		}
+		ne.keyPos[i] = int32(len(l.ms))
+		l.ms = append(l.ms, member{int32(ne.slot), ne})
 		e.noteChange(k, true, ne.addrs)
 	}
 }
@@ -409,15 +449,14 @@ func (e *Engine) removeLocked(id netmap.NodeID) {
 	e.freeSlots = append(e.freeSlots, ne.slot)
 	for i, k := range ne.keys {
 		// Swap-remove, moving the list's last member into ne's place.
-		ms := e.byKey[k]
-		pos, last := ne.keyPos[i], ms[len(ms)-1]
-		ms[pos] = last
+		l := e.byKey[k]
+		pos, last := ne.keyPos[i], l.ms[len(l.ms)-1]
+		l.ms[pos] = last
 		last.ne.keyPos[slices.Index(last.ne.keys, k)] = pos
-		ms[len(ms)-1] = member{}
-		if len(ms) == 1 {
+		l.ms[len(l.ms)-1] = member{}
+		l.ms = l.ms[:len(l.ms)-1]
+		if len(l.ms) == 0 && !l.pinned {
 			delete(e.byKey, k)
-		} else {
-			e.byKey[k] = ms[:len(ms)-1]
 		}
 		e.noteChange(k, false, ne.addrs)
 	}
@@ -457,8 +496,8 @@ func (e *Engine) srcIPsLocked(ss *srcSet) []netip.Prefix {
 		ips = slices.Clone(allIPs)
 	} else {
 		ips = slices.Clone(ss.srcPfx)
-		for k := range ss.srcKeys {
-			for _, m := range e.byKey[k] {
+		for _, l := range ss.lists {
+			for _, m := range l.ms {
 				ips = append(ips, m.ne.addrs...)
 			}
 		}
@@ -694,7 +733,7 @@ func (e *Engine) FilterFor(n *netmap.Node, all []*netmap.Node) []netmap.FilterRu
 // devices that are sources of cr (autogroup:self).
 func (e *Engine) selfSourcesLocked(cr *crule, n *nodeEntry) []netip.Prefix {
 	var ips []netip.Prefix
-	for _, m := range e.byKey[userKey(n.user)] {
+	for _, m := range e.members(userKey(n.user)) {
 		if srcMatches(cr, m.ne) {
 			ips = append(ips, m.ne.addrs...)
 		}
@@ -764,7 +803,7 @@ func (e *Engine) Peers(n *netmap.Node) []netmap.NodeID {
 	for _, tr := range e.targetsFor(self) {
 		cr := tr.rule
 		if tr.sel.kind == selSelf {
-			for _, m := range e.byKey[userKey(self.user)] {
+			for _, m := range e.members(userKey(self.user)) {
 				if srcMatches(cr, m.ne) {
 					set.add(m.slot)
 				}
@@ -778,8 +817,9 @@ func (e *Engine) Peers(n *netmap.Node) []netmap.NodeID {
 	}
 	// Whom n reaches.
 	clear(done)
-	visit := func(cr *crule) {
-		if done[cr.idx] || !srcMatches(cr, self) {
+	// matched: n is known to be a source of cr (found by one of n's keys).
+	visit := func(cr *crule, matched bool) {
+		if done[cr.idx] || !matched && !srcMatches(cr, self) {
 			return
 		}
 		done[cr.idx] = true
@@ -788,11 +828,11 @@ func (e *Engine) Peers(n *netmap.Node) []netmap.NodeID {
 		}
 	}
 	for _, cr := range e.srcOpen {
-		visit(cr)
+		visit(cr, false)
 	}
 	for _, k := range self.keys {
 		for _, cr := range e.srcByKey[k] {
-			visit(cr)
+			visit(cr, true)
 		}
 	}
 	return e.idsLocked(set, n.ID)
@@ -840,8 +880,8 @@ func (e *Engine) addSources(cr *crule, set peerSet) {
 		set.addAll(e.live)
 		return
 	}
-	for k := range cr.srcKeys {
-		for _, m := range e.byKey[k] {
+	for _, l := range cr.lists {
+		for _, m := range l.ms {
 			set.add(m.slot)
 		}
 	}
@@ -858,7 +898,7 @@ func (e *Engine) addDests(tr *tref, src *nodeEntry, set peerSet) {
 	switch tr.sel.kind {
 	case selSelf:
 		if len(src.tags) == 0 && src.user != "" {
-			for _, m := range e.byKey[userKey(src.user)] {
+			for _, m := range e.members(userKey(src.user)) {
 				set.add(m.slot)
 			}
 		}
@@ -871,8 +911,8 @@ func (e *Engine) addDests(tr *tref, src *nodeEntry, set peerSet) {
 	case selAny:
 		set.addAll(e.live)
 	default:
-		for _, k := range e.pol.selKeys(tr.sel) {
-			for _, m := range e.byKey[k] {
+		for _, l := range tr.dstLists {
+			for _, m := range l.ms {
 				set.add(m.slot)
 			}
 		}
@@ -944,7 +984,7 @@ func (e *Engine) PeerCapsFor(dst *netmap.Node) map[netmap.NodeID]map[string][]js
 		if tr.sel.kind == selSelf {
 			// dst is an untagged user device (targetsFor), and the holders
 			// are that user's own untagged devices among the sources.
-			for _, m := range e.byKey[userKey(d.user)] {
+			for _, m := range e.members(userKey(d.user)) {
 				if srcMatches(tr.rule, m.ne) {
 					set.add(m.slot)
 				}
