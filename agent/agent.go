@@ -731,6 +731,9 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 					p.Endpoint = ps.Endpoint.String()
 				}
 				p.RxBytes, p.TxBytes = ps.RxBytes, ps.TxBytes
+				// With lazy configuration a peer in the device is one
+				// with recent traffic.
+				p.Active = a.eng.lazyOn || (!ps.LastHandshake.IsZero() && time.Since(ps.LastHandshake) < 3*time.Minute)
 				if !ps.LastHandshake.IsZero() {
 					t := ps.LastHandshake.UTC()
 					p.LastHandshake = &t

@@ -119,6 +119,10 @@ func TestMapChangesKeepSessions(t *testing.T) {
 	if pb.LastHandshake == nil || !pb.LastHandshake.Equal(hs) || pb.RxBytes < peerNamed(before, "b").RxBytes {
 		t.Fatalf("session with b was reset by c joining: before %v, after %+v", hs, pb)
 	}
+	// b had traffic, c none: only b is in a's WireGuard device.
+	if pc := peerNamed(after, "c"); !pb.Active || pc.Active || pc.LastHandshake != nil {
+		t.Fatalf("active: b %v (want true), c %v with handshake %v (want false, none)", pb.Active, pc.Active, pc.LastHandshake)
+	}
 
 	// c is deleted by the admin: it leaves a's map and a's WireGuard device.
 	cst, _ := cNode.Status(context.Background())

@@ -70,6 +70,11 @@ type Peer struct {
 	// OverlayMTU is the tunnel MTU the path was probed for; set with
 	// PathMTU.
 	OverlayMTU int `json:"overlay_mtu,omitempty"`
+	// Active: the peer is configured in WireGuard now, i.e. it had traffic
+	// within the daemon's --peer-idle-timeout (with a timeout of 0: it
+	// handshook within the last 3 minutes). Idle peers have no session,
+	// counters or handshake time until their next packet.
+	Active bool `json:"active"`
 }
 
 // Backend states.

@@ -271,7 +271,7 @@ func (c *cli) runDemo(ctx context.Context, verbose, keep bool) error {
 	if err != nil {
 		return fmt.Errorf("demo: status: %w", err)
 	}
-	writeStatus(out, st, time.Now())
+	writeStatus(out, st)
 
 	if failed > 0 {
 		return &exitError{code: 1, msg: fmt.Sprintf("demo: %d of %d flows did not behave as expected", failed, len(flows))}

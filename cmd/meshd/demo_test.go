@@ -62,12 +62,12 @@ func TestWriteStatus(t *testing.T) {
 		Self:         &localapi.Node{ID: 1, Hostname: "alice-laptop", User: "alice@example.com", IPs: []netip.Addr{netip.MustParseAddr("fd5e:5a1e:d::1"), netip.MustParseAddr("100.64.0.3")}, Online: true},
 		Peers: []localapi.Peer{
 			{Node: localapi.Node{ID: 2, Hostname: "inference-1", Tags: []string{"tag:inference-server"}, IPs: []netip.Addr{netip.MustParseAddr("100.64.0.1")}, Online: true},
-				Endpoint: "198.18.0.2:41641", Path: "direct", RxBytes: 10, TxBytes: 20, LastHandshake: &recent},
+				Endpoint: "198.18.0.2:41641", Path: "direct", RxBytes: 10, TxBytes: 20, LastHandshake: &recent, Active: true},
 			{Node: localapi.Node{ID: 3, Hostname: "training-1", Tags: []string{"tag:training-cluster"}, IPs: []netip.Addr{netip.MustParseAddr("100.64.0.2")}}, Path: "none"},
 		},
 	}
 	var b bytes.Buffer
-	writeStatus(&b, st, now)
+	writeStatus(&b, st)
 	lines := strings.Split(strings.TrimSpace(b.String()), "\n")
 	if len(lines) != 3 {
 		t.Fatalf("want 3 lines:\n%s", b.String())
@@ -84,7 +84,7 @@ func TestWriteStatus(t *testing.T) {
 		}
 	}
 	b.Reset()
-	writeStatus(&b, &localapi.Status{BackendState: localapi.StateNeedsLogin}, now)
+	writeStatus(&b, &localapi.Status{BackendState: localapi.StateNeedsLogin})
 	if !strings.Contains(b.String(), "meshd up --authkey") {
 		t.Errorf("logged-out status does not say what to do: %q", b.String())
 	}

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"net/netip"
 	"testing"
-	"time"
 
 	"meshd.dev/meshd/agent/localapi"
 )
@@ -46,8 +45,19 @@ func TestPingUsage(t *testing.T) {
 }
 
 func TestPeerStateRelay(t *testing.T) {
-	p := &localapi.Peer{Node: localapi.Node{Online: true}, Path: "derp", Endpoint: "derp:lab", TxBytes: 3, RxBytes: 4}
-	if got, want := peerState(p, time.Now()), `active; relay "lab", tx 3 rx 4`; got != want {
-		t.Errorf("peerState = %q, want %q", got, want)
+	for _, tc := range []struct {
+		p    localapi.Peer
+		want string
+	}{
+		{localapi.Peer{Node: localapi.Node{Online: true}, Path: "derp", Endpoint: "derp:lab", TxBytes: 3, RxBytes: 4, Active: true}, `active; relay "lab", tx 3 rx 4`},
+		// Never talked to (not in WireGuard): its relay is only where it
+		// would go.
+		{localapi.Peer{Node: localapi.Node{Online: true}, Path: "derp", Endpoint: "derp:lab"}, `idle; relay "lab"`},
+		{localapi.Peer{Node: localapi.Node{Online: true}, Path: "direct", Endpoint: "198.18.0.2:41641"}, `idle; direct 198.18.0.2:41641`},
+		{localapi.Peer{Node: localapi.Node{Online: false}, Path: "derp", Endpoint: "derp:lab", Active: true}, `offline`},
+	} {
+		if got := peerState(&tc.p); got != tc.want {
+			t.Errorf("peerState(%+v) = %q, want %q", tc.p, got, tc.want)
+		}
 	}
 }

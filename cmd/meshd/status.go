@@ -9,7 +9,6 @@ import (
 	"net/netip"
 	"strings"
 	"text/tabwriter"
-	"time"
 
 	"github.com/peterbourgon/ff/v3/ffcli"
 
@@ -40,7 +39,7 @@ func (c *cli) statusCmd() *ffcli.Command {
 				enc.SetIndent("", "  ")
 				return enc.Encode(st)
 			}
-			writeStatus(c.stdout, st, time.Now())
+			writeStatus(c.stdout, st)
 			return nil
 		},
 	}
@@ -48,7 +47,7 @@ func (c *cli) statusCmd() *ffcli.Command {
 
 // writeStatus prints the table a Tailscale user knows: address, name,
 // owner, and connection state, self first.
-func writeStatus(w io.Writer, st *localapi.Status, now time.Time) {
+func writeStatus(w io.Writer, st *localapi.Status) {
 	if st.BackendState == localapi.StateNeedsLogin {
 		fmt.Fprintln(w, "Logged out: run meshd up --authkey KEY --coordinator URL")
 		return
@@ -65,7 +64,7 @@ func writeStatus(w io.Writer, st *localapi.Status, now time.Time) {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", firstIP(st.Self.IPs), st.Self.Hostname, owner(st.Self), state)
 	}
 	for _, p := range st.Peers {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", firstIP(p.IPs), p.Hostname, owner(&p.Node), peerState(&p, now))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", firstIP(p.IPs), p.Hostname, owner(&p.Node), peerState(&p))
 	}
 	tw.Flush()
 	if st.Filter != nil {
@@ -105,18 +104,20 @@ func owner(n *localapi.Node) string {
 	return "-"
 }
 
-func peerState(p *localapi.Peer, now time.Time) string {
+func peerState(p *localapi.Peer) string {
 	var parts []string
 	switch {
 	case !p.Online:
 		parts = append(parts, "offline")
-	case p.Path == "direct" && p.LastHandshake != nil && now.Sub(*p.LastHandshake) < 3*time.Minute:
+	case p.Path == "direct" && p.Active:
 		parts = append(parts, "active; direct "+p.Endpoint)
 	case p.Path == "direct":
 		parts = append(parts, "idle; direct "+p.Endpoint)
-	case p.Path == "derp":
+	case p.Path == "derp" && p.Active:
 		// As tailscale shows it: active; relay "lab".
 		parts = append(parts, fmt.Sprintf("active; relay %q", strings.TrimPrefix(p.Endpoint, "derp:")))
+	case p.Path == "derp":
+		parts = append(parts, fmt.Sprintf("idle; relay %q", strings.TrimPrefix(p.Endpoint, "derp:")))
 	default:
 		parts = append(parts, "idle")
 	}

@@ -41,7 +41,7 @@ func TestWriteStatusMTUProblem(t *testing.T) {
 				Peers:        tt.peers,
 			}
 			var b bytes.Buffer
-			writeStatus(&b, st, now)
+			writeStatus(&b, st)
 			var warnings []string
 			for _, l := range strings.Split(b.String(), "\n") {
 				if strings.HasPrefix(l, "# warning:") {
