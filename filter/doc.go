@@ -23,8 +23,15 @@
 // built once, so 10,000 rules over tags of thousands of hosts stay small.
 // The most common packet, a whole IPv4 or IPv6 TCP or UDP packet without
 // options or extension headers, is judged straight from its bytes by
-// Rules.fastAccept; everything else, and everything it does not accept,
-// goes through the full parser. FuzzFilter checks that the two agree.
+// Rules.fastAccept. If the rules refuse such a packet, its flow is looked
+// up from the same bytes and, failing that, it is dropped and recorded
+// without being parsed again. Inbound packets to a local port this node
+// has opened flows from (a small bitmap the outbound path fills, never
+// pruned: it only orders the two questions) ask the flow table before the
+// rules, because they are most likely replies; the verdict is the same in
+// either order. Everything else goes through the full parser. FuzzFilter
+// checks that the fast and full paths agree, verdicts and drop records
+// alike.
 // The cost per packet is a handful of loads whatever the rule count; see
 // BenchmarkFilter and bench/filtercmp. Rules are immutable; a Filter holds
 // them in an atomic.Pointer, and a batch is judged by the one Rules value it
@@ -53,7 +60,9 @@
 //
 // FIN or RST shortens a TCP flow's idle timeout to 30 s; idle timeouts are
 // otherwise 120 h for TCP (as Linux conntrack), 180 s for UDP, 30 s for ICMP
-// echo.
+// echo. They are honoured to within min(1 s, timeout/64): a packet of a
+// known flow rewrites the flow's expiry only when it has fallen behind by
+// more than that, so nearly every such packet is a pure read.
 //
 // The flow table is bounded (Options.MaxFlows, 65,536 by default, about 8 MiB
 // preallocated) and sharded 64 ways by a keyed hash of the whole flow key, each
@@ -64,8 +73,19 @@
 // peer at its quota recycles its own least recently used flow, never
 // another peer's. So one peer (or a service that makes this node answer a
 // spray of ports) can hold at most about a quarter of the table, and other
-// peers' flows are evicted, in LRU order, only when their shard is full. The hash seed is random per Filter, so peers
-// cannot aim flows at one shard or one probe chain.
+// peers' flows are evicted, in LRU order, only when their shard is full.
+// The hash seed is random per Filter, so peers cannot aim flows at one
+// shard or one probe chain.
+//
+// A packet of a known flow takes no lock: the shard is read as a seqlock
+// (writers hold the shard mutex and make a sequence number odd while they
+// change which key a slot or index position holds; a reader that sees it
+// odd or changed asks again under the lock), and with the expiry slack
+// above it writes nothing, so both cores can read one busy flow without
+// trading its cache line. New flows, evictions and state changes (FIN,
+// RST, SYN) take the shard lock. A batch remembers the last flow whose
+// reply it let in: with GRO, most of a batch is one flow, and its packets
+// after the first need no lookup (a FIN or RST always looks up).
 //
 // Fragments: the first fragment is judged by its ports like any packet;
 // when accepted its (source, destination, protocol, IP ID) is remembered
@@ -76,8 +96,9 @@
 //
 // # Drops
 //
-// Every drop is counted by direction and Verdict (atomic counters, Stats,
-// shaped for `meshd status --json`), kept in a ring of the last
+// Every drop is counted by direction and Verdict (Stats, shaped for
+// `meshd status --json`; the counters share the ring's lock, which a drop
+// takes anyway), kept in a ring of the last
 // Options.RecentDrops packets (RecentDrops, for `meshd debug drops`) and
 // logged through a rate limiter. Malformed packets (short, bad IHL, lying
 // lengths, broken IPv4 options, too many or misplaced IPv6 extension

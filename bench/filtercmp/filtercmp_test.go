@@ -105,12 +105,16 @@ func setup(tb testing.TB, n int) pair {
 	}}
 }
 
-var cases = []string{"accept4", "accept6", "drop4", "drop6", "udpflow4", "udpflow6", "batch64"}
+var cases = []string{"accept4", "accept6", "drop4", "drop6", "udpflow4", "udpflow6", "batch64", "flow64"}
 
-// batchMix is the packet mix of the batch64 case: a 64-packet batch as
-// wireguard-go hands it over, mostly accepted traffic and flow replies,
-// one drop in eight.
-var batchMix = []string{"accept4", "udpflow4", "accept6", "accept4", "udpflow6", "accept4", "udpflow4", "drop4"}
+// batchMixes are the batch cases, 64-packet batches as wireguard-go hands
+// them over. batch64: mostly accepted traffic and flow replies, one drop
+// in eight, interleaved. flow64: 64 replies of one UDP flow, as GRO
+// delivers a bulk transfer.
+var batchMixes = map[string][]string{
+	"batch64": {"accept4", "udpflow4", "accept6", "accept4", "udpflow6", "accept4", "udpflow4", "drop4"},
+	"flow64":  {"udpflow4"},
+}
 
 // TestSameVerdicts makes sure the benchmark compares like with like: both
 // filters reach the same verdict on every benchmarked packet.
@@ -118,7 +122,7 @@ func TestSameVerdicts(t *testing.T) {
 	for _, n := range []int{10, 100, 1000, 10000} {
 		p := setup(t, n)
 		for _, c := range cases {
-			if c == "batch64" {
+			if batchMixes[c] != nil {
 				continue // made of the other cases
 			}
 			want := !strings.HasPrefix(c, "drop")
@@ -191,11 +195,11 @@ func BenchmarkCompare(b *testing.B) {
 		for _, c := range cases {
 			pkt := p.pkts[c]
 			var ours, theirs result
-			if c == "batch64" {
+			if mix := batchMixes[c]; mix != nil {
 				// Per packet, so the row compares with the others.
 				batch := make([][]byte, 64)
 				for i := range batch {
-					batch[i] = p.pkts[batchMix[i%len(batchMix)]]
+					batch[i] = p.pkts[mix[i%len(mix)]]
 				}
 				bufs := make([][]byte, len(batch))
 				b.Run(fmt.Sprintf("rules=%d/%s/meshd", n, c), func(b *testing.B) {
