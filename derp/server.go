@@ -229,8 +229,10 @@ func (s *Server) DisconnectClient(k netmap.NodePublic) bool {
 	if c == nil {
 		return false
 	}
-	c.close()
+	// Counted before the close, which the client sees at once: whoever
+	// watches the connection end also sees the count.
 	s.revoked.Add(1)
+	c.close()
 	s.log.Info("derp client disconnected: node key revoked", "key", k.ShortString(), "remote", c.conn.RemoteAddr())
 	return true
 }
