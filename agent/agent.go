@@ -278,6 +278,7 @@ func (a *Agent) startLocked() {
 		} else {
 			a.log.Info("data plane up from the saved network map", "peers", len(a.nm.Peers))
 		}
+		a.releaseMapGarbage(len(a.nm.Peers))
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &session{cancel: cancel, done: make(chan struct{})}
@@ -377,6 +378,7 @@ func (a *Agent) onMap(nm *netmap.NetworkMap) {
 	if err := a.store.SaveNetworkMap(nm); err != nil {
 		a.log.Error("save network map", "err", err)
 	}
+	a.releaseMapGarbage(len(nm.Peers)) // after the save, which makes garbage too
 	select {
 	case <-a.mapSeen:
 	default:
@@ -411,9 +413,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 		a.eng = eng
 		a.log.Info("data plane up", "tun", a.opts.TUN, "addrs", addrs, "udp_port", eng.port)
 	}
-	err := a.eng.applyMap(nm)
-	a.releaseMapGarbage(len(nm.Peers))
-	return err
+	return a.eng.applyMap(nm)
 }
 
 // releaseMapGarbage returns the memory a large map change left behind to
