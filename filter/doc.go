@@ -64,7 +64,7 @@
 // known flow rewrites the flow's expiry only when it has fallen behind by
 // more than that, so nearly every such packet is a pure read.
 //
-// The flow table is bounded (Options.MaxFlows, 65,536 by default, about 8 MiB
+// The flow table is bounded (Options.MaxFlows, 65,536 by default, about 8.5 MiB
 // preallocated) and sharded 64 ways by a keyed hash of the whole flow key, each
 // shard a fixed array with open addressing, backward-shift deletion and an
 // intrusive LRU list: nothing is allocated per packet and there is no global

@@ -64,7 +64,7 @@ func (d Direction) String() string {
 
 // Options configure a Filter. The zero value gives the defaults.
 type Options struct {
-	// MaxFlows bounds the flow table (default 65536: about 8 MiB of address
+	// MaxFlows bounds the flow table (default 65536: about 8.5 MiB of address
 	// space, resident only as far as flows have used it).
 	MaxFlows int
 	// MaxFlowsPerPeer bounds the flows one remote address may hold
@@ -491,7 +491,7 @@ func (f *Filter) out(r *Rules, b []byte, c *clock) Verdict {
 	case p.ports:
 		// Field by field, ports from the packet: reading back what parse
 		// just stored in p, in other widths, stalls store forwarding
-		// (measured: ~5 ns of a ~35 ns path).
+		// (measured: ~2 ns of the ~35 ns this path took).
 		ports := binary.BigEndian.Uint32(b[p.l4:])
 		kw := keyWords{p.src.hi, p.src.lo, p.dst.hi, p.dst.lo,
 			uint64(ports>>16) | uint64(ports&0xffff)<<16 | uint64(p.proto)<<32}
