@@ -9,6 +9,7 @@ import (
 	"math/bits"
 	"net/netip"
 	"slices"
+	"sort"
 	"strings"
 	"sync"
 
@@ -952,17 +953,19 @@ func mergeCaps(caps map[string][]json.RawMessage, cr *crule) {
 	}
 }
 
-// PeerCapsFor returns the "app" capabilities every indexed node holds on
-// dst, by node ID: for each indexed node p but dst itself, the entry for
-// p.ID is what PeerCaps(dst, p) returns, and p is absent when that is nil.
-// Every holder is one of Peers(dst).
+// PeerCapsFor returns the indexed nodes holding "app" capabilities on dst
+// (dst itself excluded), IDs ascending, and what each holds: caps[i] is
+// what PeerCaps(dst, p) returns for the node p with ID ids[i], and a node
+// is absent when that is nil. Every holder is one of Peers(dst), so a
+// caller walking dst's sorted peer list finds each one's capabilities by
+// a cursor or a binary search, without hashing.
 //
 // dst's side (the grants whose capability destinations name it) is worked
 // out once per call rather than once per pair, the holders come from the
 // index like Peers, and peers holding capabilities through the same grants
 // share one map: treat the maps as read-only. Like Peers, the answer is as
 // current as the index (see FilterFor).
-func (e *Engine) PeerCapsFor(dst *netmap.Node) map[netmap.NodeID]map[string][]json.RawMessage {
+func (e *Engine) PeerCapsFor(dst *netmap.Node) (ids []netmap.NodeID, caps []map[string][]json.RawMessage) {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
 	d := transientEntry(dst)
@@ -994,7 +997,7 @@ func (e *Engine) PeerCapsFor(dst *netmap.Node) map[netmap.NodeID]map[string][]js
 		}
 	}
 	if len(rules) == 0 {
-		return nil
+		return nil, nil
 	}
 	union = holders[0]
 	if len(holders) > 1 {
@@ -1009,7 +1012,8 @@ func (e *Engine) PeerCapsFor(dst *netmap.Node) map[netmap.NodeID]map[string][]js
 	for _, w := range union {
 		count += bits.OnesCount64(w)
 	}
-	out := make(map[netmap.NodeID]map[string][]json.RawMessage, count)
+	ids = make([]netmap.NodeID, 0, count)
+	caps = make([]map[string][]json.RawMessage, 0, count)
 	// Peers holding capabilities through the same grants get the same map:
 	// a bit mask of the grants, as bytes, finds it. Neighbouring slots
 	// mostly hold the same grants, so the last mask is tried first.
@@ -1037,25 +1041,43 @@ func (e *Engine) PeerCapsFor(dst *netmap.Node) map[netmap.NodeID]map[string][]js
 			for _, m := range mask {
 				key = binary.LittleEndian.AppendUint64(key, m)
 			}
+			ids = append(ids, id)
 			if lastCaps != nil && bytes.Equal(key, lastKey) {
-				out[id] = lastCaps
+				caps = append(caps, lastCaps)
 				continue
 			}
-			caps, ok := shared[string(key)]
+			c, ok := shared[string(key)]
 			if !ok {
-				caps = map[string][]json.RawMessage{}
+				c = map[string][]json.RawMessage{}
 				for i, cr := range rules {
 					if mask[i/64]&(1<<uint(i%64)) != 0 {
-						mergeCaps(caps, cr)
+						mergeCaps(c, cr)
 					}
 				}
-				shared[string(key)] = caps
+				shared[string(key)] = c
 			}
-			out[id] = caps
-			key, lastKey, lastCaps = lastKey, key, caps
+			caps = append(caps, c)
+			key, lastKey, lastCaps = lastKey, key, c
 		}
 	}
-	return out
+	// Slots are handed out in join order, mostly ID order.
+	if !slices.IsSorted(ids) {
+		sort.Sort(holdersByID{ids, caps})
+	}
+	return ids, caps
+}
+
+// holdersByID sorts PeerCapsFor's two answers together.
+type holdersByID struct {
+	ids  []netmap.NodeID
+	caps []map[string][]json.RawMessage
+}
+
+func (h holdersByID) Len() int           { return len(h.ids) }
+func (h holdersByID) Less(i, j int) bool { return h.ids[i] < h.ids[j] }
+func (h holdersByID) Swap(i, j int) {
+	h.ids[i], h.ids[j] = h.ids[j], h.ids[i]
+	h.caps[i], h.caps[j] = h.caps[j], h.caps[i]
 }
 
 // CheckTags reports whether the requester may apply the requested tags; see

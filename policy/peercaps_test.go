@@ -87,7 +87,17 @@ func randNode(rng *rand.Rand, id int) *netmap.Node {
 // with PeerCaps, Peers with CanSee, and every capability holder is a peer.
 func checkPeerQueries(t *testing.T, e *Engine, dst *netmap.Node, all []*netmap.Node, where string) {
 	t.Helper()
-	batch := e.PeerCapsFor(dst)
+	ids, caps := e.PeerCapsFor(dst)
+	if len(ids) != len(caps) {
+		t.Fatalf("%s: PeerCapsFor(%d): %d IDs, %d capability sets", where, dst.ID, len(ids), len(caps))
+	}
+	if !slices.IsSorted(ids) || len(slices.Compact(slices.Clone(ids))) != len(ids) {
+		t.Fatalf("%s: PeerCapsFor(%d) IDs not ascending and unique: %v", where, dst.ID, ids)
+	}
+	batch := map[netmap.NodeID]map[string][]json.RawMessage{}
+	for i, id := range ids {
+		batch[id] = caps[i]
+	}
 	var peers []netmap.NodeID
 	for _, p := range all {
 		if p.ID == dst.ID {
@@ -154,7 +164,8 @@ func TestPeerCapsForMatchesPairs(t *testing.T) {
 			where := fmt.Sprintf("round %d step %d\n%s", round, step, src)
 			for _, dst := range append(all, randNode(rng, 99)) {
 				checkPeerQueries(t, e, dst, all, where)
-				for _, c := range e.PeerCapsFor(dst) {
+				_, caps := e.PeerCapsFor(dst)
+				for _, c := range caps {
 					capsSeen += len(c)
 				}
 				pairsSeen += len(all)
@@ -229,10 +240,10 @@ func TestPeerCapsGrantCountsOnce(t *testing.T) {
 			if got := capsString(e.PeerCaps(tc.dst, tc.peer)); got != tc.want {
 				t.Errorf("PeerCaps = %s, want %s", got, tc.want)
 			}
-			batch := e.PeerCapsFor(tc.dst)
+			ids, caps := e.PeerCapsFor(tc.dst)
 			got := "nil"
-			if c, ok := batch[tc.peer.ID]; ok {
-				got = capsString(c)
+			if i, ok := slices.BinarySearch(ids, tc.peer.ID); ok {
+				got = capsString(caps[i])
 			}
 			if got != tc.want {
 				t.Errorf("PeerCapsFor[%d] = %s, want %s", tc.peer.ID, got, tc.want)

@@ -136,7 +136,8 @@ func BenchmarkPeerCapsFor(b *testing.B) {
 		for b.Loop() {
 			holders = 0
 			for _, v := range viewers {
-				holders += len(e.PeerCapsFor(v))
+				ids, _ := e.PeerCapsFor(v)
+				holders += len(ids)
 			}
 		}
 		b.ReportMetric(float64(holders), "holders/op")
