@@ -203,3 +203,63 @@ func TestFlowTableLockFreeReads(t *testing.T) {
 		checkShard(t, &ft.shards[i])
 	}
 }
+
+// A hit rewrites a flow's expiry only when it has fallen behind by more
+// than refreshSlack (min(1 s, timeout/64)); a FIN or RST always takes
+// effect at once.
+func TestFlowRefreshSlack(t *testing.T) {
+	const sec = int64(1e9)
+	ttl := &timeouts{tcp: 7200 * sec, tcpClosing: 30 * sec, udp: 180 * sec, icmp: 30 * sec, other: 180 * sec, frag: 64}
+	expires := func(ft *flowTable, k *flowKey) int64 {
+		kw := k.words()
+		h := ft.hash(&kw)
+		s := ft.shard(h)
+		_, e := s.find(&kw, h)
+		if e < 0 {
+			t.Fatalf("flow %+v missing", k)
+		}
+		return s.entries[e].expires.Load()
+	}
+	ft := newFlowTable(16, 16, 1)
+	udp := flowKey{local: ipAddr{lo: 1}, remote: ipAddr{lo: 2}, lport: 1, rport: 2, proto: protoUDP}
+	const t0 = 1000 * sec
+	ft.insert(&udp, stLocal, t0, 0, ttl)
+	for _, s := range []struct {
+		at, want int64
+	}{
+		{t0 + sec/2, t0 + 180*sec},           // within the slack: no write
+		{t0 + sec, t0 + 180*sec},             // exactly the slack: no write
+		{t0 + 3*sec/2, t0 + 181*sec + sec/2}, // beyond: refreshed
+	} {
+		if _, ok := ft.lookup(&udp, s.at, 0, ttl); !ok {
+			t.Fatalf("lookup at %d: missing", s.at-t0)
+		}
+		if got := expires(ft, &udp); got != s.want {
+			t.Errorf("after a hit at t0+%dms: expires t0+%dms, want t0+%dms", (s.at-t0)/1e6, (got-t0)/1e6, (s.want-t0)/1e6)
+		}
+	}
+	// Idle since the last refresh: gone at the refreshed expiry (so at
+	// most one slack before "last packet + timeout").
+	if _, ok := ft.lookup(&udp, t0+181*sec+sec/2, 0, ttl); ok {
+		t.Error("flow alive at its expiry")
+	}
+
+	// FIN inside the slack still closes the flow at once.
+	tcp := flowKey{local: ipAddr{lo: 1}, remote: ipAddr{lo: 2}, lport: 3, rport: 4, proto: protoTCP}
+	ft.insert(&tcp, stLocal, t0, tcpSYN, ttl)
+	if st, ok := ft.lookup(&tcp, t0+1, tcpFIN|tcpACK, ttl); !ok || st&stClosing == 0 {
+		t.Fatalf("FIN: state %d, ok %v; want closing", st, ok)
+	}
+	if got := expires(ft, &tcp); got != t0+1+30*sec {
+		t.Errorf("after FIN: expires t0+%dns, want t0+30s+1ns", got-t0)
+	}
+
+	// A tiny timeout has a tiny slack (64 ns -> 1 ns): refreshed by the
+	// next nanosecond but one.
+	frag := flowKey{local: ipAddr{lo: 1}, remote: ipAddr{lo: 2}, proto: protoUDP, kind: kindFrag}
+	ft.insert(&frag, 0, t0, 0, ttl)
+	ft.lookup(&frag, t0+2, 0, ttl)
+	if got := expires(ft, &frag); got != t0+2+64 {
+		t.Errorf("tiny timeout: expires t0+%d, want t0+66", got-t0)
+	}
+}
