@@ -11,7 +11,8 @@ import (
 // FuzzParse feeds arbitrary bytes to the parser. It must never panic; a
 // rejected policy must explain itself with positions inside the input; an
 // accepted one must compile for a fleet, lint, explain and diff without
-// panicking either.
+// panicking either, and its peer lists and capabilities must be the same
+// from the index (Peers, PeerCapsFor) as per pair (CanSee, PeerCaps).
 func FuzzParse(f *testing.F) {
 	seed, err := os.ReadFile("testdata/seed.hujson")
 	if err != nil {
@@ -50,11 +51,8 @@ func FuzzParse(f *testing.F) {
 					t.Fatalf("empty rule compiled: %+v", r)
 				}
 			}
-			e.Peers(n)
-			for _, m := range nodes {
-				e.CanSee(n, m)
-				e.PeerCaps(n, m)
-			}
+			// The index-based answers agree with the per-pair ones.
+			checkPeerQueries(t, e, n, nodes, "fuzzed policy")
 		}
 		p.Lint()
 		Diff(base, p)
