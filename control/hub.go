@@ -449,6 +449,36 @@ func (h *hub) capsLocked(viewer, peer *netmap.Node) map[string][]json.RawMessage
 	return h.capper.PeerCaps(viewer, peer)
 }
 
+// viewerCaps answers what each peer holds on one viewer: from the
+// policy's batch answer when it has one and its index is current
+// (PeerCapsBatcher), else a PeerCaps call per peer.
+type viewerCaps struct {
+	capper  PeerCapper
+	viewer  *netmap.Node
+	batched bool
+	ids     []netmap.NodeID // holders, ascending
+	caps    []map[string][]json.RawMessage
+}
+
+func newViewerCaps(c PeerCapper, indexed bool, viewer *netmap.Node) viewerCaps {
+	vc := viewerCaps{capper: c, viewer: viewer}
+	if b, ok := c.(PeerCapsBatcher); ok && indexed {
+		vc.ids, vc.caps = b.PeerCapsFor(viewer)
+		vc.batched = true
+	}
+	return vc
+}
+
+func (vc viewerCaps) of(peer *netmap.Node) map[string][]json.RawMessage {
+	if !vc.batched {
+		return vc.capper.PeerCaps(vc.viewer, peer)
+	}
+	if i, ok := slices.BinarySearch(vc.ids, peer.ID); ok {
+		return vc.caps[i]
+	}
+	return nil
+}
+
 func withCaps(n *netmap.Node, caps map[string][]json.RawMessage) netmap.Node {
 	c := *n
 	c.Capabilities = caps
@@ -492,10 +522,14 @@ func (h *hub) fullLocked(self *netmap.Node) *mapMessage {
 	f := h.filterFor(self)
 	r.PacketFilter = &f
 	hasCaps := h.capper != nil && filterHasCaps(f) // see PeerCapper
+	var vc viewerCaps
+	if hasCaps {
+		vc = newViewerCaps(h.capper, h.indexer != nil, self)
+	}
 	m := &mapMessage{resp: &r, peers: make([][]byte, 0, len(peers))}
 	for _, p := range peers {
 		if hasCaps {
-			if caps := h.capper.PeerCaps(self, p); len(caps) > 0 {
+			if caps := vc.of(p); len(caps) > 0 {
 				// Per-viewer entry: not cacheable.
 				b, _ := json.Marshal(withCaps(p, caps))
 				m.peers = append(m.peers, b)
@@ -689,6 +723,13 @@ func (h *hub) setPolicy(p Policy) {
 		}
 		newCaps := h.capper != nil && filterHasCaps(f)
 		oldCaps := was[i].caps
+		var oldVC, newVC viewerCaps
+		if oldCaps {
+			oldVC = newViewerCaps(oldCapper, oldIndexed, viewer)
+		}
+		if newCaps {
+			newVC = newViewerCaps(h.capper, h.indexer != nil, viewer)
+		}
 		r := h.base()
 		wasIDs := was[i].peers
 		a, b := 0, 0
@@ -701,7 +742,7 @@ func (h *hub) setPolicy(p Policy) {
 				if m := h.nodes[is[b]]; m != nil {
 					var caps map[string][]json.RawMessage
 					if newCaps {
-						caps = h.capper.PeerCaps(viewer, m)
+						caps = newVC.of(m)
 					}
 					r.PeersChanged = append(r.PeersChanged, withCaps(m, caps))
 				}
@@ -710,10 +751,10 @@ func (h *hub) setPolicy(p Policy) {
 				if m := h.nodes[is[b]]; m != nil && (oldCaps || newCaps) {
 					var oc, nc map[string][]json.RawMessage
 					if oldCaps {
-						oc = oldCapper.PeerCaps(viewer, m)
+						oc = oldVC.of(m)
 					}
 					if newCaps {
-						nc = h.capper.PeerCaps(viewer, m)
+						nc = newVC.of(m)
 					}
 					if !capsEqual(oc, nc) {
 						r.PeersChanged = append(r.PeersChanged, withCaps(m, nc))

@@ -47,6 +47,19 @@ type PeerCapper interface {
 	PeerCaps(dst, peer *netmap.Node) map[string][]json.RawMessage
 }
 
+// PeerCapsBatcher is implemented by indexing policies with "app" grants
+// (policy.Engine): PeerCapsFor returns the indexed nodes holding
+// capabilities on dst, IDs ascending, and what each holds (caps[i] is
+// what PeerCaps(dst, p) returns for the node with ID ids[i]; nodes for
+// which that is nil are absent), working out dst's side once instead of
+// once per pair. The maps may be shared between peers and must not be
+// modified. The coordinator uses it, when the policy is also a current
+// NodeIndexer, wherever it needs the capabilities of many of one node's
+// peers (a policy change, a full map).
+type PeerCapsBatcher interface {
+	PeerCapsFor(dst *netmap.Node) (ids []netmap.NodeID, caps []map[string][]json.RawMessage)
+}
+
 // PeerLister is implemented by indexing policies (policy.Engine): Peers
 // returns the IDs of the nodes n may see, sorted ascending, n excluded,
 // consistent with CanSee. The coordinator uses it, when the policy is also
