@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -18,6 +19,15 @@ import (
 func runMeshd(t *testing.T, cmd *exec.Cmd) (int, string) {
 	t.Helper()
 	out, err := cmd.CombinedOutput()
+	// A binary just written can be "busy" for a moment: a child forked
+	// by a parallel test may still hold the write descriptor until it
+	// execs. Go's own tests retry the same way.
+	for i := 0; i < 50 && errors.Is(err, syscall.ETXTBSY); i++ {
+		time.Sleep(20 * time.Millisecond)
+		retry := exec.Command(cmd.Path, cmd.Args[1:]...)
+		retry.Dir, retry.Env, retry.SysProcAttr = cmd.Dir, cmd.Env, cmd.SysProcAttr
+		out, err = retry.CombinedOutput()
+	}
 	if ee, ok := err.(*exec.ExitError); ok {
 		return ee.ExitCode(), string(out)
 	}
