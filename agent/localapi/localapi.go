@@ -380,16 +380,9 @@ func (c *Client) Profile(ctx context.Context, name string, params url.Values, w 
 	if name == "" || strings.ContainsAny(name, "/?#") {
 		return fmt.Errorf("profile name %q: want one of heap, allocs, goroutine, profile, mutex, block, threadcreate", name)
 	}
-	req, err := http.NewRequestWithContext(ctx, "GET", "http://meshd/debug/pprof/"+name+"?"+params.Encode(), nil)
+	resp, err := c.send(ctx, "GET", "/debug/pprof/"+name+"?"+params.Encode(), nil)
 	if err != nil {
 		return err
-	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
-			return fmt.Errorf("%w at %s", ErrNoDaemon, c.path)
-		}
-		return fmt.Errorf("local api %s: %w", c.path, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
@@ -402,6 +395,23 @@ func (c *Client) Profile(ctx context.Context, name string, params url.Values, w 
 	return nil
 }
 
+// send makes one request to the daemon, telling a missing daemon apart
+// from other failures.
+func (c *Client) send(ctx context.Context, method, path string, body io.Reader) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, method, "http://meshd"+path, body)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
+			return nil, fmt.Errorf("%w at %s", ErrNoDaemon, c.path)
+		}
+		return nil, fmt.Errorf("local api %s: %w", c.path, err)
+	}
+	return resp, nil
+}
+
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
 	var body io.Reader
 	if in != nil {
@@ -409,16 +419,9 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		go func() { pw.CloseWithError(json.NewEncoder(pw).Encode(in)) }()
 		body = pr
 	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://meshd"+path, body)
+	resp, err := c.send(ctx, method, path, body)
 	if err != nil {
 		return err
-	}
-	resp, err := c.hc.Do(req)
-	if err != nil {
-		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
-			return fmt.Errorf("%w at %s", ErrNoDaemon, c.path)
-		}
-		return fmt.Errorf("local api %s: %w", c.path, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
