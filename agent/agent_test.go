@@ -26,8 +26,16 @@ type testMesh struct {
 
 func newTestMesh(t *testing.T) *testMesh {
 	t.Helper()
+	return newTestMeshWith(t, control.ServerOptions{})
+}
+
+// newTestMeshWith runs the coordinator with opts (its state dir and logger
+// filled in).
+func newTestMeshWith(t *testing.T, opts control.ServerOptions) *testMesh {
+	t.Helper()
 	ctx := context.Background()
-	srv, err := control.NewServer(ctx, control.ServerOptions{StateDir: t.TempDir(), Logger: slog.New(slog.DiscardHandler)})
+	opts.StateDir, opts.Logger = t.TempDir(), slog.New(slog.DiscardHandler)
+	srv, err := control.NewServer(ctx, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

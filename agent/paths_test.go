@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"io"
 	"log"
-	"log/slog"
 	"net"
 	"net/http/httptest"
 	"net/netip"
@@ -49,22 +48,7 @@ func newRelayMesh(t *testing.T) *testMesh {
 		Name: "7a", Host: "127.0.0.1", DERPPort: hs.Listener.Addr().(*net.TCPAddr).Port,
 		STUNPort: int(ss.AddrPort().Port()), CertFingerprint: derp.Fingerprint(cert.Leaf),
 	}}}}}
-	ctx := context.Background()
-	srv, err := control.NewServer(ctx, control.ServerOptions{StateDir: t.TempDir(), Logger: slog.New(slog.DiscardHandler), DERPMap: dm})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
-	key, _, err := srv.CreateAuthKey(ctx, control.AuthKeyOptions{Reusable: true, Tags: []string{"tag:test"}, Preauthorized: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &testMesh{t: t, srv: srv, url: "https://" + ln.Addr().String(), key: key}
+	return newTestMeshWith(t, control.ServerOptions{DERPMap: dm})
 }
 
 // TestMagicBindPaths: with a DERP map, each agent picks the region as its
