@@ -919,6 +919,57 @@ func TestReconnectingClientHoldsPacketsUntilConnected(t *testing.T) {
 	}
 }
 
+// Packets sent while the held ones are being flushed must not overtake
+// them: one sender's packets arrive in the order it sent them (some of the
+// oldest may be dropped by the bounded hold queue, none reordered).
+func TestReconnectingClientKeepsOrderAcrossConnect(t *testing.T) {
+	for round := range 5 {
+		s, err := NewServer(ServerOptions{PrivateKey: netmap.NewNodePrivate()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		hs := httptest.NewServer(s)
+		ka, kb := netmap.NewNodePrivate(), netmap.NewNodePrivate()
+		a := dial(t, hs.URL, ka)
+		rc := NewReconnectingClient(hs.URL, ClientOptions{NodeKey: kb}, nil)
+
+		const total = 400
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		sent := make(chan struct{})
+		go func() {
+			defer close(sent)
+			for i := range total {
+				if i == maxHeld/2 {
+					// Connect while the sender keeps going, so sends race
+					// the flush of the held ones.
+					go func() { defer close(done); rc.Run(ctx, nil) }()
+				}
+				if err := rc.Send(ka.Public(), binary.BigEndian.AppendUint32(nil, uint32(i))); err != nil {
+					t.Errorf("send %d: %v", i, err)
+					return
+				}
+				time.Sleep(20 * time.Microsecond)
+			}
+		}()
+		last := -1
+		for last < total-1 {
+			p := recvPacket(t, a)
+			seq := int(binary.BigEndian.Uint32(p.Data))
+			if seq <= last {
+				t.Fatalf("round %d: packet %d arrived after packet %d", round, seq, last)
+			}
+			last = seq
+		}
+		<-sent
+		cancel()
+		<-done
+		a.Close()
+		hs.Close()
+		s.Close()
+	}
+}
+
 func TestReconnectingClientSurvivesRelayRestart(t *testing.T) {
 	key := netmap.NewNodePrivate()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

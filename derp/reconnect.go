@@ -83,22 +83,28 @@ func (r *ReconnectingClient) Send(dst netmap.NodePublic, pkt []byte) error {
 	return c.Send(dst, pkt)
 }
 
-// flushPending sends the packets held while disconnected over c.
-func (r *ReconnectingClient) flushPending(c *Client) {
+// connect makes c the current connection after sending the packets held
+// while disconnected over it. The held packets go out under r.mu, so a
+// packet sent meanwhile waits and cannot overtake an older one (a handshake
+// initiation must not arrive after the data that follows it). c.Send only
+// waits for c's own writer, which never takes r.mu.
+func (r *ReconnectingClient) connect(c *Client) {
 	r.mu.Lock()
-	held := r.pending
-	r.pending = nil
-	r.mu.Unlock()
+	defer r.mu.Unlock()
 	now := time.Now()
-	for _, p := range held {
+	for _, p := range r.pending {
 		if now.Sub(p.at) > heldMaxAge {
 			continue
 		}
 		if err := c.Send(p.dst, p.pkt); err != nil {
+			// The connection is failing; its receive loop ends and Run
+			// redials.
 			r.log.Debug("derp: sending a held packet", "relay", r.url, "err", err)
-			return
+			break
 		}
 	}
+	r.pending = nil
+	r.cur = c
 }
 
 // Run connects and hands every received message to handle (from this
@@ -118,11 +124,8 @@ func (r *ReconnectingClient) Run(ctx context.Context, handle func(Message)) erro
 		c, err := Dial(dctx, r.url, r.opts)
 		cancel()
 		if err == nil {
-			r.mu.Lock()
-			r.cur = c
-			r.mu.Unlock()
+			r.connect(c)
 			r.log.Debug("derp: connected", "relay", r.url)
-			r.flushPending(c)
 			stop := context.AfterFunc(ctx, func() { c.Close() })
 			err = r.recvLoop(c, handle)
 			stop()
