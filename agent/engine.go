@@ -77,7 +77,7 @@ type engine struct {
 
 func newEngine(cfg engineConfig) (_ *engine, err error) {
 	e := &engine{cfg: cfg, peers: map[netmap.NodePublic]wgPeer{}}
-	var tdev tun.Device
+	var tdev, raw tun.Device
 	if cfg.tunName == TUNUserspace {
 		tdev, e.tnet, err = netstack.CreateNetTUN(netmap.AddrsOf(cfg.addrs), nil, cfg.mtu)
 		if err != nil {
@@ -89,6 +89,7 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 			return nil, err
 		}
 	}
+	raw = tdev
 	// The packet filter sits right next to the TUN; Options.WrapTUN, if
 	// any, wraps outside it (it sees what apps send before the filter and
 	// only what the filter let in).
@@ -104,7 +105,7 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 	if mb, ok := e.bind.(*magicbind.Bind); ok {
 		e.lazy = newLazyPeers()
 		e.lazyOn = cfg.peerIdle > 0
-		tdev = &lazyTUN{Device: tdev, l: e.lazy}
+		tdev = &lazyTUN{Device: tdev, l: e.lazy, raw: raw, log: cfg.log}
 		devBind = &lazyBind{Bind: e.bind, l: e.lazy}
 		mb.SetPathMTUHook(e.lazy.setPathMTU)
 	}

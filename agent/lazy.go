@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"log/slog"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -65,6 +66,10 @@ type peerActivity struct {
 	// path carries, below the overlay MTU: TCP SYNs to and from the peer
 	// get their MSS clamped to fit it.
 	clampMTU atomic.Int32
+	// lastPTB is when the last ICMP "packet too big" for a packet to the
+	// peer was sent (nanoseconds since the epoch); errors are rate
+	// limited like a router's.
+	lastPTB atomic.Int64
 
 	mu     sync.Mutex
 	ready  chan struct{} // non-nil while an activation is queued; closed when done
@@ -358,7 +363,20 @@ func (e *engine) trim() {
 type lazyTUN struct {
 	tun.Device
 	l *lazyPeers
+	// raw is the TUN itself, under the filter: ICMP errors this host
+	// generates go straight to it. nil sends none.
+	raw tun.Device
+	log *slog.Logger
+	// ptb holds the ICMP error being written; only Read uses it, and
+	// wireguard-go reads from one goroutine.
+	ptb    []byte
+	ptbOut [][]byte
 }
+
+// ptbInterval is the least time between two ICMP errors about one peer's
+// path: the sender's kernel learns the path MTU from the first; the rest
+// of a burst already built too big is only dropped.
+const ptbInterval = 10 * time.Millisecond
 
 // Read reads a batch and activates the peers it is addressed to. Packets
 // the filter dropped (size 0) are skipped; a run of packets to one
@@ -388,15 +406,46 @@ func (t *lazyTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 		if pa == nil {
 			continue
 		}
+		if m := pa.clampMTU.Load(); m > 0 {
+			if sizes[i] > int(m) {
+				// The direct path would drop it: drop it here and tell
+				// the sender, as a router with that MTU would.
+				t.packetTooBig(pa, bufs[i][offset:offset+sizes[i]], int(m), offset, now)
+				sizes[i] = 0
+				continue
+			}
+			clampSYN(bufs[i][offset:offset+sizes[i]], m)
+		}
 		pa.touch(now)
 		if !pa.configured.Load() {
 			t.l.ensure(pa, activateOutbound, nil)
 		}
-		if m := pa.clampMTU.Load(); m > 0 {
-			clampSYN(bufs[i][offset:offset+sizes[i]], m)
-		}
 	}
 	return n, err
+}
+
+// packetTooBig writes the ICMP error for pkt, too big for pa's path of
+// mtu bytes, to the TUN, unless one went out for pa within ptbInterval.
+func (t *lazyTUN) packetTooBig(pa *peerActivity, pkt []byte, mtu, offset int, now int64) {
+	if t.raw == nil {
+		return
+	}
+	if last := pa.lastPTB.Load(); last != 0 && now-last < int64(ptbInterval) {
+		return
+	}
+	if len(t.ptb) < offset+ptbBufLen {
+		t.ptb = make([]byte, offset+ptbBufLen)
+		t.ptbOut = make([][]byte, 1)
+	}
+	n := PacketTooBig(t.ptb[offset:], pkt, mtu)
+	if n == 0 {
+		return
+	}
+	pa.lastPTB.Store(now)
+	t.ptbOut[0] = t.ptb[:offset+n]
+	if _, err := t.raw.Write(t.ptbOut, offset); err != nil {
+		t.log.Debug("write ICMP packet too big", "err", err)
+	}
 }
 
 // Write clamps the MSS of TCP SYNs from peers whose direct path is

@@ -3,10 +3,12 @@ package agent
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -377,4 +379,78 @@ func TestMSSClampFromPathMTU(t *testing.T) {
 	if got := mssOf(bufs[0][:sizes[0]]); got != 8880 {
 		t.Errorf("SYN after the path recovered: MSS %d, want 8880", got)
 	}
+}
+
+// TestPacketTooBigFromPathMTU checks the data path's side of path MTU
+// blackholes: a packet to a peer whose direct path carries only 1,420
+// bytes is dropped and answered with one ICMP error on the raw TUN (rate
+// limited per peer), smaller ones and other peers' pass untouched, and
+// the steady state allocates nothing.
+func TestPacketTooBigFromPathMTU(t *testing.T) {
+	l := newLazyPeers()
+	far, near := netmap.NewNodePrivate().Public(), netmap.NewNodePrivate().Public()
+	want := map[netmap.NodePublic]wgPeer{
+		far:  {Key: far, AllowedIPs: pfx("100.64.0.2/32")},
+		near: {Key: near, AllowedIPs: pfx("100.64.0.3/32")},
+	}
+	l.publish(want, want)
+	l.setPathMTU(far, 1420, true)
+	udp := []byte{0x9c, 0x40, 0x13, 0x89, 0, 0, 0, 0}
+	pkts := [][]byte{
+		ipPacket("100.64.0.1", "100.64.0.2", 17, 3000, udp),
+		ipPacket("100.64.0.1", "100.64.0.2", 17, 1420, udp),
+		ipPacket("100.64.0.1", "100.64.0.3", 17, 3000, udp),
+		ipPacket("100.64.0.1", "100.64.0.2", 17, 3000, udp),
+	}
+	raw := &recordTUN{}
+	const offset = 16
+	dev := &lazyTUN{Device: &fixedTUN{pkts: pkts}, l: l, raw: raw, log: slog.New(slog.DiscardHandler)}
+	bufs := make([][]byte, len(pkts))
+	for i := range bufs {
+		bufs[i] = make([]byte, offset+9000)
+	}
+	sizes := make([]int, len(pkts))
+	if _, err := dev.Read(bufs, sizes, offset); err != nil {
+		t.Fatal(err)
+	}
+	if want := []int{0, 1420, 3000, 0}; !slices.Equal(sizes, want) {
+		t.Errorf("sizes after Read = %v, want %v (too big for the far peer's path dropped)", sizes, want)
+	}
+	if len(raw.written) != 1 {
+		t.Fatalf("%d ICMP errors written, want 1 (one per peer per %v)", len(raw.written), ptbInterval)
+	}
+	e := raw.written[0]
+	if len(e) < 28 || e[9] != 1 || e[20] != 3 || e[21] != 4 || binary.BigEndian.Uint16(e[26:]) != 1420 || !bytes.Equal(e[12:16], []byte{100, 64, 0, 2}) {
+		t.Errorf("ICMP error % x, want fragmentation-needed from 100.64.0.2 with MTU 1420", e[:min(len(e), 28)])
+	}
+	// Past the interval the next one is answered too; none of it allocates.
+	pa := (*l.byKey.Load())[far]
+	counter := &countTUN{}
+	dev.raw = counter
+	if n := testing.AllocsPerRun(50, func() {
+		pa.lastPTB.Store(l.now() - int64(2*ptbInterval))
+		dev.Read(bufs, sizes, offset)
+	}); n != 0 {
+		t.Errorf("%v allocations per batch with ICMP errors, want 0", n)
+	}
+	if counter.n < 50 {
+		t.Errorf("%d ICMP errors in 51 batches past the interval, want one per batch", counter.n)
+	}
+	// The path recovered: full-size packets go through.
+	l.setPathMTU(far, 8920, false)
+	dev.Read(bufs, sizes, offset)
+	if sizes[0] != 3000 {
+		t.Errorf("size %d after the path recovered, want 3000", sizes[0])
+	}
+}
+
+// countTUN counts the packets written to it.
+type countTUN struct {
+	fixedTUN
+	n int
+}
+
+func (c *countTUN) Write(bufs [][]byte, offset int) (int, error) {
+	c.n += len(bufs)
+	return len(bufs), nil
 }

@@ -244,7 +244,7 @@ func MTUProblemText(peer string, pathMTU, overlayMTU int) string {
 		return fmt.Sprintf("peer %s: direct path drops even %d-byte packets (overlay MTU %d): "+
 			"allow ICMP fragmentation-needed on the path, or fix the link MTUs between the hosts", peer, probeSizes(overlayMTU)[0], overlayMTU)
 	}
-	return fmt.Sprintf("peer %s: direct path drops packets over %d bytes (overlay MTU %d; TCP to it is clamped to fit, other traffic is not): "+
+	return fmt.Sprintf("peer %s: direct path drops packets over %d bytes (overlay MTU %d; TCP to it is clamped, larger packets are answered with ICMP packet-too-big): "+
 		"run `meshd daemon --mtu %d`, or allow ICMP fragmentation-needed on the path", peer, pathMTU, overlayMTU, pathMTU)
 }
 

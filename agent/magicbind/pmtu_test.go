@@ -193,7 +193,7 @@ func TestMTUProblemText(t *testing.T) {
 		path, overlay int
 		want          []string
 	}{
-		{1420, 8920, []string{"peer gpu-2: direct path drops packets over 1420 bytes (overlay MTU 8920; TCP to it is clamped to fit", "meshd daemon --mtu 1420", "ICMP fragmentation-needed"}},
+		{1420, 8920, []string{"peer gpu-2: direct path drops packets over 1420 bytes (overlay MTU 8920; TCP to it is clamped, larger packets are answered with ICMP packet-too-big", "meshd daemon --mtu 1420", "ICMP fragmentation-needed"}},
 		{0, 8920, []string{"drops even 1280-byte packets", "ICMP fragmentation-needed"}},
 	} {
 		got := MTUProblemText("gpu-2", tt.path, tt.overlay)

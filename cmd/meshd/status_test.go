@@ -29,7 +29,7 @@ func TestWriteStatusMTUProblem(t *testing.T) {
 		want  []string
 	}{
 		{"blackhole", []localapi.Peer{peer("gpu-1", "100.64.0.2", 8920, false), peer("gpu-2", "100.64.0.3", 1420, true)},
-			[]string{"# warning: peer gpu-2: direct path drops packets over 1420 bytes (overlay MTU 8920; TCP to it is clamped to fit, other traffic is not): run `meshd daemon --mtu 1420`, or allow ICMP fragmentation-needed on the path"}},
+			[]string{"# warning: peer gpu-2: direct path drops packets over 1420 bytes (overlay MTU 8920; TCP to it is clamped, larger packets are answered with ICMP packet-too-big): run `meshd daemon --mtu 1420`, or allow ICMP fragmentation-needed on the path"}},
 		{"nothing gets through", []localapi.Peer{peer("gpu-3", "100.64.0.4", 0, true)},
 			[]string{"# warning: peer gpu-3: direct path drops even 1280-byte packets (overlay MTU 8920)"}},
 		{"clean", []localapi.Peer{peer("gpu-1", "100.64.0.2", 8920, false)}, nil},

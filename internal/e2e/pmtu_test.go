@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -15,6 +16,7 @@ import (
 
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv4"
+	"golang.org/x/sys/unix"
 
 	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/control"
@@ -121,10 +123,91 @@ func (pl *pmtuLab) waitProbed(i int, within time.Duration) localapi.Peer {
 	return p
 }
 
+// udpAcrossBlackhole checks, from node i to the other, that the kernel's
+// path MTU is still the overlay MTU (TCP never needed an ICMP error, so
+// the MSS clamp kept its segments small); that a datagram too big for the
+// path draws ICMP fragmentation-needed from the agent, lowering the
+// kernel's path MTU to the probed 1420; and that big datagrams then cross,
+// fragmented by the sender.
+func (pl *pmtuLab) udpAcrossBlackhole(t *testing.T, i int) {
+	t.Helper()
+	from, to := pl.nodes[i].name, pl.nodes[1-i].name
+	dst := net.UDPAddrFromAddrPort(netip.AddrPortFrom(pl.ips[1-i], 6000+uint16(i)))
+	var ln, c *net.UDPConn
+	if err := pl.hosts[1-i].Do(func() (err error) { ln, err = net.ListenUDP("udp4", dst); return }); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	if err := pl.hosts[i].Do(func() (err error) { c, err = net.DialUDP("udp4", nil, dst); return }); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sockopt := func(set bool, opt, v int) int {
+		var err error
+		cerr := rc.Control(func(fd uintptr) {
+			if set {
+				err = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, opt, v)
+			} else {
+				v, err = unix.GetsockoptInt(int(fd), unix.IPPROTO_IP, opt)
+			}
+		})
+		if err = errors.Join(cerr, err); err != nil {
+			t.Fatalf("socket option %d: %v", opt, err)
+		}
+		return v
+	}
+	sockopt(true, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_DO)
+	if mtu := sockopt(false, unix.IP_MTU, 0); mtu != 8920 {
+		t.Errorf("%s's kernel path MTU to %s is %d before any big datagram, want 8920: TCP needed an ICMP error (MSS not clamped?)", from, to, mtu)
+	}
+	big := bytes.Repeat([]byte{0x5a}, 3000)
+	waitFor(t, 5*time.Second, from+"'s kernel to learn the path MTU from the agent's ICMP error", func() (bool, string) {
+		c.Write(big) // EMSGSIZE once the path MTU is known
+		time.Sleep(50 * time.Millisecond)
+		mtu := sockopt(false, unix.IP_MTU, 0)
+		return mtu == 1420, fmt.Sprintf("path MTU %d", mtu)
+	})
+	// Now let the kernel fragment.
+	sockopt(true, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_WANT)
+	got := make(chan int, 1)
+	go func() {
+		buf := make([]byte, 9000)
+		ln.SetReadDeadline(time.Now().Add(10 * time.Second))
+		n, _, err := ln.ReadFromUDP(buf)
+		if err != nil {
+			n = -1
+		}
+		got <- n
+	}()
+	for try := 0; ; try++ {
+		// A connected socket reports the ICMP error once, on a later send,
+		// as it would for a router's.
+		if _, err := c.Write(big); err != nil && !errors.Is(err, unix.EMSGSIZE) {
+			t.Fatalf("send %d bytes %s -> %s: %v", len(big), from, to, err)
+		}
+		select {
+		case n := <-got:
+			if n != len(big) {
+				t.Errorf("%s received %d bytes, want a %d-byte datagram from %s", to, n, len(big), from)
+			}
+			return
+		case <-time.After(time.Second):
+			if try == 4 {
+				t.Errorf("no %d-byte datagram %s -> %s crossed the blackhole in 5 tries", len(big), from, to)
+				return
+			}
+		}
+	}
+}
+
 // echoes reports whether an ICMP echo with size bytes of data from h gets
-// an answer from dst within a second (three tries). The kernel sends it
-// with DF, as TCP does.
-func echoes(t *testing.T, h *netlab.Host, dst netip.Addr, size int) bool {
+// an answer from dst (each try waits a third of a second). The kernel
+// sends it with DF, as TCP does.
+func echoes(t *testing.T, h *netlab.Host, dst netip.Addr, size, tries int) bool {
 	t.Helper()
 	var c *icmp.PacketConn
 	if err := h.Do(func() (err error) { c, err = icmp.ListenPacket("ip4:icmp", "0.0.0.0"); return }); err != nil {
@@ -134,7 +217,7 @@ func echoes(t *testing.T, h *netlab.Host, dst netip.Addr, size int) bool {
 	id := (os.Getpid() + size) & 0xffff
 	data := bytes.Repeat([]byte{0xa5}, size)
 	buf := make([]byte, size+100)
-	for seq := 1; seq <= 3; seq++ {
+	for seq := 1; seq <= tries; seq++ {
 		wb, err := (&icmp.Message{Type: ipv4.ICMPTypeEcho, Body: &icmp.Echo{ID: id, Seq: seq, Data: data}}).Marshal(nil)
 		if err != nil {
 			t.Fatal(err)
@@ -173,18 +256,13 @@ func TestPMTUBlackholeReported(t *testing.T) {
 			t.Errorf("%s: peer status %+v, want mtu_problem with path_mtu 1420 of overlay 8920", pl.nodes[i].name, p)
 		}
 	}
-	// The lab really is a blackhole: a small echo through the tunnel
-	// works, a full-size one does not.
-	if !echoes(t, pl.hosts[0], pl.ips[1], 56) {
+	if !echoes(t, pl.hosts[0], pl.ips[1], 56, 3) {
 		t.Error("a small ping through the tunnel got no answer")
 	}
-	if echoes(t, pl.hosts[0], pl.ips[1], 8000) {
-		t.Error("an 8000-byte ping crossed the 1500-byte link: the lab does not blackhole")
-	}
-	// Yet TCP works across it both ways: the agent clamps the MSS of
-	// SYNs to and from the peer to the probed path MTU, so neither end
-	// builds segments the path drops (Linux's TCP would otherwise hang,
-	// tcp_mtu_probing being off by default).
+	// TCP works across it both ways without a single segment lost to the
+	// path: the agent clamps the MSS of SYNs to and from the peer to the
+	// probed path MTU, so neither end builds segments the path drops
+	// (udpAcrossBlackhole checks no ICMP error was needed).
 	for i := range pl.nodes {
 		ap := netip.AddrPortFrom(pl.ips[1-i], 5201+uint16(i))
 		var ln net.Listener
@@ -211,8 +289,17 @@ func TestPMTUBlackholeReported(t *testing.T) {
 			t.Errorf("TCP transfer %s -> %s stalled for 20 s: full-size segments blackholed (MSS not clamped)", pl.nodes[i].name, pl.nodes[1-i].name)
 		}
 	}
+	// Other traffic crosses too: a packet too big for the path draws an
+	// ICMP error from the agent, as from a router, and the sender's kernel
+	// fragments to fit.
+	for i := range pl.nodes {
+		pl.udpAcrossBlackhole(t, i)
+	}
+	if !echoes(t, pl.hosts[0], pl.ips[1], 8000, 6) {
+		t.Error("an 8000-byte ping got no answer across the blackhole: no ICMP fragmentation-needed from the agents?")
+	}
 	out, err := pl.e.cli(pl.nodes[0], "status")
-	want := "# warning: peer b: direct path drops packets over 1420 bytes (overlay MTU 8920; TCP to it is clamped to fit, other traffic is not): run `meshd daemon --mtu 1420`, or allow ICMP fragmentation-needed on the path"
+	want := "# warning: peer b: direct path drops packets over 1420 bytes (overlay MTU 8920; TCP to it is clamped, larger packets are answered with ICMP packet-too-big): run `meshd daemon --mtu 1420`, or allow ICMP fragmentation-needed on the path"
 	if err != nil || !strings.Contains(out, want) {
 		t.Errorf("meshd status (err %v):\n%s\nwant the line %q", err, out, want)
 	}
@@ -232,7 +319,7 @@ func TestPMTUCleanPath(t *testing.T) {
 			t.Errorf("%s: peer status %+v, want path_mtu 8920 without a problem", pl.nodes[i].name, p)
 		}
 	}
-	if !echoes(t, pl.hosts[0], pl.ips[1], 8000) {
+	if !echoes(t, pl.hosts[0], pl.ips[1], 8000, 3) {
 		t.Error("an 8000-byte ping through the tunnel got no answer on the all-jumbo path")
 	}
 	if out, err := pl.e.cli(pl.nodes[0], "status"); err != nil || strings.Contains(out, "warning") {
