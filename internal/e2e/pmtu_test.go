@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/net/icmp"
 	"golang.org/x/net/ipv4"
+	"golang.org/x/net/ipv6"
 	"golang.org/x/sys/unix"
 
 	"meshd.dev/meshd/agent/localapi"
@@ -204,13 +205,20 @@ func (pl *pmtuLab) udpAcrossBlackhole(t *testing.T, i int) {
 	}
 }
 
-// echoes reports whether an ICMP echo with size bytes of data from h gets
-// an answer from dst (each try waits a third of a second). The kernel
-// sends it with DF, as TCP does.
+// echoes reports whether an ICMP or ICMPv6 echo with size bytes of data
+// from h gets an answer from dst (each try waits a third of a second).
+// The kernel sends it with DF, as TCP does.
 func echoes(t *testing.T, h *netlab.Host, dst netip.Addr, size, tries int) bool {
 	t.Helper()
+	network, listen, proto := "ip4:icmp", "0.0.0.0", 1
+	var request, reply icmp.Type = ipv4.ICMPTypeEcho, ipv4.ICMPTypeEchoReply
+	if dst.Is6() {
+		// The kernel fills in the ICMPv6 checksum of a raw socket.
+		network, listen, proto = "ip6:ipv6-icmp", "::", 58
+		request, reply = ipv6.ICMPTypeEchoRequest, ipv6.ICMPTypeEchoReply
+	}
 	var c *icmp.PacketConn
-	if err := h.Do(func() (err error) { c, err = icmp.ListenPacket("ip4:icmp", "0.0.0.0"); return }); err != nil {
+	if err := h.Do(func() (err error) { c, err = icmp.ListenPacket(network, listen); return }); err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
@@ -218,11 +226,11 @@ func echoes(t *testing.T, h *netlab.Host, dst netip.Addr, size, tries int) bool 
 	data := bytes.Repeat([]byte{0xa5}, size)
 	buf := make([]byte, size+100)
 	for seq := 1; seq <= tries; seq++ {
-		wb, err := (&icmp.Message{Type: ipv4.ICMPTypeEcho, Body: &icmp.Echo{ID: id, Seq: seq, Data: data}}).Marshal(nil)
+		wb, err := (&icmp.Message{Type: request, Body: &icmp.Echo{ID: id, Seq: seq, Data: data}}).Marshal(nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := c.WriteTo(wb, &net.IPAddr{IP: dst.AsSlice()}); err != nil {
+		if _, err := c.WriteTo(wb, &net.IPAddr{IP: dst.AsSlice()}); err != nil && !errors.Is(err, unix.EMSGSIZE) {
 			t.Fatalf("echo of %d bytes to %v: %v", size, dst, err)
 		}
 		c.SetReadDeadline(time.Now().Add(time.Second / 3))
@@ -231,8 +239,8 @@ func echoes(t *testing.T, h *netlab.Host, dst netip.Addr, size, tries int) bool 
 			if err != nil {
 				break
 			}
-			m, err := icmp.ParseMessage(1, buf[:n])
-			if err != nil || m.Type != ipv4.ICMPTypeEchoReply {
+			m, err := icmp.ParseMessage(proto, buf[:n])
+			if err != nil || m.Type != reply {
 				continue
 			}
 			if e, ok := m.Body.(*icmp.Echo); ok && e.ID == id && len(e.Data) == size {
@@ -298,6 +306,9 @@ func TestPMTUBlackholeReported(t *testing.T) {
 	if !echoes(t, pl.hosts[0], pl.ips[1], 8000, 6) {
 		t.Error("an 8000-byte ping got no answer across the blackhole: no ICMP fragmentation-needed from the agents?")
 	}
+	if ip6 := ipv6Of(pl.e.status(pl.nodes[1])); !echoes(t, pl.hosts[0], ip6, 8000, 6) {
+		t.Errorf("an 8000-byte ping to %v got no answer across the blackhole: no ICMPv6 packet-too-big from the agents?", ip6)
+	}
 	out, err := pl.e.cli(pl.nodes[0], "status")
 	want := "# warning: peer b: direct path drops packets over 1420 bytes (overlay MTU 8920; TCP to it is clamped, larger packets are answered with ICMP packet-too-big): run `meshd daemon --mtu 1420`, or allow ICMP fragmentation-needed on the path"
 	if err != nil || !strings.Contains(out, want) {
@@ -325,4 +336,13 @@ func TestPMTUCleanPath(t *testing.T) {
 	if out, err := pl.e.cli(pl.nodes[0], "status"); err != nil || strings.Contains(out, "warning") {
 		t.Errorf("meshd status (err %v) on a clean path:\n%s", err, out)
 	}
+}
+
+func ipv6Of(st *localapi.Status) netip.Addr {
+	for _, ip := range st.Self.IPs {
+		if ip.Is6() {
+			return ip
+		}
+	}
+	return netip.Addr{}
 }
