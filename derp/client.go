@@ -40,7 +40,22 @@ type ClientOptions struct {
 	// relay's keep-alive interval plus 5s. Negative: never; the caller
 	// manages read deadlines itself.
 	IdleTimeout time.Duration
+	// WriteTimeout makes the connection fail when queued frames could not
+	// be handed to the kernel for this long: the relay stopped reading, or
+	// the path died with data in flight. Senders blocked on a full queue
+	// are then released with an error instead of waiting for TCP's
+	// retransmission timeout (minutes). 0: DefaultClientWriteTimeout. Negative:
+	// never.
+	WriteTimeout time.Duration
 }
+
+// DefaultClientWriteTimeout is ClientOptions.WriteTimeout's default: a relay
+// that accepts no bytes for this long is gone.
+const DefaultClientWriteTimeout = 10 * time.Second
+
+// ErrQueueFull is TrySend's answer when the connection's send queue is
+// full (the relay or the path is slower than the sender).
+var ErrQueueFull = errors.New("derp: send queue full")
 
 // Client is one connection to a relay. Send may be called concurrently with
 // Recv; Recv must be called from a single goroutine. A Client does not
@@ -71,6 +86,8 @@ type Client struct {
 	// keepAlive is the relay's interval: flushLoop sends a keep-alive when
 	// nothing else went out for that long.
 	keepAlive time.Duration
+	// writeTimeout bounds each write of queued frames; 0: none.
+	writeTimeout time.Duration
 }
 
 // maxPending bounds queued outgoing bytes; Send blocks beyond it, which is
@@ -118,7 +135,12 @@ func (c *Client) flushLoop() {
 		c.wmu.Unlock()
 		var err error
 		if len(buf) > 0 {
-			_, err = c.conn.Write(buf)
+			if c.writeTimeout > 0 {
+				err = c.conn.SetWriteDeadline(time.Now().Add(c.writeTimeout))
+			}
+			if err == nil {
+				_, err = c.conn.Write(buf)
+			}
 		}
 		c.wmu.Lock()
 		c.spare = buf[:0]
@@ -136,12 +158,22 @@ func (c *Client) flushLoop() {
 
 // queue appends one frame (header plus parts) to the outgoing buffer.
 func (c *Client) queue(t frameType, parts ...[]byte) error {
+	return c.queueFrame(true, t, parts...)
+}
+
+// queueFrame appends one frame; when the queue is full it waits for the
+// writer if wait is set and returns ErrQueueFull otherwise.
+func (c *Client) queueFrame(wait bool, t frameType, parts ...[]byte) error {
 	n := 0
 	for _, p := range parts {
 		n += len(p)
 	}
 	c.wmu.Lock()
 	for c.werr == nil && len(c.pending) > 0 && len(c.pending)+frameHeaderLen+n > maxPending {
+		if !wait {
+			c.wmu.Unlock()
+			return ErrQueueFull
+		}
 		c.wcond.Wait()
 	}
 	if err := c.werr; err != nil {
@@ -342,6 +374,12 @@ func newClient(ctx context.Context, conn net.Conn, u *url.URL, opts ClientOption
 	if c.idle == 0 {
 		c.idle = 2*c.keepAlive + 5*time.Second
 	}
+	switch c.writeTimeout = opts.WriteTimeout; {
+	case c.writeTimeout == 0:
+		c.writeTimeout = DefaultClientWriteTimeout
+	case c.writeTimeout < 0:
+		c.writeTimeout = 0
+	}
 	c.start()
 	return c, nil
 }
@@ -386,6 +424,17 @@ func (c *Client) Send(dst netmap.NodePublic, pkt []byte) error {
 		return fmt.Errorf("derp: packet of %d bytes exceeds the %d-byte limit", len(pkt), MaxPacketSize)
 	}
 	return c.queue(frameSendPacket, dst[:], pkt)
+}
+
+// TrySend is Send without waiting: when the send queue is full it drops
+// pkt and returns ErrQueueFull. It is for copies that are only worth
+// sending if they cost the caller nothing, like a duplicate of a packet
+// that also went over a direct path.
+func (c *Client) TrySend(dst netmap.NodePublic, pkt []byte) error {
+	if len(pkt) > MaxPacketSize {
+		return fmt.Errorf("derp: packet of %d bytes exceeds the %d-byte limit", len(pkt), MaxPacketSize)
+	}
+	return c.queueFrame(false, frameSendPacket, dst[:], pkt)
 }
 
 // SendBatch relays several packets to dst, as a WireGuard bind with

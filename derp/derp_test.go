@@ -16,6 +16,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1261,4 +1262,135 @@ func TestRevocationDuringHandshake(t *testing.T) {
 		t.Fatalf("Verify called %d times, want 2 (handshake, re-check)", calls.Load())
 	}
 	waitFor(t, "no clients", func() bool { return s.Stats().Clients == 0 })
+}
+
+// stallProxy forwards TCP connections to a relay until stalled; then it
+// stops reading what the client sends (a stuck relay, or a path that died
+// with data in flight, as the client's kernel sees it).
+type stallProxy struct {
+	ln      net.Listener
+	stalled chan struct{}
+}
+
+func newStallProxy(t *testing.T, target string) *stallProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &stallProxy{ln: ln, stalled: make(chan struct{})}
+	var conns sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); conns.Wait() })
+	done := make(chan struct{})
+	t.Cleanup(func() { close(done) })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			// Small buffers, so a stall is felt after kilobytes, not
+			// megabytes.
+			c.(*net.TCPConn).SetReadBuffer(4 << 10)
+			s, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			conns.Add(2)
+			go func() { defer conns.Done(); io.Copy(c, s); c.Close() }()
+			go func() {
+				defer conns.Done()
+				defer s.Close()
+				buf := make([]byte, 4<<10)
+				for {
+					select {
+					case <-p.stalled:
+						<-done
+						c.Close()
+						return
+					default:
+					}
+					n, err := c.Read(buf)
+					if err != nil {
+						return
+					}
+					if _, err := s.Write(buf[:n]); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return p
+}
+
+func (p *stallProxy) dial(t *testing.T, opts ClientOptions) *Client {
+	t.Helper()
+	opts.DialContext = func(ctx context.Context, network, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, network, p.ln.Addr().String())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, "http://relay.test", opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// A relay that stops reading must not hold senders for TCP's minutes:
+// blocked sends fail after the write timeout, and TrySend never blocks.
+func TestClientStalledRelay(t *testing.T) {
+	srv := newTestServer(t, ServerOptions{})
+	dst := netmap.NewNodePrivate().Public()
+	pkt := make([]byte, 32<<10)
+
+	t.Run("TrySend drops instead of waiting", func(t *testing.T) {
+		p := newStallProxy(t, srv.hs.Listener.Addr().String())
+		c := p.dial(t, ClientOptions{NodeKey: netmap.NewNodePrivate(), IdleTimeout: -1, WriteTimeout: -1})
+		close(p.stalled)
+		full := false
+		const tries = 2048 // 64 MiB: more than the sockets buffer
+		for i := 0; i < tries && !full; i++ {
+			start := time.Now()
+			err := c.TrySend(dst, pkt)
+			if d := time.Since(start); d > time.Second {
+				t.Fatalf("TrySend took %v", d)
+			}
+			switch {
+			case errors.Is(err, ErrQueueFull):
+				full = true
+			case err != nil:
+				t.Fatalf("TrySend: %v", err)
+			}
+		}
+		if !full {
+			t.Fatalf("queued %d x %d bytes to a relay that reads nothing without ErrQueueFull", tries, len(pkt))
+		}
+	})
+
+	t.Run("write timeout releases blocked senders", func(t *testing.T) {
+		p := newStallProxy(t, srv.hs.Listener.Addr().String())
+		c := p.dial(t, ClientOptions{NodeKey: netmap.NewNodePrivate(), IdleTimeout: -1, WriteTimeout: 200 * time.Millisecond})
+		close(p.stalled)
+		done := make(chan error, 1)
+		go func() {
+			for {
+				if err := c.Send(dst, pkt); err != nil {
+					done <- err
+					return
+				}
+			}
+		}()
+		select {
+		case err := <-done:
+			if !errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Errorf("blocked Send failed with %v, want the write deadline", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("Send still blocked 10 s after the relay stopped reading, with a 200 ms write timeout")
+		}
+	})
 }

@@ -83,6 +83,19 @@ func (r *ReconnectingClient) Send(dst netmap.NodePublic, pkt []byte) error {
 	return c.Send(dst, pkt)
 }
 
+// TrySend is Send without waiting for a full send queue: the packet is
+// then dropped and TrySend returns ErrQueueFull. While there is no
+// connection it holds the packet as Send does.
+func (r *ReconnectingClient) TrySend(dst netmap.NodePublic, pkt []byte) error {
+	r.mu.Lock()
+	c := r.cur
+	r.mu.Unlock()
+	if c == nil {
+		return r.Send(dst, pkt)
+	}
+	return c.TrySend(dst, pkt)
+}
+
 // connect makes c the current connection after sending the packets held
 // while disconnected over it. The held packets go out under r.mu, so a
 // packet sent meanwhile waits and cannot overtake an older one (a handshake

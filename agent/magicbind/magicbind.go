@@ -465,9 +465,11 @@ func (b *Bind) Send(bufs [][]byte, cep conn.Endpoint) error {
 		if doubt && home != 0 {
 			// The direct path missed a heartbeat and may have just died:
 			// the relay carries a copy until a pong settles it either
-			// way. WireGuard drops whichever copy arrives second.
+			// way. WireGuard drops whichever copy arrives second. The
+			// copy never waits for a slow relay: that would pace a
+			// direct path that may be fine to the relay's speed.
 			if r := b.region(home); r != nil {
-				if rerr := b.sendRelay(r, p, bufs); rerr != nil && err != nil {
+				if rerr := b.copyToRelay(r, p, bufs); rerr != nil && err != nil {
 					return errors.Join(err, rerr)
 				}
 				return nil
@@ -502,6 +504,20 @@ func (b *Bind) sendRelay(r *region, p *peer, bufs [][]byte) error {
 	for _, buf := range bufs {
 		if err := r.client.Send(p.key, buf); err != nil {
 			return fmt.Errorf("magic bind: via DERP region %d: %w", r.id, err)
+		}
+	}
+	return nil
+}
+
+// copyToRelay sends bufs to p through relay r as far as its send queue
+// has room, dropping the rest.
+func (b *Bind) copyToRelay(r *region, p *peer, bufs [][]byte) error {
+	for _, buf := range bufs {
+		if err := r.client.TrySend(p.key, buf); err != nil {
+			if errors.Is(err, derp.ErrQueueFull) {
+				return nil
+			}
+			return fmt.Errorf("magic bind: copy via DERP region %d: %w", r.id, err)
 		}
 	}
 	return nil
