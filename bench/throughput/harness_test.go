@@ -152,9 +152,12 @@ type tunnel struct {
 	// serverAddr is where iperf3 -s binds on b ("" = every address).
 	serverAddr string
 	procs      []*netlab.Process // the tunnel's processes, whose CPU counts
-	mtu        int               // the largest IP packet it carries whole
-	noUDP      string            // why UDP tests do not apply; "" = they do
-	stop       func()
+	// sockets are the meshd daemons' local API sockets (a, b), for Go
+	// CPU profiles; nil for other setups.
+	sockets []string
+	mtu     int    // the largest IP packet it carries whole
+	noUDP   string // why UDP tests do not apply; "" = they do
+	stop    func()
 	// check verifies after the runs that the tunnel carried the traffic;
 	// res are the runs' results.
 	check func(t testing.TB, res []result)
@@ -456,6 +459,7 @@ func (m *mesh) meshd(t testing.TB, o meshdOpts) *tunnel {
 		return pa == want && pb == want, fmt.Sprintf("a->b %q, b->a %q", pa, pb)
 	})
 	tn.setup, tn.dst, tn.procs, tn.mtu = setup, dst, []*netlab.Process{pa, pb}, mtu
+	tn.sockets = []string{m.nodes[tp.a].socket, m.nodes[tp.b].socket}
 	if o.relay {
 		// The relay is part of this tunnel: its CPU counts (the coordinator's
 		// control work during a run is a map keepalive now and then).

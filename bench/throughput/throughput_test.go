@@ -3,9 +3,11 @@
 package throughput
 
 import (
+	"bytes"
 	"context"
 	"flag"
 	"fmt"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,8 +15,11 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"meshd.dev/meshd/agent/localapi"
 )
 
 var (
@@ -24,6 +29,7 @@ var (
 	flagWGGo      = flag.String("wireguard-go", "", "stock wireguard-go binary (default: built from the version in go.mod)")
 	flagMeshd     = flag.String("meshd", "", "meshd binary to measure (default: built from this tree)")
 	flagOut       = flag.String("out", "", "also write the table (Markdown) to this file")
+	flagPprofDir  = flag.String("pprof-dir", "", "save Go CPU profiles of both meshd daemons during each TCP 1-stream run into this `directory` (merged, they make cmd/meshd/default.pgo)")
 	flagPerfDir   = flag.String("perf-dir", "", "record `perf` CPU profiles of both tunnel ends during each TCP 1-stream run into this directory")
 	flagRows      = flag.String("rows", "", "comma-separated `rows` to measure (raw, wireguard-go, meshd-1280, meshd-auto, meshd-netstack, meshd-derp); empty: all")
 )
@@ -83,6 +89,11 @@ func TestThroughput(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	if *flagPprofDir != "" {
+		if err := os.MkdirAll(*flagPprofDir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
 	bin := *flagMeshd
 	if bin == "" {
 		bin = meshdBinary(t)
@@ -130,6 +141,15 @@ func TestThroughput(t *testing.T) {
 							return func() {}
 						}
 						return startPerf(t, tn, prefix)
+					}
+				}
+				if *flagPprofDir != "" && round == 0 && len(tn.sockets) > 0 {
+					prefix := filepath.Join(*flagPprofDir, fmt.Sprintf("%d-%s", u, rw.name))
+					around = func(tc test) func() {
+						if tc != tcp1 {
+							return func() {}
+						}
+						return startPprof(t, tn, prefix, *flagDuration)
 					}
 				}
 				res := l.tp.measure(t, tn, tests, *flagDuration, around)
@@ -252,6 +272,31 @@ func startPerf(t testing.TB, tn *tunnel, prefix string) func() {
 			os.WriteFile(strings.TrimSuffix(r.data, ".data")+".txt", out, 0o644)
 		}
 	}
+}
+
+// startPprof takes a Go CPU profile of each meshd daemon of tn over most of
+// a run of d, saved as PREFIX-a.pprof and PREFIX-b.pprof; the returned
+// function waits for them.
+func startPprof(t testing.TB, tn *tunnel, prefix string, d time.Duration) func() {
+	t.Helper()
+	secs := max(1, int((d-time.Second)/time.Second))
+	var wg sync.WaitGroup
+	for i, sock := range tn.sockets {
+		path := fmt.Sprintf("%s-%c.pprof", prefix, 'a'+i)
+		wg.Go(func() {
+			var buf bytes.Buffer
+			ctx, cancel := context.WithTimeout(context.Background(), d+30*time.Second)
+			defer cancel()
+			if err := localapi.NewClient(sock).Profile(ctx, "profile", url.Values{"seconds": {strconv.Itoa(secs)}}, &buf); err != nil {
+				t.Logf("CPU profile of %s: %v", sock, err)
+				return
+			}
+			if err := os.WriteFile(path, buf.Bytes(), 0o644); err != nil {
+				t.Logf("save CPU profile: %v", err)
+			}
+		})
+	}
+	return wg.Wait
 }
 
 func cpuModel() string {
