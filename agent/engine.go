@@ -77,7 +77,7 @@ type engine struct {
 
 func newEngine(cfg engineConfig) (_ *engine, err error) {
 	e := &engine{cfg: cfg, peers: map[netmap.NodePublic]wgPeer{}}
-	var tdev, raw tun.Device
+	var tdev tun.Device
 	if cfg.tunName == TUNUserspace {
 		tdev, e.tnet, err = netstack.CreateNetTUN(netmap.AddrsOf(cfg.addrs), nil, cfg.mtu)
 		if err != nil {
@@ -89,7 +89,7 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 			return nil, err
 		}
 	}
-	raw = tdev
+	raw := tdev // ICMP errors the agent makes go here, under the filter
 	// The packet filter sits right next to the TUN; Options.WrapTUN, if
 	// any, wraps outside it (it sees what apps send before the filter and
 	// only what the filter let in).

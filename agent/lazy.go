@@ -489,36 +489,25 @@ func isTCPSYN(p []byte) bool {
 }
 
 // packetSrc is an IP packet's source address.
-func packetSrc(p []byte) (netip.Addr, bool) {
-	if len(p) < 1 {
-		return netip.Addr{}, false
-	}
-	switch p[0] >> 4 {
-	case 4:
-		if len(p) >= 20 {
-			return netip.AddrFrom4([4]byte(p[12:16])), true
-		}
-	case 6:
-		if len(p) >= 40 {
-			return netip.AddrFrom16([16]byte(p[8:24])), true
-		}
-	}
-	return netip.Addr{}, false
-}
+func packetSrc(p []byte) (netip.Addr, bool) { return packetAddr(p, 12, 8) }
 
 // packetDst is an IP packet's destination address.
-func packetDst(p []byte) (netip.Addr, bool) {
+func packetDst(p []byte) (netip.Addr, bool) { return packetAddr(p, 16, 24) }
+
+// packetAddr is the address at offset at4 of an IPv4 header or at6 of an
+// IPv6 one.
+func packetAddr(p []byte, at4, at6 int) (netip.Addr, bool) {
 	if len(p) < 1 {
 		return netip.Addr{}, false
 	}
 	switch p[0] >> 4 {
 	case 4:
 		if len(p) >= 20 {
-			return netip.AddrFrom4([4]byte(p[16:20])), true
+			return netip.AddrFrom4([4]byte(p[at4 : at4+4])), true
 		}
 	case 6:
 		if len(p) >= 40 {
-			return netip.AddrFrom16([16]byte(p[24:40])), true
+			return netip.AddrFrom16([16]byte(p[at6 : at6+16])), true
 		}
 	}
 	return netip.Addr{}, false
