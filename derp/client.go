@@ -419,22 +419,21 @@ func (c *Client) Close() error {
 // Send relays pkt to the node with key dst. It returns once the packet is
 // queued; it blocks while the relay pushes back (rate limit, full socket
 // buffers). A write error is returned by a later Send.
-func (c *Client) Send(dst netmap.NodePublic, pkt []byte) error {
-	if len(pkt) > MaxPacketSize {
-		return fmt.Errorf("derp: packet of %d bytes exceeds the %d-byte limit", len(pkt), MaxPacketSize)
-	}
-	return c.queue(frameSendPacket, dst[:], pkt)
-}
+func (c *Client) Send(dst netmap.NodePublic, pkt []byte) error { return c.sendPacket(true, dst, pkt) }
 
 // TrySend is Send without waiting: when the send queue is full it drops
 // pkt and returns ErrQueueFull. It is for copies that are only worth
 // sending if they cost the caller nothing, like a duplicate of a packet
 // that also went over a direct path.
 func (c *Client) TrySend(dst netmap.NodePublic, pkt []byte) error {
+	return c.sendPacket(false, dst, pkt)
+}
+
+func (c *Client) sendPacket(wait bool, dst netmap.NodePublic, pkt []byte) error {
 	if len(pkt) > MaxPacketSize {
 		return fmt.Errorf("derp: packet of %d bytes exceeds the %d-byte limit", len(pkt), MaxPacketSize)
 	}
-	return c.queueFrame(false, frameSendPacket, dst[:], pkt)
+	return c.queueFrame(wait, frameSendPacket, dst[:], pkt)
 }
 
 // SendBatch relays several packets to dst, as a WireGuard bind with
