@@ -1,4 +1,4 @@
-package agent
+package packet
 
 import (
 	"bytes"
@@ -77,17 +77,29 @@ func synPacket(v6, v6ext bool, flags byte, opts []byte) []byte {
 		copy(h[16:], b[:])
 		pkt = append(h, tcp...)
 	}
-	seg, _ := tcpSegment(pkt)
+	seg := pkt[len(pkt)-len(tcp):]
 	binary.BigEndian.PutUint16(seg[16:], tcpChecksum(src, dst, seg))
 	return pkt
 }
 
-// checksumOK verifies pkt's TCP checksum from scratch.
+// decoded decodes pkt, failing the test if it is malformed.
+func decoded(t testing.TB, pkt []byte) *Parsed {
+	t.Helper()
+	p := new(Parsed)
+	if !p.Decode(pkt) {
+		t.Fatalf("Decode refused % x", pkt)
+	}
+	return p
+}
+
+// checksumOK verifies the TCP checksum of pkt, a whole TCP packet, from
+// scratch.
 func checksumOK(pkt []byte) bool {
-	seg, ok := tcpSegment(pkt)
-	if !ok || len(seg) < 20 {
+	var p Parsed
+	if !p.Decode(pkt) || p.Proto != ProtoTCP || p.Frag != FragNone {
 		return false
 	}
+	seg := pkt[p.l4:p.end]
 	var src, dst netip.Addr
 	if pkt[0]>>4 == 4 {
 		src, dst = netip.AddrFrom4([4]byte(pkt[12:16])), netip.AddrFrom4([4]byte(pkt[16:20]))
@@ -99,28 +111,18 @@ func checksumOK(pkt []byte) bool {
 
 func mssOption(v uint16) []byte { return []byte{2, 4, byte(v >> 8), byte(v)} }
 
-// mssOf returns the MSS option value of pkt's TCP header, 0 if none.
-func mssOf(pkt []byte) uint16 {
-	seg, _ := tcpSegment(pkt)
-	opts := seg[20 : int(seg[12]>>4)*4]
-	for i := 0; i+1 < len(opts); {
-		switch opts[i] {
-		case 0:
-			return 0
-		case 1:
-			i++
-			continue
-		}
-		n := int(opts[i+1])
-		if n < 2 || i+n > len(opts) {
-			return 0
-		}
-		if opts[i] == 2 && n == 4 {
-			return binary.BigEndian.Uint16(opts[i+2:])
-		}
-		i += n
-	}
-	return 0
+// mssOf returns the MSS option value of pkt, 0 if none.
+func mssOf(t testing.TB, pkt []byte) uint16 {
+	t.Helper()
+	m, _ := decoded(t, pkt).MSS(pkt)
+	return m
+}
+
+// clamp decodes pkt and clamps its MSS to mss, as the data path does; a
+// packet Decode refuses is left alone.
+func clamp(pkt []byte, mss uint16) bool {
+	var p Parsed
+	return p.Decode(pkt) && p.ClampMSS(pkt, mss)
 }
 
 func TestClampMSS(t *testing.T) {
@@ -145,18 +147,18 @@ func TestClampMSS(t *testing.T) {
 		{"odd offset v6", synPacket(true, false, syn, odd(0xffff)), true, 1380},
 		{"already small", synPacket(false, false, syn, linux(1200)), false, 1200},
 		{"equal", synPacket(false, false, syn, linux(1380)), false, 1380},
-		{"not a syn", synPacket(false, false, ack, linux(8880)), false, 8880},
+		{"not a syn", synPacket(false, false, ack, linux(8880)), false, 0}, // left unchanged: checked below
 		{"no mss option", synPacket(false, false, syn, []byte{1, 1, 4, 2}), false, 0},
 		{"end of options first", synPacket(false, false, syn, append([]byte{0}, mssOption(8880)...)), false, 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			before := bytes.Clone(tt.pkt)
-			if got := ClampMSS(tt.pkt, 1380); got != tt.want {
+			if got := clamp(tt.pkt, 1380); got != tt.want {
 				t.Fatalf("ClampMSS = %v, want %v", got, tt.want)
 			}
 			if tt.wantMSS != 0 {
-				if m := mssOf(tt.pkt); m != tt.wantMSS {
+				if m := mssOf(t, tt.pkt); m != tt.wantMSS {
 					t.Errorf("MSS %d after, want %d", m, tt.wantMSS)
 				}
 			}
@@ -193,7 +195,7 @@ func TestClampMSSRejectsMalformed(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			before := bytes.Clone(tt.pkt)
-			if ClampMSS(tt.pkt, 1380) {
+			if clamp(tt.pkt, 1380) {
 				t.Fatal("clamped a malformed packet")
 			}
 			if !bytes.Equal(before, tt.pkt) {
@@ -207,10 +209,10 @@ func TestClampMSSAllocs(t *testing.T) {
 	pkt := synPacket(true, true, 0x02, mssOption(8860))
 	allocs := testing.AllocsPerRun(100, func() {
 		binary.BigEndian.PutUint16(pkt[len(pkt)-5-4+2:], 8860) // reset, checksum drifts but is not checked
-		ClampMSS(pkt, 1380)
+		clamp(pkt, 1380)
 	})
 	if allocs != 0 {
-		t.Errorf("ClampMSS allocates %.0f times per packet", allocs)
+		t.Errorf("Decode and ClampMSS allocate %.0f times per packet", allocs)
 	}
 }
 
@@ -220,11 +222,11 @@ func BenchmarkClampMSS(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		copy(pkt, orig)
-		ClampMSS(pkt, 1380)
+		clamp(pkt, 1380)
 	}
 }
 
-// FuzzClampMSS: on any input ClampMSS does not panic; when it changes a
+// FuzzClampMSS: on any input Decode and ClampMSS do not panic; when it changes a
 // packet it changes only the MSS value and the checksum, the MSS ends at
 // the limit, and a checksum that verified before still does.
 func FuzzClampMSS(f *testing.F) {
@@ -234,7 +236,7 @@ func FuzzClampMSS(f *testing.F) {
 	f.Fuzz(func(t *testing.T, pkt []byte, mss uint16) {
 		before := bytes.Clone(pkt)
 		validBefore := checksumOK(pkt)
-		if !ClampMSS(pkt, mss) {
+		if !clamp(pkt, mss) {
 			if !bytes.Equal(before, pkt) {
 				t.Fatal("changed the packet but reported false")
 			}
@@ -249,7 +251,7 @@ func FuzzClampMSS(f *testing.F) {
 		if diff > 4 {
 			t.Fatalf("%d bytes changed, want at most 4 (MSS and checksum)", diff)
 		}
-		if m := mssOf(pkt); m != mss {
+		if m := mssOf(t, pkt); m != mss {
 			t.Fatalf("MSS %d after clamping to %d", m, mss)
 		}
 		if validBefore && !checksumOK(pkt) {

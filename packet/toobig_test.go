@@ -1,4 +1,4 @@
-package agent
+package packet
 
 import (
 	"bytes"
@@ -56,7 +56,17 @@ func ipPacket(src, dst string, proto byte, total int, head []byte) []byte {
 	return p
 }
 
-func TestPacketTooBig(t *testing.T) {
+// tooBig decodes pkt and builds its error into buf, as the data path
+// does; a packet Decode refuses gets none.
+func tooBig(buf, pkt []byte, mtu int) int {
+	var p Parsed
+	if !p.Decode(pkt) {
+		return 0
+	}
+	return p.TooBig(buf, pkt, mtu)
+}
+
+func TestTooBig(t *testing.T) {
 	udp := []byte{0x9c, 0x40, 0x13, 0x89, 0, 0, 0, 0}
 	fragment := ipPacket("100.64.0.1", "100.64.0.2", 17, 3000, udp)
 	binary.BigEndian.PutUint16(fragment[6:], 0x0010) // offset 128 bytes
@@ -73,6 +83,8 @@ func TestPacketTooBig(t *testing.T) {
 		{"fits", ipPacket("100.64.0.1", "100.64.0.2", 17, 1420, udp), 1420, false},
 		{"IPv4 ICMP error", ipPacket("100.64.0.1", "100.64.0.2", 1, 3000, []byte{3, 4}), 1420, false},
 		{"IPv6 ICMP error", ipPacket("fd7a:115c:a1e0::1", "fd7a:115c:a1e0::2", 58, 3000, []byte{1, 0}), 1280, false},
+		{"IPv6 ICMP error behind destination options", ipPacket("fd7a:115c:a1e0::1", "fd7a:115c:a1e0::2", 60, 3000, []byte{58, 0, 1, 4, 0, 0, 0, 0, 1, 0}), 1280, false},
+		{"IPv6 UDP behind destination options", ipPacket("fd7a:115c:a1e0::1", "fd7a:115c:a1e0::2", 60, 3000, []byte{17, 0, 1, 4, 0, 0, 0, 0, 0x9c, 0x40, 0x13, 0x89, 0, 0, 0, 0}), 1280, true},
 		{"IPv4 non-first fragment", fragment, 1420, false},
 		{"IPv4 from unspecified", ipPacket("0.0.0.0", "100.64.0.2", 17, 3000, udp), 1420, false},
 		{"IPv4 from multicast", ipPacket("224.0.0.5", "100.64.0.2", 17, 3000, udp), 1420, false},
@@ -81,13 +93,13 @@ func TestPacketTooBig(t *testing.T) {
 		{"truncated", []byte{0x45, 0, 0}, 1, false},
 		{"not IP", bytes.Repeat([]byte{0x20}, 2000), 1420, false},
 	}
-	buf := make([]byte, ptbBufLen)
+	buf := make([]byte, TooBigLen)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			clear(buf)
-			n := PacketTooBig(buf, tt.pkt, tt.mtu)
+			n := tooBig(buf, tt.pkt, tt.mtu)
 			if (n > 0) != tt.want {
-				t.Fatalf("PacketTooBig = %d bytes, want an error: %v", n, tt.want)
+				t.Fatalf("TooBig = %d bytes, want an error: %v", n, tt.want)
 			}
 			if n == 0 {
 				return
@@ -149,24 +161,24 @@ func checkPTB6(t *testing.T, out, pkt []byte, mtu int) {
 	}
 }
 
-func TestPacketTooBigAllocs(t *testing.T) {
-	buf := make([]byte, ptbBufLen)
+func TestTooBigAllocs(t *testing.T) {
+	buf := make([]byte, TooBigLen)
 	pkt := ipPacket("fd7a:115c:a1e0::1", "fd7a:115c:a1e0::2", 17, 3000, nil)
-	if a := testing.AllocsPerRun(100, func() { PacketTooBig(buf, pkt, 1280) }); a != 0 {
+	if a := testing.AllocsPerRun(100, func() { tooBig(buf, pkt, 1280) }); a != 0 {
 		t.Errorf("%v allocations per error, want 0", a)
 	}
 }
 
-// FuzzPacketTooBig: on any input PacketTooBig does not panic, and what it
-// builds is a well-formed ICMP error with valid checksums quoting the
-// packet.
-func FuzzPacketTooBig(f *testing.F) {
+// FuzzTooBig: on any input Decode and TooBig do not panic, and what
+// TooBig builds is a well-formed ICMP error with valid checksums quoting
+// the packet.
+func FuzzTooBig(f *testing.F) {
 	f.Add(ipPacket("100.64.0.1", "100.64.0.2", 17, 1600, []byte{1, 2, 3, 4}), uint16(1420))
 	f.Add(ipPacket("fd7a:115c:a1e0::1", "fd7a:115c:a1e0::2", 6, 1500, nil), uint16(1280))
 	f.Add(ipPacket("100.64.0.1", "100.64.0.2", 1, 100, []byte{3, 4}), uint16(68))
-	buf := make([]byte, ptbBufLen)
+	buf := make([]byte, TooBigLen)
 	f.Fuzz(func(t *testing.T, pkt []byte, mtu uint16) {
-		n := PacketTooBig(buf, pkt, int(mtu))
+		n := tooBig(buf, pkt, int(mtu))
 		if n == 0 {
 			return
 		}
