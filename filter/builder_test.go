@@ -4,6 +4,7 @@ import (
 	"net/netip"
 
 	"meshd.dev/meshd/filter/filtertest"
+	"meshd.dev/meshd/packet"
 )
 
 // pkt is a terse filtertest.Packet for table-driven tests: addresses are
@@ -39,4 +40,23 @@ func (k pkt) reply() pkt {
 	k.src, k.dst = k.dst, k.src
 	k.sport, k.dport = k.dport, k.sport
 	return k
+}
+
+// decoded decodes every packet of a batch into pp, as the TUN wrapper
+// does: packet i is bufs[i][offset:], cut at sizes[i] unless sizes is nil;
+// one that does not fit its buffer is left undecoded (not Valid).
+func decoded(pp []packet.Parsed, bufs [][]byte, offset int, sizes []int) []packet.Parsed {
+	pp = pp[:len(bufs)]
+	for i, b := range bufs {
+		end := len(b)
+		if sizes != nil {
+			end = offset + sizes[i]
+		}
+		if offset > end || end > len(b) {
+			pp[i] = packet.Parsed{}
+			continue
+		}
+		pp[i].Decode(b[offset:end])
+	}
+	return pp
 }

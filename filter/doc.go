@@ -21,17 +21,18 @@
 //
 // Cells of identical rule sets and unions of identical source groups are
 // built once, so 10,000 rules over tags of thousands of hosts stay small.
-// The most common packet, a whole IPv4 or IPv6 TCP or UDP packet without
-// options or extension headers, is judged straight from its bytes by
-// Rules.fastAccept. If the rules refuse such a packet, its flow is looked
-// up from the same bytes and, failing that, it is dropped and recorded
-// without being parsed again. Inbound packets to a local port this node
-// has opened flows from (a small bitmap the outbound path fills, never
-// pruned: it only orders the two questions) ask the flow table before the
-// rules, because they are most likely replies; the verdict is the same in
-// either order. Everything else goes through the full parser. FuzzFilter
-// checks that the fast and full paths agree, verdicts and drop records
-// alike.
+// The filter judges packets decoded by package packet: the TUN wrapper
+// decodes each packet once for the filter, the peer table and MSS
+// clamping, and the filter reads the fields it needs from the
+// packet.Parsed (Inbound and Outbound decode for callers that hold only
+// bytes). For a packet with ports, the common shape of the rules (a port
+// index, a short destination list, source host sets) is read straight
+// from those fields by Rules.allows; anything else goes through the
+// general lookup. Inbound packets to a local port this node has opened
+// flows from (a small bitmap the outbound path fills, never pruned: it
+// only orders the two questions) ask the flow table before the rules,
+// because they are most likely replies; the verdict is the same in either
+// order (TestReplyFirstSameVerdicts).
 // The cost per packet is a handful of loads whatever the rule count; see
 // BenchmarkFilter and bench/filtercmp. Rules are immutable; a Filter holds
 // them in an atomic.Pointer, and a batch is judged by the one Rules value it
@@ -56,7 +57,10 @@
 //     training job's connections survive a restart;
 //   - inbound TCP that matches no rule and no flow of this node is dropped,
 //     SYN or not (Tailscale lets every non-SYN packet through); ICMP errors
-//     pass only when they quote a packet of a tracked flow.
+//     pass only when they quote a packet of a tracked flow (through IPv6
+//     extension headers; flows of portless protocols by their addresses).
+//     So the "packet too big" the agent itself answers an oversized
+//     outbound packet with goes through the inbound path like any other.
 //
 // FIN or RST shortens a TCP flow's idle timeout to 30 s; idle timeouts are
 // otherwise 120 h for TCP (as Linux conntrack), 180 s for UDP, 30 s for ICMP
@@ -102,8 +106,9 @@
 // Options.RecentDrops packets (RecentDrops, for `meshd debug drops`) and
 // logged through a rate limiter. Malformed packets (short, bad IHL, lying
 // lengths, broken IPv4 options, too many or misplaced IPv6 extension
-// headers, type-0 routing headers, truncated transport headers) are dropped
-// with DropMalformed, never a panic; FuzzFilter checks that.
+// headers, type-0 routing headers, truncated transport headers: whatever
+// packet.Parsed.Decode refuses) are dropped with DropMalformed, never a
+// panic; FuzzFilter checks that.
 //
 // # Outbound
 //
@@ -115,14 +120,15 @@
 //
 // wireguard-go's tun.Device moves batches: Read(bufs, sizes, offset) for
 // packets leaving through the tunnel, Write(bufs, offset) for packets that
-// arrived. A wrapper is two lines per direction:
+// arrived. A wrapper decodes each packet into a packet.Parsed kept beside
+// the batch and hands both over:
 //
-//	n, err := dev.Read(bufs, sizes, offset)
-//	f.OutboundBatch(bufs[:n], offset, sizes[:n], time.Now()) // drops get sizes[i] = 0, which wireguard-go skips
+//	f.OutboundBatch(bufs[:n], pp, offset, sizes[:n], time.Now()) // drops get sizes[i] = 0, which wireguard-go skips
 //
-//	kept := f.InboundBatch(bufs, offset, time.Now()) // compacts bufs in place
+//	kept := f.InboundBatch(bufs, pp, offset, time.Now()) // compacts bufs and pp in place
 //	_, err := dev.Write(kept, offset)
 //
+// agent/tunwrap is that wrapper.
 // The same wrapper serves a kernel TUN and gVisor netstack, which both
 // implement tun.Device. With Linux TUN offloads, wireguard-go's tun package
 // splits GSO super-packets before Read returns and coalesces after Write,

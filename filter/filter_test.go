@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"meshd.dev/meshd/netmap"
+	"meshd.dev/meshd/packet"
 )
 
 func seedFilter(t testing.TB, self string, opts Options) *Filter {
@@ -230,6 +231,13 @@ func TestICMPErrors(t *testing.T) {
 	echo := pkt{src: training, dst: outsider, proto: protoICMPv4, icmpType: 8, icmpID: 3}
 	echoTimeExceeded := pkt{src: outsider, dst: training, proto: protoICMPv4, icmpType: 11, quote: echo.build()[:28]}
 
+	// Quotes behind an IPv6 fragment header (a first fragment carries the
+	// ports), and of a protocol tracked by addresses.
+	frag6 := pkt{src: "fd7a::20", dst: outsider6, proto: protoUDP, sport: 7000, dport: 7001, more: true, id: 9, payload: 64}
+	fragTooBig := pkt{src: outsider6, dst: "fd7a::20", proto: protoICMPv6, icmpType: 2, quote: frag6.build()[:56]}
+	gre := pkt{src: training, dst: outsider, proto: 47, payload: 8}
+	greUnreach := pkt{src: outsider, dst: training, proto: protoICMPv4, icmpType: 3, icmpCode: 4, quote: gre.build()[:28]}
+
 	runSteps(t, trainingFilterV6(t), []step{
 		{dir: In, p: unreach, want: DropNoRule},
 		{dir: Out, p: flow, want: Accept},
@@ -242,6 +250,12 @@ func TestICMPErrors(t *testing.T) {
 		{dir: In, p: tooBig, want: Accept},
 		{dir: Out, p: echo, want: Accept},
 		{dir: In, p: echoTimeExceeded, want: Accept},
+		{dir: In, p: fragTooBig, want: DropNoRule},
+		{dir: Out, p: frag6, want: Accept},
+		{dir: In, p: fragTooBig, want: Accept},
+		{dir: In, p: greUnreach, want: DropNoRule},
+		{dir: Out, p: gre, want: Accept},
+		{dir: In, p: greUnreach, want: Accept},
 	})
 }
 
@@ -448,7 +462,7 @@ func TestMalformed(t *testing.T) {
 		{"v6 hop-by-hop not first", v6ext(v6ext(good6, 0, 0), 60, 0), DropMalformed},
 		{"v6 too many extension headers", func() []byte {
 			b := good6
-			for range maxExtHeaders + 1 {
+			for range packet.MaxExtHeaders + 1 {
 				b = v6ext(b, 60, 0)
 			}
 			return b
@@ -541,7 +555,7 @@ func TestBatch(t *testing.T) {
 	denied := pkt{src: outsider, dst: training, proto: protoTCP, sport: 1, dport: 22, flags: tcpSYN}.build()
 	bufs := [][]byte{mk(ok), mk(denied), mk([]byte{0x45}), mk(ok), {1, 2}}
 	want := [][]byte{bufs[0], bufs[3]}
-	got := f.InboundBatch(bufs, off, time.Now())
+	got := f.InboundBatch(bufs, decoded(make([]packet.Parsed, len(bufs)), bufs, off, nil), off, time.Now())
 	if len(got) != 2 || &got[0][0] != &want[0][0] || &got[1][0] != &want[1][0] {
 		t.Fatalf("InboundBatch kept %d packets, want the two accepted ones in order", len(got))
 	}
@@ -552,7 +566,7 @@ func TestBatch(t *testing.T) {
 	out := [][]byte{mk(okPkt.bytesReply()), mk([]byte{0x60, 1}), mk(okPkt.bytesReply()), make([]byte, 4)}
 	out[0] = append(out[0], 0xff, 0xff) // slack after the packet, as in wireguard-go's buffers
 	sizes := []int{len(ok), 2, 0, 100}
-	if n := f.OutboundBatch(out, off, sizes, time.Now()); n != 2 {
+	if n := f.OutboundBatch(out, decoded(make([]packet.Parsed, len(out)), out, off, sizes), off, sizes, time.Now()); n != 2 {
 		t.Errorf("OutboundBatch dropped %d, want 2", n)
 	}
 	if sizes[0] != len(ok) || sizes[1] != 0 || sizes[2] != 0 || sizes[3] != 0 {
@@ -610,6 +624,7 @@ func TestZeroAllocs(t *testing.T) {
 	outB, replyB := out.build(), out.bytesReply()
 	newFlow := pkt{src: inference, dst: outsider, proto: protoUDP, dport: 53}
 	i := 0
+	pp := make([]packet.Parsed, 3)
 	cases := map[string]func(){
 		"accept":    func() { f.Inbound(accept, now) },
 		"deny":      func() { f.Inbound(deny, now) },
@@ -619,12 +634,12 @@ func TestZeroAllocs(t *testing.T) {
 		"new flows": func() { i++; newFlow.sport = uint16(i); f.Outbound(newFlow.build(), now) },
 		"inbound batch": func() {
 			bufs := [][]byte{accept, deny, replyB}
-			f.InboundBatch(bufs, 0, now)
+			f.InboundBatch(bufs, decoded(pp, bufs, 0, nil), 0, now)
 		},
 		"outbound batch": func() {
 			bufs := [][]byte{outB, outB}
 			sizes := []int{len(outB), len(outB)}
-			f.OutboundBatch(bufs, 0, sizes, now)
+			f.OutboundBatch(bufs, decoded(pp, bufs, 0, sizes), 0, sizes, now)
 		},
 	}
 	for name, fn := range cases {
@@ -669,7 +684,7 @@ func TestConcurrentSwap(t *testing.T) {
 			defer wg.Done()
 			for !stop.Load() {
 				bufs := [][]byte{p22, p9000, replyB}
-				kept := f.InboundBatch(bufs, 0, time.Now())
+				kept := f.InboundBatch(bufs, decoded(make([]packet.Parsed, 3), bufs, 0, nil), 0, time.Now())
 				// One batch, one rule set: exactly one of the two ports
 				// and always the reply.
 				if len(kept) != 2 || &kept[1][0] != &replyB[0] {
@@ -817,7 +832,7 @@ func TestBatchFlowMemo(t *testing.T) {
 	for i, p := range batch {
 		bufs[i] = p.build()
 	}
-	if kept := f.InboundBatch(bufs, 0, now); len(kept) != len(batch)-1 {
+	if kept := f.InboundBatch(bufs, decoded(make([]packet.Parsed, len(bufs)), bufs, 0, nil), 0, now); len(kept) != len(batch)-1 {
 		t.Fatalf("kept %d of %d packets, want all but the other flow's", len(kept), len(batch))
 	}
 	if d := f.RecentDrops(); len(d) != 1 || d[0].SrcPort != 54 {

@@ -7,13 +7,15 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"meshd.dev/meshd/packet"
 )
 
 // flowKey identifies a flow from this node's point of view. For fragments
 // (kind kindFrag) the ports hold the IP identification and local/remote are
 // the fragment's destination/source.
 type flowKey struct {
-	local, remote ipAddr
+	local, remote packet.Addr
 	lport, rport  uint16
 	proto         uint8
 	kind          uint8
@@ -52,8 +54,8 @@ func (k *flowKey) words() keyWords {
 // makeWords packs a key from its parts, for hot paths that would
 // otherwise assemble a flowKey only to read it back (a store-forwarding
 // stall: narrow stores, wide loads).
-func makeWords(local, remote ipAddr, lport, rport uint16, proto, kind uint8) keyWords {
-	return keyWords{local.hi, local.lo, remote.hi, remote.lo,
+func makeWords(local, remote packet.Addr, lport, rport uint16, proto, kind uint8) keyWords {
+	return keyWords{local.Hi, local.Lo, remote.Hi, remote.Lo,
 		uint64(lport) | uint64(rport)<<16 | uint64(proto)<<32 | uint64(kind)<<40}
 }
 
@@ -91,7 +93,7 @@ func (en *flowEntry) words() keyWords {
 
 // peerEntry counts the entries a remote address holds in one shard.
 type peerEntry struct {
-	addr  ipAddr
+	addr  packet.Addr
 	hash  uint64
 	count int32
 	next  int32 // free list
@@ -200,8 +202,8 @@ func (t *flowTable) hash(w *keyWords) uint64 {
 	return mum(a^w[4]^0x9e3779b97f4a7c15, b^0xa0761d6478bd642f)
 }
 
-func (t *flowTable) peerHash(addr *ipAddr) uint64 {
-	return mum(addr.hi^t.seed[2], addr.lo^t.seed[3])
+func (t *flowTable) peerHash(addr *packet.Addr) uint64 {
+	return mum(addr.Hi^t.seed[2], addr.Lo^t.seed[3])
 }
 
 func (t *flowTable) shard(h uint64) *flowShard {
@@ -353,7 +355,7 @@ func (s *flowShard) remove(e int32, pos int) {
 	s.n--
 }
 
-func (s *flowShard) peerFind(addr *ipAddr, h uint64) (pos int, slot int32) {
+func (s *flowShard) peerFind(addr *packet.Addr, h uint64) (pos int, slot int32) {
 	mask := len(s.peerIndex) - 1
 	for i := int(h) & mask; ; i = (i + 1) & mask {
 		p := s.peerIndex[i] - 1
@@ -476,7 +478,7 @@ func (t *flowTable) insertWords(kw *keyWords, h uint64, state uint8, now int64, 
 		s.remove(e, pos)
 	}
 
-	remote := ipAddr{kw[2], kw[3]}
+	remote := packet.Addr{Hi: kw[2], Lo: kw[3]}
 	ph := t.peerHash(&remote)
 	_, p := s.peerFind(&remote, ph)
 	if p >= 0 && s.peers[p].count >= t.perPeer {

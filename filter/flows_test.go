@@ -6,6 +6,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+
+	"meshd.dev/meshd/packet"
 )
 
 // checkShard verifies a shard's invariants: every slot is exactly one of
@@ -99,8 +101,8 @@ func TestFlowTableModel(t *testing.T) {
 			now := int64(1000)
 			for step := range 20000 {
 				k := flowKey{
-					local:  ipAddr{lo: 1},
-					remote: ipAddr{lo: uint64(rng.IntN(5))},
+					local:  packet.Addr{Lo: 1},
+					remote: packet.Addr{Lo: uint64(rng.IntN(5))},
 					lport:  uint16(rng.IntN(40)), rport: 443, proto: protoUDP,
 				}
 				switch r := rng.IntN(10); {
@@ -132,7 +134,7 @@ func TestFlowTableLockFreeReads(t *testing.T) {
 	ft := newFlowTable(32, 32, 2)
 	const now = 1000
 	key := func(r, l int) flowKey {
-		return flowKey{local: ipAddr{lo: 1}, remote: ipAddr{lo: uint64(r)}, lport: uint16(l), rport: 443, proto: protoUDP}
+		return flowKey{local: packet.Addr{Lo: 1}, remote: packet.Addr{Lo: uint64(r)}, lport: uint16(l), rport: 443, proto: protoUDP}
 	}
 	// A key's state is a function of the key, so a torn read shows.
 	wantState := func(r, l int) uint8 {
@@ -221,7 +223,7 @@ func TestFlowRefreshSlack(t *testing.T) {
 		return s.entries[e].expires.Load()
 	}
 	ft := newFlowTable(16, 16, 1)
-	udp := flowKey{local: ipAddr{lo: 1}, remote: ipAddr{lo: 2}, lport: 1, rport: 2, proto: protoUDP}
+	udp := flowKey{local: packet.Addr{Lo: 1}, remote: packet.Addr{Lo: 2}, lport: 1, rport: 2, proto: protoUDP}
 	const t0 = 1000 * sec
 	ft.insert(&udp, stLocal, t0, 0, ttl)
 	for _, s := range []struct {
@@ -245,7 +247,7 @@ func TestFlowRefreshSlack(t *testing.T) {
 	}
 
 	// FIN inside the slack still closes the flow at once.
-	tcp := flowKey{local: ipAddr{lo: 1}, remote: ipAddr{lo: 2}, lport: 3, rport: 4, proto: protoTCP}
+	tcp := flowKey{local: packet.Addr{Lo: 1}, remote: packet.Addr{Lo: 2}, lport: 3, rport: 4, proto: protoTCP}
 	ft.insert(&tcp, stLocal, t0, tcpSYN, ttl)
 	if st, ok := ft.lookup(&tcp, t0+1, tcpFIN|tcpACK, ttl); !ok || st&stClosing == 0 {
 		t.Fatalf("FIN: state %d, ok %v; want closing", st, ok)
@@ -256,7 +258,7 @@ func TestFlowRefreshSlack(t *testing.T) {
 
 	// A tiny timeout has a tiny slack (64 ns -> 1 ns): refreshed by the
 	// next nanosecond but one.
-	frag := flowKey{local: ipAddr{lo: 1}, remote: ipAddr{lo: 2}, proto: protoUDP, kind: kindFrag}
+	frag := flowKey{local: packet.Addr{Lo: 1}, remote: packet.Addr{Lo: 2}, proto: protoUDP, kind: kindFrag}
 	ft.insert(&frag, 0, t0, 0, ttl)
 	ft.lookup(&frag, t0+2, 0, ttl)
 	if got := expires(ft, &frag); got != t0+2+64 {

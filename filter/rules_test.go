@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"meshd.dev/meshd/netmap"
+	"meshd.dev/meshd/packet"
 )
 
 func pfx(s string) netip.Prefix {
@@ -243,10 +244,10 @@ func TestCompileAgreesWithReference(t *testing.T) {
 			src, dst := addr(), addr()
 			p := port() + uint16(rng.IntN(3)) - 1
 			want := refMatch(rules, proto, src, dst, p)
-			if got := c.allowed(proto, fromNetip(src), fromNetip(dst), p); got != want {
+			if got := c.allowed(proto, packet.AddrFromNetip(src), packet.AddrFromNetip(dst), p); got != want {
 				t.Fatalf("round %d: allowed(%d, %v, %v, %d) = %v, reference says %v\nrules: %+v", round, proto, src, dst, p, got, want, rules)
 			}
-			i := c.match(proto, fromNetip(src), fromNetip(dst), p)
+			i := c.match(proto, packet.AddrFromNetip(src), packet.AddrFromNetip(dst), p)
 			if (i >= 0) != want {
 				t.Fatalf("round %d: match(%d, %v, %v, %d) = %d, reference says %v", round, proto, src, dst, p, i, want)
 			}

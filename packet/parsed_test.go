@@ -2,8 +2,10 @@ package packet
 
 import (
 	"bytes"
+	"math"
 	"net/netip"
 	"testing"
+	"time"
 
 	"meshd.dev/meshd/filter/filtertest"
 )
@@ -164,8 +166,22 @@ func BenchmarkDecode(b *testing.B) {
 		b.Run(tc.name, func(b *testing.B) {
 			var p Parsed
 			b.ReportAllocs()
-			for b.Loop() {
-				p.Decode(tc.pkt)
+			// The machines this runs on are shared: besides the mean,
+			// report the fastest 1024-packet chunk, the decoder's own cost.
+			best := math.Inf(1)
+			for i := 0; i < b.N; {
+				n := min(1024, b.N-i)
+				t := time.Now()
+				for range n {
+					p.Decode(tc.pkt)
+				}
+				if d := float64(time.Since(t).Nanoseconds()) / float64(n); n == 1024 && d < best {
+					best = d
+				}
+				i += n
+			}
+			if !math.IsInf(best, 1) {
+				b.ReportMetric(best, "best-ns/op")
 			}
 		})
 	}
@@ -173,7 +189,8 @@ func BenchmarkDecode(b *testing.B) {
 
 // FuzzDecode: on any input Decode and DecodeQuote do not panic, stay
 // inside the buffer, and agree with themselves: the packet cut at its
-// length decodes the same, and so does a second Decode over the first.
+// length decodes the same, and the common packets' shortcut decodes as the
+// general decoder does.
 func FuzzDecode(f *testing.F) {
 	for _, p := range []filtertest.Packet{
 		{Src: host4, Dst: peer4, Proto: ProtoTCP, SrcPort: 40000, DstPort: 22, TCPFlags: TCPSyn},
@@ -193,6 +210,9 @@ func FuzzDecode(f *testing.F) {
 		if ok != p.Valid() {
 			t.Fatalf("Decode = %v, Valid = %v", ok, p.Valid())
 		}
+		if again.decodeAny(b) != ok {
+			t.Fatalf("Decode = %v, the general decoder %v", ok, !ok)
+		}
 		if !ok {
 			return
 		}
@@ -204,6 +224,9 @@ func FuzzDecode(f *testing.F) {
 		}
 		if !again.Decode(b[:p.end]) || again != p {
 			t.Fatalf("the packet cut at its length decodes as %+v, not %+v", again, p)
+		}
+		if !again.decodeAny(b) || again != p {
+			t.Fatalf("the general decoder makes %+v of what Decode made %+v", again, p)
 		}
 		if p.DecodeQuote(b, &q) && (q.Version != p.Version || int(q.l4) > q.end) {
 			t.Fatalf("quote %+v of %+v", q, p)
