@@ -14,8 +14,9 @@
 //
 // Data plane: one engine per set of own addresses. The engine builds the
 // tun.Device (kernel TUN with netlink addresses and routes, or netstack),
-// puts the packet filter (package filter, fed with each map's rules; see
-// filter.go) right on it, lets Options.WrapTUN wrap that, builds the bind
+// puts the data path wrapper (package tunwrap: the packet filter, fed with
+// each map's rules, see filter.go, and the lazy peer table) right on it,
+// lets Options.WrapTUN wrap that, builds the bind
 // with Options.NewBind (direct UDP today; the NAT-traversing magic bind's
 // seam) and configures wireguard-go in-process with UAPI text, never a UAPI
 // socket. Each new map becomes a minimal UAPI diff: only added, removed or

@@ -19,6 +19,7 @@ import (
 
 	"meshd.dev/meshd/agent/magicbind"
 	"meshd.dev/meshd/agent/proxy"
+	"meshd.dev/meshd/agent/tunwrap"
 	"meshd.dev/meshd/filter"
 	"meshd.dev/meshd/netmap"
 )
@@ -65,8 +66,8 @@ type engine struct {
 	want   map[netmap.NodePublic]wgPeer
 	routes []netip.Prefix
 
-	lazy       *lazyPeers // per-peer data path state; nil without the magic bind
-	lazyOn     bool       // peers are configured on demand and trimmed
+	lazy       *tunwrap.Peers // per-peer data path state; nil without the magic bind
+	lazyOn     bool           // peers are configured on demand and trimmed
 	lazyCancel context.CancelFunc
 	lazyWG     sync.WaitGroup
 
@@ -89,13 +90,6 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 			return nil, err
 		}
 	}
-	raw := tdev // ICMP errors the agent makes go here, under the filter
-	// The packet filter sits right next to the TUN; Options.WrapTUN, if
-	// any, wraps outside it (it sees what apps send before the filter and
-	// only what the filter let in).
-	if cfg.filter != nil {
-		tdev = newFilterTUN(tdev, cfg.filter)
-	}
 	e.bind = cfg.newBind()
 	devBind := e.bind
 	// The per-peer data path state (lazy configuration, MSS clamping)
@@ -103,11 +97,16 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 	// endpoints say; with a plain UDP bind every peer is configured and
 	// nothing is clamped.
 	if mb, ok := e.bind.(*magicbind.Bind); ok {
-		e.lazy = newLazyPeers()
+		e.lazy = tunwrap.NewPeers()
 		e.lazyOn = cfg.peerIdle > 0
-		tdev = &lazyTUN{Device: tdev, l: e.lazy, raw: raw, log: cfg.log}
 		devBind = &lazyBind{Bind: e.bind, l: e.lazy}
-		mb.SetPathMTUHook(e.lazy.setPathMTU)
+		mb.SetPathMTUHook(e.lazy.SetPathMTU)
+	}
+	// The data path (packet filter, peer table) sits right next to the
+	// TUN; Options.WrapTUN, if any, wraps outside it (it sees what apps
+	// send before the filter and only what the filter let in).
+	if cfg.filter != nil || e.lazy != nil {
+		tdev = tunwrap.New(tdev, tunwrap.Config{Filter: cfg.filter, Peers: e.lazy, Logger: cfg.log})
 	}
 	if cfg.wrapTUN != nil {
 		wrapped, err := cfg.wrapTUN(tdev)
@@ -193,7 +192,7 @@ func (e *engine) applyMap(nm *netmap.NetworkMap) error {
 		}
 	}
 	if e.lazy != nil && (e.want == nil || !sameShape(e.want, want)) {
-		e.lazy.publish(want, e.peers)
+		e.publishPeers(want)
 	}
 	e.want = want
 	if e.link != nil {
@@ -342,7 +341,7 @@ func (e *engine) doClose() {
 	if e.lazy != nil {
 		// Before the device: its Close waits for the TUN reader, which may
 		// be waiting for a peer's configuration.
-		close(e.lazy.closing)
+		e.lazy.Close()
 	}
 	e.dev.Close() // closes the TUN and the bind; a kernel TUN vanishes with it
 	if e.lazyCancel != nil {

@@ -6,53 +6,11 @@ import (
 	"net/netip"
 	"reflect"
 	"slices"
-	"time"
-
-	"golang.zx2c4.com/wireguard/tun"
 
 	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/filter"
 	"meshd.dev/meshd/netmap"
 )
-
-// filterTUN puts the packet filter between the TUN (kernel or netstack) and
-// wireguard-go: Read is the outbound direction (before encryption), Write
-// the inbound one (after decryption and cryptokey routing, so a packet's
-// source is bound to the peer that sent it). It works on whole batches in
-// place and allocates nothing.
-type filterTUN struct {
-	tun.Device
-	f *filter.Filter
-}
-
-func newFilterTUN(dev tun.Device, f *filter.Filter) *filterTUN {
-	return &filterTUN{Device: dev, f: f}
-}
-
-// Read reads a batch from the TUN and drops what the filter rejects by
-// setting its size to 0: wireguard-go's RoutineReadFromTUN skips entries
-// with sizes[i] < 1 (device/send.go), so n stays the count read.
-func (t *filterTUN) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
-	n, err := t.Device.Read(bufs, sizes, offset)
-	if n > 0 {
-		t.f.OutboundBatch(bufs[:n], offset, sizes[:n], time.Now())
-	}
-	return n, err
-}
-
-// Write filters a batch and writes the accepted packets to the TUN. The
-// filter compacts bufs in place; that is safe for wireguard-go, which
-// returns its buffers to the pools through its own element list and
-// truncates bufs after Write (device/receive.go). It returns the number of
-// accepted packets written; a batch with nothing accepted does not reach
-// the device.
-func (t *filterTUN) Write(bufs [][]byte, offset int) (int, error) {
-	kept := t.f.InboundBatch(bufs, offset, time.Now())
-	if len(kept) == 0 {
-		return 0, nil
-	}
-	return t.Device.Write(kept, offset)
-}
 
 // packetFilter feeds the agent's Filter with the rules of each network map.
 // The Filter outlives data plane restarts (own addresses changed, down/up),
