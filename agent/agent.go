@@ -29,7 +29,7 @@ import (
 const DefaultPort = 41641
 
 // ControlClient is the agent's view of the coordinator client
-// (control.Client satisfies it).
+// (controlclient.Client satisfies it).
 type ControlClient interface {
 	Register(ctx context.Context, req netmap.RegisterRequest) (*netmap.RegisterResponse, error)
 	ServerPin() string
@@ -69,7 +69,7 @@ type Options struct {
 	// traffic then leaves the machine.
 	LoopbackOnly bool
 	// NewControlClient builds the coordinator client. Defaults to
-	// control.NewClient.
+	// controlclient.NewClient.
 	NewControlClient func(ControlConfig) (ControlClient, error)
 	// NewBind builds the WireGuard bind. Defaults to the NAT-traversing
 	// magic bind (agent/magicbind): direct UDP when a path answers disco

@@ -4,12 +4,12 @@ import (
 	"errors"
 	"fmt"
 
-	"meshd.dev/meshd/control"
+	"meshd.dev/meshd/control/controlclient"
 )
 
 // defaultControlClient builds the real coordinator client.
 func defaultControlClient(c ControlConfig) (ControlClient, error) {
-	cl, err := control.NewClient(control.ClientOptions{URL: c.URL, MachineKey: c.MachineKey, ServerPin: c.ServerPin, Logger: c.Logger})
+	cl, err := controlclient.NewClient(controlclient.ClientOptions{URL: c.URL, MachineKey: c.MachineKey, ServerPin: c.ServerPin, Logger: c.Logger})
 	if err != nil {
 		return nil, fmt.Errorf("coordinator %s: %w", c.URL, err)
 	}
@@ -21,19 +21,19 @@ func defaultControlClient(c ControlConfig) (ControlClient, error) {
 func explainControlError(url string, err error) error {
 	var hint string
 	switch {
-	case errors.Is(err, control.ErrAuthKeyUnknown):
+	case errors.Is(err, controlclient.ErrAuthKeyUnknown):
 		hint = "check the key, or create one with `meshd admin keys create`"
-	case errors.Is(err, control.ErrAuthKeyExpired):
+	case errors.Is(err, controlclient.ErrAuthKeyExpired):
 		hint = "create a new key with `meshd admin keys create`"
-	case errors.Is(err, control.ErrAuthKeyUsed):
+	case errors.Is(err, controlclient.ErrAuthKeyUsed):
 		hint = "single-use keys work once; create a new one, or use --reusable"
-	case errors.Is(err, control.ErrAuthKeyRevoked):
+	case errors.Is(err, controlclient.ErrAuthKeyRevoked):
 		hint = "the key was revoked; create a new one"
-	case errors.Is(err, control.ErrPinMismatch):
+	case errors.Is(err, controlclient.ErrPinMismatch):
 		hint = "the coordinator's key is not the one this auth key or state dir expects; check --coordinator (possible interception)"
-	case errors.Is(err, control.ErrNotRegistered), errors.Is(err, control.ErrNodeExpired):
+	case errors.Is(err, controlclient.ErrNotRegistered), errors.Is(err, controlclient.ErrNodeExpired):
 		hint = "the coordinator removed or expired this node; run meshd up --authkey KEY to enrol it again"
-	case errors.Is(err, control.ErrTagsForbidden):
+	case errors.Is(err, controlclient.ErrTagsForbidden):
 		hint = "the auth key may not apply those tags; drop --advertise-tags or use a key that carries them"
 	default:
 		hint = "check --coordinator and that the coordinator is running and reachable"
@@ -46,5 +46,5 @@ func explainControlError(url string, err error) error {
 // coordinator no longer accepts this node, so that an auth key given to
 // `meshd up` should be used to enrol it again.
 func needsReauth(err error) bool {
-	return errors.Is(err, control.ErrNotRegistered) || errors.Is(err, control.ErrNodeExpired)
+	return errors.Is(err, controlclient.ErrNotRegistered) || errors.Is(err, controlclient.ErrNodeExpired)
 }

@@ -7,7 +7,6 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"io"
@@ -19,64 +18,10 @@ import (
 	"testing"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/netmap"
 )
-
-func frameOf(body string) []byte {
-	b := binary.BigEndian.AppendUint32(nil, uint32(len(body)))
-	return append(b, body...)
-}
-
-// FuzzReadFrame feeds arbitrary bytes to the map stream reader: it must
-// return messages or an error, never panic, and what it accepts must
-// survive re-encoding.
-func FuzzReadFrame(f *testing.F) {
-	f.Add(frameOf(`{"epoch":"e","version":1,"keep_alive":true}`))
-	f.Add(frameOf(`{"epoch":"e","version":2,"peers_removed":[3]}`))
-	f.Add([]byte{0xff, 0xff, 0xff, 0xff, '{'})
-	f.Add([]byte{0, 0, 0, 0})
-	f.Add(append(frameOf(`{"epoch":"e","version":1}`), 0, 0, 0, 9, '{'))
-	f.Fuzz(func(t *testing.T, data []byte) {
-		r := bytes.NewReader(data)
-		var buf []byte
-		for range 16 {
-			resp, b, err := readMapResponse(r, buf)
-			buf = b
-			if err != nil {
-				return
-			}
-			fr, err := encodeFrame(resp)
-			if err != nil {
-				t.Fatalf("re-encode accepted message: %v", err)
-			}
-			if _, _, err := readMapResponse(bytes.NewReader(fr), nil); err != nil {
-				t.Fatalf("re-read of re-encoded message: %v", err)
-			}
-		}
-	})
-}
-
-// FuzzParseAuthKey checks the auth key and admin token parsers.
-func FuzzParseAuthKey(f *testing.F) {
-	fp := "b44fb823ee0f25e298dceb395ddb237c0caf777c7a10ffa1bafade7f0acaaba0"
-	f.Add("mskey-4d050af5bb5e-5knzhhyp5rpzegas6tp23jmzhdmzpsca-" + fp)
-	f.Add("msadm-5knzhhyp5rpzegas6tp23jmzhdmzpsca-" + fp)
-	f.Add("mskey---")
-	f.Add("mskey-\x00-\xff-" + fp)
-	f.Fuzz(func(t *testing.T, s string) {
-		if k, err := parseAuthKey(s); err == nil {
-			if len(k.Fingerprint) != fingerprintLen || len(k.ID) != keyIDLen {
-				t.Fatalf("accepted %q with parts %+v", s, k)
-			}
-			if again, err := parseAuthKey(k.String()); err != nil || again != k {
-				t.Fatalf("round trip of %q: %+v %v", s, again, err)
-			}
-		}
-		if fp, err := AdminTokenFingerprint(s); err == nil && len(fp) != fingerprintLen {
-			t.Fatalf("admin token %q gave fingerprint %q", s, fp)
-		}
-	})
-}
 
 // FuzzMachineRequest sends arbitrary bodies to the machine endpoints of a
 // real coordinator (SQLite store included), authenticated as one machine.
@@ -94,7 +39,7 @@ func FuzzMachineRequest(f *testing.F) {
 		f.Fatal(err)
 	}
 	_, mk, _ := ed25519.GenerateKey(rand.Reader)
-	cert, err := selfSignedCert(mk, "fuzz")
+	cert, err := tlspin.SelfSigned(mk, "fuzz", nil)
 	if err != nil {
 		f.Fatal(err)
 	}
@@ -126,7 +71,7 @@ func FuzzMachineRequest(f *testing.F) {
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			return // a streaming answer cut short, or the store gave up
 		}
-		var eb errorBody
+		var eb controlclient.ErrorBody
 		raw, _ := io.ReadAll(rec.Body)
 		if err := json.Unmarshal(raw, &eb); err != nil || eb.Code == "" || eb.Error == "" {
 			t.Fatalf("status %d with body %q: want a JSON error with a code", rec.Code, raw)
@@ -188,7 +133,7 @@ func FuzzAdminRequest(f *testing.F) {
 				return
 			}
 		}
-		var eb errorBody
+		var eb controlclient.ErrorBody
 		if err := json.Unmarshal(raw, &eb); err != nil || eb.Code == "" || eb.Error == "" {
 			t.Fatalf("%s %s: status %d body %q: want a JSON error with a code", rt.method, path, rec.Code, raw)
 		}

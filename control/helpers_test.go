@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"crypto/tls"
 	"errors"
 	"log/slog"
 	"net"
@@ -14,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -97,7 +100,7 @@ type testNode struct {
 	mk    ed25519.PrivateKey
 	nk    netmap.NodePrivate
 	dk    netmap.DiscoPrivate
-	c     *Client
+	c     *controlclient.Client
 	id    netmap.NodeID
 	self  netmap.Node
 	mu    sync.Mutex
@@ -114,7 +117,7 @@ func newTestNode(t testing.TB, url, pin string) *testNode {
 
 func newTestNodeKey(t testing.TB, url, pin string, mk ed25519.PrivateKey) *testNode {
 	t.Helper()
-	c, err := NewClient(ClientOptions{URL: url, MachineKey: mk, ServerPin: pin, Logger: testLogger(t), MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond})
+	c, err := controlclient.NewClient(controlclient.ClientOptions{URL: url, MachineKey: mk, ServerPin: pin, Logger: testLogger(t), MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -222,19 +225,34 @@ func wantErr(t testing.TB, err, want error) {
 
 var osReadFile = os.ReadFile
 
-// doRaw posts body as-is to a machine endpoint with c's credentials.
-func doRaw(ctx context.Context, c *Client, path string, body []byte) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base.JoinPath(path).String(), bytes.NewReader(body))
+// machineHTTP is an HTTP client for the coordinator pinned to pin that
+// presents machine key mk, as a node's control client does.
+func machineHTTP(t testing.TB, pin string, mk ed25519.PrivateKey) *http.Client {
+	t.Helper()
+	cert, err := tlspin.SelfSigned(mk, "raw", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := controlclient.PinnedTransport(pin)
+	tr.TLSClientConfig.Certificates = []tls.Certificate{cert}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr}
+}
+
+// doRaw posts body as-is to a machine endpoint of the coordinator at base
+// with hc (see machineHTTP).
+func doRaw(ctx context.Context, hc *http.Client, base, path string, body []byte) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+path, bytes.NewReader(body))
 	if err != nil {
 		return err
 	}
-	resp, err := c.hc.Do(req)
+	resp, err := hc.Do(req)
 	if err != nil {
 		return err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return readAPIError(resp)
+		return controlclient.ReadAPIError(resp)
 	}
 	return nil
 }

@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -106,7 +107,7 @@ func newHub(epoch string, derpMap *netmap.DERPMap, queueLen int, now func() time
 
 		parallelChunk: 64,
 	}
-	h.keepAlive, _ = encodeFrame(&netmap.MapResponse{Epoch: epoch, KeepAlive: true})
+	h.keepAlive, _ = controlclient.EncodeFrame(&netmap.MapResponse{Epoch: epoch, KeepAlive: true})
 	return h
 }
 
@@ -169,7 +170,7 @@ type lazyFrame struct {
 // message over MaxMessageSize, which request validation rules out).
 func (f *lazyFrame) bytes() []byte {
 	if f.b == nil {
-		f.b, _ = encodeFrame(&f.resp)
+		f.b, _ = controlclient.EncodeFrame(&f.resp)
 	}
 	return f.b
 }
@@ -413,7 +414,7 @@ type mapMessage struct {
 // frame encodes m as one stream frame.
 func (m *mapMessage) frame() ([]byte, error) {
 	if len(m.peers) == 0 {
-		return encodeFrame(m.resp)
+		return controlclient.EncodeFrame(m.resp)
 	}
 	head, err := json.Marshal(m.resp) // resp.Peers is nil: omitted
 	if err != nil {
@@ -426,7 +427,7 @@ func (m *mapMessage) frame() ([]byte, error) {
 	if size > netmap.MaxMessageSize {
 		return nil, fmt.Errorf("map response of %d bytes exceeds the %d byte limit", size, netmap.MaxMessageSize)
 	}
-	out := make([]byte, frameHeaderLen, frameHeaderLen+size)
+	out := make([]byte, controlclient.FrameHeaderLen, controlclient.FrameHeaderLen+size)
 	out = append(out, head[:len(head)-1]...) // drop the closing brace
 	out = append(out, `,"peers":[`...)
 	for i, p := range m.peers {
@@ -436,7 +437,7 @@ func (m *mapMessage) frame() ([]byte, error) {
 		out = append(out, p...)
 	}
 	out = append(out, "]}"...)
-	binary.BigEndian.PutUint32(out, uint32(len(out)-frameHeaderLen))
+	binary.BigEndian.PutUint32(out, uint32(len(out)-controlclient.FrameHeaderLen))
 	return out, nil
 }
 
@@ -578,7 +579,7 @@ func (h *hub) subscribe(id netmap.NodeID, since uint64, epoch string) (*session,
 	defer h.mu.Unlock()
 	n := h.nodes[id]
 	if n == nil {
-		return nil, nil, ErrNotRegistered
+		return nil, nil, controlclient.ErrNotRegistered
 	}
 	if len(h.sessions[id]) == 0 && !n.Online {
 		nn := *n

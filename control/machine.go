@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/control/store"
 	"meshd.dev/meshd/netmap"
 )
@@ -19,18 +20,18 @@ import (
 // machineKey returns the machine key the client proved in the TLS handshake.
 func machineKey(r *http.Request) (netmap.MachinePublic, error) {
 	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
-		return netmap.MachinePublic{}, fmt.Errorf("%w: no client certificate: machine requests must present the machine key", ErrBadRequest)
+		return netmap.MachinePublic{}, fmt.Errorf("%w: no client certificate: machine requests must present the machine key", controlclient.ErrBadRequest)
 	}
 	pub, ok := r.TLS.PeerCertificates[0].PublicKey.(ed25519.PublicKey)
 	if !ok {
-		return netmap.MachinePublic{}, fmt.Errorf("%w: client certificate key is %T, want Ed25519", ErrBadRequest, r.TLS.PeerCertificates[0].PublicKey)
+		return netmap.MachinePublic{}, fmt.Errorf("%w: client certificate key is %T, want Ed25519", controlclient.ErrBadRequest, r.TLS.PeerCertificates[0].PublicKey)
 	}
 	return netmap.MachinePublicFromEd25519(pub)
 }
 
 func checkVersion(v int) error {
 	if v < netmap.MinProtocolVersion {
-		return fmt.Errorf("%w: client speaks protocol %d, this coordinator needs at least %d: upgrade meshd on the node", ErrTooOld, v, netmap.MinProtocolVersion)
+		return fmt.Errorf("%w: client speaks protocol %d, this coordinator needs at least %d: upgrade meshd on the node", controlclient.ErrTooOld, v, netmap.MinProtocolVersion)
 	}
 	return nil
 }
@@ -82,14 +83,14 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 		return nil, err
 	}
 	if req.NodeKey.IsZero() {
-		return nil, fmt.Errorf("%w: node_key is missing", ErrBadRequest)
+		return nil, fmt.Errorf("%w: node_key is missing", controlclient.ErrBadRequest)
 	}
 	if len(req.Hostname) > 1024 || len(req.RequestTags) > 64 {
-		return nil, fmt.Errorf("%w: hostname or tag list too long", ErrBadRequest)
+		return nil, fmt.Errorf("%w: hostname or tag list too long", controlclient.ErrBadRequest)
 	}
 	requested, err := netmap.NormalizeTags(req.RequestTags)
 	if err != nil {
-		return nil, fmt.Errorf("%w: requested tags: %v", ErrBadRequest, err)
+		return nil, fmt.Errorf("%w: requested tags: %v", controlclient.ErrBadRequest, err)
 	}
 	now := time.Now().UTC()
 	p := store.RegisterParams{
@@ -103,7 +104,7 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 			return nil, err
 		}
 		if err := pol.CheckTags(key.User, key.Tags, requested); err != nil {
-			return nil, fmt.Errorf("%w: %v", ErrTagsForbidden, err)
+			return nil, fmt.Errorf("%w: %v", controlclient.ErrTagsForbidden, err)
 		}
 		tags := slices.Compact(slices.Sorted(slices.Values(append(slices.Clone(key.Tags), requested...))))
 		id := &store.Identity{
@@ -116,7 +117,7 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 		}
 		p.Identity, p.ConsumeKey, p.Reusable = id, true, key.Reusable
 	} else if len(requested) > 0 {
-		return nil, fmt.Errorf("%w: changing tags needs an auth key (or `meshd admin nodes tag`)", ErrBadRequest)
+		return nil, fmt.Errorf("%w: changing tags needs an auth key (or `meshd admin nodes tag`)", controlclient.ErrBadRequest)
 	}
 
 	s.mu.Lock()
@@ -124,25 +125,25 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 	if p.Identity == nil {
 		old, err := s.store.NodeByMachine(ctx, mk)
 		if errors.Is(err, store.ErrNotFound) {
-			return nil, fmt.Errorf("%w: this machine is not enrolled: run meshd up with --authkey", ErrNotRegistered)
+			return nil, fmt.Errorf("%w: this machine is not enrolled: run meshd up with --authkey", controlclient.ErrNotRegistered)
 		}
 		if err != nil {
 			return nil, err
 		}
 		if !old.KeyExpiry.IsZero() && !now.Before(old.KeyExpiry) {
-			return nil, fmt.Errorf("%w: node %d's key expired at %s: re-authenticate with a new --authkey", ErrNodeExpired, old.ID, old.KeyExpiry.Format(time.RFC3339))
+			return nil, fmt.Errorf("%w: node %d's key expired at %s: re-authenticate with a new --authkey", controlclient.ErrNodeExpired, old.ID, old.KeyExpiry.Format(time.RFC3339))
 		}
 		if !req.OldNodeKey.IsZero() && req.OldNodeKey != old.NodeKey {
-			return nil, fmt.Errorf("%w: old_node_key does not match the registered node key", ErrBadRequest)
+			return nil, fmt.Errorf("%w: old_node_key does not match the registered node key", controlclient.ErrBadRequest)
 		}
 	}
 	n, err := s.store.Register(ctx, p)
 	if errors.Is(err, store.ErrKeyUnusable) {
 		// Lost a race for a single-use key, or it was revoked meanwhile.
 		if k, kerr := s.store.AuthKey(ctx, p.Identity.AuthKeyID); kerr == nil && !k.Revoked.IsZero() {
-			return nil, fmt.Errorf("%w: key %s was revoked", ErrAuthKeyRevoked, k.ID)
+			return nil, fmt.Errorf("%w: key %s was revoked", controlclient.ErrAuthKeyRevoked, k.ID)
 		}
-		return nil, fmt.Errorf("%w: key %s is single-use and another machine used it", ErrAuthKeyUsed, p.Identity.AuthKeyID)
+		return nil, fmt.Errorf("%w: key %s is single-use and another machine used it", controlclient.ErrAuthKeyUsed, p.Identity.AuthKeyID)
 	}
 	if err != nil {
 		return nil, err
@@ -154,7 +155,7 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 		}
 		s.hub.upsert(&wn)
 	} else {
-		s.hub.remove(n.ID, ErrNotAuthorized)
+		s.hub.remove(n.ID, controlclient.ErrNotAuthorized)
 	}
 	if n.Ephemeral && !s.hub.online(n.ID) {
 		// A node that registers but never opens a stream is cleaned up too.
@@ -168,31 +169,31 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 // that this same machine already used is accepted again (a retry after a
 // lost response) without being consumed twice.
 func (s *Server) checkAuthKey(ctx context.Context, mk netmap.MachinePublic, text string, now time.Time) (store.AuthKey, error) {
-	pk, err := parseAuthKey(text)
+	pk, err := controlclient.ParseAuthKey(text)
 	if err != nil {
-		return store.AuthKey{}, fmt.Errorf("%w: %v", ErrAuthKeyUnknown, err)
+		return store.AuthKey{}, fmt.Errorf("%w: %v", controlclient.ErrAuthKeyUnknown, err)
 	}
 	if pk.Fingerprint != s.fingerprint {
-		return store.AuthKey{}, fmt.Errorf("%w: the key was issued by a different coordinator (fingerprint %s..., this one is %s...)", ErrAuthKeyUnknown, pk.Fingerprint[:12], s.fingerprint[:12])
+		return store.AuthKey{}, fmt.Errorf("%w: the key was issued by a different coordinator (fingerprint %s..., this one is %s...)", controlclient.ErrAuthKeyUnknown, pk.Fingerprint[:12], s.fingerprint[:12])
 	}
 	k, err := s.store.AuthKey(ctx, pk.ID)
 	if errors.Is(err, store.ErrNotFound) || err == nil && !hashEqual(k.Hash, hashSecret(pk.Secret)) {
-		return k, fmt.Errorf("%w: no auth key %s on this coordinator", ErrAuthKeyUnknown, pk.ID)
+		return k, fmt.Errorf("%w: no auth key %s on this coordinator", controlclient.ErrAuthKeyUnknown, pk.ID)
 	}
 	if err != nil {
 		return k, err
 	}
 	switch {
 	case !k.Revoked.IsZero():
-		return k, fmt.Errorf("%w: key %s was revoked at %s", ErrAuthKeyRevoked, k.ID, k.Revoked.Format(time.RFC3339))
+		return k, fmt.Errorf("%w: key %s was revoked at %s", controlclient.ErrAuthKeyRevoked, k.ID, k.Revoked.Format(time.RFC3339))
 	case !k.Expires.IsZero() && !now.Before(k.Expires):
-		return k, fmt.Errorf("%w: key %s expired at %s", ErrAuthKeyExpired, k.ID, k.Expires.Format(time.RFC3339))
+		return k, fmt.Errorf("%w: key %s expired at %s", controlclient.ErrAuthKeyExpired, k.ID, k.Expires.Format(time.RFC3339))
 	case !k.Reusable && k.Uses > 0:
 		if n, err := s.store.NodeByMachine(ctx, mk); err == nil && n.AuthKeyID == k.ID {
 			k.Reusable = true // idempotent retry by the machine that used it
 			return k, nil
 		}
-		return k, fmt.Errorf("%w: key %s is single-use and was used at %s", ErrAuthKeyUsed, k.ID, k.LastUsed.Format(time.RFC3339))
+		return k, fmt.Errorf("%w: key %s is single-use and was used at %s", controlclient.ErrAuthKeyUsed, k.ID, k.LastUsed.Format(time.RFC3339))
 	}
 	return k, nil
 }
@@ -201,16 +202,16 @@ func (s *Server) checkAuthKey(ctx context.Context, mk netmap.MachinePublic, text
 func (s *Server) nodeForMap(ctx context.Context, mk netmap.MachinePublic) (store.Node, error) {
 	n, err := s.store.NodeByMachine(ctx, mk)
 	if errors.Is(err, store.ErrNotFound) {
-		return n, fmt.Errorf("%w: this machine is not enrolled (or was deleted): run meshd up with --authkey", ErrNotRegistered)
+		return n, fmt.Errorf("%w: this machine is not enrolled (or was deleted): run meshd up with --authkey", controlclient.ErrNotRegistered)
 	}
 	if err != nil {
 		return n, err
 	}
 	if !n.KeyExpiry.IsZero() && !time.Now().Before(n.KeyExpiry) {
-		return n, fmt.Errorf("%w: node %d's key expired at %s: re-authenticate with a new --authkey", ErrNodeExpired, n.ID, n.KeyExpiry.Format(time.RFC3339))
+		return n, fmt.Errorf("%w: node %d's key expired at %s: re-authenticate with a new --authkey", controlclient.ErrNodeExpired, n.ID, n.KeyExpiry.Format(time.RFC3339))
 	}
 	if !n.Authorized {
-		return n, fmt.Errorf("%w: node %d must be approved by an administrator: meshd admin nodes approve %d", ErrNotAuthorized, n.ID, n.ID)
+		return n, fmt.Errorf("%w: node %d must be approved by an administrator: meshd admin nodes approve %d", controlclient.ErrNotAuthorized, n.ID, n.ID)
 	}
 	return n, nil
 }
@@ -220,19 +221,19 @@ func validateMapRequest(req *netmap.MapRequest) error {
 		return err
 	}
 	if req.NodeKey.IsZero() {
-		return fmt.Errorf("%w: node_key is missing", ErrBadRequest)
+		return fmt.Errorf("%w: node_key is missing", controlclient.ErrBadRequest)
 	}
 	if len(req.Endpoints) > maxEndpoints {
-		return fmt.Errorf("%w: %d endpoints, at most %d", ErrBadRequest, len(req.Endpoints), maxEndpoints)
+		return fmt.Errorf("%w: %d endpoints, at most %d", controlclient.ErrBadRequest, len(req.Endpoints), maxEndpoints)
 	}
 	for i, ep := range req.Endpoints {
 		if !ep.IsValid() || ep.Port() == 0 || ep.Addr().IsUnspecified() {
-			return fmt.Errorf("%w: endpoint %v is not a usable ip:port", ErrBadRequest, ep)
+			return fmt.Errorf("%w: endpoint %v is not a usable ip:port", controlclient.ErrBadRequest, ep)
 		}
 		req.Endpoints[i] = netip.AddrPortFrom(ep.Addr().Unmap(), ep.Port())
 	}
 	if req.HomeDERP < 0 {
-		return fmt.Errorf("%w: home_derp %d is negative", ErrBadRequest, req.HomeDERP)
+		return fmt.Errorf("%w: home_derp %d is negative", controlclient.ErrBadRequest, req.HomeDERP)
 	}
 	return nil
 }
@@ -245,7 +246,7 @@ func (s *Server) applyMapRequest(ctx context.Context, sn store.Node, req *netmap
 	defer s.mu.Unlock()
 	cur := s.hub.get(sn.ID)
 	if cur == nil {
-		return fmt.Errorf("%w: node %d was removed", ErrNotRegistered, sn.ID)
+		return fmt.Errorf("%w: node %d was removed", controlclient.ErrNotRegistered, sn.ID)
 	}
 	nn := *cur
 	nn.NodeKey = req.NodeKey
@@ -324,7 +325,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 	}
 	rc := http.NewResponseController(w)
 	w.Header().Set("Content-Type", "application/x-meshd-map-frames")
-	w.Header().Set(keepAliveHeader, strconv.FormatInt(int64(s.opts.KeepAliveInterval/time.Millisecond), 10))
+	w.Header().Set(controlclient.KeepAliveHeader, strconv.FormatInt(int64(s.opts.KeepAliveInterval/time.Millisecond), 10))
 	w.WriteHeader(http.StatusOK)
 	write := func(b []byte) bool {
 		rc.SetWriteDeadline(time.Now().Add(writeTimeout))
@@ -371,10 +372,6 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 		}
 	}
 }
-
-// keepAliveHeader tells the client the keep-alive interval in milliseconds,
-// so it can detect a dead stream.
-const keepAliveHeader = "Meshd-Keep-Alive-Ms"
 
 func (s *Server) endSession(sess *session) {
 	s.mu.Lock()

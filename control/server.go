@@ -27,7 +27,10 @@ import (
 	"sync"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/control/store"
+	"meshd.dev/meshd/internal/atomicfile"
+	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -136,7 +139,7 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	cert, err := selfSignedCert(key, "meshd coordinator")
+	cert, err := tlspin.SelfSigned(key, "meshd coordinator", nil)
 	if err != nil {
 		return nil, err
 	}
@@ -151,7 +154,7 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 		log:         opts.Logger,
 		store:       st,
 		cert:        cert,
-		fingerprint: Fingerprint(cert.Leaf),
+		fingerprint: tlspin.Fingerprint(cert.Leaf),
 		adminPath:   filepath.Join(opts.StateDir, adminTokenFile),
 		hub:         newHub(hex.EncodeToString(epoch[:]), opts.DERPMap, opts.SessionQueueLen, time.Now),
 		ephemeral:   make(map[netmap.NodeID]*time.Timer),
@@ -208,7 +211,7 @@ func (s *Server) initAdminToken(ctx context.Context) error {
 		want, merr := s.store.Meta(ctx, metaAdminHash)
 		if merr == nil {
 			if wb, _ := hex.DecodeString(want); hashEqual(wb, hashSecret(tok)) {
-				fp, _ := AdminTokenFingerprint(tok)
+				fp, _ := controlclient.AdminTokenFingerprint(tok)
 				if fp != s.fingerprint {
 					return fmt.Errorf("coordinator: %s carries fingerprint %s but the coordinator key is %s: delete %s to issue a new token", s.adminPath, fp, s.fingerprint, s.adminPath)
 				}
@@ -220,12 +223,12 @@ func (s *Server) initAdminToken(ctx context.Context) error {
 	case !errors.Is(err, os.ErrNotExist):
 		return fmt.Errorf("coordinator: read admin token: %w", err)
 	}
-	tok := adminTokenPrefix + "-" + randomSecret() + "-" + s.fingerprint
+	tok := controlclient.AdminTokenPrefix + "-" + randomSecret() + "-" + s.fingerprint
 	s.adminHash = hashSecret(tok)
 	if err := s.store.SetMeta(ctx, metaAdminHash, hex.EncodeToString(s.adminHash)); err != nil {
 		return fmt.Errorf("coordinator: %w", err)
 	}
-	if err := writeFileAtomic(s.adminPath, []byte(tok+"\n")); err != nil {
+	if err := atomicfile.Write(s.adminPath, []byte(tok+"\n"), 0o600); err != nil {
 		return fmt.Errorf("coordinator: write admin token: %w", err)
 	}
 	return nil
@@ -364,7 +367,7 @@ func (s *Server) sweep() {
 		case now := <-t.C:
 			for _, id := range s.hub.expired(now) {
 				s.log.Info("node key expired", "node", id)
-				s.hub.remove(id, ErrNodeExpired)
+				s.hub.remove(id, controlclient.ErrNodeExpired)
 			}
 		}
 	}
@@ -399,7 +402,7 @@ func (s *Server) reapEphemeral(id netmap.NodeID) {
 		s.log.Error("delete ephemeral node", "node", id, "err", err)
 		return
 	}
-	s.hub.remove(id, ErrNotRegistered)
+	s.hub.remove(id, controlclient.ErrNotRegistered)
 	s.log.Info("deleted ephemeral node after it went offline", "node", id, "timeout", s.opts.EphemeralTimeout)
 }
 
@@ -430,7 +433,7 @@ const requestReadTimeout = 15 * time.Second
 func (s *Server) NodeKeyKnown(k netmap.NodePublic) bool { return s.hub.nodeKeyKnown(k) }
 
 func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
-	code, status := codeOf(err)
+	code, status := controlclient.Code(err)
 	msg := err.Error()
 	if status == http.StatusInternalServerError {
 		s.log.Error("request failed", "path", r.URL.Path, "err", err)
@@ -438,7 +441,7 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	} else {
 		s.log.Debug("request refused", "path", r.URL.Path, "code", code, "err", err)
 	}
-	writeJSON(w, status, errorBody{Error: msg, Code: code})
+	writeJSON(w, status, controlclient.ErrorBody{Error: msg, Code: code})
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -456,7 +459,7 @@ func decodeBody(r *http.Request, v any) error {
 		defer rc.SetReadDeadline(time.Time{})
 	}
 	if err := netmap.DecodeJSON(io.LimitReader(r.Body, maxRequestBody+1), maxRequestBody, v); err != nil {
-		return fmt.Errorf("%w: %v", ErrBadRequest, err)
+		return fmt.Errorf("%w: %v", controlclient.ErrBadRequest, err)
 	}
 	return nil
 }

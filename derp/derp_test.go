@@ -26,6 +26,7 @@ import (
 	"golang.org/x/crypto/nacl/box"
 	"golang.org/x/time/rate"
 
+	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -222,7 +223,7 @@ func TestTLSPinnedFingerprint(t *testing.T) {
 	hs.StartTLS()
 	t.Cleanup(func() { s.Close(); hs.Close() })
 
-	fp := Fingerprint(cert.Leaf)
+	fp := tlspin.Fingerprint(cert.Leaf)
 	other, _ := NewSelfSignedCert(nil)
 	tests := []struct {
 		name    string
@@ -231,7 +232,7 @@ func TestTLSPinnedFingerprint(t *testing.T) {
 	}{
 		{"pinned", fp, ""},
 		{"pinned upper case", strings.ToUpper(fp), ""},
-		{"wrong pin", Fingerprint(other.Leaf), "does not match the pinned"},
+		{"wrong pin", tlspin.Fingerprint(other.Leaf), "does not match the pinned"},
 		{"malformed pin", "abc", "hex digits"},
 		{"no pin, self-signed", "", "certificate"},
 	}
@@ -869,7 +870,7 @@ func TestLoadOrCreateKeepsIdentity(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if Fingerprint(c1.Leaf) != Fingerprint(c2.Leaf) {
+	if tlspin.Fingerprint(c1.Leaf) != tlspin.Fingerprint(c2.Leaf) {
 		t.Fatal("fingerprint changed across restarts")
 	}
 	if got := c1.Leaf.DNSNames; len(got) != 1 || got[0] != "derp.example" {
@@ -1164,7 +1165,7 @@ func TestEmbeddedInHTTP2Server(t *testing.T) {
 		t.Fatalf("other routes use %s, want HTTP/2.0", body)
 	}
 	ka, kb := netmap.NewNodePrivate(), netmap.NewNodePrivate()
-	fp := Fingerprint(cert.Leaf)
+	fp := tlspin.Fingerprint(cert.Leaf)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	a, err := Dial(ctx, hs.URL, ClientOptions{NodeKey: ka, CertFingerprint: fp})

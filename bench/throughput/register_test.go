@@ -11,7 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"meshd.dev/meshd/control"
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -67,7 +67,7 @@ func registerOne(ctx context.Context, url, authKey, hostname string) error {
 	if err != nil {
 		return err
 	}
-	c, err := control.NewClient(control.ClientOptions{URL: url, MachineKey: machine})
+	c, err := controlclient.NewClient(controlclient.ClientOptions{URL: url, MachineKey: machine})
 	if err != nil {
 		return err
 	}

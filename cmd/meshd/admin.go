@@ -17,6 +17,7 @@ import (
 	"github.com/peterbourgon/ff/v3/ffcli"
 
 	"meshd.dev/meshd/control"
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -381,9 +382,9 @@ func (c *cli) policySetCmd() *ffcli.Command {
 				return &exitError{1, fmt.Sprintf("policy set: %v; the policy in force is unchanged", err)}
 			}
 			p, err := ac.SetPolicy(ctx, file, data)
-			if errors.Is(err, control.ErrPolicyInvalid) {
+			if errors.Is(err, controlclient.ErrPolicyInvalid) {
 				msg := err.Error()
-				var ae *control.APIError
+				var ae *controlclient.APIError
 				if errors.As(err, &ae) {
 					msg = ae.Message
 				}

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"meshd.dev/meshd/control"
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -80,7 +81,7 @@ func TestAdminCommands(t *testing.T) {
 
 	// A node enrols with the user's key, verifying the coordinator from it.
 	_, mk, _ := ed25519.GenerateKey(rand.Reader)
-	c, err := control.NewClient(control.ClientOptions{URL: strings.TrimPrefix(url, "https://"), MachineKey: mk})
+	c, err := controlclient.NewClient(controlclient.ClientOptions{URL: strings.TrimPrefix(url, "https://"), MachineKey: mk})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"meshd.dev/meshd/control"
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/derp"
 	"meshd.dev/meshd/nat/stun"
 	"meshd.dev/meshd/netmap"
@@ -98,7 +99,7 @@ func (cr *coordRun) register(t *testing.T) (netmap.NodePrivate, *netmap.NetworkM
 		t.Fatal(err)
 	}
 	_, mk, _ := ed25519.GenerateKey(rand.Reader)
-	c, err := control.NewClient(control.ClientOptions{URL: cr.url, MachineKey: mk})
+	c, err := controlclient.NewClient(controlclient.ClientOptions{URL: cr.url, MachineKey: mk})
 	if err != nil {
 		t.Fatal(err)
 	}

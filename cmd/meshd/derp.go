@@ -20,6 +20,7 @@ import (
 
 	"meshd.dev/meshd/control"
 	"meshd.dev/meshd/derp"
+	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/nat/stun"
 	"meshd.dev/meshd/netmap"
 )
@@ -224,7 +225,7 @@ func (c *cli) runDERP(ctx context.Context, cfg derpConfig) error {
 		ErrorLog:  slog.NewLogLogger(c.log.Handler(), slog.LevelDebug),
 		TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}, MinVersion: tls.VersionTLS12},
 	}
-	fp := derp.Fingerprint(cert.Leaf)
+	fp := tlspin.Fingerprint(cert.Leaf)
 	addr := ln.Addr().(*net.TCPAddr)
 	node := netmap.DERPNode{Name: "1a", Host: printableHost(cfg.listen, addr), DERPPort: addr.Port, STUNPort: stunPort, CertFingerprint: fp}
 	nodeJSON, _ := json.Marshal(node)

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"meshd.dev/meshd/derp"
+	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/nat/stun"
 	"meshd.dev/meshd/netmap"
 )
@@ -181,7 +182,7 @@ func TestDERPCommandRegionMesh(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		fps[i] = derp.Fingerprint(cert.Leaf)
+		fps[i] = tlspin.Fingerprint(cert.Leaf)
 		urls[i] = "https://127.0.0.1:" + strconv.Itoa(freePort(t))
 	}
 	for i := range 2 {

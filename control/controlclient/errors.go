@@ -1,4 +1,4 @@
-package control
+package controlclient
 
 import (
 	"errors"
@@ -22,6 +22,9 @@ var (
 	ErrBadRequest     = errors.New("bad request")
 	ErrNotFound       = errors.New("not found")
 	ErrTooOld         = errors.New("client protocol version too old")
+	// ErrPolicyInvalid is a policy that fails to parse, to validate or its
+	// own tests; the previous policy stays in force.
+	ErrPolicyInvalid = errors.New("policy rejected")
 )
 
 // errorCodes is the wire form of each sentinel. Codes never change meaning.
@@ -45,8 +48,8 @@ var errorCodes = []struct {
 	{ErrBadRequest, "bad_request", http.StatusBadRequest},
 }
 
-// codeOf returns the wire code and HTTP status for err.
-func codeOf(err error) (string, int) {
+// Code returns the wire code and HTTP status for err.
+func Code(err error) (string, int) {
 	for _, c := range errorCodes {
 		if errors.Is(err, c.err) {
 			return c.code, c.status
@@ -55,8 +58,8 @@ func codeOf(err error) (string, int) {
 	return "internal", http.StatusInternalServerError
 }
 
-// errorBody is the JSON body of every error response.
-type errorBody struct {
+// ErrorBody is the JSON body of every error response.
+type ErrorBody struct {
 	Error string `json:"error"`
 	Code  string `json:"code"`
 }
