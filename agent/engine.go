@@ -152,16 +152,6 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 	return e, nil
 }
 
-// wgLogger sends wireguard-go's logs to slog: errors at debug level too,
-// because wireguard-go reports routine events (a peer without an endpoint
-// yet) as errors.
-func wgLogger(log *slog.Logger) *device.Logger {
-	return &device.Logger{
-		Verbosef: func(format string, args ...any) { log.Debug("wireguard: " + fmt.Sprintf(format, args...)) },
-		Errorf:   func(format string, args ...any) { log.Debug("wireguard error: " + fmt.Sprintf(format, args...)) },
-	}
-}
-
 // applyMap reconciles WireGuard peers and kernel routes with nm.
 func (e *engine) applyMap(nm *netmap.NetworkMap) error {
 	locals, _ := e.cfg.localAddrs() // best effort: only used to rank endpoints
