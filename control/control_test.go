@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/control/store"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -176,7 +177,8 @@ func TestAuthKeyRefusals(t *testing.T) {
 	other := startServer(t, ServerOptions{})
 	ctx := context.Background()
 
-	expired := ts.key(t, AuthKeyOptions{Tags: []string{"tag:x"}, Expiry: time.Millisecond})
+	expired, expiredID := ts.expiredKey(t, "tag:x")
+	expiring := ts.key(t, AuthKeyOptions{Tags: []string{"tag:x"}, Expiry: time.Hour})
 	revoked, rk, err := ts.CreateAuthKey(ctx, AuthKeyOptions{Tags: []string{"tag:x"}, Reusable: true})
 	if err != nil {
 		t.Fatal(err)
@@ -193,7 +195,6 @@ func TestAuthKeyRefusals(t *testing.T) {
 	}
 	// A key of another coordinator whose node already pins this one.
 	foreign := other.key(t, AuthKeyOptions{Tags: []string{"tag:x"}})
-	time.Sleep(5 * time.Millisecond) // let the 1ms key expire
 
 	tests := []struct {
 		name, key, pin string
@@ -222,12 +223,33 @@ func TestAuthKeyRefusals(t *testing.T) {
 		t.Fatal(err)
 	}
 	states := map[string]string{}
+	ek, _ := controlclient.ParseAuthKey(expiring)
 	for _, k := range keys {
 		states[k.ID] = k.State
+		// A key's expiry is counted from its creation.
+		if k.ID == ek.ID && k.Expires.Sub(k.Created) != time.Hour {
+			t.Errorf("key created with a 1h expiry: created %v, expires %v", k.Created, k.Expires)
+		}
 	}
-	if states[rk.ID] != "revoked" || states[pk.ID] != "used" {
+	if states[rk.ID] != "revoked" || states[pk.ID] != "used" || states[expiredID] != "expired" || states[ek.ID] != "valid" {
 		t.Errorf("key states %v", states)
 	}
+}
+
+// expiredKey stores a tagged auth key that expired an hour ago, as
+// CreateAuthKey stores one whose Expiry has since run out, so that no test
+// waits for a key to expire. It returns the key and its id.
+func (ts *testServer) expiredKey(t testing.TB, tags ...string) (string, string) {
+	t.Helper()
+	pk := controlclient.AuthKey{ID: randomKeyID(), Secret: randomSecret(), Fingerprint: ts.Fingerprint()}
+	created := time.Now().UTC().Add(-2 * time.Hour)
+	err := ts.store.InsertAuthKey(context.Background(), store.AuthKey{
+		ID: pk.ID, Hash: hashSecret(pk.Secret), Tags: tags, Created: created, Expires: created.Add(time.Hour),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pk.String(), pk.ID
 }
 
 func TestPinMismatch(t *testing.T) {
@@ -402,14 +424,26 @@ func TestEphemeralCleanup(t *testing.T) {
 	ekey := ts.key(t, AuthKeyOptions{Tags: []string{"tag:ci"}, Ephemeral: true})
 	a, e := newTestNode(t, ts.url, ""), newTestNode(t, ts.url, "")
 	a.mustRegister(t, key, "a")
-	e.mustRegister(t, ekey, "job")
 	a.follow(t, a.mapRequest())
+	// Registration arms the deletion timer; the stream opens well within
+	// the timeout and disarms it.
+	e.mustRegister(t, ekey, "job")
 	stopE := e.follow(t, e.mapRequest())
 	a.waitMap(t, "ephemeral peer online", peerOnline(e.id, true))
-	// While the stream is open the node stays, well past the timeout.
-	time.Sleep(400 * time.Millisecond)
-	if a.current().Peers[e.id] == nil {
-		t.Fatal("ephemeral node deleted while its stream was open")
+	// While the stream is open the node stays: no deletion is pending once
+	// the stream has served its first map, and the timeout running out
+	// regardless (a timer that fired as the stream opened) leaves it alone.
+	// Both are checked directly rather than by sleeping past the timeout.
+	e.waitMap(t, "its first map", func(*netmap.NetworkMap) bool { return true })
+	ts.mu.Lock()
+	pending := ts.ephemeral[e.id] != nil
+	ts.mu.Unlock()
+	if pending {
+		t.Fatal("ephemeral node's deletion scheduled while its stream is open")
+	}
+	ts.reapEphemeral(e.id)
+	if _, err := ts.store.Node(ctx, e.id); err != nil {
+		t.Fatalf("ephemeral node deleted while its stream was open: %v", err)
 	}
 	stopE()
 	a.waitMap(t, "ephemeral peer deleted", func(m *netmap.NetworkMap) bool { return m.Peers[e.id] == nil })
