@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"runtime"
@@ -122,19 +123,21 @@ func (c *cli) daemonCmd() *ffcli.Command {
 				return err
 			}
 			c.log.Info("meshd daemon started", "state_dir", af.stateDir, "tun", af.tun, "socket", *socket)
-			return runAgent(ctx, a, ln)
+			return runAgent(ctx, a, ln, c.log)
 		},
 	}
 }
 
-// runAgent runs a and, if ln is not nil, the local API on ln, until ctx
-// ends or the agent fails.
-func runAgent(ctx context.Context, a *agent.Agent, ln net.Listener) error {
+// runAgent runs a and, if ln is not nil, the local API on ln (refused
+// connections logged to log), until ctx ends or the agent fails.
+func runAgent(ctx context.Context, a *agent.Agent, ln net.Listener, log *slog.Logger) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	apiDone := make(chan error, 1)
 	if ln != nil {
-		go func() { apiDone <- localapi.Serve(ctx, ln, a) }()
+		lim := localapi.DefaultLimits()
+		lim.Logger = log
+		go func() { apiDone <- localapi.ServeLimits(ctx, ln, a, lim) }()
 	} else {
 		apiDone <- nil
 	}
