@@ -230,7 +230,7 @@ func TestConnectionCaps(t *testing.T) {
 // prove nothing) until a request authenticates it; then it stays.
 func TestUnauthenticatedConnectionsClosed(t *testing.T) {
 	const hs = time.Second
-	ts := startServer(t, ServerOptions{Limits: connlimit.Limits{HandshakeTimeout: hs}})
+	ts := startServer(t, ServerOptions{Limits: connlimit.Limits{HandshakeTimeout: hs}, KeepAliveInterval: hs / 4})
 	tok := adminToken(t, ts)
 	key := ts.key(t, AuthKeyOptions{Reusable: true, Preauthorized: true, User: "alice"})
 	enrolled := newTestNode(t, ts.url, ts.Fingerprint())
@@ -323,6 +323,26 @@ func TestUnauthenticatedConnectionsClosed(t *testing.T) {
 		})
 	}
 
+	t.Run("map stream over HTTP/2", func(t *testing.T) {
+		// How nodes talk to the coordinator: the stream (keep-alives every
+		// hs/4) must outlive the handshake deadline.
+		t.Parallel()
+		body, _ := json.Marshal(netmap.MapRequest{Version: netmap.ProtocolVersion, NodeKey: enrolled.nk.Public(), DiscoKey: enrolled.dk.Public(), Stream: true})
+		resp, err := machineHTTP(t, ts.Fingerprint(), enrolled.mk).Post(ts.url+"/machine/map", "application/json", strings.NewReader(string(body)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || resp.ProtoMajor != 2 {
+			t.Fatalf("%s %d", resp.Proto, resp.StatusCode)
+		}
+		start := time.Now()
+		for time.Since(start) < 2*hs+slack {
+			if _, _, err := controlclient.ReadMapResponse(resp.Body, nil); err != nil {
+				t.Fatalf("map stream ended %v after it opened: %v", time.Since(start).Round(time.Millisecond), err)
+			}
+		}
+	})
 	t.Run("embedded relay client", func(t *testing.T) {
 		t.Parallel()
 		ds, err := derp.NewServer(derp.ServerOptions{PrivateKey: netmap.NewNodePrivate(), Verify: ts.VerifyNodeKey})
