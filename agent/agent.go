@@ -28,6 +28,10 @@ import (
 // DefaultPort is WireGuard's UDP port unless --port says otherwise.
 const DefaultPort = 41641
 
+// AutoPort, as Options.Port, asks for DefaultPort and falls back to a
+// random port when DefaultPort is taken; `meshd daemon` without --port.
+const AutoPort = -1
+
 // ControlClient is the agent's view of the coordinator client
 // (controlclient.Client satisfies it).
 type ControlClient interface {
@@ -54,7 +58,9 @@ type Options struct {
 	StateDir string
 	// TUN is a kernel interface name, or TUNUserspace for gVisor's netstack.
 	TUN string
-	// Port is WireGuard's UDP listen port; 0 picks a random one.
+	// Port is WireGuard's UDP listen port; 0 picks a random one, and
+	// AutoPort DefaultPort or, if that is taken, a random one. A port
+	// given here that is taken is an error.
 	Port int
 	// MTU is the tunnel's MTU; 0 derives it from the underlay (see autoMTU).
 	MTU int
@@ -146,7 +152,7 @@ func New(opts Options) (*Agent, error) {
 	if opts.MTU < 576 || opts.MTU > 65535 {
 		return nil, fmt.Errorf("--mtu %d out of range (576-65535)", opts.MTU)
 	}
-	if opts.Port < 0 || opts.Port > 65535 {
+	if opts.Port < AutoPort || opts.Port > 65535 {
 		return nil, fmt.Errorf("--port %d out of range (0-65535)", opts.Port)
 	}
 	if opts.TUN == "" {

@@ -12,6 +12,7 @@ import (
 
 	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/control/store"
+	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -310,6 +311,7 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 				s.writeError(w, r, fmt.Errorf("%w: send the content of the coordinator's admin.token as a bearer token", controlclient.ErrUnauthorized))
 				return
 			}
+			connlimit.Authenticate(r.Context())
 			v, err := f(r)
 			if err != nil {
 				s.writeError(w, r, err)

@@ -15,6 +15,7 @@ import (
 
 	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/internal/atomicfile"
+	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -138,6 +139,7 @@ func (s *Server) EnableRelayVerify() (string, error) {
 				Error: "relay token missing or wrong: use the content of the coordinator's " + relayTokenFile})
 			return false
 		}
+		connlimit.Authenticate(r.Context())
 		return true
 	}
 	s.mux.HandleFunc("GET "+relayVerifyPath, func(w http.ResponseWriter, r *http.Request) {

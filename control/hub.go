@@ -85,6 +85,20 @@ type session struct {
 // reconnects and resumes, so one slow reader never stalls the coordinator.
 var errSlowConsumer = errors.New("map session dropped: client too slow to read updates")
 
+// MaxStreamsPerNode caps the map streams one node holds open at once.
+// Beyond it the newest stream wins and the oldest is dropped, as the DERP
+// relay does for a key: a node that reconnects before its old connection
+// was found dead (a NAT rebinding, a suspended laptop) must get its map at
+// once, not be refused until HTTP/2 pings time the old one out. More than
+// one is allowed so that such overlaps cost nothing; the cap only stops a
+// node (or a stolen machine key) from pinning coordinator memory and
+// per-change work with streams.
+const MaxStreamsPerNode = 4
+
+// errStreamReplaced drops the oldest map stream of a node that opened more
+// than MaxStreamsPerNode.
+var errStreamReplaced = fmt.Errorf("map session dropped: the node opened a newer stream and holds at most %d", MaxStreamsPerNode)
+
 const defaultQueueLen = 1024
 const changeLogLen = 4096
 
@@ -586,6 +600,22 @@ func (h *hub) subscribe(id netmap.NodeID, since uint64, epoch string) (*session,
 		nn.Online = true
 		h.upsertLocked(&nn)
 		n = &nn
+	}
+	live := 0
+	for _, o := range h.sessions[id] {
+		if !o.dropped {
+			live++
+		}
+	}
+	// Sessions are appended, so the first live ones are the oldest.
+	for _, o := range h.sessions[id] {
+		if live < MaxStreamsPerNode {
+			break
+		}
+		if !o.dropped {
+			h.dropLocked(o, errStreamReplaced)
+			live--
+		}
 	}
 	s := &session{node: id, q: make(chan []byte, h.queueLen), dead: make(chan struct{})}
 	h.sessions[id] = append(h.sessions[id], s)

@@ -14,6 +14,7 @@ import (
 
 	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/control/store"
+	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -74,6 +75,7 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
+	connlimit.Authenticate(r.Context())
 	writeJSON(w, http.StatusOK, resp)
 }
 
@@ -290,6 +292,11 @@ func (s *Server) handleMap(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	sn, err := s.nodeForMap(r.Context(), mk)
+	if err == nil || errors.Is(err, controlclient.ErrNotAuthorized) {
+		// An enrolled machine key, approved or not, is an identity: its
+		// connection may outlive the handshake deadline.
+		connlimit.Authenticate(r.Context())
+	}
 	if err != nil {
 		s.writeError(w, r, err)
 		return

@@ -238,11 +238,7 @@ func readPolicyBody(r *http.Request, file string) ([]byte, error) {
 	if r.ContentLength > policy.MaxSize {
 		return nil, tooBig
 	}
-	if w, ok := r.Context().Value(responseWriterKey{}).(http.ResponseWriter); ok {
-		rc := http.NewResponseController(w)
-		rc.SetReadDeadline(time.Now().Add(requestReadTimeout))
-		defer rc.SetReadDeadline(time.Time{})
-	}
+	// How long the upload may take is bounded by connlimit.LimitBody.
 	data, err := io.ReadAll(io.LimitReader(r.Body, policy.MaxSize+1))
 	if err != nil {
 		return nil, fmt.Errorf("%w: reading the policy: %v", controlclient.ErrBadRequest, err)

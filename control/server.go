@@ -30,6 +30,7 @@ import (
 	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/control/store"
 	"meshd.dev/meshd/internal/atomicfile"
+	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/netmap"
 )
@@ -70,6 +71,13 @@ type ServerOptions struct {
 	Policy []byte
 	// PolicyFile names Policy in messages (its base name is used).
 	PolicyFile string
+	// Limits bound the connections of each listener passed to Serve:
+	// per source address and in total, how long a connection may stay
+	// unauthenticated (no request yet proved a registered machine key, a
+	// valid auth key, the admin token or the relay token; no DERP
+	// handshake), and how long a request header and body may take. Zero
+	// fields take the connlimit defaults.
+	Limits connlimit.Limits
 }
 
 // Server is a coordinator.
@@ -126,6 +134,9 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	}
 	if opts.SweepInterval <= 0 {
 		opts.SweepInterval = 30 * time.Second
+	}
+	if err := opts.Limits.Validate(); err != nil {
+		return nil, fmt.Errorf("coordinator: %w", err)
 	}
 	if opts.DERPMap != nil {
 		if err := opts.DERPMap.Validate(); err != nil {
@@ -305,19 +316,18 @@ func (s *Server) TLSConfig() *tls.Config {
 }
 
 // Serve accepts connections on ln (plain TCP: Serve adds TLS) until Close,
-// and then returns nil.
+// and then returns nil. The connection limits of ServerOptions.Limits
+// apply to ln.
 func (s *Server) Serve(ln net.Listener) error {
-	srv := &http.Server{
-		Handler:           s.Handler(),
-		TLSConfig:         s.TLSConfig(),
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
-		BaseContext:       func(net.Listener) context.Context { return s.ctx },
-		// Ping quiet connections so a node that vanished without closing
-		// its connection goes offline within a minute, not when TCP gives up.
-		HTTP2: &http.HTTP2Config{SendPingTimeout: 30 * time.Second, PingTimeout: 15 * time.Second},
-	}
+	lim := s.ConnLimits()
+	srv := lim.Server(s.Handler())
+	srv.TLSConfig = s.TLSConfig()
+	srv.ErrorLog = slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)
+	srv.BaseContext = func(net.Listener) context.Context { return s.ctx }
+	// Ping quiet connections so a node that vanished without closing
+	// its connection goes offline within a minute, not when TCP gives up.
+	srv.HTTP2 = &http.HTTP2Config{SendPingTimeout: 30 * time.Second, PingTimeout: 15 * time.Second}
+	ln = lim.Listener(ln)
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -331,6 +341,18 @@ func (s *Server) Serve(ln net.Listener) error {
 		return nil
 	}
 	return err
+}
+
+// ConnLimits returns the connection limits of the coordinator's
+// listeners, defaults filled in, for other listeners serving its parts
+// (the embedded relay's --derp-listen).
+func (s *Server) ConnLimits() connlimit.Limits {
+	lim := s.opts.Limits
+	lim.Name, lim.Logger = "coordinator", s.log
+	if lim.Hint == "" {
+		lim.Hint = "raise meshd coordinator --max-conns-per-ip / --max-conns"
+	}
+	return lim.WithDefaults()
 }
 
 // Close stops serving, ends every map stream and closes the store.
@@ -407,12 +429,8 @@ func (s *Server) reapEphemeral(id netmap.NodeID) {
 }
 
 // Handler returns the coordinator's HTTP API (machine and admin, and
-// anything added with Handle).
-func (s *Server) Handler() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		s.mux.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), responseWriterKey{}, w)))
-	})
-}
+// anything added with Handle), without the connection limits Serve adds.
+func (s *Server) Handler() http.Handler { return s.mux }
 
 // Handle serves another handler on the coordinator's listener, such as an
 // embedded DERP relay on "/derp". Patterns follow http.ServeMux; call it
@@ -420,12 +438,6 @@ func (s *Server) Handler() http.Handler {
 // pattern that conflicts with the coordinator's own routes (/machine/...,
 // /admin/...) panics, as ServeMux.Handle does: a programming error.
 func (s *Server) Handle(pattern string, h http.Handler) { s.mux.Handle(pattern, h) }
-
-// responseWriterKey carries the ResponseWriter to decodeBody, which sets a
-// read deadline on it.
-type responseWriterKey struct{}
-
-const requestReadTimeout = 15 * time.Second
 
 // NodeKeyKnown reports whether k is the node key of a node currently in the
 // tailnet (registered, authorized, not expired). An embedded DERP server
@@ -450,14 +462,10 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	json.NewEncoder(w).Encode(v)
 }
 
+// decodeBody reads a small JSON request. How long the body may take is
+// bounded for every request by connlimit.LimitBody (Serve), also when a
+// handler returns without reading it.
 func decodeBody(r *http.Request, v any) error {
-	// Bound how long a client may take to send its (small) request, without
-	// a server-wide ReadTimeout that would also cut long-lived map streams.
-	if w, ok := r.Context().Value(responseWriterKey{}).(http.ResponseWriter); ok {
-		rc := http.NewResponseController(w)
-		rc.SetReadDeadline(time.Now().Add(requestReadTimeout))
-		defer rc.SetReadDeadline(time.Time{})
-	}
 	if err := netmap.DecodeJSON(io.LimitReader(r.Body, maxRequestBody+1), maxRequestBody, v); err != nil {
 		return fmt.Errorf("%w: %v", controlclient.ErrBadRequest, err)
 	}

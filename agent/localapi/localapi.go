@@ -17,10 +17,12 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
+	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -281,18 +283,18 @@ func (l *credListener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		uid, err := peerUID(c)
-		if err == nil && (uid == 0 || uid == l.uid) {
+		cred, err := peerCred(c)
+		if err == nil && (cred.Uid == 0 || int(cred.Uid) == l.uid) {
 			return c, nil
 		}
 		c.Close()
 	}
 }
 
-func peerUID(c *net.UnixConn) (int, error) {
+func peerCred(c *net.UnixConn) (*syscall.Ucred, error) {
 	raw, err := c.SyscallConn()
 	if err != nil {
-		return -1, err
+		return nil, err
 	}
 	var (
 		cred *syscall.Ucred
@@ -301,19 +303,56 @@ func peerUID(c *net.UnixConn) (int, error) {
 	if err := raw.Control(func(fd uintptr) {
 		cred, cerr = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
 	}); err != nil {
-		return -1, err
+		return nil, err
 	}
 	if cerr != nil {
-		return -1, cerr
+		return nil, cerr
 	}
-	return int(cred.Uid), nil
+	return cred, nil
 }
 
-// Serve serves the API for b on ln until ctx ends.
+// peerProcess is the local API's connlimit source: the client's process,
+// from SO_PEERCRED. Every client is root or the daemon's user, so the
+// process is what tells one (stuck or hostile) client from the others.
+func peerProcess(c net.Conn) (string, error) {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return "", fmt.Errorf("local api: %T is not a unix socket connection", c)
+	}
+	cred, err := peerCred(uc)
+	if err != nil {
+		return "", fmt.Errorf("local api: SO_PEERCRED: %w", err)
+	}
+	return "pid " + strconv.Itoa(int(cred.Pid)), nil
+}
+
+// DefaultLimits are the local API's connection limits: 16 connections per
+// client process and 128 in all (a CLI command holds one or two), a
+// request's header and body within 10s each, idle connections closed after
+// a minute. The SO_PEERCRED check at accept is the authentication, so no
+// handshake deadline applies.
+func DefaultLimits() connlimit.Limits {
+	return connlimit.Limits{
+		PerSource: 16, Total: 128, AuthenticatedAtAccept: true,
+		HeaderTimeout: 10 * time.Second, BodyTimeout: 10 * time.Second, IdleTimeout: time.Minute,
+		Source: peerProcess, Name: "local api",
+	}
+}
+
+// Serve serves the API for b on ln until ctx ends, with DefaultLimits.
 func Serve(ctx context.Context, ln net.Listener, b Backend) error {
-	srv := &http.Server{Handler: Handler(b), ReadHeaderTimeout: 10 * time.Second}
+	return ServeLimits(ctx, ln, b, DefaultLimits())
+}
+
+// ServeLimits serves the API for b on ln until ctx ends, with lim (zero
+// fields: connlimit defaults; a nil Source: the client's process).
+func ServeLimits(ctx context.Context, ln net.Listener, b Backend, lim connlimit.Limits) error {
+	if lim.Source == nil {
+		lim.Source = peerProcess
+	}
+	srv := lim.Server(Handler(b))
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
+	go func() { errc <- srv.Serve(lim.Listener(ln)) }()
 	select {
 	case err := <-errc:
 		return err
