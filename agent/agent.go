@@ -46,7 +46,10 @@ type ControlConfig struct {
 	// ServerPin is the coordinator fingerprint to require; "" on first
 	// registration (the client pins from the auth key).
 	ServerPin string
-	Logger    *slog.Logger
+	// NodeKey is the node's WireGuard private key, with which the client
+	// proves to the coordinator that it holds the node key it registers.
+	NodeKey netmap.NodePrivate
+	Logger  *slog.Logger
 }
 
 // Options configure an Agent.
@@ -310,7 +313,7 @@ func (a *Agent) stop() {
 }
 
 func (a *Agent) controlCfg(l Login) ControlConfig {
-	return ControlConfig{URL: l.CoordinatorURL, MachineKey: a.id.MachineKey, ServerPin: l.ServerPin, Logger: a.log}
+	return ControlConfig{URL: l.CoordinatorURL, MachineKey: a.id.MachineKey, ServerPin: l.ServerPin, NodeKey: a.id.NodeKey, Logger: a.log}
 }
 
 // controlLoop follows the map stream and reports endpoints until ctx ends.
@@ -631,7 +634,7 @@ func (a *Agent) register(ctx context.Context, req localapi.UpRequest) (*Login, e
 	if err != nil {
 		return nil, fmt.Errorf("--advertise-tags: %w", err)
 	}
-	cc, err := a.opts.NewControlClient(ControlConfig{URL: req.Coordinator, MachineKey: a.id.MachineKey, Logger: a.log})
+	cc, err := a.opts.NewControlClient(ControlConfig{URL: req.Coordinator, MachineKey: a.id.MachineKey, NodeKey: a.id.NodeKey, Logger: a.log})
 	if err != nil {
 		return nil, err
 	}

@@ -92,7 +92,10 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 	if err != nil {
 		return nil, fmt.Errorf("%w: requested tags: %v", controlclient.ErrBadRequest, err)
 	}
-	now := time.Now().UTC()
+	now := s.now().UTC()
+	if err := s.checkNodeKeyProof(mk, req.Version, req.NodeKey, req.NodeKeyProof, now); err != nil {
+		return nil, err
+	}
 	p := store.RegisterParams{
 		MachineKey: mk, NodeKey: req.NodeKey, DiscoKey: req.DiscoKey,
 		Hostname: sanitizeHostname(req.Hostname), Now: now,
@@ -138,6 +141,9 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 		}
 	}
 	n, err := s.store.Register(ctx, p)
+	if kerr, ok := errors.AsType[*store.KeyInUseError](err); ok {
+		return nil, s.keyInUse(mk, kerr)
+	}
 	if errors.Is(err, store.ErrKeyUnusable) {
 		// Lost a race for a single-use key, or it was revoked meanwhile.
 		if k, kerr := s.store.AuthKey(ctx, p.Identity.AuthKeyID); kerr == nil && !k.Revoked.IsZero() {
@@ -160,6 +166,9 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 	if n.Ephemeral && !s.hub.online(n.ID) {
 		// A node that registers but never opens a stream is cleaned up too.
 		s.scheduleEphemeralLocked(n.ID)
+	}
+	if n.Hostname != p.Hostname {
+		s.log.Info("hostname taken by another node; suffixed", "node", n.ID, "asked", p.Hostname, "hostname", n.Hostname)
 	}
 	s.log.Info("node registered", "node", n.ID, "hostname", n.Hostname, "user", n.User, "tags", n.Tags, "addrs", n.Addresses)
 	return &netmap.RegisterResponse{Node: wn, ServerKey: s.fingerprint}, nil
@@ -238,17 +247,28 @@ func validateMapRequest(req *netmap.MapRequest) error {
 	return nil
 }
 
-// applyMapRequest records what the node reports (endpoints, home DERP,
-// disco key, a rotated node key). Empty fields keep the stored values, so a
-// request that only opens a stream never erases what an Update reported.
-func (s *Server) applyMapRequest(ctx context.Context, sn store.Node, req *netmap.MapRequest) error {
+// applyMapRequest records what the node of machine mk reports (endpoints,
+// home DERP, disco key, a rotated node key) and returns the node. Empty
+// fields keep the stored values, so a request that only opens a stream
+// never erases what an Update reported. A key another node holds is
+// refused and changes nothing.
+func (s *Server) applyMapRequest(ctx context.Context, mk netmap.MachinePublic, req *netmap.MapRequest) (store.Node, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	cur := s.hub.get(sn.ID)
-	if cur == nil {
-		return fmt.Errorf("%w: node %d was removed", controlclient.ErrNotRegistered, sn.ID)
+	sn, err := s.nodeForMap(ctx, mk)
+	if err != nil {
+		return sn, err
 	}
-	nn := *cur
+	// The hub holds the live state (online); the store is authoritative
+	// for keys, and also knows nodes the hub does not show (a node whose
+	// shared key a migration cleared, until it proves its own again).
+	base := sn.Node
+	base.Online = false
+	cur := s.hub.get(sn.ID)
+	if cur != nil {
+		base = *cur
+	}
+	nn := base
 	nn.NodeKey = req.NodeKey
 	if !req.DiscoKey.IsZero() {
 		nn.DiscoKey = req.DiscoKey
@@ -259,19 +279,40 @@ func (s *Server) applyMapRequest(ctx context.Context, sn store.Node, req *netmap
 	if req.HomeDERP != 0 {
 		nn.HomeDERP = req.HomeDERP
 	}
-	if nn.NodeKey == cur.NodeKey && nn.DiscoKey == cur.DiscoKey && nn.HomeDERP == cur.HomeDERP && slices.Equal(nn.Endpoints, cur.Endpoints) {
-		return nil
+	if cur != nil && nn.NodeKey == sn.NodeKey && nn.NodeKey == cur.NodeKey && nn.DiscoKey == cur.DiscoKey &&
+		nn.HomeDERP == cur.HomeDERP && slices.Equal(nn.Endpoints, cur.Endpoints) {
+		return sn, nil
 	}
-	if nn.NodeKey != cur.NodeKey {
-		s.log.Info("node key rotated", "node", sn.ID, "old", cur.NodeKey.ShortString(), "new", nn.NodeKey.ShortString())
+	prevKey := sn.NodeKey
+	if nn.NodeKey != prevKey {
+		if err := s.checkNodeKeyProof(mk, req.Version, nn.NodeKey, req.NodeKeyProof, s.now()); err != nil {
+			return sn, err
+		}
 	}
 	sn.Node.NodeKey, sn.Node.DiscoKey, sn.Node.Endpoints, sn.Node.HomeDERP = nn.NodeKey, nn.DiscoKey, nn.Endpoints, nn.HomeDERP
 	sn.Online = false
 	if err := s.store.UpdateNode(ctx, sn); err != nil {
-		return err
+		if kerr, ok := errors.AsType[*store.KeyInUseError](err); ok {
+			return sn, s.keyInUse(mk, kerr)
+		}
+		return sn, err
 	}
-	s.hub.upsert(&nn)
-	return nil
+	if nn.NodeKey != prevKey {
+		s.log.Info("node key rotated", "node", sn.ID, "old", prevKey.ShortString(), "new", nn.NodeKey.ShortString())
+	}
+	if cur != nil || s.visible(sn, time.Now()) {
+		s.hub.upsert(&nn)
+	}
+	return sn, nil
+}
+
+// keyInUse is the wire error for a key another node holds. The claimant
+// learns which key, not which node holds it; the log says both, since
+// outside a copied state dir only an impersonation attempt gets here.
+func (s *Server) keyInUse(mk netmap.MachinePublic, kerr *store.KeyInUseError) error {
+	s.log.Warn("refused a key another node holds", "machine", mk.String(), "kind", kerr.Kind, "key", kerr.Key, "holder", kerr.Holder)
+	return fmt.Errorf("%w: %s %s is already held by another node: every node needs its own keys (was this state dir copied from another machine?)",
+		controlclient.ErrKeyInUse, kerr.Kind, kerr.Key)
 }
 
 func (s *Server) handleMap(w http.ResponseWriter, r *http.Request) {
@@ -289,12 +330,8 @@ func (s *Server) handleMap(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	sn, err := s.nodeForMap(r.Context(), mk)
+	sn, err := s.applyMapRequest(r.Context(), mk, &req)
 	if err != nil {
-		s.writeError(w, r, err)
-		return
-	}
-	if err := s.applyMapRequest(r.Context(), sn, &req); err != nil {
 		s.writeError(w, r, err)
 		return
 	}
