@@ -216,6 +216,7 @@ func (s *Server) ExpireNode(ctx context.Context, id netmap.NodeID) error {
 		return err
 	}
 	n.KeyExpiry = time.Now().UTC()
+	n.AdminActed = s.now().UTC()
 	if err := s.store.UpdateNode(ctx, n); err != nil {
 		return err
 	}
@@ -244,6 +245,7 @@ func (s *Server) TagNode(ctx context.Context, id netmap.NodeID, tags []string) e
 		return err
 	}
 	n.Tags, n.User, n.KeyExpiry = tags, "", time.Time{}
+	n.AdminActed = s.now().UTC()
 	if err := s.store.UpdateNode(ctx, n); err != nil {
 		return err
 	}
@@ -275,6 +277,7 @@ func (s *Server) ApproveNode(ctx context.Context, id netmap.NodeID) error {
 		return nil
 	}
 	n.Authorized = true
+	n.AdminActed = s.now().UTC()
 	if err := s.store.UpdateNode(ctx, n); err != nil {
 		return err
 	}

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -406,5 +407,99 @@ func TestHostnamesUniqueInTailnet(t *testing.T) {
 			t.Errorf("hostname %q held twice", n.Hostname)
 		}
 		seen[n.Hostname] = true
+	}
+}
+
+// TestSingleUseKeyReplay: a consumed single-use key is accepted again
+// from the machine that used it only for a prompt retry: never after an
+// administrator expired, deleted, tagged or approved its node, and not
+// after the retry window; the administrator's action stays in force.
+func TestSingleUseKeyReplay(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name  string
+		admin func(t *testing.T, ts *testServer, clock *testClock, id netmap.NodeID)
+		// after checks the node once the replay was refused.
+		after func(t *testing.T, ts *testServer, id netmap.NodeID)
+		ok    bool
+	}{
+		{name: "retry within the window", ok: true,
+			admin: func(t *testing.T, ts *testServer, clock *testClock, id netmap.NodeID) {
+				clock.advance(authKeyRetryWindow - time.Minute)
+			}},
+		{name: "after expire",
+			admin: func(t *testing.T, ts *testServer, _ *testClock, id netmap.NodeID) {
+				if err := ts.ExpireNode(ctx, id); err != nil {
+					t.Fatal(err)
+				}
+			},
+			after: func(t *testing.T, ts *testServer, id netmap.NodeID) {
+				if n, _ := ts.storeNode(ctx, id); n.KeyExpiry.IsZero() || n.KeyExpiry.After(time.Now()) {
+					t.Errorf("the replay undid the expiry: %v", n.KeyExpiry)
+				}
+			}},
+		{name: "after delete",
+			admin: func(t *testing.T, ts *testServer, _ *testClock, id netmap.NodeID) {
+				if err := ts.DeleteNode(ctx, id); err != nil {
+					t.Fatal(err)
+				}
+			},
+			after: func(t *testing.T, ts *testServer, id netmap.NodeID) {
+				if nodes, _ := ts.Nodes(ctx); len(nodes) != 0 {
+					t.Errorf("the replay brought a deleted node back: %+v", nodes)
+				}
+			}},
+		{name: "after tag",
+			admin: func(t *testing.T, ts *testServer, _ *testClock, id netmap.NodeID) {
+				if err := ts.TagNode(ctx, id, []string{"tag:quarantine"}); err != nil {
+					t.Fatal(err)
+				}
+			},
+			after: func(t *testing.T, ts *testServer, id netmap.NodeID) {
+				if n, _ := ts.storeNode(ctx, id); !slices.Equal(n.Tags, []string{"tag:quarantine"}) {
+					t.Errorf("the replay undid the re-tag: %v", n.Tags)
+				}
+			}},
+		{name: "after approve",
+			admin: func(t *testing.T, ts *testServer, _ *testClock, id netmap.NodeID) {
+				if err := ts.ApproveNode(ctx, id); err != nil {
+					t.Fatal(err)
+				}
+			},
+			after: func(t *testing.T, ts *testServer, id netmap.NodeID) {
+				if n, _ := ts.storeNode(ctx, id); !n.Authorized {
+					t.Error("the replay undid the approval")
+				}
+			}},
+		{name: "after the window",
+			admin: func(t *testing.T, ts *testServer, clock *testClock, id netmap.NodeID) {
+				clock.advance(authKeyRetryWindow)
+			}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clock := &testClock{}
+			ts := startServer(t, ServerOptions{now: clock.now, RequireApproval: true})
+			key := ts.key(t, AuthKeyOptions{User: "alice@example.com"}) // single-use, needs approval
+			n := newTestNode(t, ts.url, "")
+			r := n.mustRegister(t, key, "laptop")
+			tc.admin(t, ts, clock, r.Node.ID)
+			// The same machine, a new process (new client), the same key.
+			again := newTestNodeKey(t, ts.url, ts.Fingerprint(), n.mk)
+			r2, err := again.register(ctx, key, "laptop")
+			if tc.ok {
+				if err != nil || r2.Node.ID != r.Node.ID {
+					t.Fatalf("prompt retry: %v (node %v), want the same node back", err, r2)
+				}
+				ks, _ := ts.AuthKeys(ctx)
+				if len(ks) != 1 || ks[0].Uses != 1 {
+					t.Fatalf("the retry used the key again: %+v", ks)
+				}
+				return
+			}
+			wantErr(t, err, controlclient.ErrAuthKeyUsed)
+			if tc.after != nil {
+				tc.after(t, ts, r.Node.ID)
+			}
+		})
 	}
 }

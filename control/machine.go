@@ -101,8 +101,13 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 		Hostname: sanitizeHostname(req.Hostname), Now: now,
 	}
 	pol := s.policy()
+	// Held from the auth key check to the write, so an admin action on the
+	// node cannot slip between a single-use key's retry check and the
+	// registration it allows.
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if req.AuthKey != "" {
-		key, err := s.checkAuthKey(ctx, mk, req.AuthKey, now)
+		key, retry, err := s.checkAuthKey(ctx, mk, req.AuthKey, now)
 		if err != nil {
 			return nil, err
 		}
@@ -118,13 +123,13 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 			id.User = key.User
 			id.KeyExpiry = now.Add(s.opts.NodeKeyExpiry)
 		}
-		p.Identity, p.ConsumeKey, p.Reusable = id, true, key.Reusable
+		// A retry does not use the key again: its first use stays the
+		// start of the retry window.
+		p.Identity, p.ConsumeKey, p.Reusable = id, !retry, key.Reusable
 	} else if len(requested) > 0 {
 		return nil, fmt.Errorf("%w: changing tags needs an auth key (or `meshd admin nodes tag`)", controlclient.ErrBadRequest)
 	}
 
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	if p.Identity == nil {
 		old, err := s.store.NodeByMachine(ctx, mk)
 		if errors.Is(err, store.ErrNotFound) {
@@ -174,37 +179,48 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 	return &netmap.RegisterResponse{Node: wn, ServerKey: s.fingerprint}, nil
 }
 
+// authKeyRetryWindow is how long after its use a single-use key is
+// accepted again from the machine that used it: long enough for a retry
+// after a lost response, too short to be a credential.
+const authKeyRetryWindow = 10 * time.Minute
+
 // checkAuthKey validates an auth key's secret and state. A single-use key
-// that this same machine already used is accepted again (a retry after a
-// lost response) without being consumed twice.
-func (s *Server) checkAuthKey(ctx context.Context, mk netmap.MachinePublic, text string, now time.Time) (store.AuthKey, error) {
+// that this same machine used is accepted again (retry reports true) for a
+// retry after a lost response, without being consumed twice: only within
+// authKeyRetryWindow of its use, and only while no administrator has acted
+// on the node since (expired, tagged, approved it; a deleted node has no
+// record left), so the key cannot undo what an administrator did. s.mu
+// held.
+func (s *Server) checkAuthKey(ctx context.Context, mk netmap.MachinePublic, text string, now time.Time) (k store.AuthKey, retry bool, err error) {
 	pk, err := controlclient.ParseAuthKey(text)
 	if err != nil {
-		return store.AuthKey{}, fmt.Errorf("%w: %v", controlclient.ErrAuthKeyUnknown, err)
+		return store.AuthKey{}, false, fmt.Errorf("%w: %v", controlclient.ErrAuthKeyUnknown, err)
 	}
 	if pk.Fingerprint != s.fingerprint {
-		return store.AuthKey{}, fmt.Errorf("%w: the key was issued by a different coordinator (fingerprint %s..., this one is %s...)", controlclient.ErrAuthKeyUnknown, pk.Fingerprint[:12], s.fingerprint[:12])
+		return store.AuthKey{}, false, fmt.Errorf("%w: the key was issued by a different coordinator (fingerprint %s..., this one is %s...)", controlclient.ErrAuthKeyUnknown, pk.Fingerprint[:12], s.fingerprint[:12])
 	}
-	k, err := s.store.AuthKey(ctx, pk.ID)
+	k, err = s.store.AuthKey(ctx, pk.ID)
 	if errors.Is(err, store.ErrNotFound) || err == nil && !hashEqual(k.Hash, hashSecret(pk.Secret)) {
-		return k, fmt.Errorf("%w: no auth key %s on this coordinator", controlclient.ErrAuthKeyUnknown, pk.ID)
+		return k, false, fmt.Errorf("%w: no auth key %s on this coordinator", controlclient.ErrAuthKeyUnknown, pk.ID)
 	}
 	if err != nil {
-		return k, err
+		return k, false, err
 	}
 	switch {
 	case !k.Revoked.IsZero():
-		return k, fmt.Errorf("%w: key %s was revoked at %s", controlclient.ErrAuthKeyRevoked, k.ID, k.Revoked.Format(time.RFC3339))
+		return k, false, fmt.Errorf("%w: key %s was revoked at %s", controlclient.ErrAuthKeyRevoked, k.ID, k.Revoked.Format(time.RFC3339))
 	case !k.Expires.IsZero() && !now.Before(k.Expires):
-		return k, fmt.Errorf("%w: key %s expired at %s", controlclient.ErrAuthKeyExpired, k.ID, k.Expires.Format(time.RFC3339))
+		return k, false, fmt.Errorf("%w: key %s expired at %s", controlclient.ErrAuthKeyExpired, k.ID, k.Expires.Format(time.RFC3339))
 	case !k.Reusable && k.Uses > 0:
-		if n, err := s.store.NodeByMachine(ctx, mk); err == nil && n.AuthKeyID == k.ID {
-			k.Reusable = true // idempotent retry by the machine that used it
-			return k, nil
+		n, err := s.store.NodeByMachine(ctx, mk)
+		if err == nil && n.AuthKeyID == k.ID && now.Sub(k.LastUsed) < authKeyRetryWindow &&
+			(n.AdminActed.IsZero() || n.AdminActed.Before(k.LastUsed)) {
+			return k, true, nil
 		}
-		return k, fmt.Errorf("%w: key %s is single-use and was used at %s", controlclient.ErrAuthKeyUsed, k.ID, k.LastUsed.Format(time.RFC3339))
+		return k, false, fmt.Errorf("%w: key %s is single-use and was used at %s (the machine that used it may retry only within %v, and not after an administrator acted on its node): create a new key",
+			controlclient.ErrAuthKeyUsed, k.ID, k.LastUsed.Format(time.RFC3339), authKeyRetryWindow)
 	}
-	return k, nil
+	return k, false, nil
 }
 
 // nodeForMap loads the calling machine's node and checks it may use the map.
