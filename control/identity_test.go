@@ -4,11 +4,14 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"database/sql"
 	"encoding/json"
 	"errors"
 	"net/http"
 	"net/netip"
+	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -501,5 +504,67 @@ func TestSingleUseKeyReplay(t *testing.T) {
 				tc.after(t, ts, r.Node.ID)
 			}
 		})
+	}
+}
+
+// TestUpgradeClearsSharedKeyUntilProven: a database from a version that
+// let node b take node a's key is repaired on start by clearing the key on
+// both; neither is in anyone's map until it proves a key of its own, which
+// the genuine holder's client does by itself when it reconnects, and the
+// impostor cannot do for a's key.
+func TestUpgradeClearsSharedKeyUntilProven(t *testing.T) {
+	dir := t.TempDir()
+	ts := startServer(t, ServerOptions{StateDir: dir})
+	ctx := context.Background()
+	key := ts.key(t, AuthKeyOptions{Tags: []string{"tag:x"}, Reusable: true})
+	a, b, w := newTestNode(t, ts.url, ""), newTestNode(t, ts.url, ""), newTestNode(t, ts.url, "")
+	a.mustRegister(t, key, "a")
+	b.mustRegister(t, key, "b")
+	w.mustRegister(t, key, "watcher")
+	ts.stop(t)
+
+	// Turn the database into what an older version could leave: schema 2,
+	// no unique columns, b holding a's node key.
+	db, err := sql.Open("sqlite", "file:"+filepath.Join(dir, dbFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []string{
+		`DROP INDEX nodes_node_key`, `DROP INDEX nodes_disco_key`, `DROP INDEX nodes_hostname`,
+		`ALTER TABLE nodes DROP COLUMN node_key`, `ALTER TABLE nodes DROP COLUMN disco_key`, `ALTER TABLE nodes DROP COLUMN hostname`,
+		`DELETE FROM schema_migrations WHERE version = 3`,
+		`UPDATE nodes SET data = json_set(data, '$.node_key', '` + a.nk.Public().String() + `') WHERE id = ` + strconv.Itoa(int(b.id)),
+	} {
+		if _, err := db.Exec(q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	db.Close()
+
+	ts2 := startServerAt(t, ServerOptions{StateDir: dir, Logger: testLogger(t)}, "127.0.0.1:0")
+	if ts2.NodeKeyKnown(a.nk.Public()) {
+		t.Fatal("a key two nodes held is still published after the upgrade")
+	}
+	w2 := newTestNodeKey(t, ts2.url, ts2.Fingerprint(), w.mk)
+	w2.nk = w.nk
+	w2.c.SetNodeKey(w.nk)
+	w2.follow(t, w2.mapRequest())
+	w2.waitMap(t, "neither a nor b", func(m *netmap.NetworkMap) bool { return m.Peers[a.id] == nil && m.Peers[b.id] == nil })
+
+	// The impostor claims a's key again: it cannot prove it.
+	bi := newTestNodeKey(t, ts2.url, ts2.Fingerprint(), b.mk)
+	req := netmap.MapRequest{NodeKey: a.nk.Public(), DiscoKey: b.dk.Public()}
+	wantErr(t, bi.c.Update(ctx, req), controlclient.ErrKeyProof)
+	// a reconnects as usual; its client proves its key when asked.
+	a2 := newTestNodeKey(t, ts2.url, ts2.Fingerprint(), a.mk)
+	a2.nk = a.nk
+	a2.c.SetNodeKey(a.nk)
+	a2.follow(t, a2.mapRequest())
+	w2.waitMap(t, "a back under its key", func(m *netmap.NetworkMap) bool {
+		p := m.Peers[a.id]
+		return p != nil && p.NodeKey == a.nk.Public()
+	})
+	if m := w2.current(); m.Peers[b.id] != nil {
+		t.Fatalf("b is back without proving a key: %+v", m.Peers[b.id])
 	}
 }
