@@ -263,42 +263,34 @@ func validateMapRequest(req *netmap.MapRequest) error {
 	return nil
 }
 
-// applyMapRequest records what the node of machine mk reports (endpoints,
-// home DERP, disco key, a rotated node key) and returns the node. Empty
-// fields keep the stored values, so a request that only opens a stream
-// never erases what an Update reported. A key another node holds is
-// refused and changes nothing.
-func (s *Server) applyMapRequest(ctx context.Context, mk netmap.MachinePublic, req *netmap.MapRequest) (store.Node, error) {
+// applyMapRequest records what node sn (of machine mk, as read before
+// the call) reports: endpoints, home DERP, disco key, a rotated node key.
+// It returns the node. Empty fields keep the stored values, so a request
+// that only opens a stream never erases what an Update reported. A key
+// another node holds is refused and changes nothing.
+func (s *Server) applyMapRequest(ctx context.Context, mk netmap.MachinePublic, sn store.Node, req *netmap.MapRequest) (store.Node, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	// The hub holds the live state (online) of visible nodes, whose keys
+	// it always has as stored: most requests change nothing, and cost no
+	// store access under the lock.
+	cur := s.hub.get(sn.ID)
+	if cur != nil && sameReport(*cur, mergeReport(*cur, req)) {
+		return sn, nil
+	}
+	// Something changes: start from the node as stored now, which also
+	// knows nodes the hub does not show (one whose shared key a migration
+	// cleared, until it proves its own again).
 	sn, err := s.nodeForMap(ctx, mk)
 	if err != nil {
 		return sn, err
 	}
-	// The hub holds the live state (online); the store is authoritative
-	// for keys, and also knows nodes the hub does not show (a node whose
-	// shared key a migration cleared, until it proves its own again).
 	base := sn.Node
 	base.Online = false
-	cur := s.hub.get(sn.ID)
 	if cur != nil {
 		base = *cur
 	}
-	nn := base
-	nn.NodeKey = req.NodeKey
-	if !req.DiscoKey.IsZero() {
-		nn.DiscoKey = req.DiscoKey
-	}
-	if len(req.Endpoints) > 0 {
-		nn.Endpoints = slices.Clone(req.Endpoints)
-	}
-	if req.HomeDERP != 0 {
-		nn.HomeDERP = req.HomeDERP
-	}
-	if cur != nil && nn.NodeKey == sn.NodeKey && nn.NodeKey == cur.NodeKey && nn.DiscoKey == cur.DiscoKey &&
-		nn.HomeDERP == cur.HomeDERP && slices.Equal(nn.Endpoints, cur.Endpoints) {
-		return sn, nil
-	}
+	nn := mergeReport(base, req)
 	prevKey := sn.NodeKey
 	if nn.NodeKey != prevKey {
 		if err := s.checkNodeKeyProof(mk, req.Version, nn.NodeKey, req.NodeKeyProof, s.now()); err != nil {
@@ -320,6 +312,26 @@ func (s *Server) applyMapRequest(ctx context.Context, mk netmap.MachinePublic, r
 		s.hub.upsert(&nn)
 	}
 	return sn, nil
+}
+
+// mergeReport returns n with the non-empty fields req reports.
+func mergeReport(n netmap.Node, req *netmap.MapRequest) netmap.Node {
+	n.NodeKey = req.NodeKey
+	if !req.DiscoKey.IsZero() {
+		n.DiscoKey = req.DiscoKey
+	}
+	if len(req.Endpoints) > 0 {
+		n.Endpoints = slices.Clone(req.Endpoints)
+	}
+	if req.HomeDERP != 0 {
+		n.HomeDERP = req.HomeDERP
+	}
+	return n
+}
+
+// sameReport reports whether a and b agree on what map requests report.
+func sameReport(a, b netmap.Node) bool {
+	return a.NodeKey == b.NodeKey && a.DiscoKey == b.DiscoKey && a.HomeDERP == b.HomeDERP && slices.Equal(a.Endpoints, b.Endpoints)
 }
 
 // keyInUse is the wire error for a key another node holds. The claimant
@@ -346,8 +358,14 @@ func (s *Server) handleMap(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
-	sn, err := s.applyMapRequest(r.Context(), mk, &req)
+	// Checked outside the lock first: unknown, expired and unapproved
+	// machines are refused without waiting for it.
+	sn, err := s.nodeForMap(r.Context(), mk)
 	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if sn, err = s.applyMapRequest(r.Context(), mk, sn, &req); err != nil {
 		s.writeError(w, r, err)
 		return
 	}
