@@ -50,7 +50,10 @@ type ControlConfig struct {
 	// ServerPin is the coordinator fingerprint to require; "" on first
 	// registration (the client pins from the auth key).
 	ServerPin string
-	Logger    *slog.Logger
+	// NodeKey is the node's WireGuard private key, with which the client
+	// proves to the coordinator that it holds the node key it registers.
+	NodeKey netmap.NodePrivate
+	Logger  *slog.Logger
 }
 
 // Options configure an Agent.
@@ -126,6 +129,9 @@ type Agent struct {
 	// pathsChanged is signalled by the magic bind when our home DERP or
 	// public endpoints change, to report them at once.
 	pathsChanged chan struct{}
+	// keyConflicts are the key conflicts last dropped from a map, to log
+	// a change once rather than every map.
+	keyConflicts string
 }
 
 // session is a running control loop; it owns the data plane it starts.
@@ -177,6 +183,10 @@ func New(opts Options) (*Agent, error) {
 		opts: opts, log: opts.Logger, store: st, id: id, disco: netmap.NewDiscoPrivate(),
 		login: login, nm: nm, ctlState: "not connected", pf: newPacketFilter(opts.Logger),
 		pathsChanged: make(chan struct{}, 1),
+	}
+	if nm != nil {
+		// A map saved by an older version may hold peers that share a key.
+		a.dropKeyConflicts(nm)
 	}
 	if a.opts.NewBind == nil {
 		a.opts.NewBind = a.newMagicBind
@@ -316,7 +326,7 @@ func (a *Agent) stop() {
 }
 
 func (a *Agent) controlCfg(l Login) ControlConfig {
-	return ControlConfig{URL: l.CoordinatorURL, MachineKey: a.id.MachineKey, ServerPin: l.ServerPin, Logger: a.log}
+	return ControlConfig{URL: l.CoordinatorURL, MachineKey: a.id.MachineKey, ServerPin: l.ServerPin, NodeKey: a.id.NodeKey, Logger: a.log}
 }
 
 // controlLoop follows the map stream and reports endpoints until ctx ends.
@@ -376,6 +386,9 @@ func (a *Agent) onMap(nm *netmap.NetworkMap) {
 	if a.sess == nil {
 		return // raced with Down
 	}
+	// Before anything uses the map: the filter, WireGuard, the magic bind,
+	// name lookups and the saved copy all see one peer per key.
+	a.dropKeyConflicts(nm)
 	a.ctlState = "connected"
 	if err := a.applyMapLocked(nm); err != nil {
 		a.log.Error("apply network map", "err", err)
@@ -389,6 +402,29 @@ func (a *Agent) onMap(nm *netmap.NetworkMap) {
 	case <-a.mapSeen:
 	default:
 		close(a.mapSeen)
+	}
+}
+
+// dropKeyConflicts removes peers that share a node or disco key with
+// another peer or with this node (netmap.DropKeyConflicts), logging each
+// new set of conflicts once. a.mu held, or a not yet shared.
+func (a *Agent) dropKeyConflicts(nm *netmap.NetworkMap) {
+	cs := nm.DropKeyConflicts()
+	var b strings.Builder
+	for _, c := range cs {
+		b.WriteString(c.String())
+		b.WriteString("; ")
+	}
+	if b.String() == a.keyConflicts {
+		return
+	}
+	a.keyConflicts = b.String()
+	for _, c := range cs {
+		a.log.Warn("network map: peers claim one key; dropping all of them (the coordinator should never send this)",
+			"kind", c.Kind, "key", c.Key, "peers", c.Peers, "ours", c.Self)
+	}
+	if len(cs) == 0 {
+		a.log.Info("network map: no more peers sharing a key")
 	}
 }
 
@@ -637,7 +673,7 @@ func (a *Agent) register(ctx context.Context, req localapi.UpRequest) (*Login, e
 	if err != nil {
 		return nil, fmt.Errorf("--advertise-tags: %w", err)
 	}
-	cc, err := a.opts.NewControlClient(ControlConfig{URL: req.Coordinator, MachineKey: a.id.MachineKey, Logger: a.log})
+	cc, err := a.opts.NewControlClient(ControlConfig{URL: req.Coordinator, MachineKey: a.id.MachineKey, NodeKey: a.id.NodeKey, Logger: a.log})
 	if err != nil {
 		return nil, err
 	}
@@ -797,7 +833,10 @@ func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error
 }
 
 // resolvePeer turns host into a tailnet address: an IP literal inside the
-// tailnet, or a peer's hostname (case-insensitive), IPv4 first.
+// tailnet, or a node's hostname (case-insensitive), IPv4 first. A name
+// that more than one node holds is an error naming them: the coordinator
+// keeps names unique, and a map where they are not (an older or hostile
+// coordinator) must not let one node answer for another's name.
 func resolvePeer(nm *netmap.NetworkMap, host string) (netip.Addr, error) {
 	if ip, err := netip.ParseAddr(host); err == nil {
 		ip = ip.Unmap()
@@ -816,15 +855,25 @@ func resolvePeer(nm *netmap.NetworkMap, host string) (netip.Addr, error) {
 		return netip.Addr{}, fmt.Errorf("%v is not a tailnet address: %w", ip, proxy.ErrNoRoute)
 	}
 	name := strings.TrimSuffix(strings.ToLower(host), ".")
+	var found []netip.Addr
+	var who []string
 	for _, n := range append([]*netmap.Node{&nm.Self}, nm.SortedPeers()...) {
 		if strings.ToLower(n.Hostname) != name || len(n.Addresses) == 0 {
 			continue
 		}
 		addrs := netmap.AddrsOf(n.Addresses)
 		slices.SortFunc(addrs, func(x, y netip.Addr) int { return x.Compare(y) }) // IPv4 sorts first
-		return addrs[0], nil
+		found = append(found, addrs[0])
+		who = append(who, fmt.Sprintf("node %d at %v", n.ID, addrs[0]))
 	}
-	return netip.Addr{}, fmt.Errorf("no peer named %q: %w", host, proxy.ErrNoRoute)
+	switch len(found) {
+	case 0:
+		return netip.Addr{}, fmt.Errorf("no peer named %q: %w", host, proxy.ErrNoRoute)
+	case 1:
+		return found[0], nil
+	}
+	return netip.Addr{}, fmt.Errorf("name %q is ambiguous, %d nodes hold it (%s): use an address: %w",
+		host, len(found), strings.Join(who, ", "), proxy.ErrNoRoute)
 }
 
 // Listen opens a TCP listener on port of the node's first tailnet address

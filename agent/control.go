@@ -9,7 +9,7 @@ import (
 
 // defaultControlClient builds the real coordinator client.
 func defaultControlClient(c ControlConfig) (ControlClient, error) {
-	cl, err := controlclient.NewClient(controlclient.ClientOptions{URL: c.URL, MachineKey: c.MachineKey, ServerPin: c.ServerPin, Logger: c.Logger})
+	cl, err := controlclient.NewClient(controlclient.ClientOptions{URL: c.URL, MachineKey: c.MachineKey, ServerPin: c.ServerPin, NodeKey: c.NodeKey, Logger: c.Logger})
 	if err != nil {
 		return nil, fmt.Errorf("coordinator %s: %w", c.URL, err)
 	}
@@ -35,6 +35,12 @@ func explainControlError(url string, err error) error {
 		hint = "the coordinator removed or expired this node; run meshd up --authkey KEY to enrol it again"
 	case errors.Is(err, controlclient.ErrTagsForbidden):
 		hint = "the auth key may not apply those tags; drop --advertise-tags or use a key that carries them"
+	case errors.Is(err, controlclient.ErrKeyInUse):
+		hint = "another node in the tailnet holds this node's WireGuard or disco key, and no two nodes may share one: if this state dir was copied from another machine, start this node with a fresh --state-dir; otherwise ask the administrator to check `meshd admin nodes list`"
+	case errors.Is(err, controlclient.ErrKeyProof):
+		hint = "the coordinator publishes a node key only with proof that the node holds it, and this node could not give it: check that identity.json in the state dir is intact, or start with a fresh --state-dir"
+	case errors.Is(err, controlclient.ErrTooOld):
+		hint = "this meshd is older than the coordinator accepts: upgrade meshd on this node"
 	default:
 		hint = "check --coordinator and that the coordinator is running and reachable"
 	}

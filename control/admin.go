@@ -217,6 +217,7 @@ func (s *Server) ExpireNode(ctx context.Context, id netmap.NodeID) error {
 		return err
 	}
 	n.KeyExpiry = time.Now().UTC()
+	n.AdminActed = s.now().UTC()
 	if err := s.store.UpdateNode(ctx, n); err != nil {
 		return err
 	}
@@ -245,6 +246,7 @@ func (s *Server) TagNode(ctx context.Context, id netmap.NodeID, tags []string) e
 		return err
 	}
 	n.Tags, n.User, n.KeyExpiry = tags, "", time.Time{}
+	n.AdminActed = s.now().UTC()
 	if err := s.store.UpdateNode(ctx, n); err != nil {
 		return err
 	}
@@ -276,6 +278,7 @@ func (s *Server) ApproveNode(ctx context.Context, id netmap.NodeID) error {
 		return nil
 	}
 	n.Authorized = true
+	n.AdminActed = s.now().UTC()
 	if err := s.store.UpdateNode(ctx, n); err != nil {
 		return err
 	}

@@ -303,6 +303,7 @@ func TestMapStreamJoinLeaveEndpoints(t *testing.T) {
 
 	// Endpoint change and node-key rotation over Update.
 	newKey := netmap.NewNodePrivate()
+	b.c.SetNodeKey(newKey)
 	req.Endpoints = append(req.Endpoints, netip.MustParseAddrPort("[::1]:41641"))
 	req.NodeKey = newKey.Public()
 	if err := b.c.Update(ctx, req); err != nil {

@@ -23,10 +23,19 @@ import (
 	"meshd.dev/meshd/netmap"
 )
 
-// FuzzMachineRequest sends arbitrary bodies to the machine endpoints of a
-// real coordinator (SQLite store included), authenticated as one machine.
-// Every answer must be a success or a 4xx JSON error with a code; nothing
-// may panic or answer 500.
+// Machine endpoints FuzzMachineRequest picks from (op modulo 3).
+const (
+	opRegister uint8 = iota
+	opMap
+	opChallenge
+)
+
+func ptr[T any](v T) *T { return &v }
+
+// FuzzMachineRequest sends arbitrary bodies to the machine endpoints
+// (register, map, challenge) of a real coordinator (SQLite store
+// included), authenticated as one machine. Every answer must be a success
+// or a 4xx JSON error with a code; nothing may panic or answer 500.
 func FuzzMachineRequest(f *testing.F) {
 	dir := f.TempDir()
 	s, err := NewServer(context.Background(), ServerOptions{StateDir: dir, KeepAliveInterval: time.Hour})
@@ -45,20 +54,28 @@ func FuzzMachineRequest(f *testing.F) {
 	}
 	leaf, _ := x509.ParseCertificate(cert.Certificate[0])
 	h := s.Handler()
-	nk := netmap.NewNodePrivate().Public()
-	reg, _ := json.Marshal(netmap.RegisterRequest{Version: 1, NodeKey: nk, Hostname: "fuzz", AuthKey: key})
-	mreq, _ := json.Marshal(netmap.MapRequest{Version: 1, NodeKey: nk, Endpoints: nil, HomeDERP: 1})
-	f.Add(false, reg)
-	f.Add(true, mreq)
-	f.Add(true, []byte(`{"version":1,"node_key":"`+nk.String()+`","stream":true,"since":3,"epoch":"x"}`))
-	f.Add(false, []byte(`{"version":1,"node_key":"`+nk.String()+`","auth_key":"mskey-000000000000-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-00"}`))
-	f.Add(true, []byte(`{"version":1,"endpoints":["1.2.3.4:0"]}`))
-	f.Add(false, []byte(`[`))
-	f.Fuzz(func(t *testing.T, isMap bool, body []byte) {
-		path := "/machine/register"
-		if isMap {
-			path = "/machine/map"
-		}
+	nkPriv := netmap.NewNodePrivate()
+	nk := nkPriv.Public()
+	mkPub, _ := netmap.MachinePublicFromEd25519(mk.Public().(ed25519.PublicKey))
+	proof, err := controlclient.SealNodeKeyProof(nkPriv, mkPub, ptr(s.chal.issue(mkPub, time.Now().Add(time.Hour))))
+	if err != nil {
+		f.Fatal(err)
+	}
+	reg, _ := json.Marshal(netmap.RegisterRequest{Version: netmap.ProtocolVersion, NodeKey: nk, Hostname: "fuzz", AuthKey: key, NodeKeyProof: proof})
+	mreq, _ := json.Marshal(netmap.MapRequest{Version: netmap.ProtocolVersion, NodeKey: nk, Endpoints: nil, HomeDERP: 1})
+	rot, _ := json.Marshal(netmap.MapRequest{Version: netmap.ProtocolVersion, NodeKey: netmap.NewNodePrivate().Public(), NodeKeyProof: proof})
+	f.Add(opRegister, reg)
+	f.Add(opMap, mreq)
+	f.Add(opMap, rot)
+	f.Add(opMap, []byte(`{"version":1,"node_key":"`+nk.String()+`","stream":true,"since":3,"epoch":"x"}`))
+	f.Add(opRegister, []byte(`{"version":2,"node_key":"`+nk.String()+`","auth_key":"mskey-000000000000-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-00"}`))
+	f.Add(opMap, []byte(`{"version":1,"endpoints":["1.2.3.4:0"]}`))
+	f.Add(opRegister, []byte(`[`))
+	f.Add(opChallenge, []byte(`{"version":2}`))
+	f.Add(opChallenge, []byte(`{"version":-1}`))
+	f.Add(opChallenge, []byte(``))
+	f.Fuzz(func(t *testing.T, op uint8, body []byte) {
+		path := []string{"/machine/register", "/machine/map", controlclient.ChallengePath}[int(op)%3]
 		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 		defer cancel()
 		req := httptest.NewRequestWithContext(ctx, http.MethodPost, path, bytes.NewReader(body))

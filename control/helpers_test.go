@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -117,12 +118,22 @@ func newTestNode(t testing.TB, url, pin string) *testNode {
 
 func newTestNodeKey(t testing.TB, url, pin string, mk ed25519.PrivateKey) *testNode {
 	t.Helper()
-	c, err := controlclient.NewClient(controlclient.ClientOptions{URL: url, MachineKey: mk, ServerPin: pin, Logger: testLogger(t), MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond})
+	nk := netmap.NewNodePrivate()
+	c, err := controlclient.NewClient(controlclient.ClientOptions{URL: url, MachineKey: mk, ServerPin: pin, NodeKey: nk, Logger: testLogger(t), MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(c.Close)
-	return &testNode{mk: mk, nk: netmap.NewNodePrivate(), dk: netmap.NewDiscoPrivate(), c: c, maps: make(chan *netmap.NetworkMap, 1)}
+	return &testNode{mk: mk, nk: nk, dk: netmap.NewDiscoPrivate(), c: c, maps: make(chan *netmap.NetworkMap, 1)}
+}
+
+// rotate gives the node a new node key (its client proves it from then
+// on) and returns the old one. Report it with an Update or a new stream.
+func (n *testNode) rotate() netmap.NodePrivate {
+	old := n.nk
+	n.nk = netmap.NewNodePrivate()
+	n.c.SetNodeKey(n.nk)
+	return old
 }
 
 func (n *testNode) register(ctx context.Context, authKey, host string, tags ...string) (*netmap.RegisterResponse, error) {
@@ -256,3 +267,12 @@ func doRaw(ctx context.Context, hc *http.Client, base, path string, body []byte)
 	}
 	return nil
 }
+
+// testClock is a clock for ServerOptions.now that tests move forward while
+// the server runs.
+type testClock struct{ offset atomic.Int64 }
+
+func (c *testClock) now() time.Time { return time.Now().Add(time.Duration(c.offset.Load())) }
+
+// advance moves the clock forward by d.
+func (c *testClock) advance(d time.Duration) { c.offset.Add(int64(d)) }

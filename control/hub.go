@@ -234,11 +234,18 @@ func (h *hub) upsert(n *netmap.Node) {
 func (h *hub) upsertLocked(n *netmap.Node) {
 	old := h.nodes[n.ID]
 	h.nodes[n.ID] = n
+	// A key is revoked at the relays only by the node that owns it, and
+	// never changes owner here: the coordinator refuses a key another node
+	// holds before it gets this far, and if that ever failed, the first
+	// owner keeps its relay identity rather than the claimant taking it
+	// (and later getting it revoked by rotating away from it).
 	if old != nil && old.NodeKey != n.NodeKey && h.byKey[old.NodeKey] == n.ID {
 		delete(h.byKey, old.NodeKey)
 		h.revokeLocked(old.NodeKey)
 	}
-	h.byKey[n.NodeKey] = n.ID
+	if _, held := h.byKey[n.NodeKey]; !held {
+		h.byKey[n.NodeKey] = n.ID
+	}
 	delete(h.peerJSON, n.ID)
 	h.all = nil
 	if h.indexer != nil {

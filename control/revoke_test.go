@@ -86,8 +86,7 @@ var revocations = []struct {
 	{
 		name: "node key rotated",
 		revoke: func(t *testing.T, ts *testServer, n *testNode) netmap.NodePrivate {
-			old := n.nk
-			n.nk = netmap.NewNodePrivate()
+			old := n.rotate()
 			if err := n.c.Update(context.Background(), n.mapRequest()); err != nil {
 				t.Fatal(err)
 			}

@@ -78,6 +78,10 @@ type ServerOptions struct {
 	// handshake), and how long a request header and body may take. Zero
 	// fields take the connlimit defaults.
 	Limits connlimit.Limits
+
+	// now replaces time.Now for registration decisions (challenge expiry,
+	// auth key retry windows), for tests.
+	now func() time.Time
 }
 
 // Server is a coordinator.
@@ -90,11 +94,14 @@ type Server struct {
 	adminHash   []byte
 	adminPath   string
 	hub         *hub
-	keys        keyFeed // revoked node keys, for relays
+	keys        keyFeed     // revoked node keys, for relays
+	chal        *challenger // issues node key challenges, checks proofs
 	mux         *http.ServeMux
 	ctx         context.Context
 	cancel      context.CancelFunc
 	wg          sync.WaitGroup
+	// now is the clock of registration decisions (time.Now; tests move it).
+	now func() time.Time
 
 	mu        sync.Mutex // serialises node mutations: store write, then hub
 	ephemeral map[netmap.NodeID]*time.Timer
@@ -154,6 +161,10 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	chal, err := newChallenger(filepath.Join(opts.StateDir, challengeKeyFile))
+	if err != nil {
+		return nil, fmt.Errorf("coordinator: %w", err)
+	}
 	st, err := openStore(ctx, opts)
 	if err != nil {
 		return nil, err
@@ -169,6 +180,11 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 		adminPath:   filepath.Join(opts.StateDir, adminTokenFile),
 		hub:         newHub(hex.EncodeToString(epoch[:]), opts.DERPMap, opts.SessionQueueLen, time.Now),
 		ephemeral:   make(map[netmap.NodeID]*time.Timer),
+		chal:        chal,
+		now:         opts.now,
+	}
+	if s.now == nil {
+		s.now = time.Now
 	}
 	s.hub.revoked = s.keys.publish
 	if err := s.initAdminToken(ctx); err != nil {
@@ -186,6 +202,7 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	s.mux = http.NewServeMux()
 	s.mux.HandleFunc("POST /machine/register", s.handleRegister)
 	s.mux.HandleFunc("POST /machine/map", s.handleMap)
+	s.mux.HandleFunc("POST "+controlclient.ChallengePath, s.handleChallenge)
 	s.mux.HandleFunc("GET "+DERPMapPath, s.handleDERPMap)
 	s.adminRoutes(s.mux)
 	s.ctx, s.cancel = context.WithCancel(context.WithoutCancel(ctx))
@@ -208,6 +225,9 @@ func openStore(ctx context.Context, opts ServerOptions) (store.Store, error) {
 	st, err := store.OpenSQLite(ctx, path, addrPool{})
 	if err != nil {
 		return nil, fmt.Errorf("coordinator: %w", err)
+	}
+	for _, r := range st.Repairs() {
+		opts.Logger.Warn("database repaired on upgrade: " + r)
 	}
 	return st, nil
 }
@@ -267,8 +287,11 @@ func (s *Server) loadNodes(ctx context.Context) error {
 	return nil
 }
 
+// visible reports whether n belongs in maps: approved, not expired, and
+// holding a node key (a migration clears keys that two nodes shared, until
+// the genuine holder proves its key again).
 func (s *Server) visible(n store.Node, now time.Time) bool {
-	return n.Authorized && (n.KeyExpiry.IsZero() || now.Before(n.KeyExpiry))
+	return n.Authorized && (n.KeyExpiry.IsZero() || now.Before(n.KeyExpiry)) && !n.NodeKey.IsZero()
 }
 
 // Fingerprint is the coordinator's key fingerprint (hex SHA-256 of its

@@ -81,12 +81,13 @@ func TestAdminCommands(t *testing.T) {
 
 	// A node enrols with the user's key, verifying the coordinator from it.
 	_, mk, _ := ed25519.GenerateKey(rand.Reader)
-	c, err := controlclient.NewClient(controlclient.ClientOptions{URL: strings.TrimPrefix(url, "https://"), MachineKey: mk})
+	nk := netmap.NewNodePrivate()
+	c, err := controlclient.NewClient(controlclient.ClientOptions{URL: strings.TrimPrefix(url, "https://"), MachineKey: mk, NodeKey: nk})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	resp, err := c.Register(context.Background(), netmap.RegisterRequest{NodeKey: netmap.NewNodePrivate().Public(), Hostname: "laptop", AuthKey: userKey})
+	resp, err := c.Register(context.Background(), netmap.RegisterRequest{NodeKey: nk.Public(), Hostname: "laptop", AuthKey: userKey})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -38,7 +38,14 @@ type ClientOptions struct {
 	// ServerPin is the coordinator fingerprint pinned from an earlier
 	// registration. Empty: Register takes it from the auth key.
 	ServerPin string
-	Logger    *slog.Logger
+	// NodeKey is the node's WireGuard private key. With it the client
+	// proves to the coordinator that it holds the node key it registers or
+	// rotates to (see netmap.NodeKeyProof): Register always, Update and
+	// Follow when the coordinator asks. Without it (or for another node
+	// key) requests go without a proof and the coordinator refuses what
+	// needs one. SetNodeKey replaces it after a rotation.
+	NodeKey netmap.NodePrivate
+	Logger  *slog.Logger
 	// MinBackoff and MaxBackoff bound Follow's reconnect delay (defaults 1s
 	// and 60s); each delay is jittered.
 	MinBackoff, MaxBackoff time.Duration
@@ -53,7 +60,10 @@ type Client struct {
 	tr         *http.Transport
 	minB, maxB time.Duration
 
+	mk netmap.MachinePublic
+
 	mu      sync.Mutex
+	nodeKey netmap.NodePrivate
 	pin     string
 	lastBad string // fingerprint seen on the last pin mismatch
 	// state is the node state last reported by Update; Follow sends it
@@ -150,7 +160,11 @@ func NewClient(o ClientOptions) (*Client, error) {
 	if o.MaxBackoff < o.MinBackoff {
 		o.MaxBackoff = max(60*time.Second, o.MinBackoff)
 	}
-	c := &Client{base: u, log: o.Logger, pin: strings.ToLower(strings.TrimSpace(o.ServerPin)), minB: o.MinBackoff, maxB: o.MaxBackoff}
+	mk, err := netmap.MachinePublicFromEd25519(o.MachineKey.Public().(ed25519.PublicKey))
+	if err != nil {
+		return nil, err
+	}
+	c := &Client{base: u, log: o.Logger, mk: mk, nodeKey: o.NodeKey, pin: strings.ToLower(strings.TrimSpace(o.ServerPin)), minB: o.MinBackoff, maxB: o.MaxBackoff}
 	c.tr = pinnedTransport(c.ServerPin, c.sawMismatch, &cert)
 	c.hc = &http.Client{Transport: c.tr}
 	return c, nil
@@ -173,6 +187,37 @@ func (c *Client) sawMismatch(got string) {
 // Close releases idle connections.
 func (c *Client) Close() { c.tr.CloseIdleConnections() }
 
+// SetNodeKey replaces the node private key the client proves node keys
+// with; call it before reporting a rotated key.
+func (c *Client) SetNodeKey(k netmap.NodePrivate) {
+	c.mu.Lock()
+	c.nodeKey = k
+	c.mu.Unlock()
+}
+
+// proveNodeKey fetches a challenge and answers it with the private half of
+// nk. It returns nil (no proof, no error) when the client does not hold
+// nk: the coordinator then says what is missing.
+func (c *Client) proveNodeKey(ctx context.Context, nk netmap.NodePublic) (*netmap.NodeKeyProof, error) {
+	c.mu.Lock()
+	priv := c.nodeKey
+	c.mu.Unlock()
+	if priv.IsZero() || priv.Public() != nk {
+		return nil, nil
+	}
+	var ch netmap.Challenge
+	if err := c.do(ctx, ChallengePath, netmap.ChallengeRequest{Version: netmap.ProtocolVersion}, &ch); err != nil {
+		return nil, fmt.Errorf("node key challenge: %w", err)
+	}
+	return SealNodeKeyProof(priv, c.mk, &ch)
+}
+
+// needsProof reports whether err is the coordinator asking for a node key
+// proof that the client can add to req (it has none yet).
+func needsProof(err error, proof *netmap.NodeKeyProof) bool {
+	return proof == nil && errors.Is(err, ErrKeyProof)
+}
+
 // Register enrols the machine (with req.AuthKey) or re-registers it.
 func (c *Client) Register(ctx context.Context, req netmap.RegisterRequest) (*netmap.RegisterResponse, error) {
 	if req.Version == 0 {
@@ -189,6 +234,13 @@ func (c *Client) Register(ctx context.Context, req netmap.RegisterRequest) (*net
 		c.mu.Lock()
 		c.pin = fp
 		c.mu.Unlock()
+	}
+	if req.NodeKeyProof == nil {
+		p, err := c.proveNodeKey(ctx, req.NodeKey)
+		if err != nil {
+			return nil, fmt.Errorf("register with %s: %w", c.base.Host, err)
+		}
+		req.NodeKeyProof = p
 	}
 	var resp netmap.RegisterResponse
 	if err := c.do(ctx, "/machine/register", req, &resp); err != nil {
@@ -210,7 +262,17 @@ func (c *Client) Update(ctx context.Context, req netmap.MapRequest) error {
 		req.Version = netmap.ProtocolVersion
 	}
 	req.Stream = false
-	if err := c.do(ctx, "/machine/map", req, &struct{}{}); err != nil {
+	err := c.do(ctx, "/machine/map", req, &struct{}{})
+	if needsProof(err, req.NodeKeyProof) {
+		// A new node key: the coordinator publishes it only with a proof.
+		if p, perr := c.proveNodeKey(ctx, req.NodeKey); perr != nil {
+			err = perr
+		} else if p != nil {
+			req.NodeKeyProof = p
+			err = c.do(ctx, "/machine/map", req, &struct{}{})
+		}
+	}
+	if err != nil {
 		return fmt.Errorf("update coordinator: %w", err)
 	}
 	c.mu.Lock()
@@ -314,15 +376,16 @@ func ReadAPIError(resp *http.Response) error {
 // permanent reports errors that reconnecting cannot fix.
 func permanent(err error) bool {
 	return errors.Is(err, ErrNodeExpired) || errors.Is(err, ErrNotRegistered) ||
-		errors.Is(err, ErrPinMismatch) || errors.Is(err, ErrTooOld)
+		errors.Is(err, ErrPinMismatch) || errors.Is(err, ErrTooOld) ||
+		errors.Is(err, ErrKeyInUse) || errors.Is(err, ErrKeyProof)
 }
 
 // Follow keeps one map stream open and calls fn with a fresh copy of the
 // network map after each applied message. It reconnects with exponential
 // backoff and jitter, resuming from the last version it applied. It returns
 // when ctx ends, or early with an error wrapping ErrNodeExpired,
-// ErrNotRegistered, ErrPinMismatch or ErrTooOld, which retrying cannot fix
-// (the node must re-enrol or be reconfigured).
+// ErrNotRegistered, ErrPinMismatch, ErrTooOld, ErrKeyInUse or ErrKeyProof,
+// which retrying cannot fix (the node must re-enrol or be reconfigured).
 func (c *Client) Follow(ctx context.Context, req netmap.MapRequest, fn func(*netmap.NetworkMap)) error {
 	if req.Version == 0 {
 		req.Version = netmap.ProtocolVersion
@@ -363,27 +426,49 @@ func (c *Client) Follow(ctx context.Context, req netmap.MapRequest, fn func(*net
 	}
 }
 
-// followOnce runs one stream until it fails.
-func (c *Client) followOnce(ctx context.Context, req netmap.MapRequest, nm *netmap.NetworkMap, fn func(*netmap.NetworkMap)) error {
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
+// openStream sends the map request of a stream and returns the open
+// response, or the coordinator's refusal.
+func (c *Client) openStream(ctx context.Context, req netmap.MapRequest) (*http.Response, error) {
 	b, err := json.Marshal(req)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base.JoinPath("/machine/map").String(), bytes.NewReader(b))
 	if err != nil {
-		return err
+		return nil, err
 	}
 	hreq.Header.Set("Content-Type", "application/json")
 	resp, err := c.hc.Do(hreq)
 	if err != nil {
-		return c.pinErr(err)
+		return nil, c.pinErr(err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		defer resp.Body.Close()
+		return nil, ReadAPIError(resp)
+	}
+	return resp, nil
+}
+
+// followOnce runs one stream until it fails.
+func (c *Client) followOnce(ctx context.Context, req netmap.MapRequest, nm *netmap.NetworkMap, fn func(*netmap.NetworkMap)) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	resp, err := c.openStream(ctx, req)
+	if needsProof(err, req.NodeKeyProof) {
+		// A new node key: the coordinator publishes it only with a proof.
+		p, perr := c.proveNodeKey(ctx, req.NodeKey)
+		switch {
+		case perr != nil:
+			err = perr
+		case p != nil:
+			req.NodeKeyProof = p
+			resp, err = c.openStream(ctx, req)
+		}
+	}
+	if err != nil {
+		return err
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return ReadAPIError(resp)
-	}
 	// Watchdog: a stream that stays silent for several keep-alive periods
 	// is dead even if TCP has not noticed.
 	ka := 20 * time.Second

@@ -25,6 +25,12 @@ var (
 	// ErrPolicyInvalid is a policy that fails to parse, to validate or its
 	// own tests; the previous policy stays in force.
 	ErrPolicyInvalid = errors.New("policy rejected")
+	// ErrKeyInUse is a node key or disco key that another node already
+	// holds: no two nodes share one.
+	ErrKeyInUse = errors.New("key held by another node")
+	// ErrKeyProof is a registration or node key change without a valid
+	// proof that the node holds the new key's private half.
+	ErrKeyProof = errors.New("node key proof missing or invalid")
 )
 
 // errorCodes is the wire form of each sentinel. Codes never change meaning.
@@ -45,6 +51,8 @@ var errorCodes = []struct {
 	{ErrNotFound, "not_found", http.StatusNotFound},
 	{ErrTooOld, "too_old", http.StatusBadRequest},
 	{ErrPolicyInvalid, "policy_invalid", http.StatusUnprocessableEntity},
+	{ErrKeyInUse, "key_in_use", http.StatusConflict},
+	{ErrKeyProof, "node_key_proof", http.StatusForbidden},
 	{ErrBadRequest, "bad_request", http.StatusBadRequest},
 }
 

@@ -2,8 +2,15 @@ package controlclient
 
 import (
 	"bytes"
+	"crypto/ecdh"
 	"encoding/binary"
+	"encoding/json"
+	"errors"
 	"testing"
+
+	"golang.org/x/crypto/nacl/box"
+
+	"meshd.dev/meshd/netmap"
 )
 
 func frameOf(body string) []byte {
@@ -58,6 +65,63 @@ func FuzzParseAuthKey(f *testing.F) {
 		}
 		if fp, err := AdminTokenFingerprint(s); err == nil && len(fp) != FingerprintLen {
 			t.Fatalf("admin token %q gave fingerprint %q", s, fp)
+		}
+	})
+}
+
+// fuzzProofKeys are fixed keys for FuzzOpenNodeKeyProof, so that the
+// committed seed under testdata holds a proof that opens.
+func fuzzProofKeys(t testing.TB) (node netmap.NodePrivate, mk netmap.MachinePublic, server *ecdh.PrivateKey) {
+	for i := range node {
+		node[i] = byte(i + 1)
+	}
+	mk = netmap.MachinePublic{7, 7, 7}
+	var sb [32]byte
+	for i := range sb {
+		sb[i] = byte(100 + i)
+	}
+	server, err := ecdh.X25519().NewPrivateKey(sb[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return node, mk, server
+}
+
+// FuzzOpenNodeKeyProof decodes arbitrary JSON as a node key proof and
+// checks it against a fixed node key: an error wrapping ErrKeyProof or
+// acceptance, never a panic, and acceptance only of a box that opens with
+// the node key to exactly the expected message.
+func FuzzOpenNodeKeyProof(f *testing.F) {
+	node, mk, server := fuzzProofKeys(f)
+	var spub netmap.ChallengePublic
+	copy(spub[:], server.PublicKey().Bytes())
+	good, err := SealNodeKeyProof(node, mk, &netmap.Challenge{ServerKey: spub, Challenge: []byte("challenge-bytes")})
+	if err != nil {
+		f.Fatal(err)
+	}
+	b, _ := json.Marshal(good)
+	f.Add(b)
+	f.Add([]byte(`{"challenge":"AQ==","nonce":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA","box":"AAAAAAAAAAAAAAAAAAAAAA=="}`))
+	f.Add([]byte(`{"challenge":"","nonce":"","box":""}`))
+	f.Add([]byte(`null`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var p *netmap.NodeKeyProof
+		if err := netmap.DecodeJSON(bytes.NewReader(data), 4096, &p); err != nil {
+			return
+		}
+		err := OpenNodeKeyProof(p, node.Public(), mk, server)
+		if err != nil {
+			if !errors.Is(err, ErrKeyProof) {
+				t.Fatalf("error %v does not wrap ErrKeyProof", err)
+			}
+			return
+		}
+		var priv [32]byte
+		copy(priv[:], server.Bytes())
+		nk := node.Public()
+		plain, ok := box.Open(nil, p.Box, (*[24]byte)(p.Nonce), (*[32]byte)(&nk), &priv)
+		if !ok || !bytes.Equal(plain, proofPlaintext(mk, p.Challenge)) {
+			t.Fatalf("accepted a proof that does not open to the expected message: %+v", p)
 		}
 	})
 }
