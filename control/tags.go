@@ -1,6 +1,15 @@
 package control
 
-import "slices"
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"slices"
+	"time"
+
+	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/netmap"
+)
 
 // registrationTags returns the tags of a node registering with an auth key
 // carrying keyTags and advertising requested (both normalized, and
@@ -14,4 +23,70 @@ func registrationTags(pol Policy, keyTags, requested []string) []string {
 		return slices.Clone(requested)
 	}
 	return slices.Compact(slices.Sorted(slices.Values(append(slices.Clone(keyTags), requested...))))
+}
+
+func (s *Server) handleSetTags(w http.ResponseWriter, r *http.Request) {
+	mk, err := machineKey(r)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	var req netmap.SetTagsRequest
+	if err := decodeBody(r, &req); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	resp, err := s.setTags(r.Context(), mk, req)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// setTags replaces the tags of machine mk's node on the node's own request
+// (`meshd up --advertise-tags` on an enrolled node). The requester is the
+// node's user, or its current tags through "tagOwners" with tags as
+// owners; the new tags replace the old ones. Like admin tagging, the node
+// then is a tagged node: no user and no key expiry. It keeps its id and
+// addresses. A request for no tags is refused: a tagged node returns to a
+// user only by registering with that user's auth key.
+func (s *Server) setTags(ctx context.Context, mk netmap.MachinePublic, req netmap.SetTagsRequest) (*netmap.SetTagsResponse, error) {
+	if err := checkVersion(req.Version); err != nil {
+		return nil, err
+	}
+	if len(req.Tags) > 64 {
+		return nil, fmt.Errorf("%w: %d tags, at most 64", controlclient.ErrBadRequest, len(req.Tags))
+	}
+	tags, err := netmap.NormalizeTags(req.Tags)
+	if err != nil {
+		return nil, fmt.Errorf("%w: requested tags: %v", controlclient.ErrBadRequest, err)
+	}
+	if len(tags) == 0 {
+		return nil, fmt.Errorf("%w: a node cannot drop all its tags by itself: register it again with a user's auth key (meshd up --force-reauth --authkey KEY --advertise-tags=)", controlclient.ErrBadRequest)
+	}
+	pol := s.policy()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n, err := s.nodeForMap(ctx, mk)
+	if err != nil {
+		return nil, err
+	}
+	if !slices.Equal(n.Tags, tags) {
+		if err := pol.CheckTags(n.User, n.Tags, tags); err != nil {
+			return nil, fmt.Errorf("%w: node %d may not take these tags: %v", controlclient.ErrTagsForbidden, n.ID, err)
+		}
+		old := n.Tags
+		n.Tags, n.User, n.KeyExpiry = tags, "", time.Time{}
+		if err := s.store.UpdateNode(ctx, n); err != nil {
+			return nil, err
+		}
+		s.republishLocked(n)
+		s.log.Info("node re-tagged itself", "node", n.ID, "old", old, "new", tags)
+	}
+	wn := n.Node
+	if cur := s.hub.get(n.ID); cur != nil {
+		wn = *cur
+	}
+	return &netmap.SetTagsResponse{Node: wn}, nil
 }

@@ -203,6 +203,24 @@ func (c *Client) Register(ctx context.Context, req netmap.RegisterRequest) (*net
 	return &resp, nil
 }
 
+// SetTags asks the coordinator to replace the tags of this (enrolled)
+// machine's node, authenticated by the machine key alone; the policy's
+// "tagOwners" decide. It returns the node as it is afterwards. A refusal
+// wraps ErrTagsForbidden and names the tag and the rule.
+func (c *Client) SetTags(ctx context.Context, req netmap.SetTagsRequest) (*netmap.SetTagsResponse, error) {
+	if req.Version == 0 {
+		req.Version = netmap.ProtocolVersion
+	}
+	var resp netmap.SetTagsResponse
+	if err := c.do(ctx, "/machine/tags", req, &resp); err != nil {
+		return nil, fmt.Errorf("set tags with %s: %w", c.base.Host, err)
+	}
+	if err := resp.Node.Validate(); err != nil {
+		return nil, fmt.Errorf("set tags: coordinator sent an invalid node: %w", err)
+	}
+	return &resp, nil
+}
+
 // Update reports endpoints, home DERP, disco key or a rotated node key
 // without opening a stream. req carries the node's full current state.
 func (c *Client) Update(ctx context.Context, req netmap.MapRequest) error {
