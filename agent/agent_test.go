@@ -55,8 +55,23 @@ func newTestMeshWith(t *testing.T, opts control.ServerOptions) *testMesh {
 // join starts an agent and brings it up.
 func (m *testMesh) join(name string) *Agent {
 	m.t.Helper()
-	a, err := New(Options{StateDir: filepath.Join(m.t.TempDir(), name), TUN: TUNUserspace, LoopbackOnly: true,
-		EndpointInterval: time.Second, Logger: slog.New(slog.DiscardHandler)})
+	a := m.start(name, nil)
+	if _, err := a.Up(context.Background(), localapi.UpRequest{AuthKey: m.key, Coordinator: m.url, Hostname: name}); err != nil {
+		m.t.Fatalf("%s up: %v", name, err)
+	}
+	return a
+}
+
+// start runs an agent (options changed by mod, if set) until the test
+// ends, without bringing it up.
+func (m *testMesh) start(name string, mod func(*Options)) *Agent {
+	m.t.Helper()
+	opts := Options{StateDir: filepath.Join(m.t.TempDir(), name), TUN: TUNUserspace, LoopbackOnly: true,
+		EndpointInterval: time.Second, Logger: slog.New(slog.DiscardHandler)}
+	if mod != nil {
+		mod(&opts)
+	}
+	a, err := New(opts)
 	if err != nil {
 		m.t.Fatal(err)
 	}
@@ -70,9 +85,6 @@ func (m *testMesh) join(name string) *Agent {
 		}
 		a.Close()
 	})
-	if _, err := a.Up(context.Background(), localapi.UpRequest{AuthKey: m.key, Coordinator: m.url, Hostname: name}); err != nil {
-		m.t.Fatalf("%s up: %v", name, err)
-	}
 	return a
 }
 

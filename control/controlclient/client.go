@@ -329,10 +329,12 @@ func ReadAPIError(resp *http.Response) error {
 	return &APIError{Status: resp.StatusCode, Code: eb.Code, Message: eb.Error}
 }
 
-// permanent reports errors that reconnecting cannot fix.
+// permanent reports errors that reconnecting cannot fix, and
+// ErrNotAuthorized, which only an admin's approval fixes: the caller says
+// so to the user and retries at its own pace.
 func permanent(err error) bool {
 	return errors.Is(err, ErrNodeExpired) || errors.Is(err, ErrNotRegistered) ||
-		errors.Is(err, ErrPinMismatch) || errors.Is(err, ErrTooOld)
+		errors.Is(err, ErrPinMismatch) || errors.Is(err, ErrTooOld) || errors.Is(err, ErrNotAuthorized)
 }
 
 // Follow keeps one map stream open and calls fn with a fresh copy of the
@@ -340,7 +342,8 @@ func permanent(err error) bool {
 // backoff and jitter, resuming from the last version it applied. It returns
 // when ctx ends, or early with an error wrapping ErrNodeExpired,
 // ErrNotRegistered, ErrPinMismatch or ErrTooOld, which retrying cannot fix
-// (the node must re-enrol or be reconfigured).
+// (the node must re-enrol or be reconfigured), or ErrNotAuthorized (the
+// node waits for an admin's approval; call Follow again to keep waiting).
 func (c *Client) Follow(ctx context.Context, req netmap.MapRequest, fn func(*netmap.NetworkMap)) error {
 	if req.Version == 0 {
 		req.Version = netmap.ProtocolVersion
