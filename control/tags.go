@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"time"
 
 	"meshd.dev/meshd/control/controlclient"
@@ -47,7 +48,8 @@ func (s *Server) handleSetTags(w http.ResponseWriter, r *http.Request) {
 // setTags replaces the tags of machine mk's node on the node's own request
 // (`meshd up --advertise-tags` on an enrolled node). The requester is the
 // node's user, or its current tags through "tagOwners" with tags as
-// owners; the new tags replace the old ones. Like admin tagging, the node
+// owners; the new tags replace the old ones. Under the bootstrap default
+// (no policy, so no owners) a node cannot re-tag itself. Like admin tagging, the node
 // then is a tagged node: no user and no key expiry. It keeps its id and
 // addresses. A request for no tags is refused: a tagged node returns to a
 // user only by registering with that user's auth key.
@@ -71,6 +73,13 @@ func (s *Server) setTags(ctx context.Context, mk netmap.MachinePublic, req netma
 	n, err := s.nodeForMap(ctx, mk)
 	if err != nil {
 		return nil, err
+	}
+	if _, ok := pol.(bootstrapPolicy); ok && !slices.Equal(n.Tags, tags) {
+		// The allow-all default has no tagOwners, so nobody owns a tag:
+		// letting any node take any tag by itself would be a new way to
+		// fail open (registration under the default is the admin's key).
+		return nil, fmt.Errorf("%w: no policy is loaded, so no tag has owners a node could re-tag itself with: set a policy whose \"tagOwners\" give the tags to the node's user or tags, or ask an admin (meshd admin nodes tag %d %s)",
+			controlclient.ErrTagsForbidden, n.ID, strings.Join(tags, ","))
 	}
 	if !slices.Equal(n.Tags, tags) {
 		if err := pol.CheckTags(n.User, n.Tags, tags); err != nil {

@@ -184,6 +184,31 @@ func TestNodeSetsOwnTagsNeedsApproval(t *testing.T) {
 	wantErr(t, err, controlclient.ErrNotAuthorized)
 }
 
+// TestNodeSetsOwnTagsBootstrapRefused: with no policy loaded nobody owns a
+// tag, so a node cannot give itself one (the allow-all default would make
+// every tag free for the taking); the admin still can.
+func TestNodeSetsOwnTagsBootstrapRefused(t *testing.T) {
+	ts := startServer(t, ServerOptions{})
+	ctx := context.Background()
+	n := newTestNode(t, ts.url, "")
+	n.mustRegister(t, ts.key(t, AuthKeyOptions{User: "alice@example.com"}), "laptop")
+	_, err := n.c.SetTags(ctx, netmap.SetTagsRequest{Tags: []string{"tag:prod"}})
+	wantErr(t, err, controlclient.ErrTagsForbidden)
+	if !strings.Contains(err.Error(), "no policy is loaded") {
+		t.Errorf("refusal %q does not say why", err)
+	}
+	if sn, _ := ts.store.Node(ctx, n.id); sn.User != "alice@example.com" || len(sn.Tags) != 0 {
+		t.Fatalf("refused re-tag changed the node: %+v", sn.Node)
+	}
+	if err := ts.TagNode(ctx, n.id, []string{"tag:prod"}); err != nil {
+		t.Fatalf("admin tagging under the bootstrap default: %v", err)
+	}
+	// Asking for the tags it has is no change, and no error.
+	if resp, err := n.c.SetTags(ctx, netmap.SetTagsRequest{Tags: []string{"tag:prod"}}); err != nil || !slices.Equal(resp.Node.Tags, []string{"tag:prod"}) {
+		t.Fatalf("same tags under the bootstrap default: %+v %v", resp, err)
+	}
+}
+
 // TestSetTagsWatchersSeeChange checks that peers get the re-tagged node in
 // their maps, and lose it when the new tag takes it out of their view.
 func TestSetTagsWatchersSeeChange(t *testing.T) {
