@@ -67,7 +67,7 @@ func (c *cli) upCmd() *ffcli.Command {
 				return &exitError{2, fmt.Sprintf("up: --timeout %v: want a duration >= 0", *timeout)}
 			}
 			if *foreground {
-				return c.upForeground(ctx, &af, *socket, fs, req)
+				return c.upForeground(ctx, &af, *socket, fs, req, *timeout)
 			}
 			// The daemon flags configure an agent in this process; without
 			// --foreground the running daemon has its own. Say so rather
@@ -159,7 +159,7 @@ func (c *cli) printUp(st *localapi.Status) {
 // ctx ends (SIGTERM). The local API is served too, so status works; if the
 // default socket path is not writable (a non-root sidecar) it is skipped
 // with a warning, while an explicit --socket that fails is an error.
-func (c *cli) upForeground(ctx context.Context, af *agentFlags, socket string, fs *flag.FlagSet, req localapi.UpRequest) error {
+func (c *cli) upForeground(ctx context.Context, af *agentFlags, socket string, fs *flag.FlagSet, req localapi.UpRequest, approvalTimeout time.Duration) error {
 	a, err := c.newAgent(af)
 	if err != nil {
 		return err
@@ -189,8 +189,9 @@ func (c *cli) upForeground(ctx context.Context, af *agentFlags, socket string, f
 	}
 	c.printUp(st)
 	if st.BackendState == localapi.StateNeedsApproval {
-		// The agent runs until SIGTERM either way; say when it comes up.
-		if err := c.waitApproval(ctx, 0, func(ctx context.Context) (*localapi.Status, error) {
+		// The agent keeps running; say when it comes up, or stop after
+		// --timeout without an approval.
+		if err := c.waitApproval(ctx, approvalTimeout, func(ctx context.Context) (*localapi.Status, error) {
 			st, err := a.WaitState(ctx, localapi.StateNeedsApproval)
 			if err == nil && ctx.Err() != nil {
 				err = ctx.Err()

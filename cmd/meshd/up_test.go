@@ -1,9 +1,11 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -151,5 +153,78 @@ func TestUpWaitsForApprovalCLI(t *testing.T) {
 				t.Errorf("returned after %v, before the --timeout", d)
 			}
 		})
+	}
+}
+
+// TestUpForegroundApproval runs the sidecar form against a coordinator
+// that requires approval: `up --foreground` says the node waits, comes up
+// when an admin approves it, and with --timeout stops (exit 1) when nobody
+// does.
+func TestUpForegroundApproval(t *testing.T) {
+	cr := startCoordinatorArgs(t, "--require-approval")
+	t.Setenv("MESHD_COORDINATOR", cr.url)
+	t.Setenv("MESHD_TOKEN_FILE", filepath.Join(cr.dir, "admin.token"))
+	t.Setenv("MESHD_AUTHKEY", "")
+	code, out, errOut := runAdmin(t, "keys", "create", "--tags", "tag:side", "--reusable")
+	if code != 0 {
+		t.Fatalf("keys create: %d %s", code, errOut)
+	}
+	key := strings.TrimSpace(out)
+	foreground := func(ctx context.Context, name string, extra ...string) (lines <-chan string, exit <-chan int) {
+		dir := t.TempDir()
+		args := append([]string{"up", "--foreground", "--authkey", key, "--hostname", name, "--state-dir", filepath.Join(dir, "state"),
+			"--socket", filepath.Join(dir, "s.sock"), "--tun", "userspace", "--port", "0", "--loopback-only"}, extra...)
+		pr, pw := io.Pipe()
+		ch, done := make(chan string, 16), make(chan int, 1)
+		go func() {
+			done <- run(ctx, args, pw, io.Discard)
+			pw.Close()
+		}()
+		go func() {
+			sc := bufio.NewScanner(pr)
+			for sc.Scan() {
+				ch <- sc.Text()
+			}
+			close(ch)
+		}()
+		return ch, done
+	}
+	next := func(lines <-chan string, want string) string {
+		t.Helper()
+		select {
+		case l := <-lines:
+			if !strings.Contains(l, want) {
+				t.Fatalf("output line %q, want %q", l, want)
+			}
+			return l
+		case <-time.After(30 * time.Second):
+			t.Fatalf("no output line %q", want)
+		}
+		return ""
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	lines, exit := foreground(ctx, "side")
+	l := next(lines, "waiting for approval by an admin: meshd admin nodes approve ")
+	id := l[strings.LastIndex(l, " ")+1:]
+	if code, _, errOut := runAdmin(t, "nodes", "approve", id); code != 0 {
+		t.Fatalf("approve: %d %s", code, errOut)
+	}
+	next(lines, "meshd: running as side")
+	cancel()
+	if code := <-exit; code != 0 {
+		t.Fatalf("up --foreground exit %d after SIGTERM", code)
+	}
+
+	lines, exit = foreground(context.Background(), "impatient", "--timeout", "300ms")
+	next(lines, "waiting for approval by an admin")
+	select {
+	case code := <-exit:
+		if code != 1 {
+			t.Fatalf("up --foreground --timeout exit %d, want 1", code)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("up --foreground --timeout 300ms did not give up")
 	}
 }
