@@ -75,7 +75,22 @@ func newTestMeshWith(t *testing.T, opts control.ServerOptions) *testMesh {
 // join starts an agent and brings it up.
 func (m *testMesh) join(name string) *Agent {
 	m.t.Helper()
-	a, err := New(m.options(filepath.Join(m.t.TempDir(), name)))
+	a := m.start(name, nil)
+	if _, err := a.Up(context.Background(), localapi.UpRequest{AuthKey: m.key, Coordinator: m.url, Hostname: name}); err != nil {
+		m.t.Fatalf("%s up: %v", name, err)
+	}
+	return a
+}
+
+// start runs an agent (options changed by mod, if set) until the test
+// ends, without bringing it up.
+func (m *testMesh) start(name string, mod func(*Options)) *Agent {
+	m.t.Helper()
+	opts := m.options(filepath.Join(m.t.TempDir(), name))
+	if mod != nil {
+		mod(&opts)
+	}
+	a, err := New(opts)
 	if err != nil {
 		m.t.Fatal(err)
 	}
@@ -89,9 +104,6 @@ func (m *testMesh) join(name string) *Agent {
 		}
 		a.Close()
 	})
-	if _, err := a.Up(context.Background(), localapi.UpRequest{AuthKey: m.key, Coordinator: m.url, Hostname: name}); err != nil {
-		m.t.Fatalf("%s up: %v", name, err)
-	}
 	return a
 }
 

@@ -3,8 +3,10 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"strings"
 
 	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/netmap"
 )
 
 // defaultControlClient builds the real coordinator client.
@@ -47,6 +49,20 @@ func explainControlError(url string, err error) error {
 	// The client's errors already name the coordinator.
 	return fmt.Errorf("%w (%s)", err, hint)
 }
+
+// explainRetagError turns a refused re-tag into a one-line error saying
+// what to do.
+func explainRetagError(url string, id netmap.NodeID, tags []string, err error) error {
+	if errors.Is(err, controlclient.ErrTagsForbidden) {
+		return fmt.Errorf("%w (the policy's tagOwners decide which tags this node may take by itself; an admin may apply them: meshd admin nodes tag %d %s)",
+			err, id, strings.Join(tags, ","))
+	}
+	return explainControlError(url, err)
+}
+
+// waitingApproval reports whether the coordinator refused the node because
+// it waits for an admin's approval.
+func waitingApproval(err error) bool { return errors.Is(err, controlclient.ErrNotAuthorized) }
 
 // needsReauth reports whether the control loop ended because the
 // coordinator no longer accepts this node, so that an auth key given to

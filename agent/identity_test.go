@@ -3,6 +3,7 @@ package agent
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -28,6 +29,9 @@ type feedControl struct {
 
 func (f *feedControl) Register(context.Context, netmap.RegisterRequest) (*netmap.RegisterResponse, error) {
 	return &netmap.RegisterResponse{Node: f.self, ServerKey: "feed"}, nil
+}
+func (f *feedControl) SetTags(context.Context, netmap.SetTagsRequest) (*netmap.SetTagsResponse, error) {
+	return nil, errors.New("feedControl: no tags")
 }
 func (f *feedControl) ServerPin() string                               { return "feed" }
 func (f *feedControl) Update(context.Context, netmap.MapRequest) error { return nil }

@@ -40,8 +40,12 @@ type Login struct {
 	ServerPin      string        `json:"server_pin"`
 	NodeID         netmap.NodeID `json:"node_id"`
 	Hostname       string        `json:"hostname,omitempty"`
-	Tags           []string      `json:"tags,omitempty"`
-	Ephemeral      bool          `json:"ephemeral,omitempty"`
+	// RequestedHostname is the name the node asked for when it registered;
+	// the coordinator may have changed it (sanitized, or a suffix on a
+	// clash). `meshd up --hostname` with either name changes nothing.
+	RequestedHostname string   `json:"requested_hostname,omitempty"`
+	Tags              []string `json:"tags,omitempty"`
+	Ephemeral         bool     `json:"ephemeral,omitempty"`
 	// WantRunning is false after `meshd down`: a restarted daemon then stays
 	// down until `meshd up`, as a user who took the node down expects.
 	WantRunning bool `json:"want_running"`

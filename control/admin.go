@@ -234,7 +234,7 @@ func (s *Server) TagNode(ctx context.Context, id netmap.NodeID, tags []string) e
 		return fmt.Errorf("%w: %v", controlclient.ErrBadRequest, err)
 	}
 	if len(tags) == 0 {
-		return fmt.Errorf("%w: give at least one tag (a node cannot be untagged back to a user; re-enrol it with a user's key)", controlclient.ErrBadRequest)
+		return fmt.Errorf("%w: give at least one tag, or return the node to a user (meshd admin nodes tag ID --user LOGIN)", controlclient.ErrBadRequest)
 	}
 	if err := s.adminMayApply(tags); err != nil {
 		return err
@@ -251,6 +251,34 @@ func (s *Server) TagNode(ctx context.Context, id netmap.NodeID, tags []string) e
 		return err
 	}
 	s.republishLocked(n)
+	return nil
+}
+
+// UntagNode returns a node to user (a login; created on first use): it
+// loses its tags and becomes that user's device, with the key expiry of a
+// device enrolled with the user's key (NodeKeyExpiry from now). It keeps
+// its id and addresses.
+func (s *Server) UntagNode(ctx context.Context, id netmap.NodeID, user string) error {
+	user = strings.TrimSpace(user)
+	if err := checkLogin(user); err != nil {
+		return err
+	}
+	now := time.Now().UTC()
+	if _, err := s.store.EnsureUser(ctx, user, now); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n, err := s.storeNode(ctx, id)
+	if err != nil {
+		return err
+	}
+	n.Tags, n.User, n.KeyExpiry = nil, user, now.Add(s.opts.NodeKeyExpiry)
+	if err := s.store.UpdateNode(ctx, n); err != nil {
+		return err
+	}
+	s.republishLocked(n)
+	s.log.Info("node returned to a user by administrator", "node", id, "user", user, "key_expiry", n.KeyExpiry)
 	return nil
 }
 
@@ -370,6 +398,12 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 		if err := decodeBody(r, &req); err != nil {
 			return nil, err
 		}
+		switch {
+		case req.User != "" && len(req.Tags) > 0:
+			return nil, fmt.Errorf("%w: a node is either tagged or a user's: give tags or a user, not both", controlclient.ErrBadRequest)
+		case req.User != "":
+			return struct{}{}, s.UntagNode(r.Context(), id, req.User)
+		}
 		return struct{}{}, s.TagNode(r.Context(), id, req.Tags)
 	}))
 	s.policyRoutes(mux, h)
@@ -393,6 +427,8 @@ type createKeyRequest struct {
 
 type tagRequest struct {
 	Tags []string `json:"tags"`
+	// User, instead of Tags, returns the node to that user.
+	User string `json:"user,omitempty"`
 }
 
 func parseNodeID(s string) (netmap.NodeID, error) {

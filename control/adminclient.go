@@ -91,6 +91,12 @@ func (a *AdminClient) TagNode(ctx context.Context, id netmap.NodeID, tags []stri
 	return a.do(ctx, http.MethodPost, nodePath(id)+"/tags", tagRequest{Tags: tags}, nil)
 }
 
+// UntagNode returns a node to user: it loses its tags and gets a user's key
+// expiry.
+func (a *AdminClient) UntagNode(ctx context.Context, id netmap.NodeID, user string) error {
+	return a.do(ctx, http.MethodPost, nodePath(id)+"/tags", tagRequest{User: user}, nil)
+}
+
 // Users lists users.
 func (a *AdminClient) Users(ctx context.Context) ([]User, error) {
 	var out []User

@@ -116,7 +116,7 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 		if err := pol.CheckTags(key.User, key.Tags, requested); err != nil {
 			return nil, fmt.Errorf("%w: %v", controlclient.ErrTagsForbidden, err)
 		}
-		tags := slices.Compact(slices.Sorted(slices.Values(append(slices.Clone(key.Tags), requested...))))
+		tags := registrationTags(pol, key.Tags, requested)
 		id := &store.Identity{
 			Tags: tags, Ephemeral: key.Ephemeral, AuthKeyID: key.ID,
 			Authorized: key.Preauthorized || !s.opts.RequireApproval,

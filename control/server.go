@@ -203,6 +203,7 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	s.mux.HandleFunc("POST /machine/register", s.handleRegister)
 	s.mux.HandleFunc("POST /machine/map", s.handleMap)
 	s.mux.HandleFunc("POST "+controlclient.ChallengePath, s.handleChallenge)
+	s.mux.HandleFunc("POST /machine/tags", s.handleSetTags)
 	s.mux.HandleFunc("GET "+DERPMapPath, s.handleDERPMap)
 	s.adminRoutes(s.mux)
 	s.ctx, s.cancel = context.WithCancel(context.WithoutCancel(ctx))

@@ -84,6 +84,22 @@ type RegisterResponse struct {
 	ServerKey string `json:"server_key"`
 }
 
+// SetTagsRequest asks the coordinator to replace the tags of the calling
+// machine's node, as `meshd up --advertise-tags` does on an enrolled node.
+// The machine key (the TLS client certificate) authenticates it; no auth
+// key is needed, because the policy's "tagOwners" decide, with the node's
+// user or its current tags as the requester. Tags must not be empty: a
+// tagged node returns to a user only by registering with that user's key.
+type SetTagsRequest struct {
+	Version int      `json:"version"`
+	Tags    []string `json:"tags"`
+}
+
+// SetTagsResponse is the node as it is after a SetTagsRequest.
+type SetTagsResponse struct {
+	Node Node `json:"node"`
+}
+
 // MapRequest opens the map stream, or (Stream=false) reports endpoints and
 // other node state changes without opening one.
 type MapRequest struct {

@@ -255,6 +255,24 @@ func (c *Client) Register(ctx context.Context, req netmap.RegisterRequest) (*net
 	return &resp, nil
 }
 
+// SetTags asks the coordinator to replace the tags of this (enrolled)
+// machine's node, authenticated by the machine key alone; the policy's
+// "tagOwners" decide. It returns the node as it is afterwards. A refusal
+// wraps ErrTagsForbidden and names the tag and the rule.
+func (c *Client) SetTags(ctx context.Context, req netmap.SetTagsRequest) (*netmap.SetTagsResponse, error) {
+	if req.Version == 0 {
+		req.Version = netmap.ProtocolVersion
+	}
+	var resp netmap.SetTagsResponse
+	if err := c.do(ctx, "/machine/tags", req, &resp); err != nil {
+		return nil, fmt.Errorf("set tags with %s: %w", c.base.Host, err)
+	}
+	if err := resp.Node.Validate(); err != nil {
+		return nil, fmt.Errorf("set tags: coordinator sent an invalid node: %w", err)
+	}
+	return &resp, nil
+}
+
 // Update reports endpoints, home DERP, disco key or a rotated node key
 // without opening a stream. req carries the node's full current state.
 func (c *Client) Update(ctx context.Context, req netmap.MapRequest) error {
@@ -373,11 +391,13 @@ func ReadAPIError(resp *http.Response) error {
 	return &APIError{Status: resp.StatusCode, Code: eb.Code, Message: eb.Error}
 }
 
-// permanent reports errors that reconnecting cannot fix.
+// permanent reports errors that reconnecting cannot fix, and
+// ErrNotAuthorized, which only an admin's approval fixes: the caller says
+// so to the user and retries at its own pace.
 func permanent(err error) bool {
 	return errors.Is(err, ErrNodeExpired) || errors.Is(err, ErrNotRegistered) ||
 		errors.Is(err, ErrPinMismatch) || errors.Is(err, ErrTooOld) ||
-		errors.Is(err, ErrKeyInUse) || errors.Is(err, ErrKeyProof)
+		errors.Is(err, ErrKeyInUse) || errors.Is(err, ErrKeyProof) || errors.Is(err, ErrNotAuthorized)
 }
 
 // Follow keeps one map stream open and calls fn with a fresh copy of the
@@ -385,7 +405,9 @@ func permanent(err error) bool {
 // backoff and jitter, resuming from the last version it applied. It returns
 // when ctx ends, or early with an error wrapping ErrNodeExpired,
 // ErrNotRegistered, ErrPinMismatch, ErrTooOld, ErrKeyInUse or ErrKeyProof,
-// which retrying cannot fix (the node must re-enrol or be reconfigured).
+// which retrying cannot fix (the node must re-enrol or be reconfigured), or
+// ErrNotAuthorized (the node waits for an admin's approval; call Follow
+// again to keep waiting).
 func (c *Client) Follow(ctx context.Context, req netmap.MapRequest, fn func(*netmap.NetworkMap)) error {
 	if req.Version == 0 {
 		req.Version = netmap.ProtocolVersion

@@ -141,6 +141,12 @@ func (cl *Client) Register(_ context.Context, req netmap.RegisterRequest) (*netm
 	return &netmap.RegisterResponse{Node: *n, ServerKey: Pin}, nil
 }
 
+// SetTags refuses, as the real coordinator does while no policy is loaded
+// (no tagOwners, so nobody owns a tag): the fake has no policy.
+func (cl *Client) SetTags(context.Context, netmap.SetTagsRequest) (*netmap.SetTagsResponse, error) {
+	return nil, fmt.Errorf("%w: controltest has no policy, so no tag owners", controlclient.ErrTagsForbidden)
+}
+
 // ServerPin is the fake's fingerprint.
 func (cl *Client) ServerPin() string { return Pin }
 
