@@ -263,7 +263,7 @@ func (s *Server) UntagNode(ctx context.Context, id netmap.NodeID, user string) e
 	if err := checkLogin(user); err != nil {
 		return err
 	}
-	now := time.Now().UTC()
+	now := s.now().UTC()
 	if _, err := s.store.EnsureUser(ctx, user, now); err != nil {
 		return err
 	}
@@ -274,6 +274,7 @@ func (s *Server) UntagNode(ctx context.Context, id netmap.NodeID, user string) e
 		return err
 	}
 	n.Tags, n.User, n.KeyExpiry = nil, user, now.Add(s.opts.NodeKeyExpiry)
+	n.AdminActed = now // ends a single-use key's retry window
 	if err := s.store.UpdateNode(ctx, n); err != nil {
 		return err
 	}

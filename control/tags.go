@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -42,6 +43,7 @@ func (s *Server) handleSetTags(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
+	connlimit.Authenticate(r.Context()) // an enrolled machine key
 	writeJSON(w, http.StatusOK, resp)
 }
 
