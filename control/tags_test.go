@@ -309,7 +309,12 @@ func FuzzSetTagsRequest(f *testing.F) {
 	}
 	leaf, _ := x509.ParseCertificate(cert.Certificate[0])
 	mpub, _ := netmap.MachinePublicFromEd25519(mk.Public().(ed25519.PublicKey))
-	if _, err := s.register(context.Background(), mpub, netmap.RegisterRequest{Version: 1, NodeKey: netmap.NewNodePrivate().Public(), Hostname: "fuzz", AuthKey: key}); err != nil {
+	nk := netmap.NewNodePrivate()
+	proof, err := controlclient.SealNodeKeyProof(nk, mpub, ptr(s.chal.issue(mpub, time.Now())))
+	if err != nil {
+		f.Fatal(err)
+	}
+	if _, err := s.register(context.Background(), mpub, netmap.RegisterRequest{Version: netmap.ProtocolVersion, NodeKey: nk.Public(), Hostname: "fuzz", AuthKey: key, NodeKeyProof: proof}); err != nil {
 		f.Fatal(err)
 	}
 	h := s.Handler()
