@@ -86,11 +86,14 @@ type Bind struct {
 	stunLat map[int]time.Duration
 	waiters map[disco.TxID]*pingWaiter
 	open    *openState // nil while closed
+	mapGen  uint64     // counts SetNetworkMap calls
 
-	// byAddr maps a direct source address to its peer; replaced whole
-	// (copy on write) so the receive path reads it without a lock.
-	byAddr atomic.Pointer[map[netip.AddrPort]*peer]
-	// byKey is the same for DERP sources.
+	// addrs maps a direct source address to its peer; the receive path
+	// reads it without a lock (addrs.go).
+	addrs addrIndex
+	// byKey maps a DERP source to its peer; replaced whole (copy on
+	// write, once per map that adds or removes peers) so the relay's
+	// receive path reads it without a lock.
 	byKey atomic.Pointer[map[netmap.NodePublic]*peer]
 	// loop holds the peers the disco loop polls: those that were active
 	// recently. With thousands of idle peers the loop would otherwise walk
@@ -137,7 +140,7 @@ func New(opts Options) *Bind {
 		waiters: map[disco.TxID]*pingWaiter{}, loop: map[*peer]struct{}{},
 	}
 	b.derpBufs.New = func() any { buf := make([]byte, derpBufSize); return &buf }
-	b.byAddr.Store(&map[netip.AddrPort]*peer{})
+	b.addrs.init()
 	b.byKey.Store(&map[netmap.NodePublic]*peer{})
 	return b
 }
@@ -205,7 +208,7 @@ func (b *Bind) BatchSize() int { return b.std.BatchSize() }
 func (b *Bind) wrapReceive(fn conn.ReceiveFunc) conn.ReceiveFunc {
 	return func(packets [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
 		n, err := fn(packets, sizes, eps)
-		addrs := *b.byAddr.Load()
+		addrs := b.addrs.table.Load()
 		for i := 0; i < n; i++ {
 			se, ok := eps[i].(*conn.StdNetEndpoint)
 			if !ok {
@@ -222,7 +225,7 @@ func (b *Bind) wrapReceive(fn conn.ReceiveFunc) conn.ReceiveFunc {
 				b.handleSTUN(pkt, src)
 				sizes[i] = 0
 			default:
-				p := addrs[src]
+				p := addrs.lookup(src)
 				if p == nil {
 					// Not from a path we know: WireGuard would roam
 					// the peer to a raw address we cannot keep.

@@ -1,6 +1,7 @@
 package magicbind
 
 import (
+	"maps"
 	"net/netip"
 	"slices"
 	"sync"
@@ -32,62 +33,78 @@ type peer struct {
 	inLoop   bool                 // in Bind.loop (or about to be)
 	directEP *conn.StdNetEndpoint // cached for the current direct path
 	pmtu     pmtuState
+
+	// Guarded by Bind.mu:
+	// mapGen is the Bind.mapGen of the last map that had the peer.
+	mapGen uint64
+	// learnt are the addresses the peer proved with disco (addrIndex),
+	// oldest first.
+	learnt []netip.AddrPort
 }
 
+// peerLocked returns the peer with key k, adding it (and publishing the
+// key table) if it is new: WireGuard parsed an endpoint for a peer the map
+// does not have yet. That copies the key table, which is fine for the odd
+// peer; SetNetworkMap adds a whole map's peers with addPeerLocked and
+// publishes once.
 func (b *Bind) peerLocked(k netmap.NodePublic) *peer {
 	if p, ok := b.peers[k]; ok {
 		return p
 	}
-	p := &peer{key: k, sel: endpoint.New(b.opts.Paths)}
-	p.ep = &Endpoint{p: p, b: b}
-	b.peers[k] = p
+	p := b.addPeerLocked(k)
 	b.publishKeysLocked()
 	return p
 }
 
+// addPeerLocked adds a peer to b.peers without publishing it in byKey.
+func (b *Bind) addPeerLocked(k netmap.NodePublic) *peer {
+	p := &peer{key: k, sel: endpoint.New(b.opts.Paths)}
+	p.ep = &Endpoint{p: p, b: b}
+	b.peers[k] = p
+	return p
+}
+
 func (b *Bind) publishKeysLocked() {
-	m := make(map[netmap.NodePublic]*peer, len(b.peers))
-	for k, p := range b.peers {
-		m[k] = p
-	}
+	m := maps.Clone(b.peers)
 	b.byKey.Store(&m)
 }
 
 // SetNetworkMap brings the bind's peers, their disco keys, candidate
 // endpoints and home regions, and the DERP map in line with nm.
+//
+// Its cost is one pass over the map plus the changes: the key table is
+// published once if peers came or went, and only the addresses of peers
+// whose endpoints changed are touched in the address index, so a map
+// that changes nothing for the bind publishes nothing.
 func (b *Bind) SetNetworkMap(nm *netmap.NetworkMap) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	seen := make(map[netmap.NodePublic]bool, len(nm.Peers))
-	b.byDisco = make(map[netmap.DiscoPublic]*peer, len(nm.Peers))
-	addrs := map[netip.AddrPort]*peer{}
+	b.mapGen++
+	keysChanged := false
 	for _, n := range nm.Peers {
 		if n.NodeKey.IsZero() || n.NodeKey == b.selfPK {
 			continue
 		}
-		seen[n.NodeKey] = true
-		p := b.peerLocked(n.NodeKey)
-		p.mu.Lock()
-		p.name, p.disco, p.home = n.Hostname, n.DiscoKey, n.HomeDERP
-		p.cands = slices.Clone(n.Endpoints)
-		p.sel.SetCandidates(n.Endpoints)
-		for _, c := range p.sel.State(time.Now()).Candidates {
-			addrs[c.Addr] = p
+		p, ok := b.peers[n.NodeKey]
+		if !ok {
+			p = b.addPeerLocked(n.NodeKey)
+			keysChanged = true
 		}
-		p.mu.Unlock()
-		if !n.DiscoKey.IsZero() {
-			b.byDisco[n.DiscoKey] = p
-		}
+		p.mapGen = b.mapGen
+		b.updatePeerLocked(p, n)
 	}
-	for k := range b.peers {
-		if !seen[k] {
+	for k, p := range b.peers {
+		if p.mapGen != b.mapGen {
 			// WireGuard removes the peer too; its endpoint stays valid
 			// (sends go nowhere) until then.
 			delete(b.peers, k)
+			b.forgetPeerLocked(p)
+			keysChanged = true
 		}
 	}
-	b.publishKeysLocked()
-	b.byAddr.Store(&addrs)
+	if keysChanged {
+		b.publishKeysLocked()
+	}
 	b.selfEps = slices.Clone(nm.Self.Endpoints)
 	mapChanged := !derpMapEqual(b.derpMap, nm.DERPMap)
 	b.derpMap = nm.DERPMap
@@ -98,10 +115,55 @@ func (b *Bind) SetNetworkMap(nm *netmap.NetworkMap) {
 	b.connectPeerRegionsLocked()
 }
 
+// updatePeerLocked applies p's node n from the map.
+func (b *Bind) updatePeerLocked(p *peer, n *netmap.Node) {
+	p.mu.Lock()
+	p.name, p.home = n.Hostname, n.HomeDERP
+	oldDisco := p.disco
+	p.disco = n.DiscoKey
+	old := p.cands
+	moved := !slices.Equal(old, n.Endpoints)
+	if moved {
+		p.cands = slices.Clone(n.Endpoints)
+		p.sel.SetCandidates(n.Endpoints)
+	}
+	p.mu.Unlock()
+	if oldDisco != n.DiscoKey && b.byDisco[oldDisco] == p {
+		delete(b.byDisco, oldDisco)
+	}
+	if !n.DiscoKey.IsZero() && b.byDisco[n.DiscoKey] != p {
+		b.byDisco[n.DiscoKey] = p
+	}
+	if !moved {
+		return
+	}
+	for _, a := range old {
+		if !slices.Contains(n.Endpoints, a) {
+			b.addrs.unclaim(a, p)
+		}
+	}
+	for _, a := range n.Endpoints {
+		b.addrs.claim(a, p)
+	}
+}
+
+// forgetPeerLocked drops what the tables hold for p, which left the map:
+// its addresses, published and learnt, and its disco key.
+func (b *Bind) forgetPeerLocked(p *peer) {
+	p.mu.Lock()
+	cands, dk := p.cands, p.disco
+	p.mu.Unlock()
+	b.addrs.forget(p, cands)
+	if b.byDisco[dk] == p {
+		delete(b.byDisco, dk)
+	}
+}
+
 // learnAddr ties a direct source address to p (after an authenticated ping
-// or pong from it).
+// or pong from it). Once it is tied, the next ping or pong from it takes
+// no lock.
 func (b *Bind) learnAddr(a netip.AddrPort, p *peer) {
-	if (*b.byAddr.Load())[a] == p {
+	if e := b.addrs.table.Load().find(a); e != nil && e.p == p && e.learnt {
 		return
 	}
 	b.mu.Lock()
@@ -109,11 +171,5 @@ func (b *Bind) learnAddr(a netip.AddrPort, p *peer) {
 	if b.peers[p.key] != p {
 		return // removed meanwhile
 	}
-	old := *b.byAddr.Load()
-	m := make(map[netip.AddrPort]*peer, len(old)+1)
-	for k, v := range old {
-		m[k] = v
-	}
-	m[a] = p
-	b.byAddr.Store(&m)
+	b.addrs.learn(a, p)
 }
