@@ -36,10 +36,10 @@ import (
 // tailnet of hard NATs makes O(peers), and every packet then looks in both
 // (learnt first, since it must win). sync.Map (a lock-free hash trie since
 // Go 1.24) reads without a lock or an allocation too, but a lookup walks
-// several trie levels and boxes key and value in interfaces: about twice
-// the cost of a Go map lookup (57 against 34 ns with 20,000 addresses on
-// the benchmark VM), where this table costs the same as the Go map did
-// (BenchmarkDemux10000, bench/magicbind.md).
+// several trie levels and boxes key and value in interfaces: 1.5 to 2
+// times the cost of a Go map lookup, where this table costs no more than
+// the Go map did (BenchmarkAddrLookup, BenchmarkDemux10000;
+// bench/magicbind.md).
 //
 // Addresses come from the map's endpoints and from disco proofs; the
 // candidates a peer lists in a call-me-maybe are tied to it once a ping or
