@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"cmp"
 	"context"
 	"crypto/ed25519"
 	"errors"
@@ -9,7 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 	"runtime/debug"
 	"slices"
 	"strconv"
@@ -22,16 +20,24 @@ import (
 
 	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/agent/proxy"
+	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/internal/backoff"
 	"meshd.dev/meshd/netmap"
 )
 
 // DefaultPort is WireGuard's UDP port unless --port says otherwise.
 const DefaultPort = 41641
 
+// AutoPort, as Options.Port, asks for DefaultPort and falls back to a
+// random port when DefaultPort is taken; `meshd daemon` without --port.
+const AutoPort = -1
+
 // ControlClient is the agent's view of the coordinator client
-// (control.Client satisfies it).
+// (controlclient.Client satisfies it).
 type ControlClient interface {
 	Register(ctx context.Context, req netmap.RegisterRequest) (*netmap.RegisterResponse, error)
+	// SetTags replaces the registered node's tags on its own request.
+	SetTags(ctx context.Context, req netmap.SetTagsRequest) (*netmap.SetTagsResponse, error)
 	ServerPin() string
 	Update(ctx context.Context, req netmap.MapRequest) error
 	Follow(ctx context.Context, req netmap.MapRequest, fn func(*netmap.NetworkMap)) error
@@ -46,7 +52,10 @@ type ControlConfig struct {
 	// ServerPin is the coordinator fingerprint to require; "" on first
 	// registration (the client pins from the auth key).
 	ServerPin string
-	Logger    *slog.Logger
+	// NodeKey is the node's WireGuard private key, with which the client
+	// proves to the coordinator that it holds the node key it registers.
+	NodeKey netmap.NodePrivate
+	Logger  *slog.Logger
 }
 
 // Options configure an Agent.
@@ -54,7 +63,9 @@ type Options struct {
 	StateDir string
 	// TUN is a kernel interface name, or TUNUserspace for gVisor's netstack.
 	TUN string
-	// Port is WireGuard's UDP listen port; 0 picks a random one.
+	// Port is WireGuard's UDP listen port; 0 picks a random one, and
+	// AutoPort DefaultPort or, if that is taken, a random one. A port
+	// given here that is taken is an error.
 	Port int
 	// MTU is the tunnel's MTU; 0 derives it from the underlay (see autoMTU).
 	MTU int
@@ -69,7 +80,7 @@ type Options struct {
 	// traffic then leaves the machine.
 	LoopbackOnly bool
 	// NewControlClient builds the coordinator client. Defaults to
-	// control.NewClient.
+	// controlclient.NewClient.
 	NewControlClient func(ControlConfig) (ControlClient, error)
 	// NewBind builds the WireGuard bind. Defaults to the NAT-traversing
 	// magic bind (agent/magicbind): direct UDP when a path answers disco
@@ -88,7 +99,11 @@ type Options struct {
 	// 0 takes DefaultPeerIdleTimeout; a negative value configures every
 	// peer up front.
 	PeerIdleTimeout time.Duration
-	Logger          *slog.Logger
+	// ApprovalPoll is the longest wait between two attempts to open the map
+	// stream while the coordinator says the node waits for an admin's
+	// approval (the first retries come sooner). Defaults to 5s.
+	ApprovalPoll time.Duration
+	Logger       *slog.Logger
 }
 
 // Agent is one node's daemon. Its methods are safe for concurrent use.
@@ -117,9 +132,18 @@ type Agent struct {
 	// ctlReachErr is the last failure to reach the coordinator, nil after
 	// a success.
 	ctlReachErr error
+	// approvalPending: the coordinator refuses the map stream until an
+	// admin approves the node; the control loop keeps asking.
+	approvalPending bool
+	// changed is closed (and replaced) whenever the state Up and status
+	// report changes: a map, the end of a session, approval news.
+	changed chan struct{}
 	// pathsChanged is signalled by the magic bind when our home DERP or
 	// public endpoints change, to report them at once.
 	pathsChanged chan struct{}
+	// keyConflicts are the key conflicts last dropped from a map, to log
+	// a change once rather than every map.
+	keyConflicts string
 }
 
 // session is a running control loop; it owns the data plane it starts.
@@ -146,7 +170,7 @@ func New(opts Options) (*Agent, error) {
 	if opts.MTU < 576 || opts.MTU > 65535 {
 		return nil, fmt.Errorf("--mtu %d out of range (576-65535)", opts.MTU)
 	}
-	if opts.Port < 0 || opts.Port > 65535 {
+	if opts.Port < AutoPort || opts.Port > 65535 {
 		return nil, fmt.Errorf("--port %d out of range (0-65535)", opts.Port)
 	}
 	if opts.TUN == "" {
@@ -157,6 +181,9 @@ func New(opts Options) (*Agent, error) {
 	}
 	if opts.EndpointInterval == 0 {
 		opts.EndpointInterval = 30 * time.Second
+	}
+	if opts.ApprovalPoll <= 0 {
+		opts.ApprovalPoll = 5 * time.Second
 	}
 	st, err := OpenStore(opts.StateDir)
 	if err != nil {
@@ -170,7 +197,11 @@ func New(opts Options) (*Agent, error) {
 	a := &Agent{
 		opts: opts, log: opts.Logger, store: st, id: id, disco: netmap.NewDiscoPrivate(),
 		login: login, nm: nm, ctlState: "not connected", pf: newPacketFilter(opts.Logger),
-		pathsChanged: make(chan struct{}, 1),
+		pathsChanged: make(chan struct{}, 1), changed: make(chan struct{}),
+	}
+	if nm != nil {
+		// A map saved by an older version may hold peers that share a key.
+		a.dropKeyConflicts(nm)
 	}
 	if a.opts.NewBind == nil {
 		a.opts.NewBind = a.newMagicBind
@@ -271,7 +302,7 @@ func (a *Agent) startLocked() {
 		}
 	}
 	a.mapSeen = make(chan struct{})
-	a.ctlErr, a.ctlReachErr = nil, nil
+	a.ctlErr, a.ctlReachErr, a.approvalPending = nil, nil, false
 	if a.nm != nil {
 		if err := a.applyMapLocked(a.nm); err != nil {
 			a.log.Warn("data plane from saved map", "err", err)
@@ -285,9 +316,15 @@ func (a *Agent) startLocked() {
 	a.sess = s
 	login := *a.login
 	go func() {
-		defer close(s.done)
+		defer func() {
+			close(s.done)
+			a.mu.Lock()
+			a.notifyLocked()
+			a.mu.Unlock()
+		}()
 		a.controlLoop(ctx, login)
 	}()
+	a.notifyLocked()
 }
 
 // stop ends the control loop and the data plane, keeping all state.
@@ -307,10 +344,12 @@ func (a *Agent) stop() {
 		a.eng = nil
 	}
 	a.ctlState = "not connected"
+	a.approvalPending = false
+	a.notifyLocked()
 }
 
 func (a *Agent) controlCfg(l Login) ControlConfig {
-	return ControlConfig{URL: l.CoordinatorURL, MachineKey: a.id.MachineKey, ServerPin: l.ServerPin, Logger: a.log}
+	return ControlConfig{URL: l.CoordinatorURL, MachineKey: a.id.MachineKey, ServerPin: l.ServerPin, NodeKey: a.id.NodeKey, Logger: a.log}
 }
 
 // controlLoop follows the map stream and reports endpoints until ctx ends.
@@ -340,9 +379,30 @@ func (a *Agent) controlLoop(ctx context.Context, login Login) {
 		Version: netmap.ProtocolVersion, NodeKey: a.NodeKey(), DiscoKey: a.disco.Public(),
 		Stream: true, Endpoints: a.endpoints(),
 	}
-	err = cc.Follow(ctx, req, func(nm *netmap.NetworkMap) {
-		a.onMap(nm.Clone())
-	})
+	// While the node waits for an admin's approval the coordinator
+	// refuses the stream and Follow returns: say so in status and ask
+	// again, soon at first and then every ApprovalPoll, so that the node
+	// comes up by itself shortly after the approval.
+	bo := backoff.Backoff{Min: min(time.Second, a.opts.ApprovalPoll), Max: a.opts.ApprovalPoll}
+	for {
+		err = cc.Follow(ctx, req, func(nm *netmap.NetworkMap) {
+			a.onMap(nm.Clone())
+		})
+		if ctx.Err() != nil || !waitingApproval(err) {
+			break
+		}
+		a.mu.Lock()
+		if !a.approvalPending {
+			a.log.Info("waiting for approval by an admin", "node_id", login.NodeID, "approve_with", fmt.Sprintf("meshd admin nodes approve %d", login.NodeID))
+			a.approvalPending = true
+			a.ctlState = "waiting for approval by an admin"
+			a.notifyLocked()
+		}
+		a.mu.Unlock()
+		if bo.Wait(ctx, 0) != nil {
+			break
+		}
+	}
 	if err != nil && ctx.Err() == nil {
 		// Only errors retrying cannot fix end Follow (pin mismatch, node
 		// deleted or expired). The data plane keeps running on the last
@@ -370,7 +430,15 @@ func (a *Agent) onMap(nm *netmap.NetworkMap) {
 	if a.sess == nil {
 		return // raced with Down
 	}
+	// Before anything uses the map: the filter, WireGuard, the magic bind,
+	// name lookups and the saved copy all see one peer per key.
+	a.dropKeyConflicts(nm)
 	a.ctlState = "connected"
+	if a.approvalPending {
+		a.log.Info("approved by an admin")
+		a.approvalPending = false
+	}
+	defer a.notifyLocked()
 	if err := a.applyMapLocked(nm); err != nil {
 		a.log.Error("apply network map", "err", err)
 	}
@@ -383,6 +451,29 @@ func (a *Agent) onMap(nm *netmap.NetworkMap) {
 	case <-a.mapSeen:
 	default:
 		close(a.mapSeen)
+	}
+}
+
+// dropKeyConflicts removes peers that share a node or disco key with
+// another peer or with this node (netmap.DropKeyConflicts), logging each
+// new set of conflicts once. a.mu held, or a not yet shared.
+func (a *Agent) dropKeyConflicts(nm *netmap.NetworkMap) {
+	cs := nm.DropKeyConflicts()
+	var b strings.Builder
+	for _, c := range cs {
+		b.WriteString(c.String())
+		b.WriteString("; ")
+	}
+	if b.String() == a.keyConflicts {
+		return
+	}
+	a.keyConflicts = b.String()
+	for _, c := range cs {
+		a.log.Warn("network map: peers claim one key; dropping all of them (the coordinator should never send this)",
+			"kind", c.Kind, "key", c.Key, "peers", c.Peers, "ours", c.Self)
+	}
+	if len(cs) == 0 {
+		a.log.Info("network map: no more peers sharing a key")
 	}
 }
 
@@ -498,9 +589,11 @@ func (a *Agent) reportEndpoints(ctx context.Context, cc ControlClient) {
 			return
 		}
 		a.mu.Lock()
-		if err != nil {
+		if err != nil && !waitingApproval(err) && !needsReauth(err) {
 			a.ctlReachErr = err
 		} else {
+			// Refusals are the map stream's to report (status says
+			// "expired" or "waiting for approval", not "unreachable").
 			a.ctlReachErr = nil
 		}
 		a.mu.Unlock()
@@ -515,146 +608,6 @@ func (a *Agent) reportEndpoints(ctx context.Context, cc ControlClient) {
 		}
 		t.Reset(next)
 	}
-}
-
-// Up joins the tailnet: it registers with an auth key the first time, and
-// otherwise restarts with the saved identity. It waits (bounded by ctx) for
-// the first network map.
-func (a *Agent) Up(ctx context.Context, req localapi.UpRequest) (*localapi.Status, error) {
-	a.upMu.Lock()
-	defer a.upMu.Unlock()
-	st, err := a.up(ctx, req)
-	if err != nil && req.AuthKey != "" && needsReauth(err) {
-		// Found out only now (the stream was refused) that the
-		// coordinator dropped this node, e.g. an ephemeral node whose
-		// container restarted with its old state volume: enrol again.
-		return a.up(ctx, req)
-	}
-	return st, err
-}
-
-func (a *Agent) up(ctx context.Context, req localapi.UpRequest) (*localapi.Status, error) {
-	a.mu.Lock()
-	login, ctlErr := a.login, a.ctlErr
-	a.mu.Unlock()
-	if login != nil && req.AuthKey != "" && needsReauth(ctlErr) {
-		// The coordinator forgot or expired this node: enrol again with
-		// the same machine and node keys. (A node that works ignores the
-		// auth key, so a container entrypoint can pass it on every start
-		// without spending a single-use key.)
-		a.log.Info("re-registering with the auth key", "reason", ctlErr)
-		a.stop()
-		a.mu.Lock()
-		a.login = nil
-		a.mu.Unlock()
-		if req.Coordinator == "" {
-			req.Coordinator = login.CoordinatorURL
-		}
-		if req.Hostname == "" {
-			req.Hostname = login.Hostname
-		}
-		login = nil
-	}
-	switch {
-	case login != nil && req.Coordinator != "" && req.Coordinator != login.CoordinatorURL:
-		return nil, fmt.Errorf("this node is registered with %s, not %s: use a fresh --state-dir to join another coordinator",
-			login.CoordinatorURL, req.Coordinator)
-	case login == nil && req.AuthKey == "":
-		return nil, errors.New("this node is not registered yet: pass --authkey KEY --coordinator URL")
-	case login == nil && req.Coordinator == "":
-		return nil, errors.New("no coordinator: pass --coordinator URL")
-	case login == nil:
-		l, err := a.register(ctx, req)
-		if err != nil {
-			return nil, err
-		}
-		login = l
-	}
-	a.mu.Lock()
-	if !a.login.WantRunning {
-		l := *a.login
-		l.WantRunning = true
-		if err := a.store.SaveLogin(&l); err != nil {
-			a.mu.Unlock()
-			return nil, err
-		}
-		a.login = &l
-	}
-	a.startLocked()
-	seen, sess := a.mapSeen, a.sess
-	// With the data plane already up from the saved map, wait only briefly
-	// for the coordinator: long enough to report a refused connection (pin
-	// mismatch, node deleted), short enough that `meshd up` with the
-	// coordinator down returns promptly; the node works meanwhile.
-	timeout := 20 * time.Second
-	if a.eng != nil {
-		timeout = 5 * time.Second
-	}
-	a.mu.Unlock()
-	wait, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	select {
-	case <-seen:
-	case <-sess.done:
-	case <-wait.Done():
-	}
-	a.mu.Lock()
-	engErr, ctlErr := a.engErr, a.ctlErr
-	a.mu.Unlock()
-	if ctlErr != nil {
-		return nil, explainControlError(login.CoordinatorURL, ctlErr)
-	}
-	if engErr != nil {
-		return nil, fmt.Errorf("registered, but the data plane failed: %w", engErr)
-	}
-	st, err := a.Status(ctx)
-	if err != nil {
-		return nil, err
-	}
-	if req.Hostname != "" && st.Self != nil && req.Hostname != st.Self.Hostname {
-		st.Message = strings.TrimPrefix(st.Message+"; ", "; ") +
-			fmt.Sprintf("already registered as %q: --hostname %q is not applied to a registered node", st.Self.Hostname, req.Hostname)
-	}
-	return st, nil
-}
-
-func (a *Agent) register(ctx context.Context, req localapi.UpRequest) (*Login, error) {
-	hostname := req.Hostname
-	if hostname == "" {
-		h, err := os.Hostname()
-		if err != nil {
-			return nil, fmt.Errorf("no --hostname given and the system hostname is unknown: %w", err)
-		}
-		hostname = h
-	}
-	tags, err := netmap.NormalizeTags(req.Tags)
-	if err != nil {
-		return nil, fmt.Errorf("--advertise-tags: %w", err)
-	}
-	cc, err := a.opts.NewControlClient(ControlConfig{URL: req.Coordinator, MachineKey: a.id.MachineKey, Logger: a.log})
-	if err != nil {
-		return nil, err
-	}
-	defer cc.Close()
-	resp, err := cc.Register(ctx, netmap.RegisterRequest{
-		Version: netmap.ProtocolVersion, NodeKey: a.NodeKey(), DiscoKey: a.disco.Public(),
-		Hostname: hostname, AuthKey: req.AuthKey, RequestTags: tags,
-	})
-	if err != nil {
-		return nil, explainControlError(req.Coordinator, err)
-	}
-	l := &Login{
-		CoordinatorURL: req.Coordinator, ServerPin: cmp.Or(cc.ServerPin(), resp.ServerKey), NodeID: resp.Node.ID,
-		Hostname: resp.Node.Hostname, Tags: resp.Node.Tags, Ephemeral: resp.Node.Ephemeral, WantRunning: true,
-	}
-	if err := a.store.SaveLogin(l); err != nil {
-		return nil, err
-	}
-	a.mu.Lock()
-	a.login = l
-	a.mu.Unlock()
-	a.log.Info("registered", "node_id", resp.Node.ID, "hostname", resp.Node.Hostname, "addresses", resp.Node.Addresses)
-	return l, nil
 }
 
 // Down takes the node off the tailnet and keeps it off across daemon
@@ -682,6 +635,8 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	st := &localapi.Status{TUN: a.opts.TUN, Peers: []localapi.Peer{}}
+	// The coordinator's verdicts on this node come first: a node it
+	// expired, deleted or has not approved yet is not "unreachable".
 	switch {
 	case a.login == nil:
 		st.BackendState = localapi.StateNeedsLogin
@@ -689,6 +644,15 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 		return st, nil
 	case a.sess == nil:
 		st.BackendState = localapi.StateStopped
+	case errors.Is(a.ctlErr, controlclient.ErrNodeExpired):
+		st.BackendState = localapi.StateExpired
+		st.Message = "expired: the coordinator expired this node's key; run `meshd up --authkey KEY` to enrol it again (it keeps its addresses)"
+	case errors.Is(a.ctlErr, controlclient.ErrNotRegistered):
+		st.BackendState = localapi.StateNeedsLogin
+		st.Message = "the coordinator deleted this node: run `meshd up --authkey KEY` to enrol it again"
+	case a.approvalPending:
+		st.BackendState = localapi.StateNeedsApproval
+		st.Message = fmt.Sprintf("waiting for approval by an admin: meshd admin nodes approve %d", a.login.NodeID)
 	case a.eng == nil:
 		st.BackendState = localapi.StateStarting
 	default:
@@ -698,6 +662,7 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 	st.Filter = a.pf.status()
 	online := a.sess != nil && a.ctlState == "connected" && a.ctlReachErr == nil
 	switch {
+	case st.Message != "":
 	case a.sess != nil && a.ctlState != "connected":
 		st.Message = "coordinator: " + a.ctlState
 	case a.sess != nil && a.ctlReachErr != nil:
@@ -791,7 +756,10 @@ func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error
 }
 
 // resolvePeer turns host into a tailnet address: an IP literal inside the
-// tailnet, or a peer's hostname (case-insensitive), IPv4 first.
+// tailnet, or a node's hostname (case-insensitive), IPv4 first. A name
+// that more than one node holds is an error naming them: the coordinator
+// keeps names unique, and a map where they are not (an older or hostile
+// coordinator) must not let one node answer for another's name.
 func resolvePeer(nm *netmap.NetworkMap, host string) (netip.Addr, error) {
 	if ip, err := netip.ParseAddr(host); err == nil {
 		ip = ip.Unmap()
@@ -810,15 +778,25 @@ func resolvePeer(nm *netmap.NetworkMap, host string) (netip.Addr, error) {
 		return netip.Addr{}, fmt.Errorf("%v is not a tailnet address: %w", ip, proxy.ErrNoRoute)
 	}
 	name := strings.TrimSuffix(strings.ToLower(host), ".")
+	var found []netip.Addr
+	var who []string
 	for _, n := range append([]*netmap.Node{&nm.Self}, nm.SortedPeers()...) {
 		if strings.ToLower(n.Hostname) != name || len(n.Addresses) == 0 {
 			continue
 		}
 		addrs := netmap.AddrsOf(n.Addresses)
 		slices.SortFunc(addrs, func(x, y netip.Addr) int { return x.Compare(y) }) // IPv4 sorts first
-		return addrs[0], nil
+		found = append(found, addrs[0])
+		who = append(who, fmt.Sprintf("node %d at %v", n.ID, addrs[0]))
 	}
-	return netip.Addr{}, fmt.Errorf("no peer named %q: %w", host, proxy.ErrNoRoute)
+	switch len(found) {
+	case 0:
+		return netip.Addr{}, fmt.Errorf("no peer named %q: %w", host, proxy.ErrNoRoute)
+	case 1:
+		return found[0], nil
+	}
+	return netip.Addr{}, fmt.Errorf("name %q is ambiguous, %d nodes hold it (%s): use an address: %w",
+		host, len(found), strings.Join(who, ", "), proxy.ErrNoRoute)
 }
 
 // Listen opens a TCP listener on port of the node's first tailnet address

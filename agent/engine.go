@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.zx2c4.com/wireguard/conn"
@@ -131,12 +132,8 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 			e.runLazy(ctx)
 		}()
 	}
-	k := cfg.nodeKey.Raw()
-	if err := e.dev.IpcSet(fmt.Sprintf("private_key=%x\nlisten_port=%d\n", k[:], cfg.port)); err != nil {
-		return nil, fmt.Errorf("configure WireGuard: %w (is UDP port %d in use? pass --port 0 for a random one)", err, cfg.port)
-	}
-	if err := e.dev.Up(); err != nil {
-		return nil, fmt.Errorf("WireGuard up (UDP port %d): %w (pass --port 0 for a random one)", cfg.port, err)
+	if err := e.up(); err != nil {
+		return nil, err
 	}
 	st, err := e.stats()
 	if err != nil {
@@ -151,14 +148,45 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 	return e, nil
 }
 
-// wgLogger sends wireguard-go's logs to slog: errors at debug level too,
-// because wireguard-go reports routine events (a peer without an endpoint
-// yet) as errors.
-func wgLogger(log *slog.Logger) *device.Logger {
-	return &device.Logger{
-		Verbosef: func(format string, args ...any) { log.Debug("wireguard: " + fmt.Sprintf(format, args...)) },
-		Errorf:   func(format string, args ...any) { log.Debug("wireguard error: " + fmt.Sprintf(format, args...)) },
+// up sets the device's key and UDP port and brings it up. AutoPort asks
+// for DefaultPort and, when another process holds it (several daemons on
+// one host, sidecars with host networking), takes a random port with a log
+// line, as tailscaled does; a port the user chose stays an error when taken.
+//
+// The bind is opened by IpcSet if the TUN already brought the device up
+// (netstack reports up at once), else by Up, so either may find the port
+// taken; a failed attempt leaves the bind closed, ready for another.
+func (e *engine) up() error {
+	port := e.cfg.port
+	if port == AutoPort {
+		port = DefaultPort
 	}
+	k := e.cfg.nodeKey.Raw()
+	err := e.dev.IpcSet(fmt.Sprintf("private_key=%x\nlisten_port=%d\n", k[:], port))
+	if err == nil {
+		err = e.dev.Up()
+	}
+	if err != nil && e.cfg.port == AutoPort && errors.Is(err, syscall.EADDRINUSE) {
+		if err = e.dev.IpcSet("listen_port=0\n"); err == nil {
+			err = e.dev.Up()
+		}
+		if err == nil {
+			st, err := e.stats()
+			if err != nil {
+				return err
+			}
+			e.cfg.log.Warn("default WireGuard UDP port in use (another meshd or tailscaled on this host?); listening on a random port instead: pass --port to choose one",
+				"default_port", DefaultPort, "port", st.ListenPort)
+			return nil
+		}
+	}
+	switch {
+	case errors.Is(err, syscall.EADDRINUSE):
+		return fmt.Errorf("WireGuard: UDP port %d is already in use (another meshd or tailscaled on this host?): pass a free --port, or --port 0 for a random one: %w", port, err)
+	case err != nil:
+		return fmt.Errorf("WireGuard up (UDP port %d): %w", port, err)
+	}
+	return nil
 }
 
 // applyMap reconciles WireGuard peers and kernel routes with nm.

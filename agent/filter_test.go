@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -167,10 +166,10 @@ func TestEngineFilter(t *testing.T) {
 // it in status, and that a restarted agent enforces the saved map's rules
 // before it hears from the coordinator (which is gone).
 func TestAgentFilterFromSavedMap(t *testing.T) {
-	m := newTestMesh(t)
+	m := newFakeMesh(t)
 	dir := filepath.Join(t.TempDir(), "node")
 	start := func() (*Agent, func()) {
-		a, err := New(Options{StateDir: dir, TUN: TUNUserspace, LoopbackOnly: true, EndpointInterval: time.Second, Logger: slog.New(slog.DiscardHandler)})
+		a, err := New(m.options(dir))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -199,9 +198,7 @@ func TestAgentFilterFromSavedMap(t *testing.T) {
 		t.Fatalf("filter status: %+v", st.Filter)
 	}
 	stop()
-	if err := m.srv.Close(); err != nil && !errors.Is(err, os.ErrClosed) {
-		t.Logf("closing the coordinator: %v", err)
-	}
+	m.fake.SetDown(true)
 
 	a, stop = start()
 	defer stop()

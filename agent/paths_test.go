@@ -15,6 +15,7 @@ import (
 	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/control"
 	"meshd.dev/meshd/derp"
+	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/nat/stun"
 	"meshd.dev/meshd/netmap"
 )
@@ -46,7 +47,7 @@ func newRelayMesh(t *testing.T) *testMesh {
 	t.Cleanup(func() { cancel(); <-done })
 	dm := &netmap.DERPMap{Regions: []netmap.DERPRegion{{ID: 7, Code: "loop", Nodes: []netmap.DERPNode{{
 		Name: "7a", Host: "127.0.0.1", DERPPort: hs.Listener.Addr().(*net.TCPAddr).Port,
-		STUNPort: int(ss.AddrPort().Port()), CertFingerprint: derp.Fingerprint(cert.Leaf),
+		STUNPort: int(ss.AddrPort().Port()), CertFingerprint: tlspin.Fingerprint(cert.Leaf),
 	}}}}}
 	return newTestMeshWith(t, control.ServerOptions{DERPMap: dm})
 }

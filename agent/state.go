@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"meshd.dev/meshd/internal/atomicfile"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -39,8 +40,12 @@ type Login struct {
 	ServerPin      string        `json:"server_pin"`
 	NodeID         netmap.NodeID `json:"node_id"`
 	Hostname       string        `json:"hostname,omitempty"`
-	Tags           []string      `json:"tags,omitempty"`
-	Ephemeral      bool          `json:"ephemeral,omitempty"`
+	// RequestedHostname is the name the node asked for when it registered;
+	// the coordinator may have changed it (sanitized, or a suffix on a
+	// clash). `meshd up --hostname` with either name changes nothing.
+	RequestedHostname string   `json:"requested_hostname,omitempty"`
+	Tags              []string `json:"tags,omitempty"`
+	Ephemeral         bool     `json:"ephemeral,omitempty"`
 	// WantRunning is false after `meshd down`: a restarted daemon then stays
 	// down until `meshd up`, as a user who took the node down expects.
 	WantRunning bool `json:"want_running"`
@@ -243,42 +248,5 @@ func (s *Store) writeJSON(name string, v any) error {
 	if err != nil {
 		return fmt.Errorf("encode %s: %w", name, err)
 	}
-	return writeFileAtomic(filepath.Join(s.dir, name), append(data, '\n'))
-}
-
-func writeFileAtomic(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp) // no-op after a successful rename
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("write %s: sync dir: %w", path, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("write %s: sync dir: %w", path, err)
-	}
-	return nil
+	return atomicfile.Write(filepath.Join(s.dir, name), append(data, '\n'), 0o600)
 }

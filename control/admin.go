@@ -10,7 +10,9 @@ import (
 	"strings"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/control/store"
+	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -85,7 +87,7 @@ func authKeyView(k store.AuthKey, now time.Time) AuthKey {
 
 func checkLogin(login string) error {
 	if login == "" || len(login) > 256 || strings.ContainsFunc(login, func(r rune) bool { return r <= ' ' || r == 0x7f }) {
-		return fmt.Errorf("%w: user %q: want a login such as alice@example.com", ErrBadRequest, login)
+		return fmt.Errorf("%w: user %q: want a login such as alice@example.com", controlclient.ErrBadRequest, login)
 	}
 	return nil
 }
@@ -95,16 +97,16 @@ func checkLogin(login string) error {
 func (s *Server) CreateAuthKey(ctx context.Context, o AuthKeyOptions) (string, AuthKey, error) {
 	tags, err := netmap.NormalizeTags(o.Tags)
 	if err != nil {
-		return "", AuthKey{}, fmt.Errorf("%w: %v", ErrBadRequest, err)
+		return "", AuthKey{}, fmt.Errorf("%w: %v", controlclient.ErrBadRequest, err)
 	}
 	o.User = strings.TrimSpace(o.User)
 	switch {
 	case len(tags) == 0 && o.User == "":
-		return "", AuthKey{}, fmt.Errorf("%w: a key needs --tags (nodes become tagged services) or --user (nodes become that user's devices)", ErrBadRequest)
+		return "", AuthKey{}, fmt.Errorf("%w: a key needs --tags (nodes become tagged services) or --user (nodes become that user's devices)", controlclient.ErrBadRequest)
 	case len(tags) > 0 && o.User != "":
-		return "", AuthKey{}, fmt.Errorf("%w: a key is either tagged or a user's, not both: drop --user or --tags", ErrBadRequest)
+		return "", AuthKey{}, fmt.Errorf("%w: a key is either tagged or a user's, not both: drop --user or --tags", controlclient.ErrBadRequest)
 	case o.Expiry < 0:
-		return "", AuthKey{}, fmt.Errorf("%w: expiry %v is negative", ErrBadRequest, o.Expiry)
+		return "", AuthKey{}, fmt.Errorf("%w: expiry %v is negative", controlclient.ErrBadRequest, o.Expiry)
 	}
 	if o.User != "" {
 		if err := checkLogin(o.User); err != nil {
@@ -124,7 +126,7 @@ func (s *Server) CreateAuthKey(ctx context.Context, o AuthKeyOptions) (string, A
 			return "", AuthKey{}, err
 		}
 	}
-	pk := parsedAuthKey{ID: randomKeyID(), Secret: randomSecret(), Fingerprint: s.fingerprint}
+	pk := controlclient.AuthKey{ID: randomKeyID(), Secret: randomSecret(), Fingerprint: s.fingerprint}
 	k := store.AuthKey{
 		ID: pk.ID, Hash: hashSecret(pk.Secret), Reusable: o.Reusable, Ephemeral: o.Ephemeral,
 		Preauthorized: o.Preauthorized, Tags: tags, User: o.User, Created: now,
@@ -157,7 +159,7 @@ func (s *Server) AuthKeys(ctx context.Context) ([]AuthKey, error) {
 func (s *Server) RevokeAuthKey(ctx context.Context, id string) error {
 	err := s.store.RevokeAuthKey(ctx, id, time.Now().UTC())
 	if errors.Is(err, store.ErrNotFound) {
-		return fmt.Errorf("%w: no auth key %q", ErrNotFound, id)
+		return fmt.Errorf("%w: no auth key %q", controlclient.ErrNotFound, id)
 	}
 	return err
 }
@@ -184,7 +186,7 @@ func (s *Server) Nodes(ctx context.Context) ([]NodeInfo, error) {
 func (s *Server) storeNode(ctx context.Context, id netmap.NodeID) (store.Node, error) {
 	n, err := s.store.Node(ctx, id)
 	if errors.Is(err, store.ErrNotFound) {
-		return n, fmt.Errorf("%w: no node %d", ErrNotFound, id)
+		return n, fmt.Errorf("%w: no node %d", controlclient.ErrNotFound, id)
 	}
 	return n, err
 }
@@ -200,7 +202,7 @@ func (s *Server) DeleteNode(ctx context.Context, id netmap.NodeID) error {
 		return err
 	}
 	s.cancelEphemeralLocked(id)
-	s.hub.remove(id, ErrNotRegistered)
+	s.hub.remove(id, controlclient.ErrNotRegistered)
 	s.log.Info("node deleted", "node", id)
 	return nil
 }
@@ -215,10 +217,11 @@ func (s *Server) ExpireNode(ctx context.Context, id netmap.NodeID) error {
 		return err
 	}
 	n.KeyExpiry = time.Now().UTC()
+	n.AdminActed = s.now().UTC()
 	if err := s.store.UpdateNode(ctx, n); err != nil {
 		return err
 	}
-	s.hub.remove(id, ErrNodeExpired)
+	s.hub.remove(id, controlclient.ErrNodeExpired)
 	s.log.Info("node expired by administrator", "node", id)
 	return nil
 }
@@ -228,10 +231,10 @@ func (s *Server) ExpireNode(ctx context.Context, id netmap.NodeID) error {
 func (s *Server) TagNode(ctx context.Context, id netmap.NodeID, tags []string) error {
 	tags, err := netmap.NormalizeTags(tags)
 	if err != nil {
-		return fmt.Errorf("%w: %v", ErrBadRequest, err)
+		return fmt.Errorf("%w: %v", controlclient.ErrBadRequest, err)
 	}
 	if len(tags) == 0 {
-		return fmt.Errorf("%w: give at least one tag (a node cannot be untagged back to a user; re-enrol it with a user's key)", ErrBadRequest)
+		return fmt.Errorf("%w: give at least one tag, or return the node to a user (meshd admin nodes tag ID --user LOGIN)", controlclient.ErrBadRequest)
 	}
 	if err := s.adminMayApply(tags); err != nil {
 		return err
@@ -243,10 +246,40 @@ func (s *Server) TagNode(ctx context.Context, id netmap.NodeID, tags []string) e
 		return err
 	}
 	n.Tags, n.User, n.KeyExpiry = tags, "", time.Time{}
+	n.AdminActed = s.now().UTC()
 	if err := s.store.UpdateNode(ctx, n); err != nil {
 		return err
 	}
 	s.republishLocked(n)
+	return nil
+}
+
+// UntagNode returns a node to user (a login; created on first use): it
+// loses its tags and becomes that user's device, with the key expiry of a
+// device enrolled with the user's key (NodeKeyExpiry from now). It keeps
+// its id and addresses.
+func (s *Server) UntagNode(ctx context.Context, id netmap.NodeID, user string) error {
+	user = strings.TrimSpace(user)
+	if err := checkLogin(user); err != nil {
+		return err
+	}
+	now := s.now().UTC()
+	if _, err := s.store.EnsureUser(ctx, user, now); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n, err := s.storeNode(ctx, id)
+	if err != nil {
+		return err
+	}
+	n.Tags, n.User, n.KeyExpiry = nil, user, now.Add(s.opts.NodeKeyExpiry)
+	n.AdminActed = now // ends a single-use key's retry window
+	if err := s.store.UpdateNode(ctx, n); err != nil {
+		return err
+	}
+	s.republishLocked(n)
+	s.log.Info("node returned to a user by administrator", "node", id, "user", user, "key_expiry", n.KeyExpiry)
 	return nil
 }
 
@@ -257,7 +290,7 @@ func (s *Server) TagNode(ctx context.Context, id netmap.NodeID, tags []string) e
 // default any tag goes.
 func (s *Server) adminMayApply(tags []string) error {
 	if err := s.policy().CheckTags("", tags, tags); err != nil {
-		return fmt.Errorf("%w: %v", ErrTagsForbidden, err)
+		return fmt.Errorf("%w: %v", controlclient.ErrTagsForbidden, err)
 	}
 	return nil
 }
@@ -274,6 +307,7 @@ func (s *Server) ApproveNode(ctx context.Context, id netmap.NodeID) error {
 		return nil
 	}
 	n.Authorized = true
+	n.AdminActed = s.now().UTC()
 	if err := s.store.UpdateNode(ctx, n); err != nil {
 		return err
 	}
@@ -285,7 +319,7 @@ func (s *Server) ApproveNode(ctx context.Context, id netmap.NodeID) error {
 // live state (online, endpoints). s.mu held.
 func (s *Server) republishLocked(n store.Node) {
 	if !s.visible(n, time.Now()) {
-		s.hub.remove(n.ID, ErrNodeExpired)
+		s.hub.remove(n.ID, controlclient.ErrNodeExpired)
 		return
 	}
 	wn := n.Node
@@ -306,9 +340,10 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 	h := func(f func(*http.Request) (any, error)) http.HandlerFunc {
 		return func(w http.ResponseWriter, r *http.Request) {
 			if !s.adminAuthorized(r) {
-				s.writeError(w, r, fmt.Errorf("%w: send the content of the coordinator's admin.token as a bearer token", ErrUnauthorized))
+				s.writeError(w, r, fmt.Errorf("%w: send the content of the coordinator's admin.token as a bearer token", controlclient.ErrUnauthorized))
 				return
 			}
+			connlimit.Authenticate(r.Context())
 			v, err := f(r)
 			if err != nil {
 				s.writeError(w, r, err)
@@ -328,7 +363,7 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 			exp, err = 0, nil
 		}
 		if err != nil {
-			return nil, fmt.Errorf("%w: expiry %q: %v", ErrBadRequest, req.Expiry, err)
+			return nil, fmt.Errorf("%w: expiry %q: %v", controlclient.ErrBadRequest, req.Expiry, err)
 		}
 		secret, k, err := s.CreateAuthKey(r.Context(), AuthKeyOptions{
 			Reusable: req.Reusable, Ephemeral: req.Ephemeral, Preauthorized: req.Preauthorized,
@@ -364,6 +399,12 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 		if err := decodeBody(r, &req); err != nil {
 			return nil, err
 		}
+		switch {
+		case req.User != "" && len(req.Tags) > 0:
+			return nil, fmt.Errorf("%w: a node is either tagged or a user's: give tags or a user, not both", controlclient.ErrBadRequest)
+		case req.User != "":
+			return struct{}{}, s.UntagNode(r.Context(), id, req.User)
+		}
 		return struct{}{}, s.TagNode(r.Context(), id, req.Tags)
 	}))
 	s.policyRoutes(mux, h)
@@ -387,13 +428,15 @@ type createKeyRequest struct {
 
 type tagRequest struct {
 	Tags []string `json:"tags"`
+	// User, instead of Tags, returns the node to that user.
+	User string `json:"user,omitempty"`
 }
 
 func parseNodeID(s string) (netmap.NodeID, error) {
 	// 63 bits: node ids are SQL integers, which are signed.
 	id, err := strconv.ParseUint(s, 10, 63)
 	if err != nil || id == 0 {
-		return 0, fmt.Errorf("%w: node id %q: want a positive number as listed by `meshd admin nodes list`", ErrBadRequest, s)
+		return 0, fmt.Errorf("%w: node id %q: want a positive number as listed by `meshd admin nodes list`", controlclient.ErrBadRequest, s)
 	}
 	return netmap.NodeID(id), nil
 }

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -77,7 +78,7 @@ func BenchmarkJoinDelta(b *testing.B) {
 				h.upsert(benchNode(id))
 				b.StopTimer()
 				frame, total = drainAll(h)
-				h.remove(id, ErrNotRegistered)
+				h.remove(id, controlclient.ErrNotRegistered)
 				drainAll(h)
 				b.StartTimer()
 			}
@@ -100,7 +101,7 @@ func BenchmarkLeaveDelta(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				h.remove(id, ErrNotRegistered)
+				h.remove(id, controlclient.ErrNotRegistered)
 				b.StopTimer()
 				frame, _ = drainAll(h)
 				h.upsert(benchNode(id))

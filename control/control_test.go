@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/control/store"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -82,7 +84,7 @@ func TestRegisterKeyKinds(t *testing.T) {
 			}
 			err = n.c.Update(ctx, n.mapRequest())
 			if tt.wantApproval {
-				wantErr(t, err, ErrNotAuthorized)
+				wantErr(t, err, controlclient.ErrNotAuthorized)
 				if err := ts.ApproveNode(ctx, n.id); err != nil {
 					t.Fatal(err)
 				}
@@ -116,8 +118,8 @@ func TestCreateAuthKeyRejects(t *testing.T) {
 		{User: "has space"},
 		{User: "a@b", Expiry: -time.Hour},
 	} {
-		if _, _, err := ts.CreateAuthKey(context.Background(), o); !errors.Is(err, ErrBadRequest) {
-			t.Errorf("CreateAuthKey(%+v) = %v; want ErrBadRequest", o, err)
+		if _, _, err := ts.CreateAuthKey(context.Background(), o); !errors.Is(err, controlclient.ErrBadRequest) {
+			t.Errorf("CreateAuthKey(%+v) = %v; want controlclient.ErrBadRequest", o, err)
 		}
 	}
 }
@@ -148,9 +150,9 @@ func TestSingleUseKeyRace(t *testing.T) {
 		switch {
 		case err == nil:
 			wins++
-		case errors.Is(err, ErrAuthKeyUsed):
+		case errors.Is(err, controlclient.ErrAuthKeyUsed):
 		default:
-			t.Errorf("racer %d: %v; want success or ErrAuthKeyUsed", i, err)
+			t.Errorf("racer %d: %v; want success or controlclient.ErrAuthKeyUsed", i, err)
 		}
 	}
 	if wins != 1 {
@@ -175,7 +177,8 @@ func TestAuthKeyRefusals(t *testing.T) {
 	other := startServer(t, ServerOptions{})
 	ctx := context.Background()
 
-	expired := ts.key(t, AuthKeyOptions{Tags: []string{"tag:x"}, Expiry: time.Millisecond})
+	expired, expiredID := ts.expiredKey(t, "tag:x")
+	expiring := ts.key(t, AuthKeyOptions{Tags: []string{"tag:x"}, Expiry: time.Hour})
 	revoked, rk, err := ts.CreateAuthKey(ctx, AuthKeyOptions{Tags: []string{"tag:x"}, Reusable: true})
 	if err != nil {
 		t.Fatal(err)
@@ -184,28 +187,27 @@ func TestAuthKeyRefusals(t *testing.T) {
 	newTestNode(t, ts.url, "").mustRegister(t, used, "first")
 	// A syntactically valid key with this coordinator's fingerprint but an
 	// id that does not exist, and a real id with the wrong secret.
-	pk, _ := parseAuthKey(used)
-	unknown := parsedAuthKey{ID: "0123456789ab", Secret: pk.Secret, Fingerprint: pk.Fingerprint}.String()
-	wrongSecret := parsedAuthKey{ID: pk.ID, Secret: strings.Repeat("a", 32), Fingerprint: pk.Fingerprint}.String()
+	pk, _ := controlclient.ParseAuthKey(used)
+	unknown := controlclient.AuthKey{ID: "0123456789ab", Secret: pk.Secret, Fingerprint: pk.Fingerprint}.String()
+	wrongSecret := controlclient.AuthKey{ID: pk.ID, Secret: strings.Repeat("a", 32), Fingerprint: pk.Fingerprint}.String()
 	if err := ts.RevokeAuthKey(ctx, rk.ID); err != nil {
 		t.Fatal(err)
 	}
 	// A key of another coordinator whose node already pins this one.
 	foreign := other.key(t, AuthKeyOptions{Tags: []string{"tag:x"}})
-	time.Sleep(5 * time.Millisecond) // let the 1ms key expire
 
 	tests := []struct {
 		name, key, pin string
 		want           error
 		msg            string
 	}{
-		{"expired", expired, "", ErrAuthKeyExpired, "expired"},
-		{"revoked", revoked, "", ErrAuthKeyRevoked, "revoked"},
-		{"used", used, "", ErrAuthKeyUsed, "single-use"},
-		{"unknown id", unknown, "", ErrAuthKeyUnknown, "no auth key"},
-		{"wrong secret", wrongSecret, "", ErrAuthKeyUnknown, "no auth key"},
-		{"malformed", "mskey-nope", "", ErrAuthKeyUnknown, "malformed"},
-		{"other coordinator's key", foreign, ts.Fingerprint(), ErrAuthKeyUnknown, "different coordinator"},
+		{"expired", expired, "", controlclient.ErrAuthKeyExpired, "expired"},
+		{"revoked", revoked, "", controlclient.ErrAuthKeyRevoked, "revoked"},
+		{"used", used, "", controlclient.ErrAuthKeyUsed, "single-use"},
+		{"unknown id", unknown, "", controlclient.ErrAuthKeyUnknown, "no auth key"},
+		{"wrong secret", wrongSecret, "", controlclient.ErrAuthKeyUnknown, "no auth key"},
+		{"malformed", "mskey-nope", "", controlclient.ErrAuthKeyUnknown, "malformed"},
+		{"other coordinator's key", foreign, ts.Fingerprint(), controlclient.ErrAuthKeyUnknown, "different coordinator"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -221,12 +223,33 @@ func TestAuthKeyRefusals(t *testing.T) {
 		t.Fatal(err)
 	}
 	states := map[string]string{}
+	ek, _ := controlclient.ParseAuthKey(expiring)
 	for _, k := range keys {
 		states[k.ID] = k.State
+		// A key's expiry is counted from its creation.
+		if k.ID == ek.ID && k.Expires.Sub(k.Created) != time.Hour {
+			t.Errorf("key created with a 1h expiry: created %v, expires %v", k.Created, k.Expires)
+		}
 	}
-	if states[rk.ID] != "revoked" || states[pk.ID] != "used" {
+	if states[rk.ID] != "revoked" || states[pk.ID] != "used" || states[expiredID] != "expired" || states[ek.ID] != "valid" {
 		t.Errorf("key states %v", states)
 	}
+}
+
+// expiredKey stores a tagged auth key that expired an hour ago, as
+// CreateAuthKey stores one whose Expiry has since run out, so that no test
+// waits for a key to expire. It returns the key and its id.
+func (ts *testServer) expiredKey(t testing.TB, tags ...string) (string, string) {
+	t.Helper()
+	pk := controlclient.AuthKey{ID: randomKeyID(), Secret: randomSecret(), Fingerprint: ts.Fingerprint()}
+	created := time.Now().UTC().Add(-2 * time.Hour)
+	err := ts.store.InsertAuthKey(context.Background(), store.AuthKey{
+		ID: pk.ID, Hash: hashSecret(pk.Secret), Tags: tags, Created: created, Expires: created.Add(time.Hour),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pk.String(), pk.ID
 }
 
 func TestPinMismatch(t *testing.T) {
@@ -236,22 +259,22 @@ func TestPinMismatch(t *testing.T) {
 	// Pinned to another coordinator (a stale pin in the state dir).
 	n := newTestNode(t, ts.url, other.Fingerprint())
 	_, err := n.register(context.Background(), key, "n")
-	wantErr(t, err, ErrPinMismatch)
+	wantErr(t, err, controlclient.ErrPinMismatch)
 	if !strings.Contains(err.Error(), "--coordinator") {
 		t.Errorf("pin mismatch error does not say what to do: %v", err)
 	}
 	// An auth key from the coordinator the URL does not point to.
 	okey := other.key(t, AuthKeyOptions{Tags: []string{"tag:x"}})
 	_, err = newTestNode(t, ts.url, "").register(context.Background(), okey, "n")
-	wantErr(t, err, ErrPinMismatch)
+	wantErr(t, err, controlclient.ErrPinMismatch)
 	// Admin client with a token of another coordinator.
 	tok := "msadm-" + strings.Repeat("a", 32) + "-" + other.Fingerprint()
 	ac, err := NewAdminClient(ts.url, tok)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ac.Nodes(context.Background()); !errors.Is(err, ErrPinMismatch) {
-		t.Errorf("admin client with a foreign token: %v; want ErrPinMismatch", err)
+	if _, err := ac.Nodes(context.Background()); !errors.Is(err, controlclient.ErrPinMismatch) {
+		t.Errorf("admin client with a foreign token: %v; want controlclient.ErrPinMismatch", err)
 	}
 }
 
@@ -280,6 +303,7 @@ func TestMapStreamJoinLeaveEndpoints(t *testing.T) {
 
 	// Endpoint change and node-key rotation over Update.
 	newKey := netmap.NewNodePrivate()
+	b.c.SetNodeKey(newKey)
 	req.Endpoints = append(req.Endpoints, netip.MustParseAddrPort("[::1]:41641"))
 	req.NodeKey = newKey.Public()
 	if err := b.c.Update(ctx, req); err != nil {
@@ -307,7 +331,7 @@ func TestMapStreamJoinLeaveEndpoints(t *testing.T) {
 		t.Error("deleted node's key still known")
 	}
 	// A deleted machine is told so.
-	wantErr(t, b.c.Update(ctx, b.mapRequest()), ErrNotRegistered)
+	wantErr(t, b.c.Update(ctx, b.mapRequest()), controlclient.ErrNotRegistered)
 }
 
 func TestExpireAndTagNode(t *testing.T) {
@@ -331,7 +355,7 @@ func TestExpireAndTagNode(t *testing.T) {
 	if got := b.current().Peers[a.id].Addresses; !slices.Equal(got, ra.Node.Addresses) {
 		t.Errorf("re-tagged node addresses %v; want %v", got, ra.Node.Addresses)
 	}
-	wantErr(t, ts.TagNode(ctx, a.id, nil), ErrBadRequest)
+	wantErr(t, ts.TagNode(ctx, a.id, nil), controlclient.ErrBadRequest)
 
 	if err := ts.ExpireNode(ctx, b.id); err != nil {
 		t.Fatal(err)
@@ -341,13 +365,13 @@ func TestExpireAndTagNode(t *testing.T) {
 	select {
 	case err := <-b.fdone:
 		b.fdone <- err
-		wantErr(t, err, ErrNodeExpired)
+		wantErr(t, err, controlclient.ErrNodeExpired)
 	case <-time.After(20 * time.Second):
 		t.Fatal("Follow of an expired node did not return")
 	}
-	wantErr(t, b.c.Update(ctx, b.mapRequest()), ErrNodeExpired)
+	wantErr(t, b.c.Update(ctx, b.mapRequest()), controlclient.ErrNodeExpired)
 	_, err := b.register(ctx, "", "b")
-	wantErr(t, err, ErrNodeExpired)
+	wantErr(t, err, controlclient.ErrNodeExpired)
 	// Re-authenticating with a key brings it back with the same addresses.
 	rb, err := b.register(ctx, ukey, "b")
 	if err != nil {
@@ -357,7 +381,7 @@ func TestExpireAndTagNode(t *testing.T) {
 	if rb.Node.ID != b.id {
 		t.Errorf("re-authenticated node got id %d; want %d", rb.Node.ID, b.id)
 	}
-	wantErr(t, ts.ExpireNode(ctx, 9999), ErrNotFound)
+	wantErr(t, ts.ExpireNode(ctx, 9999), controlclient.ErrNotFound)
 }
 
 func TestReRegisterKeepsAddresses(t *testing.T) {
@@ -391,7 +415,7 @@ func TestReRegisterKeepsAddresses(t *testing.T) {
 	}
 	// Unknown machine without a key.
 	_, err := newTestNode(t, ts.url, ts.Fingerprint()).register(context.Background(), "", "x")
-	wantErr(t, err, ErrNotRegistered)
+	wantErr(t, err, controlclient.ErrNotRegistered)
 }
 
 func TestEphemeralCleanup(t *testing.T) {
@@ -401,14 +425,26 @@ func TestEphemeralCleanup(t *testing.T) {
 	ekey := ts.key(t, AuthKeyOptions{Tags: []string{"tag:ci"}, Ephemeral: true})
 	a, e := newTestNode(t, ts.url, ""), newTestNode(t, ts.url, "")
 	a.mustRegister(t, key, "a")
-	e.mustRegister(t, ekey, "job")
 	a.follow(t, a.mapRequest())
+	// Registration arms the deletion timer; the stream opens well within
+	// the timeout and disarms it.
+	e.mustRegister(t, ekey, "job")
 	stopE := e.follow(t, e.mapRequest())
 	a.waitMap(t, "ephemeral peer online", peerOnline(e.id, true))
-	// While the stream is open the node stays, well past the timeout.
-	time.Sleep(400 * time.Millisecond)
-	if a.current().Peers[e.id] == nil {
-		t.Fatal("ephemeral node deleted while its stream was open")
+	// While the stream is open the node stays: no deletion is pending once
+	// the stream has served its first map, and the timeout running out
+	// regardless (a timer that fired as the stream opened) leaves it alone.
+	// Both are checked directly rather than by sleeping past the timeout.
+	e.waitMap(t, "its first map", func(*netmap.NetworkMap) bool { return true })
+	ts.mu.Lock()
+	pending := ts.ephemeral[e.id] != nil
+	ts.mu.Unlock()
+	if pending {
+		t.Fatal("ephemeral node's deletion scheduled while its stream is open")
+	}
+	ts.reapEphemeral(e.id)
+	if _, err := ts.store.Node(ctx, e.id); err != nil {
+		t.Fatalf("ephemeral node deleted while its stream was open: %v", err)
 	}
 	stopE()
 	a.waitMap(t, "ephemeral peer deleted", func(m *netmap.NetworkMap) bool { return m.Peers[e.id] == nil })
@@ -534,8 +570,9 @@ func TestBadRequestsDoNotHurtOthers(t *testing.T) {
 	a.waitMap(t, "b online", peerOnline(b.id, true))
 
 	// Raw requests with the right machine credentials but bad bodies.
+	hc := machineHTTP(t, b.c.ServerPin(), b.mk)
 	raw := func(path string, body []byte) error {
-		return doRaw(ctx, b.c, path, body)
+		return doRaw(ctx, hc, ts.url, path, body)
 	}
 	bad := []struct {
 		name, path string
@@ -553,17 +590,17 @@ func TestBadRequestsDoNotHurtOthers(t *testing.T) {
 	}
 	for _, tt := range bad {
 		err := raw(tt.path, tt.body)
-		var ae *APIError
+		var ae *controlclient.APIError
 		if !errors.As(err, &ae) || ae.Status/100 != 4 || ae.Message == "" {
 			t.Errorf("%s: %v; want a 4xx error with a message", tt.name, err)
 		}
 	}
 	// No client certificate at all on a machine endpoint; no token on admin.
 	ac, _ := NewAdminClient(ts.url, "msadm-"+strings.Repeat("b", 32)+"-"+ts.Fingerprint())
-	if _, err := ac.Nodes(ctx); !errors.Is(err, ErrUnauthorized) {
+	if _, err := ac.Nodes(ctx); !errors.Is(err, controlclient.ErrUnauthorized) {
 		t.Errorf("admin with a wrong token: %v", err)
 	}
-	if err := doJSON(ctx, ac.hc, "POST", ts.url+"/machine/map", "", netmap.MapRequest{Version: 1}, nil, nil); !errors.Is(err, ErrBadRequest) {
+	if err := controlclient.DoJSON(ctx, ac.hc, "POST", ts.url+"/machine/map", "", netmap.MapRequest{Version: 1}, nil, nil); !errors.Is(err, controlclient.ErrBadRequest) {
 		t.Errorf("machine request without a client certificate: %v", err)
 	}
 	// The honest nodes still get updates.

@@ -13,6 +13,9 @@ import (
 	"sync"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/internal/atomicfile"
+	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -117,7 +120,7 @@ func (s *Server) EnableRelayVerify() (string, error) {
 	}
 	if errors.Is(err, os.ErrNotExist) {
 		tok = relayTokenPrefix + "-" + randomSecret() + "-" + s.fingerprint
-		if err := writeFileAtomic(path, []byte(tok+"\n")); err != nil {
+		if err := atomicfile.Write(path, []byte(tok+"\n"), 0o600); err != nil {
 			return "", fmt.Errorf("coordinator: write relay token: %w", err)
 		}
 	} else if err != nil {
@@ -131,11 +134,12 @@ func (s *Server) EnableRelayVerify() (string, error) {
 	auth := func(w http.ResponseWriter, r *http.Request) bool {
 		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 		if !ok || !hashEqual(hashSecret(strings.TrimSpace(got)), want) {
-			// Not ErrUnauthorized, whose message names the admin token.
-			writeJSON(w, http.StatusUnauthorized, errorBody{Code: "unauthorized",
+			// Not controlclient.ErrUnauthorized, whose message names the admin token.
+			writeJSON(w, http.StatusUnauthorized, controlclient.ErrorBody{Code: "unauthorized",
 				Error: "relay token missing or wrong: use the content of the coordinator's " + relayTokenFile})
 			return false
 		}
+		connlimit.Authenticate(r.Context())
 		return true
 	}
 	s.mux.HandleFunc("GET "+relayVerifyPath, func(w http.ResponseWriter, r *http.Request) {
@@ -144,7 +148,7 @@ func (s *Server) EnableRelayVerify() (string, error) {
 		}
 		k, err := netmap.ParseNodePublic(r.URL.Query().Get("key"))
 		if err != nil {
-			s.writeError(w, r, fmt.Errorf("%w: key: %v", ErrBadRequest, err))
+			s.writeError(w, r, fmt.Errorf("%w: key: %v", controlclient.ErrBadRequest, err))
 			return
 		}
 		writeJSON(w, http.StatusOK, RelayVerifyResponse{Known: s.nodeKeyValid(k, time.Now())})
@@ -168,7 +172,7 @@ func readRelayToken(path string) (string, error) {
 // carries.
 func relayTokenFingerprint(token string) (string, error) {
 	parts := strings.Split(strings.TrimSpace(token), "-")
-	if len(parts) != 3 || parts[0] != relayTokenPrefix || len(parts[2]) != fingerprintLen || !isHex(parts[2]) {
+	if len(parts) != 3 || parts[0] != relayTokenPrefix || len(parts[2]) != controlclient.FingerprintLen || !controlclient.IsHex(parts[2]) {
 		return "", errors.New("relay token is malformed: want msrly-SECRET-FINGERPRINT, the content of the coordinator's relay.token")
 	}
 	return parts[2], nil
@@ -220,7 +224,7 @@ type verifyEntry struct {
 // NewRelayVerifier returns a verifier for the coordinator at rawURL; token is
 // the content of the coordinator's relay.token, whose fingerprint is pinned.
 func NewRelayVerifier(rawURL, token string, opts RelayVerifierOptions) (*RelayVerifier, error) {
-	u, err := ParseURL(rawURL)
+	u, err := controlclient.ParseURL(rawURL)
 	if err != nil {
 		return nil, err
 	}
@@ -244,7 +248,7 @@ func NewRelayVerifier(rawURL, token string, opts RelayVerifierOptions) (*RelayVe
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	tr := pinnedTransport(func() string { return fp }, func(string) {}, nil)
+	tr := controlclient.PinnedTransport(fp)
 	return &RelayVerifier{
 		base: u, token: token, opts: opts, now: time.Now,
 		hc:     &http.Client{Transport: tr, Timeout: 10 * time.Second},
@@ -335,7 +339,7 @@ func (v *RelayVerifier) ask(ctx context.Context, k netmap.NodePublic) (bool, err
 	u := v.base.JoinPath(relayVerifyPath)
 	u.RawQuery = url.Values{"key": {k.String()}}.Encode()
 	var out RelayVerifyResponse
-	if err := doJSON(ctx, v.hc, http.MethodGet, u.String(), v.token, nil, &out, nil); err != nil {
+	if err := controlclient.DoJSON(ctx, v.hc, http.MethodGet, u.String(), v.token, nil, &out, nil); err != nil {
 		return false, err
 	}
 	return out.Known, nil

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/derp"
 	"meshd.dev/meshd/netmap"
 )
@@ -312,7 +313,7 @@ func TestFetchDERPMap(t *testing.T) {
 		want          error
 		wantMsg       string
 	}{
-		{name: "other coordinator's pin", url: ts.url, fp: strings.Repeat("ab", 32), want: ErrPinMismatch},
+		{name: "other coordinator's pin", url: ts.url, fp: strings.Repeat("ab", 32), want: controlclient.ErrPinMismatch},
 		{name: "malformed pin", url: ts.url, fp: "xyz", wantMsg: "want 64 hex digits"},
 		{name: "plain http", url: "http://" + ts.addr, fp: ts.Fingerprint(), wantMsg: "only speaks https"},
 	} {

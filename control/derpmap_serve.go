@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -22,7 +23,7 @@ const DERPMapPath = "/derpmap/default"
 func (s *Server) handleDERPMap(w http.ResponseWriter, r *http.Request) {
 	m := s.DERPMap()
 	if m == nil || len(m.Regions) == 0 {
-		s.writeError(w, r, fmt.Errorf("%w: this coordinator hands out no DERP map (it was started with neither an embedded relay nor --derp-map)", ErrNotFound))
+		s.writeError(w, r, fmt.Errorf("%w: this coordinator hands out no DERP map (it was started with neither an embedded relay nor --derp-map)", controlclient.ErrNotFound))
 		return
 	}
 	w.Header().Set("Content-Type", "application/json")
@@ -34,14 +35,14 @@ func (s *Server) handleDERPMap(w http.ResponseWriter, r *http.Request) {
 // SHA-256 of its public key, as printed at its start and carried by every
 // auth key). The map is checked as a --derp-map file would be.
 func FetchDERPMap(ctx context.Context, rawURL, fingerprint string) (*netmap.DERPMap, error) {
-	u, err := ParseURL(rawURL)
+	u, err := controlclient.ParseURL(rawURL)
 	if err != nil {
 		return nil, err
 	}
-	if len(fingerprint) != fingerprintLen || !isHex(fingerprint) {
-		return nil, fmt.Errorf("coordinator fingerprint %q: want %d hex digits, as printed by `meshd coordinator` at start", fingerprint, fingerprintLen)
+	if len(fingerprint) != controlclient.FingerprintLen || !controlclient.IsHex(fingerprint) {
+		return nil, fmt.Errorf("coordinator fingerprint %q: want %d hex digits, as printed by `meshd coordinator` at start", fingerprint, controlclient.FingerprintLen)
 	}
-	tr := pinnedTransport(func() string { return fingerprint }, func(string) {}, nil)
+	tr := controlclient.PinnedTransport(fingerprint)
 	defer tr.CloseIdleConnections()
 	hc := &http.Client{Transport: tr, Timeout: 10 * time.Second}
 	u = u.JoinPath(DERPMapPath)
@@ -55,7 +56,7 @@ func FetchDERPMap(ctx context.Context, rawURL, fingerprint string) (*netmap.DERP
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("fetch DERP map: %w", readAPIError(resp))
+		return nil, fmt.Errorf("fetch DERP map: %w", controlclient.ReadAPIError(resp))
 	}
 	data, err := io.ReadAll(io.LimitReader(resp.Body, MaxDERPMapSize+1))
 	if err != nil {

@@ -7,7 +7,6 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"io"
@@ -19,69 +18,24 @@ import (
 	"testing"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/netmap"
 )
 
-func frameOf(body string) []byte {
-	b := binary.BigEndian.AppendUint32(nil, uint32(len(body)))
-	return append(b, body...)
-}
+// Machine endpoints FuzzMachineRequest picks from (op modulo 3).
+const (
+	opRegister uint8 = iota
+	opMap
+	opChallenge
+)
 
-// FuzzReadFrame feeds arbitrary bytes to the map stream reader: it must
-// return messages or an error, never panic, and what it accepts must
-// survive re-encoding.
-func FuzzReadFrame(f *testing.F) {
-	f.Add(frameOf(`{"epoch":"e","version":1,"keep_alive":true}`))
-	f.Add(frameOf(`{"epoch":"e","version":2,"peers_removed":[3]}`))
-	f.Add([]byte{0xff, 0xff, 0xff, 0xff, '{'})
-	f.Add([]byte{0, 0, 0, 0})
-	f.Add(append(frameOf(`{"epoch":"e","version":1}`), 0, 0, 0, 9, '{'))
-	f.Fuzz(func(t *testing.T, data []byte) {
-		r := bytes.NewReader(data)
-		var buf []byte
-		for range 16 {
-			resp, b, err := readMapResponse(r, buf)
-			buf = b
-			if err != nil {
-				return
-			}
-			fr, err := encodeFrame(resp)
-			if err != nil {
-				t.Fatalf("re-encode accepted message: %v", err)
-			}
-			if _, _, err := readMapResponse(bytes.NewReader(fr), nil); err != nil {
-				t.Fatalf("re-read of re-encoded message: %v", err)
-			}
-		}
-	})
-}
+func ptr[T any](v T) *T { return &v }
 
-// FuzzParseAuthKey checks the auth key and admin token parsers.
-func FuzzParseAuthKey(f *testing.F) {
-	fp := "b44fb823ee0f25e298dceb395ddb237c0caf777c7a10ffa1bafade7f0acaaba0"
-	f.Add("mskey-4d050af5bb5e-5knzhhyp5rpzegas6tp23jmzhdmzpsca-" + fp)
-	f.Add("msadm-5knzhhyp5rpzegas6tp23jmzhdmzpsca-" + fp)
-	f.Add("mskey---")
-	f.Add("mskey-\x00-\xff-" + fp)
-	f.Fuzz(func(t *testing.T, s string) {
-		if k, err := parseAuthKey(s); err == nil {
-			if len(k.Fingerprint) != fingerprintLen || len(k.ID) != keyIDLen {
-				t.Fatalf("accepted %q with parts %+v", s, k)
-			}
-			if again, err := parseAuthKey(k.String()); err != nil || again != k {
-				t.Fatalf("round trip of %q: %+v %v", s, again, err)
-			}
-		}
-		if fp, err := AdminTokenFingerprint(s); err == nil && len(fp) != fingerprintLen {
-			t.Fatalf("admin token %q gave fingerprint %q", s, fp)
-		}
-	})
-}
-
-// FuzzMachineRequest sends arbitrary bodies to the machine endpoints of a
-// real coordinator (SQLite store included), authenticated as one machine.
-// Every answer must be a success or a 4xx JSON error with a code; nothing
-// may panic or answer 500.
+// FuzzMachineRequest sends arbitrary bodies to the machine endpoints
+// (register, map, challenge) of a real coordinator (SQLite store
+// included), authenticated as one machine. Every answer must be a success
+// or a 4xx JSON error with a code; nothing may panic or answer 500.
 func FuzzMachineRequest(f *testing.F) {
 	dir := f.TempDir()
 	s, err := NewServer(context.Background(), ServerOptions{StateDir: dir, KeepAliveInterval: time.Hour})
@@ -94,26 +48,34 @@ func FuzzMachineRequest(f *testing.F) {
 		f.Fatal(err)
 	}
 	_, mk, _ := ed25519.GenerateKey(rand.Reader)
-	cert, err := selfSignedCert(mk, "fuzz")
+	cert, err := tlspin.SelfSigned(mk, "fuzz", nil)
 	if err != nil {
 		f.Fatal(err)
 	}
 	leaf, _ := x509.ParseCertificate(cert.Certificate[0])
 	h := s.Handler()
-	nk := netmap.NewNodePrivate().Public()
-	reg, _ := json.Marshal(netmap.RegisterRequest{Version: 1, NodeKey: nk, Hostname: "fuzz", AuthKey: key})
-	mreq, _ := json.Marshal(netmap.MapRequest{Version: 1, NodeKey: nk, Endpoints: nil, HomeDERP: 1})
-	f.Add(false, reg)
-	f.Add(true, mreq)
-	f.Add(true, []byte(`{"version":1,"node_key":"`+nk.String()+`","stream":true,"since":3,"epoch":"x"}`))
-	f.Add(false, []byte(`{"version":1,"node_key":"`+nk.String()+`","auth_key":"mskey-000000000000-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-00"}`))
-	f.Add(true, []byte(`{"version":1,"endpoints":["1.2.3.4:0"]}`))
-	f.Add(false, []byte(`[`))
-	f.Fuzz(func(t *testing.T, isMap bool, body []byte) {
-		path := "/machine/register"
-		if isMap {
-			path = "/machine/map"
-		}
+	nkPriv := netmap.NewNodePrivate()
+	nk := nkPriv.Public()
+	mkPub, _ := netmap.MachinePublicFromEd25519(mk.Public().(ed25519.PublicKey))
+	proof, err := controlclient.SealNodeKeyProof(nkPriv, mkPub, ptr(s.chal.issue(mkPub, time.Now().Add(time.Hour))))
+	if err != nil {
+		f.Fatal(err)
+	}
+	reg, _ := json.Marshal(netmap.RegisterRequest{Version: netmap.ProtocolVersion, NodeKey: nk, Hostname: "fuzz", AuthKey: key, NodeKeyProof: proof})
+	mreq, _ := json.Marshal(netmap.MapRequest{Version: netmap.ProtocolVersion, NodeKey: nk, Endpoints: nil, HomeDERP: 1})
+	rot, _ := json.Marshal(netmap.MapRequest{Version: netmap.ProtocolVersion, NodeKey: netmap.NewNodePrivate().Public(), NodeKeyProof: proof})
+	f.Add(opRegister, reg)
+	f.Add(opMap, mreq)
+	f.Add(opMap, rot)
+	f.Add(opMap, []byte(`{"version":1,"node_key":"`+nk.String()+`","stream":true,"since":3,"epoch":"x"}`))
+	f.Add(opRegister, []byte(`{"version":2,"node_key":"`+nk.String()+`","auth_key":"mskey-000000000000-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-00"}`))
+	f.Add(opMap, []byte(`{"version":1,"endpoints":["1.2.3.4:0"]}`))
+	f.Add(opRegister, []byte(`[`))
+	f.Add(opChallenge, []byte(`{"version":2}`))
+	f.Add(opChallenge, []byte(`{"version":-1}`))
+	f.Add(opChallenge, []byte(``))
+	f.Fuzz(func(t *testing.T, op uint8, body []byte) {
+		path := []string{"/machine/register", "/machine/map", controlclient.ChallengePath}[int(op)%3]
 		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 		defer cancel()
 		req := httptest.NewRequestWithContext(ctx, http.MethodPost, path, bytes.NewReader(body))
@@ -126,7 +88,7 @@ func FuzzMachineRequest(f *testing.F) {
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			return // a streaming answer cut short, or the store gave up
 		}
-		var eb errorBody
+		var eb controlclient.ErrorBody
 		raw, _ := io.ReadAll(rec.Body)
 		if err := json.Unmarshal(raw, &eb); err != nil || eb.Code == "" || eb.Error == "" {
 			t.Fatalf("status %d with body %q: want a JSON error with a code", rec.Code, raw)
@@ -188,7 +150,7 @@ func FuzzAdminRequest(f *testing.F) {
 				return
 			}
 		}
-		var eb errorBody
+		var eb controlclient.ErrorBody
 		if err := json.Unmarshal(raw, &eb); err != nil || eb.Code == "" || eb.Error == "" {
 			t.Fatalf("%s %s: status %d body %q: want a JSON error with a code", rt.method, path, rec.Code, raw)
 		}

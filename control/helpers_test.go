@@ -5,15 +5,19 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"crypto/tls"
 	"errors"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -97,7 +101,7 @@ type testNode struct {
 	mk    ed25519.PrivateKey
 	nk    netmap.NodePrivate
 	dk    netmap.DiscoPrivate
-	c     *Client
+	c     *controlclient.Client
 	id    netmap.NodeID
 	self  netmap.Node
 	mu    sync.Mutex
@@ -114,12 +118,22 @@ func newTestNode(t testing.TB, url, pin string) *testNode {
 
 func newTestNodeKey(t testing.TB, url, pin string, mk ed25519.PrivateKey) *testNode {
 	t.Helper()
-	c, err := NewClient(ClientOptions{URL: url, MachineKey: mk, ServerPin: pin, Logger: testLogger(t), MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond})
+	nk := netmap.NewNodePrivate()
+	c, err := controlclient.NewClient(controlclient.ClientOptions{URL: url, MachineKey: mk, ServerPin: pin, NodeKey: nk, Logger: testLogger(t), MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(c.Close)
-	return &testNode{mk: mk, nk: netmap.NewNodePrivate(), dk: netmap.NewDiscoPrivate(), c: c, maps: make(chan *netmap.NetworkMap, 1)}
+	return &testNode{mk: mk, nk: nk, dk: netmap.NewDiscoPrivate(), c: c, maps: make(chan *netmap.NetworkMap, 1)}
+}
+
+// rotate gives the node a new node key (its client proves it from then
+// on) and returns the old one. Report it with an Update or a new stream.
+func (n *testNode) rotate() netmap.NodePrivate {
+	old := n.nk
+	n.nk = netmap.NewNodePrivate()
+	n.c.SetNodeKey(n.nk)
+	return old
 }
 
 func (n *testNode) register(ctx context.Context, authKey, host string, tags ...string) (*netmap.RegisterResponse, error) {
@@ -222,19 +236,43 @@ func wantErr(t testing.TB, err, want error) {
 
 var osReadFile = os.ReadFile
 
-// doRaw posts body as-is to a machine endpoint with c's credentials.
-func doRaw(ctx context.Context, c *Client, path string, body []byte) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base.JoinPath(path).String(), bytes.NewReader(body))
+// machineHTTP is an HTTP client for the coordinator pinned to pin that
+// presents machine key mk, as a node's control client does.
+func machineHTTP(t testing.TB, pin string, mk ed25519.PrivateKey) *http.Client {
+	t.Helper()
+	cert, err := tlspin.SelfSigned(mk, "raw", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := controlclient.PinnedTransport(pin)
+	tr.TLSClientConfig.Certificates = []tls.Certificate{cert}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr}
+}
+
+// doRaw posts body as-is to a machine endpoint of the coordinator at base
+// with hc (see machineHTTP).
+func doRaw(ctx context.Context, hc *http.Client, base, path string, body []byte) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+path, bytes.NewReader(body))
 	if err != nil {
 		return err
 	}
-	resp, err := c.hc.Do(req)
+	resp, err := hc.Do(req)
 	if err != nil {
 		return err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return readAPIError(resp)
+		return controlclient.ReadAPIError(resp)
 	}
 	return nil
 }
+
+// testClock is a clock for ServerOptions.now that tests move forward while
+// the server runs.
+type testClock struct{ offset atomic.Int64 }
+
+func (c *testClock) now() time.Time { return time.Now().Add(time.Duration(c.offset.Load())) }
+
+// advance moves the clock forward by d.
+func (c *testClock) advance(d time.Duration) { c.offset.Add(int64(d)) }

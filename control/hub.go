@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -84,6 +85,20 @@ type session struct {
 // reconnects and resumes, so one slow reader never stalls the coordinator.
 var errSlowConsumer = errors.New("map session dropped: client too slow to read updates")
 
+// MaxStreamsPerNode caps the map streams one node holds open at once.
+// Beyond it the newest stream wins and the oldest is dropped, as the DERP
+// relay does for a key: a node that reconnects before its old connection
+// was found dead (a NAT rebinding, a suspended laptop) must get its map at
+// once, not be refused until HTTP/2 pings time the old one out. More than
+// one is allowed so that such overlaps cost nothing; the cap only stops a
+// node (or a stolen machine key) from pinning coordinator memory and
+// per-change work with streams.
+const MaxStreamsPerNode = 4
+
+// errStreamReplaced drops the oldest map stream of a node that opened more
+// than MaxStreamsPerNode.
+var errStreamReplaced = fmt.Errorf("map session dropped: the node opened a newer stream and holds at most %d", MaxStreamsPerNode)
+
 const defaultQueueLen = 1024
 const changeLogLen = 4096
 
@@ -106,7 +121,7 @@ func newHub(epoch string, derpMap *netmap.DERPMap, queueLen int, now func() time
 
 		parallelChunk: 64,
 	}
-	h.keepAlive, _ = encodeFrame(&netmap.MapResponse{Epoch: epoch, KeepAlive: true})
+	h.keepAlive, _ = controlclient.EncodeFrame(&netmap.MapResponse{Epoch: epoch, KeepAlive: true})
 	return h
 }
 
@@ -169,7 +184,7 @@ type lazyFrame struct {
 // message over MaxMessageSize, which request validation rules out).
 func (f *lazyFrame) bytes() []byte {
 	if f.b == nil {
-		f.b, _ = encodeFrame(&f.resp)
+		f.b, _ = controlclient.EncodeFrame(&f.resp)
 	}
 	return f.b
 }
@@ -219,11 +234,18 @@ func (h *hub) upsert(n *netmap.Node) {
 func (h *hub) upsertLocked(n *netmap.Node) {
 	old := h.nodes[n.ID]
 	h.nodes[n.ID] = n
+	// A key is revoked at the relays only by the node that owns it, and
+	// never changes owner here: the coordinator refuses a key another node
+	// holds before it gets this far, and if that ever failed, the first
+	// owner keeps its relay identity rather than the claimant taking it
+	// (and later getting it revoked by rotating away from it).
 	if old != nil && old.NodeKey != n.NodeKey && h.byKey[old.NodeKey] == n.ID {
 		delete(h.byKey, old.NodeKey)
 		h.revokeLocked(old.NodeKey)
 	}
-	h.byKey[n.NodeKey] = n.ID
+	if _, held := h.byKey[n.NodeKey]; !held {
+		h.byKey[n.NodeKey] = n.ID
+	}
 	delete(h.peerJSON, n.ID)
 	h.all = nil
 	if h.indexer != nil {
@@ -413,7 +435,7 @@ type mapMessage struct {
 // frame encodes m as one stream frame.
 func (m *mapMessage) frame() ([]byte, error) {
 	if len(m.peers) == 0 {
-		return encodeFrame(m.resp)
+		return controlclient.EncodeFrame(m.resp)
 	}
 	head, err := json.Marshal(m.resp) // resp.Peers is nil: omitted
 	if err != nil {
@@ -426,7 +448,7 @@ func (m *mapMessage) frame() ([]byte, error) {
 	if size > netmap.MaxMessageSize {
 		return nil, fmt.Errorf("map response of %d bytes exceeds the %d byte limit", size, netmap.MaxMessageSize)
 	}
-	out := make([]byte, frameHeaderLen, frameHeaderLen+size)
+	out := make([]byte, controlclient.FrameHeaderLen, controlclient.FrameHeaderLen+size)
 	out = append(out, head[:len(head)-1]...) // drop the closing brace
 	out = append(out, `,"peers":[`...)
 	for i, p := range m.peers {
@@ -436,7 +458,7 @@ func (m *mapMessage) frame() ([]byte, error) {
 		out = append(out, p...)
 	}
 	out = append(out, "]}"...)
-	binary.BigEndian.PutUint32(out, uint32(len(out)-frameHeaderLen))
+	binary.BigEndian.PutUint32(out, uint32(len(out)-controlclient.FrameHeaderLen))
 	return out, nil
 }
 
@@ -578,13 +600,29 @@ func (h *hub) subscribe(id netmap.NodeID, since uint64, epoch string) (*session,
 	defer h.mu.Unlock()
 	n := h.nodes[id]
 	if n == nil {
-		return nil, nil, ErrNotRegistered
+		return nil, nil, controlclient.ErrNotRegistered
 	}
 	if len(h.sessions[id]) == 0 && !n.Online {
 		nn := *n
 		nn.Online = true
 		h.upsertLocked(&nn)
 		n = &nn
+	}
+	live := 0
+	for _, o := range h.sessions[id] {
+		if !o.dropped {
+			live++
+		}
+	}
+	// Sessions are appended, so the first live ones are the oldest.
+	for _, o := range h.sessions[id] {
+		if live < MaxStreamsPerNode {
+			break
+		}
+		if !o.dropped {
+			h.dropLocked(o, errStreamReplaced)
+			live--
+		}
 	}
 	s := &session{node: id, q: make(chan []byte, h.queueLen), dead: make(chan struct{})}
 	h.sessions[id] = append(h.sessions[id], s)

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -31,7 +32,7 @@ func drain(t testing.TB, s *session, m *netmap.NetworkMap) int {
 	for {
 		select {
 		case f := <-s.q:
-			resp, _, err := readMapResponse(bytes.NewReader(f), nil)
+			resp, _, err := controlclient.ReadMapResponse(bytes.NewReader(f), nil)
 			if err != nil {
 				t.Fatalf("queued frame: %v", err)
 			}
@@ -192,7 +193,7 @@ func TestHubResume(t *testing.T) {
 	n2 := *h.get(2)
 	n2.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:1")}
 	h.upsert(&n2)
-	h.remove(3, ErrNotRegistered)
+	h.remove(3, controlclient.ErrNotRegistered)
 	h.upsert(hubNode(9))
 
 	tests := []struct {
@@ -316,9 +317,9 @@ func decodeMsg(t testing.TB, m *mapMessage) *netmap.MapResponse {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, _, err := readMapResponse(bytes.NewReader(f), nil)
+	r, _, err := controlclient.ReadMapResponse(bytes.NewReader(f), nil)
 	if err != nil {
-		t.Fatalf("read back %s: %v", f[frameHeaderLen:], err)
+		t.Fatalf("read back %s: %v", f[controlclient.FrameHeaderLen:], err)
 	}
 	return r
 }
@@ -346,7 +347,7 @@ func TestFullMapSplicingMatchesPlainEncoding(t *testing.T) {
 		}
 		if n == 1 {
 			for id := netmap.NodeID(2); id <= 5; id++ {
-				h.remove(id, ErrNotRegistered)
+				h.remove(id, controlclient.ErrNotRegistered)
 			}
 		}
 	}

@@ -12,25 +12,27 @@ import (
 	"strings"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/control/store"
+	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/netmap"
 )
 
 // machineKey returns the machine key the client proved in the TLS handshake.
 func machineKey(r *http.Request) (netmap.MachinePublic, error) {
 	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
-		return netmap.MachinePublic{}, fmt.Errorf("%w: no client certificate: machine requests must present the machine key", ErrBadRequest)
+		return netmap.MachinePublic{}, fmt.Errorf("%w: no client certificate: machine requests must present the machine key", controlclient.ErrBadRequest)
 	}
 	pub, ok := r.TLS.PeerCertificates[0].PublicKey.(ed25519.PublicKey)
 	if !ok {
-		return netmap.MachinePublic{}, fmt.Errorf("%w: client certificate key is %T, want Ed25519", ErrBadRequest, r.TLS.PeerCertificates[0].PublicKey)
+		return netmap.MachinePublic{}, fmt.Errorf("%w: client certificate key is %T, want Ed25519", controlclient.ErrBadRequest, r.TLS.PeerCertificates[0].PublicKey)
 	}
 	return netmap.MachinePublicFromEd25519(pub)
 }
 
 func checkVersion(v int) error {
 	if v < netmap.MinProtocolVersion {
-		return fmt.Errorf("%w: client speaks protocol %d, this coordinator needs at least %d: upgrade meshd on the node", ErrTooOld, v, netmap.MinProtocolVersion)
+		return fmt.Errorf("%w: client speaks protocol %d, this coordinator needs at least %d: upgrade meshd on the node", controlclient.ErrTooOld, v, netmap.MinProtocolVersion)
 	}
 	return nil
 }
@@ -73,6 +75,7 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
+	connlimit.Authenticate(r.Context())
 	writeJSON(w, http.StatusOK, resp)
 }
 
@@ -82,30 +85,38 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 		return nil, err
 	}
 	if req.NodeKey.IsZero() {
-		return nil, fmt.Errorf("%w: node_key is missing", ErrBadRequest)
+		return nil, fmt.Errorf("%w: node_key is missing", controlclient.ErrBadRequest)
 	}
 	if len(req.Hostname) > 1024 || len(req.RequestTags) > 64 {
-		return nil, fmt.Errorf("%w: hostname or tag list too long", ErrBadRequest)
+		return nil, fmt.Errorf("%w: hostname or tag list too long", controlclient.ErrBadRequest)
 	}
 	requested, err := netmap.NormalizeTags(req.RequestTags)
 	if err != nil {
-		return nil, fmt.Errorf("%w: requested tags: %v", ErrBadRequest, err)
+		return nil, fmt.Errorf("%w: requested tags: %v", controlclient.ErrBadRequest, err)
 	}
-	now := time.Now().UTC()
+	now := s.now().UTC()
+	if err := s.checkNodeKeyProof(mk, req.Version, req.NodeKey, req.NodeKeyProof, now); err != nil {
+		return nil, err
+	}
 	p := store.RegisterParams{
 		MachineKey: mk, NodeKey: req.NodeKey, DiscoKey: req.DiscoKey,
 		Hostname: sanitizeHostname(req.Hostname), Now: now,
 	}
 	pol := s.policy()
+	// Held from the auth key check to the write, so an admin action on the
+	// node cannot slip between a single-use key's retry check and the
+	// registration it allows.
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if req.AuthKey != "" {
-		key, err := s.checkAuthKey(ctx, mk, req.AuthKey, now)
+		key, retry, err := s.checkAuthKey(ctx, mk, req.AuthKey, now)
 		if err != nil {
 			return nil, err
 		}
 		if err := pol.CheckTags(key.User, key.Tags, requested); err != nil {
-			return nil, fmt.Errorf("%w: %v", ErrTagsForbidden, err)
+			return nil, fmt.Errorf("%w: %v", controlclient.ErrTagsForbidden, err)
 		}
-		tags := slices.Compact(slices.Sorted(slices.Values(append(slices.Clone(key.Tags), requested...))))
+		tags := registrationTags(pol, key.Tags, requested)
 		id := &store.Identity{
 			Tags: tags, Ephemeral: key.Ephemeral, AuthKeyID: key.ID,
 			Authorized: key.Preauthorized || !s.opts.RequireApproval,
@@ -114,35 +125,38 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 			id.User = key.User
 			id.KeyExpiry = now.Add(s.opts.NodeKeyExpiry)
 		}
-		p.Identity, p.ConsumeKey, p.Reusable = id, true, key.Reusable
+		// A retry does not use the key again: its first use stays the
+		// start of the retry window.
+		p.Identity, p.ConsumeKey, p.Reusable = id, !retry, key.Reusable
 	} else if len(requested) > 0 {
-		return nil, fmt.Errorf("%w: changing tags needs an auth key (or `meshd admin nodes tag`)", ErrBadRequest)
+		return nil, fmt.Errorf("%w: changing tags needs an auth key (or `meshd admin nodes tag`)", controlclient.ErrBadRequest)
 	}
 
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	if p.Identity == nil {
 		old, err := s.store.NodeByMachine(ctx, mk)
 		if errors.Is(err, store.ErrNotFound) {
-			return nil, fmt.Errorf("%w: this machine is not enrolled: run meshd up with --authkey", ErrNotRegistered)
+			return nil, fmt.Errorf("%w: this machine is not enrolled: run meshd up with --authkey", controlclient.ErrNotRegistered)
 		}
 		if err != nil {
 			return nil, err
 		}
 		if !old.KeyExpiry.IsZero() && !now.Before(old.KeyExpiry) {
-			return nil, fmt.Errorf("%w: node %d's key expired at %s: re-authenticate with a new --authkey", ErrNodeExpired, old.ID, old.KeyExpiry.Format(time.RFC3339))
+			return nil, fmt.Errorf("%w: node %d's key expired at %s: re-authenticate with a new --authkey", controlclient.ErrNodeExpired, old.ID, old.KeyExpiry.Format(time.RFC3339))
 		}
 		if !req.OldNodeKey.IsZero() && req.OldNodeKey != old.NodeKey {
-			return nil, fmt.Errorf("%w: old_node_key does not match the registered node key", ErrBadRequest)
+			return nil, fmt.Errorf("%w: old_node_key does not match the registered node key", controlclient.ErrBadRequest)
 		}
 	}
 	n, err := s.store.Register(ctx, p)
+	if kerr, ok := errors.AsType[*store.KeyInUseError](err); ok {
+		return nil, s.keyInUse(mk, kerr)
+	}
 	if errors.Is(err, store.ErrKeyUnusable) {
 		// Lost a race for a single-use key, or it was revoked meanwhile.
 		if k, kerr := s.store.AuthKey(ctx, p.Identity.AuthKeyID); kerr == nil && !k.Revoked.IsZero() {
-			return nil, fmt.Errorf("%w: key %s was revoked", ErrAuthKeyRevoked, k.ID)
+			return nil, fmt.Errorf("%w: key %s was revoked", controlclient.ErrAuthKeyRevoked, k.ID)
 		}
-		return nil, fmt.Errorf("%w: key %s is single-use and another machine used it", ErrAuthKeyUsed, p.Identity.AuthKeyID)
+		return nil, fmt.Errorf("%w: key %s is single-use and another machine used it", controlclient.ErrAuthKeyUsed, p.Identity.AuthKeyID)
 	}
 	if err != nil {
 		return nil, err
@@ -154,63 +168,77 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 		}
 		s.hub.upsert(&wn)
 	} else {
-		s.hub.remove(n.ID, ErrNotAuthorized)
+		s.hub.remove(n.ID, controlclient.ErrNotAuthorized)
 	}
 	if n.Ephemeral && !s.hub.online(n.ID) {
 		// A node that registers but never opens a stream is cleaned up too.
 		s.scheduleEphemeralLocked(n.ID)
 	}
+	if n.Hostname != p.Hostname {
+		s.log.Info("hostname taken by another node; suffixed", "node", n.ID, "asked", p.Hostname, "hostname", n.Hostname)
+	}
 	s.log.Info("node registered", "node", n.ID, "hostname", n.Hostname, "user", n.User, "tags", n.Tags, "addrs", n.Addresses)
 	return &netmap.RegisterResponse{Node: wn, ServerKey: s.fingerprint}, nil
 }
 
+// authKeyRetryWindow is how long after its use a single-use key is
+// accepted again from the machine that used it: long enough for a retry
+// after a lost response, too short to be a credential.
+const authKeyRetryWindow = 10 * time.Minute
+
 // checkAuthKey validates an auth key's secret and state. A single-use key
-// that this same machine already used is accepted again (a retry after a
-// lost response) without being consumed twice.
-func (s *Server) checkAuthKey(ctx context.Context, mk netmap.MachinePublic, text string, now time.Time) (store.AuthKey, error) {
-	pk, err := parseAuthKey(text)
+// that this same machine used is accepted again (retry reports true) for a
+// retry after a lost response, without being consumed twice: only within
+// authKeyRetryWindow of its use, and only while no administrator has acted
+// on the node since (expired, tagged, approved it; a deleted node has no
+// record left), so the key cannot undo what an administrator did. s.mu
+// held.
+func (s *Server) checkAuthKey(ctx context.Context, mk netmap.MachinePublic, text string, now time.Time) (k store.AuthKey, retry bool, err error) {
+	pk, err := controlclient.ParseAuthKey(text)
 	if err != nil {
-		return store.AuthKey{}, fmt.Errorf("%w: %v", ErrAuthKeyUnknown, err)
+		return store.AuthKey{}, false, fmt.Errorf("%w: %v", controlclient.ErrAuthKeyUnknown, err)
 	}
 	if pk.Fingerprint != s.fingerprint {
-		return store.AuthKey{}, fmt.Errorf("%w: the key was issued by a different coordinator (fingerprint %s..., this one is %s...)", ErrAuthKeyUnknown, pk.Fingerprint[:12], s.fingerprint[:12])
+		return store.AuthKey{}, false, fmt.Errorf("%w: the key was issued by a different coordinator (fingerprint %s..., this one is %s...)", controlclient.ErrAuthKeyUnknown, pk.Fingerprint[:12], s.fingerprint[:12])
 	}
-	k, err := s.store.AuthKey(ctx, pk.ID)
+	k, err = s.store.AuthKey(ctx, pk.ID)
 	if errors.Is(err, store.ErrNotFound) || err == nil && !hashEqual(k.Hash, hashSecret(pk.Secret)) {
-		return k, fmt.Errorf("%w: no auth key %s on this coordinator", ErrAuthKeyUnknown, pk.ID)
+		return k, false, fmt.Errorf("%w: no auth key %s on this coordinator", controlclient.ErrAuthKeyUnknown, pk.ID)
 	}
 	if err != nil {
-		return k, err
+		return k, false, err
 	}
 	switch {
 	case !k.Revoked.IsZero():
-		return k, fmt.Errorf("%w: key %s was revoked at %s", ErrAuthKeyRevoked, k.ID, k.Revoked.Format(time.RFC3339))
+		return k, false, fmt.Errorf("%w: key %s was revoked at %s", controlclient.ErrAuthKeyRevoked, k.ID, k.Revoked.Format(time.RFC3339))
 	case !k.Expires.IsZero() && !now.Before(k.Expires):
-		return k, fmt.Errorf("%w: key %s expired at %s", ErrAuthKeyExpired, k.ID, k.Expires.Format(time.RFC3339))
+		return k, false, fmt.Errorf("%w: key %s expired at %s", controlclient.ErrAuthKeyExpired, k.ID, k.Expires.Format(time.RFC3339))
 	case !k.Reusable && k.Uses > 0:
-		if n, err := s.store.NodeByMachine(ctx, mk); err == nil && n.AuthKeyID == k.ID {
-			k.Reusable = true // idempotent retry by the machine that used it
-			return k, nil
+		n, err := s.store.NodeByMachine(ctx, mk)
+		if err == nil && n.AuthKeyID == k.ID && now.Sub(k.LastUsed) < authKeyRetryWindow &&
+			(n.AdminActed.IsZero() || n.AdminActed.Before(k.LastUsed)) {
+			return k, true, nil
 		}
-		return k, fmt.Errorf("%w: key %s is single-use and was used at %s", ErrAuthKeyUsed, k.ID, k.LastUsed.Format(time.RFC3339))
+		return k, false, fmt.Errorf("%w: key %s is single-use and was used at %s (the machine that used it may retry only within %v, and not after an administrator acted on its node): create a new key",
+			controlclient.ErrAuthKeyUsed, k.ID, k.LastUsed.Format(time.RFC3339), authKeyRetryWindow)
 	}
-	return k, nil
+	return k, false, nil
 }
 
 // nodeForMap loads the calling machine's node and checks it may use the map.
 func (s *Server) nodeForMap(ctx context.Context, mk netmap.MachinePublic) (store.Node, error) {
 	n, err := s.store.NodeByMachine(ctx, mk)
 	if errors.Is(err, store.ErrNotFound) {
-		return n, fmt.Errorf("%w: this machine is not enrolled (or was deleted): run meshd up with --authkey", ErrNotRegistered)
+		return n, fmt.Errorf("%w: this machine is not enrolled (or was deleted): run meshd up with --authkey", controlclient.ErrNotRegistered)
 	}
 	if err != nil {
 		return n, err
 	}
 	if !n.KeyExpiry.IsZero() && !time.Now().Before(n.KeyExpiry) {
-		return n, fmt.Errorf("%w: node %d's key expired at %s: re-authenticate with a new --authkey", ErrNodeExpired, n.ID, n.KeyExpiry.Format(time.RFC3339))
+		return n, fmt.Errorf("%w: node %d's key expired at %s: re-authenticate with a new --authkey", controlclient.ErrNodeExpired, n.ID, n.KeyExpiry.Format(time.RFC3339))
 	}
 	if !n.Authorized {
-		return n, fmt.Errorf("%w: node %d must be approved by an administrator: meshd admin nodes approve %d", ErrNotAuthorized, n.ID, n.ID)
+		return n, fmt.Errorf("%w: node %d must be approved by an administrator: meshd admin nodes approve %d", controlclient.ErrNotAuthorized, n.ID, n.ID)
 	}
 	return n, nil
 }
@@ -220,57 +248,101 @@ func validateMapRequest(req *netmap.MapRequest) error {
 		return err
 	}
 	if req.NodeKey.IsZero() {
-		return fmt.Errorf("%w: node_key is missing", ErrBadRequest)
+		return fmt.Errorf("%w: node_key is missing", controlclient.ErrBadRequest)
 	}
 	if len(req.Endpoints) > maxEndpoints {
-		return fmt.Errorf("%w: %d endpoints, at most %d", ErrBadRequest, len(req.Endpoints), maxEndpoints)
+		return fmt.Errorf("%w: %d endpoints, at most %d", controlclient.ErrBadRequest, len(req.Endpoints), maxEndpoints)
 	}
 	for i, ep := range req.Endpoints {
 		if !ep.IsValid() || ep.Port() == 0 || ep.Addr().IsUnspecified() {
-			return fmt.Errorf("%w: endpoint %v is not a usable ip:port", ErrBadRequest, ep)
+			return fmt.Errorf("%w: endpoint %v is not a usable ip:port", controlclient.ErrBadRequest, ep)
 		}
 		req.Endpoints[i] = netip.AddrPortFrom(ep.Addr().Unmap(), ep.Port())
 	}
 	if req.HomeDERP < 0 {
-		return fmt.Errorf("%w: home_derp %d is negative", ErrBadRequest, req.HomeDERP)
+		return fmt.Errorf("%w: home_derp %d is negative", controlclient.ErrBadRequest, req.HomeDERP)
 	}
 	return nil
 }
 
-// applyMapRequest records what the node reports (endpoints, home DERP,
-// disco key, a rotated node key). Empty fields keep the stored values, so a
-// request that only opens a stream never erases what an Update reported.
-func (s *Server) applyMapRequest(ctx context.Context, sn store.Node, req *netmap.MapRequest) error {
+// applyMapRequest records what node sn (of machine mk, as read before
+// the call) reports: endpoints, home DERP, disco key, a rotated node key.
+// It returns the node. Empty fields keep the stored values, so a request
+// that only opens a stream never erases what an Update reported. A key
+// another node holds is refused and changes nothing.
+func (s *Server) applyMapRequest(ctx context.Context, mk netmap.MachinePublic, sn store.Node, req *netmap.MapRequest) (store.Node, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	// The hub holds the live state (online) of visible nodes, whose keys
+	// it always has as stored: most requests change nothing, and cost no
+	// store access under the lock.
 	cur := s.hub.get(sn.ID)
-	if cur == nil {
-		return fmt.Errorf("%w: node %d was removed", ErrNotRegistered, sn.ID)
+	if cur != nil && sameReport(*cur, mergeReport(*cur, req)) {
+		return sn, nil
 	}
-	nn := *cur
-	nn.NodeKey = req.NodeKey
-	if !req.DiscoKey.IsZero() {
-		nn.DiscoKey = req.DiscoKey
+	// Something changes: start from the node as stored now, which also
+	// knows nodes the hub does not show (one whose shared key a migration
+	// cleared, until it proves its own again).
+	sn, err := s.nodeForMap(ctx, mk)
+	if err != nil {
+		return sn, err
 	}
-	if len(req.Endpoints) > 0 {
-		nn.Endpoints = slices.Clone(req.Endpoints)
+	base := sn.Node
+	base.Online = false
+	if cur != nil {
+		base = *cur
 	}
-	if req.HomeDERP != 0 {
-		nn.HomeDERP = req.HomeDERP
-	}
-	if nn.NodeKey == cur.NodeKey && nn.DiscoKey == cur.DiscoKey && nn.HomeDERP == cur.HomeDERP && slices.Equal(nn.Endpoints, cur.Endpoints) {
-		return nil
-	}
-	if nn.NodeKey != cur.NodeKey {
-		s.log.Info("node key rotated", "node", sn.ID, "old", cur.NodeKey.ShortString(), "new", nn.NodeKey.ShortString())
+	nn := mergeReport(base, req)
+	prevKey := sn.NodeKey
+	if nn.NodeKey != prevKey {
+		if err := s.checkNodeKeyProof(mk, req.Version, nn.NodeKey, req.NodeKeyProof, s.now()); err != nil {
+			return sn, err
+		}
 	}
 	sn.Node.NodeKey, sn.Node.DiscoKey, sn.Node.Endpoints, sn.Node.HomeDERP = nn.NodeKey, nn.DiscoKey, nn.Endpoints, nn.HomeDERP
 	sn.Online = false
 	if err := s.store.UpdateNode(ctx, sn); err != nil {
-		return err
+		if kerr, ok := errors.AsType[*store.KeyInUseError](err); ok {
+			return sn, s.keyInUse(mk, kerr)
+		}
+		return sn, err
 	}
-	s.hub.upsert(&nn)
-	return nil
+	if nn.NodeKey != prevKey {
+		s.log.Info("node key rotated", "node", sn.ID, "old", prevKey.ShortString(), "new", nn.NodeKey.ShortString())
+	}
+	if cur != nil || s.visible(sn, time.Now()) {
+		s.hub.upsert(&nn)
+	}
+	return sn, nil
+}
+
+// mergeReport returns n with the non-empty fields req reports.
+func mergeReport(n netmap.Node, req *netmap.MapRequest) netmap.Node {
+	n.NodeKey = req.NodeKey
+	if !req.DiscoKey.IsZero() {
+		n.DiscoKey = req.DiscoKey
+	}
+	if len(req.Endpoints) > 0 {
+		n.Endpoints = slices.Clone(req.Endpoints)
+	}
+	if req.HomeDERP != 0 {
+		n.HomeDERP = req.HomeDERP
+	}
+	return n
+}
+
+// sameReport reports whether a and b agree on what map requests report.
+func sameReport(a, b netmap.Node) bool {
+	return a.NodeKey == b.NodeKey && a.DiscoKey == b.DiscoKey && a.HomeDERP == b.HomeDERP && slices.Equal(a.Endpoints, b.Endpoints)
+}
+
+// keyInUse is the wire error for a key another node holds. The claimant
+// learns which key, not which node holds it; the log says both, since
+// outside a copied state dir only an impersonation attempt gets here.
+func (s *Server) keyInUse(mk netmap.MachinePublic, kerr *store.KeyInUseError) error {
+	s.log.Warn("refused a key another node holds", "machine", mk.String(), "kind", kerr.Kind, "key", kerr.Key, "holder", kerr.Holder)
+	return fmt.Errorf("%w: %s %s is already held by another node: every node needs its own keys (was this state dir copied from another machine?)",
+		controlclient.ErrKeyInUse, kerr.Kind, kerr.Key)
 }
 
 func (s *Server) handleMap(w http.ResponseWriter, r *http.Request) {
@@ -288,12 +360,19 @@ func (s *Server) handleMap(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
+	// Checked outside the lock first: unknown, expired and unapproved
+	// machines are refused without waiting for it.
 	sn, err := s.nodeForMap(r.Context(), mk)
+	if err == nil || errors.Is(err, controlclient.ErrNotAuthorized) {
+		// An enrolled machine key, approved or not, is an identity: its
+		// connection may outlive the handshake deadline.
+		connlimit.Authenticate(r.Context())
+	}
 	if err != nil {
 		s.writeError(w, r, err)
 		return
 	}
-	if err := s.applyMapRequest(r.Context(), sn, &req); err != nil {
+	if sn, err = s.applyMapRequest(r.Context(), mk, sn, &req); err != nil {
 		s.writeError(w, r, err)
 		return
 	}
@@ -324,7 +403,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 	}
 	rc := http.NewResponseController(w)
 	w.Header().Set("Content-Type", "application/x-meshd-map-frames")
-	w.Header().Set(keepAliveHeader, strconv.FormatInt(int64(s.opts.KeepAliveInterval/time.Millisecond), 10))
+	w.Header().Set(controlclient.KeepAliveHeader, strconv.FormatInt(int64(s.opts.KeepAliveInterval/time.Millisecond), 10))
 	w.WriteHeader(http.StatusOK)
 	write := func(b []byte) bool {
 		rc.SetWriteDeadline(time.Now().Add(writeTimeout))
@@ -371,10 +450,6 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 		}
 	}
 }
-
-// keepAliveHeader tells the client the keep-alive interval in milliseconds,
-// so it can detect a dead stream.
-const keepAliveHeader = "Meshd-Keep-Alive-Ms"
 
 func (s *Server) endSession(sess *session) {
 	s.mu.Lock()

@@ -24,6 +24,17 @@ type Policy interface {
 	CheckTags(user string, keyTags []string, requested []string) error
 }
 
+// TagOwnership is implemented by policies with "tagOwners"
+// (policy.Engine): OwnedByTags reports whether every one of tags is owned
+// by one of owners, which are tags too (carrying a tag is not owning it).
+// Registration uses it so that tags a node advertises which its auth key's
+// tags own replace the key's tags rather than join them, as a tenant's
+// enrolment key creates that tenant's GPU nodes. Policies without it (the
+// bootstrap default) always join.
+type TagOwnership interface {
+	OwnedByTags(owners, tags []string) bool
+}
+
 // NodeIndexer is implemented by policies that index the node list so that
 // FilterFor costs what it touches (policy.Engine). The coordinator keeps such
 // a policy current with every node change and then calls FilterFor with a

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/netmap"
 	"meshd.dev/meshd/policy"
 )
@@ -110,7 +111,7 @@ func BenchmarkJoinDeltaPolicy(b *testing.B) {
 				h.upsert(nd)
 				b.StopTimer()
 				_, total = drainAll(h)
-				h.remove(id, ErrNotRegistered)
+				h.remove(id, controlclient.ErrNotRegistered)
 				drainAll(h)
 				b.StartTimer()
 			}

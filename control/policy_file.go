@@ -15,6 +15,7 @@ import (
 	"time"
 	"unicode"
 
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/control/store"
 	"meshd.dev/meshd/netmap"
 	"meshd.dev/meshd/policy"
@@ -37,11 +38,6 @@ const BootstrapPolicyText = `// No policy loaded: the bootstrap default is in fo
 // while the bootstrap default is in force.
 const BootstrapNotice = "no policy loaded: every node may reach every node (bootstrap default); set one with meshd admin policy set FILE"
 
-// ErrPolicyInvalid is returned (wrapped in a *PolicyError) for a policy that
-// fails to parse, to validate or its own tests. The previous policy stays
-// in force.
-var ErrPolicyInvalid = errors.New("policy rejected")
-
 // maxPolicyProblems bounds the problems a rejection carries over the wire
 // (the admin client reads at most 64 KiB of an error); `meshd policy check`
 // shows them all offline.
@@ -54,8 +50,8 @@ type PolicyError struct {
 
 func (e *PolicyError) Error() string { return strings.Join(e.Problems, "\n") }
 
-// Unwrap makes errors.Is(err, ErrPolicyInvalid) hold.
-func (e *PolicyError) Unwrap() error { return ErrPolicyInvalid }
+// Unwrap makes errors.Is(err, controlclient.ErrPolicyInvalid) hold.
+func (e *PolicyError) Unwrap() error { return controlclient.ErrPolicyInvalid }
 
 // PolicyInfo describes the tailnet policy in force.
 type PolicyInfo struct {
@@ -114,7 +110,7 @@ func parsePolicy(file string, data []byte) (*policy.Policy, error) {
 	}
 	var pe *policy.Error
 	if !errors.As(err, &pe) {
-		return nil, fmt.Errorf("%w: %s: %v", ErrPolicyInvalid, file, err)
+		return nil, fmt.Errorf("%w: %s: %v", controlclient.ErrPolicyInvalid, file, err)
 	}
 	out := &PolicyError{}
 	for i, pr := range pe.Problems {
@@ -196,7 +192,7 @@ func (s *Server) initPolicy(ctx context.Context) error {
 // ApplyPolicy parses, validates and tests a policy file, stores it, and
 // pushes it to every connected node (filters and peer lists). file is the
 // name used in messages (its base name is kept). A rejected policy returns
-// an error wrapping ErrPolicyInvalid (a *PolicyError with FILE:LINE:COL
+// an error wrapping controlclient.ErrPolicyInvalid (a *PolicyError with FILE:LINE:COL
 // lines) and the previous policy stays in force.
 func (s *Server) ApplyPolicy(ctx context.Context, file string, data []byte) (PolicyInfo, error) {
 	file = policyFileName(file)
@@ -242,14 +238,10 @@ func readPolicyBody(r *http.Request, file string) ([]byte, error) {
 	if r.ContentLength > policy.MaxSize {
 		return nil, tooBig
 	}
-	if w, ok := r.Context().Value(responseWriterKey{}).(http.ResponseWriter); ok {
-		rc := http.NewResponseController(w)
-		rc.SetReadDeadline(time.Now().Add(requestReadTimeout))
-		defer rc.SetReadDeadline(time.Time{})
-	}
+	// How long the upload may take is bounded by connlimit.LimitBody.
 	data, err := io.ReadAll(io.LimitReader(r.Body, policy.MaxSize+1))
 	if err != nil {
-		return nil, fmt.Errorf("%w: reading the policy: %v", ErrBadRequest, err)
+		return nil, fmt.Errorf("%w: reading the policy: %v", controlclient.ErrBadRequest, err)
 	}
 	if len(data) > policy.MaxSize {
 		return nil, tooBig
@@ -278,7 +270,7 @@ func (a *AdminClient) Policy(ctx context.Context) (PolicyInfo, error) {
 
 // SetPolicy uploads a policy file. The coordinator validates it (syntax,
 // references, its own tests) and either puts it in force for every node or
-// rejects it with an error wrapping ErrPolicyInvalid whose message lists
+// rejects it with an error wrapping controlclient.ErrPolicyInvalid whose message lists
 // FILE:LINE:COL problems; file's base name names it in those messages.
 func (a *AdminClient) SetPolicy(ctx context.Context, file string, data []byte) (PolicyInfo, error) {
 	u := a.base.JoinPath("/admin/v1/policy")
@@ -295,7 +287,7 @@ func (a *AdminClient) SetPolicy(ctx context.Context, file string, data []byte) (
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return PolicyInfo{}, readAPIError(resp)
+		return PolicyInfo{}, controlclient.ReadAPIError(resp)
 	}
 	var out PolicyInfo
 	if err := netmap.DecodeJSON(resp.Body, netmap.MaxMessageSize, &out); err != nil {

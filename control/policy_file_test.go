@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/netmap"
 	"meshd.dev/meshd/policy"
 )
@@ -116,8 +117,8 @@ func TestAdminPolicySetGetReject(t *testing.T) {
 	}
 	for _, tc := range bad {
 		_, err := ac.SetPolicy(ctx, "/secret/path/bad.hujson", []byte(tc.src))
-		if !errors.Is(err, ErrPolicyInvalid) {
-			t.Fatalf("%s: error %v, want ErrPolicyInvalid", tc.name, err)
+		if !errors.Is(err, controlclient.ErrPolicyInvalid) {
+			t.Fatalf("%s: error %v, want controlclient.ErrPolicyInvalid", tc.name, err)
 		}
 		if msg := err.Error(); !strings.HasPrefix(msg, tc.want) || strings.Contains(msg, "/secret/path") {
 			t.Errorf("%s: message %q, want it to start with %q and name only the base name", tc.name, msg, tc.want)
@@ -255,13 +256,13 @@ func TestTagOwnersEnforced(t *testing.T) {
 				t.Fatalf("refused: %v", err)
 			}
 			if !tc.ok {
-				wantErr(t, err, ErrTagsForbidden)
+				wantErr(t, err, controlclient.ErrTagsForbidden)
 			}
 		})
 	}
 
 	// The admin applies any tag the policy defines, never an undefined one.
-	if _, _, err := ts.CreateAuthKey(ctx, AuthKeyOptions{Tags: []string{"tag:nope"}}); !errors.Is(err, ErrTagsForbidden) {
+	if _, _, err := ts.CreateAuthKey(ctx, AuthKeyOptions{Tags: []string{"tag:nope"}}); !errors.Is(err, controlclient.ErrTagsForbidden) {
 		t.Fatalf("key with an undefined tag: %v", err)
 	}
 	alice, dev := newTestNode(t, ts.url, ""), newTestNode(t, ts.url, "")
@@ -272,7 +273,7 @@ func TestTagOwnersEnforced(t *testing.T) {
 	alice.follow(t, alice.mapRequest())
 	dev.follow(t, dev.mapRequest())
 	alice.waitMap(t, "alice reaches tag:dev", hasPeer(dev.id))
-	wantErr(t, ts.TagNode(ctx, alice.id, []string{"tag:nope"}), ErrTagsForbidden)
+	wantErr(t, ts.TagNode(ctx, alice.id, []string{"tag:nope"}), controlclient.ErrTagsForbidden)
 	if err := ts.TagNode(ctx, alice.id, []string{"tag:prod"}); err != nil {
 		t.Fatal(err)
 	}

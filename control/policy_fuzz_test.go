@@ -7,11 +7,13 @@ import (
 	"strings"
 	"testing"
 	"unicode"
+
+	"meshd.dev/meshd/control/controlclient"
 )
 
 // FuzzPolicyUpload feeds arbitrary file names and policy bytes to the
 // coordinator's policy-set path: never a panic; a rejection is
-// ErrPolicyInvalid naming only the sanitised base name and leaves the
+// controlclient.ErrPolicyInvalid naming only the sanitised base name and leaves the
 // policy in force untouched; an acceptance puts exactly those bytes in
 // force.
 func FuzzPolicyUpload(f *testing.F) {
@@ -35,8 +37,8 @@ func FuzzPolicyUpload(f *testing.F) {
 		after := s.CurrentPolicy()
 		if err != nil {
 			var pe *PolicyError
-			if !errors.Is(err, ErrPolicyInvalid) || !errors.As(err, &pe) || len(pe.Problems) == 0 {
-				t.Fatalf("rejection %v: want a *PolicyError wrapping ErrPolicyInvalid", err)
+			if !errors.Is(err, controlclient.ErrPolicyInvalid) || !errors.As(err, &pe) || len(pe.Problems) == 0 {
+				t.Fatalf("rejection %v: want a *PolicyError wrapping controlclient.ErrPolicyInvalid", err)
 			}
 			if !strings.HasPrefix(pe.Problems[0], base+":") {
 				t.Fatalf("first problem %q does not start with %q", pe.Problems[0], base+":")

@@ -7,12 +7,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net/http"
 	"strconv"
 	"sync"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/internal/backoff"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -173,7 +174,7 @@ func (s *Server) relayRoutes(auth func(http.ResponseWriter, *http.Request) bool)
 			return
 		}
 		if len(req.Keys) > maxVerifyBatch {
-			s.writeError(w, r, fmt.Errorf("%w: %d keys in one request, at most %d", ErrBadRequest, len(req.Keys), maxVerifyBatch))
+			s.writeError(w, r, fmt.Errorf("%w: %d keys in one request, at most %d", controlclient.ErrBadRequest, len(req.Keys), maxVerifyBatch))
 			return
 		}
 		now := time.Now()
@@ -196,7 +197,7 @@ func (s *Server) serveRevocations(w http.ResponseWriter, r *http.Request) {
 	defer s.keys.unsubscribe(sub)
 	rc := http.NewResponseController(w)
 	w.Header().Set("Content-Type", "application/x-ndjson")
-	w.Header().Set(keepAliveHeader, strconv.FormatInt(s.opts.KeepAliveInterval.Milliseconds(), 10))
+	w.Header().Set(controlclient.KeepAliveHeader, strconv.FormatInt(s.opts.KeepAliveInterval.Milliseconds(), 10))
 	w.WriteHeader(http.StatusOK)
 	enc := json.NewEncoder(w)
 	send := func(v RelayRevocation) bool {
@@ -235,48 +236,40 @@ func (s *Server) serveRevocations(w http.ResponseWriter, r *http.Request) {
 // and every time the stream opens it re-checks every connected client in
 // batches. It reconnects with backoff and jitter, and returns ctx.Err().
 func (v *RelayVerifier) Watch(ctx context.Context, relay RelayClients) error {
-	const minBackoff, maxBackoff = time.Second, 30 * time.Second
-	backoff := minBackoff
+	bo := backoff.Backoff{Min: time.Second, Max: 30 * time.Second}
 	for {
-		opened, err := v.watchOnce(ctx, relay)
+		start := time.Now()
+		err := v.watchOnce(ctx, relay)
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		if opened {
-			backoff = minBackoff
-		}
 		v.opts.Logger.Warn("relay: revocation stream from the coordinator ended; reconnecting", "err", err)
-		d := backoff/2 + rand.N(backoff/2+1)
-		select {
-		case <-time.After(d):
-		case <-ctx.Done():
-			return ctx.Err()
+		if err := bo.Wait(ctx, time.Since(start)); err != nil {
+			return err
 		}
-		backoff = min(2*backoff, maxBackoff)
 	}
 }
 
-// watchOnce runs one revocation stream; opened reports whether it got as
-// far as the coordinator's ready line.
-func (v *RelayVerifier) watchOnce(ctx context.Context, relay RelayClients) (opened bool, err error) {
+// watchOnce runs one revocation stream until it fails.
+func (v *RelayVerifier) watchOnce(ctx context.Context, relay RelayClients) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, v.base.JoinPath(relayRevocationsPath).String(), nil)
 	if err != nil {
-		return false, err
+		return err
 	}
 	req.Header.Set("Authorization", "Bearer "+v.token)
 	resp, err := v.stream.Do(req)
 	if err != nil {
-		return false, err
+		return err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return false, readAPIError(resp)
+		return controlclient.ReadAPIError(resp)
 	}
 	// A stream that goes quiet for three keep-alive intervals is dead.
 	idle := 3 * time.Minute
-	if ms, err := strconv.ParseInt(resp.Header.Get(keepAliveHeader), 10, 64); err == nil && ms > 0 {
+	if ms, err := strconv.ParseInt(resp.Header.Get(controlclient.KeepAliveHeader), 10, 64); err == nil && ms > 0 {
 		idle = 3 * time.Duration(min(ms, time.Hour.Milliseconds())) * time.Millisecond
 	}
 	watchdog := time.AfterFunc(idle, cancel)
@@ -286,29 +279,30 @@ func (v *RelayVerifier) watchOnce(ctx context.Context, relay RelayClients) (open
 
 // readRevocations acts on a revocation stream: a resync at the ready line,
 // a disconnect per revoked key. alive is called for every line.
-func (v *RelayVerifier) readRevocations(ctx context.Context, body io.Reader, relay RelayClients, alive func()) (opened bool, err error) {
+func (v *RelayVerifier) readRevocations(ctx context.Context, body io.Reader, relay RelayClients, alive func()) error {
+	opened := false
 	sc := bufio.NewScanner(body)
 	sc.Buffer(make([]byte, 0, 512), 4096)
 	for sc.Scan() {
 		alive()
 		var line RelayRevocation
 		if err := json.Unmarshal(sc.Bytes(), &line); err != nil {
-			return opened, fmt.Errorf("revocation stream: %w", err)
+			return fmt.Errorf("revocation stream: %w", err)
 		}
 		switch {
 		case line.Ready && !opened:
 			opened = true
 			if err := v.resync(ctx, relay); err != nil {
-				return opened, err
+				return err
 			}
 		case line.Revoked != nil:
 			v.revoke(*line.Revoked, relay)
 		}
 	}
 	if err := sc.Err(); err != nil {
-		return opened, fmt.Errorf("revocation stream: %w", err)
+		return fmt.Errorf("revocation stream: %w", err)
 	}
-	return opened, errors.New("revocation stream: coordinator closed it")
+	return errors.New("revocation stream: coordinator closed it")
 }
 
 // revoke caches k as unknown (a reconnect is refused without waiting for
@@ -331,7 +325,7 @@ func (v *RelayVerifier) resync(ctx context.Context, relay RelayClients) error {
 		batch := keys[:min(len(keys), maxVerifyBatch)]
 		keys = keys[len(batch):]
 		var out RelayVerifyBatchResponse
-		if err := doJSON(ctx, v.hc, http.MethodPost, v.base.JoinPath(relayVerifyPath).String(), v.token,
+		if err := controlclient.DoJSON(ctx, v.hc, http.MethodPost, v.base.JoinPath(relayVerifyPath).String(), v.token,
 			RelayVerifyBatchRequest{Keys: batch}, &out, nil); err != nil {
 			return fmt.Errorf("re-check connected clients: %w", err)
 		}

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/derp"
 	"meshd.dev/meshd/netmap"
 )
@@ -85,8 +86,7 @@ var revocations = []struct {
 	{
 		name: "node key rotated",
 		revoke: func(t *testing.T, ts *testServer, n *testNode) netmap.NodePrivate {
-			old := n.nk
-			n.nk = netmap.NewNodePrivate()
+			old := n.rotate()
 			if err := n.c.Update(context.Background(), n.mapRequest()); err != nil {
 				t.Fatal(err)
 			}
@@ -368,7 +368,7 @@ func TestRelayVerifyBatch(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var out RelayVerifyBatchResponse
-			err := doJSON(ctx, v.hc, "POST", u, tc.token, RelayVerifyBatchRequest{Keys: tc.keys}, &out, nil)
+			err := controlclient.DoJSON(ctx, v.hc, "POST", u, tc.token, RelayVerifyBatchRequest{Keys: tc.keys}, &out, nil)
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("got %v, want %q", err, tc.wantErr)
@@ -419,7 +419,7 @@ func FuzzRevocationStream(f *testing.F) {
 		defer v.Close()
 		relay := &recordingRelay{}
 		lines := 0
-		_, err = v.readRevocations(context.Background(), bytes.NewReader(data), relay, func() { lines++ })
+		err = v.readRevocations(context.Background(), bytes.NewReader(data), relay, func() { lines++ })
 		if err == nil {
 			t.Fatal("stream ended without an error")
 		}
@@ -567,7 +567,7 @@ func FuzzRelayVerifyBatch(f *testing.F) {
 			}
 			return
 		}
-		var eb errorBody
+		var eb controlclient.ErrorBody
 		if err := json.Unmarshal(raw, &eb); err != nil || eb.Code == "" || rec.Code >= 500 {
 			t.Fatalf("status %d with body %q: want a 4xx JSON error with a code", rec.Code, raw)
 		}

@@ -27,7 +27,11 @@ import (
 	"sync"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/control/store"
+	"meshd.dev/meshd/internal/atomicfile"
+	"meshd.dev/meshd/internal/connlimit"
+	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -67,6 +71,17 @@ type ServerOptions struct {
 	Policy []byte
 	// PolicyFile names Policy in messages (its base name is used).
 	PolicyFile string
+	// Limits bound the connections of each listener passed to Serve:
+	// per source address and in total, how long a connection may stay
+	// unauthenticated (no request yet proved a registered machine key, a
+	// valid auth key, the admin token or the relay token; no DERP
+	// handshake), and how long a request header and body may take. Zero
+	// fields take the connlimit defaults.
+	Limits connlimit.Limits
+
+	// now replaces time.Now for registration decisions (challenge expiry,
+	// auth key retry windows), for tests.
+	now func() time.Time
 }
 
 // Server is a coordinator.
@@ -79,11 +94,14 @@ type Server struct {
 	adminHash   []byte
 	adminPath   string
 	hub         *hub
-	keys        keyFeed // revoked node keys, for relays
+	keys        keyFeed     // revoked node keys, for relays
+	chal        *challenger // issues node key challenges, checks proofs
 	mux         *http.ServeMux
 	ctx         context.Context
 	cancel      context.CancelFunc
 	wg          sync.WaitGroup
+	// now is the clock of registration decisions (time.Now; tests move it).
+	now func() time.Time
 
 	mu        sync.Mutex // serialises node mutations: store write, then hub
 	ephemeral map[netmap.NodeID]*time.Timer
@@ -124,6 +142,9 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	if opts.SweepInterval <= 0 {
 		opts.SweepInterval = 30 * time.Second
 	}
+	if err := opts.Limits.Validate(); err != nil {
+		return nil, fmt.Errorf("coordinator: %w", err)
+	}
 	if opts.DERPMap != nil {
 		if err := opts.DERPMap.Validate(); err != nil {
 			return nil, fmt.Errorf("coordinator: %w", err)
@@ -136,9 +157,13 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	cert, err := selfSignedCert(key, "meshd coordinator")
+	cert, err := tlspin.SelfSigned(key, "meshd coordinator", nil)
 	if err != nil {
 		return nil, err
+	}
+	chal, err := newChallenger(filepath.Join(opts.StateDir, challengeKeyFile))
+	if err != nil {
+		return nil, fmt.Errorf("coordinator: %w", err)
 	}
 	st, err := openStore(ctx, opts)
 	if err != nil {
@@ -151,10 +176,15 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 		log:         opts.Logger,
 		store:       st,
 		cert:        cert,
-		fingerprint: Fingerprint(cert.Leaf),
+		fingerprint: tlspin.Fingerprint(cert.Leaf),
 		adminPath:   filepath.Join(opts.StateDir, adminTokenFile),
 		hub:         newHub(hex.EncodeToString(epoch[:]), opts.DERPMap, opts.SessionQueueLen, time.Now),
 		ephemeral:   make(map[netmap.NodeID]*time.Timer),
+		chal:        chal,
+		now:         opts.now,
+	}
+	if s.now == nil {
+		s.now = time.Now
 	}
 	s.hub.revoked = s.keys.publish
 	if err := s.initAdminToken(ctx); err != nil {
@@ -172,6 +202,8 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	s.mux = http.NewServeMux()
 	s.mux.HandleFunc("POST /machine/register", s.handleRegister)
 	s.mux.HandleFunc("POST /machine/map", s.handleMap)
+	s.mux.HandleFunc("POST "+controlclient.ChallengePath, s.handleChallenge)
+	s.mux.HandleFunc("POST /machine/tags", s.handleSetTags)
 	s.mux.HandleFunc("GET "+DERPMapPath, s.handleDERPMap)
 	s.adminRoutes(s.mux)
 	s.ctx, s.cancel = context.WithCancel(context.WithoutCancel(ctx))
@@ -195,6 +227,9 @@ func openStore(ctx context.Context, opts ServerOptions) (store.Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("coordinator: %w", err)
 	}
+	for _, r := range st.Repairs() {
+		opts.Logger.Warn("database repaired on upgrade: " + r)
+	}
 	return st, nil
 }
 
@@ -208,7 +243,7 @@ func (s *Server) initAdminToken(ctx context.Context) error {
 		want, merr := s.store.Meta(ctx, metaAdminHash)
 		if merr == nil {
 			if wb, _ := hex.DecodeString(want); hashEqual(wb, hashSecret(tok)) {
-				fp, _ := AdminTokenFingerprint(tok)
+				fp, _ := controlclient.AdminTokenFingerprint(tok)
 				if fp != s.fingerprint {
 					return fmt.Errorf("coordinator: %s carries fingerprint %s but the coordinator key is %s: delete %s to issue a new token", s.adminPath, fp, s.fingerprint, s.adminPath)
 				}
@@ -220,12 +255,12 @@ func (s *Server) initAdminToken(ctx context.Context) error {
 	case !errors.Is(err, os.ErrNotExist):
 		return fmt.Errorf("coordinator: read admin token: %w", err)
 	}
-	tok := adminTokenPrefix + "-" + randomSecret() + "-" + s.fingerprint
+	tok := controlclient.AdminTokenPrefix + "-" + randomSecret() + "-" + s.fingerprint
 	s.adminHash = hashSecret(tok)
 	if err := s.store.SetMeta(ctx, metaAdminHash, hex.EncodeToString(s.adminHash)); err != nil {
 		return fmt.Errorf("coordinator: %w", err)
 	}
-	if err := writeFileAtomic(s.adminPath, []byte(tok+"\n")); err != nil {
+	if err := atomicfile.Write(s.adminPath, []byte(tok+"\n"), 0o600); err != nil {
 		return fmt.Errorf("coordinator: write admin token: %w", err)
 	}
 	return nil
@@ -253,8 +288,11 @@ func (s *Server) loadNodes(ctx context.Context) error {
 	return nil
 }
 
+// visible reports whether n belongs in maps: approved, not expired, and
+// holding a node key (a migration clears keys that two nodes shared, until
+// the genuine holder proves its key again).
 func (s *Server) visible(n store.Node, now time.Time) bool {
-	return n.Authorized && (n.KeyExpiry.IsZero() || now.Before(n.KeyExpiry))
+	return n.Authorized && (n.KeyExpiry.IsZero() || now.Before(n.KeyExpiry)) && !n.NodeKey.IsZero()
 }
 
 // Fingerprint is the coordinator's key fingerprint (hex SHA-256 of its
@@ -302,19 +340,18 @@ func (s *Server) TLSConfig() *tls.Config {
 }
 
 // Serve accepts connections on ln (plain TCP: Serve adds TLS) until Close,
-// and then returns nil.
+// and then returns nil. The connection limits of ServerOptions.Limits
+// apply to ln.
 func (s *Server) Serve(ln net.Listener) error {
-	srv := &http.Server{
-		Handler:           s.Handler(),
-		TLSConfig:         s.TLSConfig(),
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
-		BaseContext:       func(net.Listener) context.Context { return s.ctx },
-		// Ping quiet connections so a node that vanished without closing
-		// its connection goes offline within a minute, not when TCP gives up.
-		HTTP2: &http.HTTP2Config{SendPingTimeout: 30 * time.Second, PingTimeout: 15 * time.Second},
-	}
+	lim := s.ConnLimits()
+	srv := lim.Server(s.Handler())
+	srv.TLSConfig = s.TLSConfig()
+	srv.ErrorLog = slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)
+	srv.BaseContext = func(net.Listener) context.Context { return s.ctx }
+	// Ping quiet connections so a node that vanished without closing
+	// its connection goes offline within a minute, not when TCP gives up.
+	srv.HTTP2 = &http.HTTP2Config{SendPingTimeout: 30 * time.Second, PingTimeout: 15 * time.Second}
+	ln = lim.Listener(ln)
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -328,6 +365,18 @@ func (s *Server) Serve(ln net.Listener) error {
 		return nil
 	}
 	return err
+}
+
+// ConnLimits returns the connection limits of the coordinator's
+// listeners, defaults filled in, for other listeners serving its parts
+// (the embedded relay's --derp-listen).
+func (s *Server) ConnLimits() connlimit.Limits {
+	lim := s.opts.Limits
+	lim.Name, lim.Logger = "coordinator", s.log
+	if lim.Hint == "" {
+		lim.Hint = "raise meshd coordinator --max-conns-per-ip / --max-conns"
+	}
+	return lim.WithDefaults()
 }
 
 // Close stops serving, ends every map stream and closes the store.
@@ -364,7 +413,7 @@ func (s *Server) sweep() {
 		case now := <-t.C:
 			for _, id := range s.hub.expired(now) {
 				s.log.Info("node key expired", "node", id)
-				s.hub.remove(id, ErrNodeExpired)
+				s.hub.remove(id, controlclient.ErrNodeExpired)
 			}
 		}
 	}
@@ -399,17 +448,13 @@ func (s *Server) reapEphemeral(id netmap.NodeID) {
 		s.log.Error("delete ephemeral node", "node", id, "err", err)
 		return
 	}
-	s.hub.remove(id, ErrNotRegistered)
+	s.hub.remove(id, controlclient.ErrNotRegistered)
 	s.log.Info("deleted ephemeral node after it went offline", "node", id, "timeout", s.opts.EphemeralTimeout)
 }
 
 // Handler returns the coordinator's HTTP API (machine and admin, and
-// anything added with Handle).
-func (s *Server) Handler() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		s.mux.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), responseWriterKey{}, w)))
-	})
-}
+// anything added with Handle), without the connection limits Serve adds.
+func (s *Server) Handler() http.Handler { return s.mux }
 
 // Handle serves another handler on the coordinator's listener, such as an
 // embedded DERP relay on "/derp". Patterns follow http.ServeMux; call it
@@ -418,19 +463,13 @@ func (s *Server) Handler() http.Handler {
 // /admin/...) panics, as ServeMux.Handle does: a programming error.
 func (s *Server) Handle(pattern string, h http.Handler) { s.mux.Handle(pattern, h) }
 
-// responseWriterKey carries the ResponseWriter to decodeBody, which sets a
-// read deadline on it.
-type responseWriterKey struct{}
-
-const requestReadTimeout = 15 * time.Second
-
 // NodeKeyKnown reports whether k is the node key of a node currently in the
 // tailnet (registered, authorized, not expired). An embedded DERP server
 // uses it to serve only the tailnet's nodes.
 func (s *Server) NodeKeyKnown(k netmap.NodePublic) bool { return s.hub.nodeKeyKnown(k) }
 
 func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
-	code, status := codeOf(err)
+	code, status := controlclient.Code(err)
 	msg := err.Error()
 	if status == http.StatusInternalServerError {
 		s.log.Error("request failed", "path", r.URL.Path, "err", err)
@@ -438,7 +477,7 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	} else {
 		s.log.Debug("request refused", "path", r.URL.Path, "code", code, "err", err)
 	}
-	writeJSON(w, status, errorBody{Error: msg, Code: code})
+	writeJSON(w, status, controlclient.ErrorBody{Error: msg, Code: code})
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
@@ -447,16 +486,12 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	json.NewEncoder(w).Encode(v)
 }
 
+// decodeBody reads a small JSON request. How long the body may take is
+// bounded for every request by connlimit.LimitBody (Serve), also when a
+// handler returns without reading it.
 func decodeBody(r *http.Request, v any) error {
-	// Bound how long a client may take to send its (small) request, without
-	// a server-wide ReadTimeout that would also cut long-lived map streams.
-	if w, ok := r.Context().Value(responseWriterKey{}).(http.ResponseWriter); ok {
-		rc := http.NewResponseController(w)
-		rc.SetReadDeadline(time.Now().Add(requestReadTimeout))
-		defer rc.SetReadDeadline(time.Time{})
-	}
 	if err := netmap.DecodeJSON(io.LimitReader(r.Body, maxRequestBody+1), maxRequestBody, v); err != nil {
-		return fmt.Errorf("%w: %v", ErrBadRequest, err)
+		return fmt.Errorf("%w: %v", controlclient.ErrBadRequest, err)
 	}
 	return nil
 }

@@ -10,13 +10,14 @@ import (
 	"testing"
 	"time"
 
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/netmap"
 )
 
 func TestHTTP2OverTLS13(t *testing.T) {
 	ts := startServer(t, ServerOptions{})
 	n := newTestNode(t, ts.url, ts.Fingerprint())
-	resp, err := n.c.hc.Post(ts.url+"/machine/map", "application/json", nil)
+	resp, err := machineHTTP(t, ts.Fingerprint(), n.mk).Post(ts.url+"/machine/map", "application/json", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -34,7 +35,7 @@ func TestHandleMountsExtraHandlers(t *testing.T) {
 	// Registered after Serve started is fine too: the mux is shared.
 	ts.Handle("GET /derp", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("relay")) }))
 	n := newTestNode(t, ts.url, ts.Fingerprint())
-	resp, err := n.c.hc.Get(ts.url + "/derp")
+	resp, err := machineHTTP(t, ts.Fingerprint(), n.mk).Get(ts.url + "/derp")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,7 +87,7 @@ func TestNodeKeyExpiresOverTime(t *testing.T) {
 	srv.waitMap(t, "laptop online", peerOnline(u.id, true))
 	// The user's node key expires; the tagged server's never does.
 	srv.waitMap(t, "expired laptop gone", func(m *netmap.NetworkMap) bool { return m.Peers[u.id] == nil })
-	wantErr(t, u.c.Update(context.Background(), u.mapRequest()), ErrNodeExpired)
+	wantErr(t, u.c.Update(context.Background(), u.mapRequest()), controlclient.ErrNodeExpired)
 	if err := srv.c.Update(context.Background(), srv.mapRequest()); err != nil {
 		t.Fatalf("tagged node after the user's expiry: %v", err)
 	}
@@ -113,7 +114,7 @@ func TestPolicyHooks(t *testing.T) {
 	key := ts.key(t, AuthKeyOptions{User: "bob@example.com", Reusable: true})
 	n := newTestNode(t, ts.url, "")
 	_, err := n.register(ctx, key, "x", "tag:evil")
-	wantErr(t, err, ErrTagsForbidden)
+	wantErr(t, err, controlclient.ErrTagsForbidden)
 
 	a, b := newTestNode(t, ts.url, ""), newTestNode(t, ts.url, "")
 	a.register(ctx, key, "a", "tag:red")

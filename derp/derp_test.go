@@ -21,11 +21,13 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"golang.org/x/crypto/nacl/box"
 	"golang.org/x/time/rate"
 
+	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -222,7 +224,7 @@ func TestTLSPinnedFingerprint(t *testing.T) {
 	hs.StartTLS()
 	t.Cleanup(func() { s.Close(); hs.Close() })
 
-	fp := Fingerprint(cert.Leaf)
+	fp := tlspin.Fingerprint(cert.Leaf)
 	other, _ := NewSelfSignedCert(nil)
 	tests := []struct {
 		name    string
@@ -231,7 +233,7 @@ func TestTLSPinnedFingerprint(t *testing.T) {
 	}{
 		{"pinned", fp, ""},
 		{"pinned upper case", strings.ToUpper(fp), ""},
-		{"wrong pin", Fingerprint(other.Leaf), "does not match the pinned"},
+		{"wrong pin", tlspin.Fingerprint(other.Leaf), "does not match the pinned"},
 		{"malformed pin", "abc", "hex digits"},
 		{"no pin, self-signed", "", "certificate"},
 	}
@@ -274,6 +276,13 @@ func rawDial(t testing.TB, url string) *rawConn {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return rawHandshake(t, conn)
+}
+
+// rawHandshake upgrades conn and reads the server key; conn is closed when
+// the test ends.
+func rawHandshake(t testing.TB, conn net.Conn) *rawConn {
+	t.Helper()
 	t.Cleanup(func() { conn.Close() })
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
 	r := &rawConn{conn: conn, br: bufio.NewReader(conn), bw: bufio.NewWriter(conn)}
@@ -427,133 +436,147 @@ func TestVerifyHook(t *testing.T) {
 	}
 }
 
+// A client that stops reading is disconnected once a write to it has been
+// blocked for the write timeout, to the nanosecond in virtual time
+// (synctest); the relay serves everyone else without delay meanwhile, and
+// the sender learns the client is gone.
 func TestSlowReaderDisconnected(t *testing.T) {
-	srv := newTestServer(t, ServerOptions{WriteTimeout: 200 * time.Millisecond, SendQueueDepth: 8})
-	ka, kslow, kfast := netmap.NewNodePrivate(), netmap.NewNodePrivate(), netmap.NewNodePrivate()
-	a := dial(t, srv.url, ka)
-	fast := dial(t, srv.url, kfast)
-	// The slow client never reads, with a tiny socket buffer so the
-	// server's writes block soon.
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	slow, err := Dial(ctx, srv.url, ClientOptions{NodeKey: kslow, DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-		c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
-		if err == nil {
-			c.(*net.TCPConn).SetReadBuffer(4096)
-		}
-		return c, err
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer slow.Close()
+	synctest.Test(t, func(t *testing.T) {
+		srv := newBubbleRelay(t, ServerOptions{SendQueueDepth: 8})
+		ka, kslow, kfast := netmap.NewNodePrivate(), netmap.NewNodePrivate(), netmap.NewNodePrivate()
+		a := srv.dial(t, ClientOptions{NodeKey: ka})
+		fromFast := drain(srv.dial(t, ClientOptions{NodeKey: kfast}))
+		// The slow client never reads; a pipe has no buffer, so the relay's
+		// first write to it blocks.
+		srv.dial(t, ClientOptions{NodeKey: kslow})
+		gone := make(chan time.Time, 1)
+		go func() {
+			for {
+				m, err := a.Recv()
+				if err != nil {
+					return
+				}
+				if g, ok := m.(PeerGone); ok && g.Key == kslow.Public() && g.Reason == PeerGoneDisconnected {
+					select {
+					case gone <- time.Now():
+					default:
+					}
+				}
+			}
+		}()
 
-	gone := make(chan PeerGone, 1)
-	go func() {
-		for {
-			m, err := a.Recv()
-			if err != nil {
-				return
-			}
-			if g, ok := m.(PeerGone); ok && g.Key == kslow.Public() && g.Reason == PeerGoneDisconnected {
-				gone <- g
-				return
+		start := time.Now()
+		for range 3 * 8 { // more than its queue holds
+			if err := a.Send(kslow.Public(), make([]byte, 1400)); err != nil {
+				t.Fatal(err)
 			}
 		}
-	}()
-	big := make([]byte, 60<<10)
-	deadline := time.Now().Add(10 * time.Second)
-	for srv.Stats().SlowDisconnects == 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("slow reader never disconnected; stats %+v", srv.Stats())
-		}
-		if err := a.Send(kslow.Public(), big); err != nil {
+		if err := a.Send(kfast.Public(), []byte("during")); err != nil {
 			t.Fatal(err)
 		}
-	}
-	select {
-	case <-gone:
-	case <-time.After(5 * time.Second):
-		t.Fatal("sender not told that the slow reader is gone")
-	}
-	// The server keeps serving everyone else.
-	if err := a.Send(kfast.Public(), []byte("after")); err != nil {
-		t.Fatal(err)
-	}
-	if got := recvPacket(t, fast); string(got.Data) != "after" {
-		t.Fatalf("fast client got %q", got.Data)
-	}
+		if got := nextPacket(t, fromFast); string(got.Data) != "during" || time.Since(start) != 0 {
+			t.Fatalf("fast client got %q after %v, want it at once", got.Data, time.Since(start))
+		}
+		time.Sleep(DefaultWriteTimeout - time.Nanosecond)
+		synctest.Wait()
+		if st := srv.Stats(); st.SlowDisconnects != 0 || st.Clients != 3 {
+			t.Fatalf("%v into a blocked write: %+v, want the slow client still connected", time.Since(start), st)
+		}
+		time.Sleep(time.Nanosecond)
+		synctest.Wait()
+		if st := srv.Stats(); st.SlowDisconnects != 1 || st.Clients != 2 {
+			t.Fatalf("%v into a blocked write: %+v, want the slow client disconnected", time.Since(start), st)
+		}
+		select {
+		case at := <-gone:
+			if d := at.Sub(start); d != DefaultWriteTimeout {
+				t.Fatalf("sender told %v after the write blocked, want %v", d, DefaultWriteTimeout)
+			}
+		default:
+			t.Fatal("sender not told that the slow reader is gone")
+		}
+		// The server keeps serving everyone else.
+		if err := a.Send(kfast.Public(), []byte("after")); err != nil {
+			t.Fatal(err)
+		}
+		if got := nextPacket(t, fromFast); string(got.Data) != "after" {
+			t.Fatalf("fast client got %q", got.Data)
+		}
+	})
 }
 
+// The relay reads each client at its configured rate: a noisy client gets
+// its burst and then the rate, to the packet, and a quiet client's packets
+// are not delayed by it at all. Both are exact in virtual time (synctest).
 func TestRateLimitPerClient(t *testing.T) {
-	const limit = 256 << 10 // bytes per second
-	srv := newTestServer(t, ServerOptions{ClientRate: rate.Limit(limit)})
-	knoisy, kquiet, ksink, kpeer := netmap.NewNodePrivate(), netmap.NewNodePrivate(), netmap.NewNodePrivate(), netmap.NewNodePrivate()
-	// The noisy client's token bucket starts when it connects, so the
-	// budget is counted from before that.
-	start := time.Now()
-	noisy, quiet := dial(t, srv.url, knoisy), dial(t, srv.url, kquiet)
-	sink, peer := dial(t, srv.url, ksink), dial(t, srv.url, kpeer)
-	if got := noisy.ServerInfo().RateBytesPerSec; got != limit {
-		t.Fatalf("server info rate = %d, want %d", got, limit)
-	}
+	synctest.Test(t, func(t *testing.T) {
+		const (
+			limit   = 256 << 10 // bytes per second
+			payload = 16 << 10
+			frame   = frameHeaderLen + keyLen + payload // what the limiter counts per packet
+			run     = 10 * time.Second
+		)
+		srv := newBubbleRelay(t, ServerOptions{ClientRate: rate.Limit(limit)})
+		ksink, kpeer := netmap.NewNodePrivate(), netmap.NewNodePrivate()
+		// No virtual time passes while dialling: the noisy client's token
+		// bucket starts now.
+		start := time.Now()
+		noisy, quiet := srv.dial(t, ClientOptions{}), srv.dial(t, ClientOptions{})
+		sink, peer := srv.dial(t, ClientOptions{NodeKey: ksink}), srv.dial(t, ClientOptions{NodeKey: kpeer})
+		info := noisy.ServerInfo()
+		if info.RateBytesPerSec != limit || info.BurstBytes < frame {
+			t.Fatalf("server info rate %d burst %d, want %d and at least one frame", info.RateBytesPerSec, info.BurstBytes, limit)
+		}
+		// The packets the bucket admits by the end of the run: the burst,
+		// then the rate.
+		admitted := (info.BurstBytes + limit*int(run/time.Second)) / frame
+		drain(noisy)
+		drain(quiet)
+		fromQuiet := drain(peer)
 
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() { // the noisy client sends as fast as TCP lets it
-		defer wg.Done()
-		pkt := make([]byte, 16<<10)
-		for ctx.Err() == nil {
-			if noisy.Send(ksink.Public(), pkt) != nil {
-				return
+		go func() { // twice what the bucket admits, as fast as the relay reads
+			pkt := make([]byte, payload)
+			for range 2 * admitted {
+				if noisy.Send(ksink.Public(), pkt) != nil {
+					return
+				}
 			}
-		}
-	}()
-	var received int64
-	var mu sync.Mutex
-	go func() {
-		defer wg.Done()
-		for {
-			m, err := sink.Recv()
-			if err != nil {
-				return
+		}()
+		var received atomic.Int64
+		go func() {
+			for {
+				m, err := sink.Recv()
+				if err != nil {
+					return
+				}
+				if p, ok := m.(ReceivedPacket); ok {
+					received.Add(int64(len(p.Data)))
+				}
 			}
-			if p, ok := m.(ReceivedPacket); ok {
-				mu.Lock()
-				received += int64(len(p.Data))
-				mu.Unlock()
-			}
-		}
-	}()
+		}()
 
-	// Meanwhile the quiet client's small packets get through promptly.
-	for i := range 20 {
-		msg := []byte(fmt.Sprint("quiet-", i))
-		if err := quiet.Send(kpeer.Public(), msg); err != nil {
-			t.Fatal(err)
+		// Once the noisy client has spent its burst and waits for tokens,
+		// the quiet client's small packets still get through at once.
+		synctest.Wait()
+		for i := range 20 {
+			msg := []byte(fmt.Sprint("quiet-", i))
+			if err := quiet.Send(kpeer.Public(), msg); err != nil {
+				t.Fatal(err)
+			}
+			if got := nextPacket(t, fromQuiet); !bytes.Equal(got.Data, msg) {
+				t.Fatalf("peer got %q, want %q", got.Data, msg)
+			}
 		}
-		if got := recvPacket(t, peer); !bytes.Equal(got.Data, msg) {
-			t.Fatalf("peer got %q, want %q", got.Data, msg)
+		if d := time.Since(start); d != 0 {
+			t.Fatalf("the quiet client's packets waited %v behind the noisy client", d)
 		}
-	}
-	time.Sleep(time.Second) // let the noisy client run against its limit
-	mu.Lock()
-	got := received
-	mu.Unlock()
-	elapsed := time.Since(start)
-	maxAllowed := int64(float64(limit)*elapsed.Seconds()) + int64(srv.opts.ClientBurst)
-	if got > maxAllowed {
-		t.Fatalf("noisy client relayed %d bytes in %v, limit allows %d", got, elapsed, maxAllowed)
-	}
-	if got < limit/4 {
-		t.Fatalf("noisy client relayed only %d bytes in %v: rate limit far below configured", got, elapsed)
-	}
-	cancel()
-	noisy.Close()
-	sink.Close()
-	wg.Wait()
+		time.Sleep(run)
+		synctest.Wait()
+		if got := received.Load(); got != int64(admitted*payload) {
+			t.Fatalf("noisy client relayed %d packets of %d bytes in %v; a bucket of %d bytes refilled at %d/s admits %d",
+				got/payload, payload, run, info.BurstBytes, limit, admitted)
+		}
+	})
 }
 
 func TestGarbageAndOversizedFlood(t *testing.T) {
@@ -869,7 +892,7 @@ func TestLoadOrCreateKeepsIdentity(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if Fingerprint(c1.Leaf) != Fingerprint(c2.Leaf) {
+	if tlspin.Fingerprint(c1.Leaf) != tlspin.Fingerprint(c2.Leaf) {
 		t.Fatal("fingerprint changed across restarts")
 	}
 	if got := c1.Leaf.DNSNames; len(got) != 1 || got[0] != "derp.example" {
@@ -1044,6 +1067,9 @@ func TestReconnectingClientSurvivesRelayRestart(t *testing.T) {
 	}
 }
 
+// A client notices a relay that went silent after exactly its idle
+// timeout, and keep-alives hold an idle connection up. The timeouts are in
+// virtual time (synctest), so the margins are exact rather than wide.
 func TestClientIdleTimeout(t *testing.T) {
 	for _, tt := range []struct {
 		name      string
@@ -1053,83 +1079,98 @@ func TestClientIdleTimeout(t *testing.T) {
 	}{
 		// A silent relay (keep-alives far apart) is declared dead.
 		{"silent relay", time.Hour, 300 * time.Millisecond, true},
-		// Keep-alives keep an otherwise idle connection up. Margins are
-		// wide (a keep-alive every 150ms, silence tolerated for 1s here
-		// and 450ms at the server) so a loaded CI machine does not flake.
-		{"keep-alives", 150 * time.Millisecond, time.Second, false},
+		// Keep-alives at the default interval hold up a connection whose
+		// idle timeout is only just longer.
+		{"keep-alives", DefaultKeepAlive, DefaultKeepAlive + time.Millisecond, false},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			srv := newTestServer(t, ServerOptions{KeepAlive: tt.keepAlive})
-			c, err := Dial(context.Background(), srv.url, ClientOptions{NodeKey: netmap.NewNodePrivate(), IdleTimeout: tt.idle})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			errc := make(chan error, 1)
-			go func() {
-				for {
-					if _, err := c.Recv(); err != nil {
-						errc <- err
-						return
+			synctest.Test(t, func(t *testing.T) {
+				srv := newBubbleRelay(t, ServerOptions{KeepAlive: tt.keepAlive})
+				c := srv.dial(t, ClientOptions{IdleTimeout: tt.idle})
+				errc := make(chan error, 1)
+				start := time.Now()
+				go func() {
+					for {
+						if _, err := c.Recv(); err != nil {
+							errc <- err
+							return
+						}
+					}
+				}()
+				select {
+				case err := <-errc:
+					var ne net.Error
+					if !tt.wantDead || !errors.As(err, &ne) || !ne.Timeout() {
+						t.Fatalf("Recv failed after %v with %v", time.Since(start), err)
+					}
+					if d := time.Since(start); d != tt.idle {
+						t.Fatalf("silent relay noticed after %v, want the idle timeout %v", d, tt.idle)
+					}
+				case <-time.After(10 * time.Minute):
+					if tt.wantDead {
+						t.Fatal("silent relay not noticed")
 					}
 				}
-			}()
-			select {
-			case err := <-errc:
-				var ne net.Error
-				if !tt.wantDead || !errors.As(err, &ne) || !ne.Timeout() {
-					t.Fatalf("Recv failed with %v", err)
-				}
-			case <-time.After(2 * time.Second):
-				if tt.wantDead {
-					t.Fatal("silent relay not noticed")
-				}
-			}
+			})
 		})
 	}
 	// The default follows the relay's announced keep-alive interval.
-	srv := newTestServer(t, ServerOptions{KeepAlive: 7 * time.Second})
-	c := dial(t, srv.url, netmap.NewNodePrivate())
-	c2, err := Dial(context.Background(), srv.url, ClientOptions{NodeKey: netmap.NewNodePrivate()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c2.Close()
-	if c.idle >= 0 || c2.idle != 19*time.Second || c2.keepAlive != 7*time.Second {
-		t.Fatalf("idle timeouts %v (disabled) and %v (default), want <0 and 19s", c.idle, c2.idle)
-	}
+	synctest.Test(t, func(t *testing.T) {
+		srv := newBubbleRelay(t, ServerOptions{KeepAlive: 7 * time.Second})
+		c := srv.dial(t, ClientOptions{IdleTimeout: -1})
+		c2 := srv.dial(t, ClientOptions{})
+		if c.idle >= 0 || c2.idle != 19*time.Second || c2.keepAlive != 7*time.Second {
+			t.Fatalf("idle timeouts %v (disabled) and %v (default), want <0 and 19s", c.idle, c2.idle)
+		}
+	})
 }
 
+// A client the relay heard nothing from for three keep-alive intervals is
+// dropped at exactly that deadline; one that is idle but sends its
+// keep-alives stays. Virtual time (synctest) lets the test use the real
+// default interval and look at both sides of the deadline.
 func TestServerDropsSilentClients(t *testing.T) {
-	srv := newTestServer(t, ServerOptions{KeepAlive: 150 * time.Millisecond})
-	ka, kb := netmap.NewNodePrivate(), netmap.NewNodePrivate()
-	// A's client sends keep-alives on its own while idle.
-	a := dial(t, srv.url, ka)
-	go func() {
-		for {
-			if _, err := a.Recv(); err != nil {
-				return
-			}
+	synctest.Test(t, func(t *testing.T) {
+		srv := newBubbleRelay(t, ServerOptions{})
+		silence := 3 * DefaultKeepAlive
+		ka, kb := netmap.NewNodePrivate(), netmap.NewNodePrivate()
+		// A's client sends keep-alives on its own while idle.
+		a := srv.dial(t, ClientOptions{NodeKey: ka})
+		got := drain(a)
+		// B handshakes by hand and then never sends a byte, like a node
+		// whose network vanished; it still reads what the relay sends.
+		r := srv.rawDial(t)
+		r.sendInfo(kb.Public(), kb, r.nonce, clientInfo{Version: 1})
+		if msg := r.result(t); msg != "" {
+			t.Fatal(msg)
 		}
-	}()
-	// B handshakes by hand and then never sends a byte, like a node whose
-	// network vanished.
-	r := rawDial(t, srv.url)
-	r.sendInfo(kb.Public(), kb, r.nonce, clientInfo{Version: 1})
-	if msg := r.result(t); msg != "" {
-		t.Fatal(msg)
-	}
-	go io.Copy(io.Discard, r.br)
-	waitFor(t, "both registered", func() bool { return srv.Stats().Clients == 2 })
-	waitFor(t, "silent client dropped", func() bool { return srv.Stats().Clients == 1 })
-	// A, idle but alive, is still there well after three intervals.
-	time.Sleep(time.Second)
-	if n := srv.Stats().Clients; n != 1 {
-		t.Fatalf("clients = %d, want A still connected", n)
-	}
-	if err := a.Send(ka.Public(), []byte("self")); err != nil {
-		t.Fatal(err)
-	}
+		r.conn.SetDeadline(time.Time{})
+		go io.Copy(io.Discard, r.br)
+		start := time.Now()
+
+		time.Sleep(silence - time.Nanosecond)
+		synctest.Wait()
+		if n := srv.Stats().Clients; n != 2 {
+			t.Fatalf("%v after B's last byte: clients = %d, want 2 (B dropped early)", time.Since(start), n)
+		}
+		time.Sleep(time.Nanosecond)
+		synctest.Wait()
+		if st := srv.Stats(); st.Clients != 1 || st.SlowDisconnects != 0 {
+			t.Fatalf("%v after B's last byte: %+v, want B (only) dropped, for silence", time.Since(start), st)
+		}
+		// A, idle but alive, is still there many intervals later.
+		time.Sleep(time.Hour)
+		synctest.Wait()
+		if n := srv.Stats().Clients; n != 1 {
+			t.Fatalf("clients = %d, want A still connected", n)
+		}
+		if err := a.Send(ka.Public(), []byte("self")); err != nil {
+			t.Fatal(err)
+		}
+		if p := nextPacket(t, got); string(p.Data) != "self" {
+			t.Fatalf("A got %q", p.Data)
+		}
+	})
 }
 
 // The coordinator embeds the relay on its own HTTPS listener, which also
@@ -1164,7 +1205,7 @@ func TestEmbeddedInHTTP2Server(t *testing.T) {
 		t.Fatalf("other routes use %s, want HTTP/2.0", body)
 	}
 	ka, kb := netmap.NewNodePrivate(), netmap.NewNodePrivate()
-	fp := Fingerprint(cert.Leaf)
+	fp := tlspin.Fingerprint(cert.Leaf)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	a, err := Dial(ctx, hs.URL, ClientOptions{NodeKey: ka, CertFingerprint: fp})
@@ -1264,133 +1305,73 @@ func TestRevocationDuringHandshake(t *testing.T) {
 	waitFor(t, "no clients", func() bool { return s.Stats().Clients == 0 })
 }
 
-// stallProxy forwards TCP connections to a relay until stalled; then it
-// stops reading what the client sends (a stuck relay, or a path that died
-// with data in flight, as the client's kernel sees it).
-type stallProxy struct {
-	ln      net.Listener
-	stalled chan struct{}
-}
-
-func newStallProxy(t *testing.T, target string) *stallProxy {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+// A relay that stops reading must not hold senders for TCP's minutes:
+// blocked sends fail after exactly the write timeout, and TrySend never
+// waits. Both are exact in virtual time (synctest).
+func TestClientStalledRelay(t *testing.T) {
+	dst := netmap.NewNodePrivate().Public()
+	pkt := make([]byte, 32<<10)
+	// stalled connects a client with the default write timeout (a send
+	// that waits wrongly returns after it instead of hanging the test) and
+	// makes the relay stop reading from it.
+	stalled := func(t *testing.T) *Client {
+		srv := newBubbleRelay(t, ServerOptions{})
+		stall := make(chan struct{})
+		c := srv.dialWrapped(t, ClientOptions{IdleTimeout: -1}, func(conn net.Conn) net.Conn {
+			return &stallConn{Conn: conn, stalled: stall, done: make(chan struct{})}
+		})
+		drain(c) // the relay answers the unknown destination with PeerGone
+		close(stall)
+		return c
 	}
-	p := &stallProxy{ln: ln, stalled: make(chan struct{})}
-	var conns sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); conns.Wait() })
-	done := make(chan struct{})
-	t.Cleanup(func() { close(done) })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
+
+	t.Run("TrySend drops instead of waiting", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			c := stalled(t)
+			start := time.Now()
+			const tries = 64 // 2 MiB: many times the send queue
+			full := false
+			for i := 0; i < tries && !full; i++ {
+				switch err := c.TrySend(dst, pkt); {
+				case errors.Is(err, ErrQueueFull):
+					full = true
+				case err != nil:
+					t.Fatalf("TrySend: %v", err)
+				}
 			}
-			// Small buffers, so a stall is felt after kilobytes, not
-			// megabytes.
-			c.(*net.TCPConn).SetReadBuffer(4 << 10)
-			s, err := net.Dial("tcp", target)
-			if err != nil {
-				c.Close()
-				continue
+			if !full {
+				t.Fatalf("queued %d x %d bytes to a relay that reads nothing without ErrQueueFull", tries, len(pkt))
 			}
-			conns.Add(2)
-			go func() { defer conns.Done(); io.Copy(c, s); c.Close() }()
+			if d := time.Since(start); d != 0 {
+				t.Fatalf("TrySend waited %v", d)
+			}
+		})
+	})
+
+	t.Run("write timeout releases blocked senders", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			c := stalled(t)
+			start := time.Now()
+			done := make(chan error, 1)
 			go func() {
-				defer conns.Done()
-				defer s.Close()
-				buf := make([]byte, 4<<10)
 				for {
-					select {
-					case <-p.stalled:
-						<-done
-						c.Close()
-						return
-					default:
-					}
-					n, err := c.Read(buf)
-					if err != nil {
-						return
-					}
-					if _, err := s.Write(buf[:n]); err != nil {
+					if err := c.Send(dst, pkt); err != nil {
+						done <- err
 						return
 					}
 				}
 			}()
-		}
-	}()
-	return p
-}
-
-func (p *stallProxy) dial(t *testing.T, opts ClientOptions) *Client {
-	t.Helper()
-	opts.DialContext = func(ctx context.Context, network, _ string) (net.Conn, error) {
-		return (&net.Dialer{}).DialContext(ctx, network, p.ln.Addr().String())
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	c, err := Dial(ctx, "http://relay.test", opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
-}
-
-// A relay that stops reading must not hold senders for TCP's minutes:
-// blocked sends fail after the write timeout, and TrySend never blocks.
-func TestClientStalledRelay(t *testing.T) {
-	srv := newTestServer(t, ServerOptions{})
-	dst := netmap.NewNodePrivate().Public()
-	pkt := make([]byte, 32<<10)
-
-	t.Run("TrySend drops instead of waiting", func(t *testing.T) {
-		p := newStallProxy(t, srv.hs.Listener.Addr().String())
-		c := p.dial(t, ClientOptions{NodeKey: netmap.NewNodePrivate(), IdleTimeout: -1, WriteTimeout: -1})
-		close(p.stalled)
-		full := false
-		const tries = 2048 // 64 MiB: more than the sockets buffer
-		for i := 0; i < tries && !full; i++ {
-			start := time.Now()
-			err := c.TrySend(dst, pkt)
-			if d := time.Since(start); d > time.Second {
-				t.Fatalf("TrySend took %v", d)
-			}
-			switch {
-			case errors.Is(err, ErrQueueFull):
-				full = true
-			case err != nil:
-				t.Fatalf("TrySend: %v", err)
-			}
-		}
-		if !full {
-			t.Fatalf("queued %d x %d bytes to a relay that reads nothing without ErrQueueFull", tries, len(pkt))
-		}
-	})
-
-	t.Run("write timeout releases blocked senders", func(t *testing.T) {
-		p := newStallProxy(t, srv.hs.Listener.Addr().String())
-		c := p.dial(t, ClientOptions{NodeKey: netmap.NewNodePrivate(), IdleTimeout: -1, WriteTimeout: 200 * time.Millisecond})
-		close(p.stalled)
-		done := make(chan error, 1)
-		go func() {
-			for {
-				if err := c.Send(dst, pkt); err != nil {
-					done <- err
-					return
+			select {
+			case err := <-done:
+				if !errors.Is(err, os.ErrDeadlineExceeded) {
+					t.Errorf("blocked Send failed with %v, want the write deadline", err)
 				}
+				if d := time.Since(start); d != DefaultClientWriteTimeout {
+					t.Errorf("blocked Send released after %v, want the write timeout %v", d, DefaultClientWriteTimeout)
+				}
+			case <-time.After(time.Hour):
+				t.Fatalf("Send still blocked an hour after the relay stopped reading, with a %v write timeout", DefaultClientWriteTimeout)
 			}
-		}()
-		select {
-		case err := <-done:
-			if !errors.Is(err, os.ErrDeadlineExceeded) {
-				t.Errorf("blocked Send failed with %v, want the write deadline", err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatal("Send still blocked 10 s after the relay stopped reading, with a 200 ms write timeout")
-		}
+		})
 	})
 }

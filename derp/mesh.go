@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"meshd.dev/meshd/internal/backoff"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -46,8 +47,7 @@ func (s *Server) RunMeshPeer(ctx context.Context, rawURL, fingerprint string) er
 		return errors.New("derp: meshing needs a mesh key (--mesh-key-file)")
 	}
 	l := &meshLink{s: s, url: rawURL, q: make(chan forwardPacket, meshQueueDepth)}
-	const maxBackoff = 10 * time.Second
-	backoff := 100 * time.Millisecond
+	bo := backoff.Backoff{Min: 100 * time.Millisecond, Max: 10 * time.Second}
 	for {
 		start := time.Now()
 		err := l.runOnce(ctx, fingerprint)
@@ -59,17 +59,9 @@ func (s *Server) RunMeshPeer(ctx context.Context, rawURL, fingerprint string) er
 		}
 		s.SetHealth(fmt.Sprintf("mesh peer %s unreachable: %v", rawURL, err))
 		s.log.Warn("derp mesh link down", "peer", rawURL, "err", err)
-		if time.Since(start) > maxBackoff {
-			backoff = 100 * time.Millisecond
-		}
-		t := time.NewTimer(backoff)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if bo.Wait(ctx, time.Since(start)) != nil {
 			return nil
-		case <-t.C:
 		}
-		backoff = min(2*backoff, maxBackoff)
 	}
 }
 

@@ -5,11 +5,11 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"slices"
 	"sync"
 	"time"
 
+	"meshd.dev/meshd/internal/backoff"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -124,13 +124,7 @@ func (r *ReconnectingClient) connect(c *Client) {
 // goroutine; ReceivedPacket data is only valid during the call) until ctx
 // ends. handle may be nil.
 func (r *ReconnectingClient) Run(ctx context.Context, handle func(Message)) error {
-	const (
-		minBackoff = 100 * time.Millisecond
-		maxBackoff = 5 * time.Second
-		// A connection that lasted this long resets the backoff.
-		stable = 10 * time.Second
-	)
-	backoff := minBackoff
+	bo := backoff.Backoff{Min: 100 * time.Millisecond, Max: 5 * time.Second}
 	for {
 		start := time.Now()
 		dctx, cancel := context.WithTimeout(ctx, DefaultHandshakeTimeout)
@@ -151,19 +145,9 @@ func (r *ReconnectingClient) Run(ctx context.Context, handle func(Message)) erro
 			return nil
 		}
 		r.log.Info("derp: connection to relay lost, redialing", "relay", r.url, "err", err)
-		if time.Since(start) > stable {
-			backoff = minBackoff
-		}
-		// Jitter keeps a relay restart from being hit by every node at once.
-		wait := backoff/2 + rand.N(backoff/2+1)
-		t := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if bo.Wait(ctx, time.Since(start)) != nil {
 			return nil
-		case <-t.C:
 		}
-		backoff = min(2*backoff, maxBackoff)
 	}
 }
 

@@ -22,6 +22,7 @@ import (
 	"golang.org/x/crypto/nacl/box"
 	"golang.org/x/time/rate"
 
+	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -295,13 +296,18 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// Wrap the hijacked reader so bytes it already buffered are kept; large
-	// reads go straight to the connection.
-	s.ServeConn(conn, bufio.NewReaderSize(brw.Reader, 64<<10))
+	// reads go straight to the connection. A client that completed the
+	// handshake has proved its key (and passed Verify): its connection is
+	// no longer subject to the listener's unauthenticated-connection
+	// deadline, if it came from a connlimit.Listener.
+	s.serveConn(conn, bufio.NewReaderSize(brw.Reader, 64<<10), func() { connlimit.Authenticate(r.Context()) })
 }
 
 // ServeConn runs the relay protocol on an already upgraded connection whose
 // buffered reader is br, and returns when the connection ends.
-func (s *Server) ServeConn(conn net.Conn, br *bufio.Reader) {
+func (s *Server) ServeConn(conn net.Conn, br *bufio.Reader) { s.serveConn(conn, br, nil) }
+
+func (s *Server) serveConn(conn net.Conn, br *bufio.Reader, authenticated func()) {
 	defer conn.Close()
 	bw := bufio.NewWriterSize(conn, 64<<10)
 	c, err := s.handshake(conn, br, bw)
@@ -309,6 +315,9 @@ func (s *Server) ServeConn(conn net.Conn, br *bufio.Reader) {
 		s.handshakeErrs.Add(1)
 		s.log.Debug("derp handshake failed", "remote", conn.RemoteAddr(), "err", err)
 		return
+	}
+	if authenticated != nil {
+		authenticated()
 	}
 	s.run(c)
 }

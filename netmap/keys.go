@@ -59,6 +59,10 @@ type DiscoPublic keyBytes
 // DiscoPrivate is the private half of a DiscoPublic.
 type DiscoPrivate keyBytes
 
+// ChallengePublic is the coordinator's long-lived Curve25519 key that node
+// key proofs are sealed to.
+type ChallengePublic keyBytes
+
 // MachinePublic is a machine's long-lived Ed25519 public key. The node proves
 // it on the control channel (it is the key of the TLS client certificate).
 type MachinePublic keyBytes
@@ -69,6 +73,7 @@ const (
 	discoPublicPrefix   = "discokey:"
 	discoPrivatePrefix  = "discopriv:"
 	machinePublicPrefix = "mkey:"
+	challengePrefix     = "challengekey:"
 )
 
 // ErrZeroKey is returned when validating a key that was never set.
@@ -208,4 +213,37 @@ func ParseDiscoPublic(s string) (DiscoPublic, error) {
 	var k DiscoPublic
 	err := k.UnmarshalText([]byte(s))
 	return k, err
+}
+
+// IsZero reports whether k was never set.
+func (k ChallengePublic) IsZero() bool { return k == ChallengePublic{} }
+
+// String returns the key in its text form.
+func (k ChallengePublic) String() string { return string(marshalKey(challengePrefix, k)) }
+
+// MarshalText implements encoding.TextMarshaler.
+func (k ChallengePublic) MarshalText() ([]byte, error) { return marshalKey(challengePrefix, k), nil }
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (k *ChallengePublic) UnmarshalText(b []byte) error {
+	return unmarshalKey(challengePrefix, b, (*keyBytes)(k))
+}
+
+// IsCanonical reports whether k is the canonical encoding of a Curve25519
+// point (the u-coordinate below 2^255-19, top bit clear). Non-canonical
+// encodings name the same point as a canonical one, so accepting them would
+// let one key be registered under several byte strings.
+func (k NodePublic) IsCanonical() bool {
+	if k[31]&0x80 != 0 {
+		return false
+	}
+	if k[31] != 0x7f {
+		return true
+	}
+	for i := 30; i >= 1; i-- {
+		if k[i] != 0xff {
+			return true
+		}
+	}
+	return k[0] < 0xed
 }

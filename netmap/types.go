@@ -13,9 +13,16 @@ import (
 // ProtocolVersion is the control protocol version this build speaks. The
 // coordinator refuses clients older than MinProtocolVersion with a message
 // saying to upgrade, rather than misreading their requests.
+//
+// Version 2 added node key proofs: from KeyProofVersion on a node proves
+// it holds the private half of a node key before the coordinator publishes
+// it. Older clients cannot, so the coordinator refuses their registrations
+// and node key changes (asking to upgrade) but keeps serving their map
+// streams under keys it already knows.
 const (
-	ProtocolVersion    = 1
+	ProtocolVersion    = 2
 	MinProtocolVersion = 1
+	KeyProofVersion    = 2
 )
 
 // NodeID identifies a node in the coordinator's registry. It is stable for
@@ -64,6 +71,9 @@ type RegisterRequest struct {
 	Hostname    string     `json:"hostname"`
 	AuthKey     string     `json:"auth_key,omitempty"` // empty when the machine is already registered
 	RequestTags []string   `json:"request_tags,omitempty"`
+	// NodeKeyProof proves the node holds NodeKey's private half (required
+	// from KeyProofVersion on).
+	NodeKeyProof *NodeKeyProof `json:"node_key_proof,omitempty"`
 }
 
 // RegisterResponse tells the node who it is.
@@ -72,6 +82,22 @@ type RegisterResponse struct {
 	// ServerKey is the coordinator's public key fingerprint that the node
 	// should pin for later connections.
 	ServerKey string `json:"server_key"`
+}
+
+// SetTagsRequest asks the coordinator to replace the tags of the calling
+// machine's node, as `meshd up --advertise-tags` does on an enrolled node.
+// The machine key (the TLS client certificate) authenticates it; no auth
+// key is needed, because the policy's "tagOwners" decide, with the node's
+// user or its current tags as the requester. Tags must not be empty: a
+// tagged node returns to a user only by registering with that user's key.
+type SetTagsRequest struct {
+	Version int      `json:"version"`
+	Tags    []string `json:"tags"`
+}
+
+// SetTagsResponse is the node as it is after a SetTagsRequest.
+type SetTagsResponse struct {
+	Node Node `json:"node"`
 }
 
 // MapRequest opens the map stream, or (Stream=false) reports endpoints and
@@ -90,6 +116,37 @@ type MapRequest struct {
 	// Epoch is the coordinator epoch Since belongs to (a restarted
 	// coordinator has a new one and sends a full map).
 	Epoch string `json:"epoch,omitempty"`
+	// NodeKeyProof proves the node holds NodeKey's private half. Needed
+	// only when NodeKey is not the key the coordinator has for the node;
+	// ignored otherwise.
+	NodeKeyProof *NodeKeyProof `json:"node_key_proof,omitempty"`
+}
+
+// ChallengeRequest asks the coordinator for a node key challenge
+// (POST /machine/challenge, authenticated by the machine key like every
+// machine request).
+type ChallengeRequest struct {
+	Version int `json:"version"`
+}
+
+// Challenge is the coordinator's answer to a ChallengeRequest: what a
+// NodeKeyProof must seal, and the key to seal it to. The challenge is
+// bound to the asking machine's key and expires within a minute.
+type Challenge struct {
+	ServerKey ChallengePublic `json:"server_key"`
+	Challenge []byte          `json:"challenge"`
+	Expires   time.Time       `json:"expires"`
+}
+
+// NodeKeyProof shows that its sender holds a node key's private half: a
+// NaCl box (X25519, XSalsa20-Poly1305) from the node key to the
+// coordinator's ServerKey that seals the machine key and the challenge.
+// Only the node key's holder (or the coordinator) can make one, the way a
+// relay checks a client in the DERP handshake.
+type NodeKeyProof struct {
+	Challenge []byte `json:"challenge"`
+	Nonce     []byte `json:"nonce"`
+	Box       []byte `json:"box"`
 }
 
 // MapResponse is one message of the map stream. The first message of a

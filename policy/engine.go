@@ -1085,3 +1085,9 @@ func (h holdersByID) Swap(i, j int) {
 func (e *Engine) CheckTags(user string, keyTags []string, requested []string) error {
 	return e.pol.CheckTags(user, keyTags, requested)
 }
+
+// OwnedByTags reports whether owners own every one of tags; see
+// Policy.OwnedByTags.
+func (e *Engine) OwnedByTags(owners, tags []string) bool {
+	return e.pol.OwnedByTags(owners, tags)
+}

@@ -32,9 +32,12 @@ func TestCheckTags(t *testing.T) {
 		{"", []string{"tag:prod"}, []string{"tag:prod"}, ""},     // the key carries it
 		{"", []string{"tag:locked"}, []string{"tag:locked"}, ""}, // empty owners: keys only
 		{"", []string{"tag:inference"}, []string{"tag:ci"}, ""},  // tag owns tag
-		{"", []string{"tag:inference"}, []string{"tag:prod"}, "not owned by the auth key"},
-		{"", []string{"tag:ci"}, []string{"tag:inference"}, "not owned by the auth key"},
+		{"", []string{"tag:inference"}, []string{"tag:prod"}, "not owned by the tags"},
+		{"", []string{"tag:ci"}, []string{"tag:inference"}, "not owned by the tags"},
 		{"", nil, []string{"tag:ci"}, "needs an owner"},
+		// The refusal names the rule that decided.
+		{"alice@example.com", nil, []string{"tag:prod"}, `"tagOwners" at test.hujson:6:3 gives it to [autogroup:admin]`},
+		{"", []string{"tag:ci"}, []string{"tag:locked"}, "gives it to nobody"},
 		{"alice@example.com", nil, nil, ""},
 	}
 	for _, tc := range tests {
@@ -45,6 +48,43 @@ func TestCheckTags(t *testing.T) {
 		case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
 			t.Errorf("CheckTags(%q, %v, %v) = %v, want an error containing %q", tc.user, tc.keyTags, tc.requested, err, tc.wantErr)
 		}
+	}
+}
+
+// TestOwnedByTags checks which advertised tags replace an auth key's tags
+// (the multi-tenant part of the seed policy): only tags its tags own in
+// "tagOwners", never tags it merely carries.
+func TestOwnedByTags(t *testing.T) {
+	seed := loadSeed(t)
+	for _, tc := range []struct {
+		owners, tags []string
+		want         bool
+	}{
+		{[]string{"tag:tenant-a"}, []string{"tag:tenant-a-gpu"}, true},
+		{[]string{"TAG:Tenant-A"}, []string{"tag:TENANT-a-gpu"}, true},
+		{[]string{"tag:tenant-b", "tag:tenant-a"}, []string{"tag:tenant-a-gpu", "tag:tenant-b-gpu"}, true},
+		{[]string{"tag:tenant-a"}, []string{"tag:tenant-b-gpu"}, false},
+		{[]string{"tag:tenant-a"}, []string{"tag:tenant-a"}, false}, // carried, not owned
+		{[]string{"tag:tenant-a"}, []string{"tag:tenant-a-gpu", "tag:tenant-a"}, false},
+		{[]string{"tag:tenant-a"}, []string{"tag:nope"}, false},
+		{[]string{"tag:tenant-a"}, nil, false},
+		{nil, []string{"tag:tenant-a-gpu"}, false},
+		{[]string{"alice@example.com"}, []string{"tag:ci"}, false}, // users own through CheckTags, not here
+	} {
+		if got := seed.OwnedByTags(tc.owners, tc.tags); got != tc.want {
+			t.Errorf("seed OwnedByTags(%v, %v) = %v, want %v", tc.owners, tc.tags, got, tc.want)
+		}
+	}
+	if Bootstrap().OwnedByTags([]string{"tag:tenant-a"}, []string{"tag:tenant-a-gpu"}) {
+		t.Error("the bootstrap default has no tagOwners but OwnedByTags reported ownership")
+	}
+	// The same key may apply its tenant's GPU tag, not another tenant's.
+	if err := seed.CheckTags("", []string{"tag:tenant-a"}, []string{"tag:tenant-a-gpu"}); err != nil {
+		t.Errorf("tenant-a key advertising tag:tenant-a-gpu: %v", err)
+	}
+	err := seed.CheckTags("", []string{"tag:tenant-a"}, []string{"tag:tenant-b-gpu"})
+	if err == nil || !strings.Contains(err.Error(), `"tagOwners" at seed.hujson:`) || !strings.Contains(err.Error(), "[autogroup:admin, tag:tenant-b]") {
+		t.Errorf("tenant-a key advertising tag:tenant-b-gpu: %v, want a refusal naming the tagOwners rule", err)
 	}
 }
 
@@ -119,15 +159,15 @@ func TestExplain(t *testing.T) {
 		rule            string
 		verdicts        int
 	}{
-		{"alice@example.com", "tag:training-cluster:22", "", true, "seed.hujson:35", 1},
+		{"alice@example.com", "tag:training-cluster:22", "", true, "seed.hujson:40", 1},
 		{"alice@example.com", "tag:training-cluster:443", "", false, "", 1},
-		{"group:ml-engineers", "tag:inference-server:443", "udp", true, "seed.hujson:28", 2},
-		{"tag:prod", "metrics:9090", "tcp", true, "seed.hujson:42", 1},
+		{"group:ml-engineers", "tag:inference-server:443", "udp", true, "seed.hujson:33", 2},
+		{"tag:prod", "metrics:9090", "tcp", true, "seed.hujson:47", 1},
 		{"tag:prod", "metrics:9090", "udp", false, "", 1},
 		{"carol@tenant-a.example", "100.100.10.5:9090", "", false, "", 1},
-		{"alice@example.com", "alice@example.com:22", "", true, "seed.hujson:47", 1},
+		{"alice@example.com", "alice@example.com:22", "", true, "seed.hujson:52", 1},
 		{"alice@example.com", "bob@example.com:22", "", false, "", 1},
-		{"alice@example.com", "tag:inference-server:0", "icmp", true, "seed.hujson:28", 1},
+		{"alice@example.com", "tag:inference-server:0", "icmp", true, "seed.hujson:33", 1},
 	}
 	for _, tc := range tests {
 		ex, err := p.Explain(tc.src, tc.dst, tc.proto)

@@ -17,22 +17,44 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
+	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/netmap"
 )
 
 // DefaultSocket is where the daemon listens unless told otherwise.
 const DefaultSocket = "/run/meshd/meshd.sock"
 
-// UpRequest asks the daemon to join (or rejoin) the tailnet.
+// UpRequest asks the daemon to join (or rejoin) the tailnet. On a node
+// that is already registered, every setting must either match what the
+// node is or change it; one that would change nothing is refused with an
+// error saying why (see agent.Agent.Up).
 type UpRequest struct {
 	AuthKey     string   `json:"auth_key,omitempty"`
 	Coordinator string   `json:"coordinator,omitempty"`
 	Hostname    string   `json:"hostname,omitempty"`
 	Tags        []string `json:"advertise_tags,omitempty"`
+	// SetTags says Tags were given (--advertise-tags), even when empty: an
+	// enrolled node then gets exactly these tags. Without it an empty Tags
+	// leaves the node's tags alone.
+	SetTags bool `json:"set_tags,omitempty"`
+	// ForceReauth registers an enrolled node again with AuthKey (same
+	// machine, same addresses), as for a new key or identity.
+	ForceReauth bool `json:"force_reauth,omitempty"`
+	// AuthKeyFromEnv says AuthKey came from the environment
+	// (MESHD_AUTHKEY), not from --authkey: it is then used only when the
+	// node must enrol (first start, node deleted or expired) and otherwise
+	// ignored with a note, so that a container can pass it on every start.
+	// An explicit --authkey that would change nothing is an error.
+	AuthKeyFromEnv bool `json:"auth_key_from_env,omitempty"`
+	// TagsFromEnv says Tags came from MESHD_ADVERTISE_TAGS: tags equal to
+	// the node's are then fine, where an explicit --advertise-tags that
+	// changes nothing is an error.
+	TagsFromEnv bool `json:"tags_from_env,omitempty"`
 }
 
 // Node is one node in a Status.
@@ -77,12 +99,22 @@ type Peer struct {
 	Active bool `json:"active"`
 }
 
-// Backend states.
+// Backend states. The strings are part of `meshd status --json` and never
+// change meaning.
 const (
-	StateNeedsLogin = "NeedsLogin" // never registered
-	StateStopped    = "Stopped"    // registered, taken down with `meshd down`
-	StateStarting   = "Starting"   // registered, no network map yet
+	// StateNeedsLogin: never registered, or the coordinator deleted the
+	// node (then Message says so and Self is what it was).
+	StateNeedsLogin = "NeedsLogin"
+	StateStopped    = "Stopped"  // registered, taken down with `meshd down`
+	StateStarting   = "Starting" // registered, no network map yet
 	StateRunning    = "Running"
+	// StateNeedsApproval: registered on a coordinator run with
+	// --require-approval; the node comes up by itself once an admin runs
+	// `meshd admin nodes approve`.
+	StateNeedsApproval = "NeedsApproval"
+	// StateExpired: the coordinator expired the node's key (by an admin or
+	// over time); `meshd up --authkey KEY` enrols it again.
+	StateExpired = "Expired"
 )
 
 // Status is the daemon's view of itself and its peers.
@@ -144,6 +176,18 @@ type Backend interface {
 	Status(ctx context.Context) (*Status, error)
 	Drops(ctx context.Context) (*Drops, error)
 }
+
+// StateWaiter is implemented by backends that can wait for their state to
+// change; the API serves /v0/watch for them (`meshd up` waiting for an
+// admin's approval).
+type StateWaiter interface {
+	// WaitState returns the status as soon as its BackendState is not
+	// from, or the current status when ctx ends.
+	WaitState(ctx context.Context, from string) (*Status, error)
+}
+
+// maxWatch bounds one /v0/watch request; clients ask again.
+const maxWatch = 25 * time.Second
 
 // PingResult is one disco ping's answer (`meshd ping`).
 type PingResult struct {
@@ -218,6 +262,18 @@ func Handler(b Backend) http.Handler {
 	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	if sw, ok := b.(StateWaiter); ok {
+		mux.HandleFunc("GET /v0/watch", func(w http.ResponseWriter, r *http.Request) {
+			ctx, cancel := context.WithTimeout(r.Context(), maxWatch)
+			defer cancel()
+			st, err := sw.WaitState(ctx, r.URL.Query().Get("from"))
+			if err != nil {
+				writeJSON(w, http.StatusInternalServerError, errorBody{err.Error()})
+				return
+			}
+			writeJSON(w, http.StatusOK, st)
+		})
+	}
 	if p, ok := b.(Pinger); ok {
 		mux.HandleFunc("POST /v0/ping", func(w http.ResponseWriter, r *http.Request) {
 			peer := r.URL.Query().Get("peer")
@@ -281,18 +337,18 @@ func (l *credListener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		uid, err := peerUID(c)
-		if err == nil && (uid == 0 || uid == l.uid) {
+		cred, err := peerCred(c)
+		if err == nil && (cred.Uid == 0 || int(cred.Uid) == l.uid) {
 			return c, nil
 		}
 		c.Close()
 	}
 }
 
-func peerUID(c *net.UnixConn) (int, error) {
+func peerCred(c *net.UnixConn) (*syscall.Ucred, error) {
 	raw, err := c.SyscallConn()
 	if err != nil {
-		return -1, err
+		return nil, err
 	}
 	var (
 		cred *syscall.Ucred
@@ -301,19 +357,56 @@ func peerUID(c *net.UnixConn) (int, error) {
 	if err := raw.Control(func(fd uintptr) {
 		cred, cerr = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
 	}); err != nil {
-		return -1, err
+		return nil, err
 	}
 	if cerr != nil {
-		return -1, cerr
+		return nil, cerr
 	}
-	return int(cred.Uid), nil
+	return cred, nil
 }
 
-// Serve serves the API for b on ln until ctx ends.
+// peerProcess is the local API's connlimit source: the client's process,
+// from SO_PEERCRED. Every client is root or the daemon's user, so the
+// process is what tells one (stuck or hostile) client from the others.
+func peerProcess(c net.Conn) (string, error) {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return "", fmt.Errorf("local api: %T is not a unix socket connection", c)
+	}
+	cred, err := peerCred(uc)
+	if err != nil {
+		return "", fmt.Errorf("local api: SO_PEERCRED: %w", err)
+	}
+	return "pid " + strconv.Itoa(int(cred.Pid)), nil
+}
+
+// DefaultLimits are the local API's connection limits: 16 connections per
+// client process and 128 in all (a CLI command holds one or two), a
+// request's header and body within 10s each, idle connections closed after
+// a minute. The SO_PEERCRED check at accept is the authentication, so no
+// handshake deadline applies.
+func DefaultLimits() connlimit.Limits {
+	return connlimit.Limits{
+		PerSource: 16, Total: 128, AuthenticatedAtAccept: true,
+		HeaderTimeout: 10 * time.Second, BodyTimeout: 10 * time.Second, IdleTimeout: time.Minute,
+		Source: peerProcess, Name: "local api",
+	}
+}
+
+// Serve serves the API for b on ln until ctx ends, with DefaultLimits.
 func Serve(ctx context.Context, ln net.Listener, b Backend) error {
-	srv := &http.Server{Handler: Handler(b), ReadHeaderTimeout: 10 * time.Second}
+	return ServeLimits(ctx, ln, b, DefaultLimits())
+}
+
+// ServeLimits serves the API for b on ln until ctx ends, with lim (zero
+// fields: connlimit defaults; a nil Source: the client's process).
+func ServeLimits(ctx context.Context, ln net.Listener, b Backend, lim connlimit.Limits) error {
+	if lim.Source == nil {
+		lim.Source = peerProcess
+	}
+	srv := lim.Server(Handler(b))
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
+	go func() { errc <- srv.Serve(lim.Listener(ln)) }()
 	select {
 	case err := <-errc:
 		return err
@@ -359,6 +452,23 @@ func (c *Client) Down(ctx context.Context) error {
 func (c *Client) Status(ctx context.Context) (*Status, error) {
 	var st Status
 	return &st, c.do(ctx, "GET", "/v0/status", nil, &st)
+}
+
+// WaitState waits until the daemon's BackendState is not from and returns
+// that status; it returns ctx's error when ctx ends first.
+func (c *Client) WaitState(ctx context.Context, from string) (*Status, error) {
+	for {
+		var st Status
+		if err := c.do(ctx, "GET", "/v0/watch?from="+url.QueryEscape(from), nil, &st); err != nil {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			return nil, err
+		}
+		if st.BackendState != from {
+			return &st, nil
+		}
+	}
 }
 
 // Drops returns the last packets the daemon's filter dropped.

@@ -134,3 +134,63 @@ func TestClientNoDaemon(t *testing.T) {
 	}
 	ln.Close()
 }
+
+// waitingBackend leaves NeedsApproval after a number of WaitState calls
+// that end without a change (as when one /v0/watch request reaches its
+// bound), or never when block is set.
+type waitingBackend struct {
+	fakeBackend
+	unchanged int // WaitState calls that return the state unchanged
+	block     bool
+	calls     int
+}
+
+func (w *waitingBackend) WaitState(ctx context.Context, from string) (*Status, error) {
+	w.calls++
+	if w.block {
+		<-ctx.Done()
+	}
+	if w.block || w.calls <= w.unchanged {
+		return &Status{BackendState: from}, nil
+	}
+	return &Status{BackendState: StateRunning, Self: &Node{ID: 7}}, nil
+}
+
+func serve(t *testing.T, b Backend) *Client {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "meshd.sock")
+	ln, err := Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Serve(ctx, ln, b) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	return NewClient(sock)
+}
+
+// TestWaitState: the client keeps asking until the state changes, gives
+// up when its context ends, and a daemon without the endpoint is an error,
+// not a loop.
+func TestWaitState(t *testing.T) {
+	ctx := context.Background()
+	b := &waitingBackend{unchanged: 2}
+	st, err := serve(t, b).WaitState(ctx, StateNeedsApproval)
+	if err != nil || st.BackendState != StateRunning || st.Self.ID != 7 || b.calls != 3 {
+		t.Fatalf("WaitState = %+v, %v after %d calls; want Running after 3", st, err, b.calls)
+	}
+
+	cctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	if _, err := serve(t, &waitingBackend{block: true}).WaitState(cctx, StateNeedsApproval); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("WaitState after the caller's deadline: %v", err)
+	}
+
+	if _, err := serve(t, &fakeBackend{}).WaitState(ctx, StateNeedsApproval); err == nil || !strings.Contains(err.Error(), "404") {
+		t.Fatalf("WaitState without the endpoint: %v", err)
+	}
+}

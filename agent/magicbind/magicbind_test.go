@@ -25,6 +25,7 @@ import (
 	"golang.zx2c4.com/wireguard/tun/netstack"
 
 	"meshd.dev/meshd/derp"
+	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/nat/endpoint"
 	"meshd.dev/meshd/nat/stun"
 	"meshd.dev/meshd/netmap"
@@ -58,7 +59,7 @@ func startRelay(t *testing.T) netmap.DERPMap {
 	port := hs.Listener.Addr().(*net.TCPAddr).Port
 	return netmap.DERPMap{Regions: []netmap.DERPRegion{{ID: 1, Code: "lab", Nodes: []netmap.DERPNode{{
 		Name: "1a", Host: "127.0.0.1", DERPPort: port, STUNPort: int(ss.AddrPort().Port()),
-		CertFingerprint: derp.Fingerprint(cert.Leaf),
+		CertFingerprint: tlspin.Fingerprint(cert.Leaf),
 	}}}}}
 }
 

@@ -9,9 +9,6 @@ import (
 	"strconv"
 	"time"
 
-	"golang.zx2c4.com/wireguard/conn"
-
-	"meshd.dev/meshd/nat/disco"
 	"meshd.dev/meshd/nat/stun"
 	"meshd.dev/meshd/netmap"
 )
@@ -19,6 +16,11 @@ import (
 // stunWait is how long a STUN round waits for answers before choosing the
 // home region: regions slower than this are not worth relaying through.
 const stunWait = time.Second
+
+type stunProbe struct {
+	region int
+	sent   time.Time
+}
 
 // stunLoop measures, from the WireGuard socket itself (so the public
 // mapping is the one peers must use), the public endpoint and the latency
@@ -268,112 +270,4 @@ func (b *Bind) handleSTUN(pkt []byte, src netip.AddrPort) {
 		b.reprobeAll()
 		b.notify()
 	}
-}
-
-// PingResult is the answer to one Ping.
-type PingResult struct {
-	Peer string // the peer's hostname
-	// Path is PathDirect (Addr is where the pong came from) or PathDERP
-	// (through DERPRegion).
-	Path       string
-	Addr       netip.AddrPort
-	DERPRegion int
-	DERPCode   string
-	Latency    time.Duration
-}
-
-// Ping sends a disco ping to the peer with key k over every path at once
-// (each candidate address and its home relay) and returns the first pong,
-// preferring a direct one that arrives shortly after a relayed one. Direct
-// pongs also teach the bind the path.
-func (b *Bind) Ping(ctx context.Context, k netmap.NodePublic) (PingResult, error) {
-	b.mu.Lock()
-	p := b.peers[k]
-	open := b.open != nil
-	b.mu.Unlock()
-	if p == nil {
-		return PingResult{}, fmt.Errorf("ping: %s is not a peer", k.ShortString())
-	}
-	if !open {
-		return PingResult{}, fmt.Errorf("ping: the data plane is not up")
-	}
-	now := time.Now()
-	p.mu.Lock()
-	p.sel.NoteActivity(now) // a ping is a reason to look for paths
-	dk, home, name := p.disco, p.home, p.name
-	cands := slices.Clone(p.cands)
-	for _, c := range p.sel.State(now).Candidates {
-		cands = append(cands, c.Addr)
-	}
-	p.mu.Unlock()
-	if dk.IsZero() {
-		return PingResult{}, fmt.Errorf("ping: the peer has no disco key (too old, or not connected yet)")
-	}
-	slices.SortFunc(cands, func(x, y netip.AddrPort) int { return x.Compare(y) })
-	cands = slices.Compact(cands)
-	res := make(chan PingResult, len(cands)+1)
-	var txs []disco.TxID
-	newWaiter := func() disco.TxID {
-		tx := disco.NewTxID()
-		b.mu.Lock()
-		b.waiters[tx] = &pingWaiter{p: p, sent: time.Now(), result: res}
-		b.mu.Unlock()
-		txs = append(txs, tx)
-		return tx
-	}
-	defer func() {
-		b.mu.Lock()
-		for _, tx := range txs {
-			delete(b.waiters, tx)
-		}
-		b.mu.Unlock()
-	}()
-	for _, c := range cands {
-		b.sendDiscoUDP(c, dk, disco.Ping{TxID: newWaiter(), NodeKey: b.selfPK})
-	}
-	if home != 0 {
-		b.sendDiscoDERP(p, home, dk, disco.Ping{TxID: newWaiter(), NodeKey: b.selfPK})
-	}
-	b.kick()
-	var first PingResult
-	select {
-	case first = <-res:
-	case <-ctx.Done():
-		return PingResult{}, fmt.Errorf("ping %s: no reply: %w", name, ctx.Err())
-	}
-	if first.Path == PathDirect {
-		return first, nil
-	}
-	// A direct pong usually beats the relay; give a slower one a moment.
-	t := time.NewTimer(min(first.Latency/2+20*time.Millisecond, 250*time.Millisecond))
-	defer t.Stop()
-	select {
-	case r := <-res:
-		if r.Path == PathDirect {
-			return r, nil
-		}
-	case <-t.C:
-	case <-ctx.Done():
-	}
-	return first, nil
-}
-
-func stdEndpoint(a netip.AddrPort) *conn.StdNetEndpoint { return &conn.StdNetEndpoint{AddrPort: a} }
-
-// reprobeAll starts a probe round (with call-me-maybe) to every peer, so
-// peers learn a new public endpoint of ours and punch through to it at once
-// rather than at their next scheduled round.
-func (b *Bind) reprobeAll() {
-	b.mu.Lock()
-	peers := make([]*peer, 0, len(b.peers))
-	for _, p := range b.peers {
-		peers = append(peers, p)
-	}
-	b.mu.Unlock()
-	for _, p := range peers {
-		p.mu.Lock()
-		p.sel.Reprobe()
-		p.mu.Unlock()
-	}
-	b.kick()
 }

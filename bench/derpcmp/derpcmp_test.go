@@ -25,6 +25,7 @@ import (
 	"tailscale.com/types/logger"
 
 	mderp "meshd.dev/meshd/derp"
+	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -77,7 +78,7 @@ func meshdPair(b *testing.B, useTLS bool) pair {
 	hs := serve(s, useTLS)
 	ka, kb := netmap.NewNodePrivate(), netmap.NewNodePrivate()
 	ctx := context.Background()
-	fp := mderp.Fingerprint(relayCert.Leaf)
+	fp := tlspin.Fingerprint(relayCert.Leaf)
 	a, err := mderp.Dial(ctx, hs.URL, mderp.ClientOptions{NodeKey: ka, CertFingerprint: fp})
 	if err != nil {
 		b.Fatal(err)

@@ -11,7 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"meshd.dev/meshd/control"
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -67,13 +67,14 @@ func registerOne(ctx context.Context, url, authKey, hostname string) error {
 	if err != nil {
 		return err
 	}
-	c, err := control.NewClient(control.ClientOptions{URL: url, MachineKey: machine})
+	nk := netmap.NewNodePrivate()
+	c, err := controlclient.NewClient(controlclient.ClientOptions{URL: url, MachineKey: machine, NodeKey: nk})
 	if err != nil {
 		return err
 	}
 	defer c.Close()
 	_, err = c.Register(ctx, netmap.RegisterRequest{
-		NodeKey:  netmap.NewNodePrivate().Public(),
+		NodeKey:  nk.Public(),
 		DiscoKey: netmap.NewDiscoPrivate().Public(),
 		Hostname: hostname,
 		AuthKey:  authKey,

@@ -17,6 +17,7 @@ import (
 	"github.com/peterbourgon/ff/v3/ffcli"
 
 	"meshd.dev/meshd/control"
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -298,10 +299,29 @@ func (c *cli) nodesApproveCmd() *ffcli.Command {
 }
 
 func (c *cli) nodesTagCmd() *ffcli.Command {
-	return c.adminLeaf("tag", "meshd admin nodes tag ID tag:a,tag:b", "replace a node's tags (it becomes a tagged node and keeps its addresses)", nil,
+	var user string
+	return c.adminLeaf("tag", "meshd admin nodes tag ID tag:a,tag:b | meshd admin nodes tag ID --user LOGIN",
+		"replace a node's tags (a tagged node's key never expires), or return it to a user (the key then expires like a user's device); it keeps its addresses",
+		func(fs *flag.FlagSet) {
+			fs.StringVar(&user, "user", "", "return the node to this `login` instead of tagging it: it loses its tags and its key expires like a device enrolled with the user's key")
+		},
 		func(ctx context.Context, ac *control.AdminClient, args []string) error {
+			if user != "" {
+				if len(args) != 1 {
+					return &exitError{2, "nodes tag: with --user, want only the node ID, e.g. meshd admin nodes tag 7 --user alice@example.com"}
+				}
+				id, err := nodeArg("nodes tag", args)
+				if err != nil {
+					return err
+				}
+				if err := ac.UntagNode(ctx, id, user); err != nil {
+					return fmt.Errorf("nodes tag: %w", err)
+				}
+				fmt.Fprintf(c.stdout, "node %d returned to %s\n", id, user)
+				return nil
+			}
 			if len(args) != 2 {
-				return &exitError{2, "nodes tag: want ID and a comma-separated tag list, e.g. meshd admin nodes tag 7 tag:gpu,tag:prod"}
+				return &exitError{2, "nodes tag: want ID and a comma-separated tag list, e.g. meshd admin nodes tag 7 tag:gpu,tag:prod (or ID --user LOGIN to return it to a user)"}
 			}
 			id, err := nodeArg("nodes tag", args[:1])
 			if err != nil {
@@ -381,9 +401,9 @@ func (c *cli) policySetCmd() *ffcli.Command {
 				return &exitError{1, fmt.Sprintf("policy set: %v; the policy in force is unchanged", err)}
 			}
 			p, err := ac.SetPolicy(ctx, file, data)
-			if errors.Is(err, control.ErrPolicyInvalid) {
+			if errors.Is(err, controlclient.ErrPolicyInvalid) {
 				msg := err.Error()
-				var ae *control.APIError
+				var ae *controlclient.APIError
 				if errors.As(err, &ae) {
 					msg = ae.Message
 				}

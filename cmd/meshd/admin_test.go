@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"meshd.dev/meshd/control"
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -80,12 +81,13 @@ func TestAdminCommands(t *testing.T) {
 
 	// A node enrols with the user's key, verifying the coordinator from it.
 	_, mk, _ := ed25519.GenerateKey(rand.Reader)
-	c, err := control.NewClient(control.ClientOptions{URL: strings.TrimPrefix(url, "https://"), MachineKey: mk})
+	nk := netmap.NewNodePrivate()
+	c, err := controlclient.NewClient(controlclient.ClientOptions{URL: strings.TrimPrefix(url, "https://"), MachineKey: mk, NodeKey: nk})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	resp, err := c.Register(context.Background(), netmap.RegisterRequest{NodeKey: netmap.NewNodePrivate().Public(), Hostname: "laptop", AuthKey: userKey})
+	resp, err := c.Register(context.Background(), netmap.RegisterRequest{NodeKey: nk.Public(), Hostname: "laptop", AuthKey: userKey})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,6 +110,22 @@ func TestAdminCommands(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &nodes); code != 0 || err != nil || len(nodes) != 1 ||
 		strings.Join(nodes[0].Tags, ",") != "tag:ci" || nodes[0].User != "" || nodes[0].Addresses[0] != resp.Node.Addresses[0] {
 		t.Fatalf("nodes list --json after tag: exit %d %v %+v", code, err, nodes)
+	}
+	if !nodes[0].KeyExpiry.IsZero() {
+		t.Errorf("tagged node has key expiry %v; want never", nodes[0].KeyExpiry)
+	}
+	// Back to a user: tags gone, a user's key expiry.
+	if code, _, errOut := runAdmin(t, "nodes", "tag", sid, "tag:ci", "--user", "bob@example.com"); code != 2 || !strings.Contains(errOut, "only the node ID") {
+		t.Errorf("nodes tag with tags and --user: exit %d %q", code, errOut)
+	}
+	if code, out, errOut := runAdmin(t, "nodes", "tag", sid, "--user", "bob@example.com"); code != 0 || !strings.Contains(out, "returned to bob@example.com") {
+		t.Fatalf("nodes tag --user: exit %d %s %s", code, out, errOut)
+	}
+	code, out, _ = runAdmin(t, "nodes", "list", "--json")
+	nodes = nil
+	if err := json.Unmarshal([]byte(out), &nodes); code != 0 || err != nil || len(nodes) != 1 || len(nodes[0].Tags) != 0 ||
+		nodes[0].User != "bob@example.com" || !nodes[0].KeyExpiry.After(time.Now().Add(24*time.Hour)) {
+		t.Fatalf("nodes list --json after tag --user: exit %d %v %+v", code, err, nodes)
 	}
 	if code, _, errOut := runAdmin(t, "nodes", "expire", sid); code != 0 {
 		t.Fatalf("nodes expire: %d %s", code, errOut)
@@ -137,7 +155,7 @@ func TestAdminCommands(t *testing.T) {
 	if code, out, _ := runAdmin(t, "keys", "list"); code != 0 || !strings.Contains(out, "revoked") || !strings.Contains(out, "used") {
 		t.Errorf("keys list table:\n%s", out)
 	}
-	if code, out, _ := runAdmin(t, "users", "list"); code != 0 || !strings.Contains(out, "alice@example.com") {
+	if code, out, _ := runAdmin(t, "users", "list"); code != 0 || !strings.Contains(out, "alice@example.com") || !strings.Contains(out, "bob@example.com") {
 		t.Errorf("users list: %d\n%s", code, out)
 	}
 

@@ -27,6 +27,7 @@ func (c *cli) coordinatorCmd() *ffcli.Command {
 	approval := fs.Bool("require-approval", false, "nodes enrolled with keys that are not --preauthorized wait for `meshd admin nodes approve`")
 	policyFile := fs.String("policy", "", "tailnet policy `file` (huJSON) to load at start; it must validate, and it replaces (and is stored over) the policy last set with meshd admin policy set")
 	derpFlags := registerCoordDERPFlags(fs)
+	conns := registerConnFlags(fs, "coordinator")
 	return &ffcli.Command{
 		Name:       "coordinator",
 		ShortUsage: "meshd coordinator --listen ADDR --state-dir DIR [--db URL] [--policy FILE] [--derp-map FILE | --derp-host H --derp-listen ADDR --stun-listen ADDR]",
@@ -52,7 +53,14 @@ it, and a node deleted, expired or re-keyed is disconnected at once.
 Standalone relays (meshd derp --coordinator URL) check nodes with the
 token in DIR/relay.token and are told of revocations the same way. The map
 is also served, unauthenticated, at /derpmap/default for meshd netcheck
---coordinator.`,
+--coordinator.
+
+Limits: each source IP address (IPv6: each /64) may hold at most
+--max-conns-per-ip connections and the listener --max-conns; a connection
+that has not authenticated (registered machine key, auth key, admin or relay
+token, DERP handshake) within 10s is closed, and every request body must
+arrive within 30s. A node holds at most 4 map streams; a newer one replaces
+the oldest.`,
 		FlagSet: fs,
 		Options: envOptions,
 		Exec: func(ctx context.Context, args []string) error {
@@ -62,9 +70,14 @@ is also served, unauthenticated, at /derpmap/default for meshd netcheck
 			if *stateDir == "" {
 				return &exitError{2, "coordinator: --state-dir is required (or MESHD_STATE_DIR)"}
 			}
+			lim, err := conns.limits()
+			if err != nil {
+				return &exitError{2, "coordinator: " + err.Error()}
+			}
 			opts := control.ServerOptions{
 				StateDir: *stateDir, DBURL: *db, Logger: c.log,
 				EphemeralTimeout: *ephemeral, NodeKeyExpiry: *keyExpiry, RequireApproval: *approval,
+				Limits: lim,
 			}
 			if *policyFile != "" {
 				data, err := readPolicyFile(*policyFile)

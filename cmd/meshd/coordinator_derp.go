@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"strconv"
 	"sync"
-	"time"
 
 	"meshd.dev/meshd/control"
 	"meshd.dev/meshd/derp"
@@ -126,16 +125,14 @@ func (c *cli) startCoordDERP(ctx context.Context, s *control.Server, listen stri
 		}
 		derpAddr = dln.Addr().(*net.TCPAddr)
 		cert := s.TLSConfig().Certificates
-		hs := &http.Server{
-			Handler:           ds,
-			ReadHeaderTimeout: 10 * time.Second,
-			ErrorLog:          slog.NewLogLogger(c.log.Handler(), slog.LevelDebug),
-			TLSConfig:         &tls.Config{Certificates: cert, NextProtos: []string{"http/1.1"}, MinVersion: tls.VersionTLS12},
-		}
+		lim := s.ConnLimits()
+		hs := lim.Server(ds)
+		hs.ErrorLog = slog.NewLogLogger(c.log.Handler(), slog.LevelDebug)
+		hs.TLSConfig = &tls.Config{Certificates: cert, NextProtos: []string{"http/1.1"}, MinVersion: tls.VersionTLS12}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := hs.ServeTLS(dln, "", ""); !errors.Is(err, http.ErrServerClosed) {
+			if err := hs.ServeTLS(lim.Listener(dln), "", ""); !errors.Is(err, http.ErrServerClosed) {
 				c.log.Error("embedded relay stopped serving", "err", err)
 			}
 		}()

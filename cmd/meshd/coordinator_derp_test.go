@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"meshd.dev/meshd/control"
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/derp"
 	"meshd.dev/meshd/nat/stun"
 	"meshd.dev/meshd/netmap"
@@ -98,12 +99,12 @@ func (cr *coordRun) register(t *testing.T) (netmap.NodePrivate, *netmap.NetworkM
 		t.Fatal(err)
 	}
 	_, mk, _ := ed25519.GenerateKey(rand.Reader)
-	c, err := control.NewClient(control.ClientOptions{URL: cr.url, MachineKey: mk})
+	nk := netmap.NewNodePrivate()
+	c, err := controlclient.NewClient(controlclient.ClientOptions{URL: cr.url, MachineKey: mk, NodeKey: nk})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	nk := netmap.NewNodePrivate()
 	dk := netmap.NewDiscoPrivate()
 	if _, err := c.Register(ctx, netmap.RegisterRequest{NodeKey: nk.Public(), DiscoKey: dk.Public(), Hostname: "gpu", AuthKey: key.Key}); err != nil {
 		t.Fatal(err)

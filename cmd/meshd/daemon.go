@@ -4,9 +4,11 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"runtime"
+	"strconv"
 	"strings"
 	"time"
 
@@ -21,7 +23,7 @@ import (
 type agentFlags struct {
 	stateDir  string
 	tun       string
-	port      int
+	port      portFlag
 	mtu       int
 	socks5    string
 	httpProxy string
@@ -50,6 +52,37 @@ func (f *forwardList) Set(v string) error {
 	return nil
 }
 
+// portFlag is --port. A port given explicitly (flag or MESHD_PORT) is kept
+// apart from the default, which falls back to a random port when taken.
+type portFlag struct {
+	n   int
+	set bool
+}
+
+func (p *portFlag) String() string {
+	if p == nil || !p.set {
+		return strconv.Itoa(agent.DefaultPort)
+	}
+	return strconv.Itoa(p.n)
+}
+
+func (p *portFlag) Set(s string) error {
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 0 || n > 65535 {
+		return fmt.Errorf("want a UDP port 0-65535 (0: random), got %q", s)
+	}
+	p.n, p.set = n, true
+	return nil
+}
+
+// option is the agent.Options.Port the flag asks for.
+func (p *portFlag) option() int {
+	if !p.set {
+		return agent.AutoPort
+	}
+	return p.n
+}
+
 // defaultTUN is a kernel TUN where we can create one, else the netstack.
 func defaultTUN() string {
 	if runtime.GOOS == "linux" && os.Geteuid() == 0 {
@@ -68,7 +101,7 @@ func isAgentFlag(name string) bool {
 func (af *agentFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&af.stateDir, "state-dir", "/var/lib/meshd", "directory for keys, registration and the last network map")
 	fs.StringVar(&af.tun, "tun", defaultTUN(), `kernel TUN interface name, or "userspace" for the netstack (no root needed)`)
-	fs.IntVar(&af.port, "port", agent.DefaultPort, "WireGuard UDP port (0 = random)")
+	fs.Var(&af.port, "port", fmt.Sprintf("WireGuard UDP `port`; 0: a random one; by default %d, or a random one (logged) when another process holds it. A port given here that is taken is an error", agent.DefaultPort))
 	fs.IntVar(&af.mtu, "mtu", 0, "tunnel MTU; 0: the smallest underlay interface MTU minus 80 for WireGuard (1420 on 1500, 8920 on 9000), 1280 if none is found")
 	fs.StringVar(&af.socks5, "socks5-server", "", "serve a SOCKS5 proxy into the tailnet on this address (e.g. 127.0.0.1:1055)")
 	fs.StringVar(&af.httpProxy, "http-proxy", "", "serve an HTTP CONNECT proxy into the tailnet on this address")
@@ -82,7 +115,7 @@ func (c *cli) newAgent(af *agentFlags) (*agent.Agent, error) {
 		return nil, fmt.Errorf("--peer-idle-timeout %v: want a duration >= 0 (0 configures every peer up front)", af.peerIdle)
 	}
 	return agent.New(agent.Options{
-		StateDir: af.stateDir, TUN: af.tun, Port: af.port, MTU: af.mtu,
+		StateDir: af.stateDir, TUN: af.tun, Port: af.port.option(), MTU: af.mtu,
 		Forwards: af.forwards, SOCKS5Addr: af.socks5, HTTPProxyAddr: af.httpProxy, LoopbackOnly: af.loopback,
 		PeerIdleTimeout: peerIdleOption(af.peerIdle), Logger: c.log,
 	})
@@ -122,19 +155,21 @@ func (c *cli) daemonCmd() *ffcli.Command {
 				return err
 			}
 			c.log.Info("meshd daemon started", "state_dir", af.stateDir, "tun", af.tun, "socket", *socket)
-			return runAgent(ctx, a, ln)
+			return runAgent(ctx, a, ln, c.log)
 		},
 	}
 }
 
-// runAgent runs a and, if ln is not nil, the local API on ln, until ctx
-// ends or the agent fails.
-func runAgent(ctx context.Context, a *agent.Agent, ln net.Listener) error {
+// runAgent runs a and, if ln is not nil, the local API on ln (refused
+// connections logged to log), until ctx ends or the agent fails.
+func runAgent(ctx context.Context, a *agent.Agent, ln net.Listener, log *slog.Logger) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	apiDone := make(chan error, 1)
 	if ln != nil {
-		go func() { apiDone <- localapi.Serve(ctx, ln, a) }()
+		lim := localapi.DefaultLimits()
+		lim.Logger = log
+		go func() { apiDone <- localapi.ServeLimits(ctx, ln, a, lim) }()
 	} else {
 		apiDone <- nil
 	}

@@ -92,8 +92,14 @@ func TestWriteStatus(t *testing.T) {
 
 func TestFindNode(t *testing.T) {
 	st := &localapi.Status{
-		Self:  &localapi.Node{ID: 1, Hostname: "me", IPs: []netip.Addr{netip.MustParseAddr("100.64.0.1")}},
-		Peers: []localapi.Peer{{Node: localapi.Node{ID: 7, Hostname: "Inference-1", IPs: []netip.Addr{netip.MustParseAddr("100.64.0.7"), netip.MustParseAddr("fd5e:5a1e:d::7")}}}},
+		Self: &localapi.Node{ID: 1, Hostname: "me", IPs: []netip.Addr{netip.MustParseAddr("100.64.0.1")}},
+		Peers: []localapi.Peer{
+			{Node: localapi.Node{ID: 7, Hostname: "Inference-1", IPs: []netip.Addr{netip.MustParseAddr("100.64.0.7"), netip.MustParseAddr("fd5e:5a1e:d::7")}}},
+			// Two nodes named gpu (a coordinator that does not keep names
+			// unique): the name names neither.
+			{Node: localapi.Node{ID: 8, Hostname: "gpu", IPs: []netip.Addr{netip.MustParseAddr("100.64.0.8")}}},
+			{Node: localapi.Node{ID: 9, Hostname: "GPU", IPs: []netip.Addr{netip.MustParseAddr("100.64.0.9")}}},
+		},
 	}
 	for _, tc := range []struct {
 		args []string
@@ -105,11 +111,16 @@ func TestFindNode(t *testing.T) {
 		{[]string{"fd5e:5a1e:d::7"}, "Inference-1"},
 		{[]string{"100.64.0.1"}, "me"},
 		{[]string{"nobody"}, ""},
+		{[]string{"gpu"}, ""},
+		{[]string{"9"}, "GPU"},
+		{[]string{"100.64.0.8"}, "gpu"},
 	} {
 		n, err := findNode(st, tc.args)
 		if tc.want == "" {
 			if err == nil {
 				t.Errorf("findNode(%v) = %v, want error", tc.args, n.Hostname)
+			} else if tc.args[0] == "gpu" && !strings.Contains(err.Error(), "gpu (node 8), GPU (node 9)") {
+				t.Errorf("ambiguous name: %v, want both candidates named", err)
 			}
 			continue
 		}

@@ -20,6 +20,8 @@ import (
 
 	"meshd.dev/meshd/control"
 	"meshd.dev/meshd/derp"
+	"meshd.dev/meshd/internal/connlimit"
+	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/nat/stun"
 	"meshd.dev/meshd/netmap"
 )
@@ -36,9 +38,11 @@ func (c *cli) derpCmd() *ffcli.Command {
 	queue := fs.Int("client-queue", derp.DefaultSendQueueDepth, "packets queued per receiving client before new ones are dropped")
 	coordinator := fs.String("coordinator", "", "coordinator `URL`; when set, only nodes it knows (registered, key not expired) may use the relay")
 	coordTokenFile := fs.String("coordinator-token-file", "", "`file` with the coordinator's relay token (its DIR/relay.token); required with --coordinator")
+	openRelay := fs.Bool("open-relay", false, "serve any node key, without asking a coordinator (labs, tests); without it --coordinator is required")
+	conns := registerConnFlags(fs, "derp")
 	return &ffcli.Command{
 		Name:       "derp",
-		ShortUsage: "meshd derp --listen ADDR [--stun-listen ADDR] [--state-dir DIR] [--coordinator URL --coordinator-token-file F] [--mesh-key-file F --mesh-with URL,..]",
+		ShortUsage: "meshd derp --listen ADDR (--coordinator URL --coordinator-token-file F | --open-relay) [--stun-listen ADDR] [--state-dir DIR] [--mesh-key-file F --mesh-with URL,..]",
 		ShortHelp:  "run a DERP relay (and STUN server) for nodes that cannot reach each other directly",
 		LongHelp: `Runs a relay that forwards WireGuard packets between nodes addressed by
 their public key, over TLS on one TCP port, so it works where only outbound
@@ -53,7 +57,14 @@ revoked (node deleted, expired or re-keyed): that node's connection is
 closed at once and its reconnect refused. Each time the stream (re)opens the
 relay re-checks all of its clients in one batch. It prints its
 certificate fingerprint and a DERP map node entry to paste into the
-coordinator's --derp-map file.`,
+coordinator's --derp-map file.
+
+Without --coordinator the relay would carry traffic for anyone who makes
+up a key, so it refuses to start unless --open-relay says that is meant.
+
+Limits: each source IP address (IPv6: each /64) may hold at most
+--max-conns-per-ip connections and the relay --max-conns; a connection that
+has not completed the relay handshake within 10s of connecting is closed.`,
 		FlagSet: fs,
 		Options: envOptions,
 		Exec: func(ctx context.Context, args []string) error {
@@ -81,8 +92,18 @@ coordinator's --derp-map file.`,
 			if len(peers) > 0 && meshKey == "" {
 				return &exitError{2, "derp: --mesh-with needs --mesh-key-file (the region's shared mesh key)"}
 			}
+			lim, err := conns.limits()
+			if err != nil {
+				return &exitError{2, "derp: " + err.Error()}
+			}
 			var verifier *control.RelayVerifier
 			switch {
+			case *coordinator == "" && *coordTokenFile == "" && !*openRelay:
+				return &exitError{2, "derp: refusing to run an open relay that carries traffic for any node key: " +
+					"pass --coordinator URL --coordinator-token-file FILE (the coordinator's DIR/relay.token) so that only the tailnet's nodes may use it, " +
+					"or --open-relay if serving anyone is meant (labs, tests)"}
+			case *coordinator != "" && *openRelay:
+				return &exitError{2, "derp: --open-relay serves any node key, --coordinator only the tailnet's nodes: drop one of them"}
 			case *coordinator != "" && *coordTokenFile == "":
 				return &exitError{2, "derp: --coordinator needs --coordinator-token-file (the coordinator's DIR/relay.token)"}
 			case *coordinator == "" && *coordTokenFile != "":
@@ -102,6 +123,7 @@ coordinator's --derp-map file.`,
 				verifier: verifier, coordinator: *coordinator,
 				listen: *listen, stunListen: *stunListen, stateDir: *stateDir, certHosts: *certHosts,
 				meshKey: meshKey, meshWith: peers, clientRate: *clientRate, queue: *queue,
+				limits: lim,
 			})
 		},
 	}
@@ -133,6 +155,9 @@ type derpConfig struct {
 	queue                                   int
 	verifier                                *control.RelayVerifier
 	coordinator                             string
+	// limits bound the relay's connections (zero fields: connlimit
+	// defaults). Clients are authenticated by the relay handshake.
+	limits connlimit.Limits
 }
 
 func (c *cli) runDERP(ctx context.Context, cfg derpConfig) error {
@@ -167,6 +192,8 @@ func (c *cli) runDERP(ctx context.Context, cfg derpConfig) error {
 	if cfg.verifier != nil {
 		opts.Verify = cfg.verifier.Verify
 		c.log.Info("derp: accepting only nodes the coordinator knows", "coordinator", cfg.coordinator)
+	} else {
+		c.log.Warn("derp: open relay (--open-relay): any node key may use it")
 	}
 	if cfg.clientRate > 0 {
 		opts.ClientRate = rate.Limit(cfg.clientRate * 1e6 / 8)
@@ -217,21 +244,20 @@ func (c *cli) runDERP(ctx context.Context, cfg derpConfig) error {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintln(w, "meshd DERP relay; clients connect to /derp")
 	})
-	hs := &http.Server{
-		Handler:           mux,
-		ReadHeaderTimeout: 10 * time.Second,
-		// TLS handshake noise from scanners belongs at debug level.
-		ErrorLog:  slog.NewLogLogger(c.log.Handler(), slog.LevelDebug),
-		TLSConfig: &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}, MinVersion: tls.VersionTLS12},
-	}
-	fp := derp.Fingerprint(cert.Leaf)
+	lim := cfg.limits
+	lim.Name, lim.Logger = "relay", c.log
+	hs := lim.Server(mux)
+	// TLS handshake noise from scanners belongs at debug level.
+	hs.ErrorLog = slog.NewLogLogger(c.log.Handler(), slog.LevelDebug)
+	hs.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}, MinVersion: tls.VersionTLS12}
+	fp := tlspin.Fingerprint(cert.Leaf)
 	addr := ln.Addr().(*net.TCPAddr)
 	node := netmap.DERPNode{Name: "1a", Host: printableHost(cfg.listen, addr), DERPPort: addr.Port, STUNPort: stunPort, CertFingerprint: fp}
 	nodeJSON, _ := json.Marshal(node)
 	fmt.Fprintf(c.stdout, "derp listening on https://%s\nfingerprint: %s\nserver key: %s\nderp map node: %s\n", addr, fp, srv.PublicKey(), nodeJSON)
 
 	errc := make(chan error, 1)
-	go func() { errc <- hs.ServeTLS(ln, "", "") }()
+	go func() { errc <- hs.ServeTLS(lim.Listener(ln), "", "") }()
 	select {
 	case <-ctx.Done():
 		c.log.Info("derp shutting down")

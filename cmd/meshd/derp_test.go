@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"meshd.dev/meshd/derp"
+	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/nat/stun"
 	"meshd.dev/meshd/netmap"
 )
@@ -30,23 +31,11 @@ func startDERP(t *testing.T, args ...string) (netmap.DERPNode, func() int) {
 		code <- run(ctx, append([]string{"derp"}, args...), pw, io.Discard)
 		pw.Close()
 	}()
-	var node netmap.DERPNode
-	sc := bufio.NewScanner(pr)
-	found := false
-	for sc.Scan() {
-		if rest, ok := strings.CutPrefix(sc.Text(), "derp map node: "); ok {
-			if err := json.Unmarshal([]byte(rest), &node); err != nil {
-				t.Fatalf("printed node %q: %v", rest, err)
-			}
-			found = true
-			break
-		}
-	}
+	node, found := readDERPNode(t, pr)
 	if !found {
 		cancel()
 		t.Fatalf("meshd derp exited (code %d) without printing its node", <-code)
 	}
-	go io.Copy(io.Discard, pr)
 	stopped := false
 	stop := func() int {
 		if stopped {
@@ -66,9 +55,26 @@ func startDERP(t *testing.T, args ...string) (netmap.DERPNode, func() int) {
 	return node, stop
 }
 
+// readDERPNode reads what `meshd derp` prints up to its DERP map node and
+// returns that node; the rest of r is discarded in the background.
+func readDERPNode(t *testing.T, r io.Reader) (node netmap.DERPNode, found bool) {
+	t.Helper()
+	sc := bufio.NewScanner(r)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), "derp map node: "); ok {
+			if err := json.Unmarshal([]byte(rest), &node); err != nil {
+				t.Fatalf("printed node %q: %v", rest, err)
+			}
+			go io.Copy(io.Discard, r)
+			return node, true
+		}
+	}
+	return node, false
+}
+
 func TestDERPCommandRelaysAndAnswersSTUN(t *testing.T) {
 	dir := t.TempDir()
-	node, stop := startDERP(t, "--listen", "127.0.0.1:0", "--stun-listen", "127.0.0.1:0", "--state-dir", dir)
+	node, stop := startDERP(t, "--open-relay", "--listen", "127.0.0.1:0", "--stun-listen", "127.0.0.1:0", "--state-dir", dir)
 	if node.Host != "127.0.0.1" || node.DERPPort == 0 || node.STUNPort <= 0 || len(node.CertFingerprint) != 64 {
 		t.Fatalf("printed node %+v", node)
 	}
@@ -116,7 +122,7 @@ func TestDERPCommandRelaysAndAnswersSTUN(t *testing.T) {
 		t.Fatalf("exit code %d after shutdown", code)
 	}
 	// Same state dir: same fingerprint, so pinned DERP maps keep working.
-	node2, _ := startDERP(t, "--listen", "127.0.0.1:0", "--stun-listen", "", "--state-dir", dir)
+	node2, _ := startDERP(t, "--open-relay", "--listen", "127.0.0.1:0", "--stun-listen", "", "--state-dir", dir)
 	if node2.CertFingerprint != node.CertFingerprint {
 		t.Fatal("fingerprint changed across restarts with the same --state-dir")
 	}
@@ -142,11 +148,19 @@ func TestDERPCommandRejectsBadFlags(t *testing.T) {
 		{"mesh-with not a URL", []string{"--mesh-key-file", goodKey, "--mesh-with", "relay2:443"}, "https://HOST:PORT"},
 		{"negative rate", []string{"--client-rate-mbit", "-1"}, "client-rate"},
 		{"stray argument", []string{"extra"}, "unexpected arguments"},
+		{"open relay not asked for", nil, "refusing to run an open relay"},
+		{"open relay not asked for, says what to do", nil, "pass --coordinator URL --coordinator-token-file FILE"},
+		{"open relay and coordinator", []string{"--open-relay", "--coordinator", "https://127.0.0.1:1", "--coordinator-token-file", goodKey}, "drop one of them"},
+		{"zero per-IP cap", []string{"--open-relay", "--max-conns-per-ip", "0"}, "must be positive"},
+		{"negative total cap", []string{"--open-relay", "--max-conns", "-1"}, "must be positive"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var stderr strings.Builder
-			code := run(context.Background(), append([]string{"derp", "--listen", "127.0.0.1:0"}, tt.args...), io.Discard, &stderr)
+			// Bounded: a relay that wrongly starts serves until ctx ends.
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			code := run(ctx, append([]string{"derp", "--listen", "127.0.0.1:0"}, tt.args...), io.Discard, &stderr)
 			if code != 2 || !strings.Contains(stderr.String(), tt.want) {
 				t.Fatalf("exit %d, stderr %q; want 2 mentioning %q", code, stderr.String(), tt.want)
 			}
@@ -181,12 +195,12 @@ func TestDERPCommandRegionMesh(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		fps[i] = derp.Fingerprint(cert.Leaf)
+		fps[i] = tlspin.Fingerprint(cert.Leaf)
 		urls[i] = "https://127.0.0.1:" + strconv.Itoa(freePort(t))
 	}
 	for i := range 2 {
 		other := 1 - i
-		node, _ := startDERP(t, "--listen", strings.TrimPrefix(urls[i], "https://"), "--stun-listen", "",
+		node, _ := startDERP(t, "--open-relay", "--listen", strings.TrimPrefix(urls[i], "https://"), "--stun-listen", "",
 			"--state-dir", dirs[i], "--mesh-key-file", keyFile, "--mesh-with", urls[other]+"#"+fps[other])
 		if node.CertFingerprint != fps[i] {
 			t.Fatalf("relay %d serves fingerprint %s, want the one in its state dir", i, node.CertFingerprint)

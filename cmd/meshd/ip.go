@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -56,7 +57,9 @@ func (c *cli) ipCmd() *ffcli.Command {
 }
 
 // findNode returns self (no args) or the peer named by args[0]: a
-// hostname, a node id or one of its addresses.
+// hostname, a node id or one of its addresses. A query that matches more
+// than one node (two nodes with one name, from a coordinator that does
+// not keep names unique) is an error naming them, never a guess.
 func findNode(st *localapi.Status, args []string) (*localapi.Node, error) {
 	if len(args) == 0 {
 		if st.Self == nil || len(st.Self.IPs) == 0 {
@@ -74,19 +77,25 @@ func findNode(st *localapi.Status, args []string) (*localapi.Node, error) {
 	for i := range st.Peers {
 		nodes = append(nodes, &st.Peers[i].Node)
 	}
+	var found []*localapi.Node
 	for _, n := range nodes {
-		switch {
-		case strings.EqualFold(n.Hostname, q):
-			return n, nil
-		case idErr == nil && uint64(n.ID) == id:
-			return n, nil
-		case ipErr == nil:
-			for _, a := range n.IPs {
-				if a == ip.Unmap() {
-					return n, nil
-				}
-			}
+		match := strings.EqualFold(n.Hostname, q) || idErr == nil && uint64(n.ID) == id
+		if ipErr == nil && slices.Contains(n.IPs, ip.Unmap()) {
+			match = true
+		}
+		if match {
+			found = append(found, n)
 		}
 	}
-	return nil, fmt.Errorf("ip: no peer %q (see meshd status)", q)
+	switch len(found) {
+	case 0:
+		return nil, fmt.Errorf("ip: no peer %q (see meshd status)", q)
+	case 1:
+		return found[0], nil
+	}
+	who := make([]string, len(found))
+	for i, n := range found {
+		who[i] = fmt.Sprintf("%s (node %d)", n.Hostname, n.ID)
+	}
+	return nil, fmt.Errorf("ip: %q matches %d nodes: %s; name one by its node id", q, len(found), strings.Join(who, ", "))
 }

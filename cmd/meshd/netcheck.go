@@ -17,6 +17,7 @@ import (
 
 	"meshd.dev/meshd/agent"
 	"meshd.dev/meshd/control"
+	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/nat/netcheck"
 	"meshd.dev/meshd/netmap"
 )
@@ -129,7 +130,7 @@ func savedDERPMap(dir string) (*netmap.DERPMap, error) {
 // if it is registered with the coordinator at rawURL: the same trust
 // `meshd up` established from its auth key.
 func savedPin(dir, rawURL string) (string, error) {
-	want, err := control.ParseURL(rawURL)
+	want, err := controlclient.ParseURL(rawURL)
 	if err != nil {
 		return "", err
 	}
@@ -143,7 +144,7 @@ func savedPin(dir, rawURL string) (string, error) {
 	if err := json.Unmarshal(b, &login); err != nil {
 		return "", fmt.Errorf("%s: %v: %s", path, err, hint)
 	}
-	got, err := control.ParseURL(login.CoordinatorURL)
+	got, err := controlclient.ParseURL(login.CoordinatorURL)
 	if err != nil || got.String() != want.String() || login.ServerPin == "" {
 		return "", fmt.Errorf("the node in %s is registered with %q, not %s: %s", dir, login.CoordinatorURL, want, hint)
 	}

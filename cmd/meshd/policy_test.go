@@ -107,7 +107,7 @@ func TestPolicyCheck(t *testing.T) {
 
 func TestPolicyExplain(t *testing.T) {
 	code, out, _ := runPolicy(t, "explain", seedPolicy, "--src", "group:ml-engineers", "--dst", "tag:training-cluster:8080")
-	if code != 0 || strings.Count(out, "allowed: ") != 2 || !strings.Contains(out, "bob@example.com -> tag:training-cluster:8080 (tcp) by the rule at ../../policy/testdata/seed.hujson:35") {
+	if code != 0 || strings.Count(out, "allowed: ") != 2 || !strings.Contains(out, "bob@example.com -> tag:training-cluster:8080 (tcp) by the rule at ../../policy/testdata/seed.hujson:40") {
 		t.Errorf("explain allowed: exit %d, output %q", code, out)
 	}
 	code, out, _ = runPolicy(t, "explain", seedPolicy, "--src", "tag:ci", "--dst", "tag:inference-server:22")
@@ -119,7 +119,7 @@ func TestPolicyExplain(t *testing.T) {
 		Allowed  bool
 		Verdicts []struct{ Rule string }
 	}
-	if err := json.Unmarshal([]byte(out), &ex); err != nil || code != 0 || !ex.Allowed || ex.Verdicts[0].Rule != seedPolicy+":28" {
+	if err := json.Unmarshal([]byte(out), &ex); err != nil || code != 0 || !ex.Allowed || ex.Verdicts[0].Rule != seedPolicy+":33" {
 		t.Errorf("explain --json: exit %d, %+v, %v", code, ex, err)
 	}
 	if code, _, stderr := runPolicy(t, "explain", seedPolicy, "--src", "alice@example.com", "--dst", "tag:prod:1-2"); code != 1 || !strings.Contains(stderr, "name one port") {
@@ -142,9 +142,9 @@ func TestPolicyDiff(t *testing.T) {
 	code, out, _ := runPolicy(t, "diff", seedPolicy, newPath)
 	want := []string{
 		"opened by " + newPath + " (1):",
-		"+ group:ml-engineers -> tag:training-cluster:6006 (tcp,udp)  [" + newPath + ":35]",
+		"+ group:ml-engineers -> tag:training-cluster:6006 (tcp,udp)  [" + newPath + ":40]",
 		"closed by " + newPath + " (1):",
-		"- group:ml-engineers -> tag:training-cluster:8080 (tcp,udp)  [" + seedPolicy + ":35]",
+		"- group:ml-engineers -> tag:training-cluster:8080 (tcp,udp)  [" + seedPolicy + ":40]",
 	}
 	for _, w := range want {
 		if !strings.Contains(out, w) {

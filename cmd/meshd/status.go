@@ -48,17 +48,30 @@ func (c *cli) statusCmd() *ffcli.Command {
 // writeStatus prints the table a Tailscale user knows: address, name,
 // owner, and connection state, self first.
 func writeStatus(w io.Writer, st *localapi.Status) {
-	if st.BackendState == localapi.StateNeedsLogin {
-		fmt.Fprintln(w, "Logged out: run meshd up --authkey KEY --coordinator URL")
+	switch st.BackendState {
+	case localapi.StateNeedsLogin:
+		if st.Self == nil || st.Message == "" {
+			fmt.Fprintln(w, "Logged out: run meshd up --authkey KEY --coordinator URL")
+		} else {
+			fmt.Fprintf(w, "Logged out: %s\n", st.Message)
+		}
 		return
-	}
-	if st.BackendState == localapi.StateStopped {
+	case localapi.StateStopped:
 		fmt.Fprintln(w, "meshd is stopped: run meshd up")
+	case localapi.StateNeedsApproval:
+		if st.Self != nil {
+			fmt.Fprintf(w, "Waiting for approval by an admin: meshd admin nodes approve %d\n", st.Self.ID)
+		}
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 3, ' ', 0)
 	if st.Self != nil {
 		state := "-"
-		if !st.Self.Online {
+		switch {
+		case st.BackendState == localapi.StateExpired:
+			state = "expired (re-enrol: meshd up --authkey KEY)"
+		case st.BackendState == localapi.StateNeedsApproval:
+			state = "waiting for approval"
+		case !st.Self.Online:
 			state = "offline (coordinator unreachable; data plane on last map)"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", firstIP(st.Self.IPs), st.Self.Hostname, owner(st.Self), state)

@@ -59,3 +59,40 @@ func TestWriteStatusMTUProblem(t *testing.T) {
 		})
 	}
 }
+
+// TestWriteStatusVerdicts: a node the coordinator expired, deleted or has
+// not approved yet says so, never "coordinator unreachable".
+func TestWriteStatusVerdicts(t *testing.T) {
+	self := &localapi.Node{ID: 7, Hostname: "gpu-7", IPs: []netip.Addr{netip.MustParseAddr("100.64.0.7")}}
+	for _, tt := range []struct {
+		name  string
+		st    localapi.Status
+		want  []string
+		never string
+	}{
+		{"expired", localapi.Status{BackendState: localapi.StateExpired, Self: self,
+			Message: "expired: the coordinator expired this node's key; run `meshd up --authkey KEY` to enrol it again (it keeps its addresses)"},
+			[]string{"gpu-7", "expired (re-enrol: meshd up --authkey KEY)", "# expired: the coordinator expired"}, "unreachable"},
+		{"waiting for approval", localapi.Status{BackendState: localapi.StateNeedsApproval, Self: self,
+			Message: "waiting for approval by an admin: meshd admin nodes approve 7"},
+			[]string{"Waiting for approval by an admin: meshd admin nodes approve 7", "waiting for approval"}, "unreachable"},
+		{"deleted", localapi.Status{BackendState: localapi.StateNeedsLogin, Self: self,
+			Message: "the coordinator deleted this node: run `meshd up --authkey KEY` to enrol it again"},
+			[]string{"Logged out: the coordinator deleted this node"}, "unreachable"},
+		{"never registered", localapi.Status{BackendState: localapi.StateNeedsLogin, Message: "not registered"},
+			[]string{"Logged out: run meshd up --authkey KEY --coordinator URL"}, "unreachable"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var b bytes.Buffer
+			writeStatus(&b, &tt.st)
+			for _, w := range tt.want {
+				if !strings.Contains(b.String(), w) {
+					t.Errorf("status lacks %q:\n%s", w, b.String())
+				}
+			}
+			if strings.Contains(b.String(), tt.never) {
+				t.Errorf("status says %q:\n%s", tt.never, b.String())
+			}
+		})
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/peterbourgon/ff/v3"
 	"github.com/peterbourgon/ff/v3/ffcli"
 
 	"meshd.dev/meshd/agent/localapi"
@@ -21,33 +22,52 @@ func (c *cli) upCmd() *ffcli.Command {
 		tags       string
 		socket     = fs.String("socket", localapi.DefaultSocket, "local API unix socket of the daemon")
 		foreground = fs.Bool("foreground", false, "run the whole agent in this process until SIGTERM (sidecar form; no daemon needed)")
+		timeout    = fs.Duration("timeout", 0, "how long to wait for an admin to approve the node (coordinator --require-approval); 0 waits until approved")
 		af         agentFlags
 	)
-	fs.StringVar(&req.AuthKey, "authkey", "", "auth key (only needed the first time)")
+	fs.StringVar(&req.AuthKey, "authkey", "", "auth key: enrols the node the first time, or again with --force-reauth or after the coordinator deleted or expired it; "+
+		"on a registered node without --force-reauth it is an error (MESHD_AUTHKEY from the environment is ignored there instead, with a note)")
 	fs.StringVar(&req.Coordinator, "coordinator", "", "coordinator URL, e.g. https://coord.example:8443")
-	fs.StringVar(&req.Hostname, "hostname", "", "name of this node in the tailnet (default: the system hostname)")
-	fs.StringVar(&tags, "advertise-tags", "", "tags to request for this node, comma-separated (tag:a,tag:b)")
+	fs.StringVar(&req.Hostname, "hostname", "", "name of this node in the tailnet (default: the system hostname); a registered node is renamed only with --force-reauth")
+	fs.StringVar(&tags, "advertise-tags", "", "tags for this node, comma-separated (tag:a,tag:b); on a registered node they replace its tags if its user or "+
+		"current tags own them in the policy's tagOwners; --advertise-tags= asks for no tags (with --force-reauth and a user's key: back to the user)")
+	fs.BoolVar(&req.ForceReauth, "force-reauth", false, "register this node again with --authkey (a new key, user or tags; same machine, same addresses)")
 	af.register(fs)
 	return &ffcli.Command{
 		Name:       "up",
-		ShortUsage: "meshd up --authkey KEY --coordinator URL [--hostname H] [--advertise-tags T,..] [--foreground]",
-		ShortHelp:  "join the tailnet",
-		LongHelp: "Asks the running daemon to join the tailnet. With --foreground, runs the agent in this\n" +
-			"process instead (the daemon flags --state-dir, --tun, --port, --socks5-server, --http-proxy\n" +
-			"and --forward then apply).",
+		ShortUsage: "meshd up [--authkey KEY --coordinator URL] [--hostname H] [--advertise-tags T,..] [--force-reauth] [--timeout D] [--foreground]",
+		ShortHelp:  "join the tailnet, or change this node's tags or registration",
+		LongHelp: "Asks the running daemon to join the tailnet. The first time it registers with --authkey;\n" +
+			"afterwards `meshd up` alone brings the node back. On a registered node, --advertise-tags\n" +
+			"re-tags it, and --force-reauth --authkey KEY registers it again; a setting that would\n" +
+			"change nothing (an --authkey without --force-reauth, the tags it already has, another\n" +
+			"--hostname) is an error. With a coordinator run with --require-approval, up says\n" +
+			"\"waiting for approval by an admin\" and waits (see --timeout) until the node is approved.\n" +
+			"With --foreground, runs the agent in this process instead (the daemon flags --state-dir,\n" +
+			"--tun, --port, --socks5-server, --http-proxy and --forward then apply).",
 		FlagSet: fs,
-		Options: envOptions,
+		// The environment is read in Exec, after noting which flags the
+		// command line set: MESHD_AUTHKEY and MESHD_ADVERTISE_TAGS
+		// describe the node a container wants on every start, where the
+		// same flag typed on the command line asks for a change.
 		Exec: func(ctx context.Context, args []string) error {
 			if len(args) > 0 {
 				return fmt.Errorf("up: unexpected arguments %q", args)
 			}
-			for _, t := range strings.Split(tags, ",") {
-				if t = strings.TrimSpace(t); t != "" {
-					req.Tags = append(req.Tags, t)
-				}
+			onCommandLine := map[string]bool{}
+			fs.Visit(func(f *flag.Flag) { onCommandLine[f.Name] = true })
+			if err := ff.Parse(fs, nil, envOptions...); err != nil {
+				return fmt.Errorf("up: %w", err)
+			}
+			fs.Visit(func(f *flag.Flag) { req.SetTags = req.SetTags || f.Name == "advertise-tags" })
+			req.AuthKeyFromEnv = req.AuthKey != "" && !onCommandLine["authkey"]
+			req.TagsFromEnv = req.SetTags && !onCommandLine["advertise-tags"]
+			req.Tags = splitList(tags)
+			if *timeout < 0 {
+				return &exitError{2, fmt.Sprintf("up: --timeout %v: want a duration >= 0", *timeout)}
 			}
 			if *foreground {
-				return c.upForeground(ctx, &af, *socket, fs, req)
+				return c.upForeground(ctx, &af, *socket, fs, req, *timeout)
 			}
 			// The daemon flags configure an agent in this process; without
 			// --foreground the running daemon has its own. Say so rather
@@ -68,9 +88,37 @@ func (c *cli) upCmd() *ffcli.Command {
 				return noDaemonHint(err, *socket)
 			}
 			c.printUp(st)
-			return nil
+			if st.BackendState != localapi.StateNeedsApproval {
+				return nil
+			}
+			return c.waitApproval(ctx, *timeout, func(ctx context.Context) (*localapi.Status, error) {
+				return cl.WaitState(ctx, localapi.StateNeedsApproval)
+			})
 		},
 	}
+}
+
+// waitApproval waits (at most timeout, 0 = until it happens) for the node
+// to leave NeedsApproval and says how it came up. It fails if the node
+// ends in any state but running.
+func (c *cli) waitApproval(ctx context.Context, timeout time.Duration, wait func(context.Context) (*localapi.Status, error)) error {
+	if timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, timeout)
+		defer cancel()
+	}
+	st, err := wait(ctx)
+	switch {
+	case errors.Is(err, context.DeadlineExceeded):
+		return &exitError{1, fmt.Sprintf("still waiting for approval by an admin after %v; the node comes up by itself once approved (meshd status shows it)", timeout)}
+	case err != nil:
+		return err
+	}
+	c.printUp(st)
+	if st.BackendState != localapi.StateRunning && st.BackendState != localapi.StateStarting {
+		return &exitError{1, ""}
+	}
+	return nil
 }
 
 // noDaemonHint turns "no daemon" into the message that says how to start one.
@@ -82,8 +130,16 @@ func noDaemonHint(err error, socket string) error {
 }
 
 func (c *cli) printUp(st *localapi.Status) {
-	if st.Self == nil {
+	switch {
+	case st.BackendState == localapi.StateNeedsApproval && st.Self != nil:
+		fmt.Fprintf(c.stdout, "meshd: registered as %s (node %d); waiting for approval by an admin: meshd admin nodes approve %d\n",
+			st.Self.Hostname, st.Self.ID, st.Self.ID)
+		return
+	case st.Self == nil || (st.BackendState != localapi.StateRunning && st.BackendState != localapi.StateStarting):
 		fmt.Fprintf(c.stdout, "meshd: %s\n", st.BackendState)
+		if st.Message != "" {
+			fmt.Fprintf(c.stdout, "meshd: %s\n", st.Message)
+		}
 		return
 	}
 	var ips []string
@@ -91,6 +147,9 @@ func (c *cli) printUp(st *localapi.Status) {
 		ips = append(ips, ip.String())
 	}
 	fmt.Fprintf(c.stdout, "meshd: %s as %s (%s), %d peers\n", strings.ToLower(st.BackendState), st.Self.Hostname, strings.Join(ips, ", "), len(st.Peers))
+	if len(st.Self.Tags) > 0 {
+		fmt.Fprintf(c.stdout, "meshd: tags %s\n", strings.Join(st.Self.Tags, ","))
+	}
 	if st.Message != "" {
 		fmt.Fprintf(c.stdout, "meshd: note: %s\n", st.Message)
 	}
@@ -100,7 +159,7 @@ func (c *cli) printUp(st *localapi.Status) {
 // ctx ends (SIGTERM). The local API is served too, so status works; if the
 // default socket path is not writable (a non-root sidecar) it is skipped
 // with a warning, while an explicit --socket that fails is an error.
-func (c *cli) upForeground(ctx context.Context, af *agentFlags, socket string, fs *flag.FlagSet, req localapi.UpRequest) error {
+func (c *cli) upForeground(ctx context.Context, af *agentFlags, socket string, fs *flag.FlagSet, req localapi.UpRequest, approvalTimeout time.Duration) error {
 	a, err := c.newAgent(af)
 	if err != nil {
 		return err
@@ -119,7 +178,7 @@ func (c *cli) upForeground(ctx context.Context, af *agentFlags, socket string, f
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	done := make(chan error, 1)
-	go func() { done <- runAgent(ctx, a, ln) }()
+	go func() { done <- runAgent(ctx, a, ln, c.log) }()
 	upCtx, upCancel := context.WithTimeout(ctx, 60*time.Second)
 	st, err := a.Up(upCtx, req)
 	upCancel()
@@ -129,5 +188,20 @@ func (c *cli) upForeground(ctx context.Context, af *agentFlags, socket string, f
 		return err
 	}
 	c.printUp(st)
+	if st.BackendState == localapi.StateNeedsApproval {
+		// The agent keeps running; say when it comes up, or stop after
+		// --timeout without an approval.
+		if err := c.waitApproval(ctx, approvalTimeout, func(ctx context.Context) (*localapi.Status, error) {
+			st, err := a.WaitState(ctx, localapi.StateNeedsApproval)
+			if err == nil && ctx.Err() != nil {
+				err = ctx.Err()
+			}
+			return st, err
+		}); err != nil && ctx.Err() == nil {
+			cancel()
+			<-done
+			return err
+		}
+	}
 	return <-done
 }

@@ -49,7 +49,7 @@ func TestPolicyMigrationOnOldDatabase(t *testing.T) {
 	}
 	for _, q := range []string{
 		`CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied INTEGER NOT NULL)`,
-		migrations[0],
+		migrations[0].sql,
 		`INSERT INTO schema_migrations (version, applied) VALUES (1, 0)`,
 		`INSERT INTO meta (key, value) VALUES ('k', 'v')`,
 	} {

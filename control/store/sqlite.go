@@ -16,10 +16,18 @@ import (
 	_ "modernc.org/sqlite" // registers the "sqlite" database/sql driver
 )
 
+// migration is one schema step: SQL, or Go for steps that must look at
+// the rows (repairs before a constraint can be added). fn returns what it
+// repaired, in words, for the coordinator to log.
+type migration struct {
+	sql string
+	fn  func(ctx context.Context, tx *sql.Tx) (repairs []string, err error)
+}
+
 // migrations are applied in order; each runs once, recorded in
 // schema_migrations. Never edit a released migration: append a new one.
-var migrations = []string{
-	`CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+var migrations = []migration{
+	{sql: `CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 	CREATE TABLE users (
 		id INTEGER PRIMARY KEY AUTOINCREMENT,
 		login TEXT NOT NULL UNIQUE,
@@ -41,19 +49,25 @@ var migrations = []string{
 		id INTEGER PRIMARY KEY AUTOINCREMENT,
 		machine_key TEXT NOT NULL UNIQUE,
 		ipv4 TEXT NOT NULL UNIQUE,
-		data TEXT NOT NULL);`,
+		data TEXT NOT NULL);`},
 	// 2: the tailnet policy file in force, as its author wrote it (one row).
-	`CREATE TABLE policy (
+	{sql: `CREATE TABLE policy (
 		id INTEGER PRIMARY KEY CHECK (id = 1),
 		file TEXT NOT NULL,
 		data BLOB NOT NULL,
-		updated INTEGER NOT NULL);`,
+		updated INTEGER NOT NULL);`},
+	// 3: node key, disco key and hostname as indexed columns, each unique
+	// (see unique.go).
+	{fn: migrateUniqueIdentity},
 }
 
 // SQLite is the embedded single-file Store.
 type SQLite struct {
 	db    *sql.DB
 	alloc AddrAllocator
+	// repairs lists what opening the database changed to restore an
+	// invariant an older version did not keep.
+	repairs []string
 }
 
 // OpenSQLite opens (creating if needed) the database at path and migrates
@@ -92,9 +106,19 @@ func (s *SQLite) migrate(ctx context.Context) error {
 		return fmt.Errorf("database schema version %d is newer than this build's %d: upgrade meshd", have, len(migrations))
 	}
 	for v := have + 1; v <= len(migrations); v++ {
+		m := migrations[v-1]
 		err := s.tx(ctx, func(tx *sql.Tx) error {
-			if _, err := tx.ExecContext(ctx, migrations[v-1]); err != nil {
-				return err
+			if m.sql != "" {
+				if _, err := tx.ExecContext(ctx, m.sql); err != nil {
+					return err
+				}
+			}
+			if m.fn != nil {
+				r, err := m.fn(ctx, tx)
+				if err != nil {
+					return err
+				}
+				s.repairs = append(s.repairs, r...)
 			}
 			_, err := tx.ExecContext(ctx, `INSERT INTO schema_migrations (version, applied) VALUES (?, ?)`, v, time.Now().Unix())
 			return err
@@ -318,17 +342,21 @@ func (s *SQLite) Register(ctx context.Context, p RegisterParams) (Node, error) {
 		case err != nil:
 			return err
 		}
-		n.NodeKey, n.DiscoKey, n.Hostname, n.LastSeen = p.NodeKey, p.DiscoKey, p.Hostname, p.Now
+		n.NodeKey, n.DiscoKey, n.LastSeen = p.NodeKey, p.DiscoKey, p.Now
+		if p.Hostname != "" || n.Hostname == "" {
+			if n.Hostname, err = freeHostname(ctx, tx, p.Hostname, n.ID); err != nil {
+				return err
+			}
+		}
 		if id := p.Identity; id != nil {
 			n.User, n.Tags, n.Ephemeral, n.Authorized, n.KeyExpiry, n.AuthKeyID = id.User, id.Tags, id.Ephemeral, id.Authorized, id.KeyExpiry, id.AuthKeyID
 		}
-		data, err := json.Marshal(n)
-		if err != nil {
+		if err := checkKeysFree(ctx, tx, n); err != nil {
 			return err
 		}
 		if n.ID == 0 {
-			res, err := tx.ExecContext(ctx, `INSERT INTO nodes (machine_key, ipv4, data) VALUES (?, ?, ?)`,
-				n.MachineKey.String(), n.Addresses[0].Addr().String(), string(data))
+			res, err := tx.ExecContext(ctx, `INSERT INTO nodes (machine_key, ipv4, data) VALUES (?, ?, '{}')`,
+				n.MachineKey.String(), n.Addresses[0].Addr().String())
 			if err != nil {
 				return fmt.Errorf("insert node: %w", err)
 			}
@@ -336,14 +364,12 @@ func (s *SQLite) Register(ctx context.Context, p RegisterParams) (Node, error) {
 			if err != nil {
 				return err
 			}
+			// The id is only known after the insert; writeNode stores it
+			// in data too.
 			n.ID = netmap.NodeID(id)
-			// The id is only known after the insert; store it in data too.
-			if data, err = json.Marshal(n); err != nil {
-				return err
-			}
 		}
-		if _, err := tx.ExecContext(ctx, `UPDATE nodes SET data = ? WHERE id = ?`, string(data), n.ID); err != nil {
-			return fmt.Errorf("update node %d: %w", n.ID, err)
+		if err := writeNode(ctx, tx, n); err != nil {
+			return err
 		}
 		out = n
 		return nil
@@ -470,12 +496,13 @@ func (s *SQLite) UpdateNode(ctx context.Context, n Node) error {
 		}
 		// Identity columns never change through an update.
 		n.MachineKey, n.Addresses, n.Created = old.MachineKey, old.Addresses, old.Created
-		b, err := json.Marshal(n)
-		if err != nil {
+		if err := checkKeysFree(ctx, tx, n); err != nil {
 			return err
 		}
-		_, err = tx.ExecContext(ctx, `UPDATE nodes SET data = ? WHERE id = ?`, string(b), n.ID)
-		return err
+		if err := checkHostnameFree(ctx, tx, n); err != nil {
+			return err
+		}
+		return writeNode(ctx, tx, n)
 	})
 	if err != nil {
 		return fmt.Errorf("update node %d: %w", n.ID, err)

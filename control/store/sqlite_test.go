@@ -44,7 +44,7 @@ func mkey(b byte) netmap.MachinePublic { return netmap.MachinePublic{b} }
 
 func reg(s *SQLite, mk netmap.MachinePublic, keyID string, reusable bool) (Node, error) {
 	return s.Register(context.Background(), RegisterParams{
-		MachineKey: mk, NodeKey: netmap.NodePublic{1}, Hostname: "h", Now: time.Now(),
+		MachineKey: mk, NodeKey: netmap.NodePublic{1, mk[0]}, Hostname: "h", Now: time.Now(),
 		Identity: &Identity{Tags: []string{"tag:x"}, Authorized: true, AuthKeyID: keyID}, ConsumeKey: true, Reusable: reusable,
 	})
 }

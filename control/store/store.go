@@ -20,6 +20,11 @@ var (
 	ErrNotFound      = errors.New("not found")
 	ErrKeyUnusable   = errors.New("auth key already used or revoked")
 	ErrPoolExhausted = errors.New("address pool exhausted")
+	// ErrKeyInUse is a node key or disco key that another node holds: two
+	// nodes never share one.
+	ErrKeyInUse = errors.New("key held by another node")
+	// ErrNameInUse is a hostname that another node holds.
+	ErrNameInUse = errors.New("hostname held by another node")
 )
 
 // User is a person who owns devices. Users are created on first use.
@@ -52,6 +57,10 @@ type Node struct {
 	AuthKeyID string `json:"auth_key_id,omitempty"`
 	// Authorized is false for nodes waiting for an administrator's approval.
 	Authorized bool `json:"authorized"`
+	// AdminActed is when an administrator last changed the node (expired,
+	// tagged, approved it): it ends the window in which the single-use key
+	// that enrolled it may be presented again.
+	AdminActed time.Time `json:"admin_acted,omitzero"`
 }
 
 // Identity is who a node is, set when it registers with an auth key or when an
@@ -68,10 +77,14 @@ type Identity struct {
 // RegisterParams describes one registration.
 type RegisterParams struct {
 	MachineKey netmap.MachinePublic
-	NodeKey    netmap.NodePublic
-	DiscoKey   netmap.DiscoPublic
-	Hostname   string
-	Now        time.Time
+	// NodeKey and DiscoKey must not be held by another node (ErrKeyInUse).
+	NodeKey  netmap.NodePublic
+	DiscoKey netmap.DiscoPublic
+	// Hostname is the name the node asks for. Names are unique: if another
+	// node holds it, the node gets the first free HostnameCandidate. Empty
+	// keeps a registered node's name.
+	Hostname string
+	Now      time.Time
 	// Identity is applied when non-nil (registration with an auth key);
 	// a re-registration without a key keeps the stored identity and may
 	// only update keys and hostname of an existing node.
@@ -122,13 +135,16 @@ type Store interface {
 	RevokeAuthKey(ctx context.Context, id string, now time.Time) error
 
 	// Register creates the node for p.MachineKey, or updates it keeping its
-	// id and addresses, consuming the auth key in the same transaction.
+	// id and addresses, consuming the auth key in the same transaction. A
+	// node key or disco key another node holds fails with ErrKeyInUse; a
+	// hostname another node holds is suffixed (HostnameCandidate).
 	Register(ctx context.Context, p RegisterParams) (Node, error)
 	Node(ctx context.Context, id netmap.NodeID) (Node, error)
 	NodeByMachine(ctx context.Context, mk netmap.MachinePublic) (Node, error)
 	Nodes(ctx context.Context) ([]Node, error)
 	// UpdateNode replaces a node's mutable fields (not its id, machine key
-	// or addresses).
+	// or addresses). Keys or a hostname held by another node fail with
+	// ErrKeyInUse or ErrNameInUse and change nothing.
 	UpdateNode(ctx context.Context, n Node) error
 	DeleteNode(ctx context.Context, id netmap.NodeID) error
 

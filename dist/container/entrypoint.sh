@@ -4,10 +4,18 @@
 #
 #   MESHD_AUTHKEY      auth key; needed the first time only (with a state
 #                      volume). Passed to meshd through the environment, not
-#                      argv, so it does not show in ps.
+#                      argv, so it does not show in ps, and so that meshd
+#                      uses it only when the node must enrol (first start,
+#                      node deleted or expired) and otherwise ignores it with
+#                      a note. (`--authkey` typed as an argument on a
+#                      registered node is an error without --force-reauth.)
 #   MESHD_COORDINATOR  coordinator URL (https://HOST:PORT)
 #   MESHD_STATE_DIR    state directory (default /var/lib/meshd)
-#   MESHD_HOSTNAME     node name (default: the container hostname)
+#   MESHD_HOSTNAME     node name (default: the container hostname, used only
+#                      when the node registers: a recreated container with
+#                      the same state volume keeps its name). A set
+#                      MESHD_HOSTNAME that differs from the registered name
+#                      is an error: meshd does not rename an enrolled node.
 #   MESHD_TUN          "userspace" (default: no privileges needed) or a
 #                      kernel TUN name such as meshd0 (needs NET_ADMIN and
 #                      /dev/net/tun)
@@ -21,11 +29,22 @@ set -eu
 state_dir=${MESHD_STATE_DIR:-/var/lib/meshd}
 tun=${MESHD_TUN:-userspace}
 socket=${MESHD_SOCKET:-$state_dir/meshd.sock}
-hostname=${MESHD_HOSTNAME:-$(hostname)}
+registered=false
+if [ -s "$state_dir/login.json" ]; then
+	registered=true
+fi
 
-if [ -z "${MESHD_COORDINATOR:-}" ] && [ ! -s "$state_dir/login.json" ]; then
+if [ -z "${MESHD_COORDINATOR:-}" ] && [ "$registered" = false ]; then
 	echo "meshd-entrypoint: set MESHD_COORDINATOR (and MESHD_AUTHKEY) to join a tailnet" >&2
 	exit 64
+fi
+
+# The container hostname names a node that registers now; a registered
+# node keeps its name unless MESHD_HOSTNAME asks for one.
+if [ -n "${MESHD_HOSTNAME:-}" ]; then
+	set -- --hostname "$MESHD_HOSTNAME" "$@"
+elif [ "$registered" = false ]; then
+	set -- --hostname "$(hostname)" "$@"
 fi
 
 # meshd reads MESHD_AUTHKEY and MESHD_COORDINATOR itself; unset the ones
@@ -36,5 +55,4 @@ exec meshd up --foreground \
 	--state-dir "$state_dir" \
 	--tun "$tun" \
 	--socket "$socket" \
-	--hostname "$hostname" \
 	"$@"

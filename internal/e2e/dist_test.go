@@ -71,6 +71,15 @@ func TestContainerEntrypoint(t *testing.T) {
 			wantArgs: []string{"up", "--foreground", "--state-dir", "{state}", "--tun", "userspace", "--socket", "{state}/meshd.sock", "--hostname", "h"},
 			noEnv:    []string{"MESHD_AUTHKEY="},
 		},
+		{
+			// A recreated container (new hostname) on the old volume: the
+			// registered name stays, so the container hostname is not passed.
+			name:     "restart from state, default hostname",
+			env:      []string{"MESHD_STATE_DIR={state}", "MESHD_AUTHKEY=mskey-4"},
+			login:    true,
+			wantArgs: []string{"up", "--foreground", "--state-dir", "{state}", "--tun", "userspace", "--socket", "{state}/meshd.sock"},
+			wantEnv:  []string{"MESHD_AUTHKEY=mskey-4"},
+		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()

@@ -20,6 +20,7 @@ import (
 	"meshd.dev/meshd/control"
 	"meshd.dev/meshd/derp"
 	"meshd.dev/meshd/internal/netlab"
+	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/nat/stun"
 	"meshd.dev/meshd/netmap"
 )
@@ -155,7 +156,7 @@ func (r *labRelay) stop() {
 
 func (r *labRelay) derpMap() *netmap.DERPMap {
 	return &netmap.DERPMap{Regions: []netmap.DERPRegion{{ID: 1, Code: "lab", Nodes: []netmap.DERPNode{{
-		Name: "1a", Host: inetAddr, DERPPort: derpPort, STUNPort: 3478, CertFingerprint: derp.Fingerprint(r.cert.Leaf),
+		Name: "1a", Host: inetAddr, DERPPort: derpPort, STUNPort: 3478, CertFingerprint: tlspin.Fingerprint(r.cert.Leaf),
 	}}}}}
 }
 

@@ -1,4 +1,4 @@
-package control
+package controlclient
 
 import (
 	"context"
@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -20,16 +21,17 @@ import (
 // keep-alive interval it was told, and reconnect.
 func TestFollowDetectsSilentStream(t *testing.T) {
 	_, key, _ := ed25519.GenerateKey(rand.Reader)
-	cert, err := selfSignedCert(key, "silent")
+	cert, err := tlspin.SelfSigned(key, "silent", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	self := hubNode(1)
-	full, _ := encodeFrame(&netmap.MapResponse{Epoch: "e", Version: 1, Full: true, Self: self})
+	addrs := []netip.Prefix{netip.MustParsePrefix("100.64.0.1/32"), netip.MustParsePrefix("fd5e:5a1e:d::6440:1/128")}
+	self := &netmap.Node{ID: 1, Hostname: "n1", NodeKey: netmap.NewNodePrivate().Public(), Addresses: addrs, AllowedIPs: addrs}
+	full, _ := EncodeFrame(&netmap.MapResponse{Epoch: "e", Version: 1, Full: true, Self: self})
 	var streams atomic.Int32
 	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		streams.Add(1)
-		w.Header().Set(keepAliveHeader, "25")
+		w.Header().Set(KeepAliveHeader, "25")
 		w.Write(full)
 		w.(http.Flusher).Flush()
 		<-r.Context().Done() // silent, never closes by itself
@@ -40,7 +42,7 @@ func TestFollowDetectsSilentStream(t *testing.T) {
 	defer srv.Close()
 
 	_, mk, _ := ed25519.GenerateKey(rand.Reader)
-	c, err := NewClient(ClientOptions{URL: srv.URL, MachineKey: mk, ServerPin: Fingerprint(cert.Leaf), MinBackoff: 10 * time.Millisecond, MaxBackoff: 20 * time.Millisecond})
+	c, err := NewClient(ClientOptions{URL: srv.URL, MachineKey: mk, ServerPin: tlspin.Fingerprint(cert.Leaf), MinBackoff: 10 * time.Millisecond, MaxBackoff: 20 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,5 +95,16 @@ func TestMergeState(t *testing.T) {
 	s = mergeState(s, &netmap.MapRequest{NodeKey: k2})
 	if s.NodeKey != k2 || len(s.Endpoints) != 1 || s.HomeDERP != 2 {
 		t.Fatalf("merged state %+v", s)
+	}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }

@@ -1,4 +1,8 @@
-package control
+// Package controlclient is a node's side of the control protocol: the
+// client that registers with the coordinator and follows its map stream,
+// the map stream's framing, and the wire errors both ends share. It depends
+// only on netmap, so a daemon links none of the coordinator's server.
+package controlclient
 
 import (
 	"bytes"
@@ -10,7 +14,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"slices"
@@ -19,6 +22,8 @@ import (
 	"sync"
 	"time"
 
+	"meshd.dev/meshd/internal/backoff"
+	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -33,7 +38,14 @@ type ClientOptions struct {
 	// ServerPin is the coordinator fingerprint pinned from an earlier
 	// registration. Empty: Register takes it from the auth key.
 	ServerPin string
-	Logger    *slog.Logger
+	// NodeKey is the node's WireGuard private key. With it the client
+	// proves to the coordinator that it holds the node key it registers or
+	// rotates to (see netmap.NodeKeyProof): Register always, Update and
+	// Follow when the coordinator asks. Without it (or for another node
+	// key) requests go without a proof and the coordinator refuses what
+	// needs one. SetNodeKey replaces it after a rotation.
+	NodeKey netmap.NodePrivate
+	Logger  *slog.Logger
 	// MinBackoff and MaxBackoff bound Follow's reconnect delay (defaults 1s
 	// and 60s); each delay is jittered.
 	MinBackoff, MaxBackoff time.Duration
@@ -48,7 +60,10 @@ type Client struct {
 	tr         *http.Transport
 	minB, maxB time.Duration
 
+	mk netmap.MachinePublic
+
 	mu      sync.Mutex
+	nodeKey netmap.NodePrivate
 	pin     string
 	lastBad string // fingerprint seen on the last pin mismatch
 	// state is the node state last reported by Update; Follow sends it
@@ -80,26 +95,25 @@ func ParseURL(s string) (*url.URL, error) {
 }
 
 // pinnedTransport builds an HTTP/2-capable transport that accepts exactly
-// the server key whose fingerprint pin() returns. Not a CA check: the
-// coordinator's certificate is self-signed and only its key matters.
+// the server key whose fingerprint pin() returns (tlspin: no CA, only the
+// coordinator's key matters). mismatch, if not nil, hears the fingerprint
+// of a server that failed the check, because net/http flattens TLS errors
+// on some paths.
 func pinnedTransport(pin func() string, mismatch func(got string), cert *tls.Certificate) *http.Transport {
-	cfg := &tls.Config{
-		MinVersion:         tls.VersionTLS13,
-		InsecureSkipVerify: true, // replaced by VerifyConnection's pin check
-		VerifyConnection: func(cs tls.ConnectionState) error {
-			if len(cs.PeerCertificates) == 0 {
-				return fmt.Errorf("%w: coordinator sent no certificate", ErrPinMismatch)
+	cfg := tlspin.ClientConfig(pin)
+	verify := cfg.VerifyConnection
+	cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+		err := verify(cs)
+		if me, ok := errors.AsType[*tlspin.MismatchError](err); ok {
+			if mismatch != nil {
+				mismatch(me.Got)
 			}
-			got, want := Fingerprint(cs.PeerCertificates[0]), pin()
-			if want == "" {
-				return errors.New("no coordinator fingerprint to verify against: register with an auth key first")
-			}
-			if got != want {
-				mismatch(got)
-				return fmt.Errorf("%w: coordinator presented %s, expected %s: check --coordinator URL or remove the pin from the state dir", ErrPinMismatch, got, want)
-			}
-			return nil
-		},
+			return fmt.Errorf("%w: coordinator presented %s, expected %s: check --coordinator URL or remove the pin from the state dir", ErrPinMismatch, me.Got, me.Want)
+		}
+		if errors.Is(err, tlspin.ErrMismatch) {
+			return fmt.Errorf("%w: %v", ErrPinMismatch, err)
+		}
+		return err
 	}
 	if cert != nil {
 		cfg.Certificates = []tls.Certificate{*cert}
@@ -117,6 +131,13 @@ func pinnedTransport(pin func() string, mismatch func(got string), cert *tls.Cer
 	}
 }
 
+// PinnedTransport returns an HTTP/2-capable transport for the
+// coordinator's API that trusts only the key with fingerprint pin (the
+// admin CLI, relays and netcheck use it; nodes use Client).
+func PinnedTransport(pin string) *http.Transport {
+	return pinnedTransport(func() string { return pin }, nil, nil)
+}
+
 // NewClient returns a client; it connects lazily.
 func NewClient(o ClientOptions) (*Client, error) {
 	u, err := ParseURL(o.URL)
@@ -126,7 +147,7 @@ func NewClient(o ClientOptions) (*Client, error) {
 	if len(o.MachineKey) != ed25519.PrivateKeySize {
 		return nil, errors.New("control client: machine key missing or not an Ed25519 private key")
 	}
-	cert, err := selfSignedCert(o.MachineKey, "meshd machine")
+	cert, err := tlspin.SelfSigned(o.MachineKey, "meshd machine", nil)
 	if err != nil {
 		return nil, err
 	}
@@ -139,7 +160,11 @@ func NewClient(o ClientOptions) (*Client, error) {
 	if o.MaxBackoff < o.MinBackoff {
 		o.MaxBackoff = max(60*time.Second, o.MinBackoff)
 	}
-	c := &Client{base: u, log: o.Logger, pin: strings.ToLower(strings.TrimSpace(o.ServerPin)), minB: o.MinBackoff, maxB: o.MaxBackoff}
+	mk, err := netmap.MachinePublicFromEd25519(o.MachineKey.Public().(ed25519.PublicKey))
+	if err != nil {
+		return nil, err
+	}
+	c := &Client{base: u, log: o.Logger, mk: mk, nodeKey: o.NodeKey, pin: strings.ToLower(strings.TrimSpace(o.ServerPin)), minB: o.MinBackoff, maxB: o.MaxBackoff}
 	c.tr = pinnedTransport(c.ServerPin, c.sawMismatch, &cert)
 	c.hc = &http.Client{Transport: c.tr}
 	return c, nil
@@ -162,6 +187,37 @@ func (c *Client) sawMismatch(got string) {
 // Close releases idle connections.
 func (c *Client) Close() { c.tr.CloseIdleConnections() }
 
+// SetNodeKey replaces the node private key the client proves node keys
+// with; call it before reporting a rotated key.
+func (c *Client) SetNodeKey(k netmap.NodePrivate) {
+	c.mu.Lock()
+	c.nodeKey = k
+	c.mu.Unlock()
+}
+
+// proveNodeKey fetches a challenge and answers it with the private half of
+// nk. It returns nil (no proof, no error) when the client does not hold
+// nk: the coordinator then says what is missing.
+func (c *Client) proveNodeKey(ctx context.Context, nk netmap.NodePublic) (*netmap.NodeKeyProof, error) {
+	c.mu.Lock()
+	priv := c.nodeKey
+	c.mu.Unlock()
+	if priv.IsZero() || priv.Public() != nk {
+		return nil, nil
+	}
+	var ch netmap.Challenge
+	if err := c.do(ctx, ChallengePath, netmap.ChallengeRequest{Version: netmap.ProtocolVersion}, &ch); err != nil {
+		return nil, fmt.Errorf("node key challenge: %w", err)
+	}
+	return SealNodeKeyProof(priv, c.mk, &ch)
+}
+
+// needsProof reports whether err is the coordinator asking for a node key
+// proof that the client can add to req (it has none yet).
+func needsProof(err error, proof *netmap.NodeKeyProof) bool {
+	return proof == nil && errors.Is(err, ErrKeyProof)
+}
+
 // Register enrols the machine (with req.AuthKey) or re-registers it.
 func (c *Client) Register(ctx context.Context, req netmap.RegisterRequest) (*netmap.RegisterResponse, error) {
 	if req.Version == 0 {
@@ -179,6 +235,13 @@ func (c *Client) Register(ctx context.Context, req netmap.RegisterRequest) (*net
 		c.pin = fp
 		c.mu.Unlock()
 	}
+	if req.NodeKeyProof == nil {
+		p, err := c.proveNodeKey(ctx, req.NodeKey)
+		if err != nil {
+			return nil, fmt.Errorf("register with %s: %w", c.base.Host, err)
+		}
+		req.NodeKeyProof = p
+	}
 	var resp netmap.RegisterResponse
 	if err := c.do(ctx, "/machine/register", req, &resp); err != nil {
 		return nil, fmt.Errorf("register with %s: %w", c.base.Host, err)
@@ -192,6 +255,24 @@ func (c *Client) Register(ctx context.Context, req netmap.RegisterRequest) (*net
 	return &resp, nil
 }
 
+// SetTags asks the coordinator to replace the tags of this (enrolled)
+// machine's node, authenticated by the machine key alone; the policy's
+// "tagOwners" decide. It returns the node as it is afterwards. A refusal
+// wraps ErrTagsForbidden and names the tag and the rule.
+func (c *Client) SetTags(ctx context.Context, req netmap.SetTagsRequest) (*netmap.SetTagsResponse, error) {
+	if req.Version == 0 {
+		req.Version = netmap.ProtocolVersion
+	}
+	var resp netmap.SetTagsResponse
+	if err := c.do(ctx, "/machine/tags", req, &resp); err != nil {
+		return nil, fmt.Errorf("set tags with %s: %w", c.base.Host, err)
+	}
+	if err := resp.Node.Validate(); err != nil {
+		return nil, fmt.Errorf("set tags: coordinator sent an invalid node: %w", err)
+	}
+	return &resp, nil
+}
+
 // Update reports endpoints, home DERP, disco key or a rotated node key
 // without opening a stream. req carries the node's full current state.
 func (c *Client) Update(ctx context.Context, req netmap.MapRequest) error {
@@ -199,7 +280,17 @@ func (c *Client) Update(ctx context.Context, req netmap.MapRequest) error {
 		req.Version = netmap.ProtocolVersion
 	}
 	req.Stream = false
-	if err := c.do(ctx, "/machine/map", req, &struct{}{}); err != nil {
+	err := c.do(ctx, "/machine/map", req, &struct{}{})
+	if needsProof(err, req.NodeKeyProof) {
+		// A new node key: the coordinator publishes it only with a proof.
+		if p, perr := c.proveNodeKey(ctx, req.NodeKey); perr != nil {
+			err = perr
+		} else if p != nil {
+			req.NodeKeyProof = p
+			err = c.do(ctx, "/machine/map", req, &struct{}{})
+		}
+	}
+	if err != nil {
 		return fmt.Errorf("update coordinator: %w", err)
 	}
 	c.mu.Lock()
@@ -229,7 +320,7 @@ func mergeState(prev *netmap.MapRequest, req *netmap.MapRequest) *netmap.MapRequ
 }
 
 func (c *Client) do(ctx context.Context, path string, in, out any) error {
-	return doJSON(ctx, c.hc, http.MethodPost, c.base.JoinPath(path).String(), "", in, out, c.pinErr)
+	return DoJSON(ctx, c.hc, http.MethodPost, c.base.JoinPath(path).String(), "", in, out, c.pinErr)
 }
 
 // pinErr turns a transport error after a pin mismatch into ErrPinMismatch
@@ -249,7 +340,11 @@ func (c *Client) pinErr(err error) error {
 	return err
 }
 
-func doJSON(ctx context.Context, hc *http.Client, method, u, bearer string, in, out any, mapErr func(error) error) error {
+// DoJSON sends in (if not nil) as JSON with method to u, with bearer as the
+// bearer token if not empty, and decodes a 200 answer into out (if not
+// nil). An error answer becomes an *APIError that unwraps to its sentinel;
+// mapErr, if not nil, may rewrite transport errors.
+func DoJSON(ctx context.Context, hc *http.Client, method, u, bearer string, in, out any, mapErr func(error) error) error {
 	var body io.Reader
 	if in != nil {
 		b, err := json.Marshal(in)
@@ -275,7 +370,7 @@ func doJSON(ctx context.Context, hc *http.Client, method, u, bearer string, in, 
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return readAPIError(resp)
+		return ReadAPIError(resp)
 	}
 	if out == nil {
 		return nil
@@ -286,8 +381,9 @@ func doJSON(ctx context.Context, hc *http.Client, method, u, bearer string, in, 
 	return nil
 }
 
-func readAPIError(resp *http.Response) error {
-	var eb errorBody
+// ReadAPIError turns a coordinator's error answer into an *APIError.
+func ReadAPIError(resp *http.Response) error {
+	var eb ErrorBody
 	data, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 	if err := json.Unmarshal(data, &eb); err != nil || eb.Error == "" {
 		return &APIError{Status: resp.StatusCode, Code: "", Message: fmt.Sprintf("coordinator answered %s: %s", resp.Status, strings.TrimSpace(string(data)))}
@@ -295,25 +391,30 @@ func readAPIError(resp *http.Response) error {
 	return &APIError{Status: resp.StatusCode, Code: eb.Code, Message: eb.Error}
 }
 
-// permanent reports errors that reconnecting cannot fix.
+// permanent reports errors that reconnecting cannot fix, and
+// ErrNotAuthorized, which only an admin's approval fixes: the caller says
+// so to the user and retries at its own pace.
 func permanent(err error) bool {
 	return errors.Is(err, ErrNodeExpired) || errors.Is(err, ErrNotRegistered) ||
-		errors.Is(err, ErrPinMismatch) || errors.Is(err, ErrTooOld)
+		errors.Is(err, ErrPinMismatch) || errors.Is(err, ErrTooOld) ||
+		errors.Is(err, ErrKeyInUse) || errors.Is(err, ErrKeyProof) || errors.Is(err, ErrNotAuthorized)
 }
 
 // Follow keeps one map stream open and calls fn with a fresh copy of the
 // network map after each applied message. It reconnects with exponential
 // backoff and jitter, resuming from the last version it applied. It returns
 // when ctx ends, or early with an error wrapping ErrNodeExpired,
-// ErrNotRegistered, ErrPinMismatch or ErrTooOld, which retrying cannot fix
-// (the node must re-enrol or be reconfigured).
+// ErrNotRegistered, ErrPinMismatch, ErrTooOld, ErrKeyInUse or ErrKeyProof,
+// which retrying cannot fix (the node must re-enrol or be reconfigured), or
+// ErrNotAuthorized (the node waits for an admin's approval; call Follow
+// again to keep waiting).
 func (c *Client) Follow(ctx context.Context, req netmap.MapRequest, fn func(*netmap.NetworkMap)) error {
 	if req.Version == 0 {
 		req.Version = netmap.ProtocolVersion
 	}
 	req.Stream = true
 	var nm netmap.NetworkMap
-	backoff := c.minB
+	bo := backoff.Backoff{Min: c.minB, Max: c.maxB}
 	for {
 		if nm.Peers != nil {
 			req.Since, req.Epoch = nm.Version, nm.Epoch
@@ -326,7 +427,8 @@ func (c *Client) Follow(ctx context.Context, req netmap.MapRequest, fn func(*net
 			req.NodeKey, req.DiscoKey, req.Endpoints, req.HomeDERP = st.NodeKey, st.DiscoKey, st.Endpoints, st.HomeDERP
 		}
 		c.mu.Unlock()
-		progressed, err := c.followOnce(ctx, req, &nm, fn)
+		start := time.Now()
+		err := c.followOnce(ctx, req, &nm, fn)
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -336,48 +438,63 @@ func (c *Client) Follow(ctx context.Context, req netmap.MapRequest, fn func(*net
 		if errors.Is(err, netmap.ErrNeedFullMap) {
 			nm = netmap.NetworkMap{}
 		}
-		if progressed {
-			backoff = c.minB
-		}
-		// Jitter in [backoff/2, backoff] spreads a fleet reconnecting after
-		// a coordinator restart.
-		d := backoff/2 + rand.N(backoff/2+1)
+		d := bo.Delay(time.Since(start))
 		c.log.Info("map stream ended; reconnecting", "err", err, "in", d.Round(time.Millisecond))
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-time.After(d):
 		}
-		backoff = min(2*backoff, c.maxB)
 	}
 }
 
-// followOnce runs one stream. progressed reports whether any message was
-// applied (which resets the backoff).
-func (c *Client) followOnce(ctx context.Context, req netmap.MapRequest, nm *netmap.NetworkMap, fn func(*netmap.NetworkMap)) (progressed bool, err error) {
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
+// openStream sends the map request of a stream and returns the open
+// response, or the coordinator's refusal.
+func (c *Client) openStream(ctx context.Context, req netmap.MapRequest) (*http.Response, error) {
 	b, err := json.Marshal(req)
 	if err != nil {
-		return false, err
+		return nil, err
 	}
 	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base.JoinPath("/machine/map").String(), bytes.NewReader(b))
 	if err != nil {
-		return false, err
+		return nil, err
 	}
 	hreq.Header.Set("Content-Type", "application/json")
 	resp, err := c.hc.Do(hreq)
 	if err != nil {
-		return false, c.pinErr(err)
+		return nil, c.pinErr(err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		defer resp.Body.Close()
+		return nil, ReadAPIError(resp)
+	}
+	return resp, nil
+}
+
+// followOnce runs one stream until it fails.
+func (c *Client) followOnce(ctx context.Context, req netmap.MapRequest, nm *netmap.NetworkMap, fn func(*netmap.NetworkMap)) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	resp, err := c.openStream(ctx, req)
+	if needsProof(err, req.NodeKeyProof) {
+		// A new node key: the coordinator publishes it only with a proof.
+		p, perr := c.proveNodeKey(ctx, req.NodeKey)
+		switch {
+		case perr != nil:
+			err = perr
+		case p != nil:
+			req.NodeKeyProof = p
+			resp, err = c.openStream(ctx, req)
+		}
+	}
+	if err != nil {
+		return err
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return false, readAPIError(resp)
-	}
 	// Watchdog: a stream that stays silent for several keep-alive periods
 	// is dead even if TCP has not noticed.
 	ka := 20 * time.Second
-	if ms, err := strconv.Atoi(resp.Header.Get(keepAliveHeader)); err == nil && ms > 0 {
+	if ms, err := strconv.Atoi(resp.Header.Get(KeepAliveHeader)); err == nil && ms > 0 {
 		ka = time.Duration(ms) * time.Millisecond
 	}
 	errStale := errors.New("map stream silent for too long")
@@ -387,107 +504,20 @@ func (c *Client) followOnce(ctx context.Context, req netmap.MapRequest, nm *netm
 	var buf []byte
 	for {
 		var mr *netmap.MapResponse
-		mr, buf, err = readMapResponse(resp.Body, buf)
+		mr, buf, err = ReadMapResponse(resp.Body, buf)
 		if err != nil {
 			if cause := context.Cause(ctx); cause != nil && ctx.Err() != nil {
-				return progressed, cause
+				return cause
 			}
-			return progressed, err
+			return err
 		}
 		wd.Reset(idle)
 		if err := nm.Apply(mr); err != nil {
-			return progressed, fmt.Errorf("apply map response: %w", err)
+			return fmt.Errorf("apply map response: %w", err)
 		}
 		if mr.KeepAlive && !mr.Full {
 			continue
 		}
-		progressed = true
 		fn(nm.Clone())
 	}
-}
-
-// AdminClient talks to the coordinator's admin API.
-type AdminClient struct {
-	base  *url.URL
-	token string
-	hc    *http.Client
-}
-
-// NewAdminClient returns an admin client for the coordinator at rawURL.
-// The token (the content of admin.token) carries the coordinator's
-// fingerprint, which the client pins.
-func NewAdminClient(rawURL, token string) (*AdminClient, error) {
-	u, err := ParseURL(rawURL)
-	if err != nil {
-		return nil, err
-	}
-	token = strings.TrimSpace(token)
-	fp, err := AdminTokenFingerprint(token)
-	if err != nil {
-		return nil, err
-	}
-	tr := pinnedTransport(func() string { return fp }, func(string) {}, nil)
-	return &AdminClient{base: u, token: token, hc: &http.Client{Transport: tr, Timeout: 30 * time.Second}}, nil
-}
-
-func (a *AdminClient) do(ctx context.Context, method, path string, in, out any) error {
-	return doJSON(ctx, a.hc, method, a.base.JoinPath(path).String(), a.token, in, out, nil)
-}
-
-// CreateAuthKey creates a key; the result includes the secret.
-func (a *AdminClient) CreateAuthKey(ctx context.Context, o AuthKeyOptions) (NewAuthKey, error) {
-	var out NewAuthKey
-	req := createKeyRequest{Reusable: o.Reusable, Ephemeral: o.Ephemeral, Preauthorized: o.Preauthorized, Tags: o.Tags, User: o.User}
-	if o.Expiry != 0 {
-		req.Expiry = o.Expiry.String()
-	}
-	err := a.do(ctx, http.MethodPost, "/admin/v1/keys", req, &out)
-	return out, err
-}
-
-// AuthKeys lists auth keys.
-func (a *AdminClient) AuthKeys(ctx context.Context) ([]AuthKey, error) {
-	var out []AuthKey
-	return out, a.do(ctx, http.MethodGet, "/admin/v1/keys", nil, &out)
-}
-
-// RevokeAuthKey revokes a key.
-func (a *AdminClient) RevokeAuthKey(ctx context.Context, id string) error {
-	return a.do(ctx, http.MethodPost, "/admin/v1/keys/"+url.PathEscape(id)+"/revoke", nil, nil)
-}
-
-// Nodes lists nodes.
-func (a *AdminClient) Nodes(ctx context.Context) ([]NodeInfo, error) {
-	var out []NodeInfo
-	return out, a.do(ctx, http.MethodGet, "/admin/v1/nodes", nil, &out)
-}
-
-func nodePath(id netmap.NodeID) string {
-	return "/admin/v1/nodes/" + strconv.FormatUint(uint64(id), 10)
-}
-
-// DeleteNode deletes a node.
-func (a *AdminClient) DeleteNode(ctx context.Context, id netmap.NodeID) error {
-	return a.do(ctx, http.MethodDelete, nodePath(id), nil, nil)
-}
-
-// ExpireNode expires a node's key now.
-func (a *AdminClient) ExpireNode(ctx context.Context, id netmap.NodeID) error {
-	return a.do(ctx, http.MethodPost, nodePath(id)+"/expire", nil, nil)
-}
-
-// ApproveNode authorizes a node waiting for approval.
-func (a *AdminClient) ApproveNode(ctx context.Context, id netmap.NodeID) error {
-	return a.do(ctx, http.MethodPost, nodePath(id)+"/approve", nil, nil)
-}
-
-// TagNode replaces a node's tags.
-func (a *AdminClient) TagNode(ctx context.Context, id netmap.NodeID, tags []string) error {
-	return a.do(ctx, http.MethodPost, nodePath(id)+"/tags", tagRequest{Tags: tags}, nil)
-}
-
-// Users lists users.
-func (a *AdminClient) Users(ctx context.Context) ([]User, error) {
-	var out []User
-	return out, a.do(ctx, http.MethodGet, "/admin/v1/users", nil, &out)
 }

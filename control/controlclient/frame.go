@@ -1,4 +1,4 @@
-package control
+package controlclient
 
 import (
 	"encoding/binary"
@@ -15,10 +15,11 @@ import (
 // newline-delimited JSON) lets the reader refuse an oversized message before
 // buffering it.
 
-const frameHeaderLen = 4
+// FrameHeaderLen is the size of the length prefix of a map stream frame.
+const FrameHeaderLen = 4
 
-// encodeFrame returns resp as one frame.
-func encodeFrame(resp *netmap.MapResponse) ([]byte, error) {
+// EncodeFrame returns resp as one map stream frame.
+func EncodeFrame(resp *netmap.MapResponse) ([]byte, error) {
 	body, err := json.Marshal(resp)
 	if err != nil {
 		return nil, fmt.Errorf("encode map response: %w", err)
@@ -26,7 +27,7 @@ func encodeFrame(resp *netmap.MapResponse) ([]byte, error) {
 	if len(body) > netmap.MaxMessageSize {
 		return nil, fmt.Errorf("map response of %d bytes exceeds the %d byte limit", len(body), netmap.MaxMessageSize)
 	}
-	out := make([]byte, frameHeaderLen, frameHeaderLen+len(body))
+	out := make([]byte, FrameHeaderLen, FrameHeaderLen+len(body))
 	binary.BigEndian.PutUint32(out, uint32(len(body)))
 	return append(out, body...), nil
 }
@@ -35,9 +36,9 @@ func encodeFrame(resp *netmap.MapResponse) ([]byte, error) {
 // netmap.MaxMessageSize bytes.
 var errFrameTooLarge = errors.New("map frame exceeds the size limit")
 
-// readFrame reads one frame body from r, reusing buf when it is large enough.
-func readFrame(r io.Reader, buf []byte) ([]byte, error) {
-	var hdr [frameHeaderLen]byte
+// ReadFrame reads one frame body from r, reusing buf when it is large enough.
+func ReadFrame(r io.Reader, buf []byte) ([]byte, error) {
+	var hdr [FrameHeaderLen]byte
 	if _, err := io.ReadFull(r, hdr[:]); err != nil {
 		return nil, err // io.EOF at a frame boundary is a clean end
 	}
@@ -61,12 +62,16 @@ func readFrame(r io.Reader, buf []byte) ([]byte, error) {
 	return buf, nil
 }
 
-// readMapResponse reads and validates one map stream message.
-func readMapResponse(r io.Reader, buf []byte) (*netmap.MapResponse, []byte, error) {
-	body, err := readFrame(r, buf)
+// ReadMapResponse reads and validates one map stream message.
+func ReadMapResponse(r io.Reader, buf []byte) (*netmap.MapResponse, []byte, error) {
+	body, err := ReadFrame(r, buf)
 	if err != nil {
 		return nil, buf, err
 	}
 	resp, err := netmap.DecodeMapResponse(body)
 	return resp, body, err
 }
+
+// KeepAliveHeader tells the client the map stream's keep-alive interval in
+// milliseconds, so it can detect a dead stream.
+const KeepAliveHeader = "Meshd-Keep-Alive-Ms"

@@ -1,4 +1,4 @@
-package control
+package controlclient
 
 import (
 	"errors"
@@ -22,6 +22,15 @@ var (
 	ErrBadRequest     = errors.New("bad request")
 	ErrNotFound       = errors.New("not found")
 	ErrTooOld         = errors.New("client protocol version too old")
+	// ErrPolicyInvalid is a policy that fails to parse, to validate or its
+	// own tests; the previous policy stays in force.
+	ErrPolicyInvalid = errors.New("policy rejected")
+	// ErrKeyInUse is a node key or disco key that another node already
+	// holds: no two nodes share one.
+	ErrKeyInUse = errors.New("key held by another node")
+	// ErrKeyProof is a registration or node key change without a valid
+	// proof that the node holds the new key's private half.
+	ErrKeyProof = errors.New("node key proof missing or invalid")
 )
 
 // errorCodes is the wire form of each sentinel. Codes never change meaning.
@@ -42,11 +51,13 @@ var errorCodes = []struct {
 	{ErrNotFound, "not_found", http.StatusNotFound},
 	{ErrTooOld, "too_old", http.StatusBadRequest},
 	{ErrPolicyInvalid, "policy_invalid", http.StatusUnprocessableEntity},
+	{ErrKeyInUse, "key_in_use", http.StatusConflict},
+	{ErrKeyProof, "node_key_proof", http.StatusForbidden},
 	{ErrBadRequest, "bad_request", http.StatusBadRequest},
 }
 
-// codeOf returns the wire code and HTTP status for err.
-func codeOf(err error) (string, int) {
+// Code returns the wire code and HTTP status for err.
+func Code(err error) (string, int) {
 	for _, c := range errorCodes {
 		if errors.Is(err, c.err) {
 			return c.code, c.status
@@ -55,8 +66,8 @@ func codeOf(err error) (string, int) {
 	return "internal", http.StatusInternalServerError
 }
 
-// errorBody is the JSON body of every error response.
-type errorBody struct {
+// ErrorBody is the JSON body of every error response.
+type ErrorBody struct {
 	Error string `json:"error"`
 	Code  string `json:"code"`
 }

@@ -1,0 +1,175 @@
+package magicbind
+
+import (
+	"maps"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"golang.zx2c4.com/wireguard/conn"
+
+	"meshd.dev/meshd/nat/endpoint"
+	"meshd.dev/meshd/netmap"
+)
+
+// peer is one WireGuard peer's path state.
+type peer struct {
+	key netmap.NodePublic
+	ep  *Endpoint
+
+	mu    sync.Mutex
+	name  string
+	disco netmap.DiscoPublic
+	home  int
+	// heardVia is the relay region the peer's packets last arrived through:
+	// a reply path while the map does not yet say where its home is (it
+	// has just joined and is still measuring), so our answer to its first
+	// handshake is not sent to its NAT and lost.
+	heardVia int
+	cands    []netip.AddrPort // from the netmap
+	sel      *endpoint.Selector
+	lastSend time.Time
+	inLoop   bool                 // in Bind.loop (or about to be)
+	directEP *conn.StdNetEndpoint // cached for the current direct path
+	pmtu     pmtuState
+
+	// Guarded by Bind.mu:
+	// mapGen is the Bind.mapGen of the last map that had the peer.
+	mapGen uint64
+	// learnt are the addresses the peer proved with disco (addrIndex),
+	// oldest first.
+	learnt []netip.AddrPort
+}
+
+// peerLocked returns the peer with key k, adding it (and publishing the
+// key table) if it is new: WireGuard parsed an endpoint for a peer the map
+// does not have yet. That copies the key table, which is fine for the odd
+// peer; SetNetworkMap adds a whole map's peers with addPeerLocked and
+// publishes once.
+func (b *Bind) peerLocked(k netmap.NodePublic) *peer {
+	if p, ok := b.peers[k]; ok {
+		return p
+	}
+	p := b.addPeerLocked(k)
+	b.publishKeysLocked()
+	return p
+}
+
+// addPeerLocked adds a peer to b.peers without publishing it in byKey.
+func (b *Bind) addPeerLocked(k netmap.NodePublic) *peer {
+	p := &peer{key: k, sel: endpoint.New(b.opts.Paths)}
+	p.ep = &Endpoint{p: p, b: b}
+	b.peers[k] = p
+	return p
+}
+
+func (b *Bind) publishKeysLocked() {
+	m := maps.Clone(b.peers)
+	b.byKey.Store(&m)
+}
+
+// SetNetworkMap brings the bind's peers, their disco keys, candidate
+// endpoints and home regions, and the DERP map in line with nm.
+//
+// Its cost is one pass over the map plus the changes: the key table is
+// published once if peers came or went, and only the addresses of peers
+// whose endpoints changed are touched in the address index, so a map
+// that changes nothing for the bind publishes nothing.
+func (b *Bind) SetNetworkMap(nm *netmap.NetworkMap) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.mapGen++
+	keysChanged := false
+	for _, n := range nm.Peers {
+		if n.NodeKey.IsZero() || n.NodeKey == b.selfPK {
+			continue
+		}
+		p, ok := b.peers[n.NodeKey]
+		if !ok {
+			p = b.addPeerLocked(n.NodeKey)
+			keysChanged = true
+		}
+		p.mapGen = b.mapGen
+		b.updatePeerLocked(p, n)
+	}
+	for k, p := range b.peers {
+		if p.mapGen != b.mapGen {
+			// WireGuard removes the peer too; its endpoint stays valid
+			// (sends go nowhere) until then.
+			delete(b.peers, k)
+			b.forgetPeerLocked(p)
+			keysChanged = true
+		}
+	}
+	if keysChanged {
+		b.publishKeysLocked()
+	}
+	b.selfEps = slices.Clone(nm.Self.Endpoints)
+	mapChanged := !derpMapEqual(b.derpMap, nm.DERPMap)
+	b.derpMap = nm.DERPMap
+	if mapChanged && b.open != nil {
+		b.kickLocked()
+		b.startSTUNLocked()
+	}
+	b.connectPeerRegionsLocked()
+}
+
+// updatePeerLocked applies p's node n from the map.
+func (b *Bind) updatePeerLocked(p *peer, n *netmap.Node) {
+	p.mu.Lock()
+	p.name, p.home = n.Hostname, n.HomeDERP
+	oldDisco := p.disco
+	p.disco = n.DiscoKey
+	old := p.cands
+	moved := !slices.Equal(old, n.Endpoints)
+	if moved {
+		p.cands = slices.Clone(n.Endpoints)
+		p.sel.SetCandidates(n.Endpoints)
+	}
+	p.mu.Unlock()
+	if oldDisco != n.DiscoKey && b.byDisco[oldDisco] == p {
+		delete(b.byDisco, oldDisco)
+	}
+	if !n.DiscoKey.IsZero() && b.byDisco[n.DiscoKey] != p {
+		b.byDisco[n.DiscoKey] = p
+	}
+	if !moved {
+		return
+	}
+	for _, a := range old {
+		if !slices.Contains(n.Endpoints, a) {
+			b.addrs.unclaim(a, p)
+		}
+	}
+	for _, a := range n.Endpoints {
+		b.addrs.claim(a, p)
+	}
+}
+
+// forgetPeerLocked drops what the tables hold for p, which left the map:
+// its addresses, published and learnt, and its disco key.
+func (b *Bind) forgetPeerLocked(p *peer) {
+	p.mu.Lock()
+	cands, dk := p.cands, p.disco
+	p.mu.Unlock()
+	b.addrs.forget(p, cands)
+	if b.byDisco[dk] == p {
+		delete(b.byDisco, dk)
+	}
+}
+
+// learnAddr ties a direct source address to p (after an authenticated ping
+// or pong from it). Once it is tied, the next ping or pong from it takes
+// no lock.
+func (b *Bind) learnAddr(a netip.AddrPort, p *peer) {
+	if e := b.addrs.table.Load().find(a); e != nil && e.p == p && e.learnt {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.peers[p.key] != p {
+		return // removed meanwhile
+	}
+	b.addrs.learn(a, p)
+}
