@@ -15,9 +15,6 @@ import (
 	"sync"
 	"time"
 
-	"golang.zx2c4.com/wireguard/conn"
-	"golang.zx2c4.com/wireguard/tun"
-
 	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/agent/proxy"
 	"meshd.dev/meshd/control/controlclient"
@@ -82,13 +79,6 @@ type Options struct {
 	// NewControlClient builds the coordinator client. Defaults to
 	// controlclient.NewClient.
 	NewControlClient func(ControlConfig) (ControlClient, error)
-	// NewBind builds the WireGuard bind. Defaults to the NAT-traversing
-	// magic bind (agent/magicbind): direct UDP when a path answers disco
-	// pings, the peer's DERP relay otherwise.
-	NewBind func() conn.Bind
-	// WrapTUN, if set, wraps the TUN device before WireGuard uses it,
-	// outside the packet filter, which is always installed.
-	WrapTUN func(tun.Device) (tun.Device, error)
 	// EndpointInterval is how often local endpoints are re-checked and
 	// reported when changed. Defaults to 30s.
 	EndpointInterval time.Duration
@@ -202,9 +192,6 @@ func New(opts Options) (*Agent, error) {
 	if nm != nil {
 		// A map saved by an older version may hold peers that share a key.
 		a.dropKeyConflicts(nm)
-	}
-	if a.opts.NewBind == nil {
-		a.opts.NewBind = a.newMagicBind
 	}
 	return a, nil
 }
@@ -493,7 +480,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 	if a.eng == nil {
 		eng, err := newEngine(engineConfig{
 			tunName: a.opts.TUN, mtu: a.opts.MTU, port: a.opts.Port, nodeKey: a.id.NodeKey,
-			addrs: addrs, forwards: a.opts.Forwards, wrapTUN: a.opts.WrapTUN, newBind: a.opts.NewBind,
+			addrs: addrs, forwards: a.opts.Forwards, bind: a.bindOptions(),
 			log: a.log, localAddrs: localPrefixes, filter: a.pf.f, peerIdle: a.peerIdle(),
 		})
 		if err != nil {
@@ -687,14 +674,11 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 	}
 	for _, n := range a.nm.SortedPeers() {
 		p := localapi.Peer{Node: statusNode(n), Path: "none"}
-		if a.eng != nil && a.eng.magic() != nil {
-			setPeerPath(&p, a.eng.magic(), n.NodeKey)
+		if a.eng != nil {
+			setPeerPath(&p, a.eng.bind, n.NodeKey)
 		}
 		if stats != nil {
 			if ps, ok := stats.Peers[n.NodeKey]; ok {
-				if ps.Endpoint.IsValid() && a.eng.magic() == nil {
-					p.Endpoint = ps.Endpoint.String()
-				}
 				p.RxBytes, p.TxBytes = ps.RxBytes, ps.TxBytes
 				// With lazy configuration a peer in the device is one
 				// with recent traffic.
@@ -702,9 +686,6 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 				if !ps.LastHandshake.IsZero() {
 					t := ps.LastHandshake.UTC()
 					p.LastHandshake = &t
-					if a.eng.magic() == nil {
-						p.Path = "direct"
-					}
 				}
 			}
 		}

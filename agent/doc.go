@@ -16,10 +16,10 @@
 // tun.Device (kernel TUN with netlink addresses and routes, or netstack),
 // puts the data path wrapper (package tunwrap: the packet filter, fed with
 // each map's rules, see filter.go, and the lazy peer table) right on it,
-// lets Options.WrapTUN wrap that, builds the bind
-// with Options.NewBind (direct UDP today; the NAT-traversing magic bind's
-// seam) and configures wireguard-go in-process with UAPI text, never a UAPI
-// socket. Each new map becomes a minimal UAPI diff: only added, removed or
+// builds the magic bind (package magicbind: direct UDP when a path answers
+// disco pings, the peer's DERP relay otherwise) and configures wireguard-go
+// in-process with UAPI text, never a UAPI socket. There is no bind or TUN
+// seam: tests run the real bind on loopback. Each new map becomes a minimal UAPI diff: only added, removed or
 // changed peers are touched, so sessions of unchanged peers survive.
 //
 // Kernel routes: the whole 100.64.0.0/10 and the tailnet's IPv6 /48 point

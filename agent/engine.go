@@ -13,7 +13,6 @@ import (
 	"syscall"
 	"time"
 
-	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun"
 	"golang.zx2c4.com/wireguard/tun/netstack"
@@ -39,9 +38,8 @@ type engineConfig struct {
 	nodeKey    netmap.NodePrivate
 	addrs      []netip.Prefix // the node's own tailnet addresses
 	forwards   []Forward
-	wrapTUN    func(tun.Device) (tun.Device, error)
-	filter     *filter.Filter // nil: no packet filter (engine tests only)
-	newBind    func() conn.Bind
+	filter     *filter.Filter    // nil: no packet filter (engine tests only)
+	bind       magicbind.Options // its NodeKey is nodeKey
 	log        *slog.Logger
 	localAddrs func() ([]netip.Prefix, error)
 	// peerIdle > 0 configures peers in WireGuard only while they have
@@ -54,7 +52,7 @@ type engineConfig struct {
 // and the wireguard-go device between them.
 type engine struct {
 	cfg  engineConfig
-	bind conn.Bind
+	bind *magicbind.Bind
 	dev  *device.Device
 	tnet *netstack.Net // userspace mode only
 	link *kernelLink   // kernel mode only
@@ -67,7 +65,7 @@ type engine struct {
 	want   map[netmap.NodePublic]wgPeer
 	routes []netip.Prefix
 
-	lazy       *tunwrap.Peers // per-peer data path state; nil without the magic bind
+	lazy       *tunwrap.Peers // per-peer data path state
 	lazyOn     bool           // peers are configured on demand and trimmed
 	lazyCancel context.CancelFunc
 	lazyWG     sync.WaitGroup
@@ -78,6 +76,7 @@ type engine struct {
 }
 
 func newEngine(cfg engineConfig) (_ *engine, err error) {
+	cfg.bind.NodeKey = cfg.nodeKey
 	e := &engine{cfg: cfg, peers: map[netmap.NodePublic]wgPeer{}}
 	var tdev tun.Device
 	if cfg.tunName == TUNUserspace {
@@ -91,39 +90,23 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 			return nil, err
 		}
 	}
-	e.bind = cfg.newBind()
-	devBind := e.bind
-	// The per-peer data path state (lazy configuration, MSS clamping)
-	// needs to tell which peer sent a packet, which the magic bind's
-	// endpoints say; with a plain UDP bind every peer is configured and
-	// nothing is clamped.
-	if mb, ok := e.bind.(*magicbind.Bind); ok {
-		e.lazy = tunwrap.NewPeers()
-		e.lazyOn = cfg.peerIdle > 0
-		devBind = &lazyBind{Bind: e.bind, l: e.lazy}
-		mb.SetPathMTUHook(e.lazy.SetPathMTU)
-	}
-	// The data path (packet filter, peer table) sits right next to the
-	// TUN; Options.WrapTUN, if any, wraps outside it (it sees what apps
-	// send before the filter and only what the filter let in).
-	if cfg.filter != nil || e.lazy != nil {
-		tdev = tunwrap.New(tdev, tunwrap.Config{Filter: cfg.filter, Peers: e.lazy, Logger: cfg.log})
-	}
-	if cfg.wrapTUN != nil {
-		wrapped, err := cfg.wrapTUN(tdev)
-		if err != nil {
-			tdev.Close()
-			return nil, fmt.Errorf("wrap TUN: %w", err)
-		}
-		tdev = wrapped
-	}
+	// The per-peer data path state (lazy configuration, MSS clamping, too
+	// big replies) tells which peer sent a packet from the magic bind's
+	// per-peer endpoints, and learns each direct path's MTU from it.
+	e.bind = magicbind.New(cfg.bind)
+	e.lazy = tunwrap.NewPeers()
+	e.lazyOn = cfg.peerIdle > 0
+	e.bind.SetPathMTUHook(e.lazy.SetPathMTU)
+	devBind := &lazyBind{Bind: e.bind, l: e.lazy}
+	// The data path (packet filter, peer table) sits right next to the TUN.
+	tdev = tunwrap.New(tdev, tunwrap.Config{Filter: cfg.filter, Peers: e.lazy, Logger: cfg.log})
 	e.dev = device.NewDevice(tdev, devBind, wgLogger(cfg.log))
 	defer func() {
 		if err != nil {
 			e.close()
 		}
 	}()
-	if e.lazy != nil {
+	{
 		ctx, cancel := context.WithCancel(context.Background())
 		e.lazyCancel = cancel
 		e.lazyWG.Add(1)
@@ -189,14 +172,19 @@ func (e *engine) up() error {
 	return nil
 }
 
-// applyMap reconciles WireGuard peers and kernel routes with nm.
-func (e *engine) applyMap(nm *netmap.NetworkMap) error {
+// wantPeers is the WireGuard configuration of nm's peers, each with the
+// magic bind's per-peer endpoint.
+func (e *engine) wantPeers(nm *netmap.NetworkMap) map[netmap.NodePublic]wgPeer {
 	locals, _ := e.cfg.localAddrs() // best effort: only used to rank endpoints
 	want := wgPeersFromMap(nm, func(c []netip.AddrPort) netip.AddrPort { return pickEndpoint(locals, c) })
-	if mb := e.magic(); mb != nil {
-		mb.SetNetworkMap(nm)
-		setMagicEndpoints(want)
-	}
+	setMagicEndpoints(want)
+	return want
+}
+
+// applyMap reconciles WireGuard peers and kernel routes with nm.
+func (e *engine) applyMap(nm *netmap.NetworkMap) error {
+	want := e.wantPeers(nm)
+	e.bind.SetNetworkMap(nm)
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	var errs []error
@@ -219,7 +207,7 @@ func (e *engine) applyMap(nm *netmap.NetworkMap) error {
 			e.peers = target
 		}
 	}
-	if e.lazy != nil && (e.want == nil || !sameShape(e.want, want)) {
+	if e.want == nil || !sameShape(e.want, want) {
 		e.publishPeers(want)
 	}
 	e.want = want
@@ -366,11 +354,9 @@ func (e *engine) doClose() {
 		e.fwdCancel()
 		e.fwdWG.Wait()
 	}
-	if e.lazy != nil {
-		// Before the device: its Close waits for the TUN reader, which may
-		// be waiting for a peer's configuration.
-		e.lazy.Close()
-	}
+	// Before the device: its Close waits for the TUN reader, which may be
+	// waiting for a peer's configuration.
+	e.lazy.Close()
 	e.dev.Close() // closes the TUN and the bind; a kernel TUN vanishes with it
 	if e.lazyCancel != nil {
 		e.lazyCancel()

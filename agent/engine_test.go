@@ -8,8 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.zx2c4.com/wireguard/conn"
-
 	"meshd.dev/meshd/netmap"
 )
 
@@ -18,7 +16,7 @@ func testEngine(t *testing.T, key netmap.NodePrivate, addr string) *engine {
 	t.Helper()
 	e, err := newEngine(engineConfig{
 		tunName: TUNUserspace, mtu: 1280, port: 0, nodeKey: key,
-		addrs: pfx(addr + "/32"), newBind: conn.NewStdNetBind, log: slog.New(slog.DiscardHandler),
+		addrs: pfx(addr + "/32"), log: slog.New(slog.DiscardHandler),
 		localAddrs: func() ([]netip.Prefix, error) { return pfx("127.0.0.1/8"), nil },
 	})
 	if err != nil {
@@ -90,7 +88,7 @@ func TestEngineTCPThroughWireGuard(t *testing.T) {
 	}
 
 	// Same map again: no reconfiguration, the session survives.
-	if diff := uapiDiff(a.peers, wgPeersFromMap(mapA, func(c []netip.AddrPort) netip.AddrPort { return pickEndpoint(pfx("127.0.0.1/8"), c) })); diff != "" {
+	if diff := uapiDiff(a.peers, a.wantPeers(mapA)); diff != "" {
 		t.Fatalf("re-applying the same map would change the device:\n%s", diff)
 	}
 
@@ -116,7 +114,7 @@ func BenchmarkEngineTCP(b *testing.B) {
 	ka, kb := netmap.NewNodePrivate(), netmap.NewNodePrivate()
 	mk := func(key netmap.NodePrivate, addr string) *engine {
 		e, err := newEngine(engineConfig{
-			tunName: TUNUserspace, mtu: 1280, nodeKey: key, addrs: pfx(addr + "/32"), newBind: conn.NewStdNetBind,
+			tunName: TUNUserspace, mtu: 1280, nodeKey: key, addrs: pfx(addr + "/32"),
 			log: slog.New(slog.DiscardHandler), localAddrs: func() ([]netip.Prefix, error) { return pfx("127.0.0.1/8"), nil },
 		})
 		if err != nil {

@@ -9,8 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.zx2c4.com/wireguard/conn"
-
 	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/filter"
 	"meshd.dev/meshd/netmap"
@@ -38,7 +36,7 @@ func filterEngine(t *testing.T, key netmap.NodePrivate, addr string, pf *packetF
 	t.Helper()
 	e, err := newEngine(engineConfig{
 		tunName: TUNUserspace, mtu: 1280, port: 0, nodeKey: key, filter: pf.f,
-		addrs: pfx(addr + "/32"), newBind: conn.NewStdNetBind, log: slog.New(slog.DiscardHandler),
+		addrs: pfx(addr + "/32"), log: slog.New(slog.DiscardHandler),
 		localAddrs: func() ([]netip.Prefix, error) { return pfx("127.0.0.1/8"), nil },
 	})
 	if err != nil {

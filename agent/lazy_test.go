@@ -9,8 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.zx2c4.com/wireguard/conn"
-
 	"meshd.dev/meshd/agent/magicbind"
 	"meshd.dev/meshd/netmap"
 )
@@ -27,9 +25,7 @@ func newLazyNode(t *testing.T, key netmap.NodePrivate, disco netmap.DiscoPrivate
 	t.Helper()
 	e, err := newEngine(engineConfig{
 		tunName: TUNUserspace, mtu: 1280, port: 0, nodeKey: key, addrs: pfx(addr + "/32"),
-		newBind: func() conn.Bind {
-			return magicbind.New(magicbind.Options{NodeKey: key, DiscoKey: disco, Logger: slog.New(slog.DiscardHandler)})
-		},
+		bind:       magicbind.Options{DiscoKey: disco, Logger: slog.New(slog.DiscardHandler)},
 		log:        slog.New(slog.DiscardHandler),
 		localAddrs: func() ([]netip.Prefix, error) { return pfx("127.0.0.1/8"), nil },
 		peerIdle:   idle,

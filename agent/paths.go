@@ -7,34 +7,25 @@ import (
 	"net/netip"
 	"slices"
 
-	"golang.zx2c4.com/wireguard/conn"
-
 	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/agent/magicbind"
 	"meshd.dev/meshd/netmap"
 )
 
-// newMagicBind is the default Options.NewBind: a magic bind with this
-// node's keys, which tells the agent when its home relay or public
-// endpoints change, and probes direct paths for the overlay MTU so a path
-// that drops full-size packets shows in status.
-func (a *Agent) newMagicBind() conn.Bind {
-	return magicbind.New(magicbind.Options{
-		NodeKey: a.id.NodeKey, DiscoKey: a.disco, Logger: a.log, OverlayMTU: a.opts.MTU,
+// bindOptions configure the magic bind of a data plane: this node's keys;
+// it tells the agent when its home relay or public endpoints change, and
+// probes direct paths for the overlay MTU so a path that drops full-size
+// packets shows in status.
+func (a *Agent) bindOptions() magicbind.Options {
+	return magicbind.Options{
+		DiscoKey: a.disco, Logger: a.log, OverlayMTU: a.opts.MTU,
 		OnChange: func() {
 			select {
 			case a.pathsChanged <- struct{}{}:
 			default:
 			}
 		},
-	})
-}
-
-// magic returns the engine's magic bind, or nil when Options.NewBind
-// installed another bind.
-func (e *engine) magic() *magicbind.Bind {
-	mb, _ := e.bind.(*magicbind.Bind)
-	return mb
+	}
 }
 
 // setMagicEndpoints configures every peer with the magic bind's stable
@@ -49,11 +40,7 @@ func setMagicEndpoints(peers map[netmap.NodePublic]wgPeer) {
 // withSTUNEndpoints adds the public mappings the magic bind learnt to the
 // local endpoint candidates.
 func withSTUNEndpoints(eng *engine, eps []netip.AddrPort) []netip.AddrPort {
-	mb := eng.magic()
-	if mb == nil {
-		return eps
-	}
-	eps = append(eps, mb.STUNEndpoints()...)
+	eps = append(eps, eng.bind.STUNEndpoints()...)
 	slices.SortFunc(eps, func(x, y netip.AddrPort) int { return x.Compare(y) })
 	return slices.Compact(eps)
 }
@@ -63,10 +50,10 @@ func (a *Agent) homeDERP() int {
 	a.mu.Lock()
 	eng := a.eng
 	a.mu.Unlock()
-	if eng == nil || eng.magic() == nil {
+	if eng == nil {
 		return 0
 	}
-	return eng.magic().HomeDERP()
+	return eng.bind.HomeDERP()
 }
 
 // peerPath is a peer's path and endpoint for status.
@@ -88,10 +75,7 @@ func (a *Agent) Ping(ctx context.Context, peer string) (*localapi.PingResult, er
 	if eng == nil || nm == nil {
 		return nil, errors.New("ping: the node is not up (run meshd up)")
 	}
-	mb := eng.magic()
-	if mb == nil {
-		return nil, errors.New("ping: disco ping needs the magic bind, and this daemon runs another one")
-	}
+	mb := eng.bind
 	ip, err := resolvePeer(nm, peer)
 	if err != nil {
 		return nil, fmt.Errorf("ping: %w", err)

@@ -12,8 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.zx2c4.com/wireguard/conn"
-
 	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/netmap"
 )
@@ -158,7 +156,7 @@ func TestEnginePortTaken(t *testing.T) {
 			rec := newLogRecorder()
 			e, err := newEngine(engineConfig{
 				tunName: TUNUserspace, mtu: 1280, port: tt.port, nodeKey: netmap.NewNodePrivate(),
-				addrs: pfx("100.64.0.9/32"), newBind: conn.NewStdNetBind, log: slog.New(rec),
+				addrs: pfx("100.64.0.9/32"), log: slog.New(rec),
 				localAddrs: func() ([]netip.Prefix, error) { return pfx("127.0.0.1/8"), nil },
 			})
 			if tt.wantErr != "" {
