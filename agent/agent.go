@@ -735,6 +735,7 @@ func statusNode(n *netmap.Node) localapi.Node {
 	return localapi.Node{
 		ID: n.ID, Hostname: n.Hostname, User: n.User, IPs: netmap.AddrsOf(n.Addresses),
 		Tags: nonNil(n.Tags), Online: n.Online, NodeKey: n.NodeKey.String(),
+		Notices: n.Notices, // only the node's own entry has any
 	}
 }
 

@@ -244,6 +244,9 @@ func (s *Server) TagNode(ctx context.Context, id netmap.NodeID, tags []string) e
 		return err
 	}
 	n.Tags, n.User, n.KeyExpiry = tags, "", time.Time{}
+	// The administrator chose these tags: none is the node's own request
+	// to re-check, and what the node was told about earlier tags is moot.
+	n.SelfTags, n.Notices = nil, nil
 	if err := s.store.UpdateNode(ctx, n); err != nil {
 		return err
 	}

@@ -74,6 +74,18 @@ type PolicyInfo struct {
 	// ConnectedNodes is how many nodes had a map stream open when the
 	// policy was pushed; only in the answer to a set.
 	ConnectedNodes int `json:"connected_nodes,omitempty"`
+	// TagsRemoved lists the tags nodes had given themselves (meshd up
+	// --advertise-tags) that their owners may not hold under this policy,
+	// removed when it was set; only in the answer to a set.
+	TagsRemoved []TagRemoval `json:"tags_removed,omitempty"`
+}
+
+// TagRemoval is the tags a policy change took from one node, and why.
+type TagRemoval struct {
+	Node     netmap.NodeID `json:"node"`
+	Hostname string        `json:"hostname"`
+	Tags     []string      `json:"tags"`
+	Reason   string        `json:"reason"`
 }
 
 func bootstrapInfo() PolicyInfo {
@@ -160,20 +172,13 @@ func strictError(info PolicyInfo) error {
 	return e
 }
 
-// installPolicyLocked puts p in force and pushes it to every connected
-// node. s.mu held.
-func (s *Server) installPolicyLocked(p *policy.Policy, info PolicyInfo) {
-	s.hub.setPolicy(policy.NewEngine(p))
-	s.polInfo = info
-}
-
 // initPolicy puts the start-up policy in force: --policy if given (stored,
 // replacing what was stored), else the stored one, else the bootstrap
 // default. A stored policy that no longer validates stops the start rather
 // than silently falling back to allow-all.
 func (s *Server) initPolicy(ctx context.Context) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.polMu.Lock()
+	defer s.polMu.Unlock()
 	if s.opts.Policy != nil {
 		file := policyFileName(s.opts.PolicyFile)
 		p, err := parsePolicy(file, s.opts.Policy)
@@ -196,14 +201,18 @@ func (s *Server) initPolicy(ctx context.Context) error {
 			return fmt.Errorf("coordinator: %w", err)
 		}
 		info := infoFor(p, file, s.opts.Policy, now)
-		s.installPolicyLocked(p, info)
+		if _, err := s.installPolicy(ctx, policy.NewEngine(p), info); err != nil {
+			return fmt.Errorf("coordinator: %w", err)
+		}
 		s.log.Info("policy loaded", "from", "--policy", "file", file, "rules", p.NumRules(), "tests", p.NumTests())
 		s.logWarnings(info)
 		return nil
 	}
 	st, err := s.store.Policy(ctx)
 	if errors.Is(err, store.ErrNotFound) {
+		s.mu.Lock()
 		s.polInfo = bootstrapInfo()
+		s.mu.Unlock()
 		s.log.Warn(BootstrapNotice)
 		return nil
 	}
@@ -216,7 +225,9 @@ func (s *Server) initPolicy(ctx context.Context) error {
 			st.File, st.Updated.Format(time.RFC3339), err)
 	}
 	info := infoFor(p, st.File, st.Data, st.Updated)
-	s.installPolicyLocked(p, info)
+	if _, err := s.installPolicy(ctx, policy.NewEngine(p), info); err != nil {
+		return fmt.Errorf("coordinator: %w", err)
+	}
 	s.log.Info("policy loaded", "from", "store", "file", st.File, "rules", p.NumRules(), "tests", p.NumTests(), "updated", st.Updated)
 	s.logWarnings(info)
 	return nil
@@ -249,9 +260,16 @@ func (s *Server) applyPolicy(ctx context.Context, file string, data []byte, stri
 		s.log.Info("policy rejected; the previous one stays in force", "file", file, "err", err)
 		return PolicyInfo{}, err
 	}
+	// Once decided, a set runs to the end even if the client goes away:
+	// a policy stored but with its tag re-check cut short would leave tags
+	// in force that it does not allow.
+	ctx = context.WithoutCancel(ctx)
+	s.polMu.Lock()
+	defer s.polMu.Unlock()
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
+	closed := s.closed
+	s.mu.Unlock()
+	if closed {
 		return PolicyInfo{}, errors.New("coordinator is shutting down")
 	}
 	now := time.Now().UTC()
@@ -261,11 +279,37 @@ func (s *Server) applyPolicy(ctx context.Context, file string, data []byte, stri
 		return PolicyInfo{}, err
 	}
 	info := infoFor(p, file, data, now)
-	s.installPolicyLocked(p, info)
+	removed, err := s.installPolicy(ctx, policy.NewEngine(p), info)
+	if err != nil {
+		// The policy is stored and in force; say loudly what is not done.
+		s.log.Error("policy set, but re-checking the tags nodes gave themselves failed", "file", file, "err", err)
+		info.Warnings = append(info.Warnings, fmt.Sprintf("%s: the policy is in force, but re-checking the tags nodes gave themselves failed (%v): set it again", file, err))
+	}
 	info.ConnectedNodes = s.hub.connected()
-	s.log.Info("policy set", "file", file, "rules", info.Rules, "tests", info.Tests, "sha256", info.SHA256[:12], "connected_nodes", info.ConnectedNodes)
+	info.TagsRemoved = removed
+	s.log.Info("policy set", "file", file, "rules", info.Rules, "tests", info.Tests, "sha256", info.SHA256[:12],
+		"connected_nodes", info.ConnectedNodes, "nodes_lost_tags", len(removed))
 	s.logWarnings(info)
 	return info, nil
+}
+
+// installPolicy puts pol in force (nil: the bootstrap default), described
+// by info, and re-checks the tags nodes gave themselves against it: before
+// the swap, so that no tag its owner may not hold is in force under pol
+// for a moment, and after, for a node that registered under the previous
+// policy meanwhile. The hub works out the change outside s.mu, so
+// registrations and map requests carry on while it does. s.polMu held.
+func (s *Server) installPolicy(ctx context.Context, pol Policy, info PolicyInfo) ([]TagRemoval, error) {
+	removed, err := s.recheckTags(ctx, pol, info.File)
+	s.hub.setPolicy(pol)
+	s.mu.Lock()
+	s.polInfo = info
+	s.mu.Unlock()
+	if err != nil {
+		return removed, err
+	}
+	more, err := s.recheckTags(ctx, pol, info.File)
+	return append(removed, more...), err
 }
 
 // CurrentPolicy describes the policy in force.

@@ -96,6 +96,7 @@ type Server struct {
 	cancel      context.CancelFunc
 	wg          sync.WaitGroup
 
+	polMu     sync.Mutex // serialises policy changes; taken before mu, never under it
 	mu        sync.Mutex // serialises node mutations: store write, then hub
 	ephemeral map[netmap.NodeID]*time.Timer
 	servers   []*http.Server
@@ -464,16 +465,19 @@ func (s *Server) Epoch() string { return s.hub.epoch }
 
 // SetPolicy replaces the policy (nil restores the bootstrap default) and
 // pushes visibility and packet-filter changes to connected nodes. It is the
-// in-process seam and stores nothing; ApplyPolicy is the stored,
-// validated path that `meshd admin policy set` takes.
+// in-process seam and does not store the policy; ApplyPolicy is the stored,
+// validated path that `meshd admin policy set` takes. Tags nodes gave
+// themselves that their owners may not hold under p are removed (and that
+// is stored), as with ApplyPolicy.
 func (s *Server) SetPolicy(p Policy) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.hub.setPolicy(p)
-	if p == nil {
-		s.polInfo = bootstrapInfo()
-	} else {
-		s.polInfo = PolicyInfo{File: "(set in process, not stored)"}
+	s.polMu.Lock()
+	defer s.polMu.Unlock()
+	info := bootstrapInfo()
+	if p != nil {
+		info = PolicyInfo{File: "(set in process, not stored)"}
+	}
+	if _, err := s.installPolicy(s.ctx, p, info); err != nil {
+		s.log.Error("policy set in process, but re-checking the tags nodes gave themselves failed", "err", err)
 	}
 }
 

@@ -408,6 +408,9 @@ func (c *cli) policySetCmd() *ffcli.Command {
 				return printJSON(c.stdout, p)
 			}
 			fmt.Fprintf(c.stdout, "policy %s in force: %d rules, %d tests passed; pushed to %d connected nodes\n", p.File, p.Rules, p.Tests, p.ConnectedNodes)
+			for _, r := range p.TagsRemoved {
+				fmt.Fprintf(c.stdout, "node %d (%s): removed %s, which it gave itself: %s\n", r.Node, r.Hostname, strings.Join(r.Tags, ","), r.Reason)
+			}
 			return nil
 		})
 }

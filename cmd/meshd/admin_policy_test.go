@@ -204,3 +204,45 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// TestCoordinatorInitState: a coordinator whose database vanished refuses
+// to start and says what to do; --init-state starts it over once, and is
+// refused on the intact database it made.
+func TestCoordinatorInitState(t *testing.T) {
+	dir := t.TempDir()
+	// coordinator runs until it is up (then stops it) or exits.
+	coordinator := func(args ...string) (int, string) {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		var stderr syncBuffer
+		pr, pw := io.Pipe()
+		done := make(chan int, 1)
+		go func() {
+			done <- run(ctx, append([]string{"coordinator", "--listen", "127.0.0.1:0", "--state-dir", dir}, args...), pw, &stderr)
+			pw.Close()
+		}()
+		sc := bufio.NewScanner(pr)
+		for sc.Scan() {
+			if strings.HasPrefix(sc.Text(), "admin token: ") {
+				cancel()
+			}
+		}
+		return <-done, stderr.String()
+	}
+	if code, errOut := coordinator(); code != 0 {
+		t.Fatalf("first start: exit %d: %s", code, errOut)
+	}
+	if err := os.Remove(filepath.Join(dir, "coordinator.db")); err != nil {
+		t.Fatal(err)
+	}
+	code, errOut := coordinator()
+	if code != 1 || !strings.Contains(errOut, "refusing to start") || !strings.Contains(errOut, "--init-state") {
+		t.Fatalf("start without the database: exit %d, stderr %q", code, errOut)
+	}
+	if code, errOut = coordinator("--init-state"); code != 0 {
+		t.Fatalf("--init-state: exit %d: %s", code, errOut)
+	}
+	if code, errOut = coordinator("--init-state"); code != 1 || !strings.Contains(errOut, "intact") {
+		t.Fatalf("--init-state on the intact database: exit %d, stderr %q", code, errOut)
+	}
+}
