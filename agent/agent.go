@@ -143,7 +143,8 @@ type session struct {
 }
 
 // New opens the state dir and loads (or creates) the node's identity. It
-// fails on a state dir that is not writable or holds a corrupt file.
+// fails on a state dir that is not writable or holds a corrupt identity or
+// login; a corrupt saved map is moved aside and the node starts without it.
 func New(opts Options) (*Agent, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -179,7 +180,7 @@ func New(opts Options) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	id, login, nm, err := loadState(st)
+	id, login, nm, err := loadState(st, opts.Logger)
 	if err != nil {
 		st.Close()
 		return nil, err
@@ -198,24 +199,6 @@ func New(opts Options) (*Agent, error) {
 
 // Close releases the state dir. Call it after Run has returned.
 func (a *Agent) Close() error { return a.store.Close() }
-
-func loadState(st *Store) (*Identity, *Login, *netmap.NetworkMap, error) {
-	id, err := st.LoadOrCreateIdentity()
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	login, err := st.LoadLogin()
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	var nm *netmap.NetworkMap
-	if login != nil {
-		if nm, err = st.LoadNetworkMap(); err != nil {
-			return nil, nil, nil, err
-		}
-	}
-	return id, login, nm, nil
-}
 
 // NodeKey returns the node's WireGuard public key.
 func (a *Agent) NodeKey() netmap.NodePublic { return a.id.NodeKey.Public() }
@@ -698,6 +681,7 @@ func statusNode(n *netmap.Node) localapi.Node {
 	return localapi.Node{
 		ID: n.ID, Hostname: n.Hostname, User: n.User, IPs: netmap.AddrsOf(n.Addresses),
 		Tags: nonNil(n.Tags), Online: n.Online, NodeKey: n.NodeKey.String(),
+		Notices: n.Notices, // only the node's own entry has any
 	}
 }
 

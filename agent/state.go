@@ -7,8 +7,11 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"syscall"
 	"time"
 
@@ -60,8 +63,8 @@ type CorruptFileError struct {
 }
 
 func (e *CorruptFileError) Error() string {
-	return fmt.Sprintf("state file %s is corrupt (%v); moved it to %s: restore it from a backup, or remove it to start over (a new identity needs a new auth key)",
-		e.Path, e.Err, e.MovedTo)
+	return fmt.Sprintf("state file %s is corrupt (%v); moved it to %s: restore %s from a backup, or remove %s to start over (a new identity needs a new auth key)",
+		e.Path, e.Err, e.MovedTo, filepath.Base(e.Path), e.MovedTo)
 }
 
 func (e *CorruptFileError) Unwrap() error { return e.Err }
@@ -123,8 +126,41 @@ func (s *Store) Close() error { return s.lock.Close() }
 // Dir returns the state dir path.
 func (s *Store) Dir() string { return s.dir }
 
+// loadState reads the state dir at daemon start. A corrupt identity or
+// login stops the start (the file is moved aside, see CorruptFileError):
+// the node must not quietly become someone else. A corrupt map cache does
+// not: it is moved aside and logged, and the daemon starts without it and
+// fetches a fresh map from the coordinator.
+func loadState(st *Store, log *slog.Logger) (*Identity, *Login, *netmap.NetworkMap, error) {
+	id, err := st.LoadOrCreateIdentity()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	login, err := st.LoadLogin()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	var nm *netmap.NetworkMap
+	if login != nil {
+		nm, err = st.LoadNetworkMap()
+		var ce *CorruptFileError
+		switch {
+		case errors.As(err, &ce):
+			log.Warn("the saved network map is corrupt: moved it aside; starting without it, a fresh map comes from the coordinator",
+				"path", ce.Path, "moved_to", ce.MovedTo, "err", ce.Err)
+			nm = nil
+		case err != nil:
+			return nil, nil, nil, err
+		}
+	}
+	return id, login, nm, nil
+}
+
 // LoadOrCreateIdentity returns the stored identity, generating and saving a
-// new one if there is none yet.
+// new one if there is none yet. It refuses to make a new one where the
+// node had one: when identity.json was moved aside as corrupt, or when
+// login.json says this machine is enrolled. A new identity is a new
+// machine to the coordinator, so that must be the operator's choice.
 func (s *Store) LoadOrCreateIdentity() (*Identity, error) {
 	var id Identity
 	ok, err := s.readJSON(identityFile, &id, func() error {
@@ -142,6 +178,9 @@ func (s *Store) LoadOrCreateIdentity() (*Identity, error) {
 	if ok {
 		return &id, nil
 	}
+	if err := s.mayCreateIdentity(); err != nil {
+		return nil, err
+	}
 	_, mk, err := ed25519.GenerateKey(rand.Reader)
 	if err != nil {
 		return nil, fmt.Errorf("generate machine key: %w", err)
@@ -151,6 +190,39 @@ func (s *Store) LoadOrCreateIdentity() (*Identity, error) {
 		return nil, err
 	}
 	return &id, nil
+}
+
+// mayCreateIdentity reports why a missing identity.json must not be
+// replaced by a new identity, if it must not.
+func (s *Store) mayCreateIdentity() error {
+	path := filepath.Join(s.dir, identityFile)
+	aside, err := filepath.Glob(path + ".corrupt-*")
+	if err != nil {
+		return fmt.Errorf("state dir %s: %w", s.dir, err)
+	}
+	login := filepath.Join(s.dir, loginFile)
+	enrolled := true
+	if _, err := os.Stat(login); errors.Is(err, fs.ErrNotExist) {
+		enrolled = false
+	} else if err != nil {
+		return fmt.Errorf("read state: %w", err)
+	}
+	switch {
+	case len(aside) > 0:
+		slices.Sort(aside) // the time suffix sorts: the last is the newest
+		newest := aside[len(aside)-1]
+		if enrolled {
+			aside = append(aside, login)
+		}
+		return fmt.Errorf("%s is missing and was moved aside as corrupt to %s: restore %s from a backup; "+
+			"to give this machine a new identity instead (it must enrol again with a new auth key), remove %s",
+			path, newest, identityFile, strings.Join(aside, " "))
+	case enrolled:
+		return fmt.Errorf("%s is missing but %s says this machine is enrolled: restore %s from a backup; "+
+			"to enrol it again as a new node instead, remove %s and run meshd up --authkey",
+			path, login, identityFile, login)
+	}
+	return nil
 }
 
 // LoadLogin returns the stored login, or nil if the node never registered.

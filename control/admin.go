@@ -247,6 +247,9 @@ func (s *Server) TagNode(ctx context.Context, id netmap.NodeID, tags []string) e
 	}
 	n.Tags, n.User, n.KeyExpiry = tags, "", time.Time{}
 	n.AdminActed = s.now().UTC()
+	// The administrator chose these tags: none is the node's own request
+	// to re-check, and what the node was told about earlier tags is moot.
+	n.SelfTags, n.Notices = nil, nil
 	if err := s.store.UpdateNode(ctx, n); err != nil {
 		return err
 	}
@@ -274,7 +277,8 @@ func (s *Server) UntagNode(ctx context.Context, id netmap.NodeID, user string) e
 		return err
 	}
 	n.Tags, n.User, n.KeyExpiry = nil, user, now.Add(s.opts.NodeKeyExpiry)
-	n.AdminActed = now // ends a single-use key's retry window
+	n.SelfTags, n.Notices = nil, nil // the administrator decided; nothing to re-check
+	n.AdminActed = now               // ends a single-use key's retry window
 	if err := s.store.UpdateNode(ctx, n); err != nil {
 		return err
 	}

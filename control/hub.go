@@ -28,6 +28,9 @@ import (
 // full map is built only for a session that starts without a usable resume
 // point, and costs O(n) for that one session.
 type hub struct {
+	// policyMu serialises policy changes, which compute outside mu.
+	policyMu sync.Mutex
+
 	mu      sync.Mutex
 	epoch   string
 	version uint64
@@ -54,6 +57,9 @@ type hub struct {
 	// parallelChunk is how many viewers a setPolicy worker takes at a
 	// time, and the fewest per worker worth starting one for.
 	parallelChunk int
+	// sessionsGen counts session opens and closes, so that a policy
+	// change can tell whether any happened while it computed.
+	sessionsGen uint64
 
 	// log records which node changed at each version, for resuming streams
 	// (id 0 marks a change that needs a full map, such as a policy change).
@@ -262,7 +268,7 @@ func (h *hub) upsertLocked(n *netmap.Node) {
 		}
 	}
 	changedF := &lazyFrame{resp: h.base()}
-	changedF.resp.PeersChanged = []netmap.Node{*n}
+	changedF.resp.PeersChanged = []netmap.Node{withCaps(n, nil)}
 	removedF := &lazyFrame{resp: h.base()}
 	removedF.resp.PeersRemoved = []netmap.NodeID{n.ID}
 	identityChanged := old != nil && patchF == nil && (old.User != n.User || !slices.Equal(old.Tags, n.Tags))
@@ -501,16 +507,19 @@ func (vc viewerCaps) of(peer *netmap.Node) map[string][]json.RawMessage {
 	return nil
 }
 
+// withCaps returns n as a peer entry: with the capabilities it holds on
+// the receiver, and without its notices, which are for n's own operator.
 func withCaps(n *netmap.Node, caps map[string][]json.RawMessage) netmap.Node {
 	c := *n
 	c.Capabilities = caps
+	c.Notices = nil
 	return c
 }
 
 func (h *hub) peerJSONLocked(n *netmap.Node) []byte {
 	b, ok := h.peerJSON[n.ID]
 	if !ok {
-		b, _ = json.Marshal(n) // a Node always encodes
+		b, _ = json.Marshal(withCaps(n, nil)) // a Node always encodes
 		h.peerJSON[n.ID] = b
 	}
 	return b
@@ -626,6 +635,7 @@ func (h *hub) subscribe(id netmap.NodeID, since uint64, epoch string) (*session,
 	}
 	s := &session{node: id, q: make(chan []byte, h.queueLen), dead: make(chan struct{})}
 	h.sessions[id] = append(h.sessions[id], s)
+	h.sessionsGen++
 	first := h.resumeLocked(n, since, epoch)
 	if first == nil {
 		first = h.fullLocked(n)
@@ -650,6 +660,7 @@ func (h *hub) unsubscribe(s *session) *netmap.Node {
 		return nil
 	}
 	ss = slices.Delete(ss, i, i+1)
+	h.sessionsGen++
 	if len(ss) > 0 {
 		h.sessions[s.node] = ss
 		return nil
@@ -693,150 +704,9 @@ func (h *hub) online(id netmap.NodeID) bool {
 	return len(h.sessions[id]) > 0
 }
 
-// setPolicy swaps the policy and sends every session the visibility and
-// filter changes. Each viewer's old and new peer sets come from the
-// policies' own index when they have one (PeerLister, e.g. policy.Engine:
-// the rules touching the viewer plus the size of the answer) and from a
-// CanSee per node otherwise; the two sorted sets are then merged.
-// Capabilities are asked for (PeerCaps, per pair) only for viewers whose
-// filter, under the old or the new policy, carries CapGrants: see
-// PeerCapper. The per-viewer work runs on every CPU (policies are safe for
-// concurrent use); only the sending is serial.
-func (h *hub) setPolicy(p Policy) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	old, oldIndexed, oldBootstrap := h.policy, h.indexer != nil, h.bootstrap
-	if p == nil {
-		h.policy, h.bootstrap = newBootstrapPolicy(), true
-	} else {
-		h.policy, h.bootstrap = p, false
-	}
-	oldCapper := h.capper
-	h.indexer, _ = p.(NodeIndexer)
-	h.capper, _ = p.(PeerCapper)
-	all := h.allLocked()
-	viewers := make([]*netmap.Node, 0, len(h.sessions))
-	for id := range h.sessions {
-		if viewer := h.nodes[id]; viewer != nil {
-			viewers = append(viewers, viewer)
-		}
-	}
-	// The old policy's view is taken before the new one is indexed; the
-	// old index is still current (nodes only change under h.mu).
-	type before struct {
-		peers []netmap.NodeID
-		caps  bool // the old filter grants capabilities to someone
-	}
-	was := make([]before, len(viewers))
-	var oldAll []*netmap.Node
-	if !oldIndexed {
-		oldAll = all
-	}
-	h.parallel(len(viewers), func(i int) {
-		v := viewers[i]
-		was[i] = before{peers: visible(old, oldIndexed, v, all)}
-		was[i].caps = oldCapper != nil && filterHasCaps(old.FilterFor(v, oldAll))
-	})
-	if h.indexer != nil {
-		h.indexer.SetNodes(all)
-	}
-	h.version++
-	h.logChange(0) // resuming across a policy change needs a full map
-	var newAll []*netmap.Node
-	if h.indexer == nil {
-		newAll = all
-	}
-	type update struct {
-		frame []byte // nil: the encoding failed (send drops the session)
-		key   []byte // filterKey of the new filter
-		same  bool   // nothing changed but maybe the filter
-	}
-	updates := make([]update, len(viewers))
-	h.parallel(len(viewers), func(i int) {
-		viewer := viewers[i]
-		is := visible(h.policy, h.indexer != nil, viewer, all)
-		f := h.policy.FilterFor(viewer, newAll)
-		if f == nil {
-			f = []netmap.FilterRule{} // as filterFor: empty means deny all
-		}
-		newCaps := h.capper != nil && filterHasCaps(f)
-		oldCaps := was[i].caps
-		var oldVC, newVC viewerCaps
-		if oldCaps {
-			oldVC = newViewerCaps(oldCapper, oldIndexed, viewer)
-		}
-		if newCaps {
-			newVC = newViewerCaps(h.capper, h.indexer != nil, viewer)
-		}
-		r := h.base()
-		wasIDs := was[i].peers
-		a, b := 0, 0
-		for a < len(wasIDs) || b < len(is) {
-			switch {
-			case b == len(is) || a < len(wasIDs) && wasIDs[a] < is[b]:
-				r.PeersRemoved = append(r.PeersRemoved, wasIDs[a])
-				a++
-			case a == len(wasIDs) || is[b] < wasIDs[a]:
-				if m := h.nodes[is[b]]; m != nil {
-					var caps map[string][]json.RawMessage
-					if newCaps {
-						caps = newVC.of(m)
-					}
-					r.PeersChanged = append(r.PeersChanged, withCaps(m, caps))
-				}
-				b++
-			default: // visible before and after: only capabilities may change
-				if m := h.nodes[is[b]]; m != nil && (oldCaps || newCaps) {
-					var oc, nc map[string][]json.RawMessage
-					if oldCaps {
-						oc = oldVC.of(m)
-					}
-					if newCaps {
-						nc = newVC.of(m)
-					}
-					if !capsEqual(oc, nc) {
-						r.PeersChanged = append(r.PeersChanged, withCaps(m, nc))
-					}
-				}
-				a++
-				b++
-			}
-		}
-		r.PacketFilter = &f
-		u := update{key: filterKey(nil, f)}
-		u.same = oldBootstrap == h.bootstrap && len(r.PeersChanged) == 0 && len(r.PeersRemoved) == 0
-		if !u.same || !h.filterSentToAll(viewer.ID, u.key) {
-			u.frame = h.encode(&r)
-		}
-		updates[i] = u
-	})
-	for i, viewer := range viewers {
-		u := updates[i]
-		for _, s := range h.sessions[viewer.ID] {
-			if u.same && bytes.Equal(s.lastFilter, u.key) {
-				continue // nothing this node sees changed: send nothing
-			}
-			s.lastFilter = u.key
-			h.send(s, u.frame)
-		}
-	}
-}
-
-// filterSentToAll reports whether every session of node id was last sent
-// the filter with this key. Read-only: safe in setPolicy's workers.
-func (h *hub) filterSentToAll(id netmap.NodeID, key []byte) bool {
-	for _, s := range h.sessions[id] {
-		if !bytes.Equal(s.lastFilter, key) {
-			return false
-		}
-	}
-	return true
-}
-
 // parallel runs fn(0..n-1) on up to GOMAXPROCS goroutines (serially for
 // small n, where starting them costs more than it saves) and returns when
-// all calls have. h.mu is held by the caller throughout: fn may read hub
-// state but not change it.
+// all calls have. It reads only h.parallelChunk.
 func (h *hub) parallel(n int, fn func(i int)) {
 	workers := min(runtime.GOMAXPROCS(0), n/h.parallelChunk)
 	if workers <= 1 {

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 	"unicode"
@@ -66,12 +67,25 @@ type PolicyInfo struct {
 	Updated time.Time `json:"updated,omitzero"`
 	Rules   int       `json:"rules"`
 	Tests   int       `json:"tests"`
-	// Warnings are lint findings (wide rules, unused groups, shadowed
-	// rules); only in the answer to a set.
+	// Warnings are the policy's lint findings as FILE:LINE:COL lines:
+	// sections meshd does not enforce (ssh, autoApprovers, nodeAttrs),
+	// wide rules, unused groups, shadowed rules.
 	Warnings []string `json:"warnings,omitempty"`
 	// ConnectedNodes is how many nodes had a map stream open when the
 	// policy was pushed; only in the answer to a set.
 	ConnectedNodes int `json:"connected_nodes,omitempty"`
+	// TagsRemoved lists the tags nodes had given themselves (meshd up
+	// --advertise-tags) that their owners may not hold under this policy,
+	// removed when it was set; only in the answer to a set.
+	TagsRemoved []TagRemoval `json:"tags_removed,omitempty"`
+}
+
+// TagRemoval is the tags a policy change took from one node, and why.
+type TagRemoval struct {
+	Node     netmap.NodeID `json:"node"`
+	Hostname string        `json:"hostname"`
+	Tags     []string      `json:"tags"`
+	Reason   string        `json:"reason"`
 }
 
 func bootstrapInfo() PolicyInfo {
@@ -125,17 +139,37 @@ func parsePolicy(file string, data []byte) (*policy.Policy, error) {
 
 func infoFor(p *policy.Policy, file string, data []byte, updated time.Time) PolicyInfo {
 	sum := sha256.Sum256(data)
-	return PolicyInfo{
+	info := PolicyInfo{
 		File: file, Text: string(data), SHA256: hex.EncodeToString(sum[:]), Updated: updated,
 		Rules: p.NumRules(), Tests: p.NumTests(),
 	}
+	for _, pr := range p.Lint() {
+		info.Warnings = append(info.Warnings, pr.String())
+	}
+	return info
 }
 
-// installPolicyLocked puts p in force and pushes it to every connected
-// node. s.mu held.
-func (s *Server) installPolicyLocked(p *policy.Policy, info PolicyInfo) {
-	s.hub.setPolicy(policy.NewEngine(p))
-	s.polInfo = info
+// logWarnings logs each lint warning of the policy going into force, so
+// that a rule meshd does not enforce (an "ssh" section, say) is never taken
+// for one in force by whoever reads the coordinator's log.
+func (s *Server) logWarnings(info PolicyInfo) {
+	for _, w := range info.Warnings {
+		s.log.Warn("policy warning", "file", info.File, "warning", w)
+	}
+}
+
+// strictError turns a policy's warnings into a rejection, for
+// `meshd admin policy set --strict`.
+func strictError(info PolicyInfo) error {
+	if len(info.Warnings) == 0 {
+		return nil
+	}
+	e := &PolicyError{Problems: slices.Clone(info.Warnings)}
+	if len(e.Problems) > maxPolicyProblems {
+		e.Problems = e.Problems[:maxPolicyProblems]
+	}
+	e.Problems = append(e.Problems, fmt.Sprintf("%s: %d warning(s) and --strict is set", info.File, len(info.Warnings)))
+	return e
 }
 
 // initPolicy puts the start-up policy in force: --policy if given (stored,
@@ -143,8 +177,8 @@ func (s *Server) installPolicyLocked(p *policy.Policy, info PolicyInfo) {
 // default. A stored policy that no longer validates stops the start rather
 // than silently falling back to allow-all.
 func (s *Server) initPolicy(ctx context.Context) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.polMu.Lock()
+	defer s.polMu.Unlock()
 	if s.opts.Policy != nil {
 		file := policyFileName(s.opts.PolicyFile)
 		p, err := parsePolicy(file, s.opts.Policy)
@@ -166,13 +200,19 @@ func (s *Server) initPolicy(ctx context.Context) error {
 		default:
 			return fmt.Errorf("coordinator: %w", err)
 		}
-		s.installPolicyLocked(p, infoFor(p, file, s.opts.Policy, now))
+		info := infoFor(p, file, s.opts.Policy, now)
+		if _, err := s.installPolicy(ctx, policy.NewEngine(p), info); err != nil {
+			return fmt.Errorf("coordinator: %w", err)
+		}
 		s.log.Info("policy loaded", "from", "--policy", "file", file, "rules", p.NumRules(), "tests", p.NumTests())
+		s.logWarnings(info)
 		return nil
 	}
 	st, err := s.store.Policy(ctx)
 	if errors.Is(err, store.ErrNotFound) {
+		s.mu.Lock()
 		s.polInfo = bootstrapInfo()
+		s.mu.Unlock()
 		s.log.Warn(BootstrapNotice)
 		return nil
 	}
@@ -184,8 +224,12 @@ func (s *Server) initPolicy(ctx context.Context) error {
 		return fmt.Errorf("coordinator: the stored policy %s (set %s) no longer validates, and falling back to allow-all is not safe: start with --policy FILE to replace it: %w",
 			st.File, st.Updated.Format(time.RFC3339), err)
 	}
-	s.installPolicyLocked(p, infoFor(p, st.File, st.Data, st.Updated))
+	info := infoFor(p, st.File, st.Data, st.Updated)
+	if _, err := s.installPolicy(ctx, policy.NewEngine(p), info); err != nil {
+		return fmt.Errorf("coordinator: %w", err)
+	}
 	s.log.Info("policy loaded", "from", "store", "file", st.File, "rules", p.NumRules(), "tests", p.NumTests(), "updated", st.Updated)
+	s.logWarnings(info)
 	return nil
 }
 
@@ -195,20 +239,37 @@ func (s *Server) initPolicy(ctx context.Context) error {
 // an error wrapping controlclient.ErrPolicyInvalid (a *PolicyError with FILE:LINE:COL
 // lines) and the previous policy stays in force.
 func (s *Server) ApplyPolicy(ctx context.Context, file string, data []byte) (PolicyInfo, error) {
+	return s.applyPolicy(ctx, file, data, false)
+}
+
+// ApplyPolicyStrict is ApplyPolicy that also rejects a policy with
+// warnings (`meshd admin policy set --strict`), such as a section meshd
+// does not enforce.
+func (s *Server) ApplyPolicyStrict(ctx context.Context, file string, data []byte) (PolicyInfo, error) {
+	return s.applyPolicy(ctx, file, data, true)
+}
+
+func (s *Server) applyPolicy(ctx context.Context, file string, data []byte, strict bool) (PolicyInfo, error) {
 	file = policyFileName(file)
 	// Parse outside the lock: a large policy must not stall registrations.
 	p, err := parsePolicy(file, data)
+	if err == nil && strict {
+		err = strictError(infoFor(p, file, data, time.Time{}))
+	}
 	if err != nil {
 		s.log.Info("policy rejected; the previous one stays in force", "file", file, "err", err)
 		return PolicyInfo{}, err
 	}
-	var warnings []string
-	for _, pr := range p.Lint() {
-		warnings = append(warnings, pr.String())
-	}
+	// Once decided, a set runs to the end even if the client goes away:
+	// a policy stored but with its tag re-check cut short would leave tags
+	// in force that it does not allow.
+	ctx = context.WithoutCancel(ctx)
+	s.polMu.Lock()
+	defer s.polMu.Unlock()
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
+	closed := s.closed
+	s.mu.Unlock()
+	if closed {
 		return PolicyInfo{}, errors.New("coordinator is shutting down")
 	}
 	now := time.Now().UTC()
@@ -218,11 +279,37 @@ func (s *Server) ApplyPolicy(ctx context.Context, file string, data []byte) (Pol
 		return PolicyInfo{}, err
 	}
 	info := infoFor(p, file, data, now)
-	s.installPolicyLocked(p, info)
-	info.Warnings = warnings
+	removed, err := s.installPolicy(ctx, policy.NewEngine(p), info)
+	if err != nil {
+		// The policy is stored and in force; say loudly what is not done.
+		s.log.Error("policy set, but re-checking the tags nodes gave themselves failed", "file", file, "err", err)
+		info.Warnings = append(info.Warnings, fmt.Sprintf("%s: the policy is in force, but re-checking the tags nodes gave themselves failed (%v): set it again", file, err))
+	}
 	info.ConnectedNodes = s.hub.connected()
-	s.log.Info("policy set", "file", file, "rules", info.Rules, "tests", info.Tests, "sha256", info.SHA256[:12], "connected_nodes", info.ConnectedNodes)
+	info.TagsRemoved = removed
+	s.log.Info("policy set", "file", file, "rules", info.Rules, "tests", info.Tests, "sha256", info.SHA256[:12],
+		"connected_nodes", info.ConnectedNodes, "nodes_lost_tags", len(removed))
+	s.logWarnings(info)
 	return info, nil
+}
+
+// installPolicy puts pol in force (nil: the bootstrap default), described
+// by info, and re-checks the tags nodes gave themselves against it: before
+// the swap, so that no tag its owner may not hold is in force under pol
+// for a moment, and after, for a node that registered under the previous
+// policy meanwhile. The hub works out the change outside s.mu, so
+// registrations and map requests carry on while it does. s.polMu held.
+func (s *Server) installPolicy(ctx context.Context, pol Policy, info PolicyInfo) ([]TagRemoval, error) {
+	removed, err := s.recheckTags(ctx, pol, info.File)
+	s.hub.setPolicy(pol)
+	s.mu.Lock()
+	s.polInfo = info
+	s.mu.Unlock()
+	if err != nil {
+		return removed, err
+	}
+	more, err := s.recheckTags(ctx, pol, info.File)
+	return append(removed, more...), err
 }
 
 // CurrentPolicy describes the policy in force.
@@ -257,7 +344,7 @@ func (s *Server) policyRoutes(mux *http.ServeMux, h func(func(*http.Request) (an
 		if err != nil {
 			return nil, err
 		}
-		return s.ApplyPolicy(r.Context(), file, data)
+		return s.applyPolicy(r.Context(), file, data, r.URL.Query().Get("strict") == "1")
 	}))
 }
 
@@ -273,8 +360,23 @@ func (a *AdminClient) Policy(ctx context.Context) (PolicyInfo, error) {
 // rejects it with an error wrapping controlclient.ErrPolicyInvalid whose message lists
 // FILE:LINE:COL problems; file's base name names it in those messages.
 func (a *AdminClient) SetPolicy(ctx context.Context, file string, data []byte) (PolicyInfo, error) {
+	return a.setPolicy(ctx, file, data, false)
+}
+
+// SetPolicyStrict is SetPolicy that also has the policy rejected if it has
+// warnings (a section meshd does not enforce, a wide rule, ...): the
+// warnings come back as the problems of the rejection.
+func (a *AdminClient) SetPolicyStrict(ctx context.Context, file string, data []byte) (PolicyInfo, error) {
+	return a.setPolicy(ctx, file, data, true)
+}
+
+func (a *AdminClient) setPolicy(ctx context.Context, file string, data []byte, strict bool) (PolicyInfo, error) {
 	u := a.base.JoinPath("/admin/v1/policy")
-	u.RawQuery = "file=" + url.QueryEscape(policyFileName(file))
+	q := url.Values{"file": {policyFileName(file)}}
+	if strict {
+		q.Set("strict", "1")
+	}
+	u.RawQuery = q.Encode()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPut, u.String(), bytes.NewReader(data))
 	if err != nil {
 		return PolicyInfo{}, err

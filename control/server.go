@@ -82,6 +82,15 @@ type ServerOptions struct {
 	// now replaces time.Now for registration decisions (challenge expiry,
 	// auth key retry windows), for tests.
 	now func() time.Time
+
+	// InitState (meshd coordinator --init-state) re-initialises state that
+	// cannot be used: a database that is missing, empty, not meshd's or
+	// another coordinator's is moved aside (never deleted) and an empty
+	// one is created, with a new admin token. Without it such a start is
+	// refused, because a coordinator that quietly started over would hand
+	// out a new admin token and the allow-all bootstrap policy. It refuses
+	// to act on an intact database: it is a one-off operator action.
+	InitState bool
 }
 
 // Server is a coordinator.
@@ -103,6 +112,7 @@ type Server struct {
 	// now is the clock of registration decisions (time.Now; tests move it).
 	now func() time.Time
 
+	polMu     sync.Mutex // serialises policy changes; taken before mu, never under it
 	mu        sync.Mutex // serialises node mutations: store write, then hub
 	ephemeral map[netmap.NodeID]*time.Timer
 	servers   []*http.Server
@@ -115,6 +125,9 @@ const (
 	dbFile         = "coordinator.db"
 	adminTokenFile = "admin.token"
 	metaAdminHash  = "admin_token_sha256"
+	// metaOwner is the fingerprint of the coordinator key the database was
+	// made for; a database with another one is refused.
+	metaOwner = "coordinator_fingerprint"
 
 	maxRequestBody = 64 << 10
 	maxEndpoints   = 64
@@ -153,7 +166,24 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("coordinator state dir: %w", err)
 	}
-	key, err := loadOrCreateKey(filepath.Join(opts.StateDir, keyFile))
+	dbPath, err := sqlitePath(opts)
+	if err != nil {
+		return nil, err
+	}
+	keyPath := filepath.Join(opts.StateDir, keyFile)
+	keyExisted, err := fileExists(keyPath)
+	if err != nil {
+		return nil, fmt.Errorf("coordinator key: %w", err)
+	}
+	if !keyExisted && !opts.InitState {
+		// A database without its key is not a new tailnet: every node
+		// pins the key. Check before a new key is written.
+		if ok, err := fileExists(dbPath); err != nil || ok && nonEmpty(dbPath) {
+			return nil, fmt.Errorf("coordinator: %s is missing but the database %s exists: restore %s from a backup (nodes pin its fingerprint); "+
+				"to start a new, empty tailnet instead, start once with --init-state (it moves the database aside)", keyPath, dbPath, keyFile)
+		}
+	}
+	key, err := loadOrCreateKey(keyPath)
 	if err != nil {
 		return nil, err
 	}
@@ -165,7 +195,8 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("coordinator: %w", err)
 	}
-	st, err := openStore(ctx, opts)
+	fp := tlspin.Fingerprint(cert.Leaf)
+	st, err := openState(ctx, opts, dbPath, fp, keyExisted)
 	if err != nil {
 		return nil, err
 	}
@@ -176,7 +207,7 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 		log:         opts.Logger,
 		store:       st,
 		cert:        cert,
-		fingerprint: tlspin.Fingerprint(cert.Leaf),
+		fingerprint: fp,
 		adminPath:   filepath.Join(opts.StateDir, adminTokenFile),
 		hub:         newHub(hex.EncodeToString(epoch[:]), opts.DERPMap, opts.SessionQueueLen, time.Now),
 		ephemeral:   make(map[netmap.NodeID]*time.Timer),
@@ -187,6 +218,10 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 		s.now = time.Now
 	}
 	s.hub.revoked = s.keys.publish
+	if err := s.quarantineCorrupt(ctx, dbPath); err != nil {
+		st.Close()
+		return nil, err
+	}
 	if err := s.initAdminToken(ctx); err != nil {
 		st.Close()
 		return nil, err
@@ -212,18 +247,83 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	return s, nil
 }
 
-func openStore(ctx context.Context, opts ServerOptions) (store.Store, error) {
-	path := filepath.Join(opts.StateDir, dbFile)
+// sqlitePath is where the database is, from --db.
+func sqlitePath(opts ServerOptions) (string, error) {
 	switch u := opts.DBURL; {
 	case u == "":
+		return filepath.Join(opts.StateDir, dbFile), nil
 	case strings.HasPrefix(u, "sqlite:"):
-		path = strings.TrimPrefix(strings.TrimPrefix(u, "sqlite:"), "//")
+		return strings.TrimPrefix(strings.TrimPrefix(u, "sqlite:"), "//"), nil
 	case strings.HasPrefix(u, "postgres://"), strings.HasPrefix(u, "postgresql://"):
-		return nil, errors.New("coordinator: PostgreSQL is not supported by this build yet; omit --db to use SQLite in --state-dir")
+		return "", errors.New("coordinator: PostgreSQL is not supported by this build yet; omit --db to use SQLite in --state-dir")
 	default:
-		return nil, fmt.Errorf("coordinator: --db %q: want sqlite:PATH (or omit it for SQLite in --state-dir)", u)
+		return "", fmt.Errorf("coordinator: --db %q: want sqlite:PATH (or omit it for SQLite in --state-dir)", u)
 	}
+}
+
+// ErrForeignDatabase is the start-up error for a database made for another
+// coordinator key.
+var ErrForeignDatabase = errors.New("the database belongs to another coordinator")
+
+// openState opens the database, or creates it on a first start (no
+// coordinator key before this start). State that cannot be this
+// coordinator's is refused with what to do, unless opts.InitState says to
+// move it aside and start over: a coordinator that quietly started over
+// would issue a new admin token and serve the allow-all bootstrap policy
+// to a tailnet that had a real one.
+func openState(ctx context.Context, opts ServerOptions, path, fp string, keyExisted bool) (store.Store, error) {
+	log := opts.Logger
+	reinit := fmt.Sprintf("to start over with an empty tailnet under the same key instead (every node enrols again; a new admin token is issued), start once with --init-state, which moves %s aside", filepath.Base(path))
 	st, err := store.OpenSQLite(ctx, path, addrPool{})
+	var refuse, aside string // why the state is unusable; its moved-aside suffix
+	switch {
+	case errors.Is(err, store.ErrNoDatabase) && !keyExisted:
+		// First start: a new key and a new database.
+	case errors.Is(err, store.ErrNoDatabase):
+		refuse = fmt.Sprintf("%v, but %s exists: this coordinator's state is gone. Restore the database from a backup (stop the coordinator, copy it back to %s, start again); %s",
+			err, filepath.Join(opts.StateDir, keyFile), path, reinit)
+		aside = "empty"
+	case errors.Is(err, store.ErrNotMeshd):
+		refuse = fmt.Sprintf("%v. Check --db and --state-dir, or restore the database from a backup; %s", err, reinit)
+		aside = "unknown"
+	case err != nil:
+		return nil, fmt.Errorf("coordinator: %w", err)
+	default:
+		ferr := checkOwner(ctx, st, fp, opts.StateDir, log)
+		switch {
+		case ferr == nil && opts.InitState:
+			st.Close()
+			return nil, fmt.Errorf("coordinator: --init-state: the database %s is intact and belongs to this coordinator: refusing to discard it. Remove --init-state (move the database aside yourself if you really mean to start over)", path)
+		case ferr == nil:
+			return st, nil
+		}
+		st.Close()
+		if !errors.Is(ferr, ErrForeignDatabase) {
+			return nil, fmt.Errorf("coordinator: %s: %w", path, ferr)
+		}
+		refuse = fmt.Sprintf("%s: %v. Start with the coordinator.key the database was made with, or restore this coordinator's own database from a backup; %s", path, ferr, reinit)
+		aside = "foreign"
+		err = ferr
+	}
+	if refuse != "" && !opts.InitState {
+		return nil, &StateError{Msg: "coordinator: refusing to start: " + refuse, Err: err}
+	}
+	if refuse == "" && err != nil {
+		aside = "empty" // a first start over a zero-byte file: nothing in it to keep, but keep it anyway
+	}
+	if aside != "" {
+		moved, merr := moveAside(path, aside)
+		if merr != nil {
+			return nil, fmt.Errorf("coordinator: --init-state: %w", merr)
+		}
+		if moved != "" {
+			log.Warn("moved the unusable database aside", "path", path, "moved_to", moved, "reason", aside)
+		}
+		if refuse != "" {
+			log.Warn("--init-state: starting with an empty database: every node must enrol again, and a new admin token is issued", "path", path)
+		}
+	}
+	st, err = store.CreateSQLite(ctx, path, addrPool{}, map[string]string{metaOwner: fp})
 	if err != nil {
 		return nil, fmt.Errorf("coordinator: %w", err)
 	}
@@ -231,6 +331,100 @@ func openStore(ctx context.Context, opts ServerOptions) (store.Store, error) {
 		opts.Logger.Warn("database repaired on upgrade: " + r)
 	}
 	return st, nil
+}
+
+// StateError is a start refused because the coordinator's state cannot be
+// used as it is (missing, empty, foreign or not a meshd database). Msg
+// says how to restore or re-initialise it.
+type StateError struct {
+	Msg string
+	Err error // store.ErrNoDatabase, store.ErrNotMeshd or ErrForeignDatabase
+}
+
+func (e *StateError) Error() string { return e.Msg }
+func (e *StateError) Unwrap() error { return e.Err }
+
+// checkOwner makes sure the database was made for the key with fingerprint
+// fp. A database from before the fingerprint was recorded is adopted if
+// the admin token file (which carries the fingerprint) matches it, or if
+// there is no token file to compare with.
+func checkOwner(ctx context.Context, st store.Store, fp, stateDir string, log *slog.Logger) error {
+	owner, err := st.Meta(ctx, metaOwner)
+	switch {
+	case err == nil && owner == fp:
+		return nil
+	case err == nil:
+		return fmt.Errorf("%w: it was made for the coordinator key with fingerprint %s, this coordinator.key's is %s", ErrForeignDatabase, owner, fp)
+	case !errors.Is(err, store.ErrNotFound):
+		return err
+	}
+	tokPath := filepath.Join(stateDir, adminTokenFile)
+	data, err := os.ReadFile(tokPath)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		log.Warn("the database records no coordinator fingerprint (made by an older meshd) and there is no admin token to check it against: adopting it", "fingerprint", fp)
+	case err != nil:
+		return fmt.Errorf("read admin token: %w", err)
+	default:
+		tok := strings.TrimSpace(string(data))
+		want, merr := st.Meta(ctx, metaAdminHash)
+		wb, _ := hex.DecodeString(want)
+		tfp, _ := controlclient.AdminTokenFingerprint(tok)
+		if merr != nil || !hashEqual(wb, hashSecret(tok)) || tfp != fp {
+			return fmt.Errorf("%w: it records no coordinator fingerprint (made by an older meshd), and its admin token is not the one in %s for this key", ErrForeignDatabase, tokPath)
+		}
+	}
+	if err := st.SetMeta(ctx, metaOwner, fp); err != nil {
+		return err
+	}
+	log.Info("recorded the coordinator fingerprint in the database", "fingerprint", fp)
+	return nil
+}
+
+// moveAside renames path (and its -wal and -shm) to path.why-TIME and
+// returns the new name, or "" if there was nothing at path.
+func moveAside(path, why string) (string, error) {
+	ok, err := fileExists(path)
+	if err != nil || !ok {
+		return "", err
+	}
+	to := fmt.Sprintf("%s.%s-%s", path, why, time.Now().UTC().Format("20060102T150405Z"))
+	for _, sfx := range []string{"-wal", "-shm"} {
+		if err := os.Rename(path+sfx, to+sfx); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return "", fmt.Errorf("move %s aside: %w", path+sfx, err)
+		}
+	}
+	if err := os.Rename(path, to); err != nil {
+		return "", fmt.Errorf("move %s aside: %w", path, err)
+	}
+	return to, nil
+}
+
+func fileExists(path string) (bool, error) {
+	_, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+func nonEmpty(path string) bool {
+	fi, err := os.Stat(path)
+	return err == nil && (fi.Size() > 0 || !fi.Mode().IsRegular())
+}
+
+// quarantineCorrupt moves rows that fail to decode or validate out of the
+// way, each logged by name, so that the rest of the tailnet loads.
+func (s *Server) quarantineCorrupt(ctx context.Context, dbPath string) error {
+	qs, err := s.store.QuarantineCorrupt(ctx, time.Now().UTC())
+	if err != nil {
+		return fmt.Errorf("coordinator: check the database for corrupt rows: %w", err)
+	}
+	for _, q := range qs {
+		s.log.Error("corrupt row moved to the quarantine table; the rest of the tailnet loads", "table", q.Source, "id", q.Key, "reason", q.Reason,
+			"inspect", fmt.Sprintf("sqlite3 %s \"SELECT * FROM quarantine\"", dbPath))
+	}
+	return nil
 }
 
 // initAdminToken makes sure admin.token exists and matches the stored hash.
@@ -307,16 +501,19 @@ func (s *Server) Epoch() string { return s.hub.epoch }
 
 // SetPolicy replaces the policy (nil restores the bootstrap default) and
 // pushes visibility and packet-filter changes to connected nodes. It is the
-// in-process seam and stores nothing; ApplyPolicy is the stored,
-// validated path that `meshd admin policy set` takes.
+// in-process seam and does not store the policy; ApplyPolicy is the stored,
+// validated path that `meshd admin policy set` takes. Tags nodes gave
+// themselves that their owners may not hold under p are removed (and that
+// is stored), as with ApplyPolicy.
 func (s *Server) SetPolicy(p Policy) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.hub.setPolicy(p)
-	if p == nil {
-		s.polInfo = bootstrapInfo()
-	} else {
-		s.polInfo = PolicyInfo{File: "(set in process, not stored)"}
+	s.polMu.Lock()
+	defer s.polMu.Unlock()
+	info := bootstrapInfo()
+	if p != nil {
+		info = PolicyInfo{File: "(set in process, not stored)"}
+	}
+	if _, err := s.installPolicy(s.ctx, p, info); err != nil {
+		s.log.Error("policy set in process, but re-checking the tags nodes gave themselves failed", "err", err)
 	}
 }
 

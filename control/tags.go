@@ -89,6 +89,8 @@ func (s *Server) setTags(ctx context.Context, mk netmap.MachinePublic, req netma
 		}
 		old := n.Tags
 		n.Tags, n.User, n.KeyExpiry = tags, "", time.Time{}
+		// The node asked for these itself: a later policy re-checks them.
+		n.SelfTags, n.Notices = slices.Clone(tags), nil
 		if err := s.store.UpdateNode(ctx, n); err != nil {
 			return nil, err
 		}

@@ -57,6 +57,11 @@ type Node struct {
 	// Capabilities granted to this node *as a peer* of the receiving node,
 	// compiled from the policy's "app" grants. Keyed by capability name.
 	Capabilities map[string][]json.RawMessage `json:"capabilities,omitempty"`
+	// Notices are what the coordinator has to tell this node's operator
+	// about its identity, such as tags a new policy removed and why
+	// (`meshd status` shows them). Only in the node's own entry (Self);
+	// peers' entries never carry them.
+	Notices []string `json:"notices,omitempty"`
 }
 
 // RegisterRequest enrols a machine, or re-registers a known one. It is sent

@@ -7,13 +7,17 @@ import (
 	"meshd.dev/meshd/netmap"
 )
 
-// Lint returns warnings about a valid policy: rules that let everything
-// reach everything, tags used but owned by nobody, groups never used, and
-// rules that allow nothing a wider rule does not already allow.
+// Lint returns warnings about a valid policy: sections meshd parses but
+// does not enforce, rules that let everything reach everything, tags used
+// but owned by nobody, groups never used, and rules that allow nothing a
+// wider rule does not already allow.
 func (p *Policy) Lint() []Problem {
 	var out []Problem
 	warn := func(pos Pos, format string, args ...any) {
 		out = append(out, Problem{Pos: pos, Severity: SeverityWarning, Msg: fmt.Sprintf(format, args...)})
+	}
+	for _, s := range p.unenforced {
+		warn(s.pos, "section %q is not enforced: %s", s.name, unenforcedSections[s.name])
 	}
 	for i := range p.rules {
 		r := &p.rules[i]

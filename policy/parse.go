@@ -38,6 +38,15 @@ type Policy struct {
 	ssh       []sshRule
 	approvers []selector // every selector of "autoApprovers", for lints
 	nodeAttrs []nodeAttr
+	// unenforced are the sections present that meshd parses but does not
+	// enforce yet, in file order, for Lint.
+	unenforced []sectionAt
+}
+
+// sectionAt is a top-level section and the position of its name.
+type sectionAt struct {
+	name string
+	pos  Pos
 }
 
 // rule is one "acls" or "grants" entry. Both compile to the same form.
@@ -100,6 +109,17 @@ type nodeAttr struct {
 // Sections a policy may contain. Anything else is an error, so that a
 // Tailscale feature meshd lacks is reported rather than silently ignored.
 var sections = []string{"groups", "hosts", "tagOwners", "acls", "grants", "tests", "ssh", "autoApprovers", "nodeAttrs"}
+
+// unenforcedSections are the sections meshd parses and validates, so that a
+// Tailscale policy carries over, but does not act on yet, each with what
+// its author must not count on. Lint warns about each one present (and
+// `meshd policy check --strict` fails): a reader must never believe such a
+// rule is in force. Delete an entry when the feature is built.
+var unenforcedSections = map[string]string{
+	"ssh":           "meshd has no SSH server yet: these rules open no SSH access and check nothing",
+	"autoApprovers": "meshd does not approve subnet routes or exit nodes yet: nothing is approved by this section",
+	"nodeAttrs":     "meshd applies no node attributes yet: no attribute or capability in this section reaches any node",
+}
 
 // parser walks the huJSON syntax tree, collecting every problem with the
 // position of the offending value.
@@ -195,6 +215,9 @@ func Parse(file string, data []byte) (*Policy, error) {
 			ps.errorf(&m.Name, "duplicate section %q", name)
 		default:
 			byName[name] = &m.Value
+			if _, ok := unenforcedSections[name]; ok {
+				pol.unenforced = append(pol.unenforced, sectionAt{name, ps.pos(&m.Name)})
+			}
 		}
 	}
 	if v := byName["tagOwners"]; v != nil {

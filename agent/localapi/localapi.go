@@ -66,6 +66,9 @@ type Node struct {
 	Tags     []string      `json:"tags"`
 	Online   bool          `json:"online"`
 	NodeKey  string        `json:"node_key,omitempty"`
+	// Notices are the coordinator's messages about this node's identity
+	// (tags a policy removed and why); self only.
+	Notices []string `json:"notices,omitempty"`
 }
 
 // Peer is a peer in a Status with its data-plane state.

@@ -386,10 +386,13 @@ func (c *cli) policyGetCmd() *ffcli.Command {
 }
 
 func (c *cli) policySetCmd() *ffcli.Command {
-	var asJSON bool
-	return c.adminLeaf("set", "meshd admin policy set FILE [--json]",
+	var asJSON, strict bool
+	return c.adminLeaf("set", "meshd admin policy set FILE [--strict] [--json]",
 		"validate FILE on the coordinator and put it in force for every node, or reject it and keep the previous one",
-		func(fs *flag.FlagSet) { fs.BoolVar(&asJSON, "json", false, "print the applied policy as JSON") },
+		func(fs *flag.FlagSet) {
+			fs.BoolVar(&asJSON, "json", false, "print the applied policy as JSON")
+			fs.BoolVar(&strict, "strict", false, "reject the policy if it has warnings (sections meshd does not enforce: ssh, autoApprovers, nodeAttrs; wide rules, ...), as meshd policy check --strict does")
+		},
 		func(ctx context.Context, ac *control.AdminClient, args []string) error {
 			file, err := oneArg("policy set", args, "policy FILE")
 			if err != nil {
@@ -400,7 +403,11 @@ func (c *cli) policySetCmd() *ffcli.Command {
 			if err != nil {
 				return &exitError{1, fmt.Sprintf("policy set: %v; the policy in force is unchanged", err)}
 			}
-			p, err := ac.SetPolicy(ctx, file, data)
+			set := ac.SetPolicy
+			if strict {
+				set = ac.SetPolicyStrict
+			}
+			p, err := set(ctx, file, data)
 			if errors.Is(err, controlclient.ErrPolicyInvalid) {
 				msg := err.Error()
 				var ae *controlclient.APIError
@@ -420,6 +427,9 @@ func (c *cli) policySetCmd() *ffcli.Command {
 				return printJSON(c.stdout, p)
 			}
 			fmt.Fprintf(c.stdout, "policy %s in force: %d rules, %d tests passed; pushed to %d connected nodes\n", p.File, p.Rules, p.Tests, p.ConnectedNodes)
+			for _, r := range p.TagsRemoved {
+				fmt.Fprintf(c.stdout, "node %d (%s): removed %s, which it gave itself: %s\n", r.Node, r.Hostname, strings.Join(r.Tags, ","), r.Reason)
+			}
 			return nil
 		})
 }

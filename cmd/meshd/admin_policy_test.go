@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -112,5 +113,136 @@ func TestCoordinatorPolicyFlag(t *testing.T) {
 	}
 	if len(lines) < 4 || !strings.HasPrefix(lines[3], "policy: good.hujson (1 rules, 1 tests") {
 		t.Fatalf("start-up output %q: want the policy named", lines)
+	}
+}
+
+// cliSSHPolicy has an "ssh" section, which meshd parses but does not
+// enforce (line 5).
+const cliSSHPolicy = `{
+	"groups": {"group:ops": ["alice@example.com"]},
+	"tagOwners": {"tag:gpu": ["group:ops"]},
+	"grants": [{"src": ["group:ops"], "dst": ["tag:gpu"], "ip": ["22"]}],
+	"ssh": [{"action": "accept", "src": ["group:ops"], "dst": ["tag:gpu"], "users": ["root"]}],
+}
+`
+
+// TestPolicyWarningsSurface: a policy with a section meshd does not
+// enforce is accepted with a FILE:LINE:COL warning naming the section,
+// printed by admin policy set and by the coordinator started with it and
+// logged by the coordinator; --strict rejects it and keeps the policy in
+// force.
+func TestPolicyWarningsSurface(t *testing.T) {
+	files := t.TempDir()
+	ssh := writeFile(t, files, "ssh.hujson", cliSSHPolicy)
+	const warn = `ssh.hujson:5:2: warning: section "ssh" is not enforced`
+
+	url, dir := startCoordinator(t)
+	t.Setenv("MESHD_COORDINATOR", url)
+	t.Setenv("MESHD_TOKEN_FILE", filepath.Join(dir, "admin.token"))
+	good := writeFile(t, files, "good.hujson", cliGoodPolicy)
+	if code, _, errOut := runAdmin(t, "policy", "set", good); code != 0 {
+		t.Fatalf("set good: exit %d: %s", code, errOut)
+	}
+	code, out, errOut := runAdmin(t, "policy", "set", "--strict", ssh)
+	if code != 1 || !strings.Contains(errOut, warn) || !strings.Contains(errOut, "rejected; the previous policy stays in force") {
+		t.Fatalf("set --strict: exit %d, stdout %q, stderr %q", code, out, errOut)
+	}
+	if code, out, _ = runAdmin(t, "policy", "get"); code != 0 || out != cliGoodPolicy {
+		t.Fatalf("after a --strict rejection the policy in force is %q", out)
+	}
+	code, out, errOut = runAdmin(t, "policy", "set", ssh)
+	if code != 0 || !strings.Contains(errOut, warn) || !strings.HasPrefix(out, "policy ssh.hujson in force") {
+		t.Fatalf("set: exit %d, stdout %q, stderr %q", code, out, errOut)
+	}
+	code, out, _ = runAdmin(t, "policy", "get", "--json")
+	var p control.PolicyInfo
+	if err := json.Unmarshal([]byte(out), &p); code != 0 || err != nil || len(p.Warnings) != 1 || !strings.HasPrefix(p.Warnings[0], warn) {
+		t.Fatalf("get --json: exit %d, warnings %q, %v", code, p.Warnings, err)
+	}
+
+	// The coordinator started with it prints the warning and logs it.
+	ctx, cancel := context.WithCancel(context.Background())
+	var stderr syncBuffer
+	pr, pw := io.Pipe()
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, []string{"coordinator", "--listen", "127.0.0.1:0", "--state-dir", t.TempDir(), "--policy", ssh}, pw, &stderr)
+		pw.Close()
+	}()
+	sc := bufio.NewScanner(pr)
+	for n := 0; n < 4 && sc.Scan(); n++ {
+	}
+	go io.Copy(io.Discard, pr)
+	cancel()
+	if code := <-done; code != 0 {
+		t.Errorf("coordinator exited %d", code)
+	}
+	logged, printed := false, false
+	for _, l := range strings.Split(stderr.String(), "\n") {
+		printed = printed || strings.HasPrefix(l, warn)
+		logged = logged || strings.Contains(l, "policy warning") && strings.Contains(l, "ssh.hujson:5:2")
+	}
+	if !printed || !logged {
+		t.Fatalf("coordinator --policy: warning printed %v, logged %v:\n%s", printed, logged, stderr.String())
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a writer goroutine and a reader.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestCoordinatorInitState: a coordinator whose database vanished refuses
+// to start and says what to do; --init-state starts it over once, and is
+// refused on the intact database it made.
+func TestCoordinatorInitState(t *testing.T) {
+	dir := t.TempDir()
+	// coordinator runs until it is up (then stops it) or exits.
+	coordinator := func(args ...string) (int, string) {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		var stderr syncBuffer
+		pr, pw := io.Pipe()
+		done := make(chan int, 1)
+		go func() {
+			done <- run(ctx, append([]string{"coordinator", "--listen", "127.0.0.1:0", "--state-dir", dir}, args...), pw, &stderr)
+			pw.Close()
+		}()
+		sc := bufio.NewScanner(pr)
+		for sc.Scan() {
+			if strings.HasPrefix(sc.Text(), "admin token: ") {
+				cancel()
+			}
+		}
+		return <-done, stderr.String()
+	}
+	if code, errOut := coordinator(); code != 0 {
+		t.Fatalf("first start: exit %d: %s", code, errOut)
+	}
+	if err := os.Remove(filepath.Join(dir, "coordinator.db")); err != nil {
+		t.Fatal(err)
+	}
+	code, errOut := coordinator()
+	if code != 1 || !strings.Contains(errOut, "refusing to start") || !strings.Contains(errOut, "--init-state") {
+		t.Fatalf("start without the database: exit %d, stderr %q", code, errOut)
+	}
+	if code, errOut = coordinator("--init-state"); code != 0 {
+		t.Fatalf("--init-state: exit %d: %s", code, errOut)
+	}
+	if code, errOut = coordinator("--init-state"); code != 1 || !strings.Contains(errOut, "intact") {
+		t.Fatalf("--init-state on the intact database: exit %d, stderr %q", code, errOut)
 	}
 }

@@ -26,15 +26,25 @@ func (c *cli) coordinatorCmd() *ffcli.Command {
 	keyExpiry := fs.Duration("node-key-expiry", 180*24*time.Hour, "how long a user's node key is valid after it registers (tagged nodes never expire)")
 	approval := fs.Bool("require-approval", false, "nodes enrolled with keys that are not --preauthorized wait for `meshd admin nodes approve`")
 	policyFile := fs.String("policy", "", "tailnet policy `file` (huJSON) to load at start; it must validate, and it replaces (and is stored over) the policy last set with meshd admin policy set")
+	initState := fs.Bool("init-state", false, "start over with an empty database when the existing one is missing, empty, not meshd's or another coordinator's (it is moved aside, never deleted); every node must enrol again and a new admin token is issued. Refused when the database is intact")
 	derpFlags := registerCoordDERPFlags(fs)
 	conns := registerConnFlags(fs, "coordinator")
 	return &ffcli.Command{
 		Name:       "coordinator",
-		ShortUsage: "meshd coordinator --listen ADDR --state-dir DIR [--db URL] [--policy FILE] [--derp-map FILE | --derp-host H --derp-listen ADDR --stun-listen ADDR]",
+		ShortUsage: "meshd coordinator --listen ADDR --state-dir DIR [--db URL] [--policy FILE] [--init-state] [--derp-map FILE | --derp-host H --derp-listen ADDR --stun-listen ADDR]",
 		ShortHelp:  "run the coordinator: node registry, auth keys and network maps",
 		LongHelp: `Runs the coordinator. On first start it creates its key and an admin token
 (DIR/admin.token, mode 0600) that ` + "`meshd admin`" + ` uses. Auth keys carry the
 coordinator's fingerprint, so nodes verify it with nothing else given.
+
+State: once DIR/coordinator.key exists, a database that is missing, empty
+(0 bytes), not a meshd database or made for another coordinator key stops the
+start with what to do: restore it from a backup, or start once with
+--init-state to move it aside and begin an empty tailnet under the same key.
+The coordinator never silently starts over (that would issue a new admin
+token and the allow-all bootstrap policy). A node or auth key row that fails
+to decode is logged and moved to the database's quarantine table; the rest
+loads.
 
 Policy: with --policy FILE the coordinator loads FILE (refusing to start if it
 does not validate), stores it and puts it in force, replacing whatever was set
@@ -78,6 +88,7 @@ the oldest.`,
 				StateDir: *stateDir, DBURL: *db, Logger: c.log,
 				EphemeralTimeout: *ephemeral, NodeKeyExpiry: *keyExpiry, RequireApproval: *approval,
 				Limits: lim,
+				InitState: *initState,
 			}
 			if *policyFile != "" {
 				data, err := readPolicyFile(*policyFile)
@@ -101,6 +112,10 @@ the oldest.`,
 				msg := strings.TrimSuffix(strings.TrimSuffix(err.Error(), perr.Error()), ": ")
 				return &exitError{1, msg + ": policy rejected, not starting"}
 			}
+			var serr *control.StateError
+			if errors.As(err, &serr) {
+				return &exitError{1, serr.Msg}
+			}
 			if err != nil {
 				return err
 			}
@@ -115,6 +130,9 @@ the oldest.`,
 				fmt.Fprintln(c.stdout, "policy: none loaded, bootstrap default in force (every node may reach every node)")
 			} else {
 				fmt.Fprintf(c.stdout, "policy: %s (%d rules, %d tests, set %s)\n", p.File, p.Rules, p.Tests, fmtTime(p.Updated))
+				for _, w := range p.Warnings {
+					fmt.Fprintln(c.stderr, w)
+				}
 			}
 			stopRelays, err := c.startCoordDERP(ctx, s, *listen, ln, derpFlags, *stateDir)
 			if err != nil {

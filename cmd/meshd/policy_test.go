@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -102,6 +103,36 @@ func TestPolicyCheck(t *testing.T) {
 	}
 	if code, _, _ = runPolicy(t, "check"); code != 2 {
 		t.Errorf("check without a file: exit %d, want 2", code)
+	}
+}
+
+// TestPolicyCheckUnenforcedSections: a section meshd parses but does not
+// enforce is a warning at its line, naming it; --strict makes it fail.
+func TestPolicyCheckUnenforcedSections(t *testing.T) {
+	const hdr = `{
+	"groups": {"group:eng": ["alice@example.com"]},
+	"tagOwners": {"tag:srv": ["group:eng"]},
+	"grants": [{"src": ["group:eng"], "dst": ["tag:srv"], "ip": ["22"]}],
+`
+	for _, tc := range []struct {
+		section, body string
+	}{
+		{"ssh", `"ssh": [{"action": "accept", "src": ["group:eng"], "dst": ["tag:srv"], "users": ["root"]}],`},
+		{"autoApprovers", `"autoApprovers": {"routes": {"10.0.0.0/8": ["tag:srv"]}},`},
+		{"nodeAttrs", `"nodeAttrs": [{"target": ["tag:srv"], "attr": ["funnel"]}],`},
+	} {
+		t.Run(tc.section, func(t *testing.T) {
+			file := writePolicy(t, "p.hujson", hdr+"\t"+tc.body+"\n}\n")
+			want := fmt.Sprintf(`%s:5:2: warning: section %q is not enforced: `, file, tc.section)
+			code, out, _ := runPolicy(t, "check", file)
+			if code != 0 || !strings.Contains(out, want) || !strings.Contains(out, "1 warning(s)") {
+				t.Errorf("check: exit %d, want 0 and a line starting %q:\n%s", code, want, out)
+			}
+			code, out, stderr := runPolicy(t, "check", "--strict", file)
+			if code != 1 || !strings.Contains(out, want) || !strings.Contains(stderr, "1 warning(s) and --strict is set") {
+				t.Errorf("check --strict: exit %d, want 1 and a line starting %q:\n%s%s", code, want, out, stderr)
+			}
+		})
 	}
 }
 

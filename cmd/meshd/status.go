@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"strings"
 	"text/tabwriter"
+	"unicode"
 
 	"github.com/peterbourgon/ff/v3/ffcli"
 
@@ -86,6 +87,11 @@ func writeStatus(w io.Writer, st *localapi.Status) {
 	if st.Message != "" {
 		fmt.Fprintf(w, "# %s\n", st.Message)
 	}
+	if st.Self != nil {
+		for _, n := range st.Self.Notices {
+			fmt.Fprintf(w, "# coordinator: %s\n", printable(n))
+		}
+	}
 	// Small packets cross such a path, so the peer looks fine in the table
 	// while bulk transfers hang: say so, and what to do.
 	for _, p := range st.Peers {
@@ -93,6 +99,17 @@ func writeStatus(w io.Writer, st *localapi.Status) {
 			fmt.Fprintf(w, "# warning: %s\n", magicbind.MTUProblemText(p.Hostname, p.PathMTU, p.OverlayMTU))
 		}
 	}
+}
+
+// printable drops control characters from text the coordinator sent, so
+// that it cannot drive the terminal.
+func printable(text string) string {
+	return strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) {
+			return -1
+		}
+		return r
+	}, text)
 }
 
 func firstIP(ips []netip.Addr) string {

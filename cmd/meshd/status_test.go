@@ -96,3 +96,20 @@ func TestWriteStatusVerdicts(t *testing.T) {
 		})
 	}
 }
+
+// TestWriteStatusNotices: the coordinator's notices about this node (tags
+// a policy removed) are shown, with control characters dropped so that
+// they cannot drive the terminal.
+func TestWriteStatusNotices(t *testing.T) {
+	st := &localapi.Status{
+		BackendState: localapi.StateRunning,
+		Self: &localapi.Node{Hostname: "laptop", IPs: []netip.Addr{netip.MustParseAddr("100.64.0.1")}, Online: true,
+			Notices: []string{"tag:x removed by policy p.hujson set 2026-01-01T00:00:00Z: user alice\x1b[2J does not own tag \"tag:x\""}},
+	}
+	var b bytes.Buffer
+	writeStatus(&b, st)
+	want := "# coordinator: tag:x removed by policy p.hujson set 2026-01-01T00:00:00Z: user alice[2J does not own tag \"tag:x\"\n"
+	if !strings.Contains(b.String(), want) {
+		t.Fatalf("status lacks %q:\n%s", want, b.String())
+	}
+}

@@ -6,14 +6,19 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"math"
 	"net/netip"
 	"net/url"
+	"os"
+	"path/filepath"
+	"slices"
 	"time"
 
-	"meshd.dev/meshd/netmap"
+	"modernc.org/sqlite" // also registers the "sqlite" database/sql driver
+	sqlite3 "modernc.org/sqlite/lib"
 
-	_ "modernc.org/sqlite" // registers the "sqlite" database/sql driver
+	"meshd.dev/meshd/netmap"
 )
 
 // migration is one schema step: SQL, or Go for steps that must look at
@@ -59,7 +64,38 @@ var migrations = []migration{
 	// 3: node key, disco key and hostname as indexed columns, each unique
 	// (see unique.go).
 	{fn: migrateUniqueIdentity},
+	// 4: rows that failed to decode or validate, moved out of their table
+	// so that one bad row does not stop the whole tailnet.
+	{sql: `CREATE TABLE quarantine (
+		id INTEGER PRIMARY KEY AUTOINCREMENT,
+		source TEXT NOT NULL,
+		row_key TEXT NOT NULL,
+		data TEXT NOT NULL,
+		reason TEXT NOT NULL,
+		at INTEGER NOT NULL);`},
+	// 5: self_tags, the tags a node asked for itself beyond its auth key's
+	// (re-checked when a policy is set). Rows written before it cannot
+	// tell those from tags an administrator applied with `admin nodes
+	// tag`: every tag not on the node's auth key counts as asked for, so
+	// it is re-checked rather than kept unchecked. Rows that are not valid
+	// JSON are left for the quarantine check.
+	{sql: `UPDATE nodes SET data = json_set(data, '$.self_tags', json((
+		SELECT json_group_array(t.value) FROM json_each(nodes.data, '$.tags') AS t
+		WHERE t.value NOT IN (
+			SELECT k.value FROM auth_keys AS a,
+				json_each(CASE WHEN json_valid(a.tags) AND json_type(a.tags) = 'array' THEN a.tags ELSE '[]' END) AS k
+			WHERE a.id = json_extract(nodes.data, '$.auth_key_id')))))
+	WHERE CASE WHEN json_valid(data) THEN json_type(data, '$.tags') = 'array' ELSE 0 END;`},
 }
+
+// Errors of opening and creating a SQLite database.
+var (
+	// ErrNoDatabase: the file is missing or empty (zero bytes).
+	ErrNoDatabase = errors.New("no database")
+	// ErrNotMeshd: the file is not a SQLite database, or one without
+	// meshd's schema.
+	ErrNotMeshd = errors.New("not a meshd database")
+)
 
 // SQLite is the embedded single-file Store.
 type SQLite struct {
@@ -70,11 +106,120 @@ type SQLite struct {
 	repairs []string
 }
 
-// OpenSQLite opens (creating if needed) the database at path and migrates
-// it to the current schema.
+// dbFileMode is the mode of the database file. SQLite gives its -wal and
+// -shm files the database file's mode, whatever the umask.
+const dbFileMode = 0o600
+
+// OpenSQLite opens the existing database at path and migrates it to the
+// current schema. It never creates one: a missing or empty file is
+// ErrNoDatabase, and a file that is not a SQLite database with meshd's
+// schema is ErrNotMeshd (and is left untouched). The file and its -wal and
+// -shm companions are made mode 0600.
 func OpenSQLite(ctx context.Context, path string, alloc AddrAllocator) (*SQLite, error) {
+	fi, err := os.Stat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil, fmt.Errorf("sqlite %s: %w: the file does not exist", path, ErrNoDatabase)
+	case err != nil:
+		return nil, fmt.Errorf("sqlite %s: %w", path, err)
+	case !fi.Mode().IsRegular():
+		return nil, fmt.Errorf("sqlite %s: %w: not a regular file", path, ErrNotMeshd)
+	case fi.Size() == 0 && !nonEmpty(path+"-wal"):
+		return nil, fmt.Errorf("sqlite %s: %w: the file is empty (0 bytes)", path, ErrNoDatabase)
+	}
+	// Look before writing anything: switching someone else's database to
+	// WAL or migrating it would change it.
+	probe, err := openSQLite(path, "ro", "", alloc)
+	if err != nil {
+		return nil, err
+	}
+	err = probe.checkSchema(ctx)
+	probe.Close()
+	if err != nil {
+		return nil, fmt.Errorf("sqlite %s: %w", path, err)
+	}
+	// Databases made by earlier builds were 0644: they hold auth key and
+	// admin token hashes, so tighten them (and their companions, which
+	// SQLite makes with the database's mode).
+	for _, p := range []string{path, path + "-wal", path + "-shm"} {
+		if err := os.Chmod(p, dbFileMode); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("sqlite %s: %w", path, err)
+		}
+	}
+	s, err := openSQLite(path, "rw", "WAL", alloc)
+	if err != nil {
+		return nil, err
+	}
+	if err := s.migrate(ctx); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("sqlite %s: %w", path, err)
+	}
+	return s, nil
+}
+
+// CreateSQLite creates a database at path, which must not exist, with the
+// current schema and the given settings (such as whose database it is).
+// It is built under a temporary name and renamed into place when
+// complete, so a crash never leaves a half-made database at path, and it
+// is mode 0600 from the start whatever the umask.
+func CreateSQLite(ctx context.Context, path string, alloc AddrAllocator, meta map[string]string) (*SQLite, error) {
+	if _, err := os.Lstat(path); err == nil {
+		return nil, fmt.Errorf("sqlite %s: already exists", path)
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("sqlite %s: %w", path, err)
+	}
+	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".init-*")
+	if err != nil {
+		return nil, fmt.Errorf("create database: %w", err)
+	}
+	tmp := f.Name()
+	err = f.Chmod(dbFileMode) // CreateTemp's 0600 is subject to the umask only downwards; be explicit
+	f.Close()
+	if err == nil {
+		err = buildSQLite(ctx, tmp, alloc, meta)
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err == nil {
+		err = syncDir(filepath.Dir(path))
+	}
+	if err != nil {
+		os.Remove(tmp)
+		os.Remove(tmp + "-journal")
+		return nil, fmt.Errorf("create database %s: %w", path, err)
+	}
+	return OpenSQLite(ctx, path, alloc)
+}
+
+// buildSQLite writes the schema and meta into the empty file at path. It
+// uses a rollback journal, not WAL, so that the finished database is one
+// file to rename; OpenSQLite switches it to WAL.
+func buildSQLite(ctx context.Context, path string, alloc AddrAllocator, meta map[string]string) error {
+	s, err := openSQLite(path, "rw", "DELETE", alloc)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	if err := s.migrate(ctx); err != nil {
+		return err
+	}
+	for k, v := range meta {
+		if err := s.SetMeta(ctx, k, v); err != nil {
+			return err
+		}
+	}
+	return s.Close()
+}
+
+func openSQLite(path, mode, journal string, alloc AddrAllocator) (*SQLite, error) {
 	q := url.Values{}
-	q.Add("_pragma", "journal_mode(WAL)")
+	// mode=rw: never create the file (a vanished database is an error,
+	// not a fresh empty one).
+	q.Set("mode", mode)
+	if journal != "" {
+		q.Add("_pragma", "journal_mode("+journal+")")
+	}
 	q.Add("_pragma", "busy_timeout(5000)")
 	q.Add("_pragma", "foreign_keys(1)")
 	q.Add("_pragma", "synchronous(NORMAL)")
@@ -86,12 +231,38 @@ func OpenSQLite(ctx context.Context, path string, alloc AddrAllocator) (*SQLite,
 	// One connection: SQLite serialises writers anyway, and a single
 	// connection rules out SQLITE_BUSY between our own goroutines.
 	db.SetMaxOpenConns(1)
-	s := &SQLite{db: db, alloc: alloc}
-	if err := s.migrate(ctx); err != nil {
-		db.Close()
-		return nil, fmt.Errorf("sqlite %s: %w", path, err)
+	return &SQLite{db: db, alloc: alloc}, nil
+}
+
+// checkSchema refuses a file that is not a meshd database before anything
+// is written to it: migrating someone else's database would add tables to it.
+func (s *SQLite) checkSchema(ctx context.Context) error {
+	var n int
+	err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'`).Scan(&n)
+	var se *sqlite.Error
+	switch {
+	case errors.As(err, &se) && (se.Code() == sqlite3.SQLITE_NOTADB || se.Code() == sqlite3.SQLITE_CORRUPT):
+		return fmt.Errorf("%w: %v", ErrNotMeshd, err)
+	case err != nil:
+		return fmt.Errorf("read schema: %w", err)
+	case n == 0:
+		return fmt.Errorf("%w: it has no schema_migrations table", ErrNotMeshd)
 	}
-	return s, nil
+	return nil
+}
+
+func nonEmpty(path string) bool {
+	fi, err := os.Stat(path)
+	return err == nil && fi.Size() > 0
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }
 
 func (s *SQLite) migrate(ctx context.Context) error {
@@ -350,6 +521,10 @@ func (s *SQLite) Register(ctx context.Context, p RegisterParams) (Node, error) {
 		}
 		if id := p.Identity; id != nil {
 			n.User, n.Tags, n.Ephemeral, n.Authorized, n.KeyExpiry, n.AuthKeyID = id.User, id.Tags, id.Ephemeral, id.Authorized, id.KeyExpiry, id.AuthKeyID
+			if n.SelfTags, err = selfTags(ctx, tx, id); err != nil {
+				return err
+			}
+			n.Notices = nil // a new identity: what was said about the old one is moot
 		}
 		if err := checkKeysFree(ctx, tx, n); err != nil {
 			return err
@@ -376,6 +551,31 @@ func (s *SQLite) Register(ctx context.Context, p RegisterParams) (Node, error) {
 	})
 	if err != nil {
 		return Node{}, fmt.Errorf("register %s: %w", p.MachineKey, err)
+	}
+	return out, nil
+}
+
+// selfTags returns the tags of id that its auth key does not carry: those
+// the node asked for. Worked out here, from the key row, rather than taken
+// from the caller, so that every registration path records them.
+func selfTags(ctx context.Context, tx *sql.Tx, id *Identity) ([]string, error) {
+	var keyTags []string
+	if id.AuthKeyID != "" {
+		k, err := scanAuthKey(tx.QueryRowContext(ctx, `SELECT `+authKeyCols+` FROM auth_keys WHERE id = ?`, id.AuthKeyID))
+		switch {
+		case errors.Is(err, sql.ErrNoRows):
+			// No key to credit: every tag counts as asked for.
+		case err != nil:
+			return nil, fmt.Errorf("auth key %s: %w", id.AuthKeyID, err)
+		default:
+			keyTags = k.Tags
+		}
+	}
+	var out []string
+	for _, t := range id.Tags {
+		if !slices.Contains(keyTags, t) {
+			out = append(out, t)
+		}
 	}
 	return out, nil
 }
@@ -476,6 +676,108 @@ func (s *SQLite) Nodes(ctx context.Context) ([]Node, error) {
 		out = append(out, n)
 	}
 	return out, rows.Err()
+}
+
+// validNode checks a decoded node row against its columns and the wire
+// rules its map entry must pass (a node that fails them would make every
+// peer reject its map).
+func validNode(n *Node, id int64, machineKey, ipv4 string) error {
+	if int64(n.ID) != id {
+		return fmt.Errorf("data says node %d", n.ID)
+	}
+	if n.MachineKey.IsZero() || n.MachineKey.String() != machineKey {
+		return fmt.Errorf("machine key %s does not match the row's %s", n.MachineKey, machineKey)
+	}
+	if len(n.Addresses) == 0 || n.Addresses[0].Addr().String() != ipv4 {
+		return fmt.Errorf("addresses %v do not start with the row's %s", n.Addresses, ipv4)
+	}
+	return n.Node.Validate()
+}
+
+// QuarantineCorrupt implements Store.
+func (s *SQLite) QuarantineCorrupt(ctx context.Context, now time.Time) ([]Quarantined, error) {
+	var out []Quarantined
+	err := s.tx(ctx, func(tx *sql.Tx) error {
+		type bad struct {
+			q    Quarantined
+			key  any // the row's id, typed as its column
+			data string
+		}
+		var bads []bad
+		rows, err := tx.QueryContext(ctx, `SELECT id, machine_key, ipv4, data FROM nodes ORDER BY id`)
+		if err != nil {
+			return fmt.Errorf("scan nodes: %w", err)
+		}
+		for rows.Next() {
+			var id int64
+			var mk, v4, data string
+			if err := rows.Scan(&id, &mk, &v4, &data); err != nil {
+				rows.Close()
+				return fmt.Errorf("scan nodes: %w", err)
+			}
+			n, err := decodeNode(data)
+			if err == nil {
+				err = validNode(&n, id, mk, v4)
+			}
+			if err != nil {
+				bads = append(bads, bad{Quarantined{"nodes", fmt.Sprint(id), err.Error()}, id, data})
+			}
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return fmt.Errorf("scan nodes: %w", err)
+		}
+		// Keys one by one: a row whose columns do not even scan must still
+		// be named by its id.
+		var keyIDs []string
+		krows, err := tx.QueryContext(ctx, `SELECT id FROM auth_keys ORDER BY id`)
+		if err != nil {
+			return fmt.Errorf("scan auth keys: %w", err)
+		}
+		for krows.Next() {
+			var id string
+			if err := krows.Scan(&id); err != nil {
+				krows.Close()
+				return fmt.Errorf("scan auth keys: %w", err)
+			}
+			keyIDs = append(keyIDs, id)
+		}
+		krows.Close()
+		if err := krows.Err(); err != nil {
+			return fmt.Errorf("scan auth keys: %w", err)
+		}
+		for _, id := range keyIDs {
+			k, err := scanAuthKey(tx.QueryRowContext(ctx, `SELECT `+authKeyCols+` FROM auth_keys WHERE id = ?`, id))
+			if err == nil && len(k.Hash) != 32 {
+				err = fmt.Errorf("secret hash is %d bytes, want 32", len(k.Hash))
+			}
+			if err == nil {
+				_, err = netmap.NormalizeTags(k.Tags)
+			}
+			if err != nil {
+				var data string
+				tx.QueryRowContext(ctx, `SELECT json_object('hash', hex(hash), 'reusable', reusable, 'ephemeral', ephemeral, 'preauthorized', preauthorized,
+					'tags', CAST(tags AS TEXT), 'user_login', user_login, 'created', created, 'expires', expires, 'revoked', revoked, 'last_used', last_used, 'uses', uses)
+					FROM auth_keys WHERE id = ?`, id).Scan(&data)
+				bads = append(bads, bad{Quarantined{"auth_keys", id, err.Error()}, id, data})
+			}
+		}
+		for _, b := range bads {
+			if _, err := tx.ExecContext(ctx, `INSERT INTO quarantine (source, row_key, data, reason, at) VALUES (?, ?, ?, ?, ?)`,
+				b.q.Source, b.q.Key, b.data, b.q.Reason, unixNano(now)); err != nil {
+				return fmt.Errorf("quarantine %s %s: %w", b.q.Source, b.q.Key, err)
+			}
+			if _, err := tx.ExecContext(ctx, `DELETE FROM `+b.q.Source+` WHERE id = ?`, b.key); err != nil {
+				return fmt.Errorf("quarantine %s %s: %w", b.q.Source, b.q.Key, err)
+			}
+			out = append(out, b.q)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
 // UpdateNode implements Store.

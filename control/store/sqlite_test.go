@@ -30,9 +30,13 @@ func (tinyPool) Addresses(v4 netip.Addr) []netip.Prefix {
 	return []netip.Prefix{netip.PrefixFrom(v4, 32)}
 }
 
+// open opens the database at path, creating it first if there is none.
 func open(t *testing.T, path string) *SQLite {
 	t.Helper()
 	s, err := OpenSQLite(context.Background(), path, tinyPool{})
+	if errors.Is(err, ErrNoDatabase) {
+		s, err = CreateSQLite(context.Background(), path, tinyPool{}, nil)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -61,6 +61,21 @@ type Node struct {
 	// tagged, approved it): it ends the window in which the single-use key
 	// that enrolled it may be presented again.
 	AdminActed time.Time `json:"admin_acted,omitzero"`
+	// SelfTags are the tags the node asked for itself (meshd up
+	// --advertise-tags) beyond those of its auth key, as opposed to tags
+	// an administrator applied (on the key, or with `admin nodes tag`).
+	// Only these are re-checked against the owners in a new policy.
+	// Register sets them; an update that replaces the tags must set them
+	// too (nil when an administrator chose the tags).
+	SelfTags []string `json:"self_tags,omitempty"`
+}
+
+// Quarantined is a row that failed to decode or validate, moved out of its
+// table (into "quarantine", with its data) so that the rest loads.
+type Quarantined struct {
+	Source string // the table it came from: "nodes" or "auth_keys"
+	Key    string // its id there
+	Reason string
 }
 
 // Identity is who a node is, set when it registers with an auth key or when an
@@ -147,6 +162,12 @@ type Store interface {
 	// ErrKeyInUse or ErrNameInUse and change nothing.
 	UpdateNode(ctx context.Context, n Node) error
 	DeleteNode(ctx context.Context, id netmap.NodeID) error
+
+	// QuarantineCorrupt moves every node and auth key row that fails to
+	// decode or validate into quarantine and returns what it moved. The
+	// coordinator runs it at start, so that one corrupt row is reported
+	// instead of stopping the whole tailnet from loading.
+	QuarantineCorrupt(ctx context.Context, now time.Time) ([]Quarantined, error)
 
 	// Policy returns the tailnet policy last stored, or ErrNotFound if
 	// none ever was (the coordinator then runs the bootstrap default).

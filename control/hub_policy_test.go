@@ -1,0 +1,320 @@
+package control
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/netmap"
+	"meshd.dev/meshd/policy"
+)
+
+// gatedPolicy is a policy engine whose first FilterFor call waits until
+// the test releases it: a policy change that takes as long as the test
+// wants, without sleeps.
+type gatedPolicy struct {
+	*policy.Engine
+	entered     chan struct{} // closed when the change starts computing
+	release     chan struct{}
+	once        sync.Once
+	releaseOnce sync.Once
+}
+
+func newGatedPolicy(e *policy.Engine) *gatedPolicy {
+	return &gatedPolicy{Engine: e, entered: make(chan struct{}), release: make(chan struct{})}
+}
+
+func (g *gatedPolicy) FilterFor(n *netmap.Node, all []*netmap.Node) []netmap.FilterRule {
+	g.once.Do(func() {
+		close(g.entered)
+		<-g.release
+	})
+	return g.Engine.FilterFor(n, all)
+}
+
+func (g *gatedPolicy) open() { g.releaseOnce.Do(func() { close(g.release) }) }
+
+// within fails the test if fn does not return in time: what the
+// coordinator must not block on.
+func within(t *testing.T, what string, fn func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		fn()
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s stalled behind the policy change", what)
+	}
+}
+
+// TestSetPolicyReconcilesConcurrentChanges drives policy changes while
+// nodes join, leave, are re-tagged, report endpoints, go on- and offline
+// and open and close map streams, all during the changes' computation; at
+// the end every open session must hold exactly what a fresh full map under
+// the policy in force says, entry for entry, filter included.
+func TestSetPolicyReconcilesConcurrentChanges(t *testing.T) {
+	for seed := range uint64(16) {
+		t.Run(fmt.Sprint(seed), func(t *testing.T) { reconcileRun(t, seed) })
+	}
+}
+
+func reconcileRun(t *testing.T, seed uint64) {
+	rng := rand.New(rand.NewPCG(seed, 11))
+	h := newHub("e1", nil, 4096, time.Now)
+	h.parallelChunk = 4 // workers, for -race to watch
+	const tenants = 4
+	tagOf := func() string { return fmt.Sprintf("tag:tenant%d", rng.IntN(tenants)) }
+	nextID := netmap.NodeID(1)
+	type client struct {
+		s *session
+		m *netmap.NetworkMap
+	}
+	clients := map[*session]*client{}
+	subscribe := func(id netmap.NodeID) {
+		s, m := subscribeMap(t, h, id)
+		clients[s] = &client{s, m}
+	}
+	join := func() {
+		n := hubNode(nextID, tagOf())
+		if rng.IntN(3) == 0 {
+			n.Tags, n.User = nil, fmt.Sprintf("user%d@example.com", rng.IntN(3))
+		}
+		nextID++
+		h.upsert(n)
+		if rng.IntN(2) == 0 {
+			subscribe(n.ID)
+		}
+	}
+	for range 40 {
+		join()
+	}
+	randomNode := func() *netmap.Node {
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		all := h.allLocked()
+		if len(all) == 0 {
+			return nil
+		}
+		return all[rng.IntN(len(all))]
+	}
+	change := func() {
+		n := randomNode()
+		switch k := rng.IntN(7); {
+		case k == 0 || n == nil:
+			join()
+		case k == 1:
+			h.remove(n.ID, errSlowConsumer)
+		case k == 2: // re-tagged
+			nn := *n
+			nn.Tags, nn.User = []string{tagOf()}, ""
+			h.upsert(&nn)
+		case k == 3: // endpoints (a patch)
+			nn := *n
+			nn.Endpoints = []netip.AddrPort{netip.AddrPortFrom(netip.AddrFrom4([4]byte{198, 18, 0, byte(rng.IntN(250) + 1)}), 41641)}
+			h.upsert(&nn)
+		case k == 4: // a new stream
+			subscribe(n.ID)
+		default: // a stream closes
+			for s := range clients {
+				delete(clients, s)
+				h.unsubscribe(s)
+				break
+			}
+		}
+	}
+	specs := []string{tenantPolicy(tenants), capsPolicies["tags and users"], capsPolicies["everyone"], capsPolicies["no app grants"], ""}
+	for step := range 12 {
+		spec := specs[rng.IntN(len(specs))]
+		if spec == "" {
+			h.setPolicy(nil) // the bootstrap default, with no changes alongside
+		} else {
+			g := newGatedPolicy(mustEngine(t, withTenantTags(spec, tenants)))
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				h.setPolicy(g)
+			}()
+			<-g.entered
+			within(t, fmt.Sprintf("step %d: changes", step), func() {
+				for range 1 + rng.IntN(8) {
+					change()
+				}
+			})
+			g.open()
+			<-done
+		}
+		for s, c := range clients {
+			drain(t, s, c.m)
+			if s.dropped {
+				delete(clients, s)
+				continue
+			}
+			h.mu.Lock()
+			self := h.nodes[s.node]
+			var want *netmap.MapResponse
+			if self != nil {
+				want = decodeMsg(t, h.fullLocked(self))
+			}
+			h.mu.Unlock()
+			if self == nil {
+				t.Fatalf("step %d: session of removed node %d not dropped", step, s.node)
+			}
+			compareMaps(t, fmt.Sprintf("step %d, node %d", step, s.node), c.m, want)
+		}
+	}
+}
+
+// withTenantTags adds tag:tenant0..k-1 to a policy's tagOwners (the
+// capability policies know only tag:srv and tag:gpu), so that the tenants'
+// nodes are valid under it.
+func withTenantTags(src string, k int) string {
+	if src == tenantPolicy(k) {
+		return src
+	}
+	var owners string
+	for i := range k {
+		owners += fmt.Sprintf(`"tag:tenant%d": [], `, i)
+	}
+	return strings.Replace(src, `"tagOwners": {`, `"tagOwners": {`+owners, 1)
+}
+
+// compareMaps requires the client's map to be the full map's: the same
+// peers with the same entries (capabilities included), filter and
+// bootstrap flag.
+func compareMaps(t *testing.T, what string, got *netmap.NetworkMap, want *netmap.MapResponse) {
+	t.Helper()
+	var wm netmap.NetworkMap
+	if err := wm.Apply(want); err != nil {
+		t.Fatal(err)
+	}
+	if got.PolicyBootstrap != wm.PolicyBootstrap {
+		t.Fatalf("%s: bootstrap %v, full map %v", what, got.PolicyBootstrap, wm.PolicyBootstrap)
+	}
+	if g, w := peerIDs(got), peerIDs(&wm); !slices.Equal(g, w) {
+		t.Fatalf("%s: peers %v, full map %v", what, g, w)
+	}
+	for id, p := range wm.Peers {
+		gb, _ := json.Marshal(got.Peers[id])
+		wb, _ := json.Marshal(p)
+		if string(gb) != string(wb) {
+			t.Fatalf("%s: peer %d is\n %s\nfull map has\n %s", what, id, gb, wb)
+		}
+	}
+	gf, _ := json.Marshal(got.PacketFilter)
+	wf, _ := json.Marshal(wm.PacketFilter)
+	if string(gf) != string(wf) {
+		t.Fatalf("%s: filter\n %s\nfull map has\n %s", what, gf, wf)
+	}
+}
+
+// TestSetPolicyConcurrentChangeCases: one change at a time during a policy
+// change's computation, each seen by viewers in every relation to it.
+func TestSetPolicyConcurrentChangeCases(t *testing.T) {
+	const pol = `{"tagOwners": {"tag:a": [], "tag:b": []}, "grants": [{"src": ["tag:a"], "dst": ["tag:a"], "ip": ["*"]}]}`
+	// Under bOnly node 1 sees nobody: every tag:a peer is new to it
+	// under pol, listed with its fields as of the snapshot.
+	const bOnly = `{"tagOwners": {"tag:a": [], "tag:b": []}, "grants": [{"src": ["tag:b"], "dst": ["tag:b"], "ip": ["*"]}]}`
+	for _, tc := range []struct {
+		name   string
+		from   string // the policy before; "" the bootstrap default
+		change func(h *hub)
+	}{
+		{"a peer leaves", "", func(h *hub) { h.remove(2, errSlowConsumer) }},
+		{"a peer is re-tagged away", "", func(h *hub) { n := *h.get(2); n.Tags = []string{"tag:b"}; h.upsert(&n) }},
+		{"a peer is re-tagged in", "", func(h *hub) { n := *h.get(3); n.Tags = []string{"tag:a"}; h.upsert(&n) }},
+		{"a peer reports endpoints", "", func(h *hub) {
+			n := *h.get(2)
+			n.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("198.18.0.2:41641")}
+			h.upsert(&n)
+		}},
+		{"a node joins", "", func(h *hub) { h.upsert(hubNode(9, "tag:a")) }},
+		{"the viewer is re-tagged", "", func(h *hub) { n := *h.get(1); n.Tags = []string{"tag:b"}; h.upsert(&n) }},
+		{"a new peer reports endpoints", bOnly, func(h *hub) {
+			n := *h.get(2)
+			n.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("198.18.0.2:41641")}
+			h.upsert(&n)
+		}},
+		{"a new peer leaves", bOnly, func(h *hub) { h.remove(2, errSlowConsumer) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHub("e1", nil, 0, time.Now)
+			for id, tag := range map[netmap.NodeID]string{1: "tag:a", 2: "tag:a", 3: "tag:b", 4: "tag:a"} {
+				h.upsert(hubNode(id, tag))
+			}
+			if tc.from != "" {
+				h.setPolicy(mustEngine(t, tc.from))
+			}
+			s, m := subscribeMap(t, h, 1)
+			g := newGatedPolicy(mustEngine(t, pol))
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				h.setPolicy(g)
+			}()
+			<-g.entered
+			within(t, tc.name, func() { tc.change(h) })
+			g.open()
+			<-done
+			drain(t, s, m)
+			h.mu.Lock()
+			want := decodeMsg(t, h.fullLocked(h.nodes[1]))
+			h.mu.Unlock()
+			compareMaps(t, tc.name, m, want)
+		})
+	}
+}
+
+// TestSpliceVersion: a frame encoded for one version reads back, after the
+// splice, as the same response at another; a frame that does not start as
+// expected is refused rather than guessed at.
+func TestSpliceVersion(t *testing.T) {
+	f := []netmap.FilterRule{{SrcIPs: []netip.Prefix{netip.MustParsePrefix("100.64.0.1/32")}}}
+	for _, tc := range []struct {
+		name     string
+		resp     netmap.MapResponse
+		from, to uint64
+		ok       bool
+	}{
+		{"longer", netmap.MapResponse{Epoch: "e1", PeersRemoved: []netmap.NodeID{3}, PacketFilter: &f}, 9, 10, true},
+		{"much longer", netmap.MapResponse{Epoch: "abcdef0123456789", PacketFilter: &f}, 7, 1 << 62, true},
+		{"shorter", netmap.MapResponse{Epoch: "e1", PolicyBootstrap: true}, 100, 99, true},
+		{"not that version", netmap.MapResponse{Epoch: "e1"}, 12, 13, false},
+		{"another epoch", netmap.MapResponse{Epoch: `e"2`}, 5, 6, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := tc.resp
+			r.Version = tc.from
+			if tc.name == "not that version" {
+				r.Version = 120
+			}
+			frame, err := controlclient.EncodeFrame(&r)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := spliceVersion(frame, r.Epoch, tc.from, tc.to)
+			if !tc.ok {
+				if got != nil {
+					t.Fatalf("spliced a frame at version %d as if it were %d", r.Version, tc.from)
+				}
+				return
+			}
+			want := r
+			want.Version = tc.to
+			wantFrame, _ := controlclient.EncodeFrame(&want)
+			if !bytes.Equal(got, wantFrame) {
+				t.Fatalf("spliced\n %q\nencoded\n %q", got, wantFrame)
+			}
+		})
+	}
+}

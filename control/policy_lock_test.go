@@ -1,0 +1,81 @@
+package control
+
+import (
+	"context"
+	"net/netip"
+	"slices"
+	"testing"
+	"time"
+
+	"meshd.dev/meshd/netmap"
+)
+
+// TestPolicyChangeDoesNotStallJoins: while a policy change computes, a
+// node joins, opens its map stream and another reports endpoints; when the
+// change lands, every node's map is the new policy's view of all of them.
+func TestPolicyChangeDoesNotStallJoins(t *testing.T) {
+	ctx := context.Background()
+	ts := startServer(t, ServerOptions{})
+	ka := ts.key(t, AuthKeyOptions{Tags: []string{"tag:a"}, Reusable: true})
+	kb := ts.key(t, AuthKeyOptions{Tags: []string{"tag:b"}, Reusable: true})
+	a, b, c := newTestNode(t, ts.url, ""), newTestNode(t, ts.url, ""), newTestNode(t, ts.url, "")
+	a.mustRegister(t, ka, "a")
+	b.mustRegister(t, kb, "b")
+	a.follow(t, a.mapRequest())
+	b.follow(t, b.mapRequest())
+	a.waitMap(t, "a sees b under bootstrap", hasPeer(b.id))
+
+	g := newGatedPolicy(mustEngine(t, abPolicy)) // tag:a sees only tag:a
+	t.Cleanup(g.open)
+	changed := make(chan struct{})
+	go func() {
+		defer close(changed)
+		ts.SetPolicy(g)
+	}()
+	select {
+	case <-g.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the policy change never started computing")
+	}
+	within(t, "a join", func() {
+		if _, err := c.register(ctx, ka, "c"); err != nil {
+			t.Error(err)
+		}
+	})
+	c.follow(t, c.mapRequest())
+	c.waitMap(t, "c's first map, under the old policy", func(m *netmap.NetworkMap) bool { return m.PolicyBootstrap && m.Peers[b.id] != nil })
+	ep := netip.MustParseAddrPort("198.18.0.7:41641")
+	within(t, "an endpoint update", func() {
+		req := b.mapRequest()
+		req.Endpoints = []netip.AddrPort{ep}
+		if err := b.c.Update(ctx, req); err != nil {
+			t.Error(err)
+		}
+	})
+	select {
+	case <-changed:
+		t.Fatal("the policy change finished while held")
+	default:
+	}
+	g.open()
+	select {
+	case <-changed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the policy change did not finish")
+	}
+
+	underPolicy := func(want ...netmap.NodeID) func(*netmap.NetworkMap) bool {
+		return func(m *netmap.NetworkMap) bool {
+			return !m.PolicyBootstrap && slices.Equal(peerIDs(m), want)
+		}
+	}
+	ma := a.waitMap(t, "a sees c and not b", underPolicy(c.id))
+	mc := c.waitMap(t, "c sees a and not b", underPolicy(a.id))
+	b.waitMap(t, "b sees nobody", underPolicy())
+	if len(ma.PacketFilter) == 0 || !slices.Contains(ma.PacketFilter[0].SrcIPs, netip.PrefixFrom(c.self.Addresses[0].Addr(), 32)) {
+		t.Errorf("a's filter does not admit c, which joined during the change: %+v", ma.PacketFilter)
+	}
+	if len(mc.PacketFilter) == 0 || !slices.Contains(mc.PacketFilter[0].SrcIPs, netip.PrefixFrom(a.self.Addresses[0].Addr(), 32)) {
+		t.Errorf("c's filter does not admit a: %+v", mc.PacketFilter)
+	}
+}
