@@ -255,19 +255,19 @@ func TestMigrationBackfillsSelfTags(t *testing.T) {
 	s.InsertAuthKey(ctx, AuthKey{ID: "tagged", Hash: hash, Reusable: true, Tags: []string{"tag:a"}, Created: time.Now()})
 	s.InsertAuthKey(ctx, AuthKey{ID: "broken", Hash: hash, Reusable: true, Created: time.Now()})
 	for i, tags := range [][]string{{"tag:a", "tag:b"}, {"tag:a"}, nil} {
-		if _, err := s.Register(ctx, RegisterParams{MachineKey: mkey(byte(i + 1)), NodeKey: netmap.NodePublic{1}, Now: time.Now(),
+		if _, err := s.Register(ctx, RegisterParams{MachineKey: mkey(byte(i + 1)), NodeKey: netmap.NodePublic{byte(i + 1)}, Now: time.Now(),
 			Identity: &Identity{Tags: tags, Authorized: true, AuthKeyID: "tagged"}, ConsumeKey: true, Reusable: true}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	// Back to schema 3: rows without self_tags, plus a corrupt row and a
+	// Back to schema 4: rows without self_tags, plus a corrupt row and a
 	// key whose tags are not JSON.
 	for _, q := range []string{
 		`UPDATE nodes SET data = json_remove(data, '$.self_tags')`,
 		`UPDATE nodes SET data = json_set(data, '$.tags', json('["tag:z"]'), '$.auth_key_id', 'broken') WHERE id = 3`,
 		`UPDATE auth_keys SET tags = 'garbage' WHERE id = 'broken'`,
 		`INSERT INTO nodes (machine_key, ipv4, data) VALUES ('mkey:junk', '100.64.9.9', 'not json')`,
-		`DELETE FROM schema_migrations WHERE version = 4`,
+		`DELETE FROM schema_migrations WHERE version = 5`,
 	} {
 		if _, err := s.db.Exec(q); err != nil {
 			t.Fatalf("%s: %v", q, err)

@@ -27,7 +27,7 @@ func regKeys(s *SQLite, mk netmap.MachinePublic, nk netmap.NodePublic, dk netmap
 
 func bigPool(t *testing.T) *SQLite {
 	t.Helper()
-	s, err := OpenSQLite(context.Background(), filepath.Join(t.TempDir(), "db"), seqPool{})
+	s, err := CreateSQLite(context.Background(), filepath.Join(t.TempDir(), "db"), seqPool{}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
