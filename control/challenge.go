@@ -1,22 +1,18 @@
 package control
 
 import (
+	"crypto"
 	"crypto/ecdh"
 	"crypto/hkdf"
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
-	"crypto/x509"
 	"encoding/binary"
-	"encoding/pem"
-	"errors"
 	"fmt"
 	"net/http"
-	"os"
 	"time"
 
 	"meshd.dev/meshd/control/controlclient"
-	"meshd.dev/meshd/internal/atomicfile"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -69,40 +65,17 @@ func newChallenger(path string) (*challenger, error) {
 	return c, nil
 }
 
+// loadOrCreateX25519 reads the challenge key from path, or creates it.
+// Replacing it only voids challenges issued in the last minute, so a bad
+// file can be moved aside without other consequences.
 func loadOrCreateX25519(path string) (*ecdh.PrivateKey, error) {
-	data, err := os.ReadFile(path)
-	if errors.Is(err, os.ErrNotExist) {
-		key, err := ecdh.X25519().GenerateKey(rand.Reader)
-		if err != nil {
-			return nil, err
-		}
-		der, err := x509.MarshalPKCS8PrivateKey(key)
-		if err != nil {
-			return nil, err
-		}
-		if err := atomicfile.Write(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
-			return nil, fmt.Errorf("write challenge key: %w", err)
-		}
-		return key, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("read challenge key: %w", err)
-	}
-	// Replacing this key only voids challenges issued in the last minute,
-	// so a bad file can be moved aside without other consequences.
-	block, _ := pem.Decode(data)
-	if block == nil || block.Type != "PRIVATE KEY" {
-		return nil, fmt.Errorf("challenge key %s: not a PEM private key; move it aside and restart to create a new one (harmless: nodes only need it for the next minute)", path)
-	}
-	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
-	if err != nil {
-		return nil, fmt.Errorf("challenge key %s: %w", path, err)
-	}
-	xk, ok := k.(*ecdh.PrivateKey)
-	if !ok || xk.Curve() != ecdh.X25519() {
-		return nil, fmt.Errorf("challenge key %s: want an X25519 key, got %T", path, k)
-	}
-	return xk, nil
+	return loadOrCreatePEMKey(path, "challenge key",
+		"move it aside and restart to create a new one (harmless: nodes only need it for the next minute)",
+		func() (crypto.PrivateKey, error) { return ecdh.X25519().GenerateKey(rand.Reader) },
+		func(k crypto.PrivateKey) (*ecdh.PrivateKey, bool) {
+			xk, ok := k.(*ecdh.PrivateKey)
+			return xk, ok && xk.Curve() == ecdh.X25519()
+		})
 }
 
 func (c *challenger) sum(mk netmap.MachinePublic, body []byte) []byte {

@@ -1,6 +1,7 @@
 package control
 
 import (
+	"crypto"
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/sha256"
@@ -17,40 +18,53 @@ import (
 	"meshd.dev/meshd/internal/atomicfile"
 )
 
-// loadOrCreateKey reads an Ed25519 private key (PKCS#8 PEM) from path, or
-// creates one with mode 0600 if the file does not exist.
+// loadOrCreateKey reads the coordinator's Ed25519 private key from path,
+// or creates it.
 func loadOrCreateKey(path string) (ed25519.PrivateKey, error) {
+	return loadOrCreatePEMKey(path, "coordinator key",
+		"move it aside to create a new one (nodes will then need the new fingerprint)",
+		func() (crypto.PrivateKey, error) { _, k, err := ed25519.GenerateKey(rand.Reader); return k, err },
+		func(k crypto.PrivateKey) (ed25519.PrivateKey, bool) { ek, ok := k.(ed25519.PrivateKey); return ek, ok })
+}
+
+// loadOrCreatePEMKey reads a private key (PKCS#8 PEM) named what from
+// path, or creates one with generate and writes it with mode 0600 if the
+// file does not exist. as checks the key's type; badFile is what to do
+// about a file that is not a key of that type.
+func loadOrCreatePEMKey[K any](path, what, badFile string, generate func() (crypto.PrivateKey, error), as func(crypto.PrivateKey) (K, bool)) (K, error) {
+	var zero K
 	data, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
-		_, key, err := ed25519.GenerateKey(rand.Reader)
+		key, err := generate()
 		if err != nil {
-			return nil, err
+			return zero, fmt.Errorf("generate %s: %w", what, err)
 		}
 		der, err := x509.MarshalPKCS8PrivateKey(key)
 		if err != nil {
-			return nil, err
+			return zero, fmt.Errorf("encode %s: %w", what, err)
 		}
 		if err := atomicfile.Write(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
-			return nil, err
+			return zero, fmt.Errorf("write %s: %w", what, err)
 		}
-		return key, nil
+		k, _ := as(key)
+		return k, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("read coordinator key: %w", err)
+		return zero, fmt.Errorf("read %s: %w", what, err)
 	}
 	block, _ := pem.Decode(data)
 	if block == nil || block.Type != "PRIVATE KEY" {
-		return nil, fmt.Errorf("coordinator key %s: not a PEM private key; move it aside to create a new one (nodes will then need the new fingerprint)", path)
+		return zero, fmt.Errorf("%s %s: not a PEM private key; %s", what, path, badFile)
 	}
 	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
 	if err != nil {
-		return nil, fmt.Errorf("coordinator key %s: %w", path, err)
+		return zero, fmt.Errorf("%s %s: %w; %s", what, path, err, badFile)
 	}
-	ek, ok := k.(ed25519.PrivateKey)
+	typed, ok := as(k)
 	if !ok {
-		return nil, fmt.Errorf("coordinator key %s: want an Ed25519 key, got %T", path, k)
+		return zero, fmt.Errorf("%s %s: a %T, not the expected kind of key; %s", what, path, k, badFile)
 	}
-	return ek, nil
+	return typed, nil
 }
 
 // b32 is lowercase base32 without padding: no '-' (our separator), easy to

@@ -383,7 +383,7 @@ func (s *Server) handshake(conn net.Conn, br *bufio.Reader, bw *bufio.Writer) (*
 	// all zeros and would let anyone seal to them; box.Open does not check.
 	// Non-canonical encodings would let one key register under several
 	// byte strings.
-	if _, err := curve25519.X25519(s.priv[:], clientKey[:]); err != nil || !canonicalKey(clientKey) {
+	if _, err := curve25519.X25519(s.priv[:], clientKey[:]); err != nil || !clientKey.IsCanonical() {
 		return reject("client node key is not a valid Curve25519 public key")
 	}
 	plain, ok := box.Open(nil, payload[keyLen:], &nonce, (*[32]byte)(&clientKey), (*[32]byte)(&s.priv))
@@ -890,19 +890,3 @@ func (c *sclient) writePresence() error {
 	return nil
 }
 
-// canonicalKey reports whether k is the canonical little-endian encoding of
-// a Curve25519 field element: below 2^255-19, top bit clear.
-func canonicalKey(k [32]byte) bool {
-	if k[31]&0x80 != 0 {
-		return false
-	}
-	if k[31] != 0x7f {
-		return true
-	}
-	for i := 30; i >= 1; i-- {
-		if k[i] != 0xff {
-			return true
-		}
-	}
-	return k[0] < 0xed
-}

@@ -230,10 +230,20 @@ func (k *ChallengePublic) UnmarshalText(b []byte) error {
 }
 
 // IsCanonical reports whether k is the canonical encoding of a Curve25519
-// point (the u-coordinate below 2^255-19, top bit clear). Non-canonical
-// encodings name the same point as a canonical one, so accepting them would
-// let one key be registered under several byte strings.
-func (k NodePublic) IsCanonical() bool {
+// point. Every check of a peer's node key uses it (the relay handshake, node
+// key proofs).
+func (k NodePublic) IsCanonical() bool { return canonical25519(k) }
+
+// IsCanonical reports whether k is the canonical encoding of a Curve25519
+// point. Disco uses it on every sender key.
+func (k DiscoPublic) IsCanonical() bool { return canonical25519(k) }
+
+// canonical25519 reports whether k is the canonical little-endian encoding
+// of a Curve25519 u-coordinate: below 2^255-19, top bit clear. X25519
+// ignores the top bit and reduces modulo p, so a non-canonical encoding
+// names the same point as a canonical one; accepting them would let one key
+// be registered (or appear) under several byte strings.
+func canonical25519(k [32]byte) bool {
 	if k[31]&0x80 != 0 {
 		return false
 	}

@@ -87,7 +87,7 @@ the oldest.`,
 			opts := control.ServerOptions{
 				StateDir: *stateDir, DBURL: *db, Logger: c.log,
 				EphemeralTimeout: *ephemeral, NodeKeyExpiry: *keyExpiry, RequireApproval: *approval,
-				Limits: lim,
+				Limits:    lim,
 				InitState: *initState,
 			}
 			if *policyFile != "" {

@@ -246,7 +246,7 @@ func Open(priv netmap.DiscoPrivate, pkt []byte) (netmap.DiscoPublic, Message, er
 	// Low-order keys give an all-zero shared secret anyone could seal with;
 	// non-canonical encodings (top bit set, or >= 2^255-19) would let one
 	// key appear under several byte strings.
-	if _, err := curve25519.X25519(priv[:], from[:]); err != nil || !canonicalKey(from) {
+	if _, err := curve25519.X25519(priv[:], from[:]); err != nil || !from.IsCanonical() {
 		return from, nil, errors.New("disco: sender key is not a valid Curve25519 public key")
 	}
 	var nonce [nonceLen]byte
@@ -259,20 +259,3 @@ func Open(priv netmap.DiscoPrivate, pkt []byte) (netmap.DiscoPublic, Message, er
 	return from, m, err
 }
 
-// canonicalKey reports whether k is the canonical little-endian encoding of
-// a field element: below 2^255-19, top bit clear. X25519 would otherwise
-// accept 2^255 - k encodings of the same point.
-func canonicalKey(k [32]byte) bool {
-	if k[31]&0x80 != 0 {
-		return false
-	}
-	if k[31] != 0x7f {
-		return true
-	}
-	for i := 30; i >= 1; i-- {
-		if k[i] != 0xff {
-			return true
-		}
-	}
-	return k[0] < 0xed
-}
