@@ -889,4 +889,3 @@ func (c *sclient) writePresence() error {
 	}
 	return nil
 }
-

@@ -258,4 +258,3 @@ func Open(priv netmap.DiscoPrivate, pkt []byte) (netmap.DiscoPublic, Message, er
 	m, err := Parse(plain)
 	return from, m, err
 }
-
