@@ -310,14 +310,19 @@ func (c *Conn) expire() {
 	c.l.timeouts.Add(1)
 	c.l.lim.Logger.Debug("connection closed: not authenticated within the handshake timeout",
 		"server", c.l.lim.Name, "remote", c.RemoteAddr(), "timeout", c.l.lim.HandshakeTimeout)
-	c.Close()
+	// The timer has fired, so there is nothing to stop; and c.timer must
+	// not be read here: the timer may fire before wrap's assignment of
+	// it is visible to this goroutine.
+	c.close(false)
 }
 
 // Close closes the connection and frees its place under the caps.
-func (c *Conn) Close() error {
+func (c *Conn) Close() error { return c.close(true) }
+
+func (c *Conn) close(stopTimer bool) error {
 	err := c.Conn.Close()
 	c.closeOnce.Do(func() {
-		if c.timer != nil {
+		if stopTimer && c.timer != nil {
 			c.timer.Stop()
 		}
 		c.l.release(c.src)
