@@ -102,12 +102,14 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 		MachineKey: mk, NodeKey: req.NodeKey, DiscoKey: req.DiscoKey,
 		Hostname: sanitizeHostname(req.Hostname), Now: now,
 	}
-	pol := s.policy()
 	// Held from the auth key check to the write, so an admin action on the
 	// node cannot slip between a single-use key's retry check and the
-	// registration it allows.
+	// registration it allows; and the policy is read under it, because a
+	// policy swap (which re-checks tags nodes gave themselves) also holds
+	// it: tags checked against the old policy cannot land after the swap.
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	pol := s.policy()
 	if req.AuthKey != "" {
 		key, retry, err := s.checkAuthKey(ctx, mk, req.AuthKey, now)
 		if err != nil {
