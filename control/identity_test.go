@@ -291,10 +291,7 @@ func TestClaimingAnotherNodesKeyRevokesNothing(t *testing.T) {
 	ts := startServer(t, ServerOptions{})
 	ds := newRelay(t, ts.VerifyNodeKey)
 	ts.Handle("/derp", ds)
-	ctx, cancel := context.WithCancel(context.Background())
-	enforced := make(chan struct{})
-	go func() { ts.EnforceRevocations(ctx, ds); close(enforced) }()
-	t.Cleanup(func() { cancel(); <-enforced })
+	enforceRevocations(t, ts, ds)
 
 	key := ts.key(t, AuthKeyOptions{Reusable: true, Tags: []string{"tag:gpu"}})
 	a, b, c := newTestNode(t, ts.url, ts.Fingerprint()), newTestNode(t, ts.url, ts.Fingerprint()), newTestNode(t, ts.url, ts.Fingerprint())

@@ -105,10 +105,7 @@ func TestEmbeddedRelayRevocation(t *testing.T) {
 			ts := startServer(t, ServerOptions{})
 			ds := newRelay(t, ts.VerifyNodeKey)
 			ts.Handle("/derp", ds)
-			ctx, cancel := context.WithCancel(context.Background())
-			enforced := make(chan struct{})
-			go func() { ts.EnforceRevocations(ctx, ds); close(enforced) }()
-			t.Cleanup(func() { cancel(); <-enforced })
+			enforceRevocations(t, ts, ds)
 
 			key := ts.key(t, AuthKeyOptions{Reusable: true, Tags: []string{"tag:gpu"}})
 			a := newTestNode(t, ts.url, ts.Fingerprint())
@@ -161,10 +158,7 @@ func TestEmbeddedRelayRevokesClientsConnectedBefore(t *testing.T) {
 	}
 	wantOpen(t, done, "before enforcement") // the gap this test closes
 
-	ctx, cancel := context.WithCancel(context.Background())
-	enforced := make(chan struct{})
-	go func() { ts.EnforceRevocations(ctx, ds); close(enforced) }()
-	t.Cleanup(func() { cancel(); <-enforced })
+	enforceRevocations(t, ts, ds)
 	wantClosedWithin(t, done, "deleted before enforcement started")
 }
 
@@ -572,4 +566,14 @@ func FuzzRelayVerifyBatch(f *testing.F) {
 			t.Fatalf("status %d with body %q: want a 4xx JSON error with a code", rec.Code, raw)
 		}
 	})
+}
+
+// enforceRevocations pushes ts's revocations to the relay ds until the test
+// ends.
+func enforceRevocations(t *testing.T, ts *testServer, ds *derp.Server) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	enforced := make(chan struct{})
+	go func() { ts.EnforceRevocations(ctx, ds); close(enforced) }()
+	t.Cleanup(func() { cancel(); <-enforced })
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -126,7 +127,7 @@ func TestStartRefusesUnusableState(t *testing.T) {
 			if got := mustRead(t, filepath.Join(dir, adminTokenFile)); got != token {
 				t.Error("a refused start issued a new admin token")
 			}
-			if after := dirState(t, dir); !stringMapsEqual(before, after) {
+			if after := dirState(t, dir); !maps.Equal(before, after) {
 				t.Errorf("a refused start changed the state dir:\nbefore %v\nafter  %v", before, after)
 			}
 		})
@@ -169,7 +170,7 @@ func TestInitStateReinitialises(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "intact") {
 		t.Fatalf("--init-state on an intact database: %v", err)
 	}
-	if after := dirState(t, dir); !stringMapsEqual(before, after) {
+	if after := dirState(t, dir); !maps.Equal(before, after) {
 		t.Errorf("--init-state on an intact database changed the state dir")
 	}
 }
@@ -207,18 +208,6 @@ func dirState(t *testing.T, dir string) map[string]string {
 		out[e.Name()] = fi.Mode().String() + " " + string(b)
 	}
 	return out
-}
-
-func stringMapsEqual(a, b map[string]string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if w, ok := b[k]; !ok || w != v {
-			return false
-		}
-	}
-	return true
 }
 
 // logBuffer is a slog handler target that tests can read.

@@ -5,6 +5,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -54,7 +55,7 @@ func TestOpenRefusesWhatIsNotADatabase(t *testing.T) {
 			if !errors.Is(err, tc.want) {
 				t.Fatalf("err = %v, want %v", err, tc.want)
 			}
-			if after := snapshotDir(t, dir); !mapsEqual(before, after) {
+			if after := snapshotDir(t, dir); !maps.Equal(before, after) {
 				t.Fatalf("refused open changed the directory:\nbefore %v\nafter  %v", before, after)
 			}
 		})
@@ -75,18 +76,6 @@ func snapshotDir(t *testing.T, dir string) map[string]string {
 		out[e.Name()] = fi.Mode().String() + " " + string(b)
 	}
 	return out
-}
-
-func mapsEqual(a, b map[string]string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for k, v := range a {
-		if w, ok := b[k]; !ok || w != v {
-			return false
-		}
-	}
-	return true
 }
 
 // TestDatabaseFilesAre0600 runs with umask 0: the database, its -wal and
