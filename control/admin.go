@@ -175,6 +175,7 @@ func (s *Server) Nodes(ctx context.Context) ([]NodeInfo, error) {
 	for _, n := range ns {
 		ni := NodeInfo{Node: n.Node, Authorized: n.Authorized, AuthKeyID: n.AuthKeyID,
 			Expired: !n.KeyExpiry.IsZero() && !now.Before(n.KeyExpiry)}
+		ni.DNSName = netmap.DNSName(n.Hostname, s.opts.DNS.Suffix)
 		if cur := s.hub.get(n.ID); cur != nil {
 			ni.Online, ni.Endpoints, ni.HomeDERP = cur.Online, cur.Endpoints, cur.HomeDERP
 		}

@@ -67,6 +67,10 @@ type hub struct {
 		full, resumed atomic.Int64 // first messages sent, by kind
 	}
 
+	// dns is the name service configuration every full map carries; set
+	// once before the hub serves.
+	dns netmap.DNSConfig
+
 	log     []change
 	logNext int // ring position of the next entry
 	logFull bool
@@ -238,6 +242,9 @@ func (h *hub) upsert(n *netmap.Node) {
 }
 
 func (h *hub) upsertLocked(n *netmap.Node) {
+	// The name is derived here, not stored, so a new --dns-suffix renames
+	// every node at the next start.
+	n.DNSName = netmap.DNSName(n.Hostname, h.dns.Suffix)
 	old := h.nodes[n.ID]
 	h.nodes[n.ID] = n
 	// A key is revoked at the relays only by the node that owns it, and
@@ -533,6 +540,8 @@ func (h *hub) peerJSONLocked(n *netmap.Node) []byte {
 func (h *hub) fullLocked(self *netmap.Node) *mapMessage {
 	r := h.base()
 	r.Full = true
+	dns := h.dns
+	r.DNS = &dns
 	sc := *self
 	r.Self = &sc
 	var peers []*netmap.Node

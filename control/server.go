@@ -51,6 +51,9 @@ type ServerOptions struct {
 	// keep-alive (default 20s).
 	KeepAliveInterval time.Duration
 	DERPMap           *netmap.DERPMap
+	// DNS is the tailnet's name service. A zero Suffix means
+	// netmap.DefaultDNSSuffix; nil SearchDomains mean just the suffix.
+	DNS netmap.DNSConfig
 
 	// NodeKeyExpiry is how long a user's node key is valid after it
 	// registers (default 180 days). Tagged nodes never expire.
@@ -163,6 +166,15 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 			return nil, fmt.Errorf("coordinator: %w", err)
 		}
 	}
+	if opts.DNS.Suffix == "" {
+		opts.DNS.Suffix = netmap.DefaultDNSSuffix
+	}
+	if opts.DNS.SearchDomains == nil {
+		opts.DNS.SearchDomains = []string{opts.DNS.Suffix}
+	}
+	if err := opts.DNS.Validate(); err != nil {
+		return nil, fmt.Errorf("coordinator: %w", err)
+	}
 	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("coordinator state dir: %w", err)
 	}
@@ -218,6 +230,7 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 		s.now = time.Now
 	}
 	s.hub.revoked = s.keys.publish
+	s.hub.dns = opts.DNS
 	if err := s.quarantineCorrupt(ctx, dbPath); err != nil {
 		st.Close()
 		return nil, err

@@ -23,6 +23,7 @@ type NetworkMap struct {
 	Self            Node
 	Peers           map[NodeID]*Node
 	DERPMap         DERPMap
+	DNS             DNSConfig
 	PacketFilter    []FilterRule
 	PolicyBootstrap bool
 }
@@ -34,7 +35,7 @@ var ErrNeedFullMap = errors.New("delta without a base map: need a full map")
 // Apply folds resp into m. On error m is unchanged.
 func (m *NetworkMap) Apply(resp *MapResponse) error {
 	if resp.KeepAlive && !resp.Full && resp.Self == nil && len(resp.PeersChanged) == 0 &&
-		len(resp.PeersRemoved) == 0 && len(resp.PeersPatch) == 0 && resp.DERPMap == nil && resp.PacketFilter == nil {
+		len(resp.PeersRemoved) == 0 && len(resp.PeersPatch) == 0 && resp.DERPMap == nil && resp.DNS == nil && resp.PacketFilter == nil {
 		return nil
 	}
 	if err := resp.Validate(); err != nil {
@@ -54,6 +55,9 @@ func (m *NetworkMap) Apply(resp *MapResponse) error {
 		}
 		if resp.DERPMap != nil {
 			next.DERPMap = *resp.DERPMap
+		}
+		if resp.DNS != nil {
+			next.DNS = *resp.DNS
 		}
 		if resp.PacketFilter != nil {
 			next.PacketFilter = *resp.PacketFilter
@@ -101,6 +105,9 @@ func (m *NetworkMap) Apply(resp *MapResponse) error {
 	}
 	if resp.DERPMap != nil {
 		m.DERPMap = *resp.DERPMap
+	}
+	if resp.DNS != nil {
+		m.DNS = *resp.DNS
 	}
 	if resp.PacketFilter != nil {
 		m.PacketFilter = *resp.PacketFilter
@@ -170,6 +177,11 @@ func (r *MapResponse) Validate() error {
 			return err
 		}
 	}
+	if r.DNS != nil {
+		if err := r.DNS.Validate(); err != nil {
+			return fmt.Errorf("map response: %w", err)
+		}
+	}
 	if r.PacketFilter != nil {
 		for i, fr := range *r.PacketFilter {
 			if err := fr.Validate(); err != nil {
@@ -213,6 +225,15 @@ func (n *Node) Validate() error {
 	}
 	if len(n.Hostname) > 253 {
 		return fmt.Errorf("node %d: hostname longer than 253 bytes", n.ID)
+	}
+	if n.DNSName != "" {
+		name, ok := strings.CutSuffix(n.DNSName, ".")
+		if !ok {
+			return fmt.Errorf("node %d: dns name %q is not fully qualified (no trailing dot)", n.ID, n.DNSName)
+		}
+		if err := CheckDomain(name); err != nil {
+			return fmt.Errorf("node %d: dns name: %w", n.ID, err)
+		}
 	}
 	return nil
 }

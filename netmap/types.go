@@ -32,8 +32,11 @@ type NodeID uint64
 // Node is one machine in the tailnet as the coordinator describes it to its
 // peers and to itself.
 type Node struct {
-	ID         NodeID        `json:"id"`
-	Hostname   string        `json:"hostname"`
+	ID       NodeID `json:"id"`
+	Hostname string `json:"hostname"`
+	// DNSName is the node's MagicDNS name, HOSTNAME.SUFFIX. with the
+	// trailing dot; unique in the tailnet because hostnames are.
+	DNSName    string        `json:"dns_name,omitempty"`
 	User       string        `json:"user,omitempty"` // owner's login; empty for tagged nodes
 	Tags       []string      `json:"tags,omitempty"` // sorted, lowercase "tag:x"
 	MachineKey MachinePublic `json:"machine_key"`
@@ -176,6 +179,9 @@ type MapResponse struct {
 	PeersPatch []PeerPatch `json:"peers_patch,omitempty"`
 
 	DERPMap *DERPMap `json:"derp_map,omitempty"`
+	// DNS replaces the node's name service configuration when non-nil
+	// (always in a full map).
+	DNS *DNSConfig `json:"dns,omitempty"`
 	// PacketFilter replaces the node's inbound filter when non-nil. An empty
 	// non-nil slice means deny all inbound.
 	PacketFilter *[]FilterRule `json:"packet_filter,omitempty"`

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"strings"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"github.com/peterbourgon/ff/v3/ffcli"
 
 	"meshd.dev/meshd/control"
+	"meshd.dev/meshd/netmap"
 	"meshd.dev/meshd/policy"
 )
 
@@ -27,6 +29,10 @@ func (c *cli) coordinatorCmd() *ffcli.Command {
 	approval := fs.Bool("require-approval", false, "nodes enrolled with keys that are not --preauthorized wait for `meshd admin nodes approve`")
 	policyFile := fs.String("policy", "", "tailnet policy `file` (huJSON) to load at start; it must validate, and it replaces (and is stored over) the policy last set with meshd admin policy set")
 	initState := fs.Bool("init-state", false, "start over with an empty database when the existing one is missing, empty, not meshd's or another coordinator's (it is moved aside, never deleted); every node must enrol again and a new admin token is issued. Refused when the database is intact")
+	dnsSuffix := fs.String("dns-suffix", netmap.DefaultDNSSuffix, "MagicDNS `domain`: every node is HOSTNAME.DOMAIN")
+	dnsSearch := fs.String("dns-search", "", "comma-separated search `domains` nodes configure (default: the --dns-suffix)")
+	var dnsRoutes dnsRouteFlag
+	fs.Var(&dnsRoutes, "dns-route", "split DNS: `DOMAIN=IP[:PORT][,IP[:PORT]...]` sends queries for names under DOMAIN to those resolvers (repeatable)")
 	derpFlags := registerCoordDERPFlags(fs)
 	conns := registerConnFlags(fs, "coordinator")
 	return &ffcli.Command{
@@ -89,6 +95,15 @@ the oldest.`,
 				EphemeralTimeout: *ephemeral, NodeKeyExpiry: *keyExpiry, RequireApproval: *approval,
 				Limits:    lim,
 				InitState: *initState,
+				DNS:       netmap.DNSConfig{Suffix: strings.TrimSuffix(*dnsSuffix, "."), Routes: dnsRoutes.routes},
+			}
+			if *dnsSearch != "" {
+				for d := range strings.SplitSeq(*dnsSearch, ",") {
+					opts.DNS.SearchDomains = append(opts.DNS.SearchDomains, strings.TrimSuffix(strings.TrimSpace(d), "."))
+				}
+			}
+			if err := opts.DNS.Validate(); err != nil {
+				return &exitError{2, "coordinator: " + err.Error()}
 			}
 			if *policyFile != "" {
 				data, err := readPolicyFile(*policyFile)
@@ -176,4 +191,41 @@ func readPolicyFile(file string) ([]byte, error) {
 		return nil, fmt.Errorf("%s: policy is larger than the %d byte (4 MiB) limit", file, policy.MaxSize)
 	}
 	return data, nil
+}
+
+// dnsRouteFlag collects --dns-route DOMAIN=IP[:PORT],... values.
+type dnsRouteFlag struct{ routes map[string][]netip.AddrPort }
+
+func (f *dnsRouteFlag) String() string { return "" }
+
+func (f *dnsRouteFlag) Set(v string) error {
+	domain, list, ok := strings.Cut(v, "=")
+	if !ok || list == "" {
+		return fmt.Errorf("%q: want DOMAIN=IP[:PORT][,IP[:PORT]...]", v)
+	}
+	domain = strings.TrimSuffix(strings.ToLower(strings.TrimSpace(domain)), ".")
+	if err := netmap.CheckDomain(domain); err != nil {
+		return err
+	}
+	if _, dup := f.routes[domain]; dup {
+		return fmt.Errorf("%q: route for %s given twice; list all its resolvers in one flag", v, domain)
+	}
+	var rs []netip.AddrPort
+	for r := range strings.SplitSeq(list, ",") {
+		r = strings.TrimSpace(r)
+		if ap, err := netip.ParseAddrPort(r); err == nil {
+			rs = append(rs, ap)
+			continue
+		}
+		a, err := netip.ParseAddr(strings.Trim(r, "[]"))
+		if err != nil {
+			return fmt.Errorf("%q: resolver %q is not an IP or IP:PORT", v, r)
+		}
+		rs = append(rs, netip.AddrPortFrom(a, 53))
+	}
+	if f.routes == nil {
+		f.routes = make(map[string][]netip.AddrPort)
+	}
+	f.routes[domain] = rs
+	return nil
 }
