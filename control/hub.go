@@ -70,6 +70,9 @@ type hub struct {
 	// dns is the name service configuration every full map carries; set
 	// once before the hub serves.
 	dns netmap.DNSConfig
+	// tlsCA is the tailnet CA certificate (DER) every full map carries;
+	// set once before the hub serves.
+	tlsCA []byte
 
 	log     []change
 	logNext int // ring position of the next entry
@@ -542,6 +545,7 @@ func (h *hub) fullLocked(self *netmap.Node) *mapMessage {
 	r.Full = true
 	dns := h.dns
 	r.DNS = &dns
+	r.TLSCA = h.tlsCA
 	sc := *self
 	r.Self = &sc
 	var peers []*netmap.Node

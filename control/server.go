@@ -94,6 +94,15 @@ type ServerOptions struct {
 	// out a new admin token and the allow-all bootstrap policy. It refuses
 	// to act on an intact database: it is a one-off operator action.
 	InitState bool
+
+	// NewCA (meshd coordinator --new-ca) replaces the tailnet CA: the old
+	// ca.key and ca.crt are moved aside and a new CA is made. Every host
+	// that trusted the old CA must then trust the new one. Without it a
+	// start that finds the recorded CA missing, damaged or made for
+	// another DNS suffix is refused.
+	NewCA bool
+	// certLifetime replaces DefaultCertLifetime, for tests.
+	certLifetime time.Duration
 }
 
 // Server is a coordinator.
@@ -108,10 +117,14 @@ type Server struct {
 	hub         *hub
 	keys        keyFeed     // revoked node keys, for relays
 	chal        *challenger // issues node key challenges, checks proofs
-	mux         *http.ServeMux
-	ctx         context.Context
-	cancel      context.CancelFunc
-	wg          sync.WaitGroup
+	ca          *certAuthority
+	certLimit   certLimiter
+	// certLifetime is how long node certificates are valid.
+	certLifetime time.Duration
+	mux          *http.ServeMux
+	ctx          context.Context
+	cancel       context.CancelFunc
+	wg           sync.WaitGroup
 	// now is the clock of registration decisions (time.Now; tests move it).
 	now func() time.Time
 
@@ -225,9 +238,14 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 		ephemeral:   make(map[netmap.NodeID]*time.Timer),
 		chal:        chal,
 		now:         opts.now,
+
+		certLifetime: opts.certLifetime,
 	}
 	if s.now == nil {
 		s.now = time.Now
+	}
+	if s.certLifetime <= 0 {
+		s.certLifetime = DefaultCertLifetime
 	}
 	s.hub.revoked = s.keys.publish
 	s.hub.dns = opts.DNS
@@ -239,6 +257,11 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 		st.Close()
 		return nil, err
 	}
+	if err := s.initCA(ctx); err != nil {
+		st.Close()
+		return nil, err
+	}
+	s.hub.tlsCA = s.ca.cert.Raw
 	if err := s.loadNodes(ctx); err != nil {
 		st.Close()
 		return nil, err
@@ -252,6 +275,7 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	s.mux.HandleFunc("POST /machine/map", s.handleMap)
 	s.mux.HandleFunc("POST "+controlclient.ChallengePath, s.handleChallenge)
 	s.mux.HandleFunc("POST /machine/tags", s.handleSetTags)
+	s.mux.HandleFunc("POST "+controlclient.CertPath, s.handleCert)
 	s.mux.HandleFunc("GET "+DERPMapPath, s.handleDERPMap)
 	s.adminRoutes(s.mux)
 	s.ctx, s.cancel = context.WithCancel(context.WithoutCancel(ctx))

@@ -26,6 +26,9 @@ type NetworkMap struct {
 	DNS             DNSConfig
 	PacketFilter    []FilterRule
 	PolicyBootstrap bool
+	// TLSCA is the tailnet CA certificate (DER), nil from a coordinator
+	// without one (MapResponse.TLSCA).
+	TLSCA []byte
 }
 
 // ErrNeedFullMap is returned by Apply when a delta arrives for a map that has
@@ -35,7 +38,7 @@ var ErrNeedFullMap = errors.New("delta without a base map: need a full map")
 // Apply folds resp into m. On error m is unchanged.
 func (m *NetworkMap) Apply(resp *MapResponse) error {
 	if resp.KeepAlive && !resp.Full && resp.Self == nil && len(resp.PeersChanged) == 0 &&
-		len(resp.PeersRemoved) == 0 && len(resp.PeersPatch) == 0 && resp.DERPMap == nil && resp.DNS == nil && resp.PacketFilter == nil {
+		len(resp.PeersRemoved) == 0 && len(resp.PeersPatch) == 0 && resp.DERPMap == nil && resp.DNS == nil && resp.PacketFilter == nil && resp.TLSCA == nil {
 		return nil
 	}
 	if err := resp.Validate(); err != nil {
@@ -62,6 +65,7 @@ func (m *NetworkMap) Apply(resp *MapResponse) error {
 		if resp.PacketFilter != nil {
 			next.PacketFilter = *resp.PacketFilter
 		}
+		next.TLSCA = resp.TLSCA
 		*m = next
 		return nil
 	}
@@ -111,6 +115,9 @@ func (m *NetworkMap) Apply(resp *MapResponse) error {
 	}
 	if resp.PacketFilter != nil {
 		m.PacketFilter = *resp.PacketFilter
+	}
+	if resp.TLSCA != nil {
+		m.TLSCA = resp.TLSCA
 	}
 	m.PolicyBootstrap = resp.PolicyBootstrap
 	m.Version = resp.Version
@@ -179,6 +186,11 @@ func (r *MapResponse) Validate() error {
 	}
 	if r.DNS != nil {
 		if err := r.DNS.Validate(); err != nil {
+			return fmt.Errorf("map response: %w", err)
+		}
+	}
+	if r.TLSCA != nil {
+		if _, err := ParseTLSCA(r.TLSCA); err != nil {
 			return fmt.Errorf("map response: %w", err)
 		}
 	}

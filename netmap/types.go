@@ -188,6 +188,12 @@ type MapResponse struct {
 	// PolicyBootstrap reports that no policy is loaded and the coordinator's
 	// allow-all default is in force.
 	PolicyBootstrap bool `json:"policy_bootstrap,omitempty"`
+	// TLSCA replaces the tailnet CA certificate (DER) when non-nil: the CA
+	// that signs nodes' TLS certificates for their DNS names
+	// (POST /machine/cert), name-constrained to the DNS suffix and the
+	// tailnet's address ranges. Always in a full map from a coordinator
+	// that runs one; nodes learn it only over the pinned control channel.
+	TLSCA []byte `json:"tls_ca,omitempty"`
 }
 
 // PeerPatch changes some fields of a peer already in the map; nil fields are

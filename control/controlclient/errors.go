@@ -31,6 +31,9 @@ var (
 	// ErrKeyProof is a registration or node key change without a valid
 	// proof that the node holds the new key's private half.
 	ErrKeyProof = errors.New("node key proof missing or invalid")
+	// ErrRateLimited is a request refused because its sender made too
+	// many of its kind recently (certificate requests); retry later.
+	ErrRateLimited = errors.New("too many requests")
 )
 
 // errorCodes is the wire form of each sentinel. Codes never change meaning.
@@ -53,6 +56,7 @@ var errorCodes = []struct {
 	{ErrPolicyInvalid, "policy_invalid", http.StatusUnprocessableEntity},
 	{ErrKeyInUse, "key_in_use", http.StatusConflict},
 	{ErrKeyProof, "node_key_proof", http.StatusForbidden},
+	{ErrRateLimited, "rate_limited", http.StatusTooManyRequests},
 	{ErrBadRequest, "bad_request", http.StatusBadRequest},
 }
 
