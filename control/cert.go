@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -181,3 +182,6 @@ func (s *Server) issueCert(ctx context.Context, mk netmap.MachinePublic, req net
 // to it, and it is constrained to the DNS suffix and the tailnet's
 // addresses.
 func (s *Server) TLSCA() *x509.Certificate { return s.ca.cert }
+
+// TLSCAPath is where the tailnet CA certificate is (PEM).
+func (s *Server) TLSCAPath() string { return filepath.Join(s.opts.StateDir, caCertFile) }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"flag"
 	"fmt"
@@ -29,7 +30,8 @@ func (c *cli) coordinatorCmd() *ffcli.Command {
 	approval := fs.Bool("require-approval", false, "nodes enrolled with keys that are not --preauthorized wait for `meshd admin nodes approve`")
 	policyFile := fs.String("policy", "", "tailnet policy `file` (huJSON) to load at start; it must validate, and it replaces (and is stored over) the policy last set with meshd admin policy set")
 	initState := fs.Bool("init-state", false, "start over with an empty database when the existing one is missing, empty, not meshd's or another coordinator's (it is moved aside, never deleted); every node must enrol again and a new admin token is issued. Refused when the database is intact")
-	dnsSuffix := fs.String("dns-suffix", netmap.DefaultDNSSuffix, "MagicDNS `domain`: every node is HOSTNAME.DOMAIN")
+	newCA := fs.Bool("new-ca", false, "replace the tailnet CA (DIR/ca.key, DIR/ca.crt; moved aside, never deleted) with a new one, as when it is lost or --dns-suffix changes: every host that trusted the old CA must then trust the new one (meshd cert --install-ca)")
+	dnsSuffix := fs.String("dns-suffix", netmap.DefaultDNSSuffix, "MagicDNS `domain`: every node is HOSTNAME.DOMAIN (the tailnet CA is constrained to it: changing it needs --new-ca)")
 	dnsSearch := fs.String("dns-search", "", "comma-separated search `domains` nodes configure (default: the --dns-suffix)")
 	var dnsRoutes dnsRouteFlag
 	fs.Var(&dnsRoutes, "dns-route", "split DNS: `DOMAIN=IP[:PORT][,IP[:PORT]...]` sends queries for names under DOMAIN to those resolvers (repeatable)")
@@ -37,7 +39,7 @@ func (c *cli) coordinatorCmd() *ffcli.Command {
 	conns := registerConnFlags(fs, "coordinator")
 	return &ffcli.Command{
 		Name:       "coordinator",
-		ShortUsage: "meshd coordinator --listen ADDR --state-dir DIR [--db URL] [--policy FILE] [--init-state] [--derp-map FILE | --derp-host H --derp-listen ADDR --stun-listen ADDR]",
+		ShortUsage: "meshd coordinator --listen ADDR --state-dir DIR [--db URL] [--policy FILE] [--init-state] [--new-ca] [--derp-map FILE | --derp-host H --derp-listen ADDR --stun-listen ADDR]",
 		ShortHelp:  "run the coordinator: node registry, auth keys and network maps",
 		LongHelp: `Runs the coordinator. On first start it creates its key and an admin token
 (DIR/admin.token, mode 0600) that ` + "`meshd admin`" + ` uses. Auth keys carry the
@@ -51,6 +53,14 @@ The coordinator never silently starts over (that would issue a new admin
 token and the allow-all bootstrap policy). A node or auth key row that fails
 to decode is logged and moved to the database's quarantine table; the rest
 loads.
+
+TLS: on first start the coordinator also creates the tailnet CA (DIR/ca.key,
+DIR/ca.crt, ECDSA P-256, valid 10 years), whose certificate is constrained
+(critical X.509 name constraints) to --dns-suffix and the tailnet's address
+ranges. Nodes learn it from their map and get 14-day certificates for their
+own DNS name from it (meshd cert). A CA the database records that is
+missing, damaged, replaced or made for another --dns-suffix stops the start;
+--new-ca makes a new one (every host must then trust it again).
 
 Policy: with --policy FILE the coordinator loads FILE (refusing to start if it
 does not validate), stores it and puts it in force, replacing whatever was set
@@ -95,6 +105,7 @@ the oldest.`,
 				EphemeralTimeout: *ephemeral, NodeKeyExpiry: *keyExpiry, RequireApproval: *approval,
 				Limits:    lim,
 				InitState: *initState,
+				NewCA:     *newCA,
 				DNS:       netmap.DNSConfig{Suffix: strings.TrimSuffix(*dnsSuffix, "."), Routes: dnsRoutes.routes},
 			}
 			if *dnsSearch != "" {
@@ -149,6 +160,7 @@ the oldest.`,
 					fmt.Fprintln(c.stderr, w)
 				}
 			}
+			fmt.Fprintf(c.stdout, "tailnet CA: %s (sha256 %x)\n", s.TLSCAPath(), sha256.Sum256(s.TLSCA().Raw))
 			stopRelays, err := c.startCoordDERP(ctx, s, *listen, ln, derpFlags, *stateDir)
 			if err != nil {
 				ln.Close()
