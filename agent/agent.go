@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"meshd.dev/meshd/agent/certs"
 	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/agent/proxy"
 	"meshd.dev/meshd/control/controlclient"
@@ -35,6 +36,9 @@ type ControlClient interface {
 	Register(ctx context.Context, req netmap.RegisterRequest) (*netmap.RegisterResponse, error)
 	// SetTags replaces the registered node's tags on its own request.
 	SetTags(ctx context.Context, req netmap.SetTagsRequest) (*netmap.SetTagsResponse, error)
+	// Cert asks the tailnet CA to sign a certificate request for the
+	// node's own DNS name.
+	Cert(ctx context.Context, req netmap.CertRequest) (*netmap.CertResponse, error)
 	ServerPin() string
 	Update(ctx context.Context, req netmap.MapRequest) error
 	Follow(ctx context.Context, req netmap.MapRequest, fn func(*netmap.NetworkMap)) error
@@ -104,6 +108,7 @@ type Agent struct {
 	id    *Identity
 	disco netmap.DiscoPrivate
 	pf    *packetFilter // guarded by mu; its Filter is safe for concurrent use
+	certs *certs.Manager
 
 	// upMu serialises Up and Down, so that two concurrent `meshd up` cannot
 	// both register (spending two keys, creating two nodes).
@@ -189,10 +194,12 @@ func New(opts Options) (*Agent, error) {
 		opts: opts, log: opts.Logger, store: st, id: id, disco: netmap.NewDiscoPrivate(),
 		login: login, nm: nm, ctlState: "not connected", pf: newPacketFilter(opts.Logger),
 		pathsChanged: make(chan struct{}, 1), changed: make(chan struct{}),
+		certs: certs.New(opts.StateDir, opts.Logger),
 	}
 	if nm != nil {
 		// A map saved by an older version may hold peers that share a key.
 		a.dropKeyConflicts(nm)
+		a.certs.SetSelf(certs.SelfOf(nm))
 	}
 	return a, nil
 }
@@ -336,13 +343,19 @@ func (a *Agent) controlLoop(ctx context.Context, login Login) {
 		return
 	}
 	defer cc.Close()
+	a.certs.SetIssuer(cc)
+	defer a.certs.SetIssuer(nil)
 	var wg sync.WaitGroup
-	wg.Add(1)
+	wg.Add(2)
 	rctx, stopReports := context.WithCancel(ctx)
 	defer stopReports()
 	go func() {
 		defer wg.Done()
 		a.reportEndpoints(rctx, cc)
+	}()
+	go func() {
+		defer wg.Done()
+		a.certs.Run(rctx)
 	}()
 	a.setCtlState("connecting to " + login.CoordinatorURL)
 	req := netmap.MapRequest{
@@ -403,6 +416,7 @@ func (a *Agent) onMap(nm *netmap.NetworkMap) {
 	// Before anything uses the map: the filter, WireGuard, the magic bind,
 	// name lookups and the saved copy all see one peer per key.
 	a.dropKeyConflicts(nm)
+	a.certs.SetSelf(certs.SelfOf(nm))
 	a.ctlState = "connected"
 	if a.approvalPending {
 		a.log.Info("approved by an admin")

@@ -33,6 +33,9 @@ func (f *feedControl) Register(context.Context, netmap.RegisterRequest) (*netmap
 func (f *feedControl) SetTags(context.Context, netmap.SetTagsRequest) (*netmap.SetTagsResponse, error) {
 	return nil, errors.New("feedControl: no tags")
 }
+func (f *feedControl) Cert(context.Context, netmap.CertRequest) (*netmap.CertResponse, error) {
+	return nil, errors.New("feedControl: no CA")
+}
 func (f *feedControl) ServerPin() string                               { return "feed" }
 func (f *feedControl) Update(context.Context, netmap.MapRequest) error { return nil }
 func (f *feedControl) Close()                                          {}

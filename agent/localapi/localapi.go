@@ -277,6 +277,7 @@ func Handler(b Backend) http.Handler {
 			writeJSON(w, http.StatusOK, st)
 		})
 	}
+	certRoutes(mux, b)
 	if p, ok := b.(Pinger); ok {
 		mux.HandleFunc("POST /v0/ping", func(w http.ResponseWriter, r *http.Request) {
 			peer := r.URL.Query().Get("peer")

@@ -19,12 +19,34 @@ func TestPeerCredHelper(t *testing.T) {
 	if sock == "" {
 		t.Skip("helper process for TestPeerCredRejectsOtherUsers")
 	}
-	_, err := NewClient(sock).Status(context.Background())
+	c := NewClient(sock)
+	if os.Getenv("MESHD_TEST_PEERCRED_CALL") == "cert" {
+		p, err := c.CertPair(context.Background(), "")
+		if err == nil {
+			fmt.Printf("KEY:%q\n", p.KeyPEM)
+		}
+		fmt.Printf("RESULT:%v\n", err)
+		return
+	}
+	_, err := c.Status(context.Background())
 	fmt.Printf("RESULT:%v\n", err)
 }
 
+// certBackend holds a node key pair, as the agent does.
+type certBackend struct{ fakeBackend }
+
+const testKeyPEM = "-----BEGIN PRIVATE KEY-----\nsecret node key\n-----END PRIVATE KEY-----\n"
+
+func (certBackend) CertPair(context.Context, string) (*CertPair, error) {
+	return &CertPair{Name: "gpu-1.meshd.internal", KeyPEM: testKeyPEM}, nil
+}
+
+func (certBackend) TailnetCA(context.Context) (*TailnetCA, error) { return &TailnetCA{}, nil }
+
 // TestPeerCredRejectsOtherUsers opens the socket's mode to everyone and
-// checks that the SO_PEERCRED check still turns away another user.
+// checks that the SO_PEERCRED check still turns away another user, for
+// status and for the node's TLS private key (/v0/cert) alike: a local
+// user who is neither root nor the daemon's user never reads the key.
 func TestPeerCredRejectsOtherUsers(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to run a client as another user")
@@ -47,7 +69,7 @@ func TestPeerCredRejectsOtherUsers(t *testing.T) {
 	os.Chmod(sock, 0o666) // a mistaken chmod: the credential check must hold
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- Serve(ctx, ln, &fakeBackend{}) }()
+	go func() { done <- Serve(ctx, ln, &certBackend{}) }()
 	defer func() { cancel(); <-done }()
 
 	// Copy the test binary somewhere the other user can execute it.
@@ -70,10 +92,11 @@ func TestPeerCredRejectsOtherUsers(t *testing.T) {
 
 	for _, tc := range []struct {
 		uid    uint32
+		call   string
 		wantOK bool
-	}{{0, true}, {65534, false}} {
+	}{{0, "status", true}, {65534, "status", false}, {0, "cert", true}, {65534, "cert", false}} {
 		cmd := exec.Command(bin, "-test.run=^TestPeerCredHelper$", "-test.v")
-		cmd.Env = []string{"MESHD_TEST_PEERCRED_SOCKET=" + sock}
+		cmd.Env = []string{"MESHD_TEST_PEERCRED_SOCKET=" + sock, "MESHD_TEST_PEERCRED_CALL=" + tc.call}
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: tc.uid, Gid: tc.uid}}
 		out, err := cmd.CombinedOutput()
 		if err != nil {
@@ -81,7 +104,10 @@ func TestPeerCredRejectsOtherUsers(t *testing.T) {
 		}
 		ok := strings.Contains(string(out), "RESULT:<nil>")
 		if !strings.Contains(string(out), "RESULT:") || ok != tc.wantOK {
-			t.Fatalf("uid %d: allowed=%v, want %v\n%s", tc.uid, ok, tc.wantOK, out)
+			t.Fatalf("uid %d %s: allowed=%v, want %v\n%s", tc.uid, tc.call, ok, tc.wantOK, out)
+		}
+		if gotKey := strings.Contains(string(out), "secret node key"); tc.call == "cert" && gotKey != tc.wantOK {
+			t.Fatalf("uid %d: read the key=%v, want %v\n%s", tc.uid, gotKey, tc.wantOK, out)
 		}
 	}
 }

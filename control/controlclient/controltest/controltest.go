@@ -147,6 +147,12 @@ func (cl *Client) SetTags(context.Context, netmap.SetTagsRequest) (*netmap.SetTa
 	return nil, fmt.Errorf("%w: controltest has no policy, so no tag owners", controlclient.ErrTagsForbidden)
 }
 
+// Cert refuses: the fake runs no tailnet CA (agent tests of certificates
+// use the real coordinator).
+func (cl *Client) Cert(context.Context, netmap.CertRequest) (*netmap.CertResponse, error) {
+	return nil, fmt.Errorf("%w: controltest has none", controlclient.ErrNoCertAuthority)
+}
+
 // ServerPin is the fake's fingerprint.
 func (cl *Client) ServerPin() string { return Pin }
 
