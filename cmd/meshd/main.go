@@ -60,6 +60,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			c.statusCmd(),
 			c.pingCmd(),
 			c.ipCmd(),
+			c.certCmd(),
 			c.policyCmd(),
 			c.derpCmd(),
 			c.netcheckCmd(),
