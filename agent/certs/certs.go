@@ -71,15 +71,20 @@ type Self struct {
 	// CA is the tailnet CA certificate (DER); nil from a coordinator
 	// without one.
 	CA []byte
+	// KeyExpiry is when the node's key expires (zero: never). The
+	// coordinator issues no certificate past it, so one that reaches it
+	// is not renewed: a new one could not last longer.
+	KeyExpiry time.Time
 }
 
 // SelfOf reads a Self from a network map.
 func SelfOf(nm *netmap.NetworkMap) Self {
 	return Self{
-		Name:   strings.TrimSuffix(nm.Self.DNSName, "."),
-		Suffix: nm.DNS.Suffix,
-		Addrs:  netmap.AddrsOf(nm.Self.Addresses),
-		CA:     nm.TLSCA,
+		Name:      strings.TrimSuffix(nm.Self.DNSName, "."),
+		Suffix:    nm.DNS.Suffix,
+		Addrs:     netmap.AddrsOf(nm.Self.Addresses),
+		CA:        nm.TLSCA,
+		KeyExpiry: nm.Self.KeyExpiry,
 	}
 }
 
@@ -198,7 +203,7 @@ func (m *Manager) SetSelf(s Self) {
 }
 
 func sameSelf(a, b Self) bool {
-	return a.Name == b.Name && a.Suffix == b.Suffix && slices.Equal(a.Addrs, b.Addrs) && bytes.Equal(a.CA, b.CA)
+	return a.Name == b.Name && a.Suffix == b.Suffix && slices.Equal(a.Addrs, b.Addrs) && bytes.Equal(a.CA, b.CA) && a.KeyExpiry.Equal(b.KeyExpiry)
 }
 
 // changedLocked records that what a certificate depends on changed: a
@@ -260,6 +265,21 @@ func renewAt(leaf *x509.Certificate) time.Time {
 	return leaf.NotAfter.Add(-leaf.NotAfter.Sub(leaf.NotBefore) / 3)
 }
 
+// renewDueLocked reports whether m.cur (which fits) should be renewed at
+// now, or else when. m.mu held.
+func (m *Manager) renewDueLocked(now time.Time) (bool, time.Duration) {
+	leaf := m.cur.Leaf
+	if exp := m.self.KeyExpiry; !exp.IsZero() && !leaf.NotAfter.Before(exp.Truncate(time.Second)) {
+		// It lasts as long as the node may: renewing gains nothing,
+		// and would repeat ever faster as the expiry nears.
+		return false, 0
+	}
+	if at := renewAt(leaf); now.Before(at) {
+		return false, at.Sub(now)
+	}
+	return true, 0
+}
+
 // current returns the certificate if it fits, and whether it is due for
 // renewal.
 func (m *Manager) current(now time.Time) (*tls.Certificate, bool) {
@@ -269,7 +289,8 @@ func (m *Manager) current(now time.Time) (*tls.Certificate, bool) {
 	if !m.fitsLocked(m.cur, now) {
 		return nil, false
 	}
-	return m.cur, !now.Before(renewAt(m.cur.Leaf))
+	due, _ := m.renewDueLocked(now)
+	return m.cur, due
 }
 
 // Certificate returns a certificate for the node's name, fetching one if
@@ -491,10 +512,8 @@ func (m *Manager) next(now time.Time) (wait time.Duration, due bool, gen uint64)
 	if !m.fitsLocked(m.cur, now) {
 		return 0, true, m.gen
 	}
-	if at := renewAt(m.cur.Leaf); now.Before(at) {
-		return at.Sub(now), false, m.gen
-	}
-	return 0, true, m.gen
+	due, wait = m.renewDueLocked(now)
+	return wait, due, m.gen
 }
 
 func (m *Manager) renew(ctx context.Context) error {

@@ -78,6 +78,11 @@ type issuer struct {
 	n      int
 	err    error
 	tamper func(tmpl *x509.Certificate, pub *any, resp *netmap.CertResponse)
+	// expiry, if set, caps NotAfter, as the node key's expiry does.
+	expiry time.Time
+	// limit, if set, is how many requests it answers before it refuses
+	// them all, as the coordinator's rate limit does.
+	limit int
 }
 
 func (is *issuer) count() int {
@@ -93,6 +98,9 @@ func (is *issuer) Cert(_ context.Context, req netmap.CertRequest) (*netmap.CertR
 	if is.err != nil {
 		return nil, is.err
 	}
+	if is.limit > 0 && is.n > is.limit {
+		return nil, errors.New("rate limited")
+	}
 	csr, err := x509.ParseCertificateRequest(req.CSR)
 	if err != nil || csr.CheckSignature() != nil {
 		return nil, fmt.Errorf("bad csr: %v", err)
@@ -103,6 +111,9 @@ func (is *issuer) Cert(_ context.Context, req netmap.CertRequest) (*netmap.CertR
 		DNSNames: csr.DNSNames, IPAddresses: csr.IPAddresses,
 		NotBefore: now.Add(-5 * time.Minute), NotAfter: now.Add(lifetime),
 		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	if !is.expiry.IsZero() && tmpl.NotAfter.After(is.expiry) {
+		tmpl.NotAfter = is.expiry
 	}
 	pub := csr.PublicKey
 	resp := &netmap.CertResponse{CA: is.ca.cert.Raw}
@@ -346,6 +357,48 @@ func TestRenewal(t *testing.T) {
 		}
 		if !c.Leaf.NotAfter.After(first.Leaf.NotAfter) {
 			t.Error("the renewed certificate ends no later")
+		}
+	})
+}
+
+// TestNoRenewalPastNodeExpiry: a certificate that already lasts until the
+// node key expires is not renewed (a new one could not last longer), so a
+// node near its expiry does not ask again and again as the remaining
+// lifetime shrinks; a renewed node key makes it renew as usual.
+func TestNoRenewalPastNodeExpiry(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ca := newTestCA(t, nil)
+		expiry := time.Now().Add(2 * time.Hour)
+		is := &issuer{ca: ca, expiry: expiry, limit: 5}
+		m := New(t.TempDir(), nil)
+		self := selfWith(ca, testName)
+		self.KeyExpiry = expiry
+		m.SetSelf(self)
+		m.SetIssuer(is)
+		ctx, cancel := context.WithCancel(t.Context())
+		defer cancel()
+		go m.Run(ctx)
+		c, err := m.Certificate(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !c.Leaf.NotAfter.Equal(expiry.Truncate(time.Second)) {
+			t.Fatalf("not after %v, want the node expiry %v", c.Leaf.NotAfter, expiry)
+		}
+		time.Sleep(time.Until(expiry) - time.Minute)
+		synctest.Wait()
+		if is.count() != 1 {
+			t.Fatalf("%d requests before the node key expired, want 1", is.count())
+		}
+		// The node re-authenticated: its key lasts longer now.
+		is.mu.Lock()
+		is.expiry, is.limit = time.Time{}, 0
+		is.mu.Unlock()
+		self.KeyExpiry = time.Now().Add(180 * 24 * time.Hour)
+		m.SetSelf(self)
+		synctest.Wait()
+		if c2, _ := m.Certificate(ctx); is.count() != 2 || c2 == c {
+			t.Fatalf("after the key was renewed: %d requests", is.count())
 		}
 	})
 }
