@@ -107,6 +107,10 @@ type Manager struct {
 	caErr  error             // why ca is nil
 	issuer Issuer
 	cur    *tls.Certificate // Leaf set; nil when there is none
+	// verified is the certificate fitsLocked last verified, at
+	// generation verifiedGen.
+	verified    *tls.Certificate
+	verifiedGen uint64
 	// wanted: something asked for a certificate (or one was stored), so
 	// Run keeps one current.
 	wanted  bool
@@ -245,10 +249,16 @@ func (m *Manager) kick() {
 }
 
 // fitsLocked reports whether c is a certificate for the current name
-// under the current CA, valid at now. m.mu held.
+// under the current CA, valid at now. The chain is verified once per
+// certificate and generation (a signature check costs about as much as
+// the TLS handshake it would be part of); after that only the validity
+// period is compared. m.mu held.
 func (m *Manager) fitsLocked(c *tls.Certificate, now time.Time) bool {
 	if c == nil || m.ca == nil || m.self.Name == "" {
 		return false
+	}
+	if c == m.verified && m.gen == m.verifiedGen {
+		return !now.Before(c.Leaf.NotBefore) && !now.After(c.Leaf.NotAfter)
 	}
 	roots := x509.NewCertPool()
 	roots.AddCert(m.ca)
@@ -256,7 +266,11 @@ func (m *Manager) fitsLocked(c *tls.Certificate, now time.Time) bool {
 		DNSName: m.self.Name, Roots: roots, CurrentTime: now,
 		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	})
-	return err == nil
+	if err != nil {
+		return false
+	}
+	m.verified, m.verifiedGen = c, m.gen
+	return true
 }
 
 // renewAt is when a certificate is renewed: a third of its lifetime
