@@ -14,6 +14,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"maps"
+	"math/big"
 	"net"
 	"net/http"
 	"net/netip"
@@ -323,13 +324,21 @@ func TestCANameConstraints(t *testing.T) {
 		dns  string
 		ip   string
 		ok   bool
+		// more, if set, changes the leaf, which is signed again with the
+		// CA's key, as a thief with the key would.
+		more func(*x509.Certificate)
 	}{
-		{"node name", "gpu-1.meshd.internal", "100.64.0.7", true},
-		{"public name", "example.com", "", false},
-		{"public name with a node name", "gpu-1.meshd.internal", "", false}, // second name added below
-		{"suffix look-alike", "evilmeshd.internal", "", false},
-		{"public address", "gpu-1.meshd.internal", "8.8.8.8", false},
-		{"address outside the IPv6 range", "gpu-1.meshd.internal", "2001:db8::1", false},
+		{"node name", "gpu-1.meshd.internal", "100.64.0.7", true, nil},
+		{"public name", "example.com", "", false, nil},
+		{"public name with a node name", "gpu-1.meshd.internal", "", false, func(c *x509.Certificate) {
+			c.DNSNames = append(c.DNSNames, "www.example.com")
+		}},
+		{"suffix look-alike", "evilmeshd.internal", "", false, nil},
+		{"public address", "gpu-1.meshd.internal", "8.8.8.8", false, nil},
+		{"address outside the IPv6 range", "gpu-1.meshd.internal", "2001:db8::1", false, nil},
+		{"e-mail name", "gpu-1.meshd.internal", "", false, func(c *x509.Certificate) {
+			c.EmailAddresses = []string{"ceo@example.com"}
+		}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			var ips []netip.Addr
@@ -340,10 +349,9 @@ func TestCANameConstraints(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if tt.name == "public name with a node name" {
-				// As a thief with the CA key would: several names in one.
+			if tt.more != nil {
 				leaf, _ := x509.ParseCertificate(der)
-				leaf.DNSNames = append(leaf.DNSNames, "www.example.com")
+				tt.more(leaf)
 				if der, err = x509.CreateCertificate(rand.Reader, leaf, ca.cert, &key.PublicKey, ca.key); err != nil {
 					t.Fatal(err)
 				}
@@ -367,6 +375,51 @@ func TestCANameConstraints(t *testing.T) {
 				t.Errorf("openssl: %v, want a subtree violation:\n%s", err, out)
 			}
 		})
+	}
+}
+
+// TestCACannotMakeSubCAs: an intermediate CA signed with the tailnet CA's
+// key (as a thief could make, to escape the path length) is refused with
+// whatever it signs, even for a node's name, by Go and by OpenSSL.
+func TestCACannotMakeSubCAs(t *testing.T) {
+	ca := startServer(t, ServerOptions{}).ca
+	now := time.Now()
+	subKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	subTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "sub"},
+		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(time.Hour),
+		KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true, IsCA: true,
+	}
+	subDER, err := x509.CreateCertificate(rand.Reader, subTmpl, ca.cert, &subKey.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sub, _ := x509.ParseCertificate(subDER)
+	leafKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	leafDER, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
+		SerialNumber: big.NewInt(3), DNSNames: []string{"gpu-1.meshd.internal"},
+		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(time.Hour),
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}, sub, &leafKey.PublicKey, subKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, _ := x509.ParseCertificate(leafDER)
+	roots, inter := x509.NewCertPool(), x509.NewCertPool()
+	roots.AddCert(ca.cert)
+	inter.AddCert(sub)
+	if _, err := leaf.Verify(x509.VerifyOptions{DNSName: "gpu-1.meshd.internal", Roots: roots, Intermediates: inter}); err == nil {
+		t.Error("Go accepts a leaf under a sub-CA")
+	}
+	dir := t.TempDir()
+	write := func(name string, der []byte) string {
+		p := filepath.Join(dir, name)
+		os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+		return p
+	}
+	out, err := exec.Command("openssl", "verify", "-CAfile", write("ca.pem", ca.cert.Raw), "-untrusted", write("sub.pem", subDER), write("leaf.pem", leafDER)).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "path length") {
+		t.Errorf("openssl: %v, want a path length error:\n%s", err, out)
 	}
 }
 
