@@ -23,17 +23,18 @@ import (
 	"meshd.dev/meshd/netmap"
 )
 
-// Machine endpoints FuzzMachineRequest picks from (op modulo 3).
+// Machine endpoints FuzzMachineRequest picks from (op modulo 4).
 const (
 	opRegister uint8 = iota
 	opMap
 	opChallenge
+	opCert
 )
 
 func ptr[T any](v T) *T { return &v }
 
 // FuzzMachineRequest sends arbitrary bodies to the machine endpoints
-// (register, map, challenge) of a real coordinator (SQLite store
+// (register, map, challenge, cert) of a real coordinator (SQLite store
 // included), authenticated as one machine. Every answer must be a success
 // or a 4xx JSON error with a code; nothing may panic or answer 500.
 func FuzzMachineRequest(f *testing.F) {
@@ -74,8 +75,10 @@ func FuzzMachineRequest(f *testing.F) {
 	f.Add(opChallenge, []byte(`{"version":2}`))
 	f.Add(opChallenge, []byte(`{"version":-1}`))
 	f.Add(opChallenge, []byte(``))
+	f.Add(opCert, []byte(`{"version":2,"csr":"MAMCAQA="}`))
+	f.Add(opCert, []byte(`{"version":2}`))
 	f.Fuzz(func(t *testing.T, op uint8, body []byte) {
-		path := []string{"/machine/register", "/machine/map", controlclient.ChallengePath}[int(op)%3]
+		path := []string{"/machine/register", "/machine/map", controlclient.ChallengePath, controlclient.CertPath}[int(op)%4]
 		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 		defer cancel()
 		req := httptest.NewRequestWithContext(ctx, http.MethodPost, path, bytes.NewReader(body))
