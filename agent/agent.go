@@ -17,6 +17,7 @@ import (
 
 	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/agent/proxy"
+	"meshd.dev/meshd/agent/whois"
 	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/internal/backoff"
 	"meshd.dev/meshd/netmap"
@@ -134,6 +135,9 @@ type Agent struct {
 	// keyConflicts are the key conflicts last dropped from a map, to log
 	// a change once rather than every map.
 	keyConflicts string
+	// whois answers who holds a tailnet address, from the current map;
+	// read without a.mu.
+	whois whois.Table
 }
 
 // session is a running control loop; it owns the data plane it starts.
@@ -193,9 +197,16 @@ func New(opts Options) (*Agent, error) {
 	if nm != nil {
 		// A map saved by an older version may hold peers that share a key.
 		a.dropKeyConflicts(nm)
+		a.whois.Set(nm)
 	}
 	return a, nil
 }
+
+// WhoIs reports who holds ip in the tailnet as the current network map
+// says (see package whois): the node, its owner unless tagged, and the app
+// capabilities it has on this node. The response is shared: do not modify
+// it. Cheap enough to call per request.
+func (a *Agent) WhoIs(ip netip.Addr) (*whois.Response, bool) { return a.whois.Lookup(ip) }
 
 // Close releases the state dir. Call it after Run has returned.
 func (a *Agent) Close() error { return a.store.Close() }
@@ -403,6 +414,7 @@ func (a *Agent) onMap(nm *netmap.NetworkMap) {
 	// Before anything uses the map: the filter, WireGuard, the magic bind,
 	// name lookups and the saved copy all see one peer per key.
 	a.dropKeyConflicts(nm)
+	a.whois.Set(nm)
 	a.ctlState = "connected"
 	if a.approvalPending {
 		a.log.Info("approved by an admin")

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"slices"
 	"strings"
 	"time"
@@ -324,7 +325,7 @@ func (a *Agent) register(ctx context.Context, r registration) (*netmap.Node, err
 	defer cc.Close()
 	resp, err := cc.Register(ctx, netmap.RegisterRequest{
 		Version: netmap.ProtocolVersion, NodeKey: a.NodeKey(), DiscoKey: a.disco.Public(),
-		Hostname: hostname, AuthKey: r.authKey, RequestTags: r.tags,
+		Hostname: hostname, OS: runtime.GOOS, AuthKey: r.authKey, RequestTags: r.tags,
 	})
 	if err != nil {
 		return nil, explainControlError(r.coordinator, err)

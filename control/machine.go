@@ -59,6 +59,20 @@ func sanitizeHostname(h string) string {
 	return h
 }
 
+// sanitizeOS keeps what a node says its OS is to a short lowercase word,
+// since peers show it (whois, status) and must not be handed markup or
+// control characters.
+func sanitizeOS(os string) string {
+	os = strings.ToLower(os)
+	if len(os) > 32 {
+		os = os[:32]
+	}
+	if strings.ContainsFunc(os, func(r rune) bool { return !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9') }) {
+		return "other"
+	}
+	return os
+}
+
 func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
 	mk, err := machineKey(r)
 	if err != nil {
@@ -100,7 +114,7 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 	}
 	p := store.RegisterParams{
 		MachineKey: mk, NodeKey: req.NodeKey, DiscoKey: req.DiscoKey,
-		Hostname: sanitizeHostname(req.Hostname), Now: now,
+		Hostname: sanitizeHostname(req.Hostname), OS: sanitizeOS(req.OS), Now: now,
 	}
 	// Held from the auth key check to the write, so an admin action on the
 	// node cannot slip between a single-use key's retry check and the
