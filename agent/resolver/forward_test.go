@@ -295,11 +295,12 @@ func TestForwardsBounded(t *testing.T) {
 }
 
 // TestServe runs the UDP and TCP servers with a real client, and checks
-// AcceptFrom: a query from a refused source gets no answer, a TCP
+// the source check: a query from a refused source gets no answer, a TCP
 // connection from one is closed at once.
 func TestServe(t *testing.T) {
 	refused := netip.MustParseAddr("127.0.0.2")
-	r := New(Options{Upstreams: fixed(), AcceptFrom: func(a netip.Addr) bool { return a != refused }})
+	r := New(Options{Upstreams: fixed()})
+	accept := func(a netip.Addr) bool { return a != refused }
 	r.SetMap(testMap())
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
@@ -311,8 +312,8 @@ func TestServe(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 2)
-	go func() { errc <- r.ServeUDP(ctx, pc) }()
-	go func() { errc <- r.ServeTCP(ctx, ln) }()
+	go func() { errc <- r.ServeUDP(ctx, pc, accept) }()
+	go func() { errc <- r.ServeTCP(ctx, ln, accept) }()
 	for _, tc := range []struct{ net, addr string }{{"udp", pc.LocalAddr().String()}, {"tcp", ln.Addr().String()}} {
 		c := &dns.Client{Net: tc.net, Timeout: 5 * time.Second}
 		m, _, err := c.Exchange(new(dns.Msg).SetQuestion("b.meshd.internal.", dns.TypeA), tc.addr)

@@ -12,12 +12,9 @@ package resolver
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -74,10 +71,7 @@ type Options struct {
 	MaxInflight int
 	// MaxTCPConns bounds concurrent TCP clients; more are closed at once.
 	MaxTCPConns int
-	// AcceptFrom says which query sources are served (nil: all). Queries
-	// from elsewhere are dropped unanswered.
-	AcceptFrom func(netip.Addr) bool
-	Logger     *slog.Logger
+	Logger      *slog.Logger
 }
 
 // Resolver answers DNS queries from the current network map. Its methods
@@ -132,39 +126,6 @@ func (r *Resolver) SetMap(nm *netmap.NetworkMap) {
 	for _, p := range problems {
 		r.log.Warn("MagicDNS: network map", "problem", p)
 	}
-}
-
-// ErrNoName is returned by LookupHost for a name no node holds.
-var ErrNoName = errors.New("no such tailnet name")
-
-// LookupHost resolves a tailnet name as the proxies and Dial take it:
-// "host", "host.SUFFIX" or "host.SUFFIX." (any case) to the node's
-// addresses, IPv4 first. A bare label is tried under the suffix. A name
-// more than one node holds is an error naming them.
-func (r *Resolver) LookupHost(host string) ([]netip.Addr, error) {
-	t := r.tab.Load()
-	name := strings.ToLower(host)
-	if !strings.HasSuffix(name, ".") {
-		name += "."
-	}
-	if t.suffix == "" {
-		return nil, fmt.Errorf("%q: %w (the map has no MagicDNS suffix)", host, ErrNoName)
-	}
-	if !under(name, t.suffix) {
-		if strings.Count(name, ".") != 1 {
-			return nil, fmt.Errorf("%q: %w", host, ErrNoName)
-		}
-		name += t.suffix
-	}
-	e := t.lookup(name)
-	switch {
-	case e == nil:
-		return nil, fmt.Errorf("%q: %w", host, ErrNoName)
-	case e.holders > 1:
-		return nil, fmt.Errorf("name %q is ambiguous, %d nodes hold it (%s): use an address", host, e.holders, e.who())
-	}
-	out := make([]netip.Addr, 0, len(e.v4)+len(e.v6))
-	return append(append(out, e.v4...), e.v6...), nil
 }
 
 // Respond answers one query in wire format, received over TCP or UDP.

@@ -2,8 +2,6 @@ package resolver
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -180,46 +178,6 @@ func TestPTRSharedAddressRefused(t *testing.T) {
 	m := unpack(t, r.Respond(context.Background(), query(t, "4.0.64.100.in-addr.arpa.", dns.TypePTR, 0), false))
 	if m.Rcode != dns.RcodeServerFailure || len(m.Answer) != 0 {
 		t.Fatalf("PTR of an address two nodes hold: %s %v", dns.RcodeToString[m.Rcode], m.Answer)
-	}
-}
-
-func TestLookupHost(t *testing.T) {
-	r := noUpstreams()
-	r.SetMap(testMap())
-	for _, tc := range []struct {
-		host string
-		want []string
-		err  string
-	}{
-		{"b", []string{"100.64.0.2", "fd5e:5a1e:d::6440:2"}, ""},
-		{"B", []string{"100.64.0.2", "fd5e:5a1e:d::6440:2"}, ""},
-		{"b.meshd.internal", []string{"100.64.0.2", "fd5e:5a1e:d::6440:2"}, ""},
-		{"b.MESHD.internal.", []string{"100.64.0.2", "fd5e:5a1e:d::6440:2"}, ""},
-		{"self", []string{"100.64.0.1", "fd5e:5a1e:d::6440:1"}, ""},
-		{"dup", nil, "ambiguous, 2 nodes hold it (node 4, node 5)"},
-		{"hidden", nil, "no such tailnet name"},
-		{"hidden.meshd.internal.", nil, "no such tailnet name"},
-		{"www.example.com", nil, "no such tailnet name"},
-		{"evil", nil, "no such tailnet name"},
-		{"b.other.suffix", nil, "no such tailnet name"},
-	} {
-		got, err := r.LookupHost(tc.host)
-		var gotS []string
-		for _, a := range got {
-			gotS = append(gotS, a.String())
-		}
-		if tc.err != "" {
-			if err == nil || !strings.Contains(err.Error(), tc.err) {
-				t.Errorf("LookupHost(%q) = %v, %v; want error %q", tc.host, got, err, tc.err)
-			}
-			continue
-		}
-		if err != nil || !slices.Equal(gotS, tc.want) {
-			t.Errorf("LookupHost(%q) = %v, %v; want %v", tc.host, gotS, err, tc.want)
-		}
-	}
-	if _, err := r.LookupHost("hidden"); !errors.Is(err, ErrNoName) {
-		t.Errorf("unknown name: %v, want ErrNoName", err)
 	}
 }
 
@@ -417,15 +375,4 @@ func FuzzParseResolvConf(f *testing.F) {
 			}
 		}
 	})
-}
-
-func ExampleResolver_LookupHost() {
-	r := New(Options{})
-	r.SetMap(&netmap.NetworkMap{
-		Self: netmap.Node{ID: 1, Hostname: "gpu-1", DNSName: "gpu-1.meshd.internal.", Addresses: pfx("100.64.0.1/32")},
-		DNS:  netmap.DNSConfig{Suffix: "meshd.internal"},
-	})
-	addrs, err := r.LookupHost("GPU-1.meshd.internal.")
-	fmt.Println(addrs, err)
-	// Output: [100.64.0.1] <nil>
 }

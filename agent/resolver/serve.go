@@ -15,11 +15,12 @@ import (
 // 7766 suggests seconds); a query's bytes must arrive within it too.
 const tcpIdle = 10 * time.Second
 
-// ServeUDP answers queries on pc until ctx ends or pc fails. Each query
+// ServeUDP answers queries on pc until ctx ends or pc fails, from the
+// sources accept allows (nil: all; others are dropped unanswered). Each query
 // is answered on its own goroutine, at most MaxInflight at once; beyond
 // that datagrams are dropped (the client retries), so a flood cannot grow
 // goroutines or sockets without bound. It closes pc before returning.
-func (r *Resolver) ServeUDP(ctx context.Context, pc net.PacketConn) error {
+func (r *Resolver) ServeUDP(ctx context.Context, pc net.PacketConn, accept func(netip.Addr) bool) error {
 	stop := context.AfterFunc(ctx, func() { pc.Close() })
 	defer stop()
 	defer pc.Close()
@@ -35,7 +36,7 @@ func (r *Resolver) ServeUDP(ctx context.Context, pc net.PacketConn) error {
 			}
 			return err
 		}
-		if !r.accept(from) {
+		if !accepted(accept, from) {
 			continue
 		}
 		select {
@@ -56,9 +57,9 @@ func (r *Resolver) ServeUDP(ctx context.Context, pc net.PacketConn) error {
 }
 
 // ServeTCP answers queries on ln's connections until ctx ends or ln fails,
-// at most MaxTCPConns clients at once (more are closed at once), each
+// from the sources accept allows (nil: all; others are closed at once), at most MaxTCPConns clients at once (more are closed at once), each
 // query of a connection in turn. It closes ln before returning.
-func (r *Resolver) ServeTCP(ctx context.Context, ln net.Listener) error {
+func (r *Resolver) ServeTCP(ctx context.Context, ln net.Listener, accept func(netip.Addr) bool) error {
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 	defer ln.Close()
@@ -77,7 +78,7 @@ func (r *Resolver) ServeTCP(ctx context.Context, ln net.Listener) error {
 			}
 			return err
 		}
-		if !r.accept(c.RemoteAddr()) {
+		if !accepted(accept, c.RemoteAddr()) {
 			c.Close()
 			continue
 		}
@@ -124,9 +125,9 @@ func (r *Resolver) serveConn(ctx context.Context, c net.Conn) {
 	}
 }
 
-// accept applies Options.AcceptFrom to a query's source.
-func (r *Resolver) accept(from net.Addr) bool {
-	if r.opts.AcceptFrom == nil {
+// accepted applies accept to a query's source.
+func accepted(accept func(netip.Addr) bool, from net.Addr) bool {
+	if accept == nil {
 		return true
 	}
 	var a netip.Addr
@@ -142,5 +143,5 @@ func (r *Resolver) accept(from net.Addr) bool {
 		}
 		a = ap.Addr()
 	}
-	return r.opts.AcceptFrom(a.Unmap().WithZone(""))
+	return accept(a.Unmap().WithZone(""))
 }

@@ -37,19 +37,6 @@ type entry struct {
 	// in a tailnet): the resolver then answers for none of them rather
 	// than let one node answer for another's name.
 	holders int
-	ids     []netmap.NodeID // the holders, for errors and logs
-}
-
-// who names the holders: "node 4, node 5".
-func (e *entry) who() string {
-	var b strings.Builder
-	for i, id := range e.ids {
-		if i > 0 {
-			b.WriteString(", ")
-		}
-		fmt.Fprintf(&b, "node %d", id)
-	}
-	return b.String()
 }
 
 // route sends the names under domain to servers.
@@ -100,7 +87,6 @@ func newTable(nm *netmap.NetworkMap) (t *table, problems []string) {
 				t.ptr[a] = e
 			}
 			e.holders++
-			e.ids = append(e.ids, n.ID)
 		}
 	}
 	for _, p := range nm.Self.Addresses {
@@ -158,7 +144,6 @@ func (t *table) nodeName(n *netmap.Node) string {
 
 func (e *entry) add(n *netmap.Node) {
 	e.holders++
-	e.ids = append(e.ids, n.ID)
 	for _, p := range n.Addresses {
 		if a := p.Addr().Unmap(); a.Is4() {
 			e.v4 = append(e.v4, a)
