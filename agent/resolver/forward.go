@@ -92,10 +92,11 @@ func (r *Resolver) forward(ctx context.Context, req []byte, q *dns.Msg, servers 
 	rand.Read(id[:])
 	copy(out, id[:])
 	var errs []error
-	for i, s := range servers[:min(len(servers), maxUpstreams)] {
+	servers = servers[:min(len(servers), maxUpstreams)]
+	for i, s := range servers {
 		// Each server gets an equal share of what is left, so a dead
 		// first one does not eat the whole budget.
-		left := len(servers[:min(len(servers), maxUpstreams)]) - i
+		left := len(servers) - i
 		actx, acancel := ctx, context.CancelFunc(func() {})
 		if dl, ok := ctx.Deadline(); ok {
 			actx, acancel = context.WithTimeout(ctx, time.Until(dl)/time.Duration(left))
