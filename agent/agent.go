@@ -105,6 +105,7 @@ type Agent struct {
 	id    *Identity
 	disco netmap.DiscoPrivate
 	pf    *packetFilter // guarded by mu; its Filter is safe for concurrent use
+	dns   *magicDNS     // MagicDNS (dns.go); safe for concurrent use
 
 	// upMu serialises Up and Down, so that two concurrent `meshd up` cannot
 	// both register (spending two keys, creating two nodes).
@@ -192,6 +193,7 @@ func New(opts Options) (*Agent, error) {
 	a := &Agent{
 		opts: opts, log: opts.Logger, store: st, id: id, disco: netmap.NewDiscoPrivate(),
 		login: login, nm: nm, ctlState: "not connected", pf: newPacketFilter(opts.Logger),
+		dns:          newMagicDNS(opts.Logger),
 		pathsChanged: make(chan struct{}, 1), changed: make(chan struct{}),
 	}
 	if nm != nil {
@@ -465,6 +467,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 	// Rules first, so that a new data plane never passes a packet the
 	// map's (or the saved map's, after a restart) rules would drop.
 	a.pf.update(nm)
+	a.dns.res.SetMap(nm)
 	addrs := slices.Clone(nm.Self.Addresses)
 	slices.SortFunc(addrs, comparePrefix)
 	if a.eng != nil && !slices.Equal(a.eng.cfg.addrs, addrs) {
@@ -477,6 +480,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 			tunName: a.opts.TUN, mtu: a.opts.MTU, port: a.opts.Port, nodeKey: a.id.NodeKey,
 			addrs: addrs, forwards: a.opts.Forwards, bind: a.bindOptions(),
 			log: a.log, localAddrs: localPrefixes, filter: a.pf.f, peerIdle: a.peerIdle(),
+			dns: a.dns,
 		})
 		if err != nil {
 			a.engErr = err
@@ -691,7 +695,7 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 
 func statusNode(n *netmap.Node) localapi.Node {
 	return localapi.Node{
-		ID: n.ID, Hostname: n.Hostname, User: n.User, IPs: netmap.AddrsOf(n.Addresses),
+		ID: n.ID, Hostname: n.Hostname, DNSName: n.DNSName, User: n.User, IPs: netmap.AddrsOf(n.Addresses),
 		Tags: nonNil(n.Tags), Online: n.Online, NodeKey: n.NodeKey.String(),
 		Notices: n.Notices, // only the node's own entry has any
 	}
@@ -705,8 +709,9 @@ func nonNil(s []string) []string {
 }
 
 // Dial opens a TCP connection into the tailnet. addr's host is an IP
-// literal or a peer's hostname (resolved from the network map; there is no
-// DNS inside the tailnet yet).
+// literal, a peer's hostname or MagicDNS name (resolved from the network
+// map), or a MagicDNS resolver address (DNS over TCP, e.g. through the
+// SOCKS5 proxy in netstack mode).
 func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	if network != "tcp" && network != "tcp4" && network != "tcp6" {
 		return nil, fmt.Errorf("dial %s: only tcp is supported", network)
@@ -725,6 +730,9 @@ func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error
 	if eng == nil || nm == nil {
 		return nil, fmt.Errorf("dial %s: %w (the node is not up)", addr, proxy.ErrNoRoute)
 	}
+	if ip, err := netip.ParseAddr(host); err == nil && isResolverAddr(ip) {
+		return eng.dial(ctx, netip.AddrPortFrom(ip.Unmap(), uint16(port)))
+	}
 	ip, err := resolvePeer(nm, host)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)
@@ -733,7 +741,8 @@ func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error
 }
 
 // resolvePeer turns host into a tailnet address: an IP literal inside the
-// tailnet, or a node's hostname (case-insensitive), IPv4 first. A name
+// tailnet, or a node's hostname or MagicDNS name ("host", "host.SUFFIX",
+// "host.SUFFIX.", case-insensitive; nodeHasName), IPv4 first. A name
 // that more than one node holds is an error naming them: the coordinator
 // keeps names unique, and a map where they are not (an older or hostile
 // coordinator) must not let one node answer for another's name.
@@ -755,10 +764,11 @@ func resolvePeer(nm *netmap.NetworkMap, host string) (netip.Addr, error) {
 		return netip.Addr{}, fmt.Errorf("%v is not a tailnet address: %w", ip, proxy.ErrNoRoute)
 	}
 	name := strings.TrimSuffix(strings.ToLower(host), ".")
+	suffix := strings.TrimSuffix(strings.ToLower(nm.DNS.Suffix), ".")
 	var found []netip.Addr
 	var who []string
 	for _, n := range append([]*netmap.Node{&nm.Self}, nm.SortedPeers()...) {
-		if strings.ToLower(n.Hostname) != name || len(n.Addresses) == 0 {
+		if !nodeHasName(n, name, suffix) || len(n.Addresses) == 0 {
 			continue
 		}
 		addrs := netmap.AddrsOf(n.Addresses)

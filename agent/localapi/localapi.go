@@ -62,11 +62,14 @@ type UpRequest struct {
 type Node struct {
 	ID       netmap.NodeID `json:"id"`
 	Hostname string        `json:"hostname"`
-	User     string        `json:"user,omitempty"`
-	IPs      []netip.Addr  `json:"ips"`
-	Tags     []string      `json:"tags"`
-	Online   bool          `json:"online"`
-	NodeKey  string        `json:"node_key,omitempty"`
+	// DNSName is the node's MagicDNS name (HOST.SUFFIX. with the trailing
+	// dot); empty when the coordinator sends none.
+	DNSName string       `json:"dns_name"`
+	User    string       `json:"user,omitempty"`
+	IPs     []netip.Addr `json:"ips"`
+	Tags    []string     `json:"tags"`
+	Online  bool         `json:"online"`
+	NodeKey string       `json:"node_key,omitempty"`
 	// Notices are the coordinator's messages about this node's identity
 	// (tags a policy removed and why); self only.
 	Notices []string `json:"notices,omitempty"`
