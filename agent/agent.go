@@ -139,6 +139,8 @@ type Agent struct {
 	// whois answers who holds a tailnet address, from the current map;
 	// read without a.mu.
 	whois whois.Table
+	// namesFrom is the map whois and MagicDNS were last built from.
+	namesFrom *netmap.NetworkMap
 }
 
 // session is a running control loop; it owns the data plane it starts.
@@ -199,7 +201,7 @@ func New(opts Options) (*Agent, error) {
 	if nm != nil {
 		// A map saved by an older version may hold peers that share a key.
 		a.dropKeyConflicts(nm)
-		a.whois.Set(nm)
+		a.setNamesLocked(nm)
 	}
 	return a, nil
 }
@@ -416,7 +418,7 @@ func (a *Agent) onMap(nm *netmap.NetworkMap) {
 	// Before anything uses the map: the filter, WireGuard, the magic bind,
 	// name lookups and the saved copy all see one peer per key.
 	a.dropKeyConflicts(nm)
-	a.whois.Set(nm)
+	a.setNamesLocked(nm)
 	a.ctlState = "connected"
 	if a.approvalPending {
 		a.log.Info("approved by an admin")
@@ -467,7 +469,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 	// Rules first, so that a new data plane never passes a packet the
 	// map's (or the saved map's, after a restart) rules would drop.
 	a.pf.update(nm)
-	a.dns.res.SetMap(nm)
+	a.setNamesLocked(nm)
 	addrs := slices.Clone(nm.Self.Addresses)
 	slices.SortFunc(addrs, comparePrefix)
 	if a.eng != nil && !slices.Equal(a.eng.cfg.addrs, addrs) {
