@@ -4,6 +4,7 @@ go 1.26.8
 
 require (
 	github.com/gaissmai/bart v0.30.0
+	github.com/godbus/dbus/v5 v5.2.4
 	github.com/peterbourgon/ff/v3 v3.4.0
 	github.com/pion/stun/v3 v3.1.7
 	github.com/tailscale/hujson v0.0.0-20260727124030-b80ff77dac4f
