@@ -397,3 +397,17 @@ func syncDir(dir string) error {
 	}
 	return nil
 }
+
+// HostUpstreams reads the resolvers a resolver file names (port 53),
+// without meshd's own: where meshd forwards while it does not manage the
+// host's DNS (netstack mode, --accept-dns=false, before the first map).
+func HostUpstreams(path string) ([]netip.AddrPort, error) {
+	if path == "" {
+		path = DefaultResolvConf
+	}
+	b, err := readBounded(path)
+	if err != nil {
+		return nil, err
+	}
+	return withoutOwn(parseResolvConf(b).Nameservers, nil), nil
+}

@@ -488,3 +488,29 @@ func TestFileOriginalIsMeshds(t *testing.T) {
 		t.Fatalf("Upstreams = %v: meshd's own resolver", got)
 	}
 }
+
+func TestHostUpstreams(t *testing.T) {
+	tests := []struct {
+		name    string
+		content string
+		want    []netip.AddrPort
+	}{
+		{"host file", hostConf, []netip.AddrPort{netip.MustParseAddrPort("192.0.2.1:53")}},
+		{"meshd's own file", string(renderResolvConf(meshCfg, resolvConf{})), nil},
+		{"v6 and duplicates", "nameserver 2001:db8::53\nnameserver 2001:db8::53\nnameserver fd5e:5a1e:d::53\n",
+			[]netip.AddrPort{netip.MustParseAddrPort("[2001:db8::53]:53")}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := newFileEnv(t)
+			e.write(tt.content)
+			got, err := HostUpstreams(e.path)
+			if err != nil || !reflect.DeepEqual(got, tt.want) {
+				t.Fatalf("HostUpstreams = %v, %v; want %v", got, err, tt.want)
+			}
+		})
+	}
+	if _, err := HostUpstreams(filepath.Join(t.TempDir(), "missing")); err == nil {
+		t.Fatal("HostUpstreams of a missing file succeeded")
+	}
+}
