@@ -1,6 +1,7 @@
 package osdns
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -90,7 +91,9 @@ func newResolvedConfigurator(opts Options) (*resolvedConfigurator, error) {
 		conn: conn, obj: conn.Object(resolvedName, resolvedPath), ifindex: int32(opts.IfIndex),
 		timeout: opts.Timeout, log: opts.Logger,
 	}
-	c.upstreams = c.readUpstreams(nil)
+	ctx, cancel := callContext(opts.Timeout)
+	defer cancel()
+	c.upstreams = c.readUpstreams(ctx, nil)
 	return c, nil
 }
 
@@ -131,9 +134,7 @@ func (c *resolvedConfigurator) Upstreams() []netip.AddrPort {
 	return slices.Clone(c.upstreams)
 }
 
-func (c *resolvedConfigurator) call(method string, args ...any) error {
-	ctx, cancel := callContext(c.timeout)
-	defer cancel()
+func (c *resolvedConfigurator) call(ctx context.Context, method string, args ...any) error {
 	if err := c.obj.CallWithContext(ctx, resolvedManager+"."+method, 0, args...).Err; err != nil {
 		return fmt.Errorf("systemd-resolved %s: %w", method, err)
 	}
@@ -150,6 +151,10 @@ func (c *resolvedConfigurator) Set(cfg Config) error {
 	if c.closed {
 		return errors.New("systemd-resolved: configurator closed")
 	}
+	// One deadline for the whole change: the agent waits for it, and a
+	// wedged resolved must cost it Timeout, not Timeout per call.
+	ctx, cancel := callContext(c.timeout)
+	defer cancel()
 	addrs := make([]resolvedAddr, 0, len(cfg.Nameservers))
 	for _, a := range cfg.Nameservers {
 		fam := int32(syscall.AF_INET)
@@ -158,7 +163,7 @@ func (c *resolvedConfigurator) Set(cfg Config) error {
 		}
 		addrs = append(addrs, resolvedAddr{Family: fam, Address: a.Unmap().AsSlice()})
 	}
-	if err := c.call("SetLinkDNS", c.ifindex, addrs); err != nil {
+	if err := c.call(ctx, "SetLinkDNS", c.ifindex, addrs); err != nil {
 		return err
 	}
 	// Search domains are routing domains in resolved as well, so a match
@@ -178,10 +183,10 @@ func (c *resolvedConfigurator) Set(cfg Config) error {
 			domains = append(domains, resolvedDomain{Domain: d, RoutingOnly: ds.routing})
 		}
 	}
-	if err := c.call("SetLinkDomains", c.ifindex, domains); err != nil {
+	if err := c.call(ctx, "SetLinkDomains", c.ifindex, domains); err != nil {
 		return err
 	}
-	if err := c.call("SetLinkDefaultRoute", c.ifindex, false); err != nil {
+	if err := c.call(ctx, "SetLinkDefaultRoute", c.ifindex, false); err != nil {
 		// systemd before 240 has no such method, and without it a link
 		// with routing domains is not a default route anyway.
 		var de dbus.Error
@@ -196,23 +201,24 @@ func (c *resolvedConfigurator) Set(cfg Config) error {
 	for _, s := range []struct{ method, value string }{
 		{"SetLinkLLMNR", "no"}, {"SetLinkMulticastDNS", "no"}, {"SetLinkDNSSEC", "no"},
 	} {
-		if err := c.call(s.method, c.ifindex, s.value); err != nil {
+		if err := c.call(ctx, s.method, c.ifindex, s.value); err != nil {
 			c.log.Debug("DNS: systemd-resolved setting not applied", "method", s.method, "err", err)
 		}
 	}
 	// Negative answers cached before the link had its domains would
 	// otherwise hide tailnet names for their TTL.
-	if err := c.call("FlushCaches"); err != nil {
+	if err := c.call(ctx, "FlushCaches"); err != nil {
 		c.log.Debug("DNS: systemd-resolved FlushCaches", "err", err)
 	}
-	c.upstreams = c.readUpstreams(cfg.Nameservers)
+	c.upstreams = c.readUpstreams(ctx, cfg.Nameservers)
 	return nil
 }
 
 // readUpstreams is the servers resolved uses on the other links and
 // globally, without meshd's.
-func (c *resolvedConfigurator) readUpstreams(own []netip.Addr) []netip.AddrPort {
-	v, err := c.obj.GetProperty(resolvedManager + ".DNS")
+func (c *resolvedConfigurator) readUpstreams(ctx context.Context, own []netip.Addr) []netip.AddrPort {
+	var v dbus.Variant
+	err := c.obj.CallWithContext(ctx, "org.freedesktop.DBus.Properties.Get", 0, resolvedManager, "DNS").Store(&v)
 	if err != nil {
 		c.log.Warn("DNS: cannot read systemd-resolved's servers; names meshd does not serve cannot be forwarded", "err", err)
 		return nil
@@ -244,7 +250,9 @@ func (c *resolvedConfigurator) Close() error {
 		return nil
 	}
 	c.closed = true
-	err := c.call("RevertLink", c.ifindex)
+	ctx, cancel := callContext(c.timeout)
+	defer cancel()
+	err := c.call(ctx, "RevertLink", c.ifindex)
 	var de dbus.Error
 	if errors.As(err, &de) && de.Name == resolvedNoSuchLink {
 		err = nil // the link is gone, and its settings with it

@@ -81,6 +81,7 @@ type fakeResolved struct {
 	mu    sync.Mutex
 	calls []string
 	links map[int32]bool // links with settings; RevertLink of others fails like resolved
+	hang  chan struct{}  // when set, SetLinkDNS blocks until it is closed
 }
 
 func (f *fakeResolved) record(format string, args ...any) {
@@ -98,6 +99,9 @@ func (f *fakeResolved) takeCalls() []string {
 }
 
 func (f *fakeResolved) SetLinkDNS(ifindex int32, addrs []resolvedAddr) *dbus.Error {
+	if f.hang != nil {
+		<-f.hang
+	}
 	var s []string
 	for _, a := range addrs {
 		ip, _ := netip.AddrFromSlice(a.Address)
@@ -165,6 +169,7 @@ type fakeOptions struct {
 	servers []resolvedServer
 	// without are Manager methods the fake lacks (an older resolved).
 	without []string
+	hang    bool // SetLinkDNS never answers (until the test ends)
 }
 
 // serveFakeResolved exports a fakeResolved on the bus at addr under
@@ -177,6 +182,10 @@ func serveFakeResolved(t *testing.T, addr string, fo fakeOptions) *fakeResolved 
 	}
 	t.Cleanup(func() { conn.Close() })
 	f := &fakeResolved{links: map[int32]bool{}}
+	if fo.hang {
+		f.hang = make(chan struct{})
+		t.Cleanup(func() { close(f.hang) })
+	}
 	methods := map[string]any{
 		"SetLinkDNS": f.SetLinkDNS, "SetLinkDomains": f.SetLinkDomains, "SetLinkDefaultRoute": f.SetLinkDefaultRoute,
 		"SetLinkLLMNR": f.SetLinkLLMNR, "SetLinkMulticastDNS": f.SetLinkMulticastDNS, "SetLinkDNSSEC": f.SetLinkDNSSEC,
@@ -336,6 +345,24 @@ func TestResolvedEdges(t *testing.T) {
 		defer c.Close()
 		if err := c.Set(meshCfg); err == nil || !strings.Contains(err.Error(), "SetLinkDomains") {
 			t.Fatalf("Set = %v, want a SetLinkDomains error", err)
+		}
+	})
+	t.Run("a hung resolved costs one timeout", func(t *testing.T) {
+		bus := startBus(t)
+		f := serveFakeResolved(t, bus, fakeOptions{hang: true})
+		o := resolvedOpts(bus, 7)
+		o.Timeout = 200 * time.Millisecond
+		c, err := New(o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		err = c.Set(meshCfg)
+		if err == nil || !strings.Contains(err.Error(), "SetLinkDNS") {
+			t.Fatalf("Set = %v, want SetLinkDNS to fail on the deadline", err)
+		}
+		if got := f.takeCalls(); len(got) != 0 {
+			t.Fatalf("calls after the hung one: %q", got)
 		}
 	})
 	t.Run("Close after the link vanished", func(t *testing.T) {
