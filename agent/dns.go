@@ -95,9 +95,6 @@ func (a *Agent) syncOSDNSLocked(nm *netmap.NetworkMap) {
 		return
 	}
 	d := &a.dns
-	if d.applied != nil && configsEqual(*d.applied, want) {
-		return
-	}
 	if d.c == nil {
 		c, err := osdns.New(a.osdnsOptions(a.eng.link.index()))
 		if err != nil {
@@ -107,12 +104,19 @@ func (a *Agent) syncOSDNSLocked(nm *netmap.NetworkMap) {
 		d.c = c
 		d.active.Store(&configuratorBox{c})
 	}
+	// Set on every map, not only when the config changes: for a resolver
+	// file it is one read, and it puts meshd's file back if a DHCP client
+	// or an admin replaced it since.
+	changed := d.applied == nil || !d.applied.Equal(want)
 	if err := d.c.Set(want); err != nil {
 		d.applied = nil
 		a.osdnsFailed("setting the host's DNS", err)
 		return
 	}
 	d.applied, d.lastErr = &want, ""
+	if !changed {
+		return
+	}
 	a.log.Info("DNS: the host resolves through meshd", "via", d.c.String(), "nameservers", want.Nameservers,
 		"search", want.SearchDomains, "match", want.MatchDomains)
 }
@@ -153,9 +157,4 @@ func (a *Agent) DNSUpstreams() []netip.AddrPort {
 		a.log.Debug("DNS: host resolvers", "err", err)
 	}
 	return ups
-}
-
-func configsEqual(x, y osdns.Config) bool {
-	return slices.Equal(x.Nameservers, y.Nameservers) && slices.Equal(x.SearchDomains, y.SearchDomains) &&
-		slices.Equal(x.MatchDomains, y.MatchDomains)
 }

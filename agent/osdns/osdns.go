@@ -58,7 +58,9 @@ type Config struct {
 // concurrent use.
 type Configurator interface {
 	// Set makes the host resolve through cfg. A cfg that does not
-	// validate is an error that changes nothing.
+	// validate is an error that changes nothing. Calling it again with
+	// the same cfg is cheap (the agent does on every network map) and
+	// repairs a resolver file something else replaced meanwhile.
 	Set(cfg Config) error
 	// Close puts back the host's configuration as it was before the
 	// first Set and releases what the Configurator holds.
@@ -179,6 +181,12 @@ func (cfg Config) Validate() error {
 		}
 	}
 	return nil
+}
+
+// Equal reports whether c and o configure the host the same way.
+func (c Config) Equal(o Config) bool {
+	return slices.Equal(c.Nameservers, o.Nameservers) && slices.Equal(c.SearchDomains, o.SearchDomains) &&
+		slices.Equal(c.MatchDomains, o.MatchDomains)
 }
 
 // withoutOwn returns the addresses in ns (port 53) except meshd's own.

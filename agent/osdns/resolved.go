@@ -68,6 +68,7 @@ type resolvedConfigurator struct {
 
 	mu        sync.Mutex
 	upstreams []netip.AddrPort
+	applied   *Config // the last config set on the link
 	closed    bool
 }
 
@@ -151,6 +152,12 @@ func (c *resolvedConfigurator) Set(cfg Config) error {
 	if c.closed {
 		return errors.New("systemd-resolved: configurator closed")
 	}
+	if c.applied != nil && c.applied.Equal(cfg) {
+		// resolved keeps a link's settings for the link's life: asking
+		// again per network map would only cost D-Bus round trips.
+		return nil
+	}
+	c.applied = nil
 	// One deadline for the whole change: the agent waits for it, and a
 	// wedged resolved must cost it Timeout, not Timeout per call.
 	ctx, cancel := callContext(c.timeout)
@@ -211,6 +218,10 @@ func (c *resolvedConfigurator) Set(cfg Config) error {
 		c.log.Debug("DNS: systemd-resolved FlushCaches", "err", err)
 	}
 	c.upstreams = c.readUpstreams(ctx, cfg.Nameservers)
+	applied := Config{
+		Nameservers: slices.Clone(cfg.Nameservers), SearchDomains: slices.Clone(cfg.SearchDomains), MatchDomains: slices.Clone(cfg.MatchDomains),
+	}
+	c.applied = &applied
 	return nil
 }
 

@@ -284,6 +284,13 @@ func TestResolvedSet(t *testing.T) {
 			if got := f.takeCalls(); !reflect.DeepEqual(got, tt.wantCalls) {
 				t.Errorf("calls\n got %q\nwant %q", got, tt.wantCalls)
 			}
+			// Every network map sets again: the same config costs no call.
+			if err := c.Set(tt.cfg); err != nil {
+				t.Fatal(err)
+			}
+			if got := f.takeCalls(); len(got) != 0 {
+				t.Errorf("the same config again made calls %q", got)
+			}
 			if got := c.Upstreams(); !reflect.DeepEqual(got, wantUpstreams) {
 				t.Errorf("Upstreams = %v, want %v", got, wantUpstreams)
 			}
