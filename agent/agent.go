@@ -90,6 +90,11 @@ type Options struct {
 	// 0 takes DefaultPeerIdleTimeout; a negative value configures every
 	// peer up front.
 	PeerIdleTimeout time.Duration
+	// ResolvConf, when set, is the resolver file meshd points at its
+	// resolver in kernel TUN mode, instead of systemd-resolved or
+	// /etc/resolv.conf (`meshd daemon --resolv-conf`, a hook for network
+	// namespaces, containers and tests; see docs/osdns.md).
+	ResolvConf string
 	// ApprovalPoll is the longest wait between two attempts to open the map
 	// stream while the coordinator says the node waits for an admin's
 	// approval (the first retries come sooner). Defaults to 5s.
@@ -141,6 +146,8 @@ type Agent struct {
 	whois whois.Table
 	// namesFrom is the map whois and MagicDNS were last built from.
 	namesFrom *netmap.NetworkMap
+
+	hostDNS osDNS // the host's DNS configuration (hostdns.go)
 }
 
 // session is a running control loop; it owns the data plane it starts.
@@ -195,9 +202,9 @@ func New(opts Options) (*Agent, error) {
 	a := &Agent{
 		opts: opts, log: opts.Logger, store: st, id: id, disco: netmap.NewDiscoPrivate(),
 		login: login, nm: nm, ctlState: "not connected", pf: newPacketFilter(opts.Logger),
-		dns:          newMagicDNS(opts.Logger),
 		pathsChanged: make(chan struct{}, 1), changed: make(chan struct{}),
 	}
+	a.dns = newMagicDNS(opts.Logger, a.DNSUpstreams)
 	if nm != nil {
 		// A map saved by an older version may hold peers that share a key.
 		a.dropKeyConflicts(nm)
@@ -222,6 +229,7 @@ func (a *Agent) NodeKey() netmap.NodePublic { return a.id.NodeKey.Public() }
 // up before (from the saved map, even with the coordinator down) and serves
 // the proxies. It returns after everything it started has stopped.
 func (a *Agent) Run(ctx context.Context) error {
+	a.recoverOSDNS()
 	if a.opts.TUN != TUNUserspace {
 		// Fail at start, not at the first network map, when the TUN
 		// cannot be created (no privileges, name taken).
@@ -324,6 +332,7 @@ func (a *Agent) stop() {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.closeOSDNSLocked()
 	if a.eng != nil {
 		a.eng.close()
 		a.eng = nil
@@ -474,6 +483,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 	slices.SortFunc(addrs, comparePrefix)
 	if a.eng != nil && !slices.Equal(a.eng.cfg.addrs, addrs) {
 		a.log.Info("own addresses changed; restarting the data plane", "addrs", addrs)
+		a.closeOSDNSLocked()
 		a.eng.close()
 		a.eng = nil
 	}
@@ -492,7 +502,9 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 		a.eng = eng
 		a.log.Info("data plane up", "tun", a.opts.TUN, "addrs", addrs, "udp_port", eng.port)
 	}
-	return a.eng.applyMap(nm)
+	err := a.eng.applyMap(nm)
+	a.syncOSDNSLocked(nm)
+	return err
 }
 
 // releaseMapGarbage returns the memory a large map change left behind to

@@ -52,9 +52,12 @@ type magicDNS struct {
 	tnet atomic.Pointer[netstack.Net]
 }
 
-func newMagicDNS(log *slog.Logger) *magicDNS {
+// newMagicDNS makes the agent's resolver. upstreams are where it forwards
+// names it does not serve (Agent.DNSUpstreams: the host's resolvers as
+// they are without meshd); nil reads /etc/resolv.conf.
+func newMagicDNS(log *slog.Logger, upstreams func() []netip.AddrPort) *magicDNS {
 	m := &magicDNS{}
-	m.res = resolver.New(resolver.Options{Dial: m.dial, Logger: log})
+	m.res = resolver.New(resolver.Options{Dial: m.dial, Logger: log, Upstreams: upstreams})
 	return m
 }
 

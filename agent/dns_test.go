@@ -66,7 +66,7 @@ func TestMagicDNSInNetstack(t *testing.T) {
 	log := slog.New(slog.DiscardHandler)
 	ka, kb := netmap.NewNodePrivate(), netmap.NewNodePrivate()
 	addrA, addrB := pfx("100.64.0.1/32", "fd5e:5a1e:d::6440:1/128"), pfx("100.64.0.2/32", "fd5e:5a1e:d::6440:2/128")
-	m := newMagicDNS(log)
+	m := newMagicDNS(log, nil)
 	a := dnsEngine(t, ka, addrA, nil, m)
 	b := dnsEngine(t, kb, addrB, nil, nil)
 	na := netmap.Node{ID: 1, Hostname: "a", DNSName: "a.meshd.internal.", NodeKey: ka.Public(), Addresses: addrA, AllowedIPs: addrA,
@@ -179,7 +179,7 @@ func TestResolverNotReachableFromPeers(t *testing.T) {
 			ka, kb := netmap.NewNodePrivate(), netmap.NewNodePrivate()
 			addrA, addrB := pfx("100.64.0.1/32", "fd5e:5a1e:d::6440:1/128"), pfx("100.64.0.2/32", "fd5e:5a1e:d::6440:2/128")
 			pfB := newPacketFilter(log)
-			m := newMagicDNS(log)
+			m := newMagicDNS(log, nil)
 			attacker := dnsEngine(t, ka, addrA, nil, nil)
 			b := dnsEngine(t, kb, addrB, pfB, m)
 			na := netmap.Node{ID: 1, Hostname: "attacker", NodeKey: ka.Public(), Addresses: addrA, AllowedIPs: addrA,

@@ -56,6 +56,14 @@ type UpRequest struct {
 	// the node's are then fine, where an explicit --advertise-tags that
 	// changes nothing is an error.
 	TagsFromEnv bool `json:"tags_from_env,omitempty"`
+	// AcceptDNS, when set, is `meshd up --accept-dns[=false]`: whether a
+	// kernel TUN node points the host's DNS at the tailnet resolver
+	// (default true, kept across restarts). nil leaves it as it is.
+	AcceptDNS *bool `json:"accept_dns,omitempty"`
+	// AcceptDNSFromEnv says AcceptDNS came from MESHD_ACCEPT_DNS: a value
+	// equal to the node's is then fine, where an explicit flag that
+	// changes nothing is an error.
+	AcceptDNSFromEnv bool `json:"accept_dns_from_env,omitempty"`
 }
 
 // Node is one node in a Status.
