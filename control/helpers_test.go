@@ -34,6 +34,9 @@ type testServer struct {
 	dir  string
 	addr string
 	done chan error
+	// dial connects to a coordinator of startMemServer from src; nil
+	// for one on loopback TCP.
+	dial func(ctx context.Context, src string) (net.Conn, error)
 }
 
 // startServer runs a coordinator on a loopback port for the test.
