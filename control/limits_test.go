@@ -27,8 +27,8 @@ import (
 
 // Adversarial tests of the coordinator's connection limits, each against a
 // real coordinator with raw clients. The limits are times, so the tests
-// run in synctest bubbles on in-memory connections (memnet_test.go): each
-// bound is checked exactly, in no wall time, whatever the machine's load.
+// run in synctest bubbles on in-memory connections (memserver_test.go):
+// each bound is checked exactly, in no wall time, whatever the load.
 
 // dialFrom connects to ts, a coordinator of startMemServer, from the
 // address src.

@@ -7,96 +7,22 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"sync"
+	"net/netip"
 	"testing"
 
 	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/internal/memnet"
 	"meshd.dev/meshd/netmap"
 )
 
-// Coordinators on in-memory connections, for tests of time limits.
-//
-// A coordinator on a memListener runs in a testing/synctest bubble
-// together with its clients. Its connections are net.Pipe pairs, so their
-// deadlines, net/http's and connlimit's timers, and the coordinator's own
-// all read the bubble's clock, which moves only when every goroutine of
-// the bubble is blocked: a 10-second limit is checked to the nanosecond,
-// in no wall time, and no load on the machine can overrun it. Loopback
-// TCP cannot serve here: a goroutine blocked on a socket is not durably
-// blocked, so the bubble's clock would never move.
+// Coordinators on in-memory connections (internal/memnet), for tests of
+// time limits. A coordinator of startMemServer runs in a testing/synctest
+// bubble together with its clients, so connection deadlines, net/http's
+// and connlimit's timers and the coordinator's own all follow the
+// bubble's clock: a 10-second limit is checked to the nanosecond, in no
+// wall time, and no load on the machine can overrun it.
 
-// memHost is the coordinator's name and address on a memListener.
-const memHost = "coordinator.test:443"
-
-// memListener is a net.Listener whose connections are dialled in memory.
-type memListener struct {
-	addr  *net.TCPAddr
-	conns chan net.Conn
-	done  chan struct{}
-	once  sync.Once
-
-	mu   sync.Mutex
-	port int // the last client port handed out
-}
-
-func newMemListener() *memListener {
-	return &memListener{
-		addr:  &net.TCPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 443},
-		conns: make(chan net.Conn),
-		done:  make(chan struct{}),
-		port:  40000,
-	}
-}
-
-func (l *memListener) Accept() (net.Conn, error) {
-	select {
-	case c := <-l.conns:
-		return c, nil
-	case <-l.done:
-		return nil, net.ErrClosed
-	}
-}
-
-func (l *memListener) Close() error {
-	l.once.Do(func() { close(l.done) })
-	return nil
-}
-
-func (l *memListener) Addr() net.Addr { return l.addr }
-
-// dial connects to the listener from the IP address src, so that limits
-// per source apply as to TCP connections from src.
-func (l *memListener) dial(ctx context.Context, src string) (net.Conn, error) {
-	ip := net.ParseIP(src)
-	if ip == nil {
-		return nil, fmt.Errorf("dial from %q: not an IP address", src)
-	}
-	l.mu.Lock()
-	l.port++
-	from := &net.TCPAddr{IP: ip, Port: l.port}
-	l.mu.Unlock()
-	client, server := net.Pipe()
-	select {
-	case l.conns <- memConn{server, l.addr, from}:
-		return memConn{client, from, l.addr}, nil
-	case <-l.done:
-	case <-ctx.Done():
-	}
-	client.Close()
-	server.Close()
-	return nil, fmt.Errorf("dial %s from %s: connection refused", l.addr, src)
-}
-
-// memConn is one end of a pipe with TCP addresses.
-type memConn struct {
-	net.Conn
-	local, remote net.Addr
-}
-
-func (c memConn) LocalAddr() net.Addr  { return c.local }
-func (c memConn) RemoteAddr() net.Addr { return c.remote }
-
-// startMemServer runs a coordinator on a memListener for the test, which
+// startMemServer runs a coordinator on a memnet listener for the test, which
 // must run inside synctest.Test. ts.dial connects to it.
 func startMemServer(t *testing.T, opts ServerOptions) *testServer {
 	t.Helper()
@@ -110,8 +36,15 @@ func startMemServer(t *testing.T, opts ServerOptions) *testServer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln := newMemListener()
-	ts := &testServer{Server: s, url: "https://" + memHost, dir: opts.StateDir, addr: memHost, done: make(chan error, 1), dial: ln.dial}
+	ln := memnet.Listen(netip.MustParseAddrPort("192.0.2.1:443"))
+	dial := func(ctx context.Context, src string) (net.Conn, error) {
+		ip, err := netip.ParseAddr(src)
+		if err != nil {
+			return nil, fmt.Errorf("dial from %q: %w", src, err)
+		}
+		return ln.Dial(ctx, ip)
+	}
+	ts := &testServer{Server: s, url: "https://coordinator.test", dir: opts.StateDir, addr: "coordinator.test:443", done: make(chan error, 1), dial: dial}
 	go func() { ts.done <- s.Serve(ln) }()
 	t.Cleanup(func() { ts.stop(t) })
 	return ts
