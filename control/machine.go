@@ -250,7 +250,7 @@ func (s *Server) nodeForMap(ctx context.Context, mk netmap.MachinePublic) (store
 	if err != nil {
 		return n, err
 	}
-	if !n.KeyExpiry.IsZero() && !time.Now().Before(n.KeyExpiry) {
+	if !n.KeyExpiry.IsZero() && !s.now().Before(n.KeyExpiry) {
 		return n, fmt.Errorf("%w: node %d's key expired at %s: re-authenticate with a new --authkey", controlclient.ErrNodeExpired, n.ID, n.KeyExpiry.Format(time.RFC3339))
 	}
 	if !n.Authorized {
@@ -326,7 +326,7 @@ func (s *Server) applyMapRequest(ctx context.Context, mk netmap.MachinePublic, s
 	if nn.NodeKey != prevKey {
 		s.log.Info("node key rotated", "node", sn.ID, "old", prevKey.ShortString(), "new", nn.NodeKey.ShortString())
 	}
-	if cur != nil || s.visible(sn, time.Now()) {
+	if cur != nil || s.visible(sn, s.now()) {
 		s.hub.upsert(&nn)
 	}
 	return sn, nil
@@ -432,7 +432,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 		return
 	}
 	s.log.Debug("map stream open", "node", id, "full", first.resp.Full, "version", first.resp.Version)
-	ka := time.NewTicker(s.opts.KeepAliveInterval)
+	ka := s.clock.NewTicker(s.opts.KeepAliveInterval)
 	defer ka.Stop()
 	for {
 		select {
@@ -451,7 +451,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 					more = false
 				}
 			}
-		case <-ka.C:
+		case <-ka.C():
 			if !write(s.hub.keepAlive) {
 				return
 			}
