@@ -187,6 +187,36 @@ func TestMagicDNS(t *testing.T) {
 		}
 	}
 
+	// The C library of a's namespace resolves through meshd: the daemon
+	// pointed the namespace's resolv.conf (mounted over /etc/resolv.conf
+	// by `ip netns exec`) at 100.100.100.100 with the tailnet as search
+	// domain, and forwards the rest to the upstream it replaced.
+	conf, err := os.ReadFile(ha.ResolvConf())
+	if err != nil || !strings.Contains(string(conf), "nameserver 100.100.100.100") || !strings.Contains(string(conf), "search meshd.internal") {
+		t.Fatalf("a's resolv.conf while up: %v\n%s", err, conf)
+	}
+	for _, tc := range []struct{ db, name, want string }{
+		{"ahostsv4", "b.meshd.internal", v4("b")},
+		{"ahostsv6", "b.meshd.internal", v6("b")},
+		{"ahostsv4", "b", v4("b")}, // the search domain
+		{"hosts", "a.meshd.internal", ""},
+		{"ahostsv4", "www.example.test", "198.18.0.80"},
+		{"ahostsv4", "www.corp.example", "198.18.0.81"},
+	} {
+		out, err := ha.Run("getent", tc.db, tc.name)
+		want := tc.want
+		if want == "" {
+			want = v4("a") + "|" + v6("a")
+		}
+		first, _, _ := strings.Cut(strings.TrimSpace(out), " ")
+		if err != nil || !slices.Contains(strings.Split(want, "|"), first) {
+			t.Fatalf("getent %s %s on a: %v: %q; want %s", tc.db, tc.name, err, out, want)
+		}
+	}
+	if out, err := ha.Run("getent", "ahostsv4", "c.meshd.internal"); err == nil {
+		t.Fatalf("getent resolves c, which the policy hides from a: %q", out)
+	}
+
 	// A LAN neighbour that routes the resolver address to a: no answer
 	// over UDP, no answer over TCP.
 	ext := hosts["ext"]
