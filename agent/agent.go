@@ -18,6 +18,7 @@ import (
 	"meshd.dev/meshd/agent/certs"
 	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/agent/proxy"
+	"meshd.dev/meshd/agent/whois"
 	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/internal/backoff"
 	"meshd.dev/meshd/netmap"
@@ -93,6 +94,11 @@ type Options struct {
 	// 0 takes DefaultPeerIdleTimeout; a negative value configures every
 	// peer up front.
 	PeerIdleTimeout time.Duration
+	// ResolvConf, when set, is the resolver file meshd points at its
+	// resolver in kernel TUN mode, instead of systemd-resolved or
+	// /etc/resolv.conf (`meshd daemon --resolv-conf`, a hook for network
+	// namespaces, containers and tests; see docs/osdns.md).
+	ResolvConf string
 	// ApprovalPoll is the longest wait between two attempts to open the map
 	// stream while the coordinator says the node waits for an admin's
 	// approval (the first retries come sooner). Defaults to 5s.
@@ -109,6 +115,7 @@ type Agent struct {
 	disco netmap.DiscoPrivate
 	pf    *packetFilter // guarded by mu; its Filter is safe for concurrent use
 	certs *certs.Manager
+	dns   *magicDNS // MagicDNS (dns.go); safe for concurrent use
 
 	// upMu serialises Up and Down, so that two concurrent `meshd up` cannot
 	// both register (spending two keys, creating two nodes).
@@ -139,6 +146,13 @@ type Agent struct {
 	// keyConflicts are the key conflicts last dropped from a map, to log
 	// a change once rather than every map.
 	keyConflicts string
+	// whois answers who holds a tailnet address, from the current map;
+	// read without a.mu.
+	whois whois.Table
+	// namesFrom is the map whois and MagicDNS were last built from.
+	namesFrom *netmap.NetworkMap
+
+	hostDNS osDNS // the host's DNS configuration (hostdns.go)
 }
 
 // session is a running control loop; it owns the data plane it starts.
@@ -196,13 +210,21 @@ func New(opts Options) (*Agent, error) {
 		pathsChanged: make(chan struct{}, 1), changed: make(chan struct{}),
 		certs: certs.New(opts.StateDir, opts.Logger),
 	}
+	a.dns = newMagicDNS(opts.Logger, a.DNSUpstreams)
 	if nm != nil {
 		// A map saved by an older version may hold peers that share a key.
 		a.dropKeyConflicts(nm)
 		a.certs.SetSelf(certs.SelfOf(nm))
+		a.setNamesLocked(nm)
 	}
 	return a, nil
 }
+
+// WhoIs reports who holds ip in the tailnet as the current network map
+// says (see package whois): the node, its owner unless tagged, and the app
+// capabilities it has on this node. The response is shared: do not modify
+// it. Cheap enough to call per request.
+func (a *Agent) WhoIs(ip netip.Addr) (*whois.Response, bool) { return a.whois.Lookup(ip) }
 
 // Close releases the state dir. Call it after Run has returned.
 func (a *Agent) Close() error { return a.store.Close() }
@@ -214,6 +236,7 @@ func (a *Agent) NodeKey() netmap.NodePublic { return a.id.NodeKey.Public() }
 // up before (from the saved map, even with the coordinator down) and serves
 // the proxies. It returns after everything it started has stopped.
 func (a *Agent) Run(ctx context.Context) error {
+	a.recoverOSDNS()
 	if a.opts.TUN != TUNUserspace {
 		// Fail at start, not at the first network map, when the TUN
 		// cannot be created (no privileges, name taken).
@@ -316,6 +339,7 @@ func (a *Agent) stop() {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.closeOSDNSLocked()
 	if a.eng != nil {
 		a.eng.close()
 		a.eng = nil
@@ -417,6 +441,7 @@ func (a *Agent) onMap(nm *netmap.NetworkMap) {
 	// name lookups and the saved copy all see one peer per key.
 	a.dropKeyConflicts(nm)
 	a.certs.SetSelf(certs.SelfOf(nm))
+	a.setNamesLocked(nm)
 	a.ctlState = "connected"
 	if a.approvalPending {
 		a.log.Info("approved by an admin")
@@ -467,10 +492,12 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 	// Rules first, so that a new data plane never passes a packet the
 	// map's (or the saved map's, after a restart) rules would drop.
 	a.pf.update(nm)
+	a.setNamesLocked(nm)
 	addrs := slices.Clone(nm.Self.Addresses)
 	slices.SortFunc(addrs, comparePrefix)
 	if a.eng != nil && !slices.Equal(a.eng.cfg.addrs, addrs) {
 		a.log.Info("own addresses changed; restarting the data plane", "addrs", addrs)
+		a.closeOSDNSLocked()
 		a.eng.close()
 		a.eng = nil
 	}
@@ -479,6 +506,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 			tunName: a.opts.TUN, mtu: a.opts.MTU, port: a.opts.Port, nodeKey: a.id.NodeKey,
 			addrs: addrs, forwards: a.opts.Forwards, bind: a.bindOptions(),
 			log: a.log, localAddrs: localPrefixes, filter: a.pf.f, peerIdle: a.peerIdle(),
+			dns: a.dns,
 		})
 		if err != nil {
 			a.engErr = err
@@ -488,7 +516,9 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 		a.eng = eng
 		a.log.Info("data plane up", "tun", a.opts.TUN, "addrs", addrs, "udp_port", eng.port)
 	}
-	return a.eng.applyMap(nm)
+	err := a.eng.applyMap(nm)
+	a.syncOSDNSLocked(nm)
+	return err
 }
 
 // releaseMapGarbage returns the memory a large map change left behind to
@@ -693,7 +723,7 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 
 func statusNode(n *netmap.Node) localapi.Node {
 	return localapi.Node{
-		ID: n.ID, Hostname: n.Hostname, User: n.User, IPs: netmap.AddrsOf(n.Addresses),
+		ID: n.ID, Hostname: n.Hostname, DNSName: n.DNSName, User: n.User, IPs: netmap.AddrsOf(n.Addresses),
 		Tags: nonNil(n.Tags), Online: n.Online, NodeKey: n.NodeKey.String(),
 		Notices: n.Notices, // only the node's own entry has any
 	}
@@ -707,8 +737,9 @@ func nonNil(s []string) []string {
 }
 
 // Dial opens a TCP connection into the tailnet. addr's host is an IP
-// literal or a peer's hostname (resolved from the network map; there is no
-// DNS inside the tailnet yet).
+// literal, a peer's hostname or MagicDNS name (resolved from the network
+// map), or a MagicDNS resolver address (DNS over TCP, e.g. through the
+// SOCKS5 proxy in netstack mode).
 func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	if network != "tcp" && network != "tcp4" && network != "tcp6" {
 		return nil, fmt.Errorf("dial %s: only tcp is supported", network)
@@ -727,6 +758,9 @@ func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error
 	if eng == nil || nm == nil {
 		return nil, fmt.Errorf("dial %s: %w (the node is not up)", addr, proxy.ErrNoRoute)
 	}
+	if ip, err := netip.ParseAddr(host); err == nil && isResolverAddr(ip) {
+		return eng.dial(ctx, netip.AddrPortFrom(ip.Unmap(), uint16(port)))
+	}
 	ip, err := resolvePeer(nm, host)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)
@@ -735,7 +769,8 @@ func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error
 }
 
 // resolvePeer turns host into a tailnet address: an IP literal inside the
-// tailnet, or a node's hostname (case-insensitive), IPv4 first. A name
+// tailnet, or a node's hostname or MagicDNS name ("host", "host.SUFFIX",
+// "host.SUFFIX.", case-insensitive; nodeHasName), IPv4 first. A name
 // that more than one node holds is an error naming them: the coordinator
 // keeps names unique, and a map where they are not (an older or hostile
 // coordinator) must not let one node answer for another's name.
@@ -757,10 +792,11 @@ func resolvePeer(nm *netmap.NetworkMap, host string) (netip.Addr, error) {
 		return netip.Addr{}, fmt.Errorf("%v is not a tailnet address: %w", ip, proxy.ErrNoRoute)
 	}
 	name := strings.TrimSuffix(strings.ToLower(host), ".")
+	suffix := strings.TrimSuffix(strings.ToLower(nm.DNS.Suffix), ".")
 	var found []netip.Addr
 	var who []string
 	for _, n := range append([]*netmap.Node{&nm.Self}, nm.SortedPeers()...) {
-		if strings.ToLower(n.Hostname) != name || len(n.Addresses) == 0 {
+		if !nodeHasName(n, name, suffix) || len(n.Addresses) == 0 {
 			continue
 		}
 		addrs := netmap.AddrsOf(n.Addresses)

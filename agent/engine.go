@@ -46,6 +46,8 @@ type engineConfig struct {
 	// traffic (see lazy.go), removing them after this long idle; 0
 	// configures every peer of the map up front.
 	peerIdle time.Duration
+	// dns, when set, is served on the MagicDNS addresses (dns.go).
+	dns *magicDNS
 }
 
 // engine is the running data plane: a TUN (kernel or netstack), the bind,
@@ -73,6 +75,8 @@ type engine struct {
 	closeOnce sync.Once
 	fwdCancel context.CancelFunc
 	fwdWG     sync.WaitGroup
+
+	dnsSrv *dnsServer // MagicDNS listeners, when cfg.dns is set
 }
 
 func newEngine(cfg engineConfig) (_ *engine, err error) {
@@ -80,7 +84,11 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 	e := &engine{cfg: cfg, peers: map[netmap.NodePublic]wgPeer{}}
 	var tdev tun.Device
 	if cfg.tunName == TUNUserspace {
-		tdev, e.tnet, err = netstack.CreateNetTUN(netmap.AddrsOf(cfg.addrs), nil, cfg.mtu)
+		local := netmap.AddrsOf(cfg.addrs)
+		if cfg.dns != nil {
+			local = append(local, resolverAddrs...) // after ours: see dns.go
+		}
+		tdev, e.tnet, err = netstack.CreateNetTUN(local, nil, cfg.mtu)
 		if err != nil {
 			return nil, fmt.Errorf("userspace network stack: %w", err)
 		}
@@ -126,6 +134,11 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 	if len(cfg.forwards) > 0 {
 		if err := e.startForwards(); err != nil {
 			return nil, err
+		}
+	}
+	if cfg.dns != nil {
+		if err := e.startDNS(); err != nil {
+			cfg.log.Warn("MagicDNS not served on every address; the tunnel works without it", "err", err)
 		}
 	}
 	return e, nil
@@ -350,6 +363,7 @@ func (e *engine) serveForward(ctx context.Context, ln net.Listener, f Forward) {
 func (e *engine) close() { e.closeOnce.Do(e.doClose) }
 
 func (e *engine) doClose() {
+	e.stopDNS()
 	if e.fwdCancel != nil {
 		e.fwdCancel()
 		e.fwdWG.Wait()

@@ -52,6 +52,10 @@ type Login struct {
 	// WantRunning is false after `meshd down`: a restarted daemon then stays
 	// down until `meshd up`, as a user who took the node down expects.
 	WantRunning bool `json:"want_running"`
+	// NoAcceptDNS is `meshd up --accept-dns=false`: the node leaves the
+	// host's DNS configuration alone. Negative so that logins saved
+	// before the setting existed get the default.
+	NoAcceptDNS bool `json:"no_accept_dns,omitempty"`
 }
 
 // CorruptFileError reports a state file that could not be decoded. The file

@@ -83,6 +83,9 @@ func (kl *kernelLink) setRoutes(want []netip.Prefix, src []netip.Prefix) error {
 	return errors.Join(errs...)
 }
 
+// index is the interface's index (systemd-resolved's link).
+func (kl *kernelLink) index() int { return kl.link.Attrs().Index }
+
 func (kl *kernelLink) route(dst netip.Prefix, src []netip.Prefix) *netlink.Route {
 	r := &netlink.Route{LinkIndex: kl.link.Attrs().Index, Dst: prefixToIPNet(dst), Scope: netlink.SCOPE_LINK}
 	// Prefer our tailnet address as the source so that replies come back

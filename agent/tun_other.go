@@ -16,3 +16,6 @@ func createKernelTUN(name string, mtu int, addrs []netip.Prefix) (tun.Device, *k
 }
 
 func (kl *kernelLink) setRoutes(want, src []netip.Prefix) error { return nil }
+
+func (kl *kernelLink) addAddr(netip.Addr) error { return nil }
+func (kl *kernelLink) index() int               { return 0 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"slices"
 	"strings"
 	"time"
@@ -31,6 +32,7 @@ type registration struct {
 	hostname    string // "" the first time: the system hostname
 	authKey     string
 	tags        []string
+	noAcceptDNS bool // --accept-dns=false
 }
 
 // upPlan is what Up will do, decided before it changes anything.
@@ -38,6 +40,8 @@ type upPlan struct {
 	action upAction
 	reg    registration // upRegister
 	tags   []string     // upRetag
+	// acceptDNS, when set, is a new --accept-dns setting to keep.
+	acceptDNS *bool
 	// note is said in the returned status (a setting from the
 	// environment that was not needed).
 	note string
@@ -63,6 +67,7 @@ type enrolment struct {
 // not need and tags it already has are fine there.
 func planUp(cur enrolment, req localapi.UpRequest) (upPlan, error) {
 	tagsGiven := req.SetTags || len(req.Tags) > 0
+	noAcceptDNS := req.AcceptDNS != nil && !*req.AcceptDNS
 	tags, err := netmap.NormalizeTags(req.Tags)
 	if err != nil {
 		return upPlan{}, fmt.Errorf("--advertise-tags: %w", err)
@@ -76,7 +81,7 @@ func planUp(cur enrolment, req localapi.UpRequest) (upPlan, error) {
 			return upPlan{}, errors.New("no coordinator: pass --coordinator URL")
 		}
 		return upPlan{action: upRegister, reg: registration{
-			coordinator: req.Coordinator, hostname: req.Hostname, authKey: req.AuthKey, tags: tags,
+			coordinator: req.Coordinator, hostname: req.Hostname, authKey: req.AuthKey, tags: tags, noAcceptDNS: noAcceptDNS,
 		}}, nil
 	}
 	if req.Coordinator != "" && req.Coordinator != l.CoordinatorURL {
@@ -85,7 +90,11 @@ func planUp(cur enrolment, req localapi.UpRequest) (upPlan, error) {
 	}
 	reauth := registration{
 		coordinator: l.CoordinatorURL, pin: l.ServerPin, authKey: req.AuthKey,
-		hostname: cmp.Or(req.Hostname, l.RequestedHostname, l.Hostname),
+		hostname:    cmp.Or(req.Hostname, l.RequestedHostname, l.Hostname),
+		noAcceptDNS: l.NoAcceptDNS,
+	}
+	if req.AcceptDNS != nil {
+		reauth.noAcceptDNS = noAcceptDNS
 	}
 	if tagsGiven {
 		reauth.tags = tags
@@ -107,13 +116,24 @@ func planUp(cur enrolment, req localapi.UpRequest) (upPlan, error) {
 		return upPlan{}, fmt.Errorf("this node is registered as %q and meshd does not rename an enrolled node, so --hostname %q would change nothing: "+
 			"register it again under the new name with `meshd up --force-reauth --authkey KEY --hostname %s`, or drop --hostname (MESHD_HOSTNAME)", l.Hostname, req.Hostname, req.Hostname)
 	}
+	var acceptDNS *bool
+	switch accepting := !l.NoAcceptDNS; {
+	case req.AcceptDNS == nil:
+	case *req.AcceptDNS != accepting:
+		acceptDNS = req.AcceptDNS
+	case req.AcceptDNSFromEnv:
+	case *req.AcceptDNS:
+		return upPlan{}, errors.New("this node already uses the tailnet's DNS (--accept-dns is the default), so --accept-dns changes nothing")
+	default:
+		return upPlan{}, errors.New("this node already leaves the host's DNS alone, so --accept-dns=false changes nothing (`meshd up --accept-dns` turns MagicDNS on again)")
+	}
 	if !tagsGiven {
-		return upPlan{action: upStart, note: note}, nil
+		return upPlan{action: upStart, note: note, acceptDNS: acceptDNS}, nil
 	}
 	same := slices.Equal(tags, cur.tags)
 	switch {
 	case same && req.TagsFromEnv:
-		return upPlan{action: upStart, note: note}, nil
+		return upPlan{action: upStart, note: note, acceptDNS: acceptDNS}, nil
 	case same && len(tags) == 0:
 		return upPlan{}, errors.New("this node has no tags, so --advertise-tags= changes nothing")
 	case same:
@@ -122,7 +142,7 @@ func planUp(cur enrolment, req localapi.UpRequest) (upPlan, error) {
 		return upPlan{}, fmt.Errorf("this node is tagged %s and cannot drop its tags by itself: return it to a user by registering it with that user's key, "+
 			"`meshd up --force-reauth --authkey USERKEY --advertise-tags=` (or an admin runs `meshd admin nodes tag %d --user LOGIN`)", strings.Join(cur.tags, ","), l.NodeID)
 	}
-	return upPlan{action: upRetag, tags: tags, note: note}, nil
+	return upPlan{action: upRetag, tags: tags, note: note, acceptDNS: acceptDNS}, nil
 }
 
 // hostnameMatches reports whether h names the node as it registered: the
@@ -172,6 +192,10 @@ func (a *Agent) up(ctx context.Context, req localapi.UpRequest) (*localapi.Statu
 	if err != nil {
 		return nil, err
 	}
+	if req.AcceptDNS != nil && a.opts.TUN == TUNUserspace {
+		plan.note = strings.TrimPrefix(plan.note+"; ", "; ") +
+			"--accept-dns is kept for kernel TUN mode; this daemon runs the netstack, which never changes the host's DNS"
+	}
 	// want, when set, is the self the coordinator must send before Up
 	// returns, so that the status shows the change just made.
 	var want func(*netmap.Node) bool
@@ -196,9 +220,12 @@ func (a *Agent) up(ctx context.Context, req localapi.UpRequest) (*localapi.Statu
 	}
 	a.mu.Lock()
 	login := a.login
-	if !login.WantRunning {
+	if !login.WantRunning || plan.acceptDNS != nil {
 		l := *login
 		l.WantRunning = true
+		if plan.acceptDNS != nil {
+			l.NoAcceptDNS = !*plan.acceptDNS
+		}
 		if err := a.store.SaveLogin(&l); err != nil {
 			a.mu.Unlock()
 			return nil, err
@@ -206,6 +233,10 @@ func (a *Agent) up(ctx context.Context, req localapi.UpRequest) (*localapi.Statu
 		a.login = &l
 	}
 	a.startLocked()
+	if plan.acceptDNS != nil && a.eng != nil && a.nm != nil {
+		// A running data plane takes the new setting now.
+		a.syncOSDNSLocked(a.nm)
+	}
 	// With the data plane already up from the saved map, wait only briefly
 	// for the coordinator: long enough to report a refused connection (pin
 	// mismatch, node deleted), short enough that `meshd up` with the
@@ -324,7 +355,7 @@ func (a *Agent) register(ctx context.Context, r registration) (*netmap.Node, err
 	defer cc.Close()
 	resp, err := cc.Register(ctx, netmap.RegisterRequest{
 		Version: netmap.ProtocolVersion, NodeKey: a.NodeKey(), DiscoKey: a.disco.Public(),
-		Hostname: hostname, AuthKey: r.authKey, RequestTags: r.tags,
+		Hostname: hostname, OS: runtime.GOOS, AuthKey: r.authKey, RequestTags: r.tags,
 	})
 	if err != nil {
 		return nil, explainControlError(r.coordinator, err)
@@ -332,7 +363,7 @@ func (a *Agent) register(ctx context.Context, r registration) (*netmap.Node, err
 	l := &Login{
 		CoordinatorURL: r.coordinator, ServerPin: cmp.Or(cc.ServerPin(), resp.ServerKey), NodeID: resp.Node.ID,
 		Hostname: resp.Node.Hostname, RequestedHostname: hostname, Tags: resp.Node.Tags, Ephemeral: resp.Node.Ephemeral,
-		WantRunning: true,
+		WantRunning: true, NoAcceptDNS: r.noAcceptDNS,
 	}
 	if err := a.store.SaveLogin(l); err != nil {
 		return nil, err

@@ -21,7 +21,11 @@ func TestPlanUp(t *testing.T) {
 	tagged := enrolment{login: login, tags: []string{"tag:a"}}
 	user := enrolment{login: login}
 	gone := enrolment{login: login, tags: []string{"tag:a"}, needsReauth: true}
+	noDNSLogin := *login
+	noDNSLogin.NoAcceptDNS = true
+	noDNS := enrolment{login: &noDNSLogin, tags: []string{"tag:a"}}
 	tags := func(t ...string) []string { return t }
+	on, off := new(true), new(false)
 	for _, tt := range []struct {
 		name    string
 		cur     enrolment
@@ -29,6 +33,7 @@ func TestPlanUp(t *testing.T) {
 		want    upAction
 		wantReg registration // upRegister
 		wantTag []string     // upRetag
+		wantDNS *bool        // a new --accept-dns setting
 		note    string       // substring of the plan's note
 		err     string       // substring of the error
 	}{
@@ -66,6 +71,23 @@ func TestPlanUp(t *testing.T) {
 		{name: "explicit key and tags", cur: tagged, req: localapi.UpRequest{AuthKey: "k", Tags: tags("tag:b"), SetTags: true}, err: "--force-reauth"},
 		{name: "env key and retag", cur: tagged, req: localapi.UpRequest{AuthKey: "k", AuthKeyFromEnv: true, Tags: tags("tag:b"), SetTags: true},
 			want: upRetag, wantTag: tags("tag:b"), note: "MESHD_AUTHKEY not used"},
+		{name: "first registration without DNS", cur: enrolment{}, req: localapi.UpRequest{AuthKey: "k", Coordinator: "https://c:8443", AcceptDNS: off},
+			want: upRegister, wantReg: registration{coordinator: "https://c:8443", authKey: "k", noAcceptDNS: true}},
+		{name: "first registration with DNS said", cur: enrolment{}, req: localapi.UpRequest{AuthKey: "k", Coordinator: "https://c:8443", AcceptDNS: on},
+			want: upRegister, wantReg: registration{coordinator: "https://c:8443", authKey: "k"}},
+		{name: "accept-dns=false", cur: tagged, req: localapi.UpRequest{AcceptDNS: off}, want: upStart, wantDNS: off},
+		{name: "accept-dns again", cur: noDNS, req: localapi.UpRequest{AcceptDNS: on}, want: upStart, wantDNS: on},
+		{name: "accept-dns on a node that does", cur: tagged, req: localapi.UpRequest{AcceptDNS: on}, err: "--accept-dns changes nothing"},
+		{name: "accept-dns=false on a node that does not", cur: noDNS, req: localapi.UpRequest{AcceptDNS: off}, err: "--accept-dns=false changes nothing"},
+		{name: "accept-dns from the environment, as it is", cur: noDNS, req: localapi.UpRequest{AcceptDNS: off, AcceptDNSFromEnv: true}, want: upStart},
+		{name: "accept-dns from the environment, a change", cur: tagged, req: localapi.UpRequest{AcceptDNS: off, AcceptDNSFromEnv: true}, want: upStart, wantDNS: off},
+		{name: "retag and accept-dns=false", cur: tagged, req: localapi.UpRequest{Tags: tags("tag:b"), SetTags: true, AcceptDNS: off},
+			want: upRetag, wantTag: tags("tag:b"), wantDNS: off},
+		{name: "same tags and accept-dns=false", cur: tagged, req: localapi.UpRequest{Tags: tags("tag:a"), SetTags: true, AcceptDNS: off}, err: "already has the tags"},
+		{name: "force-reauth keeps accept-dns=false", cur: noDNS, req: localapi.UpRequest{AuthKey: "k", ForceReauth: true},
+			want: upRegister, wantReg: registration{coordinator: "https://c:8443", pin: "pin", hostname: "gpu-3", authKey: "k", noAcceptDNS: true}},
+		{name: "force-reauth with accept-dns", cur: noDNS, req: localapi.UpRequest{AuthKey: "k", ForceReauth: true, AcceptDNS: on},
+			want: upRegister, wantReg: registration{coordinator: "https://c:8443", pin: "pin", hostname: "gpu-3", authKey: "k"}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			p, err := planUp(tt.cur, tt.req)
@@ -82,11 +104,15 @@ func TestPlanUp(t *testing.T) {
 				t.Fatalf("action %d, want %d (plan %+v)", p.action, tt.want, p)
 			}
 			r, w := p.reg, tt.wantReg
-			if r.coordinator != w.coordinator || r.pin != w.pin || r.hostname != w.hostname || r.authKey != w.authKey || !slices.Equal(r.tags, w.tags) {
+			if r.coordinator != w.coordinator || r.pin != w.pin || r.hostname != w.hostname || r.authKey != w.authKey || !slices.Equal(r.tags, w.tags) ||
+				r.noAcceptDNS != w.noAcceptDNS {
 				t.Errorf("registration %+v, want %+v", r, w)
 			}
 			if !slices.Equal(p.tags, tt.wantTag) {
 				t.Errorf("retag to %v, want %v", p.tags, tt.wantTag)
+			}
+			if (p.acceptDNS == nil) != (tt.wantDNS == nil) || p.acceptDNS != nil && *p.acceptDNS != *tt.wantDNS {
+				t.Errorf("accept-dns change %v, want %v", p.acceptDNS, tt.wantDNS)
 			}
 			if !strings.Contains(p.note, tt.note) || (tt.note == "") != (p.note == "") {
 				t.Errorf("note %q, want %q", p.note, tt.note)
@@ -145,6 +171,8 @@ func TestUpLifecycle(t *testing.T) {
 		{name: "untag by itself", req: localapi.UpRequest{SetTags: true}, err: []string{"--force-reauth --authkey USERKEY --advertise-tags="}, tags: []string{"tag:test"}},
 		{name: "retag to an owned tag", req: localapi.UpRequest{Tags: []string{"tag:b"}, SetTags: true}, tags: []string{"tag:b"}, peerSees: true},
 		{name: "bad key with force-reauth", req: localapi.UpRequest{AuthKey: "mskey-garbage", ForceReauth: true}, err: []string{"auth key"}, tags: []string{"tag:b"}},
+		{name: "accept-dns=false in netstack mode", req: localapi.UpRequest{AcceptDNS: new(false)}, tags: []string{"tag:b"}, msg: "--accept-dns is kept for kernel TUN mode"},
+		{name: "accept-dns=false again", req: localapi.UpRequest{AcceptDNS: new(false)}, err: []string{"--accept-dns=false changes nothing"}, tags: []string{"tag:b"}},
 		{name: "back to the user", req: localapi.UpRequest{AuthKey: userKey, ForceReauth: true, SetTags: true}, user: "alice@example.com", peerSees: true},
 	} {
 		t.Run(step.name, func(t *testing.T) {
@@ -186,7 +214,7 @@ func TestUpLifecycle(t *testing.T) {
 	}
 	// The saved registration follows, so a restarted daemon knows it.
 	saved, err := a.store.LoadLogin()
-	if err != nil || saved.RequestedHostname != "a" || len(saved.Tags) != 0 || saved.NodeID != first.Self.ID {
+	if err != nil || saved.RequestedHostname != "a" || len(saved.Tags) != 0 || saved.NodeID != first.Self.ID || !saved.NoAcceptDNS {
 		t.Errorf("login.json after the steps: %+v, %v", saved, err)
 	}
 	echoThrough(t, p, a, "a", 7100, "still reachable")

@@ -120,7 +120,7 @@ func (s *Server) CreateAuthKey(ctx context.Context, o AuthKeyOptions) (string, A
 	if err := s.adminMayApply(tags); err != nil {
 		return "", AuthKey{}, err
 	}
-	now := time.Now().UTC()
+	now := s.now().UTC()
 	if o.User != "" {
 		if _, err := s.store.EnsureUser(ctx, o.User, now); err != nil {
 			return "", AuthKey{}, err
@@ -147,7 +147,7 @@ func (s *Server) AuthKeys(ctx context.Context) ([]AuthKey, error) {
 	if err != nil {
 		return nil, err
 	}
-	now := time.Now()
+	now := s.now()
 	out := make([]AuthKey, 0, len(ks))
 	for _, k := range ks {
 		out = append(out, authKeyView(k, now))
@@ -157,7 +157,7 @@ func (s *Server) AuthKeys(ctx context.Context) ([]AuthKey, error) {
 
 // RevokeAuthKey revokes a key; nodes already enrolled with it stay.
 func (s *Server) RevokeAuthKey(ctx context.Context, id string) error {
-	err := s.store.RevokeAuthKey(ctx, id, time.Now().UTC())
+	err := s.store.RevokeAuthKey(ctx, id, s.now().UTC())
 	if errors.Is(err, store.ErrNotFound) {
 		return fmt.Errorf("%w: no auth key %q", controlclient.ErrNotFound, id)
 	}
@@ -170,7 +170,7 @@ func (s *Server) Nodes(ctx context.Context) ([]NodeInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	now := time.Now()
+	now := s.now()
 	out := make([]NodeInfo, 0, len(ns))
 	for _, n := range ns {
 		ni := NodeInfo{Node: n.Node, Authorized: n.Authorized, AuthKeyID: n.AuthKeyID,
@@ -217,8 +217,8 @@ func (s *Server) ExpireNode(ctx context.Context, id netmap.NodeID) error {
 	if err != nil {
 		return err
 	}
-	n.KeyExpiry = time.Now().UTC()
-	n.AdminActed = s.now().UTC()
+	n.KeyExpiry = s.now().UTC()
+	n.AdminActed = n.KeyExpiry
 	if err := s.store.UpdateNode(ctx, n); err != nil {
 		return err
 	}
@@ -323,7 +323,7 @@ func (s *Server) ApproveNode(ctx context.Context, id netmap.NodeID) error {
 // republishLocked pushes a node's stored identity to the hub, keeping its
 // live state (online, endpoints). s.mu held.
 func (s *Server) republishLocked(n store.Node) {
-	if !s.visible(n, time.Now()) {
+	if !s.visible(n, s.now()) {
 		s.hub.remove(n.ID, controlclient.ErrNodeExpired)
 		return
 	}

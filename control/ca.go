@@ -250,7 +250,7 @@ func (s *Server) initCA(ctx context.Context) error {
 			return fmt.Errorf("coordinator: --new-ca: there is no tailnet CA to replace (%s and %s do not exist): start without --new-ca", keyPath, certPath)
 		}
 		for _, p := range []string{keyPath, certPath} {
-			if moved, err := moveAside(p, "replaced"); err != nil {
+			if moved, err := moveAside(p, "replaced", now); err != nil {
 				return fmt.Errorf("coordinator: --new-ca: %w", err)
 			} else if moved != "" {
 				s.log.Warn("--new-ca: moved the old tailnet CA aside", "path", p, "moved_to", moved)

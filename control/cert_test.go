@@ -266,8 +266,8 @@ func TestCertRefusedToNodesOutsideTheTailnet(t *testing.T) {
 // TestCertRateLimited: a node gets certBurst certificates at once and then
 // one every certEvery; another node is not affected.
 func TestCertRateLimited(t *testing.T) {
-	var clock testClock
-	ts := startServer(t, ServerOptions{now: clock.now})
+	clk := newClock()
+	ts := startServer(t, ServerOptions{clock: clk})
 	k := ts.key(t, AuthKeyOptions{Tags: []string{"tag:x"}, Reusable: true})
 	a, b := newTestNode(t, ts.url, ""), newTestNode(t, ts.url, "")
 	a.mustRegister(t, k, "a")
@@ -286,7 +286,7 @@ func TestCertRateLimited(t *testing.T) {
 	if err := ask(b); err != nil {
 		t.Fatalf("another node limited too: %v", err)
 	}
-	clock.advance(certEvery)
+	clk.Advance(certEvery)
 	if err := ask(a); err != nil {
 		t.Fatalf("after %v: %v", certEvery, err)
 	}

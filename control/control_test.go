@@ -418,23 +418,26 @@ func TestReRegisterKeepsAddresses(t *testing.T) {
 	wantErr(t, err, controlclient.ErrNotRegistered)
 }
 
+// TestEphemeralCleanup: an ephemeral node stays while its map stream is
+// open and is deleted EphemeralTimeout after the stream closed; other
+// nodes stay.
 func TestEphemeralCleanup(t *testing.T) {
-	ts := startServer(t, ServerOptions{EphemeralTimeout: 150 * time.Millisecond})
+	const timeout = 5 * time.Minute
+	clk := newClock()
+	ts := startServer(t, ServerOptions{EphemeralTimeout: timeout, clock: clk})
 	ctx := context.Background()
 	key := ts.key(t, AuthKeyOptions{Tags: []string{"tag:x"}, Reusable: true})
 	ekey := ts.key(t, AuthKeyOptions{Tags: []string{"tag:ci"}, Ephemeral: true})
 	a, e := newTestNode(t, ts.url, ""), newTestNode(t, ts.url, "")
 	a.mustRegister(t, key, "a")
 	a.follow(t, a.mapRequest())
-	// Registration arms the deletion timer; the stream opens well within
-	// the timeout and disarms it.
+	// Registration arms the deletion timer; the stream disarms it.
 	e.mustRegister(t, ekey, "job")
 	stopE := e.follow(t, e.mapRequest())
 	a.waitMap(t, "ephemeral peer online", peerOnline(e.id, true))
 	// While the stream is open the node stays: no deletion is pending once
-	// the stream has served its first map, and the timeout running out
-	// regardless (a timer that fired as the stream opened) leaves it alone.
-	// Both are checked directly rather than by sleeping past the timeout.
+	// the stream has served its first map, the timeout passing changes
+	// nothing, and neither does a timer that fired as the stream opened.
 	e.waitMap(t, "its first map", func(*netmap.NetworkMap) bool { return true })
 	ts.mu.Lock()
 	pending := ts.ephemeral[e.id] != nil
@@ -442,11 +445,30 @@ func TestEphemeralCleanup(t *testing.T) {
 	if pending {
 		t.Fatal("ephemeral node's deletion scheduled while its stream is open")
 	}
+	clk.Advance(2 * timeout)
 	ts.reapEphemeral(e.id)
 	if _, err := ts.store.Node(ctx, e.id); err != nil {
 		t.Fatalf("ephemeral node deleted while its stream was open: %v", err)
 	}
+	// The stream closes: the deletion is armed when the coordinator sees
+	// it end, and runs when the timeout has passed.
+	armed := clk.Started()
 	stopE()
+	awaitTimer(t, clk, armed+1, "the ephemeral node's deletion timer")
+	ts.mu.Lock()
+	pending = ts.ephemeral[e.id] != nil
+	ts.mu.Unlock()
+	if !pending {
+		t.Fatal("the timer armed after the stream closed is not the node's deletion")
+	}
+	clk.Advance(timeout - time.Nanosecond)
+	if _, err := ts.store.Node(ctx, e.id); err != nil {
+		t.Fatalf("ephemeral node deleted before the timeout: %v", err)
+	}
+	clk.Advance(time.Nanosecond) // the deletion runs inside Advance
+	if _, err := ts.store.Node(ctx, e.id); err == nil {
+		t.Fatal("ephemeral node still stored at the timeout")
+	}
 	a.waitMap(t, "ephemeral peer deleted", func(m *netmap.NetworkMap) bool { return m.Peers[e.id] == nil })
 	nodes, err := ts.Nodes(ctx)
 	if err != nil {

@@ -15,6 +15,7 @@ import (
 
 	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/internal/atomicfile"
+	"meshd.dev/meshd/internal/clock"
 	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/netmap"
 )
@@ -68,7 +69,7 @@ var ErrUnknownNodeKey = errors.New("node key is not registered with the coordina
 // the key of a registered, authorized node whose key has not expired. It
 // fits derp.ServerOptions.Verify for a relay embedded in the coordinator.
 func (s *Server) VerifyNodeKey(_ context.Context, k netmap.NodePublic) error {
-	if s.nodeKeyValid(k, time.Now()) {
+	if s.nodeKeyValid(k, s.now()) {
 		return nil
 	}
 	return ErrUnknownNodeKey
@@ -151,7 +152,7 @@ func (s *Server) EnableRelayVerify() (string, error) {
 			s.writeError(w, r, fmt.Errorf("%w: key: %v", controlclient.ErrBadRequest, err))
 			return
 		}
-		writeJSON(w, http.StatusOK, RelayVerifyResponse{Known: s.nodeKeyValid(k, time.Now())})
+		writeJSON(w, http.StatusOK, RelayVerifyResponse{Known: s.nodeKeyValid(k, s.now())})
 	})
 	s.relayRoutes(auth)
 	return path, nil
@@ -193,6 +194,10 @@ type RelayVerifierOptions struct {
 	// MaxEntries bounds the cache (default 65536).
 	MaxEntries int
 	Logger     *slog.Logger
+
+	// clock is the time of the cache, the revocation stream's watchdog
+	// and its reconnect delay: clock.Real unless a test moves it.
+	clock clock.Clock
 }
 
 // RelayVerifier answers derp.ServerOptions.Verify for a standalone relay by
@@ -205,7 +210,7 @@ type RelayVerifier struct {
 	// whose liveness the keep-alives show.
 	stream *http.Client
 	opts   RelayVerifierOptions
-	now    func() time.Time
+	clock  clock.Clock
 
 	mu     sync.Mutex
 	cache  map[netmap.NodePublic]verifyEntry
@@ -250,7 +255,7 @@ func NewRelayVerifier(rawURL, token string, opts RelayVerifierOptions) (*RelayVe
 	}
 	tr := controlclient.PinnedTransport(fp)
 	return &RelayVerifier{
-		base: u, token: token, opts: opts, now: time.Now,
+		base: u, token: token, opts: opts, clock: clock.Or(opts.clock),
 		hc:     &http.Client{Transport: tr, Timeout: 10 * time.Second},
 		stream: &http.Client{Transport: tr},
 		cache:  make(map[netmap.NodePublic]verifyEntry),
@@ -262,7 +267,7 @@ func (v *RelayVerifier) Close() { v.hc.CloseIdleConnections() }
 
 // Verify returns nil if the coordinator knows k (from cache when fresh).
 func (v *RelayVerifier) Verify(ctx context.Context, k netmap.NodePublic) error {
-	now := v.now()
+	now := v.clock.Now()
 	v.mu.Lock()
 	e, cached := v.cache[k]
 	gen := v.revGen

@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -135,19 +134,6 @@ func TestSetDERPMapRefusesInvalid(t *testing.T) {
 	}
 }
 
-// fakeClock is a settable now for the verifier's cache.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *fakeClock) now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
-func (c *fakeClock) add(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
 // TestRelayVerifier runs a standalone relay that asks the coordinator about
 // every client through the relay-token endpoint, as `meshd derp
 // --coordinator` does.
@@ -170,12 +156,11 @@ func TestRelayVerifier(t *testing.T) {
 		t.Fatal("second EnableRelayVerify changed the token")
 	}
 
-	clock := &fakeClock{t: time.Now()}
-	v, err := NewRelayVerifier(ts.url, tok, RelayVerifierOptions{TTL: time.Minute, NegativeTTL: 10 * time.Second, StaleTTL: time.Hour, Logger: testLogger(t)})
+	clk := newClock() // the verifier's cache; the coordinator runs on the wall clock
+	v, err := NewRelayVerifier(ts.url, tok, RelayVerifierOptions{TTL: time.Minute, NegativeTTL: 10 * time.Second, StaleTTL: time.Hour, Logger: testLogger(t), clock: clk})
 	if err != nil {
 		t.Fatal(err)
 	}
-	v.now = clock.now
 	t.Cleanup(v.Close)
 	ds := newRelay(t, v.Verify)
 	hs := httptest.NewServer(ds)
@@ -201,7 +186,7 @@ func TestRelayVerifier(t *testing.T) {
 	if err := v.Verify(ctx, a.nk.Public()); err != nil {
 		t.Fatalf("within TTL, cached answer: %v", err)
 	}
-	clock.add(time.Minute + time.Second)
+	clk.Advance(time.Minute + time.Second)
 	if err := v.Verify(ctx, a.nk.Public()); !errors.Is(err, ErrUnknownNodeKey) {
 		t.Fatalf("after TTL, expired node: %v", err)
 	}
@@ -216,7 +201,7 @@ func TestRelayVerifier(t *testing.T) {
 	if err := v.Verify(ctx, late.nk.Public()); !errors.Is(err, ErrUnknownNodeKey) {
 		t.Fatalf("negative answer not cached: %v", err)
 	}
-	clock.add(11 * time.Second)
+	clk.Advance(11 * time.Second)
 	if err := v.Verify(ctx, late.nk.Public()); err != nil {
 		t.Fatalf("registered node after the negative TTL: %v", err)
 	}
@@ -226,7 +211,7 @@ func TestRelayVerifier(t *testing.T) {
 		t.Fatal(err)
 	}
 	ts.stop(t)
-	clock.add(2 * time.Minute)
+	clk.Advance(2 * time.Minute)
 	if _, err := dialRelay(t, hs.URL, "", b.nk); err != nil {
 		t.Fatalf("known node while the coordinator is down: %v", err)
 	}
@@ -234,7 +219,7 @@ func TestRelayVerifier(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "cannot check the node with the coordinator") {
 		t.Fatalf("unknown node while the coordinator is down: %v", err)
 	}
-	clock.add(time.Hour)
+	clk.Advance(time.Hour)
 	if err := v.Verify(ctx, b.nk.Public()); err == nil {
 		t.Fatal("stale answer used past StaleTTL")
 	}

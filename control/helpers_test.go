@@ -12,11 +12,11 @@ import (
 	"net/http"
 	"os"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/internal/clock/clocktest"
 	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/netmap"
 )
@@ -34,6 +34,9 @@ type testServer struct {
 	dir  string
 	addr string
 	done chan error
+	// dial connects to a coordinator of startMemServer from src; nil
+	// for one on loopback TCP.
+	dial func(ctx context.Context, src string) (net.Conn, error)
 }
 
 // startServer runs a coordinator on a loopback port for the test.
@@ -268,11 +271,20 @@ func doRaw(ctx context.Context, hc *http.Client, base, path string, body []byte)
 	return nil
 }
 
-// testClock is a clock for ServerOptions.now that tests move forward while
-// the server runs.
-type testClock struct{ offset atomic.Int64 }
+// newClock returns a clock for ServerOptions.clock and
+// RelayVerifierOptions.clock that stands still until the test advances it.
+// It starts at a fixed time, so a test reads the same times on every run.
+func newClock() *clocktest.Clock {
+	return clocktest.New(time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC))
+}
 
-func (c *testClock) now() time.Time { return time.Now().Add(time.Duration(c.offset.Load())) }
-
-// advance moves the clock forward by d.
-func (c *testClock) advance(d time.Duration) { c.offset.Add(int64(d)) }
+// awaitTimer waits until clk has made timer number n (clocktest's
+// Started): the one a goroutine arms in reaction to what the test did.
+func awaitTimer(t testing.TB, clk *clocktest.Clock, n int, what string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := clk.AwaitStarted(ctx, n); err != nil {
+		t.Fatalf("timed out waiting for %s", what)
+	}
+}

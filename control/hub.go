@@ -128,6 +128,7 @@ func newHub(epoch string, derpMap *netmap.DERPMap, queueLen int, now func() time
 		policy:    newBootstrapPolicy(),
 		bootstrap: true,
 		derpMap:   derpMap,
+		dns:       netmap.DNSConfig{Suffix: netmap.DefaultDNSSuffix, SearchDomains: []string{netmap.DefaultDNSSuffix}},
 		queueLen:  queueLen,
 		now:       now,
 		log:       make([]change, changeLogLen),

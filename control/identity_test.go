@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/internal/clock/clocktest"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -117,8 +118,8 @@ func machinePublic(mk ed25519.PrivateKey) netmap.MachinePublic {
 // key, against a fresh challenge. Map requests that keep the key need no
 // proof, and old clients are told to upgrade.
 func TestNodeKeyProofRequired(t *testing.T) {
-	clock := &testClock{}
-	ts := startServer(t, ServerOptions{now: clock.now})
+	clk := newClock()
+	ts := startServer(t, ServerOptions{clock: clk})
 	ctx := context.Background()
 	key := ts.key(t, AuthKeyOptions{Tags: []string{"tag:x"}, Reusable: true})
 	a := newTestNode(t, ts.url, "")
@@ -194,7 +195,7 @@ func TestNodeKeyProofRequired(t *testing.T) {
 
 	// An expired challenge is refused; a fresh one with a true proof is
 	// accepted.
-	clock.advance(challengeTTL + time.Second)
+	clk.Advance(challengeTTL + time.Second)
 	err = register(netmap.ProtocolVersion, own.Public(), ownProof)
 	wantErr(t, err, controlclient.ErrKeyProof)
 	if !strings.Contains(err.Error(), "expired") {
@@ -418,28 +419,28 @@ func TestSingleUseKeyReplay(t *testing.T) {
 	ctx := context.Background()
 	for _, tc := range []struct {
 		name  string
-		admin func(t *testing.T, ts *testServer, clock *testClock, id netmap.NodeID)
+		admin func(t *testing.T, ts *testServer, clk *clocktest.Clock, id netmap.NodeID)
 		// after checks the node once the replay was refused.
 		after func(t *testing.T, ts *testServer, id netmap.NodeID)
 		ok    bool
 	}{
 		{name: "retry within the window", ok: true,
-			admin: func(t *testing.T, ts *testServer, clock *testClock, id netmap.NodeID) {
-				clock.advance(authKeyRetryWindow - time.Minute)
+			admin: func(t *testing.T, ts *testServer, clk *clocktest.Clock, id netmap.NodeID) {
+				clk.Advance(authKeyRetryWindow - time.Minute)
 			}},
 		{name: "after expire",
-			admin: func(t *testing.T, ts *testServer, _ *testClock, id netmap.NodeID) {
+			admin: func(t *testing.T, ts *testServer, _ *clocktest.Clock, id netmap.NodeID) {
 				if err := ts.ExpireNode(ctx, id); err != nil {
 					t.Fatal(err)
 				}
 			},
 			after: func(t *testing.T, ts *testServer, id netmap.NodeID) {
-				if n, _ := ts.storeNode(ctx, id); n.KeyExpiry.IsZero() || n.KeyExpiry.After(time.Now()) {
+				if n, _ := ts.storeNode(ctx, id); n.KeyExpiry.IsZero() || n.KeyExpiry.After(ts.now()) {
 					t.Errorf("the replay undid the expiry: %v", n.KeyExpiry)
 				}
 			}},
 		{name: "after delete",
-			admin: func(t *testing.T, ts *testServer, _ *testClock, id netmap.NodeID) {
+			admin: func(t *testing.T, ts *testServer, _ *clocktest.Clock, id netmap.NodeID) {
 				if err := ts.DeleteNode(ctx, id); err != nil {
 					t.Fatal(err)
 				}
@@ -450,7 +451,7 @@ func TestSingleUseKeyReplay(t *testing.T) {
 				}
 			}},
 		{name: "after tag",
-			admin: func(t *testing.T, ts *testServer, _ *testClock, id netmap.NodeID) {
+			admin: func(t *testing.T, ts *testServer, _ *clocktest.Clock, id netmap.NodeID) {
 				if err := ts.TagNode(ctx, id, []string{"tag:quarantine"}); err != nil {
 					t.Fatal(err)
 				}
@@ -461,7 +462,7 @@ func TestSingleUseKeyReplay(t *testing.T) {
 				}
 			}},
 		{name: "after approve",
-			admin: func(t *testing.T, ts *testServer, _ *testClock, id netmap.NodeID) {
+			admin: func(t *testing.T, ts *testServer, _ *clocktest.Clock, id netmap.NodeID) {
 				if err := ts.ApproveNode(ctx, id); err != nil {
 					t.Fatal(err)
 				}
@@ -472,17 +473,17 @@ func TestSingleUseKeyReplay(t *testing.T) {
 				}
 			}},
 		{name: "after the window",
-			admin: func(t *testing.T, ts *testServer, clock *testClock, id netmap.NodeID) {
-				clock.advance(authKeyRetryWindow)
+			admin: func(t *testing.T, ts *testServer, clk *clocktest.Clock, id netmap.NodeID) {
+				clk.Advance(authKeyRetryWindow)
 			}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			clock := &testClock{}
-			ts := startServer(t, ServerOptions{now: clock.now, RequireApproval: true})
+			clk := newClock()
+			ts := startServer(t, ServerOptions{clock: clk, RequireApproval: true})
 			key := ts.key(t, AuthKeyOptions{User: "alice@example.com"}) // single-use, needs approval
 			n := newTestNode(t, ts.url, "")
 			r := n.mustRegister(t, key, "laptop")
-			tc.admin(t, ts, clock, r.Node.ID)
+			tc.admin(t, ts, clk, r.Node.ID)
 			// The same machine, a new process (new client), the same key.
 			again := newTestNodeKey(t, ts.url, ts.Fingerprint(), n.mk)
 			r2, err := again.register(ctx, key, "laptop")

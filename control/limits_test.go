@@ -15,6 +15,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"meshd.dev/meshd/control/controlclient"
@@ -25,17 +26,15 @@ import (
 )
 
 // Adversarial tests of the coordinator's connection limits, each against a
-// real coordinator on loopback with raw clients.
+// real coordinator with raw clients. The limits are times, so the tests
+// run in synctest bubbles on in-memory connections (memserver_test.go):
+// each bound is checked exactly, in no wall time, whatever the load.
 
-// slack is what a bound may be overrun by on a loaded machine.
-const slack = 1500 * time.Millisecond
-
-// dialFrom opens a TCP connection to addr from the loopback address src
-// (Linux routes all of 127/8 to lo, so 127.0.0.2 is a second source).
-func dialFrom(t *testing.T, src, addr string) net.Conn {
+// dialFrom connects to ts, a coordinator of startMemServer, from the
+// address src.
+func dialFrom(t *testing.T, src string, ts *testServer) net.Conn {
 	t.Helper()
-	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}, Timeout: 5 * time.Second}
-	c, err := d.Dial("tcp", addr)
+	c, err := ts.dial(context.Background(), src)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,7 +55,7 @@ func tlsFrom(t *testing.T, src string, ts *testServer, proto string, mk ed25519.
 		}
 		cfg.Certificates = []tls.Certificate{cert}
 	}
-	c := tls.Client(dialFrom(t, src, ts.addr), cfg)
+	c := tls.Client(dialFrom(t, src, ts), cfg)
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	if err := c.Handshake(); err != nil {
 		t.Fatalf("TLS handshake from %s: %v", src, err)
@@ -67,7 +66,7 @@ func tlsFrom(t *testing.T, src string, ts *testServer, proto string, mk ed25519.
 
 // serverClosed reports whether the peer closed c within d: a read ends
 // with EOF or a reset rather than the timeout. Bytes sent before are
-// discarded.
+// discarded. c must have no other reader.
 func serverClosed(c net.Conn, d time.Duration) bool {
 	c.SetReadDeadline(time.Now().Add(d))
 	_, err := io.Copy(io.Discard, c)
@@ -126,60 +125,74 @@ func trickle(w io.Writer, done <-chan struct{}) {
 // the handler reads the body, gives up on it, or never reads it (then
 // net/http drains it before answering: that drain is bounded too).
 func TestTricklingBodyIsCut(t *testing.T) {
-	const bound = 2 * time.Second
+	const bound = connlimit.DefaultBodyTimeout
 	// The handshake deadline is long so that only the body bound can cut
 	// the unauthenticated cases.
-	ts := startServer(t, ServerOptions{Limits: connlimit.Limits{BodyTimeout: bound, HandshakeTimeout: time.Minute}})
-	tok := adminToken(t, ts)
-	_, mk, _ := ed25519.GenerateKey(rand.Reader)
+	opts := ServerOptions{Limits: connlimit.Limits{HandshakeTimeout: time.Hour}}
 	tests := []struct {
 		name, method, path string
-		token              string
-		machine            ed25519.PrivateKey
+		token              string // "admin": the admin token
+		machine            bool   // present a machine key
 	}{
-		{"admin handler that never reads the body", "POST", "/admin/v1/keys/nope/revoke", tok, nil},
-		{"admin handler that reads the body", "POST", "/admin/v1/keys", tok, nil},
-		{"policy upload", "PUT", "/admin/v1/policy", tok, nil},
-		{"admin refused before reading", "POST", "/admin/v1/keys", "wrong", nil},
-		{"machine registration", "POST", "/machine/register", "", mk},
-		{"public endpoint", "POST", DERPMapPath, "", nil},
+		{"admin handler that never reads the body", "POST", "/admin/v1/keys/nope/revoke", "admin", false},
+		{"admin handler that reads the body", "POST", "/admin/v1/keys", "admin", false},
+		{"policy upload", "PUT", "/admin/v1/policy", "admin", false},
+		{"admin refused before reading", "POST", "/admin/v1/keys", "wrong", false},
+		{"machine registration", "POST", "/machine/register", "", true},
+		{"public endpoint", "POST", DERPMapPath, "", false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			c := tlsFrom(t, "127.0.0.1", ts, "http/1.1", tt.machine)
-			auth := ""
-			if tt.token != "" {
-				auth = "Authorization: Bearer " + tt.token + "\r\n"
-			}
-			fmt.Fprintf(c, "%s %s HTTP/1.1\r\nHost: coord\r\n%sContent-Length: 1000\r\n\r\n", tt.method, tt.path, auth)
-			done := make(chan struct{})
-			defer close(done)
-			go trickle(c, done)
-			start := time.Now()
-			if !serverClosed(c, bound+slack) {
-				t.Fatalf("still connected %v after the headers; the body bound is %v", time.Since(start).Round(time.Millisecond), bound)
-			}
+			synctest.Test(t, func(t *testing.T) {
+				ts := startMemServer(t, opts)
+				token := tt.token
+				if token == "admin" {
+					token = adminToken(t, ts)
+				}
+				var mk ed25519.PrivateKey
+				if tt.machine {
+					_, mk, _ = ed25519.GenerateKey(rand.Reader)
+				}
+				c := tlsFrom(t, "127.0.0.1", ts, "http/1.1", mk)
+				auth := ""
+				if token != "" {
+					auth = "Authorization: Bearer " + token + "\r\n"
+				}
+				fmt.Fprintf(c, "%s %s HTTP/1.1\r\nHost: coord\r\n%sContent-Length: 1000\r\n\r\n", tt.method, tt.path, auth)
+				done := make(chan struct{})
+				defer close(done)
+				go trickle(c, done)
+				start := time.Now()
+				if !serverClosed(c, time.Hour) {
+					t.Fatal("still connected an hour after the headers")
+				}
+				if took := time.Since(start); took > bound {
+					t.Fatalf("closed %v after the headers; the body bound is %v", took, bound)
+				}
+			})
 		})
 	}
 	t.Run("HTTP/2 stream", func(t *testing.T) {
 		t.Parallel()
-		hc := &http.Client{Transport: controlclient.PinnedTransport(ts.Fingerprint())}
-		pr, pw := io.Pipe()
-		done := make(chan struct{})
-		defer close(done)
-		go trickle(pw, done)
-		req, _ := http.NewRequest("POST", ts.url+"/admin/v1/keys", pr)
-		req.Header.Set("Authorization", "Bearer "+tok)
-		start := time.Now()
-		resp, err := hc.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		if took := time.Since(start); took > bound+slack || resp.StatusCode != http.StatusBadRequest || resp.ProtoMajor != 2 {
-			t.Fatalf("%s %d after %v; want HTTP/2 400 within %v", resp.Proto, resp.StatusCode, took, bound)
-		}
+		synctest.Test(t, func(t *testing.T) {
+			ts := startMemServer(t, opts)
+			pr, pw := io.Pipe()
+			done := make(chan struct{})
+			defer close(done)
+			go trickle(pw, done)
+			req, _ := http.NewRequest("POST", ts.url+"/admin/v1/keys", pr)
+			req.Header.Set("Authorization", "Bearer "+adminToken(t, ts))
+			start := time.Now()
+			resp, err := memHTTP(t, ts, nil).Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if took := time.Since(start); took > bound || resp.StatusCode != http.StatusBadRequest || resp.ProtoMajor != 2 {
+				t.Fatalf("%s %d after %v; want HTTP/2 400 within %v", resp.Proto, resp.StatusCode, took, bound)
+			}
+		})
 	})
 }
 
@@ -199,29 +212,43 @@ func TestConnectionCaps(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			ts := startServer(t, ServerOptions{Limits: connlimit.Limits{PerSource: tt.perSource, Total: tt.total, HandshakeTimeout: time.Minute}})
-			held := make([]net.Conn, 3)
-			for i := range held {
-				held[i] = tlsFrom(t, "127.0.0.1", ts, "http/1.1", nil)
-			}
-			over := dialFrom(t, tt.overSource, ts.addr)
-			if !serverClosed(over, 5*time.Second) {
-				t.Fatalf("connection from %s over the cap stayed open", tt.overSource)
-			}
-			if tt.servedSource != "" {
-				c := tlsFrom(t, tt.servedSource, ts, "http/1.1", nil)
-				if _, err := get(c, bufio.NewReader(c), DERPMapPath, ""); err != nil {
-					t.Fatalf("other source not served: %v", err)
+			synctest.Test(t, func(t *testing.T) {
+				ts := startMemServer(t, ServerOptions{Limits: connlimit.Limits{PerSource: tt.perSource, Total: tt.total, HandshakeTimeout: time.Hour}})
+				held := make([]net.Conn, 3)
+				for i := range held {
+					held[i] = tlsFrom(t, "127.0.0.1", ts, "http/1.1", nil)
 				}
-			}
-			held[0].Close()
-			waitFor(t, "a place freed by a closed connection", func() bool {
-				c := dialFrom(t, tt.overSource, ts.addr)
-				defer c.Close()
-				return !serverClosed(c, 300*time.Millisecond)
+				// Refused at accept: closed before any time passes. A
+				// connection let in stays open for the header timeout
+				// (the TLS handshake's bound).
+				over := dialFrom(t, tt.overSource, ts)
+				if !serverClosed(over, time.Second) {
+					t.Fatalf("connection from %s over the cap stayed open", tt.overSource)
+				}
+				if tt.servedSource != "" {
+					c := tlsFrom(t, tt.servedSource, ts, "http/1.1", nil)
+					if _, err := get(c, bufio.NewReader(c), DERPMapPath, ""); err != nil {
+						t.Fatalf("other source not served: %v", err)
+					}
+				}
+				held[0].Close()
+				synctest.Wait() // the coordinator has seen it close
+				if serverClosed(dialFrom(t, tt.overSource, ts), time.Second) {
+					t.Fatal("a closed connection did not free its place")
+				}
 			})
 		})
 	}
+}
+
+// unauthEnv is a coordinator with a short handshake deadline and what
+// TestUnauthenticatedConnectionsClosed's clients use.
+type unauthEnv struct {
+	ts       *testServer
+	admin    string  // the admin token
+	enrolled rawNode // a registered machine
+	stranger ed25519.PrivateKey
+	mapBody  []byte // enrolled's map request (no stream)
 }
 
 // TestUnauthenticatedConnectionsClosed: a connection is closed at the
@@ -229,15 +256,18 @@ func TestConnectionCaps(t *testing.T) {
 // finishes, public requests, an idle HTTP/2 connection, requests that
 // prove nothing) until a request authenticates it; then it stays.
 func TestUnauthenticatedConnectionsClosed(t *testing.T) {
-	const hs = time.Second
-	ts := startServer(t, ServerOptions{Limits: connlimit.Limits{HandshakeTimeout: hs}, KeepAliveInterval: hs / 4})
-	tok := adminToken(t, ts)
-	key := ts.key(t, AuthKeyOptions{Reusable: true, Preauthorized: true, User: "alice"})
-	enrolled := newTestNode(t, ts.url, ts.Fingerprint())
-	enrolled.mustRegister(t, key, "enrolled")
-	_, stranger, _ := ed25519.GenerateKey(rand.Reader)
-
-	mapBody, _ := json.Marshal(netmap.MapRequest{Version: netmap.ProtocolVersion, NodeKey: enrolled.nk.Public(), DiscoKey: enrolled.dk.Public()})
+	// Shorter than the header timeout (which bounds the TLS handshake
+	// too), so that only the handshake deadline can close the connections
+	// at hs.
+	const hs = 3 * time.Second
+	setup := func(t *testing.T) *unauthEnv {
+		ts := startMemServer(t, ServerOptions{Limits: connlimit.Limits{HandshakeTimeout: hs}, KeepAliveInterval: hs / 4})
+		key := ts.key(t, AuthKeyOptions{Reusable: true, Preauthorized: true, User: "alice"})
+		e := &unauthEnv{ts: ts, admin: adminToken(t, ts), enrolled: enrolRaw(t, ts, key, "enrolled")}
+		_, e.stranger, _ = ed25519.GenerateKey(rand.Reader)
+		e.mapBody, _ = json.Marshal(netmap.MapRequest{Version: netmap.ProtocolVersion, NodeKey: e.enrolled.nk.Public(), DiscoKey: e.enrolled.dk.Public()})
+		return e
+	}
 	post := func(c net.Conn, br *bufio.Reader, path string, body []byte) (int, error) {
 		fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: coord\r\nContent-Length: %d\r\n\r\n%s", path, len(body), body)
 		resp, err := http.ReadResponse(br, nil)
@@ -250,57 +280,55 @@ func TestUnauthenticatedConnectionsClosed(t *testing.T) {
 	tests := []struct {
 		name string
 		// open connects and does what the client does before waiting.
-		open     func(t *testing.T) net.Conn
+		open     func(t *testing.T, e *unauthEnv) net.Conn
 		wantKept bool
 	}{
-		{"TCP without a TLS handshake", func(t *testing.T) net.Conn { return dialFrom(t, "127.0.0.1", ts.addr) }, false},
-		{"TLS handshake never finished", func(t *testing.T) net.Conn {
-			c := dialFrom(t, "127.0.0.1", ts.addr)
+		{"TCP without a TLS handshake", func(t *testing.T, e *unauthEnv) net.Conn { return dialFrom(t, "127.0.0.1", e.ts) }, false},
+		{"TLS handshake never finished", func(t *testing.T, e *unauthEnv) net.Conn {
+			c := dialFrom(t, "127.0.0.1", e.ts)
 			c.Write([]byte{0x16, 0x03, 0x01, 0x02, 0x00, 0x01}) // a ClientHello record, 1 of 512 bytes
 			return c
 		}, false},
-		{"public requests only", func(t *testing.T) net.Conn {
-			c := tlsFrom(t, "127.0.0.1", ts, "http/1.1", nil)
+		{"public requests only", func(t *testing.T, e *unauthEnv) net.Conn {
+			c := tlsFrom(t, "127.0.0.1", e.ts, "http/1.1", nil)
 			br := bufio.NewReader(c)
-			go func() {
-				for {
-					if _, err := get(c, br, DERPMapPath, ""); err != nil {
-						return
-					}
-					time.Sleep(hs / 4)
+			for range 4 { // until hs/4 before the deadline
+				if code, err := get(c, br, DERPMapPath, ""); err != nil || code != http.StatusNotFound {
+					t.Fatalf("public request: %d %v", code, err)
 				}
-			}()
+				time.Sleep(hs / 5)
+			}
 			return c
 		}, false},
-		{"idle HTTP/2", func(t *testing.T) net.Conn {
-			c := tlsFrom(t, "127.0.0.1", ts, "h2", nil)
+		{"idle HTTP/2", func(t *testing.T, e *unauthEnv) net.Conn {
+			c := tlsFrom(t, "127.0.0.1", e.ts, "h2", nil)
 			c.Write([]byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"))
 			return c
 		}, false},
-		{"wrong admin token", func(t *testing.T) net.Conn {
-			c := tlsFrom(t, "127.0.0.1", ts, "http/1.1", nil)
+		{"wrong admin token", func(t *testing.T, e *unauthEnv) net.Conn {
+			c := tlsFrom(t, "127.0.0.1", e.ts, "http/1.1", nil)
 			if code, err := get(c, bufio.NewReader(c), "/admin/v1/nodes", "msadm-wrong"); err != nil || code != http.StatusUnauthorized {
 				t.Fatalf("wrong token: %d %v", code, err)
 			}
 			return c
 		}, false},
-		{"machine key not enrolled", func(t *testing.T) net.Conn {
-			c := tlsFrom(t, "127.0.0.1", ts, "http/1.1", stranger)
-			if code, err := post(c, bufio.NewReader(c), "/machine/map", mapBody); err != nil || code == http.StatusOK {
+		{"machine key not enrolled", func(t *testing.T, e *unauthEnv) net.Conn {
+			c := tlsFrom(t, "127.0.0.1", e.ts, "http/1.1", e.stranger)
+			if code, err := post(c, bufio.NewReader(c), "/machine/map", e.mapBody); err != nil || code == http.StatusOK {
 				t.Fatalf("unknown machine's map request: %d %v", code, err)
 			}
 			return c
 		}, false},
-		{"admin token", func(t *testing.T) net.Conn {
-			c := tlsFrom(t, "127.0.0.1", ts, "http/1.1", nil)
-			if code, err := get(c, bufio.NewReader(c), "/admin/v1/nodes", tok); err != nil || code != http.StatusOK {
+		{"admin token", func(t *testing.T, e *unauthEnv) net.Conn {
+			c := tlsFrom(t, "127.0.0.1", e.ts, "http/1.1", nil)
+			if code, err := get(c, bufio.NewReader(c), "/admin/v1/nodes", e.admin); err != nil || code != http.StatusOK {
 				t.Fatalf("admin request: %d %v", code, err)
 			}
 			return c
 		}, true},
-		{"enrolled machine", func(t *testing.T) net.Conn {
-			c := tlsFrom(t, "127.0.0.1", ts, "http/1.1", enrolled.mk)
-			if code, err := post(c, bufio.NewReader(c), "/machine/map", mapBody); err != nil || code != http.StatusOK {
+		{"enrolled machine", func(t *testing.T, e *unauthEnv) net.Conn {
+			c := tlsFrom(t, "127.0.0.1", e.ts, "http/1.1", e.enrolled.mk)
+			if code, err := post(c, bufio.NewReader(c), "/machine/map", e.mapBody); err != nil || code != http.StatusOK {
 				t.Fatalf("enrolled machine's map request: %d %v", code, err)
 			}
 			return c
@@ -309,17 +337,23 @@ func TestUnauthenticatedConnectionsClosed(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			start := time.Now()
-			c := tt.open(t)
-			if tt.wantKept {
-				if serverClosed(c, 2*hs+slack) {
-					t.Fatalf("authenticated connection closed after %v", time.Since(start).Round(time.Millisecond))
+			synctest.Test(t, func(t *testing.T) {
+				e := setup(t)
+				start := time.Now()
+				c := tt.open(t, e)
+				if tt.wantKept {
+					if serverClosed(c, 2*hs) {
+						t.Fatalf("authenticated connection closed after %v", time.Since(start))
+					}
+					return
 				}
-				return
-			}
-			if !serverClosed(c, hs+slack-time.Since(start)) {
-				t.Fatalf("unauthenticated connection still open %v after connecting; handshake timeout %v", time.Since(start).Round(time.Millisecond), hs)
-			}
+				if !serverClosed(c, 2*hs) {
+					t.Fatalf("unauthenticated connection still open %v after connecting", time.Since(start))
+				}
+				if took := time.Since(start); took != hs {
+					t.Fatalf("unauthenticated connection closed %v after connecting; want at the handshake timeout, %v", took, hs)
+				}
+			})
 		})
 	}
 
@@ -327,50 +361,57 @@ func TestUnauthenticatedConnectionsClosed(t *testing.T) {
 		// How nodes talk to the coordinator: the stream (keep-alives every
 		// hs/4) must outlive the handshake deadline.
 		t.Parallel()
-		body, _ := json.Marshal(netmap.MapRequest{Version: netmap.ProtocolVersion, NodeKey: enrolled.nk.Public(), DiscoKey: enrolled.dk.Public(), Stream: true})
-		resp, err := machineHTTP(t, ts.Fingerprint(), enrolled.mk).Post(ts.url+"/machine/map", "application/json", strings.NewReader(string(body)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		if resp.StatusCode != http.StatusOK || resp.ProtoMajor != 2 {
-			t.Fatalf("%s %d", resp.Proto, resp.StatusCode)
-		}
-		start := time.Now()
-		for time.Since(start) < 2*hs+slack {
-			if _, _, err := controlclient.ReadMapResponse(resp.Body, nil); err != nil {
-				t.Fatalf("map stream ended %v after it opened: %v", time.Since(start).Round(time.Millisecond), err)
+		synctest.Test(t, func(t *testing.T) {
+			e := setup(t)
+			body, _ := json.Marshal(netmap.MapRequest{Version: netmap.ProtocolVersion, NodeKey: e.enrolled.nk.Public(), DiscoKey: e.enrolled.dk.Public(), Stream: true})
+			resp, err := memHTTP(t, e.ts, e.enrolled.mk).Post(e.ts.url+"/machine/map", "application/json", strings.NewReader(string(body)))
+			if err != nil {
+				t.Fatal(err)
 			}
-		}
+			defer resp.Body.Close()
+			if resp.StatusCode != http.StatusOK || resp.ProtoMajor != 2 {
+				t.Fatalf("%s %d", resp.Proto, resp.StatusCode)
+			}
+			start := time.Now()
+			for time.Since(start) < 2*hs {
+				if _, _, err := controlclient.ReadMapResponse(resp.Body, nil); err != nil {
+					t.Fatalf("map stream ended %v after it opened: %v", time.Since(start), err)
+				}
+			}
+		})
 	})
 	t.Run("embedded relay client", func(t *testing.T) {
 		t.Parallel()
-		ds, err := derp.NewServer(derp.ServerOptions{PrivateKey: netmap.NewNodePrivate(), Verify: ts.VerifyNodeKey})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { ds.Close() })
-		ts.Handle("/derp", ds)
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		dc, err := derp.Dial(ctx, ts.url, derp.ClientOptions{NodeKey: enrolled.nk, CertFingerprint: ts.Fingerprint()})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer dc.Close()
-		time.Sleep(2 * hs) // past the handshake deadline
-		if err := dc.Send(enrolled.nk.Public(), []byte("still here")); err != nil {
-			t.Fatal(err)
-		}
-		for {
-			m, err := dc.Recv()
+		synctest.Test(t, func(t *testing.T) {
+			e := setup(t)
+			ds, err := derp.NewServer(derp.ServerOptions{PrivateKey: netmap.NewNodePrivate(), Verify: e.ts.VerifyNodeKey})
 			if err != nil {
-				t.Fatalf("relay connection of a node that completed the DERP handshake: %v", err)
+				t.Fatal(err)
 			}
-			if p, ok := m.(derp.ReceivedPacket); ok && string(p.Data) == "still here" {
-				return
+			t.Cleanup(func() { ds.Close() })
+			e.ts.Handle("/derp", ds)
+			dc, err := derp.Dial(context.Background(), e.ts.url, derp.ClientOptions{
+				NodeKey: e.enrolled.nk, CertFingerprint: e.ts.Fingerprint(),
+				DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) { return e.ts.dial(ctx, "127.0.0.1") },
+			})
+			if err != nil {
+				t.Fatal(err)
 			}
-		}
+			defer dc.Close()
+			time.Sleep(2 * hs) // past the handshake deadline
+			if err := dc.Send(e.enrolled.nk.Public(), []byte("still here")); err != nil {
+				t.Fatal(err)
+			}
+			for {
+				m, err := dc.Recv()
+				if err != nil {
+					t.Fatalf("relay connection of a node that completed the DERP handshake: %v", err)
+				}
+				if p, ok := m.(derp.ReceivedPacket); ok && string(p.Data) == "still here" {
+					return
+				}
+			}
+		})
 	})
 }
 

@@ -59,6 +59,20 @@ func sanitizeHostname(h string) string {
 	return h
 }
 
+// sanitizeOS keeps what a node says its OS is to a short lowercase word,
+// since peers show it (whois, status) and must not be handed markup or
+// control characters.
+func sanitizeOS(os string) string {
+	os = strings.ToLower(os)
+	if len(os) > 32 {
+		os = os[:32]
+	}
+	if strings.ContainsFunc(os, func(r rune) bool { return !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9') }) {
+		return "other"
+	}
+	return os
+}
+
 func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
 	mk, err := machineKey(r)
 	if err != nil {
@@ -100,7 +114,7 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 	}
 	p := store.RegisterParams{
 		MachineKey: mk, NodeKey: req.NodeKey, DiscoKey: req.DiscoKey,
-		Hostname: sanitizeHostname(req.Hostname), Now: now,
+		Hostname: sanitizeHostname(req.Hostname), OS: sanitizeOS(req.OS), Now: now,
 	}
 	// Held from the auth key check to the write, so an admin action on the
 	// node cannot slip between a single-use key's retry check and the
@@ -236,7 +250,7 @@ func (s *Server) nodeForMap(ctx context.Context, mk netmap.MachinePublic) (store
 	if err != nil {
 		return n, err
 	}
-	if !n.KeyExpiry.IsZero() && !time.Now().Before(n.KeyExpiry) {
+	if !n.KeyExpiry.IsZero() && !s.now().Before(n.KeyExpiry) {
 		return n, fmt.Errorf("%w: node %d's key expired at %s: re-authenticate with a new --authkey", controlclient.ErrNodeExpired, n.ID, n.KeyExpiry.Format(time.RFC3339))
 	}
 	if !n.Authorized {
@@ -312,7 +326,7 @@ func (s *Server) applyMapRequest(ctx context.Context, mk netmap.MachinePublic, s
 	if nn.NodeKey != prevKey {
 		s.log.Info("node key rotated", "node", sn.ID, "old", prevKey.ShortString(), "new", nn.NodeKey.ShortString())
 	}
-	if cur != nil || s.visible(sn, time.Now()) {
+	if cur != nil || s.visible(sn, s.now()) {
 		s.hub.upsert(&nn)
 	}
 	return sn, nil
@@ -418,7 +432,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 		return
 	}
 	s.log.Debug("map stream open", "node", id, "full", first.resp.Full, "version", first.resp.Version)
-	ka := time.NewTicker(s.opts.KeepAliveInterval)
+	ka := s.clock.NewTicker(s.opts.KeepAliveInterval)
 	defer ka.Stop()
 	for {
 		select {
@@ -437,7 +451,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 					more = false
 				}
 			}
-		case <-ka.C:
+		case <-ka.C():
 			if !write(s.hub.keepAlive) {
 				return
 			}

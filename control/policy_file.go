@@ -185,7 +185,7 @@ func (s *Server) initPolicy(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("coordinator: --policy %s: %w", file, err)
 		}
-		now := time.Now().UTC()
+		now := s.now().UTC()
 		old, err := s.store.Policy(ctx)
 		switch {
 		case err == nil && bytes.Equal(old.Data, s.opts.Policy):
@@ -272,7 +272,7 @@ func (s *Server) applyPolicy(ctx context.Context, file string, data []byte, stri
 	if closed {
 		return PolicyInfo{}, errors.New("coordinator is shutting down")
 	}
-	now := time.Now().UTC()
+	now := s.now().UTC()
 	// Store first: a policy in force that would not survive a restart
 	// would be a lie.
 	if err := s.store.SetPolicy(ctx, store.Policy{File: file, Data: data, Updated: now}); err != nil {

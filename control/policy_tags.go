@@ -96,11 +96,11 @@ func (s *Server) recheckNode(ctx context.Context, pol Policy, file string, id ne
 		// No tag left: the device is its user's again, with a user's key
 		// expiry, as when it enrols with --advertise-tags= and a user key.
 		n.User = owner
-		n.KeyExpiry = time.Now().UTC().Add(s.opts.NodeKeyExpiry)
+		n.KeyExpiry = s.now().UTC().Add(s.opts.NodeKeyExpiry)
 	}
 	reason := cleanNotice(strings.Join(reasons, "; "))
 	n.Notices = addNotice(n.Notices, cleanNotice(fmt.Sprintf("%s removed by policy %s set %s: %s",
-		strings.Join(drop, ","), file, time.Now().UTC().Format(time.RFC3339), reason)))
+		strings.Join(drop, ","), file, s.now().UTC().Format(time.RFC3339), reason)))
 	if err := s.store.UpdateNode(ctx, n); err != nil {
 		return nil, err
 	}

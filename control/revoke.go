@@ -14,6 +14,7 @@ import (
 
 	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/internal/backoff"
+	"meshd.dev/meshd/internal/clock"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -105,7 +106,7 @@ func (s *Server) EnforceRevocations(ctx context.Context, relay RelayClients) {
 		sub := s.keys.subscribe()
 		// Subscribed first, then checked: a revocation between the two is
 		// seen by one or the other.
-		now := time.Now()
+		now := s.now()
 		for _, k := range relay.ClientKeys() {
 			if !s.nodeKeyValid(k, now) {
 				relay.DisconnectClient(k)
@@ -177,7 +178,7 @@ func (s *Server) relayRoutes(auth func(http.ResponseWriter, *http.Request) bool)
 			s.writeError(w, r, fmt.Errorf("%w: %d keys in one request, at most %d", controlclient.ErrBadRequest, len(req.Keys), maxVerifyBatch))
 			return
 		}
-		now := time.Now()
+		now := s.now()
 		out := RelayVerifyBatchResponse{Known: make([]bool, len(req.Keys))}
 		for i, k := range req.Keys {
 			out.Known[i] = s.nodeKeyValid(k, now)
@@ -207,7 +208,7 @@ func (s *Server) serveRevocations(w http.ResponseWriter, r *http.Request) {
 	if !send(RelayRevocation{Ready: true}) {
 		return
 	}
-	ka := time.NewTicker(s.opts.KeepAliveInterval)
+	ka := s.clock.NewTicker(s.opts.KeepAliveInterval)
 	defer ka.Stop()
 	for {
 		select {
@@ -220,7 +221,7 @@ func (s *Server) serveRevocations(w http.ResponseWriter, r *http.Request) {
 			// of its clients, which covers what was not sent.
 			s.log.Warn("relay fell behind on key revocations; closing its stream so it re-checks its clients", "remote", r.RemoteAddr)
 			return
-		case <-ka.C:
+		case <-ka.C():
 			if !send(RelayRevocation{}) {
 				return
 			}
@@ -238,13 +239,13 @@ func (s *Server) serveRevocations(w http.ResponseWriter, r *http.Request) {
 func (v *RelayVerifier) Watch(ctx context.Context, relay RelayClients) error {
 	bo := backoff.Backoff{Min: time.Second, Max: 30 * time.Second}
 	for {
-		start := time.Now()
+		start := v.clock.Now()
 		err := v.watchOnce(ctx, relay)
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
 		v.opts.Logger.Warn("relay: revocation stream from the coordinator ended; reconnecting", "err", err)
-		if err := bo.Wait(ctx, time.Since(start)); err != nil {
+		if err := clock.Sleep(ctx, v.clock, bo.Delay(v.clock.Now().Sub(start))); err != nil {
 			return err
 		}
 	}
@@ -272,7 +273,7 @@ func (v *RelayVerifier) watchOnce(ctx context.Context, relay RelayClients) error
 	if ms, err := strconv.ParseInt(resp.Header.Get(controlclient.KeepAliveHeader), 10, 64); err == nil && ms > 0 {
 		idle = 3 * time.Duration(min(ms, time.Hour.Milliseconds())) * time.Millisecond
 	}
-	watchdog := time.AfterFunc(idle, cancel)
+	watchdog := v.clock.AfterFunc(idle, cancel)
 	defer watchdog.Stop()
 	return v.readRevocations(ctx, resp.Body, relay, func() { watchdog.Reset(idle) })
 }
@@ -308,7 +309,7 @@ func (v *RelayVerifier) readRevocations(ctx context.Context, body io.Reader, rel
 // revoke caches k as unknown (a reconnect is refused without waiting for
 // the negative answer to be asked for) and disconnects its client.
 func (v *RelayVerifier) revoke(k netmap.NodePublic, relay RelayClients) {
-	v.markRevoked(k, v.now())
+	v.markRevoked(k, v.clock.Now())
 	if relay.DisconnectClient(k) {
 		v.opts.Logger.Info("relay: disconnected a node the coordinator revoked", "node", k.ShortString())
 	}
@@ -332,7 +333,7 @@ func (v *RelayVerifier) resync(ctx context.Context, relay RelayClients) error {
 		if len(out.Known) != len(batch) {
 			return fmt.Errorf("re-check connected clients: coordinator answered %d of %d keys", len(out.Known), len(batch))
 		}
-		now := v.now()
+		now := v.clock.Now()
 		for i, k := range batch {
 			if !v.store(k, out.Known[i], now, gen) {
 				v.revoke(k, relay)

@@ -15,6 +15,7 @@ import (
 
 	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/derp"
+	"meshd.dev/meshd/internal/clock"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -164,7 +165,8 @@ func TestEmbeddedRelayRevokesClientsConnectedBefore(t *testing.T) {
 
 // standaloneRelay runs a relay on its own listener that checks clients
 // with ts through the relay token, as `meshd derp --coordinator` does.
-func standaloneRelay(t *testing.T, ts *testServer) (*RelayVerifier, *derp.Server, string) {
+// Its verifier runs on clk (nil: the wall clock).
+func standaloneRelay(t *testing.T, ts *testServer, clk clock.Clock) (*RelayVerifier, *derp.Server, string) {
 	t.Helper()
 	path, err := ts.EnableRelayVerify()
 	if err != nil {
@@ -176,7 +178,7 @@ func standaloneRelay(t *testing.T, ts *testServer) (*RelayVerifier, *derp.Server
 	}
 	// Default TTLs: a cached "known" would let a revoked node back in for
 	// 30s if the revocation did not also reach the cache.
-	v, err := NewRelayVerifier(ts.url, string(tok), RelayVerifierOptions{Logger: testLogger(t)})
+	v, err := NewRelayVerifier(ts.url, string(tok), RelayVerifierOptions{Logger: testLogger(t), clock: clk})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,7 +209,7 @@ func TestStandaloneRelayRevocation(t *testing.T) {
 	for _, tc := range revocations {
 		t.Run(tc.name, func(t *testing.T) {
 			ts := startServer(t, ServerOptions{})
-			v, ds, relayURL := standaloneRelay(t, ts)
+			v, ds, relayURL := standaloneRelay(t, ts, nil)
 			startWatch(t, v, ds)
 
 			key := ts.key(t, AuthKeyOptions{Reusable: true, Tags: []string{"tag:gpu"}})
@@ -244,7 +246,8 @@ func TestStandaloneRelayRevocation(t *testing.T) {
 // are caught up by the batch re-check when the stream opens.
 func TestStandaloneRelayResync(t *testing.T) {
 	ts := startServer(t, ServerOptions{})
-	v, ds, relayURL := standaloneRelay(t, ts)
+	clk := newClock() // the relay's: its reconnect delay passes when the test says
+	v, ds, relayURL := standaloneRelay(t, ts, clk)
 	key := ts.key(t, AuthKeyOptions{Reusable: true, Tags: []string{"tag:gpu"}})
 	var nodes []*testNode
 	var done []<-chan error
@@ -264,9 +267,10 @@ func TestStandaloneRelayResync(t *testing.T) {
 	wantClosedWithin(t, done[0], "deleted before the stream opened")
 
 	// The coordinator restarts on the same port and node b is deleted
-	// right after: the relay learns it from the push if its stream is back
-	// by then, else from the re-check when it reconnects.
+	// while the relay waits to reconnect: the re-check catches it up.
+	armed := clk.Started()
 	ts.stop(t)
+	awaitTimer(t, clk, armed+1, "the relay's reconnect delay")
 	ts2 := startServerAt(t, ServerOptions{StateDir: ts.dir}, ts.addr)
 	if err := ts2.DeleteNode(context.Background(), nodes[1].id); err != nil {
 		t.Fatal(err)
@@ -274,21 +278,12 @@ func TestStandaloneRelayResync(t *testing.T) {
 	if _, err := ts2.EnableRelayVerify(); err != nil {
 		t.Fatal(err)
 	}
-	wantClosedWithin2(t, done[1], "deleted while the coordinator restarted")
+	wantOpen(t, done[1], "before the relay reconnected")
+	clk.Advance(time.Second) // the first delay is at most backoff's Min, 1s
+	wantClosedWithin(t, done[1], "deleted while the coordinator restarted")
 	wantOpen(t, done[2], "node c, still registered")
 	_, err := dialRelay(t, relayURL, "", nodes[1].nk)
 	wantRefused(t, err, "reconnect of the node deleted during the restart")
-}
-
-// wantClosedWithin2 allows for the watch's reconnect backoff (at most 1s
-// plus jitter after the first failure, then 2s) on top of the push.
-func wantClosedWithin2(t *testing.T, done <-chan error, what string) {
-	t.Helper()
-	select {
-	case <-done:
-	case <-time.After(revocationBound + 5*time.Second):
-		t.Fatalf("%s: relay connection still open", what)
-	}
 }
 
 // TestKeyFeedDropsLaggingWatcher: a watcher that does not keep up is cut
@@ -478,20 +473,20 @@ func TestRevocationBeatsAnswerInFlight(t *testing.T) {
 // it is connected loses its relay connection at the next expiry sweep,
 // on the embedded and on a standalone relay.
 func TestRelayDropsNodeWhenKeyExpires(t *testing.T) {
-	const expiry, sweep = 2 * time.Second, 50 * time.Millisecond
-	ts := startServer(t, ServerOptions{NodeKeyExpiry: expiry, SweepInterval: sweep})
+	const expiry, sweep = 24 * time.Hour, 30 * time.Second
+	clk := newClock() // the coordinator's; the standalone relay's is the wall clock
+	ts := startServer(t, ServerOptions{NodeKeyExpiry: expiry, SweepInterval: sweep, clock: clk})
 	embedded := newRelay(t, ts.VerifyNodeKey)
 	ts.Handle("/derp", embedded)
 	ctx, cancel := context.WithCancel(context.Background())
 	enforced := make(chan struct{})
 	go func() { ts.EnforceRevocations(ctx, embedded); close(enforced) }()
 	t.Cleanup(func() { cancel(); <-enforced })
-	v, standalone, standaloneURL := standaloneRelay(t, ts)
+	v, standalone, standaloneURL := standaloneRelay(t, ts, nil)
 	startWatch(t, v, standalone)
 
 	a := newTestNode(t, ts.url, ts.Fingerprint())
 	a.mustRegister(t, ts.key(t, AuthKeyOptions{User: "alice@example.com"}), "laptop")
-	registered := time.Now()
 	c1, err := dialRelay(t, ts.url+"/derp", ts.Fingerprint(), a.nk)
 	if err != nil {
 		t.Fatal(err)
@@ -500,18 +495,20 @@ func TestRelayDropsNodeWhenKeyExpires(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, c := range []struct {
+	relays := []struct {
 		what string
 		done <-chan error
-	}{{"embedded relay", connClosed(c1)}, {"standalone relay", connClosed(c2)}} {
-		select {
-		case <-c.done:
-			if time.Since(registered) < expiry-time.Second {
-				t.Fatalf("%s: closed %v after registering, before the key expired", c.what, time.Since(registered))
-			}
-		case <-time.After(expiry + revocationBound):
-			t.Fatalf("%s: node still connected %v after its key expired", c.what, revocationBound)
-		}
+	}{{"embedded relay", connClosed(c1)}, {"standalone relay", connClosed(c2)}}
+	clk.Advance(expiry - time.Second)
+	if err := ts.VerifyNodeKey(context.Background(), a.nk.Public()); err != nil {
+		t.Fatalf("a second before the key expires: %v", err)
+	}
+	for _, c := range relays {
+		wantOpen(t, c.done, c.what+", a second before the key expires")
+	}
+	clk.Advance(time.Second) // the sweep ticks at the expiry
+	for _, c := range relays {
+		wantClosedWithin(t, c.done, c.what+", key expired")
 	}
 	_, err = dialRelay(t, standaloneURL, "", a.nk)
 	wantRefused(t, err, "reconnect with the expired key")

@@ -30,6 +30,7 @@ import (
 	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/control/store"
 	"meshd.dev/meshd/internal/atomicfile"
+	"meshd.dev/meshd/internal/clock"
 	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/netmap"
@@ -82,9 +83,11 @@ type ServerOptions struct {
 	// fields take the connlimit defaults.
 	Limits connlimit.Limits
 
-	// now replaces time.Now for registration decisions (challenge expiry,
-	// auth key retry windows), for tests.
-	now func() time.Time
+	// clock is the time of every decision and schedule of the coordinator
+	// (registration, key expiry and its sweep, ephemeral deletion,
+	// keep-alives, timestamps): clock.Real unless a test moves it.
+	// Socket deadlines stay on the wall clock.
+	clock clock.Clock
 
 	// InitState (meshd coordinator --init-state) re-initialises state that
 	// cannot be used: a database that is missing, empty, not meshd's or
@@ -125,12 +128,11 @@ type Server struct {
 	ctx          context.Context
 	cancel       context.CancelFunc
 	wg           sync.WaitGroup
-	// now is the clock of registration decisions (time.Now; tests move it).
-	now func() time.Time
+	clock        clock.Clock // see ServerOptions.clock
 
 	polMu     sync.Mutex // serialises policy changes; taken before mu, never under it
 	mu        sync.Mutex // serialises node mutations: store write, then hub
-	ephemeral map[netmap.NodeID]*time.Timer
+	ephemeral map[netmap.NodeID]clock.Timer
 	servers   []*http.Server
 	closed    bool
 	polInfo   PolicyInfo // the policy file in force
@@ -171,6 +173,7 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	if opts.SweepInterval <= 0 {
 		opts.SweepInterval = 30 * time.Second
 	}
+	opts.clock = clock.Or(opts.clock)
 	if err := opts.Limits.Validate(); err != nil {
 		return nil, fmt.Errorf("coordinator: %w", err)
 	}
@@ -234,15 +237,12 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 		cert:        cert,
 		fingerprint: fp,
 		adminPath:   filepath.Join(opts.StateDir, adminTokenFile),
-		hub:         newHub(hex.EncodeToString(epoch[:]), opts.DERPMap, opts.SessionQueueLen, time.Now),
-		ephemeral:   make(map[netmap.NodeID]*time.Timer),
+		hub:         newHub(hex.EncodeToString(epoch[:]), opts.DERPMap, opts.SessionQueueLen, opts.clock.Now),
+		ephemeral:   make(map[netmap.NodeID]clock.Timer),
 		chal:        chal,
-		now:         opts.now,
+		clock:       opts.clock,
 
 		certLifetime: opts.certLifetime,
-	}
-	if s.now == nil {
-		s.now = time.Now
 	}
 	if s.certLifetime <= 0 {
 		s.certLifetime = DefaultCertLifetime
@@ -279,8 +279,11 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	s.mux.HandleFunc("GET "+DERPMapPath, s.handleDERPMap)
 	s.adminRoutes(s.mux)
 	s.ctx, s.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	// Armed before NewServer returns, so that time a test moves from then
+	// on is swept.
+	sweep := s.clock.NewTicker(opts.SweepInterval)
 	s.wg.Add(1)
-	go s.sweep()
+	go s.sweep(sweep)
 	return s, nil
 }
 
@@ -349,7 +352,7 @@ func openState(ctx context.Context, opts ServerOptions, path, fp string, keyExis
 		aside = "empty" // a first start over a zero-byte file: nothing in it to keep, but keep it anyway
 	}
 	if aside != "" {
-		moved, merr := moveAside(path, aside)
+		moved, merr := moveAside(path, aside, opts.clock.Now())
 		if merr != nil {
 			return nil, fmt.Errorf("coordinator: --init-state: %w", merr)
 		}
@@ -420,12 +423,12 @@ func checkOwner(ctx context.Context, st store.Store, fp, stateDir string, log *s
 
 // moveAside renames path (and its -wal and -shm) to path.why-TIME and
 // returns the new name, or "" if there was nothing at path.
-func moveAside(path, why string) (string, error) {
+func moveAside(path, why string, now time.Time) (string, error) {
 	ok, err := fileExists(path)
 	if err != nil || !ok {
 		return "", err
 	}
-	to := fmt.Sprintf("%s.%s-%s", path, why, time.Now().UTC().Format("20060102T150405Z"))
+	to := fmt.Sprintf("%s.%s-%s", path, why, now.UTC().Format("20060102T150405Z"))
 	for _, sfx := range []string{"-wal", "-shm"} {
 		if err := os.Rename(path+sfx, to+sfx); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return "", fmt.Errorf("move %s aside: %w", path+sfx, err)
@@ -453,7 +456,7 @@ func nonEmpty(path string) bool {
 // quarantineCorrupt moves rows that fail to decode or validate out of the
 // way, each logged by name, so that the rest of the tailnet loads.
 func (s *Server) quarantineCorrupt(ctx context.Context, dbPath string) error {
-	qs, err := s.store.QuarantineCorrupt(ctx, time.Now().UTC())
+	qs, err := s.store.QuarantineCorrupt(ctx, s.now().UTC())
 	if err != nil {
 		return fmt.Errorf("coordinator: check the database for corrupt rows: %w", err)
 	}
@@ -505,7 +508,7 @@ func (s *Server) loadNodes(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("coordinator: load nodes: %w", err)
 	}
-	now := time.Now()
+	now := s.now()
 	for _, n := range nodes {
 		if s.visible(n, now) {
 			wn := n.Node
@@ -525,6 +528,9 @@ func (s *Server) loadNodes(ctx context.Context) error {
 func (s *Server) visible(n store.Node, now time.Time) bool {
 	return n.Authorized && (n.KeyExpiry.IsZero() || now.Before(n.KeyExpiry)) && !n.NodeKey.IsZero()
 }
+
+// now is the coordinator's time.
+func (s *Server) now() time.Time { return s.clock.Now() }
 
 // Fingerprint is the coordinator's key fingerprint (hex SHA-256 of its
 // certificate's SubjectPublicKeyInfo).
@@ -635,17 +641,19 @@ func (s *Server) Close() error {
 	return s.store.Close()
 }
 
-// sweep removes nodes whose key expired from everyone's map.
-func (s *Server) sweep() {
+// sweep removes nodes whose key expired from everyone's map at each tick
+// of t, until the server closes.
+func (s *Server) sweep(t clock.Ticker) {
 	defer s.wg.Done()
-	t := time.NewTicker(s.opts.SweepInterval)
 	defer t.Stop()
 	for {
 		select {
 		case <-s.ctx.Done():
 			return
-		case now := <-t.C:
-			for _, id := range s.hub.expired(now) {
+		case <-t.C():
+			// The time read now, not the tick's: a tick that waited for a
+			// busy sweep is stale.
+			for _, id := range s.hub.expired(s.now()) {
 				s.log.Info("node key expired", "node", id)
 				s.hub.remove(id, controlclient.ErrNodeExpired)
 			}
@@ -658,7 +666,7 @@ func (s *Server) scheduleEphemeralLocked(id netmap.NodeID) {
 	if t := s.ephemeral[id]; t != nil {
 		t.Stop()
 	}
-	s.ephemeral[id] = time.AfterFunc(s.opts.EphemeralTimeout, func() { s.reapEphemeral(id) })
+	s.ephemeral[id] = s.clock.AfterFunc(s.opts.EphemeralTimeout, func() { s.reapEphemeral(id) })
 }
 
 func (s *Server) cancelEphemeralLocked(id netmap.NodeID) {

@@ -75,8 +75,13 @@ func TestStateFilesAndAdminTokenRotation(t *testing.T) {
 	}
 }
 
+// TestNodeKeyExpiresOverTime: a user's node key is valid for
+// NodeKeyExpiry; at the first sweep after that the node leaves its peers'
+// maps, and its requests are refused. A tagged node's key never expires.
 func TestNodeKeyExpiresOverTime(t *testing.T) {
-	ts := startServer(t, ServerOptions{NodeKeyExpiry: 300 * time.Millisecond, SweepInterval: 20 * time.Millisecond})
+	const expiry, sweep = 24 * time.Hour, 30 * time.Second
+	clk := newClock()
+	ts := startServer(t, ServerOptions{NodeKeyExpiry: expiry, SweepInterval: sweep, clock: clk})
 	ukey := ts.key(t, AuthKeyOptions{User: "alice@example.com", Reusable: true})
 	tkey := ts.key(t, AuthKeyOptions{Tags: []string{"tag:srv"}})
 	u, srv := newTestNode(t, ts.url, ""), newTestNode(t, ts.url, "")
@@ -85,7 +90,13 @@ func TestNodeKeyExpiresOverTime(t *testing.T) {
 	u.follow(t, u.mapRequest())
 	srv.follow(t, srv.mapRequest())
 	srv.waitMap(t, "laptop online", peerOnline(u.id, true))
-	// The user's node key expires; the tagged server's never does.
+	clk.Advance(expiry - time.Second)
+	if err := u.c.Update(context.Background(), u.mapRequest()); err != nil {
+		t.Fatalf("a second before the key expires: %v", err)
+	}
+	// The user's node key expires (the sweep ticks at that very time);
+	// the tagged server's never does.
+	clk.Advance(time.Second)
 	srv.waitMap(t, "expired laptop gone", func(m *netmap.NetworkMap) bool { return m.Peers[u.id] == nil })
 	wantErr(t, u.c.Update(context.Background(), u.mapRequest()), controlclient.ErrNodeExpired)
 	if err := srv.c.Update(context.Background(), srv.mapRequest()); err != nil {
@@ -93,18 +104,28 @@ func TestNodeKeyExpiresOverTime(t *testing.T) {
 	}
 }
 
+// TestEphemeralCleanedUpAfterRestart: an ephemeral node that never comes
+// back after the coordinator restarts is deleted EphemeralTimeout after
+// the start.
 func TestEphemeralCleanedUpAfterRestart(t *testing.T) {
+	const timeout = 5 * time.Minute
+	ctx := context.Background()
 	dir := t.TempDir()
 	ts := startServer(t, ServerOptions{StateDir: dir})
 	e := newTestNode(t, ts.url, "")
 	e.mustRegister(t, ts.key(t, AuthKeyOptions{Tags: []string{"tag:ci"}, Ephemeral: true}), "job")
 	ts.stop(t)
-	// The node never comes back after the coordinator restarts.
-	ts2 := startServer(t, ServerOptions{StateDir: dir, EphemeralTimeout: 50 * time.Millisecond})
-	waitFor(t, "ephemeral node deleted", func() bool {
-		nodes, err := ts2.Nodes(context.Background())
-		return err == nil && len(nodes) == 0
-	})
+	clk := newClock()
+	ts2 := startServer(t, ServerOptions{StateDir: dir, EphemeralTimeout: timeout, clock: clk})
+	// The deletion timers are armed by the start; they run inside Advance.
+	clk.Advance(timeout - time.Nanosecond)
+	if nodes, err := ts2.Nodes(ctx); err != nil || len(nodes) != 1 {
+		t.Fatalf("before the timeout: nodes %+v, %v; want the ephemeral node", nodes, err)
+	}
+	clk.Advance(time.Nanosecond)
+	if nodes, err := ts2.Nodes(ctx); err != nil || len(nodes) != 0 {
+		t.Fatalf("at the timeout: nodes %+v, %v; want none", nodes, err)
+	}
 }
 
 func TestPolicyHooks(t *testing.T) {

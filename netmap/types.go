@@ -36,7 +36,9 @@ type Node struct {
 	Hostname string `json:"hostname"`
 	// DNSName is the node's MagicDNS name, HOSTNAME.SUFFIX. with the
 	// trailing dot; unique in the tailnet because hostnames are.
-	DNSName    string        `json:"dns_name,omitempty"`
+	DNSName string `json:"dns_name,omitempty"`
+	// OS is the operating system the node reported (Go's GOOS, "linux").
+	OS         string        `json:"os,omitempty"`
 	User       string        `json:"user,omitempty"` // owner's login; empty for tagged nodes
 	Tags       []string      `json:"tags,omitempty"` // sorted, lowercase "tag:x"
 	MachineKey MachinePublic `json:"machine_key"`
@@ -75,10 +77,12 @@ type RegisterRequest struct {
 	NodeKey  NodePublic  `json:"node_key"`
 	DiscoKey DiscoPublic `json:"disco_key"`
 	// OldNodeKey is set when rotating the node key.
-	OldNodeKey  NodePublic `json:"old_node_key,omitzero"`
-	Hostname    string     `json:"hostname"`
-	AuthKey     string     `json:"auth_key,omitempty"` // empty when the machine is already registered
-	RequestTags []string   `json:"request_tags,omitempty"`
+	OldNodeKey NodePublic `json:"old_node_key,omitzero"`
+	Hostname   string     `json:"hostname"`
+	// OS is the node's operating system (runtime.GOOS), shown by whois.
+	OS          string   `json:"os,omitempty"`
+	AuthKey     string   `json:"auth_key,omitempty"` // empty when the machine is already registered
+	RequestTags []string `json:"request_tags,omitempty"`
 	// NodeKeyProof proves the node holds NodeKey's private half (required
 	// from KeyProofVersion on).
 	NodeKeyProof *NodeKeyProof `json:"node_key_proof,omitempty"`

@@ -22,6 +22,7 @@ import (
 	"syscall"
 	"time"
 
+	"meshd.dev/meshd/agent/whois"
 	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/netmap"
 )
@@ -55,17 +56,28 @@ type UpRequest struct {
 	// the node's are then fine, where an explicit --advertise-tags that
 	// changes nothing is an error.
 	TagsFromEnv bool `json:"tags_from_env,omitempty"`
+	// AcceptDNS, when set, is `meshd up --accept-dns[=false]`: whether a
+	// kernel TUN node points the host's DNS at the tailnet resolver
+	// (default true, kept across restarts). nil leaves it as it is.
+	AcceptDNS *bool `json:"accept_dns,omitempty"`
+	// AcceptDNSFromEnv says AcceptDNS came from MESHD_ACCEPT_DNS: a value
+	// equal to the node's is then fine, where an explicit flag that
+	// changes nothing is an error.
+	AcceptDNSFromEnv bool `json:"accept_dns_from_env,omitempty"`
 }
 
 // Node is one node in a Status.
 type Node struct {
 	ID       netmap.NodeID `json:"id"`
 	Hostname string        `json:"hostname"`
-	User     string        `json:"user,omitempty"`
-	IPs      []netip.Addr  `json:"ips"`
-	Tags     []string      `json:"tags"`
-	Online   bool          `json:"online"`
-	NodeKey  string        `json:"node_key,omitempty"`
+	// DNSName is the node's MagicDNS name (HOST.SUFFIX. with the trailing
+	// dot); empty when the coordinator sends none.
+	DNSName string       `json:"dns_name"`
+	User    string       `json:"user,omitempty"`
+	IPs     []netip.Addr `json:"ips"`
+	Tags    []string     `json:"tags"`
+	Online  bool         `json:"online"`
+	NodeKey string       `json:"node_key,omitempty"`
 	// Notices are the coordinator's messages about this node's identity
 	// (tags a policy removed and why); self only.
 	Notices []string `json:"notices,omitempty"`
@@ -211,6 +223,38 @@ type Pinger interface {
 	Ping(ctx context.Context, peer string) (*PingResult, error)
 }
 
+// WhoIser is implemented by backends that can say who holds a tailnet
+// address; the API serves /v0/whois for them.
+type WhoIser interface {
+	WhoIs(ip netip.Addr) (*whois.Response, bool)
+}
+
+// ErrNoSuchNode is what Client.WhoIs returns for an address no node in the
+// daemon's network map holds.
+var ErrNoSuchNode = errors.New("no node in this node's network map holds that address")
+
+// ParseWhoIsAddr accepts what `meshd whois` does: an IP, or IP:PORT (the
+// port is ignored: identity belongs to the address).
+func ParseWhoIsAddr(s string) (netip.Addr, error) {
+	if ap, err := netip.ParseAddrPort(s); err == nil {
+		return ap.Addr().Unmap(), nil
+	}
+	ip, err := netip.ParseAddr(strings.Trim(s, "[]"))
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("whois %q: want IP or IP:PORT", s)
+	}
+	return ip.Unmap(), nil
+}
+
+// statusError is the daemon's refusal of a request: its message and the
+// HTTP status it came with.
+type statusError struct {
+	code int
+	msg  string
+}
+
+func (e *statusError) Error() string { return e.msg }
+
 type errorBody struct {
 	Error string `json:"error"`
 }
@@ -278,6 +322,21 @@ func Handler(b Backend) http.Handler {
 		})
 	}
 	certRoutes(mux, b)
+	if wb, ok := b.(WhoIser); ok {
+		mux.HandleFunc("GET /v0/whois", func(w http.ResponseWriter, r *http.Request) {
+			ip, err := ParseWhoIsAddr(r.URL.Query().Get("addr"))
+			if err != nil {
+				writeJSON(w, http.StatusBadRequest, errorBody{err.Error()})
+				return
+			}
+			res, ok := wb.WhoIs(ip)
+			if !ok {
+				writeJSON(w, http.StatusNotFound, errorBody{fmt.Sprintf("whois %v: %v", ip, ErrNoSuchNode)})
+				return
+			}
+			writeJSON(w, http.StatusOK, res)
+		})
+	}
 	if p, ok := b.(Pinger); ok {
 		mux.HandleFunc("POST /v0/ping", func(w http.ResponseWriter, r *http.Request) {
 			peer := r.URL.Query().Get("peer")
@@ -487,6 +546,21 @@ func (c *Client) Ping(ctx context.Context, peer string) (*PingResult, error) {
 	return &res, c.do(ctx, "POST", "/v0/ping?peer="+url.QueryEscape(peer), struct{}{}, &res)
 }
 
+// WhoIs asks the daemon who holds addr (IP or IP:PORT). An address no node
+// holds is ErrNoSuchNode.
+func (c *Client) WhoIs(ctx context.Context, addr string) (*whois.Response, error) {
+	var res whois.Response
+	err := c.do(ctx, "GET", "/v0/whois?addr="+url.QueryEscape(addr), nil, &res)
+	var se *statusError
+	if errors.As(err, &se) && se.code == http.StatusNotFound {
+		return nil, fmt.Errorf("whois %s: %w", addr, ErrNoSuchNode)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &res, nil
+}
+
 // Profile writes the daemon's named runtime/pprof profile (heap, goroutine,
 // allocs, profile for CPU, ...) to w; params are its query parameters
 // (seconds=N for CPU profiles, debug=1 for text).
@@ -541,9 +615,9 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	if resp.StatusCode != http.StatusOK {
 		var eb errorBody
 		if err := netmap.DecodeJSON(resp.Body, maxRequest, &eb); err != nil || eb.Error == "" {
-			return fmt.Errorf("local api %s: %s", path, resp.Status)
+			return &statusError{resp.StatusCode, fmt.Sprintf("local api %s: %s", path, resp.Status)}
 		}
-		return errors.New(eb.Error)
+		return &statusError{resp.StatusCode, eb.Error}
 	}
 	if out == nil {
 		return nil

@@ -3,8 +3,10 @@ package localapi
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
+	"net/http/httptest"
 	"net/netip"
 	"net/url"
 	"os"
@@ -192,5 +194,48 @@ func TestWaitState(t *testing.T) {
 
 	if _, err := serve(t, &fakeBackend{}).WaitState(ctx, StateNeedsApproval); err == nil || !strings.Contains(err.Error(), "404") {
 		t.Fatalf("WaitState without the endpoint: %v", err)
+	}
+}
+
+// TestUpRequestCannotNamePaths: a local user drives DNS through `up` with
+// a bool and nothing else. The request type has no path in it, so a path
+// a client puts in a request (the resolver file, its backup, the state
+// dir) is dropped at the API and never reaches the daemon, which takes
+// every path from its own flags: the local API cannot make it write a
+// file the user chooses. A value of the wrong type is refused.
+func TestUpRequestCannotNamePaths(t *testing.T) {
+	tests := []struct {
+		name string
+		body string
+		want int // status code
+	}{
+		{"accept-dns off", `{"accept_dns":false}`, 200},
+		{"resolver file path", `{"accept_dns":true,"resolv_conf":"/etc/evil-resolv.conf","ResolvConf":"/etc/evil-resolv.conf"}`, 200},
+		{"backup path", `{"backup_file":"/etc/evil-backup","BackupFile":"/etc/evil-backup"}`, 200},
+		{"state dir", `{"state_dir":"/etc/evil-state","StateDir":"/etc/evil-state"}`, 200},
+		{"accept-dns as a path", `{"accept_dns":"/etc/evil-resolv.conf"}`, 400},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := &fakeBackend{}
+			rec := httptest.NewRecorder()
+			Handler(b).ServeHTTP(rec, httptest.NewRequest("POST", "/v0/up", strings.NewReader(tt.body)))
+			if rec.Code != tt.want {
+				t.Fatalf("status %d (%s), want %d", rec.Code, rec.Body, tt.want)
+			}
+			if tt.want != 200 {
+				if len(b.ups) != 0 {
+					t.Fatal("a refused request reached the daemon")
+				}
+				return
+			}
+			if len(b.ups) != 1 {
+				t.Fatalf("backend saw %d requests", len(b.ups))
+			}
+			seen, _ := json.Marshal(b.ups[0])
+			if strings.Contains(string(seen), "/etc/") {
+				t.Fatalf("a path reached the daemon: %s", seen)
+			}
+		})
 	}
 }

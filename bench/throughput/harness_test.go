@@ -317,7 +317,9 @@ func (tp *topo) startMesh(t testing.TB, bin string, policy string) *mesh {
 func (m *mesh) daemon(t testing.TB, h *netlab.Host, flags ...string) *netlab.Process {
 	t.Helper()
 	n := m.nodes[h]
-	args := append([]string{"daemon", "--state-dir", n.stateDir, "--socket", n.socket}, flags...)
+	// --resolv-conf: DNS configuration stays in the namespace, never
+	// the machine's /etc/resolv.conf.
+	args := append([]string{"daemon", "--state-dir", n.stateDir, "--socket", n.socket, "--resolv-conf", h.ResolvConf()}, flags...)
 	p := h.Start(m.bin, args...)
 	lc := localapi.NewClient(n.socket)
 	waitFor(t, 20*time.Second, n.name+" daemon socket", func() (bool, string) {

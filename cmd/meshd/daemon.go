@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -30,6 +31,7 @@ type agentFlags struct {
 	forwards  forwardList
 	loopback  bool
 	peerIdle  time.Duration
+	resolv    string
 }
 
 // forwardList collects repeatable --forward flags.
@@ -107,6 +109,8 @@ func (af *agentFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&af.httpProxy, "http-proxy", "", "serve an HTTP CONNECT proxy into the tailnet on this address")
 	fs.BoolVar(&af.loopback, "loopback-only", false, "report only loopback UDP endpoints (every node on this machine: tests, demos)")
 	fs.DurationVar(&af.peerIdle, "peer-idle-timeout", agent.DefaultPeerIdleTimeout, "configure a peer in WireGuard on its first packet and remove it after this long without data (0: configure every peer up front)")
+	fs.StringVar(&af.resolv, "resolv-conf", "", "kernel TUN mode: manage this resolver file for MagicDNS instead of systemd-resolved or /etc/resolv.conf "+
+		"(an operations and test hook for network namespaces and containers, e.g. /etc/netns/NAME/resolv.conf; the original is restored on down and exit)")
 	fs.Var(&af.forwards, "forward", "forward inbound tailnet TCP PORT to LOCALADDR (PORT=LOCALADDR, repeatable or comma-separated)")
 }
 
@@ -114,10 +118,13 @@ func (c *cli) newAgent(af *agentFlags) (*agent.Agent, error) {
 	if af.peerIdle < 0 {
 		return nil, fmt.Errorf("--peer-idle-timeout %v: want a duration >= 0 (0 configures every peer up front)", af.peerIdle)
 	}
+	if af.resolv != "" && !filepath.IsAbs(af.resolv) {
+		return nil, fmt.Errorf("--resolv-conf %q: want an absolute path", af.resolv)
+	}
 	return agent.New(agent.Options{
 		StateDir: af.stateDir, TUN: af.tun, Port: af.port.option(), MTU: af.mtu,
 		Forwards: af.forwards, SOCKS5Addr: af.socks5, HTTPProxyAddr: af.httpProxy, LoopbackOnly: af.loopback,
-		PeerIdleTimeout: peerIdleOption(af.peerIdle), Logger: c.log,
+		PeerIdleTimeout: peerIdleOption(af.peerIdle), ResolvConf: af.resolv, Logger: c.log,
 	})
 }
 

@@ -59,6 +59,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			c.downCmd(),
 			c.statusCmd(),
 			c.pingCmd(),
+			c.whoisCmd(),
 			c.ipCmd(),
 			c.certCmd(),
 			c.policyCmd(),

@@ -20,6 +20,7 @@ func (c *cli) upCmd() *ffcli.Command {
 	var (
 		req        localapi.UpRequest
 		tags       string
+		acceptDNS  bool
 		socket     = fs.String("socket", localapi.DefaultSocket, "local API unix socket of the daemon")
 		foreground = fs.Bool("foreground", false, "run the whole agent in this process until SIGTERM (sidecar form; no daemon needed)")
 		timeout    = fs.Duration("timeout", 0, "how long to wait for an admin to approve the node (coordinator --require-approval); 0 waits until approved")
@@ -32,10 +33,12 @@ func (c *cli) upCmd() *ffcli.Command {
 	fs.StringVar(&tags, "advertise-tags", "", "tags for this node, comma-separated (tag:a,tag:b); on a registered node they replace its tags if its user or "+
 		"current tags own them in the policy's tagOwners; --advertise-tags= asks for no tags (with --force-reauth and a user's key: back to the user)")
 	fs.BoolVar(&req.ForceReauth, "force-reauth", false, "register this node again with --authkey (a new key, user or tags; same machine, same addresses)")
+	fs.BoolVar(&acceptDNS, "accept-dns", true, "in kernel TUN mode, point the host's DNS at the tailnet resolver (MagicDNS) while up; "+
+		"--accept-dns=false leaves it alone. Kept across restarts; on a registered node a value it already has is an error")
 	af.register(fs)
 	return &ffcli.Command{
 		Name:       "up",
-		ShortUsage: "meshd up [--authkey KEY --coordinator URL] [--hostname H] [--advertise-tags T,..] [--force-reauth] [--timeout D] [--foreground]",
+		ShortUsage: "meshd up [--authkey KEY --coordinator URL] [--hostname H] [--advertise-tags T,..] [--accept-dns=false] [--force-reauth] [--timeout D] [--foreground]",
 		ShortHelp:  "join the tailnet, or change this node's tags or registration",
 		LongHelp: "Asks the running daemon to join the tailnet. The first time it registers with --authkey;\n" +
 			"afterwards `meshd up` alone brings the node back. On a registered node, --advertise-tags\n" +
@@ -43,6 +46,9 @@ func (c *cli) upCmd() *ffcli.Command {
 			"change nothing (an --authkey without --force-reauth, the tags it already has, another\n" +
 			"--hostname) is an error. With a coordinator run with --require-approval, up says\n" +
 			"\"waiting for approval by an admin\" and waits (see --timeout) until the node is approved.\n" +
+			"A kernel TUN node points the host's DNS at the tailnet resolver while it is up\n" +
+			"(systemd-resolved per link, else /etc/resolv.conf with a backup; docs/osdns.md);\n" +
+			"--accept-dns=false opts out.\n" +
 			"With --foreground, runs the agent in this process instead (the daemon flags --state-dir,\n" +
 			"--tun, --port, --socks5-server, --http-proxy and --forward then apply).",
 		FlagSet: fs,
@@ -59,9 +65,17 @@ func (c *cli) upCmd() *ffcli.Command {
 			if err := ff.Parse(fs, nil, envOptions...); err != nil {
 				return fmt.Errorf("up: %w", err)
 			}
-			fs.Visit(func(f *flag.Flag) { req.SetTags = req.SetTags || f.Name == "advertise-tags" })
+			fs.Visit(func(f *flag.Flag) {
+				switch f.Name {
+				case "advertise-tags":
+					req.SetTags = true
+				case "accept-dns":
+					req.AcceptDNS = &acceptDNS
+				}
+			})
 			req.AuthKeyFromEnv = req.AuthKey != "" && !onCommandLine["authkey"]
 			req.TagsFromEnv = req.SetTags && !onCommandLine["advertise-tags"]
+			req.AcceptDNSFromEnv = req.AcceptDNS != nil && !onCommandLine["accept-dns"]
 			req.Tags = splitList(tags)
 			if *timeout < 0 {
 				return &exitError{2, fmt.Sprintf("up: --timeout %v: want a duration >= 0", *timeout)}

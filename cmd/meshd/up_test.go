@@ -86,9 +86,12 @@ func TestUpRequestSources(t *testing.T) {
 		{"tags flag", nil, []string{"--advertise-tags", "tag:a, tag:b"}, localapi.UpRequest{Tags: []string{"tag:a", "tag:b"}, SetTags: true}},
 		{"tags from the environment", map[string]string{"MESHD_ADVERTISE_TAGS": "tag:a"}, nil, localapi.UpRequest{Tags: []string{"tag:a"}, SetTags: true, TagsFromEnv: true}},
 		{"force-reauth", map[string]string{"MESHD_HOSTNAME": "h"}, []string{"--force-reauth", "--authkey", "k"}, localapi.UpRequest{AuthKey: "k", ForceReauth: true, Hostname: "h"}},
+		{"accept-dns=false", nil, []string{"--accept-dns=false"}, localapi.UpRequest{AcceptDNS: new(false)}},
+		{"accept-dns", nil, []string{"--accept-dns"}, localapi.UpRequest{AcceptDNS: new(true)}},
+		{"accept-dns from the environment", map[string]string{"MESHD_ACCEPT_DNS": "false"}, nil, localapi.UpRequest{AcceptDNS: new(false), AcceptDNSFromEnv: true}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			for _, k := range []string{"MESHD_AUTHKEY", "MESHD_ADVERTISE_TAGS", "MESHD_HOSTNAME", "MESHD_FORCE_REAUTH", "MESHD_COORDINATOR"} {
+			for _, k := range []string{"MESHD_AUTHKEY", "MESHD_ADVERTISE_TAGS", "MESHD_HOSTNAME", "MESHD_FORCE_REAUTH", "MESHD_COORDINATOR", "MESHD_ACCEPT_DNS"} {
 				t.Setenv(k, tt.env[k])
 			}
 			b := &upBackend{state: localapi.StateRunning}
@@ -102,7 +105,8 @@ func TestUpRequestSources(t *testing.T) {
 			}
 			got, want := b.reqs[0], tt.want
 			if got.AuthKey != want.AuthKey || got.AuthKeyFromEnv != want.AuthKeyFromEnv || got.SetTags != want.SetTags || got.TagsFromEnv != want.TagsFromEnv ||
-				got.ForceReauth != want.ForceReauth || got.Hostname != want.Hostname || !slices.Equal(got.Tags, want.Tags) {
+				got.ForceReauth != want.ForceReauth || got.Hostname != want.Hostname || !slices.Equal(got.Tags, want.Tags) ||
+				(got.AcceptDNS == nil) != (want.AcceptDNS == nil) || got.AcceptDNS != nil && *got.AcceptDNS != *want.AcceptDNS || got.AcceptDNSFromEnv != want.AcceptDNSFromEnv {
 				t.Errorf("request %+v, want %+v", got, want)
 			}
 		})

@@ -514,6 +514,9 @@ func (s *SQLite) Register(ctx context.Context, p RegisterParams) (Node, error) {
 			return err
 		}
 		n.NodeKey, n.DiscoKey, n.LastSeen = p.NodeKey, p.DiscoKey, p.Now
+		if p.OS != "" {
+			n.OS = p.OS
+		}
 		if p.Hostname != "" || n.Hostname == "" {
 			if n.Hostname, err = freeHostname(ctx, tx, p.Hostname, n.ID); err != nil {
 				return err

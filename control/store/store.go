@@ -99,7 +99,10 @@ type RegisterParams struct {
 	// node holds it, the node gets the first free HostnameCandidate. Empty
 	// keeps a registered node's name.
 	Hostname string
-	Now      time.Time
+	// OS is what the node reports as its operating system; empty keeps
+	// the stored one.
+	OS  string
+	Now time.Time
 	// Identity is applied when non-nil (registration with an auth key);
 	// a re-registration without a key keeps the stored identity and may
 	// only update keys and hostname of an existing node.

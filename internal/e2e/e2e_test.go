@@ -193,6 +193,11 @@ func (e *env) newNode(name string, host *netlab.Host, args ...string) *node {
 func (e *env) startDaemon(n *node) {
 	e.t.Helper()
 	args := append([]string{"daemon", "--state-dir", n.stateDir, "--socket", n.socket}, n.args...)
+	if n.host != nil && !slices.Contains(n.args, "--resolv-conf") {
+		// A kernel TUN daemon configures DNS: its namespace's file, never
+		// the machine's /etc (shared by every namespace).
+		args = append(args, "--resolv-conf", n.host.ResolvConf())
+	}
 	n.proc = start(e.t, n.name, e.cmd(n.host, args...))
 	waitFor(e.t, 15*time.Second, n.name+" daemon socket", func() (bool, string) {
 		if n.proc.exited() {

@@ -20,6 +20,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
@@ -89,6 +90,9 @@ func (l *Lab) teardown() {
 		if out, err := exec.Command("ip", "netns", "del", h.ns).CombinedOutput(); err != nil {
 			l.t.Logf("netlab: delete namespace %s: %v: %s", h.ns, err, out)
 		}
+		if err := os.RemoveAll(h.etcDir()); err != nil {
+			l.t.Logf("netlab: %v", err)
+		}
 	}
 }
 
@@ -112,6 +116,16 @@ func (l *Lab) NewHost(name string) *Host {
 	l.mu.Lock()
 	l.hosts = append(l.hosts, h)
 	l.mu.Unlock()
+	// The namespace's own resolver file, which `ip netns exec` shows its
+	// programs as /etc/resolv.conf, so that nothing run in the lab (a
+	// daemon configuring DNS) can reach the machine's shared /etc. Before
+	// the first `ip netns exec`, which sets up the bind mount.
+	if err := os.MkdirAll(h.etcDir(), 0o755); err != nil {
+		l.t.Fatalf("netlab: %v", err)
+	}
+	if err := os.WriteFile(h.ResolvConf(), []byte("# netlab: this namespace's resolver file; the lab has no DNS server\n"), 0o644); err != nil {
+		l.t.Fatalf("netlab: %v", err)
+	}
 	ns, err := netns.GetFromName(h.ns)
 	if err != nil {
 		l.t.Fatalf("netlab: open namespace %s: %v", h.ns, err)
@@ -123,6 +137,15 @@ func (l *Lab) NewHost(name string) *Host {
 
 // Namespace returns the namespace name (for `ip netns exec`).
 func (h *Host) Namespace() string { return h.ns }
+
+// etcDir is the namespace's /etc overlay for `ip netns exec`.
+func (h *Host) etcDir() string { return filepath.Join("/etc/netns", h.ns) }
+
+// ResolvConf is the namespace's resolver file: programs run in h
+// (Command, Run, Start) read it as /etc/resolv.conf. A daemon in h that
+// configures DNS must be pointed at this path (meshd daemon
+// --resolv-conf), never at the machine's /etc/resolv.conf.
+func (h *Host) ResolvConf() string { return filepath.Join(h.etcDir(), "resolv.conf") }
 
 // Addrs returns the addresses assigned by Attach, in order.
 func (h *Host) Addrs() []netip.Prefix {
