@@ -114,8 +114,9 @@ type Agent struct {
 	id    *Identity
 	disco netmap.DiscoPrivate
 	pf    *packetFilter // guarded by mu; its Filter is safe for concurrent use
-	certs *certs.Manager
-	dns   *magicDNS // MagicDNS (dns.go); safe for concurrent use
+	dns   *magicDNS     // MagicDNS (dns.go); safe for concurrent use
+
+	certs *certs.Manager // the TLS certificate of the node's DNS name; safe for concurrent use
 
 	// upMu serialises Up and Down, so that two concurrent `meshd up` cannot
 	// both register (spending two keys, creating two nodes).

@@ -120,15 +120,16 @@ type Server struct {
 	hub         *hub
 	keys        keyFeed     // revoked node keys, for relays
 	chal        *challenger // issues node key challenges, checks proofs
-	ca          *certAuthority
-	certLimit   certLimiter
-	// certLifetime is how long node certificates are valid.
+	mux         *http.ServeMux
+	ctx         context.Context
+	cancel      context.CancelFunc
+	wg          sync.WaitGroup
+	clock       clock.Clock // see ServerOptions.clock
+
+	// The tailnet CA (ca.go, cert.go) and how long its certificates last.
+	ca           *certAuthority
+	certLimit    certLimiter
 	certLifetime time.Duration
-	mux          *http.ServeMux
-	ctx          context.Context
-	cancel       context.CancelFunc
-	wg           sync.WaitGroup
-	clock        clock.Clock // see ServerOptions.clock
 
 	polMu     sync.Mutex // serialises policy changes; taken before mu, never under it
 	mu        sync.Mutex // serialises node mutations: store write, then hub
