@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"crypto/ed25519"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -17,6 +18,7 @@ import (
 
 	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/agent/proxy"
+	"meshd.dev/meshd/agent/serve"
 	"meshd.dev/meshd/agent/whois"
 	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/internal/backoff"
@@ -95,6 +97,10 @@ type Options struct {
 	// approval (the first retries come sooner). Defaults to 5s.
 	ApprovalPoll time.Duration
 	Logger       *slog.Logger
+
+	// GetCertificate supplies the certificates of `meshd serve --https`
+	// entries; nil refuses them (serve.ErrNoCertificate).
+	GetCertificate func(*tls.ClientHelloInfo) (*tls.Certificate, error)
 }
 
 // Agent is one node's daemon. Its methods are safe for concurrent use.
@@ -138,6 +144,12 @@ type Agent struct {
 	// whois answers who holds a tailnet address, from the current map;
 	// read without a.mu.
 	whois whois.Table
+
+	// serve runs `meshd serve` (agent/serve.go); safe for concurrent use,
+	// taken after a.mu when both are. serveNote (a.mu) says why the saved
+	// configuration was not loaded.
+	serve     *serve.Server
+	serveNote string
 }
 
 // session is a running control loop; it owns the data plane it starts.
@@ -198,6 +210,10 @@ func New(opts Options) (*Agent, error) {
 		// A map saved by an older version may hold peers that share a key.
 		a.dropKeyConflicts(nm)
 		a.whois.Set(nm)
+	}
+	if err := a.initServe(); err != nil {
+		st.Close()
+		return nil, err
 	}
 	return a, nil
 }
@@ -321,6 +337,7 @@ func (a *Agent) stop() {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.eng != nil {
+		a.serve.Detach()
 		a.eng.close()
 		a.eng = nil
 	}
@@ -469,6 +486,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 	slices.SortFunc(addrs, comparePrefix)
 	if a.eng != nil && !slices.Equal(a.eng.cfg.addrs, addrs) {
 		a.log.Info("own addresses changed; restarting the data plane", "addrs", addrs)
+		a.serve.Detach()
 		a.eng.close()
 		a.eng = nil
 	}
@@ -485,6 +503,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 		a.engErr = nil
 		a.eng = eng
 		a.log.Info("data plane up", "tun", a.opts.TUN, "addrs", addrs, "udp_port", eng.port)
+		a.serveAttachLocked()
 	}
 	return a.eng.applyMap(nm)
 }

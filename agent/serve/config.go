@@ -1,6 +1,8 @@
 package serve
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -179,6 +181,21 @@ func tcpTarget(to string) (string, error) {
 // port, sorted by port.
 type Config struct {
 	Entries []Entry `json:"entries"`
+}
+
+// UnmarshalJSON refuses fields this version does not know: a newer
+// version's field may restrict what is served, and dropping it silently
+// would expose more than the operator configured.
+func (c *Config) UnmarshalJSON(b []byte) error {
+	type plain Config
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	var p plain
+	if err := dec.Decode(&p); err != nil {
+		return fmt.Errorf("serve configuration: %w", err)
+	}
+	*c = Config(p)
+	return nil
 }
 
 // Validate checks every entry is what NewEntry would make of it and no
