@@ -68,7 +68,10 @@ as serving a port exactly as it is served, exits 1.`
 
 func (c *cli) serveCmd() *ffcli.Command {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
-	socket := fs.String("socket", localapi.DefaultSocket, "local API unix socket of the daemon")
+	// One socket variable for serve and its subcommands, so that both
+	// `serve --socket S status` and `serve status --socket S` work.
+	socket := new(string)
+	fs.StringVar(socket, "socket", localapi.DefaultSocket, "local API unix socket of the daemon")
 	var ports [3]servePort
 	protos := [3]serve.Proto{serve.HTTP, serve.HTTPS, serve.TCP}
 	fs.Var(&ports[0], "http", "serve HTTP with identity headers on tailnet `port`")
@@ -83,8 +86,8 @@ func (c *cli) serveCmd() *ffcli.Command {
 		FlagSet:    fs,
 		Options:    envOptions,
 		Subcommands: []*ffcli.Command{
-			c.serveStatusCmd(),
-			c.serveResetCmd(),
+			c.serveStatusCmd(socket),
+			c.serveResetCmd(socket),
 		},
 		Exec: func(ctx context.Context, args []string) error {
 			var req localapi.ServeRequest
@@ -140,9 +143,9 @@ func (c *cli) serveCmd() *ffcli.Command {
 	}
 }
 
-func (c *cli) serveStatusCmd() *ffcli.Command {
+func (c *cli) serveStatusCmd(socket *string) *ffcli.Command {
 	fs := flag.NewFlagSet("serve status", flag.ContinueOnError)
-	socket := fs.String("socket", localapi.DefaultSocket, "local API unix socket of the daemon")
+	fs.StringVar(socket, "socket", localapi.DefaultSocket, "local API unix socket of the daemon")
 	asJSON := fs.Bool("json", false, "print the status as JSON")
 	return &ffcli.Command{
 		Name:       "status",
@@ -172,9 +175,9 @@ func (c *cli) serveStatusCmd() *ffcli.Command {
 	}
 }
 
-func (c *cli) serveResetCmd() *ffcli.Command {
+func (c *cli) serveResetCmd(socket *string) *ffcli.Command {
 	fs := flag.NewFlagSet("serve reset", flag.ContinueOnError)
-	socket := fs.String("socket", localapi.DefaultSocket, "local API unix socket of the daemon")
+	fs.StringVar(socket, "socket", localapi.DefaultSocket, "local API unix socket of the daemon")
 	return &ffcli.Command{
 		Name:       "reset",
 		ShortUsage: "meshd serve reset",
