@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"crypto/ed25519"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -18,6 +19,7 @@ import (
 	"meshd.dev/meshd/agent/certs"
 	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/agent/proxy"
+	"meshd.dev/meshd/agent/serve"
 	"meshd.dev/meshd/agent/whois"
 	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/internal/backoff"
@@ -104,6 +106,11 @@ type Options struct {
 	// approval (the first retries come sooner). Defaults to 5s.
 	ApprovalPoll time.Duration
 	Logger       *slog.Logger
+
+	// GetCertificate supplies the certificates of `meshd serve --https`
+	// entries; nil uses the node's own from the tailnet CA
+	// (Agent.GetCertificate). Tests set it.
+	GetCertificate func(*tls.ClientHelloInfo) (*tls.Certificate, error)
 }
 
 // Agent is one node's daemon. Its methods are safe for concurrent use.
@@ -154,6 +161,12 @@ type Agent struct {
 	namesFrom *netmap.NetworkMap
 
 	hostDNS osDNS // the host's DNS configuration (hostdns.go)
+
+	// serve runs `meshd serve` (agent/serve.go); safe for concurrent use,
+	// taken after a.mu when both are. serveNote (a.mu) says why the saved
+	// configuration was not loaded.
+	serve     *serve.Server
+	serveNote string
 }
 
 // session is a running control loop; it owns the data plane it starts.
@@ -217,6 +230,10 @@ func New(opts Options) (*Agent, error) {
 		a.dropKeyConflicts(nm)
 		a.certs.SetSelf(certs.SelfOf(nm))
 		a.setNamesLocked(nm)
+	}
+	if err := a.initServe(); err != nil {
+		st.Close()
+		return nil, err
 	}
 	return a, nil
 }
@@ -342,6 +359,7 @@ func (a *Agent) stop() {
 	defer a.mu.Unlock()
 	a.closeOSDNSLocked()
 	if a.eng != nil {
+		a.serve.Detach()
 		a.eng.close()
 		a.eng = nil
 	}
@@ -499,6 +517,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 	if a.eng != nil && !slices.Equal(a.eng.cfg.addrs, addrs) {
 		a.log.Info("own addresses changed; restarting the data plane", "addrs", addrs)
 		a.closeOSDNSLocked()
+		a.serve.Detach()
 		a.eng.close()
 		a.eng = nil
 	}
@@ -516,6 +535,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 		a.engErr = nil
 		a.eng = eng
 		a.log.Info("data plane up", "tun", a.opts.TUN, "addrs", addrs, "udp_port", eng.port)
+		a.serveAttachLocked()
 	}
 	err := a.eng.applyMap(nm)
 	a.syncOSDNSLocked(nm)

@@ -295,7 +295,11 @@ func (e *engine) listen(addr netip.AddrPort) (net.Listener, error) {
 	if e.tnet != nil {
 		return e.tnet.ListenTCPAddrPort(addr)
 	}
-	return net.Listen("tcp", addr.String())
+	// Bound to the TUN as well as to the tailnet address: Linux's weak
+	// host model would otherwise accept a connection to that address from
+	// any interface, so a LAN neighbour routing the tailnet address to
+	// this host would bypass WireGuard and the packet filter.
+	return listenOnLink(linkName(e.link), addr)
 }
 
 // Forward sends inbound tailnet TCP connections on Port to Target, a local

@@ -337,6 +337,9 @@ func Handler(b Backend) http.Handler {
 			writeJSON(w, http.StatusOK, res)
 		})
 	}
+	if sb, ok := b.(ServeBackend); ok {
+		handleServe(mux, sb)
+	}
 	if p, ok := b.(Pinger); ok {
 		mux.HandleFunc("POST /v0/ping", func(w http.ResponseWriter, r *http.Request) {
 			peer := r.URL.Query().Get("peer")

@@ -60,6 +60,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			c.statusCmd(),
 			c.pingCmd(),
 			c.whoisCmd(),
+			c.serveCmd(),
 			c.ipCmd(),
 			c.certCmd(),
 			c.policyCmd(),
