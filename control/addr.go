@@ -2,6 +2,8 @@ package control
 
 import (
 	"net/netip"
+
+	"meshd.dev/meshd/netmap"
 )
 
 // The tailnet's address pools. IPv4 is the CGNAT range, as Tailscale uses;
@@ -12,9 +14,9 @@ var (
 	IPv6Pool = netip.MustParsePrefix("fd5e:5a1e:d::/48")
 )
 
-// quad100 is kept free for a future in-tailnet service address (Tailscale
-// users know 100.100.100.100 as MagicDNS).
-var quad100 = netip.MustParseAddr("100.100.100.100")
+// quad100 is never handed out: it is the MagicDNS resolver's address
+// (Tailscale users know 100.100.100.100 as MagicDNS).
+var quad100 = netmap.ResolverIPv4
 
 // addrPool hands out IPv4s from IPv4Pool skipping .0 and .255 in every /24
 // (some stacks and firewalls treat them as network/broadcast), and derives
