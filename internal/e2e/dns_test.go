@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -109,36 +108,15 @@ func TestMagicDNS(t *testing.T) {
 	}
 
 	ab, ac := writeTemp(t, "policy-ab.hujson", policyAB), writeTemp(t, "policy-ac.hujson", policyAC)
-	listen := netip.AddrPortFrom(lanIP("coord"), 8443).String()
-	coordDir := filepath.Join(e.dir, "coordinator")
-	e.coord = start(t, "coordinator", e.cmd(hosts["coord"], "coordinator", "--listen", listen, "--state-dir", coordDir,
-		"--policy", ab, "--dns-route", fmt.Sprintf("corp.example=%v:5353", lanIP("ext"))))
-	e.coordURL, e.tokenFile = "https://"+listen, filepath.Join(coordDir, "admin.token")
-	admin := func(args ...string) (int, string) {
-		cmd := e.cmd(hosts["coord"], append([]string{"admin"}, args...)...)
-		cmd.Env = append(os.Environ(), "MESHD_COORDINATOR="+e.coordURL, "MESHD_TOKEN_FILE="+e.tokenFile)
-		return runMeshd(t, cmd)
-	}
-	waitFor(t, 30*time.Second, "coordinator", func() (bool, string) {
-		if e.coord.exited() {
-			t.Fatalf("coordinator exited:\n%s", e.coord.out.String())
-		}
-		code, out := admin("policy", "get")
-		return code == 0, out
-	})
+	e.runCoordinator(hosts["coord"], netip.AddrPortFrom(lanIP("coord"), 8443).String(), "",
+		"--policy", ab, "--dns-route", fmt.Sprintf("corp.example=%v:5353", lanIP("ext")))
+	admin := func(args ...string) (int, string) { return e.admin(hosts["coord"], args...) }
 	nodes := map[string]*node{}
 	for _, name := range []string{"a", "b", "c"} {
-		code, out := admin("keys", "create", "--reusable", "--tags", "tag:"+name, "--json")
-		var k struct {
-			Key string `json:"key"`
-		}
-		if code != 0 || json.Unmarshal([]byte(out[strings.Index(out, "{"):]), &k) != nil {
-			t.Fatalf("keys create: exit %d: %s", code, out)
-		}
 		n := e.newNode(name, hosts[name], "--tun", "meshd0")
 		nodes[name] = n
 		e.startDaemon(n)
-		e.up(n, k.Key)
+		e.up(n, e.key("--tags", "tag:"+name))
 	}
 	a := nodes["a"]
 	e.waitPeers(a, "b")

@@ -131,6 +131,7 @@ type env struct {
 	command   func(host *netlab.Host, args ...string) *exec.Cmd
 	coordURL  string
 	coord     *proc
+	coordHost *netlab.Host // where runCoordinator started it (nil: this machine)
 	tokenFile string
 }
 
@@ -683,3 +684,45 @@ type bufferedConn struct {
 }
 
 func (b *bufferedConn) Read(p []byte) (int, error) { return b.r.Read(p) }
+
+// runCoordinator starts `meshd coordinator --listen listen --state-dir
+// DIR args...` on host (nil: this machine), waits until its admin API
+// answers `admin policy get` with ready in it ("" for any answer), and
+// points e at it (e.coordURL, e.tokenFile) for e.admin and e.key.
+func (e *env) runCoordinator(host *netlab.Host, listen, ready string, args ...string) {
+	e.t.Helper()
+	dir := filepath.Join(e.dir, "coordinator")
+	e.coordHost = host
+	e.coord = start(e.t, "coordinator", e.cmd(host, append([]string{"coordinator", "--listen", listen, "--state-dir", dir}, args...)...))
+	e.coordURL, e.tokenFile = "https://"+listen, filepath.Join(dir, "admin.token")
+	waitFor(e.t, 30*time.Second, "coordinator", func() (bool, string) {
+		if e.coord.exited() {
+			e.t.Fatalf("coordinator exited:\n%s", e.coord.out.String())
+		}
+		code, out := e.admin(host, "policy", "get")
+		return code == 0 && strings.Contains(out, ready), out
+	})
+}
+
+// admin runs `meshd admin args...` on host against e's coordinator and
+// returns its exit code and output.
+func (e *env) admin(host *netlab.Host, args ...string) (int, string) {
+	e.t.Helper()
+	cmd := e.cmd(host, append([]string{"admin"}, args...)...)
+	cmd.Env = append(os.Environ(), "MESHD_COORDINATOR="+e.coordURL, "MESHD_TOKEN_FILE="+e.tokenFile)
+	return runMeshd(e.t, cmd)
+}
+
+// key creates an auth key (`admin keys create --json args...`) on the
+// coordinator's host and returns its secret.
+func (e *env) key(args ...string) string {
+	e.t.Helper()
+	code, out := e.admin(e.coordHost, append([]string{"keys", "create", "--json"}, args...)...)
+	var k struct {
+		Key string `json:"key"`
+	}
+	if code != 0 || !strings.Contains(out, "{") || json.Unmarshal([]byte(out[strings.Index(out, "{"):]), &k) != nil || k.Key == "" {
+		e.t.Fatalf("keys create %v: exit %d: %s", args, code, out)
+	}
+	return k.Key
+}

@@ -6,9 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -68,32 +66,9 @@ func TestFilterEnforced(t *testing.T) {
 	write := func(name, text string) string { return writeTemp(t, name, text) }
 	seed, next := write("seed.hujson", policySeed), write("training-9000.hujson", policyTraining9000)
 
-	listen := "198.18.0.1:8443"
-	coordDir := filepath.Join(e.dir, "coordinator")
-	e.coord = start(t, "coordinator", e.cmd(hosts["coord"], "coordinator", "--listen", listen, "--state-dir", coordDir, "--policy", seed))
-	e.coordURL, e.tokenFile = "https://"+listen, filepath.Join(coordDir, "admin.token")
-	admin := func(args ...string) (int, string) {
-		cmd := e.cmd(hosts["coord"], append([]string{"admin"}, args...)...)
-		cmd.Env = append(os.Environ(), "MESHD_COORDINATOR="+e.coordURL, "MESHD_TOKEN_FILE="+e.tokenFile)
-		return runMeshd(t, cmd)
-	}
-	waitFor(t, 30*time.Second, "coordinator with the seed policy", func() (bool, string) {
-		if e.coord.exited() {
-			t.Fatalf("coordinator exited:\n%s", e.coord.out.String())
-		}
-		code, out := admin("policy", "get")
-		return code == 0 && strings.Contains(out, "engineers -> training"), out
-	})
-	key := func(args ...string) string {
-		code, out := admin(append([]string{"keys", "create", "--json"}, args...)...)
-		var k struct {
-			Key string `json:"key"`
-		}
-		if code != 0 || !strings.Contains(out, "{") || json.Unmarshal([]byte(out[strings.Index(out, "{"):]), &k) != nil || k.Key == "" {
-			t.Fatalf("keys create %v: exit %d: %s", args, code, out)
-		}
-		return k.Key
-	}
+	e.runCoordinator(hosts["coord"], "198.18.0.1:8443", "engineers -> training", "--policy", seed)
+	admin := func(args ...string) (int, string) { return e.admin(hosts["coord"], args...) }
+	key := e.key
 	nodes := map[string]*node{}
 	for name, k := range map[string]string{
 		"eng":   key("--user", "alice@example.com"),

@@ -1,11 +1,9 @@
 package e2e
 
 import (
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -31,33 +29,10 @@ func TestTagLifecycleCLI(t *testing.T) {
 	t.Parallel()
 	e := &env{t: t, bin: buildMeshd(t), dir: t.TempDir()}
 	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp"))
-	dir := filepath.Join(e.dir, "coordinator")
 	pol := writeTemp(t, "lifecycle.hujson", lifecyclePolicy)
-	e.coord = start(t, "coordinator", exec.Command(e.bin, "coordinator", "--listen", listen, "--state-dir", dir,
-		"--require-approval", "--policy", pol))
-	e.coordURL, e.tokenFile = "https://"+listen, filepath.Join(dir, "admin.token")
-	admin := func(args ...string) (int, string) {
-		cmd := exec.Command(e.bin, append([]string{"admin"}, args...)...)
-		cmd.Env = append(os.Environ(), "MESHD_COORDINATOR="+e.coordURL, "MESHD_TOKEN_FILE="+e.tokenFile)
-		return runMeshd(t, cmd)
-	}
-	waitFor(t, 30*time.Second, "coordinator", func() (bool, string) {
-		if e.coord.exited() {
-			t.Fatalf("coordinator exited:\n%s", e.coord.out.String())
-		}
-		code, out := admin("policy", "get")
-		return code == 0, out
-	})
-	key := func(args ...string) string {
-		code, out := admin(append([]string{"keys", "create", "--json"}, args...)...)
-		var k struct {
-			Key string `json:"key"`
-		}
-		if code != 0 || json.Unmarshal([]byte(out[strings.Index(out, "{"):]), &k) != nil || k.Key == "" {
-			t.Fatalf("keys create %v: exit %d: %s", args, code, out)
-		}
-		return k.Key
-	}
+	e.runCoordinator(nil, listen, "", "--require-approval", "--policy", pol)
+	admin := func(args ...string) (int, string) { return e.admin(nil, args...) }
+	key := e.key
 	pendingKey := key("--tags", "tag:e2e", "--reusable")
 	userKey := key("--user", "alice@example.com", "--preauthorized", "--reusable")
 

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -161,32 +160,8 @@ func TestServeKernelTUN(t *testing.T) {
 	e := &env{t: t, bin: buildMeshd(t), dir: t.TempDir()}
 	hosts := lanHosts(lab, "coord", "web", "alice", "ci", "denied", "outsider")
 	pol := writeTemp(t, "serve.hujson", policyServe)
-	listen := "198.18.0.1:8443"
-	coordDir := filepath.Join(e.dir, "coordinator")
-	e.coord = start(t, "coordinator", e.cmd(hosts["coord"], "coordinator", "--listen", listen, "--state-dir", coordDir, "--policy", pol))
-	e.coordURL, e.tokenFile = "https://"+listen, filepath.Join(coordDir, "admin.token")
-	admin := func(args ...string) (int, string) {
-		cmd := e.cmd(hosts["coord"], append([]string{"admin"}, args...)...)
-		cmd.Env = append(os.Environ(), "MESHD_COORDINATOR="+e.coordURL, "MESHD_TOKEN_FILE="+e.tokenFile)
-		return runMeshd(t, cmd)
-	}
-	waitFor(t, 30*time.Second, "coordinator with the policy", func() (bool, string) {
-		if e.coord.exited() {
-			t.Fatalf("coordinator exited:\n%s", e.coord.out.String())
-		}
-		code, out := admin("policy", "get")
-		return code == 0 && strings.Contains(out, "// serve"), out
-	})
-	key := func(args ...string) string {
-		code, out := admin(append([]string{"keys", "create", "--json"}, args...)...)
-		var k struct {
-			Key string `json:"key"`
-		}
-		if code != 0 || !strings.Contains(out, "{") || json.Unmarshal([]byte(out[strings.Index(out, "{"):]), &k) != nil || k.Key == "" {
-			t.Fatalf("keys create %v: exit %d: %s", args, code, out)
-		}
-		return k.Key
-	}
+	e.runCoordinator(hosts["coord"], "198.18.0.1:8443", "// serve", "--policy", pol)
+	key := e.key
 	nodes := map[string]*node{}
 	for name, k := range map[string]string{
 		"web":    key("--tags", "tag:web"),

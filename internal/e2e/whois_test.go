@@ -3,9 +3,7 @@ package e2e
 import (
 	"encoding/json"
 	"errors"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -50,34 +48,9 @@ func TestWhoIs(t *testing.T) {
 	hosts := lanHosts(lab, "coord", "a", "b", "u")
 	pol := writeTemp(t, "policy.hujson", whoisPolicy("readers"))
 
-	listen := "198.18.0.1:8443"
-	coordDir := filepath.Join(e.dir, "coordinator")
-	e.coord = start(t, "coordinator", e.cmd(hosts["coord"], "coordinator", "--listen", listen, "--state-dir", coordDir,
-		"--policy", pol, "--dns-suffix", "fleet.internal"))
-	e.coordURL, e.tokenFile = "https://"+listen, filepath.Join(coordDir, "admin.token")
-	admin := func(args ...string) (int, string) {
-		cmd := e.cmd(hosts["coord"], append([]string{"admin"}, args...)...)
-		cmd.Env = append(os.Environ(), "MESHD_COORDINATOR="+e.coordURL, "MESHD_TOKEN_FILE="+e.tokenFile)
-		return runMeshd(t, cmd)
-	}
-	keyFor := func(args ...string) string {
-		var code int
-		var out string
-		waitFor(t, 30*time.Second, "admin keys create", func() (bool, string) {
-			if e.coord.exited() {
-				t.Fatalf("coordinator exited:\n%s", e.coord.out.String())
-			}
-			code, out = admin(append([]string{"keys", "create", "--reusable", "--json"}, args...)...)
-			return code == 0, out
-		})
-		var k struct {
-			Key string `json:"key"`
-		}
-		if json.Unmarshal([]byte(out[strings.Index(out, "{"):]), &k) != nil || k.Key == "" {
-			t.Fatalf("keys create %v: %s", args, out)
-		}
-		return k.Key
-	}
+	e.runCoordinator(hosts["coord"], "198.18.0.1:8443", "", "--policy", pol, "--dns-suffix", "fleet.internal")
+	admin := func(args ...string) (int, string) { return e.admin(hosts["coord"], args...) }
+	keyFor := e.key
 	nodes := map[string]*node{}
 	for name, key := range map[string]string{
 		"a": keyFor("--tags", "tag:a"), "b": keyFor("--tags", "tag:b"), "u": keyFor("--user", "alice@example.com"),
