@@ -62,6 +62,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			c.whoisCmd(),
 			c.serveCmd(),
 			c.k8sProxyCmd(),
+			c.configureCmd(),
 			c.ipCmd(),
 			c.certCmd(),
 			c.policyCmd(),
