@@ -42,8 +42,9 @@ func (c *cli) kubeconfigCmd() *ffcli.Command {
 		LongHelp: `Adds (or updates) a cluster, user and context named after NODE's MagicDNS name
 in the kubeconfig: server https://NODE.SUFFIX, trusting the tailnet CA from this
 node's daemon. Other clusters, users and contexts stay as they are; the context
-becomes the current one. The user entry carries no credentials: in auth mode the
-proxy decides who you are from the tailnet. NODE is a peer's hostname or its
+becomes the current one. The user entry holds the placeholder token "unused": in
+auth mode the proxy drops it and decides who you are from the tailnet (for a
+noauth proxy, put your own credentials in that user). NODE is a peer's hostname or its
 MagicDNS name. A run that changes nothing says so and exits 1.`,
 		FlagSet: fset,
 		Options: envOptions,
@@ -151,7 +152,11 @@ func writeKubeconfig(file, name, server string, caPEM []byte) (bool, error) {
 		val       map[string]any
 	}{
 		{"clusters", "cluster", map[string]any{"server": server, "certificate-authority-data": base64.StdEncoding.EncodeToString(caPEM)}},
-		{"users", "user", map[string]any{}},
+		// A user without any credential makes kubectl prompt for a
+		// username and password; the proxy (auth mode) removes this token
+		// and decides who the caller is from the tailnet, as Tailscale's
+		// kubeconfig does.
+		{"users", "user", map[string]any{"token": "unused"}},
 		{"contexts", "context", map[string]any{"cluster": name, "user": name}},
 	}
 	for _, e := range entries {
