@@ -32,6 +32,9 @@ type agentFlags struct {
 	loopback  bool
 	peerIdle  time.Duration
 	resolv    string
+	// services are the daemon's own HTTPS services (meshd k8s-proxy); not
+	// a flag.
+	services []agent.HTTPSService
 }
 
 // forwardList collects repeatable --forward flags.
@@ -133,7 +136,7 @@ func (c *cli) agentOptions(af *agentFlags) (agent.Options, error) {
 	return agent.Options{
 		StateDir: af.stateDir, TUN: af.tun, Port: af.port.option(), MTU: af.mtu,
 		Forwards: af.forwards, SOCKS5Addr: af.socks5, HTTPProxyAddr: af.httpProxy, LoopbackOnly: af.loopback,
-		PeerIdleTimeout: peerIdleOption(af.peerIdle), ResolvConf: af.resolv, Logger: c.log,
+		PeerIdleTimeout: peerIdleOption(af.peerIdle), ResolvConf: af.resolv, Logger: c.log, HTTPSServices: af.services,
 	}, nil
 }
 

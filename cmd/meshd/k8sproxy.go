@@ -43,6 +43,10 @@ func (c *cli) k8sProxyCmd() *ffcli.Command {
 	af.register(fs)
 	socket := fs.String("socket", localapi.DefaultSocket, "local API unix socket")
 	var kf k8sProxyFlags
+	var req localapi.UpRequest
+	fs.StringVar(&req.AuthKey, "authkey", "", "auth key: join the tailnet in this process, as `meshd up --foreground --authkey` (MESHD_AUTHKEY from the environment is used only while the node must enrol); without it or --coordinator, run `meshd up` against --socket")
+	fs.StringVar(&req.Coordinator, "coordinator", "", "coordinator URL, with --authkey")
+	fs.StringVar(&req.Hostname, "hostname", "", "node name when it enrols (default: the system hostname)")
 	fs.StringVar(&kf.mode, "mode", "auth", "auth: authenticate with the proxy's credentials and impersonate callers per the policy's kubernetes grants; noauth: pass callers' own credentials through")
 	fs.StringVar(&kf.upstream, "upstream", "", "the API server's URL; default: the in-cluster one (KUBERNETES_SERVICE_HOST, KUBERNETES_SERVICE_PORT)")
 	fs.StringVar(&kf.caFile, "upstream-ca-file", "", "PEM CA of the API server; default: the service account's ca.crt in cluster, else the system roots")
@@ -51,7 +55,7 @@ func (c *cli) k8sProxyCmd() *ffcli.Command {
 	fs.UintVar(&kf.port, "listen-port", 443, "tailnet port of the proxy (HTTPS with the node's certificate from the tailnet CA)")
 	return &ffcli.Command{
 		Name:       "k8s-proxy",
-		ShortUsage: "meshd k8s-proxy [--mode auth|noauth] [--upstream URL] [--listen-port 443] [daemon flags]",
+		ShortUsage: "meshd k8s-proxy [--mode auth|noauth] [--upstream URL] [--listen-port 443] [--authkey KEY --coordinator URL [--hostname H]] [daemon flags]",
 		ShortHelp:  "run the node agent with a Kubernetes API server proxy on the tailnet (then `meshd up`)",
 		LongHelp: "k8s-proxy runs the whole node agent, like `meshd daemon`, and serves a proxy to the Kubernetes API server on the node's\n" +
 			"tailnet addresses over HTTPS. In auth mode callers are impersonated as their login (tagged nodes: their name) in the\n" +
@@ -67,12 +71,21 @@ func (c *cli) k8sProxyCmd() *ffcli.Command {
 			if err != nil {
 				return &exitError{2, err.Error()}
 			}
-			opts, err := c.agentOptions(&af)
-			if err != nil {
-				return err
+			af.services = []agent.HTTPSService{svc}
+			if req.Hostname != "" && req.AuthKey == "" && req.Coordinator == "" {
+				return &exitError{2, "k8s-proxy: --hostname names the node when it enrols here: give --authkey and --coordinator too (or use meshd up --hostname)"}
 			}
-			opts.HTTPSServices = []agent.HTTPSService{svc}
-			a, err := agent.New(opts)
+			if req.AuthKey != "" || req.Coordinator != "" {
+				// Enrol (or, registered, just come up) in this process, as
+				// `meshd up --foreground` does: one container, no second
+				// command to run in it.
+				onCommandLine := map[string]bool{}
+				fs.Visit(func(f *flag.Flag) { onCommandLine[f.Name] = true })
+				req.AuthKeyFromEnv = req.AuthKey != "" && !onCommandLine["authkey"]
+				c.log.Info("meshd k8s-proxy started", "mode", kf.mode, "port", kf.port, "state_dir", af.stateDir, "tun", af.tun, "socket", *socket)
+				return c.upForeground(ctx, &af, *socket, fs, req, 0)
+			}
+			a, err := c.newAgent(&af)
 			if err != nil {
 				return err
 			}

@@ -81,3 +81,11 @@ func TestK8sProxyCLIArgs(t *testing.T) {
 		t.Errorf("exit %d, %q", code, out.String())
 	}
 }
+
+func TestK8sProxyHostnameNeedsEnrolment(t *testing.T) {
+	var out strings.Builder
+	code := run(t.Context(), []string{"k8s-proxy", "--upstream", "https://api", "--mode", "noauth", "--hostname", "k8s"}, io.Discard, &out)
+	if code != 2 || !strings.Contains(out.String(), "--authkey") {
+		t.Errorf("exit %d, %q", code, out.String())
+	}
+}

@@ -174,18 +174,21 @@ func TestK8sProxy(t *testing.T) {
 		return k.Key
 	}
 
+	// The proxy enrols itself, as in the Deployment: the auth key from
+	// the environment, no `meshd up`.
 	proxy := e.newNode("proxy", hosts["proxy"])
-	proxy.proc = start(t, "proxy", e.cmd(hosts["proxy"], "k8s-proxy", "--state-dir", proxy.stateDir, "--socket", proxy.socket,
-		"--tun", "meshd0", "--resolv-conf", hosts["proxy"].ResolvConf(),
-		"--upstream", apiSrv.URL, "--upstream-ca-file", apiCA, "--upstream-token-file", tokenFile))
-	waitFor(t, 15*time.Second, "k8s-proxy socket", func() (bool, string) {
+	proxyCmd := e.cmd(hosts["proxy"], "k8s-proxy", "--state-dir", proxy.stateDir, "--socket", proxy.socket,
+		"--tun", "meshd0", "--resolv-conf", hosts["proxy"].ResolvConf(), "--coordinator", e.coordURL, "--hostname", "proxy",
+		"--upstream", apiSrv.URL, "--upstream-ca-file", apiCA, "--upstream-token-file", tokenFile)
+	proxyCmd.Env = append(os.Environ(), "MESHD_AUTHKEY="+keyFor("--tags", "tag:k8s"))
+	proxy.proc = start(t, "proxy", proxyCmd)
+	waitFor(t, 30*time.Second, "k8s-proxy to come up", func() (bool, string) {
 		if proxy.proc.exited() {
 			t.Fatalf("k8s-proxy exited:\n%s", proxy.proc.out.String())
 		}
-		_, err := localapi.NewClient(proxy.socket).Status(context.Background())
-		return err == nil, fmt.Sprint(err)
+		st, err := localapi.NewClient(proxy.socket).Status(context.Background())
+		return err == nil && st.BackendState == localapi.StateRunning, fmt.Sprint(err)
 	})
-	e.up(proxy, keyFor("--tags", "tag:k8s"))
 	nodes := map[string]*node{}
 	for name, key := range map[string]string{
 		"alice": keyFor("--user", "alice@example.com"), "bob": keyFor("--user", "bob@example.com"), "ci": keyFor("--tags", "tag:ci"),
