@@ -275,3 +275,65 @@ func TestParseMode(t *testing.T) {
 		}
 	}
 }
+
+// TestUpgrade: exec, attach and port-forward upgrade the connection
+// (SPDY or WebSocket); the upgraded request carries the proxy's
+// impersonation, not the caller's, and bytes flow both ways after it.
+func TestUpgrade(t *testing.T) {
+	var mu sync.Mutex
+	var got http.Header
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Upgrade") != "SPDY/3.1" {
+			http.Error(w, "want an upgrade", http.StatusBadRequest)
+			return
+		}
+		mu.Lock()
+		got = r.Header.Clone()
+		mu.Unlock()
+		c, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\r\n")
+		brw.Flush()
+		buf := make([]byte, 4)
+		if _, err := io.ReadFull(brw, buf); err == nil {
+			c.Write(append([]byte("echo:"), buf...))
+		}
+	}))
+	defer up.Close()
+	u, _ := url.Parse(up.URL)
+	tok := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(tok, []byte("proxy-sa-token"), 0o600)
+	p, err := New(Options{Mode: ModeAuth, Upstream: u, Transport: &http.Transport{}, TokenFile: tok,
+		WhoIs: func(netip.Addr) (*whois.Response, bool) { return alice, true }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(p)
+	defer srv.Close()
+	c, err := net.Dial("tcp", strings.TrimPrefix(srv.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "POST /api/v1/namespaces/default/pods/web-1/exec?command=sh HTTP/1.1\r\nHost: k8s\r\n"+
+		"Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\nImpersonate-User: system:admin\r\nImpersonate-Group: evil\r\nAuthorization: Bearer stolen\r\n\r\n")
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade: %v %v", resp, err)
+	}
+	io.WriteString(c, "ping")
+	echo := make([]byte, 9)
+	if _, err := io.ReadFull(br, echo); err != nil || string(echo) != "echo:ping" {
+		t.Fatalf("after the upgrade: %q %v", echo, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if got.Get("Impersonate-User") != "alice@example.com" || !slices.Equal(got.Values("Impersonate-Group"), []string{"system:masters", "viewers"}) ||
+		!slices.Equal(got.Values("Authorization"), []string{"Bearer proxy-sa-token"}) {
+		t.Errorf("upgraded request reached the API server with %v", got)
+	}
+}

@@ -118,3 +118,21 @@ func TestDefaultKubeconfig(t *testing.T) {
 		}
 	}
 }
+
+// TestReadmeKubernetesPolicy: the README's example policy for the proxy
+// passes `meshd policy check` without warnings.
+func TestReadmeKubernetesPolicy(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("..", "..", "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(b), "<!-- k8s-policy -->\n```hujson\n")
+	pol, _, ok2 := strings.Cut(rest, "```")
+	if !ok || !ok2 {
+		t.Fatal("README: no policy block after <!-- k8s-policy -->")
+	}
+	code, out, stderr := runPolicy(t, "check", writePolicy(t, "readme.hujson", pol))
+	if code != 0 || !strings.Contains(out, "0 warning(s)") || !strings.Contains(pol, "tailscale.com/cap/kubernetes") {
+		t.Errorf("README policy: exit %d\n%s%s", code, out, stderr)
+	}
+}
