@@ -136,3 +136,37 @@ func TestReadmeKubernetesPolicy(t *testing.T) {
 		t.Errorf("README policy: exit %d\n%s%s", code, out, stderr)
 	}
 }
+
+// FuzzWriteKubeconfig: whatever the existing file holds, no panic; a
+// refused file is left as it was; an accepted one ends up a kubeconfig
+// with the context current and a rerun changes nothing.
+func FuzzWriteKubeconfig(f *testing.F) {
+	seeds, _ := filepath.Glob("testdata/kubeconfig/*")
+	for _, s := range seeds {
+		b, err := os.ReadFile(s)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, old []byte) {
+		p := filepath.Join(t.TempDir(), "config")
+		if err := os.WriteFile(p, old, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := writeKubeconfig(p, "k8s.meshd.internal", "https://k8s.meshd.internal", []byte("ca")); err != nil {
+			if b, _ := os.ReadFile(p); string(b) != string(old) {
+				t.Fatalf("refused (%v) but changed the file", err)
+			}
+			return
+		}
+		b, _ := os.ReadFile(p)
+		m := map[string]any{}
+		if err := yaml.Unmarshal(b, &m); err != nil || m["current-context"] != "k8s.meshd.internal" {
+			t.Fatalf("result %q: %v", b, err)
+		}
+		if changed, err := writeKubeconfig(p, "k8s.meshd.internal", "https://k8s.meshd.internal", []byte("ca")); err != nil || changed {
+			t.Fatalf("rerun: changed %v err %v\n%s", changed, err, b)
+		}
+	})
+}
