@@ -48,6 +48,8 @@ type fakeAPIServer struct {
 	// logGate releases the second log line: the test opens it after it
 	// has seen kubectl print the first, which proves streaming.
 	logGate chan struct{}
+	// watchGate likewise releases the second watch event.
+	watchGate chan struct{}
 }
 
 type recordedReq struct {
@@ -93,6 +95,10 @@ func (f *fakeAPIServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			`{"name":"pods","singularName":"pod","namespaced":true,"kind":"Pod","verbs":["get","list","watch"],"shortNames":["po"]},`+
 			`{"name":"pods/log","singularName":"","namespaced":true,"kind":"Pod","verbs":["get"]}]}`)
 	case "/api/v1/namespaces/default/pods":
+		if v := r.URL.Query().Get("watch"); v == "true" || v == "1" {
+			f.watch(w, r)
+			return
+		}
 		fmt.Fprint(w, `{"kind":"PodList","apiVersion":"v1","metadata":{"resourceVersion":"7"},"items":[`+fakePod+`]}`)
 	case "/api/v1/namespaces/default/pods/web-1":
 		fmt.Fprint(w, fakePod)
@@ -113,13 +119,31 @@ func (f *fakeAPIServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// watch streams two pod events, the second once the test opens watchGate,
+// then holds the stream open until the client goes away.
+func (f *fakeAPIServer) watch(w http.ResponseWriter, r *http.Request) {
+	event := func(name string) {
+		fmt.Fprintf(w, `{"type":"ADDED","object":{"kind":"Pod","apiVersion":"v1","metadata":{"name":%q,"namespace":"default","resourceVersion":"8"}}}`+"\n", name)
+		w.(http.Flusher).Flush()
+	}
+	event("web-2")
+	select {
+	case <-f.watchGate:
+	case <-r.Context().Done():
+		return
+	}
+	event("web-3")
+	<-r.Context().Done()
+}
+
 // TestK8sProxy runs `meshd k8s-proxy` (kernel TUN) in front of a fake API
 // server and drives it with the real kubectl through a kubeconfig from
 // `meshd configure kubeconfig`: alice is impersonated in her grant's group,
 // a tagged caller as its node name in its grant's group and its tag, a
 // forged --as/--as-group/--token never reaches the API server, bob (no
 // grant) gets 403 and the API server nothing, a policy change applies
-// within a second, and `kubectl logs -f` streams.
+// within a second, and `kubectl logs -f` and `kubectl get pods --watch`
+// stream.
 func TestK8sProxy(t *testing.T) {
 	t.Parallel()
 	if _, err := exec.LookPath("kubectl"); err != nil {
@@ -130,7 +154,7 @@ func TestK8sProxy(t *testing.T) {
 	hosts := lanHosts(lab, "coord", "proxy", "alice", "bob", "ci")
 
 	// The API server beside the proxy, on the proxy host's loopback.
-	api := &fakeAPIServer{logGate: make(chan struct{})}
+	api := &fakeAPIServer{logGate: make(chan struct{}), watchGate: make(chan struct{})}
 	var apiLn net.Listener
 	if err := hosts["proxy"].Do(func() (err error) { apiLn, err = net.Listen("tcp", "127.0.0.1:0"); return err }); err != nil {
 		t.Fatal(err)
@@ -304,6 +328,31 @@ func TestK8sProxy(t *testing.T) {
 		t.Errorf("kubectl logs -f: %v %s", err, stderr.String())
 	}
 	check("alice logs -f", n, "alice@example.com", "system:masters")
+
+	// `kubectl get pods --watch` streams: the list, the first event, and
+	// the second once released.
+	n = api.count()
+	watchCtx, stopWatch := context.WithTimeout(context.Background(), 40*time.Second)
+	defer stopWatch()
+	watch := kubectl(watchCtx, "alice", "get", "pods", "--watch", "-o", "name")
+	wout, _ := watch.StdoutPipe()
+	var werr syncBuffer
+	watch.Stderr = &werr
+	if err := watch.Start(); err != nil {
+		t.Fatal(err)
+	}
+	wlines := bufio.NewScanner(wout)
+	for i, want := range []string{"pod/web-1", "pod/web-2", "pod/web-3"} {
+		if i == 2 {
+			close(api.watchGate)
+		}
+		if !wlines.Scan() || wlines.Text() != want {
+			t.Fatalf("kubectl get pods --watch: line %d %q (%v), want %q; stderr %s", i, wlines.Text(), wlines.Err(), want, werr.String())
+		}
+	}
+	stopWatch()
+	watch.Wait()
+	check("alice get pods --watch", n, "alice@example.com", "system:masters")
 
 	// A grant change applies within a second.
 	if code, out := admin("policy", "set", writeTemp(t, "policy2.hujson", k8sPolicy("viewers"))); code != 0 {
