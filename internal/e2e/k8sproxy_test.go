@@ -136,7 +136,7 @@ func (f *fakeAPIServer) watch(w http.ResponseWriter, r *http.Request) {
 	<-r.Context().Done()
 }
 
-// TestK8sProxy runs `meshd k8s-proxy` (kernel TUN) in front of a fake API
+// TestK8sProxy runs `meshd k8s-proxy` in front of a fake API
 // server and drives it with the real kubectl through a kubeconfig from
 // `meshd configure kubeconfig`: alice is impersonated in her grant's group,
 // a tagged caller as its node name in its grant's group and its tag, a
@@ -144,8 +144,19 @@ func (f *fakeAPIServer) watch(w http.ResponseWriter, r *http.Request) {
 // grant) gets 403 and the API server nothing, a policy change applies
 // within a second, and `kubectl logs -f` and `kubectl get pods --watch`
 // stream.
+//
+// The proxy runs with a kernel TUN and, separately, in the netstack.
 func TestK8sProxy(t *testing.T) {
 	t.Parallel()
+	for _, tun := range []string{"meshd0", "userspace"} {
+		t.Run(tun, func(t *testing.T) {
+			t.Parallel()
+			testK8sProxy(t, tun)
+		})
+	}
+}
+
+func testK8sProxy(t *testing.T, tun string) {
 	if _, err := exec.LookPath("kubectl"); err != nil {
 		t.Fatalf("kubectl is needed (Debian package kubernetes-client): %v", err)
 	}
@@ -201,9 +212,13 @@ func TestK8sProxy(t *testing.T) {
 	// The proxy enrols itself, as in the Deployment: the auth key from
 	// the environment, no `meshd up`.
 	proxy := e.newNode("proxy", hosts["proxy"])
-	proxyCmd := e.cmd(hosts["proxy"], "k8s-proxy", "--state-dir", proxy.stateDir, "--socket", proxy.socket,
-		"--tun", "meshd0", "--resolv-conf", hosts["proxy"].ResolvConf(), "--coordinator", e.coordURL, "--hostname", "proxy",
-		"--upstream", apiSrv.URL, "--upstream-ca-file", apiCA, "--upstream-token-file", tokenFile)
+	proxyArgs := []string{"k8s-proxy", "--state-dir", proxy.stateDir, "--socket", proxy.socket,
+		"--tun", tun, "--coordinator", e.coordURL, "--hostname", "proxy",
+		"--upstream", apiSrv.URL, "--upstream-ca-file", apiCA, "--upstream-token-file", tokenFile}
+	if tun != "userspace" {
+		proxyArgs = append(proxyArgs, "--resolv-conf", hosts["proxy"].ResolvConf())
+	}
+	proxyCmd := e.cmd(hosts["proxy"], proxyArgs...)
 	proxyCmd.Env = append(os.Environ(), "MESHD_AUTHKEY="+keyFor("--tags", "tag:k8s"))
 	proxy.proc = start(t, "proxy", proxyCmd)
 	waitFor(t, 30*time.Second, "k8s-proxy to come up", func() (bool, string) {
