@@ -178,9 +178,9 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
+	// SetURL also clears Out.Host: the API server sees its own name, not
+	// the node's.
 	pr.SetURL(p.opts.Upstream)
-	// SetURL joins paths; the API server's own Host, not the node's name.
-	pr.Out.Host = ""
 	if p.opts.Mode == ModeNoAuth {
 		return
 	}
