@@ -143,7 +143,8 @@ func (f *fakeAPIServer) watch(w http.ResponseWriter, r *http.Request) {
 // forged --as/--as-group/--token never reaches the API server, bob (no
 // grant) gets 403 and the API server nothing, a policy change applies
 // within a second, and `kubectl logs -f` and `kubectl get pods --watch`
-// stream.
+// stream. A second proxy in noauth mode passes kubectl's own --token and
+// --as through.
 //
 // The proxy runs with a kernel TUN and, separately, in the netstack.
 func TestK8sProxy(t *testing.T) {
@@ -219,7 +220,8 @@ func testK8sProxy(t *testing.T, tun string) {
 		proxyArgs = append(proxyArgs, "--resolv-conf", hosts["proxy"].ResolvConf())
 	}
 	proxyCmd := e.cmd(hosts["proxy"], proxyArgs...)
-	proxyCmd.Env = append(os.Environ(), "MESHD_AUTHKEY="+keyFor("--tags", "tag:k8s"))
+	proxyKey := keyFor("--tags", "tag:k8s")
+	proxyCmd.Env = append(os.Environ(), "MESHD_AUTHKEY="+proxyKey)
 	proxy.proc = start(t, "proxy", proxyCmd)
 	waitFor(t, 30*time.Second, "k8s-proxy to come up", func() (bool, string) {
 		if proxy.proc.exited() {
@@ -368,6 +370,36 @@ func testK8sProxy(t *testing.T, tun string) {
 	stopWatch()
 	watch.Wait()
 	check("alice get pods --watch", n, "alice@example.com", "system:masters")
+
+	// A noauth proxy (netstack, beside the first one) passes the caller's
+	// own credentials, --as included, and adds nothing of its own.
+	noauth := e.newNode("noauth", hosts["proxy"])
+	noauthCmd := e.cmd(hosts["proxy"], "k8s-proxy", "--mode", "noauth", "--state-dir", noauth.stateDir, "--socket", noauth.socket,
+		"--tun", "userspace", "--port", "0", "--coordinator", e.coordURL, "--hostname", "noauth",
+		"--upstream", apiSrv.URL, "--upstream-ca-file", apiCA)
+	noauthCmd.Env = append(os.Environ(), "MESHD_AUTHKEY="+proxyKey)
+	noauth.proc = start(t, "noauth", noauthCmd)
+	e.waitPeers(nodes["alice"], "noauth")
+	noauthKC := filepath.Join(work, "alice-noauth.kubeconfig")
+	if out, err := exec.Command(e.bin, "configure", "kubeconfig", "--socket", nodes["alice"].socket, "--kubeconfig", noauthKC, "noauth").CombinedOutput(); err != nil {
+		t.Fatalf("configure kubeconfig noauth: %v\n%s", err, out)
+	}
+	waitFor(t, 20*time.Second, "kubectl through the noauth proxy", func() (bool, string) {
+		n = api.count()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		out, err := hosts["alice"].Command(ctx, "kubectl", "--kubeconfig", noauthKC, "--request-timeout", "20s", "-n", "default",
+			"--token", "alices-own-token", "--as", "someone", "get", "pods", "-o", "name").CombinedOutput()
+		return err == nil && strings.TrimSpace(string(out)) == "pod/web-1", fmt.Sprintf("%v: %s", err, out)
+	})
+	if len(api.since(n)) == 0 {
+		t.Errorf("noauth: the API server got no request")
+	}
+	for _, r := range api.since(n) {
+		if !slices.Equal(r.auth, []string{"Bearer alices-own-token"}) || !slices.Equal(r.user, []string{"someone"}) || len(r.groups) != 0 {
+			t.Errorf("noauth: %s reached the API server with auth %q user %q groups %q; want the caller's own", r.path, r.auth, r.user, r.groups)
+		}
+	}
 
 	// A grant change applies within a second.
 	if code, out := admin("policy", "set", writeTemp(t, "policy2.hujson", k8sPolicy("viewers"))); code != 0 {
