@@ -111,6 +111,10 @@ type Options struct {
 	// entries; nil uses the node's own from the tailnet CA
 	// (Agent.GetCertificate). Tests set it.
 	GetCertificate func(*tls.ClientHelloInfo) (*tls.Certificate, error)
+
+	// HTTPSServices are the daemon's own HTTPS services on the tailnet
+	// addresses (`meshd k8s-proxy`); serve refuses their ports.
+	HTTPSServices []HTTPSService
 }
 
 // Agent is one node's daemon. Its methods are safe for concurrent use.
@@ -166,6 +170,7 @@ type Agent struct {
 	// taken after a.mu when both are. serveNote (a.mu) says why the saved
 	// configuration was not loaded.
 	serve     *serve.Server
+	services  services // a.opts.HTTPSServices; a.mu
 	serveNote string
 }
 
@@ -359,7 +364,7 @@ func (a *Agent) stop() {
 	defer a.mu.Unlock()
 	a.closeOSDNSLocked()
 	if a.eng != nil {
-		a.serve.Detach()
+		a.serveDetachLocked()
 		a.eng.close()
 		a.eng = nil
 	}
@@ -517,7 +522,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 	if a.eng != nil && !slices.Equal(a.eng.cfg.addrs, addrs) {
 		a.log.Info("own addresses changed; restarting the data plane", "addrs", addrs)
 		a.closeOSDNSLocked()
-		a.serve.Detach()
+		a.serveDetachLocked()
 		a.eng.close()
 		a.eng = nil
 	}

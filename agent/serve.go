@@ -52,12 +52,19 @@ func (a *Agent) initServe() error {
 	for _, f := range a.opts.Forwards {
 		reserved[f.Port] = "--forward " + f.String()
 	}
+	for _, svc := range a.opts.HTTPSServices {
+		reserved[svc.Port] = svc.Name
+	}
 	getCert, ready := a.opts.GetCertificate, func() error { return nil }
 	if getCert == nil {
 		// The node's own certificate from the tailnet CA (agent/certs):
 		// clients that trust the CA need no -k.
 		getCert = a.GetCertificate
 		ready = func() error { _, _, err := a.certs.CA(); return err }
+	}
+	a.services = services{getCert: getCert, log: a.log, list: a.opts.HTTPSServices}
+	for _, svc := range a.opts.HTTPSServices {
+		a.services.handlers = append(a.services.handlers, svc.NewHandler(a.WhoIs))
 	}
 	a.serve = serve.New(serve.Options{
 		WhoIs: a.WhoIs, GetCertificate: getCert, HTTPSReady: ready, Logger: a.log, Reserved: reserved,
@@ -71,6 +78,14 @@ func (a *Agent) serveAttachLocked() {
 	// engine.listen binds kernel mode sockets to the TUN too, so only
 	// connections that came through WireGuard and the filter reach them.
 	a.serve.Attach(a.eng.listen, netmap.AddrsOf(a.eng.cfg.addrs))
+	a.services.attach(a.eng.listen, netmap.AddrsOf(a.eng.cfg.addrs))
+}
+
+// serveDetachLocked stops serve's listeners and the daemon's HTTPS
+// services: the data plane is going down. a.mu held.
+func (a *Agent) serveDetachLocked() {
+	a.serve.Detach()
+	a.services.detach()
 }
 
 // ServeStatus lists what the node serves.

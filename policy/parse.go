@@ -13,6 +13,7 @@ import (
 
 	"github.com/tailscale/hujson"
 
+	"meshd.dev/meshd/kubecap"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -687,11 +688,52 @@ func (ps *parser) parseCaps(v *hujson.Value) map[string][]json.RawMessage {
 			}
 			c := e.Clone()
 			c.Minimize()
-			vals = append(vals, json.RawMessage(bytes.Clone(c.Pack())))
+			packed := bytes.Clone(c.Pack())
+			if kubecap.IsName(name) && !ps.checkKubeCap(name, e, packed) {
+				continue
+			}
+			vals = append(vals, json.RawMessage(packed))
 		}
 		caps[name] = vals
 	}
 	return caps
+}
+
+// checkKubeCap reports the problems of a Kubernetes capability value
+// (kubecap) where they are: an unknown field at its name, anything else
+// at the value. The proxy would ignore a value it cannot read; the policy
+// refuses it, so that a typo is not a silently missing permission.
+func (ps *parser) checkKubeCap(name string, v *hujson.Value, packed []byte) bool {
+	obj := v.Value.(*hujson.Object)
+	for i := range obj.Members {
+		m := &obj.Members[i]
+		key, ok := ps.memberName(m)
+		if !ok {
+			return false
+		}
+		switch key {
+		case "recorder", "enforceRecorder":
+		case "impersonate":
+			sub, ok := m.Value.Value.(*hujson.Object)
+			if !ok {
+				continue // kubecap.Parse reports it
+			}
+			for j := range sub.Members {
+				if k, ok := ps.memberName(&sub.Members[j]); ok && k != "groups" {
+					ps.errorf(&sub.Members[j].Name, "capability %s: unknown field %q in impersonate (it has groups)", name, k)
+					return false
+				}
+			}
+		default:
+			ps.errorf(&m.Name, "capability %s: unknown field %q (known: impersonate, recorder, enforceRecorder)", name, key)
+			return false
+		}
+	}
+	if _, err := kubecap.Parse(packed); err != nil {
+		ps.errorf(v, "capability %s: %v", name, err)
+		return false
+	}
+	return true
 }
 
 func (ps *parser) parseSSH(v *hujson.Value) {

@@ -32,6 +32,9 @@ type agentFlags struct {
 	loopback  bool
 	peerIdle  time.Duration
 	resolv    string
+	// services are the daemon's own HTTPS services (meshd k8s-proxy); not
+	// a flag.
+	services []agent.HTTPSService
 }
 
 // forwardList collects repeatable --forward flags.
@@ -115,17 +118,26 @@ func (af *agentFlags) register(fs *flag.FlagSet) {
 }
 
 func (c *cli) newAgent(af *agentFlags) (*agent.Agent, error) {
+	opts, err := c.agentOptions(af)
+	if err != nil {
+		return nil, err
+	}
+	return agent.New(opts)
+}
+
+// agentOptions are the agent's options from the shared flags.
+func (c *cli) agentOptions(af *agentFlags) (agent.Options, error) {
 	if af.peerIdle < 0 {
-		return nil, fmt.Errorf("--peer-idle-timeout %v: want a duration >= 0 (0 configures every peer up front)", af.peerIdle)
+		return agent.Options{}, fmt.Errorf("--peer-idle-timeout %v: want a duration >= 0 (0 configures every peer up front)", af.peerIdle)
 	}
 	if af.resolv != "" && !filepath.IsAbs(af.resolv) {
-		return nil, fmt.Errorf("--resolv-conf %q: want an absolute path", af.resolv)
+		return agent.Options{}, fmt.Errorf("--resolv-conf %q: want an absolute path", af.resolv)
 	}
-	return agent.New(agent.Options{
+	return agent.Options{
 		StateDir: af.stateDir, TUN: af.tun, Port: af.port.option(), MTU: af.mtu,
 		Forwards: af.forwards, SOCKS5Addr: af.socks5, HTTPProxyAddr: af.httpProxy, LoopbackOnly: af.loopback,
-		PeerIdleTimeout: peerIdleOption(af.peerIdle), ResolvConf: af.resolv, Logger: c.log,
-	})
+		PeerIdleTimeout: peerIdleOption(af.peerIdle), ResolvConf: af.resolv, Logger: c.log, HTTPSServices: af.services,
+	}, nil
 }
 
 // peerIdleOption maps the flag (0 = eager) to agent.Options (negative =

@@ -61,6 +61,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			c.pingCmd(),
 			c.whoisCmd(),
 			c.serveCmd(),
+			c.k8sProxyCmd(),
+			c.configureCmd(),
 			c.ipCmd(),
 			c.certCmd(),
 			c.policyCmd(),

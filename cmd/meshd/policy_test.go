@@ -73,6 +73,17 @@ func TestPolicyCheck(t *testing.T) {
 		t.Errorf("check failing test: exit %d, output %q", code, out)
 	}
 
+	kube := writePolicy(t, "kube.hujson", `{
+	"tagOwners": {"tag:k8s": []},
+	"grants": [
+		{"src": ["*"], "dst": ["tag:k8s"], "app": {"tailscale.com/cap/kubernetes": [{"impersonate": {"groups": ["a"], "users": ["root"]}}]}},
+	],
+}`)
+	code, out, _ = runPolicy(t, "check", kube)
+	if code != 1 || !strings.Contains(out, kube+`:4:113: capability tailscale.com/cap/kubernetes: unknown field "users" in impersonate`) {
+		t.Errorf("check kubernetes capability: exit %d, output %q", code, out)
+	}
+
 	wide := writePolicy(t, "wide.hujson", `{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}`)
 	code, out, _ = runPolicy(t, "check", wide)
 	if code != 0 || !strings.Contains(out, wide+":1:11: warning: wide rule") {
