@@ -64,6 +64,9 @@ func (l *wrapListener) dialWrapped(wrap func(net.Conn) net.Conn) func(ctx contex
 type bubbleRelay struct {
 	*Server
 	ln *wrapListener
+	// stop closes the relay and its HTTP server (a relay going away);
+	// the test's cleanup calls it too.
+	stop func()
 }
 
 const bubbleURL = "http://relay.test"
@@ -85,12 +88,13 @@ func newBubbleRelay(t *testing.T, opts ServerOptions) *bubbleRelay {
 	hs := &http.Server{Handler: s}
 	served := make(chan struct{})
 	go func() { defer close(served); hs.Serve(ln) }()
-	t.Cleanup(func() {
+	stop := sync.OnceFunc(func() {
 		s.Close()
 		hs.Close()
 		<-served
 	})
-	return &bubbleRelay{Server: s, ln: ln}
+	t.Cleanup(stop)
+	return &bubbleRelay{Server: s, ln: ln, stop: stop}
 }
 
 // dial connects a client; a zero NodeKey gets a fresh key. The client is
