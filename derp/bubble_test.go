@@ -3,77 +3,70 @@ package derp
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"sync"
 	"testing"
 	"time"
 
+	"meshd.dev/meshd/internal/memnet"
 	"meshd.dev/meshd/netmap"
 )
 
-// memListener is a net.Listener whose connections are in-memory net.Pipe
-// pairs. A relay served on it can run inside a testing/synctest bubble,
-// where time is virtual: keep-alive tickers, idle and write deadlines and
-// the rate limiter's clock only move when every goroutine of the test
-// waits, so tests check exact deadlines instead of sleeping past them.
-type memListener struct {
-	conns  chan net.Conn
-	closed chan struct{}
-	once   sync.Once
+// wrapListener serves a memnet listener (see internal/memnet: a relay
+// served on it can run inside a testing/synctest bubble, where keep-alive
+// tickers, idle and write deadlines and the rate limiter's clock follow
+// virtual time, so tests check exact deadlines instead of sleeping past
+// them) and puts a test's wrapper around the relay's end of the
+// connections dialled from a given source address.
+type wrapListener struct {
+	*memnet.Listener
+
+	mu    sync.Mutex
+	next  netip.Addr // the last source address handed out
+	wraps map[netip.Addr]func(net.Conn) net.Conn
 }
 
-func newMemListener() *memListener {
-	return &memListener{conns: make(chan net.Conn), closed: make(chan struct{})}
+func (l *wrapListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	wrap := l.wraps[c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr()]
+	l.mu.Unlock()
+	if wrap != nil {
+		c = wrap(c)
+	}
+	return c, nil
 }
 
-func (l *memListener) Accept() (net.Conn, error) {
-	select {
-	case c := <-l.conns:
-		return c, nil
-	case <-l.closed:
-		return nil, net.ErrClosed
+// dialWrapped returns a ClientOptions.DialContext connecting to l from a
+// source address of its own; wrap, if set, stands between the pipe and the
+// server's end of it.
+func (l *wrapListener) dialWrapped(wrap func(net.Conn) net.Conn) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	l.mu.Lock()
+	l.next = l.next.Next()
+	src := l.next
+	if wrap != nil {
+		l.wraps[src] = wrap
+	}
+	l.mu.Unlock()
+	return func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return l.Dial(ctx, src)
 	}
 }
 
-func (l *memListener) Close() error {
-	l.once.Do(func() { close(l.closed) })
-	return nil
-}
-
-func (l *memListener) Addr() net.Addr { return memAddr{} }
-
-type memAddr struct{}
-
-func (memAddr) Network() string { return "mem" }
-func (memAddr) String() string  { return "relay.test" }
-
-// dialWrapped returns a ClientOptions.DialContext connecting to l; wrap,
-// if set, stands between the pipe and the server's end of it.
-func (l *memListener) dialWrapped(wrap func(net.Conn) net.Conn) func(ctx context.Context, network, addr string) (net.Conn, error) {
-	return func(ctx context.Context, _, addr string) (net.Conn, error) {
-		client, server := net.Pipe()
-		if wrap != nil {
-			server = wrap(server)
-		}
-		select {
-		case l.conns <- server:
-			return client, nil
-		case <-l.closed:
-			return nil, fmt.Errorf("dial %s: %w", addr, net.ErrClosed)
-		case <-ctx.Done():
-			return nil, fmt.Errorf("dial %s: %w", addr, ctx.Err())
-		}
-	}
-}
-
-// bubbleRelay is a relay served over HTTP on a memListener. Create it
+// bubbleRelay is a relay served over HTTP on a memnet listener. Create it
 // inside synctest.Test; its cleanup closes it there.
 type bubbleRelay struct {
 	*Server
-	ln *memListener
+	ln *wrapListener
+	// stop closes the relay and its HTTP server (a relay going away);
+	// the test's cleanup calls it too.
+	stop func()
 }
 
 const bubbleURL = "http://relay.test"
@@ -87,16 +80,21 @@ func newBubbleRelay(t *testing.T, opts ServerOptions) *bubbleRelay {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln := newMemListener()
+	ln := &wrapListener{
+		Listener: memnet.Listen(netip.MustParseAddrPort("192.0.2.1:80")),
+		next:     netip.MustParseAddr("198.51.100.0"),
+		wraps:    map[netip.Addr]func(net.Conn) net.Conn{},
+	}
 	hs := &http.Server{Handler: s}
 	served := make(chan struct{})
 	go func() { defer close(served); hs.Serve(ln) }()
-	t.Cleanup(func() {
+	stop := sync.OnceFunc(func() {
 		s.Close()
 		hs.Close()
 		<-served
 	})
-	return &bubbleRelay{Server: s, ln: ln}
+	t.Cleanup(stop)
+	return &bubbleRelay{Server: s, ln: ln, stop: stop}
 }
 
 // dial connects a client; a zero NodeKey gets a fresh key. The client is

@@ -995,76 +995,83 @@ func TestReconnectingClientKeepsOrderAcrossConnect(t *testing.T) {
 }
 
 func TestReconnectingClientSurvivesRelayRestart(t *testing.T) {
-	key := netmap.NewNodePrivate()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	start := func(ln net.Listener) (*Server, *http.Server) {
-		s, err := NewServer(ServerOptions{PrivateKey: key})
-		if err != nil {
-			t.Fatal(err)
+	// In a bubble the redial backoff is virtual time and synctest.Wait
+	// says when the client has settled, so nothing is polled.
+	synctest.Test(t, func(t *testing.T) {
+		key := netmap.NewNodePrivate()
+		var relay atomic.Pointer[bubbleRelay] // the relay at bubbleURL now
+		relay.Store(newBubbleRelay(t, ServerOptions{PrivateKey: key}))
+		dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return relay.Load().ln.dialWrapped(nil)(ctx, network, addr)
 		}
-		hs := &http.Server{Handler: s}
-		go hs.Serve(ln)
-		return s, hs
-	}
-	s1, hs1 := start(ln)
 
-	ka, kb := netmap.NewNodePrivate(), netmap.NewNodePrivate()
-	rc := NewReconnectingClient("http://"+addr, ClientOptions{NodeKey: kb}, nil)
-	got := make(chan string, 16)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		rc.Run(ctx, func(m Message) {
-			if p, ok := m.(ReceivedPacket); ok {
-				got <- string(p.Data)
+		ka, kb := netmap.NewNodePrivate(), netmap.NewNodePrivate()
+		rc := NewReconnectingClient(bubbleURL, ClientOptions{NodeKey: kb, DialContext: dial}, nil)
+		got := make(chan string, 16)
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			rc.Run(ctx, func(m Message) {
+				if p, ok := m.(ReceivedPacket); ok {
+					got <- string(p.Data)
+				}
+			})
+		}()
+		t.Cleanup(func() { cancel(); <-done })
+		synctest.Wait()
+		if !rc.Connected() {
+			t.Fatal("not connected once the first dial settled")
+		}
+		next := func(what string) string {
+			t.Helper()
+			select {
+			case m := <-got:
+				return m
+			case <-time.After(time.Second):
+				t.Fatalf("no packet %s", what)
 			}
-		})
-	}()
-	t.Cleanup(func() { cancel(); <-done })
-	waitFor(t, "first connection", rc.Connected)
+			return ""
+		}
 
-	// Packets reach the reconnecting client; it can send too.
-	a := dial(t, "http://"+addr, ka)
-	a.Send(kb.Public(), []byte("before"))
-	if m := <-got; m != "before" {
-		t.Fatalf("got %q", m)
-	}
-	if err := rc.Send(ka.Public(), []byte("from rc")); err != nil {
-		t.Fatal(err)
-	}
-	if p := recvPacket(t, a); string(p.Data) != "from rc" {
-		t.Fatalf("a got %q", p.Data)
-	}
-
-	s1.Close()
-	hs1.Close()
-	waitFor(t, "disconnect noticed", func() bool { return !rc.Connected() })
-	// Held for the next connection (and dropped there: ka is not on s2).
-	if err := rc.Send(ka.Public(), []byte("x")); err != nil {
-		t.Fatalf("send while down: %v", err)
-	}
-	ln2, err := net.Listen("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s2, hs2 := start(ln2)
-	t.Cleanup(func() { s2.Close(); hs2.Close() })
-	waitFor(t, "reconnect", func() bool { return rc.Connected() && s2.Stats().Clients == 1 })
-	a2 := dial(t, "http://"+addr, ka)
-	a2.Send(kb.Public(), []byte("after"))
-	select {
-	case m := <-got:
-		if m != "after" {
+		// Packets reach the reconnecting client; it can send too.
+		a := relay.Load().dial(t, ClientOptions{NodeKey: ka})
+		pkts := drain(a)
+		a.Send(kb.Public(), []byte("before"))
+		if m := next("before the restart"); m != "before" {
 			t.Fatalf("got %q", m)
 		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("no packet after the relay restarted")
-	}
+		if err := rc.Send(ka.Public(), []byte("from rc")); err != nil {
+			t.Fatal(err)
+		}
+		if p := nextPacket(t, pkts); string(p.Data) != "from rc" {
+			t.Fatalf("a got %q", p.Data)
+		}
+
+		relay.Load().stop()
+		synctest.Wait()
+		if rc.Connected() {
+			t.Fatal("the relay is gone and the client still says it is connected")
+		}
+		// Held for the next connection (and dropped there: ka is not on
+		// the new relay).
+		if err := rc.Send(ka.Public(), []byte("x")); err != nil {
+			t.Fatalf("send while down: %v", err)
+		}
+		s2 := newBubbleRelay(t, ServerOptions{PrivateKey: key})
+		relay.Store(s2)
+		time.Sleep(5 * time.Second) // the backoff's longest delay
+		synctest.Wait()
+		if !rc.Connected() || s2.Stats().Clients != 1 {
+			t.Fatalf("a backoff's longest delay after the relay came back: connected %v, clients %d", rc.Connected(), s2.Stats().Clients)
+		}
+		a2 := s2.dial(t, ClientOptions{NodeKey: ka})
+		drain(a2)
+		a2.Send(kb.Public(), []byte("after"))
+		if m := next("after the relay restarted"); m != "after" {
+			t.Fatalf("got %q", m)
+		}
+	})
 }
 
 // A client notices a relay that went silent after exactly its idle

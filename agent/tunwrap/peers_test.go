@@ -6,7 +6,7 @@ import (
 	"net/netip"
 	"slices"
 	"testing"
-	"time"
+	"testing/synctest"
 
 	"golang.zx2c4.com/wireguard/tun"
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
@@ -87,37 +87,50 @@ func TestPeerLayerAllocs(t *testing.T) {
 // its abort channel closes (the bind closing: wireguard-go's Close waits
 // for receivers) or the table closes (the engine closing).
 func TestEnsureAbort(t *testing.T) {
-	l := NewPeers() // no configurer runs: activation never completes
-	k := netmap.NewNodePrivate().Public()
-	l.Publish(map[netmap.NodePublic][]netip.Prefix{k: {netip.MustParsePrefix("100.64.0.2/32")}}, func(netmap.NodePublic) bool { return false })
-	pa := l.Lookup(k)
-	abort := make(chan struct{})
-	done := make(chan bool, 1)
-	go func() { done <- l.Ensure(pa, ActivateHandshake, abort) }()
-	select {
-	case <-done:
-		t.Fatal("Ensure returned before the peer was configured or the bind closed")
-	case <-time.After(50 * time.Millisecond):
-	}
-	close(abort)
-	select {
-	case ok := <-done:
-		if ok {
-			t.Fatal("Ensure reported a configured peer after an abort")
+	// In a bubble, synctest.Wait says when Ensure is durably blocked, so
+	// "not returned yet" is a fact rather than a guess after a sleep.
+	synctest.Test(t, func(t *testing.T) {
+		l := NewPeers() // no configurer runs: activation never completes
+		k := netmap.NewNodePrivate().Public()
+		l.Publish(map[netmap.NodePublic][]netip.Prefix{k: {netip.MustParsePrefix("100.64.0.2/32")}}, func(netmap.NodePublic) bool { return false })
+		pa := l.Lookup(k)
+		abort := make(chan struct{})
+		done := make(chan bool, 1)
+		go func() { done <- l.Ensure(pa, ActivateHandshake, abort) }()
+		synctest.Wait()
+		select {
+		case <-done:
+			t.Fatal("Ensure returned before the peer was configured or the bind closed")
+		default:
 		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("Ensure still blocked after abort")
-	}
-	if got := <-l.Activations(); got != pa || pa.Reason() != ActivateHandshake {
-		t.Fatalf("queued %v for %v, want the peer for its handshake", got.Key(), pa.Reason())
-	}
-	go func() { done <- l.Ensure(pa, ActivateOutbound, nil) }()
-	l.Close()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		t.Fatal("Ensure still blocked after the table closed")
-	}
+		close(abort)
+		synctest.Wait()
+		select {
+		case ok := <-done:
+			if ok {
+				t.Fatal("Ensure reported a configured peer after an abort")
+			}
+		default:
+			t.Fatal("Ensure still blocked after abort")
+		}
+		if got := <-l.Activations(); got != pa || pa.Reason() != ActivateHandshake {
+			t.Fatalf("queued %v for %v, want the peer for its handshake", got.Key(), pa.Reason())
+		}
+		go func() { done <- l.Ensure(pa, ActivateOutbound, nil) }()
+		synctest.Wait()
+		select {
+		case <-done:
+			t.Fatal("Ensure returned before the peer was configured or the table closed")
+		default:
+		}
+		l.Close()
+		synctest.Wait()
+		select {
+		case <-done:
+		default:
+			t.Fatal("Ensure still blocked after the table closed")
+		}
+	})
 }
 
 // syn builds a TCP SYN (flags) from src to dst announcing mss, with a valid
