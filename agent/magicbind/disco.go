@@ -89,9 +89,16 @@ func (b *Bind) discoLoop(o *openState) {
 				p.inLoop = false
 			}
 			leave := !p.inLoop
+			held := p.hasHeldLocked()
 			p.mu.Unlock()
 			if leave {
 				b.leaveLoop(p)
+			}
+			if held {
+				// A path may have come some other way (a relay
+				// connection, a selector timeout); this bounds the
+				// wait to one round.
+				b.sendHeld(p)
 			}
 			if dk.IsZero() {
 				continue
@@ -225,6 +232,7 @@ func (b *Bind) handleDisco(pkt []byte, src netip.AddrPort, r *region, derpSrc ne
 			}
 			if ok {
 				b.learnAddr(src, p)
+				b.sendHeld(p) // the first direct path, perhaps
 			}
 		}
 		b.mu.Lock()

@@ -33,6 +33,11 @@ type peer struct {
 	inLoop   bool                 // in Bind.loop (or about to be)
 	directEP *conn.StdNetEndpoint // cached for the current direct path
 	pmtu     pmtuState
+	// held is the last handshake initiation WireGuard sent while the peer
+	// had no path, sent when one appears (hold.go); heldAt is when (zero:
+	// nothing held). The buffer is allocated at the first hold and reused.
+	held   *[wgInitiationSize]byte
+	heldAt time.Time
 
 	// Guarded by Bind.mu:
 	// mapGen is the Bind.mapGen of the last map that had the peer.
@@ -77,6 +82,14 @@ func (b *Bind) publishKeysLocked() {
 // whose endpoints changed are touched in the address index, so a map
 // that changes nothing for the bind publishes nothing.
 func (b *Bind) SetNetworkMap(nm *netmap.NetworkMap) {
+	for _, p := range b.setNetworkMap(nm) {
+		b.sendHeld(p) // the map may have given it a path
+	}
+}
+
+// setNetworkMap applies nm and returns the peers that hold a handshake
+// initiation.
+func (b *Bind) setNetworkMap(nm *netmap.NetworkMap) (held []*peer) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.mapGen++
@@ -91,7 +104,9 @@ func (b *Bind) SetNetworkMap(nm *netmap.NetworkMap) {
 			keysChanged = true
 		}
 		p.mapGen = b.mapGen
-		b.updatePeerLocked(p, n)
+		if b.updatePeerLocked(p, n) {
+			held = append(held, p)
+		}
 	}
 	for k, p := range b.peers {
 		if p.mapGen != b.mapGen {
@@ -113,11 +128,14 @@ func (b *Bind) SetNetworkMap(nm *netmap.NetworkMap) {
 		b.startSTUNLocked()
 	}
 	b.connectPeerRegionsLocked()
+	return held
 }
 
-// updatePeerLocked applies p's node n from the map.
-func (b *Bind) updatePeerLocked(p *peer, n *netmap.Node) {
+// updatePeerLocked applies p's node n from the map and reports whether p
+// holds a handshake initiation.
+func (b *Bind) updatePeerLocked(p *peer, n *netmap.Node) (held bool) {
 	p.mu.Lock()
+	held = p.hasHeldLocked()
 	p.name, p.home = n.Hostname, n.HomeDERP
 	oldDisco := p.disco
 	p.disco = n.DiscoKey
@@ -135,7 +153,7 @@ func (b *Bind) updatePeerLocked(p *peer, n *netmap.Node) {
 		b.byDisco[n.DiscoKey] = p
 	}
 	if !moved {
-		return
+		return held
 	}
 	for _, a := range old {
 		if !slices.Contains(n.Endpoints, a) {
@@ -145,6 +163,7 @@ func (b *Bind) updatePeerLocked(p *peer, n *netmap.Node) {
 	for _, a := range n.Endpoints {
 		b.addrs.claim(a, p)
 	}
+	return held
 }
 
 // forgetPeerLocked drops what the tables hold for p, which left the map:

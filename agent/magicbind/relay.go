@@ -113,7 +113,11 @@ func (b *Bind) handleDERP(o *openState, r *region, m derp.Message) {
 	if p != nil {
 		p.mu.Lock()
 		p.heardVia = r.id
+		held := p.hasHeldLocked()
 		p.mu.Unlock()
+		if held {
+			b.sendHeld(p) // heardVia is a path back
+		}
 	}
 	if disco.Looks(pkt.Data) {
 		b.handleDisco(pkt.Data, netip.AddrPortFrom(derpMagicAddr, uint16(r.id)), r, pkt.Source)

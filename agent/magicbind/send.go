@@ -15,15 +15,37 @@ import (
 // relay; WireGuard retries its handshake later.
 var errNoPath = errors.New("magic bind: no path to peer (no direct path yet and no DERP home)")
 
-// Send sends bufs to the peer of ep over its best path.
+// Send sends bufs to the peer of ep over its best path. A handshake
+// initiation to a peer with no path yet, or sent only on a guess (to
+// published endpoints, or to a relay still connecting), is held and sent
+// again when a path appears (hold.go).
 func (b *Bind) Send(bufs [][]byte, cep conn.Endpoint) error {
 	ep, ok := cep.(*Endpoint)
 	if !ok || ep.b != b {
 		return fmt.Errorf("magic bind: foreign endpoint %T", cep)
 	}
-	p := ep.p
 	now := time.Now()
+	sure, err := b.send(ep.p, bufs, now)
+	switch {
+	case err == nil && !sure:
+		b.hold(ep.p, bufs, now)
+	case errors.Is(err, errNoPath) && b.hold(ep.p, bufs, now):
+		return nil
+	}
+	return err
+}
+
+// send sends bufs to p over its best path, or returns errNoPath. It
+// reports whether that path is sure: a direct path disco confirmed, or a
+// connected relay; not a guess at the peer's published endpoints, which
+// may not know our address yet and drop what we send.
+func (b *Bind) send(p *peer, bufs [][]byte, now time.Time) (sure bool, err error) {
 	p.mu.Lock()
+	if !p.heldAt.IsZero() && len(bufs) == 1 && isInitiation(bufs[0]) {
+		// WireGuard made a new initiation: the held one is superseded
+		// (its ephemeral key is gone, so its answer would be dropped).
+		p.heldAt = time.Time{}
+	}
 	kick := now.Sub(p.lastSend) > 500*time.Millisecond
 	p.lastSend = now
 	p.sel.NoteActivity(now)
@@ -57,21 +79,21 @@ func (b *Bind) Send(bufs [][]byte, cep conn.Endpoint) error {
 			// direct path that may be fine to the relay's speed.
 			if r := b.region(home); r != nil {
 				if rerr := b.copyToRelay(r, p, bufs); rerr != nil && err != nil {
-					return errors.Join(err, rerr)
+					return true, errors.Join(err, rerr)
 				}
-				return nil
+				return true, nil
 			}
 		}
-		return err
+		return true, err
 	}
 	if home != 0 {
 		if r := b.region(home); r != nil {
 			connected := r.client.Connected()
 			if err := b.sendRelay(r, p, bufs); err != nil {
-				return err
+				return false, err
 			}
 			if connected {
-				return nil
+				return true, nil
 			}
 			// The relay is still being dialled (or is down): it holds these
 			// packets until it connects, so the first handshake is not lost
@@ -79,10 +101,10 @@ func (b *Bind) Send(bufs [][]byte, cep conn.Endpoint) error {
 			if err := b.sendUnrelayed(p, bufs); err != nil && !errors.Is(err, errNoPath) {
 				b.log.Debug("sending to published endpoints while the relay connects", "peer", p.key.ShortString(), "err", err)
 			}
-			return nil
+			return false, nil
 		}
 	}
-	return b.sendUnrelayed(p, bufs)
+	return false, b.sendUnrelayed(p, bufs)
 }
 
 // sendRelay sends bufs to p through relay r (which holds them while it

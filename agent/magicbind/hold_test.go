@@ -1,0 +1,259 @@
+package magicbind
+
+import (
+	"bytes"
+	"net/netip"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"golang.zx2c4.com/wireguard/conn"
+
+	"meshd.dev/meshd/nat/disco"
+	"meshd.dev/meshd/netmap"
+)
+
+// recordingBind is a UDP socket that records what it was asked to send.
+type recordingBind struct {
+	conn.Bind
+	mu   sync.Mutex
+	sent []sentPacket
+}
+
+type sentPacket struct {
+	to  netip.AddrPort
+	pkt []byte
+	at  time.Time
+}
+
+func (r *recordingBind) Send(bufs [][]byte, ep conn.Endpoint) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, b := range bufs {
+		r.sent = append(r.sent, sentPacket{to: ep.(*conn.StdNetEndpoint).AddrPort, pkt: bytes.Clone(b), at: time.Now()})
+	}
+	return nil
+}
+
+// wireGuard returns the sent packets that are not disco.
+func (r *recordingBind) wireGuard() []sentPacket {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []sentPacket
+	for _, s := range r.sent {
+		if !disco.Looks(s.pkt) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// holdHarness is a bind (not opened) with one peer that has no path: no
+// endpoints, no home region, no DERP map.
+type holdHarness struct {
+	b      *Bind
+	sock   *recordingBind
+	ep     conn.Endpoint
+	peer   netmap.Node
+	peerDK netmap.DiscoPrivate
+}
+
+func newHoldHarness(t *testing.T) *holdHarness {
+	t.Helper()
+	h := &holdHarness{sock: &recordingBind{}, peerDK: netmap.NewDiscoPrivate()}
+	h.b = New(Options{NodeKey: netmap.NewNodePrivate(), DiscoKey: netmap.NewDiscoPrivate()})
+	h.b.std = h.sock
+	h.peer = netmap.Node{ID: 1, NodeKey: netmap.NewNodePrivate().Public(), DiscoKey: h.peerDK.Public()}
+	h.setMap()
+	ep, err := h.b.ParseEndpoint(EndpointFor(h.peer.NodeKey))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.ep = ep
+	return h
+}
+
+func (h *holdHarness) setMap() {
+	n := h.peer
+	h.b.SetNetworkMap(&netmap.NetworkMap{Peers: map[netmap.NodeID]*netmap.Node{n.ID: &n}})
+}
+
+// publishEndpoint gives the peer an endpoint in the map.
+func (h *holdHarness) publishEndpoint(t *testing.T, a netip.AddrPort) {
+	h.peer.Endpoints = []netip.AddrPort{a}
+	h.setMap()
+}
+
+// confirmDirect has the peer announce a over the relay (call-me-maybe) and
+// answer the bind's ping to it, as disco does.
+func (h *holdHarness) confirmDirect(t *testing.T, a netip.AddrPort) {
+	t.Helper()
+	self := h.b.opts.DiscoKey.Public()
+	h.b.handleDisco(disco.Seal(h.peerDK, self, disco.CallMeMaybe{Endpoints: []netip.AddrPort{a}}),
+		netip.AddrPortFrom(derpMagicAddr, 1), &region{id: 1, code: "lab"}, h.peer.NodeKey)
+	p := h.ep.(*Endpoint).p
+	p.mu.Lock()
+	pings := p.sel.Poll(time.Now()).Pings
+	p.mu.Unlock()
+	if len(pings) == 0 {
+		t.Fatal("the selector sent no ping to the announced endpoint")
+	}
+	for _, pr := range pings {
+		h.b.handleDisco(disco.Seal(h.peerDK, self, disco.Pong{TxID: pr.TxID, Src: ap("192.0.2.1:41641")}), pr.To, nil, netmap.NodePublic{})
+	}
+}
+
+func initiation(fill byte) []byte {
+	pkt := bytes.Repeat([]byte{fill}, wgInitiationSize)
+	copy(pkt, []byte{wgInitiationType, 0, 0, 0})
+	return pkt
+}
+
+// TestFirstInitiationSentWhenPathAppears: the handshake initiation WireGuard
+// sends to a peer with no path is not lost but goes out the moment a path
+// appears, instead of WireGuard's retry after RekeyTimeout (5 s). Sent to a
+// published endpoint (a guess: the peer may not know our address yet and
+// drop it) it is kept and sent again when disco confirms a path, then no
+// more.
+func TestFirstInitiationSentWhenPathAppears(t *testing.T) {
+	to := ap("198.51.100.7:41641")
+	for _, tc := range []struct {
+		name    string
+		path    func(*testing.T, *holdHarness)
+		confirm bool // disco confirms the path afterwards
+		sends   int  // in all, once disco confirmed the path
+	}{
+		{"map publishes an endpoint", func(t *testing.T, h *holdHarness) { h.publishEndpoint(t, to) }, true, 2},
+		{"disco confirms a direct path", func(t *testing.T, h *holdHarness) { h.confirmDirect(t, to) }, false, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				h := newHoldHarness(t)
+				pkt := initiation(0xaa)
+				if err := h.b.Send([][]byte{pkt}, h.ep); err != nil {
+					t.Fatalf("Send of an initiation with no path: %v, want it held", err)
+				}
+				if s := h.sock.wireGuard(); len(s) != 0 {
+					t.Fatalf("sent %d packets with no path", len(s))
+				}
+				time.Sleep(2 * time.Second) // the path takes a while
+				appeared := time.Now()
+				tc.path(t, h)
+				s := h.sock.wireGuard()
+				if len(s) != 1 || !bytes.Equal(s[0].pkt, pkt) || s[0].to != to {
+					t.Fatalf("after the path appeared sent %+v, want the initiation once to %v", s, to)
+				}
+				if d := s[0].at.Sub(appeared); d >= time.Second {
+					t.Errorf("initiation sent %v after the path appeared", d)
+				}
+				if tc.confirm {
+					time.Sleep(100 * time.Millisecond)
+					h.confirmDirect(t, to)
+				}
+				h.setMap() // a sure path: nothing more to send
+				time.Sleep(100 * time.Millisecond)
+				h.setMap()
+				s = h.sock.wireGuard()
+				for _, x := range s {
+					if !bytes.Equal(x.pkt, pkt) || x.to != to {
+						t.Errorf("sent %x to %v, want only the initiation to %v", x.pkt[:4], x.to, to)
+					}
+				}
+				if len(s) != tc.sends {
+					t.Errorf("initiation sent %d times, want %d", len(s), tc.sends)
+				}
+			})
+		})
+	}
+}
+
+// TestHeldInitiationExpires: an initiation held for RekeyTimeout is dropped,
+// since WireGuard has made a fresh one by then; a younger one is sent.
+func TestHeldInitiationExpires(t *testing.T) {
+	for _, tc := range []struct {
+		age  time.Duration
+		sent bool
+	}{
+		{0, true},
+		{holdFor - time.Millisecond, true},
+		{holdFor, false},
+		{time.Minute, false},
+	} {
+		t.Run(tc.age.String(), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				h := newHoldHarness(t)
+				if err := h.b.Send([][]byte{initiation(0xbb)}, h.ep); err != nil {
+					t.Fatal(err)
+				}
+				time.Sleep(tc.age)
+				h.publishEndpoint(t, ap("198.51.100.7:41641"))
+				if got := len(h.sock.wireGuard()) == 1; got != tc.sent {
+					t.Errorf("held %v: sent %v, want %v", tc.age, got, tc.sent)
+				}
+			})
+		})
+	}
+}
+
+// TestOnlyInitiationsHeld: other packets to a peer with no path fail as
+// before and are never sent later; of several initiations only the last
+// is held.
+func TestOnlyInitiationsHeld(t *testing.T) {
+	notInit := func(f func([]byte) []byte) []byte { return f(initiation(0xcc)) }
+	for _, tc := range []struct {
+		name string
+		pkt  []byte
+	}{
+		{"transport data", notInit(func(b []byte) []byte { b[0] = 4; return b })},
+		{"response", notInit(func(b []byte) []byte { b[0] = 2; return b[:92] })},
+		{"cookie reply", notInit(func(b []byte) []byte { b[0] = 3; return b[:64] })},
+		{"initiation type, short", notInit(func(b []byte) []byte { return b[:147] })},
+		{"initiation type, long", append(initiation(0xcc), 0)},
+		{"type with high bytes set", notInit(func(b []byte) []byte { b[3] = 1; return b })},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				h := newHoldHarness(t)
+				if err := h.b.Send([][]byte{tc.pkt}, h.ep); err == nil {
+					t.Error("Send with no path succeeded")
+				}
+				h.publishEndpoint(t, ap("198.51.100.7:41641"))
+				if s := h.sock.wireGuard(); len(s) != 0 {
+					t.Errorf("sent %d packets once the path appeared, want none held", len(s))
+				}
+			})
+		})
+	}
+	t.Run("last initiation wins", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			h := newHoldHarness(t)
+			for _, fill := range []byte{1, 2, 3} {
+				if err := h.b.Send([][]byte{initiation(fill)}, h.ep); err != nil {
+					t.Fatal(err)
+				}
+			}
+			h.publishEndpoint(t, ap("198.51.100.7:41641"))
+			if s := h.sock.wireGuard(); len(s) != 1 || !bytes.Equal(s[0].pkt, initiation(3)) {
+				t.Errorf("sent %d packets, want only the last initiation", len(s))
+			}
+		})
+	})
+}
+
+// TestHoldAllocs: holding an initiation copies it into the peer's buffer,
+// allocated once.
+func TestHoldAllocs(t *testing.T) {
+	h := newHoldHarness(t)
+	bufs := [][]byte{initiation(0xdd)}
+	if err := h.b.Send(bufs, h.ep); err != nil {
+		t.Fatal(err)
+	}
+	if a := testing.AllocsPerRun(100, func() {
+		if err := h.b.Send(bufs, h.ep); err != nil {
+			t.Fatal(err)
+		}
+	}); a != 0 {
+		t.Errorf("holding an initiation: %v allocations", a)
+	}
+}
