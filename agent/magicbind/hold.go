@@ -7,24 +7,31 @@ import (
 	"time"
 )
 
-// WireGuard's handshake initiation (wireguard-go device/noise-protocol.go:
-// MessageInitiationType, MessageInitiationSize) and its retry interval
-// (device/constants.go: RekeyTimeout).
+// WireGuard's handshake messages (wireguard-go device/noise-protocol.go:
+// MessageInitiationType/Size, MessageResponseType/Size) and its handshake
+// retry interval (device/constants.go: RekeyTimeout).
 const (
 	wgInitiationType = 1
 	wgInitiationSize = 148
+	wgResponseType   = 2
+	wgResponseSize   = 92
 	wgRekeyTimeout   = 5 * time.Second
 )
 
-// holdFor is how long a held initiation stays worth sending. WireGuard
-// sends a fresh initiation (new ephemeral key, new sender index) after
-// RekeyTimeout, and from then on a response to the old one matches no
-// handshake; so does a late copy racing the fresh one, which could also
-// trip the responder's 20 ms initiation flood limit and cost the fresh
-// one. Before that the initiator still waits in handshakeInitiationCreated
-// with the old keys, and the responder accepts any initiation whose
-// TAI64N timestamp is newer than the last one it consumed from us: a late
-// initiation is as good as a prompt one.
+// holdFor is how long a held handshake message stays worth sending.
+//
+// Holding one for less than RekeyTimeout is indistinguishable, for
+// WireGuard, from the network delaying it, which the protocol tolerates:
+// the initiator waits in handshakeInitiationCreated with the same
+// ephemeral key and sender index until it makes a fresh initiation after
+// RekeyTimeout, so a late response still completes the handshake; the
+// responder accepts an initiation whose TAI64N timestamp is newer than the
+// last one it consumed from that peer, so a late initiation is as good as
+// a prompt one, and a copy that arrives twice is dropped as a replay. A
+// message older than that answers or starts a handshake WireGuard has
+// given up (a response to it matches no sender index) and could trip the
+// responder's 20 ms initiation flood limit just before the fresh one: it
+// is dropped.
 const holdFor = wgRekeyTimeout
 
 // isInitiation reports whether pkt is a WireGuard handshake initiation:
@@ -33,39 +40,45 @@ func isInitiation(pkt []byte) bool {
 	return len(pkt) == wgInitiationSize && pkt[0] == wgInitiationType && pkt[1] == 0 && pkt[2] == 0 && pkt[3] == 0
 }
 
-// hold keeps the last handshake initiation in bufs, which could not be
-// sent to p for want of a path or went only to a guess (published
-// endpoints: the peer drops packets from an address its map does not have
-// yet), so that sendHeld can send it as soon as a sure path appears
-// instead of WireGuard retrying only after RekeyTimeout. It reports
-// whether bufs had one. Other packets are not held: WireGuard
-// stages data until the handshake completes, and a response or cookie
-// reply answers a peer that reached us and so has a path.
+// isHandshake reports whether pkt is a WireGuard handshake initiation or
+// response.
+func isHandshake(pkt []byte) bool {
+	return isInitiation(pkt) ||
+		len(pkt) == wgResponseSize && pkt[0] == wgResponseType && pkt[1] == 0 && pkt[2] == 0 && pkt[3] == 0
+}
+
+// hold keeps the last handshake message in bufs, which could not be sent
+// to p for want of a path or went only to a guess (published endpoints:
+// the peer drops packets from an address its map does not have yet), so
+// that sendHeld can send it as soon as a sure path appears instead of
+// WireGuard retrying only after RekeyTimeout. It reports whether bufs had
+// one. Data is not held: WireGuard stages it until the handshake
+// completes; nor are cookie replies, which answer a packet just received.
 func (b *Bind) hold(p *peer, bufs [][]byte, now time.Time) bool {
 	for i := len(bufs) - 1; i >= 0; i-- {
-		if !isInitiation(bufs[i]) {
+		if !isHandshake(bufs[i]) {
 			continue
 		}
 		p.mu.Lock()
 		if p.held == nil {
 			p.held = new([wgInitiationSize]byte)
 		}
-		copy(p.held[:], bufs[i])
+		p.heldLen = copy(p.held[:], bufs[i])
 		p.heldAt = now
 		p.mu.Unlock()
 		if b.log.Enabled(context.Background(), slog.LevelDebug) { // ShortString allocates
-			b.log.Debug("holding handshake initiation until the peer has a sure path", "peer", p.key.ShortString())
+			b.log.Debug("holding handshake message until the peer has a sure path", "peer", p.key.ShortString(), "type", bufs[i][0])
 		}
 		return true
 	}
 	return false
 }
 
-// sendHeld sends p's held initiation if it is still fresh and p now has a
-// path, keeping it while that path is only a guess; a stale one is
-// dropped. Called wherever a path may have appeared:
-// a confirmed direct path, a new map (home region, endpoints, DERP map), a
-// relayed packet from the peer, and each disco loop round.
+// sendHeld sends p's held handshake message if it is still fresh and p
+// now has a path, keeping it while that path is only a guess; a stale one
+// is dropped. Called wherever a path may have appeared: a confirmed direct
+// path, a new map (home region, endpoints, DERP map), a relayed packet
+// from the peer, and each disco loop round.
 func (b *Bind) sendHeld(p *peer) {
 	now := time.Now()
 	p.mu.Lock()
@@ -79,27 +92,29 @@ func (b *Bind) sendHeld(p *peer) {
 		p.mu.Unlock()
 		return
 	}
-	pkt := *p.held
+	var pkt [wgInitiationSize]byte
+	n := copy(pkt[:], p.held[:p.heldLen])
 	p.mu.Unlock()
-	sure, err := b.send(p, [][]byte{pkt[:]}, now)
+	sure, err := b.send(p, [][]byte{pkt[:n]}, now)
 	if errors.Is(err, errNoPath) || err == nil && !sure {
 		// Keep it for a better path, with its age: a guess that reached
 		// the peer makes a later copy a replay, which the peer drops.
 		p.mu.Lock()
 		if p.heldAt.IsZero() { // not superseded meanwhile
-			*p.held = pkt
+			p.heldLen = copy(p.held[:], pkt[:n])
 			p.heldAt = at
 		}
 		p.mu.Unlock()
 	}
 	if err != nil && !errors.Is(err, errNoPath) {
-		b.log.Debug("sending held handshake initiation", "peer", p.key.ShortString(), "err", err)
+		b.log.Debug("sending held handshake message", "peer", p.key.ShortString(), "err", err)
 		return
 	}
 	if err == nil {
-		b.log.Debug("sent held handshake initiation", "peer", p.key.ShortString(), "held", now.Sub(at), "sure", sure)
+		b.log.Debug("sent held handshake message", "peer", p.key.ShortString(), "held", now.Sub(at), "sure", sure)
 	}
 }
 
-// hasHeld reports whether p holds an initiation (the caller holds p.mu).
+// hasHeldLocked reports whether p holds a handshake message (the caller
+// holds p.mu).
 func (p *peer) hasHeldLocked() bool { return !p.heldAt.IsZero() }

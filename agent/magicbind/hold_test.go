@@ -196,40 +196,46 @@ func TestHeldInitiationExpires(t *testing.T) {
 	}
 }
 
-// TestOnlyInitiationsHeld: other packets to a peer with no path fail as
-// before and are never sent later; of several initiations only the last
-// is held.
-func TestOnlyInitiationsHeld(t *testing.T) {
-	notInit := func(f func([]byte) []byte) []byte { return f(initiation(0xcc)) }
+// TestOnlyHandshakesHeld: a handshake response is held like an
+// initiation (the initiator waits for it as long as for a late one); other
+// packets to a peer with no path fail as before and are never sent later;
+// of several handshake messages only the last is held.
+func TestOnlyHandshakesHeld(t *testing.T) {
+	from := func(f func([]byte) []byte) []byte { return f(initiation(0xcc)) }
 	for _, tc := range []struct {
 		name string
 		pkt  []byte
+		held bool
 	}{
-		{"transport data", notInit(func(b []byte) []byte { b[0] = 4; return b })},
-		{"response", notInit(func(b []byte) []byte { b[0] = 2; return b[:92] })},
-		{"cookie reply", notInit(func(b []byte) []byte { b[0] = 3; return b[:64] })},
-		{"initiation type, short", notInit(func(b []byte) []byte { return b[:147] })},
-		{"initiation type, long", append(initiation(0xcc), 0)},
-		{"type with high bytes set", notInit(func(b []byte) []byte { b[3] = 1; return b })},
+		{"initiation", initiation(0xcc), true},
+		{"response", from(func(b []byte) []byte { b[0] = 2; return b[:92] }), true},
+		{"transport data", from(func(b []byte) []byte { b[0] = 4; return b }), false},
+		{"cookie reply", from(func(b []byte) []byte { b[0] = 3; return b[:64] }), false},
+		{"initiation type, short", from(func(b []byte) []byte { return b[:147] }), false},
+		{"initiation type, long", append(initiation(0xcc), 0), false},
+		{"response type, initiation size", from(func(b []byte) []byte { b[0] = 2; return b }), false},
+		{"type with high bytes set", from(func(b []byte) []byte { b[3] = 1; return b }), false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
 				h := newHoldHarness(t)
-				if err := h.b.Send([][]byte{tc.pkt}, h.ep); err == nil {
-					t.Error("Send with no path succeeded")
+				if err := h.b.Send([][]byte{tc.pkt}, h.ep); (err == nil) != tc.held {
+					t.Errorf("Send with no path: %v, want held %v", err, tc.held)
 				}
 				h.publishEndpoint(t, ap("198.51.100.7:41641"))
-				if s := h.sock.wireGuard(); len(s) != 0 {
-					t.Errorf("sent %d packets once the path appeared, want none held", len(s))
+				s := h.sock.wireGuard()
+				if tc.held && (len(s) != 1 || !bytes.Equal(s[0].pkt, tc.pkt)) || !tc.held && len(s) != 0 {
+					t.Errorf("sent %d packets once the path appeared, want held %v", len(s), tc.held)
 				}
 			})
 		})
 	}
-	t.Run("last initiation wins", func(t *testing.T) {
+	t.Run("last handshake message wins", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
 			h := newHoldHarness(t)
-			for _, fill := range []byte{1, 2, 3} {
-				if err := h.b.Send([][]byte{initiation(fill)}, h.ep); err != nil {
+			resp := from(func(b []byte) []byte { b[0] = 2; return b[:92] })
+			for _, pkt := range [][]byte{initiation(1), resp, initiation(3)} {
+				if err := h.b.Send([][]byte{pkt}, h.ep); err != nil {
 					t.Fatal(err)
 				}
 			}

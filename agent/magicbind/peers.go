@@ -33,11 +33,13 @@ type peer struct {
 	inLoop   bool                 // in Bind.loop (or about to be)
 	directEP *conn.StdNetEndpoint // cached for the current direct path
 	pmtu     pmtuState
-	// held is the last handshake initiation WireGuard sent while the peer
-	// had no path, sent when one appears (hold.go); heldAt is when (zero:
-	// nothing held). The buffer is allocated at the first hold and reused.
-	held   *[wgInitiationSize]byte
-	heldAt time.Time
+	// held[:heldLen] is the last handshake message WireGuard sent while
+	// the peer had no sure path, sent again when one appears (hold.go);
+	// heldAt is when (zero: nothing held). The buffer is allocated at the
+	// first hold and reused.
+	held    *[wgInitiationSize]byte
+	heldLen int
+	heldAt  time.Time
 
 	// Guarded by Bind.mu:
 	// mapGen is the Bind.mapGen of the last map that had the peer.

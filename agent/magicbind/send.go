@@ -16,7 +16,7 @@ import (
 var errNoPath = errors.New("magic bind: no path to peer (no direct path yet and no DERP home)")
 
 // Send sends bufs to the peer of ep over its best path. A handshake
-// initiation to a peer with no path yet, or sent only on a guess (to
+// message to a peer with no path yet, or sent only on a guess (to
 // published endpoints, or to a relay still connecting), is held and sent
 // again when a path appears (hold.go).
 func (b *Bind) Send(bufs [][]byte, cep conn.Endpoint) error {
@@ -41,9 +41,9 @@ func (b *Bind) Send(bufs [][]byte, cep conn.Endpoint) error {
 // may not know our address yet and drop what we send.
 func (b *Bind) send(p *peer, bufs [][]byte, now time.Time) (sure bool, err error) {
 	p.mu.Lock()
-	if !p.heldAt.IsZero() && len(bufs) == 1 && isInitiation(bufs[0]) {
-		// WireGuard made a new initiation: the held one is superseded
-		// (its ephemeral key is gone, so its answer would be dropped).
+	if !p.heldAt.IsZero() && len(bufs) == 1 && isHandshake(bufs[0]) {
+		// WireGuard moved to a new handshake: the held message belongs to
+		// one whose state is gone.
 		p.heldAt = time.Time{}
 	}
 	kick := now.Sub(p.lastSend) > 500*time.Millisecond
