@@ -21,7 +21,6 @@ import (
 	"meshd.dev/meshd/agent/proxy"
 	"meshd.dev/meshd/agent/tunwrap"
 	"meshd.dev/meshd/filter"
-	"meshd.dev/meshd/internal/clock"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -47,9 +46,6 @@ type engineConfig struct {
 	// traffic (see lazy.go), removing them after this long idle; 0
 	// configures every peer of the map up front.
 	peerIdle time.Duration
-	// clock times lazy peers' idleness and trimming; nil is the wall
-	// clock (tests set a clocktest clock).
-	clock clock.Clock
 	// dns, when set, is served on the MagicDNS addresses (dns.go).
 	dns *magicDNS
 }
@@ -106,7 +102,7 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 	// big replies) tells which peer sent a packet from the magic bind's
 	// per-peer endpoints, and learns each direct path's MTU from it.
 	e.bind = magicbind.New(cfg.bind)
-	e.lazy = tunwrap.NewPeersWithClock(cfg.clock)
+	e.lazy = tunwrap.NewPeers()
 	e.lazyOn = cfg.peerIdle > 0
 	e.bind.SetPathMTUHook(e.lazy.SetPathMTU)
 	devBind := &lazyBind{Bind: e.bind, l: e.lazy}

@@ -9,7 +9,6 @@ import (
 	"golang.zx2c4.com/wireguard/conn"
 
 	"meshd.dev/meshd/agent/tunwrap"
-	"meshd.dev/meshd/internal/clock"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -76,9 +75,9 @@ func (e *engine) runLazy(ctx context.Context) {
 	l := e.lazy
 	var trimTick <-chan time.Time // nil, never ready, when nothing is trimmed
 	if e.lazyOn {
-		t := clock.Or(e.cfg.clock).NewTicker(min(max(e.cfg.peerIdle/4, time.Second), 30*time.Second))
+		t := time.NewTicker(min(max(e.cfg.peerIdle/4, time.Second), 30*time.Second))
 		defer t.Stop()
-		trimTick = t.C()
+		trimTick = t.C
 	}
 	var batch []*tunwrap.Peer
 	for {

@@ -8,7 +8,6 @@ import (
 
 	"github.com/gaissmai/bart"
 
-	"meshd.dev/meshd/internal/clock"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -90,7 +89,6 @@ func (pa *Peer) Finish() {
 // replaced whole (Publish) and read without locks.
 type Peers struct {
 	epoch   time.Time
-	clock   clock.Clock // nil: the wall clock, read the cheapest way
 	byKey   atomic.Pointer[map[netmap.NodePublic]*Peer]
 	byAddr  atomic.Pointer[bart.Table[*Peer]]
 	queue   chan *Peer
@@ -101,27 +99,16 @@ type Peers struct {
 	clamping atomic.Int32
 }
 
-// NewPeers returns an empty table on the wall clock.
-func NewPeers() *Peers { return NewPeersWithClock(nil) }
-
-// NewPeersWithClock returns an empty table whose activity times (idle
-// trimming, too-big rate limits) follow c; nil is the wall clock. Tests
-// pass a clocktest clock to check idle timeouts without waiting them out.
-func NewPeersWithClock(c clock.Clock) *Peers {
-	l := &Peers{epoch: clock.Or(c).Now(), clock: c, queue: make(chan *Peer, 256), closing: make(chan struct{})}
+// NewPeers returns an empty table.
+func NewPeers() *Peers {
+	l := &Peers{epoch: time.Now(), queue: make(chan *Peer, 256), closing: make(chan struct{})}
 	l.byKey.Store(&map[netmap.NodePublic]*Peer{})
 	l.byAddr.Store(&bart.Table[*Peer]{})
 	return l
 }
 
 // Now is the table's clock: nanoseconds since it was made.
-func (l *Peers) Now() int64 {
-	if l.clock != nil {
-		return int64(l.clock.Now().Sub(l.epoch))
-	}
-	// time.Since reads only the monotonic clock: this runs per packet.
-	return int64(time.Since(l.epoch))
-}
+func (l *Peers) Now() int64 { return int64(time.Since(l.epoch)) }
 
 // Close releases every wait for an activation, now and later: the device
 // is closing, and wireguard-go's Close waits for the very goroutines that
