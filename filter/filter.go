@@ -242,11 +242,10 @@ func (f *Filter) Outbound(pkt []byte, now time.Time) Verdict {
 // wireguard-go's Device.Write hands them over: packet i is bufs[i][offset:]
 // and pp[i] is what packet.Parsed.Decode made of it (len(pp) >= len(bufs)).
 // It compacts bufs and pp in place, keeping accepted packets in order, and
-// returns the accepted prefix of bufs; pp[:len(result)] are theirs.
+// returns the accepted prefix of bufs; pp[:len(result)] are theirs. A
+// wrapper that decodes as it goes uses BeginIn instead.
 func (f *Filter) InboundBatch(bufs [][]byte, pp []packet.Parsed, offset int, now time.Time) [][]byte {
-	r := f.rules.Load()
-	var memo flowMemo // a parameter, not in c: c's contents escape
-	c := clock{now: now, base: &f.base}
+	in := f.BeginIn(now)
 	k := 0
 	for i, b := range bufs {
 		if offset > len(b) {
@@ -254,7 +253,7 @@ func (f *Filter) InboundBatch(bufs [][]byte, pp []packet.Parsed, offset int, now
 		} else {
 			b = b[offset:]
 		}
-		if f.in(r, &pp[i], b, &c, &memo) != Accept {
+		if in.Judge(&pp[i], b) != Accept {
 			continue
 		}
 		if k != i {
@@ -264,6 +263,31 @@ func (f *Filter) InboundBatch(bufs [][]byte, pp []packet.Parsed, offset int, now
 		k++
 	}
 	return bufs[:k]
+}
+
+// InBatch judges the packets of one inbound batch: all by the Rules in
+// force when it began, at one time, and with a memo of the last flow it
+// let a reply in by (flowMemo). It belongs to one goroutine and lives
+// for one batch.
+type InBatch struct {
+	f    *Filter
+	r    *Rules
+	c    clock
+	memo flowMemo
+}
+
+// BeginIn starts judging an inbound batch that arrived at now.
+func (f *Filter) BeginIn(now time.Time) InBatch {
+	return InBatch{f: f, r: f.rules.Load(), c: clock{now: now, base: &f.base}}
+}
+
+// Judge judges a packet arriving from a peer (after WireGuard decryption
+// and cryptokey routing): p is what packet.Parsed.Decode made of pkt. It
+// is Inbound for a packet decoded once for the whole data path, so that a
+// wrapper can decode and judge each packet in one pass over the batch.
+// Drops are counted, recorded and logged.
+func (b *InBatch) Judge(p *packet.Parsed, pkt []byte) Verdict {
+	return b.f.in(b.r, p, pkt, &b.c, &b.memo)
 }
 
 // OutboundBatch filters packets read from the TUN device, as
@@ -289,21 +313,30 @@ func (f *Filter) OutboundBatch(bufs [][]byte, pp []packet.Parsed, offset int, si
 
 // in judges an inbound packet decoded into p from b.
 func (f *Filter) in(r *Rules, p *packet.Parsed, b []byte, c *clock, memo *flowMemo) Verdict {
+	if !p.HasPorts {
+		return f.inOther(r, p, b, c)
+	}
+	// Most packets: a whole TCP or UDP packet (or first fragment). A
+	// packet to a local port this node has opened flows from is most
+	// likely a reply, so it asks the flow table first; the verdict is the
+	// same in either order. The rest of the inbound judgement is in
+	// functions of their own, so that this one, run for every packet,
+	// keeps a small frame.
+	replyFirst := f.replyPorts.has(p.Proto, p.DstPort)
+	if replyFirst && f.reply(p, c, memo) || r.allows(p) || !replyFirst && f.reply(p, c, memo) {
+		if p.Frag == packet.FragFirst {
+			f.acceptFirstFragment(p, c)
+		}
+		return Accept
+	}
+	return f.inDrop(r, p, DropNoRule, c)
+}
+
+// inOther judges an inbound packet without ports: malformed, a later
+// fragment, ICMP, or a protocol tracked by addresses.
+func (f *Filter) inOther(r *Rules, p *packet.Parsed, b []byte, c *clock) Verdict {
 	var v Verdict
 	switch {
-	case p.HasPorts:
-		// Most packets: a whole TCP or UDP packet (or first fragment). A
-		// packet to a local port this node has opened flows from is most
-		// likely a reply, so it asks the flow table first; the verdict is
-		// the same in either order.
-		replyFirst := f.replyPorts.has(p.Proto, p.DstPort)
-		if replyFirst && f.reply(p, c, memo) || r.allows(p) || !replyFirst && f.reply(p, c, memo) {
-			if p.Frag == packet.FragFirst {
-				f.acceptFirstFragment(p, c)
-			}
-			return Accept
-		}
-		v = DropNoRule
 	case !p.Valid():
 		f.dropped(In, DropMalformed, nil, len(b), c.now)
 		return DropMalformed
@@ -323,6 +356,13 @@ func (f *Filter) in(r *Rules, p *packet.Parsed, b []byte, c *clock, memo *flowMe
 			return Accept
 		}
 	}
+	return f.inDrop(r, p, v, c)
+}
+
+// inDrop records the drop of an inbound packet the rules and the flow
+// table refused with v, which becomes DropNotLocal for a destination that
+// is none of this node's.
+func (f *Filter) inDrop(r *Rules, p *packet.Parsed, v Verdict, c *clock) Verdict {
 	if !r.isLocal(p.Dst) {
 		v = DropNotLocal
 	}
