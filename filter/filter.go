@@ -210,6 +210,18 @@ type flowMemo struct {
 	ok bool
 }
 
+// hit reports whether p, an inbound packet with ports, is a reply on the
+// flow m remembers that changes nothing in it: no FIN or RST, and not a
+// bare SYN, which answers nothing (see reply). Checked before reply, it
+// spares the batch's next packets of one flow a call each.
+func (m *flowMemo) hit(p *packet.Parsed) bool {
+	// Word by word: == on the arrays calls memequal. A TCPFlags of zero
+	// (UDP, SCTP) passes both flag tests.
+	return m.ok && p.TCPFlags&(tcpFIN|tcpRST) == 0 && p.TCPFlags&(tcpSYN|tcpACK) != tcpSYN &&
+		(p.Dst.Hi^m.kw[0])|(p.Dst.Lo^m.kw[1])|(p.Src.Hi^m.kw[2])|(p.Src.Lo^m.kw[3])|
+			(uint64(p.DstPort)|uint64(p.SrcPort)<<16|uint64(p.Proto)<<32^m.kw[4]) == 0
+}
+
 func (c *clock) mono() int64 {
 	if !c.set {
 		c.t, c.set = int64(c.now.Sub(*c.base)), true
@@ -220,12 +232,12 @@ func (c *clock) mono() int64 {
 // Inbound judges a packet arriving from a peer (after WireGuard decryption
 // and cryptokey routing). Drops are counted, recorded and logged. It
 // decodes the packet itself; the TUN wrapper, which decodes every packet
-// once for the whole data path, uses InboundBatch.
+// once for the whole data path, uses an InBatch.
 func (f *Filter) Inbound(pkt []byte, now time.Time) Verdict {
 	var p packet.Parsed
 	p.Decode(pkt)
-	c := clock{now: now, base: &f.base}
-	return f.in(f.rules.Load(), &p, pkt, &c, nil)
+	in := f.BeginIn(now)
+	return in.Judge(&p, pkt)
 }
 
 // Outbound judges a packet this node sends to a peer (before encryption)
@@ -323,7 +335,7 @@ func (f *Filter) in(r *Rules, p *packet.Parsed, b []byte, c *clock, memo *flowMe
 	// functions of their own, so that this one, run for every packet,
 	// keeps a small frame.
 	replyFirst := f.replyPorts.has(p.Proto, p.DstPort)
-	if replyFirst && f.reply(p, c, memo) || r.allows(p) || !replyFirst && f.reply(p, c, memo) {
+	if replyFirst && (memo.hit(p) || f.reply(p, c, memo)) || r.allows(p) || !replyFirst && (memo.hit(p) || f.reply(p, c, memo)) {
 		if p.Frag == packet.FragFirst {
 			f.acceptFirstFragment(p, c)
 		}
@@ -377,7 +389,7 @@ func (f *Filter) acceptFirstFragment(p *packet.Parsed, c *clock) {
 }
 
 // reply reports whether p, an inbound packet with ports, answers a flow
-// this node opened.
+// this node opened, looking it up, and remembers the flow in m if so.
 func (f *Filter) reply(p *packet.Parsed, c *clock, m *flowMemo) bool {
 	if p.Proto == protoTCP && p.TCPFlags&(tcpSYN|tcpACK) == tcpSYN {
 		// A bare SYN opens a connection; it never answers one this node
@@ -391,18 +403,11 @@ func (f *Filter) reply(p *packet.Parsed, c *clock, m *flowMemo) bool {
 	var kw keyWords
 	kw[0], kw[1], kw[2], kw[3] = p.Dst.Hi, p.Dst.Lo, p.Src.Hi, p.Src.Lo
 	kw[4] = uint64(p.DstPort) | uint64(p.SrcPort)<<16 | uint64(p.Proto)<<32
-	// Word by word: == on the arrays calls memequal.
-	if m != nil && m.ok && (kw[0]^m.kw[0])|(kw[1]^m.kw[1])|(kw[2]^m.kw[2])|(kw[3]^m.kw[3])|(kw[4]^m.kw[4]) == 0 &&
-		p.TCPFlags&(tcpFIN|tcpRST) == 0 {
-		return true
-	}
 	st, ok := f.flows.lookupWords(&kw, f.flows.hash(&kw), c.mono(), p.TCPFlags, &f.ttl)
 	if !ok || st&stLocal == 0 {
 		return false
 	}
-	if m != nil {
-		m.kw, m.ok = kw, true
-	}
+	m.kw, m.ok = kw, true
 	return true
 }
 
