@@ -215,11 +215,11 @@ type flowMemo struct {
 // bare SYN, which answers nothing (see reply). Checked before reply, it
 // spares the batch's next packets of one flow a call each.
 func (m *flowMemo) hit(p *packet.Parsed) bool {
-	// Word by word: == on the arrays calls memequal. A TCPFlags of zero
-	// (UDP, SCTP) passes both flag tests.
-	return m.ok && p.TCPFlags&(tcpFIN|tcpRST) == 0 && p.TCPFlags&(tcpSYN|tcpACK) != tcpSYN &&
-		(p.Dst.Hi^m.kw[0])|(p.Dst.Lo^m.kw[1])|(p.Src.Hi^m.kw[2])|(p.Src.Lo^m.kw[3])|
-			(uint64(p.DstPort)|uint64(p.SrcPort)<<16|uint64(p.Proto)<<32^m.kw[4]) == 0
+	// Ports and protocol first: packets of other flows mostly differ
+	// there, and then cost one compare.
+	return m.ok && uint64(p.DstPort)|uint64(p.SrcPort)<<16|uint64(p.Proto)<<32 == m.kw[4] &&
+		p.Src.Lo == m.kw[3] && p.Dst.Lo == m.kw[1] && p.Src.Hi == m.kw[2] && p.Dst.Hi == m.kw[0] &&
+		p.TCPFlags&(tcpFIN|tcpRST) == 0 && p.TCPFlags&(tcpSYN|tcpACK) != tcpSYN
 }
 
 func (c *clock) mono() int64 {
