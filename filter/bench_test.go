@@ -77,7 +77,8 @@ func BenchmarkFilterDecoded(b *testing.B) {
 			if out {
 				return f.out(f.rules.Load(), &p, len(b), &c)
 			}
-			return f.in(f.rules.Load(), &p, b, &c, nil)
+			var memo flowMemo // none carried over: each call looks its flow up
+			return f.in(f.rules.Load(), &p, b, &c, &memo)
 		}
 	})
 }

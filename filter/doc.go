@@ -128,6 +128,12 @@
 //	kept := f.InboundBatch(bufs, pp, offset, time.Now()) // compacts bufs and pp in place
 //	_, err := dev.Write(kept, offset)
 //
+// or, to decode and judge each inbound packet in one pass while its
+// header is in cache (one Rules and one time for the batch all the same):
+//
+//	in := f.BeginIn(time.Now())
+//	for i, b := range bufs { p := &pp[i]; p.Decode(b[offset:]); v := in.Judge(p, b[offset:]); ... }
+//
 // agent/tunwrap is that wrapper.
 // The same wrapper serves a kernel TUN and gVisor netstack, which both
 // implement tun.Device. With Linux TUN offloads, wireguard-go's tun package

@@ -210,6 +210,18 @@ type flowMemo struct {
 	ok bool
 }
 
+// hit reports whether p, an inbound packet with ports, is a reply on the
+// flow m remembers that changes nothing in it: no FIN or RST, and not a
+// bare SYN, which answers nothing (see reply). Checked before reply, it
+// spares the batch's next packets of one flow a call each.
+func (m *flowMemo) hit(p *packet.Parsed) bool {
+	// Ports and protocol first: packets of other flows mostly differ
+	// there, and then cost one compare.
+	return m.ok && uint64(p.DstPort)|uint64(p.SrcPort)<<16|uint64(p.Proto)<<32 == m.kw[4] &&
+		p.Src.Lo == m.kw[3] && p.Dst.Lo == m.kw[1] && p.Src.Hi == m.kw[2] && p.Dst.Hi == m.kw[0] &&
+		p.TCPFlags&(tcpFIN|tcpRST) == 0 && p.TCPFlags&(tcpSYN|tcpACK) != tcpSYN
+}
+
 func (c *clock) mono() int64 {
 	if !c.set {
 		c.t, c.set = int64(c.now.Sub(*c.base)), true
@@ -220,12 +232,12 @@ func (c *clock) mono() int64 {
 // Inbound judges a packet arriving from a peer (after WireGuard decryption
 // and cryptokey routing). Drops are counted, recorded and logged. It
 // decodes the packet itself; the TUN wrapper, which decodes every packet
-// once for the whole data path, uses InboundBatch.
+// once for the whole data path, uses an InBatch.
 func (f *Filter) Inbound(pkt []byte, now time.Time) Verdict {
 	var p packet.Parsed
 	p.Decode(pkt)
-	c := clock{now: now, base: &f.base}
-	return f.in(f.rules.Load(), &p, pkt, &c, nil)
+	in := f.BeginIn(now)
+	return in.Judge(&p, pkt)
 }
 
 // Outbound judges a packet this node sends to a peer (before encryption)
@@ -242,11 +254,10 @@ func (f *Filter) Outbound(pkt []byte, now time.Time) Verdict {
 // wireguard-go's Device.Write hands them over: packet i is bufs[i][offset:]
 // and pp[i] is what packet.Parsed.Decode made of it (len(pp) >= len(bufs)).
 // It compacts bufs and pp in place, keeping accepted packets in order, and
-// returns the accepted prefix of bufs; pp[:len(result)] are theirs.
+// returns the accepted prefix of bufs; pp[:len(result)] are theirs. A
+// wrapper that decodes as it goes uses BeginIn instead.
 func (f *Filter) InboundBatch(bufs [][]byte, pp []packet.Parsed, offset int, now time.Time) [][]byte {
-	r := f.rules.Load()
-	var memo flowMemo // a parameter, not in c: c's contents escape
-	c := clock{now: now, base: &f.base}
+	in := f.BeginIn(now)
 	k := 0
 	for i, b := range bufs {
 		if offset > len(b) {
@@ -254,7 +265,7 @@ func (f *Filter) InboundBatch(bufs [][]byte, pp []packet.Parsed, offset int, now
 		} else {
 			b = b[offset:]
 		}
-		if f.in(r, &pp[i], b, &c, &memo) != Accept {
+		if in.Judge(&pp[i], b) != Accept {
 			continue
 		}
 		if k != i {
@@ -264,6 +275,31 @@ func (f *Filter) InboundBatch(bufs [][]byte, pp []packet.Parsed, offset int, now
 		k++
 	}
 	return bufs[:k]
+}
+
+// InBatch judges the packets of one inbound batch: all by the Rules in
+// force when it began, at one time, and with a memo of the last flow it
+// let a reply in by (flowMemo). It belongs to one goroutine and lives
+// for one batch.
+type InBatch struct {
+	f    *Filter
+	r    *Rules
+	c    clock
+	memo flowMemo
+}
+
+// BeginIn starts judging an inbound batch that arrived at now.
+func (f *Filter) BeginIn(now time.Time) InBatch {
+	return InBatch{f: f, r: f.rules.Load(), c: clock{now: now, base: &f.base}}
+}
+
+// Judge judges a packet arriving from a peer (after WireGuard decryption
+// and cryptokey routing): p is what packet.Parsed.Decode made of pkt. It
+// is Inbound for a packet decoded once for the whole data path, so that a
+// wrapper can decode and judge each packet in one pass over the batch.
+// Drops are counted, recorded and logged.
+func (b *InBatch) Judge(p *packet.Parsed, pkt []byte) Verdict {
+	return b.f.in(b.r, p, pkt, &b.c, &b.memo)
 }
 
 // OutboundBatch filters packets read from the TUN device, as
@@ -289,21 +325,30 @@ func (f *Filter) OutboundBatch(bufs [][]byte, pp []packet.Parsed, offset int, si
 
 // in judges an inbound packet decoded into p from b.
 func (f *Filter) in(r *Rules, p *packet.Parsed, b []byte, c *clock, memo *flowMemo) Verdict {
+	if !p.HasPorts {
+		return f.inOther(r, p, b, c)
+	}
+	// Most packets: a whole TCP or UDP packet (or first fragment). A
+	// packet to a local port this node has opened flows from is most
+	// likely a reply, so it asks the flow table first; the verdict is the
+	// same in either order. The rest of the inbound judgement is in
+	// functions of their own, so that this one, run for every packet,
+	// keeps a small frame.
+	replyFirst := f.replyPorts.has(p.Proto, p.DstPort)
+	if replyFirst && (memo.hit(p) || f.reply(p, c, memo)) || r.allows(p) || !replyFirst && (memo.hit(p) || f.reply(p, c, memo)) {
+		if p.Frag == packet.FragFirst {
+			f.acceptFirstFragment(p, c)
+		}
+		return Accept
+	}
+	return f.inDrop(r, p, DropNoRule, c)
+}
+
+// inOther judges an inbound packet without ports: malformed, a later
+// fragment, ICMP, or a protocol tracked by addresses.
+func (f *Filter) inOther(r *Rules, p *packet.Parsed, b []byte, c *clock) Verdict {
 	var v Verdict
 	switch {
-	case p.HasPorts:
-		// Most packets: a whole TCP or UDP packet (or first fragment). A
-		// packet to a local port this node has opened flows from is most
-		// likely a reply, so it asks the flow table first; the verdict is
-		// the same in either order.
-		replyFirst := f.replyPorts.has(p.Proto, p.DstPort)
-		if replyFirst && f.reply(p, c, memo) || r.allows(p) || !replyFirst && f.reply(p, c, memo) {
-			if p.Frag == packet.FragFirst {
-				f.acceptFirstFragment(p, c)
-			}
-			return Accept
-		}
-		v = DropNoRule
 	case !p.Valid():
 		f.dropped(In, DropMalformed, nil, len(b), c.now)
 		return DropMalformed
@@ -323,6 +368,13 @@ func (f *Filter) in(r *Rules, p *packet.Parsed, b []byte, c *clock, memo *flowMe
 			return Accept
 		}
 	}
+	return f.inDrop(r, p, v, c)
+}
+
+// inDrop records the drop of an inbound packet the rules and the flow
+// table refused with v, which becomes DropNotLocal for a destination that
+// is none of this node's.
+func (f *Filter) inDrop(r *Rules, p *packet.Parsed, v Verdict, c *clock) Verdict {
 	if !r.isLocal(p.Dst) {
 		v = DropNotLocal
 	}
@@ -337,7 +389,7 @@ func (f *Filter) acceptFirstFragment(p *packet.Parsed, c *clock) {
 }
 
 // reply reports whether p, an inbound packet with ports, answers a flow
-// this node opened.
+// this node opened, looking it up, and remembers the flow in m if so.
 func (f *Filter) reply(p *packet.Parsed, c *clock, m *flowMemo) bool {
 	if p.Proto == protoTCP && p.TCPFlags&(tcpSYN|tcpACK) == tcpSYN {
 		// A bare SYN opens a connection; it never answers one this node
@@ -351,18 +403,11 @@ func (f *Filter) reply(p *packet.Parsed, c *clock, m *flowMemo) bool {
 	var kw keyWords
 	kw[0], kw[1], kw[2], kw[3] = p.Dst.Hi, p.Dst.Lo, p.Src.Hi, p.Src.Lo
 	kw[4] = uint64(p.DstPort) | uint64(p.SrcPort)<<16 | uint64(p.Proto)<<32
-	// Word by word: == on the arrays calls memequal.
-	if m != nil && m.ok && (kw[0]^m.kw[0])|(kw[1]^m.kw[1])|(kw[2]^m.kw[2])|(kw[3]^m.kw[3])|(kw[4]^m.kw[4]) == 0 &&
-		p.TCPFlags&(tcpFIN|tcpRST) == 0 {
-		return true
-	}
 	st, ok := f.flows.lookupWords(&kw, f.flows.hash(&kw), c.mono(), p.TCPFlags, &f.ttl)
 	if !ok || st&stLocal == 0 {
 		return false
 	}
-	if m != nil {
-		m.kw, m.ok = kw, true
-	}
+	m.kw, m.ok = kw, true
 	return true
 }
 

@@ -811,8 +811,9 @@ func TestReplyFirstSameVerdicts(t *testing.T) {
 
 // A batch remembers the last flow whose reply it let in, so that a GRO
 // batch of one flow costs one lookup. The memo must not let another flow's
-// packet in, and a FIN in the middle of the batch must still close the
-// flow.
+// packet in, nor a bare SYN on the remembered flow (it answers nothing, and
+// no rule lets the peer open connections), and a FIN in the middle of the
+// batch must still close the flow.
 func TestBatchFlowMemo(t *testing.T) {
 	f := seedFilter(t, training, Options{})
 	now := time.Now()
@@ -827,16 +828,18 @@ func TestBatchFlowMemo(t *testing.T) {
 	ack.flags = tcpACK
 	fin := ack
 	fin.flags = tcpACK | tcpFIN
-	batch := []pkt{udp.reply(), udp.reply(), other, udp.reply(), ack, ack, fin, ack}
+	syn := ack
+	syn.flags = tcpSYN
+	batch := []pkt{udp.reply(), udp.reply(), other, udp.reply(), ack, syn, ack, fin, ack}
 	bufs := make([][]byte, len(batch))
 	for i, p := range batch {
 		bufs[i] = p.build()
 	}
-	if kept := f.InboundBatch(bufs, decoded(make([]packet.Parsed, len(bufs)), bufs, 0, nil), 0, now); len(kept) != len(batch)-1 {
-		t.Fatalf("kept %d of %d packets, want all but the other flow's", len(kept), len(batch))
+	if kept := f.InboundBatch(bufs, decoded(make([]packet.Parsed, len(bufs)), bufs, 0, nil), 0, now); len(kept) != len(batch)-2 {
+		t.Fatalf("kept %d of %d packets, want all but the other flow's and the bare SYN", len(kept), len(batch))
 	}
-	if d := f.RecentDrops(); len(d) != 1 || d[0].SrcPort != 54 {
-		t.Fatalf("drops %+v, want the other flow's packet", d)
+	if d := f.RecentDrops(); len(d) != 2 || d[0].SrcPort != 54 || d[1].SrcPort != 443 {
+		t.Fatalf("drops %+v, want the other flow's packet and the bare SYN", d)
 	}
 	// The FIN closed the TCP flow (30 s); the UDP flow lives on (180 s).
 	later := now.Add(31 * time.Second)

@@ -252,6 +252,32 @@ func TestMSSClampFromPathMTU(t *testing.T) {
 	}
 }
 
+// TestMSSClampAfterFilterDrops checks that the inbound layers stay in
+// step when the filter drops packets from the middle of a batch: each SYN
+// it keeps is clamped by its own decoded form, not by that of a packet
+// dropped before it.
+func TestMSSClampAfterFilterDrops(t *testing.T) {
+	l := NewPeers()
+	lossy := netmap.NewNodePrivate().Public()
+	publish(l, map[netmap.NodePublic][]string{lossy: {netip.PrefixFrom(peerIP, 32).String()}})
+	l.SetPathMTU(lossy, 1420, true)
+	dev := &fixedTUN{}
+	w := New(dev, Config{Filter: newTestFilter(t, allowTCP(22)), Peers: l})
+	denied := tcp(peerIP, selfIP, 40001, 80, filtertest.SYN) // a SYN too, without an MSS option
+	in := batch(denied, syn(peerIP, selfIP, filtertest.SYN, 8880), []byte{0x45, 0, 0, 20}, denied, syn(peerIP, selfIP, filtertest.SYN, 1200))
+	if n, err := w.Write(in, wgOffset); err != nil || n != 2 {
+		t.Fatalf("Write = %d, %v; want the 2 allowed SYNs", n, err)
+	}
+	if len(dev.written) != 2 {
+		t.Fatalf("device got %d packets, want 2", len(dev.written))
+	}
+	for i, want := range []uint16{1380, 1200} {
+		if mss, ok := inspect(t, dev.written[i]); mss != want || !ok {
+			t.Errorf("SYN %d: MSS %d (want %d), checksum ok %v", i, mss, want, ok)
+		}
+	}
+}
+
 // udp is a UDP datagram of total bytes from src to dst.
 func udp(src, dst string, total int) []byte {
 	return filtertest.Packet{Src: netip.MustParseAddr(src), Dst: netip.MustParseAddr(dst), Proto: netmap.ProtoUDP,

@@ -179,11 +179,11 @@ func (w *Wrapper) answerTooBig(pa *Peer, p *packet.Parsed, b []byte, mtu, offset
 }
 
 // Write passes a batch wireguard-go decrypted through the inbound layers
-// and writes what is left to the TUN. The filter compacts bufs in place;
-// that is safe for wireguard-go, which returns its buffers to the pools
-// through its own element list and truncates bufs after Write
-// (device/receive.go). It returns the number of packets written; a batch
-// with nothing left does not reach the device.
+// and writes what is left to the TUN. Dropped packets are taken out of
+// bufs in place, keeping the order; that is safe for wireguard-go, which
+// returns its buffers to the pools through its own element list and
+// truncates bufs after Write (device/receive.go). It returns the number
+// of packets written; a batch with nothing left does not reach the device.
 func (w *Wrapper) Write(bufs [][]byte, offset int) (int, error) {
 	clamping := w.peers != nil && w.peers.clamping.Load() > 0
 	if w.filter == nil && !clamping {
@@ -195,21 +195,35 @@ func (w *Wrapper) Write(bufs [][]byte, offset int) (int, error) {
 		ppp = &s
 	}
 	defer w.in.Put(ppp)
-	pp := (*ppp)[:len(bufs)]
+	pp := *ppp
+	var in filter.InBatch
+	if w.filter != nil {
+		in = w.filter.BeginIn(time.Now())
+	}
+	// One pass: each packet is decoded and judged while its header is in
+	// cache, its decoded form going straight to its place in the kept
+	// batch.
+	k := 0
 	for i, b := range bufs {
 		if offset > len(b) {
-			pp[i] = packet.Parsed{}
+			b = nil
+		} else {
+			b = b[offset:]
+		}
+		p := &pp[k]
+		p.Decode(b)
+		if w.filter != nil && in.Judge(p, b) != filter.Accept {
 			continue
 		}
-		pp[i].Decode(b[offset:])
-	}
-	if w.filter != nil {
-		bufs = w.filter.InboundBatch(bufs, pp, offset, time.Now())
-		if len(bufs) == 0 {
-			return 0, nil
+		if k != i {
+			bufs[k] = bufs[i] // a pointer store, with a write barrier check
 		}
-		pp = pp[:len(bufs)]
+		k++
 	}
+	if k == 0 {
+		return 0, nil
+	}
+	bufs, pp = bufs[:k], pp[:k]
 	if clamping {
 		w.clampFromPeers(bufs, pp, offset)
 	}
