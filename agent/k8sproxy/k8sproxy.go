@@ -126,13 +126,13 @@ type identityKey struct{}
 
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	log := p.opts.Logger
-	who, ip, err := caller(p.opts.WhoIs, r.RemoteAddr)
+	who, ip, err := whois.Peer(p.opts.WhoIs, r.RemoteAddr)
 	if err != nil {
 		log.Info("k8s-proxy: denied", "caller_addr", ip, "method", r.Method, "path", r.URL.Path, "reason", err)
 		http.Error(w, fmt.Sprintf("403 forbidden: meshd k8s-proxy answers tailnet peers only, and %v is none", ip), http.StatusForbidden)
 		return
 	}
-	node := nodeName(who)
+	node := who.Node.Name()
 	if p.opts.Mode == ModeNoAuth {
 		log.Info("k8s-proxy: request", "mode", "noauth", "caller_node", node, "caller_user", who.User, "caller_addr", ip,
 			"method", r.Method, "path", r.URL.Path, "query", r.URL.RawQuery)
@@ -222,35 +222,6 @@ func SetImpersonation(h http.Header, user string, groups []string) {
 func isSession(r *http.Request) bool {
 	p := r.URL.Path
 	return strings.HasSuffix(p, "/exec") || strings.HasSuffix(p, "/attach") || strings.HasSuffix(p, "/portforward")
-}
-
-// caller is who is behind a request's remote address, if it is a peer:
-// a node of the network map other than this node (a local process is not
-// authenticated by WireGuard; any local user could otherwise act as the
-// node's owner).
-func caller(whoIs func(netip.Addr) (*whois.Response, bool), remote string) (*whois.Response, netip.Addr, error) {
-	ap, err := netip.ParseAddrPort(remote)
-	if err != nil {
-		return nil, netip.Addr{}, fmt.Errorf("remote address %q: %w", remote, err)
-	}
-	ip := ap.Addr().Unmap()
-	who, ok := whoIs(ip)
-	switch {
-	case !ok:
-		return nil, ip, fmt.Errorf("%v is not a node of this node's network map", ip)
-	case who.Self:
-		return nil, ip, fmt.Errorf("%v is this node itself, not a tailnet peer", ip)
-	}
-	return who, ip, nil
-}
-
-// nodeName is the caller's MagicDNS name without the trailing dot, or its
-// hostname when the map has no DNS name.
-func nodeName(who *whois.Response) string {
-	if n := strings.TrimSuffix(who.Node.DNSName, "."); n != "" {
-		return n
-	}
-	return who.Node.Hostname
 }
 
 func callerDesc(who *whois.Response, node string) string {

@@ -97,11 +97,7 @@ func stripIdentity(h http.Header) {
 // setIdentity adds who's identity headers to h, which stripIdentity has
 // cleaned.
 func setIdentity(h http.Header, who *whois.Response) {
-	name := who.Node.Hostname
-	if who.Node.DNSName != "" {
-		name = strings.TrimSuffix(who.Node.DNSName, ".")
-	}
-	h.Set(HeaderNodeName, headerValue(name))
+	h.Set(HeaderNodeName, headerValue(who.Node.Name()))
 	h.Set(HeaderNodeID, strconv.FormatInt(int64(who.Node.ID), 10))
 	if len(who.Node.Tags) > 0 {
 		h.Set(HeaderNodeTags, headerValue(strings.Join(who.Node.Tags, ",")))

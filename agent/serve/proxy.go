@@ -55,27 +55,6 @@ func newTransport() *http.Transport {
 	}
 }
 
-// caller returns who is behind a connection's remote address, if it is a
-// peer serve will speak for: a node of the network map other than this
-// one. Connections from this node itself are not a peer's: any local user
-// could make them (through a proxy or, in kernel mode, the loopback
-// route), and WireGuard authenticated none of them.
-func caller(whoIs func(netip.Addr) (*whois.Response, bool), remote string) (*whois.Response, netip.Addr, error) {
-	ap, err := netip.ParseAddrPort(remote)
-	if err != nil {
-		return nil, netip.Addr{}, fmt.Errorf("remote address %q: %w", remote, err)
-	}
-	ip := ap.Addr().Unmap()
-	who, ok := whoIs(ip)
-	switch {
-	case !ok:
-		return nil, ip, fmt.Errorf("%v is not a node of this node's network map", ip)
-	case who.Self:
-		return nil, ip, fmt.Errorf("%v is this node itself, not a tailnet peer", ip)
-	}
-	return who, ip, nil
-}
-
 // httpHandler is an HTTP or HTTPS entry's reverse proxy.
 func httpHandler(e Entry, target *url.URL, whoIs func(netip.Addr) (*whois.Response, bool), tr http.RoundTripper, log *slog.Logger) http.Handler {
 	failures := rate.Sometimes{Interval: 10 * time.Second}
@@ -106,7 +85,7 @@ func httpHandler(e Entry, target *url.URL, whoIs func(netip.Addr) (*whois.Respon
 		},
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		who, ip, err := caller(whoIs, r.RemoteAddr)
+		who, ip, err := whois.Peer(whoIs, r.RemoteAddr)
 		if err != nil {
 			log.Debug("serve: refused a caller", "entry", e.String(), "err", err)
 			http.Error(w, fmt.Sprintf("403 forbidden: meshd serve answers tailnet peers only, and %v is none", ip), http.StatusForbidden)
@@ -135,7 +114,7 @@ func serveTCP(ctx context.Context, ln net.Listener, e Entry, whoIs func(netip.Ad
 			}
 			return
 		}
-		if _, _, err := caller(whoIs, c.RemoteAddr().String()); err != nil {
+		if _, _, err := whois.Peer(whoIs, c.RemoteAddr().String()); err != nil {
 			log.Debug("serve: refused a caller", "entry", e.String(), "err", err)
 			c.Close()
 			continue

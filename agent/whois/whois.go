@@ -7,8 +7,10 @@ package whois
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync/atomic"
 
 	"meshd.dev/meshd/netmap"
@@ -155,4 +157,35 @@ func nonNil(s []string) []string {
 		return []string{}
 	}
 	return s
+}
+
+// Peer returns who is behind a connection's remote address (IP:port), if
+// it is a peer a service may speak for: a node of the network map other
+// than this one. lookup is Table.Lookup or Agent.WhoIs. Connections from
+// this node itself are refused: any local user can make them (through a
+// proxy or, in kernel mode, the loopback route), and WireGuard
+// authenticated none of them.
+func Peer(lookup func(netip.Addr) (*Response, bool), remoteAddr string) (*Response, netip.Addr, error) {
+	ap, err := netip.ParseAddrPort(remoteAddr)
+	if err != nil {
+		return nil, netip.Addr{}, fmt.Errorf("remote address %q: %w", remoteAddr, err)
+	}
+	ip := ap.Addr().Unmap()
+	who, ok := lookup(ip)
+	switch {
+	case !ok:
+		return nil, ip, fmt.Errorf("%v is not a node of this node's network map", ip)
+	case who.Self:
+		return nil, ip, fmt.Errorf("%v is this node itself, not a tailnet peer", ip)
+	}
+	return who, ip, nil
+}
+
+// Name is the node's MagicDNS name without the trailing dot, or its
+// hostname when the map has no DNS name.
+func (n *Node) Name() string {
+	if name := strings.TrimSuffix(n.DNSName, "."); name != "" {
+		return name
+	}
+	return n.Hostname
 }

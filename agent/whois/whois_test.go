@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"meshd.dev/meshd/netmap"
@@ -164,4 +165,32 @@ func BenchmarkLookup(b *testing.B) {
 			NewIndex(nm)
 		}
 	})
+}
+
+func TestPeer(t *testing.T) {
+	var tb Table
+	tb.Set(mapOf(node(1, "100.64.0.1"), node(2, "100.64.0.2")))
+	tests := []struct {
+		remote string
+		wantID netmap.NodeID
+		err    string
+	}{
+		{"100.64.0.2:41000", 2, ""},
+		{"[::ffff:100.64.0.2]:41000", 2, ""},
+		{"100.64.0.1:41000", 0, "this node itself"},
+		{"100.64.9.9:41000", 0, "not a node"},
+		{"100.64.0.2", 0, "remote address"},
+	}
+	for _, tt := range tests {
+		who, _, err := Peer(tb.Lookup, tt.remote)
+		if tt.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tt.err) {
+				t.Errorf("Peer(%q): err %v, want %q", tt.remote, err, tt.err)
+			}
+			continue
+		}
+		if err != nil || who.Node.ID != tt.wantID || who.Node.Name() != "n2.meshd.internal" {
+			t.Errorf("Peer(%q) = %+v, %v", tt.remote, who, err)
+		}
+	}
 }
