@@ -205,29 +205,37 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
+// coordinatorUntil runs `meshd coordinator` on dir until it prints a line
+// starting with stop (then stops it) or exits, and returns its exit code,
+// that line without the prefix ("" if it never came) and its stderr.
+func coordinatorUntil(dir, stop string, args ...string) (code int, line, errOut string) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var stderr syncBuffer
+	pr, pw := io.Pipe()
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, append([]string{"coordinator", "--listen", "127.0.0.1:0", "--state-dir", dir}, args...), pw, &stderr)
+		pw.Close()
+	}()
+	sc := bufio.NewScanner(pr)
+	for sc.Scan() {
+		if l, ok := strings.CutPrefix(sc.Text(), stop); ok && line == "" {
+			line = l
+			cancel()
+		}
+	}
+	return <-done, line, stderr.String()
+}
+
 // TestCoordinatorInitState: a coordinator whose database vanished refuses
 // to start and says what to do; --init-state starts it over once, and is
 // refused on the intact database it made.
 func TestCoordinatorInitState(t *testing.T) {
 	dir := t.TempDir()
-	// coordinator runs until it is up (then stops it) or exits.
 	coordinator := func(args ...string) (int, string) {
-		ctx, cancel := context.WithCancel(context.Background())
-		defer cancel()
-		var stderr syncBuffer
-		pr, pw := io.Pipe()
-		done := make(chan int, 1)
-		go func() {
-			done <- run(ctx, append([]string{"coordinator", "--listen", "127.0.0.1:0", "--state-dir", dir}, args...), pw, &stderr)
-			pw.Close()
-		}()
-		sc := bufio.NewScanner(pr)
-		for sc.Scan() {
-			if strings.HasPrefix(sc.Text(), "admin token: ") {
-				cancel()
-			}
-		}
-		return <-done, stderr.String()
+		code, _, errOut := coordinatorUntil(dir, "admin token: ", args...)
+		return code, errOut
 	}
 	if code, errOut := coordinator(); code != 0 {
 		t.Fatalf("first start: exit %d: %s", code, errOut)

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/ecdsa"
@@ -12,7 +11,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
 	"math/big"
 	"net"
 	"os"
@@ -208,23 +206,7 @@ func TestCertInstallCA(t *testing.T) {
 func TestCoordinatorNewCA(t *testing.T) {
 	dir := t.TempDir()
 	coordinator := func(args ...string) (code int, caLine, errOut string) {
-		ctx, cancel := context.WithCancel(context.Background())
-		defer cancel()
-		var stderr syncBuffer
-		pr, pw := io.Pipe()
-		done := make(chan int, 1)
-		go func() {
-			done <- run(ctx, append([]string{"coordinator", "--listen", "127.0.0.1:0", "--state-dir", dir}, args...), pw, &stderr)
-			pw.Close()
-		}()
-		sc := bufio.NewScanner(pr)
-		for sc.Scan() {
-			if l, ok := strings.CutPrefix(sc.Text(), "tailnet CA: "); ok {
-				caLine = l
-				cancel()
-			}
-		}
-		return <-done, caLine, stderr.String()
+		return coordinatorUntil(dir, "tailnet CA: ", args...)
 	}
 	code, first, errOut := coordinator()
 	if code != 0 || !strings.HasPrefix(first, filepath.Join(dir, "ca.crt")+" (sha256 ") {
