@@ -138,6 +138,10 @@ type Agent struct {
 	login    *Login
 	nm       *netmap.NetworkMap
 	eng      *engine
+	// mtuAuto: no --mtu; the overlay MTU follows the underlay (mtu is the
+	// latest choice, mtu_agent.go).
+	mtuAuto  bool
+	mtu      mtuChoice
 	engErr   error // why the data plane is not up, for status
 	sess     *session
 	mapSeen  chan struct{} // closed when this session applied its first map
@@ -187,14 +191,15 @@ func New(opts Options) (*Agent, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	if opts.MTU == 0 {
-		mtu, from := autoMTU(systemLinks(), opts.TUN)
-		if from.name == "" {
-			opts.Logger.Info("overlay MTU: no underlay interface found, using the IPv6 minimum", "mtu", mtu)
-		} else {
-			opts.Logger.Info("overlay MTU from the underlay", "mtu", mtu, "interface", from.name, "underlay_mtu", from.mtu)
-		}
-		opts.MTU = mtu
+	// With no --mtu, this first choice (from the interfaces alone) sizes
+	// the start-up check of the TUN; the data plane's MTU is chosen from
+	// the routes to the coordinator and peers when it starts, and kernel
+	// mode follows them after (mtu_agent.go).
+	var firstMTU mtuChoice
+	mtuAuto := opts.MTU == 0
+	if mtuAuto {
+		firstMTU = chooseMTU(systemLinks(), opts.TUN, nil, nil)
+		opts.MTU = firstMTU.mtu
 	}
 	if opts.MTU < 576 || opts.MTU > 65535 {
 		return nil, fmt.Errorf("--mtu %d out of range (576-65535)", opts.MTU)
@@ -227,7 +232,8 @@ func New(opts Options) (*Agent, error) {
 		opts: opts, log: opts.Logger, store: st, id: id, disco: netmap.NewDiscoPrivate(),
 		login: login, nm: nm, ctlState: "not connected", pf: newPacketFilter(opts.Logger),
 		pathsChanged: make(chan struct{}, 1), changed: make(chan struct{}),
-		certs: certs.New(opts.StateDir, opts.Logger),
+		certs:   certs.New(opts.StateDir, opts.Logger),
+		mtuAuto: mtuAuto, mtu: firstMTU,
 	}
 	a.dns = newMagicDNS(opts.Logger, a.DNSUpstreams)
 	if nm != nil {
@@ -517,6 +523,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 	// map's (or the saved map's, after a restart) rules would drop.
 	a.pf.update(nm)
 	a.setNamesLocked(nm)
+	a.chooseMTULocked(nm)
 	addrs := slices.Clone(nm.Self.Addresses)
 	slices.SortFunc(addrs, comparePrefix)
 	if a.eng != nil && !slices.Equal(a.eng.cfg.addrs, addrs) {
@@ -527,6 +534,9 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 		a.eng = nil
 	}
 	if a.eng == nil {
+		if a.mtuAuto {
+			a.opts.MTU = a.mtu.mtu
+		}
 		eng, err := newEngine(engineConfig{
 			tunName: a.opts.TUN, mtu: a.opts.MTU, port: a.opts.Port, nodeKey: a.id.NodeKey,
 			addrs: addrs, forwards: a.opts.Forwards, bind: a.bindOptions(),
@@ -542,6 +552,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 		a.log.Info("data plane up", "tun", a.opts.TUN, "addrs", addrs, "udp_port", eng.port)
 		a.serveAttachLocked()
 	}
+	a.followMTULocked()
 	err := a.eng.applyMap(nm)
 	a.syncOSDNSLocked(nm)
 	return err
@@ -700,6 +711,7 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 	}
 	st.Coordinator = a.login.CoordinatorURL
 	st.Filter = a.pf.status()
+	st.MTU = a.mtuStatusLocked()
 	online := a.sess != nil && a.ctlState == "connected" && a.ctlReachErr == nil
 	switch {
 	case st.Message != "":

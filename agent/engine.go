@@ -59,6 +59,7 @@ type engine struct {
 	tnet *netstack.Net // userspace mode only
 	link *kernelLink   // kernel mode only
 	port uint16
+	mtu  int // the TUN's MTU; changes only in kernel mode (setMTU)
 
 	mu    sync.Mutex
 	peers map[netmap.NodePublic]wgPeer // configured in the device
@@ -81,7 +82,7 @@ type engine struct {
 
 func newEngine(cfg engineConfig) (_ *engine, err error) {
 	cfg.bind.NodeKey = cfg.nodeKey
-	e := &engine{cfg: cfg, peers: map[netmap.NodePublic]wgPeer{}}
+	e := &engine{cfg: cfg, peers: map[netmap.NodePublic]wgPeer{}, mtu: cfg.mtu}
 	var tdev tun.Device
 	if cfg.tunName == TUNUserspace {
 		local := netmap.AddrsOf(cfg.addrs)
@@ -365,6 +366,20 @@ func (e *engine) serveForward(ctx context.Context, ln net.Listener, f Forward) {
 }
 
 func (e *engine) close() { e.closeOnce.Do(e.doClose) }
+
+// setMTU moves a kernel-mode data plane to a new overlay MTU: the TUN
+// (wireguard-go follows its netlink event) and the path MTU probes.
+func (e *engine) setMTU(mtu int) error {
+	if e.link == nil {
+		return errors.New("the userspace network stack cannot change its MTU while running")
+	}
+	if err := e.link.setMTU(mtu); err != nil {
+		return err
+	}
+	e.mtu = mtu
+	e.bind.SetOverlayMTU(mtu)
+	return nil
+}
 
 func (e *engine) doClose() {
 	e.stopDNS()

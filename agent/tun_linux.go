@@ -102,3 +102,26 @@ func (kl *kernelLink) route(dst netip.Prefix, src []netip.Prefix) *netlink.Route
 func prefixToIPNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
+
+// setMTU changes the TUN's MTU; wireguard-go's TUN reader sees the netlink
+// event and follows.
+func (kl *kernelLink) setMTU(mtu int) error {
+	if err := netlink.LinkSetMTU(kl.link, mtu); err != nil {
+		return fmt.Errorf("TUN %s: set MTU %d: %w", kl.name, mtu, err)
+	}
+	return nil
+}
+
+// routeLookup asks the kernel which interface it sends packets for dst
+// through (policy rules included), as chooseMTU needs.
+func routeLookup(dst netip.Addr) (string, bool) {
+	routes, err := netlink.RouteGet(net.IP(dst.AsSlice()))
+	if err != nil || len(routes) == 0 || routes[0].LinkIndex == 0 {
+		return "", false
+	}
+	ifc, err := net.InterfaceByIndex(routes[0].LinkIndex)
+	if err != nil {
+		return "", false
+	}
+	return ifc.Name, true
+}

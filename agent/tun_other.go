@@ -19,3 +19,9 @@ func (kl *kernelLink) setRoutes(want, src []netip.Prefix) error { return nil }
 
 func (kl *kernelLink) addAddr(netip.Addr) error { return nil }
 func (kl *kernelLink) index() int               { return 0 }
+
+func (kl *kernelLink) setMTU(int) error { return nil }
+
+// routeLookup is nil where meshd cannot ask the kernel for routes:
+// chooseMTU then falls back to the interfaces alone.
+var routeLookup routeFunc

@@ -144,6 +144,21 @@ type Status struct {
 	Message string `json:"message,omitempty"`
 	// Filter is the packet filter's state; nil before the node registered.
 	Filter *FilterStatus `json:"filter,omitempty"`
+	// MTU is the overlay MTU and what decided it; nil before the node
+	// registered.
+	MTU *MTUStatus `json:"mtu,omitempty"`
+}
+
+// MTUStatus is the tunnel's MTU and why it is what it is.
+type MTUStatus struct {
+	MTU int `json:"mtu"`
+	// Auto is set when no --mtu was given: the MTU follows the underlay.
+	Auto bool `json:"auto"`
+	// Interface is the underlay interface whose MTU decided, and
+	// UnderlayMTU its MTU; empty and 0 when none did.
+	Interface   string `json:"interface,omitempty"`
+	UnderlayMTU int    `json:"underlay_mtu,omitempty"`
+	Reason      string `json:"reason"`
 }
 
 // FilterStatus is the packet filter's rule count, flow table use and drop

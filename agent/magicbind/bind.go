@@ -104,6 +104,9 @@ type Bind struct {
 
 	// pmtuHook is told about path MTU results (SetPathMTUHook).
 	pmtuHook atomic.Pointer[func(netmap.NodePublic, int, bool)]
+	// overlayMTU is the tunnel MTU the probes test: Options.OverlayMTU
+	// until SetOverlayMTU changes it.
+	overlayMTU atomic.Int64
 	// derpBufs hold relayed packets between the relay's reader and
 	// WireGuard's receive call.
 	derpBufs sync.Pool
@@ -140,6 +143,7 @@ func New(opts Options) *Bind {
 		waiters: map[disco.TxID]*pingWaiter{}, loop: map[*peer]struct{}{},
 	}
 	b.derpBufs.New = func() any { buf := make([]byte, derpBufSize); return &buf }
+	b.overlayMTU.Store(int64(opts.OverlayMTU))
 	b.addrs.init()
 	b.byKey.Store(&map[netmap.NodePublic]*peer{})
 	return b

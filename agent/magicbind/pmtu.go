@@ -77,12 +77,20 @@ type pmtuState struct {
 	known    bool
 	pathMTU  int  // largest overlay size that got through; 0: none did
 	lost     bool // the full overlay size did not get through
+	overlay  int  // the overlay MTU the round tested
 	round    *pmtuRound
+}
+
+// current reports whether st is a result for direct path addr at overlay
+// MTU mtu, the only result worth showing.
+func (st *pmtuState) current(addr netip.AddrPort, mtu int) bool {
+	return st.known && st.addr == addr && st.overlay == mtu
 }
 
 // pmtuRound is a probe round in progress.
 type pmtuRound struct {
 	addr    netip.AddrPort
+	overlay int // the overlay MTU it tests
 	sizes   []int
 	ok      []bool
 	tx      map[disco.TxID]int // ping -> index into sizes
@@ -102,6 +110,7 @@ type pmtuResult struct {
 	addr    netip.AddrPort
 	pathMTU int
 	lost    bool
+	overlay int       // the overlay MTU tested
 	was     pmtuState // the state before, to log changes only
 }
 
@@ -110,7 +119,7 @@ type pmtuResult struct {
 // when to be polled next (zero: nothing scheduled). Only an active peer on
 // a confirmed direct path is probed. Called with p.mu held.
 func (b *Bind) pmtuPollLocked(p *peer, now time.Time) (probes []pmtuProbe, res *pmtuResult, wake time.Time) {
-	mtu := b.opts.OverlayMTU
+	mtu := int(b.overlayMTU.Load())
 	if mtu <= 0 {
 		return nil, nil, time.Time{}
 	}
@@ -135,13 +144,24 @@ func (b *Bind) pmtuPollLocked(p *peer, now time.Time) (probes []pmtuProbe, res *
 	if !direct || !active {
 		return nil, nil, time.Time{}
 	}
-	if st.known && addr == st.addr && now.Sub(st.finished) < b.opts.PMTUInterval {
+	// A result for another overlay MTU (SetOverlayMTU changed it) is
+	// stale: probe the new size at once.
+	if st.known && addr == st.addr && st.overlay == mtu && now.Sub(st.finished) < b.opts.PMTUInterval {
 		return nil, nil, st.finished.Add(b.opts.PMTUInterval)
 	}
 	sizes := probeSizes(mtu)
-	r := &pmtuRound{addr: addr, sizes: sizes, ok: make([]bool, len(sizes)), tx: map[disco.TxID]int{}, attempt: 1}
+	r := &pmtuRound{addr: addr, overlay: mtu, sizes: sizes, ok: make([]bool, len(sizes)), tx: map[disco.TxID]int{}, attempt: 1}
 	st.round = r
 	return b.sendRoundLocked(r, now), nil, now.Add(b.opts.PMTUTimeout)
+}
+
+// SetOverlayMTU changes the tunnel MTU the probes test (the agent follows
+// the underlay's MTU). Every active direct path is probed again for the new
+// size at its next poll; results for the old size stop being shown.
+func (b *Bind) SetOverlayMTU(mtu int) {
+	if b.overlayMTU.Swap(int64(mtu)) != int64(mtu) {
+		b.kick()
+	}
 }
 
 // sendRoundLocked makes a ping for every size not yet answered.
@@ -174,11 +194,11 @@ func (b *Bind) finishRoundLocked(p *peer, now time.Time) *pmtuResult {
 	lost := !r.ok[len(r.ok)-1]
 	was := *st
 	was.round = nil
-	st.addr, st.finished, st.known, st.pathMTU, st.lost = r.addr, now, true, largest, lost
-	if was.known && was.addr == r.addr && was.pathMTU == largest && was.lost == lost {
+	st.addr, st.finished, st.known, st.pathMTU, st.lost, st.overlay = r.addr, now, true, largest, lost, r.overlay
+	if was.known && was.addr == r.addr && was.pathMTU == largest && was.lost == lost && was.overlay == r.overlay {
 		return nil
 	}
-	return &pmtuResult{addr: r.addr, pathMTU: largest, lost: lost, was: was}
+	return &pmtuResult{addr: r.addr, pathMTU: largest, lost: lost, overlay: r.overlay, was: was}
 }
 
 // pmtuPongLocked notes a direct pong from src; it reports whether the pong
@@ -223,7 +243,7 @@ func (b *Bind) logPMTU(k netmap.NodePublic, name string, res *pmtuResult) {
 	if fn := b.pmtuHook.Load(); fn != nil {
 		(*fn)(k, res.pathMTU, res.lost)
 	}
-	mtu := b.opts.OverlayMTU
+	mtu := res.overlay
 	switch {
 	case res.lost:
 		b.log.Warn("path MTU problem: "+MTUProblemText(name, res.pathMTU, mtu),

@@ -204,3 +204,33 @@ func TestMTUProblemText(t *testing.T) {
 		}
 	}
 }
+
+func TestPMTUOverlayChange(t *testing.T) {
+	pp := newPMTUPeer(t, 1420)
+	pp.goDirect(pp.ep)
+	if _, res := pp.poll(0, 8920); res == nil || res.lost || res.overlay != 1420 {
+		t.Fatalf("first round: %+v, want a clean result for overlay 1420", res)
+	}
+	if !pp.p.pmtu.current(pp.ep, int(pp.b.overlayMTU.Load())) {
+		t.Fatalf("result %+v not current for overlay 1420", pp.p.pmtu)
+	}
+	// The agent moved to the jumbo fabric: the old result says nothing
+	// about 8920-byte packets, so it is not shown and the path is probed
+	// again at once, not after PMTUInterval.
+	pp.b.SetOverlayMTU(8920)
+	if pp.p.pmtu.current(pp.ep, int(pp.b.overlayMTU.Load())) {
+		t.Fatalf("result %+v for overlay 1420 still shown at 8920", pp.p.pmtu)
+	}
+	pp.active(time.Second)
+	sent, _ := pp.poll(0, 1420)
+	if !slices.Equal(sent, []int{1280, 1420, 8920}) {
+		t.Fatalf("after the MTU change sent %v, want the ladder up to 8920 at once", sent)
+	}
+	var res *pmtuResult
+	for range pmtuAttempts {
+		_, res = pp.poll(time.Second, 1420)
+	}
+	if res == nil || !res.lost || res.pathMTU != 1420 || res.overlay != 8920 {
+		t.Fatalf("result %+v, want 8920 lost, path MTU 1420", res)
+	}
+}

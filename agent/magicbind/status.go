@@ -77,8 +77,8 @@ func (b *Bind) PeerStatus(k netmap.NodePublic) PeerStatus {
 	st := PeerStatus{Path: path, Addr: addr}
 	if path == PathDirect {
 		p.mu.Lock()
-		if pm := p.pmtu; pm.known && pm.addr == addr {
-			st.PathMTU, st.MTUProblem, st.OverlayMTU = pm.pathMTU, pm.lost, b.opts.OverlayMTU
+		if pm := p.pmtu; pm.current(addr, int(b.overlayMTU.Load())) {
+			st.PathMTU, st.MTUProblem, st.OverlayMTU = pm.pathMTU, pm.lost, pm.overlay
 		}
 		p.mu.Unlock()
 	}

@@ -84,6 +84,9 @@ func writeStatus(w io.Writer, st *localapi.Status) {
 	if st.Filter != nil {
 		fmt.Fprintf(w, "# %s\n", filterLine(st.Filter))
 	}
+	if st.MTU != nil {
+		fmt.Fprintf(w, "# %s\n", mtuLine(st.MTU))
+	}
 	if st.Message != "" {
 		fmt.Fprintf(w, "# %s\n", st.Message)
 	}
@@ -99,6 +102,14 @@ func writeStatus(w io.Writer, st *localapi.Status) {
 			fmt.Fprintf(w, "# warning: %s\n", magicbind.MTUProblemText(p.Hostname, p.PathMTU, p.OverlayMTU))
 		}
 	}
+}
+
+// mtuLine says which MTU the tunnel runs at and why.
+func mtuLine(m *localapi.MTUStatus) string {
+	if m.Interface == "" {
+		return fmt.Sprintf("mtu %d: %s", m.MTU, m.Reason)
+	}
+	return fmt.Sprintf("mtu %d from %s (mtu %d): %s", m.MTU, m.Interface, m.UnderlayMTU, m.Reason)
 }
 
 // printable drops control characters from text the coordinator sent, so
