@@ -95,7 +95,7 @@ func writeJSON(w io.Writer, v any) error {
 func (c *cli) policyCheckCmd() *ffcli.Command {
 	fs := flag.NewFlagSet("meshd policy check", flag.ContinueOnError)
 	asJSON := fs.Bool("json", false, "print the result as JSON")
-	strict := fs.Bool("strict", false, "also exit 1 on warnings (sections meshd does not enforce: ssh, autoApprovers, nodeAttrs; wide rules, unowned tags, unused groups, shadowed rules)")
+	strict := fs.Bool("strict", false, "also exit 1 on warnings (sections meshd does not enforce: ssh, autoApprovers, nodeAttrs; Tailscale settings it ignores: disableIPv4, randomizeClientPort, OneCGNATRoute; wide rules, unowned tags, unused groups, shadowed rules)")
 	return &ffcli.Command{
 		Name:       "check",
 		ShortUsage: "meshd policy check [--json] [--strict] FILE",
