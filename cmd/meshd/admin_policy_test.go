@@ -302,3 +302,30 @@ func TestPolicyStrictEverywhere(t *testing.T) {
 		t.Fatalf("coordinator --policy-strict on the stored policy: exit %d, stderr %q", code, errOut)
 	}
 }
+
+// TestPolicyDiffLive: --live compares the policy in force on the
+// coordinator with a file and asks the coordinator what it would cut
+// (control's TestPolicyCuts checks the cuts between connected nodes).
+func TestPolicyDiffLive(t *testing.T) {
+	files := t.TempDir()
+	url, dir := startCoordinator(t)
+	t.Setenv("MESHD_COORDINATOR", url)
+	t.Setenv("MESHD_TOKEN_FILE", filepath.Join(dir, "admin.token"))
+	good := writeFile(t, files, "good.hujson", cliGoodPolicy)
+	if code, _, errOut := runAdmin(t, "policy", "set", good); code != 0 {
+		t.Fatalf("set good: exit %d: %s", code, errOut)
+	}
+	narrower := writeFile(t, files, "none.hujson", `{"tagOwners": {"tag:gpu": []}}`)
+	code, out, errOut := runCLI("policy", "diff", "--live", narrower)
+	if code != 0 || !strings.Contains(out, "closed by "+narrower) || !strings.Contains(out, "no access in use-able now is cut: 0 node(s) connected") {
+		t.Fatalf("policy diff --live: exit %d\nstdout %s\nstderr %s", code, out, errOut)
+	}
+	bad := writeFile(t, files, "bad.hujson", cliBadPolicy)
+	if code, out, _ := runCLI("policy", "diff", "--live", bad); code != 1 || !strings.Contains(out, "bad.hujson:3:") {
+		t.Fatalf("policy diff --live on an invalid file: exit %d, %q", code, out)
+	}
+	t.Setenv("MESHD_TOKEN_FILE", "")
+	if code, _, errOut := runCLI("policy", "diff", "--live", narrower); code != 2 || !strings.Contains(errOut, "token") {
+		t.Fatalf("policy diff --live without a token: exit %d, %q", code, errOut)
+	}
+}
