@@ -138,7 +138,8 @@ var refusedSections = map[string]string{
 // refusedFields are rule fields meshd refuses, each with what to use
 // instead; keys are lowercased.
 var refusedFields = map[string]string{
-	"srcposture": "meshd has no device posture checks, so the rule would admit every device in src: remove srcPosture and narrow src with tags or groups",
+	"srcposture":      "meshd has no device posture checks, so the rule would admit every device in src: remove srcPosture and narrow src with tags or groups",
+	"srcpostureattrs": "meshd has no device posture checks, so a test of posture attributes checks nothing: remove srcPostureAttrs",
 }
 
 // ignoredSections are tailnet-wide settings a Tailscale policy may carry
