@@ -173,7 +173,7 @@ test fails, or --strict is set and there are warnings.`,
 func (c *cli) policyExplainCmd() *ffcli.Command {
 	fs := flag.NewFlagSet("meshd policy explain", flag.ContinueOnError)
 	src := fs.String("src", "", "source: a user email, group:NAME, tag:NAME, host alias or IP")
-	dst := fs.String("dst", "", "destination HOST:PORT: tag:NAME:PORT, USER:PORT, a host alias or an IP with one port")
+	dst := fs.String("dst", "", "destination HOST:PORT: tag:NAME:PORT, USER:PORT, autogroup:self:PORT (the source user's own device), a host alias or an IP with one port")
 	proto := fs.String("proto", "", "protocol name or number (default tcp)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	return &ffcli.Command{
