@@ -324,6 +324,14 @@ func TestPolicyDiffLive(t *testing.T) {
 	if code, out, _ := runCLI("policy", "diff", "--live", bad); code != 1 || !strings.Contains(out, "bad.hujson:3:") {
 		t.Fatalf("policy diff --live on an invalid file: exit %d, %q", code, out)
 	}
+	// The connection flags from the environment do not disturb an offline
+	// diff; on the command line without --live they are an error.
+	if code, out, errOut := runCLI("policy", "diff", good, narrower); code != 0 || !strings.Contains(out, "closed by") {
+		t.Fatalf("offline diff with MESHD_COORDINATOR set: exit %d, %q %q", code, out, errOut)
+	}
+	if code, _, errOut := runCLI("policy", "diff", "--coordinator", "https://elsewhere:8443", good, narrower); code != 2 || !strings.Contains(errOut, "only with --live") {
+		t.Fatalf("offline diff with --coordinator: exit %d, %q; want 2", code, errOut)
+	}
 	t.Setenv("MESHD_TOKEN_FILE", "")
 	if code, _, errOut := runCLI("policy", "diff", "--live", narrower); code != 2 || !strings.Contains(errOut, "token") {
 		t.Fatalf("policy diff --live without a token: exit %d, %q", code, errOut)

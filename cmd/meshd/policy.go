@@ -262,6 +262,19 @@ when either is invalid.`,
 				}
 				return c.policyDiffLive(ctx, &conn, pos[0], *asJSON)
 			}
+			// The connection flags serve --live only. From the
+			// environment (MESHD_COORDINATOR, ...) they are the admin's
+			// standing settings; typed on the command line without
+			// --live they would do nothing, which is an error.
+			for _, f := range []struct{ flag, val, env string }{
+				{"--coordinator", conn.url, "MESHD_COORDINATOR"},
+				{"--token-file", conn.tokenFile, "MESHD_TOKEN_FILE"},
+				{"--admin-token", conn.token, "MESHD_ADMIN_TOKEN"},
+			} {
+				if f.val != "" && f.val != os.Getenv(f.env) {
+					return &exitError{code: 2, msg: fmt.Sprintf("policy diff: %s is used only with --live (compare the policy in force with a file)", f.flag)}
+				}
+			}
 			if len(pos) != 2 {
 				return &exitError{code: 2, msg: "policy diff: usage: meshd policy diff OLD NEW (or --live NEW)"}
 			}
