@@ -123,3 +123,46 @@ func hasProblem(ps []Problem, file string, w expectation) bool {
 	}
 	return false
 }
+
+// TestCompatTableNamesCorpus: every corpus file the compatibility table in
+// README.md names exists, and every corpus file is named there, so the
+// table and the tests cannot drift apart.
+func TestCompatTableNamesCorpus(t *testing.T) {
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	named := map[string]bool{}
+	for line := range strings.Lines(string(readme)) {
+		cells := strings.Split(strings.TrimSpace(line), "|")
+		if len(cells) != 6 || strings.HasPrefix(cells[1], "---") || strings.TrimSpace(cells[1]) == "construct" {
+			continue
+		}
+		for f := range strings.SplitSeq(cells[4], ",") {
+			if f = strings.TrimSpace(f); f != "" {
+				named[f] = true
+			}
+		}
+	}
+	if len(named) == 0 {
+		t.Fatal("README.md: no compatibility table with corpus files")
+	}
+	files, err := filepath.Glob("testdata/conformance/*.hujson")
+	if err != nil {
+		t.Fatal(err)
+	}
+	have := map[string]bool{}
+	for _, f := range files {
+		have[strings.TrimSuffix(filepath.Base(f), ".hujson")] = true
+	}
+	for f := range named {
+		if !have[f] {
+			t.Errorf("README.md names corpus file %q, which does not exist", f)
+		}
+	}
+	for f := range have {
+		if !named[f] {
+			t.Errorf("corpus file %s.hujson is not named in README.md's table", f)
+		}
+	}
+}
