@@ -543,8 +543,10 @@ func runFlow(ctx context.Context, from *agent.Agent, f demoFlow) error {
 	timeout := 10 * time.Second
 	if f.denied {
 		// A denied SYN is dropped silently: the dial can only time out.
-		// Three seconds cover the netstack's first retransmissions.
-		timeout = 3 * time.Second
+		// Five seconds cover the netstack's first retransmissions (1 s,
+		// 3 s), so the destination's filter has seen the flow even when
+		// the first SYN waited for a WireGuard handshake.
+		timeout = 5 * time.Second
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
