@@ -45,12 +45,21 @@ type PolicyCutReport struct {
 	To   string `json:"to"`
 	// Connected is how many nodes had a map stream open when the report
 	// was computed: only pairs of them are compared.
-	Connected int         `json:"connected"`
-	Cuts      []PolicyCut `json:"cuts"`
+	Connected int `json:"connected"`
+	// Total is how many cuts there are; Cuts lists the first
+	// maxListedCuts, by destination, protocol and source.
+	Total int         `json:"total"`
+	Cuts  []PolicyCut `json:"cuts"`
 }
 
-// maxCutNodes bounds the pairwise comparison: beyond it the report would
-// be too long to read and too slow to compute on the admin's request.
+// maxListedCuts bounds the cuts listed: a change that cuts more is read
+// from its policy diff, not pair by pair, and listing a million pairs
+// would cost the coordinator gigabytes.
+const maxListedCuts = 1000
+
+// maxCutNodes bounds the pairwise comparison (each destination's rules are
+// indexed once, then every source is a map lookup): beyond it the report
+// would be too long to read and too slow to compute on an admin's request.
 const maxCutNodes = 2000
 
 // PolicyCuts compares the policy in force with the proposed one (file,
@@ -95,6 +104,23 @@ func (s *Server) PolicyCuts(ctx context.Context, file string, data []byte) (Poli
 		return rep, fmt.Errorf("%w: %d nodes are connected; the live comparison stops at %d (compare the files with meshd policy diff OLD NEW)",
 			controlclient.ErrBadRequest, len(online), maxCutNodes)
 	}
+	if rep.Cuts, rep.Total, err = computeCuts(ctx, cur, next, all, online, maxListedCuts); err != nil {
+		return rep, err
+	}
+	return rep, nil
+}
+
+// computeCuts is PolicyCuts on a node list: for every ordered pair of
+// online nodes, what cur lets the source open to the destination and next
+// does not, by destination, protocol and source (hostnames); the first
+// limit of them, and how many there are.
+func computeCuts(ctx context.Context, cur, next *policy.Policy, all, online []*netmap.Node, limit int) ([]PolicyCut, int, error) {
+	cuts, total := []PolicyCut{}, 0
+	var hadBuf, hasBuf []netmap.PortRange
+	online = slices.Clone(online)
+	slices.SortFunc(online, func(a, b *netmap.Node) int {
+		return cmp.Or(cmp.Compare(a.Hostname, b.Hostname), cmp.Compare(a.ID, b.ID))
+	})
 	oldE, newE := policy.NewEngine(cur), policy.NewEngine(next)
 	oldE.SetNodes(all)
 	newE.SetNodes(all)
@@ -103,23 +129,37 @@ func (s *Server) PolicyCuts(ctx context.Context, file string, data []byte) (Poli
 		if !ok {
 			continue
 		}
-		oldRules, newRules := oldE.FilterFor(dst, nil), newE.FilterFor(dst, nil)
-		for _, src := range online {
-			srcAddr, ok := firstAddr(src)
-			if src == dst || !ok {
+		oldRules := oldE.FilterFor(dst, nil)
+		newRules := newE.FilterFor(dst, nil)
+		for _, proto := range rulesProtos(oldRules) {
+			if err := ctx.Err(); err != nil {
+				return nil, 0, err
+			}
+			before := indexRules(oldRules, dstAddr, proto)
+			if before.empty() {
 				continue
 			}
-			for _, proto := range rulesProtos(oldRules) {
-				before, rule := allowedPorts(oldRules, srcAddr, dstAddr, proto)
-				if len(before) == 0 {
+			after := indexRules(newRules, dstAddr, proto)
+			for _, src := range online {
+				srcAddr, ok := firstAddr(src)
+				if src == dst || !ok {
 					continue
 				}
-				after, _ := allowedPorts(newRules, srcAddr, dstAddr, proto)
-				lost := minusPorts(before, after)
-				if len(lost) == 0 {
+				had, rule := before.ports(srcAddr, hadBuf)
+				hadBuf = had
+				if len(had) == 0 {
 					continue
 				}
-				rep.Cuts = append(rep.Cuts, PolicyCut{
+				has, _ := after.ports(srcAddr, hasBuf)
+				hasBuf = has
+				if coversPorts(has, had) {
+					continue
+				}
+				if total++; total > limit {
+					continue // counted, not listed: spare the allocation
+				}
+				lost := minusPorts(had, has)
+				cuts = append(cuts, PolicyCut{
 					Src: src.Hostname, SrcID: src.ID, SrcAddr: srcAddr,
 					Dst: dst.Hostname, DstID: dst.ID, DstAddr: dstAddr,
 					Proto: protoString(proto), Ports: portsString(lost, proto), Rule: rule,
@@ -127,10 +167,7 @@ func (s *Server) PolicyCuts(ctx context.Context, file string, data []byte) (Poli
 			}
 		}
 	}
-	slices.SortFunc(rep.Cuts, func(a, b PolicyCut) int {
-		return cmp.Or(cmp.Compare(a.Src, b.Src), cmp.Compare(a.Dst, b.Dst), cmp.Compare(a.Proto, b.Proto))
-	})
-	return rep, nil
+	return cuts, total, nil
 }
 
 // firstAddr is the node's IPv4 address (its IPv6 one if it has none): both
@@ -175,23 +212,74 @@ func rulesProtos(rules []netmap.FilterRule) []uint8 {
 	return out
 }
 
-// allowedPorts is the (sorted, merged) ports the rules let src open to dst
-// over proto, and the origin of the first rule allowing any of them.
-func allowedPorts(rules []netmap.FilterRule, src, dst netip.Addr, proto uint8) ([]netmap.PortRange, string) {
-	var out []netmap.PortRange
-	origin := ""
+// ruleIndex is what one destination's rules let sources open to one of
+// its addresses over one protocol. A compiled rule's sources are usually
+// one address per peer, sorted: those are binary-searched, so a pair
+// costs a few comparisons per rule rather than a walk of every source.
+type ruleIndex struct {
+	rules []indexedRule
+}
+
+type indexedRule struct {
+	src    []netip.Prefix
+	sorted bool // every prefix one address, ascending: binary search
+	ports  []netmap.PortRange
+	origin string
+}
+
+func (x *ruleIndex) empty() bool { return len(x.rules) == 0 }
+
+// indexRules indexes the rules that let anyone open proto flows to dst.
+func indexRules(rules []netmap.FilterRule, dst netip.Addr, proto uint8) *ruleIndex {
+	x := &ruleIndex{}
 	for i := range rules {
 		r := &rules[i]
-		if !slices.Contains(ruleProtos(r), proto) || !slices.ContainsFunc(r.SrcIPs, func(p netip.Prefix) bool { return p.Contains(src) }) {
+		if !slices.Contains(ruleProtos(r), proto) {
 			continue
 		}
+		var ports []netmap.PortRange
 		for _, d := range r.DstPorts {
 			if d.Net.Contains(dst) {
-				out = append(out, d.Ports)
-				if origin == "" {
-					origin = r.Origin
-				}
+				ports = append(ports, d.Ports)
 			}
+		}
+		if len(ports) == 0 {
+			continue
+		}
+		sorted := true
+		for j, p := range r.SrcIPs {
+			if !p.IsSingleIP() || j > 0 && r.SrcIPs[j-1].Addr().Compare(p.Addr()) >= 0 {
+				sorted = false
+				break
+			}
+		}
+		x.rules = append(x.rules, indexedRule{src: r.SrcIPs, sorted: sorted, ports: ports, origin: r.Origin})
+	}
+	return x
+}
+
+func (r *indexedRule) admits(src netip.Addr) bool {
+	if r.sorted {
+		_, found := slices.BinarySearchFunc(r.src, src, func(p netip.Prefix, a netip.Addr) int { return p.Addr().Compare(a) })
+		return found
+	}
+	return slices.ContainsFunc(r.src, func(p netip.Prefix) bool { return p.Contains(src) })
+}
+
+// ports is the (sorted, merged) ports src may open, appended to buf[:0]
+// (a pair of nodes then costs no allocation), and the origin of the first
+// rule allowing any of them.
+func (x *ruleIndex) ports(src netip.Addr, buf []netmap.PortRange) ([]netmap.PortRange, string) {
+	out := buf[:0]
+	origin := ""
+	for i := range x.rules {
+		r := &x.rules[i]
+		if !r.admits(src) {
+			continue
+		}
+		out = append(out, r.ports...)
+		if origin == "" {
+			origin = r.origin
 		}
 	}
 	return mergePorts(out), origin
@@ -212,6 +300,17 @@ func mergePorts(rs []netmap.PortRange) []netmap.PortRange {
 		out = append(out, r)
 	}
 	return out
+}
+
+// coversPorts reports whether the merged set outer holds every port of
+// the merged set inner.
+func coversPorts(outer, inner []netmap.PortRange) bool {
+	for _, r := range inner {
+		if !slices.ContainsFunc(outer, func(o netmap.PortRange) bool { return o.First <= r.First && r.Last <= o.Last }) {
+			return false
+		}
+	}
+	return true
 }
 
 // minusPorts is the ports of a (merged) not in b (merged).

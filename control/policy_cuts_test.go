@@ -3,11 +3,14 @@ package control
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
 
 	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/netmap"
+	"meshd.dev/meshd/policy"
 )
 
 // cutsBefore: engineers reach web on 22 and 443 and the database; web
@@ -82,7 +85,7 @@ func TestPolicyCuts(t *testing.T) {
 		"alice-laptop (" + aliceIP.String() + ") -> db-1 (" + dbIP.String() + ") tcp:5432  [before.hujson:6]",
 		"alice-laptop (" + aliceIP.String() + ") -> web-1 (" + webIP.String() + ") tcp:22  [before.hujson:5]",
 	}
-	if !slices.Equal(got, want) || rep.Connected != 3 || rep.From != "before.hujson" || rep.To != "after.hujson" {
+	if !slices.Equal(got, want) || rep.Total != 2 || rep.Connected != 3 || rep.From != "before.hujson" || rep.To != "after.hujson" {
 		t.Fatalf("cuts from %s to %s, %d connected:\n%s\nwant (3 connected):\n%s", rep.From, rep.To, rep.Connected,
 			strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
@@ -111,5 +114,47 @@ func TestPolicyCuts(t *testing.T) {
 	}
 	if _, err := intruder.PolicyCuts(ctx, "after.hujson", []byte(cutsAfter)); !errors.Is(err, controlclient.ErrUnauthorized) {
 		t.Fatalf("without the admin token: %v; want unauthorized", err)
+	}
+}
+
+// BenchmarkPolicyCuts is the live comparison at its node cap: half the
+// nodes are engineers' laptops, half inference servers; the change takes
+// SSH away from every engineer, so every laptop-server pair is a cut.
+func BenchmarkPolicyCuts(b *testing.B) {
+	for _, n := range []int{200, maxCutNodes} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			var users []string
+			nodes := make([]*netmap.Node, n)
+			for i := range nodes {
+				nodes[i] = benchNode(netmap.NodeID(i + 1))
+				if i%2 == 0 {
+					nodes[i].Tags, nodes[i].User = nil, fmt.Sprintf("u%d@example.com", i)
+					users = append(users, fmt.Sprintf("%q", nodes[i].User))
+				} else {
+					nodes[i].Tags = []string{"tag:gpu"}
+				}
+			}
+			pol := func(ports string) *policy.Policy {
+				src := fmt.Sprintf(`{"groups": {"group:eng": [%s]}, "tagOwners": {"tag:gpu": [], "tag:prod": []},
+					"grants": [{"src": ["group:eng"], "dst": ["tag:gpu"], "ip": [%s]}]}`, strings.Join(users, ", "), ports)
+				p, err := policy.Parse("bench.hujson", []byte(src))
+				if err != nil {
+					b.Fatal(err)
+				}
+				return p
+			}
+			before, after := pol(`"tcp:22", "tcp:8000"`), pol(`"tcp:8000"`)
+			var cuts []PolicyCut
+			var total int
+			for b.Loop() {
+				var err error
+				if cuts, total, err = computeCuts(context.Background(), before, after, nodes, nodes, maxListedCuts); err != nil {
+					b.Fatal(err)
+				}
+			}
+			if want := (n / 2) * (n / 2); total != want || len(cuts) != min(want, maxListedCuts) {
+				b.Fatalf("%d cuts of %d, want %d", len(cuts), total, want)
+			}
+		})
 	}
 }

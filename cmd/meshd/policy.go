@@ -360,5 +360,8 @@ func (c *cli) policyDiffLive(ctx context.Context, conn *adminConn, file string, 
 	for _, cut := range rep.Cuts {
 		fmt.Fprintf(c.stdout, "  - %s\n", cut)
 	}
+	if more := rep.Total - len(rep.Cuts); more > 0 {
+		fmt.Fprintf(c.stdout, "  ... and %d more pairs (the flows closed above say which)\n", more)
+	}
 	return nil
 }
