@@ -140,6 +140,7 @@ var refusedSections = map[string]string{
 var refusedFields = map[string]string{
 	"srcposture":      "meshd has no device posture checks, so the rule would admit every device in src: remove srcPosture and narrow src with tags or groups",
 	"srcpostureattrs": "meshd has no device posture checks, so a test of posture attributes checks nothing: remove srcPostureAttrs",
+	"ippool":          "the coordinator gives every node its addresses from 100.64.0.0/10 and fd5e:5a1e:d::/48: remove ipPool",
 }
 
 // ignoredSections are tailnet-wide settings a Tailscale policy may carry
