@@ -346,6 +346,14 @@ func (s *Server) policyRoutes(mux *http.ServeMux, h func(func(*http.Request) (an
 		}
 		return s.applyPolicy(r.Context(), file, data, r.URL.Query().Get("strict") == "1")
 	}))
+	mux.HandleFunc("POST /admin/v1/policy/cuts", h(func(r *http.Request) (any, error) {
+		file := policyFileName(r.URL.Query().Get("file"))
+		data, err := readPolicyBody(r, file)
+		if err != nil {
+			return nil, err
+		}
+		return s.PolicyCuts(r.Context(), file, data)
+	}))
 }
 
 // Policy returns the policy in force (BootstrapPolicyText and Bootstrap

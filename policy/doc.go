@@ -7,9 +7,12 @@
 //
 // The file format is the one Tailscale users write (sections "groups",
 // "hosts", "tagOwners", "acls", "grants", "tests", "ssh", "autoApprovers",
-// "nodeAttrs"), so policies carry over where the features exist. Unknown
-// sections and fields are errors rather than silently ignored, and every
-// problem is reported at the FILE:LINE:COL of the offending value. "ssh",
+// "nodeAttrs"), so policies carry over where the features exist. Section
+// and field names match in any case, as Tailscale's parser matches them.
+// Unknown sections and fields are errors rather than silently ignored,
+// Tailscale constructs meshd lacks are refused with what to use instead or
+// accepted with a warning (README.md lists each), and every problem is
+// reported at the FILE:LINE:COL of the offending value. "ssh",
 // "autoApprovers" and "nodeAttrs" are validated but not enforced yet: Lint
 // warns about each one present, naming its line, so that nobody takes such
 // a rule for one in force.
@@ -38,7 +41,10 @@
 //   - "tests" are evaluated against the policy alone: a user stands for one
 //     untagged device of theirs, a tag for a device carrying only that tag,
 //     a group for each member (an accept passes only if every member
-//     passes); a destination names one port; no proto means TCP.
+//     passes); autogroup:self as a destination is another device of the
+//     source's user; a destination names one port; no proto means TCP.
+//   - autogroup:self is a destination only, and only of rules whose
+//     sources are all users (a user, a group, autogroup:member).
 //   - Without any policy, Bootstrap is Tailscale's default: everything
 //     reaches everything. Lint flags a file equivalent to it as a wide rule.
 package policy

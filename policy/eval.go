@@ -103,9 +103,15 @@ func (p *Policy) runTests() []Problem {
 			probs = append(probs, Problem{Pos: t.src.pos, Msg: fmt.Sprintf("test src %s has no members, so the test checks nothing", t.src.raw)})
 			continue
 		}
+		if selfDst := slices.IndexFunc(append(slices.Clip(t.accept), t.deny...), func(d testDst) bool { return d.host.kind == selSelf }); selfDst >= 0 && srcs[0].user == "" {
+			d := append(slices.Clip(t.accept), t.deny...)[selfDst]
+			probs = append(probs, Problem{Pos: d.pos, Msg: fmt.Sprintf(
+				"test %s: autogroup:self is the source user's own devices, and test src %s is not a user or group", d.raw, t.src.raw)})
+			continue
+		}
 		check := func(d testDst, wantAccept bool) {
-			dst := p.subjectsFor(d.host)[0]
 			for _, src := range srcs {
+				dst := p.dstSubject(d.host, src)
 				for _, proto := range t.protos {
 					r := p.decide(src, dst, proto, d.port)
 					switch {
@@ -129,6 +135,15 @@ func (p *Policy) runTests() []Problem {
 		}
 	}
 	return probs
+}
+
+// dstSubject is the device a test or explain destination stands for when
+// src opens the flow: autogroup:self is another device of src's user.
+func (p *Policy) dstSubject(sel selector, src subject) subject {
+	if sel.kind == selSelf {
+		return subject{user: src.user}
+	}
+	return p.subjectsFor(sel)[0]
 }
 
 func describeSrc(sel selector, s subject) string {
@@ -195,10 +210,13 @@ func (p *Policy) Explain(src, dst, proto string) (Explanation, error) {
 	if len(srcs) == 0 {
 		return ex, fmt.Errorf("--src %s has no members", src)
 	}
-	dsub := p.subjectsFor(dsel)[0]
+	if dsel.kind == selSelf && srcs[0].user == "" {
+		return ex, fmt.Errorf("--dst autogroup:self is the source user's own devices, and --src %s is not a user or group", src)
+	}
 	ex.Allowed = true
 	for _, s := range srcs {
 		v := Verdict{Src: s.String(), Allowed: true}
+		dsub := p.dstSubject(dsel, s)
 		for _, pr := range protos {
 			r := p.decide(s, dsub, pr, port)
 			if r == nil {

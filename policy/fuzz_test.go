@@ -3,6 +3,7 @@ package policy
 import (
 	"errors"
 	"os"
+	"path/filepath"
 	"testing"
 
 	"meshd.dev/meshd/netmap"
@@ -19,6 +20,19 @@ func FuzzParse(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Add(seed)
+	// The conformance corpus: every construct meshd enforces, refuses or
+	// warns about, in the spellings Tailscale users write.
+	corpus, err := filepath.Glob("testdata/conformance/*.hujson")
+	if err != nil || len(corpus) == 0 {
+		f.Fatalf("conformance corpus: %v", err)
+	}
+	for _, file := range corpus {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
 	f.Add([]byte(`{}`))
 	f.Add([]byte(`{"grants": [{"src": ["*"], "dst": ["*"], "ip": ["*"]}]}`))
 	f.Add([]byte(`{"acls": [{"action": "accept", "src": ["10.0.0.0/8"], "dst": ["[fd7a::1]:22,80-90"], "proto": "udp"}]}`))

@@ -17,6 +17,10 @@ func (p *Policy) Lint() []Problem {
 		out = append(out, Problem{Pos: pos, Severity: SeverityWarning, Msg: fmt.Sprintf(format, args...)})
 	}
 	for _, s := range p.unenforced {
+		if why, ok := ignoredSections[s.name]; ok {
+			warn(s.pos, "setting %q is ignored: %s", s.name, why)
+			continue
+		}
 		warn(s.pos, "section %q is not enforced: %s", s.name, unenforcedSections[s.name])
 	}
 	for i := range p.rules {

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/netip"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -122,6 +124,50 @@ var unenforcedSections = map[string]string{
 	"nodeAttrs":     "meshd applies no node attributes yet: no attribute or capability in this section reaches any node",
 }
 
+// refusedSections are Tailscale sections meshd refuses, each with what to
+// use instead. Ignoring them would change what the policy means (a posture
+// that no longer narrows a rule widens it), so they are errors, not
+// warnings. Keys are lowercased.
+var refusedSections = map[string]string{
+	"postures":          "meshd has no device posture checks, so rules narrowed by a posture would admit every device: remove the postures and narrow src with tags or groups instead",
+	"defaultsrcposture": "meshd has no device posture checks, so rules narrowed by a posture would admit every device: remove it and narrow src with tags or groups instead",
+	"ipsets":            "name addresses and CIDRs in \"hosts\" (one prefix each) or write them in the rules",
+	"derpmap":           "the relays are the coordinator's: pass `meshd coordinator --derp-map FILE`",
+}
+
+// refusedFields are rule fields meshd refuses, each with what to use
+// instead; keys are lowercased.
+var refusedFields = map[string]string{
+	"srcposture":      "meshd has no device posture checks, so the rule would admit every device in src: remove srcPosture and narrow src with tags or groups",
+	"srcpostureattrs": "meshd has no device posture checks, so a test of posture attributes checks nothing: remove srcPostureAttrs",
+	"ippool":          "the coordinator gives every node its addresses from 100.64.0.0/10 and fd5e:5a1e:d::/48: remove ipPool",
+}
+
+// ignoredSections are tailnet-wide settings a Tailscale policy may carry
+// that have no meaning in meshd. They are accepted so that the file loads,
+// with a warning (an error under --strict) saying what meshd does instead.
+var ignoredSections = map[string]string{
+	"disableIPv4":         "meshd always gives nodes an IPv4 and an IPv6 address; this setting changes nothing",
+	"randomizeClientPort": "meshd nodes pick their UDP port with `meshd daemon --port` (0: random); this setting changes nothing",
+	"OneCGNATRoute":       "meshd routes only its own addresses to the tunnel; this setting changes nothing",
+}
+
+// checkIgnored validates the value of an ignored setting, so that a typo
+// there is still reported.
+func (ps *parser) checkIgnored(name string, v *hujson.Value) {
+	lit, ok := v.Value.(hujson.Literal)
+	switch name {
+	case "OneCGNATRoute":
+		if !ok || lit.Kind() != '"' {
+			ps.errorf(v, "%q must be a string", name)
+		}
+	default:
+		if !ok || lit.Kind() != 't' && lit.Kind() != 'f' {
+			ps.errorf(v, "%q must be true or false", name)
+		}
+	}
+}
+
 // parser walks the huJSON syntax tree, collecting every problem with the
 // position of the offending value.
 type parser struct {
@@ -203,18 +249,27 @@ func Parse(file string, data []byte) (*Policy, error) {
 		if !ok {
 			continue
 		}
-		known := false
-		for _, s := range sections {
-			if s == name {
-				known = true
-			}
+		// Section names match without regard to case, as Tailscale's
+		// parser (encoding/json) matches them: "TagOwners" is "tagOwners".
+		canon, known := canonicalName(sections, name)
+		if !known {
+			canon, known = canonicalName(slices.Collect(maps.Keys(ignoredSections)), name)
 		}
 		switch {
 		case !known:
+			if instead, ok := refusedSections[strings.ToLower(name)]; ok {
+				ps.errorf(&m.Name, "section %q is not supported: %s", name, instead)
+				continue
+			}
 			ps.errorf(&m.Name, "unknown section %q: meshd policies have %s", name, strings.Join(sections, ", "))
-		case byName[name] != nil:
-			ps.errorf(&m.Name, "duplicate section %q", name)
+		case byName[canon] != nil:
+			ps.errorf(&m.Name, "duplicate section %q (section names are case-insensitive)", name)
+		case ignoredSections[canon] != "":
+			byName[canon] = &m.Value
+			ps.checkIgnored(canon, &m.Value)
+			pol.unenforced = append(pol.unenforced, sectionAt{canon, ps.pos(&m.Name)})
 		default:
+			name = canon
 			byName[name] = &m.Value
 			if _, ok := unenforcedSections[name]; ok {
 				pol.unenforced = append(pol.unenforced, sectionAt{name, ps.pos(&m.Name)})
@@ -273,6 +328,17 @@ func sortRules(rs []rule) {
 	}
 }
 
+// canonicalName returns the entry of names that name spells without
+// regard to case.
+func canonicalName(names []string, name string) (string, bool) {
+	for _, n := range names {
+		if strings.EqualFold(n, name) {
+			return n, true
+		}
+	}
+	return "", false
+}
+
 func (ps *parser) memberName(m *hujson.ObjectMember) (string, bool) {
 	lit, ok := m.Name.Value.(hujson.Literal)
 	if !ok || lit.Kind() != '"' {
@@ -298,27 +364,31 @@ func (ps *parser) object(v *hujson.Value, what string, allowed ...string) ([]huj
 		if !ok {
 			continue
 		}
-		if seen[name] {
+		// Field names match without regard to case, as in Tailscale
+		// ("Action" is "action"); map keys (tags, hosts, capabilities)
+		// keep their own rules.
+		key := name
+		if allowed != nil {
+			key = strings.ToLower(name)
+		}
+		if seen[key] {
 			ps.errorf(&obj.Members[i].Name, "duplicate key %q in %s", name, what)
 			continue
 		}
-		seen[name] = true
-		if allowed != nil && !contains(allowed, name) {
-			ps.errorf(&obj.Members[i].Name, "unknown field %q in %s: allowed fields are %s", name, what, strings.Join(allowed, ", "))
-			continue
+		seen[key] = true
+		if allowed != nil {
+			if _, ok := canonicalName(allowed, name); !ok {
+				if instead, ok := refusedFields[strings.ToLower(name)]; ok {
+					ps.errorf(&obj.Members[i].Name, "field %q in %s is not supported: %s", name, what, instead)
+					continue
+				}
+				ps.errorf(&obj.Members[i].Name, "unknown field %q in %s: allowed fields are %s", name, what, strings.Join(allowed, ", "))
+				continue
+			}
 		}
 		out = append(out, obj.Members[i])
 	}
 	return out, true
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 // litString is the value of a string literal. Most policy strings have no
@@ -332,9 +402,11 @@ func litString(lit hujson.Literal) string {
 	return lit.String()
 }
 
+// field returns the member called name, spelled in any case (object has
+// refused two spellings of one name).
 func (ps *parser) field(members []hujson.ObjectMember, name string) *hujson.Value {
 	for i := range members {
-		if lit, ok := members[i].Name.Value.(hujson.Literal); ok && litString(lit) == name {
+		if lit, ok := members[i].Name.Value.(hujson.Literal); ok && strings.EqualFold(litString(lit), name) {
 			return &members[i].Value
 		}
 	}
@@ -516,10 +588,14 @@ func (ps *parser) parseTagOwners(v *hujson.Value) {
 }
 
 func (ps *parser) parseACL(v *hujson.Value) {
-	members, ok := ps.object(v, "an acl", "action", "src", "dst", "proto")
+	members, ok := ps.object(v, "an acl", "action", "src", "dst", "proto", "users", "ports")
 	if !ok {
 		return
 	}
+	// "users" and "ports" are the names Tailscale's first ACLs used for
+	// src and dst; its parser still takes them, so a file written then
+	// loads here too.
+	srcName, dstName := ps.legacyName(members, "src", "users"), ps.legacyName(members, "dst", "ports")
 	r := rule{pos: ps.pos(v)}
 	if a := ps.required(v, members, "action", "an acl"); a != nil {
 		if s, ok := ps.str(a, `"action"`); ok && s != "accept" {
@@ -535,10 +611,10 @@ func (ps *parser) parseACL(v *hujson.Value) {
 			}
 		}
 	}
-	if src := ps.required(v, members, "src", "an acl"); src != nil {
+	if src := ps.required(v, members, srcName, "an acl"); src != nil {
 		r.src = ps.selectors(src, "src", ctxSrc)
 	}
-	if dst := ps.required(v, members, "dst", "an acl"); dst != nil {
+	if dst := ps.required(v, members, dstName, "an acl"); dst != nil {
 		list := ps.strList(dst, "dst")
 		if arr, ok := dst.Value.(*hujson.Array); ok && len(arr.Elements) == 0 {
 			ps.errorf(dst, "dst is empty")
@@ -566,7 +642,52 @@ func (ps *parser) parseACL(v *hujson.Value) {
 			r.targets = append(r.targets, target{dst: sel, protos: protos, ports: ports})
 		}
 	}
+	ps.checkSelfSources(&r)
 	ps.pol.rules = append(ps.pol.rules, r)
+}
+
+// legacyName is the name of the field given as name or its legacy alias;
+// both at once is an error.
+func (ps *parser) legacyName(members []hujson.ObjectMember, name, legacy string) string {
+	if ps.field(members, legacy) == nil {
+		return name
+	}
+	if ps.field(members, name) != nil {
+		ps.errorf(ps.field(members, legacy), "%q is the old name of %q: write only %q", legacy, name, name)
+		return name
+	}
+	return legacy
+}
+
+// checkSelfSources refuses autogroup:self as a destination of a rule whose
+// sources are not all users (a user, a group, autogroup:member), as
+// Tailscale does: a tagged device or an address has no "own devices", so
+// such a rule could only mean something its author did not write.
+func (ps *parser) checkSelfSources(r *rule) {
+	var self *selector
+	for i := range r.targets {
+		if r.targets[i].dst.kind == selSelf {
+			self = &r.targets[i].dst
+		}
+	}
+	for i := range r.capDsts {
+		if r.capDsts[i].kind == selSelf {
+			self = &r.capDsts[i]
+		}
+	}
+	if self == nil {
+		return
+	}
+	for _, s := range r.src {
+		switch s.kind {
+		case selUser, selGroup, selMember:
+			continue
+		}
+		ps.probs = append(ps.probs, Problem{Pos: self.pos, Msg: fmt.Sprintf(
+			"autogroup:self is only allowed when every src is a user, a group or autogroup:member, and src %q is not: "+
+				"give it a rule of its own naming the destinations it needs", s.raw)})
+		return
+	}
 }
 
 // splitHostPorts splits an ACL destination "HOST:PORTS" at its last colon;
@@ -631,6 +752,7 @@ func (ps *parser) parseGrant(v *hujson.Value) {
 		r.caps = ps.parseCaps(app)
 		r.capDsts = dsts
 	}
+	ps.checkSelfSources(&r)
 	ps.pol.rules = append(ps.pol.rules, r)
 }
 
@@ -875,8 +997,12 @@ func (ps *parser) parseTest(v *hujson.Value) {
 				continue
 			}
 			port, err := parsePort(portStr)
-			if err != nil {
+			if err != nil && strings.ContainsAny(portStr, ",-*") {
 				ps.errorf(e.val, "test %s %q: a test destination names one port, not a list, range or *", name, e.s)
+				continue
+			}
+			if err != nil {
+				ps.errorf(e.val, "test %s %q: %v", name, e.s, err)
 				continue
 			}
 			sel, err := ps.pol.resolveSelector(host, ps.pos(e.val), ctxTestDst)

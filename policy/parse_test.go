@@ -24,7 +24,7 @@ func TestBadPolicies(t *testing.T) {
 		{"syntax: missing comma", hdr + `"grants": [{"src": ["*"] "dst": ["*"], "ip": ["*"]}]}`, `"dst"`, "syntax error"},
 		{"syntax: unterminated", `{"grants": [`, ``, "syntax error"},
 		{"not an object", `["grants"]`, `["grants"]`, "JSON object"},
-		{"unknown section", hdr + `"derpMap": {}}`, `"derpMap"`, `unknown section "derpMap"`},
+		{"unknown section", hdr + `"derpMaps": {}}`, `"derpMaps"`, `unknown section "derpMaps"`},
 		{"duplicate section", hdr + `"grants": [], "grants": []}`, `"grants": []}`, `duplicate section`},
 		{"unknown field", hdr + `"grants": [{"src": ["*"], "dst": ["tag:srv"], "ip": ["*"], "via": ["tag:x"]}]}`, `"via"`, `unknown field "via"`},
 		{"unknown group", hdr + `"grants": [{"src": ["group:nope"], "dst": ["tag:srv"], "ip": ["*"]}]}`, `"group:nope"`, `unknown group "group:nope"`},

@@ -50,6 +50,13 @@ func randPolicy(rng *rand.Rand) string {
 			}
 			dst = append(dst, fmt.Sprintf("%q", d))
 		}
+		if slices.Contains(dst, `"autogroup:self"`) {
+			// Tailscale and meshd refuse autogroup:self with sources that
+			// are not users: draw them again from users only.
+			for i := range src {
+				src[i] = fmt.Sprintf("%q", pick([]string{"autogroup:member", "group:g0", "group:g1", "group:g2", user()}))
+			}
+		}
 		fmt.Fprintf(&b, "{\"src\": [%s], \"dst\": [%s]", strings.Join(src, ", "), strings.Join(dst, ", "))
 		kind := rng.IntN(3)
 		if kind != 1 {

@@ -45,6 +45,10 @@ func parseProto(s string) ([]uint8, error) {
 		return []uint8{n}, nil
 	}
 	n, err := strconv.ParseUint(s, 10, 8)
+	if err == nil && len(s) > 1 && s[0] == '0' {
+		// Tailscale refuses "06": a leading zero reads as octal to some.
+		return nil, fmt.Errorf("protocol %q: write the number without a leading 0", s)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("unknown protocol %q: use a name (tcp, udp, icmp, sctp, ...) or an IANA number 0-255", s)
 	}
@@ -80,6 +84,9 @@ func parsePorts(s string) ([]netmap.PortRange, error) {
 			return nil, fmt.Errorf("ports %q: * cannot be combined with other ports", s)
 		}
 		lo, hi, isRange := strings.Cut(part, "-")
+		if lo == "" {
+			return nil, portsErr(s, fmt.Errorf("%q is not a port number 0-65535", part))
+		}
 		first, err := parsePort(lo)
 		if err != nil {
 			return nil, portsErr(s, err)

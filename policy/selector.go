@@ -105,10 +105,16 @@ func (p *Policy) resolveSelector(raw string, pos Pos, ctx selContext) (selector,
 			}
 			s.kind = selAdmin
 		case "autogroup:self":
-			if ctx != ctxDst {
-				return s, fmt.Errorf("autogroup:self is only allowed as a destination")
+			if ctx != ctxDst && ctx != ctxTestDst {
+				return s, fmt.Errorf("autogroup:self is only allowed as a destination (of a rule or a test)")
 			}
 			s.kind = selSelf
+		case "autogroup:owner", "autogroup:it-admin", "autogroup:network-admin", "autogroup:billing-admin", "autogroup:auditor":
+			return s, fmt.Errorf("%s is a Tailscale admin-console role, and meshd has no user roles: name the users, or a group of them", raw)
+		case "autogroup:shared":
+			return s, fmt.Errorf("autogroup:shared is for devices shared from other tailnets, and meshd does not share devices across tailnets: name the users or tags instead")
+		case "autogroup:danger-all":
+			return s, fmt.Errorf("autogroup:danger-all would admit addresses outside the tailnet: use * for every tailnet device, or name the CIDRs")
 		default:
 			return s, fmt.Errorf("unknown autogroup %q: use autogroup:member, autogroup:tagged, autogroup:self or autogroup:admin", raw)
 		}

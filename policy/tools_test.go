@@ -168,6 +168,9 @@ func TestExplain(t *testing.T) {
 		{"alice@example.com", "alice@example.com:22", "", true, "seed.hujson:52", 1},
 		{"alice@example.com", "bob@example.com:22", "", false, "", 1},
 		{"alice@example.com", "tag:inference-server:0", "icmp", true, "seed.hujson:33", 1},
+		// autogroup:self: the source user's own device, per group member.
+		{"alice@example.com", "autogroup:self:22", "", true, "seed.hujson:52", 1},
+		{"group:ml-engineers", "autogroup:self:3389", "udp", true, "seed.hujson:52", 2},
 	}
 	for _, tc := range tests {
 		ex, err := p.Explain(tc.src, tc.dst, tc.proto)
@@ -186,6 +189,7 @@ func TestExplain(t *testing.T) {
 		{"alice@example.com", "tag:unknown:22", ""},
 		{"alice@example.com", "tag:prod:22", "bogus"},
 		{"alice@example.com", "10.0.0.0/8:22", ""},
+		{"tag:prod", "autogroup:self:22", ""}, // a tagged device owns no devices
 	} {
 		if _, err := p.Explain(bad[0], bad[1], bad[2]); err == nil {
 			t.Errorf("Explain(%v): want an error", bad)

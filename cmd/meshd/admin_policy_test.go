@@ -254,3 +254,86 @@ func TestCoordinatorInitState(t *testing.T) {
 		t.Fatalf("--init-state on the intact database: exit %d, stderr %q", code, errOut)
 	}
 }
+
+// cliIgnoredSettingPolicy carries a Tailscale setting meshd ignores
+// (line 2): it loads with a warning.
+const cliIgnoredSettingPolicy = `{
+	"randomizeClientPort": true,
+	"grants": [{"src": ["autogroup:member"], "dst": ["autogroup:self"], "ip": ["*"]}],
+}
+`
+
+// TestPolicyStrictEverywhere: a construct meshd accepts with a warning is
+// an error under --strict on every path a policy enters by: policy check,
+// admin policy set, and the coordinator's --policy or stored policy with
+// --policy-strict (which refuses to start and stores nothing).
+func TestPolicyStrictEverywhere(t *testing.T) {
+	files := t.TempDir()
+	warned := writeFile(t, files, "warned.hujson", cliIgnoredSettingPolicy)
+	const warn = `warned.hujson:2:2: warning: setting "randomizeClientPort" is ignored`
+
+	if code, out, _ := runCLI("policy", "check", warned); code != 0 || !strings.Contains(out, warn) {
+		t.Fatalf("policy check: exit %d, %q; want 0 with the warning", code, out)
+	}
+	if code, out, errOut := runCLI("policy", "check", "--strict", warned); code != 1 || !strings.Contains(out, warn) {
+		t.Fatalf("policy check --strict: exit %d, %q %q; want 1 with the warning", code, out, errOut)
+	}
+
+	url, dir := startCoordinator(t)
+	t.Setenv("MESHD_COORDINATOR", url)
+	t.Setenv("MESHD_TOKEN_FILE", filepath.Join(dir, "admin.token"))
+	if code, _, errOut := runAdmin(t, "policy", "set", "--strict", warned); code != 1 || !strings.Contains(errOut, warn) {
+		t.Fatalf("admin policy set --strict: exit %d, %q; want 1 with the warning", code, errOut)
+	}
+
+	state := t.TempDir()
+	code, _, errOut := coordinatorUntil(state, "policy: ", "--policy", warned, "--policy-strict")
+	if code != 1 || !strings.Contains(errOut, warn) || !strings.Contains(errOut, "--policy-strict is set: not starting") {
+		t.Fatalf("coordinator --policy --policy-strict: exit %d, stderr %q", code, errOut)
+	}
+	if code, line, errOut := coordinatorUntil(state, "policy: "); code != 0 || !strings.HasPrefix(line, "none loaded") {
+		t.Fatalf("after the refusal: exit %d, policy %q (%s); want none stored", code, line, errOut)
+	}
+	if code, line, errOut := coordinatorUntil(state, "policy: ", "--policy", warned); code != 0 || !strings.HasPrefix(line, "warned.hujson") {
+		t.Fatalf("coordinator --policy: exit %d, policy %q (%s)", code, line, errOut)
+	}
+	code, _, errOut = coordinatorUntil(state, "policy: ", "--policy-strict")
+	if code != 1 || !strings.Contains(errOut, warn) {
+		t.Fatalf("coordinator --policy-strict on the stored policy: exit %d, stderr %q", code, errOut)
+	}
+}
+
+// TestPolicyDiffLive: --live compares the policy in force on the
+// coordinator with a file and asks the coordinator what it would cut
+// (control's TestPolicyCuts checks the cuts between connected nodes).
+func TestPolicyDiffLive(t *testing.T) {
+	files := t.TempDir()
+	url, dir := startCoordinator(t)
+	t.Setenv("MESHD_COORDINATOR", url)
+	t.Setenv("MESHD_TOKEN_FILE", filepath.Join(dir, "admin.token"))
+	good := writeFile(t, files, "good.hujson", cliGoodPolicy)
+	if code, _, errOut := runAdmin(t, "policy", "set", good); code != 0 {
+		t.Fatalf("set good: exit %d: %s", code, errOut)
+	}
+	narrower := writeFile(t, files, "none.hujson", `{"tagOwners": {"tag:gpu": []}}`)
+	code, out, errOut := runCLI("policy", "diff", "--live", narrower)
+	if code != 0 || !strings.Contains(out, "closed by "+narrower) || !strings.Contains(out, "no access in use-able now is cut: 0 node(s) connected") {
+		t.Fatalf("policy diff --live: exit %d\nstdout %s\nstderr %s", code, out, errOut)
+	}
+	bad := writeFile(t, files, "bad.hujson", cliBadPolicy)
+	if code, out, _ := runCLI("policy", "diff", "--live", bad); code != 1 || !strings.Contains(out, "bad.hujson:3:") {
+		t.Fatalf("policy diff --live on an invalid file: exit %d, %q", code, out)
+	}
+	// The connection flags from the environment do not disturb an offline
+	// diff; on the command line without --live they are an error.
+	if code, out, errOut := runCLI("policy", "diff", good, narrower); code != 0 || !strings.Contains(out, "closed by") {
+		t.Fatalf("offline diff with MESHD_COORDINATOR set: exit %d, %q %q", code, out, errOut)
+	}
+	if code, _, errOut := runCLI("policy", "diff", "--coordinator", "https://elsewhere:8443", good, narrower); code != 2 || !strings.Contains(errOut, "only with --live") {
+		t.Fatalf("offline diff with --coordinator: exit %d, %q; want 2", code, errOut)
+	}
+	t.Setenv("MESHD_TOKEN_FILE", "")
+	if code, _, errOut := runCLI("policy", "diff", "--live", narrower); code != 2 || !strings.Contains(errOut, "token") {
+		t.Fatalf("policy diff --live without a token: exit %d, %q", code, errOut)
+	}
+}

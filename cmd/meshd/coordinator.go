@@ -29,6 +29,7 @@ func (c *cli) coordinatorCmd() *ffcli.Command {
 	keyExpiry := fs.Duration("node-key-expiry", 180*24*time.Hour, "how long a user's node key is valid after it registers (tagged nodes never expire)")
 	approval := fs.Bool("require-approval", false, "nodes enrolled with keys that are not --preauthorized wait for `meshd admin nodes approve`")
 	policyFile := fs.String("policy", "", "tailnet policy `file` (huJSON) to load at start; it must validate, and it replaces (and is stored over) the policy last set with meshd admin policy set")
+	policyStrict := fs.Bool("policy-strict", false, "refuse to start when the policy in force (--policy FILE, else the stored one) has warnings: constructs meshd accepts but does not enforce, settings it ignores, wide or shadowed rules (as `meshd policy check --strict`)")
 	initState := fs.Bool("init-state", false, "start over with an empty database when the existing one is missing, empty, not meshd's or another coordinator's (it is moved aside, never deleted); every node must enrol again and a new admin token is issued. Refused when the database is intact")
 	newCA := fs.Bool("new-ca", false, "replace the tailnet CA (DIR/ca.key, DIR/ca.crt; moved aside, never deleted) with a new one, as when it is lost or --dns-suffix changes: every host that trusted the old CA must then trust the new one (meshd cert --install-ca)")
 	dnsSuffix := fs.String("dns-suffix", netmap.DefaultDNSSuffix, "MagicDNS `domain`: every node is HOSTNAME.DOMAIN (the tailnet CA is constrained to it: changing it needs --new-ca)")
@@ -122,6 +123,19 @@ the oldest.`,
 					return &exitError{1, fmt.Sprintf("coordinator: --policy: %v", err)}
 				}
 				opts.Policy, opts.PolicyFile = data, *policyFile
+				if *policyStrict {
+					// Checked before the server stores the file: a refused
+					// policy must not become the stored one.
+					if p, err := policy.Parse(*policyFile, data); err == nil {
+						var warns []string
+						for _, w := range p.Lint() {
+							warns = append(warns, w.String())
+						}
+						if err := c.strictPolicy(warns); err != nil {
+							return err
+						}
+					}
+				}
 			}
 			derpMap, err := derpFlags.loadMap()
 			if err != nil {
@@ -144,6 +158,10 @@ the oldest.`,
 			}
 			if err != nil {
 				return err
+			}
+			if p := s.CurrentPolicy(); *policyStrict && len(p.Warnings) > 0 {
+				s.Close()
+				return c.strictPolicy(p.Warnings)
 			}
 			ln, err := net.Listen("tcp", *listen)
 			if err != nil {
@@ -185,6 +203,18 @@ the oldest.`,
 			}
 		},
 	}
+}
+
+// strictPolicy prints a policy's warnings and refuses to start on any
+// (--policy-strict).
+func (c *cli) strictPolicy(warns []string) error {
+	if len(warns) == 0 {
+		return nil
+	}
+	for _, w := range warns {
+		fmt.Fprintln(c.stderr, w)
+	}
+	return &exitError{1, fmt.Sprintf("coordinator: %d policy warning(s) and --policy-strict is set: not starting", len(warns))}
 }
 
 // readPolicyFile reads a policy file, refusing one over the policy size

@@ -22,6 +22,7 @@ import (
 	"meshd.dev/meshd/agent"
 	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/control"
+	"meshd.dev/meshd/policy"
 )
 
 // demoNode is one node of the demo tailnet.
@@ -44,7 +45,51 @@ type demoFlow struct {
 	// reaches every other over UDP on loopback), so this is what the demo
 	// shows of the relay; the NAT lab tests (internal/e2e) assert it.
 	history bool
-	check   func(ctx context.Context, conn net.Conn) error
+	// denied: the policy denies the flow, and the destination's packet
+	// filter must show the drop (wantOK is false).
+	denied bool
+	check  func(ctx context.Context, conn net.Conn) error
+}
+
+// demoPolicyFile is the name the demo's policy is stored and reported under.
+const demoPolicyFile = "demo-policy.hujson"
+
+// demoPolicy is the policy the demo runs under, the seed's shape: ML
+// engineers, inference servers and a training cluster. With
+// openCheckpoints, engineers may also pull checkpoints (tcp:9000) from the
+// training cluster: the live change the demo makes.
+func demoPolicy(openCheckpoints bool) string {
+	checkpoints, verdict := "", "deny"
+	if openCheckpoints {
+		checkpoints = `
+		// Engineers pull checkpoints from the training cluster.
+		{"src": ["group:ml-engineers"], "dst": ["tag:training-cluster"], "ip": ["tcp:9000"]},`
+		verdict = "accept"
+	}
+	return `// The policy of meshd demo: engineers, inference servers, a training cluster.
+{
+	"groups": {"group:ml-engineers": ["alice@example.com"]},
+	"tagOwners": {
+		"tag:inference-server": ["group:ml-engineers"],
+		"tag:training-cluster": ["group:ml-engineers"],
+	},
+	"grants": [
+		// Engineers query the model API, and reach the training cluster over SSH only.
+		{"src": ["group:ml-engineers"], "dst": ["tag:inference-server"], "ip": ["tcp:8000"]},
+		{"src": ["group:ml-engineers"], "dst": ["tag:training-cluster"], "ip": ["tcp:22"]},` + checkpoints + `
+		// Training pushes to inference; inference syncs checkpoints from training
+		// and hands batches to other inference servers.
+		{"src": ["tag:training-cluster"], "dst": ["tag:inference-server"], "ip": ["tcp:8000"]},
+		{"src": ["tag:inference-server"], "dst": ["tag:training-cluster"], "ip": ["tcp:9000"]},
+		{"src": ["tag:inference-server"], "dst": ["tag:inference-server"], "ip": ["tcp:9100"]},
+	],
+	"tests": [
+		{"src": "alice@example.com", "accept": ["tag:inference-server:8000", "tag:training-cluster:22"]},
+		{"src": "alice@example.com", "` + verdict + `": ["tag:training-cluster:9000"]},
+		{"src": "tag:training-cluster", "accept": ["tag:inference-server:8000"], "deny": ["tag:inference-server:22"]},
+	],
+}
+`
 }
 
 func (c *cli) demoCmd() *ffcli.Command {
@@ -53,8 +98,8 @@ func (c *cli) demoCmd() *ffcli.Command {
 	keep := fs.Bool("keep", false, "keep the temporary state directory")
 	return &ffcli.Command{
 		Name:       "demo",
-		ShortUsage: "meshd demo [--verbose]",
-		ShortHelp:  "run a coordinator with its embedded DERP relay and four nodes in this process (no root), check real connections between them and show the path each took",
+		ShortUsage: "meshd demo [--verbose] [--keep]",
+		ShortHelp:  "run a coordinator with its embedded DERP relay and four nodes under a policy in this process (no root): allowed and denied connections, the path each took, and a live policy change",
 		FlagSet:    fs,
 		Options:    envOptions,
 		Exec: func(ctx context.Context, args []string) error {
@@ -120,6 +165,15 @@ func (c *cli) runDemo(ctx context.Context, verbose, keep bool) error {
 		}
 	}
 	go srv.Serve(ln)
+
+	policyPath := filepath.Join(dir, demoPolicyFile)
+	if err := os.WriteFile(policyPath, []byte(demoPolicy(false)), 0o600); err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	if _, err := srv.ApplyPolicy(ctx, demoPolicyFile, []byte(demoPolicy(false))); err != nil {
+		return fmt.Errorf("demo: policy: %w", err)
+	}
+	step("policy in force (%s): engineers reach inference servers on :8000 and the training cluster on SSH only", demoPolicyFile)
 
 	nodes := []*demoNode{
 		{name: "inference-1", key: control.AuthKeyOptions{Tags: []string{"tag:inference-server"}, Preauthorized: true}},
@@ -194,7 +248,7 @@ func (c *cli) runDemo(ctx context.Context, verbose, keep bool) error {
 		{from: "alice-laptop", to: "inference-1", port: 8000, what: "engineer queries the model API", wantOK: true, check: httpGetCheck("inference-1")},
 		{from: "training-1", to: "inference-1", port: 8000, what: "training node pushes to the inference server", wantOK: true, check: httpGetCheck("inference-1")},
 		{from: "inference-1", to: "training-1", port: 9000, what: "inference server syncs a checkpoint (1 MiB echo)", wantOK: true, check: echoCheck(1 << 20)},
-		{from: "alice-laptop", to: "training-1", port: 9001, what: "nothing listens on :9001", wantOK: false},
+		{from: "alice-laptop", to: "training-1", port: 9000, what: "engineer pulls a checkpoint: the policy gives engineers SSH only", wantOK: false, denied: true},
 	}
 	failed := 0
 	do := func(f demoFlow, joined time.Duration) {
@@ -206,7 +260,20 @@ func (c *cli) runDemo(ctx context.Context, verbose, keep bool) error {
 		start := time.Now()
 		flowErr := runFlow(ctx, from, f)
 		ok := (flowErr == nil) == f.wantOK
-		var problems []string
+		var problems, notes []string
+		if f.denied {
+			// The reason comes from the destination's packet filter, not
+			// from the failed dial: a denied flow and a dead service look
+			// the same to the sender.
+			drop, err := demoDrop(ctx, from, byName[f.to].a, f.port)
+			if err != nil {
+				ok = false
+				problems = append(problems, err.Error())
+			} else {
+				notes = append(notes, fmt.Sprintf("denied by %s's packet filter: %s, %s %s -> %s (%d packets dropped)",
+					f.to, drop.Reason, protoName(drop.Proto, true), hostPort(drop.Src, drop.SrcPort), hostPort(drop.Dst, drop.DstPort), drop.count))
+			}
+		}
 		after := before
 		if f.wantOK {
 			// The first pong makes a path direct; on loopback that takes
@@ -227,11 +294,17 @@ func (c *cli) runDemo(ctx context.Context, verbose, keep bool) error {
 			failed++
 		}
 		result := "connected"
-		if flowErr != nil {
+		switch {
+		case flowErr != nil && f.denied:
+			result = "denied"
+		case flowErr != nil:
 			result = "failed: " + flowErr.Error()
 		}
 		fmt.Fprintf(out, "    [%s] %s -> %s:%d (%s): %s\n", verdict, f.from, f.to, f.port, f.what, result)
 		fmt.Fprintf(out, "         path: %s\n", pathLine)
+		for _, n := range notes {
+			fmt.Fprintf(out, "         %s\n", n)
+		}
 		for _, p := range problems {
 			fmt.Fprintf(out, "         problem: %s\n", p)
 		}
@@ -266,6 +339,36 @@ func (c *cli) runDemo(ctx context.Context, verbose, keep bool) error {
 	flows = append(flows, relayFlow)
 	do(relayFlow, joinedAt)
 
+	// The policy changes live: the coordinator sends training-1 its new
+	// filter, and the flow denied above opens without restarting anything.
+	step("changing the policy live: engineers may pull checkpoints (tcp:9000) from the training cluster")
+	oldPol, err := policy.Parse(demoPolicyFile, []byte(demoPolicy(false)))
+	if err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	newPol, err := policy.Parse(demoPolicyFile, []byte(demoPolicy(true)))
+	if err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	for _, fl := range policy.Diff(oldPol, newPol).Opened {
+		fmt.Fprintf(out, "    + %s\n", fl)
+	}
+	changed := time.Now()
+	if _, err := srv.ApplyPolicy(ctx, demoPolicyFile, []byte(demoPolicy(true))); err != nil {
+		return fmt.Errorf("demo: policy change: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "demo-policy-new.hujson"), []byte(demoPolicy(true)), 0o600); err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	rule, err := waitAllowedNow(ctx, byName["alice-laptop"].a, byName["training-1"].a, 9000, 10*time.Second)
+	if err != nil {
+		return fmt.Errorf("demo: %w", err)
+	}
+	fmt.Fprintf(out, "    training-1's filter allows the dropped flow now (rule %s), %v after the change\n", rule, time.Since(changed).Round(time.Millisecond))
+	reopened := demoFlow{from: "alice-laptop", to: "training-1", port: 9000, what: "the same checkpoint pull, after the change (64 KiB echo)", wantOK: true, check: echoCheck(64 << 10)}
+	flows = append(flows, reopened)
+	do(reopened, 0)
+
 	step("status as seen by alice-laptop")
 	st, err := byName["alice-laptop"].a.Status(ctx)
 	if err != nil {
@@ -277,7 +380,71 @@ func (c *cli) runDemo(ctx context.Context, verbose, keep bool) error {
 		return &exitError{code: 1, msg: fmt.Sprintf("demo: %d of %d flows did not behave as expected", failed, len(flows))}
 	}
 	fmt.Fprintf(out, "==> all %d flows behaved as expected\n", len(flows))
+	where := "DIR"
+	fmt.Fprintln(out, "==> try next")
+	if keep {
+		where = dir
+	} else {
+		fmt.Fprintln(out, "    meshd demo --keep    # keeps DIR, with the policy before and after the change")
+	}
+	before, after := filepath.Join(where, demoPolicyFile), filepath.Join(where, "demo-policy-new.hujson")
+	fmt.Fprintf(out, "    meshd policy explain %s --src alice@example.com --dst tag:training-cluster:9000    # denied, and why\n", before)
+	fmt.Fprintf(out, "    meshd policy diff %s %s    # what the change opens\n", before, after)
+	fmt.Fprintln(out, "    meshd policy check --strict YOUR-POLICY.hujson    # a Tailscale policy file loads as it is")
+	fmt.Fprintln(out, "    README.md, \"Five minutes: two nodes under a policy\": the same on real TUN devices, where")
+	fmt.Fprintln(out, "    meshd debug drops on a node shows what its filter dropped, and why")
 	return nil
+}
+
+// demoDropRecord is a drop with the number of packets like it.
+type demoDropRecord struct {
+	localapi.Drop
+	count int
+}
+
+// demoDrop returns the last inbound packet to's filter dropped from one of
+// from's addresses to port, with the number of such drops.
+func demoDrop(ctx context.Context, from, to *agent.Agent, port uint16) (demoDropRecord, error) {
+	st, err := from.Status(ctx)
+	if err != nil {
+		return demoDropRecord{}, err
+	}
+	drops, err := to.Drops(ctx)
+	if err != nil {
+		return demoDropRecord{}, err
+	}
+	var out demoDropRecord
+	for _, d := range drops.Drops {
+		if d.Dir == "in" && d.DstPort == port && st.Self != nil && slices.Contains(st.Self.IPs, d.Src) {
+			out.Drop = d
+			out.count++
+		}
+	}
+	if out.count == 0 {
+		return out, fmt.Errorf("the flow failed, but the destination's packet filter recorded no drop from the sender to port %d", port)
+	}
+	return out, nil
+}
+
+// waitAllowedNow polls to's recorded drops from from to port until the
+// rules in force allow them (the new policy reached to's filter), and
+// returns the origin of the allowing rule.
+func waitAllowedNow(ctx context.Context, from, to *agent.Agent, port uint16, d time.Duration) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for {
+		drop, err := demoDrop(ctx, from, to, port)
+		if err == nil && drop.AllowedNowBy != "" {
+			return drop.AllowedNowBy, nil
+		}
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("the new policy did not reach the destination's packet filter within %v", d)
+		case <-t.C:
+		}
+	}
 }
 
 func keyKind(o control.AuthKeyOptions) string {
@@ -373,7 +540,15 @@ func serveEcho(ctx context.Context, a *agent.Agent, port uint16) error {
 }
 
 func runFlow(ctx context.Context, from *agent.Agent, f demoFlow) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	timeout := 10 * time.Second
+	if f.denied {
+		// A denied SYN is dropped silently: the dial can only time out.
+		// Five seconds cover the netstack's first retransmissions (1 s,
+		// 3 s), so the destination's filter has seen the flow even when
+		// the first SYN waited for a WireGuard handshake.
+		timeout = 5 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	conn, err := from.Dial(ctx, "tcp", net.JoinHostPort(f.to, fmt.Sprint(f.port)))
 	if err != nil {

@@ -26,7 +26,12 @@ func TestDemo(t *testing.T) {
 		"training-1 joined with a tag:training-cluster key",
 		"alice-laptop joined with a alice@example.com key",
 		"gpu-spot-1 joined with a tag:inference-server key",
-		"all 5 flows behaved as expected",
+		"policy in force (demo-policy.hujson)",
+		"+ group:ml-engineers -> tag:training-cluster:9000 (tcp)  [demo-policy.hujson:13]",
+		"training-1's filter allows the dropped flow now (rule demo-policy.hujson:13)",
+		"all 6 flows behaved as expected",
+		"==> try next",
+		"meshd policy explain DIR/demo-policy.hujson --src alice@example.com --dst tag:training-cluster:9000",
 	} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("demo output lacks %q:\n%s", want, out.String())
@@ -39,12 +44,16 @@ func TestDemo(t *testing.T) {
 		{`alice-laptop -> inference-1:8000`, `(via DERP\(coord\), then )?direct ` + loopEP},
 		{`training-1 -> inference-1:8000`, `(via DERP\(coord\), then )?direct ` + loopEP},
 		{`inference-1 -> training-1:9000`, `(via DERP\(coord\), then )?direct ` + loopEP},
-		{`alice-laptop -> training-1:9001`, `(via DERP\(coord\)|direct ` + loopEP + `)`},
+		// Denied by the policy: the reason is training-1's filter's.
+		{`alice-laptop -> training-1:9000 \(engineer pulls a checkpoint: the policy gives engineers SSH only\): denied`,
+			`(via DERP\(coord\)|direct ` + loopEP + `)\n\s+denied by training-1's packet filter: no_rule, tcp 100\.64\.\d+\.\d+:\d+ -> 100\.64\.\d+\.\d+:9000 \([1-9]\d* packets dropped\)`},
+		// The same flow after the live policy change.
+		{`alice-laptop -> training-1:9000 \(the same checkpoint pull, after the change \(64 KiB echo\)\): connected`, `(via DERP\(coord\), then )?direct ` + loopEP},
 		// The late joiner: its path history, ending direct (relayed first
 		// when the status polls caught it before hole punching finished).
 		{`(inference-1|training-1|alice-laptop) -> gpu-spot-1:9100`, `(via DERP\(coord\) from \+\S+, then )?direct ` + loopEP + ` from \+\S+`},
 	} {
-		re := regexp.MustCompile(`\[ok\] ` + tc.flow + ` .*\n\s+path: ` + tc.path + `(\s|$)`)
+		re := regexp.MustCompile(`\[ok\] ` + tc.flow + `.*\n\s+path: ` + tc.path + `(\s|$)`)
 		if !re.MatchString(out.String()) {
 			t.Errorf("demo output lacks flow %s with path %s:\n%s", tc.flow, tc.path, out.String())
 		}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/peterbourgon/ff/v3/ffcli"
 
+	"meshd.dev/meshd/control"
 	"meshd.dev/meshd/policy"
 )
 
@@ -95,7 +96,7 @@ func writeJSON(w io.Writer, v any) error {
 func (c *cli) policyCheckCmd() *ffcli.Command {
 	fs := flag.NewFlagSet("meshd policy check", flag.ContinueOnError)
 	asJSON := fs.Bool("json", false, "print the result as JSON")
-	strict := fs.Bool("strict", false, "also exit 1 on warnings (sections meshd does not enforce: ssh, autoApprovers, nodeAttrs; wide rules, unowned tags, unused groups, shadowed rules)")
+	strict := fs.Bool("strict", false, "also exit 1 on warnings (sections meshd does not enforce: ssh, autoApprovers, nodeAttrs; Tailscale settings it ignores: disableIPv4, randomizeClientPort, OneCGNATRoute; wide rules, unowned tags, unused groups, shadowed rules)")
 	return &ffcli.Command{
 		Name:       "check",
 		ShortUsage: "meshd policy check [--json] [--strict] FILE",
@@ -172,7 +173,7 @@ test fails, or --strict is set and there are warnings.`,
 func (c *cli) policyExplainCmd() *ffcli.Command {
 	fs := flag.NewFlagSet("meshd policy explain", flag.ContinueOnError)
 	src := fs.String("src", "", "source: a user email, group:NAME, tag:NAME, host alias or IP")
-	dst := fs.String("dst", "", "destination HOST:PORT: tag:NAME:PORT, USER:PORT, a host alias or an IP with one port")
+	dst := fs.String("dst", "", "destination HOST:PORT: tag:NAME:PORT, USER:PORT, autogroup:self:PORT (the source user's own device), a host alias or an IP with one port")
 	proto := fs.String("proto", "", "protocol name or number (default tcp)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	return &ffcli.Command{
@@ -226,9 +227,12 @@ Exit status: 0 allowed; 1 denied, or the policy or the arguments are invalid.`,
 func (c *cli) policyDiffCmd() *ffcli.Command {
 	fs := flag.NewFlagSet("meshd policy diff", flag.ContinueOnError)
 	asJSON := fs.Bool("json", false, "print the result as JSON")
+	live := fs.Bool("live", false, "compare the policy in force on the coordinator with NEW, and list the access between nodes connected now that NEW would cut (needs --coordinator and --token-file, as meshd admin)")
+	var conn adminConn
+	conn.register(fs)
 	return &ffcli.Command{
 		Name:       "diff",
-		ShortUsage: "meshd policy diff [--json] OLD NEW",
+		ShortUsage: "meshd policy diff [--json] OLD NEW | meshd policy diff --live [--json] --coordinator URL --token-file FILE NEW",
 		ShortHelp:  "list the flows NEW opens and closes compared with OLD",
 		LongHelp: `Compares two policy files by what they allow, not by their text: each line is
 a flow (source, destination, ports, protocols) that NEW opens or closes, with
@@ -236,17 +240,43 @@ the rule responsible. Groups are expanded to their members, so a membership
 change shows as the flows it opens or closes. Rewording a rule without
 changing what it allows shows nothing.
 
-Exit status: 0 when both files are valid (whether or not they differ); 1 when
-either is invalid.`,
+With --live, OLD is the policy in force on the coordinator, and the coordinator
+also lists, for every pair of nodes connected to it now, what the source may
+open to the destination today and could not under NEW: the connections NEW
+would cut if they are open, and new ones it would refuse. The coordinator sees
+who may connect, not which connections are open (meshd debug drops on a node
+shows what its filter dropped after the change). Nothing is changed.
+
+Exit status: 0 when both policies are valid (whether or not they differ); 1
+when either is invalid.`,
 		FlagSet: fs,
 		Options: envOptions,
-		Exec: func(_ context.Context, args []string) error {
+		Exec: func(ctx context.Context, args []string) error {
 			pos, err := parseInterspersed(fs, args)
 			if err != nil {
 				return err
 			}
+			if *live {
+				if len(pos) != 1 {
+					return &exitError{code: 2, msg: "policy diff --live: usage: meshd policy diff --live --coordinator URL --token-file FILE NEW"}
+				}
+				return c.policyDiffLive(ctx, &conn, pos[0], *asJSON)
+			}
+			// The connection flags serve --live only. From the
+			// environment (MESHD_COORDINATOR, ...) they are the admin's
+			// standing settings; typed on the command line without
+			// --live they would do nothing, which is an error.
+			for _, f := range []struct{ flag, val, env string }{
+				{"--coordinator", conn.url, "MESHD_COORDINATOR"},
+				{"--token-file", conn.tokenFile, "MESHD_TOKEN_FILE"},
+				{"--admin-token", conn.token, "MESHD_ADMIN_TOKEN"},
+			} {
+				if f.val != "" && f.val != os.Getenv(f.env) {
+					return &exitError{code: 2, msg: fmt.Sprintf("policy diff: %s is used only with --live (compare the policy in force with a file)", f.flag)}
+				}
+			}
 			if len(pos) != 2 {
-				return &exitError{code: 2, msg: "policy diff: usage: meshd policy diff OLD NEW"}
+				return &exitError{code: 2, msg: "policy diff: usage: meshd policy diff OLD NEW (or --live NEW)"}
 			}
 			oldP, err := loadPolicy(pos[0])
 			if err != nil {
@@ -260,22 +290,78 @@ either is invalid.`,
 			if *asJSON {
 				return writeJSON(c.stdout, d)
 			}
-			if len(d.Opened) == 0 && len(d.Closed) == 0 {
-				fmt.Fprintf(c.stdout, "no change in allowed flows between %s and %s\n", pos[0], pos[1])
-				return nil
-			}
-			printFlows := func(title, sign string, fl []policy.Flow) {
-				if len(fl) == 0 {
-					return
-				}
-				fmt.Fprintf(c.stdout, "%s (%d):\n", title, len(fl))
-				for _, f := range fl {
-					fmt.Fprintf(c.stdout, "  %s %s\n", sign, f)
-				}
-			}
-			printFlows("opened by "+pos[1], "+", d.Opened)
-			printFlows("closed by "+pos[1], "-", d.Closed)
+			c.printDiff(d, pos[0], pos[1])
 			return nil
 		},
 	}
+}
+
+func (c *cli) printDiff(d policy.PolicyDiff, oldName, newName string) {
+	if len(d.Opened) == 0 && len(d.Closed) == 0 {
+		fmt.Fprintf(c.stdout, "no change in allowed flows between %s and %s\n", oldName, newName)
+		return
+	}
+	printFlows := func(title, sign string, fl []policy.Flow) {
+		if len(fl) == 0 {
+			return
+		}
+		fmt.Fprintf(c.stdout, "%s (%d):\n", title, len(fl))
+		for _, f := range fl {
+			fmt.Fprintf(c.stdout, "  %s %s\n", sign, f)
+		}
+	}
+	printFlows("opened by "+newName, "+", d.Opened)
+	printFlows("closed by "+newName, "-", d.Closed)
+}
+
+// policyDiffLive is `meshd policy diff --live NEW`: the policy in force
+// against NEW, and what NEW would cut between the nodes connected now.
+func (c *cli) policyDiffLive(ctx context.Context, conn *adminConn, file string, asJSON bool) error {
+	ac, err := conn.client()
+	if err != nil {
+		return err
+	}
+	newP, err := loadPolicy(file)
+	if err != nil {
+		return c.policyError(err)
+	}
+	data, err := readPolicyFile(file)
+	if err != nil {
+		return &exitError{1, err.Error()}
+	}
+	cur, err := ac.Policy(ctx)
+	if err != nil {
+		return fmt.Errorf("policy diff --live: %w", err)
+	}
+	oldP, oldName := policy.Bootstrap(), "the bootstrap default"
+	if !cur.Bootstrap {
+		if oldP, err = policy.Parse(cur.File, []byte(cur.Text)); err != nil {
+			return fmt.Errorf("policy diff --live: the policy in force does not parse here (a newer coordinator?): %w", err)
+		}
+		oldName = cur.File + " (in force)"
+	}
+	rep, err := ac.PolicyCuts(ctx, file, data)
+	if err != nil {
+		return fmt.Errorf("policy diff --live: %w", err)
+	}
+	d := policy.Diff(oldP, newP)
+	if asJSON {
+		return writeJSON(c.stdout, struct {
+			policy.PolicyDiff
+			Live control.PolicyCutReport `json:"live"`
+		}{d, rep})
+	}
+	c.printDiff(d, oldName, file)
+	if len(rep.Cuts) == 0 {
+		fmt.Fprintf(c.stdout, "no access in use-able now is cut: %d node(s) connected\n", rep.Connected)
+		return nil
+	}
+	fmt.Fprintf(c.stdout, "access cut between the %d node(s) connected now (open connections among these would be cut):\n", rep.Connected)
+	for _, cut := range rep.Cuts {
+		fmt.Fprintf(c.stdout, "  - %s\n", cut)
+	}
+	if more := rep.Total - len(rep.Cuts); more > 0 {
+		fmt.Fprintf(c.stdout, "  ... and %d more pairs (the flows closed above say which)\n", more)
+	}
+	return nil
 }

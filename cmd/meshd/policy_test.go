@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -202,5 +203,47 @@ func TestPolicyDiff(t *testing.T) {
 	bad := writePolicy(t, "bad.hujson", `{"grants": [}`)
 	if code, out, _ = runPolicy(t, "diff", seedPolicy, bad); code != 1 || !strings.Contains(out, bad+":1:13: syntax error") {
 		t.Errorf("diff bad: exit %d, output %q", code, out)
+	}
+}
+
+// TestReadmeWalkPolicies: the README's five-minute walk checks its policy,
+// edits it with the sed line it shows, and diffs the two: both must be
+// valid, and the edit must open exactly SSH for engineers, so that the walk
+// does what its comments say.
+func TestReadmeWalkPolicies(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("..", "..", "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, walk, ok := strings.Cut(string(b), "## Five minutes: two nodes under a policy\n")
+	_, rest, ok2 := strings.Cut(walk, "cat > policy.hujson <<'EOF'\n")
+	pol, rest, ok3 := strings.Cut(rest, "\nEOF\n")
+	_, sedLine, ok4 := strings.Cut(rest, "\nsed '")
+	script, _, ok5 := strings.Cut(sedLine, "' policy.hujson > policy2.hujson")
+	if !ok || !ok2 || !ok3 || !ok4 || !ok5 {
+		t.Fatal("README: the five-minute walk lost its policy heredoc or its sed line")
+	}
+	dir := t.TempDir()
+	before := filepath.Join(dir, "policy.hujson")
+	if err := os.WriteFile(before, []byte(pol+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	after, err := exec.Command("sed", script, before).Output()
+	if err != nil {
+		t.Fatalf("sed %q: %v", script, err)
+	}
+	afterFile := filepath.Join(dir, "policy2.hujson")
+	if err := os.WriteFile(afterFile, after, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{before, afterFile} {
+		if code, out, errOut := runCLI("policy", "check", "--strict", f); code != 0 {
+			t.Fatalf("policy check --strict %s: exit %d\n%s%s", filepath.Base(f), code, out, errOut)
+		}
+	}
+	code, out, errOut := runCLI("policy", "diff", before, afterFile)
+	want := "opened by " + afterFile + " (1):\n  + group:engineers -> tag:inference:22 (tcp)  [" + afterFile + ":5]\n"
+	if code != 0 || out != want {
+		t.Fatalf("policy diff: exit %d\n%s%s\nwant:\n%s", code, out, errOut, want)
 	}
 }

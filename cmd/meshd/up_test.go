@@ -232,3 +232,117 @@ func TestUpForegroundApproval(t *testing.T) {
 		t.Fatal("up --foreground --timeout 300ms did not give up")
 	}
 }
+
+// TestUpHostnameCase: the coordinator lowercases names ("NodeA" becomes
+// "nodea"). Neither the first `meshd up --hostname NodeA` nor a later one
+// with the same name in any case (on the command line, from MESHD_HOSTNAME,
+// after a daemon restart) prints a note about a hostname not applied: the
+// user asked for no change. Another name is still refused.
+func TestUpHostnameCase(t *testing.T) {
+	url, cdir := startCoordinator(t)
+	t.Setenv("MESHD_COORDINATOR", url)
+	t.Setenv("MESHD_TOKEN_FILE", filepath.Join(cdir, "admin.token"))
+	t.Setenv("MESHD_AUTHKEY", "")
+	t.Setenv("MESHD_HOSTNAME", "")
+	code, out, errOut := runAdmin(t, "keys", "create", "--tags", "tag:case", "--reusable")
+	if code != 0 {
+		t.Fatalf("keys create: %d %s", code, errOut)
+	}
+	key := strings.TrimSpace(out)
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "meshd.sock")
+	daemon := func() (stop func()) {
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan int, 1)
+		go func() {
+			done <- run(ctx, []string{"daemon", "--state-dir", filepath.Join(dir, "state"), "--socket", sock,
+				"--tun", "userspace", "--port", "0", "--loopback-only"}, io.Discard, io.Discard)
+		}()
+		return func() {
+			cancel()
+			if code := <-done; code != 0 {
+				t.Errorf("daemon exit %d", code)
+			}
+		}
+	}
+	up := func(args ...string) (int, string) {
+		t.Helper()
+		var stdout, stderr bytes.Buffer
+		// The daemon may still be creating its socket.
+		for range 100 {
+			stdout.Reset()
+			stderr.Reset()
+			code := run(context.Background(), append([]string{"up", "--socket", sock}, args...), &stdout, &stderr)
+			if code == 0 || !strings.Contains(stderr.String(), "no daemon at") {
+				return code, stdout.String() + stderr.String()
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		t.Fatal("the daemon never listened")
+		return 0, ""
+	}
+	stop := daemon()
+	for _, step := range []struct {
+		name string
+		env  string // MESHD_HOSTNAME
+		args []string
+		fail string // "": must succeed without a note
+	}{
+		{name: "first up", args: []string{"--authkey", key, "--coordinator", url, "--hostname", "NodeA"}},
+		{name: "same name on the command line", args: []string{"--hostname", "NodeA"}},
+		{name: "same name, other case", args: []string{"--hostname", "NODEA"}},
+		{name: "same name from the environment", env: "nodeA"},
+		{name: "another name", args: []string{"--hostname", "NodeB"}, fail: "does not rename"},
+		{name: "after a daemon restart"},
+	} {
+		t.Run(step.name, func(t *testing.T) {
+			t.Setenv("MESHD_HOSTNAME", step.env)
+			if step.name == "after a daemon restart" {
+				stop()
+				stop = daemon()
+				step.args = []string{"--hostname", "NodeA"}
+			}
+			code, out := up(step.args...)
+			if step.fail != "" {
+				if code == 0 || !strings.Contains(out, step.fail) {
+					t.Fatalf("exit %d, output %q; want a failure saying %q", code, out, step.fail)
+				}
+				return
+			}
+			if code != 0 || !strings.Contains(out, "meshd: running as nodea ") {
+				t.Fatalf("exit %d, output %q; want running as nodea", code, out)
+			}
+			if strings.Contains(out, "note") || strings.Contains(out, "not applied") {
+				t.Errorf("output %q has a note the user did not ask for", out)
+			}
+		})
+	}
+	stop()
+
+	// The sidecar form: its first up prints the same.
+	t.Run("foreground", func(t *testing.T) {
+		t.Setenv("MESHD_HOSTNAME", "")
+		fdir := t.TempDir()
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		var stdout syncBuffer
+		done := make(chan int, 1)
+		go func() {
+			done <- run(ctx, []string{"up", "--foreground", "--authkey", key, "--coordinator", url, "--hostname", "SideCar",
+				"--state-dir", filepath.Join(fdir, "state"), "--socket", filepath.Join(fdir, "s.sock"),
+				"--tun", "userspace", "--port", "0", "--loopback-only"}, &stdout, io.Discard)
+		}()
+		deadline := time.Now().Add(30 * time.Second)
+		for !strings.Contains(stdout.String(), "running as") && time.Now().Before(deadline) {
+			time.Sleep(20 * time.Millisecond)
+		}
+		cancel()
+		if code := <-done; code != 0 {
+			t.Errorf("up --foreground exit %d", code)
+		}
+		out := stdout.String()
+		if !strings.Contains(out, "meshd: running as sidecar ") || strings.Contains(out, "note") {
+			t.Errorf("up --foreground output %q: want running as sidecar and no note", out)
+		}
+	})
+}
