@@ -194,6 +194,19 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 		s.log.Info("hostname taken by another node; suffixed", "node", n.ID, "asked", p.Hostname, "hostname", n.Hostname)
 	}
 	s.log.Info("node registered", "node", n.ID, "hostname", n.Hostname, "user", n.User, "tags", n.Tags, "addrs", n.Addresses)
+	actor := NodeActor(&n.Node)
+	reg := struct {
+		auditNodeView
+		AuthKey string `json:"auth_key,omitempty"`
+		NodeKey string `json:"node_key"`
+	}{auditNode(&n), "", n.NodeKey.String()}
+	if p.Identity != nil {
+		reg.AuthKey = p.Identity.AuthKeyID
+		if p.ConsumeKey {
+			s.audit(ctx, &actor, AuditKeyUse, p.Identity.AuthKeyID, auditNode(&n))
+		}
+	}
+	s.audit(ctx, &actor, AuditNodeRegister, nodeTarget(n.ID), reg)
 	return &netmap.RegisterResponse{Node: wn, ServerKey: s.fingerprint}, nil
 }
 
