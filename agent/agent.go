@@ -25,6 +25,7 @@ import (
 	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/flowlog"
 	"meshd.dev/meshd/internal/backoff"
+	"meshd.dev/meshd/internal/logring"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -125,6 +126,10 @@ type Options struct {
 	FlowLog         io.Writer
 	FlowLogInterval time.Duration
 	FlowLogMaxFlows int
+
+	// LogRing, when set, holds the recent lines of Logger, served on the
+	// local API for `meshd bugreport`.
+	LogRing *logring.Ring
 }
 
 // Agent is one node's daemon. Its methods are safe for concurrent use.

@@ -17,6 +17,7 @@ import (
 
 	"meshd.dev/meshd/agent"
 	"meshd.dev/meshd/agent/localapi"
+	"meshd.dev/meshd/internal/logring"
 )
 
 // agentFlags are the flags shared by `meshd daemon` and `meshd up
@@ -140,6 +141,9 @@ func (c *cli) agentOptions(af *agentFlags) (agent.Options, error) {
 		Forwards: af.forwards, SOCKS5Addr: af.socks5, HTTPProxyAddr: af.httpProxy, LoopbackOnly: af.loopback,
 		PeerIdleTimeout: peerIdleOption(af.peerIdle), ResolvConf: af.resolv, Logger: c.log, HTTPSServices: af.services,
 	}
+	// The daemon keeps its recent log lines for `meshd bugreport`.
+	opts.LogRing = logring.New(0, 0)
+	opts.Logger = slog.New(logring.Handler(c.log.Handler(), opts.LogRing, slog.LevelInfo))
 	if err := af.flowLog.apply(&opts, c.stdout); err != nil {
 		return agent.Options{}, err
 	}
