@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"meshd.dev/meshd/netmap"
 )
 
 // auditLog reads the whole audit log through the admin API.
@@ -252,4 +254,26 @@ func rawAdmin(t *testing.T, ac *AdminClient, method, path, token, body string) i
 	}
 	resp.Body.Close()
 	return resp.StatusCode
+}
+
+// TestAuditNodeRetagsItself: a node re-tagging itself is recorded with the
+// node as actor and its tags before and after; a policy applied in
+// process (no admin request) is the coordinator's.
+func TestAuditNodeRetagsItself(t *testing.T) {
+	ts := startSeedServer(t, ServerOptions{})
+	ac := adminClient(t, ts)
+	box := newTestNode(t, ts.url, "")
+	box.mustRegister(t, ts.key(t, AuthKeyOptions{User: "alice@example.com"}), "box")
+	if _, err := box.c.SetTags(context.Background(), netmap.SetTagsRequest{Tags: []string{"tag:inference-server"}}); err != nil {
+		t.Fatal(err)
+	}
+	evs := auditLog(t, ac, time.Time{})
+	if len(evs) == 0 || evs[0].Action != AuditPolicySet || evs[0].Actor.Kind != ActorCoordinator {
+		t.Fatalf("first event: %+v", evs)
+	}
+	last := evs[len(evs)-1]
+	if last.Action != AuditNodeTags || last.Actor.Kind != ActorNode || last.Actor.NodeID != box.id ||
+		string(last.Details) != `{"before":{"tags":null},"after":{"tags":["tag:inference-server"]}}` {
+		t.Fatalf("re-tag event: %+v %s", last, last.Details)
+	}
 }
