@@ -59,6 +59,7 @@ const (
 	AuditKeyRevoke     = "key.revoke"
 	AuditKeyUse        = "key.use"
 	AuditNodeRegister  = "node.register"
+	AuditNodeKeyRotate = "node.key_rotate"
 	AuditNodeDelete    = "node.delete"
 	AuditNodeExpire    = "node.expire"
 	AuditNodeApprove   = "node.approve"

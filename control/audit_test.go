@@ -256,9 +256,9 @@ func rawAdmin(t *testing.T, ac *AdminClient, method, path, token, body string) i
 	return resp.StatusCode
 }
 
-// TestAuditNodeRetagsItself: a node re-tagging itself is recorded with the
-// node as actor and its tags before and after; a policy applied in
-// process (no admin request) is the coordinator's.
+// TestAuditNodeRetagsItself: a node re-tagging itself and rotating its
+// node key are recorded with the node as actor, before and after; a policy
+// applied in process (no admin request) is the coordinator's.
 func TestAuditNodeRetagsItself(t *testing.T) {
 	ts := startSeedServer(t, ServerOptions{})
 	ac := adminClient(t, ts)
@@ -271,7 +271,17 @@ func TestAuditNodeRetagsItself(t *testing.T) {
 	if len(evs) == 0 || evs[0].Action != AuditPolicySet || evs[0].Actor.Kind != ActorCoordinator {
 		t.Fatalf("first event: %+v", evs)
 	}
-	last := evs[len(evs)-1]
+	old := box.rotate()
+	if err := box.c.Update(context.Background(), box.mapRequest()); err != nil {
+		t.Fatal(err)
+	}
+	evs = auditLog(t, ac, time.Time{})
+	rot := evs[len(evs)-1]
+	if rot.Action != AuditNodeKeyRotate || rot.Actor.NodeID != box.id ||
+		string(rot.Details) != fmt.Sprintf(`{"before":%q,"after":%q}`, old.Public().String(), box.nk.Public().String()) {
+		t.Fatalf("rotation event: %+v %s", rot, rot.Details)
+	}
+	last := evs[len(evs)-2]
 	if last.Action != AuditNodeTags || last.Actor.Kind != ActorNode || last.Actor.NodeID != box.id ||
 		string(last.Details) != `{"before":{"tags":null},"after":{"tags":["tag:inference-server"]}}` {
 		t.Fatalf("re-tag event: %+v %s", last, last.Details)

@@ -338,6 +338,8 @@ func (s *Server) applyMapRequest(ctx context.Context, mk netmap.MachinePublic, s
 	}
 	if nn.NodeKey != prevKey {
 		s.log.Info("node key rotated", "node", sn.ID, "old", prevKey.ShortString(), "new", nn.NodeKey.ShortString())
+		actor := NodeActor(&sn.Node)
+		s.audit(ctx, &actor, AuditNodeKeyRotate, nodeTarget(sn.ID), auditChange{Before: prevKey.String(), After: nn.NodeKey.String()})
 	}
 	if cur != nil || s.visible(sn, s.now()) {
 		s.hub.upsert(&nn)
