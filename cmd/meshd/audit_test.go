@@ -68,3 +68,30 @@ func TestAdminAudit(t *testing.T) {
 		t.Errorf("audit with an argument: exit %d", code)
 	}
 }
+
+// FuzzParseSince: --since never panics, and what it accepts is either a
+// non-negative duration back from now or an RFC 3339 time, read as such.
+func FuzzParseSince(f *testing.F) {
+	now := time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)
+	f.Fuzz(func(t *testing.T, v string) {
+		got, err := parseSince(v, now)
+		if err != nil {
+			return
+		}
+		if v == "" {
+			if !got.IsZero() {
+				t.Fatalf("empty --since gave %v", got)
+			}
+			return
+		}
+		if d, derr := time.ParseDuration(v); derr == nil {
+			if d < 0 || !got.Equal(now.Add(-d)) {
+				t.Fatalf("--since %q: %v (duration %v)", v, got, d)
+			}
+			return
+		}
+		if want, terr := time.Parse(time.RFC3339Nano, v); terr != nil || !got.Equal(want) {
+			t.Fatalf("--since %q accepted as %v (RFC 3339: %v, %v)", v, got, want, terr)
+		}
+	})
+}
