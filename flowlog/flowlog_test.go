@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -187,7 +188,8 @@ func TestBlockedSinkNeverBlocksDataPath(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		tb := NewTable(1024)
 		sink := &blockingSink{release: make(chan struct{})}
-		l, err := NewLogger(tb, Options{Sink: sink, Interval: time.Minute, Queue: 4})
+		var logBuf bytes.Buffer
+		l, err := NewLogger(tb, Options{Sink: sink, Interval: time.Minute, Queue: 4, Logger: slog.New(slog.NewTextHandler(&logBuf, nil))})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -213,6 +215,10 @@ func TestBlockedSinkNeverBlocksDataPath(t *testing.T) {
 		st := l.Stats()
 		if st.Written != 0 || st.Dropped != 30-5 {
 			t.Fatalf("with the sink blocked: %+v, want 0 written and 25 dropped (4 queued, 1 in the writer)", st)
+		}
+		// The daemon's log says so, each interval that lost records.
+		if n := strings.Count(logBuf.String(), "flow log incomplete"); n != 3 || !strings.Contains(logBuf.String(), "records_dropped=10") {
+			t.Fatalf("%d warnings:\n%s", n, logBuf.String())
 		}
 		close(sink.release)
 		synctest.Wait()

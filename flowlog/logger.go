@@ -89,6 +89,8 @@ type Logger struct {
 	errs    atomic.Uint64
 
 	buf []Flow // the drain's reused buffer; drain goroutine only
+	// What the last warning reported; drain goroutine only.
+	warnedDropped, warnedOverflow uint64
 }
 
 // NewLogger returns a Logger for t. Run starts it.
@@ -180,6 +182,14 @@ func (l *Logger) flush() {
 		default:
 			l.dropped.Add(1)
 		}
+	}
+	// Say in the daemon's log, once an interval at most, that the flow
+	// log is incomplete: a reader of the file alone could not tell.
+	dropped, overflow := l.dropped.Load(), l.t.Overflow()
+	if dropped != l.warnedDropped || overflow != l.warnedOverflow {
+		l.opts.Logger.Warn("flow log incomplete", "records_dropped", dropped-l.warnedDropped, "packets_not_counted", overflow-l.warnedOverflow,
+			"why", "records are dropped when the sink does not keep up; packets are not counted when the flow table is full (--flow-log-max-flows)")
+		l.warnedDropped, l.warnedOverflow = dropped, overflow
 	}
 }
 
