@@ -38,6 +38,9 @@ func TestAuditLogRecordsActions(t *testing.T) {
 	}
 	n := newTestNode(t, ts.url, "")
 	n.mustRegister(t, nk.Key, "gpu-1")
+	// Registering again without a key and without a change (a daemon
+	// restart) records nothing.
+	n.mustRegister(t, "", "gpu-1")
 	if err := ac.TagNode(ctx, n.id, []string{"tag:b"}); err != nil {
 		t.Fatal(err)
 	}

@@ -148,6 +148,7 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 		return nil, fmt.Errorf("%w: changing tags needs an auth key (or `meshd admin nodes tag`)", controlclient.ErrBadRequest)
 	}
 
+	var prev *store.Node // the node before a re-registration without a key
 	if p.Identity == nil {
 		old, err := s.store.NodeByMachine(ctx, mk)
 		if errors.Is(err, store.ErrNotFound) {
@@ -162,6 +163,7 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 		if !req.OldNodeKey.IsZero() && req.OldNodeKey != old.NodeKey {
 			return nil, fmt.Errorf("%w: old_node_key does not match the registered node key", controlclient.ErrBadRequest)
 		}
+		prev = &old
 	}
 	n, err := s.store.Register(ctx, p)
 	if kerr, ok := errors.AsType[*store.KeyInUseError](err); ok {
@@ -206,7 +208,11 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 			s.audit(ctx, &actor, AuditKeyUse, p.Identity.AuthKeyID, auditNode(&n))
 		}
 	}
-	s.audit(ctx, &actor, AuditNodeRegister, nodeTarget(n.ID), reg)
+	// A re-registration that changes nothing (a daemon restarting) is not
+	// news, and a node repeating it must not grow the log.
+	if prev == nil || prev.NodeKey != n.NodeKey || prev.Hostname != n.Hostname {
+		s.audit(ctx, &actor, AuditNodeRegister, nodeTarget(n.ID), reg)
+	}
 	return &netmap.RegisterResponse{Node: wn, ServerKey: s.fingerprint}, nil
 }
 
