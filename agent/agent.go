@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -22,7 +23,9 @@ import (
 	"meshd.dev/meshd/agent/serve"
 	"meshd.dev/meshd/agent/whois"
 	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/flowlog"
 	"meshd.dev/meshd/internal/backoff"
+	"meshd.dev/meshd/internal/logring"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -115,6 +118,18 @@ type Options struct {
 	// HTTPSServices are the daemon's own HTTPS services on the tailnet
 	// addresses (`meshd k8s-proxy`); serve refuses their ports.
 	HTTPSServices []HTTPSService
+
+	// FlowLog, when set, receives the flow log: one JSON line per flow
+	// per FlowLogInterval (flowlog.DefaultInterval if 0), from a table of
+	// FlowLogMaxFlows flows (flowlog.DefaultMaxFlows if 0). See
+	// docs/flowlog.md.
+	FlowLog         io.Writer
+	FlowLogInterval time.Duration
+	FlowLogMaxFlows int
+
+	// LogRing, when set, holds the recent lines of Logger, served on the
+	// local API for `meshd bugreport`.
+	LogRing *logring.Ring
 }
 
 // Agent is one node's daemon. Its methods are safe for concurrent use.
@@ -169,6 +184,11 @@ type Agent struct {
 	namesFrom *netmap.NetworkMap
 
 	hostDNS osDNS // the host's DNS configuration (hostdns.go)
+
+	// flows is the data path's flow table and flowLog its writer, when
+	// Options.FlowLog is set (flowlog.go); both safe for concurrent use.
+	flows   *flowlog.Table
+	flowLog *flowlog.Logger
 
 	// serve runs `meshd serve` (agent/serve.go); safe for concurrent use,
 	// taken after a.mu when both are. serveNote (a.mu) says why the saved
@@ -246,6 +266,10 @@ func New(opts Options) (*Agent, error) {
 		st.Close()
 		return nil, err
 	}
+	if err := a.newFlowLog(); err != nil {
+		st.Close()
+		return nil, err
+	}
 	return a, nil
 }
 
@@ -300,6 +324,13 @@ func (a *Agent) Run(ctx context.Context) error {
 			if err := p.serve(ctx, ln); err != nil {
 				errc <- err
 			}
+		}()
+	}
+	if a.flowLog != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			a.flowLog.Run(ctx)
 		}()
 	}
 	a.mu.Lock()
@@ -541,7 +572,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 			tunName: a.opts.TUN, mtu: a.opts.MTU, port: a.opts.Port, nodeKey: a.id.NodeKey,
 			addrs: addrs, forwards: a.opts.Forwards, bind: a.bindOptions(),
 			log: a.log, localAddrs: localPrefixes, filter: a.pf.f, peerIdle: a.peerIdle(),
-			dns: a.dns,
+			dns: a.dns, flows: a.flows,
 		})
 		if err != nil {
 			a.engErr = err

@@ -21,6 +21,7 @@ import (
 	"meshd.dev/meshd/agent/proxy"
 	"meshd.dev/meshd/agent/tunwrap"
 	"meshd.dev/meshd/filter"
+	"meshd.dev/meshd/flowlog"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -48,6 +49,8 @@ type engineConfig struct {
 	peerIdle time.Duration
 	// dns, when set, is served on the MagicDNS addresses (dns.go).
 	dns *magicDNS
+	// flows, when set, counts packets for the flow log.
+	flows *flowlog.Table
 }
 
 // engine is the running data plane: a TUN (kernel or netstack), the bind,
@@ -108,7 +111,7 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 	e.bind.SetPathMTUHook(e.lazy.SetPathMTU)
 	devBind := &lazyBind{Bind: e.bind, l: e.lazy}
 	// The data path (packet filter, peer table) sits right next to the TUN.
-	tdev = tunwrap.New(tdev, tunwrap.Config{Filter: cfg.filter, Peers: e.lazy, Logger: cfg.log})
+	tdev = tunwrap.New(tdev, tunwrap.Config{Filter: cfg.filter, Peers: e.lazy, Logger: cfg.log, Flows: cfg.flows})
 	e.dev = device.NewDevice(tdev, devBind, wgLogger(cfg.log))
 	defer func() {
 		if err != nil {

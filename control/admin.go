@@ -138,7 +138,9 @@ func (s *Server) CreateAuthKey(ctx context.Context, o AuthKeyOptions) (string, A
 		return "", AuthKey{}, err
 	}
 	s.log.Info("auth key created", "id", k.ID, "tags", tags, "user", o.User, "reusable", o.Reusable, "ephemeral", o.Ephemeral)
-	return pk.String(), authKeyView(k, now), nil
+	view := authKeyView(k, now)
+	s.audit(ctx, nil, AuditKeyCreate, k.ID, view)
+	return pk.String(), view, nil
 }
 
 // AuthKeys lists every auth key.
@@ -160,6 +162,9 @@ func (s *Server) RevokeAuthKey(ctx context.Context, id string) error {
 	err := s.store.RevokeAuthKey(ctx, id, s.now().UTC())
 	if errors.Is(err, store.ErrNotFound) {
 		return fmt.Errorf("%w: no auth key %q", controlclient.ErrNotFound, id)
+	}
+	if err == nil {
+		s.audit(ctx, nil, AuditKeyRevoke, id, nil)
 	}
 	return err
 }
@@ -196,7 +201,8 @@ func (s *Server) storeNode(ctx context.Context, id netmap.NodeID) (store.Node, e
 func (s *Server) DeleteNode(ctx context.Context, id netmap.NodeID) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if _, err := s.storeNode(ctx, id); err != nil {
+	n, err := s.storeNode(ctx, id)
+	if err != nil {
 		return err
 	}
 	if err := s.store.DeleteNode(ctx, id); err != nil {
@@ -205,6 +211,7 @@ func (s *Server) DeleteNode(ctx context.Context, id netmap.NodeID) error {
 	s.cancelEphemeralLocked(id)
 	s.hub.remove(id, controlclient.ErrNotRegistered)
 	s.log.Info("node deleted", "node", id)
+	s.audit(ctx, nil, AuditNodeDelete, nodeTarget(id), auditNode(&n))
 	return nil
 }
 
@@ -224,6 +231,7 @@ func (s *Server) ExpireNode(ctx context.Context, id netmap.NodeID) error {
 	}
 	s.hub.remove(id, controlclient.ErrNodeExpired)
 	s.log.Info("node expired by administrator", "node", id)
+	s.audit(ctx, nil, AuditNodeExpire, nodeTarget(id), auditNode(&n))
 	return nil
 }
 
@@ -246,6 +254,7 @@ func (s *Server) TagNode(ctx context.Context, id netmap.NodeID, tags []string) e
 	if err != nil {
 		return err
 	}
+	before := auditNode(&n)
 	n.Tags, n.User, n.KeyExpiry = tags, "", time.Time{}
 	n.AdminActed = s.now().UTC()
 	// The administrator chose these tags: none is the node's own request
@@ -255,6 +264,7 @@ func (s *Server) TagNode(ctx context.Context, id netmap.NodeID, tags []string) e
 		return err
 	}
 	s.republishLocked(n)
+	s.audit(ctx, nil, AuditNodeTags, nodeTarget(id), auditChange{Before: before, After: auditNode(&n)})
 	return nil
 }
 
@@ -277,6 +287,7 @@ func (s *Server) UntagNode(ctx context.Context, id netmap.NodeID, user string) e
 	if err != nil {
 		return err
 	}
+	before := auditNode(&n)
 	n.Tags, n.User, n.KeyExpiry = nil, user, now.Add(s.opts.NodeKeyExpiry)
 	n.SelfTags, n.Notices = nil, nil // the administrator decided; nothing to re-check
 	n.AdminActed = now               // ends a single-use key's retry window
@@ -285,6 +296,7 @@ func (s *Server) UntagNode(ctx context.Context, id netmap.NodeID, user string) e
 	}
 	s.republishLocked(n)
 	s.log.Info("node returned to a user by administrator", "node", id, "user", user, "key_expiry", n.KeyExpiry)
+	s.audit(ctx, nil, AuditNodeUser, nodeTarget(id), auditChange{Before: before, After: auditNode(&n)})
 	return nil
 }
 
@@ -317,6 +329,7 @@ func (s *Server) ApproveNode(ctx context.Context, id netmap.NodeID) error {
 		return err
 	}
 	s.republishLocked(n)
+	s.audit(ctx, nil, AuditNodeApprove, nodeTarget(id), auditNode(&n))
 	return nil
 }
 
@@ -349,6 +362,7 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 				return
 			}
 			connlimit.Authenticate(r.Context())
+			r = r.WithContext(WithActor(r.Context(), Actor{Kind: ActorAdmin, Addr: r.RemoteAddr}))
 			v, err := f(r)
 			if err != nil {
 				s.writeError(w, r, err)
@@ -413,6 +427,7 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 		return struct{}{}, s.TagNode(r.Context(), id, req.Tags)
 	}))
 	s.policyRoutes(mux, h)
+	s.auditRoutes(mux, h)
 	mux.HandleFunc("GET /admin/v1/users", h(func(r *http.Request) (any, error) {
 		u, err := s.Users(r.Context())
 		if u == nil {

@@ -148,6 +148,7 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 		return nil, fmt.Errorf("%w: changing tags needs an auth key (or `meshd admin nodes tag`)", controlclient.ErrBadRequest)
 	}
 
+	var prev *store.Node // the node before a re-registration without a key
 	if p.Identity == nil {
 		old, err := s.store.NodeByMachine(ctx, mk)
 		if errors.Is(err, store.ErrNotFound) {
@@ -162,6 +163,7 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 		if !req.OldNodeKey.IsZero() && req.OldNodeKey != old.NodeKey {
 			return nil, fmt.Errorf("%w: old_node_key does not match the registered node key", controlclient.ErrBadRequest)
 		}
+		prev = &old
 	}
 	n, err := s.store.Register(ctx, p)
 	if kerr, ok := errors.AsType[*store.KeyInUseError](err); ok {
@@ -194,6 +196,23 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 		s.log.Info("hostname taken by another node; suffixed", "node", n.ID, "asked", p.Hostname, "hostname", n.Hostname)
 	}
 	s.log.Info("node registered", "node", n.ID, "hostname", n.Hostname, "user", n.User, "tags", n.Tags, "addrs", n.Addresses)
+	actor := NodeActor(&n.Node)
+	reg := struct {
+		auditNodeView
+		AuthKey string `json:"auth_key,omitempty"`
+		NodeKey string `json:"node_key"`
+	}{auditNode(&n), "", n.NodeKey.String()}
+	if p.Identity != nil {
+		reg.AuthKey = p.Identity.AuthKeyID
+		if p.ConsumeKey {
+			s.audit(ctx, &actor, AuditKeyUse, p.Identity.AuthKeyID, auditNode(&n))
+		}
+	}
+	// A re-registration that changes nothing (a daemon restarting) is not
+	// news, and a node repeating it must not grow the log.
+	if prev == nil || prev.NodeKey != n.NodeKey || prev.Hostname != n.Hostname {
+		s.audit(ctx, &actor, AuditNodeRegister, nodeTarget(n.ID), reg)
+	}
 	return &netmap.RegisterResponse{Node: wn, ServerKey: s.fingerprint}, nil
 }
 
@@ -325,6 +344,8 @@ func (s *Server) applyMapRequest(ctx context.Context, mk netmap.MachinePublic, s
 	}
 	if nn.NodeKey != prevKey {
 		s.log.Info("node key rotated", "node", sn.ID, "old", prevKey.ShortString(), "new", nn.NodeKey.ShortString())
+		actor := NodeActor(&sn.Node)
+		s.audit(ctx, &actor, AuditNodeKeyRotate, nodeTarget(sn.ID), auditChange{Before: prevKey.String(), After: nn.NodeKey.String()})
 	}
 	if cur != nil || s.visible(sn, s.now()) {
 		s.hub.upsert(&nn)

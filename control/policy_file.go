@@ -194,6 +194,7 @@ func (s *Server) initPolicy(ctx context.Context) error {
 			s.log.Warn("--policy replaces the stored policy", "file", file, "stored_file", old.File, "stored_updated", old.Updated)
 			fallthrough
 		case errors.Is(err, store.ErrNotFound):
+			defer s.audit(ctx, &Actor{Kind: ActorCoordinator}, AuditPolicySet, file, policyAudit(infoFor(p, file, s.opts.Policy, now), s.policyDiff(ctx, p)))
 			if err := s.store.SetPolicy(ctx, store.Policy{File: file, Data: s.opts.Policy, Updated: now}); err != nil {
 				return fmt.Errorf("coordinator: store --policy: %w", err)
 			}
@@ -273,6 +274,7 @@ func (s *Server) applyPolicy(ctx context.Context, file string, data []byte, stri
 		return PolicyInfo{}, errors.New("coordinator is shutting down")
 	}
 	now := s.now().UTC()
+	diff := s.policyDiff(ctx, p)
 	// Store first: a policy in force that would not survive a restart
 	// would be a lie.
 	if err := s.store.SetPolicy(ctx, store.Policy{File: file, Data: data, Updated: now}); err != nil {
@@ -290,6 +292,7 @@ func (s *Server) applyPolicy(ctx context.Context, file string, data []byte, stri
 	s.log.Info("policy set", "file", file, "rules", info.Rules, "tests", info.Tests, "sha256", info.SHA256[:12],
 		"connected_nodes", info.ConnectedNodes, "nodes_lost_tags", len(removed))
 	s.logWarnings(info)
+	s.audit(ctx, nil, AuditPolicySet, file, policyAudit(info, diff))
 	return info, nil
 }
 

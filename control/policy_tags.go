@@ -107,7 +107,9 @@ func (s *Server) recheckNode(ctx context.Context, pol Policy, file string, id ne
 	s.republishLocked(n)
 	s.log.Warn("removed tags the node gave itself that its owner may not hold under the policy",
 		"node", n.ID, "hostname", n.Hostname, "removed", drop, "owner", owner, "key_tags", keyTags, "policy", file, "reason", reason)
-	return &TagRemoval{Node: n.ID, Hostname: n.Hostname, Tags: drop, Reason: reason}, nil
+	rm := &TagRemoval{Node: n.ID, Hostname: n.Hostname, Tags: drop, Reason: reason}
+	s.audit(ctx, &Actor{Kind: ActorCoordinator}, AuditTagsRemoved, nodeTarget(n.ID), rm)
+	return rm, nil
 }
 
 // cleanNotice makes text safe to print on the node's terminal: no control

@@ -693,6 +693,7 @@ func (s *Server) reapEphemeral(id netmap.NodeID) {
 	}
 	s.hub.remove(id, controlclient.ErrNotRegistered)
 	s.log.Info("deleted ephemeral node after it went offline", "node", id, "timeout", s.opts.EphemeralTimeout)
+	s.audit(s.ctx, nil, AuditNodeDelete, nodeTarget(id), map[string]string{"reason": "ephemeral node offline"})
 }
 
 // Handler returns the coordinator's HTTP API (machine and admin, and

@@ -96,6 +96,8 @@ func (s *Server) setTags(ctx context.Context, mk netmap.MachinePublic, req netma
 		}
 		s.republishLocked(n)
 		s.log.Info("node re-tagged itself", "node", n.ID, "old", old, "new", tags)
+		actor := NodeActor(&n.Node)
+		s.audit(ctx, &actor, AuditNodeTags, nodeTarget(n.ID), auditChange{Before: map[string][]string{"tags": old}, After: map[string][]string{"tags": tags}})
 	}
 	wn := n.Node
 	if cur := s.hub.get(n.ID); cur != nil {

@@ -244,6 +244,20 @@ type WhoIser interface {
 	WhoIs(ip netip.Addr) (*whois.Response, bool)
 }
 
+// Logs are the daemon's recent log lines (`meshd bugreport`), secrets
+// masked.
+type Logs struct {
+	Lines []string `json:"lines"`
+	// Dropped is how many older lines the daemon no longer holds.
+	Dropped uint64 `json:"dropped"`
+}
+
+// LogReader is implemented by backends that keep their recent log lines;
+// the API serves /v0/logs for them.
+type LogReader interface {
+	RecentLogs() (*Logs, bool)
+}
+
 // ErrNoSuchNode is what Client.WhoIs returns for an address no node in the
 // daemon's network map holds.
 var ErrNoSuchNode = errors.New("no node in this node's network map holds that address")
@@ -354,6 +368,16 @@ func Handler(b Backend) http.Handler {
 	}
 	if sb, ok := b.(ServeBackend); ok {
 		handleServe(mux, sb)
+	}
+	if lr, ok := b.(LogReader); ok {
+		mux.HandleFunc("GET /v0/logs", func(w http.ResponseWriter, r *http.Request) {
+			logs, ok := lr.RecentLogs()
+			if !ok {
+				writeJSON(w, http.StatusNotFound, errorBody{"this daemon keeps no log lines in memory"})
+				return
+			}
+			writeJSON(w, http.StatusOK, logs)
+		})
 	}
 	if p, ok := b.(Pinger); ok {
 		mux.HandleFunc("POST /v0/ping", func(w http.ResponseWriter, r *http.Request) {
@@ -577,6 +601,33 @@ func (c *Client) WhoIs(ctx context.Context, addr string) (*whois.Response, error
 		return nil, err
 	}
 	return &res, nil
+}
+
+// Logs returns the daemon's recent log lines.
+func (c *Client) Logs(ctx context.Context) (*Logs, error) {
+	var l Logs
+	if err := c.do(ctx, "GET", "/v0/logs", nil, &l); err != nil {
+		return nil, err
+	}
+	return &l, nil
+}
+
+// Get writes the body of a GET of path (such as /v0/metrics) to w; a
+// status other than 200 is an error.
+func (c *Client) Get(ctx context.Context, path string, w io.Writer) error {
+	resp, err := c.send(ctx, "GET", path, nil)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+		return fmt.Errorf("GET %s: %s: %s", path, resp.Status, strings.TrimSpace(string(msg)))
+	}
+	if _, err := io.Copy(w, resp.Body); err != nil {
+		return fmt.Errorf("GET %s: %w", path, err)
+	}
+	return nil
 }
 
 // Profile writes the daemon's named runtime/pprof profile (heap, goroutine,

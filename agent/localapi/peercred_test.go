@@ -20,6 +20,14 @@ func TestPeerCredHelper(t *testing.T) {
 		t.Skip("helper process for TestPeerCredRejectsOtherUsers")
 	}
 	c := NewClient(sock)
+	if os.Getenv("MESHD_TEST_PEERCRED_CALL") == "logs" {
+		l, err := c.Logs(context.Background())
+		if err == nil {
+			fmt.Printf("LOGS:%q\n", l.Lines)
+		}
+		fmt.Printf("RESULT:%v\n", err)
+		return
+	}
 	if os.Getenv("MESHD_TEST_PEERCRED_CALL") == "cert" {
 		p, err := c.CertPair(context.Background(), "")
 		if err == nil {
@@ -36,6 +44,10 @@ func TestPeerCredHelper(t *testing.T) {
 type certBackend struct{ fakeBackend }
 
 const testKeyPEM = "-----BEGIN PRIVATE KEY-----\nsecret node key\n-----END PRIVATE KEY-----\n"
+
+func (certBackend) RecentLogs() (*Logs, bool) {
+	return &Logs{Lines: []string{"level=INFO msg=\"daemon log line\""}}, true
+}
 
 func (certBackend) CertPair(context.Context, string) (*CertPair, error) {
 	return &CertPair{Name: "gpu-1.meshd.internal", KeyPEM: testKeyPEM}, nil
@@ -94,7 +106,7 @@ func TestPeerCredRejectsOtherUsers(t *testing.T) {
 		uid    uint32
 		call   string
 		wantOK bool
-	}{{0, "status", true}, {65534, "status", false}, {0, "cert", true}, {65534, "cert", false}} {
+	}{{0, "status", true}, {65534, "status", false}, {0, "cert", true}, {65534, "cert", false}, {0, "logs", true}, {65534, "logs", false}} {
 		cmd := exec.Command(bin, "-test.run=^TestPeerCredHelper$", "-test.v")
 		cmd.Env = []string{"MESHD_TEST_PEERCRED_SOCKET=" + sock, "MESHD_TEST_PEERCRED_CALL=" + tc.call}
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: tc.uid, Gid: tc.uid}}
@@ -108,6 +120,9 @@ func TestPeerCredRejectsOtherUsers(t *testing.T) {
 		}
 		if gotKey := strings.Contains(string(out), "secret node key"); tc.call == "cert" && gotKey != tc.wantOK {
 			t.Fatalf("uid %d: read the key=%v, want %v\n%s", tc.uid, gotKey, tc.wantOK, out)
+		}
+		if gotLogs := strings.Contains(string(out), "daemon log line"); tc.call == "logs" && gotLogs != tc.wantOK {
+			t.Fatalf("uid %d: read the daemon's logs=%v, want %v\n%s", tc.uid, gotLogs, tc.wantOK, out)
 		}
 	}
 }

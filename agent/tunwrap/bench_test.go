@@ -8,6 +8,7 @@ import (
 
 	"meshd.dev/meshd/filter"
 	"meshd.dev/meshd/filter/filtertest"
+	"meshd.dev/meshd/flowlog"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -32,7 +33,8 @@ func (m *memTUN) BatchSize() int { return 128 }
 // the whole write path (decode, filter), with 1,000 compiled rules and
 // 1,000 peers in the table, over an in-memory TUN. "oneflow" is a bulk
 // TCP transfer (one flow, as GRO delivers it), "64peers" one flow to each
-// of 64 peers. It reports the cost per packet.
+// of 64 peers; "+flowlog" the same with the flow log counting every
+// packet. It reports the cost per packet.
 func BenchmarkDataPath(b *testing.B) {
 	const batch, size, offset = 64, 1420, 16
 	pol := filtertest.NewPolicy(1000)
@@ -42,9 +44,14 @@ func BenchmarkDataPath(b *testing.B) {
 	}
 	peerAddr := func(i int) netip.Addr { return netip.AddrFrom4([4]byte{100, 64, byte((i + 2) >> 8), byte(i + 2)}) }
 	for _, spread := range []struct {
-		name  string
-		peers int
-	}{{"oneflow", 1}, {"64peers", batch}} {
+		name    string
+		peers   int
+		flowlog bool
+	}{{"oneflow", 1, false}, {"64peers", batch, false}, {"oneflow+flowlog", 1, true}, {"64peers+flowlog", batch, true}} {
+		var flows *flowlog.Table
+		if spread.flowlog {
+			flows = flowlog.NewTable(0)
+		}
 		f := filter.New(filter.Options{})
 		f.SetRules(rules)
 		l := NewPeers()
@@ -62,7 +69,7 @@ func BenchmarkDataPath(b *testing.B) {
 			in[i] = append(make([]byte, offset, offset+size), p.Reply().Build()...)
 			sizes[i] = size
 		}
-		w := New(&memTUN{sizes: sizes}, Config{Filter: f, Peers: l})
+		w := New(&memTUN{sizes: sizes}, Config{Filter: f, Peers: l, Flows: flows})
 		readSizes := make([]int, batch)
 		w.Read(out, readSizes, offset) // opens the flows the write path's replies belong to
 		b.Run("read/"+spread.name, func(b *testing.B) {

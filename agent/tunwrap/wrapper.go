@@ -31,6 +31,7 @@ import (
 	"golang.zx2c4.com/wireguard/tun"
 
 	"meshd.dev/meshd/filter"
+	"meshd.dev/meshd/flowlog"
 	"meshd.dev/meshd/packet"
 )
 
@@ -43,6 +44,9 @@ type Config struct {
 	Peers *Peers
 	// Logger receives what goes wrong writing too-big replies.
 	Logger *slog.Logger
+	// Flows, when set, counts every packet the filter judged, by flow and
+	// verdict, for the flow log.
+	Flows *flowlog.Table
 }
 
 // Wrapper is the tun.Device wireguard-go uses: the TUN with the data path
@@ -52,9 +56,11 @@ type Wrapper struct {
 	filter *filter.Filter
 	peers  *Peers
 	log    *slog.Logger
+	flows  *flowlog.Table
 
 	// The read path's state: wireguard-go reads from one goroutine.
 	out       []packet.Parsed // decoded form of the batch being read
+	outSizes  []int           // the batch's sizes before the filter, with a flow log
 	tooBig    []byte          // the ICMP error being written, after offset bytes
 	tooBigOut [][]byte        // its batch of one
 
@@ -70,8 +76,9 @@ func New(dev tun.Device, cfg Config) *Wrapper {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Wrapper{
-		Device: dev, filter: cfg.Filter, peers: cfg.Peers, log: log,
+		Device: dev, filter: cfg.Filter, peers: cfg.Peers, log: log, flows: cfg.Flows,
 		out:       make([]packet.Parsed, dev.BatchSize()),
+		outSizes:  make([]int, dev.BatchSize()),
 		tooBigOut: make([][]byte, 1),
 	}
 }
@@ -98,13 +105,41 @@ func (w *Wrapper) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 		pp[i].Decode(bufs[i][offset : offset+sizes[i]])
 	}
 	now := time.Now()
+	if w.flows != nil {
+		if len(w.outSizes) < n {
+			w.outSizes = make([]int, n)
+		}
+		copy(w.outSizes, sizes)
+	}
 	if w.filter != nil {
 		w.filter.OutboundBatch(bufs, pp, offset, sizes, now)
+	}
+	if w.flows != nil {
+		w.countOut(pp, sizes, now)
 	}
 	if w.peers != nil {
 		w.toPeers(bufs, sizes, pp, offset, now)
 	}
 	return n, err
+}
+
+// countOut adds the batch just judged to the flow table: a packet whose
+// size the filter set to 0 was dropped, and outbound the filter drops only
+// malformed packets.
+func (w *Wrapper) countOut(pp []packet.Parsed, sizes []int, now time.Time) {
+	fb := w.flows.Begin(now)
+	for i := range pp {
+		n := w.outSizes[i]
+		if n < 1 {
+			continue
+		}
+		v := filter.Accept
+		if sizes[i] < 1 {
+			v = filter.DropMalformed
+		}
+		fb.Add(&pp[i], n, filter.Out, v)
+	}
+	fb.End()
 }
 
 // tooBigInterval is the least time between two ICMP errors about one
@@ -186,7 +221,7 @@ func (w *Wrapper) answerTooBig(pa *Peer, p *packet.Parsed, b []byte, mtu, offset
 // of packets written; a batch with nothing left does not reach the device.
 func (w *Wrapper) Write(bufs [][]byte, offset int) (int, error) {
 	clamping := w.peers != nil && w.peers.clamping.Load() > 0
-	if w.filter == nil && !clamping {
+	if w.filter == nil && !clamping && w.flows == nil {
 		return w.Device.Write(bufs, offset)
 	}
 	ppp, _ := w.in.Get().(*[]packet.Parsed)
@@ -196,10 +231,12 @@ func (w *Wrapper) Write(bufs [][]byte, offset int) (int, error) {
 	}
 	defer w.in.Put(ppp)
 	pp := *ppp
+	now := time.Now()
 	var in filter.InBatch
 	if w.filter != nil {
-		in = w.filter.BeginIn(time.Now())
+		in = w.filter.BeginIn(now)
 	}
+	fb := w.flows.Begin(now)
 	// One pass: each packet is decoded and judged while its header is in
 	// cache, its decoded form going straight to its place in the kept
 	// batch.
@@ -212,7 +249,14 @@ func (w *Wrapper) Write(bufs [][]byte, offset int) (int, error) {
 		}
 		p := &pp[k]
 		p.Decode(b)
-		if w.filter != nil && in.Judge(p, b) != filter.Accept {
+		v := filter.Accept
+		if w.filter != nil {
+			v = in.Judge(p, b)
+		}
+		if w.flows != nil {
+			fb.Add(p, len(b), filter.In, v)
+		}
+		if v != filter.Accept {
 			continue
 		}
 		if k != i {
@@ -220,6 +264,7 @@ func (w *Wrapper) Write(bufs [][]byte, offset int) (int, error) {
 		}
 		k++
 	}
+	fb.End()
 	if k == 0 {
 		return 0, nil
 	}

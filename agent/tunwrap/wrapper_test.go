@@ -2,6 +2,7 @@ package tunwrap
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"net/netip"
 	"os"
@@ -13,6 +14,7 @@ import (
 
 	"meshd.dev/meshd/filter"
 	"meshd.dev/meshd/filter/filtertest"
+	"meshd.dev/meshd/flowlog"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -242,11 +244,17 @@ func TestWrapperRead(t *testing.T) {
 }
 
 // TestWrapperAllocs asserts that the wrapper allocates nothing per batch
-// in either direction, drops included.
+// in either direction, drops included, with and without a flow log.
 func TestWrapperAllocs(t *testing.T) {
+	for _, flows := range []*flowlog.Table{nil, flowlog.NewTable(64)} {
+		t.Run(fmt.Sprintf("flowlog=%v", flows != nil), func(t *testing.T) { testWrapperAllocs(t, flows) })
+	}
+}
+
+func testWrapperAllocs(t *testing.T, flows *flowlog.Table) {
 	dev, kfd := newPipeTUN(t)
 	f := newTestFilter(t, allowTCP(22))
-	w := New(dev, Config{Filter: f})
+	w := New(dev, Config{Filter: f, Flows: flows})
 	in := batch(
 		tcp(peerIP, selfIP, 40000, 22, filtertest.SYN),
 		tcp(peerIP, selfIP, 40001, 80, filtertest.SYN), // dropped
@@ -289,6 +297,62 @@ func TestWrapperAllocs(t *testing.T) {
 	}
 	if f.Dropped(filter.In, filter.DropNoRule) == 0 || f.Dropped(filter.Out, filter.DropMalformed) == 0 {
 		t.Fatal("the allocation test did not exercise the drop paths")
+	}
+	if flows != nil && len(flows.Drain(nil)) != 3 { // to port 22, to port 80, malformed
+		t.Fatal("the allocation test did not count flows")
+	}
+}
+
+// TestWrapperFlows: with a flow log, every packet the filter judged in
+// either direction is counted once, by flow and verdict, with its whole
+// size; outbound malformed packets count as dropped.
+func TestWrapperFlows(t *testing.T) {
+	dev, kfd := newPipeTUN(t)
+	f := newTestFilter(t, allowTCP(22))
+	flows := flowlog.NewTable(64)
+	w := New(dev, Config{Filter: f, Flows: flows})
+	syn := tcp(selfIP, peerIP, 50000, 443, filtertest.SYN)
+	ack := tcp(selfIP, peerIP, 50000, 443, filtertest.ACK)
+	garbage := []byte{0x60, 1, 2}
+	for _, p := range [][]byte{syn, ack, ack, garbage} {
+		if _, err := unix.Write(kfd, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bufs := make([][]byte, 8)
+	for i := range bufs {
+		bufs[i] = make([]byte, wgOffset+2048)
+	}
+	sizes := make([]int, len(bufs))
+	if n, err := w.Read(bufs, sizes, wgOffset); err != nil || n != 4 {
+		t.Fatalf("Read = %d, %v", n, err)
+	}
+	synAck := tcp(peerIP, selfIP, 443, 50000, filtertest.SYN|filtertest.ACK)
+	denied := tcp(peerIP, selfIP, 40001, 80, filtertest.SYN)
+	if n, err := w.Write(batch(synAck, denied, denied), wgOffset); err != nil || n != 1 {
+		t.Fatalf("Write = %d, %v", n, err)
+	}
+	kernelRecv(t, kfd)
+	type key struct {
+		rport   uint16
+		verdict filter.Verdict
+	}
+	got := map[key]flowlog.Flow{}
+	for _, fl := range flows.Drain(nil) {
+		got[key{fl.RPort, fl.Verdict}] = fl
+	}
+	if len(got) != 3 {
+		t.Fatalf("flows: %+v", got)
+	}
+	if fl := got[key{443, filter.Accept}]; fl.OutPackets != 3 || fl.OutBytes != uint64(len(syn)+2*len(ack)) ||
+		fl.InPackets != 1 || fl.InBytes != uint64(len(synAck)) || fl.RemoteOpened {
+		t.Errorf("connection this node opened: %+v", fl)
+	}
+	if fl := got[key{40001, filter.DropNoRule}]; fl.InPackets != 2 || fl.InBytes != uint64(2*len(denied)) || !fl.RemoteOpened || fl.LPort != 80 {
+		t.Errorf("denied connection: %+v", fl)
+	}
+	if fl := got[key{0, filter.DropMalformed}]; fl.OutPackets != 1 || fl.OutBytes != uint64(len(garbage)) {
+		t.Errorf("malformed packet: %+v", fl)
 	}
 }
 

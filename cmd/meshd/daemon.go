@@ -17,6 +17,7 @@ import (
 
 	"meshd.dev/meshd/agent"
 	"meshd.dev/meshd/agent/localapi"
+	"meshd.dev/meshd/internal/logring"
 )
 
 // agentFlags are the flags shared by `meshd daemon` and `meshd up
@@ -32,6 +33,7 @@ type agentFlags struct {
 	loopback  bool
 	peerIdle  time.Duration
 	resolv    string
+	flowLog   flowLogFlags
 	// services are the daemon's own HTTPS services (meshd k8s-proxy); not
 	// a flag.
 	services []agent.HTTPSService
@@ -115,6 +117,7 @@ func (af *agentFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&af.resolv, "resolv-conf", "", "kernel TUN mode: manage this resolver file for MagicDNS instead of systemd-resolved or /etc/resolv.conf "+
 		"(an operations and test hook for network namespaces and containers, e.g. /etc/netns/NAME/resolv.conf; the original is restored on down and exit)")
 	fs.Var(&af.forwards, "forward", "forward inbound tailnet TCP PORT to LOCALADDR (PORT=LOCALADDR, repeatable or comma-separated)")
+	af.flowLog.register(fs)
 }
 
 func (c *cli) newAgent(af *agentFlags) (*agent.Agent, error) {
@@ -133,11 +136,18 @@ func (c *cli) agentOptions(af *agentFlags) (agent.Options, error) {
 	if af.resolv != "" && !filepath.IsAbs(af.resolv) {
 		return agent.Options{}, fmt.Errorf("--resolv-conf %q: want an absolute path", af.resolv)
 	}
-	return agent.Options{
+	opts := agent.Options{
 		StateDir: af.stateDir, TUN: af.tun, Port: af.port.option(), MTU: af.mtu,
 		Forwards: af.forwards, SOCKS5Addr: af.socks5, HTTPProxyAddr: af.httpProxy, LoopbackOnly: af.loopback,
 		PeerIdleTimeout: peerIdleOption(af.peerIdle), ResolvConf: af.resolv, Logger: c.log, HTTPSServices: af.services,
-	}, nil
+	}
+	// The daemon keeps its recent log lines for `meshd bugreport`.
+	opts.LogRing = logring.New(0, 0)
+	opts.Logger = slog.New(logring.Handler(c.log.Handler(), opts.LogRing, slog.LevelInfo))
+	if err := af.flowLog.apply(&opts, c.stdout); err != nil {
+		return agent.Options{}, err
+	}
+	return opts, nil
 }
 
 // peerIdleOption maps the flag (0 = eager) to agent.Options (negative =

@@ -68,6 +68,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			c.policyCmd(),
 			c.derpCmd(),
 			c.netcheckCmd(),
+			c.bugreportCmd(),
 			c.debugCmd(),
 		},
 		Exec: func(context.Context, []string) error { return flag.ErrHelp },

@@ -86,6 +86,18 @@ var migrations = []migration{
 				json_each(CASE WHEN json_valid(a.tags) AND json_type(a.tags) = 'array' THEN a.tags ELSE '[]' END) AS k
 			WHERE a.id = json_extract(nodes.data, '$.auth_key_id')))))
 	WHERE CASE WHEN json_valid(data) THEN json_type(data, '$.tags') = 'array' ELSE 0 END;`},
+	// 6: the audit log (audit.go). Append-only: the triggers refuse any
+	// change to a written row, whatever the code above them does.
+	{sql: `CREATE TABLE audit (
+		id INTEGER PRIMARY KEY AUTOINCREMENT,
+		at INTEGER NOT NULL,
+		actor TEXT NOT NULL,
+		action TEXT NOT NULL,
+		target TEXT NOT NULL,
+		details TEXT NOT NULL);
+	CREATE INDEX audit_at ON audit (at);
+	CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+	CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;`},
 }
 
 // Errors of opening and creating a SQLite database.

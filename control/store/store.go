@@ -126,6 +126,18 @@ type Policy struct {
 	Updated time.Time
 }
 
+// AuditEvent is one entry of the audit log. The store keeps its fields
+// as they are: Actor and Details are opaque to it (the coordinator writes
+// JSON).
+type AuditEvent struct {
+	ID      int64 // assigned by AppendAudit; increasing
+	Time    time.Time
+	Actor   string // who acted, as JSON
+	Action  string // what was done, e.g. "key.create"
+	Target  string // what it was done to, e.g. a key or node id
+	Details string // more, as a JSON object; "" for none
+}
+
 // AddrAllocator hands out tailnet addresses. It is the coordinator's policy;
 // the store only guarantees uniqueness inside its transaction.
 type AddrAllocator interface {
@@ -177,6 +189,13 @@ type Store interface {
 	Policy(ctx context.Context) (Policy, error)
 	// SetPolicy replaces the stored policy.
 	SetPolicy(ctx context.Context, p Policy) error
+
+	// AppendAudit adds an event to the audit log and returns its id. The
+	// log is append-only: no Store method changes or removes an event.
+	AppendAudit(ctx context.Context, e AuditEvent) (int64, error)
+	// AuditEvents returns up to limit events (limit > 0) at or after
+	// since, oldest first (by id, which follows the order of appends).
+	AuditEvents(ctx context.Context, since time.Time, limit int) ([]AuditEvent, error)
 
 	Close() error
 }

@@ -1,0 +1,48 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// AppendAudit implements Store.
+func (s *SQLite) AppendAudit(ctx context.Context, e AuditEvent) (int64, error) {
+	res, err := s.db.ExecContext(ctx, `INSERT INTO audit (at, actor, action, target, details) VALUES (?, ?, ?, ?, ?)`,
+		e.Time.UnixNano(), e.Actor, e.Action, e.Target, e.Details)
+	if err != nil {
+		return 0, fmt.Errorf("append audit event %s: %w", e.Action, err)
+	}
+	id, err := res.LastInsertId()
+	if err != nil {
+		return 0, fmt.Errorf("append audit event %s: %w", e.Action, err)
+	}
+	return id, nil
+}
+
+// AuditEvents implements Store.
+func (s *SQLite) AuditEvents(ctx context.Context, since time.Time, limit int) ([]AuditEvent, error) {
+	if limit <= 0 {
+		return nil, fmt.Errorf("audit events: limit %d: want > 0", limit)
+	}
+	rows, err := s.db.QueryContext(ctx, `SELECT id, at, actor, action, target, details FROM audit WHERE at >= ? ORDER BY id LIMIT ?`,
+		since.UnixNano(), limit)
+	if err != nil {
+		return nil, fmt.Errorf("read audit events: %w", err)
+	}
+	defer rows.Close()
+	var out []AuditEvent
+	for rows.Next() {
+		var e AuditEvent
+		var at int64
+		if err := rows.Scan(&e.ID, &at, &e.Actor, &e.Action, &e.Target, &e.Details); err != nil {
+			return nil, fmt.Errorf("read audit events: %w", err)
+		}
+		e.Time = time.Unix(0, at).UTC()
+		out = append(out, e)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read audit events: %w", err)
+	}
+	return out, nil
+}
