@@ -413,6 +413,7 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 		return struct{}{}, s.TagNode(r.Context(), id, req.Tags)
 	}))
 	s.policyRoutes(mux, h)
+	s.sshAdminRoutes(mux, h)
 	mux.HandleFunc("GET /admin/v1/users", h(func(r *http.Request) (any, error) {
 		u, err := s.Users(r.Context())
 		if u == nil {

@@ -64,6 +64,11 @@ type UpRequest struct {
 	// equal to the node's is then fine, where an explicit flag that
 	// changes nothing is an error.
 	AcceptDNSFromEnv bool `json:"accept_dns_from_env,omitempty"`
+	// SSH, when set, is `meshd up --ssh[=false]`: run the SSH server on
+	// the tailnet addresses (kept across restarts). SSHFromEnv says it
+	// came from MESHD_SSH, where a value the node has already is fine.
+	SSH        *bool `json:"ssh,omitempty"`
+	SSHFromEnv bool  `json:"ssh_from_env,omitempty"`
 }
 
 // Node is one node in a Status.
@@ -144,6 +149,8 @@ type Status struct {
 	Message string `json:"message,omitempty"`
 	// Filter is the packet filter's state; nil before the node registered.
 	Filter *FilterStatus `json:"filter,omitempty"`
+	// SSH is whether the node runs its SSH server (`meshd up --ssh`).
+	SSH bool `json:"ssh"`
 }
 
 // FilterStatus is the packet filter's rule count, flow table use and drop

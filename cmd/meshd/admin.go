@@ -87,7 +87,7 @@ func (c *cli) adminCmd() *ffcli.Command {
 	}
 	return &ffcli.Command{
 		Name:       "admin",
-		ShortUsage: "meshd admin <keys|nodes|users|policy> <command> --coordinator URL --token-file FILE",
+		ShortUsage: "meshd admin <keys|nodes|users|policy|ssh> <command> --coordinator URL --token-file FILE",
 		ShortHelp:  "manage auth keys, nodes, users and the policy on a coordinator",
 		FlagSet:    flag.NewFlagSet("admin", flag.ContinueOnError),
 		Subcommands: []*ffcli.Command{
@@ -95,6 +95,7 @@ func (c *cli) adminCmd() *ffcli.Command {
 			group("nodes", "list, delete, expire, tag and approve nodes", c.nodesListCmd(), c.nodesDeleteCmd(), c.nodesExpireCmd(), c.nodesTagCmd(), c.nodesApproveCmd()),
 			group("users", "list users", c.usersListCmd()),
 			group("policy", "show or replace the tailnet policy in force", c.policyGetCmd(), c.policySetCmd()),
+			group("ssh", "list and approve check-mode SSH logins", c.sshChecksListCmd(), c.sshApproveCmd()),
 		},
 		Exec: func(context.Context, []string) error { return flag.ErrHelp },
 	}

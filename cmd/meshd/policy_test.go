@@ -128,7 +128,6 @@ func TestPolicyCheckUnenforcedSections(t *testing.T) {
 	for _, tc := range []struct {
 		section, body string
 	}{
-		{"ssh", `"ssh": [{"action": "accept", "src": ["group:eng"], "dst": ["tag:srv"], "users": ["root"]}],`},
 		{"autoApprovers", `"autoApprovers": {"routes": {"10.0.0.0/8": ["tag:srv"]}},`},
 		{"nodeAttrs", `"nodeAttrs": [{"target": ["tag:srv"], "attr": ["funnel"]}],`},
 	} {

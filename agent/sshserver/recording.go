@@ -1,0 +1,138 @@
+package sshserver
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strconv"
+	"sync"
+	"time"
+
+	"meshd.dev/meshd/agent/sshrec"
+)
+
+// recordWriteTimeout is how long one write to the recorder may take
+// before the recorder counts as lost.
+const recordWriteTimeout = 10 * time.Second
+
+// recording streams one session to a recorder.
+type recording struct {
+	mu     sync.Mutex
+	conn   net.Conn
+	start  time.Time
+	buf    []byte
+	failed bool
+	onLost func()
+}
+
+// startRecording connects to the first reachable recorder of li's
+// decision and sends the cast header.
+func (s *Server) startRecording(ctx context.Context, li *login, kind, command string, cols, rows int) (*recording, error) {
+	if cols == 0 || rows == 0 {
+		cols, rows = 80, 24
+	}
+	now := time.Now()
+	h := sshrec.Header{
+		Version: 2, Width: cols, Height: rows, Timestamp: now.Unix(),
+		Meshd: sshrec.Session{
+			Caller: li.auth.Caller, CallerAddr: li.caller.String(), Node: s.opts.NodeName(),
+			LocalUser: li.user, Kind: kind, Command: command, Start: now.UTC(),
+		},
+	}
+	hb, err := json.Marshal(h)
+	if err != nil {
+		return nil, err
+	}
+	var errs []error
+	for _, ap := range li.auth.Recorders {
+		dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		c, err := s.opts.Dial(dctx, ap)
+		cancel()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("recorder %v: %w", ap, err))
+			continue
+		}
+		c.SetWriteDeadline(time.Now().Add(recordWriteTimeout))
+		if _, err := c.Write(append(hb, '\n')); err != nil {
+			c.Close()
+			errs = append(errs, fmt.Errorf("recorder %v: %w", ap, err))
+			continue
+		}
+		s.log.Info("ssh: recording session", "recorder", ap, "caller", li.caller, "local_user", li.user)
+		r := &recording{conn: c, start: now}
+		go r.watch()
+		return r, nil
+	}
+	return nil, errors.Join(errs...)
+}
+
+// event sends one event; a failure marks the recorder lost.
+func (r *recording) event(typ string, data string) {
+	if r == nil {
+		return
+	}
+	r.mu.Lock()
+	if r.failed {
+		r.mu.Unlock()
+		return
+	}
+	r.buf = sshrec.AppendEvent(r.buf[:0], sshrec.Event{Time: time.Since(r.start).Seconds(), Type: typ, Data: data})
+	r.conn.SetWriteDeadline(time.Now().Add(recordWriteTimeout))
+	_, err := r.conn.Write(r.buf)
+	if err != nil {
+		r.failed = true
+		r.conn.Close()
+	}
+	lost := r.onLost
+	r.mu.Unlock()
+	if err != nil && lost != nil {
+		lost()
+	}
+}
+
+// watch notices a recorder that closes the stream: it never sends
+// anything, so a read returning means it is gone.
+func (r *recording) watch() {
+	io.Copy(io.Discard, r.conn)
+	r.mu.Lock()
+	wasFailed := r.failed
+	r.failed = true
+	lost := r.onLost
+	r.mu.Unlock()
+	if !wasFailed && lost != nil {
+		lost()
+	}
+}
+
+func (r *recording) resize(cols, rows int) {
+	r.event("r", strconv.Itoa(cols)+"x"+strconv.Itoa(rows))
+}
+
+// close ends the recording with the exit status.
+func (r *recording) close(code int) {
+	if r == nil {
+		return
+	}
+	r.event("m", "exit "+strconv.Itoa(code))
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.failed = true
+	r.conn.Close()
+}
+
+// tee returns a writer that writes to w and records what it writes as
+// output.
+func (r *recording) tee(w io.Writer) io.Writer { return teeWriter{r, w} }
+
+type teeWriter struct {
+	r *recording
+	w io.Writer
+}
+
+func (t teeWriter) Write(p []byte) (int, error) {
+	t.r.event("o", string(p))
+	return t.w.Write(p)
+}
