@@ -177,3 +177,65 @@ func cmpOr(a, b string) string {
 	}
 	return b
 }
+
+// SSHExplanation answers `meshd policy explain --ssh-user`.
+type SSHExplanation struct {
+	Src  string `json:"src"`
+	Dst  string `json:"dst"`
+	User string `json:"user"`
+	// Allowed is true when every device the source stands for may log in
+	// (accept or check) and reach port 22.
+	Allowed  bool         `json:"allowed"`
+	Verdicts []SSHExplain `json:"verdicts"`
+}
+
+// SSHExplain is the decision for one source device.
+type SSHExplain struct {
+	Src string `json:"src"`
+	// Action is accept, check, or "" (no ssh rule: refused).
+	Action string `json:"action,omitempty"`
+	Rule   string `json:"rule,omitempty"`
+	// Port22Rule is the acl or grant letting the source reach TCP port 22
+	// of the destination (the ssh rules open no network access); empty
+	// when none does, and the login cannot happen.
+	Port22Rule string `json:"port22_rule,omitempty"`
+}
+
+// ExplainSSH says whether src may log in to dst (a device, read as the
+// policy's tests read it) as the local user, by which ssh rule, and which
+// rule lets it reach port 22.
+func (p *Policy) ExplainSSH(src, dst, user string) (SSHExplanation, error) {
+	ex := SSHExplanation{Src: src, Dst: dst, User: user}
+	ssel, err := p.resolveSelector(src, Pos{}, ctxTestSrc)
+	if err != nil {
+		return ex, fmt.Errorf("--src: %w", err)
+	}
+	dsel, err := p.resolveSelector(dst, Pos{}, ctxTestDst)
+	if err != nil {
+		return ex, fmt.Errorf("--dst: %w", err)
+	}
+	for _, sel := range []selector{ssel, dsel} {
+		if sel.kind == selPrefix && sel.prefix.Bits() != sel.prefix.Addr().BitLen() {
+			return ex, fmt.Errorf("%s is a CIDR: name one address", sel.raw)
+		}
+	}
+	srcs := p.subjectsFor(ssel)
+	if len(srcs) == 0 {
+		return ex, fmt.Errorf("--src %s has no members", src)
+	}
+	dsub := p.subjectsFor(dsel)[0]
+	if dsel.kind == selSelf {
+		return ex, fmt.Errorf("--dst autogroup:self: name the device")
+	}
+	ex.Allowed = true
+	for _, s := range srcs {
+		v := p.SSH(nodeOf(s), nodeOf(dsub), user)
+		e := SSHExplain{Src: s.String(), Action: v.Action, Rule: v.Rule}
+		if r := p.decide(s, dsub, netmap.ProtoTCP, 22); r != nil {
+			e.Port22Rule = r.origin()
+		}
+		ex.Allowed = ex.Allowed && e.Action != "" && e.Port22Rule != ""
+		ex.Verdicts = append(ex.Verdicts, e)
+	}
+	return ex, nil
+}
