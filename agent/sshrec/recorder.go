@@ -103,6 +103,9 @@ func (r *Recorder) receive(c net.Conn) error {
 	if _, err := f.Write(append(hb, '\n')); err != nil {
 		return fmt.Errorf("write cast: %w", err)
 	}
+	stop := make(chan struct{})
+	defer close(stop)
+	go heartbeat(c, stop)
 	for {
 		// Sessions may idle for long; the sender's TCP keep-alives and
 		// the tailnet's detect a vanished sender.
@@ -121,6 +124,32 @@ func (r *Recorder) receive(c net.Conn) error {
 		// the session's node dying mid-session.
 		if _, err := f.Write(append(line, '\n')); err != nil {
 			return fmt.Errorf("write cast: %w", err)
+		}
+	}
+}
+
+// Heartbeat is how often the recorder tells the sender it is alive (a
+// newline on the otherwise silent reverse direction); a sender that hears
+// nothing for HeartbeatTimeout counts the recorder as lost. TCP alone
+// would not notice a recorder that vanished (its node's WireGuard goes
+// quiet; no reset ever comes) before minutes of retransmissions.
+const (
+	Heartbeat        = 3 * time.Second
+	HeartbeatTimeout = 4 * Heartbeat
+)
+
+func heartbeat(c net.Conn, stop <-chan struct{}) {
+	t := time.NewTicker(Heartbeat)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+			c.SetWriteDeadline(time.Now().Add(HeartbeatTimeout))
+			if _, err := c.Write([]byte{'\n'}); err != nil {
+				return
+			}
 		}
 	}
 }

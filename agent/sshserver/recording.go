@@ -93,10 +93,16 @@ func (r *recording) event(typ string, data string) {
 	}
 }
 
-// watch notices a recorder that closes the stream: it never sends
-// anything, so a read returning means it is gone.
+// watch notices a recorder that is gone: one that closes the stream, or
+// whose heartbeats stop.
 func (r *recording) watch() {
-	io.Copy(io.Discard, r.conn)
+	buf := make([]byte, 64)
+	for {
+		r.conn.SetReadDeadline(time.Now().Add(sshrec.HeartbeatTimeout))
+		if _, err := r.conn.Read(buf); err != nil {
+			break
+		}
+	}
 	r.mu.Lock()
 	wasFailed := r.failed
 	r.failed = true

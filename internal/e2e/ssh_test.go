@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -27,6 +28,7 @@ const policySSH = `// ssh
 	"tagOwners": {"tag:gpu": [], "tag:vendor": [], "tag:recorder": []},
 	"grants": [
 		{"src": ["group:eng", "bob@example.com", "tag:vendor"], "dst": ["tag:gpu"], "ip": ["tcp:22"]},
+		{"src": ["group:eng"], "dst": ["tag:gpu"], "ip": ["tcp:8080"]},
 		{"src": ["tag:gpu"], "dst": ["tag:recorder"], "ip": ["tcp:8022"]},
 	],
 	"ssh": [
@@ -132,22 +134,27 @@ func TestSSH(t *testing.T) {
 	if err := os.Chmod(filepath.Dir(e.bin), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	hosts := lanHosts(lab, "coord", "gpu", "alice", "bob", "vendor", "rec")
+	hosts := lanHosts(lab, "coord", "gpu", "gpu2", "alice", "bob", "vendor", "rec")
 	homes := sshUsers(t, hosts["gpu"])
+	homes2 := sshUsers(t, hosts["gpu2"])
 	pol := writeTemp(t, "ssh.hujson", policySSH)
 	e.runCoordinator(hosts["coord"], "198.18.0.1:8443", "// ssh", "--policy", pol)
 	keys := map[string]string{
-		"gpu": e.key("--tags", "tag:gpu"), "alice": e.key("--user", "alice@example.com"),
+		"gpu": e.key("--tags", "tag:gpu"), "gpu2": e.key("--tags", "tag:gpu"), "alice": e.key("--user", "alice@example.com"),
 		"bob": e.key("--user", "bob@example.com"), "vendor": e.key("--tags", "tag:vendor"),
 		"rec": e.key("--tags", "tag:recorder"),
 	}
 	nodes := map[string]*node{}
-	for _, name := range []string{"gpu", "alice", "bob", "vendor"} {
-		n := e.newNode(name, hosts[name], "--tun", "meshd0")
+	for _, name := range []string{"gpu", "gpu2", "alice", "bob", "vendor"} {
+		tun := "meshd0"
+		if name == "gpu2" {
+			tun = "userspace" // the netstack: SSH listens inside it
+		}
+		n := e.newNode(name, hosts[name], "--tun", tun)
 		nodes[name] = n
 		e.startDaemon(n)
 		args := []string{"up", "--authkey", keys[name], "--coordinator", e.coordURL, "--hostname", name}
-		if name == "gpu" {
+		if strings.HasPrefix(name, "gpu") {
 			args = append(args, "--ssh")
 		}
 		if out, err := e.cli(n, args...); err != nil {
@@ -167,6 +174,7 @@ func TestSSH(t *testing.T) {
 
 	gpu := nodes["gpu"]
 	e.waitPeers(gpu, "alice", "bob", "vendor", "rec")
+	e.waitPeers(nodes["gpu2"], "alice")
 	if st := e.status(gpu); !st.SSH {
 		t.Fatal("status --json of gpu: ssh is off after up --ssh")
 	}
@@ -196,6 +204,15 @@ func TestSSH(t *testing.T) {
 			t.Errorf("alice's session printed %q, want %q in it", out, want)
 		}
 	}
+	// The same in netstack mode.
+	gpu2IP := ipv4Of(e.status(nodes["gpu2"])).String()
+	waitFor(t, 30*time.Second, "alice's ssh login to the netstack node", func() (bool, string) {
+		code, out, errOut = alice.run(nil, "ssh", "alice@"+gpu2IP, "id -u; pwd; exit 5")
+		return code == 5, fmt.Sprintf("exit %d: %s%s", code, out, errOut)
+	})
+	if out != "2001\n"+homes2["alice"]+"\n" {
+		t.Errorf("netstack node: %q", out)
+	}
 	// Exit codes propagate.
 	if code, out, errOut = alice.run(nil, "ssh", "alice@"+gpuIP, "echo to-stderr >&2; exit 7"); code != 7 || !strings.Contains(errOut, "to-stderr") {
 		t.Errorf("exit 7: ssh exited %d, stdout %q, stderr %q", code, out, errOut)
@@ -216,6 +233,32 @@ func TestSSH(t *testing.T) {
 	// bob may reach port 22 but no ssh rule names him.
 	if code, out, errOut = client("bob").run(nil, "ssh", "bob@"+gpuIP, "id"); code != 255 || !strings.Contains(errOut, "no ssh rule") {
 		t.Errorf("bob: exit %d, stdout %q, stderr %q; want refused", code, out, errOut)
+	}
+
+	// Local forwarding (ssh -W is a direct-tcpip channel) reaches what
+	// the policy lets alice reach on gpu, and nothing else.
+	var echoLn net.Listener
+	if err := hosts["gpu"].Do(func() (err error) { echoLn, err = net.Listen("tcp", "0.0.0.0:8080"); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer echoLn.Close()
+	go func() {
+		for {
+			c, err := echoLn.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	if code, out, errOut = alice.run(strings.NewReader("through the tunnel\n"), "ssh", "-W", gpuIP+":8080", "alice@"+gpuIP); code != 0 || out != "through the tunnel\n" {
+		t.Errorf("ssh -W to an allowed port: exit %d, stdout %q, stderr %q", code, out, errOut)
+	}
+	if code, out, errOut = alice.run(strings.NewReader("x\n"), "ssh", "-W", gpuIP+":9", "alice@"+gpuIP); code == 0 || out != "" || !strings.Contains(errOut, "does not let this caller reach") {
+		t.Errorf("ssh -W to a port the policy closes: exit %d, stdout %q, stderr %q", code, out, errOut)
+	}
+	if code, out, errOut = alice.run(strings.NewReader("x\n"), "ssh", "-W", "198.18.0.1:8443", "alice@"+gpuIP); code == 0 || out != "" {
+		t.Errorf("ssh -W to the LAN: exit %d, stdout %q, stderr %q", code, out, errOut)
 	}
 
 	// 100 MB by scp (the SFTP protocol) arrives intact.
@@ -312,8 +355,41 @@ func TestSSH(t *testing.T) {
 		t.Fatalf("second vendor login within checkPeriod: exit %d, %q %q", code, out, errOut)
 	}
 
-	// enforceRecorder: with the recorder down, the login is refused.
+	// enforceRecorder: a recorder lost mid-session ends the session.
+	lostCmd := hosts["vendor"].Command(context.Background(), "ssh", append(vendor.opts(), "vendor@"+gpuIP, "echo started; sleep 60; echo survived")...)
+	lostOut, err := lostCmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lostErr bytes.Buffer
+	lostCmd.Stderr = &lostErr
+	if err := lostCmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	first := make([]byte, len("started\n"))
+	if _, err := io.ReadFull(lostOut, first); err != nil || string(first) != "started\n" {
+		t.Fatalf("recorded session: %q, %v, stderr %q", first, err, lostErr.String())
+	}
 	rec.proc.kill()
+	ended := make(chan error, 1)
+	go func() {
+		rest, _ := io.ReadAll(lostOut)
+		if bytes.Contains(rest, []byte("survived")) {
+			t.Errorf("the session outlived its recorder: %q", rest)
+		}
+		ended <- lostCmd.Wait()
+	}()
+	select {
+	case err := <-ended:
+		if err == nil || !strings.Contains(lostErr.String(), "recorder was lost") {
+			t.Errorf("session after the recorder died: %v, stderr %q", err, lostErr.String())
+		}
+	case <-time.After(30 * time.Second):
+		lostCmd.Process.Kill()
+		t.Fatal("the session went on without its recorder")
+	}
+
+	// enforceRecorder: with the recorder down, the login is refused.
 	code, out, errOut = vendor.run(nil, "ssh", "vendor@"+gpuIP, "echo unrecorded")
 	if code == 0 || strings.Contains(out, "unrecorded") || !strings.Contains(errOut, "must be recorded") {
 		t.Fatalf("vendor with the recorder down: exit %d, stdout %q, stderr %q; want refused", code, out, errOut)
