@@ -689,7 +689,7 @@ func (a *Agent) Down(ctx context.Context) error {
 func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	st := &localapi.Status{TUN: a.opts.TUN, Peers: []localapi.Peer{}, SSH: a.login != nil && a.login.SSH}
+	st := &localapi.Status{TUN: a.opts.TUN, Peers: []localapi.Peer{}, SSH: a.login != nil && a.login.SSH, SSHError: a.ssh.listenErr}
 	// The coordinator's verdicts on this node come first: a node it
 	// expired, deleted or has not approved yet is not "unreachable".
 	switch {

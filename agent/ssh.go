@@ -12,7 +12,9 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
+	"syscall"
 
 	"golang.org/x/crypto/ssh"
 
@@ -34,6 +36,10 @@ type sshState struct {
 	rec *sshrec.Recorder // nil unless Options.RecorderDir
 	lns []net.Listener
 	wg  sync.WaitGroup
+	// listenErr says why port 22 could not be served on an address (an
+	// SSH server of the host on 0.0.0.0:22, in kernel TUN mode), for
+	// status.
+	listenErr string
 }
 
 // loadHostKey reads the SSH host key, making one the first time.
@@ -121,6 +127,7 @@ func (a *Agent) sshMayForward(src netip.Addr, dst netip.AddrPort) bool {
 // and the recorder's on the data plane that just came up. a.mu held.
 func (a *Agent) sshAttachLocked() {
 	a.sshDetachLocked()
+	a.ssh.listenErr = ""
 	addrs := netmap.AddrsOf(a.eng.cfg.addrs)
 	serve := func(port uint16, what string, run func(net.Listener) error) {
 		for _, ad := range addrs {
@@ -128,6 +135,11 @@ func (a *Agent) sshAttachLocked() {
 			ln, err := a.eng.listen(ap)
 			if err != nil {
 				a.log.Error(what+" not started on an address", "addr", ap, "err", err)
+				if errors.Is(err, syscall.EADDRINUSE) {
+					err = fmt.Errorf("%w (in kernel TUN mode a server on 0.0.0.0:%d, such as the host's sshd, takes the port from every address: "+
+						"bind it to the host's own addresses with ListenAddress, or run the daemon with --tun userspace)", err, port)
+				}
+				a.ssh.listenErr = strings.TrimPrefix(a.ssh.listenErr+"; ", "; ") + fmt.Sprintf("%s on %v: %v", what, ap, err)
 				continue
 			}
 			a.log.Info(what+" listening", "addr", ap)

@@ -149,8 +149,10 @@ type Status struct {
 	Message string `json:"message,omitempty"`
 	// Filter is the packet filter's state; nil before the node registered.
 	Filter *FilterStatus `json:"filter,omitempty"`
-	// SSH is whether the node runs its SSH server (`meshd up --ssh`).
-	SSH bool `json:"ssh"`
+	// SSH is whether the node runs its SSH server (`meshd up --ssh`);
+	// SSHError says why it does not listen on some address.
+	SSH      bool   `json:"ssh"`
+	SSHError string `json:"ssh_error,omitempty"`
 }
 
 // FilterStatus is the packet filter's rule count, flow table use and drop
