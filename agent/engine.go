@@ -58,6 +58,7 @@ type engine struct {
 	dev  *device.Device
 	tnet *netstack.Net // userspace mode only
 	link *kernelLink   // kernel mode only
+	wrap *tunwrap.Wrapper
 	port uint16
 
 	mu    sync.Mutex
@@ -107,7 +108,8 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 	e.bind.SetPathMTUHook(e.lazy.SetPathMTU)
 	devBind := &lazyBind{Bind: e.bind, l: e.lazy}
 	// The data path (packet filter, peer table) sits right next to the TUN.
-	tdev = tunwrap.New(tdev, tunwrap.Config{Filter: cfg.filter, Peers: e.lazy, Logger: cfg.log})
+	e.wrap = tunwrap.New(tdev, tunwrap.Config{Filter: cfg.filter, Peers: e.lazy, Logger: cfg.log})
+	tdev = e.wrap
 	e.dev = device.NewDevice(tdev, devBind, wgLogger(cfg.log))
 	defer func() {
 		if err != nil {

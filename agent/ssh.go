@@ -14,12 +14,12 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
 
 	"golang.org/x/crypto/ssh"
 
 	"meshd.dev/meshd/agent/sshrec"
 	"meshd.dev/meshd/agent/sshserver"
+	"meshd.dev/meshd/agent/tunwrap"
 	"meshd.dev/meshd/internal/atomicfile"
 	"meshd.dev/meshd/netmap"
 )
@@ -135,10 +135,6 @@ func (a *Agent) sshAttachLocked() {
 			ln, err := a.eng.listen(ap)
 			if err != nil {
 				a.log.Error(what+" not started on an address", "addr", ap, "err", err)
-				if errors.Is(err, syscall.EADDRINUSE) {
-					err = fmt.Errorf("%w (in kernel TUN mode a server on 0.0.0.0:%d, such as the host's sshd, takes the port from every address: "+
-						"bind it to the host's own addresses with ListenAddress, or run the daemon with --tun userspace)", err, port)
-				}
 				a.ssh.listenErr = strings.TrimPrefix(a.ssh.listenErr+"; ", "; ") + fmt.Sprintf("%s on %v: %v", what, ap, err)
 				continue
 			}
@@ -152,15 +148,48 @@ func (a *Agent) sshAttachLocked() {
 		}
 	}
 	if a.login != nil && a.login.SSH {
-		serve(sshPort, "ssh", a.ssh.srv.Serve)
+		if a.eng.tnet == nil {
+			a.sshKernelLocked(addrs)
+		} else {
+			serve(sshPort, "ssh", a.ssh.srv.Serve)
+		}
 	}
 	if a.ssh.rec != nil {
 		serve(netmap.SSHRecorderPort, "ssh recorder", a.ssh.rec.Serve)
 	}
 }
 
+// sshKernelLocked serves SSH in kernel TUN mode: on a free port of each
+// tailnet address (bound to the TUN), to which the data path redirects
+// port 22 of that address. A socket on ADDR:22 would conflict with an SSH
+// server of the host on 0.0.0.0:22, OpenSSH's default. a.mu held.
+func (a *Agent) sshKernelLocked(addrs []netip.Addr) {
+	r := &tunwrap.Redirect{From: sshPort}
+	for _, ad := range addrs {
+		ln, err := a.eng.listen(netip.AddrPortFrom(ad, 0))
+		if err != nil {
+			a.log.Error("ssh not started on an address", "addr", ad, "err", err)
+			a.ssh.listenErr = strings.TrimPrefix(a.ssh.listenErr+"; ", "; ") + fmt.Sprintf("ssh on %v: %v", ad, err)
+			continue
+		}
+		to := uint16(ln.Addr().(*net.TCPAddr).Port)
+		r.Targets = append(r.Targets, tunwrap.RedirectTarget{Addr: ad, To: to})
+		a.log.Info("ssh listening", "addr", netip.AddrPortFrom(ad, sshPort), "local_port", to)
+		a.ssh.lns = append(a.ssh.lns, ln)
+		a.ssh.wg.Add(1)
+		go func() {
+			defer a.ssh.wg.Done()
+			a.ssh.srv.Serve(ln)
+		}()
+	}
+	a.eng.wrap.SetRedirect(r)
+}
+
 // sshDetachLocked stops the listeners and ends the sessions. a.mu held.
 func (a *Agent) sshDetachLocked() {
+	if a.eng != nil && a.eng.wrap != nil {
+		a.eng.wrap.SetRedirect(nil)
+	}
 	for _, ln := range a.ssh.lns {
 		ln.Close()
 	}

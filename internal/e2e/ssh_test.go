@@ -9,10 +9,12 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -144,6 +146,25 @@ func TestSSH(t *testing.T) {
 		"bob": e.key("--user", "bob@example.com"), "vendor": e.key("--tags", "tag:vendor"),
 		"rec": e.key("--tags", "tag:recorder"),
 	}
+	// The host's own SSH server on 0.0.0.0:22, as OpenSSH listens by
+	// default: meshd must serve the tailnet addresses' port 22 beside it.
+	var hostSSHD net.Listener
+	if err := hosts["gpu"].Do(func() (err error) { hostSSHD, err = net.Listen("tcp", "0.0.0.0:22"); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer hostSSHD.Close()
+	var hostSSHDConns atomic.Int32
+	go func() {
+		for {
+			c, err := hostSSHD.Accept()
+			if err != nil {
+				return
+			}
+			hostSSHDConns.Add(1)
+			c.Write([]byte("SSH-2.0-host\r\n"))
+			c.Close()
+		}
+	}()
 	nodes := map[string]*node{}
 	for _, name := range []string{"gpu", "gpu2", "alice", "bob", "vendor"} {
 		tun := "meshd0"
@@ -203,6 +224,25 @@ func TestSSH(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Errorf("alice's session printed %q, want %q in it", out, want)
 		}
+	}
+	// The host's sshd saw none of it, and still serves the LAN.
+	if n := hostSSHDConns.Load(); n != 0 {
+		t.Errorf("the host's sshd got %d tailnet connections", n)
+	}
+	gpuLAN := hosts["gpu"].Addrs()[0].Addr()
+	if err := hosts["alice"].Do(func() error {
+		c, err := net.DialTimeout("tcp", netip.AddrPortFrom(gpuLAN, 22).String(), 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		b, err := io.ReadAll(c)
+		if string(b) != "SSH-2.0-host\r\n" {
+			return fmt.Errorf("the LAN's port 22 answered %q, %v", b, err)
+		}
+		return nil
+	}); err != nil {
+		t.Error(err)
 	}
 	// The same in netstack mode.
 	gpu2IP := ipv4Of(e.status(nodes["gpu2"])).String()
