@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"strconv"
 	"sync"
 	"time"
@@ -48,12 +49,16 @@ func (s *Server) startRecording(ctx context.Context, li *login, kind, command st
 	}
 	var errs []error
 	for _, ap := range li.auth.Recorders {
-		dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		c, err := s.opts.Dial(dctx, ap)
-		cancel()
-		if err != nil {
-			errs = append(errs, fmt.Errorf("recorder %v: %w", ap, err))
-			continue
+		c := li.takeRecorderConn(ap)
+		if c == nil {
+			dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			var err error
+			c, err = s.opts.Dial(dctx, ap)
+			cancel()
+			if err != nil {
+				errs = append(errs, fmt.Errorf("recorder %v: %w", ap, err))
+				continue
+			}
 		}
 		c.SetWriteDeadline(time.Now().Add(recordWriteTimeout))
 		if _, err := c.Write(append(hb, '\n')); err != nil {
@@ -67,6 +72,52 @@ func (s *Server) startRecording(ctx context.Context, li *login, kind, command st
 		return r, nil
 	}
 	return nil, errors.Join(errs...)
+}
+
+// dialRecorder connects to the first reachable recorder of li's
+// decision, for its first session: a login that must be recorded and
+// that no recorder would take is refused before it starts, with the
+// reason in the SSH banner.
+func (s *Server) dialRecorder(ctx context.Context, li *login) error {
+	var errs []error
+	for _, ap := range li.auth.Recorders {
+		dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		c, err := s.opts.Dial(dctx, ap)
+		cancel()
+		if err == nil {
+			li.mu.Lock()
+			li.recConn, li.recAddr = c, ap
+			li.mu.Unlock()
+			return nil
+		}
+		errs = append(errs, fmt.Errorf("recorder %v: %w", ap, err))
+	}
+	if len(errs) == 0 {
+		return errors.New("no recorder")
+	}
+	return errors.Join(errs...)
+}
+
+// takeRecorderConn returns the connection dialRecorder made to ap, once.
+func (li *login) takeRecorderConn(ap netip.AddrPort) net.Conn {
+	li.mu.Lock()
+	defer li.mu.Unlock()
+	if li.recConn == nil || li.recAddr != ap {
+		return nil
+	}
+	c := li.recConn
+	li.recConn = nil
+	return c
+}
+
+// closeRecorderConn closes a connection no session took.
+func (li *login) closeRecorderConn() {
+	li.mu.Lock()
+	defer li.mu.Unlock()
+	if li.recConn != nil {
+		li.recConn.Close()
+		li.recConn = nil
+	}
 }
 
 // event sends one event; a failure marks the recorder lost.

@@ -129,6 +129,10 @@ var errRefused = errors.New("login refused")
 
 // login is what authentication decided for one connection.
 type login struct {
+	mu      sync.Mutex
+	recConn net.Conn // see dialRecorder
+	recAddr netip.AddrPort
+
 	caller    netip.Addr
 	who       *whois.Response
 	user      string
@@ -160,7 +164,8 @@ func (s *Server) handleConn(nc net.Conn) {
 				li.auth = &netmap.SSHAuthResponse{Action: netmap.SSHReject}
 				return nil, &ssh.BannerError{Err: errRefused, Message: msg + "\r\n"}
 			}
-			li = *l
+			li.caller, li.who, li.user, li.auth, li.localUser = l.caller, l.who, l.user, l.auth, l.localUser
+			li.recConn, li.recAddr = l.recConn, l.recAddr
 			return &ssh.Permissions{}, nil
 		},
 		// Any key is as good as none: the identity is the WireGuard peer.
@@ -173,6 +178,7 @@ func (s *Server) handleConn(nc net.Conn) {
 	// Authentication (including a check-mode wait) must finish in time.
 	nc.SetDeadline(time.Now().Add(s.opts.CheckTimeout + time.Minute))
 	conn, chans, reqs, err := ssh.NewServerConn(nc, cfg)
+	defer li.closeRecorderConn()
 	if err != nil {
 		s.log.Debug("ssh handshake", "remote", nc.RemoteAddr(), "err", err)
 		return
@@ -268,6 +274,12 @@ func (s *Server) authorize(ctx context.Context, cm ssh.ConnMetadata, preauth ssh
 		return nil, fmt.Sprintf("meshd: %v", err)
 	}
 	l.localUser = u
+	if resp.EnforceRecorder {
+		if err := s.dialRecorder(ctx, l); err != nil {
+			s.log.Warn("ssh: login refused: no recorder", "caller", caller, "local_user", cm.User(), "err", err)
+			return nil, "meshd: this session must be recorded and no recorder is reachable"
+		}
+	}
 	return l, ""
 }
 

@@ -35,6 +35,7 @@ type session struct {
 	ptmx    *os.File
 	started bool
 	rec     *recording
+	failed  string // why the program did not start
 }
 
 func (s *Server) session(ctx context.Context, conn *ssh.ServerConn, li *login, ch ssh.Channel, reqs <-chan *ssh.Request) {
@@ -51,6 +52,16 @@ func (s *Server) session(ctx context.Context, conn *ssh.ServerConn, li *login, c
 			ok = ss.request(ctx, conn, r, done)
 			if r.WantReply {
 				r.Reply(ok, nil)
+			}
+			if ss.failed != "" {
+				// The program could not start: say why and end with
+				// status 1. (A refused request would do, but OpenSSH
+				// exits on it without printing the reason.)
+				fmt.Fprintf(ss.ch.Stderr(), "meshd: %s\r\n", ss.failed)
+				ss.ch.SendRequest("exit-status", false, binary.BigEndian.AppendUint32(nil, 1))
+				ss.ch.CloseWrite()
+				go ssh.DiscardRequests(reqs)
+				return
 			}
 		case <-done:
 			// The command ended: the exit status is sent, the channel
@@ -118,9 +129,8 @@ func (ss *session) request(ctx context.Context, conn *ssh.ServerConn, r *ssh.Req
 			cmd = p.Command
 		}
 		if err := ss.start(ctx, conn, r.Type, cmd, done); err != nil {
-			fmt.Fprintf(ss.ch.Stderr(), "meshd: %v\r\n", err)
 			ss.s.log.Info("ssh: session not started", "caller", ss.li.caller, "local_user", ss.li.user, "err", err)
-			return false
+			ss.failed = err.Error()
 		}
 		return true
 	}
