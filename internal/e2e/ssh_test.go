@@ -34,7 +34,7 @@ const policySSH = `// ssh
 		{"src": ["tag:gpu"], "dst": ["tag:recorder"], "ip": ["tcp:8022"]},
 	],
 	"ssh": [
-		{"action": "accept", "src": ["group:eng"], "dst": ["tag:gpu"], "users": ["autogroup:nonroot"]},
+		{"action": "accept", "src": ["group:eng"], "dst": ["tag:gpu"], "users": ["autogroup:nonroot"], "acceptEnv": ["LANG", "MESHD_T*"]},
 		{"action": "check", "src": ["tag:vendor"], "dst": ["tag:gpu"], "users": ["vendor"], "checkPeriod": "1h",
 		 "recorder": ["tag:recorder"], "enforceRecorder": true},
 	],
@@ -252,6 +252,10 @@ func TestSSH(t *testing.T) {
 	})
 	if out != "2001\n"+homes2["alice"]+"\n" {
 		t.Errorf("netstack node: %q", out)
+	}
+	// Only the variables acceptEnv names pass.
+	if code, out, errOut = alice.run(nil, "ssh", "-o", "SetEnv=LANG=C.UTF-8 MESHD_TEST=yes EVIL=1 HOME=/tmp", "alice@"+gpuIP, "echo $LANG/$MESHD_TEST/$EVIL/$HOME"); code != 0 || out != "C.UTF-8/yes//"+homes["alice"]+"\n" {
+		t.Errorf("acceptEnv: exit %d, stdout %q, stderr %q", code, out, errOut)
 	}
 	// Exit codes propagate.
 	if code, out, errOut = alice.run(nil, "ssh", "alice@"+gpuIP, "echo to-stderr >&2; exit 7"); code != 7 || !strings.Contains(errOut, "to-stderr") {
