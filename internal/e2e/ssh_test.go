@@ -438,4 +438,25 @@ func TestSSH(t *testing.T) {
 	if code == 0 || strings.Contains(out, "unrecorded") || !strings.Contains(errOut, "must be recorded") {
 		t.Fatalf("vendor with the recorder down: exit %d, stdout %q, stderr %q; want refused", code, out, errOut)
 	}
+
+	// --ssh survives a restart of the daemon; --ssh=false turns it off.
+	gpu.proc.kill()
+	e.startDaemon(gpu)
+	waitFor(t, 30*time.Second, "ssh after the daemon restarted", func() (bool, string) {
+		code, out, errOut = alice.run(nil, "ssh", "alice@"+gpuIP, "echo back")
+		return code == 0 && out == "back\n", fmt.Sprintf("exit %d: %s%s", code, out, errOut)
+	})
+	if out, err := e.cli(gpu, "up", "--ssh"); err == nil || !strings.Contains(out, "already runs the SSH server") {
+		t.Errorf("up --ssh on a node that has it: %v: %s", err, out)
+	}
+	if out, err := e.cli(gpu, "up", "--ssh=false"); err != nil {
+		t.Fatalf("up --ssh=false: %v: %s", err, out)
+	}
+	if st := e.status(gpu); st.SSH {
+		t.Error("status --json: ssh on after --ssh=false")
+	}
+	if code, out, errOut = alice.run(nil, "ssh", "-o", "ConnectTimeout=3", "alice@"+gpuIP, "echo still"); code == 0 || out != "" {
+		t.Errorf("ssh after --ssh=false: exit %d, %q %q", code, out, errOut)
+	}
+
 }
