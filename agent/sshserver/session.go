@@ -13,12 +13,14 @@ import (
 	"path"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/creack/pty"
 	"golang.org/x/crypto/ssh"
+	"golang.org/x/sys/unix"
 )
 
 // session is one "session" channel: a shell, a command or sftp.
@@ -36,6 +38,7 @@ type session struct {
 	started bool
 	rec     *recording
 	failed  string // why the program did not start
+	pgid    int    // the program's process group, once started
 }
 
 func (s *Server) session(ctx context.Context, conn *ssh.ServerConn, li *login, ch ssh.Channel, reqs <-chan *ssh.Request) {
@@ -105,6 +108,21 @@ func (ss *session) request(ctx context.Context, conn *ssh.ServerConn, r *ssh.Req
 			ss.rec.resize(int(p.Cols), int(p.Rows))
 		}
 		return true
+	case "signal":
+		var p struct{ Signal string }
+		if ssh.Unmarshal(r.Payload, &p) != nil {
+			return false
+		}
+		sig, ok := signalByName[p.Signal]
+		ss.mu.Lock()
+		pgid := ss.pgid
+		ss.mu.Unlock()
+		if !ok || pgid == 0 {
+			return false
+		}
+		// The program leads its own session: the signal reaches it and
+		// its children, as a terminal's would.
+		return syscall.Kill(-pgid, sig) == nil
 	case "env":
 		var p struct{ Name, Value string }
 		if ssh.Unmarshal(r.Payload, &p) != nil || !MatchEnv(ss.li.auth.AcceptEnv, p.Name) {
@@ -256,6 +274,9 @@ func (ss *session) start(ctx context.Context, conn *ssh.ServerConn, kind, comman
 			stdin.Close()
 		}()
 	}
+	ss.mu.Lock()
+	ss.pgid = c.Process.Pid
+	ss.mu.Unlock()
 	ss.s.log.Info("ssh session started", "caller", ss.li.caller, "local_user", u.Name, "kind", kind, "pty", wantPTY, "recorded", rec != nil)
 	go func() {
 		err := c.Wait()
@@ -290,26 +311,17 @@ func (ss *session) start(ctx context.Context, conn *ssh.ServerConn, kind, comman
 	return nil
 }
 
+// signalByName maps RFC 4254 signal names to signals.
+var signalByName = map[string]syscall.Signal{
+	"ABRT": syscall.SIGABRT, "ALRM": syscall.SIGALRM, "FPE": syscall.SIGFPE, "HUP": syscall.SIGHUP,
+	"ILL": syscall.SIGILL, "INT": syscall.SIGINT, "KILL": syscall.SIGKILL, "PIPE": syscall.SIGPIPE,
+	"QUIT": syscall.SIGQUIT, "SEGV": syscall.SIGSEGV, "TERM": syscall.SIGTERM, "USR1": syscall.SIGUSR1,
+	"USR2": syscall.SIGUSR2,
+}
+
+// signalName is s's name as RFC 4254 writes it ("TERM").
 func signalName(s syscall.Signal) string {
-	switch s {
-	case syscall.SIGKILL:
-		return "KILL"
-	case syscall.SIGTERM:
-		return "TERM"
-	case syscall.SIGINT:
-		return "INT"
-	case syscall.SIGHUP:
-		return "HUP"
-	case syscall.SIGSEGV:
-		return "SEGV"
-	case syscall.SIGABRT:
-		return "ABRT"
-	case syscall.SIGPIPE:
-		return "PIPE"
-	case syscall.SIGQUIT:
-		return "QUIT"
-	}
-	return "USR1"
+	return strings.TrimPrefix(unix.SignalName(s), "SIG")
 }
 
 // environ is the login environment of the session's program.

@@ -128,7 +128,26 @@ func TestSessions(t *testing.T) {
 		t.Fatalf("pty exit: %v", err)
 	}
 
-	// Both sessions are in casts, with the resize.
+	// Signals reach the program; its death by one is reported.
+	sess, err = client.NewSession()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, _ = sess.StdoutPipe()
+	if err := sess.Start("echo ready; exec sleep 30"); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := bufio.NewReader(stdout).ReadString('\n'); err != nil || l != "ready\n" {
+		t.Fatalf("signal session: %q, %v", l, err)
+	}
+	if err := sess.Signal(ssh.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := sess.Wait(); !errors.As(err, &ee) || ee.Signal() != "TERM" {
+		t.Fatalf("after SIGTERM: %v", err)
+	}
+
+	// The sessions are in casts, with the resize.
 	var casts []string
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -144,7 +163,7 @@ func TestSessions(t *testing.T) {
 				done++
 			}
 		}
-		if done == 2 || time.Now().After(deadline) {
+		if done == 3 || time.Now().After(deadline) {
 			break
 		}
 		time.Sleep(20 * time.Millisecond)
