@@ -32,6 +32,7 @@ type session struct {
 
 	mu      sync.Mutex
 	term    string
+	modes   []termMode
 	size    pty.Winsize
 	wantPTY bool
 	ptmx    *os.File
@@ -88,9 +89,13 @@ func (ss *session) request(ctx context.Context, conn *ssh.ServerConn, r *ssh.Req
 		if ssh.Unmarshal(r.Payload, &p) != nil {
 			return false
 		}
+		modes, err := parseModes([]byte(p.Modes))
+		if err != nil {
+			return false
+		}
 		ss.mu.Lock()
 		defer ss.mu.Unlock()
-		ss.wantPTY, ss.term = true, p.Term
+		ss.wantPTY, ss.term, ss.modes = true, p.Term, modes
 		ss.size = winsize(p.Cols, p.Rows)
 		return true
 	case "window-change":
@@ -238,8 +243,11 @@ func (ss *session) start(ctx context.Context, conn *ssh.ServerConn, kind, comman
 	ss.mu.Unlock()
 	var copies sync.WaitGroup
 	if wantPTY {
-		attrs.Setctty = true
-		ptmx, err := pty.StartWithAttrs(c, &size, attrs)
+		attrs.Setctty = true // Ctty 0: the tty is the child's stdin
+		ss.mu.Lock()
+		modes := ss.modes
+		ss.mu.Unlock()
+		ptmx, err := startPTY(c, &size, attrs, modes)
 		if err != nil {
 			rec.close(-1)
 			return fmt.Errorf("start %s: %w", u.Shell, err)
@@ -317,6 +325,38 @@ var signalByName = map[string]syscall.Signal{
 	"ILL": syscall.SIGILL, "INT": syscall.SIGINT, "KILL": syscall.SIGKILL, "PIPE": syscall.SIGPIPE,
 	"QUIT": syscall.SIGQUIT, "SEGV": syscall.SIGSEGV, "TERM": syscall.SIGTERM, "USR1": syscall.SIGUSR1,
 	"USR2": syscall.SIGUSR2,
+}
+
+// startPTY starts c on a new pseudo-terminal of size sz with the client's
+// terminal modes, and returns the terminal's controlling side.
+func startPTY(c *exec.Cmd, sz *pty.Winsize, attrs *syscall.SysProcAttr, modes []termMode) (*os.File, error) {
+	ptmx, tty, err := pty.Open()
+	if err != nil {
+		return nil, err
+	}
+	defer tty.Close()
+	if err := pty.Setsize(ptmx, sz); err != nil {
+		ptmx.Close()
+		return nil, err
+	}
+	if len(modes) > 0 {
+		t, err := unix.IoctlGetTermios(int(tty.Fd()), unix.TCGETS)
+		if err == nil {
+			applyModes(t, modes)
+			err = unix.IoctlSetTermios(int(tty.Fd()), unix.TCSETS, t)
+		}
+		if err != nil {
+			ptmx.Close()
+			return nil, fmt.Errorf("terminal modes: %w", err)
+		}
+	}
+	c.Stdin, c.Stdout, c.Stderr = tty, tty, tty
+	c.SysProcAttr = attrs
+	if err := c.Start(); err != nil {
+		ptmx.Close()
+		return nil, err
+	}
+	return ptmx, nil
 }
 
 // signalName is s's name as RFC 4254 writes it ("TERM").
