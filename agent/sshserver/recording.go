@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"meshd.dev/meshd/agent/sshrec"
 )
@@ -182,14 +183,39 @@ func (r *recording) close(code int) {
 
 // tee returns a writer that writes to w and records what it writes as
 // output.
-func (r *recording) tee(w io.Writer) io.Writer { return teeWriter{r, w} }
+func (r *recording) tee(w io.Writer) io.Writer { return &teeWriter{r: r, w: w} }
 
+// teeWriter records output in whole UTF-8 characters: a character split
+// across two writes is held back until its end arrives, so the cast does
+// not turn it into two U+FFFD.
 type teeWriter struct {
-	r *recording
-	w io.Writer
+	r    *recording
+	w    io.Writer
+	held []byte // an incomplete character at the end of the last write
 }
 
-func (t teeWriter) Write(p []byte) (int, error) {
-	t.r.event("o", string(p))
+func (t *teeWriter) Write(p []byte) (int, error) {
+	data := append(t.held, p...)
+	cut := incompleteTail(data)
+	t.r.event("o", string(data[:len(data)-cut]))
+	t.held = append(t.held[:0], data[len(data)-cut:]...)
 	return t.w.Write(p)
+}
+
+// incompleteTail is the length of an incomplete UTF-8 character at the end
+// of b (0 if none).
+func incompleteTail(b []byte) int {
+	for n := 1; n <= 3 && n <= len(b); n++ {
+		c := b[len(b)-n]
+		if c < 0x80 {
+			return 0 // ASCII: nothing pending
+		}
+		if utf8.RuneStart(c) {
+			if utf8.FullRune(b[len(b)-n:]) {
+				return 0
+			}
+			return n
+		}
+	}
+	return 0
 }
