@@ -151,7 +151,7 @@ func TestHuJSONFeatures(t *testing.T) {
 // name saying it is not enforced.
 func TestSectionsParsed(t *testing.T) {
 	p := mustParse(t, `{
-	"groups": {"group:eng": ["alice@example.com"]},
+	"groups": {"group:eng": ["alice@example.com"]}, "grants": [{"src": ["group:eng"], "dst": ["tag:srv"], "ip": ["tcp:22"]}],
 	"tagOwners": {"tag:srv": ["group:eng"], "tag:router": []},
 	"ssh": [{"action": "check", "src": ["group:eng"], "dst": ["tag:srv", "autogroup:self"], "users": ["root", "autogroup:nonroot"], "checkPeriod": "12h"}],
 	"autoApprovers": {"routes": {"10.0.0.0/8": ["tag:router"]}, "exitNode": ["group:eng"]},

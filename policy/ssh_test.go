@@ -108,3 +108,29 @@ func TestSSHTests(t *testing.T) {
 		}
 	}
 }
+
+// TestSSHLint: an ssh rule whose source cannot reach its destination on
+// tcp:22 is dead, and lint says so; groups and tags used only by ssh
+// rules are used.
+func TestSSHLint(t *testing.T) {
+	p := mustParse(t, `{
+	"groups": {"group:eng": ["alice@example.com"], "group:ops": ["bob@example.com"]},
+	"tagOwners": {"tag:gpu": ["group:eng"], "tag:rec": ["group:eng"]},
+	"grants": [{"src": ["group:eng"], "dst": ["tag:gpu"], "ip": ["tcp:22"]}],
+	"ssh": [
+		{"action": "accept", "src": ["group:eng"], "dst": ["tag:gpu"], "users": ["alice"], "recorder": ["tag:rec"]},
+		{"action": "accept", "src": ["group:ops"], "dst": ["tag:gpu"], "users": ["bob"]},
+	],
+}`)
+	var warns []string
+	for _, pr := range p.Lint() {
+		warns = append(warns, pr.String())
+	}
+	all := strings.Join(warns, "\n")
+	if !strings.Contains(all, "test.hujson:7:3: warning: ssh rule: no acl or grant lets group:ops (member bob@example.com) reach its destinations on tcp:22") {
+		t.Errorf("lint:\n%s", all)
+	}
+	if strings.Contains(all, ":6:3:") || strings.Contains(all, "never used") {
+		t.Errorf("lint warns about a rule that works or a used group:\n%s", all)
+	}
+}
