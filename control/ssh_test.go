@@ -128,3 +128,53 @@ func TestSSHAuthorize(t *testing.T) {
 }
 
 func netipMust(s string) netip.Addr { return netip.MustParseAddr(s) }
+
+// TestSSHCheckExpiry: an approval lasts checkPeriod, and a login nobody
+// approves expires after sshCheckTimeout, on the coordinator's clock.
+func TestSSHCheckExpiry(t *testing.T) {
+	clk := newClock()
+	ts := startServer(t, ServerOptions{clock: clk})
+	ts.SetPolicy(mustEngine(t, strings.Replace(sshTestPolicy, `"enforceRecorder": true`, `"enforceRecorder": false`, 1)))
+	ctx := context.Background()
+	reg := func(name string, o AuthKeyOptions) *testNode {
+		n := newTestNode(t, ts.url, ts.Fingerprint())
+		n.mustRegister(t, ts.key(t, o), name)
+		return n
+	}
+	gpu := reg("gpu", AuthKeyOptions{Tags: []string{"tag:gpu"}})
+	vendor := reg("vendor", AuthKeyOptions{Tags: []string{"tag:vendor"}})
+	req := netmap.SSHAuthRequest{CallerAddr: vendor.self.Addresses[0].Addr(), LocalUser: "vendor"}
+	ask := func() *netmap.SSHAuthResponse {
+		t.Helper()
+		r, err := gpu.c.SSHAuthorize(ctx, req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	r := ask()
+	if r.Action != netmap.SSHCheck {
+		t.Fatalf("first login: %+v", r)
+	}
+	// Nobody approves: after the timeout the wait says so.
+	clk.Advance(sshCheckTimeout)
+	if w, err := gpu.c.SSHWait(ctx, r.CheckID); err != nil || w.Approved || w.Pending || w.Message == "" {
+		t.Fatalf("wait after the timeout: %+v, %v", w, err)
+	}
+	if err := ts.ApproveSSH(r.CheckID); !errors.Is(err, controlclient.ErrNotFound) {
+		t.Fatalf("approving an expired check: %v", err)
+	}
+	// Approved: accepted for checkPeriod (1h), then checked again.
+	r = ask()
+	if err := ts.ApproveSSH(r.CheckID); err != nil {
+		t.Fatal(err)
+	}
+	clk.Advance(59 * time.Minute)
+	if r := ask(); r.Action != netmap.SSHAccept {
+		t.Fatalf("within checkPeriod: %+v", r)
+	}
+	clk.Advance(2 * time.Minute)
+	if r := ask(); r.Action != netmap.SSHCheck {
+		t.Fatalf("after checkPeriod: %+v", r)
+	}
+}
