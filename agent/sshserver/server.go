@@ -18,6 +18,7 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"meshd.dev/meshd/agent/whois"
+	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -46,7 +47,10 @@ type Options struct {
 	NodeName func() string
 	// CheckTimeout bounds a check-mode wait; 0 means 5 minutes.
 	CheckTimeout time.Duration
-	Logger       *slog.Logger
+	// MaxConnsPerPeer caps one peer's concurrent connections (each may
+	// hold a coordinator request while it authenticates); 0 means 32.
+	MaxConnsPerPeer int
+	Logger          *slog.Logger
 }
 
 // Server serves SSH on listeners given to Serve.
@@ -67,6 +71,9 @@ func New(opts Options) *Server {
 	if opts.CheckTimeout == 0 {
 		opts.CheckTimeout = 5 * time.Minute
 	}
+	if opts.MaxConnsPerPeer == 0 {
+		opts.MaxConnsPerPeer = 32
+	}
 	if opts.NodeName == nil {
 		opts.NodeName = func() string { return "" }
 	}
@@ -85,8 +92,14 @@ func (s *Server) SetAuthorizer(a Authorizer) {
 
 // Serve accepts connections on ln until it is closed.
 func (s *Server) Serve(ln net.Listener) error {
+	limited := connlimit.Limits{
+		PerSource: s.opts.MaxConnsPerPeer, Total: 4096, Name: "ssh", Logger: s.log,
+		// Authentication includes the wait for a check-mode approval.
+		HandshakeTimeout: s.opts.CheckTimeout + time.Minute,
+		Hint:             "a peer opens more SSH connections at once than the server allows",
+	}.WithDefaults().Listener(ln)
 	for {
-		c, err := ln.Accept()
+		c, err := limited.Accept()
 		if err != nil {
 			return err
 		}
@@ -184,6 +197,10 @@ func (s *Server) handleConn(nc net.Conn) {
 		return
 	}
 	nc.SetDeadline(time.Time{})
+	if lc, ok := nc.(*connlimit.Conn); ok && !lc.Authenticate() {
+		conn.Close()
+		return
+	}
 	defer conn.Close()
 	s.log.Info("ssh login", "caller", li.caller, "caller_node", li.who.Node.Hostname, "caller_user", li.who.User,
 		"local_user", li.user, "rule", li.auth.Rule)

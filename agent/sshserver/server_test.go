@@ -1,7 +1,10 @@
 package sshserver
 
 import (
+	"bufio"
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"errors"
 	"log/slog"
 	"net"
@@ -11,6 +14,8 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
+
+	"golang.org/x/crypto/ssh"
 
 	"meshd.dev/meshd/agent/whois"
 	"meshd.dev/meshd/netmap"
@@ -184,6 +189,57 @@ func TestIncompleteTail(t *testing.T) {
 	} {
 		if got := incompleteTail([]byte(in)); got != want {
 			t.Errorf("%q: %d, want %d", in, got, want)
+		}
+	}
+}
+
+// TestConnsPerPeer: one peer cannot hold more than MaxConnsPerPeer
+// connections open (each may hold a coordinator request).
+func TestConnsPerPeer(t *testing.T) {
+	_, hk, _ := ed25519.GenerateKey(rand.Reader)
+	signer, _ := ssh.NewSignerFromKey(hk)
+	s := New(Options{HostKey: signer, MaxConnsPerPeer: 2, Logger: slog.New(slog.DiscardHandler),
+		WhoIs: func(netip.Addr) (*whois.Response, bool) { return &whois.Response{Node: whois.Node{ID: 2}}, true }})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go s.Serve(ln)
+	defer s.CloseConns()
+	banner := func(c net.Conn) string {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		l, _ := bufio.NewReader(c).ReadString('\n')
+		return l
+	}
+	var conns []net.Conn
+	for i := range 3 {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		conns = append(conns, c)
+		got := banner(c)
+		if want := i < 2; strings.HasPrefix(got, "SSH-2.0-meshd") != want {
+			t.Fatalf("connection %d: banner %q", i, got)
+		}
+	}
+	// One closes: a new one fits again.
+	conns[0].Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := banner(c)
+		c.Close()
+		if strings.HasPrefix(got, "SSH-2.0-meshd") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no room after a connection closed")
 		}
 	}
 }
