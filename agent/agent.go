@@ -130,6 +130,12 @@ type Options struct {
 	// LogRing, when set, holds the recent lines of Logger, served on the
 	// local API for `meshd bugreport`.
 	LogRing *logring.Ring
+	// SFTPCommand runs the SSH server's sftp subsystem as the login user
+	// (the meshd binary's hidden `sftp-server`); empty refuses sftp.
+	SFTPCommand []string
+	// RecorderDir, when set, runs the SSH session recorder (`meshd
+	// recorder --dir`) on the tailnet addresses, writing casts there.
+	RecorderDir string
 }
 
 // Agent is one node's daemon. Its methods are safe for concurrent use.
@@ -196,6 +202,8 @@ type Agent struct {
 	serve     *serve.Server
 	services  services // a.opts.HTTPSServices; a.mu
 	serveNote string
+
+	ssh sshState // `meshd up --ssh` and the recorder (ssh.go); a.mu
 }
 
 // session is a running control loop; it owns the data plane it starts.
@@ -261,6 +269,10 @@ func New(opts Options) (*Agent, error) {
 		a.dropKeyConflicts(nm)
 		a.certs.SetSelf(certs.SelfOf(nm))
 		a.setNamesLocked(nm)
+	}
+	if err := a.initSSH(); err != nil {
+		st.Close()
+		return nil, err
 	}
 	if err := a.initServe(); err != nil {
 		st.Close()
@@ -430,6 +442,8 @@ func (a *Agent) controlLoop(ctx context.Context, login Login) {
 	defer cc.Close()
 	a.certs.SetIssuer(cc)
 	defer a.certs.SetIssuer(nil)
+	a.setSSHControl(cc)
+	defer a.setSSHControl(nil)
 	var wg sync.WaitGroup
 	wg.Add(2)
 	rctx, stopReports := context.WithCancel(ctx)
@@ -716,7 +730,7 @@ func (a *Agent) Down(ctx context.Context) error {
 func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	st := &localapi.Status{TUN: a.opts.TUN, Peers: []localapi.Peer{}}
+	st := &localapi.Status{TUN: a.opts.TUN, Peers: []localapi.Peer{}, SSH: a.login != nil && a.login.SSH, SSHError: a.ssh.listenErr}
 	// The coordinator's verdicts on this node come first: a node it
 	// expired, deleted or has not approved yet is not "unreachable".
 	switch {

@@ -61,6 +61,7 @@ type engine struct {
 	dev  *device.Device
 	tnet *netstack.Net // userspace mode only
 	link *kernelLink   // kernel mode only
+	wrap *tunwrap.Wrapper
 	port uint16
 	mtu  int // the TUN's MTU; changes only in kernel mode (setMTU)
 
@@ -111,7 +112,8 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 	e.bind.SetPathMTUHook(e.lazy.SetPathMTU)
 	devBind := &lazyBind{Bind: e.bind, l: e.lazy}
 	// The data path (packet filter, peer table) sits right next to the TUN.
-	tdev = tunwrap.New(tdev, tunwrap.Config{Filter: cfg.filter, Peers: e.lazy, Logger: cfg.log, Flows: cfg.flows})
+	e.wrap = tunwrap.New(tdev, tunwrap.Config{Filter: cfg.filter, Peers: e.lazy, Logger: cfg.log, Flows: cfg.flows})
+	tdev = e.wrap
 	e.dev = device.NewDevice(tdev, devBind, wgLogger(cfg.log))
 	defer func() {
 		if err != nil {

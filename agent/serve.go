@@ -79,6 +79,7 @@ func (a *Agent) serveAttachLocked() {
 	// connections that came through WireGuard and the filter reach them.
 	a.serve.Attach(a.eng.listen, netmap.AddrsOf(a.eng.cfg.addrs))
 	a.services.attach(a.eng.listen, netmap.AddrsOf(a.eng.cfg.addrs))
+	a.sshAttachLocked()
 }
 
 // serveDetachLocked stops serve's listeners and the daemon's HTTPS
@@ -86,6 +87,7 @@ func (a *Agent) serveAttachLocked() {
 func (a *Agent) serveDetachLocked() {
 	a.serve.Detach()
 	a.services.detach()
+	a.sshDetachLocked()
 }
 
 // ServeStatus lists what the node serves.

@@ -56,6 +56,9 @@ type Login struct {
 	// host's DNS configuration alone. Negative so that logins saved
 	// before the setting existed get the default.
 	NoAcceptDNS bool `json:"no_accept_dns,omitempty"`
+	// SSH is `meshd up --ssh`: the node runs its SSH server on its
+	// tailnet addresses (docs/ssh.md).
+	SSH bool `json:"ssh,omitempty"`
 }
 
 // CorruptFileError reports a state file that could not be decoded. The file

@@ -33,6 +33,7 @@ type registration struct {
 	authKey     string
 	tags        []string
 	noAcceptDNS bool // --accept-dns=false
+	ssh         bool // --ssh
 }
 
 // upPlan is what Up will do, decided before it changes anything.
@@ -145,6 +146,23 @@ func planUp(cur enrolment, req localapi.UpRequest) (upPlan, error) {
 	return upPlan{action: upRetag, tags: tags, note: note, acceptDNS: acceptDNS}, nil
 }
 
+// planSSH decides what `--ssh[=false]` does: nil leaves the setting as
+// it is. On a registered node a value it has already changes nothing and
+// is an error, unless it came from the environment.
+func planSSH(l *Login, req localapi.UpRequest) (*bool, error) {
+	switch {
+	case req.SSH == nil:
+		return nil, nil
+	case l == nil, *req.SSH != l.SSH:
+		return req.SSH, nil
+	case req.SSHFromEnv:
+		return nil, nil
+	case *req.SSH:
+		return nil, errors.New("this node already runs the SSH server, so --ssh changes nothing (`meshd up --ssh=false` turns it off)")
+	}
+	return nil, errors.New("this node runs no SSH server, so --ssh=false changes nothing")
+}
+
 // hostnameMatches reports whether h names the node as it registered: the
 // name it asked for, or the one the coordinator gave it (sanitized, or with
 // a suffix on a clash).
@@ -192,6 +210,13 @@ func (a *Agent) up(ctx context.Context, req localapi.UpRequest) (*localapi.Statu
 	if err != nil {
 		return nil, err
 	}
+	sshSet, err := planSSH(cur.login, req)
+	if err != nil {
+		return nil, err
+	}
+	if plan.action == upRegister {
+		plan.reg.ssh = sshSet != nil && *sshSet || sshSet == nil && cur.login != nil && cur.login.SSH
+	}
 	if req.AcceptDNS != nil && a.opts.TUN == TUNUserspace {
 		plan.note = strings.TrimPrefix(plan.note+"; ", "; ") +
 			"--accept-dns is kept for kernel TUN mode; this daemon runs the netstack, which never changes the host's DNS"
@@ -220,11 +245,14 @@ func (a *Agent) up(ctx context.Context, req localapi.UpRequest) (*localapi.Statu
 	}
 	a.mu.Lock()
 	login := a.login
-	if !login.WantRunning || plan.acceptDNS != nil {
+	if !login.WantRunning || plan.acceptDNS != nil || sshSet != nil && *sshSet != login.SSH {
 		l := *login
 		l.WantRunning = true
 		if plan.acceptDNS != nil {
 			l.NoAcceptDNS = !*plan.acceptDNS
+		}
+		if sshSet != nil {
+			l.SSH = *sshSet
 		}
 		if err := a.store.SaveLogin(&l); err != nil {
 			a.mu.Unlock()
@@ -236,6 +264,9 @@ func (a *Agent) up(ctx context.Context, req localapi.UpRequest) (*localapi.Statu
 	if plan.acceptDNS != nil && a.eng != nil && a.nm != nil {
 		// A running data plane takes the new setting now.
 		a.syncOSDNSLocked(a.nm)
+	}
+	if sshSet != nil && a.eng != nil {
+		a.sshAttachLocked()
 	}
 	// With the data plane already up from the saved map, wait only briefly
 	// for the coordinator: long enough to report a refused connection (pin
@@ -363,7 +394,7 @@ func (a *Agent) register(ctx context.Context, r registration) (*netmap.Node, err
 	l := &Login{
 		CoordinatorURL: r.coordinator, ServerPin: cmp.Or(cc.ServerPin(), resp.ServerKey), NodeID: resp.Node.ID,
 		Hostname: resp.Node.Hostname, RequestedHostname: hostname, Tags: resp.Node.Tags, Ephemeral: resp.Node.Ephemeral,
-		WantRunning: true, NoAcceptDNS: r.noAcceptDNS,
+		WantRunning: true, NoAcceptDNS: r.noAcceptDNS, SSH: r.ssh,
 	}
 	if err := a.store.SaveLogin(l); err != nil {
 		return nil, err

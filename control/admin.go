@@ -428,6 +428,7 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 	}))
 	s.policyRoutes(mux, h)
 	s.auditRoutes(mux, h)
+	s.sshAdminRoutes(mux, h)
 	mux.HandleFunc("GET /admin/v1/users", h(func(r *http.Request) (any, error) {
 		u, err := s.Users(r.Context())
 		if u == nil {

@@ -102,3 +102,14 @@ func (a *AdminClient) Users(ctx context.Context) ([]User, error) {
 	var out []User
 	return out, a.do(ctx, http.MethodGet, "/admin/v1/users", nil, &out)
 }
+
+// SSHChecks lists the check-mode SSH logins waiting for approval.
+func (a *AdminClient) SSHChecks(ctx context.Context) ([]netmap.SSHApproval, error) {
+	var out []netmap.SSHApproval
+	return out, a.do(ctx, http.MethodGet, "/admin/v1/ssh/checks", nil, &out)
+}
+
+// ApproveSSH approves a waiting check-mode SSH login.
+func (a *AdminClient) ApproveSSH(ctx context.Context, id string) error {
+	return a.do(ctx, http.MethodPost, "/admin/v1/ssh/checks/"+url.PathEscape(id)+"/approve", nil, nil)
+}

@@ -69,6 +69,8 @@ const (
 	AuditTagsRemoved   = "node.tags_removed"
 	AuditSessionStart  = "session.start"
 	AuditSessionEnd    = "session.end"
+	AuditSSHLogin      = "ssh.login"   // a node asked whether a login may proceed: the decision
+	AuditSSHApprove    = "ssh.approve" // an admin approved a check-mode login
 	auditDefaultLimit  = 1000
 	auditMaxLimit      = 10000
 	auditDetailsMaxLen = 1 << 20

@@ -22,12 +22,14 @@ import (
 	"meshd.dev/meshd/netmap"
 )
 
-// Machine endpoints FuzzMachineRequest picks from (op modulo 4).
+// Machine endpoints FuzzMachineRequest picks from (op modulo 6).
 const (
 	opRegister uint8 = iota
 	opMap
 	opChallenge
 	opCert
+	opSSHAuthorize
+	opSSHWait
 )
 
 func ptr[T any](v T) *T { return &v }
@@ -89,8 +91,12 @@ func FuzzMachineRequest(f *testing.F) {
 	f.Add(opChallenge, []byte(``))
 	f.Add(opCert, []byte(`{"version":2,"csr":"MAMCAQA="}`))
 	f.Add(opCert, []byte(`{"version":2}`))
+	f.Add(opSSHAuthorize, []byte(`{"version":2,"caller_addr":"100.64.0.1","local_user":"root"}`))
+	f.Add(opSSHAuthorize, []byte(`{"version":2,"caller_addr":"::ffff:1.2.3.4","local_user":"-oProxyCommand=x"}`))
+	f.Add(opSSHWait, []byte(`{"version":2,"check_id":"0000000000000000"}`))
 	f.Fuzz(func(t *testing.T, op uint8, body []byte) {
-		path := []string{"/machine/register", "/machine/map", controlclient.ChallengePath, controlclient.CertPath}[int(op)%4]
+		path := []string{"/machine/register", "/machine/map", controlclient.ChallengePath, controlclient.CertPath,
+			controlclient.SSHAuthorizePath, controlclient.SSHWaitPath}[int(op)%6]
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		req := httptest.NewRequestWithContext(ctx, http.MethodPost, path, bytes.NewReader(body))

@@ -137,6 +137,8 @@ type Server struct {
 	servers   []*http.Server
 	closed    bool
 	polInfo   PolicyInfo // the policy file in force
+
+	sshChecks sshChecks // check-mode SSH approvals (ssh.go)
 }
 
 const (
@@ -278,6 +280,7 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	s.mux.HandleFunc("POST /machine/tags", s.handleSetTags)
 	s.mux.HandleFunc("POST "+controlclient.CertPath, s.handleCert)
 	s.mux.HandleFunc("GET "+DERPMapPath, s.handleDERPMap)
+	s.sshRoutes()
 	s.adminRoutes(s.mux)
 	s.ctx, s.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	// Armed before NewServer returns, so that time a test moves from then

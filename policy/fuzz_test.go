@@ -37,6 +37,7 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte(`{"grants": [{"src": ["*"], "dst": ["*"], "ip": ["*"]}]}`))
 	f.Add([]byte(`{"acls": [{"action": "accept", "src": ["10.0.0.0/8"], "dst": ["[fd7a::1]:22,80-90"], "proto": "udp"}]}`))
 	f.Add([]byte(`{"tagOwners": {"tag:a": ["tag:a"]}, "grants": [{"src": ["tag:a"], "dst": ["autogroup:self"], "ip": ["icmp:*"], "app": {"x.dev/c": [{}]}}]}`))
+	f.Add([]byte(`{"tagOwners": {"tag:a": [], "tag:r": []}, "ssh": [{"action": "check", "src": ["autogroup:member"], "dst": ["autogroup:self", "tag:a"], "users": ["localpart:*@example.com", "autogroup:nonroot"], "checkPeriod": "1h", "acceptEnv": ["LC_*"], "recorder": ["tag:r"], "enforceRecorder": true}], "sshTests": [{"src": "alice@example.com", "dst": ["tag:a"], "check": ["alice"], "deny": ["root"]}]}`))
 	nodes := []*netmap.Node{
 		testNode(1, "alice@example.com"), testNode(2, "bob@example.com"),
 		testNode(3, "", "tag:inference-server"), testNode(4, "carol@tenant-a.example"),
@@ -72,6 +73,16 @@ func FuzzParse(f *testing.F) {
 		Diff(base, p)
 		Diff(p, base)
 		_, _ = p.Explain("alice@example.com", "tag:inference-server:22", "")
+		_, _ = p.ExplainSSH("alice@example.com", "tag:inference-server", "root")
+		for _, a := range nodes {
+			for _, b := range nodes {
+				v := p.SSH(a, b, "root")
+				if v.Action != "" && v.Action != netmap.SSHAccept && v.Action != netmap.SSHCheck {
+					t.Fatalf("ssh action %q", v.Action)
+				}
+				v.IsRecorder(b)
+			}
+		}
 		_ = p.CheckTags("alice@example.com", nil, []string{"tag:a"})
 	})
 }

@@ -29,6 +29,11 @@ func (p *Policy) Lint() []Problem {
 			warn(r.pos, "wide rule: src \"*\" may reach dst \"*\" on every port, the same as the bootstrap allow-all default; name the sources and destinations that need access")
 		}
 	}
+	for i := range p.ssh {
+		if msg := p.sshUnreachable(&p.ssh[i]); msg != "" {
+			warn(p.ssh[i].pos, "%s", msg)
+		}
+	}
 	used := p.usedTags()
 	for tag, owners := range p.tagOwners {
 		if len(owners) == 0 && used[tag] {
@@ -102,6 +107,15 @@ func (p *Policy) everySelector(f func(selector)) {
 		}
 		for _, s := range r.dst {
 			f(s)
+		}
+		for _, s := range r.recorder {
+			f(s)
+		}
+	}
+	for _, t := range p.sshTests {
+		f(t.src)
+		for _, d := range t.dst {
+			f(d)
 		}
 	}
 	for _, s := range p.approvers {
@@ -232,4 +246,27 @@ func (p *Policy) selCovers(sup, sub selector) bool {
 		return sub.kind == selPrefix && sup.prefix.Bits() <= sub.prefix.Bits() && sup.prefix.Contains(sub.prefix.Addr())
 	}
 	return false
+}
+
+// sshUnreachable says which of an ssh rule's sources can reach none of
+// its destinations on TCP port 22: ssh rules open no network access, so
+// for them the rule is dead. Sources and destinations the policy cannot
+// name devices for (autogroups, "*") are not judged.
+func (p *Policy) sshUnreachable(r *sshRule) string {
+	for _, ssel := range r.src {
+		for _, src := range p.subjectsFor(ssel) {
+			reach, judged := false, false
+			for _, dsel := range r.dst {
+				for _, dst := range p.subjectsFor(dsel) {
+					judged = true
+					reach = reach || p.decide(src, dst, netmap.ProtoTCP, 22) != nil
+				}
+			}
+			if judged && !reach {
+				return fmt.Sprintf("ssh rule: no acl or grant lets %s reach its destinations on tcp:22, so the rule lets it log in nowhere (ssh rules open no network access)",
+					describeSrc(ssel, src))
+			}
+		}
+	}
+	return ""
 }

@@ -39,6 +39,7 @@ type Policy struct {
 	rules     []rule
 	tests     []test
 	ssh       []sshRule
+	sshTests  []sshTest
 	approvers []selector // every selector of "autoApprovers", for lints
 	nodeAttrs []nodeAttr
 	// unenforced are the sections present that meshd parses but does not
@@ -99,7 +100,23 @@ type sshRule struct {
 	src    []selector
 	dst    []selector
 	users  []string
-	period time.Duration
+	period time.Duration // check: how long an approval lasts; 0 = every time
+	env    []string      // acceptEnv patterns
+	// recorder are the nodes sessions are streamed to; enforce refuses
+	// a session none of them takes.
+	recorder []selector
+	enforce  bool
+}
+
+// sshTest is one "sshTests" entry: src logging in to each dst gets
+// accept, check or deny for the listed local users.
+type sshTest struct {
+	pos    Pos
+	src    selector
+	dst    []selector
+	accept []string
+	check  []string
+	deny   []string
 }
 
 type nodeAttr struct {
@@ -111,7 +128,7 @@ type nodeAttr struct {
 
 // Sections a policy may contain. Anything else is an error, so that a
 // Tailscale feature meshd lacks is reported rather than silently ignored.
-var sections = []string{"groups", "hosts", "tagOwners", "acls", "grants", "tests", "ssh", "autoApprovers", "nodeAttrs"}
+var sections = []string{"groups", "hosts", "tagOwners", "acls", "grants", "tests", "ssh", "sshTests", "autoApprovers", "nodeAttrs"}
 
 // unenforcedSections are the sections meshd parses and validates, so that a
 // Tailscale policy carries over, but does not act on yet, each with what
@@ -119,7 +136,6 @@ var sections = []string{"groups", "hosts", "tagOwners", "acls", "grants", "tests
 // `meshd policy check --strict` fails): a reader must never believe such a
 // rule is in force. Delete an entry when the feature is built.
 var unenforcedSections = map[string]string{
-	"ssh":           "meshd has no SSH server yet: these rules open no SSH access and check nothing",
 	"autoApprovers": "meshd does not approve subnet routes or exit nodes yet: nothing is approved by this section",
 	"nodeAttrs":     "meshd applies no node attributes yet: no attribute or capability in this section reaches any node",
 }
@@ -306,11 +322,15 @@ func Parse(file string, data []byte) (*Policy, error) {
 	if v := byName["tests"]; v != nil {
 		ps.eachElem(v, "tests", ps.parseTest)
 	}
+	if v := byName["sshTests"]; v != nil {
+		ps.eachElem(v, "sshTests", ps.parseSSHTest)
+	}
 	// Rules come out in file order regardless of section, so "the first
 	// rule that allows a flow" means the same thing to the reader.
 	sortRules(pol.rules)
 	if len(ps.probs) == 0 {
 		ps.probs = append(ps.probs, pol.runTests()...)
+		ps.probs = append(ps.probs, pol.runSSHTests()...)
 	}
 	if len(ps.probs) > 0 {
 		sortProblems(ps.probs)
@@ -422,6 +442,15 @@ func (ps *parser) eachElem(v *hujson.Value, what string, f func(*hujson.Value)) 
 	for i := range arr.Elements {
 		f(&arr.Elements[i])
 	}
+}
+
+func (ps *parser) boolean(v *hujson.Value, what string) (bool, bool) {
+	lit, ok := v.Value.(hujson.Literal)
+	if !ok || (lit.Kind() != 't' && lit.Kind() != 'f') {
+		ps.errorf(v, "%s must be true or false", what)
+		return false, false
+	}
+	return lit.Kind() == 't', true
 }
 
 func (ps *parser) str(v *hujson.Value, what string) (string, bool) {
@@ -859,7 +888,7 @@ func (ps *parser) checkKubeCap(name string, v *hujson.Value, packed []byte) bool
 }
 
 func (ps *parser) parseSSH(v *hujson.Value) {
-	members, ok := ps.object(v, "an ssh rule", "action", "src", "dst", "users", "checkPeriod", "acceptEnv")
+	members, ok := ps.object(v, "an ssh rule", "action", "src", "dst", "users", "checkPeriod", "acceptEnv", "recorder", "enforceRecorder")
 	if !ok {
 		return
 	}
@@ -880,6 +909,14 @@ func (ps *parser) parseSSH(v *hujson.Value) {
 	}
 	if u := ps.required(v, members, "users", "an ssh rule"); u != nil {
 		for _, e := range ps.strList(u, "users") {
+			if lp, ok := strings.CutPrefix(e.s, "localpart:*@"); ok {
+				if lp == "" || strings.ContainsAny(lp, " \t:/@") {
+					ps.errorf(e.val, "ssh users: %q: use localpart:*@DOMAIN, such as localpart:*@example.com", e.s)
+					continue
+				}
+				r.users = append(r.users, strings.ToLower(e.s))
+				continue
+			}
 			if e.s == "" || strings.ContainsAny(e.s, " \t:/") && !strings.HasPrefix(e.s, "autogroup:") {
 				ps.errorf(e.val, "ssh users: %q is not a login name (use root, ubuntu, autogroup:nonroot ...)", e.s)
 				continue
@@ -904,7 +941,29 @@ func (ps *parser) parseSSH(v *hujson.Value) {
 		}
 	}
 	if env := ps.field(members, "acceptEnv"); env != nil {
-		ps.strList(env, "acceptEnv")
+		for _, e := range ps.strList(env, "acceptEnv") {
+			if e.s == "" || strings.ContainsAny(e.s, "= \t") {
+				ps.errorf(e.val, "acceptEnv %q: name a variable, optionally with * and ? wildcards", e.s)
+				continue
+			}
+			r.env = append(r.env, e.s)
+		}
+	}
+	if rec := ps.field(members, "recorder"); rec != nil {
+		r.recorder = ps.selectors(rec, "recorder", ctxDst)
+		for _, sel := range r.recorder {
+			if sel.kind == selSelf {
+				ps.errorf(rec, "recorder: autogroup:self names no recorder: use a tag such as tag:recorder")
+			}
+		}
+	}
+	if er := ps.field(members, "enforceRecorder"); er != nil {
+		if b, ok := ps.boolean(er, `"enforceRecorder"`); ok {
+			r.enforce = b
+			if b && len(r.recorder) == 0 {
+				ps.errorf(er, "enforceRecorder needs a \"recorder\" to enforce")
+			}
+		}
 	}
 	ps.pol.ssh = append(ps.pol.ssh, r)
 }
@@ -952,6 +1011,58 @@ func (ps *parser) parseNodeAttr(v *hujson.Value) {
 		ps.errorf(v, "a nodeAttrs entry needs \"attr\" or \"app\"")
 	}
 	ps.pol.nodeAttrs = append(ps.pol.nodeAttrs, na)
+}
+
+func (ps *parser) parseSSHTest(v *hujson.Value) {
+	members, ok := ps.object(v, "an ssh test", "src", "dst", "accept", "check", "deny")
+	if !ok {
+		return
+	}
+	t := sshTest{pos: ps.pos(v)}
+	if src := ps.required(v, members, "src", "an ssh test"); src != nil {
+		if s, ok := ps.str(src, "ssh test src"); ok {
+			sel, err := ps.pol.resolveSelector(s, ps.pos(src), ctxTestSrc)
+			switch {
+			case err != nil:
+				ps.errorf(src, "ssh test src: %v", err)
+			case sel.kind == selPrefix && sel.prefix.Bits() != sel.prefix.Addr().BitLen():
+				ps.errorf(src, "ssh test src %q: a test source is one device, not a CIDR", s)
+			default:
+				t.src = sel
+			}
+		}
+	}
+	if dst := ps.required(v, members, "dst", "an ssh test"); dst != nil {
+		for _, e := range ps.strList(dst, "dst") {
+			sel, err := ps.pol.resolveSelector(e.s, ps.pos(e.val), ctxTestDst)
+			switch {
+			case err != nil:
+				ps.errorf(e.val, "ssh test dst: %v", err)
+			case sel.kind == selPrefix && sel.prefix.Bits() != sel.prefix.Addr().BitLen():
+				ps.errorf(e.val, "ssh test dst %q: a test destination is one device, not a CIDR", e.s)
+			default:
+				t.dst = append(t.dst, sel)
+			}
+		}
+	}
+	users := func(name string) []string {
+		var out []string
+		if f := ps.field(members, name); f != nil {
+			for _, e := range ps.strList(f, name) {
+				if e.s == "" || strings.ContainsAny(e.s, " \t:/@") {
+					ps.errorf(e.val, "ssh test %s: %q is not a local user name", name, e.s)
+					continue
+				}
+				out = append(out, e.s)
+			}
+		}
+		return out
+	}
+	t.accept, t.check, t.deny = users("accept"), users("check"), users("deny")
+	if len(t.accept)+len(t.check)+len(t.deny) == 0 && len(ps.probs) == 0 {
+		ps.errorf(v, "an ssh test needs users in \"accept\", \"check\" or \"deny\"")
+	}
+	ps.pol.sshTests = append(ps.pol.sshTests, t)
 }
 
 func (ps *parser) parseTest(v *hujson.Value) {

@@ -64,6 +64,11 @@ type UpRequest struct {
 	// equal to the node's is then fine, where an explicit flag that
 	// changes nothing is an error.
 	AcceptDNSFromEnv bool `json:"accept_dns_from_env,omitempty"`
+	// SSH, when set, is `meshd up --ssh[=false]`: run the SSH server on
+	// the tailnet addresses (kept across restarts). SSHFromEnv says it
+	// came from MESHD_SSH, where a value the node has already is fine.
+	SSH        *bool `json:"ssh,omitempty"`
+	SSHFromEnv bool  `json:"ssh_from_env,omitempty"`
 }
 
 // Node is one node in a Status.
@@ -147,6 +152,10 @@ type Status struct {
 	// MTU is the overlay MTU and what decided it; nil before the node
 	// registered.
 	MTU *MTUStatus `json:"mtu,omitempty"`
+	// SSH is whether the node runs its SSH server (`meshd up --ssh`);
+	// SSHError says why it does not listen on some address.
+	SSH      bool   `json:"ssh"`
+	SSHError string `json:"ssh_error,omitempty"`
 }
 
 // MTUStatus is the tunnel's MTU and why it is what it is.

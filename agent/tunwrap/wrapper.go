@@ -26,6 +26,7 @@ package tunwrap
 import (
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.zx2c4.com/wireguard/tun"
@@ -53,10 +54,11 @@ type Config struct {
 // layers around it.
 type Wrapper struct {
 	tun.Device
-	filter *filter.Filter
-	peers  *Peers
-	log    *slog.Logger
-	flows  *flowlog.Table
+	filter   *filter.Filter
+	peers    *Peers
+	log      *slog.Logger
+	flows    *flowlog.Table
+	redirect atomic.Pointer[Redirect] // see SetRedirect
 
 	// The read path's state: wireguard-go reads from one goroutine.
 	out       []packet.Parsed // decoded form of the batch being read
@@ -89,7 +91,8 @@ func New(dev tun.Device, cfg Config) *Wrapper {
 // n stays the count read.
 func (w *Wrapper) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 	n, err := w.Device.Read(bufs, sizes, offset)
-	if n <= 0 || (w.filter == nil && w.peers == nil) {
+	redirect := w.redirect.Load()
+	if n <= 0 || (w.filter == nil && w.peers == nil && redirect == nil) {
 		return n, err
 	}
 	bufs, sizes = bufs[:n], sizes[:n]
@@ -103,6 +106,9 @@ func (w *Wrapper) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 			continue
 		}
 		pp[i].Decode(bufs[i][offset : offset+sizes[i]])
+	}
+	if redirect != nil {
+		redirectOut(redirect, bufs, sizes, pp, offset)
 	}
 	now := time.Now()
 	if w.flows != nil {
@@ -221,7 +227,8 @@ func (w *Wrapper) answerTooBig(pa *Peer, p *packet.Parsed, b []byte, mtu, offset
 // of packets written; a batch with nothing left does not reach the device.
 func (w *Wrapper) Write(bufs [][]byte, offset int) (int, error) {
 	clamping := w.peers != nil && w.peers.clamping.Load() > 0
-	if w.filter == nil && !clamping && w.flows == nil {
+	redirect := w.redirect.Load()
+	if w.filter == nil && !clamping && w.flows == nil && redirect == nil {
 		return w.Device.Write(bufs, offset)
 	}
 	ppp, _ := w.in.Get().(*[]packet.Parsed)
@@ -271,6 +278,9 @@ func (w *Wrapper) Write(bufs [][]byte, offset int) (int, error) {
 	bufs, pp = bufs[:k], pp[:k]
 	if clamping {
 		w.clampFromPeers(bufs, pp, offset)
+	}
+	if redirect != nil {
+		redirectIn(redirect, bufs, pp, offset)
 	}
 	return w.Device.Write(bufs, offset)
 }

@@ -87,14 +87,15 @@ func (c *cli) adminCmd() *ffcli.Command {
 	}
 	return &ffcli.Command{
 		Name:       "admin",
-		ShortUsage: "meshd admin <keys|nodes|users|policy|audit> <command> --coordinator URL --token-file FILE",
-		ShortHelp:  "manage auth keys, nodes, users and the policy on a coordinator; read its audit log",
+		ShortUsage: "meshd admin <keys|nodes|users|policy|ssh|audit> <command> --coordinator URL --token-file FILE",
+		ShortHelp:  "manage auth keys, nodes, users, the policy and SSH check approvals on a coordinator; read its audit log",
 		FlagSet:    flag.NewFlagSet("admin", flag.ContinueOnError),
 		Subcommands: []*ffcli.Command{
 			group("keys", "create, list and revoke auth keys", c.keysCreateCmd(), c.keysListCmd(), c.keysRevokeCmd()),
 			group("nodes", "list, delete, expire, tag and approve nodes", c.nodesListCmd(), c.nodesDeleteCmd(), c.nodesExpireCmd(), c.nodesTagCmd(), c.nodesApproveCmd()),
 			group("users", "list users", c.usersListCmd()),
 			group("policy", "show or replace the tailnet policy in force", c.policyGetCmd(), c.policySetCmd()),
+			group("ssh", "list and approve check-mode SSH logins", c.sshChecksListCmd(), c.sshApproveCmd()),
 			c.adminAuditCmd(),
 		},
 		Exec: func(context.Context, []string) error { return flag.ErrHelp },

@@ -116,13 +116,13 @@ func TestCoordinatorPolicyFlag(t *testing.T) {
 	}
 }
 
-// cliSSHPolicy has an "ssh" section, which meshd parses but does not
+// cliSSHPolicy has a "nodeAttrs" section, which meshd parses but does not
 // enforce (line 5).
 const cliSSHPolicy = `{
 	"groups": {"group:ops": ["alice@example.com"]},
 	"tagOwners": {"tag:gpu": ["group:ops"]},
 	"grants": [{"src": ["group:ops"], "dst": ["tag:gpu"], "ip": ["22"]}],
-	"ssh": [{"action": "accept", "src": ["group:ops"], "dst": ["tag:gpu"], "users": ["root"]}],
+	"nodeAttrs": [{"target": ["tag:gpu"], "attr": ["funnel"]}],
 }
 `
 
@@ -134,7 +134,7 @@ const cliSSHPolicy = `{
 func TestPolicyWarningsSurface(t *testing.T) {
 	files := t.TempDir()
 	ssh := writeFile(t, files, "ssh.hujson", cliSSHPolicy)
-	const warn = `ssh.hujson:5:2: warning: section "ssh" is not enforced`
+	const warn = `ssh.hujson:5:2: warning: section "nodeAttrs" is not enforced`
 
 	url, dir := startCoordinator(t)
 	t.Setenv("MESHD_COORDINATOR", url)

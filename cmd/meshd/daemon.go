@@ -37,6 +37,8 @@ type agentFlags struct {
 	// services are the daemon's own HTTPS services (meshd k8s-proxy); not
 	// a flag.
 	services []agent.HTTPSService
+	// recorderDir runs the SSH session recorder (meshd recorder --dir).
+	recorderDir string
 }
 
 // forwardList collects repeatable --forward flags.
@@ -140,6 +142,7 @@ func (c *cli) agentOptions(af *agentFlags) (agent.Options, error) {
 		StateDir: af.stateDir, TUN: af.tun, Port: af.port.option(), MTU: af.mtu,
 		Forwards: af.forwards, SOCKS5Addr: af.socks5, HTTPProxyAddr: af.httpProxy, LoopbackOnly: af.loopback,
 		PeerIdleTimeout: peerIdleOption(af.peerIdle), ResolvConf: af.resolv, Logger: c.log, HTTPSServices: af.services,
+		SFTPCommand: sftpCommand(), RecorderDir: af.recorderDir,
 	}
 	// The daemon keeps its recent log lines for `meshd bugreport`.
 	opts.LogRing = logring.New(0, 0)

@@ -62,6 +62,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			c.whoisCmd(),
 			c.serveCmd(),
 			c.k8sProxyCmd(),
+			c.recorderCmd(),
+			c.sftpServerCmd(),
 			c.configureCmd(),
 			c.ipCmd(),
 			c.certCmd(),

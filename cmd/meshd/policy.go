@@ -175,14 +175,17 @@ func (c *cli) policyExplainCmd() *ffcli.Command {
 	src := fs.String("src", "", "source: a user email, group:NAME, tag:NAME, host alias or IP")
 	dst := fs.String("dst", "", "destination HOST:PORT: tag:NAME:PORT, USER:PORT, autogroup:self:PORT (the source user's own device), a host alias or an IP with one port")
 	proto := fs.String("proto", "", "protocol name or number (default tcp)")
+	sshUser := fs.String("ssh-user", "", "explain an SSH login as this local user instead: --dst names the device (no port)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	return &ffcli.Command{
 		Name:       "explain",
-		ShortUsage: "meshd policy explain FILE --src SEL --dst HOST:PORT [--proto P] [--json]",
+		ShortUsage: "meshd policy explain FILE --src SEL --dst HOST:PORT [--proto P] [--json]\n  meshd policy explain FILE --src SEL --dst HOST --ssh-user USER [--json]",
 		ShortHelp:  "say whether a flow is allowed and which rule decides it",
 		LongHelp: `Reads the source and destination as the policy's tests do: a user is one of
 their untagged devices, a tag a device carrying only that tag, a group every
-member (allowed only if every member is).
+member (allowed only if every member is). With --ssh-user it says which "ssh"
+rule lets the source log in to the device as that user (accept or check) and
+which rule lets it reach TCP port 22 (ssh rules open no network access).
 
 Exit status: 0 allowed; 1 denied, or the policy or the arguments are invalid.`,
 		FlagSet: fs,
@@ -198,6 +201,9 @@ Exit status: 0 allowed; 1 denied, or the policy or the arguments are invalid.`,
 			pol, err := loadPolicy(pos[0])
 			if err != nil {
 				return c.policyError(err)
+			}
+			if *sshUser != "" {
+				return c.explainSSH(pol, *src, *dst, *sshUser, *proto, *asJSON)
 			}
 			ex, err := pol.Explain(*src, *dst, *proto)
 			if err != nil {
@@ -222,6 +228,36 @@ Exit status: 0 allowed; 1 denied, or the policy or the arguments are invalid.`,
 			return nil
 		},
 	}
+}
+
+func (c *cli) explainSSH(pol *policy.Policy, src, dst, user, proto string, asJSON bool) error {
+	if proto != "" {
+		return &exitError{code: 2, msg: "policy explain: --proto does not apply with --ssh-user (SSH is TCP port 22)"}
+	}
+	ex, err := pol.ExplainSSH(src, dst, user)
+	if err != nil {
+		return &exitError{code: 1, msg: "policy explain: " + err.Error()}
+	}
+	if asJSON {
+		if err := writeJSON(c.stdout, ex); err != nil {
+			return err
+		}
+	} else {
+		for _, v := range ex.Verdicts {
+			switch {
+			case v.Action == "":
+				fmt.Fprintf(c.stdout, "denied:  ssh %s -> %s as %q: no ssh rule allows it\n", v.Src, ex.Dst, ex.User)
+			case v.Port22Rule == "":
+				fmt.Fprintf(c.stdout, "denied:  ssh %s -> %s as %q: the ssh rule at %s would %s it, but no acl or grant lets it reach tcp:22\n", v.Src, ex.Dst, ex.User, v.Rule, v.Action)
+			default:
+				fmt.Fprintf(c.stdout, "%s: ssh %s -> %s as %q by the ssh rule at %s (tcp:22 by the rule at %s)\n", v.Action, v.Src, ex.Dst, ex.User, v.Rule, v.Port22Rule)
+			}
+		}
+	}
+	if !ex.Allowed {
+		return &exitError{code: 1}
+	}
+	return nil
 }
 
 func (c *cli) policyDiffCmd() *ffcli.Command {

@@ -129,7 +129,6 @@ func TestPolicyCheckUnenforcedSections(t *testing.T) {
 	for _, tc := range []struct {
 		section, body string
 	}{
-		{"ssh", `"ssh": [{"action": "accept", "src": ["group:eng"], "dst": ["tag:srv"], "users": ["root"]}],`},
 		{"autoApprovers", `"autoApprovers": {"routes": {"10.0.0.0/8": ["tag:srv"]}},`},
 		{"nodeAttrs", `"nodeAttrs": [{"target": ["tag:srv"], "attr": ["funnel"]}],`},
 	} {
@@ -245,5 +244,47 @@ func TestReadmeWalkPolicies(t *testing.T) {
 	want := "opened by " + afterFile + " (1):\n  + group:engineers -> tag:inference:22 (tcp)  [" + afterFile + ":5]\n"
 	if code != 0 || out != want {
 		t.Fatalf("policy diff: exit %d\n%s%s\nwant:\n%s", code, out, errOut, want)
+	}
+}
+
+// TestPolicyExplainSSH: --ssh-user says which ssh rule lets a login in
+// and which rule opens port 22; a login without either is denied.
+func TestPolicyExplainSSH(t *testing.T) {
+	file := writePolicy(t, "ssh.hujson", `{
+	"groups": {"group:eng": ["alice@example.com", "bob@example.com"]},
+	"tagOwners": {"tag:gpu": [], "tag:vendor": []},
+	"grants": [{"src": ["group:eng"], "dst": ["tag:gpu"], "ip": ["tcp:22"]}],
+	"ssh": [
+		{"action": "accept", "src": ["group:eng"], "dst": ["tag:gpu"], "users": ["autogroup:nonroot"]},
+		{"action": "check", "src": ["tag:vendor"], "dst": ["tag:gpu"], "users": ["vendor"]},
+	],
+	"sshTests": [{"src": "alice@example.com", "dst": ["tag:gpu"], "accept": ["alice"], "deny": ["root"]}],
+}
+`)
+	for _, tc := range []struct {
+		src, user string
+		code      int
+		want      string
+	}{
+		{"group:eng", "ubuntu", 0, `accept: ssh bob@example.com -> tag:gpu as "ubuntu" by the ssh rule at ` + file + `:6 (tcp:22 by the rule at ` + file + `:4)`},
+		{"alice@example.com", "root", 1, `denied:  ssh alice@example.com -> tag:gpu as "root": no ssh rule allows it`},
+		{"tag:vendor", "vendor", 1, `the ssh rule at ` + file + `:7 would check it, but no acl or grant lets it reach tcp:22`},
+	} {
+		code, out, stderr := runPolicy(t, "explain", file, "--src", tc.src, "--dst", "tag:gpu", "--ssh-user", tc.user)
+		if code != tc.code || !strings.Contains(out, tc.want) {
+			t.Errorf("%s as %s: exit %d, out %q, stderr %q; want %d and %q", tc.src, tc.user, code, out, stderr, tc.code, tc.want)
+		}
+	}
+	if code, _, _ := runPolicy(t, "explain", file, "--src", "tag:vendor", "--dst", "tag:gpu", "--ssh-user", "vendor", "--proto", "udp"); code != 2 {
+		t.Errorf("--proto with --ssh-user: exit %d, want 2", code)
+	}
+	// A failing sshTests entry fails policy check.
+	src, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := writePolicy(t, "bad.hujson", strings.Replace(string(src), `"accept": ["alice"], "deny": ["root"]`, `"accept": ["alice", "root"]`, 1))
+	if code, out, _ := runPolicy(t, "check", bad); code != 1 || !strings.Contains(out, `ssh test failed: alice@example.com -> tag:gpu as "root" is denied`) {
+		t.Errorf("check with a failing ssh test: exit %d, %q", code, out)
 	}
 }

@@ -87,6 +87,12 @@ func writeStatus(w io.Writer, st *localapi.Status) {
 	if st.MTU != nil {
 		fmt.Fprintf(w, "# %s\n", mtuLine(st.MTU))
 	}
+	if st.SSH {
+		fmt.Fprintln(w, "# ssh: serving port 22 on the tailnet addresses (meshd up --ssh)")
+	}
+	if st.SSHError != "" {
+		fmt.Fprintf(w, "# ssh: %s\n", printable(st.SSHError))
+	}
 	if st.Message != "" {
 		fmt.Fprintf(w, "# %s\n", st.Message)
 	}

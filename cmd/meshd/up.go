@@ -21,6 +21,7 @@ func (c *cli) upCmd() *ffcli.Command {
 		req        localapi.UpRequest
 		tags       string
 		acceptDNS  bool
+		sshOn      bool
 		socket     = fs.String("socket", localapi.DefaultSocket, "local API unix socket of the daemon")
 		foreground = fs.Bool("foreground", false, "run the whole agent in this process until SIGTERM (sidecar form; no daemon needed)")
 		timeout    = fs.Duration("timeout", 0, "how long to wait for an admin to approve the node (coordinator --require-approval); 0 waits until approved")
@@ -35,10 +36,12 @@ func (c *cli) upCmd() *ffcli.Command {
 	fs.BoolVar(&req.ForceReauth, "force-reauth", false, "register this node again with --authkey (a new key, user or tags; same machine, same addresses)")
 	fs.BoolVar(&acceptDNS, "accept-dns", true, "in kernel TUN mode, point the host's DNS at the tailnet resolver (MagicDNS) while up; "+
 		"--accept-dns=false leaves it alone. Kept across restarts; on a registered node a value it already has is an error")
+	fs.BoolVar(&sshOn, "ssh", false, "run the SSH server on this node's tailnet addresses, port 22; logins are decided by the policy's ssh rules "+
+		"(docs/ssh.md). Kept across restarts; --ssh=false turns it off")
 	af.register(fs)
 	return &ffcli.Command{
 		Name:       "up",
-		ShortUsage: "meshd up [--authkey KEY --coordinator URL] [--hostname H] [--advertise-tags T,..] [--accept-dns=false] [--force-reauth] [--timeout D] [--foreground]",
+		ShortUsage: "meshd up [--authkey KEY --coordinator URL] [--hostname H] [--advertise-tags T,..] [--accept-dns=false] [--ssh] [--force-reauth] [--timeout D] [--foreground]",
 		ShortHelp:  "join the tailnet, or change this node's tags or registration",
 		LongHelp: "Asks the running daemon to join the tailnet. The first time it registers with --authkey;\n" +
 			"afterwards `meshd up` alone brings the node back. On a registered node, --advertise-tags\n" +
@@ -71,11 +74,14 @@ func (c *cli) upCmd() *ffcli.Command {
 					req.SetTags = true
 				case "accept-dns":
 					req.AcceptDNS = &acceptDNS
+				case "ssh":
+					req.SSH = &sshOn
 				}
 			})
 			req.AuthKeyFromEnv = req.AuthKey != "" && !onCommandLine["authkey"]
 			req.TagsFromEnv = req.SetTags && !onCommandLine["advertise-tags"]
 			req.AcceptDNSFromEnv = req.AcceptDNS != nil && !onCommandLine["accept-dns"]
+			req.SSHFromEnv = req.SSH != nil && !onCommandLine["ssh"]
 			req.Tags = splitList(tags)
 			if *timeout < 0 {
 				return &exitError{2, fmt.Sprintf("up: --timeout %v: want a duration >= 0", *timeout)}
