@@ -408,7 +408,7 @@ func (a *Agent) controlLoop(ctx context.Context, login Login) {
 	a.setCtlState("connecting to " + login.CoordinatorURL)
 	req := netmap.MapRequest{
 		Version: netmap.ProtocolVersion, NodeKey: a.NodeKey(), DiscoKey: a.disco.Public(),
-		Stream: true, Endpoints: a.endpoints(),
+		Stream: true, Endpoints: a.endpoints(), Hostinfo: hostinfo(login.Routing),
 	}
 	// While the node waits for an admin's approval the coordinator
 	// refuses the stream and Follow returns: say so in status and ask
@@ -542,7 +542,11 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 		a.log.Info("data plane up", "tun", a.opts.TUN, "addrs", addrs, "udp_port", eng.port)
 		a.serveAttachLocked()
 	}
-	err := a.eng.applyMap(nm)
+	var prefs localapi.RoutePrefs
+	if a.login != nil {
+		prefs = a.login.Routing
+	}
+	err := errors.Join(a.eng.applyMap(routedMap(nm, prefs)), a.eng.setRouter(nm, prefs))
 	a.syncOSDNSLocked(nm)
 	return err
 }
@@ -621,9 +625,15 @@ func (a *Agent) reportEndpoints(ctx context.Context, cc ControlClient) {
 			continue
 		}
 		home := a.homeDERP()
+		a.mu.Lock()
+		var hi *netmap.Hostinfo
+		if a.login != nil {
+			hi = hostinfo(a.login.Routing)
+		}
+		a.mu.Unlock()
 		err := cc.Update(ctx, netmap.MapRequest{
 			Version: netmap.ProtocolVersion, NodeKey: a.NodeKey(), DiscoKey: a.disco.Public(), Endpoints: eps,
-			HomeDERP: home,
+			HomeDERP: home, Hostinfo: hi,
 		})
 		if ctx.Err() != nil {
 			return
@@ -717,6 +727,8 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 	}
 	self := statusNode(&a.nm.Self)
 	self.Online = online
+	prefs := a.login.Routing
+	self.Routing = &prefs
 	st.Self = &self
 	var stats *wgDeviceStats
 	if a.eng != nil {
@@ -751,7 +763,10 @@ func statusNode(n *netmap.Node) localapi.Node {
 	return localapi.Node{
 		ID: n.ID, Hostname: n.Hostname, DNSName: n.DNSName, User: n.User, IPs: netmap.AddrsOf(n.Addresses),
 		Tags: nonNil(n.Tags), Online: n.Online, NodeKey: n.NodeKey.String(),
-		Notices: n.Notices, // only the node's own entry has any
+		Notices:          n.Notices, // only the node's own entry has any
+		AdvertisedRoutes: nonNilPrefixes(n.AdvertisedRoutes),
+		ApprovedRoutes:   nonNilPrefixes(n.ApprovedRoutes),
+		PrimaryRoutes:    nonNilPrefixes(n.PrimaryRoutes),
 	}
 }
 

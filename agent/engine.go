@@ -64,8 +64,10 @@ type engine struct {
 	peers map[netmap.NodePublic]wgPeer // configured in the device
 	// want is every peer of the map; with lazy configuration only those
 	// with recent traffic are in peers.
-	want   map[netmap.NodePublic]wgPeer
-	routes []netip.Prefix
+	want    map[netmap.NodePublic]wgPeer
+	routes  []netip.Prefix
+	subnets []netip.Prefix // accepted subnet routes, in meshd's table
+	router  routerState    // kernel mode: forwarding and SNAT for this node's routes
 
 	lazy       *tunwrap.Peers // per-peer data path state
 	lazyOn     bool           // peers are configured on demand and trimmed
@@ -232,6 +234,13 @@ func (e *engine) applyMap(nm *netmap.NetworkMap) error {
 			}
 			e.routes = routes
 		}
+		subnets := subnetRoutes(e.cfg.addrs, nm)
+		if !slices.Equal(subnets, e.subnets) {
+			if err := e.link.setTableRoutes(subnets, e.cfg.addrs); err != nil {
+				errs = append(errs, err)
+			}
+			e.subnets = subnets
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -253,16 +262,25 @@ func tailnetRoutes(self []netip.Prefix, nm *netmap.NetworkMap) []netip.Prefix {
 			out = append(out, r)
 		}
 	}
-	covered := slices.Clone(out)
+	slices.SortFunc(out, comparePrefix)
+	return slices.Compact(out)
+}
+
+// subnetRoutes are the peer prefixes outside the tailnet's ranges: the
+// subnet routes this node accepted (routedMap has cut the rest). They go
+// into meshd's own routing table, never the host's main one.
+func subnetRoutes(self []netip.Prefix, nm *netmap.NetworkMap) []netip.Prefix {
+	covered := tailnetRoutes(self, nm)
+	var out []netip.Prefix
 	for _, n := range nm.Peers {
 		for _, p := range n.AllowedIPs {
 			if p.Bits() == 0 {
-				continue // a default route is an exit node's job, not this issue's
+				continue // exit routes are not used (docs/routes.md)
 			}
 			if slices.ContainsFunc(covered, func(c netip.Prefix) bool { return c.Bits() <= p.Bits() && c.Contains(p.Addr()) }) {
 				continue
 			}
-			if slices.ContainsFunc(self, func(s netip.Prefix) bool { return s == p }) {
+			if slices.Contains(self, p) {
 				continue
 			}
 			out = append(out, p)
@@ -376,6 +394,12 @@ func (e *engine) doClose() {
 	// waiting for a peer's configuration.
 	e.lazy.Close()
 	e.dev.Close() // closes the TUN and the bind; a kernel TUN vanishes with it
+	if e.link != nil {
+		// The TUN's routes left with it; the rule and the NAT chain did not.
+		if err := e.link.cleanupRouting(); err != nil {
+			e.cfg.log.Warn("remove meshd's routing rule and NAT rules", "err", err)
+		}
+	}
 	if e.lazyCancel != nil {
 		e.lazyCancel()
 		e.lazyWG.Wait()

@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/internal/atomicfile"
 	"meshd.dev/meshd/netmap"
 )
@@ -56,6 +57,9 @@ type Login struct {
 	// host's DNS configuration alone. Negative so that logins saved
 	// before the setting existed get the default.
 	NoAcceptDNS bool `json:"no_accept_dns,omitempty"`
+	// Routing are the node's routing preferences (`meshd up
+	// --advertise-routes`, `--accept-routes`, ...).
+	Routing localapi.RoutePrefs `json:"routing,omitzero"`
 }
 
 // CorruptFileError reports a state file that could not be decoded. The file

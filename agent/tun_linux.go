@@ -21,6 +21,11 @@ type kernelLink struct {
 	name   string
 	link   netlink.Link
 	routes []netip.Prefix // routes we installed
+	// tableRoutes are the subnet routes in meshd's table; ruleOn says
+	// the rule consulting it is installed, natOn the SNAT chain.
+	tableRoutes []netip.Prefix
+	ruleOn      bool
+	natOn       bool
 }
 
 // createKernelTUN creates TUN interface name with mtu, assigns addrs and

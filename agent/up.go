@@ -192,6 +192,14 @@ func (a *Agent) up(ctx context.Context, req localapi.UpRequest) (*localapi.Statu
 	if err != nil {
 		return nil, err
 	}
+	var curPrefs localapi.RoutePrefs
+	if cur.login != nil {
+		curPrefs = cur.login.Routing
+	}
+	routing, routingChanged, err := planRouting(curPrefs, req.Routing, a.opts.TUN == TUNUserspace)
+	if err != nil {
+		return nil, err
+	}
 	if req.AcceptDNS != nil && a.opts.TUN == TUNUserspace {
 		plan.note = strings.TrimPrefix(plan.note+"; ", "; ") +
 			"--accept-dns is kept for kernel TUN mode; this daemon runs the netstack, which never changes the host's DNS"
@@ -220,11 +228,14 @@ func (a *Agent) up(ctx context.Context, req localapi.UpRequest) (*localapi.Statu
 	}
 	a.mu.Lock()
 	login := a.login
-	if !login.WantRunning || plan.acceptDNS != nil {
+	if !login.WantRunning || plan.acceptDNS != nil || routingChanged {
 		l := *login
 		l.WantRunning = true
 		if plan.acceptDNS != nil {
 			l.NoAcceptDNS = !*plan.acceptDNS
+		}
+		if routingChanged {
+			l.Routing = routing
 		}
 		if err := a.store.SaveLogin(&l); err != nil {
 			a.mu.Unlock()
@@ -233,6 +244,9 @@ func (a *Agent) up(ctx context.Context, req localapi.UpRequest) (*localapi.Statu
 		a.login = &l
 	}
 	a.startLocked()
+	if routingChanged {
+		a.routingChangedLocked()
+	}
 	if plan.acceptDNS != nil && a.eng != nil && a.nm != nil {
 		// A running data plane takes the new setting now.
 		a.syncOSDNSLocked(a.nm)
@@ -365,6 +379,11 @@ func (a *Agent) register(ctx context.Context, r registration) (*netmap.Node, err
 		Hostname: resp.Node.Hostname, RequestedHostname: hostname, Tags: resp.Node.Tags, Ephemeral: resp.Node.Ephemeral,
 		WantRunning: true, NoAcceptDNS: r.noAcceptDNS,
 	}
+	a.mu.Lock()
+	if a.login != nil {
+		l.Routing = a.login.Routing // registering again keeps the routing preferences
+	}
+	a.mu.Unlock()
 	if err := a.store.SaveLogin(l); err != nil {
 		return nil, err
 	}

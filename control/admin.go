@@ -333,7 +333,7 @@ func (s *Server) republishLocked(n store.Node) {
 	} else {
 		wn.Online = false
 	}
-	s.hub.upsert(&wn)
+	s.hub.upsertRouted(&wn, n.RoutesApproved)
 }
 
 // Users lists users.
@@ -413,6 +413,7 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 		return struct{}{}, s.TagNode(r.Context(), id, req.Tags)
 	}))
 	s.policyRoutes(mux, h)
+	s.routeAdminRoutes(mux, h)
 	mux.HandleFunc("GET /admin/v1/users", h(func(r *http.Request) (any, error) {
 		u, err := s.Users(r.Context())
 		if u == nil {

@@ -3,6 +3,7 @@ package control
 import (
 	"context"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"strconv"
 	"strings"
@@ -101,4 +102,20 @@ func (a *AdminClient) UntagNode(ctx context.Context, id netmap.NodeID, user stri
 func (a *AdminClient) Users(ctx context.Context) ([]User, error) {
 	var out []User
 	return out, a.do(ctx, http.MethodGet, "/admin/v1/users", nil, &out)
+}
+
+// Routes lists every node's advertised, approved and primary routes.
+func (a *AdminClient) Routes(ctx context.Context) ([]RouteInfo, error) {
+	var out []RouteInfo
+	return out, a.do(ctx, http.MethodGet, "/admin/v1/routes", nil, &out)
+}
+
+// ApproveRoute approves an advertised route of a node.
+func (a *AdminClient) ApproveRoute(ctx context.Context, id netmap.NodeID, p netip.Prefix) error {
+	return a.do(ctx, http.MethodPost, nodePath(id)+"/routes/approve", routeRequest{Route: p.String()}, nil)
+}
+
+// RejectRoute withdraws an administrator's approval of a node's route.
+func (a *AdminClient) RejectRoute(ctx context.Context, id netmap.NodeID, p netip.Prefix) error {
+	return a.do(ctx, http.MethodPost, nodePath(id)+"/routes/reject", routeRequest{Route: p.String()}, nil)
 }

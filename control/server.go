@@ -514,7 +514,7 @@ func (s *Server) loadNodes(ctx context.Context) error {
 		if s.visible(n, now) {
 			wn := n.Node
 			wn.Online = false
-			s.hub.upsert(&wn)
+			s.hub.upsertRouted(&wn, n.RoutesApproved)
 		}
 		if n.Ephemeral {
 			s.scheduleEphemeralLocked(n.ID)

@@ -9,8 +9,9 @@
 // "hosts", "tagOwners", "acls", "grants", "tests", "ssh", "autoApprovers",
 // "nodeAttrs"), so policies carry over where the features exist. Unknown
 // sections and fields are errors rather than silently ignored, and every
-// problem is reported at the FILE:LINE:COL of the offending value. "ssh",
-// "autoApprovers" and "nodeAttrs" are validated but not enforced yet: Lint
+// problem is reported at the FILE:LINE:COL of the offending value.
+// "autoApprovers" is enforced by the coordinator (Engine.AutoApproves).
+// "ssh" and "nodeAttrs" are validated but not enforced yet: Lint
 // warns about each one present, naming its line, so that nobody takes such
 // a rule for one in force.
 //

@@ -168,7 +168,6 @@ func TestSectionsParsed(t *testing.T) {
 	want := []string{
 		`test.hujson:3:42: warning: tag:router is used but owned by no one: only auth keys created with it can apply it (add owners, or ignore if that is intended)`,
 		`test.hujson:4:2: warning: section "ssh" is not enforced: meshd has no SSH server yet: these rules open no SSH access and check nothing`,
-		`test.hujson:5:2: warning: section "autoApprovers" is not enforced: meshd does not approve subnet routes or exit nodes yet: nothing is approved by this section`,
 		`test.hujson:6:2: warning: section "nodeAttrs" is not enforced: meshd applies no node attributes yet: no attribute or capability in this section reaches any node`,
 	}
 	if !slices.Equal(msgs, want) {

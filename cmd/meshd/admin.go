@@ -87,13 +87,14 @@ func (c *cli) adminCmd() *ffcli.Command {
 	}
 	return &ffcli.Command{
 		Name:       "admin",
-		ShortUsage: "meshd admin <keys|nodes|users|policy> <command> --coordinator URL --token-file FILE",
+		ShortUsage: "meshd admin <keys|nodes|users|routes|policy> <command> --coordinator URL --token-file FILE",
 		ShortHelp:  "manage auth keys, nodes, users and the policy on a coordinator",
 		FlagSet:    flag.NewFlagSet("admin", flag.ContinueOnError),
 		Subcommands: []*ffcli.Command{
 			group("keys", "create, list and revoke auth keys", c.keysCreateCmd(), c.keysListCmd(), c.keysRevokeCmd()),
 			group("nodes", "list, delete, expire, tag and approve nodes", c.nodesListCmd(), c.nodesDeleteCmd(), c.nodesExpireCmd(), c.nodesTagCmd(), c.nodesApproveCmd()),
 			group("users", "list users", c.usersListCmd()),
+			group("routes", "list, approve and reject subnet routes and exit nodes", c.routesCmds()...),
 			group("policy", "show or replace the tailnet policy in force", c.policyGetCmd(), c.policySetCmd()),
 		},
 		Exec: func(context.Context, []string) error { return flag.ErrHelp },

@@ -35,10 +35,12 @@ func (c *cli) upCmd() *ffcli.Command {
 	fs.BoolVar(&req.ForceReauth, "force-reauth", false, "register this node again with --authkey (a new key, user or tags; same machine, same addresses)")
 	fs.BoolVar(&acceptDNS, "accept-dns", true, "in kernel TUN mode, point the host's DNS at the tailnet resolver (MagicDNS) while up; "+
 		"--accept-dns=false leaves it alone. Kept across restarts; on a registered node a value it already has is an error")
+	var rf routeFlagValues
+	rf.register(fs)
 	af.register(fs)
 	return &ffcli.Command{
 		Name:       "up",
-		ShortUsage: "meshd up [--authkey KEY --coordinator URL] [--hostname H] [--advertise-tags T,..] [--accept-dns=false] [--force-reauth] [--timeout D] [--foreground]",
+		ShortUsage: "meshd up [--authkey KEY --coordinator URL] [--hostname H] [--advertise-tags T,..] [--advertise-routes P,..] [--accept-routes] [--accept-dns=false] [--force-reauth] [--timeout D] [--foreground]",
 		ShortHelp:  "join the tailnet, or change this node's tags or registration",
 		LongHelp: "Asks the running daemon to join the tailnet. The first time it registers with --authkey;\n" +
 			"afterwards `meshd up` alone brings the node back. On a registered node, --advertise-tags\n" +
@@ -77,6 +79,11 @@ func (c *cli) upCmd() *ffcli.Command {
 			req.TagsFromEnv = req.SetTags && !onCommandLine["advertise-tags"]
 			req.AcceptDNSFromEnv = req.AcceptDNS != nil && !onCommandLine["accept-dns"]
 			req.Tags = splitList(tags)
+			routing, err := rf.flags(fs, onCommandLine)
+			if err != nil {
+				return &exitError{2, "up: " + err.Error()}
+			}
+			req.Routing = routing
 			if *timeout < 0 {
 				return &exitError{2, fmt.Sprintf("up: --timeout %v: want a duration >= 0", *timeout)}
 			}

@@ -316,6 +316,10 @@ func mergeState(prev *netmap.MapRequest, req *netmap.MapRequest) *netmap.MapRequ
 	if req.HomeDERP != 0 {
 		next.HomeDERP = req.HomeDERP
 	}
+	if req.Hostinfo != nil {
+		hi := netmap.Hostinfo{RoutableIPs: slices.Clone(req.Hostinfo.RoutableIPs)}
+		next.Hostinfo = &hi
+	}
 	return &next
 }
 

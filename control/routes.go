@@ -1,0 +1,239 @@
+package control
+
+import (
+	"net/netip"
+	"slices"
+
+	"meshd.dev/meshd/netmap"
+)
+
+// RouteApprover is implemented by policies with "autoApprovers"
+// (policy.Engine): AutoApproves reports whether the policy approves node n's
+// advertised route p by itself (exit routes: "exitNode"; others: "routes",
+// whose prefix must contain p). The coordinator asks it whenever a node
+// advertises routes and whenever a policy goes into force, so a route
+// auto-approved under one policy stops being routed under a policy that
+// no longer approves it (administrator approvals stay).
+type RouteApprover interface {
+	AutoApproves(n *netmap.Node, p netip.Prefix) bool
+}
+
+// routeState is the hub's part of subnet routing: administrator approvals
+// and the elected primary router of each subnet. Guarded by hub.mu.
+type routeState struct {
+	// admin are the routes an administrator approved, per node (the
+	// stored store.Node.RoutesApproved).
+	admin map[netmap.NodeID][]netip.Prefix
+	// routers are the nodes with approved routes, the election's
+	// candidates.
+	routers map[netmap.NodeID]struct{}
+	// primary is the router elected for each approved non-exit prefix. It
+	// keeps its role while online, so a router coming back does not
+	// move the subnet again.
+	primary map[netip.Prefix]netmap.NodeID
+}
+
+// setAdminRoutesLocked records the routes an administrator approved for
+// node id; the next upsert of the node applies them.
+func (h *hub) setAdminRoutesLocked(id netmap.NodeID, ps []netip.Prefix) {
+	if h.routes.admin == nil {
+		h.routes.admin = make(map[netmap.NodeID][]netip.Prefix)
+	}
+	if len(ps) == 0 {
+		delete(h.routes.admin, id)
+		return
+	}
+	h.routes.admin[id] = slices.Clone(ps)
+}
+
+// approvedLocked returns the routes of n in force: those it advertises
+// that an administrator or the policy's autoApprovers approved.
+func (h *hub) approvedLocked(n *netmap.Node) []netip.Prefix {
+	if len(n.AdvertisedRoutes) == 0 {
+		return nil
+	}
+	admin := h.routes.admin[n.ID]
+	ra, _ := h.policy.(RouteApprover)
+	var out []netip.Prefix
+	for _, p := range n.AdvertisedRoutes {
+		if slices.Contains(admin, p) || ra != nil && ra.AutoApproves(n, p) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// withRoutes sets n's PrimaryRoutes to ps and its AllowedIPs to its
+// addresses plus ps, which is what peers' WireGuard routes to it.
+func withRoutes(n *netmap.Node, ps []netip.Prefix) {
+	if len(ps) == 0 {
+		ps = nil
+	}
+	n.PrimaryRoutes = ps
+	allowed := make([]netip.Prefix, 0, len(n.Addresses)+len(ps))
+	allowed = append(allowed, n.Addresses...)
+	allowed = append(allowed, ps...)
+	n.AllowedIPs = allowed
+}
+
+// upsertLocked adds or replaces n, first deciding its approved and primary
+// routes, and re-elects the primaries n's change moves (its going offline
+// hands its subnets to a standby router). n must not be modified
+// afterwards.
+func (h *hub) upsertLocked(n *netmap.Node) {
+	n.ApprovedRoutes = h.approvedLocked(n)
+	if len(n.ApprovedRoutes) == 0 {
+		n.ApprovedRoutes = nil
+	}
+	_, wasRouter := h.routes.routers[n.ID]
+	if len(n.ApprovedRoutes) == 0 && !wasRouter {
+		withRoutes(n, nil)
+		h.upsertOneLocked(n)
+		return
+	}
+	if h.routes.routers == nil {
+		h.routes.routers = make(map[netmap.NodeID]struct{})
+	}
+	if len(n.ApprovedRoutes) > 0 {
+		h.routes.routers[n.ID] = struct{}{}
+	} else {
+		delete(h.routes.routers, n.ID)
+	}
+	prim := h.electLocked(n)
+	withRoutes(n, prim[n.ID])
+	h.upsertOneLocked(n)
+	h.applyElectionLocked(prim, n.ID)
+}
+
+// reelectLocked runs the election after a node left the hub.
+func (h *hub) reelectLocked() {
+	if len(h.routes.routers) == 0 && len(h.routes.primary) == 0 {
+		return
+	}
+	h.applyElectionLocked(h.electLocked(nil), 0)
+}
+
+// reapproveLocked re-checks every advertiser's approvals, after a policy
+// change (autoApprovers may differ).
+func (h *hub) reapproveLocked() {
+	for _, n := range h.allLocked() {
+		if len(n.AdvertisedRoutes) == 0 {
+			continue
+		}
+		if a := h.approvedLocked(n); !slices.Equal(a, n.ApprovedRoutes) {
+			nn := *n
+			h.upsertLocked(&nn)
+		}
+	}
+}
+
+// applyElectionLocked republishes the routers (other than skip) whose
+// primary routes prim changes.
+func (h *hub) applyElectionLocked(prim map[netmap.NodeID][]netip.Prefix, skip netmap.NodeID) {
+	ids := make([]netmap.NodeID, 0, len(h.routes.routers))
+	for id := range h.routes.routers {
+		ids = append(ids, id)
+	}
+	// A node that lost all its approvals is no router, but may still
+	// carry primaries from before.
+	for id, n := range h.nodes {
+		if len(n.PrimaryRoutes) > 0 {
+			if _, ok := h.routes.routers[id]; !ok {
+				ids = append(ids, id)
+			}
+		}
+	}
+	slices.Sort(ids)
+	for _, id := range slices.Compact(ids) {
+		if id == skip {
+			continue
+		}
+		cur := h.nodes[id]
+		if cur == nil || slices.Equal(cur.PrimaryRoutes, prim[id]) {
+			continue
+		}
+		nn := *cur
+		withRoutes(&nn, prim[id])
+		h.upsertOneLocked(&nn)
+	}
+}
+
+// electLocked decides which router carries each approved route, with n
+// (if non-nil) standing for its hub entry. Exit routes are every approved
+// exit node's (a client picks one). Of the routers approved for a subnet,
+// the current primary stays while it is online; otherwise the online
+// router with the lowest id takes over; with none online the current one
+// stays (nothing better exists, and the routes come back with it).
+func (h *hub) electLocked(n *netmap.Node) map[netmap.NodeID][]netip.Prefix {
+	out := make(map[netmap.NodeID][]netip.Prefix)
+	cands := make(map[netip.Prefix][]*netmap.Node)
+	ids := make([]netmap.NodeID, 0, len(h.routes.routers))
+	for id := range h.routes.routers {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	for _, id := range ids {
+		r := h.nodes[id]
+		if n != nil && id == n.ID {
+			r = n
+		}
+		if r == nil {
+			continue
+		}
+		for _, p := range r.ApprovedRoutes {
+			if netmap.IsExitRoute(p) {
+				out[id] = append(out[id], p)
+				continue
+			}
+			cands[p] = append(cands[p], r)
+		}
+	}
+	for p := range h.routes.primary {
+		if _, ok := cands[p]; !ok {
+			delete(h.routes.primary, p)
+		}
+	}
+	if h.routes.primary == nil {
+		h.routes.primary = make(map[netip.Prefix]netmap.NodeID)
+	}
+	for p, rs := range cands {
+		pick := pickPrimary(rs, h.routes.primary[p])
+		h.routes.primary[p] = pick
+		out[pick] = append(out[pick], p)
+	}
+	for id := range out {
+		netmap.SortPrefixes(out[id])
+	}
+	return out
+}
+
+// pickPrimary chooses among rs (sorted by id) given the current primary.
+func pickPrimary(rs []*netmap.Node, cur netmap.NodeID) netmap.NodeID {
+	curIn := false
+	for _, r := range rs {
+		if r.ID == cur {
+			if r.Online {
+				return cur
+			}
+			curIn = true
+		}
+	}
+	for _, r := range rs {
+		if r.Online {
+			return r.ID
+		}
+	}
+	if curIn {
+		return cur
+	}
+	return rs[0].ID
+}
+
+// upsertRouted adds or replaces n with the routes an administrator
+// approved for it (the stored store.Node.RoutesApproved).
+func (h *hub) upsertRouted(n *netmap.Node, adminApproved []netip.Prefix) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.setAdminRoutesLocked(n.ID, adminApproved)
+	h.upsertLocked(n)
+}

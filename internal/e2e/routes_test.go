@@ -1,0 +1,195 @@
+package e2e
+
+import (
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"meshd.dev/meshd/agent/localapi"
+	"meshd.dev/meshd/internal/netlab"
+)
+
+// policyRoutes lets tag:client reach the routed subnet and every node reach
+// the router itself; tag:other may talk to the router but not through it.
+const policyRoutes = `// subnet router lab
+{
+	"tagOwners": {"tag:router": [], "tag:client": [], "tag:other": []},
+	"grants": [
+		{"src": ["tag:client"], "dst": ["198.19.77.0/24"], "ip": ["*"]},
+		{"src": ["tag:client", "tag:other"], "dst": ["tag:router"], "ip": ["*"]},
+	],
+}
+`
+
+// TestSubnetRouter: a plain host (no meshd) on a subnet behind a kernel TUN
+// router is reachable from a client with --accept-routes only once an
+// administrator approved the route, through meshd's own routing table
+// (never the host's main one), masqueraded as the router's subnet address;
+// another client the policy does not allow is dropped by the router's
+// filter although it routes to the subnet too; approving twice is an
+// error; rejecting the route cuts the path again.
+func TestSubnetRouter(t *testing.T) {
+	t.Parallel()
+	lab := netlab.New(t)
+	e := &env{t: t, bin: buildMeshd(t), dir: t.TempDir()}
+	hosts := lanHosts(lab, "coord", "router", "client", "other")
+	sub := lab.NewSegment("sub", netip.MustParsePrefix("198.19.77.0/24"))
+	routerSub := hosts["router"].Attach(sub)
+	plain := lab.NewHost("plain")
+	plainIP := plain.Attach(sub) // no default route: replies reach only the on-link router
+	subnet := netip.MustParsePrefix("198.19.77.0/24")
+
+	e.runCoordinator(hosts["coord"], "198.18.0.1:8443", "subnet router lab", "--policy", writeTemp(t, "routes.hujson", policyRoutes))
+	admin := func(args ...string) (int, string) { return e.admin(hosts["coord"], args...) }
+	nodes := map[string]*node{}
+	for name, extra := range map[string][]string{
+		"router": {"--advertise-routes", subnet.String()},
+		"client": {"--accept-routes"},
+		"other":  {"--accept-routes"},
+	} {
+		n := e.newNode(name, hosts[name], "--tun", "meshd0")
+		nodes[name] = n
+		e.startDaemon(n)
+		args := append([]string{"up", "--authkey", e.key("--tags", "tag:"+name), "--coordinator", e.coordURL, "--hostname", name}, extra...)
+		if out, err := e.cli(n, args...); err != nil {
+			t.Fatalf("meshd up %s: %v\n%s", name, err, out)
+		}
+	}
+	router, client, other := nodes["router"], nodes["client"], nodes["other"]
+	e.waitPeers(client, "router")
+	e.waitPeers(other, "router")
+
+	// Advertised, not approved: nothing routes yet.
+	routerPeer := func(n *node) localapi.Peer {
+		for _, p := range e.status(n).Peers {
+			if p.Hostname == "router" {
+				return p
+			}
+		}
+		t.Fatalf("%s has no router peer", n.name)
+		return localapi.Peer{}
+	}
+	waitFor(t, 15*time.Second, "router's advertised route in the client's map", func() (bool, string) {
+		p := routerPeer(client)
+		return slices.Equal(p.AdvertisedRoutes, []netip.Prefix{subnet}), fmt.Sprintf("%+v", p.Node)
+	})
+	if p := routerPeer(client); len(p.ApprovedRoutes)+len(p.PrimaryRoutes) != 0 {
+		t.Fatalf("route in force before approval: %+v", p.Node)
+	}
+	if code, out := admin("routes", "list"); code != 0 || !strings.Contains(out, "198.19.77.0/24  pending") {
+		t.Fatalf("routes list before approval: exit %d\n%s", code, out)
+	}
+	ping := func(from string, timeout time.Duration) error {
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		return hosts[from].Ping(ctx, plainIP)
+	}
+	if err := ping("client", 2*time.Second); err == nil {
+		t.Fatal("plain host reachable before the route was approved")
+	}
+
+	// The plain host runs a server that reports the source it sees.
+	var ln net.Listener
+	if err := plain.Do(func() (err error) { ln, err = net.Listen("tcp", netip.AddrPortFrom(plainIP, 5201).String()); return }); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	seen := make(chan netip.Addr, 16)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			seen <- c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
+			go func() {
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(60 * time.Second))
+				h := sha256.New()
+				io.Copy(h, c)
+				c.Write(h.Sum(nil))
+			}()
+		}
+	}()
+
+	// Approve by hostname.
+	if code, out := admin("routes", "approve", "router", subnet.String()); code != 0 {
+		t.Fatalf("routes approve: exit %d\n%s", code, out)
+	}
+	waitFor(t, 15*time.Second, "approved route in the client's map", func() (bool, string) {
+		p := routerPeer(client)
+		return slices.Equal(p.PrimaryRoutes, []netip.Prefix{subnet}), fmt.Sprintf("%+v", p.Node)
+	})
+	// Approving again changes nothing: an error.
+	if code, out := admin("routes", "approve", "router", subnet.String()); code == 0 || !strings.Contains(out, "already approved") {
+		t.Fatalf("second approve: exit %d\n%s", code, out)
+	}
+	if code, out := admin("routes", "list", "--json"); code != 0 || !strings.Contains(out, `"primary": [`) {
+		t.Fatalf("routes list --json: exit %d\n%s", code, out)
+	}
+	// The route lives in meshd's table behind a rule, not in main.
+	if out := hosts["client"].MustRun("ip", "route", "show", "table", "5270"); !strings.Contains(out, "198.19.77.0/24 dev meshd0") {
+		t.Fatalf("client's table 5270:\n%s", out)
+	}
+	if out := hosts["client"].MustRun("ip", "route", "show", "table", "main"); strings.Contains(out, "198.19.77.0/24") {
+		t.Fatalf("subnet route in the host's main table:\n%s", out)
+	}
+	if out := hosts["client"].MustRun("ip", "rule", "show"); !strings.Contains(out, "lookup 5270") {
+		t.Fatalf("no rule for meshd's table:\n%s", out)
+	}
+
+	waitFor(t, 20*time.Second, "client pings the plain host", func() (bool, string) {
+		err := ping("client", 2*time.Second)
+		return err == nil, fmt.Sprint(err)
+	})
+	var c net.Conn
+	if err := hosts["client"].Do(func() (err error) {
+		d := net.Dialer{Timeout: 10 * time.Second}
+		c, err = d.Dial("tcp", netip.AddrPortFrom(plainIP, 5201).String())
+		return
+	}); err != nil {
+		t.Fatalf("client -> plain host: %v", err)
+	}
+	if err := transfer(c); err != nil {
+		t.Fatalf("client <-> plain host transfer: %v", err)
+	}
+	if src := <-seen; src != routerSub {
+		t.Fatalf("plain host saw source %v, want the router's subnet address %v (SNAT)", src, routerSub)
+	}
+
+	// The other client routes the subnet through the router too, but the
+	// policy does not let it through: the router's filter drops it.
+	waitFor(t, 15*time.Second, "approved route in the other client's map", func() (bool, string) {
+		p := routerPeer(other)
+		return slices.Equal(p.PrimaryRoutes, []netip.Prefix{subnet}), fmt.Sprintf("%+v", p.Node)
+	})
+	before := e.status(router).Filter.DropsIn["no_rule"]
+	if err := ping("other", 3*time.Second); err == nil {
+		t.Fatal("a client the policy does not allow reached the plain host")
+	}
+	if after := e.status(router).Filter.DropsIn["no_rule"]; after <= before {
+		t.Fatalf("router's no_rule drops %d -> %d: the other client's packets were not judged by the filter", before, after)
+	}
+
+	// Rejected: the route leaves the maps, the path is cut.
+	if code, out := admin("routes", "reject", "router", subnet.String()); code != 0 {
+		t.Fatalf("routes reject: exit %d\n%s", code, out)
+	}
+	waitFor(t, 15*time.Second, "route withdrawn from the client's map", func() (bool, string) {
+		p := routerPeer(client)
+		return len(p.PrimaryRoutes) == 0, fmt.Sprintf("%+v", p.Node)
+	})
+	if err := ping("client", 2*time.Second); err == nil {
+		t.Fatal("plain host still reachable after the route was rejected")
+	}
+	if code, out := admin("routes", "reject", "router", subnet.String()); code == 0 || !strings.Contains(out, "not approved") {
+		t.Fatalf("second reject: exit %d\n%s", code, out)
+	}
+}
