@@ -60,6 +60,9 @@ type ControlConfig struct {
 	// proves to the coordinator that it holds the node key it registers.
 	NodeKey netmap.NodePrivate
 	Logger  *slog.Logger
+	// DialContext, when set, opens the connections to the coordinator
+	// (kernel TUN mode: marked to bypass an exit node's default route).
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // Options configure an Agent.
@@ -374,7 +377,7 @@ func (a *Agent) stop() {
 }
 
 func (a *Agent) controlCfg(l Login) ControlConfig {
-	return ControlConfig{URL: l.CoordinatorURL, MachineKey: a.id.MachineKey, ServerPin: l.ServerPin, NodeKey: a.id.NodeKey, Logger: a.log}
+	return ControlConfig{URL: l.CoordinatorURL, MachineKey: a.id.MachineKey, ServerPin: l.ServerPin, NodeKey: a.id.NodeKey, Logger: a.log, DialContext: a.underlayDial()}
 }
 
 // controlLoop follows the map stream and reports endpoints until ctx ends.
@@ -546,6 +549,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 	if a.login != nil {
 		prefs = a.login.Routing
 	}
+	a.eng.setPrefs(prefs)
 	err := errors.Join(a.eng.applyMap(routedMap(nm, prefs)), a.eng.setRouter(nm, prefs))
 	a.syncOSDNSLocked(nm)
 	return err

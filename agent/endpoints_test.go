@@ -73,8 +73,9 @@ func TestTailnetRoutes(t *testing.T) {
 	if !slices.Equal(got, want) {
 		t.Fatalf("got %v, want %v", got, want)
 	}
-	// Subnet routes go to meshd's own table; exit routes are not used.
-	if got, want := subnetRoutes(self, nm), pfx("10.20.0.0/16"); !slices.Equal(got, want) {
+	// Subnet and exit routes (routedMap left only the exit node's) go to
+	// meshd's own table.
+	if got, want := subnetRoutes(self, nm), pfx("0.0.0.0/0", "10.20.0.0/16"); !slices.Equal(got, want) {
 		t.Fatalf("subnet routes %v, want %v", got, want)
 	}
 }

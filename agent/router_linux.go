@@ -3,13 +3,16 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"slices"
 	"strings"
+	"syscall"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -21,9 +24,12 @@ import (
 // Subnet routes this node accepted go into a routing table of meshd's own,
 // looked up by one policy rule ahead of the main table, so the host's
 // routes are never replaced or deleted and `ip route` stays the admin's.
+// A rule ahead of it sends meshd's own marked underlay packets to the main
+// table (bypassMark).
 const (
 	routeTable    = 5270
 	routeRulePrio = 5270
+	bypassPrio    = 5210
 )
 
 // natChain is meshd's chain in the nat table: routers masquerade traffic
@@ -36,20 +42,28 @@ type routerState struct {
 	snat       bool
 }
 
-// setTableRoutes makes meshd's table hold exactly want, through the TUN,
-// and adds the rule that consults it.
-func (kl *kernelLink) setTableRoutes(want, src []netip.Prefix) error {
+// setTableRoutes makes meshd's table hold exactly want (through the TUN)
+// and throws (back to the main table), and adds the rules that consult it.
+func (kl *kernelLink) setTableRoutes(want, throws, src []netip.Prefix) error {
 	var errs []error
+	del := func(rt *netlink.Route) {
+		if err := netlink.RouteDel(rt); err != nil && !errors.Is(err, unix.ESRCH) {
+			errs = append(errs, fmt.Errorf("delete route %v from table %d: %w", rt.Dst, routeTable, err))
+		}
+	}
 	for _, r := range kl.tableRoutes {
 		if !slices.Contains(want, r) {
 			rt := kl.route(r, src)
 			rt.Table = routeTable
-			if err := netlink.RouteDel(rt); err != nil && !errors.Is(err, unix.ESRCH) {
-				errs = append(errs, fmt.Errorf("delete route %v from table %d: %w", r, routeTable, err))
-			}
+			del(rt)
 		}
 	}
-	kl.tableRoutes = nil
+	for _, r := range kl.throws {
+		if !slices.Contains(throws, r) {
+			del(throwRoute(r))
+		}
+	}
+	kl.tableRoutes, kl.throws = nil, nil
 	for _, r := range want {
 		rt := kl.route(r, src)
 		rt.Table = routeTable
@@ -59,10 +73,17 @@ func (kl *kernelLink) setTableRoutes(want, src []netip.Prefix) error {
 		}
 		kl.tableRoutes = append(kl.tableRoutes, r)
 	}
+	for _, r := range throws {
+		if err := netlink.RouteReplace(throwRoute(r)); err != nil {
+			errs = append(errs, fmt.Errorf("throw route %v in table %d: %w", r, routeTable, err))
+			continue
+		}
+		kl.throws = append(kl.throws, r)
+	}
 	if len(want) > 0 && !kl.ruleOn {
-		for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
-			if err := netlink.RuleAdd(tableRule(fam)); err != nil && !errors.Is(err, unix.EEXIST) {
-				errs = append(errs, fmt.Errorf("ip rule lookup %d: %w", routeTable, err))
+		for _, r := range tableRules() {
+			if err := netlink.RuleAdd(r); err != nil && !errors.Is(err, unix.EEXIST) {
+				errs = append(errs, fmt.Errorf("ip rule priority %d: %w", r.Priority, err))
 			}
 		}
 		kl.ruleOn = true
@@ -70,10 +91,24 @@ func (kl *kernelLink) setTableRoutes(want, src []netip.Prefix) error {
 	return errors.Join(errs...)
 }
 
-func tableRule(family int) *netlink.Rule {
-	r := netlink.NewRule()
-	r.Family, r.Table, r.Priority = family, routeTable, routeRulePrio
-	return r
+func throwRoute(p netip.Prefix) *netlink.Route {
+	return &netlink.Route{Dst: prefixToIPNet(p), Table: routeTable, Type: unix.RTN_THROW}
+}
+
+// tableRules are, per family, the rule that keeps meshd's marked underlay
+// packets in the main table and the one that consults meshd's table.
+func tableRules() []*netlink.Rule {
+	var out []*netlink.Rule
+	for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
+		b := netlink.NewRule()
+		b.Family, b.Table, b.Priority, b.Mark = fam, unix.RT_TABLE_MAIN, bypassPrio, bypassMark
+		mask := uint32(bypassMask)
+		b.Mask = &mask
+		r := netlink.NewRule()
+		r.Family, r.Table, r.Priority = fam, routeTable, routeRulePrio
+		out = append(out, b, r)
+	}
+	return out
 }
 
 // cleanupRouting removes the rule and the NAT chain (the TUN's routes went
@@ -81,9 +116,9 @@ func tableRule(family int) *netlink.Rule {
 func (kl *kernelLink) cleanupRouting() error {
 	var errs []error
 	if kl.ruleOn {
-		for _, fam := range []int{unix.AF_INET, unix.AF_INET6} {
-			if err := netlink.RuleDel(tableRule(fam)); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.ESRCH) {
-				errs = append(errs, fmt.Errorf("delete ip rule lookup %d: %w", routeTable, err))
+		for _, r := range tableRules() {
+			if err := netlink.RuleDel(r); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.ESRCH) {
+				errs = append(errs, fmt.Errorf("delete ip rule priority %d: %w", r.Priority, err))
 			}
 		}
 		kl.ruleOn = false
@@ -191,4 +226,25 @@ func setSNAT(tunName string, on bool) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// underlayDial is the dialer of meshd's own connections to relays and the
+// coordinator: in kernel TUN mode marked with bypassMark, so that an exit
+// node's default route (in meshd's table) never carries them; nil (the
+// default dialer) in netstack mode, where the host's routes are not ours.
+func (a *Agent) underlayDial() func(ctx context.Context, network, addr string) (net.Conn, error) {
+	if a.opts.TUN == TUNUserspace {
+		return nil
+	}
+	d := &net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, bypassMark) }); err != nil {
+			return err
+		}
+		if serr != nil {
+			return fmt.Errorf("mark meshd's own connection (SO_MARK): %w", serr)
+		}
+		return nil
+	}}
+	return d.DialContext
 }

@@ -60,11 +60,7 @@ func planRouting(cur localapi.RoutePrefs, f *localapi.RouteFlags, userspace bool
 		return cur, false, errors.New("this daemon runs the netstack (--tun userspace), which cannot forward packets for other hosts: " +
 			"run a kernel TUN daemon to advertise routes or an exit node")
 	case userspace && next.ExitNode != "":
-		return cur, false, errors.New("--exit-node needs a kernel TUN daemon; in netstack mode send traffic through the SOCKS5 or HTTP proxy instead")
-	case next.ExitNode != "":
-		return cur, false, errors.New("--exit-node is not built yet in this meshd (docs/routes.md): nothing was changed")
-	case next.AdvertiseExitNode:
-		return cur, false, errors.New("--advertise-exit-node is not built yet in this meshd (docs/routes.md): nothing was changed")
+		return cur, false, errors.New("--exit-node needs a kernel TUN daemon (netstack mode has no default route to replace)")
 	}
 	if equalPrefs(cur, next) {
 		if f.FromEnv {
@@ -94,11 +90,40 @@ func hostinfo(p localapi.RoutePrefs) *netmap.Hostinfo {
 	return &netmap.Hostinfo{RoutableIPs: rs}
 }
 
+// bypassMark (with bypassMask) marks meshd's own underlay sockets (the
+// WireGuard/disco UDP socket, relay and coordinator connections): a rule
+// sends marked packets to the main table, so routes in meshd's table (an
+// exit node's default route above all) never carry the tunnel itself.
+const (
+	bypassMark = 0x6d0000
+	bypassMask = 0xff0000
+)
+
+// exitNodeID is the peer prefs name as exit node ("" names none): a
+// peer whose hostname, MagicDNS name or tailnet address it is, and which
+// carries exit routes. 0 when none does.
+func exitNodeID(nm *netmap.NetworkMap, name string) netmap.NodeID {
+	if name == "" {
+		return 0
+	}
+	ip, ipErr := netip.ParseAddr(name)
+	lname := strings.TrimSuffix(strings.ToLower(name), ".")
+	suffix := strings.TrimSuffix(strings.ToLower(nm.DNS.Suffix), ".")
+	for _, n := range nm.SortedPeers() {
+		match := ipErr == nil && slices.ContainsFunc(n.Addresses, func(a netip.Prefix) bool { return a.Addr() == ip.Unmap() }) ||
+			ipErr != nil && nodeHasName(n, lname, suffix)
+		if match && slices.ContainsFunc(n.PrimaryRoutes, netmap.IsExitRoute) {
+			return n.ID
+		}
+	}
+	return 0
+}
+
 // routedMap returns the map the data plane follows: nm with each peer's
 // AllowedIPs cut down to what this node uses. A peer's own addresses
 // always stay; its primary subnet routes only with --accept-routes; exit
-// routes never (exit node use is not built yet). nm itself is not
-// modified (status shows the routes as published).
+// routes only of the --exit-node. nm itself is not modified (status shows
+// the routes as published).
 func routedMap(nm *netmap.NetworkMap, p localapi.RoutePrefs) *netmap.NetworkMap {
 	needs := false
 	for _, n := range nm.Peers {
@@ -110,6 +135,7 @@ func routedMap(nm *netmap.NetworkMap, p localapi.RoutePrefs) *netmap.NetworkMap 
 	if !needs {
 		return nm
 	}
+	exit := exitNodeID(nm, p.ExitNode)
 	out := *nm
 	out.Peers = make(map[netmap.NodeID]*netmap.Node, len(nm.Peers))
 	for id, n := range nm.Peers {
@@ -118,20 +144,22 @@ func routedMap(nm *netmap.NetworkMap, p localapi.RoutePrefs) *netmap.NetworkMap 
 			continue
 		}
 		nn := *n
-		nn.AllowedIPs = usedAllowedIPs(n, p)
+		nn.AllowedIPs = usedAllowedIPs(n, p, id == exit)
 		out.Peers[id] = &nn
 	}
 	return &out
 }
 
 // usedAllowedIPs is n's AllowedIPs as this node routes to it.
-func usedAllowedIPs(n *netmap.Node, p localapi.RoutePrefs) []netip.Prefix {
+func usedAllowedIPs(n *netmap.Node, p localapi.RoutePrefs, exitNode bool) []netip.Prefix {
 	var out []netip.Prefix
 	for _, a := range n.AllowedIPs {
 		switch {
 		case slices.Contains(n.Addresses, a):
 		case netmap.IsExitRoute(a):
-			continue
+			if !exitNode {
+				continue
+			}
 		case !p.AcceptRoutes:
 			continue
 		case a.Overlaps(netmap.TailnetIPv4Range) || a.Overlaps(netmap.TailnetIPv6Range):
@@ -164,4 +192,12 @@ func (a *Agent) routingChangedLocked() {
 	case a.pathsChanged <- struct{}{}:
 	default:
 	}
+}
+
+// setPrefs gives the engine the routing preferences its next applyMap
+// follows.
+func (e *engine) setPrefs(p localapi.RoutePrefs) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.prefs = p
 }

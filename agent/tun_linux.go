@@ -24,6 +24,7 @@ type kernelLink struct {
 	// tableRoutes are the subnet routes in meshd's table; ruleOn says
 	// the rule consulting it is installed, natOn the SNAT chain.
 	tableRoutes []netip.Prefix
+	throws      []netip.Prefix
 	ruleOn      bool
 	natOn       bool
 }

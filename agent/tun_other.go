@@ -3,7 +3,9 @@
 package agent
 
 import (
+	"context"
 	"errors"
+	"net"
 	"net/netip"
 
 	"golang.zx2c4.com/wireguard/tun"
@@ -18,9 +20,9 @@ func createKernelTUN(name string, mtu int, addrs []netip.Prefix) (tun.Device, *k
 	return nil, nil, errors.New("kernel TUN is only supported on Linux; use --tun userspace")
 }
 
-func (kl *kernelLink) setRoutes(want, src []netip.Prefix) error      { return nil }
-func (kl *kernelLink) setTableRoutes(want, src []netip.Prefix) error { return nil }
-func (kl *kernelLink) cleanupRouting() error                         { return nil }
+func (kl *kernelLink) setRoutes(want, src []netip.Prefix) error              { return nil }
+func (kl *kernelLink) setTableRoutes(want, throws, src []netip.Prefix) error { return nil }
+func (kl *kernelLink) cleanupRouting() error                                 { return nil }
 
 type routerState struct{}
 
@@ -28,3 +30,7 @@ func (e *engine) setRouter(*netmap.NetworkMap, localapi.RoutePrefs) error { retu
 
 func (kl *kernelLink) addAddr(netip.Addr) error { return nil }
 func (kl *kernelLink) index() int               { return 0 }
+
+func (a *Agent) underlayDial() func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return nil
+}

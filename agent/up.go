@@ -362,7 +362,7 @@ func (a *Agent) register(ctx context.Context, r registration) (*netmap.Node, err
 		}
 		hostname = h
 	}
-	cc, err := a.opts.NewControlClient(ControlConfig{URL: r.coordinator, MachineKey: a.id.MachineKey, ServerPin: r.pin, NodeKey: a.id.NodeKey, Logger: a.log})
+	cc, err := a.opts.NewControlClient(ControlConfig{URL: r.coordinator, MachineKey: a.id.MachineKey, ServerPin: r.pin, NodeKey: a.id.NodeKey, Logger: a.log, DialContext: a.underlayDial()})
 	if err != nil {
 		return nil, err
 	}

@@ -193,3 +193,140 @@ func TestSubnetRouter(t *testing.T) {
 		t.Fatalf("second reject: exit %d\n%s", code, out)
 	}
 }
+
+// policyExit lets tag:client use any destination (including an exit node's
+// default routes) and auto-approves exit nodes tagged tag:exit.
+const policyExit = `// exit node lab
+{
+	"tagOwners": {"tag:exit": [], "tag:client": []},
+	"grants": [
+		{"src": ["tag:client"], "dst": ["*"], "ip": ["*"]},
+	],
+	"autoApprovers": {"exitNode": ["tag:exit"]},
+}
+`
+
+// TestExitNode: an exit node (auto-approved by the policy) carries a
+// client's traffic to a host on the exit node's upstream segment, which
+// the client cannot reach otherwise, masqueraded as the exit node; the
+// tunnel itself and the coordinator connection keep working (meshd's own
+// sockets bypass its default route); the client's LAN goes through the
+// exit node (so it is unreachable) until --exit-node-allow-lan-access, and
+// --exit-node= restores the host's routing.
+func TestExitNode(t *testing.T) {
+	t.Parallel()
+	lab := netlab.New(t)
+	e := &env{t: t, bin: buildMeshd(t), dir: t.TempDir()}
+	hosts := lanHosts(lab, "coord", "exit", "client")
+	wan := lab.NewSegment("wan", netip.MustParsePrefix("198.19.88.0/24"))
+	exitWAN := hosts["exit"].Attach(wan)
+	web := lab.NewHost("web")
+	webIP := web.Attach(wan)
+	home := lab.NewSegment("home", netip.MustParsePrefix("198.19.99.0/24"))
+	hosts["client"].Attach(home)
+	lanhost := lab.NewHost("lanhost")
+	lanIP := lanhost.Attach(home)
+
+	e.runCoordinator(hosts["coord"], "198.18.0.1:8443", "exit node lab", "--policy", writeTemp(t, "exit.hujson", policyExit))
+	nodes := map[string]*node{}
+	for name, extra := range map[string][]string{"exit": {"--advertise-exit-node"}, "client": nil} {
+		n := e.newNode(name, hosts[name], "--tun", "meshd0")
+		nodes[name] = n
+		e.startDaemon(n)
+		args := append([]string{"up", "--authkey", e.key("--tags", "tag:"+name), "--coordinator", e.coordURL, "--hostname", name}, extra...)
+		if out, err := e.cli(n, args...); err != nil {
+			t.Fatalf("meshd up %s: %v\n%s", name, err, out)
+		}
+	}
+	client := nodes["client"]
+	e.waitPeers(client, "exit")
+	waitFor(t, 15*time.Second, "exit node auto-approved in the client's map", func() (bool, string) {
+		for _, p := range e.status(client).Peers {
+			if p.Hostname == "exit" {
+				return slices.Contains(p.PrimaryRoutes, netip.MustParsePrefix("0.0.0.0/0")), fmt.Sprintf("%+v", p.Node)
+			}
+		}
+		return false, "no exit peer"
+	})
+
+	var ln net.Listener
+	if err := web.Do(func() (err error) { ln, err = net.Listen("tcp", netip.AddrPortFrom(webIP, 80).String()); return }); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	seen := make(chan netip.Addr, 16)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			seen <- c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
+			c.Close()
+		}
+	}()
+	ping := func(to netip.Addr, timeout time.Duration) error {
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		return hosts["client"].Ping(ctx, to)
+	}
+	up := func(args ...string) {
+		t.Helper()
+		if out, err := e.cli(client, append([]string{"up"}, args...)...); err != nil {
+			t.Fatalf("meshd up %v: %v\n%s", args, err, out)
+		}
+	}
+	if err := ping(webIP, 2*time.Second); err == nil {
+		t.Fatal("upstream host reachable without an exit node")
+	}
+	if err := ping(lanIP, 5*time.Second); err != nil {
+		t.Fatalf("LAN host unreachable before using an exit node: %v", err)
+	}
+
+	up("--exit-node", "exit")
+	waitFor(t, 20*time.Second, "client pings the upstream host through the exit node", func() (bool, string) {
+		err := ping(webIP, 2*time.Second)
+		return err == nil, fmt.Sprint(err)
+	})
+	var c net.Conn
+	if err := hosts["client"].Do(func() (err error) {
+		d := net.Dialer{Timeout: 10 * time.Second}
+		c, err = d.Dial("tcp", netip.AddrPortFrom(webIP, 80).String())
+		return
+	}); err != nil {
+		t.Fatalf("client -> upstream host: %v", err)
+	}
+	c.Close()
+	if src := <-seen; src != exitWAN {
+		t.Fatalf("upstream host saw %v, want the exit node's address %v", src, exitWAN)
+	}
+	if err := ping(lanIP, 2*time.Second); err == nil {
+		t.Fatal("LAN host reached directly while using an exit node without --exit-node-allow-lan-access")
+	}
+	// The coordinator connection survived the new default route.
+	if st := e.status(client); st.BackendState != localapi.StateRunning || !st.Self.Online {
+		t.Fatalf("client after --exit-node: %s online=%v %s", st.BackendState, st.Self.Online, st.Message)
+	}
+
+	up("--exit-node-allow-lan-access")
+	waitFor(t, 10*time.Second, "LAN host reachable with allow-lan-access", func() (bool, string) {
+		err := ping(lanIP, 2*time.Second)
+		return err == nil, fmt.Sprint(err)
+	})
+	if err := ping(webIP, 5*time.Second); err != nil {
+		t.Fatalf("upstream host with allow-lan-access: %v", err)
+	}
+	// Asking for what is already set is an error.
+	if out, err := e.cli(client, "up", "--exit-node-allow-lan-access"); err == nil || !strings.Contains(out, "change nothing") {
+		t.Fatalf("repeated --exit-node-allow-lan-access: %v\n%s", err, out)
+	}
+
+	up("--exit-node=", "--exit-node-allow-lan-access=false")
+	waitFor(t, 10*time.Second, "upstream host unreachable without the exit node", func() (bool, string) {
+		err := ping(webIP, time.Second)
+		return err != nil, "still reachable"
+	})
+	if out := hosts["client"].MustRun("ip", "route", "show", "table", "5270"); strings.Contains(out, "default") {
+		t.Fatalf("default route left in meshd's table:\n%s", out)
+	}
+}
