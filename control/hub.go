@@ -284,7 +284,9 @@ func (h *hub) upsertOneLocked(n *netmap.Node) {
 	changedF.resp.PeersChanged = []netmap.Node{withCaps(n, nil)}
 	removedF := &lazyFrame{resp: h.base()}
 	removedF.resp.PeersRemoved = []netmap.NodeID{n.ID}
-	identityChanged := old != nil && patchF == nil && (old.User != n.User || !slices.Equal(old.Tags, n.Tags))
+	// Routes are identity too: a router's primary routes decide which
+	// nodes may reach it, and so whom it sees.
+	identityChanged := old != nil && patchF == nil && (old.User != n.User || !slices.Equal(old.Tags, n.Tags) || !slices.Equal(old.AllowedIPs, n.AllowedIPs))
 
 	for id, ss := range h.sessions {
 		if id == n.ID {

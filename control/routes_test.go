@@ -214,3 +214,42 @@ func TestAutoApprovers(t *testing.T) {
 		return len(a.ApprovedRoutes) == 0 && len(a.PrimaryRoutes) == 0 && len(b.ApprovedRoutes) == 0 && len(a.AllowedIPs) == 2
 	})
 }
+
+// TestPromotedRouterLearnsItsClients: under a policy, a standby router is
+// no peer of the subnet's clients (nothing lets them reach it); once
+// promoted, it gets a map with them, so their later patches apply.
+func TestPromotedRouterLearnsItsClients(t *testing.T) {
+	ts := startServer(t, ServerOptions{})
+	ctx := context.Background()
+	const pol = `{
+		"tagOwners": {"tag:router": [], "tag:client": []},
+		"grants": [{"src": ["tag:client"], "dst": ["10.1.0.0/24"], "ip": ["*"]}],
+		"autoApprovers": {"routes": {"10.1.0.0/24": ["tag:router"]}},
+	}`
+	if _, err := ts.ApplyPolicy(ctx, "p.hujson", []byte(pol)); err != nil {
+		t.Fatal(err)
+	}
+	rk := ts.key(t, AuthKeyOptions{Reusable: true, Tags: []string{"tag:router"}, Preauthorized: true})
+	ck := ts.key(t, AuthKeyOptions{Tags: []string{"tag:client"}, Preauthorized: true})
+	r1, stop1 := routedNode(t, ts, rk, "r1", "10.1.0.0/24")
+	r2, _ := routedNode(t, ts, rk, "r2", "10.1.0.0/24")
+	cl, _ := routedNode(t, ts, ck, "client")
+	r1.waitMap(t, "r1 sees the client", func(nm *netmap.NetworkMap) bool { return nm.Peers[cl.id] != nil })
+	if nm := r2.waitMap(t, "r2's map", func(nm *netmap.NetworkMap) bool { return len(nm.Self.ApprovedRoutes) == 1 }); nm.Peers[cl.id] != nil {
+		t.Fatal("standby router sees the client")
+	}
+	stop1()
+	r2.waitMap(t, "promoted r2 sees the client", func(nm *netmap.NetworkMap) bool {
+		return nm.Peers[cl.id] != nil && len(nm.Self.PrimaryRoutes) == 1 && len(nm.PacketFilter) > 0
+	})
+	// A patch of the client (new endpoints) reaches r2 and applies.
+	req := cl.mapRequest()
+	req.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("198.18.0.9:41641")}
+	if err := cl.c.Update(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	r2.waitMap(t, "client's endpoint patch", func(nm *netmap.NetworkMap) bool {
+		p := nm.Peers[cl.id]
+		return p != nil && slices.Contains(p.Endpoints, req.Endpoints[0])
+	})
+}
