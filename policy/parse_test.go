@@ -64,6 +64,7 @@ func TestBadPolicies(t *testing.T) {
 		{"ssh bad check period", hdr + `"ssh": [{"action": "check", "src": ["group:eng"], "dst": ["tag:srv"], "users": ["root"], "checkPeriod": "soon"}]}`, `"soon"`, "checkPeriod"},
 		{"autoApprovers bad route", hdr + `"autoApprovers": {"routes": {"10.0.0.1/8": ["tag:srv"]}}}`, `"10.0.0.1/8"`, "not a CIDR"},
 		{"autoApprovers unknown tag", hdr + `"autoApprovers": {"exitNode": ["tag:exit"]}}`, `"tag:exit"`, "unknown tag"},
+		{"autoApprovers address", hdr + `"autoApprovers": {"routes": {"10.0.0.0/8": ["100.64.0.1"]}}}`, `["100.64.0.1"]`, "is an address"},
 		{"nodeAttrs unknown field", hdr + `"nodeAttrs": [{"target": ["*"], "attrs": ["x"]}]}`, `"attrs"`, `unknown field "attrs"`},
 		{"nodeAttrs bad target", hdr + `"nodeAttrs": [{"target": ["group:none"], "attr": ["x"]}]}`, `"group:none"`, "unknown group"},
 		{"test dst range", hdr + `"grants": [{"src": ["*"], "dst": ["tag:srv"], "ip": ["*"]}], "tests": [{"src": "alice@example.com", "accept": ["tag:srv:22-23"]}]}`, `"tag:srv:22-23"`, "names one port"},

@@ -392,7 +392,7 @@ func (c *cli) policySetCmd() *ffcli.Command {
 		"validate FILE on the coordinator and put it in force for every node, or reject it and keep the previous one",
 		func(fs *flag.FlagSet) {
 			fs.BoolVar(&asJSON, "json", false, "print the applied policy as JSON")
-			fs.BoolVar(&strict, "strict", false, "reject the policy if it has warnings (sections meshd does not enforce: ssh, autoApprovers, nodeAttrs; wide rules, ...), as meshd policy check --strict does")
+			fs.BoolVar(&strict, "strict", false, "reject the policy if it has warnings (sections meshd does not enforce: ssh, nodeAttrs; wide rules, ...), as meshd policy check --strict does")
 		},
 		func(ctx context.Context, ac *control.AdminClient, args []string) error {
 			file, err := oneArg("policy set", args, "policy FILE")

@@ -95,7 +95,7 @@ func writeJSON(w io.Writer, v any) error {
 func (c *cli) policyCheckCmd() *ffcli.Command {
 	fs := flag.NewFlagSet("meshd policy check", flag.ContinueOnError)
 	asJSON := fs.Bool("json", false, "print the result as JSON")
-	strict := fs.Bool("strict", false, "also exit 1 on warnings (sections meshd does not enforce: ssh, autoApprovers, nodeAttrs; wide rules, unowned tags, unused groups, shadowed rules)")
+	strict := fs.Bool("strict", false, "also exit 1 on warnings (sections meshd does not enforce: ssh, nodeAttrs; wide rules, unowned tags, unused groups, shadowed rules)")
 	return &ffcli.Command{
 		Name:       "check",
 		ShortUsage: "meshd policy check [--json] [--strict] FILE",
@@ -103,8 +103,8 @@ func (c *cli) policyCheckCmd() *ffcli.Command {
 		LongHelp: `Parses FILE, validates every section, runs its "tests" and lints it.
 Each problem is printed to stdout as FILE:LINE:COL: message.
 
-Sections meshd parses but does not enforce yet ("ssh", "autoApprovers",
-"nodeAttrs") are warnings at the section's line: such rules are not in force.
+Sections meshd parses but does not enforce yet ("ssh", "nodeAttrs") are
+warnings at the section's line: such rules are not in force.
 
 Exit status: 0 when the policy is valid and its tests pass (warnings are
 printed but do not fail the check unless --strict); 1 when it is invalid, a

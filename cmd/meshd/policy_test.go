@@ -129,7 +129,6 @@ func TestPolicyCheckUnenforcedSections(t *testing.T) {
 		section, body string
 	}{
 		{"ssh", `"ssh": [{"action": "accept", "src": ["group:eng"], "dst": ["tag:srv"], "users": ["root"]}],`},
-		{"autoApprovers", `"autoApprovers": {"routes": {"10.0.0.0/8": ["tag:srv"]}},`},
 		{"nodeAttrs", `"nodeAttrs": [{"target": ["tag:srv"], "attr": ["funnel"]}],`},
 	} {
 		t.Run(tc.section, func(t *testing.T) {

@@ -188,3 +188,23 @@ func (r *routeFlagValues) flags(fs *flag.FlagSet, onCommandLine map[string]bool)
 	out.FromEnv = !typed
 	return &out, nil
 }
+
+// routesLine describes a node's routes for `meshd status`: each advertised
+// route as primary (carried now), standby (approved, another router
+// carries it), exit (an approved exit node) or pending (not approved).
+func routesLine(n *localapi.Node) string {
+	var parts []string
+	for _, p := range n.AdvertisedRoutes {
+		state := "pending approval"
+		switch {
+		case contains(n.PrimaryRoutes, p) && netmap.IsExitRoute(p):
+			state = "exit node"
+		case contains(n.PrimaryRoutes, p):
+			state = "primary"
+		case contains(n.ApprovedRoutes, p):
+			state = "standby"
+		}
+		parts = append(parts, p.String()+" "+state)
+	}
+	return strings.Join(parts, ", ")
+}
