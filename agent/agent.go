@@ -799,6 +799,11 @@ func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error
 	}
 	a.mu.Lock()
 	eng, nm := a.eng, a.nm
+	if nm != nil && a.login != nil {
+		// Subnet addresses count only where this node routes them
+		// (--accept-routes), as in the data plane.
+		nm = routedMap(nm, a.login.Routing)
+	}
 	a.mu.Unlock()
 	if eng == nil || nm == nil {
 		return nil, fmt.Errorf("dial %s: %w (the node is not up)", addr, proxy.ErrNoRoute)

@@ -598,9 +598,14 @@ func splitHostPorts(s string) (host, ports string, err error) {
 }
 
 func (ps *parser) parseGrant(v *hujson.Value) {
-	members, ok := ps.object(v, "a grant", "src", "dst", "ip", "app")
+	members, ok := ps.object(v, "a grant", "src", "dst", "ip", "app", "via")
 	if !ok {
 		return
+	}
+	if via := ps.field(members, "via"); via != nil {
+		// Refused rather than ignored: a grant read as "only through
+		// these routers" must not silently allow every router.
+		ps.errorf(via, "\"via\" (reaching a destination only through chosen routers) is not built yet: meshd routes a subnet through its primary router (docs/routes.md); remove \"via\"")
 	}
 	r := rule{pos: ps.pos(v)}
 	if src := ps.required(v, members, "src", "a grant"); src != nil {

@@ -109,6 +109,8 @@ func (p *Policy) resolveSelector(raw string, pos Pos, ctx selContext) (selector,
 				return s, fmt.Errorf("autogroup:self is only allowed as a destination")
 			}
 			s.kind = selSelf
+		case "autogroup:internet":
+			return s, fmt.Errorf("autogroup:internet is not built yet: allow exit node use with a destination of \"*\" (every node's addresses and routes, exit routes included); docs/routes.md")
 		default:
 			return s, fmt.Errorf("unknown autogroup %q: use autogroup:member, autogroup:tagged, autogroup:self or autogroup:admin", raw)
 		}

@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/net/proxy"
+
 	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/internal/netlab"
 )
@@ -41,7 +43,7 @@ func TestSubnetRouter(t *testing.T) {
 	t.Parallel()
 	lab := netlab.New(t)
 	e := &env{t: t, bin: buildMeshd(t), dir: t.TempDir()}
-	hosts := lanHosts(lab, "coord", "router", "client", "other")
+	hosts := lanHosts(lab, "coord", "router", "client", "other", "ns")
 	sub := lab.NewSegment("sub", netip.MustParsePrefix("198.19.77.0/24"))
 	routerSub := hosts["router"].Attach(sub)
 	plain := lab.NewHost("plain")
@@ -51,15 +53,24 @@ func TestSubnetRouter(t *testing.T) {
 	e.runCoordinator(hosts["coord"], "198.18.0.1:8443", "subnet router lab", "--policy", writeTemp(t, "routes.hujson", policyRoutes))
 	admin := func(args ...string) (int, string) { return e.admin(hosts["coord"], args...) }
 	nodes := map[string]*node{}
+	const socks = "127.0.0.1:1080"
 	for name, extra := range map[string][]string{
 		"router": {"--advertise-routes", subnet.String()},
 		"client": {"--accept-routes"},
 		"other":  {"--accept-routes"},
+		"ns":     {"--accept-routes"},
 	} {
+		tag := name
+		if name == "ns" {
+			tag = "client"
+		}
 		n := e.newNode(name, hosts[name], "--tun", "meshd0")
+		if name == "ns" { // netstack: the SOCKS5 proxy reaches the subnet
+			n = e.newNode(name, hosts[name], "--tun", "userspace", "--socks5-server", socks)
+		}
 		nodes[name] = n
 		e.startDaemon(n)
-		args := append([]string{"up", "--authkey", e.key("--tags", "tag:"+name), "--coordinator", e.coordURL, "--hostname", name}, extra...)
+		args := append([]string{"up", "--authkey", e.key("--tags", "tag:"+tag), "--coordinator", e.coordURL, "--hostname", name}, extra...)
 		if out, err := e.cli(n, args...); err != nil {
 			t.Fatalf("meshd up %s: %v\n%s", name, err, out)
 		}
@@ -165,6 +176,25 @@ func TestSubnetRouter(t *testing.T) {
 	if src := <-seen; src != routerSub {
 		t.Fatalf("plain host saw source %v, want the router's subnet address %v (SNAT)", src, routerSub)
 	}
+	// A netstack node reaches the subnet through its SOCKS5 proxy.
+	waitFor(t, 20*time.Second, "netstack node's SOCKS5 proxy reaches the plain host", func() (bool, string) {
+		var err error
+		if derr := hosts["ns"].Do(func() error {
+			d, perr := proxy.SOCKS5("tcp", socks, nil, &net.Dialer{Timeout: 5 * time.Second})
+			if perr != nil {
+				return perr
+			}
+			var c net.Conn
+			if c, err = d.Dial("tcp", netip.AddrPortFrom(plainIP, 5201).String()); err == nil {
+				err = transfer(c)
+			}
+			return nil
+		}); derr != nil {
+			return false, derr.Error()
+		}
+		return err == nil, fmt.Sprint(err)
+	})
+	<-seen
 
 	// The other client routes the subnet through the router too, but the
 	// policy does not let it through: the router's filter drops it.
