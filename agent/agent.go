@@ -635,6 +635,11 @@ func (a *Agent) reportEndpoints(ctx context.Context, cc ControlClient) {
 			hi = hostinfo(a.login.Routing)
 		}
 		a.mu.Unlock()
+		if hi != nil && len(hi.RoutableIPs) > 0 {
+			// A router's reports are its heartbeat: the coordinator hands
+			// the subnets of a silent primary to a standby.
+			next = min(next, routerHeartbeat)
+		}
 		err := cc.Update(ctx, netmap.MapRequest{
 			Version: netmap.ProtocolVersion, NodeKey: a.NodeKey(), DiscoKey: a.disco.Public(), Endpoints: eps,
 			HomeDERP: home, Hostinfo: hi,

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"time"
 
 	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/netmap"
@@ -98,6 +99,11 @@ const (
 	bypassMark = 0x6d0000
 	bypassMask = 0xff0000
 )
+
+// routerHeartbeat is how often a node that advertises routes reports to
+// the coordinator, which hands the subnets of a primary router silent for
+// four of these to a standby (control.RouterHeartbeat, RouterSilence).
+const routerHeartbeat = 2 * time.Second
 
 // exitNodeID is the peer prefs name as exit node ("" names none): a
 // peer whose hostname, MagicDNS name or tailnet address it is, and which

@@ -300,6 +300,9 @@ func (s *Server) applyMapRequest(ctx context.Context, mk netmap.MachinePublic, s
 	// it always has as stored: most requests change nothing, and cost no
 	// store access under the lock.
 	cur := s.hub.get(sn.ID)
+	if cur != nil && len(cur.AdvertisedRoutes) > 0 {
+		s.hub.noteReport(sn.ID, s.now())
+	}
 	if cur != nil && sameReport(*cur, mergeReport(*cur, req)) {
 		return sn, nil
 	}

@@ -1,9 +1,12 @@
 package control
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
+	"time"
 
+	"meshd.dev/meshd/internal/clock"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -31,6 +34,86 @@ type routeState struct {
 	// keeps its role while online, so a router coming back does not
 	// move the subnet again.
 	primary map[netip.Prefix]netmap.NodeID
+	// lastReport is when each router last reported (its heartbeat), or
+	// opened its stream.
+	lastReport map[netmap.NodeID]time.Time
+}
+
+// RouterHeartbeat is how often a node that advertises routes reports to the
+// coordinator (the agent's side), and RouterSilence how long a primary
+// subnet router may stay silent (four missed reports) before the
+// coordinator ends its map stream, which hands its subnets to a standby;
+// it looks every routerCheck. Without it a router that vanished from the
+// network (no FIN, no RST) kept its subnets until HTTP/2's pings found the
+// connection dead: 40 s measured (bench/README.md). A router dropped for a
+// slow link only reconnects; its subnets stay with the standby.
+const (
+	RouterHeartbeat = 2 * time.Second
+	RouterSilence   = 4 * RouterHeartbeat
+	routerCheck     = time.Second
+)
+
+// errRouterSilent ends the map stream of a primary router that stopped
+// reporting.
+var errRouterSilent = fmt.Errorf("map session dropped: a primary subnet router must report every %v and this one was silent for %v", RouterHeartbeat, RouterSilence)
+
+// noteReport records a report (a heartbeat) of router id.
+func (h *hub) noteReport(id netmap.NodeID, now time.Time) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.routes.lastReport == nil {
+		h.routes.lastReport = make(map[netmap.NodeID]time.Time)
+	}
+	h.routes.lastReport[id] = now
+}
+
+// silentRouters drops the map sessions of the primary subnet routers that
+// have not reported since now-RouterSilence and returns their ids. A
+// router's clock starts when it reports or opens a stream.
+func (h *hub) silentRouters(now time.Time) []netmap.NodeID {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var out []netmap.NodeID
+	for id := range h.routes.routers {
+		n := h.nodes[id]
+		if n == nil || len(h.sessions[id]) == 0 || !slices.ContainsFunc(n.PrimaryRoutes, func(p netip.Prefix) bool { return !netmap.IsExitRoute(p) }) {
+			continue
+		}
+		last, ok := h.routes.lastReport[id]
+		if !ok {
+			if h.routes.lastReport == nil {
+				h.routes.lastReport = make(map[netmap.NodeID]time.Time)
+			}
+			h.routes.lastReport[id] = now
+			continue
+		}
+		if now.Sub(last) < RouterSilence {
+			continue
+		}
+		for _, s := range h.sessions[id] {
+			h.dropLocked(s, errRouterSilent)
+		}
+		delete(h.routes.lastReport, id)
+		out = append(out, id)
+	}
+	return out
+}
+
+// watchRouters ends the streams of silent primary routers at each tick of
+// t, until the server closes.
+func (s *Server) watchRouters(t clock.Ticker) {
+	defer s.wg.Done()
+	defer t.Stop()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case <-t.C():
+			for _, id := range s.hub.silentRouters(s.now()) {
+				s.log.Warn("primary subnet router stopped reporting; handing its routes to a standby", "node", id, "silent_for", RouterSilence)
+			}
+		}
+	}
 }
 
 // setAdminRoutesLocked records the routes an administrator approved for

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strconv"
 	"testing"
+	"time"
 
 	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/netmap"
@@ -41,7 +42,7 @@ func peerOf(nm *netmap.NetworkMap, id netmap.NodeID) *netmap.Node { return nm.Pe
 // the standby takes over, and the old primary coming back does not take
 // the subnet back.
 func TestSubnetRouteApprovalAndFailover(t *testing.T) {
-	ts := startServer(t, ServerOptions{})
+	ts := startServer(t, ServerOptions{clock: newClock()}) // silent-router checks never fire
 	key := ts.key(t, AuthKeyOptions{Reusable: true, Tags: []string{"tag:x"}, Preauthorized: true})
 	subnet := netip.MustParsePrefix("10.1.0.0/24")
 	r1, stop1 := routedNode(t, ts, key, "r1", "10.1.0.0/24")
@@ -101,7 +102,7 @@ func TestSubnetRouteApprovalAndFailover(t *testing.T) {
 // TestRouteAdminErrors: approving what is not advertised, approving twice
 // and rejecting what is not approved are errors that change nothing.
 func TestRouteAdminErrors(t *testing.T) {
-	ts := startServer(t, ServerOptions{})
+	ts := startServer(t, ServerOptions{clock: newClock()}) // silent-router checks never fire
 	key := ts.key(t, AuthKeyOptions{Reusable: true, Tags: []string{"tag:x"}, Preauthorized: true})
 	r, _ := routedNode(t, ts, key, "r", "10.1.0.0/24")
 	ctx := context.Background()
@@ -137,7 +138,7 @@ func TestRouteAdminErrors(t *testing.T) {
 // another node's tailnet address or the tailnet range is refused, and its
 // routes in force stay as they were.
 func TestRouteAdvertisementRefused(t *testing.T) {
-	ts := startServer(t, ServerOptions{})
+	ts := startServer(t, ServerOptions{clock: newClock()}) // silent-router checks never fire
 	key := ts.key(t, AuthKeyOptions{Reusable: true, Tags: []string{"tag:x"}, Preauthorized: true})
 	victim, _ := routedNode(t, ts, key, "victim")
 	r, _ := routedNode(t, ts, key, "r", "10.1.0.0/24")
@@ -157,7 +158,7 @@ func TestRouteAdvertisementRefused(t *testing.T) {
 // TestNodeCannotApproveItsOwnRoutes: the machine key opens no admin
 // endpoint; only the admin token approves.
 func TestNodeCannotApproveItsOwnRoutes(t *testing.T) {
-	ts := startServer(t, ServerOptions{})
+	ts := startServer(t, ServerOptions{clock: newClock()}) // silent-router checks never fire
 	key := ts.key(t, AuthKeyOptions{Reusable: true, Tags: []string{"tag:x"}, Preauthorized: true})
 	r, _ := routedNode(t, ts, key, "r", "10.1.0.0/24")
 	waitFor(t, "advertised", func() bool { n := ts.hub.get(r.id); return n != nil && len(n.AdvertisedRoutes) == 1 })
@@ -174,7 +175,7 @@ func TestNodeCannotApproveItsOwnRoutes(t *testing.T) {
 // routes of the nodes they name, a node they do not name stays pending,
 // and a new policy without them withdraws what they approved.
 func TestAutoApprovers(t *testing.T) {
-	ts := startServer(t, ServerOptions{})
+	ts := startServer(t, ServerOptions{clock: newClock()}) // silent-router checks never fire
 	ctx := context.Background()
 	const pol = `{
 		"tagOwners": {"tag:router": [], "tag:exit": [], "tag:x": []},
@@ -219,7 +220,7 @@ func TestAutoApprovers(t *testing.T) {
 // no peer of the subnet's clients (nothing lets them reach it); once
 // promoted, it gets a map with them, so their later patches apply.
 func TestPromotedRouterLearnsItsClients(t *testing.T) {
-	ts := startServer(t, ServerOptions{})
+	ts := startServer(t, ServerOptions{clock: newClock()}) // silent-router checks never fire
 	ctx := context.Background()
 	const pol = `{
 		"tagOwners": {"tag:router": [], "tag:client": []},
@@ -251,5 +252,40 @@ func TestPromotedRouterLearnsItsClients(t *testing.T) {
 	r2.waitMap(t, "client's endpoint patch", func(nm *netmap.NetworkMap) bool {
 		p := nm.Peers[cl.id]
 		return p != nil && slices.Contains(p.Endpoints, req.Endpoints[0])
+	})
+}
+
+// TestSilentPrimaryRouterReplaced: a primary router that stops reporting
+// for RouterSilence loses its stream, and the standby takes its subnet;
+// the coordinator's clock is a test clock.
+func TestSilentPrimaryRouterReplaced(t *testing.T) {
+	clk := newClock()
+	ts := startServer(t, ServerOptions{clock: clk})
+	key := ts.key(t, AuthKeyOptions{Reusable: true, Tags: []string{"tag:x"}, Preauthorized: true})
+	subnet := netip.MustParsePrefix("10.1.0.0/24")
+	r1, _ := routedNode(t, ts, key, "r1", "10.1.0.0/24")
+	r2, _ := routedNode(t, ts, key, "r2", "10.1.0.0/24")
+	cl, _ := routedNode(t, ts, key, "client")
+	ctx := context.Background()
+	cl.waitMap(t, "both routers", func(nm *netmap.NetworkMap) bool { return nm.Peers[r1.id] != nil && nm.Peers[r2.id] != nil })
+	for _, r := range []*testNode{r1, r2} {
+		if err := ts.ApproveRoute(ctx, r.id, subnet); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cl.waitMap(t, "r1 primary", func(nm *netmap.NetworkMap) bool { return slices.Contains(nm.Peers[r1.id].PrimaryRoutes, subnet) })
+	// The router's silence is counted from the first check; less than
+	// RouterSilence of it changes nothing.
+	clk.Advance(time.Second)
+	ts.hub.silentRouters(ts.now())
+	clk.Advance(RouterSilence - time.Second)
+	if ids := ts.hub.silentRouters(ts.now()); len(ids) != 0 {
+		t.Fatalf("routers %v dropped before RouterSilence", ids)
+	}
+	for range 3 {
+		clk.Advance(time.Second)
+	}
+	cl.waitMap(t, "r2 took over from the silent r1", func(nm *netmap.NetworkMap) bool {
+		return slices.Contains(nm.Peers[r2.id].PrimaryRoutes, subnet) && !slices.Contains(nm.Peers[r1.id].PrimaryRoutes, subnet)
 	})
 }

@@ -285,6 +285,9 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	sweep := s.clock.NewTicker(opts.SweepInterval)
 	s.wg.Add(1)
 	go s.sweep(sweep)
+	routers := s.clock.NewTicker(routerCheck)
+	s.wg.Add(1)
+	go s.watchRouters(routers)
 	return s, nil
 }
 

@@ -390,7 +390,7 @@ func TestSubnetRouterFailover(t *testing.T) {
 		cutLink bool
 	}{
 		{"kill -9", 10 * time.Second, false},
-		{"network cut", 70 * time.Second, true},
+		{"network cut", 15 * time.Second, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
