@@ -158,6 +158,8 @@ type Agent struct {
 	// pathsChanged is signalled by the magic bind when our home DERP or
 	// public endpoints change, to report them at once.
 	pathsChanged chan struct{}
+	// exitMissing: the --exit-node is not in the map (logged on change).
+	exitMissing bool
 	// keyConflicts are the key conflicts last dropped from a map, to log
 	// a change once rather than every map.
 	keyConflicts string
@@ -550,6 +552,15 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 		prefs = a.login.Routing
 	}
 	a.eng.setPrefs(prefs)
+	if missing := prefs.ExitNode != "" && exitNodeID(nm, prefs.ExitNode) == 0; missing != a.exitMissing {
+		a.exitMissing = missing
+		if missing {
+			a.log.Warn("the exit node is not in the network map (offline, not approved, or no such node): internet traffic is blocked until it returns; `meshd up --exit-node=` stops using it",
+				"exit_node", prefs.ExitNode)
+		} else {
+			a.log.Info("using exit node", "exit_node", prefs.ExitNode)
+		}
+	}
 	err := errors.Join(a.eng.applyMap(routedMap(nm, prefs)), a.eng.setRouter(nm, prefs))
 	a.syncOSDNSLocked(nm)
 	return err
@@ -729,6 +740,9 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 	}
 	if a.engErr != nil {
 		st.Message = a.engErr.Error()
+	}
+	if a.exitMissing && st.Message == "" {
+		st.Message = fmt.Sprintf("exit node %q is not in the network map: internet traffic is blocked until it returns (meshd up --exit-node= stops using it)", a.login.Routing.ExitNode)
 	}
 	if a.nm == nil {
 		st.Self = &localapi.Node{ID: a.login.NodeID, Hostname: a.login.Hostname, Tags: nonNil(a.login.Tags), IPs: []netip.Addr{}}

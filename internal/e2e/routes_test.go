@@ -353,7 +353,18 @@ func TestExitNode(t *testing.T) {
 		t.Fatalf("repeated --exit-node-allow-lan-access: %v\n%s", err, out)
 	}
 
-	up("--exit-node=", "--exit-node-allow-lan-access=false")
+	// An exit node that is not in the map: traffic fails closed (it does
+	// not leak out of the LAN), and status says why.
+	up("--exit-node", "nosuch", "--exit-node-allow-lan-access=false")
+	waitFor(t, 10*time.Second, "status names the missing exit node", func() (bool, string) {
+		st := e.status(client)
+		return strings.Contains(st.Message, `exit node "nosuch" is not in the network map`), st.Message
+	})
+	if err := ping(webIP, 2*time.Second); err == nil {
+		t.Fatal("upstream host reachable with a missing exit node")
+	}
+
+	up("--exit-node=")
 	waitFor(t, 10*time.Second, "upstream host unreachable without the exit node", func() (bool, string) {
 		err := ping(webIP, time.Second)
 		return err != nil, "still reachable"
