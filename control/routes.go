@@ -211,23 +211,16 @@ func (h *hub) reapproveLocked() {
 }
 
 // applyElectionLocked republishes the routers (other than skip) whose
-// primary routes prim changes.
+// primary routes prim changes. Only routers can gain or lose primaries
+// here: a node that stops being a router is the one being upserted (skip,
+// already given its routes) or one that left the hub.
 func (h *hub) applyElectionLocked(prim map[netmap.NodeID][]netip.Prefix, skip netmap.NodeID) {
 	ids := make([]netmap.NodeID, 0, len(h.routes.routers))
 	for id := range h.routes.routers {
 		ids = append(ids, id)
 	}
-	// A node that lost all its approvals is no router, but may still
-	// carry primaries from before.
-	for id, n := range h.nodes {
-		if len(n.PrimaryRoutes) > 0 {
-			if _, ok := h.routes.routers[id]; !ok {
-				ids = append(ids, id)
-			}
-		}
-	}
 	slices.Sort(ids)
-	for _, id := range slices.Compact(ids) {
+	for _, id := range ids {
 		if id == skip {
 			continue
 		}
