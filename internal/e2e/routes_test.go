@@ -26,7 +26,7 @@ const policyRoutes = `// subnet router lab
 {
 	"tagOwners": {"tag:router": [], "tag:client": [], "tag:other": []},
 	"grants": [
-		{"src": ["tag:client"], "dst": ["198.19.77.0/24"], "ip": ["*"]},
+		{"src": ["tag:client"], "dst": ["198.19.77.0/24", "fd00:77::/64"], "ip": ["*"]},
 		{"src": ["tag:client", "tag:other"], "dst": ["tag:router"], "ip": ["*"]},
 	],
 }
@@ -49,13 +49,17 @@ func TestSubnetRouter(t *testing.T) {
 	plain := lab.NewHost("plain")
 	plainIP := plain.Attach(sub) // no default route: replies reach only the on-link router
 	subnet := netip.MustParsePrefix("198.19.77.0/24")
+	sub6 := lab.NewSegment("sub6", netip.MustParsePrefix("fd00:77::/64"))
+	hosts["router"].Attach(sub6)
+	plainIP6 := plain.Attach(sub6)
+	subnet6 := netip.MustParsePrefix("fd00:77::/64")
 
 	e.runCoordinator(hosts["coord"], "198.18.0.1:8443", "subnet router lab", "--policy", writeTemp(t, "routes.hujson", policyRoutes))
 	admin := func(args ...string) (int, string) { return e.admin(hosts["coord"], args...) }
 	nodes := map[string]*node{}
 	const socks = "127.0.0.1:1080"
 	for name, extra := range map[string][]string{
-		"router": {"--advertise-routes", subnet.String()},
+		"router": {"--advertise-routes", subnet.String() + "," + subnet6.String()},
 		"client": {"--accept-routes"},
 		"other":  {"--accept-routes"},
 		"ns":     {"--accept-routes"},
@@ -91,7 +95,7 @@ func TestSubnetRouter(t *testing.T) {
 	}
 	waitFor(t, 15*time.Second, "router's advertised route in the client's map", func() (bool, string) {
 		p := routerPeer(client)
-		return slices.Equal(p.AdvertisedRoutes, []netip.Prefix{subnet}), fmt.Sprintf("%+v", p.Node)
+		return slices.Equal(p.AdvertisedRoutes, []netip.Prefix{subnet, subnet6}), fmt.Sprintf("%+v", p.Node)
 	})
 	if p := routerPeer(client); len(p.ApprovedRoutes)+len(p.PrimaryRoutes) != 0 {
 		t.Fatalf("route in force before approval: %+v", p.Node)
@@ -136,9 +140,12 @@ func TestSubnetRouter(t *testing.T) {
 	if code, out := admin("routes", "approve", "router", subnet.String()); code != 0 {
 		t.Fatalf("routes approve: exit %d\n%s", code, out)
 	}
+	if code, out := admin("routes", "approve", "router", subnet6.String()); code != 0 {
+		t.Fatalf("routes approve %v: exit %d\n%s", subnet6, code, out)
+	}
 	waitFor(t, 15*time.Second, "approved route in the client's map", func() (bool, string) {
 		p := routerPeer(client)
-		return slices.Equal(p.PrimaryRoutes, []netip.Prefix{subnet}), fmt.Sprintf("%+v", p.Node)
+		return slices.Equal(p.PrimaryRoutes, []netip.Prefix{subnet, subnet6}), fmt.Sprintf("%+v", p.Node)
 	})
 	// Approving again changes nothing: an error.
 	if code, out := admin("routes", "approve", "router", subnet.String()); code == 0 || !strings.Contains(out, "already approved") {
@@ -160,6 +167,12 @@ func TestSubnetRouter(t *testing.T) {
 
 	waitFor(t, 20*time.Second, "client pings the plain host", func() (bool, string) {
 		err := ping("client", 2*time.Second)
+		return err == nil, fmt.Sprint(err)
+	})
+	waitFor(t, 20*time.Second, "client pings the plain host over IPv6", func() (bool, string) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		err := hosts["client"].Ping(ctx, plainIP6)
 		return err == nil, fmt.Sprint(err)
 	})
 	var c net.Conn
@@ -200,7 +213,7 @@ func TestSubnetRouter(t *testing.T) {
 	// policy does not let it through: the router's filter drops it.
 	waitFor(t, 15*time.Second, "approved route in the other client's map", func() (bool, string) {
 		p := routerPeer(other)
-		return slices.Equal(p.PrimaryRoutes, []netip.Prefix{subnet}), fmt.Sprintf("%+v", p.Node)
+		return slices.Contains(p.PrimaryRoutes, subnet), fmt.Sprintf("%+v", p.Node)
 	})
 	before := e.status(router).Filter.DropsIn["no_rule"]
 	if err := ping("other", 3*time.Second); err == nil {
@@ -216,7 +229,7 @@ func TestSubnetRouter(t *testing.T) {
 	}
 	waitFor(t, 15*time.Second, "route withdrawn from the client's map", func() (bool, string) {
 		p := routerPeer(client)
-		return len(p.PrimaryRoutes) == 0, fmt.Sprintf("%+v", p.Node)
+		return slices.Equal(p.PrimaryRoutes, []netip.Prefix{subnet6}), fmt.Sprintf("%+v", p.Node)
 	})
 	if err := ping("client", 2*time.Second); err == nil {
 		t.Fatal("plain host still reachable after the route was rejected")
