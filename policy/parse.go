@@ -824,7 +824,7 @@ func (ps *parser) parseAutoApprovers(v *hujson.Value) {
 				ps.checkApprovers(&rm[i].Value, sels)
 				ps.pol.approvers = append(ps.pol.approvers, sels...)
 				if err == nil && pfx.Masked() == pfx {
-					ps.pol.routeApprovers = append(ps.pol.routeApprovers, routeApprover{prefix: pfx, who: sels})
+					ps.pol.routeApprovers = append(ps.pol.routeApprovers, routeApprover{prefix: pfx, who: sels, pos: ps.pos(&rm[i].Name)})
 				}
 			}
 		}

@@ -1,8 +1,10 @@
 package policy
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"meshd.dev/meshd/netmap"
 )
@@ -12,6 +14,7 @@ import (
 type routeApprover struct {
 	prefix netip.Prefix
 	who    []selector
+	pos    Pos
 }
 
 // AutoApproves reports whether the policy's "autoApprovers" approve route
@@ -44,4 +47,26 @@ func (e *Engine) AutoApproves(n *netmap.Node, p netip.Prefix) bool {
 		}
 	}
 	return false
+}
+
+// routedPath lists the autoApprovers that concern a destination outside
+// the tailnet.
+func (p *Policy) routedPath(a netip.Addr) *RoutedPath {
+	rp := &RoutedPath{}
+	names := func(sels []selector) string {
+		var out []string
+		for _, s := range sels {
+			out = append(out, s.raw)
+		}
+		return strings.Join(out, ", ")
+	}
+	for _, ra := range p.routeApprovers {
+		if ra.prefix.Contains(a) {
+			rp.AutoApprovers = append(rp.AutoApprovers, fmt.Sprintf("%v by %s at %s", ra.prefix, names(ra.who), ra.pos))
+		}
+	}
+	if len(p.exitApprovers) > 0 {
+		rp.ExitNode = append(rp.ExitNode, names(p.exitApprovers))
+	}
+	return rp
 }

@@ -214,6 +214,18 @@ Exit status: 0 allowed; 1 denied, or the policy or the arguments are invalid.`,
 						fmt.Fprintf(c.stdout, "denied:  %s -> %s (%s): no rule allows it (deny by default)\n", v.Src, ex.Dst, ex.Proto)
 					}
 				}
+				if r := ex.Routed; r != nil {
+					fmt.Fprintf(c.stdout, "routed:  %s is outside the tailnet: it is reached through the primary subnet router approved for a route containing it (meshd admin routes list), else the source's exit node; that router's filter applies the rule above\n", ex.Dst)
+					for _, a := range r.AutoApprovers {
+						fmt.Fprintf(c.stdout, "routed:  autoApprovers approve routes %s\n", a)
+					}
+					for _, a := range r.ExitNode {
+						fmt.Fprintf(c.stdout, "routed:  autoApprovers approve exit nodes of %s\n", a)
+					}
+					if len(r.AutoApprovers) == 0 {
+						fmt.Fprintln(c.stdout, "routed:  no autoApprovers entry covers it: an administrator must approve the route (meshd admin routes approve NODE PREFIX)")
+					}
+				}
 			}
 			if !ex.Allowed {
 				return &exitError{code: 1}

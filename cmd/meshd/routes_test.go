@@ -2,6 +2,7 @@ package main
 
 import (
 	"net/netip"
+	"strings"
 	"testing"
 
 	"meshd.dev/meshd/agent/localapi"
@@ -28,5 +29,29 @@ func TestRoutesLine(t *testing.T) {
 		if got := routesLine(&tc.n); got != tc.want {
 			t.Errorf("routesLine(%+v) = %q, want %q", tc.n, got, tc.want)
 		}
+	}
+}
+
+// TestPolicyExplainRouted: explain names the routed path and the
+// autoApprovers that concern a destination outside the tailnet, and says
+// nothing of routes for a tailnet address.
+func TestPolicyExplainRouted(t *testing.T) {
+	file := writePolicy(t, "p.hujson", `{
+  "tagOwners": {"tag:router": [], "tag:client": []},
+  "grants": [{"src": ["tag:client"], "dst": ["10.1.0.0/24", "100.64.0.9"], "ip": ["*"]}],
+  "autoApprovers": {"routes": {"10.0.0.0/8": ["tag:router"]}},
+}
+`)
+	code, out, _ := runPolicy(t, "explain", file, "--src", "tag:client", "--dst", "10.1.0.5:22")
+	if code != 0 || !strings.Contains(out, "routed:  10.1.0.5:22 is outside the tailnet") || !strings.Contains(out, "approve routes 10.0.0.0/8 by tag:router at "+file+":4:32") {
+		t.Errorf("explain routed: exit %d\n%s", code, out)
+	}
+	code, out, _ = runPolicy(t, "explain", file, "--src", "tag:client", "--dst", "172.16.0.1:22")
+	if code != 1 || !strings.Contains(out, "no autoApprovers entry covers it") {
+		t.Errorf("explain routed, not approvable: exit %d\n%s", code, out)
+	}
+	code, out, _ = runPolicy(t, "explain", file, "--src", "tag:client", "--dst", "100.64.0.9:22")
+	if code != 0 || strings.Contains(out, "routed:") {
+		t.Errorf("explain tailnet address: exit %d\n%s", code, out)
 	}
 }
