@@ -63,6 +63,9 @@ type ControlConfig struct {
 	// proves to the coordinator that it holds the node key it registers.
 	NodeKey netmap.NodePrivate
 	Logger  *slog.Logger
+	// DialContext, when set, opens the connections to the coordinator
+	// (kernel TUN mode: marked to bypass an exit node's default route).
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // Options configure an Agent.
@@ -180,6 +183,8 @@ type Agent struct {
 	// pathsChanged is signalled by the magic bind when our home DERP or
 	// public endpoints change, to report them at once.
 	pathsChanged chan struct{}
+	// exitMissing: the --exit-node is not in the map (logged on change).
+	exitMissing bool
 	// keyConflicts are the key conflicts last dropped from a map, to log
 	// a change once rather than every map.
 	keyConflicts string
@@ -423,7 +428,7 @@ func (a *Agent) stop() {
 }
 
 func (a *Agent) controlCfg(l Login) ControlConfig {
-	return ControlConfig{URL: l.CoordinatorURL, MachineKey: a.id.MachineKey, ServerPin: l.ServerPin, NodeKey: a.id.NodeKey, Logger: a.log}
+	return ControlConfig{URL: l.CoordinatorURL, MachineKey: a.id.MachineKey, ServerPin: l.ServerPin, NodeKey: a.id.NodeKey, Logger: a.log, DialContext: a.underlayDial()}
 }
 
 // controlLoop follows the map stream and reports endpoints until ctx ends.
@@ -459,7 +464,7 @@ func (a *Agent) controlLoop(ctx context.Context, login Login) {
 	a.setCtlState("connecting to " + login.CoordinatorURL)
 	req := netmap.MapRequest{
 		Version: netmap.ProtocolVersion, NodeKey: a.NodeKey(), DiscoKey: a.disco.Public(),
-		Stream: true, Endpoints: a.endpoints(),
+		Stream: true, Endpoints: a.endpoints(), Hostinfo: hostinfo(login.Routing),
 	}
 	// While the node waits for an admin's approval the coordinator
 	// refuses the stream and Follow returns: say so in status and ask
@@ -598,7 +603,21 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 		a.serveAttachLocked()
 	}
 	a.followMTULocked()
-	err := a.eng.applyMap(nm)
+	var prefs localapi.RoutePrefs
+	if a.login != nil {
+		prefs = a.login.Routing
+	}
+	a.eng.setPrefs(prefs)
+	if missing := prefs.ExitNode != "" && exitNodeID(nm, prefs.ExitNode) == 0; missing != a.exitMissing {
+		a.exitMissing = missing
+		if missing {
+			a.log.Warn("the exit node is not in the network map (offline, not approved, or no such node): internet traffic is blocked until it returns; `meshd up --exit-node=` stops using it",
+				"exit_node", prefs.ExitNode)
+		} else {
+			a.log.Info("using exit node", "exit_node", prefs.ExitNode)
+		}
+	}
+	err := errors.Join(a.eng.applyMap(routedMap(nm, prefs)), a.eng.setRouter(nm, prefs))
 	a.syncOSDNSLocked(nm)
 	return err
 }
@@ -677,9 +696,20 @@ func (a *Agent) reportEndpoints(ctx context.Context, cc ControlClient) {
 			continue
 		}
 		home := a.homeDERP()
+		a.mu.Lock()
+		var hi *netmap.Hostinfo
+		if a.login != nil {
+			hi = hostinfo(a.login.Routing)
+		}
+		a.mu.Unlock()
+		if hi != nil && len(hi.RoutableIPs) > 0 {
+			// A router's reports are its heartbeat: the coordinator hands
+			// the subnets of a silent primary to a standby.
+			next = min(next, routerHeartbeat)
+		}
 		err := cc.Update(ctx, netmap.MapRequest{
 			Version: netmap.ProtocolVersion, NodeKey: a.NodeKey(), DiscoKey: a.disco.Public(), Endpoints: eps,
-			HomeDERP: home,
+			HomeDERP: home, Hostinfo: hi,
 		})
 		if ctx.Err() != nil {
 			return
@@ -768,12 +798,17 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 	if a.engErr != nil {
 		st.Message = a.engErr.Error()
 	}
+	if a.exitMissing && st.Message == "" {
+		st.Message = fmt.Sprintf("exit node %q is not in the network map: internet traffic is blocked until it returns (meshd up --exit-node= stops using it)", a.login.Routing.ExitNode)
+	}
 	if a.nm == nil {
 		st.Self = &localapi.Node{ID: a.login.NodeID, Hostname: a.login.Hostname, Tags: nonNil(a.login.Tags), IPs: []netip.Addr{}}
 		return st, nil
 	}
 	self := statusNode(&a.nm.Self)
 	self.Online = online
+	prefs := a.login.Routing
+	self.Routing = &prefs
 	st.Self = &self
 	var stats *wgDeviceStats
 	if a.eng != nil {
@@ -808,7 +843,10 @@ func statusNode(n *netmap.Node) localapi.Node {
 	return localapi.Node{
 		ID: n.ID, Hostname: n.Hostname, DNSName: n.DNSName, User: n.User, IPs: netmap.AddrsOf(n.Addresses),
 		Tags: nonNil(n.Tags), Online: n.Online, NodeKey: n.NodeKey.String(),
-		Notices: n.Notices, // only the node's own entry has any
+		Notices:          n.Notices, // only the node's own entry has any
+		AdvertisedRoutes: nonNilPrefixes(n.AdvertisedRoutes),
+		ApprovedRoutes:   nonNilPrefixes(n.ApprovedRoutes),
+		PrimaryRoutes:    nonNilPrefixes(n.PrimaryRoutes),
 	}
 }
 
@@ -837,6 +875,11 @@ func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error
 	}
 	a.mu.Lock()
 	eng, nm := a.eng, a.nm
+	if nm != nil && a.login != nil {
+		// Subnet addresses count only where this node routes them
+		// (--accept-routes), as in the data plane.
+		nm = routedMap(nm, a.login.Routing)
+	}
 	a.mu.Unlock()
 	if eng == nil || nm == nil {
 		return nil, fmt.Errorf("dial %s: %w (the node is not up)", addr, proxy.ErrNoRoute)

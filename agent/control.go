@@ -11,7 +11,7 @@ import (
 
 // defaultControlClient builds the real coordinator client.
 func defaultControlClient(c ControlConfig) (ControlClient, error) {
-	cl, err := controlclient.NewClient(controlclient.ClientOptions{URL: c.URL, MachineKey: c.MachineKey, ServerPin: c.ServerPin, NodeKey: c.NodeKey, Logger: c.Logger})
+	cl, err := controlclient.NewClient(controlclient.ClientOptions{URL: c.URL, MachineKey: c.MachineKey, ServerPin: c.ServerPin, NodeKey: c.NodeKey, Logger: c.Logger, DialContext: c.DialContext})
 	if err != nil {
 		return nil, fmt.Errorf("coordinator %s: %w", c.URL, err)
 	}

@@ -24,5 +24,7 @@
 //
 // Kernel routes: the whole 100.64.0.0/10 and the tailnet's IPv6 /48 point
 // at the TUN (constant as peers come and go; WireGuard's cryptokey routing
-// drops what no peer owns), plus any peer prefix outside those.
+// drops what no peer owns). Accepted subnet routes and an exit node's
+// default routes go into meshd's own table behind an ip rule (routes.go,
+// router_linux.go; docs/routes.md).
 package agent

@@ -69,9 +69,14 @@ func TestTailnetRoutes(t *testing.T) {
 	p.AllowedIPs = pfx("100.64.0.2/32", "fd5e:5a1e:d::2/128", "10.20.0.0/16", "0.0.0.0/0")
 	nm := &netmap.NetworkMap{Peers: map[netmap.NodeID]*netmap.Node{2: &p}}
 	got := tailnetRoutes(self, nm)
-	want := pfx("10.20.0.0/16", "100.64.0.0/10", "fd5e:5a1e:d::/48")
+	want := pfx("100.64.0.0/10", "fd5e:5a1e:d::/48")
 	if !slices.Equal(got, want) {
 		t.Fatalf("got %v, want %v", got, want)
+	}
+	// Subnet and exit routes (routedMap left only the exit node's) go to
+	// meshd's own table.
+	if got, want := subnetRoutes(self, nm), pfx("0.0.0.0/0", "10.20.0.0/16"); !slices.Equal(got, want) {
+		t.Fatalf("subnet routes %v, want %v", got, want)
 	}
 }
 

@@ -17,6 +17,7 @@ import (
 	"golang.zx2c4.com/wireguard/tun"
 	"golang.zx2c4.com/wireguard/tun/netstack"
 
+	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/agent/magicbind"
 	"meshd.dev/meshd/agent/proxy"
 	"meshd.dev/meshd/agent/tunwrap"
@@ -69,8 +70,12 @@ type engine struct {
 	peers map[netmap.NodePublic]wgPeer // configured in the device
 	// want is every peer of the map; with lazy configuration only those
 	// with recent traffic are in peers.
-	want   map[netmap.NodePublic]wgPeer
-	routes []netip.Prefix
+	want    map[netmap.NodePublic]wgPeer
+	routes  []netip.Prefix
+	subnets []netip.Prefix // accepted subnet and exit routes, in meshd's table
+	throws  []netip.Prefix // LAN prefixes thrown back to main (--exit-node-allow-lan-access)
+	prefs   localapi.RoutePrefs
+	router  routerState // kernel mode: forwarding and SNAT for this node's routes
 
 	lazy       *tunwrap.Peers // per-peer data path state
 	lazyOn     bool           // peers are configured on demand and trimmed
@@ -164,7 +169,13 @@ func (e *engine) up() error {
 		port = DefaultPort
 	}
 	k := e.cfg.nodeKey.Raw()
-	err := e.dev.IpcSet(fmt.Sprintf("private_key=%x\nlisten_port=%d\n", k[:], port))
+	cfg := fmt.Sprintf("private_key=%x\nlisten_port=%d\n", k[:], port)
+	if e.link != nil {
+		// The tunnel's own UDP packets bypass meshd's routing table, so
+		// an exit node's default route never carries the tunnel itself.
+		cfg += fmt.Sprintf("fwmark=%d\n", bypassMark)
+	}
+	err := e.dev.IpcSet(cfg)
 	if err == nil {
 		err = e.dev.Up()
 	}
@@ -238,6 +249,13 @@ func (e *engine) applyMap(nm *netmap.NetworkMap) error {
 			}
 			e.routes = routes
 		}
+		subnets, throws := tableRoutes(e.cfg.addrs, nm, e.prefs, e.cfg.localAddrs)
+		if !slices.Equal(subnets, e.subnets) || !slices.Equal(throws, e.throws) {
+			if err := e.link.setTableRoutes(subnets, throws, e.cfg.addrs); err != nil {
+				errs = append(errs, err)
+			}
+			e.subnets, e.throws = subnets, throws
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -259,16 +277,56 @@ func tailnetRoutes(self []netip.Prefix, nm *netmap.NetworkMap) []netip.Prefix {
 			out = append(out, r)
 		}
 	}
-	covered := slices.Clone(out)
+	slices.SortFunc(out, comparePrefix)
+	return slices.Compact(out)
+}
+
+// tableRoutes are the routes of meshd's own table: the accepted subnet
+// routes and, with --exit-node, the default routes (always, so that with
+// the exit node gone traffic fails closed in WireGuard instead of leaking
+// out of the LAN); throws are the LAN prefixes that --exit-node-allow-lan-
+// access sends back to the main table.
+func tableRoutes(self []netip.Prefix, nm *netmap.NetworkMap, p localapi.RoutePrefs, locals func() ([]netip.Prefix, error)) (routes, throws []netip.Prefix) {
+	routes = subnetRoutes(self, nm)
+	if p.ExitNode == "" {
+		return routes, nil
+	}
+	routes = append(routes, netmap.ExitRouteV4, netmap.ExitRouteV6)
+	slices.SortFunc(routes, comparePrefix)
+	routes = slices.Compact(routes)
+	if p.ExitNodeAllowLANAccess && locals != nil {
+		ls, _ := locals()
+		for _, l := range ls {
+			a := l.Addr()
+			if a.IsLoopback() || a.IsLinkLocalUnicast() || l.Bits() == l.Addr().BitLen() ||
+				netmap.TailnetIPv4Range.Contains(a) || netmap.TailnetIPv6Range.Contains(a) {
+				continue
+			}
+			throws = append(throws, l.Masked())
+		}
+		slices.SortFunc(throws, comparePrefix)
+		throws = slices.Compact(throws)
+	}
+	return routes, throws
+}
+
+// subnetRoutes are the peer prefixes outside the tailnet's ranges: the
+// subnet routes this node accepted and the exit routes of its exit node
+// (routedMap has cut the rest). They go into meshd's own routing table,
+// never the host's main one.
+func subnetRoutes(self []netip.Prefix, nm *netmap.NetworkMap) []netip.Prefix {
+	covered := tailnetRoutes(self, nm)
+	var out []netip.Prefix
 	for _, n := range nm.Peers {
 		for _, p := range n.AllowedIPs {
 			if p.Bits() == 0 {
-				continue // a default route is an exit node's job, not this issue's
+				out = append(out, p)
+				continue
 			}
 			if slices.ContainsFunc(covered, func(c netip.Prefix) bool { return c.Bits() <= p.Bits() && c.Contains(p.Addr()) }) {
 				continue
 			}
-			if slices.ContainsFunc(self, func(s netip.Prefix) bool { return s == p }) {
+			if slices.Contains(self, p) {
 				continue
 			}
 			out = append(out, p)
@@ -396,6 +454,12 @@ func (e *engine) doClose() {
 	// waiting for a peer's configuration.
 	e.lazy.Close()
 	e.dev.Close() // closes the TUN and the bind; a kernel TUN vanishes with it
+	if e.link != nil {
+		// The TUN's routes left with it; the rule and the NAT chain did not.
+		if err := e.link.cleanupRouting(); err != nil {
+			e.cfg.log.Warn("remove meshd's routing rule and NAT rules", "err", err)
+		}
+	}
 	if e.lazyCancel != nil {
 		e.lazyCancel()
 		e.lazyWG.Wait()

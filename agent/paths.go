@@ -18,7 +18,7 @@ import (
 // packets shows in status.
 func (a *Agent) bindOptions() magicbind.Options {
 	return magicbind.Options{
-		DiscoKey: a.disco, Logger: a.log, OverlayMTU: a.opts.MTU,
+		DiscoKey: a.disco, Logger: a.log, OverlayMTU: a.opts.MTU, DERPDialContext: a.underlayDial(),
 		OnChange: func() {
 			select {
 			case a.pathsChanged <- struct{}{}:

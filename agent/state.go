@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/internal/atomicfile"
 	"meshd.dev/meshd/netmap"
 )
@@ -59,6 +60,9 @@ type Login struct {
 	// SSH is `meshd up --ssh`: the node runs its SSH server on its
 	// tailnet addresses (docs/ssh.md).
 	SSH bool `json:"ssh,omitempty"`
+	// Routing are the node's routing preferences (`meshd up
+	// --advertise-routes`, `--accept-routes`, ...).
+	Routing localapi.RoutePrefs `json:"routing,omitzero"`
 }
 
 // CorruptFileError reports a state file that could not be decoded. The file

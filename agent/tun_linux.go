@@ -21,6 +21,12 @@ type kernelLink struct {
 	name   string
 	link   netlink.Link
 	routes []netip.Prefix // routes we installed
+	// tableRoutes are the subnet routes in meshd's table; ruleOn says
+	// the rule consulting it is installed, natOn the SNAT chain.
+	tableRoutes []netip.Prefix
+	throws      []netip.Prefix
+	ruleOn      bool
+	natOn       bool
 }
 
 // createKernelTUN creates TUN interface name with mtu, assigns addrs and
@@ -113,9 +119,11 @@ func (kl *kernelLink) setMTU(mtu int) error {
 }
 
 // routeLookup asks the kernel which interface it sends packets for dst
-// through (policy rules included), as chooseMTU needs.
+// through (policy rules included), as chooseMTU needs. It asks as meshd's
+// own sockets send, with bypassMark: with an exit node in use, everything
+// else is routed into the tunnel.
 func routeLookup(dst netip.Addr) (string, bool) {
-	routes, err := netlink.RouteGet(net.IP(dst.AsSlice()))
+	routes, err := netlink.RouteGetWithOptions(net.IP(dst.AsSlice()), &netlink.RouteGetOptions{Mark: bypassMark})
 	if err != nil || len(routes) == 0 || routes[0].LinkIndex == 0 {
 		return "", false
 	}

@@ -217,6 +217,14 @@ func (a *Agent) up(ctx context.Context, req localapi.UpRequest) (*localapi.Statu
 	if plan.action == upRegister {
 		plan.reg.ssh = sshSet != nil && *sshSet || sshSet == nil && cur.login != nil && cur.login.SSH
 	}
+	var curPrefs localapi.RoutePrefs
+	if cur.login != nil {
+		curPrefs = cur.login.Routing
+	}
+	routing, routingChanged, err := planRouting(curPrefs, req.Routing, a.opts.TUN == TUNUserspace)
+	if err != nil {
+		return nil, err
+	}
 	if req.AcceptDNS != nil && a.opts.TUN == TUNUserspace {
 		plan.note = strings.TrimPrefix(plan.note+"; ", "; ") +
 			"--accept-dns is kept for kernel TUN mode; this daemon runs the netstack, which never changes the host's DNS"
@@ -245,7 +253,7 @@ func (a *Agent) up(ctx context.Context, req localapi.UpRequest) (*localapi.Statu
 	}
 	a.mu.Lock()
 	login := a.login
-	if !login.WantRunning || plan.acceptDNS != nil || sshSet != nil && *sshSet != login.SSH {
+	if !login.WantRunning || plan.acceptDNS != nil || sshSet != nil && *sshSet != login.SSH || routingChanged {
 		l := *login
 		l.WantRunning = true
 		if plan.acceptDNS != nil {
@@ -254,6 +262,9 @@ func (a *Agent) up(ctx context.Context, req localapi.UpRequest) (*localapi.Statu
 		if sshSet != nil {
 			l.SSH = *sshSet
 		}
+		if routingChanged {
+			l.Routing = routing
+		}
 		if err := a.store.SaveLogin(&l); err != nil {
 			a.mu.Unlock()
 			return nil, err
@@ -261,6 +272,9 @@ func (a *Agent) up(ctx context.Context, req localapi.UpRequest) (*localapi.Statu
 		a.login = &l
 	}
 	a.startLocked()
+	if routingChanged {
+		a.routingChangedLocked()
+	}
 	if plan.acceptDNS != nil && a.eng != nil && a.nm != nil {
 		// A running data plane takes the new setting now.
 		a.syncOSDNSLocked(a.nm)
@@ -379,7 +393,7 @@ func (a *Agent) register(ctx context.Context, r registration) (*netmap.Node, err
 		}
 		hostname = h
 	}
-	cc, err := a.opts.NewControlClient(ControlConfig{URL: r.coordinator, MachineKey: a.id.MachineKey, ServerPin: r.pin, NodeKey: a.id.NodeKey, Logger: a.log})
+	cc, err := a.opts.NewControlClient(ControlConfig{URL: r.coordinator, MachineKey: a.id.MachineKey, ServerPin: r.pin, NodeKey: a.id.NodeKey, Logger: a.log, DialContext: a.underlayDial()})
 	if err != nil {
 		return nil, err
 	}
@@ -396,6 +410,11 @@ func (a *Agent) register(ctx context.Context, r registration) (*netmap.Node, err
 		Hostname: resp.Node.Hostname, RequestedHostname: hostname, Tags: resp.Node.Tags, Ephemeral: resp.Node.Ephemeral,
 		WantRunning: true, NoAcceptDNS: r.noAcceptDNS, SSH: r.ssh,
 	}
+	a.mu.Lock()
+	if a.login != nil {
+		l.Routing = a.login.Routing // registering again keeps the routing preferences
+	}
+	a.mu.Unlock()
 	if err := a.store.SaveLogin(l); err != nil {
 		return nil, err
 	}

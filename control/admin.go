@@ -346,7 +346,7 @@ func (s *Server) republishLocked(n store.Node) {
 	} else {
 		wn.Online = false
 	}
-	s.hub.upsert(&wn)
+	s.hub.upsertRouted(&wn, n.RoutesApproved)
 }
 
 // Users lists users.
@@ -429,6 +429,7 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 	s.policyRoutes(mux, h)
 	s.auditRoutes(mux, h)
 	s.sshAdminRoutes(mux, h)
+	s.routeAdminRoutes(mux, h)
 	mux.HandleFunc("GET /admin/v1/users", h(func(r *http.Request) (any, error) {
 		u, err := s.Users(r.Context())
 		if u == nil {

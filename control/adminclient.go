@@ -3,6 +3,7 @@ package control
 import (
 	"context"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"strconv"
 	"strings"
@@ -112,4 +113,20 @@ func (a *AdminClient) SSHChecks(ctx context.Context) ([]netmap.SSHApproval, erro
 // ApproveSSH approves a waiting check-mode SSH login.
 func (a *AdminClient) ApproveSSH(ctx context.Context, id string) error {
 	return a.do(ctx, http.MethodPost, "/admin/v1/ssh/checks/"+url.PathEscape(id)+"/approve", nil, nil)
+}
+
+// Routes lists every node's advertised, approved and primary routes.
+func (a *AdminClient) Routes(ctx context.Context) ([]RouteInfo, error) {
+	var out []RouteInfo
+	return out, a.do(ctx, http.MethodGet, "/admin/v1/routes", nil, &out)
+}
+
+// ApproveRoute approves an advertised route of a node.
+func (a *AdminClient) ApproveRoute(ctx context.Context, id netmap.NodeID, p netip.Prefix) error {
+	return a.do(ctx, http.MethodPost, nodePath(id)+"/routes/approve", routeRequest{Route: p.String()}, nil)
+}
+
+// RejectRoute withdraws an administrator's approval of a node's route.
+func (a *AdminClient) RejectRoute(ctx context.Context, id netmap.NodeID, p netip.Prefix) error {
+	return a.do(ctx, http.MethodPost, nodePath(id)+"/routes/reject", routeRequest{Route: p.String()}, nil)
 }

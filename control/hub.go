@@ -46,6 +46,7 @@ type hub struct {
 	indexer   NodeIndexer // policy's node index, if it keeps one
 	capper    PeerCapper  // policy's app capabilities, if it has any
 	bootstrap bool
+	routes    routeState
 	derpMap   *netmap.DERPMap
 	queueLen  int
 	now       func() time.Time
@@ -245,7 +246,8 @@ func (h *hub) upsert(n *netmap.Node) {
 	h.upsertLocked(n)
 }
 
-func (h *hub) upsertLocked(n *netmap.Node) {
+// upsertOneLocked replaces n alone; upsertLocked decides its routes first.
+func (h *hub) upsertOneLocked(n *netmap.Node) {
 	// The name is derived here, not stored, so a new --dns-suffix renames
 	// every node at the next start.
 	n.DNSName = netmap.DNSName(n.Hostname, h.dns.Suffix)
@@ -282,7 +284,9 @@ func (h *hub) upsertLocked(n *netmap.Node) {
 	changedF.resp.PeersChanged = []netmap.Node{withCaps(n, nil)}
 	removedF := &lazyFrame{resp: h.base()}
 	removedF.resp.PeersRemoved = []netmap.NodeID{n.ID}
-	identityChanged := old != nil && patchF == nil && (old.User != n.User || !slices.Equal(old.Tags, n.Tags))
+	// Routes are identity too: a router's primary routes decide which
+	// nodes may reach it, and so whom it sees.
+	identityChanged := old != nil && patchF == nil && (old.User != n.User || !slices.Equal(old.Tags, n.Tags) || !slices.Equal(old.AllowedIPs, n.AllowedIPs))
 
 	for id, ss := range h.sessions {
 		if id == n.ID {
@@ -374,6 +378,11 @@ func (h *hub) remove(id netmap.NodeID, reason error) {
 	}
 	h.version++
 	h.logChange(id)
+	defer func() {
+		delete(h.routes.routers, id)
+		delete(h.routes.admin, id)
+		h.reelectLocked()
+	}()
 	removedF := &lazyFrame{resp: h.base()}
 	removedF.resp.PeersRemoved = []netmap.NodeID{id}
 	for vid, ss := range h.sessions {

@@ -45,6 +45,7 @@ func (h *hub) setPolicy(p Policy) {
 	h.version++
 	h.logChange(0) // resuming across a policy change needs a full map
 	h.reconcileLocked(snap, updates)
+	h.reapproveLocked()
 }
 
 // policyState is the policy part of the hub.

@@ -184,7 +184,7 @@ func (s *Server) register(ctx context.Context, mk netmap.MachinePublic, req netm
 		if cur := s.hub.get(n.ID); cur != nil {
 			wn.Online = cur.Online
 		}
-		s.hub.upsert(&wn)
+		s.hub.upsertRouted(&wn, n.RoutesApproved)
 	} else {
 		s.hub.remove(n.ID, controlclient.ErrNotAuthorized)
 	}
@@ -297,6 +297,13 @@ func validateMapRequest(req *netmap.MapRequest) error {
 	if req.HomeDERP < 0 {
 		return fmt.Errorf("%w: home_derp %d is negative", controlclient.ErrBadRequest, req.HomeDERP)
 	}
+	if req.Hostinfo != nil {
+		rs, err := netmap.CheckRoutableIPs(req.Hostinfo.RoutableIPs)
+		if err != nil {
+			return fmt.Errorf("%w: advertised routes: %v", controlclient.ErrBadRequest, err)
+		}
+		req.Hostinfo.RoutableIPs = rs
+	}
 	return nil
 }
 
@@ -312,6 +319,9 @@ func (s *Server) applyMapRequest(ctx context.Context, mk netmap.MachinePublic, s
 	// it always has as stored: most requests change nothing, and cost no
 	// store access under the lock.
 	cur := s.hub.get(sn.ID)
+	if cur != nil && len(cur.AdvertisedRoutes) > 0 {
+		s.hub.noteReport(sn.ID, s.now())
+	}
 	if cur != nil && sameReport(*cur, mergeReport(*cur, req)) {
 		return sn, nil
 	}
@@ -335,6 +345,10 @@ func (s *Server) applyMapRequest(ctx context.Context, mk netmap.MachinePublic, s
 		}
 	}
 	sn.Node.NodeKey, sn.Node.DiscoKey, sn.Node.Endpoints, sn.Node.HomeDERP = nn.NodeKey, nn.DiscoKey, nn.Endpoints, nn.HomeDERP
+	if !slices.Equal(sn.Node.AdvertisedRoutes, nn.AdvertisedRoutes) {
+		s.log.Info("node advertises routes", "node", sn.ID, "routes", nn.AdvertisedRoutes)
+	}
+	sn.Node.AdvertisedRoutes = nn.AdvertisedRoutes
 	sn.Online = false
 	if err := s.store.UpdateNode(ctx, sn); err != nil {
 		if kerr, ok := errors.AsType[*store.KeyInUseError](err); ok {
@@ -348,7 +362,7 @@ func (s *Server) applyMapRequest(ctx context.Context, mk netmap.MachinePublic, s
 		s.audit(ctx, &actor, AuditNodeKeyRotate, nodeTarget(sn.ID), auditChange{Before: prevKey.String(), After: nn.NodeKey.String()})
 	}
 	if cur != nil || s.visible(sn, s.now()) {
-		s.hub.upsert(&nn)
+		s.hub.upsertRouted(&nn, sn.RoutesApproved)
 	}
 	return sn, nil
 }
@@ -365,12 +379,19 @@ func mergeReport(n netmap.Node, req *netmap.MapRequest) netmap.Node {
 	if req.HomeDERP != 0 {
 		n.HomeDERP = req.HomeDERP
 	}
+	if req.Hostinfo != nil {
+		n.AdvertisedRoutes = slices.Clone(req.Hostinfo.RoutableIPs)
+		if len(n.AdvertisedRoutes) == 0 {
+			n.AdvertisedRoutes = nil
+		}
+	}
 	return n
 }
 
 // sameReport reports whether a and b agree on what map requests report.
 func sameReport(a, b netmap.Node) bool {
-	return a.NodeKey == b.NodeKey && a.DiscoKey == b.DiscoKey && a.HomeDERP == b.HomeDERP && slices.Equal(a.Endpoints, b.Endpoints)
+	return a.NodeKey == b.NodeKey && a.DiscoKey == b.DiscoKey && a.HomeDERP == b.HomeDERP && slices.Equal(a.Endpoints, b.Endpoints) &&
+		slices.Equal(a.AdvertisedRoutes, b.AdvertisedRoutes)
 }
 
 // keyInUse is the wire error for a key another node holds. The claimant

@@ -68,7 +68,7 @@ type PolicyInfo struct {
 	Rules   int       `json:"rules"`
 	Tests   int       `json:"tests"`
 	// Warnings are the policy's lint findings as FILE:LINE:COL lines:
-	// sections meshd does not enforce (ssh, autoApprovers, nodeAttrs),
+	// sections meshd does not enforce (ssh, nodeAttrs),
 	// wide rules, unused groups, shadowed rules.
 	Warnings []string `json:"warnings,omitempty"`
 	// ConnectedNodes is how many nodes had a map stream open when the

@@ -288,6 +288,9 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	sweep := s.clock.NewTicker(opts.SweepInterval)
 	s.wg.Add(1)
 	go s.sweep(sweep)
+	routers := s.clock.NewTicker(routerCheck)
+	s.wg.Add(1)
+	go s.watchRouters(routers)
 	return s, nil
 }
 
@@ -517,7 +520,7 @@ func (s *Server) loadNodes(ctx context.Context) error {
 		if s.visible(n, now) {
 			wn := n.Node
 			wn.Online = false
-			s.hub.upsert(&wn)
+			s.hub.upsertRouted(&wn, n.RoutesApproved)
 		}
 		if n.Ephemeral {
 			s.scheduleEphemeralLocked(n.ID)

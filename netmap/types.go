@@ -62,6 +62,19 @@ type Node struct {
 	// Capabilities granted to this node *as a peer* of the receiving node,
 	// compiled from the policy's "app" grants. Keyed by capability name.
 	Capabilities map[string][]json.RawMessage `json:"capabilities,omitempty"`
+	// AdvertisedRoutes are the prefixes the node offers to route
+	// (Hostinfo.RoutableIPs as last reported); 0.0.0.0/0 and ::/0 offer it
+	// as an exit node. They route nothing until approved.
+	AdvertisedRoutes []netip.Prefix `json:"advertised_routes,omitempty"`
+	// ApprovedRoutes are the advertised routes in force: approved by an
+	// administrator (`meshd admin routes approve`) or by the policy's
+	// autoApprovers. Sorted.
+	ApprovedRoutes []netip.Prefix `json:"approved_routes,omitempty"`
+	// PrimaryRoutes are the approved routes this node carries now: of the
+	// routers approved for one subnet, one online router is primary; the
+	// others stand by. Exit routes are every approved exit node's.
+	// AllowedIPs holds Addresses plus these.
+	PrimaryRoutes []netip.Prefix `json:"primary_routes,omitempty"`
 	// Notices are what the coordinator has to tell this node's operator
 	// about its identity, such as tags a new policy removed and why
 	// (`meshd status` shows them). Only in the node's own entry (Self);
@@ -132,6 +145,19 @@ type MapRequest struct {
 	// only when NodeKey is not the key the coordinator has for the node;
 	// ignored otherwise.
 	NodeKeyProof *NodeKeyProof `json:"node_key_proof,omitempty"`
+	// Hostinfo, when non-nil, replaces what the coordinator knows of the
+	// node's offers (nil keeps it, so a plain endpoint report never
+	// withdraws routes).
+	Hostinfo *Hostinfo `json:"hostinfo,omitempty"`
+}
+
+// Hostinfo is what a node reports about itself beyond keys and endpoints.
+type Hostinfo struct {
+	// RoutableIPs are the prefixes the node offers to route for the
+	// tailnet (`meshd up --advertise-routes`); 0.0.0.0/0 and ::/0 offer it
+	// as an exit node (`--advertise-exit-node`). CheckRoutableIPs says
+	// which lists are acceptable.
+	RoutableIPs []netip.Prefix `json:"routable_ips"`
 }
 
 // ChallengeRequest asks the coordinator for a node key challenge

@@ -12,8 +12,10 @@
 // Unknown sections and fields are errors rather than silently ignored,
 // Tailscale constructs meshd lacks are refused with what to use instead or
 // accepted with a warning (README.md lists each), and every problem is
-// reported at the FILE:LINE:COL of the offending value. "ssh",
-// "autoApprovers" and "nodeAttrs" are validated but not enforced yet: Lint
+// reported at the FILE:LINE:COL of the offending value. "ssh" is
+// enforced by the coordinator at each login (docs/ssh.md) and
+// "autoApprovers" by the coordinator's route approval
+// (Engine.AutoApproves). "nodeAttrs" is validated but not enforced yet: Lint
 // warns about each one present, naming its line, so that nobody takes such
 // a rule for one in force.
 //

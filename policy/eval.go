@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+
+	"meshd.dev/meshd/netmap"
 )
 
 // subject is a device as the policy's tests and `policy explain` imagine it,
@@ -170,6 +172,23 @@ type Explanation struct {
 	// Allowed is true when every device the source stands for is allowed.
 	Allowed  bool      `json:"allowed"`
 	Verdicts []Verdict `json:"verdicts"`
+	// Routed is set when the destination is outside the tailnet: it is
+	// reached through a router, and this says which routes and
+	// autoApprovers concern it.
+	Routed *RoutedPath `json:"routed,omitempty"`
+}
+
+// RoutedPath is how a destination outside the tailnet is reached: through
+// the primary subnet router approved for a prefix containing it, else an
+// exit node the source chose. The policy does not know which routers
+// advertise what (`meshd admin routes list` does); it says which of its
+// autoApprovers entries would approve a route to it.
+type RoutedPath struct {
+	// AutoApprovers are the "autoApprovers" entries that approve routes
+	// covering the destination, as "PREFIX by SELECTORS at FILE:LINE:COL";
+	// ExitNode those approving exit nodes.
+	AutoApprovers []string `json:"auto_approvers,omitempty"`
+	ExitNode      []string `json:"exit_node_approvers,omitempty"`
 }
 
 // Explain says whether src may open a flow to dst ("HOST:PORT") over proto
@@ -229,6 +248,9 @@ func (p *Policy) Explain(src, dst, proto string) (Explanation, error) {
 		}
 		ex.Allowed = ex.Allowed && v.Allowed
 		ex.Verdicts = append(ex.Verdicts, v)
+	}
+	if dsel.kind == selPrefix && !netmap.TailnetIPv4Range.Contains(dsel.prefix.Addr()) && !netmap.TailnetIPv6Range.Contains(dsel.prefix.Addr()) {
+		ex.Routed = p.routedPath(dsel.prefix.Addr())
 	}
 	return ex, nil
 }

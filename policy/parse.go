@@ -41,7 +41,11 @@ type Policy struct {
 	ssh       []sshRule
 	sshTests  []sshTest
 	approvers []selector // every selector of "autoApprovers", for lints
-	nodeAttrs []nodeAttr
+	// routeApprovers are "autoApprovers".routes in file order;
+	// exitApprovers its "exitNode" list.
+	routeApprovers []routeApprover
+	exitApprovers  []selector
+	nodeAttrs      []nodeAttr
 	// unenforced are the sections present that meshd parses but does not
 	// enforce yet, in file order, for Lint.
 	unenforced []sectionAt
@@ -136,8 +140,7 @@ var sections = []string{"groups", "hosts", "tagOwners", "acls", "grants", "tests
 // `meshd policy check --strict` fails): a reader must never believe such a
 // rule is in force. Delete an entry when the feature is built.
 var unenforcedSections = map[string]string{
-	"autoApprovers": "meshd does not approve subnet routes or exit nodes yet: nothing is approved by this section",
-	"nodeAttrs":     "meshd applies no node attributes yet: no attribute or capability in this section reaches any node",
+	"nodeAttrs": "meshd applies no node attributes yet: no attribute or capability in this section reaches any node",
 }
 
 // refusedSections are Tailscale sections meshd refuses, each with what to
@@ -745,9 +748,14 @@ func splitHostPorts(s string) (host, ports string, err error) {
 }
 
 func (ps *parser) parseGrant(v *hujson.Value) {
-	members, ok := ps.object(v, "a grant", "src", "dst", "ip", "app")
+	members, ok := ps.object(v, "a grant", "src", "dst", "ip", "app", "via")
 	if !ok {
 		return
+	}
+	if via := ps.field(members, "via"); via != nil {
+		// Refused rather than ignored: a grant read as "only through
+		// these routers" must not silently allow every router.
+		ps.errorf(via, "\"via\" (reaching a destination only through chosen routers) is not built yet: meshd routes a subnet through its primary router (docs/routes.md); remove \"via\"")
 	}
 	r := rule{pos: ps.pos(v)}
 	if src := ps.required(v, members, "src", "a grant"); src != nil {
@@ -968,6 +976,17 @@ func (ps *parser) parseSSH(v *hujson.Value) {
 	ps.pol.ssh = append(ps.pol.ssh, r)
 }
 
+// checkApprovers refuses address selectors in autoApprovers: an approver
+// is a node's identity, and an address would let whoever holds or routes
+// it approve routes.
+func (ps *parser) checkApprovers(v *hujson.Value, sels []selector) {
+	for _, s := range sels {
+		if s.kind == selPrefix {
+			ps.errorf(v, "autoApprovers: %q is an address; approvers are users, groups, tags or autogroups", s.raw)
+		}
+	}
+}
+
 func (ps *parser) parseAutoApprovers(v *hujson.Value) {
 	members, ok := ps.object(v, `"autoApprovers"`, "routes", "exitNode")
 	if !ok {
@@ -978,15 +997,24 @@ func (ps *parser) parseAutoApprovers(v *hujson.Value) {
 		if ok {
 			for i := range rm {
 				name, _ := ps.memberName(&rm[i])
-				if pfx, err := netip.ParsePrefix(name); err != nil || pfx.Masked() != pfx {
+				pfx, err := netip.ParsePrefix(name)
+				if err != nil || pfx.Masked() != pfx {
 					ps.errorf(&rm[i].Name, "autoApprovers routes: %q is not a CIDR such as 10.0.0.0/24", name)
 				}
-				ps.pol.approvers = append(ps.pol.approvers, ps.selectors(&rm[i].Value, "route approvers", ctxTarget)...)
+				sels := ps.selectors(&rm[i].Value, "route approvers", ctxTarget)
+				ps.checkApprovers(&rm[i].Value, sels)
+				ps.pol.approvers = append(ps.pol.approvers, sels...)
+				if err == nil && pfx.Masked() == pfx {
+					ps.pol.routeApprovers = append(ps.pol.routeApprovers, routeApprover{prefix: pfx, who: sels, pos: ps.pos(&rm[i].Name)})
+				}
 			}
 		}
 	}
 	if exit := ps.field(members, "exitNode"); exit != nil {
-		ps.pol.approvers = append(ps.pol.approvers, ps.selectors(exit, "exitNode approvers", ctxTarget)...)
+		sels := ps.selectors(exit, "exitNode approvers", ctxTarget)
+		ps.checkApprovers(exit, sels)
+		ps.pol.approvers = append(ps.pol.approvers, sels...)
+		ps.pol.exitApprovers = append(ps.pol.exitApprovers, sels...)
 	}
 }
 

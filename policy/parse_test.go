@@ -26,7 +26,7 @@ func TestBadPolicies(t *testing.T) {
 		{"not an object", `["grants"]`, `["grants"]`, "JSON object"},
 		{"unknown section", hdr + `"derpMaps": {}}`, `"derpMaps"`, `unknown section "derpMaps"`},
 		{"duplicate section", hdr + `"grants": [], "grants": []}`, `"grants": []}`, `duplicate section`},
-		{"unknown field", hdr + `"grants": [{"src": ["*"], "dst": ["tag:srv"], "ip": ["*"], "via": ["tag:x"]}]}`, `"via"`, `unknown field "via"`},
+		{"unknown field", hdr + `"grants": [{"src": ["*"], "dst": ["tag:srv"], "ip": ["*"], "dstPorts": ["22"]}]}`, `"dstPorts"`, `unknown field "dstPorts"`},
 		{"unknown group", hdr + `"grants": [{"src": ["group:nope"], "dst": ["tag:srv"], "ip": ["*"]}]}`, `"group:nope"`, `unknown group "group:nope"`},
 		{"unknown tag", hdr + `"grants": [{"src": ["*"], "dst": ["tag:nope"], "ip": ["*"]}]}`, `"tag:nope"`, `unknown tag "tag:nope"`},
 		{"tag without owner entry in acl dst", hdr + `"acls": [{"action": "accept", "src": ["*"], "dst": ["tag:ghost:22"]}]}`, `"tag:ghost:22"`, `"tagOwners"`},
@@ -64,6 +64,9 @@ func TestBadPolicies(t *testing.T) {
 		{"ssh bad check period", hdr + `"ssh": [{"action": "check", "src": ["group:eng"], "dst": ["tag:srv"], "users": ["root"], "checkPeriod": "soon"}]}`, `"soon"`, "checkPeriod"},
 		{"autoApprovers bad route", hdr + `"autoApprovers": {"routes": {"10.0.0.1/8": ["tag:srv"]}}}`, `"10.0.0.1/8"`, "not a CIDR"},
 		{"autoApprovers unknown tag", hdr + `"autoApprovers": {"exitNode": ["tag:exit"]}}`, `"tag:exit"`, "unknown tag"},
+		{"grant via", hdr + `"grants": [{"src": ["*"], "dst": ["10.0.0.0/8"], "ip": ["*"], "via": ["tag:srv"]}]}`, `["tag:srv"]}`, "not built yet"},
+		{"autogroup:internet", hdr + `"grants": [{"src": ["*"], "dst": ["autogroup:internet"], "ip": ["*"]}]}`, `"autogroup:internet"`, "not built yet"},
+		{"autoApprovers address", hdr + `"autoApprovers": {"routes": {"10.0.0.0/8": ["100.64.0.1"]}}}`, `["100.64.0.1"]`, "is an address"},
 		{"nodeAttrs unknown field", hdr + `"nodeAttrs": [{"target": ["*"], "attrs": ["x"]}]}`, `"attrs"`, `unknown field "attrs"`},
 		{"nodeAttrs bad target", hdr + `"nodeAttrs": [{"target": ["group:none"], "attr": ["x"]}]}`, `"group:none"`, "unknown group"},
 		{"test dst range", hdr + `"grants": [{"src": ["*"], "dst": ["tag:srv"], "ip": ["*"]}], "tests": [{"src": "alice@example.com", "accept": ["tag:srv:22-23"]}]}`, `"tag:srv:22-23"`, "names one port"},
@@ -167,7 +170,6 @@ func TestSectionsParsed(t *testing.T) {
 	}
 	want := []string{
 		`test.hujson:3:42: warning: tag:router is used but owned by no one: only auth keys created with it can apply it (add owners, or ignore if that is intended)`,
-		`test.hujson:5:2: warning: section "autoApprovers" is not enforced: meshd does not approve subnet routes or exit nodes yet: nothing is approved by this section`,
 		`test.hujson:6:2: warning: section "nodeAttrs" is not enforced: meshd applies no node attributes yet: no attribute or capability in this section reaches any node`,
 	}
 	if !slices.Equal(msgs, want) {

@@ -115,6 +115,8 @@ func (p *Policy) resolveSelector(raw string, pos Pos, ctx selContext) (selector,
 			return s, fmt.Errorf("autogroup:shared is for devices shared from other tailnets, and meshd does not share devices across tailnets: name the users or tags instead")
 		case "autogroup:danger-all":
 			return s, fmt.Errorf("autogroup:danger-all would admit addresses outside the tailnet: use * for every tailnet device, or name the CIDRs")
+		case "autogroup:internet":
+			return s, fmt.Errorf("autogroup:internet is not built yet: allow exit node use with a destination of \"*\" (every node's addresses and routes, exit routes included); docs/routes.md")
 		default:
 			return s, fmt.Errorf("unknown autogroup %q: use autogroup:member, autogroup:tagged, autogroup:self or autogroup:admin", raw)
 		}

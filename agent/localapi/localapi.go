@@ -69,6 +69,40 @@ type UpRequest struct {
 	// came from MESHD_SSH, where a value the node has already is fine.
 	SSH        *bool `json:"ssh,omitempty"`
 	SSHFromEnv bool  `json:"ssh_from_env,omitempty"`
+	// Routing holds the routing flags given (nil: none); the node's
+	// routing preferences keep every field not given.
+	Routing *RouteFlags `json:"routing,omitempty"`
+}
+
+// RouteFlags are the routing flags of `meshd up`; nil fields were not
+// given.
+type RouteFlags struct {
+	AdvertiseRoutes        *[]netip.Prefix `json:"advertise_routes,omitempty"`
+	AdvertiseExitNode      *bool           `json:"advertise_exit_node,omitempty"`
+	AcceptRoutes           *bool           `json:"accept_routes,omitempty"`
+	ExitNode               *string         `json:"exit_node,omitempty"`
+	ExitNodeAllowLANAccess *bool           `json:"exit_node_allow_lan_access,omitempty"`
+	SNATSubnetRoutes       *bool           `json:"snat_subnet_routes,omitempty"`
+	// FromEnv says every given flag came from MESHD_* variables: values
+	// equal to the node's are then fine, where flags typed on the
+	// command line that change nothing are an error.
+	FromEnv bool `json:"from_env,omitempty"`
+}
+
+// RoutePrefs are a node's routing preferences, kept across restarts.
+type RoutePrefs struct {
+	// AdvertiseRoutes are the subnet routes offered (exit routes not
+	// included: AdvertiseExitNode).
+	AdvertiseRoutes   []netip.Prefix `json:"advertise_routes,omitempty"`
+	AdvertiseExitNode bool           `json:"advertise_exit_node,omitempty"`
+	AcceptRoutes      bool           `json:"accept_routes,omitempty"`
+	// ExitNode is the peer (hostname, MagicDNS name or tailnet IP) whose
+	// exit routes carry this node's default route; "" for none.
+	ExitNode               string `json:"exit_node,omitempty"`
+	ExitNodeAllowLANAccess bool   `json:"exit_node_allow_lan_access,omitempty"`
+	// NoSNAT is --snat-subnet-routes=false: forwarded traffic keeps the
+	// tailnet source address (the subnet must route it back).
+	NoSNAT bool `json:"no_snat,omitempty"`
 }
 
 // Node is one node in a Status.
@@ -86,6 +120,15 @@ type Node struct {
 	// Notices are the coordinator's messages about this node's identity
 	// (tags a policy removed and why); self only.
 	Notices []string `json:"notices,omitempty"`
+	// AdvertisedRoutes, ApprovedRoutes and PrimaryRoutes are the node's
+	// routes as the coordinator publishes them: offered, approved, and
+	// carried now (an approved subnet route that is not primary is on
+	// standby behind another router).
+	AdvertisedRoutes []netip.Prefix `json:"advertised_routes"`
+	ApprovedRoutes   []netip.Prefix `json:"approved_routes"`
+	PrimaryRoutes    []netip.Prefix `json:"primary_routes"`
+	// Routing are the node's routing preferences; self only.
+	Routing *RoutePrefs `json:"routing,omitempty"`
 }
 
 // Peer is a peer in a Status with its data-plane state.

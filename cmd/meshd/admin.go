@@ -87,13 +87,14 @@ func (c *cli) adminCmd() *ffcli.Command {
 	}
 	return &ffcli.Command{
 		Name:       "admin",
-		ShortUsage: "meshd admin <keys|nodes|users|policy|ssh|audit> <command> --coordinator URL --token-file FILE",
-		ShortHelp:  "manage auth keys, nodes, users, the policy and SSH check approvals on a coordinator; read its audit log",
+		ShortUsage: "meshd admin <keys|nodes|users|routes|policy|ssh|audit> <command> --coordinator URL --token-file FILE",
+		ShortHelp:  "manage auth keys, nodes, users, routes, the policy and SSH check approvals on a coordinator; read its audit log",
 		FlagSet:    flag.NewFlagSet("admin", flag.ContinueOnError),
 		Subcommands: []*ffcli.Command{
 			group("keys", "create, list and revoke auth keys", c.keysCreateCmd(), c.keysListCmd(), c.keysRevokeCmd()),
 			group("nodes", "list, delete, expire, tag and approve nodes", c.nodesListCmd(), c.nodesDeleteCmd(), c.nodesExpireCmd(), c.nodesTagCmd(), c.nodesApproveCmd()),
 			group("users", "list users", c.usersListCmd()),
+			group("routes", "list, approve and reject subnet routes and exit nodes", c.routesCmds()...),
 			group("policy", "show or replace the tailnet policy in force", c.policyGetCmd(), c.policySetCmd()),
 			group("ssh", "list and approve check-mode SSH logins", c.sshChecksListCmd(), c.sshApproveCmd()),
 			c.adminAuditCmd(),
@@ -393,7 +394,7 @@ func (c *cli) policySetCmd() *ffcli.Command {
 		"validate FILE on the coordinator and put it in force for every node, or reject it and keep the previous one",
 		func(fs *flag.FlagSet) {
 			fs.BoolVar(&asJSON, "json", false, "print the applied policy as JSON")
-			fs.BoolVar(&strict, "strict", false, "reject the policy if it has warnings (sections meshd does not enforce: ssh, autoApprovers, nodeAttrs; settings it ignores; wide rules, ...), as meshd policy check --strict does")
+			fs.BoolVar(&strict, "strict", false, "reject the policy if it has warnings (sections meshd does not enforce: nodeAttrs; settings it ignores; wide rules, ...), as meshd policy check --strict does")
 		},
 		func(ctx context.Context, ac *control.AdminClient, args []string) error {
 			file, err := oneArg("policy set", args, "policy FILE")

@@ -96,7 +96,7 @@ func writeJSON(w io.Writer, v any) error {
 func (c *cli) policyCheckCmd() *ffcli.Command {
 	fs := flag.NewFlagSet("meshd policy check", flag.ContinueOnError)
 	asJSON := fs.Bool("json", false, "print the result as JSON")
-	strict := fs.Bool("strict", false, "also exit 1 on warnings (sections meshd does not enforce: ssh, autoApprovers, nodeAttrs; Tailscale settings it ignores: disableIPv4, randomizeClientPort, OneCGNATRoute; wide rules, unowned tags, unused groups, shadowed rules)")
+	strict := fs.Bool("strict", false, "also exit 1 on warnings (sections meshd does not enforce: nodeAttrs; Tailscale settings it ignores: disableIPv4, randomizeClientPort, OneCGNATRoute; wide rules, unowned tags, unused groups, shadowed rules)")
 	return &ffcli.Command{
 		Name:       "check",
 		ShortUsage: "meshd policy check [--json] [--strict] FILE",
@@ -104,8 +104,8 @@ func (c *cli) policyCheckCmd() *ffcli.Command {
 		LongHelp: `Parses FILE, validates every section, runs its "tests" and lints it.
 Each problem is printed to stdout as FILE:LINE:COL: message.
 
-Sections meshd parses but does not enforce yet ("ssh", "autoApprovers",
-"nodeAttrs") are warnings at the section's line: such rules are not in force.
+Sections meshd parses but does not enforce yet ("ssh", "nodeAttrs") are
+warnings at the section's line: such rules are not in force.
 
 Exit status: 0 when the policy is valid and its tests pass (warnings are
 printed but do not fail the check unless --strict); 1 when it is invalid, a
@@ -219,6 +219,18 @@ Exit status: 0 allowed; 1 denied, or the policy or the arguments are invalid.`,
 						fmt.Fprintf(c.stdout, "allowed: %s -> %s (%s) by the rule at %s\n", v.Src, ex.Dst, ex.Proto, v.Rule)
 					} else {
 						fmt.Fprintf(c.stdout, "denied:  %s -> %s (%s): no rule allows it (deny by default)\n", v.Src, ex.Dst, ex.Proto)
+					}
+				}
+				if r := ex.Routed; r != nil {
+					fmt.Fprintf(c.stdout, "routed:  %s is outside the tailnet: it is reached through the primary subnet router approved for a route containing it (meshd admin routes list), else the source's exit node; that router's filter applies the rule above\n", ex.Dst)
+					for _, a := range r.AutoApprovers {
+						fmt.Fprintf(c.stdout, "routed:  autoApprovers approve routes %s\n", a)
+					}
+					for _, a := range r.ExitNode {
+						fmt.Fprintf(c.stdout, "routed:  autoApprovers approve exit nodes of %s\n", a)
+					}
+					if len(r.AutoApprovers) == 0 {
+						fmt.Fprintln(c.stdout, "routed:  no autoApprovers entry covers it: an administrator must approve the route (meshd admin routes approve NODE PREFIX)")
 					}
 				}
 			}

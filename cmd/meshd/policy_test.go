@@ -129,7 +129,6 @@ func TestPolicyCheckUnenforcedSections(t *testing.T) {
 	for _, tc := range []struct {
 		section, body string
 	}{
-		{"autoApprovers", `"autoApprovers": {"routes": {"10.0.0.0/8": ["tag:srv"]}},`},
 		{"nodeAttrs", `"nodeAttrs": [{"target": ["tag:srv"], "attr": ["funnel"]}],`},
 	} {
 		t.Run(tc.section, func(t *testing.T) {

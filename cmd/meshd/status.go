@@ -100,6 +100,14 @@ func writeStatus(w io.Writer, st *localapi.Status) {
 		for _, n := range st.Self.Notices {
 			fmt.Fprintf(w, "# coordinator: %s\n", printable(n))
 		}
+		if r := routesLine(st.Self); r != "" {
+			fmt.Fprintf(w, "# routes of %s: %s\n", st.Self.Hostname, r)
+		}
+	}
+	for _, p := range st.Peers {
+		if r := routesLine(&p.Node); r != "" {
+			fmt.Fprintf(w, "# routes of %s: %s\n", p.Hostname, r)
+		}
 	}
 	// Small packets cross such a path, so the peer looks fine in the table
 	// while bulk transfers hang: say so, and what to do.

@@ -38,10 +38,12 @@ func (c *cli) upCmd() *ffcli.Command {
 		"--accept-dns=false leaves it alone. Kept across restarts; on a registered node a value it already has is an error")
 	fs.BoolVar(&sshOn, "ssh", false, "run the SSH server on this node's tailnet addresses, port 22; logins are decided by the policy's ssh rules "+
 		"(docs/ssh.md). Kept across restarts; --ssh=false turns it off")
+	var rf routeFlagValues
+	rf.register(fs)
 	af.register(fs)
 	return &ffcli.Command{
 		Name:       "up",
-		ShortUsage: "meshd up [--authkey KEY --coordinator URL] [--hostname H] [--advertise-tags T,..] [--accept-dns=false] [--ssh] [--force-reauth] [--timeout D] [--foreground]",
+		ShortUsage: "meshd up [--authkey KEY --coordinator URL] [--hostname H] [--advertise-tags T,..] [--advertise-routes P,..] [--advertise-exit-node] [--accept-routes] [--exit-node X] [--accept-dns=false] [--ssh] [--force-reauth] [--timeout D] [--foreground]",
 		ShortHelp:  "join the tailnet, or change this node's tags or registration",
 		LongHelp: "Asks the running daemon to join the tailnet. The first time it registers with --authkey;\n" +
 			"afterwards `meshd up` alone brings the node back. On a registered node, --advertise-tags\n" +
@@ -83,6 +85,11 @@ func (c *cli) upCmd() *ffcli.Command {
 			req.AcceptDNSFromEnv = req.AcceptDNS != nil && !onCommandLine["accept-dns"]
 			req.SSHFromEnv = req.SSH != nil && !onCommandLine["ssh"]
 			req.Tags = splitList(tags)
+			routing, err := rf.flags(fs, onCommandLine)
+			if err != nil {
+				return &exitError{2, "up: " + err.Error()}
+			}
+			req.Routing = routing
 			if *timeout < 0 {
 				return &exitError{2, fmt.Sprintf("up: --timeout %v: want a duration >= 0", *timeout)}
 			}

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/url"
 	"slices"
@@ -49,6 +50,9 @@ type ClientOptions struct {
 	// MinBackoff and MaxBackoff bound Follow's reconnect delay (defaults 1s
 	// and 60s); each delay is jittered.
 	MinBackoff, MaxBackoff time.Duration
+	// DialContext, when set, opens the TCP connections to the coordinator
+	// (a node using an exit node marks them so they bypass the tunnel).
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // Client is a node's connection to the coordinator. Its methods are safe for
@@ -166,6 +170,9 @@ func NewClient(o ClientOptions) (*Client, error) {
 	}
 	c := &Client{base: u, log: o.Logger, mk: mk, nodeKey: o.NodeKey, pin: strings.ToLower(strings.TrimSpace(o.ServerPin)), minB: o.MinBackoff, maxB: o.MaxBackoff}
 	c.tr = pinnedTransport(c.ServerPin, c.sawMismatch, &cert)
+	if o.DialContext != nil {
+		c.tr.DialContext = o.DialContext
+	}
 	c.hc = &http.Client{Transport: c.tr}
 	return c, nil
 }
@@ -315,6 +322,10 @@ func mergeState(prev *netmap.MapRequest, req *netmap.MapRequest) *netmap.MapRequ
 	}
 	if req.HomeDERP != 0 {
 		next.HomeDERP = req.HomeDERP
+	}
+	if req.Hostinfo != nil {
+		hi := netmap.Hostinfo{RoutableIPs: slices.Clone(req.Hostinfo.RoutableIPs)}
+		next.Hostinfo = &hi
 	}
 	return &next
 }

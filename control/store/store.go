@@ -68,6 +68,11 @@ type Node struct {
 	// Register sets them; an update that replaces the tags must set them
 	// too (nil when an administrator chose the tags).
 	SelfTags []string `json:"self_tags,omitempty"`
+	// RoutesApproved are the advertised routes an administrator approved
+	// (`meshd admin routes approve`); the coordinator publishes those the
+	// node still advertises, plus any the policy's autoApprovers approve,
+	// as Node.ApprovedRoutes.
+	RoutesApproved []netip.Prefix `json:"routes_approved,omitempty"`
 }
 
 // Quarantined is a row that failed to decode or validate, moved out of its
