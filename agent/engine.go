@@ -48,6 +48,11 @@ type engineConfig struct {
 	peerIdle time.Duration
 	// dns, when set, is served on the MagicDNS addresses (dns.go).
 	dns *magicDNS
+	// metrics, when set, are served on the resolver addresses' port 80
+	// and, if metricsPort is not 0, on that port of the node's tailnet
+	// addresses (metrics_listen.go).
+	metrics     *agentMetrics
+	metricsPort uint16
 }
 
 // engine is the running data plane: a TUN (kernel or netstack), the bind,
@@ -77,11 +82,14 @@ type engine struct {
 	fwdWG     sync.WaitGroup
 
 	dnsSrv *dnsServer // MagicDNS listeners, when cfg.dns is set
+
+	started time.Time // when the data plane came up, for health grace periods
+	metSrv  *metricsServer
 }
 
 func newEngine(cfg engineConfig) (_ *engine, err error) {
 	cfg.bind.NodeKey = cfg.nodeKey
-	e := &engine{cfg: cfg, peers: map[netmap.NodePublic]wgPeer{}}
+	e := &engine{cfg: cfg, peers: map[netmap.NodePublic]wgPeer{}, started: time.Now()}
 	var tdev tun.Device
 	if cfg.tunName == TUNUserspace {
 		local := netmap.AddrsOf(cfg.addrs)
@@ -139,6 +147,11 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 	if cfg.dns != nil {
 		if err := e.startDNS(); err != nil {
 			cfg.log.Warn("MagicDNS not served on every address; the tunnel works without it", "err", err)
+		}
+	}
+	if cfg.metrics != nil {
+		if err := e.startMetrics(); err != nil {
+			cfg.log.Warn("metrics not served on every tailnet address; the tunnel works without them", "err", err)
 		}
 	}
 	return e, nil
@@ -367,6 +380,7 @@ func (e *engine) serveForward(ctx context.Context, ln net.Listener, f Forward) {
 func (e *engine) close() { e.closeOnce.Do(e.doClose) }
 
 func (e *engine) doClose() {
+	e.stopMetrics()
 	e.stopDNS()
 	if e.fwdCancel != nil {
 		e.fwdCancel()

@@ -137,6 +137,8 @@ type Server struct {
 	servers   []*http.Server
 	closed    bool
 	polInfo   PolicyInfo // the policy file in force
+
+	met *serverMetrics // metrics.go
 }
 
 const (
@@ -250,6 +252,8 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	}
 	s.hub.revoked = s.keys.publish
 	s.hub.dns = opts.DNS
+	s.met = newServerMetrics(s)
+	s.hub.fanout = func(d time.Duration) { s.met.fanout.Observe(d.Seconds()) }
 	if err := s.quarantineCorrupt(ctx, dbPath); err != nil {
 		st.Close()
 		return nil, err

@@ -131,6 +131,11 @@ type Filter struct {
 
 	log     *slog.Logger
 	limiter *rate.Limiter
+
+	// accepts counts accepted packets per direction, for metrics. Batches
+	// add their count once at the end (InBatch.Done, OutboundBatch), so a
+	// batch costs one atomic add, not one per packet.
+	accepts [2]atomic.Uint64
 }
 
 // New returns a Filter that denies every inbound packet that is not a reply
@@ -237,7 +242,9 @@ func (f *Filter) Inbound(pkt []byte, now time.Time) Verdict {
 	var p packet.Parsed
 	p.Decode(pkt)
 	in := f.BeginIn(now)
-	return in.Judge(&p, pkt)
+	v := in.Judge(&p, pkt)
+	in.Done()
+	return v
 }
 
 // Outbound judges a packet this node sends to a peer (before encryption)
@@ -247,7 +254,11 @@ func (f *Filter) Outbound(pkt []byte, now time.Time) Verdict {
 	var p packet.Parsed
 	p.Decode(pkt)
 	c := clock{now: now, base: &f.base}
-	return f.out(f.rules.Load(), &p, len(pkt), &c)
+	v := f.out(f.rules.Load(), &p, len(pkt), &c)
+	if v == Accept {
+		f.accepts[Out].Add(1)
+	}
+	return v
 }
 
 // InboundBatch filters packets about to be written to the TUN device, as
@@ -274,6 +285,7 @@ func (f *Filter) InboundBatch(bufs [][]byte, pp []packet.Parsed, offset int, now
 		}
 		k++
 	}
+	in.Done()
 	return bufs[:k]
 }
 
@@ -286,6 +298,7 @@ type InBatch struct {
 	r    *Rules
 	c    clock
 	memo flowMemo
+	acc  uint64 // accepted so far, added to the Filter's count by Done
 }
 
 // BeginIn starts judging an inbound batch that arrived at now.
@@ -299,7 +312,21 @@ func (f *Filter) BeginIn(now time.Time) InBatch {
 // wrapper can decode and judge each packet in one pass over the batch.
 // Drops are counted, recorded and logged.
 func (b *InBatch) Judge(p *packet.Parsed, pkt []byte) Verdict {
-	return b.f.in(b.r, p, pkt, &b.c, &b.memo)
+	v := b.f.in(b.r, p, pkt, &b.c, &b.memo)
+	if v == Accept {
+		b.acc++
+	}
+	return v
+}
+
+// Done adds the batch's accepted packets to the filter's count (Accepted):
+// one atomic add per batch rather than one per packet. Call it once, when
+// the batch has been judged.
+func (b *InBatch) Done() {
+	if b.acc > 0 {
+		b.f.accepts[In].Add(b.acc)
+		b.acc = 0
+	}
 }
 
 // OutboundBatch filters packets read from the TUN device, as
@@ -311,6 +338,7 @@ func (f *Filter) OutboundBatch(bufs [][]byte, pp []packet.Parsed, offset int, si
 	r := f.rules.Load()
 	c := clock{now: now, base: &f.base}
 	dropped := 0
+	var accepted uint64
 	for i := range min(len(bufs), len(sizes)) {
 		if sizes[i] <= 0 {
 			continue
@@ -318,7 +346,12 @@ func (f *Filter) OutboundBatch(bufs [][]byte, pp []packet.Parsed, offset int, si
 		if f.out(r, &pp[i], sizes[i], &c) != Accept {
 			sizes[i] = 0
 			dropped++
+			continue
 		}
+		accepted++
+	}
+	if accepted > 0 {
+		f.accepts[Out].Add(accepted)
 	}
 	return dropped
 }
@@ -667,6 +700,26 @@ func (f *Filter) Stats() Stats {
 	}
 	f.recentMu.Unlock()
 	return s
+}
+
+// Accepted returns how many packets the filter let through in direction
+// dir. Batches are counted when they end, so a batch being judged is not
+// in it yet.
+func (f *Filter) Accepted(dir Direction) uint64 {
+	if dir > Out {
+		return 0
+	}
+	return f.accepts[dir].Load()
+}
+
+// Verdicts lists every drop reason (each Verdict but Accept), for callers
+// that report Dropped for all of them.
+func Verdicts() []Verdict {
+	vs := make([]Verdict, 0, numVerdicts-1)
+	for v := Verdict(1); v < numVerdicts; v++ {
+		vs = append(vs, v)
+	}
+	return vs
 }
 
 // Dropped returns how many packets were dropped in direction dir for

@@ -144,6 +144,33 @@ type Status struct {
 	Message string `json:"message,omitempty"`
 	// Filter is the packet filter's state; nil before the node registered.
 	Filter *FilterStatus `json:"filter,omitempty"`
+	// Health lists what is wrong while the node runs (docs/health.md);
+	// empty when nothing is.
+	Health []HealthWarning `json:"health,omitempty"`
+}
+
+// HealthWarning is one problem of a node that is up, in status and as
+// the meshd_health_warning metric.
+type HealthWarning struct {
+	// Code is one of HealthCodes.
+	Code string `json:"code"`
+	// Message says what is wrong and what to do.
+	Message string `json:"message"`
+}
+
+// Health warning codes.
+const (
+	HealthCoordinatorUnreachable = "coordinator_unreachable"
+	HealthNoRelay                = "no_relay"
+	HealthMTUProblem             = "mtu_problem"
+	HealthClockSkew              = "clock_skew"
+	HealthKeyExpiring            = "key_expiring"
+)
+
+// HealthCodes are every health warning code, in the order status lists
+// them.
+var HealthCodes = []string{
+	HealthCoordinatorUnreachable, HealthNoRelay, HealthMTUProblem, HealthClockSkew, HealthKeyExpiring,
 }
 
 // FilterStatus is the packet filter's rule count, flow table use and drop
@@ -221,6 +248,12 @@ type PingResult struct {
 // serves /v0/ping for them.
 type Pinger interface {
 	Ping(ctx context.Context, peer string) (*PingResult, error)
+}
+
+// MetricsBackend is implemented by backends with Prometheus metrics; the
+// API serves them at /v0/metrics (`meshd metrics`).
+type MetricsBackend interface {
+	MetricsHandler() http.Handler
 }
 
 // WhoIser is implemented by backends that can say who holds a tailnet
@@ -339,6 +372,9 @@ func Handler(b Backend) http.Handler {
 	}
 	if sb, ok := b.(ServeBackend); ok {
 		handleServe(mux, sb)
+	}
+	if m, ok := b.(MetricsBackend); ok {
+		mux.Handle("GET /v0/metrics", m.MetricsHandler())
 	}
 	if p, ok := b.(Pinger); ok {
 		mux.HandleFunc("POST /v0/ping", func(w http.ResponseWriter, r *http.Request) {
@@ -582,6 +618,23 @@ func (c *Client) Profile(ctx context.Context, name string, params url.Values, w 
 	}
 	if _, err := io.Copy(w, resp.Body); err != nil {
 		return fmt.Errorf("profile %s: %w", name, err)
+	}
+	return nil
+}
+
+// Metrics writes the daemon's metrics in the Prometheus text format to w.
+func (c *Client) Metrics(ctx context.Context, w io.Writer) error {
+	resp, err := c.send(ctx, "GET", "/v0/metrics", nil)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+		return fmt.Errorf("metrics: %s: %s", resp.Status, strings.TrimSpace(string(msg)))
+	}
+	if _, err := io.Copy(w, resp.Body); err != nil {
+		return fmt.Errorf("metrics: %w", err)
 	}
 	return nil
 }

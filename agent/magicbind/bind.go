@@ -209,6 +209,11 @@ func (b *Bind) wrapReceive(fn conn.ReceiveFunc) conn.ReceiveFunc {
 	return func(packets [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
 		n, err := fn(packets, sizes, eps)
 		addrs := b.addrs.table.Load()
+		// Traffic is counted per run of packets from one peer (a GRO
+		// batch is one run), so the counters cost a few atomic adds per
+		// batch.
+		var run *peer
+		var runPk, runB, runHS uint64
 		for i := 0; i < n; i++ {
 			se, ok := eps[i].(*conn.StdNetEndpoint)
 			if !ok {
@@ -233,8 +238,18 @@ func (b *Bind) wrapReceive(fn conn.ReceiveFunc) conn.ReceiveFunc {
 					continue
 				}
 				eps[i] = p.ep
+				if p != run {
+					run.countRx(pathDirect, runPk, runB, runHS)
+					run, runPk, runB, runHS = p, 0, 0, 0
+				}
+				runPk++
+				runB += uint64(len(pkt))
+				if len(pkt) > 0 && pkt[0] != wgDataType && isHandshake(pkt) {
+					runHS++
+				}
 			}
 		}
+		run.countRx(pathDirect, runPk, runB, runHS)
 		return n, err
 	}
 }

@@ -14,6 +14,7 @@ const (
 	wgInitiationType = 1
 	wgInitiationSize = 148
 	wgResponseType   = 2
+	wgDataType       = 4
 	wgResponseSize   = 92
 	wgRekeyTimeout   = 5 * time.Second
 )

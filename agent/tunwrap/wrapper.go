@@ -220,6 +220,9 @@ func (w *Wrapper) Write(bufs [][]byte, offset int) (int, error) {
 		}
 		k++
 	}
+	if w.filter != nil {
+		in.Done()
+	}
 	if k == 0 {
 		return 0, nil
 	}

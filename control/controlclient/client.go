@@ -69,6 +69,9 @@ type Client struct {
 	// state is the node state last reported by Update; Follow sends it
 	// when it reconnects so a new stream never reports stale endpoints.
 	state *netmap.MapRequest
+
+	// clock reads the coordinator's clock off its answers (clockskew.go).
+	clock skewTransport
 }
 
 // ParseURL accepts https://HOST:PORT or a bare HOST:PORT.
@@ -166,7 +169,8 @@ func NewClient(o ClientOptions) (*Client, error) {
 	}
 	c := &Client{base: u, log: o.Logger, mk: mk, nodeKey: o.NodeKey, pin: strings.ToLower(strings.TrimSpace(o.ServerPin)), minB: o.MinBackoff, maxB: o.MaxBackoff}
 	c.tr = pinnedTransport(c.ServerPin, c.sawMismatch, &cert)
-	c.hc = &http.Client{Transport: c.tr}
+	c.clock.rt = c.tr
+	c.hc = &http.Client{Transport: &c.clock}
 	return c, nil
 }
 
