@@ -1,6 +1,7 @@
 package magicbind
 
 import (
+	"net/netip"
 	"sync/atomic"
 
 	"meshd.dev/meshd/netmap"
@@ -35,6 +36,18 @@ func (c *peerCounters) addTx(path int, bufs [][]byte) {
 	}
 	c.txPackets[path].Add(uint64(len(bufs)))
 	c.txBytes[path].Add(n)
+}
+
+// notePathLocked records the path a send takes (the direct address, or
+// zero for the relay) and counts a change from the last one. p.mu held.
+func (p *peer) notePathLocked(cur netip.AddrPort) {
+	if p.lastPathSet && cur == p.lastPath {
+		return
+	}
+	if p.lastPathSet {
+		p.ctr.pathChanges.Add(1)
+	}
+	p.lastPath, p.lastPathSet = cur, true
 }
 
 // countRx adds a run of received packets; p may be nil (no run yet).

@@ -55,12 +55,7 @@ func (b *Bind) send(p *peer, bufs [][]byte, now time.Time) (sure bool, err error
 	join := p.joinLoopLocked()
 	addr, direct := p.sel.Path(now)
 	doubt := direct && p.sel.InDoubt(now)
-	if cur := directOrZero(addr, direct); !p.lastPathSet || cur != p.lastPath {
-		if p.lastPathSet {
-			p.ctr.pathChanges.Add(1)
-		}
-		p.lastPath, p.lastPathSet = cur, true
-	}
+	p.notePathLocked(directOrZero(addr, direct))
 	var dst *conn.StdNetEndpoint
 	if direct {
 		if p.directEP == nil || p.directEP.AddrPort != addr {
