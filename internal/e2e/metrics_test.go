@@ -34,7 +34,8 @@ const policyMetrics = `// metrics lab
 // embedded relay. And the adversarial side: the tailnet metrics port
 // answers only the peer the policy lets in (app's connection times out,
 // dropped by gpu's filter), with totals only: no per-peer series, no node
-// keys, no endpoints; 100.100.100.100 serves the host's own programs.
+// keys, no endpoints; 100.100.100.100 serves the host's own programs and
+// refuses a LAN neighbour that routes the address to the node.
 func TestMetrics(t *testing.T) {
 	t.Parallel()
 	lab := netlab.New(t)
@@ -134,6 +135,14 @@ func TestMetrics(t *testing.T) {
 	// The host's own programs reach 100.100.100.100.
 	if f, _ := scrape("gpu", "http://100.100.100.100/metrics"); f["meshd_peer_rx_bytes_total"] == nil {
 		t.Errorf("100.100.100.100/metrics lacks the per-peer series: %s", f)
+	}
+
+	// A LAN neighbour that routes 100.100.100.100 to gpu reaches the
+	// socket (Linux's weak host model) but gets 403: the handler serves
+	// this host's sources only.
+	hosts["coord"].MustRun("ip", "route", "add", "100.100.100.100/32", "via", "198.18.0.2")
+	if out, err := curl("coord", "http://100.100.100.100/metrics", 5*time.Second); err == nil || !strings.Contains(out, "403") {
+		t.Errorf("a LAN neighbour routing 100.100.100.100 to gpu: err %v, want 403:\n%s", err, out)
 	}
 
 	// The scraper, allowed by the policy, gets totals and nothing that
