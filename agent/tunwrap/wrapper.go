@@ -221,7 +221,7 @@ func (w *Wrapper) Write(bufs [][]byte, offset int) (int, error) {
 		k++
 	}
 	if w.filter != nil {
-		in.Done()
+		in.Done(k)
 	}
 	if k == 0 {
 		return 0, nil
