@@ -40,7 +40,7 @@ var (
 	mTxPackets  = prometheus.NewDesc("meshd_tx_packets_total", "WireGuard packets sent to all peers, by path.", []string{"path"}, nil)
 	mRxPackets  = prometheus.NewDesc("meshd_rx_packets_total", "WireGuard packets received from all peers, by path.", []string{"path"}, nil)
 	mPathChg    = prometheus.NewDesc("meshd_path_changes_total", "Path changes of all peers.", nil, nil)
-	mHandshakes = prometheus.NewDesc("meshd_handshake_messages_total", "WireGuard handshake messages (initiations and responses), by direction.", []string{"direction"}, nil)
+	mHandshakes = prometheus.NewDesc("meshd_handshakes_sent_total", "WireGuard handshake messages (initiations and responses) sent to peers.", nil, nil)
 
 	mFilterAccepted = prometheus.NewDesc("meshd_filter_accepted_packets_total", "Packets the packet filter let through, by direction (in: from peers).", []string{"direction"}, nil)
 	mFilterDropped  = prometheus.NewDesc("meshd_filter_dropped_packets_total", "Packets the packet filter dropped, by direction and reason.", []string{"direction", "reason"}, nil)
@@ -142,7 +142,6 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		tot.PathChanges += p.PathChanges
 		tot.HandshakesTx += p.HandshakesTx
-		tot.HandshakesRx += p.HandshakesRx
 	}
 	for i, path := range magicbind.PathNames {
 		ch <- counter(mTxBytes, tot.TxBytes[i], path)
@@ -151,8 +150,7 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- counter(mRxPackets, tot.RxPackets[i], path)
 	}
 	ch <- counter(mPathChg, tot.PathChanges)
-	ch <- counter(mHandshakes, tot.HandshakesTx, "tx")
-	ch <- counter(mHandshakes, tot.HandshakesRx, "rx")
+	ch <- counter(mHandshakes, tot.HandshakesTx)
 	if !c.perPeer {
 		return
 	}

@@ -213,7 +213,7 @@ func (b *Bind) wrapReceive(fn conn.ReceiveFunc) conn.ReceiveFunc {
 		// batch is one run), so the counters cost a few atomic adds per
 		// batch.
 		var run *peer
-		var runPk, runB, runHS uint64
+		var runPk, runB uint64
 		for i := 0; i < n; i++ {
 			se, ok := eps[i].(*conn.StdNetEndpoint)
 			if !ok {
@@ -239,17 +239,14 @@ func (b *Bind) wrapReceive(fn conn.ReceiveFunc) conn.ReceiveFunc {
 				}
 				eps[i] = p.ep
 				if p != run {
-					run.countRx(pathDirect, runPk, runB, runHS)
-					run, runPk, runB, runHS = p, 0, 0, 0
+					run.countRx(pathDirect, runPk, runB)
+					run, runPk, runB = p, 0, 0
 				}
 				runPk++
 				runB += uint64(len(pkt))
-				if len(pkt) > 0 && pkt[0] != wgDataType && isHandshake(pkt) {
-					runHS++
-				}
 			}
 		}
-		run.countRx(pathDirect, runPk, runB, runHS)
+		run.countRx(pathDirect, runPk, runB)
 		return n, err
 	}
 }

@@ -14,7 +14,6 @@ const (
 	wgInitiationType = 1
 	wgInitiationSize = 148
 	wgResponseType   = 2
-	wgDataType       = 4
 	wgResponseSize   = 92
 	wgRekeyTimeout   = 5 * time.Second
 )

@@ -24,9 +24,12 @@ type peerCounters struct {
 	// pathChanges counts changes of the path sends take: relay to direct,
 	// direct to relay, or one direct address to another.
 	pathChanges atomic.Uint64
-	// handshakesTx and handshakesRx count WireGuard handshake messages
-	// (initiations and responses) sent to and received from the peer.
-	handshakesTx, handshakesRx atomic.Uint64
+	// handshakesTx counts WireGuard handshake messages (initiations and
+	// responses) sent to the peer. Received ones are not counted: telling
+	// them apart on the receive path cost every packet a few instructions
+	// (bench/README.md), and each one received is answered or answers one
+	// sent.
+	handshakesTx atomic.Uint64
 }
 
 func (c *peerCounters) addTx(path int, bufs [][]byte) {
@@ -51,15 +54,12 @@ func (p *peer) notePathLocked(cur netip.AddrPort) {
 }
 
 // countRx adds a run of received packets; p may be nil (no run yet).
-func (p *peer) countRx(path int, packets, bytes, handshakes uint64) {
+func (p *peer) countRx(path int, packets, bytes uint64) {
 	if p == nil || packets == 0 {
 		return
 	}
 	p.ctr.rxPackets[path].Add(packets)
 	p.ctr.rxBytes[path].Add(bytes)
-	if handshakes > 0 {
-		p.ctr.handshakesRx.Add(handshakes)
-	}
 }
 
 // PeerCounters is a snapshot of one peer's traffic counters since the
@@ -71,7 +71,6 @@ type PeerCounters struct {
 	RxPackets, RxBytes [2]uint64
 	PathChanges        uint64
 	HandshakesTx       uint64
-	HandshakesRx       uint64
 }
 
 // PathNames names the indexes of PeerCounters' arrays, as metric labels.
@@ -87,7 +86,6 @@ func (b *Bind) Counters(fn func(PeerCounters)) {
 			Key:          k,
 			PathChanges:  c.pathChanges.Load(),
 			HandshakesTx: c.handshakesTx.Load(),
-			HandshakesRx: c.handshakesRx.Load(),
 		}
 		for i := range numPaths {
 			s.TxPackets[i], s.TxBytes[i] = c.txPackets[i].Load(), c.txBytes[i].Load()

@@ -119,7 +119,7 @@ func TestMetrics(t *testing.T) {
 	if v, _ := after.Value("meshd_node_state", "state", "Running"); v != 1 {
 		t.Errorf("meshd_node_state{state=Running} = %v", v)
 	}
-	if hs := after.Sum("meshd_handshake_messages_total"); hs < 1 {
+	if hs := after.Sum("meshd_handshakes_sent_total"); hs < 1 {
 		t.Errorf("no handshake messages counted")
 	}
 
