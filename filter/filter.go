@@ -335,21 +335,21 @@ func (b *InBatch) Done(accepted int) {
 func (f *Filter) OutboundBatch(bufs [][]byte, pp []packet.Parsed, offset int, sizes []int, now time.Time) int {
 	r := f.rules.Load()
 	c := clock{now: now, base: &f.base}
-	n := min(len(bufs), len(sizes))
-	dropped, empty := 0, 0
-	for i := range n {
+	dropped := 0
+	var accepted uint64
+	for i := range min(len(bufs), len(sizes)) {
 		if sizes[i] <= 0 {
-			empty++
 			continue
 		}
 		if f.out(r, &pp[i], sizes[i], &c) != Accept {
 			sizes[i] = 0
 			dropped++
+			continue
 		}
+		accepted++
 	}
-	// Counted from the rare cases, so the common one costs nothing more.
-	if accepted := n - dropped - empty; accepted > 0 {
-		f.accepts[Out].Add(uint64(accepted))
+	if accepted > 0 {
+		f.accepts[Out].Add(accepted)
 	}
 	return dropped
 }
