@@ -95,3 +95,13 @@ func TestMetricsListenTaken(t *testing.T) {
 		t.Fatalf("exit %d: %s", code, out.String())
 	}
 }
+
+// TestMetricsTailnetPortRange: a port the daemon cannot listen on is
+// refused before anything starts.
+func TestMetricsTailnetPortRange(t *testing.T) {
+	var out strings.Builder
+	code := run(context.Background(), []string{"daemon", "--tun", "userspace", "--state-dir", t.TempDir(), "--metrics-tailnet-port", "70000"}, &out, &out)
+	if code == 0 || !strings.Contains(out.String(), "--metrics-tailnet-port 70000") {
+		t.Fatalf("exit %d: %s", code, out.String())
+	}
+}
