@@ -139,6 +139,10 @@ type Options struct {
 	// RecorderDir, when set, runs the SSH session recorder (`meshd
 	// recorder --dir`) on the tailnet addresses, writing casts there.
 	RecorderDir string
+	// MetricsTailnetPort, if not 0, serves the node's metrics (totals
+	// only) on that port of its tailnet addresses, reachable by the peers
+	// the policy lets in (`meshd daemon --metrics-tailnet-port`).
+	MetricsTailnetPort uint16
 }
 
 // Agent is one node's daemon. Its methods are safe for concurrent use.
@@ -174,6 +178,9 @@ type Agent struct {
 	// ctlReachErr is the last failure to reach the coordinator, nil after
 	// a success.
 	ctlReachErr error
+	// skew reads the coordinator's clock, from the running control
+	// client; nil without one.
+	skew clockSkewer
 	// approvalPending: the coordinator refuses the map stream until an
 	// admin approves the node; the control loop keeps asking.
 	approvalPending bool
@@ -208,7 +215,8 @@ type Agent struct {
 	services  services // a.opts.HTTPSServices; a.mu
 	serveNote string
 
-	ssh sshState // `meshd up --ssh` and the recorder (ssh.go); a.mu
+	ssh     sshState      // `meshd up --ssh` and the recorder (ssh.go); a.mu
+	metrics *agentMetrics // metrics.go; immutable
 }
 
 // session is a running control loop; it owns the data plane it starts.
@@ -269,6 +277,7 @@ func New(opts Options) (*Agent, error) {
 		mtuAuto: mtuAuto, mtu: firstMTU,
 	}
 	a.dns = newMagicDNS(opts.Logger, a.DNSUpstreams)
+	a.metrics = newAgentMetrics(a)
 	if nm != nil {
 		// A map saved by an older version may hold peers that share a key.
 		a.dropKeyConflicts(nm)
@@ -445,6 +454,16 @@ func (a *Agent) controlLoop(ctx context.Context, login Login) {
 		return
 	}
 	defer cc.Close()
+	if sk, ok := cc.(clockSkewer); ok {
+		a.mu.Lock()
+		a.skew = sk
+		a.mu.Unlock()
+		defer func() {
+			a.mu.Lock()
+			a.skew = nil
+			a.mu.Unlock()
+		}()
+	}
 	a.certs.SetIssuer(cc)
 	defer a.certs.SetIssuer(nil)
 	a.setSSHControl(cc)
@@ -591,7 +610,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 			tunName: a.opts.TUN, mtu: a.opts.MTU, port: a.opts.Port, nodeKey: a.id.NodeKey,
 			addrs: addrs, forwards: a.opts.Forwards, bind: a.bindOptions(),
 			log: a.log, localAddrs: localPrefixes, filter: a.pf.f, peerIdle: a.peerIdle(),
-			dns: a.dns, flows: a.flows,
+			dns: a.dns, flows: a.flows, metrics: a.metrics, metricsPort: a.opts.MetricsTailnetPort,
 		})
 		if err != nil {
 			a.engErr = err
@@ -817,10 +836,15 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 			return nil, err
 		}
 	}
+	var mtuProblems []string
+	defer func() { st.Health = health(a.healthInputsLocked(mtuProblems), time.Now()) }()
 	for _, n := range a.nm.SortedPeers() {
 		p := localapi.Peer{Node: statusNode(n), Path: "none"}
 		if a.eng != nil {
 			setPeerPath(&p, a.eng.bind, n.NodeKey)
+			if p.MTUProblem {
+				mtuProblems = append(mtuProblems, n.Hostname)
+			}
 		}
 		if stats != nil {
 			if ps, ok := stats.Peers[n.NodeKey]; ok {

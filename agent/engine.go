@@ -52,6 +52,11 @@ type engineConfig struct {
 	dns *magicDNS
 	// flows, when set, counts packets for the flow log.
 	flows *flowlog.Table
+	// metrics, when set, are served on the resolver addresses' port 80
+	// and, if metricsPort is not 0, on that port of the node's tailnet
+	// addresses (metrics_listen.go).
+	metrics     *agentMetrics
+	metricsPort uint16
 }
 
 // engine is the running data plane: a TUN (kernel or netstack), the bind,
@@ -87,11 +92,14 @@ type engine struct {
 	fwdWG     sync.WaitGroup
 
 	dnsSrv *dnsServer // MagicDNS listeners, when cfg.dns is set
+
+	started time.Time // when the data plane came up, for health grace periods
+	metSrv  *metricsServer
 }
 
 func newEngine(cfg engineConfig) (_ *engine, err error) {
 	cfg.bind.NodeKey = cfg.nodeKey
-	e := &engine{cfg: cfg, peers: map[netmap.NodePublic]wgPeer{}, mtu: cfg.mtu}
+	e := &engine{cfg: cfg, peers: map[netmap.NodePublic]wgPeer{}, mtu: cfg.mtu, started: time.Now()}
 	var tdev tun.Device
 	if cfg.tunName == TUNUserspace {
 		local := netmap.AddrsOf(cfg.addrs)
@@ -150,6 +158,11 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 	if cfg.dns != nil {
 		if err := e.startDNS(); err != nil {
 			cfg.log.Warn("MagicDNS not served on every address; the tunnel works without it", "err", err)
+		}
+	}
+	if cfg.metrics != nil {
+		if err := e.startMetrics(); err != nil {
+			cfg.log.Warn("metrics not served on every tailnet address; the tunnel works without them", "err", err)
 		}
 	}
 	return e, nil
@@ -445,6 +458,7 @@ func (e *engine) setMTU(mtu int) error {
 }
 
 func (e *engine) doClose() {
+	e.stopMetrics()
 	e.stopDNS()
 	if e.fwdCancel != nil {
 		e.fwdCancel()

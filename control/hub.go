@@ -61,6 +61,9 @@ type hub struct {
 	// sessionsGen counts session opens and closes, so that a policy
 	// change can tell whether any happened while it computed.
 	sessionsGen uint64
+	// fanout, if set, is told how long each node change took to queue
+	// (metrics.go); set once before the hub serves.
+	fanout func(time.Duration)
 
 	// log records which node changed at each version, for resuming streams
 	// (id 0 marks a change that needs a full map, such as a policy change).
@@ -248,6 +251,10 @@ func (h *hub) upsert(n *netmap.Node) {
 
 // upsertOneLocked replaces n alone; upsertLocked decides its routes first.
 func (h *hub) upsertOneLocked(n *netmap.Node) {
+	if h.fanout != nil {
+		start := time.Now()
+		defer func() { h.fanout(time.Since(start)) }()
+	}
 	// The name is derived here, not stored, so a new --dns-suffix renames
 	// every node at the next start.
 	n.DNSName = netmap.DNSName(n.Hostname, h.dns.Suffix)

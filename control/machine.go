@@ -85,6 +85,7 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	resp, err := s.register(r.Context(), mk, req)
+	s.met.registered(err)
 	if err != nil {
 		s.writeError(w, r, err)
 		return

@@ -304,7 +304,9 @@ func (s *Server) applyPolicy(ctx context.Context, file string, data []byte, stri
 // registrations and map requests carry on while it does. s.polMu held.
 func (s *Server) installPolicy(ctx context.Context, pol Policy, info PolicyInfo) ([]TagRemoval, error) {
 	removed, err := s.recheckTags(ctx, pol, info.File)
+	start := time.Now()
 	s.hub.setPolicy(pol)
+	s.met.policy.Observe(time.Since(start).Seconds())
 	s.mu.Lock()
 	s.polInfo = info
 	s.mu.Unlock()

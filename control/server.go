@@ -138,7 +138,8 @@ type Server struct {
 	closed    bool
 	polInfo   PolicyInfo // the policy file in force
 
-	sshChecks sshChecks // check-mode SSH approvals (ssh.go)
+	sshChecks sshChecks      // check-mode SSH approvals (ssh.go)
+	met       *serverMetrics // metrics.go
 }
 
 const (
@@ -252,6 +253,8 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	}
 	s.hub.revoked = s.keys.publish
 	s.hub.dns = opts.DNS
+	s.met = newServerMetrics(s)
+	s.hub.fanout = func(d time.Duration) { s.met.fanout.Observe(d.Seconds()) }
 	if err := s.quarantineCorrupt(ctx, dbPath); err != nil {
 		st.Close()
 		return nil, err

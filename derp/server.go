@@ -87,6 +87,7 @@ type ServerStats struct {
 	MeshPeers        int    // connected mesh peers watching this server
 	RemoteKeys       int    // keys known to be on other servers of the region
 	PacketsRelayed   uint64 // packets queued to a local client
+	BytesRelayed     uint64 // their payload bytes
 	PacketsForwarded uint64 // packets sent on to a mesh peer
 	PacketsDropped   uint64 // queue full, unknown destination or closed
 	SlowDisconnects  uint64 // clients dropped for not reading
@@ -120,6 +121,7 @@ type Server struct {
 	revokeGen atomic.Uint64
 
 	relayed, forwarded, dropped, slow, handshakeErrs, revoked atomic.Uint64
+	relayedBytes                                              atomic.Uint64
 }
 
 // poolSizes are the buffer size classes: a 1500-byte underlay packet, a
@@ -196,6 +198,7 @@ func (s *Server) Stats() ServerStats {
 	st := ServerStats{Clients: len(s.clients), MeshPeers: len(s.watchers), RemoteKeys: len(s.remote)}
 	s.mu.RUnlock()
 	st.PacketsRelayed = s.relayed.Load()
+	st.BytesRelayed = s.relayedBytes.Load()
 	st.PacketsForwarded = s.forwarded.Load()
 	st.PacketsDropped = s.dropped.Load()
 	st.SlowDisconnects = s.slow.Load()
@@ -657,6 +660,7 @@ func (c *sclient) enqueue(p queuedPacket) {
 	select {
 	case c.sendq <- p:
 		c.s.relayed.Add(1)
+		c.s.relayedBytes.Add(uint64(p.n))
 	default:
 		c.s.putBuf(p.buf)
 		c.s.dropped.Add(1)

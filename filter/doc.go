@@ -133,6 +133,7 @@
 //
 //	in := f.BeginIn(time.Now())
 //	for i, b := range bufs { p := &pp[i]; p.Decode(b[offset:]); v := in.Judge(p, b[offset:]); ... }
+//	in.Done(accepted) // adds the batch's accepts to the metrics count
 //
 // agent/tunwrap is that wrapper.
 // The same wrapper serves a kernel TUN and gVisor netstack, which both

@@ -199,6 +199,9 @@ type Status struct {
 	// SSHError says why it does not listen on some address.
 	SSH      bool   `json:"ssh"`
 	SSHError string `json:"ssh_error,omitempty"`
+	// Health lists what is wrong while the node runs (docs/health.md);
+	// empty when nothing is.
+	Health []HealthWarning `json:"health,omitempty"`
 }
 
 // MTUStatus is the tunnel's MTU and why it is what it is.
@@ -211,6 +214,30 @@ type MTUStatus struct {
 	Interface   string `json:"interface,omitempty"`
 	UnderlayMTU int    `json:"underlay_mtu,omitempty"`
 	Reason      string `json:"reason"`
+}
+
+// HealthWarning is one problem of a node that is up, in status and as
+// the meshd_health_warning metric.
+type HealthWarning struct {
+	// Code is one of HealthCodes.
+	Code string `json:"code"`
+	// Message says what is wrong and what to do.
+	Message string `json:"message"`
+}
+
+// Health warning codes.
+const (
+	HealthCoordinatorUnreachable = "coordinator_unreachable"
+	HealthNoRelay                = "no_relay"
+	HealthMTUProblem             = "mtu_problem"
+	HealthClockSkew              = "clock_skew"
+	HealthKeyExpiring            = "key_expiring"
+)
+
+// HealthCodes are every health warning code, in the order status lists
+// them.
+var HealthCodes = []string{
+	HealthCoordinatorUnreachable, HealthNoRelay, HealthMTUProblem, HealthClockSkew, HealthKeyExpiring,
 }
 
 // FilterStatus is the packet filter's rule count, flow table use and drop
@@ -288,6 +315,12 @@ type PingResult struct {
 // serves /v0/ping for them.
 type Pinger interface {
 	Ping(ctx context.Context, peer string) (*PingResult, error)
+}
+
+// MetricsBackend is implemented by backends with Prometheus metrics; the
+// API serves them at /v0/metrics (`meshd metrics`).
+type MetricsBackend interface {
+	MetricsHandler() http.Handler
 }
 
 // WhoIser is implemented by backends that can say who holds a tailnet
@@ -430,6 +463,9 @@ func Handler(b Backend) http.Handler {
 			}
 			writeJSON(w, http.StatusOK, logs)
 		})
+	}
+	if m, ok := b.(MetricsBackend); ok {
+		mux.Handle("GET /v0/metrics", m.MetricsHandler())
 	}
 	if p, ok := b.(Pinger); ok {
 		mux.HandleFunc("POST /v0/ping", func(w http.ResponseWriter, r *http.Request) {
@@ -700,6 +736,23 @@ func (c *Client) Profile(ctx context.Context, name string, params url.Values, w 
 	}
 	if _, err := io.Copy(w, resp.Body); err != nil {
 		return fmt.Errorf("profile %s: %w", name, err)
+	}
+	return nil
+}
+
+// Metrics writes the daemon's metrics in the Prometheus text format to w.
+func (c *Client) Metrics(ctx context.Context, w io.Writer) error {
+	resp, err := c.send(ctx, "GET", "/v0/metrics", nil)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+		return fmt.Errorf("metrics: %s: %s", resp.Status, strings.TrimSpace(string(msg)))
+	}
+	if _, err := io.Copy(w, resp.Body); err != nil {
+		return fmt.Errorf("metrics: %w", err)
 	}
 	return nil
 }

@@ -213,6 +213,11 @@ func (b *Bind) wrapReceive(fn conn.ReceiveFunc) conn.ReceiveFunc {
 	return func(packets [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
 		n, err := fn(packets, sizes, eps)
 		addrs := b.addrs.table.Load()
+		// Traffic is counted per run of packets from one peer (a GRO
+		// batch is one run), so the counters cost a few atomic adds per
+		// batch.
+		var run *peer
+		var runPk, runB uint64
 		for i := 0; i < n; i++ {
 			se, ok := eps[i].(*conn.StdNetEndpoint)
 			if !ok {
@@ -237,8 +242,15 @@ func (b *Bind) wrapReceive(fn conn.ReceiveFunc) conn.ReceiveFunc {
 					continue
 				}
 				eps[i] = p.ep
+				if p != run {
+					run.countRx(pathDirect, runPk, runB)
+					run, runPk, runB = p, 0, 0
+				}
+				runPk++
+				runB += uint64(len(pkt))
 			}
 		}
+		run.countRx(pathDirect, runPk, runB)
 		return n, err
 	}
 }

@@ -40,6 +40,13 @@ type peer struct {
 	held    *[wgInitiationSize]byte
 	heldLen int
 	heldAt  time.Time
+	// lastPath is the path the last send took (the direct address, or
+	// zero for the relay), to count path changes; lastPathSet says one was
+	// taken.
+	lastPath    netip.AddrPort
+	lastPathSet bool
+
+	ctr peerCounters // read without mu (metrics.go)
 
 	// Guarded by Bind.mu:
 	// mapGen is the Bind.mapGen of the last map that had the peer.

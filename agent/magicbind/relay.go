@@ -152,6 +152,7 @@ func (b *Bind) receiveDERP(o *openState) conn.ReceiveFunc {
 		for {
 			sizes[n] = copy(packets[n], (*pk.buf)[:pk.n])
 			eps[n] = pk.p.ep
+			pk.p.countRx(pathDERP, 1, uint64(sizes[n]))
 			b.derpBufs.Put(pk.buf)
 			n++
 			if n == len(packets) {

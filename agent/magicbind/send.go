@@ -41,10 +41,13 @@ func (b *Bind) Send(bufs [][]byte, cep conn.Endpoint) error {
 // may not know our address yet and drop what we send.
 func (b *Bind) send(p *peer, bufs [][]byte, now time.Time) (sure bool, err error) {
 	p.mu.Lock()
-	if !p.heldAt.IsZero() && len(bufs) == 1 && isHandshake(bufs[0]) {
-		// WireGuard moved to a new handshake: the held message belongs to
-		// one whose state is gone.
-		p.heldAt = time.Time{}
+	if len(bufs) == 1 && isHandshake(bufs[0]) {
+		p.ctr.handshakesTx.Add(1)
+		if !p.heldAt.IsZero() {
+			// WireGuard moved to a new handshake: the held message
+			// belongs to one whose state is gone.
+			p.heldAt = time.Time{}
+		}
 	}
 	kick := now.Sub(p.lastSend) > 500*time.Millisecond
 	p.lastSend = now
@@ -52,6 +55,7 @@ func (b *Bind) send(p *peer, bufs [][]byte, now time.Time) (sure bool, err error
 	join := p.joinLoopLocked()
 	addr, direct := p.sel.Path(now)
 	doubt := direct && p.sel.InDoubt(now)
+	p.notePathLocked(directOrZero(addr, direct))
 	var dst *conn.StdNetEndpoint
 	if direct {
 		if p.directEP == nil || p.directEP.AddrPort != addr {
@@ -71,6 +75,9 @@ func (b *Bind) send(p *peer, bufs [][]byte, now time.Time) (sure bool, err error
 	}
 	if direct {
 		err := b.std.Send(bufs, dst)
+		if err == nil {
+			p.ctr.addTx(pathDirect, bufs)
+		}
 		if doubt && home != 0 {
 			// The direct path missed a heartbeat and may have just died:
 			// the relay carries a copy until a pong settles it either
@@ -115,20 +122,23 @@ func (b *Bind) sendRelay(r *region, p *peer, bufs [][]byte) error {
 			return fmt.Errorf("magic bind: via DERP region %d: %w", r.id, err)
 		}
 	}
+	p.ctr.addTx(pathDERP, bufs)
 	return nil
 }
 
 // copyToRelay sends bufs to p through relay r as far as its send queue
 // has room, dropping the rest.
 func (b *Bind) copyToRelay(r *region, p *peer, bufs [][]byte) error {
-	for _, buf := range bufs {
+	for i, buf := range bufs {
 		if err := r.client.TrySend(p.key, buf); err != nil {
+			p.ctr.addTx(pathDERP, bufs[:i])
 			if errors.Is(err, derp.ErrQueueFull) {
 				return nil
 			}
 			return fmt.Errorf("magic bind: copy via DERP region %d: %w", r.id, err)
 		}
 	}
+	p.ctr.addTx(pathDERP, bufs)
 	return nil
 }
 
@@ -148,6 +158,8 @@ func (b *Bind) sendUnrelayed(p *peer, bufs [][]byte) error {
 	for _, c := range cands {
 		if err := b.std.Send(bufs, stdEndpoint(c)); err != nil {
 			errs = append(errs, err)
+		} else {
+			p.ctr.addTx(pathDirect, bufs)
 		}
 	}
 	if len(errs) == len(cands) {
@@ -169,6 +181,15 @@ func (b *Bind) peerPath(p *peer, now time.Time) (path string, addr netip.AddrPor
 		return PathDERP, netip.AddrPort{}, home
 	}
 	return PathNone, netip.AddrPort{}, home
+}
+
+// directOrZero is the path of a send for counting path changes: the
+// direct address, or zero for the relay.
+func directOrZero(addr netip.AddrPort, direct bool) netip.AddrPort {
+	if direct {
+		return addr
+	}
+	return netip.AddrPort{}
 }
 
 func stdEndpoint(a netip.AddrPort) *conn.StdNetEndpoint { return &conn.StdNetEndpoint{AddrPort: a} }

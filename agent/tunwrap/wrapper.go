@@ -272,6 +272,9 @@ func (w *Wrapper) Write(bufs [][]byte, offset int) (int, error) {
 		k++
 	}
 	fb.End()
+	if w.filter != nil {
+		in.Done(k)
+	}
 	if k == 0 {
 		return 0, nil
 	}

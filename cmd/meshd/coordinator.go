@@ -23,6 +23,7 @@ import (
 func (c *cli) coordinatorCmd() *ffcli.Command {
 	fs := flag.NewFlagSet("coordinator", flag.ContinueOnError)
 	listen := fs.String("listen", "127.0.0.1:8443", "TCP `address` to serve the control API on (TLS with a pinned self-signed key)")
+	metricsListen := fs.String("metrics-listen", "", metricsFlagHelp)
 	stateDir := fs.String("state-dir", "", "`directory` for the coordinator key, admin.token and the SQLite database (required)")
 	db := fs.String("db", "", "database `URL`: empty for SQLite in --state-dir, or sqlite:PATH")
 	ephemeral := fs.Duration("ephemeral-timeout", 5*time.Minute, "delete ephemeral nodes this long after their last map stream closes")
@@ -186,6 +187,13 @@ the oldest.`,
 				return &exitError{1, "coordinator: " + err.Error()}
 			}
 			defer stopRelays()
+			waitMetrics, err := metricsServer(ctx, *metricsListen, s.MetricsHandler(), c.log)
+			if err != nil {
+				ln.Close()
+				s.Close()
+				return &exitError{1, "coordinator: " + err.Error()}
+			}
+			defer waitMetrics()
 			errc := make(chan error, 1)
 			go func() { errc <- s.Serve(ln) }()
 			select {

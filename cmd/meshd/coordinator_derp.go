@@ -14,6 +14,7 @@ import (
 
 	"meshd.dev/meshd/control"
 	"meshd.dev/meshd/derp"
+	"meshd.dev/meshd/derp/derpmetrics"
 	"meshd.dev/meshd/nat/stun"
 	"meshd.dev/meshd/netmap"
 )
@@ -100,6 +101,10 @@ func (c *cli) startCoordDERP(ctx context.Context, s *control.Server, listen stri
 	}
 	ds, err := derp.NewServer(derp.ServerOptions{PrivateKey: key, Verify: s.VerifyNodeKey, Logger: c.log})
 	if err != nil {
+		return nil, err
+	}
+	if err := s.AddMetrics(derpmetrics.New(ds)); err != nil {
+		ds.Close()
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(ctx)

@@ -34,6 +34,9 @@ type agentFlags struct {
 	peerIdle  time.Duration
 	resolv    string
 	flowLog   flowLogFlags
+	// metricsListen is --metrics-listen; metricsTailnet --metrics-tailnet-port.
+	metricsListen  string
+	metricsTailnet uint
 	// services are the daemon's own HTTPS services (meshd k8s-proxy); not
 	// a flag.
 	services []agent.HTTPSService
@@ -118,6 +121,8 @@ func (af *agentFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&af.peerIdle, "peer-idle-timeout", agent.DefaultPeerIdleTimeout, "configure a peer in WireGuard on its first packet and remove it after this long without data (0: configure every peer up front)")
 	fs.StringVar(&af.resolv, "resolv-conf", "", "kernel TUN mode: manage this resolver file for MagicDNS instead of systemd-resolved or /etc/resolv.conf "+
 		"(an operations and test hook for network namespaces and containers, e.g. /etc/netns/NAME/resolv.conf; the original is restored on down and exit)")
+	fs.StringVar(&af.metricsListen, "metrics-listen", "", metricsFlagHelp)
+	fs.UintVar(&af.metricsTailnet, "metrics-tailnet-port", 0, "also serve metrics (totals only, no per-peer series) on this TCP port of the node's tailnet addresses, to the peers the policy lets reach it; 0: off. http://100.100.100.100/metrics serves this host's programs either way")
 	fs.Var(&af.forwards, "forward", "forward inbound tailnet TCP PORT to LOCALADDR (PORT=LOCALADDR, repeatable or comma-separated)")
 	af.flowLog.register(fs)
 }
@@ -135,6 +140,9 @@ func (c *cli) agentOptions(af *agentFlags) (agent.Options, error) {
 	if af.peerIdle < 0 {
 		return agent.Options{}, fmt.Errorf("--peer-idle-timeout %v: want a duration >= 0 (0 configures every peer up front)", af.peerIdle)
 	}
+	if af.metricsTailnet > 65535 {
+		return agent.Options{}, fmt.Errorf("--metrics-tailnet-port %d: want a TCP port 1-65535 (0: off)", af.metricsTailnet)
+	}
 	if af.resolv != "" && !filepath.IsAbs(af.resolv) {
 		return agent.Options{}, fmt.Errorf("--resolv-conf %q: want an absolute path", af.resolv)
 	}
@@ -142,7 +150,7 @@ func (c *cli) agentOptions(af *agentFlags) (agent.Options, error) {
 		StateDir: af.stateDir, TUN: af.tun, Port: af.port.option(), MTU: af.mtu,
 		Forwards: af.forwards, SOCKS5Addr: af.socks5, HTTPProxyAddr: af.httpProxy, LoopbackOnly: af.loopback,
 		PeerIdleTimeout: peerIdleOption(af.peerIdle), ResolvConf: af.resolv, Logger: c.log, HTTPSServices: af.services,
-		SFTPCommand: sftpCommand(), RecorderDir: af.recorderDir,
+		SFTPCommand: sftpCommand(), RecorderDir: af.recorderDir, MetricsTailnetPort: uint16(af.metricsTailnet),
 	}
 	// The daemon keeps its recent log lines for `meshd bugreport`.
 	opts.LogRing = logring.New(0, 0)
@@ -187,16 +195,24 @@ func (c *cli) daemonCmd() *ffcli.Command {
 				return err
 			}
 			c.log.Info("meshd daemon started", "state_dir", af.stateDir, "tun", af.tun, "socket", *socket)
-			return runAgent(ctx, a, ln, c.log)
+			return runAgent(ctx, a, ln, c.log, af.metricsListen)
 		},
 	}
 }
 
 // runAgent runs a and, if ln is not nil, the local API on ln (refused
 // connections logged to log), until ctx ends or the agent fails.
-func runAgent(ctx context.Context, a *agent.Agent, ln net.Listener, log *slog.Logger) error {
+func runAgent(ctx context.Context, a *agent.Agent, ln net.Listener, log *slog.Logger, metricsAddr string) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	waitMetrics, err := metricsServer(ctx, metricsAddr, a.MetricsHandler(), log)
+	if err != nil {
+		if ln != nil {
+			ln.Close()
+		}
+		return err
+	}
+	defer waitMetrics()
 	apiDone := make(chan error, 1)
 	if ln != nil {
 		lim := localapi.DefaultLimits()
@@ -205,7 +221,7 @@ func runAgent(ctx context.Context, a *agent.Agent, ln net.Listener, log *slog.Lo
 	} else {
 		apiDone <- nil
 	}
-	err := a.Run(ctx)
+	err = a.Run(ctx)
 	cancel()
 	if aerr := <-apiDone; aerr != nil && err == nil {
 		err = fmt.Errorf("local api: %w", aerr)

@@ -16,10 +16,14 @@ import (
 	"time"
 
 	"github.com/peterbourgon/ff/v3/ffcli"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/time/rate"
 
 	"meshd.dev/meshd/control"
 	"meshd.dev/meshd/derp"
+	"meshd.dev/meshd/derp/derpmetrics"
 	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/internal/tlspin"
 	"meshd.dev/meshd/nat/stun"
@@ -38,6 +42,7 @@ func (c *cli) derpCmd() *ffcli.Command {
 	queue := fs.Int("client-queue", derp.DefaultSendQueueDepth, "packets queued per receiving client before new ones are dropped")
 	coordinator := fs.String("coordinator", "", "coordinator `URL`; when set, only nodes it knows (registered, key not expired) may use the relay")
 	coordTokenFile := fs.String("coordinator-token-file", "", "`file` with the coordinator's relay token (its DIR/relay.token); required with --coordinator")
+	metricsListen := fs.String("metrics-listen", "", metricsFlagHelp)
 	openRelay := fs.Bool("open-relay", false, "serve any node key, without asking a coordinator (labs, tests); without it --coordinator is required")
 	conns := registerConnFlags(fs, "derp")
 	return &ffcli.Command{
@@ -123,7 +128,7 @@ has not completed the relay handshake within 10s of connecting is closed.`,
 				verifier: verifier, coordinator: *coordinator,
 				listen: *listen, stunListen: *stunListen, stateDir: *stateDir, certHosts: *certHosts,
 				meshKey: meshKey, meshWith: peers, clientRate: *clientRate, queue: *queue,
-				limits: lim,
+				limits: lim, metricsListen: *metricsListen,
 			})
 		},
 	}
@@ -158,6 +163,8 @@ type derpConfig struct {
 	// limits bound the relay's connections (zero fields: connlimit
 	// defaults). Clients are authenticated by the relay handshake.
 	limits connlimit.Limits
+	// metricsListen is where /metrics is served; empty: nowhere.
+	metricsListen string
 }
 
 func (c *cli) runDERP(ctx context.Context, cfg derpConfig) error {
@@ -208,6 +215,13 @@ func (c *cli) runDERP(ctx context.Context, cfg derpConfig) error {
 	defer wg.Wait()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(derpmetrics.New(srv), collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	waitMetrics, err := metricsServer(ctx, cfg.metricsListen, promhttp.HandlerFor(reg, promhttp.HandlerOpts{Timeout: 10 * time.Second}), c.log)
+	if err != nil {
+		return fmt.Errorf("derp: %w", err)
+	}
+	defer waitMetrics()
 
 	stunPort := -1
 	if cfg.stunListen != "" {

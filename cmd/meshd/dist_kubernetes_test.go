@@ -124,3 +124,28 @@ func toStrings(v any) []string {
 	}
 	return out
 }
+
+// TestDistKubernetesProbes: the node's containers have startup, readiness
+// and liveness probes, all running the image's entrypoint probe (ready for
+// startup and readiness, live for liveness), so a node that is not running
+// is not Ready and the sidecar's app starts only once it is.
+func TestDistKubernetesProbes(t *testing.T) {
+	for _, tt := range []struct {
+		file string
+		path []any // to the meshd container
+	}{
+		{"sidecar.yaml", []any{"spec", "template", "spec", "initContainers", 0}},
+		{"daemonset.yaml", []any{"spec", "template", "spec", "containers", 0}},
+	} {
+		c := get(manifestDocs(t, tt.file)[0], tt.path...)
+		if get(c, "name") != "meshd" {
+			t.Fatalf("%s: no meshd container at %v", tt.file, tt.path)
+		}
+		for probe, want := range map[string]string{"startupProbe": "ready", "readinessProbe": "ready", "livenessProbe": "live"} {
+			cmd := toStrings(get(c, probe, "exec", "command"))
+			if !slices.Equal(cmd, []string{"/usr/local/bin/meshd-entrypoint", "probe", want}) {
+				t.Errorf("%s: %s runs %v, want the entrypoint's probe %s", tt.file, probe, cmd, want)
+			}
+		}
+	}
+}

@@ -95,7 +95,7 @@ func (c *cli) k8sProxyCmd() *ffcli.Command {
 				return err
 			}
 			c.log.Info("meshd k8s-proxy started", "mode", kf.mode, "port", kf.port, "state_dir", af.stateDir, "tun", af.tun, "socket", *socket)
-			return runAgent(ctx, a, ln, c.log)
+			return runAgent(ctx, a, ln, c.log, af.metricsListen)
 		},
 	}
 }

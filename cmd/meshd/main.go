@@ -58,6 +58,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			c.upCmd(),
 			c.downCmd(),
 			c.statusCmd(),
+			c.waitCmd(),
+			c.metricsCmd(),
 			c.pingCmd(),
 			c.whoisCmd(),
 			c.serveCmd(),

@@ -146,7 +146,7 @@ func (c *cli) recorderCmd() *ffcli.Command {
 				return err
 			}
 			c.log.Info("meshd recorder started", "dir", dir, "state_dir", af.stateDir, "tun", af.tun, "socket", *socket)
-			return runAgent(ctx, a, ln, c.log)
+			return runAgent(ctx, a, ln, c.log, af.metricsListen)
 		},
 	}
 }

@@ -24,9 +24,12 @@ func (c *cli) statusCmd() *ffcli.Command {
 	return &ffcli.Command{
 		Name:       "status",
 		ShortUsage: "meshd status [--json] [--socket PATH]",
-		ShortHelp:  "show this node and its peers",
-		FlagSet:    fs,
-		Options:    envOptions,
+		ShortHelp:  "show this node and its peers; exits 1 unless the node is running",
+		LongHelp: `Exit status: 0 when the node is running (backend_state Running, health
+warnings or not: docs/health.md); 1 otherwise, with the reason on stderr
+(stopped, logged out, expired, waiting for approval, starting, no daemon).`,
+		FlagSet: fs,
+		Options: envOptions,
 		Exec: func(ctx context.Context, args []string) error {
 			if len(args) > 0 {
 				return fmt.Errorf("status: unexpected arguments %q", args)
@@ -38,10 +41,13 @@ func (c *cli) statusCmd() *ffcli.Command {
 			if *asJSON {
 				enc := json.NewEncoder(c.stdout)
 				enc.SetIndent("", "  ")
-				return enc.Encode(st)
+				if err := enc.Encode(st); err != nil {
+					return err
+				}
+			} else {
+				writeStatus(c.stdout, st)
 			}
-			writeStatus(c.stdout, st)
-			return nil
+			return notRunning(st)
 		},
 	}
 }
@@ -109,6 +115,14 @@ func writeStatus(w io.Writer, st *localapi.Status) {
 			fmt.Fprintf(w, "# routes of %s: %s\n", p.Hostname, r)
 		}
 	}
+	for _, h := range st.Health {
+		// MTU problems get their own line per peer below; an
+		// unreachable coordinator is the message above.
+		if h.Code == localapi.HealthMTUProblem || (h.Code == localapi.HealthCoordinatorUnreachable && st.Message != "") {
+			continue
+		}
+		fmt.Fprintf(w, "# health: %s: %s\n", h.Code, h.Message)
+	}
 	// Small packets cross such a path, so the peer looks fine in the table
 	// while bulk transfers hang: say so, and what to do.
 	for _, p := range st.Peers {
@@ -124,6 +138,19 @@ func mtuLine(m *localapi.MTUStatus) string {
 		return fmt.Sprintf("mtu %d: %s", m.MTU, m.Reason)
 	}
 	return fmt.Sprintf("mtu %d from %s (mtu %d): %s", m.MTU, m.Interface, m.UnderlayMTU, m.Reason)
+}
+
+// notRunning is the exit of `meshd status`: nil when the node is running,
+// else an exit status 1 naming the state and why.
+func notRunning(st *localapi.Status) error {
+	if st.BackendState == localapi.StateRunning {
+		return nil
+	}
+	msg := "not running: " + st.BackendState
+	if st.Message != "" {
+		msg += ": " + printable(st.Message)
+	}
+	return &exitError{code: 1, msg: msg}
 }
 
 // printable drops control characters from text the coordinator sent, so

@@ -205,7 +205,7 @@ func (c *cli) upForeground(ctx context.Context, af *agentFlags, socket string, f
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	done := make(chan error, 1)
-	go func() { done <- runAgent(ctx, a, ln, c.log) }()
+	go func() { done <- runAgent(ctx, a, ln, c.log, af.metricsListen) }()
 	upCtx, upCancel := context.WithTimeout(ctx, 60*time.Second)
 	st, err := a.Up(upCtx, req)
 	upCancel()

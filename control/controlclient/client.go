@@ -73,6 +73,9 @@ type Client struct {
 	// state is the node state last reported by Update; Follow sends it
 	// when it reconnects so a new stream never reports stale endpoints.
 	state *netmap.MapRequest
+
+	// clock reads the coordinator's clock off its answers (clockskew.go).
+	clock skewTransport
 }
 
 // ParseURL accepts https://HOST:PORT or a bare HOST:PORT.
@@ -173,7 +176,8 @@ func NewClient(o ClientOptions) (*Client, error) {
 	if o.DialContext != nil {
 		c.tr.DialContext = o.DialContext
 	}
-	c.hc = &http.Client{Transport: c.tr}
+	c.clock.rt = c.tr
+	c.hc = &http.Client{Transport: &c.clock}
 	return c, nil
 }
 

@@ -22,13 +22,34 @@
 #   MESHD_SOCKET       local API socket (default $MESHD_STATE_DIR/meshd.sock,
 #                      so `meshd status --socket ...` works via docker exec)
 # Every other MESHD_* variable (MESHD_SOCKS5_SERVER, MESHD_HTTP_PROXY,
-# MESHD_FORWARD, MESHD_PORT, ...) is read by meshd itself. Extra arguments
-# are passed on to `meshd up`.
+# MESHD_FORWARD, MESHD_PORT, MESHD_METRICS_LISTEN, ...) is read by meshd
+# itself. Extra arguments are passed on to `meshd up`.
+#
+# Probes (Docker HEALTHCHECK, Kubernetes startup/readiness/liveness; see
+# docs/health.md), run in the container with the same environment:
+#   meshd-entrypoint probe ready   exit 0 only while the node is running
+#                                  (`meshd status`); the reason on stderr
+#   meshd-entrypoint probe live    exit 0 while the daemon answers its local
+#                                  API, whatever the node's state
 set -eu
 
 state_dir=${MESHD_STATE_DIR:-/var/lib/meshd}
 tun=${MESHD_TUN:-userspace}
 socket=${MESHD_SOCKET:-$state_dir/meshd.sock}
+
+if [ "${1:-}" = probe ]; then
+	case "${2:-}" in
+	ready)
+		exec meshd status --socket "$socket" >/dev/null ;;
+	live)
+		# Any answer from the local API is life; a node that is merely
+		# not running is for the readiness probe to report.
+		exec meshd metrics --socket "$socket" >/dev/null ;;
+	*)
+		echo "meshd-entrypoint: usage: meshd-entrypoint probe ready|live" >&2
+		exit 64 ;;
+	esac
+fi
 registered=false
 if [ -s "$state_dir/login.json" ]; then
 	registered=true
