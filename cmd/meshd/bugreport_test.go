@@ -72,7 +72,7 @@ func TestBugreport(t *testing.T) {
 		t.Fatalf("archive: %v %v, want mode 0600", st, err)
 	}
 	files := readArchive(t, archive)
-	for _, name := range []string{"version.txt", "status.json", "drops.json", "logs.txt", "netcheck.json", "goroutines.txt", "heap.pb.gz", "cpu.pb.gz"} {
+	for _, name := range []string{"version.txt", "status.json", "drops.json", "logs.txt", "netcheck.json", "goroutines.txt", "heap.pb.gz", "cpu.pb.gz", "metrics.txt"} {
 		if len(files[name]) == 0 {
 			t.Errorf("archive lacks %s (errors.txt: %s)", name, files["errors.txt"])
 		}
@@ -86,9 +86,9 @@ func TestBugreport(t *testing.T) {
 	if !strings.Contains(string(files["logs.txt"]), "packet filter updated") {
 		t.Errorf("logs.txt lacks the daemon's lines:\n%s", files["logs.txt"])
 	}
-	// No daemon metrics on this branch: said, not silently missing.
-	if !strings.Contains(string(files["errors.txt"]), "metrics.txt") {
-		t.Errorf("errors.txt does not explain the missing metrics: %q", files["errors.txt"])
+	// The daemon's metrics, as `meshd metrics` prints them.
+	if !strings.Contains(string(files["metrics.txt"]), "meshd_") {
+		t.Errorf("metrics.txt has no meshd_ series:\n%.500s", files["metrics.txt"])
 	}
 
 	// The secrets, in every form they could take.
