@@ -60,6 +60,11 @@ type hub struct {
 	// sessionsGen counts session opens and closes, so that a policy
 	// change can tell whether any happened while it computed.
 	sessionsGen uint64
+	// elsewhere, if set, reports whether a node holds a map stream on
+	// another coordinator sharing the database: its last stream here
+	// closing does not take it offline then. Called under mu: it must
+	// not block or call into the hub.
+	elsewhere func(netmap.NodeID) bool
 
 	// log records which node changed at each version, for resuming streams
 	// (id 0 marks a change that needs a full map, such as a policy change).
@@ -681,7 +686,7 @@ func (h *hub) unsubscribe(s *session) *netmap.Node {
 	}
 	delete(h.sessions, s.node)
 	n := h.nodes[s.node]
-	if n == nil {
+	if n == nil || h.elsewhere != nil && h.elsewhere(s.node) {
 		return nil
 	}
 	nn := *n
