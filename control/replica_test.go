@@ -224,3 +224,83 @@ func TestReplicasRegisterConcurrently(t *testing.T) {
 		}
 	}
 }
+
+// TestNodesFailOverBetweenReplicas: nodes given both replicas' URLs keep
+// their map when the replica they stream from is killed in the middle of
+// a policy change: every stream resumes on the other within seconds, and
+// every node ends with the tailnet as the database has it (the change
+// either happened or not, the same for every node).
+func TestNodesFailOverBetweenReplicas(t *testing.T) {
+	ctx := context.Background()
+	rs := startReplicas(t, 2, ServerOptions{})
+	a, b := rs[0], rs[1]
+	k := a.key(t, AuthKeyOptions{Tags: []string{"tag:a"}, Reusable: true})
+	const n = 8
+	var nodes []*testNode
+	for i := range n {
+		urls := a.url + "," + b.url
+		if i%2 == 1 {
+			urls = b.url + "," + a.url
+		}
+		nd := newTestNode(t, urls, "")
+		nd.mustRegister(t, k, "node")
+		nd.follow(t, nd.mapRequest())
+		nodes = append(nodes, nd)
+	}
+	for _, nd := range nodes {
+		nd.waitMap(t, "every peer online", func(m *netmap.NetworkMap) bool {
+			if len(m.Peers) != n-1 {
+				return false
+			}
+			for _, p := range m.Peers {
+				if !p.Online {
+					return false
+				}
+			}
+			return true
+		})
+	}
+	if got := a.hub.connected(); got != n/2 {
+		t.Fatalf("%d nodes stream from A, want %d (the first URL)", got, n/2)
+	}
+
+	// Kill A while it applies a policy.
+	done := make(chan error, 1)
+	go func() {
+		_, err := a.ApplyPolicy(ctx, "ab.hujson", []byte(abPolicy))
+		done <- err
+	}()
+	killed := time.Now()
+	a.stop(t)
+	<-done // stored and in force, or cut short: either is fine
+
+	waitFor(t, "every stream on B", func() bool { return b.hub.connected() == n })
+	if d := time.Since(killed); d > 5*time.Second {
+		t.Errorf("streams took %v to fail over", d)
+	}
+	t.Logf("all %d streams on B %v after A was killed", n, time.Since(killed).Round(time.Millisecond))
+	want := b.CurrentPolicy()
+	stored, err := b.store.Policy(ctx)
+	if err == nil && stored.File != want.File {
+		t.Fatalf("B has %q in force, the database %q", want.File, stored.File)
+	}
+	for _, nd := range nodes {
+		nd.waitMap(t, "the database's policy and every peer online", func(m *netmap.NetworkMap) bool {
+			if m.PolicyBootstrap != want.Bootstrap || len(m.Peers) != n-1 {
+				return false
+			}
+			for _, p := range m.Peers {
+				if !p.Online {
+					return false
+				}
+			}
+			return true
+		})
+	}
+	// B goes on serving changes: a new node reaches them all.
+	late := newTestNode(t, b.url, "")
+	late.mustRegister(t, k, "late")
+	for _, nd := range nodes {
+		nd.waitMap(t, "the late node", func(m *netmap.NetworkMap) bool { return m.Peers[late.id] != nil })
+	}
+}
