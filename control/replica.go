@@ -247,7 +247,17 @@ type replication struct {
 	byReplica map[string]map[netmap.NodeID]bool
 
 	announce chan presence
+
+	// Node changes from the feed, coalesced: a burst (a fleet
+	// reconnecting, churn) is loaded in one query per batch, and the
+	// feed's connection is read on while a batch is applied.
+	pendMu  sync.Mutex
+	pending map[netmap.NodeID]bool
+	kick    chan struct{}
 }
+
+// maxSyncBatch bounds the nodes loaded (under the server's lock) at once.
+const maxSyncBatch = 512
 
 // presence is a node's stream opening (on) or closing here.
 type presence struct {
@@ -261,6 +271,8 @@ func newReplication(s *Server, db *store.Postgres, name string) *replication {
 		remote:    make(map[netmap.NodeID]map[string]bool),
 		byReplica: make(map[string]map[netmap.NodeID]bool),
 		announce:  make(chan presence, 4096),
+		pending:   make(map[netmap.NodeID]bool),
+		kick:      make(chan struct{}, 1),
 	}
 }
 
@@ -268,7 +280,11 @@ func newReplication(s *Server, db *store.Postgres, name string) *replication {
 // replicas' liveness until the server closes.
 func (r *replication) start(l *store.Listener) {
 	s := r.s
-	s.wg.Add(3)
+	s.wg.Add(4)
+	go func() {
+		defer s.wg.Done()
+		r.syncer()
+	}()
 	go func() {
 		defer s.wg.Done()
 		l.Run(s.ctx, r.apply, func(err error) { s.log.Warn("change feed", "err", err) })
@@ -405,7 +421,13 @@ func (r *replication) apply(c store.Change) {
 	s := r.s
 	switch c.Kind {
 	case store.ChangeNode:
-		s.syncNode(c.Node)
+		r.pendMu.Lock()
+		r.pending[c.Node] = true
+		r.pendMu.Unlock()
+		select {
+		case r.kick <- struct{}{}:
+		default:
+		}
 	case store.ChangePolicy:
 		s.syncPolicy()
 	case store.ChangeMeta:
@@ -465,6 +487,33 @@ func (r *replication) presence(msg string) {
 		r.mu.Unlock()
 		for _, id := range ids {
 			r.s.setOnline(id, false)
+		}
+	}
+}
+
+// syncer applies the node changes apply queued, in batches.
+func (r *replication) syncer() {
+	for {
+		select {
+		case <-r.s.ctx.Done():
+			return
+		case <-r.kick:
+		}
+		for {
+			r.pendMu.Lock()
+			batch := make([]netmap.NodeID, 0, min(len(r.pending), maxSyncBatch))
+			for id := range r.pending {
+				if len(batch) == maxSyncBatch {
+					break
+				}
+				batch = append(batch, id)
+				delete(r.pending, id)
+			}
+			r.pendMu.Unlock()
+			if len(batch) == 0 {
+				break
+			}
+			r.s.syncNodes(r.db, batch)
 		}
 	}
 }
@@ -554,32 +603,36 @@ func (s *Server) setOnline(id netmap.NodeID, on bool) {
 	s.hub.upsert(&nn)
 }
 
-// syncNode applies node id as stored to the hub: what another replica
-// (or this one) committed. A node the hub already shows as stored costs
-// nothing more.
-func (s *Server) syncNode(id netmap.NodeID) {
+// syncNodes applies nodes ids as stored to the hub: what another replica
+// (or this one) committed, loaded in one query. A node the hub already
+// shows as stored costs nothing more; one no longer stored leaves. The
+// rows are read under s.mu: read outside it, a row could be older than
+// what a local change under the lock has put in the hub meanwhile, and
+// applying it would briefly undo that change.
+func (s *Server) syncNodes(db *store.Postgres, ids []netmap.NodeID) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return
 	}
-	s.syncNodeLocked(id)
-}
-
-func (s *Server) syncNodeLocked(id netmap.NodeID) {
-	n, err := s.store.Node(s.ctx, id)
-	if errors.Is(err, store.ErrNotFound) {
-		s.cancelEphemeralLocked(id)
-		s.hub.remove(id, controlclient.ErrNotRegistered)
-		return
-	}
+	nodes, err := db.NodesByID(s.ctx, ids)
 	if err != nil {
 		if s.ctx.Err() == nil {
-			s.log.Error("change feed: load node", "node", id, "err", err)
+			s.log.Error("change feed: load nodes", "err", err)
 		}
 		return
 	}
-	s.applyStoredLocked(n)
+	found := make(map[netmap.NodeID]bool, len(nodes))
+	for _, n := range nodes {
+		found[n.ID] = true
+		s.applyStoredLocked(n)
+	}
+	for _, id := range ids {
+		if !found[id] {
+			s.cancelEphemeralLocked(id)
+			s.hub.remove(id, controlclient.ErrNotRegistered)
+		}
+	}
 }
 
 // applyStoredLocked puts stored node n in the hub (or takes it out).

@@ -62,7 +62,7 @@ func run() error {
 	flag.IntVar(&c.churnRate, "churn-rate", 100, "ephemeral joins (and as many leaves) per second")
 	flag.DurationVar(&c.churnFor, "churn-for", 10*time.Second, "how long to churn")
 	flag.DurationVar(&c.ephTimeout, "ephemeral-timeout", 2*time.Second, "the coordinators' --ephemeral-timeout")
-	flag.IntVar(&c.concurrency, "concurrency", 64, "registrations in flight while connecting the fleet")
+	flag.IntVar(&c.concurrency, "concurrency", 16, "registrations in flight while connecting the fleet")
 	flag.Parse()
 	c.urls = strings.Split(*urls, ",")
 	if *urls == "" || c.token == "" {
@@ -264,6 +264,7 @@ func bench(ctx context.Context, c config) error {
 	var next atomic.Int64
 	var wg sync.WaitGroup
 	var firstErr atomic.Value
+	var retries atomic.Int64
 	for range c.concurrency {
 		wg.Go(func() {
 			for {
@@ -271,7 +272,16 @@ func bench(ctx context.Context, c config) error {
 				if i >= c.nodes {
 					return
 				}
-				s, err := start(ctx, c.urls, i%len(c.urls), keys[i%c.tenants], fmt.Sprintf("sim-%d", i))
+				// A real node retries a registration the coordinator
+				// cut off (connlimit's handshake timeout under load).
+				var s *sim
+				var err error
+				for try := 0; try < 5; try++ {
+					if s, err = start(ctx, c.urls, i%len(c.urls), keys[i%c.tenants], fmt.Sprintf("sim-%d", i)); err == nil {
+						break
+					}
+					retries.Add(1)
+				}
 				if err != nil {
 					firstErr.CompareAndSwap(nil, fmt.Errorf("node %d: %w", i, err))
 					return
@@ -289,7 +299,7 @@ func bench(ctx context.Context, c config) error {
 		return err
 	}
 	connect := time.Since(t0)
-	fmt.Printf("connect: %d nodes registered and holding a full map in %v (%.0f nodes/s)\n", c.nodes, connect.Round(time.Millisecond), float64(c.nodes)/connect.Seconds())
+	fmt.Printf("connect: %d nodes registered and holding a full map in %v (%.0f nodes/s, %d registrations retried)\n", c.nodes, connect.Round(time.Millisecond), float64(c.nodes)/connect.Seconds(), retries.Load())
 	time.Sleep(2 * time.Second) // let online patches settle before measuring memory
 	for i, p := range c.pids {
 		per := len(c.urls)
@@ -405,16 +415,27 @@ func bench(ctx context.Context, c config) error {
 	}
 	// Every watcher must have seen every ephemeral node (no lost join),
 	// and they must all be gone after the ephemeral timeout.
+	// Changes may still be on their way when the last leave returns:
+	// wait (up to a minute) for every watcher to have seen every join.
 	missed := 0
-	for _, w := range watchers {
-		w.mu.Lock()
-		for id := range ids {
-			if !w.peers[id] {
-				missed++
+	converge := time.Now()
+	for {
+		missed = 0
+		for _, w := range watchers {
+			w.mu.Lock()
+			for id := range ids {
+				if !w.peers[id] {
+					missed++
+				}
 			}
+			w.mu.Unlock()
 		}
-		w.mu.Unlock()
+		if missed == 0 || time.Since(converge) > time.Minute {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
+	fmt.Printf("churn: every watcher had seen every join %v after the last leave\n", time.Since(converge).Round(10*time.Millisecond))
 	var left int
 	deadline := time.Now().Add(c.ephTimeout + 30*time.Second)
 	for {

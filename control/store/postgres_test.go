@@ -299,3 +299,27 @@ func TestParseChange(t *testing.T) {
 		}
 	}
 }
+
+func TestNodesByID(t *testing.T) {
+	ctx := context.Background()
+	rs := replicas(t, 1, seqPool{})
+	s := rs[0]
+	if err := s.InsertAuthKey(ctx, AuthKey{ID: "r", Hash: make([]byte, 32), Reusable: true, Created: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	var want []netmap.NodeID
+	for i := range 3 {
+		n, err := regKeys(s, mkey(byte(i+1)), netmap.NodePublic{byte(i + 1)}, netmap.DiscoPublic{byte(i + 1)}, "h")
+		if err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, n.ID)
+	}
+	got, err := s.NodesByID(ctx, []netmap.NodeID{want[0], want[2], 999, 1 << 63})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0].ID+got[1].ID != want[0]+want[2] {
+		t.Fatalf("NodesByID: %v, want nodes %d and %d", got, want[0], want[2])
+	}
+}
