@@ -304,3 +304,31 @@ func TestNodesFailOverBetweenReplicas(t *testing.T) {
 		nd.waitMap(t, "the late node", func(m *netmap.NetworkMap) bool { return m.Peers[late.id] != nil })
 	}
 }
+
+// TestReplicaGoneTakesItsNodesOffline: a node that streams only from a
+// replica that is killed shows as offline on the other replica (which
+// notices that the dead one left the database), while a node that fails
+// over stays online.
+func TestReplicaGoneTakesItsNodesOffline(t *testing.T) {
+	rs := startReplicas(t, 2, ServerOptions{})
+	a, b := rs[0], rs[1]
+	k := a.key(t, AuthKeyOptions{Tags: []string{"tag:a"}, Reusable: true})
+	stuck := newTestNode(t, a.url, "") // knows only A
+	stuck.mustRegister(t, k, "stuck")
+	stuck.follow(t, stuck.mapRequest())
+	moving := newTestNode(t, a.url+","+b.url, "")
+	moving.mustRegister(t, k, "moving")
+	moving.follow(t, moving.mapRequest())
+	watcher := newTestNode(t, b.url, "")
+	watcher.mustRegister(t, k, "watcher")
+	watcher.follow(t, watcher.mapRequest())
+	watcher.waitMap(t, "both nodes on A online", func(m *netmap.NetworkMap) bool {
+		s, mv := m.Peers[stuck.id], m.Peers[moving.id]
+		return s != nil && s.Online && mv != nil && mv.Online
+	})
+	a.stop(t)
+	watcher.waitMap(t, "the node stuck on A offline, the other online", func(m *netmap.NetworkMap) bool {
+		s, mv := m.Peers[stuck.id], m.Peers[moving.id]
+		return s != nil && !s.Online && mv != nil && mv.Online
+	})
+}
