@@ -469,5 +469,6 @@ func (s *Server) adminAuthorized(r *http.Request) bool {
 		return false
 	}
 	sum := sha256.Sum256([]byte(strings.TrimSpace(tok)))
-	return hashEqual(sum[:], s.adminHash)
+	h := s.adminHash.Load()
+	return h != nil && hashEqual(sum[:], *h)
 }

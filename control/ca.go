@@ -228,6 +228,9 @@ const errNewCA = "restore %s and %s from a backup of the state dir; or start onc
 // leave every host that trusts the old one failing TLS to the tailnet.
 // opts.NewCA moves the old files aside and makes a new CA.
 func (s *Server) initCA(ctx context.Context) error {
+	if s.repl != nil {
+		return s.initSharedCA(ctx)
+	}
 	dir, suffix, now := s.opts.StateDir, s.opts.DNS.Suffix, s.now()
 	keyPath, certPath := filepath.Join(dir, caKeyFile), filepath.Join(dir, caCertFile)
 	recorded, err := s.store.Meta(ctx, metaCA)

@@ -56,6 +56,11 @@ func newChallenger(path string) (*challenger, error) {
 	if err != nil {
 		return nil, err
 	}
+	return challengerFor(priv)
+}
+
+// challengerFor makes the challenger of X25519 key priv.
+func challengerFor(priv *ecdh.PrivateKey) (*challenger, error) {
 	mac, err := hkdf.Key(sha256.New, priv.Bytes(), nil, "meshd node key challenge mac v1", 32)
 	if err != nil {
 		return nil, err
@@ -71,11 +76,14 @@ func newChallenger(path string) (*challenger, error) {
 func loadOrCreateX25519(path string) (*ecdh.PrivateKey, error) {
 	return loadOrCreatePEMKey(path, "challenge key",
 		"move it aside and restart to create a new one (harmless: nodes only need it for the next minute)",
-		func() (crypto.PrivateKey, error) { return ecdh.X25519().GenerateKey(rand.Reader) },
-		func(k crypto.PrivateKey) (*ecdh.PrivateKey, bool) {
-			xk, ok := k.(*ecdh.PrivateKey)
-			return xk, ok && xk.Curve() == ecdh.X25519()
-		})
+		newX25519, asX25519)
+}
+
+func newX25519() (crypto.PrivateKey, error) { return ecdh.X25519().GenerateKey(rand.Reader) }
+
+func asX25519(k crypto.PrivateKey) (*ecdh.PrivateKey, bool) {
+	xk, ok := k.(*ecdh.PrivateKey)
+	return xk, ok && xk.Curve() == ecdh.X25519()
 }
 
 func (c *challenger) sum(mk netmap.MachinePublic, body []byte) []byte {

@@ -64,6 +64,11 @@ type hub struct {
 	// fanout, if set, is told how long each node change took to queue
 	// (metrics.go); set once before the hub serves.
 	fanout func(time.Duration)
+	// elsewhere, if set, reports whether a node holds a map stream on
+	// another coordinator sharing the database: its last stream here
+	// closing does not take it offline then. Called under mu: it must
+	// not block or call into the hub.
+	elsewhere func(netmap.NodeID) bool
 
 	// log records which node changed at each version, for resuming streams
 	// (id 0 marks a change that needs a full map, such as a policy change).
@@ -697,7 +702,7 @@ func (h *hub) unsubscribe(s *session) *netmap.Node {
 	}
 	delete(h.sessions, s.node)
 	n := h.nodes[s.node]
-	if n == nil {
+	if n == nil || h.elsewhere != nil && h.elsewhere(s.node) {
 		return nil
 	}
 	nn := *n

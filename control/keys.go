@@ -23,8 +23,17 @@ import (
 func loadOrCreateKey(path string) (ed25519.PrivateKey, error) {
 	return loadOrCreatePEMKey(path, "coordinator key",
 		"move it aside to create a new one (nodes will then need the new fingerprint)",
-		func() (crypto.PrivateKey, error) { _, k, err := ed25519.GenerateKey(rand.Reader); return k, err },
-		func(k crypto.PrivateKey) (ed25519.PrivateKey, bool) { ek, ok := k.(ed25519.PrivateKey); return ek, ok })
+		newEd25519, asEd25519)
+}
+
+func newEd25519() (crypto.PrivateKey, error) {
+	_, k, err := ed25519.GenerateKey(rand.Reader)
+	return k, err
+}
+
+func asEd25519(k crypto.PrivateKey) (ed25519.PrivateKey, bool) {
+	ek, ok := k.(ed25519.PrivateKey)
+	return ek, ok
 }
 
 // loadOrCreatePEMKey reads a private key (PKCS#8 PEM) named what from
@@ -35,34 +44,49 @@ func loadOrCreatePEMKey[K any](path, what, badFile string, generate func() (cryp
 	var zero K
 	data, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
-		key, err := generate()
+		data, err := newPEMKey(what, generate)
 		if err != nil {
-			return zero, fmt.Errorf("generate %s: %w", what, err)
+			return zero, err
 		}
-		der, err := x509.MarshalPKCS8PrivateKey(key)
-		if err != nil {
-			return zero, fmt.Errorf("encode %s: %w", what, err)
-		}
-		if err := atomicfile.Write(path, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
+		if err := atomicfile.Write(path, data, 0o600); err != nil {
 			return zero, fmt.Errorf("write %s: %w", what, err)
 		}
-		k, _ := as(key)
-		return k, nil
+		return parsePEMKey(data, what+" "+path, badFile, as)
 	}
 	if err != nil {
 		return zero, fmt.Errorf("read %s: %w", what, err)
 	}
+	return parsePEMKey(data, what+" "+path, badFile, as)
+}
+
+// newPEMKey generates a private key and encodes it as PKCS#8 PEM.
+func newPEMKey(what string, generate func() (crypto.PrivateKey, error)) ([]byte, error) {
+	key, err := generate()
+	if err != nil {
+		return nil, fmt.Errorf("generate %s: %w", what, err)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return nil, fmt.Errorf("encode %s: %w", what, err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
+}
+
+// parsePEMKey decodes a PKCS#8 PEM private key named what; as checks its
+// type and badFile says what to do about one that is not usable.
+func parsePEMKey[K any](data []byte, what, badFile string, as func(crypto.PrivateKey) (K, bool)) (K, error) {
+	var zero K
 	block, _ := pem.Decode(data)
 	if block == nil || block.Type != "PRIVATE KEY" {
-		return zero, fmt.Errorf("%s %s: not a PEM private key; %s", what, path, badFile)
+		return zero, fmt.Errorf("%s: not a PEM private key; %s", what, badFile)
 	}
 	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
 	if err != nil {
-		return zero, fmt.Errorf("%s %s: %w; %s", what, path, err, badFile)
+		return zero, fmt.Errorf("%s: %w; %s", what, err, badFile)
 	}
 	typed, ok := as(k)
 	if !ok {
-		return zero, fmt.Errorf("%s %s: a %T, not the expected kind of key; %s", what, path, k, badFile)
+		return zero, fmt.Errorf("%s: a %T, not the expected kind of key; %s", what, k, badFile)
 	}
 	return typed, nil
 }

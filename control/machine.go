@@ -453,6 +453,9 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 	s.mu.Lock()
 	s.cancelEphemeralLocked(id)
 	s.mu.Unlock()
+	if s.repl != nil {
+		s.repl.streamOpened(id)
+	}
 	defer s.endSession(sess)
 
 	frame, err := first.frame()
@@ -514,6 +517,9 @@ func (s *Server) endSession(sess *session) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	off := s.hub.unsubscribe(sess)
+	if s.repl != nil && !s.hub.online(sess.node) {
+		s.repl.streamClosed(sess.node)
+	}
 	if off == nil {
 		return
 	}

@@ -11,6 +11,7 @@ package control
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/hex"
@@ -25,6 +26,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"meshd.dev/meshd/control/controlclient"
@@ -115,7 +117,7 @@ type Server struct {
 	store       store.Store
 	cert        tls.Certificate
 	fingerprint string
-	adminHash   []byte
+	adminHash   atomic.Pointer[[]byte] // SHA-256 of the admin token
 	adminPath   string
 	hub         *hub
 	keys        keyFeed     // revoked node keys, for relays
@@ -140,6 +142,9 @@ type Server struct {
 
 	sshChecks sshChecks      // check-mode SSH approvals (ssh.go)
 	met       *serverMetrics // metrics.go
+	// repl follows the other coordinators sharing a PostgreSQL database;
+	// nil on SQLite.
+	repl *replication
 }
 
 const (
@@ -198,39 +203,54 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("coordinator state dir: %w", err)
 	}
-	dbPath, err := sqlitePath(opts)
-	if err != nil {
-		return nil, err
-	}
-	keyPath := filepath.Join(opts.StateDir, keyFile)
-	keyExisted, err := fileExists(keyPath)
-	if err != nil {
-		return nil, fmt.Errorf("coordinator key: %w", err)
-	}
-	if !keyExisted && !opts.InitState {
-		// A database without its key is not a new tailnet: every node
-		// pins the key. Check before a new key is written.
-		if ok, err := fileExists(dbPath); err != nil || ok && nonEmpty(dbPath) {
-			return nil, fmt.Errorf("coordinator: %s is missing but the database %s exists: restore %s from a backup (nodes pin its fingerprint); "+
-				"to start a new, empty tailnet instead, start once with --init-state (it moves the database aside)", keyPath, dbPath, keyFile)
+	var (
+		st       store.Store
+		key      ed25519.PrivateKey
+		chal     *challenger
+		dbPath   string
+		shared   *store.Postgres
+		replica  string
+		listener *store.Listener
+		err      error
+	)
+	if store.IsPostgresURL(opts.DBURL) {
+		replica = newReplicaName()
+		shared, key, chal, err = openShared(ctx, opts, replica)
+		if err != nil {
+			return nil, err
 		}
-	}
-	key, err := loadOrCreateKey(keyPath)
-	if err != nil {
-		return nil, err
+		// Subscribed before anything is loaded: what other replicas
+		// commit from now on reaches this one.
+		listener, err = shared.Listen(ctx)
+		if err != nil {
+			shared.Close()
+			return nil, fmt.Errorf("coordinator: %w", err)
+		}
+		st, dbPath = shared, "the PostgreSQL database"
+	} else {
+		st, key, chal, dbPath, err = openLocal(ctx, opts)
+		if err != nil {
+			return nil, err
+		}
 	}
 	cert, err := tlspin.SelfSigned(key, "meshd coordinator", nil)
 	if err != nil {
+		st.Close()
 		return nil, err
-	}
-	chal, err := newChallenger(filepath.Join(opts.StateDir, challengeKeyFile))
-	if err != nil {
-		return nil, fmt.Errorf("coordinator: %w", err)
 	}
 	fp := tlspin.Fingerprint(cert.Leaf)
-	st, err := openState(ctx, opts, dbPath, fp, keyExisted)
-	if err != nil {
-		return nil, err
+	if shared != nil {
+		if err := claimOwner(ctx, shared, fp); err != nil {
+			listener.Close()
+			st.Close()
+			return nil, err
+		}
+	}
+	cleanup := func() {
+		if listener != nil {
+			listener.Close()
+		}
+		st.Close()
 	}
 	var epoch [8]byte
 	rand.Read(epoch[:])
@@ -248,6 +268,10 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 
 		certLifetime: opts.certLifetime,
 	}
+	if shared != nil {
+		s.repl = newReplication(s, shared, replica)
+		s.hub.elsewhere = s.repl.elsewhere
+	}
 	if s.certLifetime <= 0 {
 		s.certLifetime = DefaultCertLifetime
 	}
@@ -256,24 +280,24 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	s.met = newServerMetrics(s)
 	s.hub.fanout = func(d time.Duration) { s.met.fanout.Observe(d.Seconds()) }
 	if err := s.quarantineCorrupt(ctx, dbPath); err != nil {
-		st.Close()
+		cleanup()
 		return nil, err
 	}
 	if err := s.initAdminToken(ctx); err != nil {
-		st.Close()
+		cleanup()
 		return nil, err
 	}
 	if err := s.initCA(ctx); err != nil {
-		st.Close()
+		cleanup()
 		return nil, err
 	}
 	s.hub.tlsCA = s.ca.cert.Raw
 	if err := s.loadNodes(ctx); err != nil {
-		st.Close()
+		cleanup()
 		return nil, err
 	}
 	if err := s.initPolicy(ctx); err != nil {
-		st.Close()
+		cleanup()
 		return nil, err
 	}
 	s.mux = http.NewServeMux()
@@ -294,7 +318,50 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	routers := s.clock.NewTicker(routerCheck)
 	s.wg.Add(1)
 	go s.watchRouters(routers)
+	if s.repl != nil {
+		s.repl.start(listener)
+	}
 	return s, nil
+}
+
+// openLocal opens the SQLite state: the coordinator and challenge keys
+// from the state dir, the database made on a first start.
+func openLocal(ctx context.Context, opts ServerOptions) (store.Store, ed25519.PrivateKey, *challenger, string, error) {
+	dbPath, err := sqlitePath(opts)
+	if err != nil {
+		return nil, nil, nil, "", err
+	}
+	keyPath := filepath.Join(opts.StateDir, keyFile)
+	keyExisted, err := fileExists(keyPath)
+	if err != nil {
+		return nil, nil, nil, "", fmt.Errorf("coordinator key: %w", err)
+	}
+	if !keyExisted && !opts.InitState {
+		// A database without its key is not a new tailnet: every node
+		// pins the key. Check before a new key is written.
+		if ok, err := fileExists(dbPath); err != nil || ok && nonEmpty(dbPath) {
+			return nil, nil, nil, "", fmt.Errorf("coordinator: %s is missing but the database %s exists: restore %s from a backup (nodes pin its fingerprint); "+
+				"to start a new, empty tailnet instead, start once with --init-state (it moves the database aside)", keyPath, dbPath, keyFile)
+		}
+	}
+	key, err := loadOrCreateKey(keyPath)
+	if err != nil {
+		return nil, nil, nil, "", err
+	}
+	cert, err := tlspin.SelfSigned(key, "meshd coordinator", nil)
+	if err != nil {
+		return nil, nil, nil, "", err
+	}
+	chal, err := newChallenger(filepath.Join(opts.StateDir, challengeKeyFile))
+	if err != nil {
+		return nil, nil, nil, "", fmt.Errorf("coordinator: %w", err)
+	}
+	fp := tlspin.Fingerprint(cert.Leaf)
+	st, err := openState(ctx, opts, dbPath, fp, keyExisted)
+	if err != nil {
+		return nil, nil, nil, "", err
+	}
+	return st, key, chal, dbPath, nil
 }
 
 // sqlitePath is where the database is, from --db.
@@ -304,10 +371,8 @@ func sqlitePath(opts ServerOptions) (string, error) {
 		return filepath.Join(opts.StateDir, dbFile), nil
 	case strings.HasPrefix(u, "sqlite:"):
 		return strings.TrimPrefix(strings.TrimPrefix(u, "sqlite:"), "//"), nil
-	case strings.HasPrefix(u, "postgres://"), strings.HasPrefix(u, "postgresql://"):
-		return "", errors.New("coordinator: PostgreSQL is not supported by this build yet; omit --db to use SQLite in --state-dir")
 	default:
-		return "", fmt.Errorf("coordinator: --db %q: want sqlite:PATH (or omit it for SQLite in --state-dir)", u)
+		return "", fmt.Errorf("coordinator: --db %q: want sqlite:PATH or postgres://... (or omit it for SQLite in --state-dir)", u)
 	}
 }
 
@@ -471,8 +536,12 @@ func (s *Server) quarantineCorrupt(ctx context.Context, dbPath string) error {
 		return fmt.Errorf("coordinator: check the database for corrupt rows: %w", err)
 	}
 	for _, q := range qs {
+		inspect := fmt.Sprintf("sqlite3 %s \"SELECT * FROM quarantine\"", dbPath)
+		if s.repl != nil {
+			inspect = "psql: SELECT * FROM quarantine"
+		}
 		s.log.Error("corrupt row moved to the quarantine table; the rest of the tailnet loads", "table", q.Source, "id", q.Key, "reason", q.Reason,
-			"inspect", fmt.Sprintf("sqlite3 %s \"SELECT * FROM quarantine\"", dbPath))
+			"inspect", inspect)
 	}
 	return nil
 }
@@ -480,6 +549,9 @@ func (s *Server) quarantineCorrupt(ctx context.Context, dbPath string) error {
 // initAdminToken makes sure admin.token exists and matches the stored hash.
 // Deleting the file and restarting rotates the token.
 func (s *Server) initAdminToken(ctx context.Context) error {
+	if s.repl != nil {
+		return s.initSharedAdminToken(ctx)
+	}
 	data, err := os.ReadFile(s.adminPath)
 	switch {
 	case err == nil:
@@ -491,7 +563,7 @@ func (s *Server) initAdminToken(ctx context.Context) error {
 				if fp != s.fingerprint {
 					return fmt.Errorf("coordinator: %s carries fingerprint %s but the coordinator key is %s: delete %s to issue a new token", s.adminPath, fp, s.fingerprint, s.adminPath)
 				}
-				s.adminHash = wb
+				s.adminHash.Store(&wb)
 				return nil
 			}
 		}
@@ -500,8 +572,9 @@ func (s *Server) initAdminToken(ctx context.Context) error {
 		return fmt.Errorf("coordinator: read admin token: %w", err)
 	}
 	tok := controlclient.AdminTokenPrefix + "-" + randomSecret() + "-" + s.fingerprint
-	s.adminHash = hashSecret(tok)
-	if err := s.store.SetMeta(ctx, metaAdminHash, hex.EncodeToString(s.adminHash)); err != nil {
+	h := hashSecret(tok)
+	s.adminHash.Store(&h)
+	if err := s.store.SetMeta(ctx, metaAdminHash, hex.EncodeToString(h)); err != nil {
 		return fmt.Errorf("coordinator: %w", err)
 	}
 	if err := atomicfile.Write(s.adminPath, []byte(tok+"\n"), 0o600); err != nil {
@@ -689,7 +762,7 @@ func (s *Server) cancelEphemeralLocked(id netmap.NodeID) {
 func (s *Server) reapEphemeral(id netmap.NodeID) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed || s.hub.online(id) {
+	if s.closed || s.hub.online(id) || s.repl != nil && s.repl.elsewhere(id) {
 		return
 	}
 	delete(s.ephemeral, id)

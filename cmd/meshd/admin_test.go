@@ -187,8 +187,15 @@ func TestCoordinatorFlags(t *testing.T) {
 		t.Errorf("without --state-dir: exit %d %q", code, stderr.String())
 	}
 	stderr.Reset()
-	if code := run(context.Background(), []string{"coordinator", "--state-dir", t.TempDir(), "--db", "postgres://x"}, io.Discard, &stderr); code != 1 || !strings.Contains(stderr.String(), "PostgreSQL") {
-		t.Errorf("postgres: exit %d %q", code, stderr.String())
+	// A PostgreSQL database that cannot be reached: a clear error that
+	// names it, without its password.
+	if code := run(context.Background(), []string{"coordinator", "--state-dir", t.TempDir(), "--db", "postgres://meshd:s3cret@127.0.0.1:1/tailnet"}, io.Discard, &stderr); code != 1 ||
+		!strings.Contains(stderr.String(), "postgres meshd@127.0.0.1:1/tailnet") || strings.Contains(stderr.String(), "s3cret") {
+		t.Errorf("unreachable postgres: exit %d %q", code, stderr.String())
+	}
+	stderr.Reset()
+	if code := run(context.Background(), []string{"coordinator", "--state-dir", t.TempDir(), "--db", "mysql://x"}, io.Discard, &stderr); code != 1 || !strings.Contains(stderr.String(), "postgres://") {
+		t.Errorf("unknown database: exit %d %q", code, stderr.String())
 	}
 }
 

@@ -25,7 +25,7 @@ func (c *cli) coordinatorCmd() *ffcli.Command {
 	listen := fs.String("listen", "127.0.0.1:8443", "TCP `address` to serve the control API on (TLS with a pinned self-signed key)")
 	metricsListen := fs.String("metrics-listen", "", metricsFlagHelp)
 	stateDir := fs.String("state-dir", "", "`directory` for the coordinator key, admin.token and the SQLite database (required)")
-	db := fs.String("db", "", "database `URL`: empty for SQLite in --state-dir, or sqlite:PATH")
+	db := fs.String("db", "", "database `URL`: empty for SQLite in --state-dir, sqlite:PATH, or postgres://USER@HOST/DB for several coordinator replicas sharing one PostgreSQL database (docs/ha.md)")
 	ephemeral := fs.Duration("ephemeral-timeout", 5*time.Minute, "delete ephemeral nodes this long after their last map stream closes")
 	keyExpiry := fs.Duration("node-key-expiry", 180*24*time.Hour, "how long a user's node key is valid after it registers (tagged nodes never expire)")
 	approval := fs.Bool("require-approval", false, "nodes enrolled with keys that are not --preauthorized wait for `meshd admin nodes approve`")
@@ -169,8 +169,12 @@ the oldest.`,
 				s.Close()
 				return fmt.Errorf("coordinator: listen on %s: %w", *listen, err)
 			}
+			tokPath := s.AdminTokenPath()
+			if _, err := os.Stat(tokPath); err != nil {
+				tokPath = "in the state dir of the replica that initialised the database (this replica holds no copy)"
+			}
 			fmt.Fprintf(c.stdout, "coordinator listening on https://%s\nfingerprint: %s\nadmin token: %s\n",
-				ln.Addr(), s.Fingerprint(), s.AdminTokenPath())
+				ln.Addr(), s.Fingerprint(), tokPath)
 			if p := s.CurrentPolicy(); p.Bootstrap {
 				fmt.Fprintln(c.stdout, "policy: none loaded, bootstrap default in force (every node may reach every node)")
 			} else {

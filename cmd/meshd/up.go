@@ -29,7 +29,7 @@ func (c *cli) upCmd() *ffcli.Command {
 	)
 	fs.StringVar(&req.AuthKey, "authkey", "", "auth key: enrols the node the first time, or again with --force-reauth or after the coordinator deleted or expired it; "+
 		"on a registered node without --force-reauth it is an error (MESHD_AUTHKEY from the environment is ignored there instead, with a note)")
-	fs.StringVar(&req.Coordinator, "coordinator", "", "coordinator URL, e.g. https://coord.example:8443")
+	fs.StringVar(&req.Coordinator, "coordinator", "", "coordinator URL, e.g. https://coord.example:8443; replicas of one coordinator as URLs separated by commas (the node fails over between them)")
 	fs.StringVar(&req.Hostname, "hostname", "", "name of this node in the tailnet (default: the system hostname); a registered node is renamed only with --force-reauth")
 	fs.StringVar(&tags, "advertise-tags", "", "tags for this node, comma-separated (tag:a,tag:b); on a registered node they replace its tags if its user or "+
 		"current tags own them in the policy's tagOwners; --advertise-tags= asks for no tags (with --force-reauth and a user's key: back to the user)")

@@ -31,10 +31,10 @@ func (c *Client) Cert(ctx context.Context, req netmap.CertRequest) (*netmap.Cert
 		err = fmt.Errorf("%w: upgrade the coordinator", ErrNoCertAuthority)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("certificate from %s: %w", c.base.Host, err)
+		return nil, fmt.Errorf("certificate from %s: %w", c.base().Host, err)
 	}
 	if len(resp.Cert) == 0 || len(resp.CA) == 0 {
-		return nil, fmt.Errorf("certificate from %s: the answer holds no certificate", c.base.Host)
+		return nil, fmt.Errorf("certificate from %s: the answer holds no certificate", c.base().Host)
 	}
 	return &resp, nil
 }

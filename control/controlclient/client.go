@@ -31,7 +31,9 @@ import (
 // ClientOptions configures a node's control client.
 type ClientOptions struct {
 	// URL is the coordinator, https://HOST:PORT (a bare HOST:PORT means
-	// https).
+	// https), or several replicas of one coordinator separated by commas
+	// (ParseURLs): requests go to one until it cannot be reached, then
+	// to the next.
 	URL string
 	// MachineKey is the machine's long-lived key; the client proves it with
 	// a self-signed TLS client certificate.
@@ -58,7 +60,7 @@ type ClientOptions struct {
 // Client is a node's connection to the coordinator. Its methods are safe for
 // concurrent use; one HTTP/2 connection carries the map stream and updates.
 type Client struct {
-	base       *url.URL
+	bases      []*url.URL // the coordinator's replicas, in the order given
 	log        *slog.Logger
 	hc         *http.Client
 	tr         *http.Transport
@@ -67,6 +69,7 @@ type Client struct {
 	mk netmap.MachinePublic
 
 	mu      sync.Mutex
+	cur     int // index in bases of the replica in use
 	nodeKey netmap.NodePrivate
 	pin     string
 	lastBad string // fingerprint seen on the last pin mismatch
@@ -145,9 +148,33 @@ func PinnedTransport(pin string) *http.Transport {
 	return pinnedTransport(func() string { return pin }, nil, nil)
 }
 
+// ParseURLs accepts one coordinator URL (as ParseURL) or several
+// replicas' separated by commas. Every replica must be the same
+// coordinator: they share one key, and the client pins one fingerprint.
+func ParseURLs(s string) ([]*url.URL, error) {
+	var out []*url.URL
+	for part := range strings.SplitSeq(s, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" && strings.Contains(s, ",") {
+			return nil, fmt.Errorf("coordinator URLs %q: an empty entry", s)
+		}
+		u, err := ParseURL(part)
+		if err != nil {
+			return nil, err
+		}
+		for _, o := range out {
+			if o.Host == u.Host {
+				return nil, fmt.Errorf("coordinator URLs %q: %s is listed twice", s, u.Host)
+			}
+		}
+		out = append(out, u)
+	}
+	return out, nil
+}
+
 // NewClient returns a client; it connects lazily.
 func NewClient(o ClientOptions) (*Client, error) {
-	u, err := ParseURL(o.URL)
+	us, err := ParseURLs(o.URL)
 	if err != nil {
 		return nil, err
 	}
@@ -171,7 +198,7 @@ func NewClient(o ClientOptions) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Client{base: u, log: o.Logger, mk: mk, nodeKey: o.NodeKey, pin: strings.ToLower(strings.TrimSpace(o.ServerPin)), minB: o.MinBackoff, maxB: o.MaxBackoff}
+	c := &Client{bases: us, log: o.Logger, mk: mk, nodeKey: o.NodeKey, pin: strings.ToLower(strings.TrimSpace(o.ServerPin)), minB: o.MinBackoff, maxB: o.MaxBackoff}
 	c.tr = pinnedTransport(c.ServerPin, c.sawMismatch, &cert)
 	if o.DialContext != nil {
 		c.tr.DialContext = o.DialContext
@@ -249,13 +276,13 @@ func (c *Client) Register(ctx context.Context, req netmap.RegisterRequest) (*net
 	if req.NodeKeyProof == nil {
 		p, err := c.proveNodeKey(ctx, req.NodeKey)
 		if err != nil {
-			return nil, fmt.Errorf("register with %s: %w", c.base.Host, err)
+			return nil, fmt.Errorf("register with %s: %w", c.base().Host, err)
 		}
 		req.NodeKeyProof = p
 	}
 	var resp netmap.RegisterResponse
 	if err := c.do(ctx, "/machine/register", req, &resp); err != nil {
-		return nil, fmt.Errorf("register with %s: %w", c.base.Host, err)
+		return nil, fmt.Errorf("register with %s: %w", c.base().Host, err)
 	}
 	if resp.ServerKey != c.ServerPin() {
 		return nil, fmt.Errorf("%w: coordinator reports key %s over a connection pinned to %s", ErrPinMismatch, resp.ServerKey, c.ServerPin())
@@ -276,7 +303,7 @@ func (c *Client) SetTags(ctx context.Context, req netmap.SetTagsRequest) (*netma
 	}
 	var resp netmap.SetTagsResponse
 	if err := c.do(ctx, "/machine/tags", req, &resp); err != nil {
-		return nil, fmt.Errorf("set tags with %s: %w", c.base.Host, err)
+		return nil, fmt.Errorf("set tags with %s: %w", c.base().Host, err)
 	}
 	if err := resp.Node.Validate(); err != nil {
 		return nil, fmt.Errorf("set tags: coordinator sent an invalid node: %w", err)
@@ -334,8 +361,50 @@ func mergeState(prev *netmap.MapRequest, req *netmap.MapRequest) *netmap.MapRequ
 	return &next
 }
 
+// base is the replica in use.
+func (c *Client) base() *url.URL {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.bases[c.cur]
+}
+
+// failover moves on to the next replica after u could not be reached,
+// unless another request moved on already.
+func (c *Client) failover(u *url.URL, err error) {
+	if len(c.bases) < 2 {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.bases[c.cur] != u {
+		return
+	}
+	c.cur = (c.cur + 1) % len(c.bases)
+	c.log.Info("coordinator replica unreachable; trying the next one", "from", u.Host, "to", c.bases[c.cur].Host, "err", err)
+}
+
+// unreachable reports whether err means the replica could not be asked
+// or did not answer (as opposed to answering no), so that another one
+// should be.
+func unreachable(err error) bool {
+	var ae *APIError
+	return err != nil && !errors.As(err, &ae) && !errors.Is(err, ErrPinMismatch) &&
+		!errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded)
+}
+
+// do sends a request to the replica in use, and to each of the others in
+// turn while the one asked cannot be reached.
 func (c *Client) do(ctx context.Context, path string, in, out any) error {
-	return DoJSON(ctx, c.hc, http.MethodPost, c.base.JoinPath(path).String(), "", in, out, c.pinErr)
+	var err error
+	for range c.bases {
+		u := c.base()
+		err = DoJSON(ctx, c.hc, http.MethodPost, u.JoinPath(path).String(), "", in, out, c.pinErr)
+		if !unreachable(err) || ctx.Err() != nil {
+			return err
+		}
+		c.failover(u, err)
+	}
+	return err
 }
 
 // pinErr turns a transport error after a pin mismatch into ErrPinMismatch
@@ -470,14 +539,19 @@ func (c *Client) openStream(ctx context.Context, req netmap.MapRequest) (*http.R
 	if err != nil {
 		return nil, err
 	}
-	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base.JoinPath("/machine/map").String(), bytes.NewReader(b))
+	u := c.base()
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, u.JoinPath("/machine/map").String(), bytes.NewReader(b))
 	if err != nil {
 		return nil, err
 	}
 	hreq.Header.Set("Content-Type", "application/json")
 	resp, err := c.hc.Do(hreq)
 	if err != nil {
-		return nil, c.pinErr(err)
+		err = c.pinErr(err)
+		if unreachable(err) && ctx.Err() == nil {
+			c.failover(u, err)
+		}
+		return nil, err
 	}
 	if resp.StatusCode != http.StatusOK {
 		defer resp.Body.Close()
@@ -506,6 +580,17 @@ func (c *Client) followOnce(ctx context.Context, req netmap.MapRequest, nm *netm
 		return err
 	}
 	defer resp.Body.Close()
+	// The stream's replica: if the stream breaks, the next attempt goes
+	// to another one (a replica killed mid-stream refuses the reconnect
+	// anyway, which would cost a backoff delay to find out).
+	var used *url.URL
+	if resp.Request != nil && resp.Request.URL != nil {
+		for _, b := range c.bases {
+			if b.Host == resp.Request.URL.Host {
+				used = b
+			}
+		}
+	}
 	// Watchdog: a stream that stays silent for several keep-alive periods
 	// is dead even if TCP has not noticed.
 	ka := 20 * time.Second
@@ -522,7 +607,13 @@ func (c *Client) followOnce(ctx context.Context, req netmap.MapRequest, nm *netm
 		mr, buf, err = ReadMapResponse(resp.Body, buf)
 		if err != nil {
 			if cause := context.Cause(ctx); cause != nil && ctx.Err() != nil {
+				if cause == errStale && used != nil {
+					c.failover(used, cause)
+				}
 				return cause
+			}
+			if used != nil {
+				c.failover(used, err)
 			}
 			return err
 		}

@@ -24,10 +24,10 @@ func (c *Client) SSHAuthorize(ctx context.Context, req netmap.SSHAuthRequest) (*
 	var resp netmap.SSHAuthResponse
 	err := c.do(ctx, SSHAuthorizePath, req, &resp)
 	if ae, ok := errors.AsType[*APIError](err); ok && ae.Status == http.StatusNotFound && ae.Code == "" {
-		return nil, fmt.Errorf("ssh authorization from %s: the coordinator does not know SSH: upgrade it", c.base.Host)
+		return nil, fmt.Errorf("ssh authorization from %s: the coordinator does not know SSH: upgrade it", c.base().Host)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("ssh authorization from %s: %w", c.base.Host, err)
+		return nil, fmt.Errorf("ssh authorization from %s: %w", c.base().Host, err)
 	}
 	return &resp, nil
 }
@@ -37,7 +37,7 @@ func (c *Client) SSHAuthorize(ctx context.Context, req netmap.SSHAuthRequest) (*
 func (c *Client) SSHWait(ctx context.Context, checkID string) (*netmap.SSHWaitResponse, error) {
 	var resp netmap.SSHWaitResponse
 	if err := c.do(ctx, SSHWaitPath, netmap.SSHWaitRequest{Version: netmap.ProtocolVersion, CheckID: checkID}, &resp); err != nil {
-		return nil, fmt.Errorf("ssh approval from %s: %w", c.base.Host, err)
+		return nil, fmt.Errorf("ssh approval from %s: %w", c.base().Host, err)
 	}
 	return &resp, nil
 }

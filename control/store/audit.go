@@ -7,13 +7,11 @@ import (
 )
 
 // AppendAudit implements Store.
-func (s *SQLite) AppendAudit(ctx context.Context, e AuditEvent) (int64, error) {
-	res, err := s.db.ExecContext(ctx, `INSERT INTO audit (at, actor, action, target, details) VALUES (?, ?, ?, ?, ?)`,
-		e.Time.UnixNano(), e.Actor, e.Action, e.Target, e.Details)
-	if err != nil {
-		return 0, fmt.Errorf("append audit event %s: %w", e.Action, err)
-	}
-	id, err := res.LastInsertId()
+func (s *sqlStore) AppendAudit(ctx context.Context, e AuditEvent) (int64, error) {
+	// RETURNING, not LastInsertId, which PostgreSQL's driver lacks.
+	var id int64
+	err := s.q().QueryRowContext(ctx, `INSERT INTO audit (at, actor, action, target, details) VALUES (?, ?, ?, ?, ?) RETURNING id`,
+		e.Time.UnixNano(), e.Actor, e.Action, e.Target, e.Details).Scan(&id)
 	if err != nil {
 		return 0, fmt.Errorf("append audit event %s: %w", e.Action, err)
 	}
@@ -21,11 +19,11 @@ func (s *SQLite) AppendAudit(ctx context.Context, e AuditEvent) (int64, error) {
 }
 
 // AuditEvents implements Store.
-func (s *SQLite) AuditEvents(ctx context.Context, since time.Time, limit int) ([]AuditEvent, error) {
+func (s *sqlStore) AuditEvents(ctx context.Context, since time.Time, limit int) ([]AuditEvent, error) {
 	if limit <= 0 {
 		return nil, fmt.Errorf("audit events: limit %d: want > 0", limit)
 	}
-	rows, err := s.db.QueryContext(ctx, `SELECT id, at, actor, action, target, details FROM audit WHERE at >= ? ORDER BY id LIMIT ?`,
+	rows, err := s.q().QueryContext(ctx, `SELECT id, at, actor, action, target, details FROM audit WHERE at >= ? ORDER BY id LIMIT ?`,
 		since.UnixNano(), limit)
 	if err != nil {
 		return nil, fmt.Errorf("read audit events: %w", err)

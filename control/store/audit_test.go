@@ -2,7 +2,6 @@ package store
 
 import (
 	"context"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -11,9 +10,12 @@ import (
 // TestAuditAppendAndRead: events come back in order of appending, from a
 // time on, up to a limit, and survive a reopen.
 func TestAuditAppendAndRead(t *testing.T) {
+	eachBackend(t, testAuditAppendAndRead)
+}
+
+func testAuditAppendAndRead(t *testing.T, bk backend) {
 	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "db")
-	s := open(t, path)
+	s, reopen := bk.create(t, tinyPool{})
 	base := time.Unix(1000, 0).UTC()
 	for i, a := range []string{"key.create", "node.register", "policy.set"} {
 		id, err := s.AppendAudit(ctx, AuditEvent{Time: base.Add(time.Duration(i) * time.Second), Actor: `{"kind":"admin"}`, Action: a, Target: "t", Details: `{"n":1}`})
@@ -24,8 +26,7 @@ func TestAuditAppendAndRead(t *testing.T) {
 			t.Fatalf("event %d got id %d", i, id)
 		}
 	}
-	s.Close()
-	s = open(t, path)
+	s = mustReopen(t, reopen)
 	for _, tc := range []struct {
 		since time.Time
 		limit int
@@ -60,8 +61,12 @@ func TestAuditAppendAndRead(t *testing.T) {
 // TestAuditAppendOnly: the database itself refuses to change or delete an
 // event, so no code path above it can.
 func TestAuditAppendOnly(t *testing.T) {
+	eachBackend(t, testAuditAppendOnly)
+}
+
+func testAuditAppendOnly(t *testing.T, bk backend) {
 	ctx := context.Background()
-	s := open(t, filepath.Join(t.TempDir(), "db"))
+	s := newStore(t, bk, tinyPool{})
 	if _, err := s.AppendAudit(ctx, AuditEvent{Time: time.Unix(1, 0), Actor: "{}", Action: "node.delete", Target: "7"}); err != nil {
 		t.Fatal(err)
 	}
@@ -72,6 +77,11 @@ func TestAuditAppendOnly(t *testing.T) {
 	} {
 		if _, err := s.db.ExecContext(ctx, q); err == nil || !strings.Contains(err.Error(), "append-only") {
 			t.Errorf("%s: %v, want refused as append-only", q, err)
+		}
+	}
+	if s.d.name == "postgres" {
+		if _, err := s.db.ExecContext(ctx, `TRUNCATE audit`); err == nil || !strings.Contains(err.Error(), "append-only") {
+			t.Errorf("TRUNCATE: %v, want refused as append-only", err)
 		}
 	}
 	evs, err := s.AuditEvents(ctx, time.Time{}, 10)

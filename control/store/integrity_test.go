@@ -135,102 +135,110 @@ func TestDatabaseFilesAre0600(t *testing.T) {
 // TestQuarantineCorrupt: rows broken with raw SQL are moved to the
 // quarantine table, named, and the rest still loads.
 func TestQuarantineCorrupt(t *testing.T) {
-	ctx := context.Background()
-	s := open(t, filepath.Join(t.TempDir(), "db"))
-	hash := bytes.Repeat([]byte{1}, 32)
-	for _, id := range []string{"good", "badtags", "shorthash"} {
-		if err := s.InsertAuthKey(ctx, AuthKey{ID: id, Hash: hash, Reusable: true, Tags: []string{"tag:x"}, Created: time.Now()}); err != nil {
-			t.Fatal(err)
+	eachBackend(t, func(t *testing.T, bk backend) {
+		ctx := context.Background()
+		s := newStore(t, bk, tinyPool{})
+		hash := bytes.Repeat([]byte{1}, 32)
+		for _, id := range []string{"good", "badtags", "shorthash"} {
+			if err := s.InsertAuthKey(ctx, AuthKey{ID: id, Hash: hash, Reusable: true, Tags: []string{"tag:x"}, Created: time.Now()}); err != nil {
+				t.Fatal(err)
+			}
 		}
-	}
-	var nodes []Node
-	for i := range 3 {
-		n, err := reg(s, mkey(byte(i+1)), "good", true)
+		var nodes []Node
+		for i := range 3 {
+			n, err := reg(s, mkey(byte(i+1)), "good", true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			nodes = append(nodes, n)
+		}
+		for _, q := range []map[string]string{
+			same(`UPDATE nodes SET data = '{"id": 1, "hostname": ' WHERE id = 1`), // not JSON
+			{ // another node's id
+				"sqlite":   `UPDATE nodes SET data = json_set(data, '$.id', 77) WHERE id = 3`,
+				"postgres": `UPDATE nodes SET data = jsonb_set(data::jsonb, '{id}', '77')::text WHERE id = 3`,
+			},
+			same(`UPDATE auth_keys SET tags = 'tag:x' WHERE id = 'badtags'`), // not a JSON list
+			{ // no SHA-256
+				"sqlite":   `UPDATE auth_keys SET hash = x'01' WHERE id = 'shorthash'`,
+				"postgres": `UPDATE auth_keys SET hash = '\x01' WHERE id = 'shorthash'`,
+			},
+		} {
+			rawExec(t, s, q)
+		}
+		if _, err := s.Nodes(ctx); err == nil {
+			t.Fatal("Nodes loaded a table with a corrupt row: the test corrupts nothing")
+		}
+		got, err := s.QuarantineCorrupt(ctx, time.Now())
 		if err != nil {
 			t.Fatal(err)
 		}
-		nodes = append(nodes, n)
-	}
-	for _, q := range []string{
-		`UPDATE nodes SET data = '{"id": 1, "hostname": ' WHERE id = 1`,   // not JSON
-		`UPDATE nodes SET data = json_set(data, '$.id', 77) WHERE id = 3`, // another node's id
-		`UPDATE auth_keys SET tags = 'tag:x' WHERE id = 'badtags'`,        // not a JSON list
-		`UPDATE auth_keys SET hash = x'01' WHERE id = 'shorthash'`,        // no SHA-256
-	} {
-		if _, err := s.db.Exec(q); err != nil {
-			t.Fatalf("%s: %v", q, err)
+		var names []string
+		for _, q := range got {
+			if q.Reason == "" {
+				t.Errorf("%s %s quarantined without a reason", q.Source, q.Key)
+			}
+			names = append(names, q.Source+"/"+q.Key)
 		}
-	}
-	if _, err := s.Nodes(ctx); err == nil {
-		t.Fatal("Nodes loaded a table with a corrupt row: the test corrupts nothing")
-	}
-	got, err := s.QuarantineCorrupt(ctx, time.Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, q := range got {
-		if q.Reason == "" {
-			t.Errorf("%s %s quarantined without a reason", q.Source, q.Key)
+		if want := []string{"nodes/1", "nodes/3", "auth_keys/badtags", "auth_keys/shorthash"}; !slices.Equal(names, want) {
+			t.Fatalf("quarantined %v, want %v", names, want)
 		}
-		names = append(names, q.Source+"/"+q.Key)
-	}
-	if want := []string{"nodes/1", "nodes/3", "auth_keys/badtags", "auth_keys/shorthash"}; !slices.Equal(names, want) {
-		t.Fatalf("quarantined %v, want %v", names, want)
-	}
-	left, err := s.Nodes(ctx)
-	if err != nil || len(left) != 1 || left[0].ID != nodes[1].ID {
-		t.Fatalf("nodes after quarantine: %v, %v; want node %d only", left, err, nodes[1].ID)
-	}
-	keys, err := s.AuthKeys(ctx)
-	if err != nil || len(keys) != 1 || keys[0].ID != "good" {
-		t.Fatalf("keys after quarantine: %v, %v", keys, err)
-	}
-	var kept int
-	if err := s.db.QueryRow(`SELECT COUNT(*) FROM quarantine WHERE data != ''`).Scan(&kept); err != nil || kept != 4 {
-		t.Fatalf("quarantine holds %d rows with their data (%v), want 4", kept, err)
-	}
-	if again, err := s.QuarantineCorrupt(ctx, time.Now()); err != nil || len(again) != 0 {
-		t.Fatalf("second pass: %v, %v", again, err)
-	}
+		left, err := s.Nodes(ctx)
+		if err != nil || len(left) != 1 || left[0].ID != nodes[1].ID {
+			t.Fatalf("nodes after quarantine: %v, %v; want node %d only", left, err, nodes[1].ID)
+		}
+		keys, err := s.AuthKeys(ctx)
+		if err != nil || len(keys) != 1 || keys[0].ID != "good" {
+			t.Fatalf("keys after quarantine: %v, %v", keys, err)
+		}
+		var kept int
+		if err := s.db.QueryRow(`SELECT COUNT(*) FROM quarantine WHERE data != ''`).Scan(&kept); err != nil || kept != 4 {
+			t.Fatalf("quarantine holds %d rows with their data (%v), want 4", kept, err)
+		}
+		if again, err := s.QuarantineCorrupt(ctx, time.Now()); err != nil || len(again) != 0 {
+			t.Fatalf("second pass: %v, %v", again, err)
+		}
+	})
 }
 
 // TestRegisterRecordsSelfTags: tags beyond the auth key's are recorded as
 // asked for by the node; a new registration replaces them and clears the
 // node's notices.
 func TestRegisterRecordsSelfTags(t *testing.T) {
-	ctx := context.Background()
-	s := open(t, filepath.Join(t.TempDir(), "db"))
-	hash := bytes.Repeat([]byte{1}, 32)
-	s.InsertAuthKey(ctx, AuthKey{ID: "tagged", Hash: hash, Reusable: true, Tags: []string{"tag:a"}, Created: time.Now()})
-	s.InsertAuthKey(ctx, AuthKey{ID: "user", Hash: hash, Reusable: true, User: "alice@example.com", Created: time.Now()})
-	register := func(key string, tags ...string) Node {
-		t.Helper()
-		n, err := s.Register(ctx, RegisterParams{MachineKey: mkey(1), NodeKey: netmap.NodePublic{1}, Hostname: "h", Now: time.Now(),
-			Identity: &Identity{Tags: tags, Authorized: true, AuthKeyID: key}, ConsumeKey: true, Reusable: true})
-		if err != nil {
+	eachBackend(t, func(t *testing.T, bk backend) {
+		ctx := context.Background()
+		s := newStore(t, bk, tinyPool{})
+		hash := bytes.Repeat([]byte{1}, 32)
+		s.InsertAuthKey(ctx, AuthKey{ID: "tagged", Hash: hash, Reusable: true, Tags: []string{"tag:a"}, Created: time.Now()})
+		s.InsertAuthKey(ctx, AuthKey{ID: "user", Hash: hash, Reusable: true, User: "alice@example.com", Created: time.Now()})
+		register := func(key string, tags ...string) Node {
+			t.Helper()
+			n, err := s.Register(ctx, RegisterParams{MachineKey: mkey(1), NodeKey: netmap.NodePublic{1}, Hostname: "h", Now: time.Now(),
+				Identity: &Identity{Tags: tags, Authorized: true, AuthKeyID: key}, ConsumeKey: true, Reusable: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := s.Node(ctx, n.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return got
+		}
+		if n := register("tagged", "tag:a", "tag:b"); !slices.Equal(n.SelfTags, []string{"tag:b"}) {
+			t.Fatalf("tagged key + tag:b: self tags %v", n.SelfTags)
+		}
+		n := register("user", "tag:c")
+		if !slices.Equal(n.SelfTags, []string{"tag:c"}) {
+			t.Fatalf("user key + tag:c: self tags %v", n.SelfTags)
+		}
+		n.Notices = []string{"tags removed"}
+		if err := s.UpdateNode(ctx, n); err != nil {
 			t.Fatal(err)
 		}
-		got, err := s.Node(ctx, n.ID)
-		if err != nil {
-			t.Fatal(err)
+		if n := register("tagged", "tag:a"); len(n.SelfTags) != 0 || len(n.Notices) != 0 {
+			t.Fatalf("re-registered with the key's tags only: self tags %v, notices %v", n.SelfTags, n.Notices)
 		}
-		return got
-	}
-	if n := register("tagged", "tag:a", "tag:b"); !slices.Equal(n.SelfTags, []string{"tag:b"}) {
-		t.Fatalf("tagged key + tag:b: self tags %v", n.SelfTags)
-	}
-	n := register("user", "tag:c")
-	if !slices.Equal(n.SelfTags, []string{"tag:c"}) {
-		t.Fatalf("user key + tag:c: self tags %v", n.SelfTags)
-	}
-	n.Notices = []string{"tags removed"}
-	if err := s.UpdateNode(ctx, n); err != nil {
-		t.Fatal(err)
-	}
-	if n := register("tagged", "tag:a"); len(n.SelfTags) != 0 || len(n.Notices) != 0 {
-		t.Fatalf("re-registered with the key's tags only: self tags %v, notices %v", n.SelfTags, n.Notices)
-	}
+	})
 }
 
 // TestMigrationBackfillsSelfTags: rows from before self_tags count every

@@ -8,10 +8,10 @@ import (
 )
 
 // Policy implements Store.
-func (s *SQLite) Policy(ctx context.Context) (Policy, error) {
+func (s *sqlStore) Policy(ctx context.Context) (Policy, error) {
 	var p Policy
 	var updated int64
-	err := s.db.QueryRowContext(ctx, `SELECT file, data, updated FROM policy WHERE id = 1`).Scan(&p.File, &p.Data, &updated)
+	err := s.q().QueryRowContext(ctx, `SELECT file, data, updated FROM policy WHERE id = 1`).Scan(&p.File, &p.Data, &updated)
 	if errors.Is(err, sql.ErrNoRows) {
 		return Policy{}, fmt.Errorf("policy: %w", ErrNotFound)
 	}
@@ -23,12 +23,12 @@ func (s *SQLite) Policy(ctx context.Context) (Policy, error) {
 }
 
 // SetPolicy implements Store.
-func (s *SQLite) SetPolicy(ctx context.Context, p Policy) error {
+func (s *sqlStore) SetPolicy(ctx context.Context, p Policy) error {
 	data := p.Data
 	if data == nil {
 		data = []byte{} // the column is NOT NULL; an empty file is still a file
 	}
-	_, err := s.db.ExecContext(ctx, `INSERT INTO policy (id, file, data, updated) VALUES (1, ?, ?, ?)
+	_, err := s.q().ExecContext(ctx, `INSERT INTO policy (id, file, data, updated) VALUES (1, ?, ?, ?)
 		ON CONFLICT(id) DO UPDATE SET file = excluded.file, data = excluded.data, updated = excluded.updated`,
 		p.File, data, unixNano(p.Updated))
 	if err != nil {

@@ -13,28 +13,28 @@ import (
 )
 
 func TestPolicyRoundTripAndReopen(t *testing.T) {
-	ctx := context.Background()
-	path := filepath.Join(t.TempDir(), "db")
-	s := open(t, path)
-	if _, err := s.Policy(ctx); !errors.Is(err, ErrNotFound) {
-		t.Fatalf("fresh database: Policy error %v, want ErrNotFound", err)
-	}
-	first := Policy{File: "a.hujson", Data: []byte("// one\n{}"), Updated: time.Unix(100, 5).UTC()}
-	second := Policy{File: "b.hujson", Data: []byte("{\"grants\": []}\n"), Updated: time.Unix(200, 7).UTC()}
-	for _, p := range []Policy{first, second} {
-		if err := s.SetPolicy(ctx, p); err != nil {
+	eachBackend(t, func(t *testing.T, bk backend) {
+		ctx := context.Background()
+		s, reopen := bk.create(t, tinyPool{})
+		if _, err := s.Policy(ctx); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("fresh database: Policy error %v, want ErrNotFound", err)
+		}
+		first := Policy{File: "a.hujson", Data: []byte("// one\n{}"), Updated: time.Unix(100, 5).UTC()}
+		second := Policy{File: "b.hujson", Data: []byte("{\"grants\": []}\n"), Updated: time.Unix(200, 7).UTC()}
+		for _, p := range []Policy{first, second} {
+			if err := s.SetPolicy(ctx, p); err != nil {
+				t.Fatal(err)
+			}
+		}
+		s = mustReopen(t, reopen)
+		got, err := s.Policy(ctx)
+		if err != nil {
 			t.Fatal(err)
 		}
-	}
-	s.Close()
-	s = open(t, path)
-	got, err := s.Policy(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got.File != second.File || !bytes.Equal(got.Data, second.Data) || !got.Updated.Equal(second.Updated) {
-		t.Fatalf("after reopen: %+v, want the last one set %+v", got, second)
-	}
+		if got.File != second.File || !bytes.Equal(got.Data, second.Data) || !got.Updated.Equal(second.Updated) {
+			t.Fatalf("after reopen: %+v, want the last one set %+v", got, second)
+		}
+	})
 }
 
 // TestPolicyMigrationOnOldDatabase opens a database that has only the first

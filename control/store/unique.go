@@ -46,11 +46,6 @@ func HostnameCandidate(base string, i int) string {
 	return base + suffix
 }
 
-// Repairs lists what opening the database changed to restore an invariant
-// that an older version did not keep (duplicate keys or hostnames), one
-// sentence each, for the caller to log. Empty for a healthy database.
-func (s *SQLite) Repairs() []string { return s.repairs }
-
 func nodeKeyCol(k netmap.NodePublic) any {
 	if k.IsZero() {
 		return nil
@@ -73,7 +68,7 @@ func hostnameCol(h string) any {
 }
 
 // writeNode stores n (whose row exists) with its unique columns.
-func writeNode(ctx context.Context, tx *sql.Tx, n Node) error {
+func writeNode(ctx context.Context, tx querier, n Node) error {
 	data, err := json.Marshal(n)
 	if err != nil {
 		return err
@@ -87,7 +82,7 @@ func writeNode(ctx context.Context, tx *sql.Tx, n Node) error {
 }
 
 // holder returns the id of the node other than self whose col is val, or 0.
-func holder(ctx context.Context, tx *sql.Tx, col string, val any, self netmap.NodeID) (netmap.NodeID, error) {
+func holder(ctx context.Context, tx querier, col string, val any, self netmap.NodeID) (netmap.NodeID, error) {
 	var id int64
 	err := tx.QueryRowContext(ctx, `SELECT id FROM nodes WHERE `+col+` = ? AND id != ?`, val, int64(self)).Scan(&id)
 	if errors.Is(err, sql.ErrNoRows) {
@@ -117,7 +112,7 @@ func (e *KeyInUseError) Unwrap() error { return ErrKeyInUse }
 
 // checkKeysFree fails with a *KeyInUseError if another node holds n's node
 // key or disco key.
-func checkKeysFree(ctx context.Context, tx *sql.Tx, n Node) error {
+func checkKeysFree(ctx context.Context, tx querier, n Node) error {
 	for _, k := range []struct {
 		col, kind, short string
 		val              any
@@ -141,7 +136,7 @@ func checkKeysFree(ctx context.Context, tx *sql.Tx, n Node) error {
 
 // checkHostnameFree fails with ErrNameInUse if another node holds n's
 // hostname.
-func checkHostnameFree(ctx context.Context, tx *sql.Tx, n Node) error {
+func checkHostnameFree(ctx context.Context, tx querier, n Node) error {
 	v := hostnameCol(n.Hostname)
 	if v == nil {
 		return nil
@@ -158,7 +153,7 @@ func checkHostnameFree(ctx context.Context, tx *sql.Tx, n Node) error {
 
 // freeHostname returns the first HostnameCandidate of want that no node
 // but self holds: a node keeps its own name.
-func freeHostname(ctx context.Context, tx *sql.Tx, want string, self netmap.NodeID) (string, error) {
+func freeHostname(ctx context.Context, tx querier, want string, self netmap.NodeID) (string, error) {
 	for i := range maxHostnameTries {
 		cand := HostnameCandidate(want, i)
 		id, err := holder(ctx, tx, "hostname", hostnameCol(cand), self)
@@ -185,7 +180,7 @@ func freeHostname(ctx context.Context, tx *sql.Tx, want string, self netmap.Node
 //     the others get the first free suffix, as a new node would.
 //
 // A row whose JSON does not decode keeps NULL columns and is reported.
-func migrateUniqueIdentity(ctx context.Context, tx *sql.Tx) ([]string, error) {
+func migrateUniqueIdentity(ctx context.Context, tx querier) ([]string, error) {
 	if _, err := tx.ExecContext(ctx, `ALTER TABLE nodes ADD COLUMN node_key TEXT;
 		ALTER TABLE nodes ADD COLUMN disco_key TEXT;
 		ALTER TABLE nodes ADD COLUMN hostname TEXT;`); err != nil {

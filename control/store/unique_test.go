@@ -18,20 +18,16 @@ import (
 
 // regKeys registers machine mk with the given keys and hostname under a
 // reusable key "r" (which the caller inserted).
-func regKeys(s *SQLite, mk netmap.MachinePublic, nk netmap.NodePublic, dk netmap.DiscoPublic, host string) (Node, error) {
+func regKeys(s Store, mk netmap.MachinePublic, nk netmap.NodePublic, dk netmap.DiscoPublic, host string) (Node, error) {
 	return s.Register(context.Background(), RegisterParams{
 		MachineKey: mk, NodeKey: nk, DiscoKey: dk, Hostname: host, Now: time.Now(),
 		Identity: &Identity{Tags: []string{"tag:x"}, Authorized: true, AuthKeyID: "r"}, ConsumeKey: true, Reusable: true,
 	})
 }
 
-func bigPool(t *testing.T) *SQLite {
+func bigPool(t *testing.T, bk backend) *sqlStore {
 	t.Helper()
-	s, err := CreateSQLite(context.Background(), filepath.Join(t.TempDir(), "db"), seqPool{}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
+	s := newStore(t, bk, seqPool{})
 	if err := s.InsertAuthKey(context.Background(), AuthKey{ID: "r", Hash: []byte{1}, Reusable: true, Created: time.Now()}); err != nil {
 		t.Fatal(err)
 	}
@@ -53,130 +49,136 @@ func (seqPool) Addresses(v4 netip.Addr) []netip.Prefix {
 }
 
 func TestKeysHeldByAnotherNodeRefused(t *testing.T) {
-	ctx := context.Background()
-	s := bigPool(t)
-	nkA, dkA := netmap.NodePublic{0xa}, netmap.DiscoPublic{0xa}
-	a, err := regKeys(s, mkey(1), nkA, dkA, "a")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := regKeys(s, mkey(2), netmap.NodePublic{0xb}, netmap.DiscoPublic{0xb}, "b")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, tc := range []struct {
-		name string
-		nk   netmap.NodePublic
-		dk   netmap.DiscoPublic
-	}{
-		{"node key", nkA, netmap.DiscoPublic{0xc}},
-		{"disco key", netmap.NodePublic{0xc}, dkA},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			if _, err := regKeys(s, mkey(3), tc.nk, tc.dk, "c"); !errors.Is(err, ErrKeyInUse) {
-				t.Errorf("new machine registering with a held %s: %v, want ErrKeyInUse", tc.name, err)
-			}
-			if _, err := regKeys(s, mkey(2), tc.nk, tc.dk, "b"); !errors.Is(err, ErrKeyInUse) {
-				t.Errorf("b re-registering with a's %s: %v, want ErrKeyInUse", tc.name, err)
-			}
-			nb := b
-			nb.NodeKey, nb.DiscoKey = tc.nk, tc.dk
-			if err := s.UpdateNode(ctx, nb); !errors.Is(err, ErrKeyInUse) {
-				t.Errorf("b updated to a's %s: %v, want ErrKeyInUse", tc.name, err)
-			}
-			if got, _ := s.Node(ctx, b.ID); got.NodeKey != b.NodeKey || got.DiscoKey != b.DiscoKey {
-				t.Errorf("refused update changed b: %+v", got.Node)
-			}
-		})
-	}
-	if _, err := s.NodeByMachine(ctx, mkey(3)); !errors.Is(err, ErrNotFound) {
-		t.Fatalf("refused registration left a node: %v", err)
-	}
-	// The holder itself may re-register and update with its own keys, and
-	// a key given up is free for another node.
-	if _, err := regKeys(s, mkey(1), nkA, dkA, "a"); err != nil {
-		t.Fatalf("a re-registering with its own keys: %v", err)
-	}
-	a.NodeKey, a.DiscoKey = netmap.NodePublic{0xd}, netmap.DiscoPublic{0xd}
-	if err := s.UpdateNode(ctx, a); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := regKeys(s, mkey(3), nkA, dkA, "c"); err != nil {
-		t.Fatalf("registering with keys a gave up: %v", err)
-	}
-	// Zero disco keys are not a shared key.
-	if _, err := regKeys(s, mkey(4), netmap.NodePublic{0xe}, netmap.DiscoPublic{}, "e"); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := regKeys(s, mkey(5), netmap.NodePublic{0xf}, netmap.DiscoPublic{}, "f"); err != nil {
-		t.Fatalf("second node without a disco key: %v", err)
-	}
+	eachBackend(t, func(t *testing.T, bk backend) {
+		ctx := context.Background()
+		s := bigPool(t, bk)
+		nkA, dkA := netmap.NodePublic{0xa}, netmap.DiscoPublic{0xa}
+		a, err := regKeys(s, mkey(1), nkA, dkA, "a")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := regKeys(s, mkey(2), netmap.NodePublic{0xb}, netmap.DiscoPublic{0xb}, "b")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, tc := range []struct {
+			name string
+			nk   netmap.NodePublic
+			dk   netmap.DiscoPublic
+		}{
+			{"node key", nkA, netmap.DiscoPublic{0xc}},
+			{"disco key", netmap.NodePublic{0xc}, dkA},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				if _, err := regKeys(s, mkey(3), tc.nk, tc.dk, "c"); !errors.Is(err, ErrKeyInUse) {
+					t.Errorf("new machine registering with a held %s: %v, want ErrKeyInUse", tc.name, err)
+				}
+				if _, err := regKeys(s, mkey(2), tc.nk, tc.dk, "b"); !errors.Is(err, ErrKeyInUse) {
+					t.Errorf("b re-registering with a's %s: %v, want ErrKeyInUse", tc.name, err)
+				}
+				nb := b
+				nb.NodeKey, nb.DiscoKey = tc.nk, tc.dk
+				if err := s.UpdateNode(ctx, nb); !errors.Is(err, ErrKeyInUse) {
+					t.Errorf("b updated to a's %s: %v, want ErrKeyInUse", tc.name, err)
+				}
+				if got, _ := s.Node(ctx, b.ID); got.NodeKey != b.NodeKey || got.DiscoKey != b.DiscoKey {
+					t.Errorf("refused update changed b: %+v", got.Node)
+				}
+			})
+		}
+		if _, err := s.NodeByMachine(ctx, mkey(3)); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("refused registration left a node: %v", err)
+		}
+		// The holder itself may re-register and update with its own keys, and
+		// a key given up is free for another node.
+		if _, err := regKeys(s, mkey(1), nkA, dkA, "a"); err != nil {
+			t.Fatalf("a re-registering with its own keys: %v", err)
+		}
+		a.NodeKey, a.DiscoKey = netmap.NodePublic{0xd}, netmap.DiscoPublic{0xd}
+		if err := s.UpdateNode(ctx, a); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := regKeys(s, mkey(3), nkA, dkA, "c"); err != nil {
+			t.Fatalf("registering with keys a gave up: %v", err)
+		}
+		// Zero disco keys are not a shared key.
+		if _, err := regKeys(s, mkey(4), netmap.NodePublic{0xe}, netmap.DiscoPublic{}, "e"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := regKeys(s, mkey(5), netmap.NodePublic{0xf}, netmap.DiscoPublic{}, "f"); err != nil {
+			t.Fatalf("second node without a disco key: %v", err)
+		}
+	})
 }
 
 // TestRacingRegistrationsOneKey: machines racing to register one node key
 // (each in its own transaction) end with exactly one holder.
 func TestRacingRegistrationsOneKey(t *testing.T) {
-	s := bigPool(t)
-	nk := netmap.NodePublic{0x42}
-	errs := make([]error, 8)
-	var wg sync.WaitGroup
-	for i := range errs {
-		wg.Go(func() { _, errs[i] = regKeys(s, mkey(byte(i+1)), nk, netmap.DiscoPublic{byte(i + 1)}, "racer") })
-	}
-	wg.Wait()
-	won := 0
-	for _, err := range errs {
-		switch {
-		case err == nil:
-			won++
-		case !errors.Is(err, ErrKeyInUse):
-			t.Errorf("unexpected error: %v", err)
+	eachBackend(t, func(t *testing.T, bk backend) {
+		s := bigPool(t, bk)
+		nk := netmap.NodePublic{0x42}
+		errs := make([]error, 8)
+		var wg sync.WaitGroup
+		for i := range errs {
+			wg.Go(func() { _, errs[i] = regKeys(s, mkey(byte(i+1)), nk, netmap.DiscoPublic{byte(i + 1)}, "racer") })
 		}
-	}
-	if won != 1 {
-		t.Fatalf("%d machines registered one node key, want 1", won)
-	}
+		wg.Wait()
+		won := 0
+		for _, err := range errs {
+			switch {
+			case err == nil:
+				won++
+			case !errors.Is(err, ErrKeyInUse):
+				t.Errorf("unexpected error: %v", err)
+			}
+		}
+		if won != 1 {
+			t.Fatalf("%d machines registered one node key, want 1", won)
+		}
+	})
 }
 
 func TestHostnamesUniqueWithSuffix(t *testing.T) {
-	ctx := context.Background()
-	s := bigPool(t)
-	var ids []netmap.NodeID
-	for i, want := range []string{"gpu-3", "gpu-3-1", "gpu-3-2", "gpu-3-3"} {
-		host := "gpu-3"
-		if i == 3 {
-			host = "GPU-3" // names compare lowercased
+	eachBackend(t, func(t *testing.T, bk backend) {
+		ctx := context.Background()
+		s := bigPool(t, bk)
+		var ids []netmap.NodeID
+		for i, want := range []string{"gpu-3", "gpu-3-1", "gpu-3-2", "gpu-3-3"} {
+			host := "gpu-3"
+			if i == 3 {
+				host = "GPU-3" // names compare lowercased
+			}
+			n, err := regKeys(s, mkey(byte(i+1)), netmap.NodePublic{byte(i + 1)}, netmap.DiscoPublic{byte(i + 1)}, host)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n.Hostname != want && !(i == 3 && n.Hostname == "GPU-3-3") {
+				t.Fatalf("registration %d of gpu-3: named %q, want %q", i, n.Hostname, want)
+			}
+			ids = append(ids, n.ID)
 		}
-		n, err := regKeys(s, mkey(byte(i+1)), netmap.NodePublic{byte(i + 1)}, netmap.DiscoPublic{byte(i + 1)}, host)
-		if err != nil {
-			t.Fatal(err)
+		// Re-registering keeps a node's own name even when it asks for one
+		// another node holds; an empty name keeps it too.
+		for _, host := range []string{"gpu-3", ""} {
+			n, err := regKeys(s, mkey(2), netmap.NodePublic{2}, netmap.DiscoPublic{2}, host)
+			if err != nil || n.Hostname != "gpu-3-1" {
+				t.Fatalf("node 2 re-registering as %q: named %q (%v), want its own gpu-3-1", host, n.Hostname, err)
+			}
 		}
-		if n.Hostname != want && !(i == 3 && n.Hostname == "GPU-3-3") {
-			t.Fatalf("registration %d of gpu-3: named %q, want %q", i, n.Hostname, want)
+		// Asking for a free name renames; asking for a held one suffixes.
+		if n, err := regKeys(s, mkey(2), netmap.NodePublic{2}, netmap.DiscoPublic{2}, "box"); err != nil || n.Hostname != "box" {
+			t.Fatalf("rename to a free name: %q %v", n.Hostname, err)
 		}
-		ids = append(ids, n.ID)
-	}
-	// Re-registering keeps a node's own name even when it asks for one
-	// another node holds; an empty name keeps it too.
-	for _, host := range []string{"gpu-3", ""} {
-		n, err := regKeys(s, mkey(2), netmap.NodePublic{2}, netmap.DiscoPublic{2}, host)
-		if err != nil || n.Hostname != "gpu-3-1" {
-			t.Fatalf("node 2 re-registering as %q: named %q (%v), want its own gpu-3-1", host, n.Hostname, err)
+		if n, err := regKeys(s, mkey(2), netmap.NodePublic{2}, netmap.DiscoPublic{2}, "gpu-3"); err != nil || n.Hostname != "gpu-3-1" {
+			t.Fatalf("rename onto a held name: %q %v, want the first free suffix gpu-3-1", n.Hostname, err)
 		}
-	}
-	// Asking for a free name renames; asking for a held one suffixes.
-	if n, err := regKeys(s, mkey(2), netmap.NodePublic{2}, netmap.DiscoPublic{2}, "box"); err != nil || n.Hostname != "box" {
-		t.Fatalf("rename to a free name: %q %v", n.Hostname, err)
-	}
-	if n, err := regKeys(s, mkey(2), netmap.NodePublic{2}, netmap.DiscoPublic{2}, "gpu-3"); err != nil || n.Hostname != "gpu-3-1" {
-		t.Fatalf("rename onto a held name: %q %v, want the first free suffix gpu-3-1", n.Hostname, err)
-	}
-	// An update cannot take another node's name.
-	n3, _ := s.Node(ctx, ids[2])
-	n3.Hostname = "GPU-3"
-	if err := s.UpdateNode(ctx, n3); !errors.Is(err, ErrNameInUse) {
-		t.Fatalf("update onto node 1's name: %v, want ErrNameInUse", err)
-	}
+		// An update cannot take another node's name.
+		n3, _ := s.Node(ctx, ids[2])
+		n3.Hostname = "GPU-3"
+		if err := s.UpdateNode(ctx, n3); !errors.Is(err, ErrNameInUse) {
+			t.Fatalf("update onto node 1's name: %v, want ErrNameInUse", err)
+		}
+	})
 }
 
 func TestHostnameCandidate(t *testing.T) {

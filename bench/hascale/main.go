@@ -1,0 +1,458 @@
+// Command hascale measures coordinators under simulated nodes that speak
+// the real control protocol: each node has its own machine key, TLS
+// connection and map stream (controlclient.Client), registers with an
+// auth key and follows its map. It reports how long the fleet takes to
+// connect, the memory each coordinator process holds per connected node,
+// how long a policy change takes to reach every node (p50/p99/max), and
+// whether ephemeral joins and leaves at a steady rate lose or duplicate a
+// node. Run it against one coordinator (SQLite) and against replicas
+// sharing PostgreSQL (URLs separated by commas); bench/hascale/run does
+// both side by side (bench/README.md).
+package main
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"meshd.dev/meshd/control"
+	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/netmap"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "hascale:", err)
+		os.Exit(1)
+	}
+}
+
+type config struct {
+	urls        []string
+	token       string
+	pids        []int
+	nodes       int
+	tenants     int
+	rounds      int
+	churnRate   int
+	churnFor    time.Duration
+	ephTimeout  time.Duration
+	concurrency int
+}
+
+func run() error {
+	var c config
+	urls := flag.String("coordinators", "", "coordinator URLs, comma-separated (replicas of one tailnet)")
+	flag.StringVar(&c.token, "token-file", "", "admin token file")
+	pids := flag.String("pids", "", "coordinator process ids, comma-separated, to measure their memory")
+	flag.IntVar(&c.nodes, "nodes", 1000, "simulated nodes")
+	flag.IntVar(&c.tenants, "tenants", 0, "tenants (nodes see only their tenant); 0: nodes/100")
+	flag.IntVar(&c.rounds, "policy-rounds", 5, "policy changes to time")
+	flag.IntVar(&c.churnRate, "churn-rate", 100, "ephemeral joins (and as many leaves) per second")
+	flag.DurationVar(&c.churnFor, "churn-for", 10*time.Second, "how long to churn")
+	flag.DurationVar(&c.ephTimeout, "ephemeral-timeout", 2*time.Second, "the coordinators' --ephemeral-timeout")
+	flag.IntVar(&c.concurrency, "concurrency", 16, "registrations in flight while connecting the fleet")
+	flag.Parse()
+	c.urls = strings.Split(*urls, ",")
+	if *urls == "" || c.token == "" {
+		return errors.New("need -coordinators and -token-file")
+	}
+	for _, p := range strings.Split(*pids, ",") {
+		if p == "" {
+			continue
+		}
+		n, err := strconv.Atoi(p)
+		if err != nil {
+			return err
+		}
+		c.pids = append(c.pids, n)
+	}
+	if c.tenants == 0 {
+		c.tenants = max(1, c.nodes/100)
+	}
+	return bench(context.Background(), c)
+}
+
+// sim is one simulated node.
+type sim struct {
+	id     netmap.NodeID
+	addr   netmap.NodeID
+	home   int // index of the coordinator it streams from
+	client *controlclient.Client
+	cancel context.CancelFunc
+	done   chan error
+
+	mu sync.Mutex
+	// seen is when the node first held a map with policy round r's
+	// marker.
+	seen  map[int]time.Time
+	peers map[netmap.NodeID]bool // every peer ever seen (churn watcher)
+	first chan struct{}
+	once  sync.Once
+}
+
+// markerPort is the port policy round r grants (round 0: 22 only).
+func markerPort(r int) uint16 { return uint16(10000 + r) }
+
+func policyText(tenants, round int) string {
+	var b strings.Builder
+	b.WriteString("{\n\"tagOwners\": {")
+	for t := range tenants {
+		if t > 0 {
+			b.WriteString(",")
+		}
+		fmt.Fprintf(&b, "\"tag:t%d\": []", t)
+	}
+	b.WriteString("},\n\"grants\": [")
+	for t := range tenants {
+		if t > 0 {
+			b.WriteString(",\n")
+		}
+		fmt.Fprintf(&b, `{"src": ["tag:t%d"], "dst": ["tag:t%d"], "ip": ["tcp:22", "tcp:%d"]}`, t, t, markerPort(round))
+	}
+	b.WriteString("]\n}\n")
+	return b.String()
+}
+
+// roundOf returns the policy round m's filter carries, or -1.
+func roundOf(m *netmap.NetworkMap) int {
+	for _, r := range m.PacketFilter {
+		for _, d := range r.DstPorts {
+			if p := d.Ports.First; p >= 10000 && p == d.Ports.Last {
+				return int(p - 10000)
+			}
+		}
+	}
+	return -1
+}
+
+func newClient(url string) (*controlclient.Client, netmap.NodePrivate, error) {
+	_, mk, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, netmap.NodePrivate{}, err
+	}
+	nk := netmap.NewNodePrivate()
+	c, err := controlclient.NewClient(controlclient.ClientOptions{URL: url, MachineKey: mk, NodeKey: nk,
+		Logger: slog.New(slog.DiscardHandler), MinBackoff: 200 * time.Millisecond, MaxBackoff: 5 * time.Second})
+	return c, nk, err
+}
+
+// urlsFrom lists every coordinator URL starting with home's, so that a node
+// streams from home and fails over to the others.
+func urlsFrom(urls []string, home int) string {
+	out := slices.Concat(urls[home:], urls[:home])
+	return strings.Join(out, ",")
+}
+
+func start(ctx context.Context, urls []string, home int, key, host string) (*sim, error) {
+	c, nk, err := newClient(urlsFrom(urls, home))
+	if err != nil {
+		return nil, err
+	}
+	dk := netmap.NewDiscoPrivate()
+	resp, err := c.Register(ctx, netmap.RegisterRequest{NodeKey: nk.Public(), DiscoKey: dk.Public(), Hostname: host, AuthKey: key})
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	s := &sim{id: resp.Node.ID, home: home, client: c, done: make(chan error, 1), seen: map[int]time.Time{}, peers: map[netmap.NodeID]bool{}, first: make(chan struct{})}
+	fctx, cancel := context.WithCancel(ctx)
+	s.cancel = cancel
+	go func() {
+		s.done <- c.Follow(fctx, netmap.MapRequest{NodeKey: nk.Public(), DiscoKey: dk.Public()}, func(m *netmap.NetworkMap) {
+			now := time.Now()
+			r := roundOf(m)
+			s.mu.Lock()
+			if _, ok := s.seen[r]; !ok {
+				s.seen[r] = now
+			}
+			for id := range m.Peers {
+				s.peers[id] = true
+			}
+			s.mu.Unlock()
+			s.once.Do(func() { close(s.first) })
+		})
+	}()
+	return s, nil
+}
+
+// ready waits for the node's first map, or the error that ended its
+// stream first.
+func (s *sim) ready() error {
+	select {
+	case <-s.first:
+		return nil
+	case err := <-s.done:
+		s.done <- err
+		return fmt.Errorf("map stream: %w", err)
+	}
+}
+
+func (s *sim) stop() {
+	s.cancel()
+	<-s.done
+	s.client.Close()
+}
+
+func rssKB(pid int) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			n, _ := strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")))
+			return n
+		}
+	}
+	return 0
+}
+
+func percentile(d []time.Duration, p float64) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	slices.Sort(d)
+	i := int(float64(len(d)-1) * p)
+	return d[i]
+}
+
+func bench(ctx context.Context, c config) error {
+	tok, err := os.ReadFile(c.token)
+	if err != nil {
+		return err
+	}
+	admin, err := control.NewAdminClient(c.urls[0], strings.TrimSpace(string(tok)))
+	if err != nil {
+		return err
+	}
+	if _, err := admin.SetPolicy(ctx, "bench.hujson", []byte(policyText(c.tenants, 0))); err != nil {
+		return fmt.Errorf("set policy: %w", err)
+	}
+	keys := make([]string, c.tenants)
+	for t := range keys {
+		k, err := admin.CreateAuthKey(ctx, control.AuthKeyOptions{Reusable: true, Preauthorized: true, Tags: []string{fmt.Sprintf("tag:t%d", t)}})
+		if err != nil {
+			return fmt.Errorf("create key: %w", err)
+		}
+		keys[t] = k.Key
+	}
+	eph, err := admin.CreateAuthKey(ctx, control.AuthKeyOptions{Reusable: true, Preauthorized: true, Ephemeral: true, Tags: []string{"tag:t0"}})
+	if err != nil {
+		return fmt.Errorf("create ephemeral key: %w", err)
+	}
+	rss0 := make([]int, len(c.pids))
+	for i, p := range c.pids {
+		rss0[i] = rssKB(p)
+	}
+
+	// Connect the fleet.
+	fmt.Printf("coordinators: %d, nodes: %d, tenants: %d (nodes see only their tenant: %d peers each)\n", len(c.urls), c.nodes, c.tenants, c.nodes/c.tenants-1)
+	sims := make([]*sim, c.nodes)
+	t0 := time.Now()
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	var firstErr atomic.Value
+	var retries atomic.Int64
+	for range c.concurrency {
+		wg.Go(func() {
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= c.nodes {
+					return
+				}
+				// A real node retries a registration the coordinator
+				// cut off (connlimit's handshake timeout under load).
+				var s *sim
+				var err error
+				for try := 0; try < 5; try++ {
+					if s, err = start(ctx, c.urls, i%len(c.urls), keys[i%c.tenants], fmt.Sprintf("sim-%d", i)); err == nil {
+						break
+					}
+					retries.Add(1)
+				}
+				if err != nil {
+					firstErr.CompareAndSwap(nil, fmt.Errorf("node %d: %w", i, err))
+					return
+				}
+				if err := s.ready(); err != nil {
+					firstErr.CompareAndSwap(nil, fmt.Errorf("node %d: %w", i, err))
+					return
+				}
+				sims[i] = s
+			}
+		})
+	}
+	wg.Wait()
+	if err, _ := firstErr.Load().(error); err != nil {
+		return err
+	}
+	connect := time.Since(t0)
+	fmt.Printf("connect: %d nodes registered and holding a full map in %v (%.0f nodes/s, %d registrations retried)\n", c.nodes, connect.Round(time.Millisecond), float64(c.nodes)/connect.Seconds(), retries.Load())
+	time.Sleep(2 * time.Second) // let online patches settle before measuring memory
+	for i, p := range c.pids {
+		per := len(c.urls)
+		if per == 0 {
+			per = 1
+		}
+		streams := c.nodes / len(c.pids)
+		d := rssKB(p) - rss0[i]
+		fmt.Printf("memory: coordinator pid %d RSS %d MiB (+%d MiB for %d streams: %.1f KiB per connected node)\n", p, rssKB(p)/1024, d/1024, streams, float64(d)/float64(streams))
+	}
+
+	// Policy fan-out.
+	for r := 1; r <= c.rounds; r++ {
+		start := time.Now()
+		if _, err := admin.SetPolicy(ctx, "bench.hujson", []byte(policyText(c.tenants, r))); err != nil {
+			return fmt.Errorf("set policy round %d: %w", r, err)
+		}
+		set := time.Since(start)
+		deadline := time.Now().Add(60 * time.Second)
+		var lat []time.Duration
+		byHome := make([][]time.Duration, len(c.urls))
+		for {
+			lat = lat[:0]
+			for i := range byHome {
+				byHome[i] = byHome[i][:0]
+			}
+			for _, s := range sims {
+				s.mu.Lock()
+				at, ok := s.seen[r]
+				s.mu.Unlock()
+				if ok {
+					lat = append(lat, at.Sub(start))
+					byHome[s.home] = append(byHome[s.home], at.Sub(start))
+				}
+			}
+			if len(lat) == len(sims) || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if len(lat) != len(sims) {
+			return fmt.Errorf("policy round %d reached %d of %d nodes within 60s", r, len(lat), len(sims))
+		}
+		line := fmt.Sprintf("policy change %d: set (stored, local recompute) %v; all %d nodes: p50 %v p99 %v max %v", r, set.Round(time.Millisecond),
+			len(lat), percentile(lat, 0.5).Round(time.Millisecond), percentile(lat, 0.99).Round(time.Millisecond), percentile(lat, 1).Round(time.Millisecond))
+		if len(c.urls) > 1 {
+			for i, l := range byHome {
+				line += fmt.Sprintf("; via %s: max %v", c.urls[i], percentile(l, 1).Round(time.Millisecond))
+			}
+		}
+		fmt.Println(line)
+	}
+
+	// Ephemeral churn: joins at churnRate per second, each leaving about
+	// a second after its first map; tenant 0's nodes watch.
+	var watchers []*sim
+	for i := 0; i < len(sims); i += c.tenants {
+		watchers = append(watchers, sims[i]) // i%tenants == 0: tenant 0
+	}
+	type joined struct {
+		id  netmap.NodeID
+		err error
+	}
+	var mu sync.Mutex
+	var joins []joined
+	tick := time.NewTicker(time.Second / time.Duration(c.churnRate))
+	churnStart := time.Now()
+	var cw sync.WaitGroup
+	n := 0
+	for time.Since(churnStart) < c.churnFor {
+		<-tick.C
+		i := n
+		n++
+		cw.Go(func() {
+			s, err := start(ctx, c.urls, i%len(c.urls), eph.Key, fmt.Sprintf("eph-%d", i))
+			if err != nil {
+				mu.Lock()
+				joins = append(joins, joined{err: err})
+				mu.Unlock()
+				return
+			}
+			if err := s.ready(); err != nil {
+				mu.Lock()
+				joins = append(joins, joined{err: err})
+				mu.Unlock()
+				return
+			}
+			mu.Lock()
+			joins = append(joins, joined{id: s.id})
+			mu.Unlock()
+			time.Sleep(time.Second)
+			s.stop()
+		})
+	}
+	tick.Stop()
+	cw.Wait()
+	churn := time.Since(churnStart)
+	failed := 0
+	ids := map[netmap.NodeID]bool{}
+	dups := 0
+	for _, j := range joins {
+		if j.err != nil {
+			failed++
+			if failed == 1 {
+				fmt.Println("first churn failure:", j.err)
+			}
+			continue
+		}
+		if ids[j.id] {
+			dups++
+		}
+		ids[j.id] = true
+	}
+	// Every watcher must have seen every ephemeral node (no lost join),
+	// and they must all be gone after the ephemeral timeout.
+	// Changes may still be on their way when the last leave returns:
+	// wait (up to a minute) for every watcher to have seen every join.
+	missed := 0
+	converge := time.Now()
+	for {
+		missed = 0
+		for _, w := range watchers {
+			w.mu.Lock()
+			for id := range ids {
+				if !w.peers[id] {
+					missed++
+				}
+			}
+			w.mu.Unlock()
+		}
+		if missed == 0 || time.Since(converge) > time.Minute {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	fmt.Printf("churn: every watcher had seen every join %v after the last leave\n", time.Since(converge).Round(10*time.Millisecond))
+	var left int
+	deadline := time.Now().Add(c.ephTimeout + 30*time.Second)
+	for {
+		infos, err := admin.Nodes(ctx)
+		if err != nil {
+			return err
+		}
+		left = len(infos) - c.nodes
+		if left == 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	fmt.Printf("churn: %d ephemeral joins and leaves in %v (%.1f/s each), %d failed, %d duplicate ids, %d (watcher, join) pairs missed by %d watchers, %d ephemeral nodes left after the timeout\n",
+		len(ids), churn.Round(time.Millisecond), float64(len(ids))/churn.Seconds(), failed, dups, missed, len(watchers), left)
+	for _, s := range sims {
+		s.cancel()
+	}
+	return nil
+}

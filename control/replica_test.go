@@ -1,0 +1,334 @@
+package control
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/internal/pgtest"
+	"meshd.dev/meshd/netmap"
+)
+
+// testPG is the PostgreSQL server of this test binary, started by the
+// first test that needs one.
+var testPG struct {
+	once sync.Once
+	s    *pgtest.Server
+	err  error
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if testPG.s != nil {
+		testPG.s.Close()
+	}
+	os.Exit(code)
+}
+
+// pgDatabase returns the URL of a fresh PostgreSQL database for t,
+// skipping t where PostgreSQL is not installed.
+func pgDatabase(t testing.TB) string {
+	t.Helper()
+	testPG.once.Do(func() { testPG.s, testPG.err = pgtest.Start(context.Background(), 200) })
+	switch {
+	case errors.Is(testPG.err, pgtest.ErrNoPostgres):
+		t.Skipf("skipping: %v", testPG.err)
+	case testPG.err != nil:
+		t.Fatalf("PostgreSQL is installed but did not start: %v", testPG.err)
+	}
+	return testPG.s.Database(t)
+}
+
+// startReplicas runs n coordinators on one new PostgreSQL database, each
+// with a state dir of its own.
+func startReplicas(t *testing.T, n int, opts ServerOptions) []*testServer {
+	t.Helper()
+	opts.DBURL = pgDatabase(t)
+	var out []*testServer
+	for range n {
+		o := opts
+		o.StateDir = t.TempDir()
+		out = append(out, startServer(t, o))
+	}
+	return out
+}
+
+// TestReplicasShareOneTailnet: two coordinators on one database are one
+// tailnet. They have one key (a node pinned to one trusts the other) and
+// one admin token; a node registered on one streams from the other;
+// joins, policy changes, deletions and online state made on one reach
+// the nodes streaming from the other within a second.
+func TestReplicasShareOneTailnet(t *testing.T) {
+	ctx := context.Background()
+	rs := startReplicas(t, 2, ServerOptions{})
+	a, b := rs[0], rs[1]
+	if a.Fingerprint() != b.Fingerprint() {
+		t.Fatalf("replicas have different keys: %s and %s", a.Fingerprint(), b.Fingerprint())
+	}
+	if !a.TLSCA().Equal(b.TLSCA()) {
+		t.Fatal("replicas have different tailnet CAs")
+	}
+	// The admin token is in the state dir of the replica that made it,
+	// and works on the other.
+	if _, err := os.Stat(b.AdminTokenPath()); err == nil {
+		t.Fatal("the second replica wrote an admin token of its own")
+	}
+	tok, err := readFile(a.AdminTokenPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	adminB, err := NewAdminClient(b.url, tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nk, err := adminB.CreateAuthKey(ctx, AuthKeyOptions{Tags: []string{"tag:a"}, Reusable: true, Preauthorized: true})
+	k := nk.Key
+	if err != nil {
+		t.Fatalf("admin token of replica A on replica B: %v", err)
+	}
+
+	// n1 registers on A and streams from A; n2 the same on B.
+	n1 := newTestNode(t, a.url, "")
+	n1.mustRegister(t, k, "one")
+	n1.follow(t, n1.mapRequest())
+	n1.waitMap(t, "n1's first map", func(m *netmap.NetworkMap) bool { return m != nil })
+	n2 := newTestNode(t, b.url, "")
+	start := time.Now()
+	n2.mustRegister(t, k, "two")
+	n2.follow(t, n2.mapRequest())
+	n1.waitMap(t, "n2 (registered on B) in n1's map (from A), online", func(m *netmap.NetworkMap) bool {
+		p := m.Peers[n2.id]
+		return p != nil && p.Online
+	})
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("a join on B took %v to reach a node on A", d)
+	}
+	n2.waitMap(t, "n1 online in n2's map", func(m *netmap.NetworkMap) bool {
+		p := m.Peers[n1.id]
+		return p != nil && p.Online
+	})
+
+	// A policy set on B is in force on A.
+	start = time.Now()
+	if _, err := b.ApplyPolicy(ctx, "ab.hujson", []byte(abPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	n1.waitMap(t, "B's policy in n1's map", func(m *netmap.NetworkMap) bool { return !m.PolicyBootstrap })
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("a policy change on B took %v to reach a node on A", d)
+	}
+	if cur := a.CurrentPolicy(); cur.Text != abPolicy {
+		t.Fatalf("A's policy after B set one: %+v", cur)
+	}
+
+	// An endpoint report to A reaches n2 on B.
+	ep := netip.MustParseAddrPort("192.0.2.7:41641")
+	req := n1.mapRequest()
+	req.Endpoints = []netip.AddrPort{ep}
+	if err := n1.c.Update(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	n2.waitMap(t, "n1's endpoint reported to A", func(m *netmap.NetworkMap) bool {
+		p := m.Peers[n1.id]
+		return p != nil && slices.Contains(p.Endpoints, ep)
+	})
+
+	// Deleting n2 through A removes it from n1's map and ends its
+	// stream on B.
+	adminA := adminClient(t, a)
+	if err := adminA.DeleteNode(ctx, n2.id); err != nil {
+		t.Fatal(err)
+	}
+	n1.waitMap(t, "n2 gone from n1's map", func(m *netmap.NetworkMap) bool { return m.Peers[n2.id] == nil })
+	select {
+	case err := <-n2.fdone:
+		n2.fdone <- err
+		if !errors.Is(err, controlclient.ErrNotRegistered) {
+			t.Fatalf("n2's stream on B ended with %v, want not registered", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("n2's stream on B outlived its deletion on A")
+	}
+}
+
+// TestReplicasRegisterConcurrently: machines racing to enrol with one
+// single-use key, half on each replica, get exactly one node; machines
+// asking for one hostname on both replicas get distinct names and
+// addresses.
+func TestReplicasRegisterConcurrently(t *testing.T) {
+	ctx := context.Background()
+	rs := startReplicas(t, 2, ServerOptions{})
+	once := rs[0].key(t, AuthKeyOptions{Tags: []string{"tag:a"}})
+	many := rs[1].key(t, AuthKeyOptions{Tags: []string{"tag:a"}, Reusable: true})
+	const machines = 16
+	var wg sync.WaitGroup
+	onceErrs := make([]error, machines)
+	nodes := make([]*testNode, machines)
+	manyErrs := make([]error, machines)
+	for i := range machines {
+		r := rs[i%2]
+		wg.Go(func() {
+			_, onceErrs[i] = newTestNode(t, r.url, "").register(ctx, once, "single")
+		})
+		nodes[i] = newTestNode(t, r.url, "")
+		wg.Go(func() {
+			_, manyErrs[i] = nodes[i].register(ctx, many, "gpu")
+		})
+	}
+	wg.Wait()
+	won := 0
+	for _, err := range onceErrs {
+		switch {
+		case err == nil:
+			won++
+		case !errors.Is(err, controlclient.ErrAuthKeyUsed):
+			t.Errorf("single-use key: %v", err)
+		}
+	}
+	if won != 1 {
+		t.Fatalf("%d machines enrolled with one single-use key across two replicas, want 1", won)
+	}
+	names := map[string]bool{}
+	addrs := map[netip.Prefix]bool{}
+	for i, n := range nodes {
+		if manyErrs[i] != nil {
+			t.Fatalf("machine %d: %v", i, manyErrs[i])
+		}
+		if names[n.self.Hostname] || addrs[n.self.Addresses[0]] {
+			t.Fatalf("machine %d got %s %v, which another machine holds", i, n.self.Hostname, n.self.Addresses[0])
+		}
+		names[n.self.Hostname], addrs[n.self.Addresses[0]] = true, true
+	}
+	// Both replicas list the same tailnet.
+	tok, err := readFile(rs[0].AdminTokenPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range rs {
+		ac, err := NewAdminClient(r.url, tok)
+		if err != nil {
+			t.Fatal(err)
+		}
+		infos, err := ac.Nodes(ctx)
+		if err == nil && len(infos) != machines+1 {
+			err = errors.New("wrong count")
+		}
+		if err != nil {
+			t.Fatalf("%s lists %d nodes (%v), want %d", r.url, len(infos), err, machines+1)
+		}
+	}
+}
+
+// TestNodesFailOverBetweenReplicas: nodes given both replicas' URLs keep
+// their map when the replica they stream from is killed in the middle of
+// a policy change: every stream resumes on the other within seconds, and
+// every node ends with the tailnet as the database has it (the change
+// either happened or not, the same for every node).
+func TestNodesFailOverBetweenReplicas(t *testing.T) {
+	ctx := context.Background()
+	rs := startReplicas(t, 2, ServerOptions{})
+	a, b := rs[0], rs[1]
+	k := a.key(t, AuthKeyOptions{Tags: []string{"tag:a"}, Reusable: true})
+	const n = 8
+	var nodes []*testNode
+	for i := range n {
+		urls := a.url + "," + b.url
+		if i%2 == 1 {
+			urls = b.url + "," + a.url
+		}
+		nd := newTestNode(t, urls, "")
+		nd.mustRegister(t, k, "node")
+		nd.follow(t, nd.mapRequest())
+		nodes = append(nodes, nd)
+	}
+	for _, nd := range nodes {
+		nd.waitMap(t, "every peer online", func(m *netmap.NetworkMap) bool {
+			if len(m.Peers) != n-1 {
+				return false
+			}
+			for _, p := range m.Peers {
+				if !p.Online {
+					return false
+				}
+			}
+			return true
+		})
+	}
+	if got := a.hub.connected(); got != n/2 {
+		t.Fatalf("%d nodes stream from A, want %d (the first URL)", got, n/2)
+	}
+
+	// Kill A while it applies a policy.
+	done := make(chan error, 1)
+	go func() {
+		_, err := a.ApplyPolicy(ctx, "ab.hujson", []byte(abPolicy))
+		done <- err
+	}()
+	killed := time.Now()
+	a.stop(t)
+	<-done // stored and in force, or cut short: either is fine
+
+	waitFor(t, "every stream on B", func() bool { return b.hub.connected() == n })
+	if d := time.Since(killed); d > 5*time.Second {
+		t.Errorf("streams took %v to fail over", d)
+	}
+	t.Logf("all %d streams on B %v after A was killed", n, time.Since(killed).Round(time.Millisecond))
+	want := b.CurrentPolicy()
+	stored, err := b.store.Policy(ctx)
+	if err == nil && stored.File != want.File {
+		t.Fatalf("B has %q in force, the database %q", want.File, stored.File)
+	}
+	for _, nd := range nodes {
+		nd.waitMap(t, "the database's policy and every peer online", func(m *netmap.NetworkMap) bool {
+			if m.PolicyBootstrap != want.Bootstrap || len(m.Peers) != n-1 {
+				return false
+			}
+			for _, p := range m.Peers {
+				if !p.Online {
+					return false
+				}
+			}
+			return true
+		})
+	}
+	// B goes on serving changes: a new node reaches them all.
+	late := newTestNode(t, b.url, "")
+	late.mustRegister(t, k, "late")
+	for _, nd := range nodes {
+		nd.waitMap(t, "the late node", func(m *netmap.NetworkMap) bool { return m.Peers[late.id] != nil })
+	}
+}
+
+// TestReplicaGoneTakesItsNodesOffline: a node that streams only from a
+// replica that is killed shows as offline on the other replica (which
+// notices that the dead one left the database), while a node that fails
+// over stays online.
+func TestReplicaGoneTakesItsNodesOffline(t *testing.T) {
+	rs := startReplicas(t, 2, ServerOptions{})
+	a, b := rs[0], rs[1]
+	k := a.key(t, AuthKeyOptions{Tags: []string{"tag:a"}, Reusable: true})
+	stuck := newTestNode(t, a.url, "") // knows only A
+	stuck.mustRegister(t, k, "stuck")
+	stuck.follow(t, stuck.mapRequest())
+	moving := newTestNode(t, a.url+","+b.url, "")
+	moving.mustRegister(t, k, "moving")
+	moving.follow(t, moving.mapRequest())
+	watcher := newTestNode(t, b.url, "")
+	watcher.mustRegister(t, k, "watcher")
+	watcher.follow(t, watcher.mapRequest())
+	watcher.waitMap(t, "both nodes on A online", func(m *netmap.NetworkMap) bool {
+		s, mv := m.Peers[stuck.id], m.Peers[moving.id]
+		return s != nil && s.Online && mv != nil && mv.Online
+	})
+	a.stop(t)
+	watcher.waitMap(t, "the node stuck on A offline, the other online", func(m *netmap.NetworkMap) bool {
+		s, mv := m.Peers[stuck.id], m.Peers[moving.id]
+		return s != nil && !s.Online && mv != nil && mv.Online
+	})
+}
