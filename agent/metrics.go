@@ -51,6 +51,10 @@ var (
 	mPeersConfigured = prometheus.NewDesc("meshd_peers_configured", "Peers configured in WireGuard now (lazy configuration: peers with recent traffic).", nil, nil)
 	mState           = prometheus.NewDesc("meshd_node_state", "1 for the node's current state (as meshd status's backend_state), 0 for the others.", []string{"state"}, nil)
 	mHealth          = prometheus.NewDesc("meshd_health_warning", "1 while the health warning is raised (docs/health.md), else 0.", []string{"warning"}, nil)
+	mFlowWritten     = prometheus.NewDesc("meshd_flowlog_records_written_total", "Flow log records written to the sink (--flow-log; absent without it).", nil, nil)
+	mFlowDropped     = prometheus.NewDesc("meshd_flowlog_records_dropped_total", "Flow log records dropped because the sink did not keep up.", nil, nil)
+	mFlowOverflow    = prometheus.NewDesc("meshd_flowlog_overflow_packets_total", "Packets the flow log could not count because its flow table was full.", nil, nil)
+	mFlowSinkErrors  = prometheus.NewDesc("meshd_flowlog_sink_errors_total", "Writes to the flow log's sink that failed.", nil, nil)
 	mCoordConnected  = prometheus.NewDesc("meshd_coordinator_connected", "1 while the map stream to the coordinator is up and reports succeed.", nil, nil)
 )
 
@@ -78,7 +82,8 @@ func (c *metricsCollector) Describe(ch chan<- *prometheus.Desc) {
 		ch <- d
 	}
 	if c.perPeer {
-		for _, d := range []*prometheus.Desc{mPeerTxBytes, mPeerRxBytes, mPeerTxPackets, mPeerRxPackets, mPeerPathChg, mPeerOmitted} {
+		for _, d := range []*prometheus.Desc{mPeerTxBytes, mPeerRxBytes, mPeerTxPackets, mPeerRxPackets, mPeerPathChg, mPeerOmitted,
+			mFlowWritten, mFlowDropped, mFlowOverflow, mFlowSinkErrors} {
 			ch <- d
 		}
 	}
@@ -103,6 +108,14 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- gauge(mCoordConnected, b2f(st.Self != nil && st.Self.Online))
 	ch <- gauge(mPeers, float64(len(st.Peers)))
+	// The flow log's counters only on the full endpoint: how many flows a
+	// node logs is no business of a peer scraping its totals.
+	if fs, ok := a.FlowLogStats(); ok && c.perPeer {
+		ch <- counter(mFlowWritten, fs.Written)
+		ch <- counter(mFlowDropped, fs.Dropped)
+		ch <- counter(mFlowOverflow, fs.Overflow)
+		ch <- counter(mFlowSinkErrors, fs.SinkErrors)
+	}
 
 	a.mu.Lock()
 	f, eng := a.pf.f, a.eng

@@ -16,6 +16,7 @@ import (
 
 	"meshd.dev/meshd/flowlog"
 	"meshd.dev/meshd/internal/netlab"
+	"meshd.dev/meshd/internal/promtest"
 )
 
 // policyFlowLog lets alice reach the GPU server's iperf3 port and nothing
@@ -145,6 +146,22 @@ func TestFlowLogIperf3(t *testing.T) {
 		}
 		return false, "no record"
 	})
+
+	// The flow log's own counters are in the node's metrics.
+	out, err := e.cli(nodes["gpu"], "metrics")
+	if err != nil {
+		t.Fatalf("meshd metrics: %v\n%s", err, out)
+	}
+	fams, err := promtest.Parse(strings.NewReader(out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, ok := fams.Value("meshd_flowlog_records_written_total"); !ok || v < float64(len(readFlowLog(t, logs["gpu"]))) {
+		t.Errorf("meshd_flowlog_records_written_total = %v (%v), want at least the %d records in the log", v, ok, len(readFlowLog(t, logs["gpu"])))
+	}
+	if _, ok := fams.Value("meshd_flowlog_records_dropped_total"); !ok {
+		t.Error("meshd_flowlog_records_dropped_total missing")
+	}
 }
 
 // readFlowLog parses every line of the flow log at path (missing: none).
