@@ -5,6 +5,8 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+
+	"meshd.dev/meshd/netmap"
 )
 
 // localPrefixes lists the addresses (with their subnet) of this machine's
@@ -43,8 +45,8 @@ func localPrefixes() ([]netip.Prefix, error) {
 // this node reports to the coordinator. Loopback is left out, unless
 // loopbackOnly (every node runs on this machine: the demo and tests), when
 // only loopback is reported. Link-local addresses (they need a zone) and the tailnet's own
-// addresses (a peer reaching us over the tunnel to build the tunnel would
-// be a loop).
+// addresses, the MagicDNS resolver's and the tailnet's IPv6 range (a peer
+// reaching us over the tunnel to build the tunnel would be a loop).
 func endpointCandidates(locals []netip.Prefix, port uint16, tailnet []netip.Prefix, loopbackOnly bool) []netip.AddrPort {
 	var out []netip.AddrPort
 	for _, p := range locals {
@@ -52,7 +54,10 @@ func endpointCandidates(locals []netip.Prefix, port uint16, tailnet []netip.Pref
 		switch {
 		case a.IsLoopback() != loopbackOnly,
 			a.IsLinkLocalUnicast(), a.IsMulticast(), a.IsUnspecified(),
-			slices.ContainsFunc(tailnet, func(t netip.Prefix) bool { return t.Contains(a) }):
+			slices.ContainsFunc(tailnet, func(t netip.Prefix) bool { return t.Contains(a) }),
+			// MagicDNS's addresses sit on the TUN too: a peer sending
+			// there would reach its own resolver address, or the tunnel.
+			isResolverAddr(a), netmap.TailnetIPv6Range.Contains(a):
 			continue
 		}
 		out = append(out, netip.AddrPortFrom(a, port))

@@ -25,7 +25,8 @@ func aps(s ...string) []netip.AddrPort {
 }
 
 func TestEndpointCandidates(t *testing.T) {
-	locals := pfx("127.0.0.1/8", "::1/128", "198.18.1.2/24", "fe80::1/64", "100.64.0.5/32", "fd5e:5a1e:d::5/128", "2001:db8::2/64")
+	locals := pfx("127.0.0.1/8", "::1/128", "198.18.1.2/24", "fe80::1/64", "100.64.0.5/32", "fd5e:5a1e:d::5/128", "2001:db8::2/64",
+		"100.100.100.100/32", "fd5e:5a1e:d::53/128", "fd5e:5a1e:d::6440:9/128") // MagicDNS on the TUN; another tailnet address
 	tailnet := pfx("100.64.0.5/32", "fd5e:5a1e:d::5/128")
 	got := endpointCandidates(locals, 41641, tailnet, false)
 	want := aps("198.18.1.2:41641", "[2001:db8::2]:41641")

@@ -28,7 +28,7 @@ func (l *Lab) Link(a, b *Host, prefix netip.Prefix, mtu int) (netip.Addr, netip.
 		addr netip.Addr
 	}{{a, aIf, aAddr}, {b, bIf, bAddr}} {
 		p := netip.PrefixFrom(end.addr, prefix.Bits())
-		end.h.MustRun("ip", "addr", "add", p.String(), "dev", end.ifn)
+		end.h.MustRun("ip", addrAddArgs(p, end.ifn)...)
 		end.h.MustRun("ip", "link", "set", end.ifn, "up")
 		end.h.mu.Lock()
 		end.h.addrs = append(end.h.addrs, p)
@@ -56,4 +56,16 @@ func (h *Host) MTU(ifname string) (int, error) {
 		return 0, fmt.Errorf("MTU of %s in %s: %q: %w", ifname, h.Name, out, err)
 	}
 	return mtu, nil
+}
+
+// addrAddArgs are the ip arguments adding p to ifname. IPv6 addresses skip
+// duplicate address detection: a lab address is unique by construction,
+// and while DAD runs (a second or two) the address is tentative, unusable
+// as a source, so a test's first packets would leave with another one.
+func addrAddArgs(p netip.Prefix, ifname string) []string {
+	args := []string{"addr", "add", p.String(), "dev", ifname}
+	if p.Addr().Is6() {
+		args = append(args, "nodad")
+	}
+	return args
 }

@@ -257,7 +257,7 @@ func (h *Host) Attach(seg *Segment) netip.Addr {
 	h.lab.run("ip", "link", "add", ifname, "netns", h.ns, "type", "veth", "peer", "name", port, "netns", seg.sw.ns)
 	seg.sw.MustRun("ip", "link", "set", port, "master", "br0", "up")
 	p := netip.PrefixFrom(addr, seg.Prefix.Bits())
-	h.MustRun("ip", "addr", "add", p.String(), "dev", ifname)
+	h.MustRun("ip", addrAddArgs(p, ifname)...)
 	h.MustRun("ip", "link", "set", ifname, "up")
 	h.mu.Lock()
 	h.addrs = append(h.addrs, p)
