@@ -140,8 +140,8 @@ type Server struct {
 	closed    bool
 	polInfo   PolicyInfo // the policy file in force
 
-	sshChecks sshChecks      // check-mode SSH approvals (ssh.go)
-	met       *serverMetrics // metrics.go
+	sshWaiters sshWaiters     // wait requests for check-mode SSH approvals (ssh.go)
+	met        *serverMetrics // metrics.go
 	// repl follows the other coordinators sharing a PostgreSQL database;
 	// nil on SQLite.
 	repl *replication
