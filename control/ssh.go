@@ -35,6 +35,11 @@ const (
 	// the database), so that a node cannot grow the database by opening
 	// connections.
 	maxSSHChecks = 1024
+	// A node may report sshEndBurst session ends at once and one more
+	// every sshEndEvery (per coordinator it reports to): a busy server's
+	// sessions, not a flood into the audit log.
+	sshEndBurst = 64
+	sshEndEvery = time.Second
 )
 
 // sshWaiters wakes the wait requests held on this coordinator when their
@@ -99,6 +104,7 @@ func (w *sshWaiters) wake(id string) {
 func (s *Server) sshRoutes() {
 	s.mux.HandleFunc("POST "+controlclient.SSHAuthorizePath, s.handleSSHAuthorize)
 	s.mux.HandleFunc("POST "+controlclient.SSHWaitPath, s.handleSSHWait)
+	s.mux.HandleFunc("POST "+controlclient.SSHSessionPath, s.handleSSHSessionEnd)
 }
 
 // sshAdminRoutes adds `meshd admin ssh list|approve`.
@@ -339,6 +345,120 @@ func (s *Server) ApproveSSH(ctx context.Context, id string) error {
 		"check": id, "caller": c.Caller, "local_user": c.LocalUser, "period": c.Period.String(),
 	})
 	return nil
+}
+
+func (s *Server) handleSSHSessionEnd(w http.ResponseWriter, r *http.Request) {
+	mk, err := machineKey(r)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	var req netmap.SSHSessionEnd
+	if err := decodeBody(r, &req); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if err := checkVersion(req.Version); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	n, err := s.nodeForMap(r.Context(), mk)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	connlimit.Authenticate(r.Context())
+	if err := s.sshSessionEnd(r.Context(), &n.Node, req); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, struct{}{})
+}
+
+// sshSessionEnd records node n's report that a session on it ended. The
+// event's actor and target are n, whatever the report says.
+func (s *Server) sshSessionEnd(ctx context.Context, n *netmap.Node, req netmap.SSHSessionEnd) error {
+	if err := checkSessionEnd(req); err != nil {
+		return err
+	}
+	if req.CheckID != "" {
+		// A live check names its node: a report cannot borrow another
+		// node's approval. An expired one (sessions outlast checks) is
+		// recorded as the node says.
+		c, err := s.store.SSHCheck(ctx, req.CheckID, s.now())
+		switch {
+		case err == nil && c.NodeID != n.ID:
+			return fmt.Errorf("%w: check %s is not a login to this node", controlclient.ErrBadRequest, req.CheckID)
+		case err != nil && !errors.Is(err, store.ErrNotFound):
+			return err
+		}
+	}
+	if !s.sshEnds.allow(n.ID, s.now()) {
+		return fmt.Errorf("%w: node %d reported more than %d ssh sessions recently (one more every %v)",
+			controlclient.ErrRateLimited, n.ID, sshEndBurst, sshEndEvery)
+	}
+	s.log.Info("ssh session ended", "node", n.ID, "host", n.Hostname, "session", req.SessionID, "check", req.CheckID,
+		"caller_node", req.Caller.NodeID, "local_user", req.LocalUser, "kind", req.Kind, "duration", req.Duration, "exit", req.ExitStatus)
+	actor := NodeActor(n)
+	s.audit(ctx, &actor, AuditSessionEnd, nodeTarget(n.ID), auditSSHSessionEnd{
+		Protocol: "ssh", Session: req.SessionID, Check: req.CheckID, Caller: req.Caller, LocalUser: req.LocalUser,
+		Kind: req.Kind, Duration: req.Duration.String(), ExitStatus: req.ExitStatus, Recorded: req.Recorded,
+	})
+	return nil
+}
+
+// checkSessionEnd refuses a report with fields out of their domain, so
+// that the audit log holds only what a session could have been.
+func checkSessionEnd(req netmap.SSHSessionEnd) error {
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("%w: ssh session report: %s", controlclient.ErrBadRequest, fmt.Sprintf(format, args...))
+	}
+	switch {
+	case !validToken(req.SessionID, 64):
+		return bad("session_id %.80q: want 1 to 64 letters, digits, - or _", req.SessionID)
+	case req.CheckID != "" && !validToken(req.CheckID, 64):
+		return bad("check_id %.80q: want 1 to 64 letters, digits, - or _", req.CheckID)
+	case !validLocalUser(req.LocalUser):
+		return bad("local_user %.80q is not a local user name", req.LocalUser)
+	case req.Kind != netmap.SSHSessionShell && req.Kind != netmap.SSHSessionExec && req.Kind != netmap.SSHSessionSubsystem:
+		return bad("kind %.40q: want shell, exec or subsystem", req.Kind)
+	case req.Duration < 0:
+		return bad("negative duration %v", req.Duration)
+	case req.ExitStatus < -1 || req.ExitStatus > 255:
+		return bad("exit_status %d: want -1 to 255", req.ExitStatus)
+	case len(req.Caller.Hostname) > 255 || len(req.Caller.User) > 255 || len(req.Caller.Tags) > 64:
+		return bad("caller too long")
+	}
+	return nil
+}
+
+// validToken accepts 1 to maxLen letters, digits, '-' and '_'.
+func validToken(s string, maxLen int) bool {
+	if s == "" || len(s) > maxLen {
+		return false
+	}
+	for _, r := range s {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '_', r == '-':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// auditSSHSessionEnd is an AuditSessionEnd event's details, as the node
+// that hosted the session reported them.
+type auditSSHSessionEnd struct {
+	Protocol   string           `json:"protocol"`
+	Session    string           `json:"session"`
+	Check      string           `json:"check,omitempty"`
+	Caller     netmap.SSHCaller `json:"caller"`
+	LocalUser  string           `json:"local_user"`
+	Kind       string           `json:"kind"`
+	Duration   string           `json:"duration"`
+	ExitStatus int              `json:"exit_status"`
+	Recorded   bool             `json:"recorded,omitempty"`
 }
 
 // auditSSH records one SSH authorization decision in the log and the
