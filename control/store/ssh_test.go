@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -122,5 +124,43 @@ func testSSHChecks(t *testing.T, bk backend) {
 		if err := s.AddSSHCheck(ctx, sshCheck(fmt.Sprint("d", i), 3, 2, late, 0), 2, late); err != nil {
 			t.Fatalf("check %d after the others expired: %v", i, err)
 		}
+	}
+}
+
+// TestSSHCheckBoundAcrossReplicas: replicas adding checks at the same
+// time keep the bound of pending checks exactly.
+func TestSSHCheckBoundAcrossReplicas(t *testing.T) {
+	rs := replicas(t, 3, tinyPool{})
+	ctx := context.Background()
+	now := time.Unix(1_000_000, 0).UTC()
+	const limit, each = 10, 8
+	var wg sync.WaitGroup
+	var added, refused atomic.Int32
+	errs := make(chan error, len(rs)*each)
+	for i, r := range rs {
+		for j := range each {
+			wg.Go(func() {
+				switch err := r.AddSSHCheck(ctx, sshCheck(fmt.Sprint("r", i, "-", j), 1, 2, now, 0), limit, now); {
+				case err == nil:
+					added.Add(1)
+				case errors.Is(err, ErrTooManySSHChecks):
+					refused.Add(1)
+				default:
+					errs <- err
+				}
+			})
+		}
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	list, err := rs[0].SSHChecks(ctx, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if added.Load() != limit || refused.Load() != int32(len(rs)*each-limit) || len(list) != limit {
+		t.Fatalf("%d added, %d refused, %d stored; want %d, %d, %d", added.Load(), refused.Load(), len(list), limit, len(rs)*each-limit, limit)
 	}
 }
