@@ -31,13 +31,17 @@ const (
 	certEvery = 15 * time.Minute
 )
 
-// certLimiter rate-limits certificate requests per node.
-type certLimiter struct {
+// nodeLimiter rate-limits one kind of request per node: burst at once
+// and one more every every.
+type nodeLimiter struct {
+	every time.Duration
+	burst int
+
 	mu sync.Mutex
 	by map[netmap.NodeID]*rate.Limiter
 }
 
-func (l *certLimiter) allow(id netmap.NodeID, now time.Time) bool {
+func (l *nodeLimiter) allow(id netmap.NodeID, now time.Time) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.by == nil {
@@ -45,7 +49,7 @@ func (l *certLimiter) allow(id netmap.NodeID, now time.Time) bool {
 	}
 	lim := l.by[id]
 	if lim == nil {
-		lim = rate.NewLimiter(rate.Every(certEvery), certBurst)
+		lim = rate.NewLimiter(rate.Every(l.every), l.burst)
 		l.by[id] = lim
 	}
 	return lim.AllowN(now, 1)

@@ -530,7 +530,7 @@ func TestUpgradeClearsSharedKeyUntilProven(t *testing.T) {
 	for _, q := range []string{
 		`DROP INDEX nodes_node_key`, `DROP INDEX nodes_disco_key`, `DROP INDEX nodes_hostname`,
 		`ALTER TABLE nodes DROP COLUMN node_key`, `ALTER TABLE nodes DROP COLUMN disco_key`, `ALTER TABLE nodes DROP COLUMN hostname`,
-		`DROP TABLE quarantine`, `DROP TABLE audit`, `DELETE FROM schema_migrations WHERE version >= 3`,
+		`DROP TABLE quarantine`, `DROP TABLE audit`, `DROP TABLE ssh_checks`, `DROP TABLE ssh_grants`, `DELETE FROM schema_migrations WHERE version >= 3`,
 		`UPDATE nodes SET data = json_set(data, '$.node_key', '` + a.nk.Public().String() + `') WHERE id = ` + strconv.Itoa(int(b.id)),
 	} {
 		if _, err := db.Exec(q); err != nil {

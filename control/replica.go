@@ -434,6 +434,8 @@ func (r *replication) apply(c store.Change) {
 		if c.Key == metaAdminHash {
 			s.syncAdminHash()
 		}
+	case store.ChangeSSHApproved:
+		s.sshWaiters.wake(c.Key)
 	case store.ChangeAnnounce:
 		r.presence(c.Msg)
 	case store.ChangeResync:
@@ -441,6 +443,7 @@ func (r *replication) apply(c store.Change) {
 		s.syncAll()
 		s.syncPolicy()
 		s.syncAdminHash()
+		s.sshWaiters.wakeAll()
 		r.hello()
 		r.reannounce()
 	}

@@ -130,7 +130,7 @@ type Server struct {
 
 	// The tailnet CA (ca.go, cert.go) and how long its certificates last.
 	ca           *certAuthority
-	certLimit    certLimiter
+	certLimit    *nodeLimiter
 	certLifetime time.Duration
 
 	polMu     sync.Mutex // serialises policy changes; taken before mu, never under it
@@ -140,8 +140,9 @@ type Server struct {
 	closed    bool
 	polInfo   PolicyInfo // the policy file in force
 
-	sshChecks sshChecks      // check-mode SSH approvals (ssh.go)
-	met       *serverMetrics // metrics.go
+	sshWaiters sshWaiters     // wait requests for check-mode SSH approvals (ssh.go)
+	sshEnds    *nodeLimiter   // SSH session end reports (ssh.go)
+	met        *serverMetrics // metrics.go
 	// repl follows the other coordinators sharing a PostgreSQL database;
 	// nil on SQLite.
 	repl *replication
@@ -267,6 +268,8 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 		clock:       opts.clock,
 
 		certLifetime: opts.certLifetime,
+		certLimit:    &nodeLimiter{every: certEvery, burst: certBurst},
+		sshEnds:      &nodeLimiter{every: sshEndEvery, burst: sshEndBurst},
 	}
 	if shared != nil {
 		s.repl = newReplication(s, shared, replica)

@@ -1,10 +1,10 @@
 package control
 
 import (
-	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/netip"
@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/control/store"
 	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/netmap"
 	"meshd.dev/meshd/policy"
@@ -30,48 +31,72 @@ const (
 	sshCheckTimeout = 5 * time.Minute
 	// sshWaitPoll is the longest one wait request is held open.
 	sshWaitPoll = 25 * time.Second
-	// maxSSHChecks bounds pending approvals, so that a node cannot grow
-	// the coordinator's memory by opening connections.
+	// maxSSHChecks bounds pending approvals (of all coordinators sharing
+	// the database), so that a node cannot grow the database by opening
+	// connections.
 	maxSSHChecks = 1024
+	// A node may report sshEndBurst session ends at once and one more
+	// every sshEndEvery (per coordinator it reports to): a busy server's
+	// sessions, not a flood into the audit log.
+	sshEndBurst = 64
+	sshEndEvery = time.Second
 )
 
-// sshChecks holds check-mode approvals: pending ones and, per
-// (caller, node, local user), how long a granted one lasts.
-type sshChecks struct {
-	mu      sync.Mutex
-	pending map[string]*sshPending
-	granted map[sshGrantKey]time.Time // valid until
+// sshWaiters wakes the wait requests held on this coordinator when their
+// check is approved, here or (through the change feed) on another
+// coordinator sharing the database. The checks themselves are in the
+// store: this holds only who waits.
+type sshWaiters struct {
+	mu sync.Mutex
+	m  map[string]*sshWaiter
 }
 
-type sshGrantKey struct {
-	caller, node netmap.NodeID
-	user         string
+type sshWaiter struct {
+	done chan struct{} // closed on approval
+	n    int           // requests waiting
 }
 
-type sshPending struct {
-	check  netmap.SSHApproval
-	period time.Duration
-	done   chan struct{} // closed on approval
+// add returns a channel closed when check id is approved, and a function
+// to call when the caller stops waiting.
+func (w *sshWaiters) add(id string) (<-chan struct{}, func()) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.m == nil {
+		w.m = map[string]*sshWaiter{}
+	}
+	e := w.m[id]
+	if e == nil {
+		e = &sshWaiter{done: make(chan struct{})}
+		w.m[id] = e
+	}
+	e.n++
+	return e.done, func() {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		if e.n--; e.n == 0 && w.m[id] == e {
+			delete(w.m, id)
+		}
+	}
 }
 
-func (c *sshChecks) init() {
-	if c.pending == nil {
-		c.pending = map[string]*sshPending{}
-		c.granted = map[sshGrantKey]time.Time{}
+// wakeAll ends every wait, to read its check again: after the change
+// feed was cut, approvals made meanwhile were not announced.
+func (w *sshWaiters) wakeAll() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for id, e := range w.m {
+		close(e.done)
+		delete(w.m, id)
 	}
 }
 
-// expireLocked forgets checks and grants past their time.
-func (c *sshChecks) expireLocked(now time.Time) {
-	for id, p := range c.pending {
-		if !now.Before(p.check.Expires) {
-			delete(c.pending, id)
-		}
-	}
-	for k, until := range c.granted {
-		if !now.Before(until) {
-			delete(c.granted, k)
-		}
+// wake ends the waits on check id.
+func (w *sshWaiters) wake(id string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if e := w.m[id]; e != nil {
+		close(e.done)
+		delete(w.m, id)
 	}
 }
 
@@ -79,11 +104,12 @@ func (c *sshChecks) expireLocked(now time.Time) {
 func (s *Server) sshRoutes() {
 	s.mux.HandleFunc("POST "+controlclient.SSHAuthorizePath, s.handleSSHAuthorize)
 	s.mux.HandleFunc("POST "+controlclient.SSHWaitPath, s.handleSSHWait)
+	s.mux.HandleFunc("POST "+controlclient.SSHSessionPath, s.handleSSHSessionEnd)
 }
 
 // sshAdminRoutes adds `meshd admin ssh list|approve`.
 func (s *Server) sshAdminRoutes(mux *http.ServeMux, h func(func(*http.Request) (any, error)) http.HandlerFunc) {
-	mux.HandleFunc("GET /admin/v1/ssh/checks", h(func(r *http.Request) (any, error) { return s.SSHChecks(), nil }))
+	mux.HandleFunc("GET /admin/v1/ssh/checks", h(func(r *http.Request) (any, error) { return s.SSHChecks(r.Context()) }))
 	mux.HandleFunc("POST /admin/v1/ssh/checks/{id}/approve", h(func(r *http.Request) (any, error) {
 		return struct{}{}, s.ApproveSSH(r.Context(), r.PathValue("id"))
 	}))
@@ -179,29 +205,34 @@ func (s *Server) authorizeSSH(dstID netmap.NodeID, req netmap.SSHAuthRequest) *n
 // else registers a pending check.
 func (s *Server) checkSSH(resp *netmap.SSHAuthResponse, dst *netmap.Node, user string, period time.Duration) {
 	now := s.now()
-	c := &s.sshChecks
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.init()
-	c.expireLocked(now)
-	if until, ok := c.granted[sshGrantKey{resp.Caller.NodeID, dst.ID, user}]; ok && now.Before(until) {
-		resp.Action = netmap.SSHAccept
+	ok, err := s.store.SSHGranted(s.ctx, resp.Caller.NodeID, dst.ID, user, now)
+	if err != nil {
+		s.log.Error("ssh login: read approvals", "err", err)
+		resp.Action, resp.Message = netmap.SSHReject, "meshd: the coordinator cannot check approvals now; try again later"
 		return
 	}
-	if len(c.pending) >= maxSSHChecks {
-		resp.Action, resp.Message = netmap.SSHReject, "meshd: too many logins wait for approval; try again later"
+	if ok {
+		resp.Action = netmap.SSHAccept
 		return
 	}
 	var b [8]byte
 	rand.Read(b[:])
 	id := hex.EncodeToString(b[:])
-	c.pending[id] = &sshPending{
-		check: netmap.SSHApproval{
+	c := store.SSHCheck{
+		SSHApproval: netmap.SSHApproval{
 			ID: id, Caller: resp.Caller, NodeID: dst.ID, Hostname: dst.Hostname, LocalUser: user,
 			Created: now, Expires: now.Add(sshCheckTimeout),
 		},
-		period: period,
-		done:   make(chan struct{}),
+		Period: period,
+	}
+	switch err := s.store.AddSSHCheck(s.ctx, c, maxSSHChecks, now); {
+	case errors.Is(err, store.ErrTooManySSHChecks):
+		resp.Action, resp.Message = netmap.SSHReject, "meshd: too many logins wait for approval; try again later"
+		return
+	case err != nil:
+		s.log.Error("ssh login: record check", "err", err)
+		resp.Action, resp.Message = netmap.SSHReject, "meshd: the coordinator cannot record the approval request now; try again later"
+		return
 	}
 	resp.CheckID = id
 	resp.Message = fmt.Sprintf("meshd: this login needs an administrator's approval; waiting up to %v.\r\n"+
@@ -225,24 +256,45 @@ func (s *Server) handleSSHWait(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	connlimit.Authenticate(r.Context())
-	c := &s.sshChecks
-	c.mu.Lock()
-	c.init()
-	p := c.pending[req.CheckID]
-	c.mu.Unlock()
-	// A node waits only on its own checks: another's id is unknown to it.
-	if p == nil || p.check.NodeID != n.ID {
-		writeJSON(w, http.StatusOK, &netmap.SSHWaitResponse{Message: "meshd: the approval request expired or does not exist"})
+	gone := &netmap.SSHWaitResponse{Message: "meshd: the approval request expired or does not exist"}
+	// read reports the check's state; a node waits only on its own
+	// checks: another's id is unknown to it.
+	read := func() (*netmap.SSHWaitResponse, time.Time, error) {
+		c, err := s.store.SSHCheck(r.Context(), req.CheckID, s.now())
+		switch {
+		case errors.Is(err, store.ErrNotFound) || err == nil && c.NodeID != n.ID:
+			return gone, time.Time{}, nil
+		case err != nil:
+			return nil, time.Time{}, err
+		case c.Approved:
+			return &netmap.SSHWaitResponse{Approved: true}, c.Expires, nil
+		}
+		return nil, c.Expires, nil
+	}
+	resp, expires, err := read()
+	if err != nil || resp != nil {
+		s.writeSSHWait(w, r, resp, err)
 		return
 	}
-	wait := min(sshWaitPoll, p.check.Expires.Sub(s.now()))
-	t := time.NewTimer(max(wait, 0))
+	// Wait first, then read again: an approval committed in between
+	// is seen by the read, one after it wakes the wait.
+	done, stop := s.sshWaiters.add(req.CheckID)
+	defer stop()
+	if resp, expires, err = read(); err != nil || resp != nil {
+		s.writeSSHWait(w, r, resp, err)
+		return
+	}
+	t := time.NewTimer(max(min(sshWaitPoll, expires.Sub(s.now())), 0))
 	defer t.Stop()
 	select {
-	case <-p.done:
-		writeJSON(w, http.StatusOK, &netmap.SSHWaitResponse{Approved: true})
+	case <-done:
+		resp, _, err = read()
+		if err == nil && resp == nil {
+			resp = &netmap.SSHWaitResponse{Pending: true}
+		}
+		s.writeSSHWait(w, r, resp, err)
 	case <-t.C:
-		if !s.now().Before(p.check.Expires) {
+		if !s.now().Before(expires) {
 			writeJSON(w, http.StatusOK, &netmap.SSHWaitResponse{Message: fmt.Sprintf("meshd: no administrator approved this login within %v", sshCheckTimeout)})
 			return
 		}
@@ -251,48 +303,162 @@ func (s *Server) handleSSHWait(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// SSHChecks lists the check-mode logins waiting for approval.
-func (s *Server) SSHChecks() []netmap.SSHApproval {
-	c := &s.sshChecks
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.init()
-	c.expireLocked(s.now())
-	out := []netmap.SSHApproval{}
-	for _, p := range c.pending {
-		out = append(out, p.check)
+func (s *Server) writeSSHWait(w http.ResponseWriter, r *http.Request, resp *netmap.SSHWaitResponse, err error) {
+	if err != nil {
+		s.writeError(w, r, fmt.Errorf("ssh wait: %w", err))
+		return
 	}
-	slices.SortFunc(out, func(a, b netmap.SSHApproval) int { return cmp.Compare(a.Created.UnixNano(), b.Created.UnixNano()) })
-	return out
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// SSHChecks lists the check-mode logins waiting for approval, or approved
+// and not yet expired, of every coordinator sharing the database.
+func (s *Server) SSHChecks(ctx context.Context) ([]netmap.SSHApproval, error) {
+	cs, err := s.store.SSHChecks(ctx, s.now())
+	if err != nil {
+		return nil, err
+	}
+	out := make([]netmap.SSHApproval, 0, len(cs))
+	for _, c := range cs {
+		out = append(out, c.SSHApproval)
+	}
+	return out, nil
 }
 
 // ApproveSSH approves the pending check id: its connection proceeds, and
 // the same caller may log in to the same node as the same user without a
 // new approval for the rule's checkPeriod.
 func (s *Server) ApproveSSH(ctx context.Context, id string) error {
-	now := s.now()
-	c := &s.sshChecks
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.init()
-	c.expireLocked(now)
-	p := c.pending[id]
-	if p == nil {
+	c, err := s.store.ApproveSSHCheck(ctx, id, s.now())
+	switch {
+	case errors.Is(err, store.ErrNotFound):
 		return fmt.Errorf("%w: no SSH login waits for approval %q (it expired or was approved): see meshd admin ssh list", controlclient.ErrNotFound, id)
-	}
-	if p.check.Approved {
+	case errors.Is(err, store.ErrSSHApproved):
 		return fmt.Errorf("%w: SSH login %s is already approved", controlclient.ErrBadRequest, id)
+	case err != nil:
+		return err
 	}
-	p.check.Approved = true
-	close(p.done)
-	if p.period > 0 {
-		c.granted[sshGrantKey{p.check.Caller.NodeID, p.check.NodeID, p.check.LocalUser}] = now.Add(p.period)
-	}
-	s.log.Info("ssh login approved", "check", id, "caller", p.check.Caller.NodeID, "node", p.check.NodeID, "local_user", p.check.LocalUser)
-	s.audit(ctx, nil, AuditSSHApprove, nodeTarget(p.check.NodeID), map[string]any{
-		"check": id, "caller": p.check.Caller, "local_user": p.check.LocalUser, "period": p.period.String(),
+	// Waits on other coordinators are woken by the change feed.
+	s.sshWaiters.wake(id)
+	s.log.Info("ssh login approved", "check", id, "caller", c.Caller.NodeID, "node", c.NodeID, "local_user", c.LocalUser)
+	s.audit(ctx, nil, AuditSSHApprove, nodeTarget(c.NodeID), map[string]any{
+		"check": id, "caller": c.Caller, "local_user": c.LocalUser, "period": c.Period.String(),
 	})
 	return nil
+}
+
+func (s *Server) handleSSHSessionEnd(w http.ResponseWriter, r *http.Request) {
+	mk, err := machineKey(r)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	var req netmap.SSHSessionEnd
+	if err := decodeBody(r, &req); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	if err := checkVersion(req.Version); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	n, err := s.nodeForMap(r.Context(), mk)
+	if err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	connlimit.Authenticate(r.Context())
+	if err := s.sshSessionEnd(r.Context(), &n.Node, req); err != nil {
+		s.writeError(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, struct{}{})
+}
+
+// sshSessionEnd records node n's report that a session on it ended. The
+// event's actor and target are n, whatever the report says.
+func (s *Server) sshSessionEnd(ctx context.Context, n *netmap.Node, req netmap.SSHSessionEnd) error {
+	if err := checkSessionEnd(req); err != nil {
+		return err
+	}
+	if req.CheckID != "" {
+		// A live check names its node: a report cannot borrow another
+		// node's approval. An expired one (sessions outlast checks) is
+		// recorded as the node says.
+		c, err := s.store.SSHCheck(ctx, req.CheckID, s.now())
+		switch {
+		case err == nil && c.NodeID != n.ID:
+			return fmt.Errorf("%w: check %s is not a login to this node", controlclient.ErrBadRequest, req.CheckID)
+		case err != nil && !errors.Is(err, store.ErrNotFound):
+			return err
+		}
+	}
+	if !s.sshEnds.allow(n.ID, s.now()) {
+		return fmt.Errorf("%w: node %d reported more than %d ssh sessions recently (one more every %v)",
+			controlclient.ErrRateLimited, n.ID, sshEndBurst, sshEndEvery)
+	}
+	s.log.Info("ssh session ended", "node", n.ID, "host", n.Hostname, "session", req.SessionID, "check", req.CheckID,
+		"caller_node", req.Caller.NodeID, "local_user", req.LocalUser, "kind", req.Kind, "duration", req.Duration, "exit", req.ExitStatus)
+	actor := NodeActor(n)
+	s.audit(ctx, &actor, AuditSessionEnd, nodeTarget(n.ID), auditSSHSessionEnd{
+		Protocol: "ssh", Session: req.SessionID, Check: req.CheckID, Caller: req.Caller, LocalUser: req.LocalUser,
+		Kind: req.Kind, Duration: req.Duration.String(), ExitStatus: req.ExitStatus, Recorded: req.Recorded,
+	})
+	return nil
+}
+
+// checkSessionEnd refuses a report with fields out of their domain, so
+// that the audit log holds only what a session could have been.
+func checkSessionEnd(req netmap.SSHSessionEnd) error {
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("%w: ssh session report: %s", controlclient.ErrBadRequest, fmt.Sprintf(format, args...))
+	}
+	switch {
+	case !validToken(req.SessionID, 64):
+		return bad("session_id %.80q: want 1 to 64 letters, digits, - or _", req.SessionID)
+	case req.CheckID != "" && !validToken(req.CheckID, 64):
+		return bad("check_id %.80q: want 1 to 64 letters, digits, - or _", req.CheckID)
+	case !validLocalUser(req.LocalUser):
+		return bad("local_user %.80q is not a local user name", req.LocalUser)
+	case req.Kind != netmap.SSHSessionShell && req.Kind != netmap.SSHSessionExec && req.Kind != netmap.SSHSessionSubsystem:
+		return bad("kind %.40q: want shell, exec or subsystem", req.Kind)
+	case req.Duration < 0:
+		return bad("negative duration %v", req.Duration)
+	case req.ExitStatus < -1 || req.ExitStatus > 255:
+		return bad("exit_status %d: want -1 to 255", req.ExitStatus)
+	case len(req.Caller.Hostname) > 255 || len(req.Caller.User) > 255 || len(req.Caller.Tags) > 64:
+		return bad("caller too long")
+	}
+	return nil
+}
+
+// validToken accepts 1 to maxLen letters, digits, '-' and '_'.
+func validToken(s string, maxLen int) bool {
+	if s == "" || len(s) > maxLen {
+		return false
+	}
+	for _, r := range s {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '_', r == '-':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// auditSSHSessionEnd is an AuditSessionEnd event's details, as the node
+// that hosted the session reported them.
+type auditSSHSessionEnd struct {
+	Protocol   string           `json:"protocol"`
+	Session    string           `json:"session"`
+	Check      string           `json:"check,omitempty"`
+	Caller     netmap.SSHCaller `json:"caller"`
+	LocalUser  string           `json:"local_user"`
+	Kind       string           `json:"kind"`
+	Duration   string           `json:"duration"`
+	ExitStatus int              `json:"exit_status"`
+	Recorded   bool             `json:"recorded,omitempty"`
 }
 
 // auditSSH records one SSH authorization decision in the log and the

@@ -106,7 +106,7 @@ func TestSSHAuthorize(t *testing.T) {
 		t.Fatalf("the wait ended before any approval: %+v", w)
 	case <-time.After(200 * time.Millisecond):
 	}
-	if cs := ts.SSHChecks(); len(cs) != 1 || cs[0].ID != r.CheckID || cs[0].LocalUser != "vendor" || cs[0].Caller.NodeID != vendor.id {
+	if cs, err := ts.SSHChecks(ctx); err != nil || len(cs) != 1 || cs[0].ID != r.CheckID || cs[0].LocalUser != "vendor" || cs[0].Caller.NodeID != vendor.id {
 		t.Fatalf("SSHChecks: %+v", cs)
 	}
 	if err := ts.ApproveSSH(ctx, r.CheckID); err != nil {

@@ -83,3 +83,32 @@ type SSHApproval struct {
 
 // SSHRecorderPort is the tailnet TCP port `meshd recorder` listens on.
 const SSHRecorderPort = 8022
+
+// SSH session kinds in SSHSessionEnd.Kind.
+const (
+	SSHSessionShell     = "shell"
+	SSHSessionExec      = "exec"
+	SSHSessionSubsystem = "subsystem"
+)
+
+// SSHSessionEnd is a node's report that an SSH session on itself ended
+// (POST /machine/ssh/session), for the coordinator's audit log. The
+// coordinator records it as done by, and about, the node that reports:
+// nothing in it names another node as the session's host.
+type SSHSessionEnd struct {
+	Version int `json:"version"`
+	// SessionID is the node's name for the session, unique on the node.
+	SessionID string `json:"session_id"`
+	// CheckID is the check-mode approval the login passed, if any.
+	CheckID string `json:"check_id,omitempty"`
+	// Caller is who logged in, as the coordinator said at authorization.
+	Caller    SSHCaller `json:"caller"`
+	LocalUser string    `json:"local_user"`
+	Kind      string    `json:"kind"` // SSHSessionShell, SSHSessionExec or SSHSessionSubsystem
+	// Duration is how long the session's command ran.
+	Duration time.Duration `json:"duration_ns"`
+	// ExitStatus is the command's exit status; -1 if a signal ended it
+	// or it never started.
+	ExitStatus int  `json:"exit_status"`
+	Recorded   bool `json:"recorded,omitempty"`
+}

@@ -6,6 +6,8 @@ package sshserver
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -26,6 +28,45 @@ import (
 type Authorizer interface {
 	SSHAuthorize(ctx context.Context, req netmap.SSHAuthRequest) (*netmap.SSHAuthResponse, error)
 	SSHWait(ctx context.Context, checkID string) (*netmap.SSHWaitResponse, error)
+}
+
+// SessionReporter is an Authorizer that also records ended sessions in
+// the coordinator's audit log (controlclient.Client does).
+type SessionReporter interface {
+	SSHSessionEnd(ctx context.Context, end netmap.SSHSessionEnd) error
+}
+
+// reportTimeout bounds one session end report: the coordinator being
+// slow or away costs the audit log an entry, never a goroutine for long.
+const reportTimeout = 15 * time.Second
+
+// reportEnd tells the coordinator, if it takes reports, that a session of
+// li ended (in the background: the session is over either way).
+func (s *Server) reportEnd(li *login, kind string, d time.Duration, code int, recorded bool) {
+	box := s.ctl.Load()
+	if box == nil {
+		return
+	}
+	r, ok := box.a.(SessionReporter)
+	if !ok {
+		return
+	}
+	var id [8]byte
+	rand.Read(id[:])
+	end := netmap.SSHSessionEnd{
+		SessionID: hex.EncodeToString(id[:]), CheckID: li.auth.CheckID, Caller: li.auth.Caller, LocalUser: li.user,
+		Kind: kind, Duration: d, ExitStatus: code, Recorded: recorded,
+	}
+	if end.Kind != netmap.SSHSessionExec && end.Kind != netmap.SSHSessionSubsystem {
+		end.Kind = netmap.SSHSessionShell
+	}
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), reportTimeout)
+		defer cancel()
+		if err := r.SSHSessionEnd(ctx, end); err != nil {
+			s.log.Warn("ssh: session end not reported to the coordinator", "session", end.SessionID, "err", err)
+		}
+	}()
 }
 
 // Options configure a Server.

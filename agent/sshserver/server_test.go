@@ -67,6 +67,20 @@ type fakeAuthorizer struct {
 	resp  netmap.SSHAuthResponse
 	wait  func(ctx context.Context) (*netmap.SSHWaitResponse, error)
 	asked atomic.Int32
+	// ends receives the session end reports, when not nil.
+	ends chan netmap.SSHSessionEnd
+}
+
+func (f *fakeAuthorizer) SSHSessionEnd(ctx context.Context, end netmap.SSHSessionEnd) error {
+	if f.ends == nil {
+		return errors.New("no reports expected")
+	}
+	select {
+	case f.ends <- end:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 func (f *fakeAuthorizer) SSHAuthorize(context.Context, netmap.SSHAuthRequest) (*netmap.SSHAuthResponse, error) {

@@ -286,6 +286,7 @@ func (ss *session) start(ctx context.Context, conn *ssh.ServerConn, kind, comman
 	ss.pgid = c.Process.Pid
 	ss.mu.Unlock()
 	ss.s.log.Info("ssh session started", "caller", ss.li.caller, "local_user", u.Name, "kind", kind, "pty", wantPTY, "recorded", rec != nil)
+	began := time.Now()
 	go func() {
 		err := c.Wait()
 		copies.Wait()
@@ -308,6 +309,7 @@ func (ss *session) start(ctx context.Context, conn *ssh.ServerConn, kind, comman
 		}
 		rec.close(code)
 		ss.s.log.Info("ssh session ended", "caller", ss.li.caller, "local_user", u.Name, "exit", code)
+		ss.s.reportEnd(ss.li, kind, time.Since(began), code, rec != nil)
 		ss.mu.Lock()
 		if ss.ptmx != nil {
 			ss.ptmx.Close()

@@ -53,7 +53,7 @@ func TestSessions(t *testing.T) {
 		Action: netmap.SSHAccept, AcceptEnv: []string{"LANG"},
 		Recorders: []netip.AddrPort{netip.MustParseAddrPort(recLn.Addr().String())}, EnforceRecorder: true,
 		Caller: netmap.SSHCaller{NodeID: 2, Hostname: "alice", User: "alice@example.com"},
-	}}
+	}, ends: make(chan netmap.SSHSessionEnd, 16)}
 	var d net.Dialer
 	s := New(Options{
 		HostKey: signer, WhoIs: who, Logger: slog.New(slog.DiscardHandler), NodeName: func() string { return "gpu" },
@@ -93,6 +93,16 @@ func TestSessions(t *testing.T) {
 	var ee *ssh.ExitError
 	if !errors.As(err, &ee) || ee.ExitStatus() != 3 || string(out) != "C.UTF-8//root/root\n" || stderr.String() != "oops\n" {
 		t.Fatalf("command: %q, stderr %q, %v", out, stderr.String(), err)
+	}
+	// Its end is reported to the coordinator.
+	select {
+	case e := <-auth.ends:
+		if e.SessionID == "" || e.Kind != netmap.SSHSessionExec || e.ExitStatus != 3 || e.LocalUser != "root" ||
+			e.Caller.NodeID != 2 || !e.Recorded || e.Duration <= 0 {
+			t.Fatalf("session end report: %+v", e)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no session end report within 10s")
 	}
 
 	// A shell on a PTY follows window changes.

@@ -13,6 +13,7 @@ import (
 const (
 	SSHAuthorizePath = "/machine/ssh/authorize"
 	SSHWaitPath      = "/machine/ssh/wait"
+	SSHSessionPath   = "/machine/ssh/session"
 )
 
 // SSHAuthorize asks the coordinator whether the node at req.CallerAddr
@@ -40,4 +41,17 @@ func (c *Client) SSHWait(ctx context.Context, checkID string) (*netmap.SSHWaitRe
 		return nil, fmt.Errorf("ssh approval from %s: %w", c.base().Host, err)
 	}
 	return &resp, nil
+}
+
+// SSHSessionEnd reports that an SSH session on this node ended, for the
+// coordinator's audit log. The coordinator rate-limits reports per node
+// (ErrRateLimited).
+func (c *Client) SSHSessionEnd(ctx context.Context, end netmap.SSHSessionEnd) error {
+	if end.Version == 0 {
+		end.Version = netmap.ProtocolVersion
+	}
+	if err := c.do(ctx, SSHSessionPath, end, &struct{}{}); err != nil {
+		return fmt.Errorf("ssh session report to %s: %w", c.base().Host, err)
+	}
+	return nil
 }

@@ -264,7 +264,7 @@ func TestMigrationBackfillsSelfTags(t *testing.T) {
 		`UPDATE nodes SET data = json_set(data, '$.tags', json('["tag:z"]'), '$.auth_key_id', 'broken') WHERE id = 3`,
 		`UPDATE auth_keys SET tags = 'garbage' WHERE id = 'broken'`,
 		`INSERT INTO nodes (machine_key, ipv4, data) VALUES ('mkey:junk', '100.64.9.9', 'not json')`,
-		`DROP TABLE audit`, // migration 6, after the one under test
+		`DROP TABLE audit`, `DROP TABLE ssh_checks`, `DROP TABLE ssh_grants`, // migrations 6 and 7, after the one under test
 		`DELETE FROM schema_migrations WHERE version >= 5`,
 	} {
 		if _, err := s.db.Exec(q); err != nil {

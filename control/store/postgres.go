@@ -105,6 +105,28 @@ var pgMigrations = []migration{
 	END $$;
 	CREATE TRIGGER audit_no_change BEFORE UPDATE OR DELETE ON audit FOR EACH ROW EXECUTE FUNCTION meshd_audit_append_only();
 	CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit FOR EACH STATEMENT EXECUTE FUNCTION meshd_audit_append_only();`},
+	// 4: SQLite's 7, SSH check-mode approvals. An approval is announced
+	// ("s:" and the check's id) so that the coordinator where the node
+	// waits for it, whichever that is, lets the login proceed.
+	{sql: sshSchema + `
+	CREATE OR REPLACE FUNCTION meshd_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+	BEGIN
+		IF TG_TABLE_NAME = 'nodes' THEN
+			PERFORM pg_notify('` + ChangeChannel + `', 'n:' || (CASE WHEN TG_OP = 'DELETE' THEN OLD.id ELSE NEW.id END));
+		ELSIF TG_TABLE_NAME = 'policy' THEN
+			PERFORM pg_notify('` + ChangeChannel + `', 'p');
+		ELSIF TG_TABLE_NAME = 'meta' THEN
+			IF (CASE WHEN TG_OP = 'DELETE' THEN OLD.key ELSE NEW.key END) <> 'last_ipv4' THEN
+				PERFORM pg_notify('` + ChangeChannel + `', 'm:' || (CASE WHEN TG_OP = 'DELETE' THEN OLD.key ELSE NEW.key END));
+			END IF;
+		ELSIF TG_TABLE_NAME = 'ssh_checks' THEN
+			IF NEW.approved <> 0 AND OLD.approved = 0 THEN
+				PERFORM pg_notify('` + ChangeChannel + `', 's:' || NEW.id);
+			END IF;
+		END IF;
+		RETURN NULL;
+	END $$;
+	CREATE TRIGGER ssh_checks_notify AFTER UPDATE ON ssh_checks FOR EACH ROW EXECUTE FUNCTION meshd_notify();`},
 }
 
 // ChangeChannel is the PostgreSQL notification channel of the change feed.
@@ -116,6 +138,7 @@ const ChangeChannel = "meshd_changes"
 const (
 	pgLockMigrate  = 0x6d657368_0001
 	pgLockRegister = 0x6d657368_0002
+	pgLockSSH      = 0x6d657368_0003
 )
 
 var pgDialect = dialect{
@@ -123,6 +146,7 @@ var pgDialect = dialect{
 	rebind:         rebindDollar,
 	lockRegister:   "SELECT pg_advisory_xact_lock(" + strconv.Itoa(pgLockRegister) + ")",
 	lockMigrations: "SELECT pg_advisory_xact_lock(" + strconv.Itoa(pgLockMigrate) + ")",
+	lockSSH:        "SELECT pg_advisory_xact_lock(" + strconv.Itoa(pgLockSSH) + ")",
 	forUpdate:      " FOR UPDATE",
 	authKeyJSON: `SELECT json_build_object('hash', encode(hash, 'hex'), 'reusable', reusable, 'ephemeral', ephemeral, 'preauthorized', preauthorized,
 		'tags', tags, 'user_login', user_login, 'created', created, 'expires', expires, 'revoked', revoked, 'last_used', last_used, 'uses', uses)::text
@@ -289,7 +313,7 @@ func (p *Postgres) checkSchema(ctx context.Context) error {
 // Announce sends msg to every coordinator listening on the change feed
 // (Listener), this one included. It is for state that lives in the
 // coordinators rather than the database, such as which nodes hold a map
-// stream where. msg must not start with "n:", "p" or "m:" (the
+// stream where. msg must not start with "n:", "p", "m:" or "s:" (the
 // database's own notices) and is at most 7,999 bytes.
 func (p *Postgres) Announce(ctx context.Context, msg string) error {
 	if _, err := p.q().ExecContext(ctx, `SELECT pg_notify(?, ?)`, ChangeChannel, msg); err != nil {
@@ -362,13 +386,15 @@ const (
 	// ChangeResync: the feed was interrupted and changes may have been
 	// missed: reload everything.
 	ChangeResync
+	// ChangeSSHApproved: an SSH check was approved (Key is its id).
+	ChangeSSHApproved
 )
 
 // Change is one entry of the change feed.
 type Change struct {
 	Kind ChangeKind
 	Node netmap.NodeID // ChangeNode
-	Key  string        // ChangeMeta
+	Key  string        // ChangeMeta; ChangeSSHApproved: the check's id
 	Msg  string        // ChangeAnnounce
 }
 
@@ -384,6 +410,11 @@ func parseChange(payload string) (Change, error) {
 		return Change{Kind: ChangeNode, Node: netmap.NodeID(id)}, nil
 	case strings.HasPrefix(payload, "m:"):
 		return Change{Kind: ChangeMeta, Key: payload[2:]}, nil
+	case strings.HasPrefix(payload, "s:"):
+		if len(payload) == 2 {
+			return Change{}, fmt.Errorf("bad ssh approval %q", payload)
+		}
+		return Change{Kind: ChangeSSHApproved, Key: payload[2:]}, nil
 	default:
 		return Change{Kind: ChangeAnnounce, Msg: payload}, nil
 	}

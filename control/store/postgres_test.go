@@ -256,6 +256,17 @@ func TestChangeFeed(t *testing.T) {
 	if c := next(); c.Kind != ChangeAnnounce || c.Msg != "o:replica-0:1" {
 		t.Fatalf("after an announcement: %+v", c)
 	}
+	// An SSH approval is announced, its adding is not.
+	now := time.Now()
+	if err := w.AddSSHCheck(ctx, sshCheck("chk", 1, 2, now, 0), 10, now); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.ApproveSSHCheck(ctx, "chk", now); err != nil {
+		t.Fatal(err)
+	}
+	if c := next(); c.Kind != ChangeSSHApproved || c.Key != "chk" {
+		t.Fatalf("after an ssh approval: %+v", c)
+	}
 	if err := w.DeleteNode(ctx, n.ID); err != nil {
 		t.Fatal(err)
 	}
@@ -288,6 +299,8 @@ func TestParseChange(t *testing.T) {
 		{"n:42", Change{Kind: ChangeNode, Node: 42}, false},
 		{"m:k", Change{Kind: ChangeMeta, Key: "k"}, false},
 		{"o:x", Change{Kind: ChangeAnnounce, Msg: "o:x"}, false},
+		{"s:abc", Change{Kind: ChangeSSHApproved, Key: "abc"}, false},
+		{"s:", Change{}, true},
 		{"n:", Change{}, true},
 		{"n:0", Change{}, true},
 		{"n:-1", Change{}, true},

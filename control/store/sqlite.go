@@ -92,7 +92,30 @@ var migrations = []migration{
 	CREATE INDEX audit_at ON audit (at);
 	CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 	CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;`},
+	// 7: SSH check-mode approvals (ssh.go): pending and approved checks
+	// until they expire, and what an approval grants for its check
+	// period. approved is 0 or when.
+	{sql: sshSchema},
 }
+
+// sshSchema is migration 7 of SQLite and 4 of PostgreSQL: the same SQL.
+const sshSchema = `CREATE TABLE ssh_checks (
+		id TEXT PRIMARY KEY,
+		node_id BIGINT NOT NULL,
+		caller_node BIGINT NOT NULL,
+		local_user TEXT NOT NULL,
+		data TEXT NOT NULL,
+		period BIGINT NOT NULL,
+		created BIGINT NOT NULL,
+		expires BIGINT NOT NULL,
+		approved BIGINT NOT NULL DEFAULT 0);
+	CREATE INDEX ssh_checks_expires ON ssh_checks (expires);
+	CREATE TABLE ssh_grants (
+		caller_node BIGINT NOT NULL,
+		node_id BIGINT NOT NULL,
+		local_user TEXT NOT NULL,
+		until BIGINT NOT NULL,
+		PRIMARY KEY (caller_node, node_id, local_user));`
 
 // Errors of opening and creating a SQLite database.
 var (

@@ -50,6 +50,9 @@ type dialect struct {
 	// lockMigrations, when set, runs first in every migration
 	// transaction, so that replicas starting together migrate once.
 	lockMigrations string
+	// lockSSH, when set, runs first in every transaction that adds an
+	// SSH check, so that replicas keep the bound on pending checks.
+	lockSSH string
 }
 
 // querier runs statements on the database or in a transaction, rebinding

@@ -202,5 +202,16 @@ type Store interface {
 	// since, oldest first (by id, which follows the order of appends).
 	AuditEvents(ctx context.Context, since time.Time, limit int) ([]AuditEvent, error)
 
+	// AddSSHCheck records a pending SSH check unless limit are pending
+	// (ErrTooManySSHChecks). SSHCheck and SSHChecks read the checks not
+	// expired at now; ApproveSSHCheck approves one (ErrNotFound,
+	// ErrSSHApproved) and grants its caller the same login for its
+	// Period, which SSHGranted tells.
+	AddSSHCheck(ctx context.Context, c SSHCheck, limit int, now time.Time) error
+	SSHCheck(ctx context.Context, id string, now time.Time) (SSHCheck, error)
+	SSHChecks(ctx context.Context, now time.Time) ([]SSHCheck, error)
+	ApproveSSHCheck(ctx context.Context, id string, now time.Time) (SSHCheck, error)
+	SSHGranted(ctx context.Context, caller, node netmap.NodeID, user string, now time.Time) (bool, error)
+
 	Close() error
 }

@@ -398,6 +398,33 @@ func TestSSH(t *testing.T) {
 	if code, out, errOut = vendor.run(nil, "ssh", "vendor@"+gpuIP, "echo again"); code != 0 || out != "again\n" {
 		t.Fatalf("second vendor login within checkPeriod: exit %d, %q %q", code, out, errOut)
 	}
+	// The session's end is in the coordinator's audit log, reported by
+	// gpu: which approval, how it ended.
+	waitFor(t, 15*time.Second, "the vendor session's end in the audit log", func() (bool, string) {
+		code, out := e.admin(hosts["coord"], "audit", "--json")
+		if code != 0 {
+			return false, out
+		}
+		for line := range strings.Lines(out) {
+			var ev struct {
+				Actor   struct{ Hostname string } `json:"actor"`
+				Action  string                    `json:"action"`
+				Details struct {
+					Check      string `json:"check"`
+					Kind       string `json:"kind"`
+					LocalUser  string `json:"local_user"`
+					ExitStatus int    `json:"exit_status"`
+					Recorded   bool   `json:"recorded"`
+				} `json:"details"`
+			}
+			if json.Unmarshal([]byte(line), &ev) != nil || ev.Action != "session.end" || ev.Details.Check != checks[0].ID {
+				continue
+			}
+			d := ev.Details
+			return ev.Actor.Hostname == "gpu" && d.Kind == "exec" && d.LocalUser == "vendor" && d.ExitStatus == 0 && d.Recorded, line
+		}
+		return false, out
+	})
 
 	// enforceRecorder: a recorder lost mid-session ends the session.
 	lostCmd := hosts["vendor"].Command(context.Background(), "ssh", append(vendor.opts(), "vendor@"+gpuIP, "echo started; sleep 60; echo survived")...)
