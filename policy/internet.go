@@ -135,3 +135,36 @@ func viaOK(cr *crule, n *nodeEntry) bool {
 	}
 	return false
 }
+
+// UsesExit reports whether viewer may use exit node exit: some rule lets
+// viewer send exit's filter traffic it forwards only as an exit node
+// (autogroup:internet, or a CIDR outside the tailnet and outside exit's
+// other routes), and any "via" of that rule names exit. The coordinator
+// gives exit's default routes only to the peers it answers true for
+// (control.ExitUser); exit's filter enforces the same either way. Like
+// CanSee it needs no node index.
+func (e *Engine) UsesExit(viewer, exit *netmap.Node) bool {
+	x, y := transientEntry(viewer), transientEntry(exit)
+	if x.id == y.id || !isExitNode(y) {
+		return false
+	}
+	for _, tr := range e.dstInternet {
+		if viaOK(tr.rule, y) && srcMatches(tr.rule, x) {
+			return true
+		}
+	}
+	own := withoutExitRoutes(y)
+	for _, tr := range e.dstPrefix {
+		p := tr.sel.prefix
+		if p.Overlaps(netmap.TailnetIPv4Range) || p.Overlaps(netmap.TailnetIPv6Range) {
+			continue
+		}
+		if slices.ContainsFunc(own, func(a netip.Prefix) bool { return a.Bits() <= p.Bits() && a.Contains(p.Addr()) }) {
+			continue // a subnet exit routes anyway, without being an exit node
+		}
+		if prefixDst(p, y) && viaOK(tr.rule, y) && srcMatches(tr.rule, x) {
+			return true
+		}
+	}
+	return false
+}

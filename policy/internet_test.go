@@ -155,3 +155,44 @@ func TestInternetAndVia(t *testing.T) {
 		t.Error("internet still allowed on an exit node without exit routes")
 	}
 }
+
+func TestUsesExit(t *testing.T) {
+	e := NewEngine(mustParse(t, `{
+	"tagOwners": {"tag:exit": [], "tag:exit-eu": [], "tag:web": [], "tag:eu": [], "tag:eve": [], "tag:lan": [], "tag:peer": []},
+	"grants": [
+		{"src": ["tag:web"], "dst": ["autogroup:internet"], "ip": ["tcp:443"]},
+		{"src": ["tag:eve"], "dst": ["*"], "ip": ["*"]},
+		{"src": ["tag:lan"], "dst": ["192.168.7.0/24"], "ip": ["*"]},
+		{"src": ["tag:peer"], "dst": ["100.64.0.1"], "ip": ["*"]},
+		{"src": ["tag:eu"], "dst": ["autogroup:internet"], "ip": ["*"], "via": ["tag:exit-eu"]},
+	],
+}`))
+	exit := withRoutes(testNode(1, "", "tag:exit"), "0.0.0.0/0", "::/0")
+	exitEU := withRoutes(testNode(2, "", "tag:exit-eu"), "0.0.0.0/0", "::/0")
+	notExit := testNode(3, "", "tag:exit")
+	lanRouter := withRoutes(testNode(9, "", "tag:exit"), "192.168.7.0/24", "0.0.0.0/0")
+	for _, tc := range []struct {
+		name       string
+		viewer     *netmap.Node
+		exit       *netmap.Node
+		want       bool
+		wantSubnet bool // UsesExit of lanRouter
+	}{
+		{"autogroup:internet", testNode(5, "", "tag:web"), exit, true, true},
+		{"autogroup:internet, not an exit node", testNode(5, "", "tag:web"), notExit, false, true},
+		{"* is not exit node use", testNode(7, "", "tag:eve"), exit, false, false},
+		{"a CIDR outside the tailnet, through the exit node", testNode(6, "", "tag:lan"), exit, true, false},
+		{"a tailnet address is not exit node use", testNode(8, "", "tag:peer"), exit, false, false},
+		{"via: the named exit node", testNode(10, "", "tag:eu"), exitEU, true, false},
+		{"via: not another", testNode(10, "", "tag:eu"), exit, false, false},
+	} {
+		if got := e.UsesExit(tc.viewer, tc.exit); got != tc.want {
+			t.Errorf("%s: UsesExit = %v, want %v", tc.name, got, tc.want)
+		}
+		// lanRouter routes 192.168.7.0/24 as a subnet router: a grant of
+		// that CIDR needs no exit routes.
+		if got := e.UsesExit(tc.viewer, lanRouter); got != tc.wantSubnet {
+			t.Errorf("%s: UsesExit(lan router) = %v, want %v", tc.name, got, tc.wantSubnet)
+		}
+	}
+}
