@@ -262,10 +262,12 @@ const policyExit = `// exit node lab
 //
 // Exit node use is autogroup:internet: the exit node's filter forwards the
 // internet for the client granted it, but not the exit node's private LAN
-// (10.77.0.0/24, not the internet as Tailscale defines it), and nothing
-// for another client whose "*" grant reaches every node but is not
-// autogroup:internet, although that client names the exit node with
-// --exit-node and its packets arrive there.
+// (10.77.0.0/24, not the internet as Tailscale defines it). Another client
+// whose "*" grant reaches every node but is not autogroup:internet names
+// the exit node with --exit-node and gets nothing through: the coordinator
+// sends it the exit node without its default routes, its status says so,
+// and its internet traffic fails closed (the exit node's filter, which
+// would drop it too, is policy TestInternetAndVia's).
 func TestExitNode(t *testing.T) {
 	t.Parallel()
 	lab := netlab.New(t)
@@ -365,15 +367,16 @@ func TestExitNode(t *testing.T) {
 		t.Fatal("the exit node's private LAN reached with only autogroup:internet")
 	}
 
-	// A client without autogroup:internet names the exit node anyway: its
-	// packets reach the exit node (which it may talk to) and are dropped
-	// there by the filter.
+	// A client without autogroup:internet names the exit node anyway.
 	other := nodes["other"]
 	e.waitPeers(other, "exit")
 	var exitTailnet netip.Addr
 	for _, p := range e.status(other).Peers {
 		if p.Hostname == "exit" {
 			exitTailnet = p.IPs[0]
+			if len(p.PrimaryRoutes) != 0 {
+				t.Fatalf("a client without autogroup:internet was sent the exit node's routes: %v", p.PrimaryRoutes)
+			}
 		}
 	}
 	if out, err := e.cli(other, "up", "--exit-node", "exit"); err != nil {
@@ -389,7 +392,10 @@ func TestExitNode(t *testing.T) {
 		return err == nil, fmt.Sprint(err)
 	})
 	if out := hosts["other"].MustRun("ip", "route", "show", "table", "5270"); !strings.Contains(out, "default") {
-		t.Fatalf("other does not route through the exit node, so the test proves nothing:\n%s", out)
+		t.Fatalf("other's internet traffic does not go to the tunnel (it must fail closed, not leak):\n%s", out)
+	}
+	if st := e.status(other); !strings.Contains(st.Message, "does not grant this node autogroup:internet") {
+		t.Errorf("other's status does not say why the exit node is unusable: %q", st.Message)
 	}
 	if err := otherPing(webIP, 3*time.Second); err == nil {
 		t.Fatal("a client without autogroup:internet pinged the internet through the exit node")
