@@ -196,3 +196,27 @@ func TestUsesExit(t *testing.T) {
 		}
 	}
 }
+
+// TestDiffInternetAndVia: granting exit node use next to "*" opens a flow
+// ("*" is not autogroup:internet), and dropping a grant's "via" widens it
+// (every router may then forward it), which the diff shows as opened.
+func TestDiffInternetAndVia(t *testing.T) {
+	const hdr = `{"tagOwners": {"tag:web": [], "tag:router-eu": [], "tag:router-us": []}, "grants": [`
+	star := hdr + `{"src": ["tag:web"], "dst": ["*"], "ip": ["*"]},`
+	via := `{"src": ["tag:web"], "dst": ["10.2.0.0/24"], "ip": ["tcp:22"], "via": ["tag:router-eu"]}`
+	for _, tc := range []struct {
+		name           string
+		old, new       string
+		opened, closed bool
+	}{
+		{"internet granted", star + `]}`, star + `{"src": ["tag:web"], "dst": ["autogroup:internet"], "ip": ["*"]}]}`, true, false},
+		{"via dropped", hdr + via + `]}`, hdr + `{"src": ["tag:web"], "dst": ["10.2.0.0/24"], "ip": ["tcp:22"]}]}`, true, false},
+		{"via narrowed", hdr + `{"src": ["tag:web"], "dst": ["10.2.0.0/24"], "ip": ["tcp:22"], "via": ["tag:router-eu", "tag:router-us"]}]}`, hdr + via + `]}`, false, true},
+		{"via unchanged", hdr + via + `]}`, hdr + via + `]}`, false, false},
+	} {
+		d := Diff(mustParse(t, tc.old), mustParse(t, tc.new))
+		if (len(d.Opened) > 0) != tc.opened || (len(d.Closed) > 0) != tc.closed {
+			t.Errorf("%s: opened %v, closed %v; want opened=%v closed=%v", tc.name, d.Opened, d.Closed, tc.opened, tc.closed)
+		}
+	}
+}
