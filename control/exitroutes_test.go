@@ -92,6 +92,11 @@ func TestExitRoutesPerViewer(t *testing.T) {
 	// A client joining now gets its full map tailored too.
 	eve2, _ := routedNode(t, ts, key("tag:eve"), "eve2")
 	check("a new client without exit node use", eve2, map[*testNode]string{ex: "plain", exEU: "plain"})
+	// An exit node joining now reaches the connected clients tailored.
+	ex2, _ := routedNode(t, ts, key("tag:exit"), "ex2", "0.0.0.0/0", "::/0")
+	check("a new exit node, for web", web, map[*testNode]string{ex2: "exit"})
+	check("a new exit node, for eve", eve, map[*testNode]string{ex2: "plain"})
+	check("a new exit node, for eu", eu, map[*testNode]string{ex2: "absent"})
 	// The hub's own node keeps its exit routes: only entries are tailored.
 	if n := ts.hub.get(ex.id); !slices.Contains(n.AllowedIPs, netip.MustParsePrefix("0.0.0.0/0")) {
 		t.Fatalf("hub's exit node lost its exit routes: %+v", n)
