@@ -630,7 +630,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 	if missing := prefs.ExitNode != "" && exitNodeID(nm, prefs.ExitNode) == 0; missing != a.exitMissing {
 		a.exitMissing = missing
 		if missing {
-			a.log.Warn("the exit node is not in the network map (offline, not approved, or no such node): internet traffic is blocked until it returns; `meshd up --exit-node=` stops using it",
+			a.log.Warn("the exit node is not in the network map (offline, not approved, no such node, or the policy does not grant this node autogroup:internet through it): internet traffic is blocked until it returns; `meshd up --exit-node=` stops using it",
 				"exit_node", prefs.ExitNode)
 		} else {
 			a.log.Info("using exit node", "exit_node", prefs.ExitNode)
@@ -818,7 +818,7 @@ func (a *Agent) Status(ctx context.Context) (*localapi.Status, error) {
 		st.Message = a.engErr.Error()
 	}
 	if a.exitMissing && st.Message == "" {
-		st.Message = fmt.Sprintf("exit node %q is not in the network map: internet traffic is blocked until it returns (meshd up --exit-node= stops using it)", a.login.Routing.ExitNode)
+		st.Message = fmt.Sprintf("exit node %q is not in the network map (or the policy does not grant this node autogroup:internet through it): internet traffic is blocked until it returns (meshd up --exit-node= stops using it)", a.login.Routing.ExitNode)
 	}
 	if a.nm == nil {
 		st.Self = &localapi.Node{ID: a.login.NodeID, Hostname: a.login.Hostname, Tags: nonNil(a.login.Tags), IPs: []netip.Addr{}}

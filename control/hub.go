@@ -337,9 +337,9 @@ func (h *hub) upsertOneLocked(n *netmap.Node) {
 			f = patchF // patched fields never change capabilities
 		case newVis:
 			f = changedF
-			if caps := h.capsLocked(viewer, n); len(caps) > 0 {
+			if caps := h.capsLocked(viewer, n); len(caps) > 0 || !usesExit(h.policy, viewer, n) {
 				f = &lazyFrame{resp: h.base()}
-				f.resp.PeersChanged = []netmap.Node{withCaps(n, caps)}
+				f.resp.PeersChanged = []netmap.Node{peerEntry(h.policy, viewer, n, caps)}
 			}
 		case oldVis:
 			f = removedF
@@ -594,13 +594,15 @@ func (h *hub) fullLocked(self *netmap.Node) *mapMessage {
 	}
 	m := &mapMessage{resp: &r, peers: make([][]byte, 0, len(peers))}
 	for _, p := range peers {
+		var caps map[string][]json.RawMessage
 		if hasCaps {
-			if caps := vc.of(p); len(caps) > 0 {
-				// Per-viewer entry: not cacheable.
-				b, _ := json.Marshal(withCaps(p, caps))
-				m.peers = append(m.peers, b)
-				continue
-			}
+			caps = vc.of(p)
+		}
+		if len(caps) > 0 || !usesExit(h.policy, self, p) {
+			// Per-viewer entry: not cacheable.
+			b, _ := json.Marshal(peerEntry(h.policy, self, p, caps))
+			m.peers = append(m.peers, b)
+			continue
 		}
 		m.peers = append(m.peers, h.peerJSONLocked(p))
 	}
@@ -626,7 +628,7 @@ func (h *hub) resumeLocked(self *netmap.Node, since uint64, epoch string) *mapMe
 			continue
 		}
 		if p := h.nodes[id]; p != nil && h.policy.CanSee(self, p) {
-			r.PeersChanged = append(r.PeersChanged, withCaps(p, h.capsLocked(self, p)))
+			r.PeersChanged = append(r.PeersChanged, peerEntry(h.policy, self, p, h.capsLocked(self, p)))
 		} else {
 			r.PeersRemoved = append(r.PeersRemoved, id)
 		}

@@ -163,6 +163,14 @@ func (h *hub) computePolicyUpdates(snap *policySnapshot, next policyState) []pol
 		newAll = snap.all
 	}
 	base := netmap.MapResponse{Epoch: h.epoch, Version: snap.version + 1, PolicyBootstrap: next.bootstrap}
+	// The exit nodes, ascending: a viewer's entry of one changes when the
+	// policy changes whether the viewer may use it (ExitUser).
+	var exits []netmap.NodeID
+	for _, n := range snap.all {
+		if isExitPeer(n) {
+			exits = append(exits, n.ID)
+		}
+	}
 	updates := make([]policyUpdate, len(snap.viewers))
 	h.parallel(len(snap.viewers), func(i int) {
 		viewer := snap.viewers[i]
@@ -183,7 +191,7 @@ func (h *hub) computePolicyUpdates(snap *policySnapshot, next policyState) []pol
 		u := &updates[i]
 		r := base
 		wasIDs := was[i].peers
-		a, b := 0, 0
+		a, b, c := 0, 0, 0
 		for a < len(wasIDs) || b < len(is) {
 			switch {
 			case b == len(is) || a < len(wasIDs) && wasIDs[a] < is[b]:
@@ -195,11 +203,15 @@ func (h *hub) computePolicyUpdates(snap *policySnapshot, next policyState) []pol
 					if newCaps {
 						caps = newVC.of(m)
 					}
-					r.PeersChanged = append(r.PeersChanged, withCaps(m, caps))
+					r.PeersChanged = append(r.PeersChanged, peerEntry(next.policy, viewer, m, caps))
 				}
 				b++
-			default: // visible before and after: only capabilities may change
-				if !oldCaps && !newCaps {
+			default: // visible before and after: only capabilities and exit node use may change
+				for c < len(exits) && exits[c] < is[b] {
+					c++
+				}
+				exitPeer := c < len(exits) && exits[c] == is[b]
+				if !oldCaps && !newCaps && !exitPeer {
 					// Nothing to look up: the common case, by far.
 				} else if m := snap.node(is[b]); m != nil {
 					var oc, nc map[string][]json.RawMessage
@@ -209,8 +221,8 @@ func (h *hub) computePolicyUpdates(snap *policySnapshot, next policyState) []pol
 					if newCaps {
 						nc = newVC.of(m)
 					}
-					if !capsEqual(oc, nc) {
-						r.PeersChanged = append(r.PeersChanged, withCaps(m, nc))
+					if !capsEqual(oc, nc) || exitPeer && usesExit(old.policy, viewer, m) != usesExit(next.policy, viewer, m) {
+						r.PeersChanged = append(r.PeersChanged, peerEntry(next.policy, viewer, m, nc))
 					}
 				}
 				a++
@@ -377,9 +389,9 @@ func (h *hub) reconcileLocked(snap *policySnapshot, updates []policyUpdate) {
 			switch {
 			case newVis:
 				f = rs.entry.bytes()
-				if caps := h.capsLocked(viewer, cur); len(caps) > 0 {
+				if caps := h.capsLocked(viewer, cur); len(caps) > 0 || !usesExit(h.policy, viewer, cur) {
 					r := h.base()
-					r.PeersChanged = []netmap.Node{withCaps(cur, caps)}
+					r.PeersChanged = []netmap.Node{peerEntry(h.policy, viewer, cur, caps)}
 					f = h.encode(&r)
 				}
 			case listed || cur != nil && snap.old.policy.CanSee(viewer, cur):

@@ -158,7 +158,7 @@ func uncovered(as []flowAtom, ap *Policy, bs []flowAtom, bp *Policy) []Flow {
 			if len(rest) == 0 {
 				break
 			}
-			if b.proto == a.proto && b.app == a.app && bp.selCovers(b.src, a.src) && bp.selCovers(b.dst, a.dst) {
+			if b.proto == a.proto && b.app == a.app && bp.selCovers(b.src, a.src) && bp.selCovers(b.dst, a.dst) && viaCovers(b.rule.via, a.rule.via) {
 				rest = subtractPorts(rest, b.ports)
 			}
 		}
@@ -240,4 +240,21 @@ func uncovered(as []flowAtom, ap *Policy, bs []flowAtom, bp *Policy) []Flow {
 		out = append(out, Flow{Src: k.src, Dst: k.dst, Ports: k.ports, Protos: strings.Join(names, ","), Rule: k.rule})
 	}
 	return out
+}
+
+// viaCovers reports whether a flow through the routers sub names (all
+// routers when empty) is allowed through the routers sup names.
+func viaCovers(sup, sub []selector) bool {
+	if len(sup) == 0 {
+		return true
+	}
+	if len(sub) == 0 {
+		return false
+	}
+	for _, s := range sub {
+		if !slices.ContainsFunc(sup, func(t selector) bool { return t.name == s.name }) {
+			return false
+		}
+	}
+	return true
 }

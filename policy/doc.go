@@ -47,6 +47,12 @@
 //     source's user; a destination names one port; no proto means TCP.
 //   - autogroup:self is a destination only, and only of rules whose
 //     sources are all users (a user, a group, autogroup:member).
+//   - autogroup:internet (a destination of acls and grants) is exit node
+//     use: on exit nodes it compiles to the internet less the private,
+//     tailnet and link-local ranges; "*" does not include it (as in
+//     Tailscale), and UsesExit says which clients get an exit node's
+//     default routes. A grant's "via" (tags) limits its routed
+//     destinations to the routers carrying those tags.
 //   - Without any policy, Bootstrap is Tailscale's default: everything
 //     reaches everything. Lint flags a file equivalent to it as a wide rule.
 package policy

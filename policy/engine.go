@@ -43,6 +43,7 @@ type Engine struct {
 	dstByKey    map[idKey][]*tref   // node key -> targets whose dst selector has that key
 	dstPrefix   []*tref             // targets whose dst is an address, CIDR or host
 	dstSelf     []*tref             // autogroup:self targets
+	dstInternet []*tref             // autogroup:internet targets: on exit nodes
 	srcByKey    map[idKey][]*crule  // node key -> rules whose sources include it
 	setsByKey   map[idKey][]*srcSet // node key -> distinct source sets including it
 	srcOpen     []*crule            // rules whose src has "*" or an address/CIDR
@@ -302,6 +303,8 @@ func (e *Engine) addTarget(cr *crule, sel selector, t *target) {
 		e.dstPrefix = append(e.dstPrefix, tr)
 	case selSelf:
 		e.dstSelf = append(e.dstSelf, tr)
+	case selInternet:
+		e.dstInternet = append(e.dstInternet, tr)
 	default:
 		for _, k := range e.pol.selKeys(sel) {
 			e.dstByKey[k] = append(e.dstByKey[k], tr)
@@ -597,24 +600,34 @@ func (e *Engine) targetsFor(n *nodeEntry) []*tref {
 		out = append(out, e.dstByKey[k]...)
 	}
 	for _, tr := range e.dstPrefix {
-		if prefixDst(tr.sel.prefix, n) {
+		if prefixDst(tr.sel.prefix, n) && viaOK(tr.rule, n) {
 			out = append(out, tr)
 		}
 	}
 	if len(n.tags) == 0 && n.user != "" {
 		out = append(out, e.dstSelf...)
 	}
+	if len(e.dstInternet) > 0 && isExitNode(n) {
+		for _, tr := range e.dstInternet {
+			if viaOK(tr.rule, n) {
+				out = append(out, tr)
+			}
+		}
+	}
 	slices.SortFunc(out, func(a, b *tref) int { return a.order - b.order })
 	return slices.CompactFunc(out, func(a, b *tref) bool { return a == b })
 }
 
 // dstNets returns the prefixes of n that sel names as a destination: its own
-// addresses, every routed prefix for "*", or for an address or CIDR the
+// addresses, every routed prefix but exit routes for "*", the internet
+// for autogroup:internet on an exit node, or for an address or CIDR the
 // parts of n's routed prefixes inside it.
 func dstNets(sel selector, n *nodeEntry) []netip.Prefix {
 	switch sel.kind {
 	case selAny:
-		return n.allowed
+		return withoutExitRoutes(n)
+	case selInternet:
+		return internetNets(n)
 	case selPrefix:
 		var out []netip.Prefix
 		for _, a := range n.allowed {
@@ -755,8 +768,15 @@ func (e *Engine) reaches(x, y *nodeEntry) bool {
 		}
 	}
 	for _, tr := range e.dstPrefix {
-		if prefixDst(tr.sel.prefix, y) && srcMatches(tr.rule, x) {
+		if prefixDst(tr.sel.prefix, y) && viaOK(tr.rule, y) && srcMatches(tr.rule, x) {
 			return true
+		}
+	}
+	if len(e.dstInternet) > 0 && isExitNode(y) {
+		for _, tr := range e.dstInternet {
+			if viaOK(tr.rule, y) && srcMatches(tr.rule, x) {
+				return true
+			}
 		}
 	}
 	if len(y.tags) == 0 && y.user != "" && len(x.tags) == 0 && x.user == y.user {
@@ -905,7 +925,13 @@ func (e *Engine) addDests(tr *tref, src *nodeEntry, set peerSet) {
 		}
 	case selPrefix:
 		for slot, ne := range e.slots {
-			if ne != nil && !set.has(slot) && prefixDst(tr.sel.prefix, ne) {
+			if ne != nil && !set.has(slot) && prefixDst(tr.sel.prefix, ne) && viaOK(tr.rule, ne) {
+				set.add(int32(slot))
+			}
+		}
+	case selInternet:
+		for slot, ne := range e.slots {
+			if ne != nil && !set.has(slot) && isExitNode(ne) && viaOK(tr.rule, ne) {
 				set.add(int32(slot))
 			}
 		}

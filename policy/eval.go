@@ -48,6 +48,8 @@ func (p *Policy) matchSubject(sel selector, d, src subject) bool {
 		return d.user != "" && d.user == src.user
 	case selPrefix:
 		return d.addr.IsValid() && sel.prefix.Contains(d.addr)
+	case selInternet:
+		return d.addr.IsValid() && inInternet(d.addr)
 	}
 	return false
 }
@@ -189,6 +191,13 @@ type RoutedPath struct {
 	// ExitNode those approving exit nodes.
 	AutoApprovers []string `json:"auto_approvers,omitempty"`
 	ExitNode      []string `json:"exit_node_approvers,omitempty"`
+	// Internet is set when the destination is in autogroup:internet: an
+	// exit node forwards it only to sources granted autogroup:internet
+	// (or the address by CIDR).
+	Internet bool `json:"internet,omitempty"`
+	// Via are the "via" routers of the rules that allow the flow, as
+	// "RULE: TAGS": only those routers forward it.
+	Via []string `json:"via,omitempty"`
 }
 
 // Explain says whether src may open a flow to dst ("HOST:PORT") over proto
@@ -233,6 +242,7 @@ func (p *Policy) Explain(src, dst, proto string) (Explanation, error) {
 		return ex, fmt.Errorf("--dst autogroup:self is the source user's own devices, and --src %s is not a user or group", src)
 	}
 	ex.Allowed = true
+	var via []string
 	for _, s := range srcs {
 		v := Verdict{Src: s.String(), Allowed: true}
 		dsub := p.dstSubject(dsel, s)
@@ -244,6 +254,15 @@ func (p *Policy) Explain(src, dst, proto string) (Explanation, error) {
 			}
 			if v.Rule == "" {
 				v.Rule = r.origin()
+				if len(r.via) > 0 {
+					names := make([]string, len(r.via))
+					for i, sel := range r.via {
+						names[i] = sel.raw
+					}
+					if e := v.Rule + ": " + strings.Join(names, ", "); !slices.Contains(via, e) {
+						via = append(via, e)
+					}
+				}
 			}
 		}
 		ex.Allowed = ex.Allowed && v.Allowed
@@ -251,6 +270,8 @@ func (p *Policy) Explain(src, dst, proto string) (Explanation, error) {
 	}
 	if dsel.kind == selPrefix && !netmap.TailnetIPv4Range.Contains(dsel.prefix.Addr()) && !netmap.TailnetIPv6Range.Contains(dsel.prefix.Addr()) {
 		ex.Routed = p.routedPath(dsel.prefix.Addr())
+		ex.Routed.Internet = inInternet(dsel.prefix.Addr())
+		ex.Routed.Via = via
 	}
 	return ex, nil
 }

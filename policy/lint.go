@@ -217,7 +217,9 @@ func protosCover(sup, sub []uint8) bool {
 func (p *Policy) selCovers(sup, sub selector) bool {
 	switch sup.kind {
 	case selAny:
-		return true
+		return sub.kind != selInternet // "*" is not exit node use
+	case selInternet:
+		return sub.kind == selInternet
 	case selMember:
 		return sub.kind == selMember || sub.kind == selUser || sub.kind == selGroup || sub.kind == selSelf
 	case selTagged:

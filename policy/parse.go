@@ -66,6 +66,9 @@ type rule struct {
 	// caps to the sources.
 	capDsts []selector
 	caps    map[string][]json.RawMessage
+	// via are a grant's "via" routers (tags): its destinations are
+	// allowed only on them, so only they forward it.
+	via []selector
 }
 
 // target is one destination with its protocols and ports.
@@ -752,11 +755,6 @@ func (ps *parser) parseGrant(v *hujson.Value) {
 	if !ok {
 		return
 	}
-	if via := ps.field(members, "via"); via != nil {
-		// Refused rather than ignored: a grant read as "only through
-		// these routers" must not silently allow every router.
-		ps.errorf(via, "\"via\" (reaching a destination only through chosen routers) is not built yet: meshd routes a subnet through its primary router (docs/routes.md); remove \"via\"")
-	}
 	r := rule{pos: ps.pos(v)}
 	if src := ps.required(v, members, "src", "a grant"); src != nil {
 		r.src = ps.selectors(src, "src", ctxSrc)
@@ -768,6 +766,17 @@ func (ps *parser) parseGrant(v *hujson.Value) {
 	ip, app := ps.field(members, "ip"), ps.field(members, "app")
 	if ip == nil && app == nil {
 		ps.errorf(v, "a grant needs \"ip\" (ports it opens) or \"app\" (capabilities it grants), or both")
+	}
+	if app != nil {
+		for _, d := range dsts {
+			if d.kind == selInternet {
+				ps.errorf(app, "\"app\" capabilities are granted on devices, and autogroup:internet is exit node use: give it a grant of its own with \"ip\"")
+				break
+			}
+		}
+	}
+	if via := ps.field(members, "via"); via != nil {
+		r.via = ps.parseVia(via, dsts, app != nil)
 	}
 	if ip != nil {
 		list := ps.strList(ip, `"ip"`)
@@ -791,6 +800,39 @@ func (ps *parser) parseGrant(v *hujson.Value) {
 	}
 	ps.checkSelfSources(&r)
 	ps.pol.rules = append(ps.pol.rules, r)
+}
+
+// parseVia checks a grant's "via": tags of the routers (subnet routers,
+// exit nodes) that alone may carry the grant's destinations, which must
+// all be routed ones (addresses and CIDRs outside the tailnet, hosts
+// naming them, autogroup:internet): "via" narrows which router's filter
+// allows a destination, and a tailnet device is reached directly.
+func (ps *parser) parseVia(v *hujson.Value, dsts []selector, hasApp bool) []selector {
+	sels := ps.selectors(v, "via", ctxTarget)
+	ok := true
+	for _, s := range sels {
+		if s.kind != selTag {
+			ps.errorf(v, "via: %q: name the routers by tag, such as tag:router-eu", s.raw)
+			ok = false
+		}
+	}
+	if hasApp {
+		ps.errorf(v, "via: a grant with \"via\" opens routed paths; give its \"app\" capabilities a grant of their own")
+		ok = false
+	}
+	for _, d := range dsts {
+		switch {
+		case d.kind == selInternet:
+		case d.kind == selPrefix && !d.prefix.Overlaps(netmap.TailnetIPv4Range) && !d.prefix.Overlaps(netmap.TailnetIPv6Range):
+		default:
+			ps.errorf(v, "via: destination %q is not routed: via applies to CIDRs and hosts outside the tailnet and to autogroup:internet (give tailnet destinations a grant of their own)", d.raw)
+			ok = false
+		}
+	}
+	if !ok {
+		return nil
+	}
+	return sels
 }
 
 // parseIPSpec parses one grant "ip" entry: "*", "22", "1000-2000",
@@ -914,6 +956,11 @@ func (ps *parser) parseSSH(v *hujson.Value) {
 	}
 	if dst := ps.required(v, members, "dst", "an ssh rule"); dst != nil {
 		r.dst = ps.selectors(dst, "dst", ctxDst)
+		for _, sel := range r.dst {
+			if sel.kind == selInternet {
+				ps.errorf(dst, "dst: autogroup:internet is exit node use, not a device to log in to")
+			}
+		}
 	}
 	if u := ps.required(v, members, "users", "an ssh rule"); u != nil {
 		for _, e := range ps.strList(u, "users") {
@@ -960,8 +1007,8 @@ func (ps *parser) parseSSH(v *hujson.Value) {
 	if rec := ps.field(members, "recorder"); rec != nil {
 		r.recorder = ps.selectors(rec, "recorder", ctxDst)
 		for _, sel := range r.recorder {
-			if sel.kind == selSelf {
-				ps.errorf(rec, "recorder: autogroup:self names no recorder: use a tag such as tag:recorder")
+			if sel.kind == selSelf || sel.kind == selInternet {
+				ps.errorf(rec, "recorder: %s names no recorder: use a tag such as tag:recorder", sel.raw)
 			}
 		}
 	}

@@ -9,15 +9,16 @@ import (
 type selKind uint8
 
 const (
-	selAny    selKind = iota // "*"
-	selUser                  // a user's login email: that user's untagged devices
-	selGroup                 // group:NAME: its members' untagged devices
-	selTag                   // tag:NAME: devices carrying the tag
-	selMember                // autogroup:member: every untagged user device
-	selTagged                // autogroup:tagged: every tagged device
-	selAdmin                 // autogroup:admin: tagOwners only
-	selSelf                  // autogroup:self: the source user's own devices (dst only)
-	selPrefix                // an IP, a CIDR or a host alias
+	selAny      selKind = iota // "*"
+	selUser                    // a user's login email: that user's untagged devices
+	selGroup                   // group:NAME: its members' untagged devices
+	selTag                     // tag:NAME: devices carrying the tag
+	selMember                  // autogroup:member: every untagged user device
+	selTagged                  // autogroup:tagged: every tagged device
+	selAdmin                   // autogroup:admin: tagOwners only
+	selSelf                    // autogroup:self: the source user's own devices (dst only)
+	selPrefix                  // an IP, a CIDR or a host alias
+	selInternet                // autogroup:internet: exit node use (dst of acls and grants only)
 )
 
 // selector is one resolved entry of a src, dst, owner or target list.
@@ -116,9 +117,12 @@ func (p *Policy) resolveSelector(raw string, pos Pos, ctx selContext) (selector,
 		case "autogroup:danger-all":
 			return s, fmt.Errorf("autogroup:danger-all would admit addresses outside the tailnet: use * for every tailnet device, or name the CIDRs")
 		case "autogroup:internet":
-			return s, fmt.Errorf("autogroup:internet is not built yet: allow exit node use with a destination of \"*\" (every node's addresses and routes, exit routes included); docs/routes.md")
+			if ctx != ctxDst {
+				return s, fmt.Errorf("autogroup:internet (exit node use) is only allowed as a destination of \"acls\" and \"grants\"")
+			}
+			s.kind = selInternet
 		default:
-			return s, fmt.Errorf("unknown autogroup %q: use autogroup:member, autogroup:tagged, autogroup:self or autogroup:admin", raw)
+			return s, fmt.Errorf("unknown autogroup %q: use autogroup:member, autogroup:tagged, autogroup:self, autogroup:internet or autogroup:admin", raw)
 		}
 		if (ctx == ctxTestSrc || ctx == ctxTestDst) && s.kind != selSelf {
 			return s, fmt.Errorf("%q is not one device: tests name a user, tag, host or address", raw)

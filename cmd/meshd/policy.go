@@ -232,6 +232,12 @@ Exit status: 0 allowed; 1 denied, or the policy or the arguments are invalid.`,
 					if len(r.AutoApprovers) == 0 {
 						fmt.Fprintln(c.stdout, "routed:  no autoApprovers entry covers it: an administrator must approve the route (meshd admin routes approve NODE PREFIX)")
 					}
+					if r.Internet {
+						fmt.Fprintln(c.stdout, "routed:  it is in autogroup:internet: an exit node forwards it only for sources granted autogroup:internet (\"*\" does not include it) or its CIDR")
+					}
+					for _, v := range r.Via {
+						fmt.Fprintf(c.stdout, "routed:  only these routers forward it (via): %s\n", v)
+					}
 				}
 			}
 			if !ex.Allowed {

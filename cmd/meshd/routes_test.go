@@ -55,3 +55,30 @@ func TestPolicyExplainRouted(t *testing.T) {
 		t.Errorf("explain tailnet address: exit %d\n%s", code, out)
 	}
 }
+
+// TestPolicyExplainInternetAndVia: explain says when a destination is in
+// autogroup:internet, allows it only under a grant of autogroup:internet
+// ("*" is not exit node use), and names a grant's via routers.
+func TestPolicyExplainInternetAndVia(t *testing.T) {
+	file := writePolicy(t, "p.hujson", `{
+  "tagOwners": {"tag:exit-eu": [], "tag:router-eu": [], "tag:eu": [], "tag:lan": []},
+  "grants": [
+    {"src": ["tag:eu"], "dst": ["autogroup:internet"], "ip": ["tcp:443"], "via": ["tag:exit-eu"]},
+    {"src": ["tag:eu"], "dst": ["10.2.0.0/24"], "ip": ["tcp:22"], "via": ["tag:router-eu"]},
+  ],
+}
+`)
+	code, out, _ := runPolicy(t, "explain", file, "--src", "tag:eu", "--dst", "8.8.8.8:443")
+	if code != 0 || !strings.Contains(out, "allowed: tag:eu -> 8.8.8.8:443 (tcp) by the rule at "+file+":4") ||
+		!strings.Contains(out, "it is in autogroup:internet") || !strings.Contains(out, "(via): "+file+":4: tag:exit-eu") {
+		t.Errorf("explain internet via: exit %d\n%s", code, out)
+	}
+	code, out, _ = runPolicy(t, "explain", file, "--src", "tag:eu", "--dst", "10.2.0.7:22")
+	if code != 0 || strings.Contains(out, "autogroup:internet") || !strings.Contains(out, "(via): "+file+":5: tag:router-eu") {
+		t.Errorf("explain subnet via: exit %d\n%s", code, out)
+	}
+	code, out, _ = runPolicy(t, "explain", file, "--src", "tag:lan", "--dst", "8.8.8.8:443")
+	if code != 1 || !strings.Contains(out, "denied:") || strings.Contains(out, "(via)") {
+		t.Errorf("explain internet, no grant: exit %d\n%s", code, out)
+	}
+}

@@ -243,9 +243,10 @@ func TestSubnetRouter(t *testing.T) {
 // default routes) and auto-approves exit nodes tagged tag:exit.
 const policyExit = `// exit node lab
 {
-	"tagOwners": {"tag:exit": [], "tag:client": []},
+	"tagOwners": {"tag:exit": [], "tag:client": [], "tag:other": []},
 	"grants": [
-		{"src": ["tag:client"], "dst": ["*"], "ip": ["*"]},
+		{"src": ["tag:client"], "dst": ["autogroup:internet"], "ip": ["*"]},
+		{"src": ["tag:client", "tag:other"], "dst": ["*"], "ip": ["*"]},
 	],
 	"autoApprovers": {"exitNode": ["tag:exit"]},
 }
@@ -258,15 +259,28 @@ const policyExit = `// exit node lab
 // sockets bypass its default route); the client's LAN goes through the
 // exit node (so it is unreachable) until --exit-node-allow-lan-access, and
 // --exit-node= restores the host's routing.
+//
+// Exit node use is autogroup:internet: the exit node's filter forwards the
+// internet for the client granted it, but not the exit node's private LAN
+// (10.77.0.0/24, not the internet as Tailscale defines it). Another client
+// whose "*" grant reaches every node but is not autogroup:internet names
+// the exit node with --exit-node and gets nothing through: the coordinator
+// sends it the exit node without its default routes, its status says so,
+// and its internet traffic fails closed (the exit node's filter, which
+// would drop it too, is policy TestInternetAndVia's).
 func TestExitNode(t *testing.T) {
 	t.Parallel()
 	lab := netlab.New(t)
 	e := &env{t: t, bin: buildMeshd(t), dir: t.TempDir()}
-	hosts := lanHosts(lab, "coord", "exit", "client")
+	hosts := lanHosts(lab, "coord", "exit", "client", "other")
 	wan := lab.NewSegment("wan", netip.MustParsePrefix("198.19.88.0/24"))
 	exitWAN := hosts["exit"].Attach(wan)
 	web := lab.NewHost("web")
 	webIP := web.Attach(wan)
+	office := lab.NewSegment("office", netip.MustParsePrefix("10.77.0.0/24"))
+	hosts["exit"].Attach(office)
+	printer := lab.NewHost("printer")
+	printerIP := printer.Attach(office) // no default route: only the exit node could answer it
 	home := lab.NewSegment("home", netip.MustParsePrefix("198.19.99.0/24"))
 	hosts["client"].Attach(home)
 	lanhost := lab.NewHost("lanhost")
@@ -274,7 +288,7 @@ func TestExitNode(t *testing.T) {
 
 	e.runCoordinator(hosts["coord"], "198.18.0.1:8443", "exit node lab", "--policy", writeTemp(t, "exit.hujson", policyExit))
 	nodes := map[string]*node{}
-	for name, extra := range map[string][]string{"exit": {"--advertise-exit-node"}, "client": nil} {
+	for name, extra := range map[string][]string{"exit": {"--advertise-exit-node"}, "client": nil, "other": nil} {
 		n := e.newNode(name, hosts[name], "--tun", "meshd0")
 		nodes[name] = n
 		e.startDaemon(n)
@@ -347,6 +361,55 @@ func TestExitNode(t *testing.T) {
 	}
 	if err := ping(lanIP, 2*time.Second); err == nil {
 		t.Fatal("LAN host reached directly while using an exit node without --exit-node-allow-lan-access")
+	}
+	// autogroup:internet is not the exit node's private LAN.
+	if err := ping(printerIP, 3*time.Second); err == nil {
+		t.Fatal("the exit node's private LAN reached with only autogroup:internet")
+	}
+
+	// A client without autogroup:internet names the exit node anyway.
+	other := nodes["other"]
+	e.waitPeers(other, "exit")
+	var exitTailnet netip.Addr
+	for _, p := range e.status(other).Peers {
+		if p.Hostname == "exit" {
+			exitTailnet = p.IPs[0]
+			if len(p.PrimaryRoutes) != 0 {
+				t.Fatalf("a client without autogroup:internet was sent the exit node's routes: %v", p.PrimaryRoutes)
+			}
+		}
+	}
+	if out, err := e.cli(other, "up", "--exit-node", "exit"); err != nil {
+		t.Fatalf("meshd up --exit-node on other: %v\n%s", err, out)
+	}
+	otherPing := func(to netip.Addr, timeout time.Duration) error {
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		return hosts["other"].Ping(ctx, to)
+	}
+	waitFor(t, 20*time.Second, "other reaches the exit node itself over the tunnel", func() (bool, string) {
+		err := otherPing(exitTailnet, 2*time.Second)
+		return err == nil, fmt.Sprint(err)
+	})
+	if out := hosts["other"].MustRun("ip", "route", "show", "table", "5270"); !strings.Contains(out, "default") {
+		t.Fatalf("other's internet traffic does not go to the tunnel (it must fail closed, not leak):\n%s", out)
+	}
+	if st := e.status(other); !strings.Contains(st.Message, "does not grant this node autogroup:internet") {
+		t.Errorf("other's status does not say why the exit node is unusable: %q", st.Message)
+	}
+	if err := otherPing(webIP, 3*time.Second); err == nil {
+		t.Fatal("a client without autogroup:internet pinged the internet through the exit node")
+	}
+	if err := hosts["other"].Do(func() error {
+		d := net.Dialer{Timeout: 3 * time.Second}
+		c, err := d.Dial("tcp", netip.AddrPortFrom(webIP, 80).String())
+		if err == nil {
+			c.Close()
+			return fmt.Errorf("connected")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal("a client without autogroup:internet opened a TCP connection through the exit node")
 	}
 	// The coordinator connection survived the new default route.
 	if st := e.status(client); st.BackendState != localapi.StateRunning || !st.Self.Online {
