@@ -152,7 +152,7 @@ func computeCuts(ctx context.Context, cur, next *policy.Policy, all, online []*n
 				}
 				has, _ := after.ports(srcAddr, hasBuf)
 				hasBuf = has
-				if coversPorts(has, had) {
+				if netmap.PortRangesCover(has, had) {
 					continue
 				}
 				if total++; total > limit {
@@ -282,35 +282,7 @@ func (x *ruleIndex) ports(src netip.Addr, buf []netmap.PortRange) ([]netmap.Port
 			origin = r.origin
 		}
 	}
-	return mergePorts(out), origin
-}
-
-func mergePorts(rs []netmap.PortRange) []netmap.PortRange {
-	if len(rs) < 2 {
-		return rs
-	}
-	slices.SortFunc(rs, func(a, b netmap.PortRange) int { return cmp.Compare(a.First, b.First) })
-	out := rs[:1]
-	for _, r := range rs[1:] {
-		last := &out[len(out)-1]
-		if uint32(r.First) <= uint32(last.Last)+1 {
-			last.Last = max(last.Last, r.Last)
-			continue
-		}
-		out = append(out, r)
-	}
-	return out
-}
-
-// coversPorts reports whether the merged set outer holds every port of
-// the merged set inner.
-func coversPorts(outer, inner []netmap.PortRange) bool {
-	for _, r := range inner {
-		if !slices.ContainsFunc(outer, func(o netmap.PortRange) bool { return o.First <= r.First && r.Last <= o.Last }) {
-			return false
-		}
-	}
-	return true
+	return netmap.MergePortRanges(out), origin
 }
 
 // minusPorts is the ports of a (merged) not in b (merged).

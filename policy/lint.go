@@ -66,7 +66,7 @@ func (p *Policy) ruleIsAllowAll(r *rule) bool {
 		return false
 	}
 	for _, t := range r.targets {
-		if t.dst.kind == selAny && t.protos == nil && portsCover(t.ports, []netmap.PortRange{netmap.AllPorts}) {
+		if t.dst.kind == selAny && t.protos == nil && netmap.PortRangesCover(t.ports, []netmap.PortRange{netmap.AllPorts}) {
 			return true
 		}
 	}
@@ -193,7 +193,7 @@ func (p *Policy) rulesCover(a, b *rule) bool {
 	}
 	for _, t := range b.targets {
 		covered := slices.ContainsFunc(a.targets, func(u target) bool {
-			return p.selCovers(u.dst, t.dst) && protosCover(u.protos, t.protos) && portsCover(u.ports, t.ports)
+			return p.selCovers(u.dst, t.dst) && protosCover(u.protos, t.protos) && netmap.PortRangesCover(u.ports, t.ports)
 		})
 		if !covered {
 			return false

@@ -123,32 +123,7 @@ func parsePort(s string) (uint16, error) {
 
 // normalizePorts sorts and merges overlapping or adjacent ranges.
 func normalizePorts(rs []netmap.PortRange) []netmap.PortRange {
-	if len(rs) < 2 {
-		return rs
-	}
-	rs = slices.Clone(rs)
-	slices.SortFunc(rs, func(a, b netmap.PortRange) int { return int(a.First) - int(b.First) })
-	out := rs[:1]
-	for _, r := range rs[1:] {
-		last := &out[len(out)-1]
-		if uint32(r.First) <= uint32(last.Last)+1 {
-			last.Last = max(last.Last, r.Last)
-			continue
-		}
-		out = append(out, r)
-	}
-	return out
-}
-
-// portsCover reports whether the (normalized) set outer contains every port
-// of inner.
-func portsCover(outer, inner []netmap.PortRange) bool {
-	for _, r := range inner {
-		if !slices.ContainsFunc(outer, func(o netmap.PortRange) bool { return o.First <= r.First && r.Last <= o.Last }) {
-			return false
-		}
-	}
-	return true
+	return netmap.MergePortRanges(slices.Clone(rs))
 }
 
 // portsContain reports whether port p is in rs.
