@@ -115,27 +115,35 @@ func (s *Server) sshAdminRoutes(mux *http.ServeMux, h func(func(*http.Request) (
 	}))
 }
 
-func (s *Server) handleSSHAuthorize(w http.ResponseWriter, r *http.Request) {
+// readNodeRequest reads the request of an enrolled node: its machine key,
+// the body into req, req's protocol version (version, if not nil) and the
+// node. On failure it has answered with the error and returns false.
+func (s *Server) readNodeRequest(w http.ResponseWriter, r *http.Request, req any, version func() int) (store.Node, bool) {
 	mk, err := machineKey(r)
+	if err == nil {
+		err = decodeBody(r, req)
+	}
+	if err == nil && version != nil {
+		err = checkVersion(version())
+	}
+	var n store.Node
+	if err == nil {
+		n, err = s.nodeForMap(r.Context(), mk)
+	}
 	if err != nil {
 		s.writeError(w, r, err)
-		return
-	}
-	var req netmap.SSHAuthRequest
-	if err := decodeBody(r, &req); err != nil {
-		s.writeError(w, r, err)
-		return
-	}
-	if err := checkVersion(req.Version); err != nil {
-		s.writeError(w, r, err)
-		return
-	}
-	n, err := s.nodeForMap(r.Context(), mk)
-	if err != nil {
-		s.writeError(w, r, err)
-		return
+		return n, false
 	}
 	connlimit.Authenticate(r.Context())
+	return n, true
+}
+
+func (s *Server) handleSSHAuthorize(w http.ResponseWriter, r *http.Request) {
+	var req netmap.SSHAuthRequest
+	n, ok := s.readNodeRequest(w, r, &req, func() int { return req.Version })
+	if !ok {
+		return
+	}
 	writeJSON(w, http.StatusOK, s.authorizeSSH(n.ID, req))
 }
 
@@ -240,22 +248,11 @@ func (s *Server) checkSSH(resp *netmap.SSHAuthResponse, dst *netmap.Node, user s
 }
 
 func (s *Server) handleSSHWait(w http.ResponseWriter, r *http.Request) {
-	mk, err := machineKey(r)
-	if err != nil {
-		s.writeError(w, r, err)
-		return
-	}
 	var req netmap.SSHWaitRequest
-	if err := decodeBody(r, &req); err != nil {
-		s.writeError(w, r, err)
+	n, ok := s.readNodeRequest(w, r, &req, nil)
+	if !ok {
 		return
 	}
-	n, err := s.nodeForMap(r.Context(), mk)
-	if err != nil {
-		s.writeError(w, r, err)
-		return
-	}
-	connlimit.Authenticate(r.Context())
 	gone := &netmap.SSHWaitResponse{Message: "meshd: the approval request expired or does not exist"}
 	// read reports the check's state; a node waits only on its own
 	// checks: another's id is unknown to it.
@@ -348,26 +345,11 @@ func (s *Server) ApproveSSH(ctx context.Context, id string) error {
 }
 
 func (s *Server) handleSSHSessionEnd(w http.ResponseWriter, r *http.Request) {
-	mk, err := machineKey(r)
-	if err != nil {
-		s.writeError(w, r, err)
-		return
-	}
 	var req netmap.SSHSessionEnd
-	if err := decodeBody(r, &req); err != nil {
-		s.writeError(w, r, err)
+	n, ok := s.readNodeRequest(w, r, &req, func() int { return req.Version })
+	if !ok {
 		return
 	}
-	if err := checkVersion(req.Version); err != nil {
-		s.writeError(w, r, err)
-		return
-	}
-	n, err := s.nodeForMap(r.Context(), mk)
-	if err != nil {
-		s.writeError(w, r, err)
-		return
-	}
-	connlimit.Authenticate(r.Context())
 	if err := s.sshSessionEnd(r.Context(), &n.Node, req); err != nil {
 		s.writeError(w, r, err)
 		return
