@@ -192,6 +192,19 @@ func (e *engine) up() error {
 	if err == nil {
 		err = e.dev.Up()
 	}
+	if err == nil && port != 0 {
+		// The TUN's first up event brings the device up from a goroutine
+		// of wireguard-go's; when that attempt finds the port taken,
+		// wireguard-go forgets the port, and our Up then binds a random
+		// one without an error. The port actually bound is the truth.
+		st, serr := e.stats()
+		switch {
+		case serr != nil:
+			err = serr
+		case int(st.ListenPort) != port:
+			err = fmt.Errorf("bound port %d instead: %w", st.ListenPort, syscall.EADDRINUSE)
+		}
+	}
 	if err != nil && e.cfg.port == AutoPort && errors.Is(err, syscall.EADDRINUSE) {
 		if err = e.dev.IpcSet("listen_port=0\n"); err == nil {
 			err = e.dev.Up()
