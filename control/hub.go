@@ -279,6 +279,17 @@ func (h *hub) upsertOneLocked(n *netmap.Node) {
 	}
 	delete(h.peerJSON, n.ID)
 	h.all = nil
+	// Under an indexing policy the viewers that can see n, before and
+	// after, come from the index: a join or an endpoint change then costs
+	// the nodes that see it, not a CanSee per open session (which made a
+	// join into a 100-node tenant cost 10,000 CanSee calls at 10,000
+	// nodes). CanSee is symmetric, so n's peers are its viewers.
+	var oldPeers []netmap.NodeID
+	pl, indexed := h.policy.(PeerLister)
+	indexed = indexed && h.indexer != nil
+	if indexed && old != nil {
+		oldPeers = pl.Peers(old)
+	}
 	if h.indexer != nil {
 		h.indexer.UpsertNode(n)
 	}
@@ -300,37 +311,11 @@ func (h *hub) upsertOneLocked(n *netmap.Node) {
 	// nodes may reach it, and so whom it sees.
 	identityChanged := old != nil && patchF == nil && (old.User != n.User || !slices.Equal(old.Tags, n.Tags) || !slices.Equal(old.AllowedIPs, n.AllowedIPs))
 
-	for id, ss := range h.sessions {
-		if id == n.ID {
-			var f []byte
-			if !h.bootstrap && identityChanged {
-				// Who this node may see depends on its identity: resend its
-				// whole map (O(n), for this node only).
-				full := h.fullLocked(n)
-				f, _ = full.frame() // nil on error: send drops
-				key := filterKey(nil, *full.resp.PacketFilter)
-				for _, s := range ss {
-					s.lastFilter = key
-				}
-			} else {
-				r := h.base()
-				r.Self = n
-				f = h.encode(&r)
-			}
-			for _, s := range ss {
-				h.send(s, f)
-			}
-			if patchF == nil {
-				h.refreshFilterLocked(n, ss)
-			}
-			continue
-		}
+	visit := func(id netmap.NodeID, ss []*session, oldVis, newVis bool) {
 		viewer := h.nodes[id]
 		if viewer == nil {
-			continue
+			return
 		}
-		oldVis := old != nil && h.policy.CanSee(viewer, old)
-		newVis := h.policy.CanSee(viewer, n)
 		var f *lazyFrame
 		switch {
 		case oldVis && newVis && patchF != nil:
@@ -353,6 +338,65 @@ func (h *hub) upsertOneLocked(n *netmap.Node) {
 			if patchF == nil {
 				h.refreshFilterLocked(viewer, ss)
 			}
+		}
+	}
+	if ss := h.sessions[n.ID]; len(ss) > 0 {
+		var f []byte
+		if !h.bootstrap && identityChanged {
+			// Who this node may see depends on its identity: resend its
+			// whole map (O(n), for this node only).
+			full := h.fullLocked(n)
+			f, _ = full.frame() // nil on error: send drops
+			key := filterKey(nil, *full.resp.PacketFilter)
+			for _, s := range ss {
+				s.lastFilter = key
+			}
+		} else {
+			r := h.base()
+			r.Self = n
+			f = h.encode(&r)
+		}
+		for _, s := range ss {
+			h.send(s, f)
+		}
+		if patchF == nil {
+			h.refreshFilterLocked(n, ss)
+		}
+	}
+	if indexed {
+		mergeIDs(oldPeers, pl.Peers(n), func(id netmap.NodeID, inOld, inNew bool) {
+			if ss := h.sessions[id]; len(ss) > 0 && id != n.ID {
+				visit(id, ss, inOld, inNew)
+			}
+		})
+		return
+	}
+	for id, ss := range h.sessions {
+		if id == n.ID {
+			continue
+		}
+		if viewer := h.nodes[id]; viewer != nil {
+			visit(id, ss, old != nil && h.policy.CanSee(viewer, old), h.policy.CanSee(viewer, n))
+		}
+	}
+}
+
+// mergeIDs calls fn for each ID in a or b (both ascending), saying which
+// of the two hold it.
+func mergeIDs(a, b []netmap.NodeID, fn func(id netmap.NodeID, inA, inB bool)) {
+	i, j := 0, 0
+	for i < len(a) || j < len(b) {
+		switch {
+		case j == len(b) || i < len(a) && a[i] < b[j]:
+			fn(a[i], true, false)
+			i++
+		case i == len(a) || b[j] < a[i]:
+			fn(b[j], false, true)
+			j++
+		default:
+			fn(a[i], true, true)
+			i++
+			j++
 		}
 	}
 }
@@ -385,6 +429,14 @@ func (h *hub) remove(id netmap.NodeID, reason error) {
 	}
 	delete(h.peerJSON, id)
 	h.all = nil
+	// The viewers come from the index, as in upsertOneLocked, taken
+	// before the node leaves it.
+	var viewers []netmap.NodeID
+	pl, indexed := h.policy.(PeerLister)
+	indexed = indexed && h.indexer != nil
+	if indexed {
+		viewers = pl.Peers(old)
+	}
 	if h.indexer != nil {
 		h.indexer.RemoveNode(id)
 	}
@@ -397,19 +449,31 @@ func (h *hub) remove(id netmap.NodeID, reason error) {
 	}()
 	removedF := &lazyFrame{resp: h.base()}
 	removedF.resp.PeersRemoved = []netmap.NodeID{id}
+	for _, s := range h.sessions[id] {
+		h.dropLocked(s, reason)
+	}
+	tell := func(viewer *netmap.Node, ss []*session) {
+		for _, s := range ss {
+			h.send(s, removedF.bytes())
+		}
+		h.refreshFilterLocked(viewer, ss)
+	}
+	if indexed {
+		for _, vid := range viewers {
+			if ss := h.sessions[vid]; len(ss) > 0 && vid != id {
+				if viewer := h.nodes[vid]; viewer != nil {
+					tell(viewer, ss)
+				}
+			}
+		}
+		return
+	}
 	for vid, ss := range h.sessions {
 		if vid == id {
-			for _, s := range ss {
-				h.dropLocked(s, reason)
-			}
 			continue
 		}
-		viewer := h.nodes[vid]
-		if viewer != nil && h.policy.CanSee(viewer, old) {
-			for _, s := range ss {
-				h.send(s, removedF.bytes())
-			}
-			h.refreshFilterLocked(viewer, ss)
+		if viewer := h.nodes[vid]; viewer != nil && h.policy.CanSee(viewer, old) {
+			tell(viewer, ss)
 		}
 	}
 }
@@ -475,9 +539,9 @@ func (m *mapMessage) frame() ([]byte, error) {
 	if len(m.peers) == 0 {
 		return controlclient.EncodeFrame(m.resp)
 	}
-	head, err := json.Marshal(m.resp) // resp.Peers is nil: omitted
+	head, err := controlclient.MarshalResponse(m.resp) // resp.Peers is nil: omitted
 	if err != nil {
-		return nil, fmt.Errorf("encode map response: %w", err)
+		return nil, err
 	}
 	size := len(head) + len(`,"peers":[]`) + len(m.peers)
 	for _, p := range m.peers {

@@ -318,3 +318,88 @@ func TestSpliceVersion(t *testing.T) {
 		})
 	}
 }
+
+// unindexedPolicy hides the engine's index (PeerLister, NodeIndexer): the
+// hub then finds viewers with a CanSee per session, the reference for the
+// indexed path.
+type unindexedPolicy struct{ e *policy.Engine }
+
+func (u unindexedPolicy) CanSee(a, b *netmap.Node) bool { return u.e.CanSee(a, b) }
+func (u unindexedPolicy) FilterFor(n *netmap.Node, all []*netmap.Node) []netmap.FilterRule {
+	return u.e.FilterFor(n, all)
+}
+func (u unindexedPolicy) CheckTags(user string, keyTags, requested []string) error {
+	return u.e.CheckTags(user, keyTags, requested)
+}
+
+// TestDeltasFollowIndex: joins, leaves, re-tags and endpoint changes sent
+// as deltas leave every session holding what a fresh full map says, when
+// the viewers of a change come from the policy's index and when they come
+// from a CanSee per session.
+func TestDeltasFollowIndex(t *testing.T) {
+	const pol = `{"tagOwners": {"tag:a": [], "tag:b": [], "tag:c": []},
+		"grants": [{"src": ["tag:a"], "dst": ["tag:a"], "ip": ["*"]},
+		           {"src": ["tag:b"], "dst": ["tag:c"], "ip": ["tcp:22"]}]}`
+	tags := []string{"tag:a", "tag:b", "tag:c"}
+	for _, indexed := range []bool{true, false} {
+		t.Run(fmt.Sprintf("indexed=%v", indexed), func(t *testing.T) {
+			h := newHub("e1", nil, 0, time.Now)
+			var p Policy = mustEngine(t, pol)
+			if !indexed {
+				p = unindexedPolicy{mustEngine(t, pol)}
+			}
+			h.setPolicy(p)
+			const n = 24
+			for id := netmap.NodeID(1); id <= n; id++ {
+				h.upsert(hubNode(id, tags[int(id)%3]))
+			}
+			type sub struct {
+				s *session
+				m *netmap.NetworkMap
+			}
+			subs := map[netmap.NodeID]sub{}
+			for id := netmap.NodeID(1); id <= n; id += 2 {
+				s, m := subscribeMap(t, h, id)
+				subs[id] = sub{s, m}
+			}
+			r := rand.New(rand.NewPCG(7, 9))
+			for step := range 300 {
+				id := netmap.NodeID(2 + r.IntN(n-1)) // node 1 stays, so someone always watches
+				var what string
+				switch cur := h.get(id); {
+				case cur == nil:
+					what = "join"
+					h.upsert(hubNode(id, tags[r.IntN(3)]))
+				case r.IntN(4) == 0:
+					what = "leave"
+					h.remove(id, controlclient.ErrNotRegistered)
+					if sb, ok := subs[id]; ok {
+						h.unsubscribe(sb.s)
+						delete(subs, id)
+					}
+				case r.IntN(2) == 0:
+					what = "re-tag"
+					nn := *cur
+					nn.Tags = []string{tags[r.IntN(3)]}
+					h.upsert(&nn)
+				default:
+					what = "endpoints"
+					nn := *cur
+					nn.Endpoints = []netip.AddrPort{netip.AddrPortFrom(netip.MustParseAddr("198.18.0.1"), uint16(1000+step))}
+					h.upsert(&nn)
+				}
+				if _, ok := subs[id]; !ok && h.get(id) != nil && r.IntN(3) == 0 {
+					s, m := subscribeMap(t, h, id)
+					subs[id] = sub{s, m}
+				}
+				for vid, sb := range subs {
+					drain(t, sb.s, sb.m)
+					h.mu.Lock()
+					want := decodeMsg(t, h.fullLocked(h.nodes[vid]))
+					h.mu.Unlock()
+					compareMaps(t, fmt.Sprintf("step %d (%s of %d), viewer %d", step, what, id, vid), sb.m, want)
+				}
+			}
+		})
+	}
+}

@@ -18,11 +18,37 @@ import (
 // FrameHeaderLen is the size of the length prefix of a map stream frame.
 const FrameHeaderLen = 4
 
-// EncodeFrame returns resp as one map stream frame.
-func EncodeFrame(resp *netmap.MapResponse) ([]byte, error) {
-	body, err := json.Marshal(resp)
+// MarshalResponse returns resp's JSON: what json.Marshal returns, except
+// that the packet filter, the bulk of most responses, comes last and is
+// written by netmap.AppendFilterJSON (4x faster than encoding/json, no
+// allocation per address). The epoch and version stay the first fields.
+func MarshalResponse(resp *netmap.MapResponse) ([]byte, error) {
+	if resp.PacketFilter == nil {
+		body, err := json.Marshal(resp)
+		if err != nil {
+			return nil, fmt.Errorf("encode map response: %w", err)
+		}
+		return body, nil
+	}
+	r := *resp
+	r.PacketFilter = nil
+	head, err := json.Marshal(&r)
 	if err != nil {
 		return nil, fmt.Errorf("encode map response: %w", err)
+	}
+	// head is an object with at least the epoch: never "{}".
+	body := append(head[:len(head)-1], `,"packet_filter":`...)
+	if body, err = netmap.AppendFilterJSON(body, *resp.PacketFilter); err != nil {
+		return nil, fmt.Errorf("encode map response: packet filter: %w", err)
+	}
+	return append(body, '}'), nil
+}
+
+// EncodeFrame returns resp as one map stream frame.
+func EncodeFrame(resp *netmap.MapResponse) ([]byte, error) {
+	body, err := MarshalResponse(resp)
+	if err != nil {
+		return nil, err
 	}
 	if len(body) > netmap.MaxMessageSize {
 		return nil, fmt.Errorf("map response of %d bytes exceeds the %d byte limit", len(body), netmap.MaxMessageSize)
