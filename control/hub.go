@@ -61,6 +61,13 @@ type hub struct {
 	// sessionsGen counts session opens and closes, so that a policy
 	// change can tell whether any happened while it computed.
 	sessionsGen uint64
+	// filterDelay, if positive, is how long the filter refreshes that
+	// joins and leaves cause may wait to be coalesced (refreshFilterLater);
+	// afterFunc schedules the flush. Both set once before the hub serves.
+	filterDelay time.Duration
+	afterFunc   func(time.Duration, func())
+	dirty       map[netmap.NodeID]bool // viewers whose filter refresh waits
+	flushArmed  bool
 	// fanout, if set, is told how long each node change took to queue
 	// (metrics.go); set once before the hub serves.
 	fanout func(time.Duration)
@@ -335,8 +342,11 @@ func (h *hub) upsertOneLocked(n *netmap.Node) {
 			}
 			// Patched fields (endpoints, DERP home, online, keys) never
 			// change a filter.
-			if patchF == nil {
+			switch {
+			case identityChanged:
 				h.refreshFilterLocked(viewer, ss)
+			case patchF == nil:
+				h.refreshFilterLaterLocked(viewer, ss)
 			}
 		}
 	}
@@ -359,8 +369,11 @@ func (h *hub) upsertOneLocked(n *netmap.Node) {
 		for _, s := range ss {
 			h.send(s, f)
 		}
-		if patchF == nil {
+		switch {
+		case identityChanged:
 			h.refreshFilterLocked(n, ss)
+		case patchF == nil:
+			h.refreshFilterLaterLocked(n, ss)
 		}
 	}
 	if indexed {
@@ -456,7 +469,7 @@ func (h *hub) remove(id netmap.NodeID, reason error) {
 		for _, s := range ss {
 			h.send(s, removedF.bytes())
 		}
-		h.refreshFilterLocked(viewer, ss)
+		h.refreshFilterLaterLocked(viewer, ss)
 	}
 	if indexed {
 		for _, vid := range viewers {
@@ -514,6 +527,7 @@ func (h *hub) refreshFilterLocked(n *netmap.Node, ss []*session) {
 	if h.bootstrap {
 		return
 	}
+	delete(h.dirty, n.ID)
 	f := h.filterFor(n)
 	b := filterKey(nil, f)
 	for _, s := range ss {
@@ -525,6 +539,45 @@ func (h *hub) refreshFilterLocked(n *netmap.Node, ss []*session) {
 		r.PacketFilter = &f
 		h.send(s, h.encode(&r))
 	}
+}
+
+// refreshFilterLaterLocked is refreshFilterLocked for the changes whose
+// filter updates may wait up to filterDelay to be coalesced: joins and
+// leaves. Under a tenant of k nodes each costs k filters of k sources;
+// a burst of joins into one tenant would otherwise re-encode and resend
+// every member's whole filter once per join (O(k²) bytes each), which is
+// what bounded the join rate. Waiting never widens access: a joiner is
+// admitted by its peers' filters up to filterDelay late, and a leaver's
+// addresses, which stay in them as long, belong to no node (addresses are
+// not reused until the pool wraps around) and have no WireGuard peer.
+// Changes that can narrow access (a node's tags, user or addresses) and
+// policy changes refresh at once.
+func (h *hub) refreshFilterLaterLocked(n *netmap.Node, ss []*session) {
+	if h.filterDelay <= 0 || h.afterFunc == nil || h.bootstrap {
+		h.refreshFilterLocked(n, ss)
+		return
+	}
+	if h.dirty == nil {
+		h.dirty = make(map[netmap.NodeID]bool)
+	}
+	h.dirty[n.ID] = true
+	if !h.flushArmed {
+		h.flushArmed = true
+		h.afterFunc(h.filterDelay, h.flushFilters)
+	}
+}
+
+// flushFilters sends the filter refreshes that waited.
+func (h *hub) flushFilters() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.flushArmed = false
+	for id := range h.dirty {
+		if n, ss := h.nodes[id], h.sessions[id]; n != nil && len(ss) > 0 {
+			h.refreshFilterLocked(n, ss) // deletes id from dirty
+		}
+	}
+	clear(h.dirty)
 }
 
 // mapMessage is a map response whose peer list (full maps only) is held as
@@ -921,3 +974,8 @@ func capsEqual(a, b map[string][]json.RawMessage) bool {
 	}
 	return true
 }
+
+// DefaultFilterDelay is ServerOptions.FilterDelay's default: at most ten
+// filter updates a second per node from joins and leaves, well inside the
+// second a change has to reach the fleet.
+const DefaultFilterDelay = 100 * time.Millisecond

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"meshd.dev/meshd/control/controlclient"
@@ -402,4 +403,88 @@ func TestDeltasFollowIndex(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestFilterRefreshCoalesced: a burst of joins reaches a viewer as one
+// filter update after the delay (the peers themselves at once), a leave's
+// too, while a re-tag that narrows access updates the filter at once.
+func TestFilterRefreshCoalesced(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const pol = `{"tagOwners": {"tag:a": [], "tag:b": []},
+			"grants": [{"src": ["tag:a"], "dst": ["tag:a"], "ip": ["*"]}, {"src": ["tag:b"], "dst": ["tag:a"], "ip": ["tcp:22"]}]}`
+		h := newHub("e1", nil, 0, time.Now)
+		h.filterDelay = 100 * time.Millisecond
+		h.afterFunc = func(d time.Duration, f func()) { time.AfterFunc(d, f) }
+		h.setPolicy(mustEngine(t, pol))
+		h.upsert(hubNode(1, "tag:a"))
+		h.upsert(hubNode(2, "tag:a"))
+		s, m := subscribeMap(t, h, 1)
+		// count drains s into m and counts the frames carrying a filter
+		// and those carrying peers.
+		count := func() (filters, peers int) {
+			for {
+				select {
+				case f := <-s.q:
+					resp, _, err := controlclient.ReadMapResponse(bytes.NewReader(f), nil)
+					if err != nil {
+						t.Fatal(err)
+					}
+					if resp.PacketFilter != nil {
+						filters++
+					}
+					if len(resp.PeersChanged)+len(resp.PeersRemoved) > 0 {
+						peers++
+					}
+					if err := m.Apply(resp); err != nil {
+						t.Fatal(err)
+					}
+				default:
+					return filters, peers
+				}
+			}
+		}
+		full := func(what string) {
+			h.mu.Lock()
+			want := decodeMsg(t, h.fullLocked(h.nodes[1]))
+			h.mu.Unlock()
+			compareMaps(t, what, m, want)
+		}
+		for id := netmap.NodeID(10); id < 20; id++ {
+			h.upsert(hubNode(id, "tag:a"))
+		}
+		if f, p := count(); f != 0 || p != 10 {
+			t.Fatalf("right after 10 joins: %d filter updates and %d peer updates; want 0 and 10", f, p)
+		}
+		time.Sleep(100 * time.Millisecond)
+		synctest.Wait()
+		if f, _ := count(); f != 1 {
+			t.Fatalf("after the delay: %d filter updates; want 1 for the 10 joins", f)
+		}
+		full("after the joins")
+
+		h.remove(10, controlclient.ErrNotRegistered)
+		if f, p := count(); f != 0 || p != 1 {
+			t.Fatalf("right after a leave: %d filter updates and %d peer updates; want 0 and 1", f, p)
+		}
+		time.Sleep(100 * time.Millisecond)
+		synctest.Wait()
+		if f, _ := count(); f != 1 {
+			t.Fatalf("after the delay: %d filter updates for the leave; want 1", f)
+		}
+		full("after the leave")
+
+		// tag:b may reach node 1 on tcp:22 only: narrower, and at once.
+		n := *h.get(11)
+		n.Tags = []string{"tag:b"}
+		h.upsert(&n)
+		if f, _ := count(); f != 1 {
+			t.Fatalf("right after a re-tag: %d filter updates; want 1 at once", f)
+		}
+		full("after the re-tag")
+		time.Sleep(time.Second)
+		synctest.Wait()
+		if f, p := count(); f != 0 || p != 0 {
+			t.Fatalf("later: %d filter and %d peer updates; want none", f, p)
+		}
+	})
 }

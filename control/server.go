@@ -64,6 +64,10 @@ type ServerOptions struct {
 	// RequireApproval makes nodes enrolled with keys that are not
 	// pre-authorized wait for `meshd admin nodes approve`.
 	RequireApproval bool
+	// FilterDelay is how long the packet-filter updates that joins and
+	// leaves cause may wait to be coalesced (default DefaultFilterDelay;
+	// negative: none). Changes that can narrow access never wait.
+	FilterDelay time.Duration
 	// SessionQueueLen bounds the frames queued per map stream before a slow
 	// reader is dropped (default 1024).
 	SessionQueueLen int
@@ -278,6 +282,11 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	if s.certLifetime <= 0 {
 		s.certLifetime = DefaultCertLifetime
 	}
+	s.hub.filterDelay = opts.FilterDelay
+	if s.hub.filterDelay == 0 {
+		s.hub.filterDelay = DefaultFilterDelay
+	}
+	s.hub.afterFunc = func(d time.Duration, f func()) { opts.clock.AfterFunc(d, f) }
 	s.hub.revoked = s.keys.publish
 	s.hub.dns = opts.DNS
 	s.met = newServerMetrics(s)
