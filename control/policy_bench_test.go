@@ -96,3 +96,36 @@ func BenchmarkFullMapPolicy(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkSetPolicyFilterChange is BenchmarkSetPolicy where every round
+// changes every node's filter (another port in each tenant's grant) and
+// no peer list: what bench/hascale's policy rounds do. Every connected
+// node is sent a new filter.
+func BenchmarkSetPolicyFilterChange(b *testing.B) {
+	for _, n := range benchSizes {
+		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
+			h := tenantHub(b, n)
+			engines := []Policy{mustEngine(b, tenantPortPolicy(100, 10001)), mustEngine(b, tenantPortPolicy(100, 10002))}
+			var total int
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				h.setPolicy(engines[i%2])
+				b.StopTimer()
+				_, total = drainAll(h)
+				b.StartTimer()
+			}
+			b.ReportMetric(float64(total)/float64(n), "bytes/node")
+		})
+	}
+}
+
+// tenantPortPolicy is tenantPolicy opening only tcp:22 and tcp:port.
+func tenantPortPolicy(k int, port int) string {
+	var owners, grants []string
+	for i := range k {
+		owners = append(owners, fmt.Sprintf(`"tag:tenant%d": []`, i))
+		grants = append(grants, fmt.Sprintf(`{"src": ["tag:tenant%d"], "dst": ["tag:tenant%d"], "ip": ["tcp:22", "tcp:%d"]}`, i, i, port))
+	}
+	return `{"tagOwners": {` + strings.Join(owners, ",") + `}, "grants": [` + strings.Join(grants, ",") + `]}`
+}

@@ -24,6 +24,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"meshd.dev/meshd/control"
@@ -49,6 +50,7 @@ type config struct {
 	churnFor    time.Duration
 	ephTimeout  time.Duration
 	concurrency int
+	failover    bool
 }
 
 func run() error {
@@ -63,6 +65,7 @@ func run() error {
 	flag.DurationVar(&c.churnFor, "churn-for", 10*time.Second, "how long to churn")
 	flag.DurationVar(&c.ephTimeout, "ephemeral-timeout", 2*time.Second, "the coordinators' --ephemeral-timeout")
 	flag.IntVar(&c.concurrency, "concurrency", 16, "registrations in flight while connecting the fleet")
+	flag.BoolVar(&c.failover, "failover", false, "at the end, kill (SIGKILL) the first coordinator of -pids and time every node holding a policy change made on the second")
 	flag.Parse()
 	c.urls = strings.Split(*urls, ",")
 	if *urls == "" || c.token == "" {
@@ -362,6 +365,7 @@ func bench(ctx context.Context, c config) error {
 	type joined struct {
 		id  netmap.NodeID
 		err error
+		lat time.Duration // from the join's start to holding its first map
 	}
 	var mu sync.Mutex
 	var joins []joined
@@ -371,28 +375,34 @@ func bench(ctx context.Context, c config) error {
 	n := 0
 	for time.Since(churnStart) < c.churnFor {
 		<-tick.C
-		i := n
-		n++
-		cw.Go(func() {
-			s, err := start(ctx, c.urls, i%len(c.urls), eph.Key, fmt.Sprintf("eph-%d", i))
-			if err != nil {
+		// Every join due by now, not one per tick: a ticker drops the
+		// ticks of a starved reader, which would quietly offer less load
+		// than asked for.
+		due := int(time.Since(churnStart).Seconds() * float64(c.churnRate))
+		for ; n < due; n++ {
+			i := n
+			cw.Go(func() {
+				t0 := time.Now()
+				s, err := start(ctx, c.urls, i%len(c.urls), eph.Key, fmt.Sprintf("eph-%d", i))
+				if err != nil {
+					mu.Lock()
+					joins = append(joins, joined{err: err})
+					mu.Unlock()
+					return
+				}
+				if err := s.ready(); err != nil {
+					mu.Lock()
+					joins = append(joins, joined{err: err})
+					mu.Unlock()
+					return
+				}
 				mu.Lock()
-				joins = append(joins, joined{err: err})
+				joins = append(joins, joined{id: s.id, lat: time.Since(t0)})
 				mu.Unlock()
-				return
-			}
-			if err := s.ready(); err != nil {
-				mu.Lock()
-				joins = append(joins, joined{err: err})
-				mu.Unlock()
-				return
-			}
-			mu.Lock()
-			joins = append(joins, joined{id: s.id})
-			mu.Unlock()
-			time.Sleep(time.Second)
-			s.stop()
-		})
+				time.Sleep(time.Second)
+				s.stop()
+			})
+		}
 	}
 	tick.Stop()
 	cw.Wait()
@@ -400,6 +410,7 @@ func bench(ctx context.Context, c config) error {
 	failed := 0
 	ids := map[netmap.NodeID]bool{}
 	dups := 0
+	var lats []time.Duration
 	for _, j := range joins {
 		if j.err != nil {
 			failed++
@@ -408,6 +419,7 @@ func bench(ctx context.Context, c config) error {
 			}
 			continue
 		}
+		lats = append(lats, j.lat)
 		if ids[j.id] {
 			dups++
 		}
@@ -449,10 +461,75 @@ func bench(ctx context.Context, c config) error {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
+	fmt.Printf("churn: %d joins offered in %v (%.0f/s); join to first map p50 %v p99 %v max %v\n", n, c.churnFor,
+		float64(n)/c.churnFor.Seconds(), percentile(lats, 0.5).Round(time.Millisecond), percentile(lats, 0.99).Round(time.Millisecond), percentile(lats, 1).Round(time.Millisecond))
 	fmt.Printf("churn: %d ephemeral joins and leaves in %v (%.1f/s each), %d failed, %d duplicate ids, %d (watcher, join) pairs missed by %d watchers, %d ephemeral nodes left after the timeout\n",
 		len(ids), churn.Round(time.Millisecond), float64(len(ids))/churn.Seconds(), failed, dups, missed, len(watchers), left)
+	if c.failover {
+		if err := failover(ctx, c, sims, strings.TrimSpace(string(tok))); err != nil {
+			return err
+		}
+	}
 	for _, s := range sims {
 		s.cancel()
+	}
+	return nil
+}
+
+// failover kills the first coordinator (SIGKILL: no goodbye to any
+// stream), makes a policy change on the second at once, and times every
+// node holding it: the nodes that streamed from the dead replica must
+// notice, fail over to the survivor and get the change from it.
+func failover(ctx context.Context, c config, sims []*sim, tok string) error {
+	if len(c.urls) < 2 || len(c.pids) < 1 {
+		return errors.New("-failover needs two coordinators and the first one's pid")
+	}
+	admin, err := control.NewAdminClient(c.urls[1], tok)
+	if err != nil {
+		return err
+	}
+	r := c.rounds + 1
+	if err := syscall.Kill(c.pids[0], syscall.SIGKILL); err != nil {
+		return fmt.Errorf("kill coordinator %d: %w", c.pids[0], err)
+	}
+	killed := time.Now()
+	if _, err := admin.SetPolicy(ctx, "bench.hujson", []byte(policyText(c.tenants, r))); err != nil {
+		return fmt.Errorf("set policy on the survivor: %w", err)
+	}
+	set := time.Since(killed)
+	deadline := killed.Add(2 * time.Minute)
+	byHome := make([][]time.Duration, len(c.urls))
+	for {
+		for i := range byHome {
+			byHome[i] = byHome[i][:0]
+		}
+		n := 0
+		for _, s := range sims {
+			s.mu.Lock()
+			at, ok := s.seen[r]
+			s.mu.Unlock()
+			if ok {
+				byHome[s.home] = append(byHome[s.home], at.Sub(killed))
+				n++
+			}
+		}
+		if n == len(sims) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	line := fmt.Sprintf("failover: coordinator %d killed, policy set on the survivor %v later", c.pids[0], set.Round(time.Millisecond))
+	for i, l := range byHome {
+		line += fmt.Sprintf("; %d nodes homed on %s had it: p50 %v p99 %v max %v", len(l), c.urls[i],
+			percentile(l, 0.5).Round(time.Millisecond), percentile(l, 0.99).Round(time.Millisecond), percentile(l, 1).Round(time.Millisecond))
+	}
+	fmt.Println(line)
+	total := 0
+	for _, l := range byHome {
+		total += len(l)
+	}
+	if total != len(sims) {
+		return fmt.Errorf("failover: %d of %d nodes had the change within 2 minutes of the kill", total, len(sims))
 	}
 	return nil
 }
