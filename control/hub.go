@@ -108,6 +108,9 @@ type session struct {
 	dropped    bool
 	dropErr    error
 	lastFilter []byte // filterKey of the last PacketFilter sent, under a real policy
+	// filterAt is when a join or leave last refreshed this session's
+	// filter at once (refreshFilterLaterLocked).
+	filterAt time.Time
 }
 
 // errSlowConsumer drops a session whose queue overflowed; the client
@@ -542,18 +545,35 @@ func (h *hub) refreshFilterLocked(n *netmap.Node, ss []*session) {
 }
 
 // refreshFilterLaterLocked is refreshFilterLocked for the changes whose
-// filter updates may wait up to filterDelay to be coalesced: joins and
-// leaves. Under a tenant of k nodes each costs k filters of k sources;
-// a burst of joins into one tenant would otherwise re-encode and resend
-// every member's whole filter once per join (O(k²) bytes each), which is
-// what bounded the join rate. Waiting never widens access: a joiner is
-// admitted by its peers' filters up to filterDelay late, and a leaver's
-// addresses, which stay in them as long, belong to no node (addresses are
-// not reused until the pool wraps around) and have no WireGuard peer.
-// Changes that can narrow access (a node's tags, user or addresses) and
-// policy changes refresh at once.
+// filter updates may be coalesced: joins and leaves. The first such change
+// for a viewer in filterDelay updates its filter at once, so that a lone
+// join is admitted by its peers before its first packet; further ones in
+// that time wait for one update at its end. Under a tenant of k nodes each
+// join or leave changes k filters of k sources, and a burst of joins into
+// one tenant would otherwise re-encode and resend every member's whole
+// filter once per join (O(k²) bytes each), which is what bounded the join
+// rate. Waiting never widens access: a joiner is admitted by its peers'
+// filters up to filterDelay late, and a leaver's addresses, which stay in
+// them as long, belong to no node (addresses are not reused until the pool
+// wraps around) and have no WireGuard peer. Changes that can narrow access
+// (a node's tags, user or addresses) and policy changes refresh at once.
 func (h *hub) refreshFilterLaterLocked(n *netmap.Node, ss []*session) {
 	if h.filterDelay <= 0 || h.afterFunc == nil || h.bootstrap {
+		h.refreshFilterLocked(n, ss)
+		return
+	}
+	if h.dirty[n.ID] {
+		return // the flush will send it
+	}
+	now := h.now()
+	recent := false
+	for _, s := range ss {
+		recent = recent || now.Sub(s.filterAt) < h.filterDelay
+	}
+	if !recent {
+		for _, s := range ss {
+			s.filterAt = now
+		}
 		h.refreshFilterLocked(n, ss)
 		return
 	}
@@ -572,8 +592,12 @@ func (h *hub) flushFilters() {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.flushArmed = false
+	now := h.now()
 	for id := range h.dirty {
 		if n, ss := h.nodes[id], h.sessions[id]; n != nil && len(ss) > 0 {
+			for _, s := range ss {
+				s.filterAt = now
+			}
 			h.refreshFilterLocked(n, ss) // deletes id from dirty
 		}
 	}

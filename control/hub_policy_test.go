@@ -449,29 +449,40 @@ func TestFilterRefreshCoalesced(t *testing.T) {
 			h.mu.Unlock()
 			compareMaps(t, what, m, want)
 		}
+		// A lone join: admitted at once, before its first packet.
+		h.upsert(hubNode(9, "tag:a"))
+		if f, p := count(); f != 1 || p != 1 {
+			t.Fatalf("right after a join: %d filter updates and %d peer updates; want 1 and 1", f, p)
+		}
+		full("after a lone join")
+		time.Sleep(time.Second)
+		// A burst: the first at once, the other nine in one update after
+		// the delay; the peers themselves at once.
 		for id := netmap.NodeID(10); id < 20; id++ {
 			h.upsert(hubNode(id, "tag:a"))
 		}
-		if f, p := count(); f != 0 || p != 10 {
-			t.Fatalf("right after 10 joins: %d filter updates and %d peer updates; want 0 and 10", f, p)
+		if f, p := count(); f != 1 || p != 10 {
+			t.Fatalf("right after 10 joins: %d filter updates and %d peer updates; want 1 and 10", f, p)
 		}
 		time.Sleep(100 * time.Millisecond)
 		synctest.Wait()
 		if f, _ := count(); f != 1 {
-			t.Fatalf("after the delay: %d filter updates; want 1 for the 10 joins", f)
+			t.Fatalf("after the delay: %d filter updates; want 1 for the last 9 joins", f)
 		}
 		full("after the joins")
 
+		// Two leaves: the second waits for the delay.
 		h.remove(10, controlclient.ErrNotRegistered)
-		if f, p := count(); f != 0 || p != 1 {
-			t.Fatalf("right after a leave: %d filter updates and %d peer updates; want 0 and 1", f, p)
+		h.remove(12, controlclient.ErrNotRegistered)
+		if f, p := count(); f != 0 || p != 2 {
+			t.Fatalf("right after two leaves within the delay of the last update: %d filter updates and %d peer updates; want 0 and 2", f, p)
 		}
 		time.Sleep(100 * time.Millisecond)
 		synctest.Wait()
 		if f, _ := count(); f != 1 {
-			t.Fatalf("after the delay: %d filter updates for the leave; want 1", f)
+			t.Fatalf("after the delay: %d filter updates for the leaves; want 1", f)
 		}
-		full("after the leave")
+		full("after the leaves")
 
 		// tag:b may reach node 1 on tcp:22 only: narrower, and at once.
 		n := *h.get(11)
