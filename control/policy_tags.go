@@ -32,15 +32,12 @@ func (s *Server) recheckTags(ctx context.Context, pol Policy, file string) ([]Ta
 	}
 	// The scan runs without s.mu; each node is then checked again, fresh
 	// from the store, under it.
-	nodes, err := s.store.Nodes(ctx)
+	nodes, err := s.store.NodesWithSelfTags(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("re-check node tags: %w", err)
 	}
 	var out []TagRemoval
 	for _, n := range nodes {
-		if len(n.SelfTags) == 0 {
-			continue
-		}
 		r, err := s.recheckNode(ctx, pol, file, n.ID)
 		if err != nil {
 			return out, fmt.Errorf("re-check the tags of node %d: %w", n.ID, err)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"fmt"
 	"maps"
 	"os"
 	"path/filepath"
@@ -283,4 +284,51 @@ func TestMigrationBackfillsSelfTags(t *testing.T) {
 			t.Errorf("node %d (tags %v): self tags %v, want %v", id, n.Tags, n.SelfTags, w)
 		}
 	}
+}
+
+// TestNodesWithSelfTags: exactly the nodes that gave themselves tags, by
+// id, on both backends; text that looks like the key elsewhere in a node
+// does not count.
+func TestNodesWithSelfTags(t *testing.T) {
+	eachBackend(t, func(t *testing.T, bk backend) {
+		ctx := context.Background()
+		s := bigPool(t, bk)
+		hash := bytes.Repeat([]byte{1}, 32)
+		s.InsertAuthKey(ctx, AuthKey{ID: "k", Hash: hash, Reusable: true, Tags: []string{"tag:a"}, Created: time.Now()})
+		var want []netmap.NodeID
+		for i := range 6 {
+			tags := []string{"tag:a"}
+			if i%2 == 1 {
+				tags = append(tags, "tag:self")
+			}
+			n, err := s.Register(ctx, RegisterParams{MachineKey: mkey(byte(i + 1)), NodeKey: netmap.NodePublic{byte(i + 1)}, Hostname: fmt.Sprintf("h%d", i), Now: time.Now(),
+				Identity: &Identity{Tags: tags, Authorized: true, AuthKeyID: "k"}, ConsumeKey: true, Reusable: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if i%2 == 1 {
+				want = append(want, n.ID)
+			}
+			if i == 2 {
+				n.Notices = []string{`"self_tags":["tag:x"]`}
+				if err := s.UpdateNode(ctx, n); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		got, err := s.NodesWithSelfTags(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ids []netmap.NodeID
+		for _, n := range got {
+			if !slices.Equal(n.SelfTags, []string{"tag:self"}) {
+				t.Fatalf("node %d: self tags %v", n.ID, n.SelfTags)
+			}
+			ids = append(ids, n.ID)
+		}
+		if !slices.Equal(ids, want) {
+			t.Fatalf("nodes with self tags %v; want %v", ids, want)
+		}
+	})
 }

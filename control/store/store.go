@@ -177,6 +177,9 @@ type Store interface {
 	Node(ctx context.Context, id netmap.NodeID) (Node, error)
 	NodeByMachine(ctx context.Context, mk netmap.MachinePublic) (Node, error)
 	Nodes(ctx context.Context) ([]Node, error)
+	// NodesWithSelfTags lists the nodes that gave themselves tags
+	// (Node.SelfTags), by id: what a policy change re-checks.
+	NodesWithSelfTags(ctx context.Context) ([]Node, error)
 	// UpdateNode replaces a node's mutable fields (not its id, machine key
 	// or addresses). Keys or a hostname held by another node fail with
 	// ErrKeyInUse or ErrNameInUse and change nothing.
