@@ -13,7 +13,6 @@ import (
 	"syscall"
 	"time"
 
-	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun"
 	"golang.zx2c4.com/wireguard/tun/netstack"
 
@@ -23,6 +22,7 @@ import (
 	"meshd.dev/meshd/agent/tunwrap"
 	"meshd.dev/meshd/filter"
 	"meshd.dev/meshd/flowlog"
+	"meshd.dev/meshd/internal/wireguard/device"
 	"meshd.dev/meshd/netmap"
 )
 

@@ -89,6 +89,8 @@ type Device struct {
 	ipcMutex sync.RWMutex
 	closed   chan struct{}
 	log      *Logger
+
+	inline deviceInline // meshd: run-to-completion switch and counters (inline.go)
 }
 
 // deviceState represents the state of a Device.
@@ -299,6 +301,7 @@ func NewDevice(tunDevice tun.Device, bind conn.Bind, logger *Logger) *Device {
 	device.indexTable.Init()
 
 	device.PopulatePools()
+	device.inline.enabled.Store(inlineByDefault()) // meshd: see inline.go
 
 	// create queues
 

@@ -56,6 +56,8 @@ type Peer struct {
 	cookieGenerator             CookieGenerator
 	trieEntries                 list.List
 	persistentKeepaliveInterval atomic.Uint32
+
+	inline peerInline // meshd: run-to-completion state (inline.go)
 }
 
 func (device *Device) NewPeer(pk NoisePublicKey) (*Peer, error) {
@@ -199,8 +201,7 @@ func (peer *Peer) Start() {
 
 	peer.timersStart()
 
-	device.flushInboundQueue(peer.queue.inbound)
-	device.flushOutboundQueue(peer.queue.outbound)
+	peer.flushQueuesAndResetInline() // meshd: was the two flushes; see inline.go
 
 	// Use the device batch size, not the bind batch size, as the device size is
 	// the size of the batch pools.

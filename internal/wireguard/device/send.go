@@ -335,6 +335,8 @@ func (peer *Peer) StagePackets(elems *QueueOutboundElementsContainer) {
 }
 
 func (peer *Peer) SendStagedPackets() {
+	peer.inline.out.Lock() // meshd: orders nonce assignment with the inline send (inline.go)
+	defer peer.inline.out.Unlock()
 top:
 	if len(peer.queue.staged) == 0 || !peer.device.isUp() {
 		return
@@ -382,8 +384,7 @@ top:
 
 			// add to parallel and sequential queue
 			if peer.isRunning.Load() {
-				peer.queue.outbound.c <- elemsContainer
-				peer.device.queue.encryption.c <- elemsContainer
+				peer.dispatchOutbound(elemsContainer) // meshd: inline or pipeline (inline.go)
 			} else {
 				for _, elem := range elemsContainer.elems {
 					peer.device.PutMessageBuffer(elem.buffer)
@@ -437,7 +438,6 @@ func calculatePaddingSize(packetSize, mtu int) int {
  * Obs. One instance per core
  */
 func (device *Device) RoutineEncryption(id int) {
-	var paddingZeros [PaddingMultiple]byte
 	var nonce [chacha20poly1305.NonceSize]byte
 
 	defer device.log.Verbosef("Routine: encryption worker %d - stopped", id)
@@ -445,33 +445,42 @@ func (device *Device) RoutineEncryption(id int) {
 
 	for elemsContainer := range device.queue.encryption.c {
 		for _, elem := range elemsContainer.elems {
-			// populate header fields
-			header := elem.buffer[:MessageTransportHeaderSize]
-
-			fieldType := header[0:4]
-			fieldReceiver := header[4:8]
-			fieldNonce := header[8:16]
-
-			binary.LittleEndian.PutUint32(fieldType, MessageTransportType)
-			binary.LittleEndian.PutUint32(fieldReceiver, elem.keypair.remoteIndex)
-			binary.LittleEndian.PutUint64(fieldNonce, elem.nonce)
-
-			// pad content to multiple of 16
-			paddingSize := calculatePaddingSize(len(elem.packet), int(device.tun.mtu.Load()))
-			elem.packet = append(elem.packet, paddingZeros[:paddingSize]...)
-
-			// encrypt content and release to consumer
-
-			binary.LittleEndian.PutUint64(nonce[4:], elem.nonce)
-			elem.packet = elem.keypair.send.Seal(
-				header,
-				nonce[:],
-				elem.packet,
-				nil,
-			)
+			device.sealElem(elem, &nonce) // meshd: shared with the inline path
 		}
 		elemsContainer.Unlock()
 	}
+}
+
+// sealElem builds elem's transport header and encrypts elem in place.
+// nonce is the caller's scratch space: a local would escape through the
+// cipher.AEAD interface and cost an allocation per packet.
+func (device *Device) sealElem(elem *QueueOutboundElement, nonce *[chacha20poly1305.NonceSize]byte) {
+	var paddingZeros [PaddingMultiple]byte
+
+	// populate header fields
+	header := elem.buffer[:MessageTransportHeaderSize]
+
+	fieldType := header[0:4]
+	fieldReceiver := header[4:8]
+	fieldNonce := header[8:16]
+
+	binary.LittleEndian.PutUint32(fieldType, MessageTransportType)
+	binary.LittleEndian.PutUint32(fieldReceiver, elem.keypair.remoteIndex)
+	binary.LittleEndian.PutUint64(fieldNonce, elem.nonce)
+
+	// pad content to multiple of 16
+	paddingSize := calculatePaddingSize(len(elem.packet), int(device.tun.mtu.Load()))
+	elem.packet = append(elem.packet, paddingZeros[:paddingSize]...)
+
+	// encrypt content and release to consumer
+
+	binary.LittleEndian.PutUint64(nonce[4:], elem.nonce)
+	elem.packet = elem.keypair.send.Seal(
+		header,
+		nonce[:],
+		elem.packet,
+		nil,
+	)
 }
 
 func (peer *Peer) RoutineSequentialSender(maxBatchSize int) {
@@ -502,41 +511,53 @@ func (peer *Peer) RoutineSequentialSender(maxBatchSize int) {
 				device.PutOutboundElement(elem)
 			}
 			device.PutOutboundElementsContainer(elemsContainer)
+			peer.inline.out.pending.Add(-1) // meshd: this batch has left the pipeline
 			continue
 		}
-		dataSent := false
 		elemsContainer.Lock()
-		for _, elem := range elemsContainer.elems {
-			if len(elem.packet) != MessageKeepaliveSize {
-				dataSent = true
-			}
-			bufs = append(bufs, elem.packet)
-		}
-
-		peer.timersAnyAuthenticatedPacketTraversal()
-		peer.timersAnyAuthenticatedPacketSent()
-
-		err := peer.SendBuffers(bufs)
-		if dataSent {
-			peer.timersDataSent()
-		}
-		for _, elem := range elemsContainer.elems {
-			device.PutMessageBuffer(elem.buffer)
-			device.PutOutboundElement(elem)
-		}
-		device.PutOutboundElementsContainer(elemsContainer)
-		if err != nil {
-			var errGSO conn.ErrUDPGSODisabled
-			if errors.As(err, &errGSO) {
-				device.log.Verbosef(err.Error())
-				err = errGSO.RetryErr
-			}
-		}
-		if err != nil {
-			device.log.Errorf("%v - Failed to send data packets: %v", peer, err)
-			continue
-		}
-
-		peer.keepKeyFreshSending()
+		bufs = peer.sendContainer(elemsContainer, bufs) // meshd: shared with the inline path
+		peer.inline.out.pending.Add(-1)                 // meshd: this batch has left the pipeline
 	}
+}
+
+// sendContainer sends the encrypted elements of elemsContainer, in order,
+// returns them to the pools and returns bufs, scratch space for the next
+// call.
+func (peer *Peer) sendContainer(elemsContainer *QueueOutboundElementsContainer, bufs [][]byte) [][]byte {
+	device := peer.device
+	bufs = bufs[:0]
+	dataSent := false
+	for _, elem := range elemsContainer.elems {
+		if len(elem.packet) != MessageKeepaliveSize {
+			dataSent = true
+		}
+		bufs = append(bufs, elem.packet)
+	}
+
+	peer.timersAnyAuthenticatedPacketTraversal()
+	peer.timersAnyAuthenticatedPacketSent()
+
+	err := peer.SendBuffers(bufs)
+	if dataSent {
+		peer.timersDataSent()
+	}
+	for _, elem := range elemsContainer.elems {
+		device.PutMessageBuffer(elem.buffer)
+		device.PutOutboundElement(elem)
+	}
+	device.PutOutboundElementsContainer(elemsContainer)
+	if err != nil {
+		var errGSO conn.ErrUDPGSODisabled
+		if errors.As(err, &errGSO) {
+			device.log.Verbosef(err.Error())
+			err = errGSO.RetryErr
+		}
+	}
+	if err != nil {
+		device.log.Errorf("%v - Failed to send data packets: %v", peer, err)
+		return bufs
+	}
+
+	peer.keepKeyFreshSending()
+	return bufs
 }
