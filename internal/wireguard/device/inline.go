@@ -110,13 +110,13 @@ func (peer *Peer) dispatchOutbound(elemsContainer *QueueOutboundElementsContaine
 	device := peer.device
 	out := &peer.inline.out
 	if device.inline.enabled.Load() && out.pending.Load() == 0 {
+		device.inline.outInline.Add(1)
 		for _, elem := range elemsContainer.elems {
 			device.sealElem(elem, &out.nonce)
 		}
 		// The container stays locked, as the sequential sender leaves
 		// it: GetOutboundElementsContainer resets the mutex.
 		out.bufs = peer.sendContainer(elemsContainer, out.bufs)
-		device.inline.outInline.Add(1)
 		return
 	}
 	out.pending.Add(1)
@@ -133,11 +133,11 @@ func (peer *Peer) dispatchInbound(elemsContainer *QueueInboundElementsContainer)
 	in.Lock()
 	defer in.Unlock()
 	if device.inline.enabled.Load() && in.pending.Load() == 0 {
+		device.inline.inInline.Add(1)
 		for _, elem := range elemsContainer.elems {
 			openElem(elem, &in.nonce)
 		}
 		in.bufs = peer.receiveContainer(elemsContainer, in.bufs, true)
-		device.inline.inInline.Add(1)
 		return
 	}
 	in.pending.Add(1)
