@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/crypto/chacha20poly1305"
 )
@@ -37,6 +38,15 @@ import (
  * can be chosen until it is. Outbound, the mutex is taken around the whole
  * of SendStagedPackets, so nonces are assigned in the order batches leave.
  *
+ * A send that blocks (a relay's queue full, a socket buffer full) would
+ * hold up the TUN reader, and with it every other peer, where upstream
+ * lets the peer's queue absorb it: after an inline send that took longer
+ * than inlineSlowSend the peer's next batch takes the pipeline, and so do
+ * the batches behind it while the sequential sender is the one waiting.
+ * The peer runs inline again once its pipeline has drained. A send that
+ * only looked slow (the goroutine was preempted) costs one batch through
+ * the pipeline.
+ *
  * Lock order: nothing holding out takes in. The UDP receive goroutine,
  * running a batch inline, takes neither out nor device.net: see sendAside.
  */
@@ -46,6 +56,11 @@ import (
 // cost to cut; with more, the pipeline's parallel crypto can be worth its
 // wake-ups for many peers at once (see the package README).
 const inlineMaxProcs = 4
+
+// inlineSlowSend is the inline send after which the peer's next batch
+// takes the pipeline. A batch of 64 KB is encrypted and handed to the
+// kernel in well under a millisecond on one core.
+const inlineSlowSend = time.Millisecond
 
 func inlineByDefault() bool {
 	return runtime.GOMAXPROCS(0) <= inlineMaxProcs
@@ -59,6 +74,9 @@ type deviceInline struct {
 	outPipeline atomic.Uint64
 	inInline    atomic.Uint64
 	inPipeline  atomic.Uint64
+	slowSends   atomic.Uint64
+
+	now func() time.Time // time.Now, but for tests
 }
 
 // peerInline is one peer's run-to-completion state, per direction. The
@@ -66,9 +84,10 @@ type deviceInline struct {
 type peerInline struct {
 	out struct {
 		sync.Mutex
-		pending atomic.Int64 // batches pushed to the pipeline and not yet sent
-		bufs    [][]byte
-		nonce   [chacha20poly1305.NonceSize]byte
+		pending  atomic.Int64 // batches pushed to the pipeline and not yet sent
+		bufs     [][]byte
+		nonce    [chacha20poly1305.NonceSize]byte
+		lastSlow bool // the last inline send took longer than inlineSlowSend
 	}
 	in struct {
 		sync.Mutex
@@ -91,6 +110,9 @@ func (device *Device) SetRunToCompletion(on bool) {
 type InlineStats struct {
 	OutInline, OutPipeline uint64
 	InInline, InPipeline   uint64
+	// SlowSends counts inline sends that took longer than inlineSlowSend
+	// and sent their peer's next batch to the pipeline.
+	SlowSends uint64
 }
 
 // InlineStats returns the device's batch counts since it was created.
@@ -100,6 +122,7 @@ func (device *Device) InlineStats() InlineStats {
 		OutPipeline: device.inline.outPipeline.Load(),
 		InInline:    device.inline.inInline.Load(),
 		InPipeline:  device.inline.inPipeline.Load(),
+		SlowSends:   device.inline.slowSends.Load(),
 	}
 }
 
@@ -109,20 +132,33 @@ func (device *Device) InlineStats() InlineStats {
 func (peer *Peer) dispatchOutbound(elemsContainer *QueueOutboundElementsContainer) {
 	device := peer.device
 	out := &peer.inline.out
-	if device.inline.enabled.Load() && out.pending.Load() == 0 {
+	if device.inline.enabled.Load() && out.pending.Load() == 0 && !out.lastSlow {
 		device.inline.outInline.Add(1)
+		start := device.inline.clock()
 		for _, elem := range elemsContainer.elems {
 			device.sealElem(elem, &out.nonce)
 		}
 		// The container stays locked, as the sequential sender leaves
 		// it: GetOutboundElementsContainer resets the mutex.
 		out.bufs = peer.sendContainer(elemsContainer, out.bufs)
+		if device.inline.clock().Sub(start) > inlineSlowSend {
+			out.lastSlow = true
+			device.inline.slowSends.Add(1)
+		}
 		return
 	}
+	out.lastSlow = false
 	out.pending.Add(1)
 	device.inline.outPipeline.Add(1)
 	peer.queue.outbound.c <- elemsContainer
 	device.queue.encryption.c <- elemsContainer
+}
+
+func (d *deviceInline) clock() time.Time {
+	if d.now != nil {
+		return d.now()
+	}
+	return time.Now()
 }
 
 // dispatchInbound decrypts elemsContainer and writes it to the TUN, or

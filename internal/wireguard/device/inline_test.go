@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -43,7 +44,14 @@ type gatedBind struct {
 	mu      sync.Mutex
 	gate    chan struct{} // nil: open
 	blocked chan struct{} // receives once per Send that waits at the gate
+
+	// While slow, each Send moves clock (the sending device's, in
+	// nanoseconds) on by slowSend, as a send that blocks would.
+	slow  atomic.Bool
+	clock atomic.Int64
 }
+
+const slowSend = 2 * inlineSlowSend
 
 func (b *gatedBind) close() {
 	b.mu.Lock()
@@ -69,6 +77,9 @@ func (b *gatedBind) release() {
 }
 
 func (b *gatedBind) Send(bufs [][]byte, ep conn.Endpoint) error {
+	if b.slow.Load() {
+		b.clock.Add(int64(slowSend))
+	}
 	b.mu.Lock()
 	gate := b.gate
 	b.mu.Unlock()
@@ -94,6 +105,10 @@ func genGatedPair(tb testing.TB) (pair testPair, gate *gatedBind) {
 		p.tun = tuntest.NewChannelTUN()
 		p.ip = netip.AddrFrom4([4]byte{1, 0, 0, byte(i + 1)})
 		p.dev = NewDevice(p.tun.TUN(), binds[i], NewLogger(LogLevelError, fmt.Sprintf("dev%d: ", i)))
+		if i == 0 {
+			epoch := time.Now()
+			p.dev.inline.now = func() time.Time { return epoch.Add(time.Duration(gate.clock.Load())) }
+		}
 		if err := p.dev.IpcSet(cfg[i]); err != nil {
 			tb.Fatalf("configure device %d: %v", i, err)
 		}
@@ -309,5 +324,60 @@ func TestRunToCompletionConcurrentOrder(t *testing.T) {
 	st := a.dev.InlineStats()
 	if st.OutInline == before.OutInline || st.OutPipeline == before.OutPipeline {
 		t.Errorf("sender stats %+v, before %+v: want both paths used", st, before)
+	}
+}
+
+// TestRunToCompletionSlowSend: after an inline send that blocked, the
+// peer's next batch takes the pipeline (the TUN reader must not wait on one
+// peer's full relay queue while others have traffic), so do the batches
+// behind it while the pipeline is busy, all in order, and the peer runs
+// inline again once it has drained.
+func TestRunToCompletionSlowSend(t *testing.T) {
+	pair, gate := genGatedPair(t)
+	pair.Send(t, Ping, nil)
+	pair.Send(t, Pong, nil)
+	a, b := &pair[0], &pair[1]
+	peer := onlyPeer(t, a.dev)
+	a.dev.SetRunToCompletion(true)
+	waitZero(t, "after the handshake", &peer.inline.out.pending)
+
+	before := a.dev.InlineStats()
+	gate.slow.Store(true)
+	a.tun.Outbound <- seqPacket(a.ip, b.ip, 0, 200)
+	expectSeqs(t, b, 0, 1)
+	gate.slow.Store(false)
+	if st := a.dev.InlineStats(); st.SlowSends == before.SlowSends || st.OutInline == before.OutInline {
+		t.Fatalf("stats %+v, before %+v: want a slow inline send", st, before)
+	}
+
+	// The next batch takes the pipeline, where the sender now blocks, and
+	// the ones behind it follow.
+	const held = 10
+	gate.close()
+	before = a.dev.InlineStats()
+	for seq := uint32(1); seq <= held+1; seq++ {
+		a.tun.Outbound <- seqPacket(a.ip, b.ip, seq, 200)
+	}
+	// As in TestRunToCompletionOutboundBacklog, packets 1..held have been
+	// dispatched once the last send returned.
+	mid := a.dev.InlineStats()
+	if got := mid.OutInline - before.OutInline; got != 0 {
+		t.Errorf("%d batches inline right after a slow send", got)
+	}
+	if got := mid.OutPipeline - before.OutPipeline; got < held {
+		t.Errorf("%d batches took the pipeline after a slow send, want at least %d", got, held)
+	}
+	gate.open()
+	expectSeqs(t, b, 1, held+1)
+
+	waitZero(t, "after the slow send", &peer.inline.out.pending)
+	before = a.dev.InlineStats()
+	const after = 10
+	for seq := uint32(held + 2); seq < held+2+after; seq++ {
+		a.tun.Outbound <- seqPacket(a.ip, b.ip, seq, 200)
+	}
+	expectSeqs(t, b, held+2, after)
+	if got := a.dev.InlineStats().OutInline - before.OutInline; got < after {
+		t.Errorf("%d batches inline once the pipeline drained, want %d", got, after)
 	}
 }
