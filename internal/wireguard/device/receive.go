@@ -53,7 +53,7 @@ func (elem *QueueInboundElement) clearPointers() {
  *
  * NOTE: Not thread safe, but called by sequential receiver!
  */
-func (peer *Peer) keepKeyFreshReceiving(inline bool) {
+func (peer *Peer) keepKeyFreshReceiving(inline bool) { // meshd: inline, see sendAside
 	if peer.timers.sentLastMinuteHandshake.Load() {
 		return
 	}
@@ -530,7 +530,7 @@ func (peer *Peer) receiveContainer(elemsContainer *QueueInboundElementsContainer
 	peer.rxBytes.Add(rxBytesLen)
 	if validTailPacket >= 0 {
 		peer.SetEndpointFromPacket(elemsContainer.elems[validTailPacket].endpoint)
-		peer.keepKeyFreshReceiving(inline)
+		peer.keepKeyFreshReceiving(inline) // meshd: see sendAside
 		peer.timersAnyAuthenticatedPacketTraversal()
 		peer.timersAnyAuthenticatedPacketReceived()
 	}
