@@ -40,8 +40,9 @@ import (
  *
  * A send that blocks (a relay's queue full, a socket buffer full) would
  * hold up the TUN reader, and with it every other peer, where upstream
- * lets the peer's queue absorb it: after an inline send that took longer
- * than inlineSlowSend the peer's next batch takes the pipeline, and so do
+ * lets the peer's queue absorb it: after an inline send (the bind's Send,
+ * not the encryption) that took longer than inlineSlowSend the peer's next
+ * batch takes the pipeline, and so do
  * the batches behind it while the sequential sender is the one waiting.
  * The peer runs inline again once its pipeline has drained. A send that
  * only looked slow (the goroutine was preempted) costs one batch through
@@ -58,9 +59,12 @@ import (
 const inlineMaxProcs = 4
 
 // inlineSlowSend is the inline send after which the peer's next batch
-// takes the pipeline. A batch of 64 KB is encrypted and handed to the
-// kernel in well under a millisecond on one core.
-const inlineSlowSend = time.Millisecond
+// takes the pipeline. The kernel takes a batch of 64 KB in well under a
+// millisecond; a relay's full queue makes the sender wait for as long as
+// the relay takes to forward the batch (5 ms is 64 KB at 100 Mbit/s). Set
+// lower, a loaded machine's preemptions pass for slow sends (measured:
+// bench/throughput.md, "Run-to-completion lever").
+const inlineSlowSend = 5 * time.Millisecond
 
 func inlineByDefault() bool {
 	return runtime.GOMAXPROCS(0) <= inlineMaxProcs
@@ -134,12 +138,12 @@ func (peer *Peer) dispatchOutbound(elemsContainer *QueueOutboundElementsContaine
 	out := &peer.inline.out
 	if device.inline.enabled.Load() && out.pending.Load() == 0 && !out.lastSlow {
 		device.inline.outInline.Add(1)
-		start := device.inline.clock()
 		for _, elem := range elemsContainer.elems {
 			device.sealElem(elem, &out.nonce)
 		}
 		// The container stays locked, as the sequential sender leaves
 		// it: GetOutboundElementsContainer resets the mutex.
+		start := device.inline.clock()
 		out.bufs = peer.sendContainer(elemsContainer, out.bufs)
 		if device.inline.clock().Sub(start) > inlineSlowSend {
 			out.lastSlow = true
