@@ -20,9 +20,9 @@ import (
  * Upstream hands every batch through three goroutines per direction:
  * TUN reader -> encryption worker -> per-peer sequential sender, and UDP
  * receiver -> decryption worker -> per-peer sequential receiver. Each
- * hand-off wakes a goroutine, often on another thread. With few cores
- * those wake-ups (and the kernel context switches behind them) cost as
- * much CPU as the crypto they make parallel.
+ * hand-off wakes a goroutine, often on another thread, and hands the
+ * batch's data to another core's cache. With few cores there is no idle
+ * core for the parallel crypto to use, and the hand-offs are pure cost.
  *
  * Here the goroutine that holds a batch for a peer encrypts and sends it
  * (or decrypts it and writes it to the TUN) itself, when that peer has no
