@@ -13,7 +13,6 @@ import (
 	"syscall"
 	"time"
 
-	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun"
 	"golang.zx2c4.com/wireguard/tun/netstack"
 
@@ -23,6 +22,7 @@ import (
 	"meshd.dev/meshd/agent/tunwrap"
 	"meshd.dev/meshd/filter"
 	"meshd.dev/meshd/flowlog"
+	"meshd.dev/meshd/internal/wireguard/device"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -128,6 +128,14 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 	e.wrap = tunwrap.New(tdev, tunwrap.Config{Filter: cfg.filter, Peers: e.lazy, Logger: cfg.log, Flows: cfg.flows})
 	tdev = e.wrap
 	e.dev = device.NewDevice(tdev, devBind, wgLogger(cfg.log))
+	if cfg.tunName == TUNUserspace {
+		// gVisor answers a packet written to it on the writer's goroutine
+		// and waits for the TUN reader to take the answer; run to
+		// completion makes that writer the UDP receive goroutine, while the
+		// reader may be in the bind's Send: keep upstream's pipeline here
+		// (a first dial between two netstack nodes stalled, agent tests).
+		e.dev.SetRunToCompletion(false)
+	}
 	defer func() {
 		if err != nil {
 			e.close()

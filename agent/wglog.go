@@ -8,7 +8,8 @@ import (
 	"time"
 
 	"golang.org/x/time/rate"
-	"golang.zx2c4.com/wireguard/device"
+
+	"meshd.dev/meshd/internal/wireguard/device"
 )
 
 // wgLogger sends wireguard-go's logs to slog.
