@@ -267,7 +267,12 @@ func TestSilentPrimaryRouterReplaced(t *testing.T) {
 	r2, _ := routedNode(t, ts, key, "r2", "10.1.0.0/24")
 	cl, _ := routedNode(t, ts, key, "client")
 	ctx := context.Background()
-	cl.waitMap(t, "both routers", func(nm *netmap.NetworkMap) bool { return nm.Peers[r1.id] != nil && nm.Peers[r2.id] != nil })
+	// A router's routes arrive with its map request, after its join: wait
+	// for them, not just for the routers.
+	cl.waitMap(t, "both routers advertising", func(nm *netmap.NetworkMap) bool {
+		a, b := peerOf(nm, r1.id), peerOf(nm, r2.id)
+		return a != nil && b != nil && slices.Contains(a.AdvertisedRoutes, subnet) && slices.Contains(b.AdvertisedRoutes, subnet)
+	})
 	for _, r := range []*testNode{r1, r2} {
 		if err := ts.ApproveRoute(ctx, r.id, subnet); err != nil {
 			t.Fatal(err)
