@@ -115,7 +115,7 @@ func TestSessions(t *testing.T) {
 	}
 	stdin, _ := sess.StdinPipe()
 	stdout, _ := sess.StdoutPipe()
-	if err := sess.Start("stty size; read x; stty size; exit 4"); err != nil {
+	if err := sess.Start(`stty size; while read x; do s=$(stty size); echo "$s"; [ "$s" = "50 120" ] && exit 4; done`); err != nil {
 		t.Fatal(err)
 	}
 	br := bufio.NewReader(stdout)
@@ -125,11 +125,22 @@ func TestSessions(t *testing.T) {
 	if err := sess.WindowChange(50, 120); err != nil {
 		t.Fatal(err)
 	}
-	// The window change is a request; stdin data after it arrives later.
-	stdin.Write([]byte("\n"))
-	// ECHO off: the newline typed is not echoed, the next line is stty's.
-	if l, err := br.ReadString('\n'); err != nil || strings.TrimSpace(l) != "50 120" {
-		t.Fatalf("size after the change %q, %v", l, err)
+	// The window change is a channel request and stdin is channel data:
+	// the SSH library hands them to the server on separate paths, so a
+	// newline sent after the change may reach the shell first. Ask again
+	// until the new size shows; it must, and only these two sizes may.
+	// ECHO off: the newline typed is not echoed, each line is stty's.
+	for try := 0; ; try++ {
+		stdin.Write([]byte("\n"))
+		l, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("size after the change: %v", err)
+		}
+		if got := strings.TrimSpace(l); got == "50 120" {
+			break
+		} else if got != "40 100" || try == 1000 {
+			t.Fatalf("size after the change %q (try %d)", got, try)
+		}
 	}
 	if err := sess.Wait(); !errors.As(err, &ee) || ee.ExitStatus() != 4 {
 		t.Fatalf("pty exit: %v", err)
