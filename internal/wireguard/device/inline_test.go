@@ -345,10 +345,15 @@ func TestRunToCompletionSlowSend(t *testing.T) {
 	gate.slow.Store(true)
 	a.tun.Outbound <- seqPacket(a.ip, b.ip, 0, 200)
 	expectSeqs(t, b, 0, 1)
-	gate.slow.Store(false)
-	if st := a.dev.InlineStats(); st.SlowSends == before.SlowSends || st.OutInline == before.OutInline {
-		t.Fatalf("stats %+v, before %+v: want a slow inline send", st, before)
+	// The peer has the packet before the slow send returns and is counted.
+	deadline := time.Now().Add(10 * time.Second)
+	for st := a.dev.InlineStats(); st.SlowSends == before.SlowSends || st.OutInline == before.OutInline; st = a.dev.InlineStats() {
+		if time.Now().After(deadline) {
+			t.Fatalf("stats %+v, before %+v: want a slow inline send", st, before)
+		}
+		runtime.Gosched()
 	}
+	gate.slow.Store(false)
 
 	// The next batch takes the pipeline, where the sender now blocks, and
 	// the ones behind it follow.
