@@ -380,6 +380,50 @@ func TestUnauthenticatedConnectionsClosed(t *testing.T) {
 			}
 		})
 	})
+	t.Run("map stream of the node client (HTTP/1.1)", func(t *testing.T) {
+		// controlclient streams over HTTP/1.1, a connection of its own:
+		// the stream must outlive the handshake deadline and the request
+		// body's read deadline (connlimit.LimitBody), which on HTTP/1.1
+		// is the connection's.
+		t.Parallel()
+		synctest.Test(t, func(t *testing.T) {
+			e := setup(t)
+			c, err := controlclient.NewClient(controlclient.ClientOptions{
+				URL: e.ts.url, MachineKey: e.enrolled.mk, NodeKey: e.enrolled.nk, ServerPin: e.ts.Fingerprint(),
+				DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) { return e.ts.dial(ctx, "127.0.0.1") },
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() {
+				done <- c.Follow(ctx, netmap.MapRequest{NodeKey: e.enrolled.nk.Public(), DiscoKey: e.enrolled.dk.Public()}, func(*netmap.NetworkMap) {})
+			}()
+			session := func() *session {
+				e.ts.hub.mu.Lock()
+				defer e.ts.hub.mu.Unlock()
+				if ss := e.ts.hub.sessions[netmap.NodeID(1)]; len(ss) == 1 {
+					return ss[0]
+				}
+				return nil
+			}
+			synctest.Wait()
+			first := session()
+			if first == nil {
+				t.Fatal("no map stream open")
+			}
+			time.Sleep(2 * max(hs, connlimit.DefaultBodyTimeout))
+			if now := session(); now != first {
+				t.Fatalf("the stream was replaced (%p, then %p) within %v", first, now, 2*max(hs, connlimit.DefaultBodyTimeout))
+			}
+			cancel()
+			if err := <-done; !errors.Is(err, context.Canceled) {
+				t.Fatalf("Follow: %v", err)
+			}
+		})
+	})
 	t.Run("embedded relay client", func(t *testing.T) {
 		t.Parallel()
 		synctest.Test(t, func(t *testing.T) {

@@ -7,7 +7,7 @@ import (
 )
 
 // tenantHub is benchHub with every node in one of 100 tenants.
-func tenantHub(b *testing.B, n int) *hub {
+func tenantHub(b testing.TB, n int) *hub {
 	h := benchHub(n)
 	for id, nd := range h.nodes {
 		nd.Tags = []string{fmt.Sprintf("tag:tenant%d", int(id)%100)}

@@ -274,14 +274,18 @@ func (s *Server) applyPolicy(ctx context.Context, file string, data []byte, stri
 		return PolicyInfo{}, errors.New("coordinator is shutting down")
 	}
 	now := s.now().UTC()
+	began := time.Now()
 	diff := s.policyDiff(ctx, p)
+	diffed := time.Now()
 	// Store first: a policy in force that would not survive a restart
 	// would be a lie.
 	if err := s.store.SetPolicy(ctx, store.Policy{File: file, Data: data, Updated: now}); err != nil {
 		return PolicyInfo{}, err
 	}
+	stored := time.Now()
 	info := infoFor(p, file, data, now)
 	removed, err := s.installPolicy(ctx, policy.NewEngine(p), info)
+	installed := time.Now()
 	if err != nil {
 		// The policy is stored and in force; say loudly what is not done.
 		s.log.Error("policy set, but re-checking the tags nodes gave themselves failed", "file", file, "err", err)
@@ -290,7 +294,9 @@ func (s *Server) applyPolicy(ctx context.Context, file string, data []byte, stri
 	info.ConnectedNodes = s.hub.connected()
 	info.TagsRemoved = removed
 	s.log.Info("policy set", "file", file, "rules", info.Rules, "tests", info.Tests, "sha256", info.SHA256[:12],
-		"connected_nodes", info.ConnectedNodes, "nodes_lost_tags", len(removed))
+		"connected_nodes", info.ConnectedNodes, "nodes_lost_tags", len(removed),
+		"diff", diffed.Sub(began).Round(time.Microsecond), "store", stored.Sub(diffed).Round(time.Microsecond),
+		"install", installed.Sub(stored).Round(time.Microsecond))
 	s.logWarnings(info)
 	s.audit(ctx, nil, AuditPolicySet, file, policyAudit(info, diff))
 	return info, nil

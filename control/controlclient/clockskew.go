@@ -12,7 +12,11 @@ import (
 // and the tailnet CA's certificates are judged on the coordinator's clock.
 type skewTransport struct {
 	rt http.RoundTripper
+	r  *skewReading
+}
 
+// skewReading is the last reading of the coordinator's clock.
+type skewReading struct {
 	mu   sync.Mutex
 	skew time.Duration // coordinator's clock minus ours
 	at   time.Time     // when skew was measured; zero: never
@@ -26,7 +30,7 @@ func (t *skewTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	got := time.Now()
 	if d, perr := http.ParseTime(resp.Header.Get("Date")); perr == nil {
-		t.note(d, sent, got)
+		t.r.note(d, sent, got)
 	}
 	return resp, nil
 }
@@ -35,7 +39,7 @@ func (t *skewTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 // sent at sent and answered at got. The reading was taken somewhere in
 // between and truncated to the second, so only the part of the difference
 // beyond that uncertainty counts as skew.
-func (t *skewTransport) note(d, sent, got time.Time) {
+func (t *skewReading) note(d, sent, got time.Time) {
 	var skew time.Duration
 	switch {
 	case d.Add(time.Second).Before(sent):

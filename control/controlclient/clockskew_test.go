@@ -24,7 +24,7 @@ func TestClockSkew(t *testing.T) {
 		// least 59.4s behind.
 		{"coordinator behind", sent.Add(-time.Minute).Truncate(time.Second), -59400 * time.Millisecond},
 	} {
-		var tr skewTransport
+		var tr skewReading
 		tr.note(tt.date, sent, got)
 		if tr.skew != tt.want || tr.at != got {
 			t.Errorf("%s: skew %v at %v, want %v", tt.name, tr.skew, tr.at, tt.want)
