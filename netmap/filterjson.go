@@ -1,10 +1,14 @@
 package netmap
 
 import (
+	"bytes"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"net/netip"
+	"slices"
 	"strconv"
+	"sync"
 	"unicode/utf8"
 )
 
@@ -36,20 +40,18 @@ func AppendFilterJSON(b []byte, f []FilterRule) ([]byte, error) {
 
 // AppendJSON appends r's JSON encoding to b, as AppendFilterJSON.
 func (r FilterRule) AppendJSON(b []byte) ([]byte, error) {
+	return r.appendJSON(b, nil)
+}
+
+func (r FilterRule) appendJSON(b []byte, e *FilterEncoder) ([]byte, error) {
 	b = append(b, `{"src_ips":`...)
-	if r.SrcIPs == nil {
+	switch {
+	case r.SrcIPs == nil:
 		b = append(b, "null"...)
-	} else {
-		b = append(b, '[')
-		for i, p := range r.SrcIPs {
-			if i > 0 {
-				b = append(b, ',')
-			}
-			b = append(b, '"')
-			b = p.AppendTo(b)
-			b = append(b, '"')
-		}
-		b = append(b, ']')
+	case e != nil && len(r.SrcIPs) >= minSharedSrcs:
+		b = e.appendSrcs(b, r.SrcIPs)
+	default:
+		b = appendPrefixList(b, r.SrcIPs)
 	}
 	b = append(b, `,"dst_ports":`...)
 	if r.DstPorts == nil {
@@ -107,4 +109,85 @@ func appendJSONString(b []byte, s string) []byte {
 	b = append(b, '"')
 	b = append(b, s...)
 	return append(b, '"')
+}
+
+func appendPrefixList(b []byte, ps []netip.Prefix) []byte {
+	b = append(b, '[')
+	for i, p := range ps {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = append(b, '"')
+		b = p.AppendTo(b)
+		b = append(b, '"')
+	}
+	return append(b, ']')
+}
+
+// FilterEncoder writes what AppendFilterJSON writes, remembering the JSON
+// of the source lists it wrote. A policy engine hands every node a rule
+// applies to the same source slice (a tenant's hundred members' addresses,
+// say), and only the destinations (the node's own addresses) differ; so on
+// a join, a leave or a policy change, when the filters of a whole tenant
+// are encoded, the sources are formatted once, not once per node. Lists
+// are known by their backing array and checked against a copy before
+// their JSON is reused, so a list changed in place is encoded anew: reuse
+// never depends on the caller's discipline. The zero value is ready; it is
+// safe for concurrent use.
+type FilterEncoder struct {
+	mu   sync.Mutex
+	srcs map[*netip.Prefix]*sharedSrcs
+}
+
+type sharedSrcs struct {
+	ps   []netip.Prefix // a copy of the list encoded
+	json []byte
+}
+
+const (
+	// minSharedSrcs: shorter source lists are formatted each time, as
+	// cheap as the lookup.
+	minSharedSrcs = 8
+	// maxSharedSrcs bounds the lists remembered; past it the memory
+	// starts over. Joins and leaves replace a rule's list, so old ones
+	// pile up until then.
+	maxSharedSrcs = 1024
+)
+
+// Append appends f's JSON encoding to b, as AppendFilterJSON.
+func (e *FilterEncoder) Append(b []byte, f []FilterRule) ([]byte, error) {
+	if f == nil {
+		return append(b, "null"...), nil
+	}
+	b = append(b, '[')
+	for i := range f {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		var err error
+		if b, err = f[i].appendJSON(b, e); err != nil {
+			return nil, err
+		}
+	}
+	return append(b, ']'), nil
+}
+
+func (e *FilterEncoder) appendSrcs(b []byte, ps []netip.Prefix) []byte {
+	key := &ps[0]
+	e.mu.Lock()
+	s := e.srcs[key]
+	e.mu.Unlock()
+	if s != nil && slices.Equal(s.ps, ps) {
+		return append(b, s.json...)
+	}
+	start := len(b)
+	b = appendPrefixList(b, ps)
+	s = &sharedSrcs{ps: slices.Clone(ps), json: bytes.Clone(b[start:])}
+	e.mu.Lock()
+	if e.srcs == nil || len(e.srcs) >= maxSharedSrcs {
+		e.srcs = make(map[*netip.Prefix]*sharedSrcs)
+	}
+	e.srcs[key] = s
+	e.mu.Unlock()
+	return b
 }

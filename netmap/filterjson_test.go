@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"net/netip"
+	"slices"
 	"testing"
 )
 
@@ -76,6 +77,19 @@ func FuzzFilterRuleJSON(f *testing.F) {
 		if !bytes.Equal(got, want) {
 			t.Fatalf("encoded\n%s\nwant\n%s", got, want)
 		}
+		// A list long enough for FilterEncoder to remember, encoded twice
+		// (the second time from memory).
+		long := []FilterRule{r}
+		long[0].SrcIPs = slices.Repeat([]netip.Prefix{p}, minSharedSrcs)
+		if want, err = json.Marshal(long); err != nil {
+			t.Skip("not encodable by encoding/json either")
+		}
+		var e FilterEncoder
+		for range 2 {
+			if got, err = e.Append(nil, long); err != nil || !bytes.Equal(got, want) {
+				t.Fatalf("FilterEncoder: %v\n%s\nwant\n%s", err, got, want)
+			}
+		}
 	})
 }
 
@@ -102,4 +116,67 @@ func BenchmarkFilterJSON(b *testing.B) {
 			buf, _ = AppendFilterJSON(buf[:0], f)
 		}
 	})
+	b.Run("FilterEncoder", func(b *testing.B) {
+		// The sources shared by every node of the tenant: what a policy
+		// engine hands out.
+		var e FilterEncoder
+		var buf []byte
+		b.ReportAllocs()
+		for b.Loop() {
+			buf, _ = e.Append(buf[:0], f)
+		}
+	})
+}
+
+// TestFilterEncoder: the encoder writes what encoding/json writes, reuses
+// a shared source list's JSON, and encodes anew a list that was changed
+// in place, shortened, or is another list with equal contents.
+func TestFilterEncoder(t *testing.T) {
+	srcs := func(n int, third byte) []netip.Prefix {
+		var ps []netip.Prefix
+		for i := range n {
+			ps = append(ps, netip.PrefixFrom(netip.AddrFrom4([4]byte{100, 64, third, byte(i)}), 32))
+		}
+		return ps
+	}
+	shared := srcs(20, 0)
+	rule := func(ps []netip.Prefix, dst byte) []FilterRule {
+		return []FilterRule{
+			{SrcIPs: ps, DstPorts: []NetPortRange{{Net: netip.PrefixFrom(netip.AddrFrom4([4]byte{100, 64, 9, dst}), 32), Ports: AllPorts}}, Origin: "p:1"},
+			{SrcIPs: srcs(3, 7), DstPorts: []NetPortRange{}}, // short: not remembered
+		}
+	}
+	var e FilterEncoder
+	check := func(step string, f []FilterRule) {
+		t.Helper()
+		want, err := json.Marshal(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := e.Append([]byte("x"), f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got[1:], want) || got[0] != 'x' {
+			t.Fatalf("%s: encoded\n%s\nwant x + (encoding/json)\n%s", step, got, want)
+		}
+	}
+	check("first node", rule(shared, 1))
+	check("second node, same sources", rule(shared, 2))
+	if len(e.srcs) != 1 {
+		t.Fatalf("%d source lists remembered; want the shared one only", len(e.srcs))
+	}
+	shared[5] = netip.MustParsePrefix("10.9.9.9/32")
+	check("sources changed in place", rule(shared, 3))
+	check("sources shortened", rule(shared[:10], 4))
+	check("equal copy", rule(slices.Clone(shared), 5))
+	check("nil and empty", []FilterRule{{}, {SrcIPs: []netip.Prefix{}}})
+	check("nil filter", nil)
+
+	for i := range maxSharedSrcs + 10 {
+		check("many lists", rule(srcs(10, byte(i)), 1))
+	}
+	if len(e.srcs) > maxSharedSrcs {
+		t.Fatalf("%d source lists remembered; the bound is %d", len(e.srcs), maxSharedSrcs)
+	}
 }

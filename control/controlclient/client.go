@@ -524,6 +524,18 @@ func permanent(err error) bool {
 // ErrNotAuthorized (the node waits for an admin's approval; call Follow
 // again to keep waiting).
 func (c *Client) Follow(ctx context.Context, req netmap.MapRequest, fn func(*netmap.NetworkMap)) error {
+	return c.follow(ctx, req, func(nm *netmap.NetworkMap) { fn(nm.Clone()) })
+}
+
+// FollowView is Follow for a caller that only looks: fn is given the
+// client's own map, valid only until fn returns and never to be modified,
+// which saves a copy of the whole map per update (bench/hascale follows
+// thousands of streams in one process).
+func (c *Client) FollowView(ctx context.Context, req netmap.MapRequest, fn func(*netmap.NetworkMap)) error {
+	return c.follow(ctx, req, fn)
+}
+
+func (c *Client) follow(ctx context.Context, req netmap.MapRequest, fn func(*netmap.NetworkMap)) error {
 	if req.Version == 0 {
 		req.Version = netmap.ProtocolVersion
 	}
@@ -655,6 +667,6 @@ func (c *Client) followOnce(ctx context.Context, req netmap.MapRequest, nm *netm
 		if mr.KeepAlive && !mr.Full {
 			continue
 		}
-		fn(nm.Clone())
+		fn(nm)
 	}
 }

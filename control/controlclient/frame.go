@@ -1,11 +1,13 @@
 package controlclient
 
 import (
+	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 
 	"meshd.dev/meshd/netmap"
 )
@@ -23,12 +25,23 @@ const FrameHeaderLen = 4
 // written by netmap.AppendFilterJSON (4x faster than encoding/json, no
 // allocation per address). The epoch and version stay the first fields.
 func MarshalResponse(resp *netmap.MapResponse) ([]byte, error) {
+	return MarshalResponseWith(resp, nil)
+}
+
+// MarshalResponseWith is MarshalResponse with the packet filter written by
+// e (nil: netmap.AppendFilterJSON), which remembers source lists shared
+// by many nodes' filters.
+func MarshalResponseWith(resp *netmap.MapResponse, e *netmap.FilterEncoder) ([]byte, error) {
+	return appendResponse(nil, resp, e)
+}
+
+func appendResponse(b []byte, resp *netmap.MapResponse, e *netmap.FilterEncoder) ([]byte, error) {
 	if resp.PacketFilter == nil {
 		body, err := json.Marshal(resp)
 		if err != nil {
 			return nil, fmt.Errorf("encode map response: %w", err)
 		}
-		return body, nil
+		return append(b, body...), nil
 	}
 	r := *resp
 	r.PacketFilter = nil
@@ -37,25 +50,50 @@ func MarshalResponse(resp *netmap.MapResponse) ([]byte, error) {
 		return nil, fmt.Errorf("encode map response: %w", err)
 	}
 	// head is an object with at least the epoch: never "{}".
-	body := append(head[:len(head)-1], `,"packet_filter":`...)
-	if body, err = netmap.AppendFilterJSON(body, *resp.PacketFilter); err != nil {
+	b = append(b, head[:len(head)-1]...)
+	b = append(b, `,"packet_filter":`...)
+	if b, err = e.Append(b, *resp.PacketFilter); err != nil {
 		return nil, fmt.Errorf("encode map response: packet filter: %w", err)
 	}
-	return append(body, '}'), nil
+	return append(b, '}'), nil
 }
 
 // EncodeFrame returns resp as one map stream frame.
 func EncodeFrame(resp *netmap.MapResponse) ([]byte, error) {
-	body, err := MarshalResponse(resp)
+	return EncodeFrameWith(resp, nil)
+}
+
+// scratch holds the buffers frames are built in before they are copied
+// to their exact size: the frames stay queued to slow sessions, and
+// append's doubling would leave up to half of each unused.
+var scratch = sync.Pool{New: func() any { return new([]byte) }}
+
+// maxScratch is the largest buffer put back in the pool: a rare huge full
+// map must not pin its buffer.
+const maxScratch = 256 << 10
+
+// EncodeFrameWith is EncodeFrame with the packet filter written by e (see
+// MarshalResponseWith).
+func EncodeFrameWith(resp *netmap.MapResponse, e *netmap.FilterEncoder) ([]byte, error) {
+	bp := scratch.Get().(*[]byte)
+	defer func() {
+		if cap(*bp) <= maxScratch {
+			scratch.Put(bp)
+		}
+	}()
+	b, err := appendResponse(append((*bp)[:0], 0, 0, 0, 0), resp, e)
+	if b != nil {
+		*bp = b
+	}
 	if err != nil {
 		return nil, err
 	}
-	if len(body) > netmap.MaxMessageSize {
-		return nil, fmt.Errorf("map response of %d bytes exceeds the %d byte limit", len(body), netmap.MaxMessageSize)
+	body := len(b) - FrameHeaderLen
+	if body > netmap.MaxMessageSize {
+		return nil, fmt.Errorf("map response of %d bytes exceeds the %d byte limit", body, netmap.MaxMessageSize)
 	}
-	out := make([]byte, FrameHeaderLen, FrameHeaderLen+len(body))
-	binary.BigEndian.PutUint32(out, uint32(len(body)))
-	return append(out, body...), nil
+	binary.BigEndian.PutUint32(b, uint32(body))
+	return bytes.Clone(b), nil
 }
 
 // errFrameTooLarge is returned for a frame whose header announces more than
