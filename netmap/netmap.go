@@ -340,14 +340,17 @@ func DecodeMapResponse(data []byte) (*MapResponse, error) {
 	if len(data) > MaxMessageSize {
 		return nil, fmt.Errorf("map response: %d bytes exceeds the %d byte limit", len(data), MaxMessageSize)
 	}
-	var r MapResponse
-	if err := decodeStrict(data, &r); err != nil {
-		return nil, fmt.Errorf("map response: %w", err)
+	r, ok := decodeFilterTailFast(data)
+	if !ok {
+		r = new(MapResponse)
+		if err := decodeStrict(data, r); err != nil {
+			return nil, fmt.Errorf("map response: %w", err)
+		}
 	}
 	if err := r.Validate(); err != nil {
 		return nil, err
 	}
-	return &r, nil
+	return r, nil
 }
 
 // decodeStrict decodes exactly one JSON value, refusing trailing data. Unknown
