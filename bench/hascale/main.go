@@ -40,17 +40,18 @@ func main() {
 }
 
 type config struct {
-	urls        []string
-	token       string
-	pids        []int
-	nodes       int
-	tenants     int
-	rounds      int
-	churnRate   int
-	churnFor    time.Duration
-	ephTimeout  time.Duration
-	concurrency int
-	failover    bool
+	urls         []string
+	token        string
+	pids         []int
+	nodes        int
+	tenants      int
+	rounds       int
+	churnRate    int
+	churnFor     time.Duration
+	churnTenants int
+	ephTimeout   time.Duration
+	concurrency  int
+	failover     bool
 }
 
 func run() error {
@@ -63,6 +64,7 @@ func run() error {
 	flag.IntVar(&c.rounds, "policy-rounds", 5, "policy changes to time")
 	flag.IntVar(&c.churnRate, "churn-rate", 100, "ephemeral joins (and as many leaves) per second")
 	flag.DurationVar(&c.churnFor, "churn-for", 10*time.Second, "how long to churn")
+	flag.IntVar(&c.churnTenants, "churn-tenants", 0, "tenants the ephemeral nodes join, in turn (1: all into tenant 0, the hottest case); 0: every tenant")
 	flag.DurationVar(&c.ephTimeout, "ephemeral-timeout", 2*time.Second, "the coordinators' --ephemeral-timeout")
 	flag.IntVar(&c.concurrency, "concurrency", 16, "registrations in flight while connecting the fleet")
 	flag.BoolVar(&c.failover, "failover", false, "at the end, kill (SIGKILL) the first coordinator of -pids and time every node holding a policy change made on the second")
@@ -84,12 +86,16 @@ func run() error {
 	if c.tenants == 0 {
 		c.tenants = max(1, c.nodes/100)
 	}
+	if c.churnTenants <= 0 || c.churnTenants > c.tenants {
+		c.churnTenants = c.tenants
+	}
 	return bench(context.Background(), c)
 }
 
 // sim is one simulated node.
 type sim struct {
 	id     netmap.NodeID
+	tenant int
 	addr   netmap.NodeID
 	home   int // index of the coordinator it streams from
 	client *controlclient.Client
@@ -227,6 +233,31 @@ func rssKB(pid int) int {
 	return 0
 }
 
+// cpuSeconds is the CPU time (user and system) the processes pids have
+// used, from /proc (clock ticks of 1/100 s, Linux's USER_HZ); pid 0 is
+// this process.
+func cpuSeconds(pids ...int) float64 {
+	var ticks int
+	for _, pid := range pids {
+		path := fmt.Sprintf("/proc/%d/stat", pid)
+		if pid == 0 {
+			path = "/proc/self/stat"
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			continue
+		}
+		// The command name may hold spaces: fields count from its ')'.
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+		if len(f) > 12 {
+			u, _ := strconv.Atoi(f[11])
+			s, _ := strconv.Atoi(f[12])
+			ticks += u + s
+		}
+	}
+	return float64(ticks) / 100
+}
+
 func percentile(d []time.Duration, p float64) time.Duration {
 	if len(d) == 0 {
 		return 0
@@ -256,9 +287,13 @@ func bench(ctx context.Context, c config) error {
 		}
 		keys[t] = k.Key
 	}
-	eph, err := admin.CreateAuthKey(ctx, control.AuthKeyOptions{Reusable: true, Preauthorized: true, Ephemeral: true, Tags: []string{"tag:t0"}})
-	if err != nil {
-		return fmt.Errorf("create ephemeral key: %w", err)
+	eph := make([]string, c.churnTenants)
+	for t := range eph {
+		k, err := admin.CreateAuthKey(ctx, control.AuthKeyOptions{Reusable: true, Preauthorized: true, Ephemeral: true, Tags: []string{fmt.Sprintf("tag:t%d", t)}})
+		if err != nil {
+			return fmt.Errorf("create ephemeral key: %w", err)
+		}
+		eph[t] = k.Key
 	}
 	rss0 := make([]int, len(c.pids))
 	for i, p := range c.pids {
@@ -269,6 +304,7 @@ func bench(ctx context.Context, c config) error {
 	fmt.Printf("coordinators: %d, nodes: %d, tenants: %d (nodes see only their tenant: %d peers each)\n", len(c.urls), c.nodes, c.tenants, c.nodes/c.tenants-1)
 	sims := make([]*sim, c.nodes)
 	t0 := time.Now()
+	cpu0, self0 := cpuSeconds(c.pids...), cpuSeconds(0)
 	var next atomic.Int64
 	var wg sync.WaitGroup
 	var firstErr atomic.Value
@@ -298,6 +334,7 @@ func bench(ctx context.Context, c config) error {
 					firstErr.CompareAndSwap(nil, fmt.Errorf("node %d: %w", i, err))
 					return
 				}
+				s.tenant = i % c.tenants
 				sims[i] = s
 			}
 		})
@@ -308,6 +345,8 @@ func bench(ctx context.Context, c config) error {
 	}
 	connect := time.Since(t0)
 	fmt.Printf("connect: %d nodes registered and holding a full map in %v (%.0f nodes/s, %d registrations retried)\n", c.nodes, connect.Round(time.Millisecond), float64(c.nodes)/connect.Seconds(), retries.Load())
+	cpu1, self1 := cpuSeconds(c.pids...), cpuSeconds(0)
+	fmt.Printf("cpu: connect: coordinators %.1fs (%.2f ms per node), this simulator %.1fs\n", cpu1-cpu0, (cpu1-cpu0)*1000/float64(c.nodes), self1-self0)
 	time.Sleep(2 * time.Second) // let online patches settle before measuring memory
 	for i, p := range c.pids {
 		per := len(c.urls)
@@ -322,6 +361,7 @@ func bench(ctx context.Context, c config) error {
 	// Policy fan-out.
 	for r := 1; r <= c.rounds; r++ {
 		start := time.Now()
+		cpu0, self0 := cpuSeconds(c.pids...), cpuSeconds(0)
 		if _, err := admin.SetPolicy(ctx, "bench.hujson", []byte(policyText(c.tenants, r))); err != nil {
 			return fmt.Errorf("set policy round %d: %w", r, err)
 		}
@@ -358,25 +398,33 @@ func bench(ctx context.Context, c config) error {
 				line += fmt.Sprintf("; via %s: max %v", c.urls[i], percentile(l, 1).Round(time.Millisecond))
 			}
 		}
+		line += fmt.Sprintf("; cpu: coordinators %.2fs, simulator %.2fs", cpuSeconds(c.pids...)-cpu0, cpuSeconds(0)-self0)
 		fmt.Println(line)
 	}
 
-	// Ephemeral churn: joins at churnRate per second, each leaving about
-	// a second after its first map; tenant 0's nodes watch.
+	// Ephemeral churn: joins at churnRate per second into the first
+	// churnTenants tenants in turn, each leaving about a second after its
+	// first map; 100 nodes of those tenants watch (sim i is in tenant
+	// i%tenants).
 	var watchers []*sim
-	for i := 0; i < len(sims); i += c.tenants {
-		watchers = append(watchers, sims[i]) // i%tenants == 0: tenant 0
-		sims[i].watch.Store(true)
+	perTenant := max(1, 100/c.churnTenants)
+	for t := range c.churnTenants {
+		for i := t; i < len(sims) && i < t+perTenant*c.tenants; i += c.tenants {
+			watchers = append(watchers, sims[i])
+			sims[i].watch.Store(true)
+		}
 	}
 	type joined struct {
-		id  netmap.NodeID
-		err error
-		lat time.Duration // from the join's start to holding its first map
+		id     netmap.NodeID
+		tenant int
+		err    error
+		lat    time.Duration // from the join's start to holding its first map
 	}
 	var mu sync.Mutex
 	var joins []joined
 	tick := time.NewTicker(time.Second / time.Duration(c.churnRate))
 	churnStart := time.Now()
+	churnCPU, churnSelf := cpuSeconds(c.pids...), cpuSeconds(0)
 	var cw sync.WaitGroup
 	n := 0
 	for time.Since(churnStart) < c.churnFor {
@@ -389,7 +437,7 @@ func bench(ctx context.Context, c config) error {
 			i := n
 			cw.Go(func() {
 				t0 := time.Now()
-				s, err := start(ctx, c.urls, i%len(c.urls), eph.Key, fmt.Sprintf("eph-%d", i))
+				s, err := start(ctx, c.urls, i%len(c.urls), eph[i%c.churnTenants], fmt.Sprintf("eph-%d", i))
 				if err != nil {
 					mu.Lock()
 					joins = append(joins, joined{err: err})
@@ -403,7 +451,7 @@ func bench(ctx context.Context, c config) error {
 					return
 				}
 				mu.Lock()
-				joins = append(joins, joined{id: s.id, lat: time.Since(t0)})
+				joins = append(joins, joined{id: s.id, tenant: i % c.churnTenants, lat: time.Since(t0)})
 				mu.Unlock()
 				time.Sleep(time.Second)
 				s.stop()
@@ -414,7 +462,7 @@ func bench(ctx context.Context, c config) error {
 	cw.Wait()
 	churn := time.Since(churnStart)
 	failed := 0
-	ids := map[netmap.NodeID]bool{}
+	ids := map[netmap.NodeID]int{} // tenant
 	dups := 0
 	var lats []time.Duration
 	for _, j := range joins {
@@ -426,12 +474,13 @@ func bench(ctx context.Context, c config) error {
 			continue
 		}
 		lats = append(lats, j.lat)
-		if ids[j.id] {
+		if _, ok := ids[j.id]; ok {
 			dups++
 		}
-		ids[j.id] = true
+		ids[j.id] = j.tenant
 	}
-	// Every watcher must have seen every ephemeral node (no lost join),
+	// Every watcher must have seen every ephemeral node of its tenant (no
+	// lost join),
 	// and they must all be gone after the ephemeral timeout.
 	// Changes may still be on their way when the last leave returns:
 	// wait (up to a minute) for every watcher to have seen every join.
@@ -441,8 +490,8 @@ func bench(ctx context.Context, c config) error {
 		missed = 0
 		for _, w := range watchers {
 			w.mu.Lock()
-			for id := range ids {
-				if !w.peers[id] {
+			for id, t := range ids {
+				if t == w.tenant && !w.peers[id] {
 					missed++
 				}
 			}
@@ -466,6 +515,10 @@ func bench(ctx context.Context, c config) error {
 			break
 		}
 		time.Sleep(500 * time.Millisecond)
+	}
+	if joined := len(ids); joined > 0 {
+		cpu := cpuSeconds(c.pids...) - churnCPU
+		fmt.Printf("cpu: churn (joins, leaves and reaping): coordinators %.1fs (%.1f ms per join and leave), this simulator %.1fs\n", cpu, cpu*1000/float64(joined), cpuSeconds(0)-churnSelf)
 	}
 	fmt.Printf("churn: %d joins offered in %v (%.0f/s); join to first map p50 %v p99 %v max %v\n", n, c.churnFor,
 		float64(n)/c.churnFor.Seconds(), percentile(lats, 0.5).Round(time.Millisecond), percentile(lats, 0.99).Round(time.Millisecond), percentile(lats, 1).Round(time.Millisecond))

@@ -59,7 +59,8 @@ type ClientOptions struct {
 
 // Client is a node's connection to the coordinator. Its methods are safe for
 // concurrent use. Requests share one HTTP/2 connection; the map stream has
-// an HTTP/1.1 connection of its own (see streamTransport).
+// an HTTP/1.1 connection of its own (see streamTransport), which a
+// registration opens for it.
 type Client struct {
 	bases      []*url.URL // the coordinator's replicas, in the order given
 	log        *slog.Logger
@@ -267,7 +268,7 @@ func (c *Client) SetNodeKey(k netmap.NodePrivate) {
 // proveNodeKey fetches a challenge and answers it with the private half of
 // nk. It returns nil (no proof, no error) when the client does not hold
 // nk: the coordinator then says what is missing.
-func (c *Client) proveNodeKey(ctx context.Context, nk netmap.NodePublic) (*netmap.NodeKeyProof, error) {
+func (c *Client) proveNodeKey(ctx context.Context, hc *http.Client, nk netmap.NodePublic) (*netmap.NodeKeyProof, error) {
 	c.mu.Lock()
 	priv := c.nodeKey
 	c.mu.Unlock()
@@ -275,7 +276,7 @@ func (c *Client) proveNodeKey(ctx context.Context, nk netmap.NodePublic) (*netma
 		return nil, nil
 	}
 	var ch netmap.Challenge
-	if err := c.do(ctx, ChallengePath, netmap.ChallengeRequest{Version: netmap.ProtocolVersion}, &ch); err != nil {
+	if err := c.doOn(ctx, hc, ChallengePath, netmap.ChallengeRequest{Version: netmap.ProtocolVersion}, &ch); err != nil {
 		return nil, fmt.Errorf("node key challenge: %w", err)
 	}
 	return SealNodeKeyProof(priv, c.mk, &ch)
@@ -304,15 +305,18 @@ func (c *Client) Register(ctx context.Context, req netmap.RegisterRequest) (*net
 		c.pin = fp
 		c.mu.Unlock()
 	}
+	// Over the stream's transport: the map stream that follows a
+	// registration then reuses its connection, and a joining node costs
+	// the coordinator one TLS handshake, not two.
 	if req.NodeKeyProof == nil {
-		p, err := c.proveNodeKey(ctx, req.NodeKey)
+		p, err := c.proveNodeKey(ctx, c.streamHC, req.NodeKey)
 		if err != nil {
 			return nil, fmt.Errorf("register with %s: %w", c.base().Host, err)
 		}
 		req.NodeKeyProof = p
 	}
 	var resp netmap.RegisterResponse
-	if err := c.do(ctx, "/machine/register", req, &resp); err != nil {
+	if err := c.doOn(ctx, c.streamHC, "/machine/register", req, &resp); err != nil {
 		return nil, fmt.Errorf("register with %s: %w", c.base().Host, err)
 	}
 	if resp.ServerKey != c.ServerPin() {
@@ -352,7 +356,7 @@ func (c *Client) Update(ctx context.Context, req netmap.MapRequest) error {
 	err := c.do(ctx, "/machine/map", req, &struct{}{})
 	if needsProof(err, req.NodeKeyProof) {
 		// A new node key: the coordinator publishes it only with a proof.
-		if p, perr := c.proveNodeKey(ctx, req.NodeKey); perr != nil {
+		if p, perr := c.proveNodeKey(ctx, c.hc, req.NodeKey); perr != nil {
 			err = perr
 		} else if p != nil {
 			req.NodeKeyProof = p
@@ -426,10 +430,15 @@ func unreachable(err error) bool {
 // do sends a request to the replica in use, and to each of the others in
 // turn while the one asked cannot be reached.
 func (c *Client) do(ctx context.Context, path string, in, out any) error {
+	return c.doOn(ctx, c.hc, path, in, out)
+}
+
+// doOn is do over hc (c.hc or c.streamHC).
+func (c *Client) doOn(ctx context.Context, hc *http.Client, path string, in, out any) error {
 	var err error
 	for range c.bases {
 		u := c.base()
-		err = DoJSON(ctx, c.hc, http.MethodPost, u.JoinPath(path).String(), "", in, out, c.pinErr)
+		err = DoJSON(ctx, hc, http.MethodPost, u.JoinPath(path).String(), "", in, out, c.pinErr)
 		if !unreachable(err) || ctx.Err() != nil {
 			return err
 		}
@@ -610,7 +619,7 @@ func (c *Client) followOnce(ctx context.Context, req netmap.MapRequest, nm *netm
 	resp, err := c.openStream(ctx, req)
 	if needsProof(err, req.NodeKeyProof) {
 		// A new node key: the coordinator publishes it only with a proof.
-		p, perr := c.proveNodeKey(ctx, req.NodeKey)
+		p, perr := c.proveNodeKey(ctx, c.streamHC, req.NodeKey)
 		switch {
 		case perr != nil:
 			err = perr
