@@ -53,7 +53,13 @@ type ServerOptions struct {
 	// KeepAliveInterval is the idle time after which a map stream carries a
 	// keep-alive (default 20s).
 	KeepAliveInterval time.Duration
-	DERPMap           *netmap.DERPMap
+	// DeadConnTimeout is how long data the coordinator sent may stay
+	// unacknowledged before the kernel drops the connection
+	// (TCP_USER_TIMEOUT, Linux; default DefaultDeadConnTimeout). With the
+	// keep-alives it bounds how long a node that vanished without closing
+	// its connection (power loss, a cut link) stays online.
+	DeadConnTimeout time.Duration
+	DERPMap         *netmap.DERPMap
 	// DNS is the tailnet's name service. A zero Suffix means
 	// netmap.DefaultDNSSuffix; nil SearchDomains mean just the suffix.
 	DNS netmap.DNSConfig
@@ -180,6 +186,9 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	}
 	if opts.KeepAliveInterval <= 0 {
 		opts.KeepAliveInterval = 20 * time.Second
+	}
+	if opts.DeadConnTimeout <= 0 {
+		opts.DeadConnTimeout = DefaultDeadConnTimeout
 	}
 	if opts.NodeKeyExpiry <= 0 {
 		opts.NodeKeyExpiry = 180 * 24 * time.Hour
@@ -683,10 +692,14 @@ func (s *Server) Serve(ln net.Listener) error {
 	srv.TLSConfig = s.TLSConfig()
 	srv.ErrorLog = slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)
 	srv.BaseContext = func(net.Listener) context.Context { return s.ctx }
-	// Ping quiet connections so a node that vanished without closing
-	// its connection goes offline within a minute, not when TCP gives up.
+	// A node that vanished without closing its connection must go
+	// offline within a minute, not when TCP gives up (15 minutes of
+	// retransmissions): HTTP/2 pings quiet request connections, and map
+	// streams, HTTP/1.1 with a keep-alive every KeepAliveInterval, are
+	// cut by the kernel once one stays unacknowledged for
+	// DeadConnTimeout.
 	srv.HTTP2 = &http.HTTP2Config{SendPingTimeout: 30 * time.Second, PingTimeout: 15 * time.Second}
-	ln = lim.Listener(ln)
+	ln = lim.Listener(deadConnListener{Listener: ln, timeout: s.opts.DeadConnTimeout, log: s.log})
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
