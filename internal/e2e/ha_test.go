@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -60,6 +61,11 @@ func TestHAReplicaKilled(t *testing.T) {
 	key := e.authKey(nil)
 	if b.exited() {
 		t.Fatalf("replica B exited:\n%s", b.out.String())
+	}
+	// Replicas with embedded relays cannot relay between each other's
+	// nodes: said at start, not left to be found out.
+	if out := b.out.String(); !strings.Contains(out, "without --derp-map") {
+		t.Errorf("replica B without --derp-map did not warn that embedded relays are not shared:\n%s", out)
 	}
 
 	svc, err := net.Listen("tcp", "127.0.0.1:0")
