@@ -2,6 +2,8 @@ package control
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -11,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"meshd.dev/meshd/control/controlclient"
@@ -99,6 +102,8 @@ const (
 	relayTokenFile   = "relay.token"
 	relayTokenPrefix = "msrly"
 	relayVerifyPath  = "/relay/v1/verify"
+	// metaRelayHash is the relay token's hash, shared by replicas.
+	metaRelayHash = "relay_token_sha256"
 )
 
 // RelayVerifyResponse is the answer of GET /relay/v1/verify?key=nodekey:….
@@ -110,6 +115,12 @@ type RelayVerifyResponse struct {
 // 0600, on first use; delete it and restart to rotate) and serves
 // GET /relay/v1/verify?key=NODEKEY to holders of that token. It returns the
 // token file's path. Calling it again is harmless.
+//
+// Replicas on one database share the token as they share the admin token:
+// the first to enable it makes it and writes its file, the others adopt its
+// hash (the database holds only the hash), so a standalone relay holding
+// it can ask any replica (`meshd derp --coordinator URL1,URL2`). A replica
+// that did not make it holds no copy: the path returned is then "".
 func (s *Server) EnableRelayVerify() (string, error) {
 	path := filepath.Join(s.opts.StateDir, relayTokenFile)
 	tok, err := readRelayToken(path)
@@ -119,15 +130,34 @@ func (s *Server) EnableRelayVerify() (string, error) {
 			err = os.ErrNotExist
 		}
 	}
-	if errors.Is(err, os.ErrNotExist) {
+	fresh := errors.Is(err, os.ErrNotExist)
+	if fresh {
 		tok = relayTokenPrefix + "-" + randomSecret() + "-" + s.fingerprint
-		if err := atomicfile.Write(path, []byte(tok+"\n"), 0o600); err != nil {
-			return "", fmt.Errorf("coordinator: write relay token: %w", err)
-		}
 	} else if err != nil {
 		return "", err
 	}
 	want := hashSecret(tok)
+	if s.repl != nil {
+		stored, err := s.repl.db.ClaimMeta(s.ctx, metaRelayHash, hex.EncodeToString(want))
+		if err != nil {
+			return "", fmt.Errorf("coordinator: relay token: %w", err)
+		}
+		h, err := hex.DecodeString(stored)
+		if err != nil || len(h) != sha256.Size {
+			return "", errors.New("coordinator: the database's relay token hash is damaged")
+		}
+		if !hashEqual(h, want) {
+			if !fresh {
+				s.log.Warn("relay token file is not the tailnet's (the database holds another one's hash); relays holding it are refused by every replica", "path", path)
+			}
+			want, path, fresh = h, "", false
+		}
+	}
+	if fresh {
+		if err := atomicfile.Write(path, []byte(tok+"\n"), 0o600); err != nil {
+			return "", fmt.Errorf("coordinator: write relay token: %w", err)
+		}
+	}
 	probe := &http.Request{Method: http.MethodGet, URL: &url.URL{Path: relayVerifyPath}}
 	if _, pattern := s.mux.Handler(probe); pattern == "GET "+relayVerifyPath {
 		return path, nil // enabled before; the token is the same file
@@ -203,7 +233,9 @@ type RelayVerifierOptions struct {
 // RelayVerifier answers derp.ServerOptions.Verify for a standalone relay by
 // asking the coordinator, caching answers briefly.
 type RelayVerifier struct {
-	base  *url.URL
+	// bases are the coordinator's replicas; cur indexes the one asked.
+	bases []*url.URL
+	cur   atomic.Int32
 	token string
 	hc    *http.Client
 	// stream has no overall timeout: it carries the revocation stream,
@@ -226,10 +258,12 @@ type verifyEntry struct {
 	revoked uint64
 }
 
-// NewRelayVerifier returns a verifier for the coordinator at rawURL; token is
-// the content of the coordinator's relay.token, whose fingerprint is pinned.
+// NewRelayVerifier returns a verifier for the coordinator at rawURL (or its
+// replicas' URLs, separated by commas: it asks the next when one cannot be
+// reached); token is the content of the coordinator's relay.token, whose
+// fingerprint is pinned.
 func NewRelayVerifier(rawURL, token string, opts RelayVerifierOptions) (*RelayVerifier, error) {
-	u, err := controlclient.ParseURL(rawURL)
+	us, err := controlclient.ParseURLs(rawURL)
 	if err != nil {
 		return nil, err
 	}
@@ -255,7 +289,7 @@ func NewRelayVerifier(rawURL, token string, opts RelayVerifierOptions) (*RelayVe
 	}
 	tr := controlclient.PinnedTransport(fp)
 	return &RelayVerifier{
-		base: u, token: token, opts: opts, clock: clock.Or(opts.clock),
+		bases: us, token: token, opts: opts, clock: clock.Or(opts.clock),
 		hc:     &http.Client{Transport: tr, Timeout: 10 * time.Second},
 		stream: &http.Client{Transport: tr},
 		cache:  make(map[netmap.NodePublic]verifyEntry),
@@ -341,11 +375,41 @@ func (v *RelayVerifier) evictLocked(now time.Time) {
 }
 
 func (v *RelayVerifier) ask(ctx context.Context, k netmap.NodePublic) (bool, error) {
-	u := v.base.JoinPath(relayVerifyPath)
-	u.RawQuery = url.Values{"key": {k.String()}}.Encode()
-	var out RelayVerifyResponse
-	if err := controlclient.DoJSON(ctx, v.hc, http.MethodGet, u.String(), v.token, nil, &out, nil); err != nil {
-		return false, err
+	var err error
+	for range v.bases {
+		base := v.base()
+		u := base.JoinPath(relayVerifyPath)
+		u.RawQuery = url.Values{"key": {k.String()}}.Encode()
+		var out RelayVerifyResponse
+		if err = controlclient.DoJSON(ctx, v.hc, http.MethodGet, u.String(), v.token, nil, &out, nil); err == nil {
+			return out.Known, nil
+		}
+		if !v.failover(ctx, base, err) {
+			break
+		}
 	}
-	return out.Known, nil
+	return false, err
+}
+
+// base is the replica asked now.
+func (v *RelayVerifier) base() *url.URL {
+	return v.bases[int(v.cur.Load())%len(v.bases)]
+}
+
+// failover moves on to the next replica after base failed with err, unless
+// err is the coordinator's answer (it would be the same everywhere) or
+// ctx ended; it reports whether it moved.
+func (v *RelayVerifier) failover(ctx context.Context, base *url.URL, err error) bool {
+	var ae *controlclient.APIError
+	if len(v.bases) < 2 || ctx.Err() != nil || errors.As(err, &ae) {
+		return false
+	}
+	cur := v.cur.Load()
+	if v.bases[int(cur)%len(v.bases)] != base {
+		return true // another request moved on already
+	}
+	if v.cur.CompareAndSwap(cur, (cur+1)%int32(len(v.bases))) {
+		v.opts.Logger.Info("relay: coordinator replica unreachable; asking the next one", "from", base.Host, "to", v.base().Host, "err", err)
+	}
+	return true
 }

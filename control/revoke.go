@@ -255,13 +255,15 @@ func (v *RelayVerifier) Watch(ctx context.Context, relay RelayClients) error {
 func (v *RelayVerifier) watchOnce(ctx context.Context, relay RelayClients) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, v.base.JoinPath(relayRevocationsPath).String(), nil)
+	base := v.base()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base.JoinPath(relayRevocationsPath).String(), nil)
 	if err != nil {
 		return err
 	}
 	req.Header.Set("Authorization", "Bearer "+v.token)
 	resp, err := v.stream.Do(req)
 	if err != nil {
+		v.failover(ctx, base, err)
 		return err
 	}
 	defer resp.Body.Close()
@@ -326,7 +328,7 @@ func (v *RelayVerifier) resync(ctx context.Context, relay RelayClients) error {
 		batch := keys[:min(len(keys), maxVerifyBatch)]
 		keys = keys[len(batch):]
 		var out RelayVerifyBatchResponse
-		if err := controlclient.DoJSON(ctx, v.hc, http.MethodPost, v.base.JoinPath(relayVerifyPath).String(), v.token,
+		if err := controlclient.DoJSON(ctx, v.hc, http.MethodPost, v.base().JoinPath(relayVerifyPath).String(), v.token,
 			RelayVerifyBatchRequest{Keys: batch}, &out, nil); err != nil {
 			return fmt.Errorf("re-check connected clients: %w", err)
 		}

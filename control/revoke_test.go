@@ -337,7 +337,7 @@ func TestRelayVerifyBatch(t *testing.T) {
 	a := newTestNode(t, ts.url, ts.Fingerprint())
 	a.mustRegister(t, key, "a")
 	stranger := netmap.NewNodePrivate().Public()
-	u := v.base.JoinPath(relayVerifyPath).String()
+	u := v.base().JoinPath(relayVerifyPath).String()
 
 	many := make([]netmap.NodePublic, maxVerifyBatch+1)
 	for i := range many {

@@ -86,7 +86,11 @@ func (c *cli) startCoordDERP(ctx context.Context, s *control.Server, listen stri
 	if err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(c.stdout, "relay token: %s (for meshd derp --coordinator-token-file)\n", tokPath)
+	if tokPath == "" {
+		fmt.Fprintln(c.stdout, "relay token: the tailnet's, made by the replica that first enabled it (its state dir's relay.token, for meshd derp --coordinator-token-file); this replica holds no copy")
+	} else {
+		fmt.Fprintf(c.stdout, "relay token: %s (for meshd derp --coordinator-token-file)\n", tokPath)
+	}
 	if *f.derpMap != "" {
 		fmt.Fprintf(c.stdout, "derp: map from %s (%d regions)\n", *f.derpMap, len(s.DERPMap().Regions))
 		return func() {}, nil

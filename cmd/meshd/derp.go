@@ -40,7 +40,7 @@ func (c *cli) derpCmd() *ffcli.Command {
 	meshWith := fs.String("mesh-with", "", "comma-separated `URLs` of the other relays of this region, each https://HOST:PORT#FINGERPRINT")
 	clientRate := fs.Float64("client-rate-mbit", 0, "per-client relay rate limit in Mbit/s (0: unlimited)")
 	queue := fs.Int("client-queue", derp.DefaultSendQueueDepth, "packets queued per receiving client before new ones are dropped")
-	coordinator := fs.String("coordinator", "", "coordinator `URL`; when set, only nodes it knows (registered, key not expired) may use the relay")
+	coordinator := fs.String("coordinator", "", "coordinator `URL` (or its replicas', separated by commas: the next is asked when one cannot be reached); when set, only nodes it knows (registered, key not expired) may use the relay")
 	coordTokenFile := fs.String("coordinator-token-file", "", "`file` with the coordinator's relay token (its DIR/relay.token); required with --coordinator")
 	metricsListen := fs.String("metrics-listen", "", metricsFlagHelp)
 	openRelay := fs.Bool("open-relay", false, "serve any node key, without asking a coordinator (labs, tests); without it --coordinator is required")
