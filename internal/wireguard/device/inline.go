@@ -82,6 +82,12 @@ import (
  * while outbound batches may still run inline on the reader. With that,
  * every wait chain ends: receive goroutine -> in -> (nothing); TUN reader
  * -> out, Send, device.net -> receive goroutine -> (never the reader).
+ * One chain is upstream's own and stays: a receive goroutine blocked
+ * pushing to a peer's full inbound queue (QueueInboundSize batches) whose
+ * sequential receiver waits for such a TUN's reader. The reader sending
+ * inline takes device.net's read lock per batch where upstream's takes it
+ * per handshake, so that chain closes under a BindUpdate more easily here;
+ * it needs a thousand batches stuck behind one peer's TUN write.
  */
 
 // inlineMaxProcs is the most Ps at which a device runs batches to
