@@ -128,13 +128,18 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 	e.wrap = tunwrap.New(tdev, tunwrap.Config{Filter: cfg.filter, Peers: e.lazy, Logger: cfg.log, Flows: cfg.flows})
 	tdev = e.wrap
 	e.dev = device.NewDevice(tdev, devBind, wgLogger(cfg.log))
-	// Run to completion (internal/wireguard/device) stays off in every
-	// mode until its stalls are understood: in netstack mode a first dial
-	// stalled (gVisor answers on the writer's goroutine and waits for the
-	// TUN reader, which may be in the bind's Send), and in kernel TUN mode
-	// CI saw a ping to a restarted node go unanswered once (TestKernelTUN,
-	// never seen before the fork). The data path the wrapper injects
-	// packets into may share that pattern. Measured gain: bench/throughput.md.
+	// gVisor answers some packets on the writer's goroutine and hands
+	// every packet it emits to the TUN reader over an unbuffered channel:
+	// written from a UDP receive goroutine, that is a deadlock with
+	// BindUpdate (internal/wireguard/device/inline.go). The device then
+	// keeps inbound batches on upstream's pipeline.
+	e.dev.SetTUNWriteWaitsForRead(cfg.tunName == TUNUserspace)
+	// Run to completion stays off in every mode until the two stalls
+	// seen with it are explained (internal/wireguard/README.md, "Stalls
+	// seen with it on"): a first dial between two netstack nodes (agent
+	// tests, 2 of 13 runs; not reproduced since) and a ping to a node
+	// restarted with the coordinator down (TestKernelTUN, once in CI).
+	// Measured gain: bench/throughput.md, "Run-to-completion lever".
 	e.dev.SetRunToCompletion(false)
 	defer func() {
 		if err != nil {

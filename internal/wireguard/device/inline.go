@@ -50,6 +50,44 @@ import (
  *
  * Lock order: nothing holding out takes in. The UDP receive goroutine,
  * running a batch inline, takes neither out nor device.net: see sendAside.
+ *
+ * What waits for what. Running a batch inline adds waits to two
+ * goroutines that upstream keeps free of them, and a cycle through them
+ * is a deadlock of the whole device:
+ *
+ *   - The TUN reader, sending inline, waits for the bind's Send, for
+ *     device.net's read lock (SendBuffers) and for out, held only by
+ *     goroutines that are themselves sending. Upstream's reader waits the
+ *     same way for a handshake initiation; only more often here.
+ *   - A UDP receive goroutine, receiving inline, waits for in (held only
+ *     by another goroutine's inline batch or by Start's flush, which wait
+ *     for nothing below) and for the TUN's Write. It never sends
+ *     (sendAside).
+ *
+ * Waiting for a receive goroutine: BindUpdate, BindClose and Close, which
+ * hold device.net's write lock until every receive goroutine has returned
+ * (closeBindLocked), and so, behind that lock, every sender. A receive
+ * goroutine must therefore never wait for a sender, and the one way it
+ * could is the TUN's Write waiting for the TUN reader. A kernel TUN never
+ * does: the kernel queues its answer for the reader or drops it. gVisor's
+ * netstack does: it answers some packets (an ICMP echo, a RST, a port
+ * unreachable) on the writer's goroutine and hands every packet it emits
+ * to the reader over an unbuffered channel (tun/netstack's WriteNotify).
+ * The cycle is then: receive goroutine in Write -> TUN reader in
+ * SendBuffers -> BindUpdate holding device.net -> receive goroutine
+ * (TestRunToCompletionTUNWriteWaitsForRead builds it). A device whose TUN
+ * is of that kind is told so (SetTUNWriteWaitsForRead) and never writes to
+ * the TUN from a receive goroutine: inbound batches take upstream's
+ * pipeline, whose sequential receiver nothing under device.net waits for,
+ * while outbound batches may still run inline on the reader. With that,
+ * every wait chain ends: receive goroutine -> in -> (nothing); TUN reader
+ * -> out, Send, device.net -> receive goroutine -> (never the reader).
+ * One chain is upstream's own and stays: a receive goroutine blocked
+ * pushing to a peer's full inbound queue (QueueInboundSize batches) whose
+ * sequential receiver waits for such a TUN's reader. The reader sending
+ * inline takes device.net's read lock per batch where upstream's takes it
+ * per handshake, so that chain closes under a BindUpdate more easily here;
+ * it needs a thousand batches stuck behind one peer's TUN write.
  */
 
 // inlineMaxProcs is the most Ps at which a device runs batches to
@@ -74,6 +112,7 @@ func inlineByDefault() bool {
 // of batches per path, which tests and benchmarks read.
 type deviceInline struct {
 	enabled     atomic.Bool
+	tunWaits    atomic.Bool // the TUN's Write may wait for its reader: no inline receive
 	outInline   atomic.Uint64
 	outPipeline atomic.Uint64
 	inInline    atomic.Uint64
@@ -107,6 +146,19 @@ type peerInline struct {
 // pipeline keeps the next ones there until it has left.
 func (device *Device) SetRunToCompletion(on bool) {
 	device.inline.enabled.Store(on)
+}
+
+// SetTUNWriteWaitsForRead tells the device whether a Write to its TUN may
+// wait until the device's own TUN reader has read something, as with
+// gVisor's netstack, which answers some packets on the writer's goroutine
+// and hands the answer to the reader over an unbuffered channel. Such a
+// TUN is never written to from a UDP receive goroutine, whatever
+// SetRunToCompletion says: inbound batches take upstream's pipeline (the
+// comment at the top of inline.go has the deadlock this avoids). The
+// default is false, right for a kernel TUN. Call it before traffic flows;
+// a change applies from the next batch received.
+func (device *Device) SetTUNWriteWaitsForRead(waits bool) {
+	device.inline.tunWaits.Store(waits)
 }
 
 // InlineStats are the counts of batches that ran to completion and of
@@ -166,13 +218,14 @@ func (d *deviceInline) clock() time.Time {
 }
 
 // dispatchInbound decrypts elemsContainer and writes it to the TUN, or
-// queues it to the pipeline when the peer has a backlog there.
+// queues it to the pipeline when the peer has a backlog there or the TUN's
+// Write may wait for the TUN reader (SetTUNWriteWaitsForRead).
 func (peer *Peer) dispatchInbound(elemsContainer *QueueInboundElementsContainer) {
 	device := peer.device
 	in := &peer.inline.in
 	in.Lock()
 	defer in.Unlock()
-	if device.inline.enabled.Load() && in.pending.Load() == 0 {
+	if device.inline.enabled.Load() && !device.inline.tunWaits.Load() && in.pending.Load() == 0 {
 		device.inline.inInline.Add(1)
 		for _, elem := range elemsContainer.elems {
 			openElem(elem, &in.nonce)
