@@ -29,6 +29,7 @@ import (
 
 	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/internal/netlab"
+	"meshd.dev/meshd/netmap"
 )
 
 // meshdBin is the binary every test runs, built once by TestMain: five
@@ -464,7 +465,28 @@ func TestKernelTUN(t *testing.T) {
 	}
 
 	// Coordinator down: existing peers keep working, and a node restarted
-	// meanwhile comes back from its saved map.
+	// meanwhile comes back from its saved map. That map must hold n3's
+	// endpoints by then: n1's disco key is new after the restart and the
+	// magic bind drops packets from addresses it cannot match to a peer, so
+	// without them n1 cannot hear n3 until the coordinator is back (a
+	// known limit, docs/ARCHITECTURE.md; a CI run killed the coordinator
+	// 56 ms after n3 reported its endpoints).
+	waitFor(t, 20*time.Second, "n1's saved map to hold n3's endpoints", func() (bool, string) {
+		b, err := os.ReadFile(filepath.Join(n1.stateDir, "netmap.json"))
+		if err != nil {
+			return false, err.Error()
+		}
+		var m netmap.MapResponse
+		if err := json.Unmarshal(b, &m); err != nil {
+			return false, err.Error()
+		}
+		for _, p := range m.Peers {
+			if p.Hostname == "n3" {
+				return len(p.Endpoints) > 0, fmt.Sprintf("n3 saved with endpoints %v", p.Endpoints)
+			}
+		}
+		return false, "n3 not in the saved map"
+	})
 	e.coord.kill()
 	pingAndTransfer("coordinator down", hosts["n1"], ip2, nil)
 	n1.proc.kill()
