@@ -22,6 +22,11 @@ import (
 // slower, BenchmarkFilterJSON). TestFilterRuleJSON and FuzzFilterRuleJSON
 // hold it to encoding/json.
 func AppendFilterJSON(b []byte, f []FilterRule) ([]byte, error) {
+	return appendFilter(b, f, nil)
+}
+
+// appendFilter writes f, its source lists through e when e is not nil.
+func appendFilter(b []byte, f []FilterRule, e *FilterEncoder) ([]byte, error) {
 	if f == nil {
 		return append(b, "null"...), nil
 	}
@@ -31,7 +36,7 @@ func AppendFilterJSON(b []byte, f []FilterRule) ([]byte, error) {
 			b = append(b, ',')
 		}
 		var err error
-		if b, err = f[i].AppendJSON(b); err != nil {
+		if b, err = f[i].appendJSON(b, e); err != nil {
 			return nil, err
 		}
 	}
@@ -155,21 +160,9 @@ const (
 )
 
 // Append appends f's JSON encoding to b, as AppendFilterJSON.
+// A nil e writes as AppendFilterJSON does.
 func (e *FilterEncoder) Append(b []byte, f []FilterRule) ([]byte, error) {
-	if f == nil {
-		return append(b, "null"...), nil
-	}
-	b = append(b, '[')
-	for i := range f {
-		if i > 0 {
-			b = append(b, ',')
-		}
-		var err error
-		if b, err = f[i].appendJSON(b, e); err != nil {
-			return nil, err
-		}
-	}
-	return append(b, ']'), nil
+	return appendFilter(b, f, e)
 }
 
 func (e *FilterEncoder) appendSrcs(b []byte, ps []netip.Prefix) []byte {
