@@ -233,6 +233,10 @@ func TestPromotedRouterLearnsItsClients(t *testing.T) {
 	rk := ts.key(t, AuthKeyOptions{Reusable: true, Tags: []string{"tag:router"}, Preauthorized: true})
 	ck := ts.key(t, AuthKeyOptions{Tags: []string{"tag:client"}, Preauthorized: true})
 	r1, stop1 := routedNode(t, ts, rk, "r1", "10.1.0.0/24")
+	// The routes come with the stream, which opens in the background: r1
+	// must be primary before r2 advertises, or r2 may be first and, the
+	// primary being sticky, stay primary (one CI run).
+	r1.waitMap(t, "r1 primary", func(nm *netmap.NetworkMap) bool { return len(nm.Self.PrimaryRoutes) == 1 })
 	r2, _ := routedNode(t, ts, rk, "r2", "10.1.0.0/24")
 	cl, _ := routedNode(t, ts, ck, "client")
 	r1.waitMap(t, "r1 sees the client", func(nm *netmap.NetworkMap) bool { return nm.Peers[cl.id] != nil })
