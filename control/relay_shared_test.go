@@ -67,7 +67,9 @@ func TestRelayTokenSharedAcrossReplicas(t *testing.T) {
 		v.Close()
 	}
 
-	// A relay that knows both asks A, and B once A is gone.
+	// A relay that knows both asks A, and B once A is gone. A learns of
+	// the node B registered through the change feed.
+	waitFor(t, "A to know the node registered on B", func() bool { return a.VerifyNodeKey(ctx, first) == nil })
 	both, err := NewRelayVerifier(a.url+","+b.url, string(tok), RelayVerifierOptions{})
 	if err != nil {
 		t.Fatal(err)
