@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"slices"
@@ -141,6 +142,10 @@ func (r *Resolver) exchange(ctx context.Context, server netip.AddrPort, query []
 	return r.exchangeOver(ctx, "tcp", server, query, q)
 }
 
+// udpRetry is how long a forwarded UDP query waits before it is sent
+// again (then twice as long each time, up to the timeout).
+const udpRetry = time.Second
+
 func (r *Resolver) exchangeOver(ctx context.Context, network string, server netip.AddrPort, query []byte, q *dns.Msg) ([]byte, error) {
 	c, err := r.opts.Dial(ctx, network, server)
 	if err != nil {
@@ -176,7 +181,20 @@ func (r *Resolver) exchangeOver(ctx context.Context, network string, server neti
 		return nil, err
 	}
 	buf := make([]byte, dns.MaxMsgSize)
+	// A datagram lost either way (a peer's tunnel still handshaking, a
+	// full socket buffer) is asked again, as stub resolvers do, rather
+	// than waited for until the timeout: after udpRetry, then twice as
+	// long each time. The same query, so any answer counts.
+	wait := udpRetry
 	for {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		retry := time.Now().Add(wait)
+		if dl, ok := ctx.Deadline(); ok && dl.Before(retry) {
+			retry = dl
+		}
+		c.SetReadDeadline(retry)
 		// A connected socket takes datagrams from server only; anything
 		// that does not answer this query (a late answer to an earlier
 		// one, a forgery) is skipped.
@@ -184,6 +202,13 @@ func (r *Resolver) exchangeOver(ctx context.Context, network string, server neti
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil, ctx.Err()
+			}
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				if _, err := c.Write(query); err != nil {
+					return nil, err
+				}
+				wait *= 2
+				continue
 			}
 			return nil, err
 		}

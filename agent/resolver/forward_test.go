@@ -374,3 +374,45 @@ func isTimeout(err error) bool {
 	ne, ok := err.(net.Error)
 	return ok && ne.Timeout()
 }
+
+// TestForwardRetransmits: a query whose datagram (or answer) was lost is
+// sent again after udpRetry instead of waiting out the timeout, so the
+// client gets the answer, not SERVFAIL.
+func TestForwardRetransmits(t *testing.T) {
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	seen := make(chan int, 4)
+	go func() {
+		buf := make([]byte, 2048)
+		for i := 1; ; i++ {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			seen <- i
+			if i == 1 {
+				continue // the first copy is lost
+			}
+			q := new(dns.Msg)
+			if q.Unpack(buf[:n]) != nil {
+				return
+			}
+			m := new(dns.Msg).SetReply(q)
+			m.Answer = []dns.RR{&dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 60}, A: net.ParseIP("198.18.0.80")}}
+			b, _ := m.Pack()
+			pc.WriteTo(b, from)
+		}
+	}()
+	r := New(Options{Upstreams: fixed(pc.LocalAddr().(*net.UDPAddr).AddrPort()), Timeout: 5 * time.Second})
+	start := time.Now()
+	m := unpack(t, r.Respond(context.Background(), query(t, "www.example.com.", dns.TypeA, 0), false))
+	if m.Rcode != dns.RcodeSuccess || !slices.Equal(answerText(m), []string{"198.18.0.80"}) {
+		t.Fatalf("first datagram lost: %s %v after %v; want the answer from the second", dns.RcodeToString[m.Rcode], answerText(m), time.Since(start))
+	}
+	if len(seen) != 2 {
+		t.Fatalf("upstream saw %d copies of the query; want 2", len(seen))
+	}
+}
