@@ -260,7 +260,10 @@ func TestRunToCompletionInboundBacklog(t *testing.T) {
 // waitStat waits until get returns at least want.
 func waitStat(tb testing.TB, get func() uint64, want uint64) {
 	tb.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	// Long enough for WireGuard to retry a lost handshake (REKEY_TIMEOUT,
+	// 5 s, plus jitter) twice on a loaded machine under -race: a CI run
+	// after expired keypairs needed more than 10 s.
+	deadline := time.Now().Add(30 * time.Second)
 	for get() < want {
 		if time.Now().After(deadline) {
 			tb.Fatalf("count %d, want %d", get(), want)
