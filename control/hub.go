@@ -68,9 +68,9 @@ type hub struct {
 	afterFunc   func(time.Duration, func())
 	dirty       map[netmap.NodeID]bool // viewers whose filter refresh waits
 	flushArmed  bool
-	// filterEnc writes the filters of every frame: the nodes one rule
-	// applies to share its source list, formatted once.
-	filterEnc netmap.FilterEncoder
+	// frames encodes every frame: the nodes one rule applies to share its
+	// source list, formatted once.
+	frames controlclient.FrameEncoder
 	// fanout, if set, is told how long each node change took to queue
 	// (metrics.go); set once before the hub serves.
 	fanout func(time.Duration)
@@ -428,7 +428,7 @@ func (h *hub) revokeLocked(k netmap.NodePublic) {
 
 // encode returns r as a frame, or nil (which send turns into a drop).
 func (h *hub) encode(r *netmap.MapResponse) []byte {
-	b, _ := controlclient.EncodeFrameWith(r, &h.filterEnc)
+	b, _ := h.frames.Encode(r)
 	return b
 }
 
@@ -612,15 +612,15 @@ func (h *hub) flushFilters() {
 type mapMessage struct {
 	resp  *netmap.MapResponse
 	peers [][]byte
-	enc   *netmap.FilterEncoder // the hub's
+	enc   *controlclient.FrameEncoder // the hub's
 }
 
 // frame encodes m as one stream frame.
 func (m *mapMessage) frame() ([]byte, error) {
 	if len(m.peers) == 0 {
-		return controlclient.EncodeFrameWith(m.resp, m.enc)
+		return m.enc.Encode(m.resp)
 	}
-	head, err := controlclient.MarshalResponseWith(m.resp, m.enc) // resp.Peers is nil: omitted
+	head, err := m.enc.Marshal(m.resp) // resp.Peers is nil: omitted
 	if err != nil {
 		return nil, err
 	}
@@ -737,7 +737,7 @@ func (h *hub) fullLocked(self *netmap.Node) *mapMessage {
 	if hasCaps {
 		vc = newViewerCaps(h.capper, h.indexer != nil, self)
 	}
-	m := &mapMessage{resp: &r, peers: make([][]byte, 0, len(peers)), enc: &h.filterEnc}
+	m := &mapMessage{resp: &r, peers: make([][]byte, 0, len(peers)), enc: &h.frames}
 	for _, p := range peers {
 		var caps map[string][]json.RawMessage
 		if hasCaps {
@@ -780,7 +780,7 @@ func (h *hub) resumeLocked(self *netmap.Node, since uint64, epoch string) *mapMe
 	}
 	f := h.filterFor(self)
 	r.PacketFilter = &f
-	return &mapMessage{resp: &r, enc: &h.filterEnc}
+	return &mapMessage{resp: &r, enc: &h.frames}
 }
 
 // subscribe opens a map session for node id, marking it online. The first

@@ -25,14 +25,7 @@ const FrameHeaderLen = 4
 // written by netmap.AppendFilterJSON (4x faster than encoding/json, no
 // allocation per address). The epoch and version stay the first fields.
 func MarshalResponse(resp *netmap.MapResponse) ([]byte, error) {
-	return MarshalResponseWith(resp, nil)
-}
-
-// MarshalResponseWith is MarshalResponse with the packet filter written by
-// e (nil: netmap.AppendFilterJSON), which remembers source lists shared
-// by many nodes' filters.
-func MarshalResponseWith(resp *netmap.MapResponse, e *netmap.FilterEncoder) ([]byte, error) {
-	return appendResponse(nil, resp, e)
+	return appendResponse(nil, resp, nil)
 }
 
 func appendResponse(b []byte, resp *netmap.MapResponse, e *netmap.FilterEncoder) ([]byte, error) {
@@ -60,34 +53,45 @@ func appendResponse(b []byte, resp *netmap.MapResponse, e *netmap.FilterEncoder)
 
 // EncodeFrame returns resp as one map stream frame.
 func EncodeFrame(resp *netmap.MapResponse) ([]byte, error) {
-	return EncodeFrameWith(resp, nil)
+	var f FrameEncoder
+	return f.Encode(resp)
 }
 
-// scratch holds the buffers frames are built in before they are copied
-// to their exact size: the frames stay queued to slow sessions, and
-// append's doubling would leave up to half of each unused.
-var scratch = sync.Pool{New: func() any { return new([]byte) }}
+// FrameEncoder encodes map stream frames for a coordinator: filters are
+// written by a netmap.FilterEncoder, which formats a source list shared by
+// many nodes' filters once, and frames are built in reused buffers and
+// copied once to their size, since they stay queued to slow sessions. The
+// zero value is ready; it is safe for concurrent use.
+type FrameEncoder struct {
+	filters netmap.FilterEncoder
+	scratch sync.Pool // *[]byte
+}
 
-// maxScratch is the largest buffer put back in the pool: a rare huge full
-// map must not pin its buffer.
+// maxScratch is the largest buffer kept for reuse: a rare huge full map
+// must not pin its buffer.
 const maxScratch = 256 << 10
 
-// EncodeFrameWith is EncodeFrame with the packet filter written by e (see
-// MarshalResponseWith).
-func EncodeFrameWith(resp *netmap.MapResponse, e *netmap.FilterEncoder) ([]byte, error) {
-	bp := scratch.Get().(*[]byte)
+// Marshal is MarshalResponse with f's filter encoder.
+func (f *FrameEncoder) Marshal(resp *netmap.MapResponse) ([]byte, error) {
+	return appendResponse(nil, resp, &f.filters)
+}
+
+// Encode is EncodeFrame with f's filter encoder and buffers.
+func (f *FrameEncoder) Encode(resp *netmap.MapResponse) ([]byte, error) {
+	bp, _ := f.scratch.Get().(*[]byte)
+	if bp == nil {
+		bp = new([]byte)
+	}
 	defer func() {
 		if cap(*bp) <= maxScratch {
-			scratch.Put(bp)
+			f.scratch.Put(bp)
 		}
 	}()
-	b, err := appendResponse(append((*bp)[:0], 0, 0, 0, 0), resp, e)
-	if b != nil {
-		*bp = b
-	}
+	b, err := appendResponse(append((*bp)[:0], 0, 0, 0, 0), resp, &f.filters)
 	if err != nil {
 		return nil, err
 	}
+	*bp = b
 	body := len(b) - FrameHeaderLen
 	if body > netmap.MaxMessageSize {
 		return nil, fmt.Errorf("map response of %d bytes exceeds the %d byte limit", body, netmap.MaxMessageSize)
