@@ -320,14 +320,15 @@ func (c *Conn) expire() {
 func (c *Conn) Close() error { return c.close(true) }
 
 func (c *Conn) close(stopTimer bool) error {
-	err := c.Conn.Close()
+	// The place is released before the connection closes so that whoever
+	// sees the close (a reader, the peer) also sees Stats without it.
 	c.closeOnce.Do(func() {
 		if stopTimer && c.timer != nil {
 			c.timer.Stop()
 		}
 		c.l.release(c.src)
 	})
-	return err
+	return c.Conn.Close()
 }
 
 // CloseWrite shuts down the writing side, which net/http uses to close a
