@@ -84,6 +84,10 @@ type hub struct {
 	// (id 0 marks a change that needs a full map, such as a policy change).
 	stats struct {
 		full, resumed atomic.Int64 // first messages sent, by kind
+		// frames and writes count what map streams sent after their
+		// first message: frames, and the socket writes (flushes) that
+		// carried them; their ratio is how well bursts are batched.
+		frames, writes atomic.Int64
 	}
 
 	// dns is the name service configuration every full map carries; set

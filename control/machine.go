@@ -477,6 +477,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 	if !write(frame) || rc.Flush() != nil {
 		return
 	}
+	frames := &s.hub.stats.frames
 	s.log.Debug("map stream open", "node", id, "full", first.resp.Full, "version", first.resp.Version)
 	ka := s.clock.NewTicker(s.opts.KeepAliveInterval)
 	defer ka.Stop()
@@ -486,6 +487,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 			if !write(f) {
 				return
 			}
+			frames.Add(1)
 			// Batch whatever else is queued into one flush.
 			for more := true; more; {
 				select {
@@ -493,6 +495,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 					if !write(f) {
 						return
 					}
+					frames.Add(1)
 				default:
 					more = false
 				}
@@ -501,6 +504,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 			if !write(s.hub.keepAlive) {
 				return
 			}
+			frames.Add(1)
 		case <-sess.dead:
 			s.log.Info("map stream closed by coordinator", "node", id, "reason", sess.dropErr)
 			return
@@ -510,6 +514,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 		if rc.Flush() != nil {
 			return
 		}
+		s.hub.stats.writes.Add(1)
 	}
 }
 

@@ -30,6 +30,8 @@ type serverMetrics struct {
 var (
 	mNodes   = prometheus.NewDesc("meshd_coordinator_nodes", "Registered nodes, by whether they hold a map stream now (online).", []string{"state"}, nil)
 	mStreams = prometheus.NewDesc("meshd_coordinator_map_streams", "Open map streams (a node may hold up to 4).", nil, nil)
+	mFrames  = prometheus.NewDesc("meshd_coordinator_map_frames_total", "Map stream frames sent after each stream's first message (keep-alives included).", nil, nil)
+	mWrites  = prometheus.NewDesc("meshd_coordinator_map_stream_writes_total", "Socket writes (flushes) that carried those frames: frames per write is how well bursts are batched.", nil, nil)
 	mFirst   = prometheus.NewDesc("meshd_coordinator_map_stream_starts_total", "Map streams started, by their first message: a full map or the deltas a resuming node missed.", []string{"kind"}, nil)
 )
 
@@ -90,6 +92,8 @@ func (c hubCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- mNodes
 	ch <- mStreams
 	ch <- mFirst
+	ch <- mFrames
+	ch <- mWrites
 }
 
 func (c hubCollector) Collect(ch chan<- prometheus.Metric) {
@@ -105,4 +109,6 @@ func (c hubCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(mStreams, prometheus.GaugeValue, float64(streams))
 	ch <- prometheus.MustNewConstMetric(mFirst, prometheus.CounterValue, float64(h.stats.full.Load()), "full")
 	ch <- prometheus.MustNewConstMetric(mFirst, prometheus.CounterValue, float64(h.stats.resumed.Load()), "resumed")
+	ch <- prometheus.MustNewConstMetric(mFrames, prometheus.CounterValue, float64(h.stats.frames.Load()))
+	ch <- prometheus.MustNewConstMetric(mWrites, prometheus.CounterValue, float64(h.stats.writes.Load()))
 }

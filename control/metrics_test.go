@@ -69,6 +69,13 @@ func TestCoordinatorMetrics(t *testing.T) {
 			refused += v
 		}
 	}
+	// a saw b come online after its first message: at least one frame,
+	// in at least one write, and never more writes than frames.
+	frames, _ := f.Value("meshd_coordinator_map_frames_total")
+	writes, _ := f.Value("meshd_coordinator_map_stream_writes_total")
+	if writes < 1 || frames < writes {
+		t.Errorf("map frames %v in %v writes, want >= 1 write and no more writes than frames", frames, writes)
+	}
 	if refused != 1 {
 		t.Errorf("refused registrations %v, want 1 (results %v)", refused, f.LabelValues("meshd_coordinator_registrations_total", "result"))
 	}
