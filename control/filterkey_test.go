@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"testing"
 
 	"meshd.dev/meshd/netmap"
@@ -98,5 +99,38 @@ func TestFilterKeyBoundaries(t *testing.T) {
 				t.Fatal("different filters got the same key")
 			}
 		})
+	}
+}
+
+// TestFilterKeyerMatchesFilterKey: the keyer's remembered source lists
+// give byte for byte the keys filterKey writes, for lists shared between
+// filters, reused after a change in place, and new.
+func TestFilterKeyerMatchesFilterKey(t *testing.T) {
+	tenant := make([]netip.Prefix, 0, 40)
+	for i := range 20 {
+		tenant = append(tenant, netip.PrefixFrom(netip.AddrFrom4([4]byte{100, 64, 0, byte(i)}), 32))
+	}
+	rule := func(srcs []netip.Prefix, dst byte) []netmap.FilterRule {
+		return []netmap.FilterRule{{SrcIPs: srcs, DstPorts: []netmap.NetPortRange{{Net: netip.PrefixFrom(netip.AddrFrom4([4]byte{100, 64, 0, dst}), 32), Ports: netmap.PortRange{Last: 65535}}}}}
+	}
+	var k filterKeyer
+	check := func(what string, f []netmap.FilterRule) {
+		t.Helper()
+		if got, want := k.append(nil, f), filterKey(nil, f); !bytes.Equal(got, want) {
+			t.Fatalf("%s: keyer wrote %x, filterKey %x", what, got, want)
+		}
+	}
+	for dst := range byte(5) {
+		check("shared list", rule(tenant, dst))
+	}
+	tenant[3] = netip.MustParsePrefix("100.64.9.9/32") // changed in place
+	check("list changed in place", rule(tenant, 1))
+	tenant = append(tenant, netip.MustParsePrefix("100.64.9.10/32")) // same array, longer
+	check("list grown in place", rule(tenant, 1))
+	check("shorter view of the same array", rule(tenant[:10], 1))
+	check("short list", rule(tenant[:3], 1))
+	check("a copy", rule(slices.Clone(tenant), 2))
+	if a, b := k.append(nil, rule(tenant, 1)), k.append(nil, rule(tenant[:len(tenant)-1], 1)); bytes.Equal(a, b) {
+		t.Fatal("a list and its prefix got one key")
 	}
 }

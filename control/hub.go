@@ -71,6 +71,9 @@ type hub struct {
 	// frames encodes every frame: the nodes one rule applies to share its
 	// source list, formatted once.
 	frames controlclient.FrameEncoder
+	// keys writes the filter keys sessions' lastFilter hold, remembering
+	// shared source lists as frames does.
+	keys filterKeyer
 	// fanout, if set, is told how long each node change took to queue
 	// (metrics.go); set once before the hub serves.
 	fanout func(time.Duration)
@@ -367,7 +370,7 @@ func (h *hub) upsertOneLocked(n *netmap.Node) {
 			// whole map (O(n), for this node only).
 			full := h.fullLocked(n)
 			f, _ = full.frame() // nil on error: send drops
-			key := filterKey(nil, *full.resp.PacketFilter)
+			key := h.keys.append(nil, *full.resp.PacketFilter)
 			for _, s := range ss {
 				s.lastFilter = key
 			}
@@ -539,7 +542,7 @@ func (h *hub) refreshFilterLocked(n *netmap.Node, ss []*session) {
 	}
 	delete(h.dirty, n.ID)
 	f := h.filterFor(n)
-	b := filterKey(nil, f)
+	b := h.keys.append(nil, f)
 	for _, s := range ss {
 		if bytes.Equal(b, s.lastFilter) {
 			continue
@@ -830,7 +833,7 @@ func (h *hub) subscribe(id netmap.NodeID, since uint64, epoch string) (*session,
 		h.stats.resumed.Add(1)
 	}
 	if !h.bootstrap {
-		s.lastFilter = filterKey(nil, *first.resp.PacketFilter)
+		s.lastFilter = h.keys.append(nil, *first.resp.PacketFilter)
 	}
 	return s, first, nil
 }

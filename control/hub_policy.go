@@ -233,7 +233,7 @@ func (h *hub) computePolicyUpdates(snap *policySnapshot, next policyState) []pol
 			u.changed = append(u.changed, m.ID)
 		}
 		r.PacketFilter = &f
-		u.key = filterKey(nil, f)
+		u.key = h.keys.append(nil, f)
 		u.same = old.bootstrap == next.bootstrap && len(r.PeersChanged) == 0 && len(r.PeersRemoved) == 0
 		if !u.same || !bytes.Equal(snap.sent[i], u.key) {
 			u.frame = h.encode(&r)
@@ -338,7 +338,7 @@ func (h *hub) reconcileLocked(snap *policySnapshot, updates []policyUpdate) {
 		}
 		m := h.fullLocked(n)
 		f, _ := m.frame() // nil on error: send drops
-		key := filterKey(nil, *m.resp.PacketFilter)
+		key := h.keys.append(nil, *m.resp.PacketFilter)
 		for _, s := range h.sessions[id] {
 			s.lastFilter = key
 			h.send(s, f)
