@@ -57,6 +57,24 @@ func (s *Server) SetDERPMap(m *netmap.DERPMap) error {
 	return nil
 }
 
+// SetEmbeddedDERPMap is SetDERPMap for the map of this coordinator's own
+// embedded relay (EmbeddedDERPMap). On replicas sharing a database the
+// relay joins one region with every live replica's embedded relay, oldest
+// first, and that region is the map handed out (replica_relay.go): nodes
+// streaming from different replicas still share a relay.
+func (s *Server) SetEmbeddedDERPMap(m *netmap.DERPMap) error {
+	if m == nil || len(m.Regions) != 1 || m.Regions[0].ID != EmbeddedDERPRegionID || len(m.Regions[0].Nodes) != 1 {
+		return fmt.Errorf("coordinator: an embedded relay's map has one region, %d, with one node (EmbeddedDERPMap)", EmbeddedDERPRegionID)
+	}
+	if err := s.SetDERPMap(m); err != nil {
+		return err
+	}
+	if s.repl != nil {
+		s.repl.setOwnRelay(m.Regions[0].Nodes[0])
+	}
+	return nil
+}
+
 // DERPMap returns the DERP map handed out to nodes (nil if none).
 func (s *Server) DERPMap() *netmap.DERPMap {
 	s.hub.mu.Lock()

@@ -216,6 +216,36 @@ func (h *hub) base() netmap.MapResponse {
 	return netmap.MapResponse{Epoch: h.epoch, Version: h.version, PolicyBootstrap: h.bootstrap}
 }
 
+// setDERPMap replaces the DERP map and sends it to every open stream. A
+// resuming stream gets a full map afterwards, which carries it.
+func (h *hub) setDERPMap(m *netmap.DERPMap) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if derpMapsEqual(h.derpMap, m) {
+		return
+	}
+	h.derpMap = m
+	h.version++
+	h.logChange(0)
+	r := h.base()
+	r.DERPMap = m
+	f := h.encode(&r)
+	for _, ss := range h.sessions {
+		for _, s := range ss {
+			h.send(s, f)
+		}
+	}
+}
+
+func derpMapsEqual(a, b *netmap.DERPMap) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	ja, errA := json.Marshal(a)
+	jb, errB := json.Marshal(b)
+	return errA == nil && errB == nil && bytes.Equal(ja, jb)
+}
+
 // lazyFrame encodes a response once, on first use, for every session that
 // receives it.
 type lazyFrame struct {

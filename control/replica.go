@@ -248,6 +248,13 @@ type replication struct {
 
 	announce chan presence
 
+	// started orders this replica's embedded relay among the others'
+	// (replica_relay.go); own is that relay, nil when the replica runs
+	// none; relays are the other replicas' embedded relays. Under mu.
+	started int64
+	own     *replicaRelay
+	relays  map[string]replicaRelay
+
 	// Node changes from the feed, coalesced: a burst (a fleet
 	// reconnecting, churn) is loaded in one query per batch, and the
 	// feed's connection is read on while a batch is applied.
@@ -271,6 +278,8 @@ func newReplication(s *Server, db *store.Postgres, name string) *replication {
 		remote:    make(map[netmap.NodeID]map[string]bool),
 		byReplica: make(map[string]map[netmap.NodeID]bool),
 		announce:  make(chan presence, 4096),
+		started:   s.clock.Now().UnixNano(),
+		relays:    make(map[string]replicaRelay),
 		pending:   make(map[netmap.NodeID]bool),
 		kick:      make(chan struct{}, 1),
 	}
@@ -437,6 +446,10 @@ func (r *replication) apply(c store.Change) {
 	case store.ChangeSSHApproved:
 		s.sshWaiters.wake(c.Key)
 	case store.ChangeAnnounce:
+		if strings.HasPrefix(c.Msg, "r:") {
+			r.relayAnnounced(c.Msg)
+			return
+		}
 		r.presence(c.Msg)
 	case store.ChangeResync:
 		s.log.Info("change feed reconnected: reloading the tailnet from the database")
@@ -521,8 +534,10 @@ func (r *replication) syncer() {
 	}
 }
 
-// reannounce announces every stream this replica holds.
+// reannounce announces this replica's embedded relay and every stream it
+// holds.
 func (r *replication) reannounce() {
+	r.announceRelay()
 	h := r.s.hub
 	h.mu.Lock()
 	ids := make([]netmap.NodeID, 0, len(h.sessions))
@@ -572,9 +587,20 @@ func (r *replication) watchLiveness() {
 			}
 			delete(r.byReplica, name)
 		}
+		relaysGone := false
+		for name := range r.relays {
+			if !live[name] {
+				r.s.log.Warn("replica is gone from the database: its embedded relay leaves the region", "replica", name)
+				delete(r.relays, name)
+				relaysGone = true
+			}
+		}
 		r.mu.Unlock()
 		for _, id := range gone {
 			r.s.setOnline(id, false)
+		}
+		if relaysGone {
+			r.refreshRelays()
 		}
 	}
 }

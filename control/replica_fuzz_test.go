@@ -57,3 +57,29 @@ func TestParseAnnouncement(t *testing.T) {
 		}
 	}
 }
+
+// FuzzParseRelayAnnouncement: relay announcements arrive from the
+// database; none panics the parser, what parses is a usable relay, and it
+// announces itself back as it parsed.
+func FuzzParseRelayAnnouncement(f *testing.F) {
+	for _, s := range []string{
+		"r:meshd-coordinator-1:1733280000000000000,8443,3478,,coord-a.example",
+		"r:r:1,443,-1,0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef,::1",
+		"r:r:1,0,0,,h", "r:r:1,70000,0,,h", "r:r:1,443,0,,", "r::1,443,0,,h", "r:r:x,443,0,,h", "r:r:1,443,0,,a b", "o:r:1",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, msg string) {
+		name, rr, err := parseRelayAnnouncement(msg)
+		if err != nil {
+			return
+		}
+		if name == "" || rr.node.Host == "" || rr.node.DERPPort <= 0 || rr.node.DERPPort > 65535 {
+			t.Fatalf("%q parsed to %q %+v", msg, name, rr)
+		}
+		name2, rr2, err := parseRelayAnnouncement(rr.announcement(name))
+		if err != nil || name2 != name || rr2 != rr {
+			t.Fatalf("%q: announced back as %q, which parses to %q %+v, %v", msg, rr.announcement(name), name2, rr2, err)
+		}
+	})
+}

@@ -332,3 +332,90 @@ func TestReplicaGoneTakesItsNodesOffline(t *testing.T) {
 		return s != nil && !s.Online && mv != nil && mv.Online
 	})
 }
+
+// TestReplicasShareEmbeddedRelays: replicas running embedded relays hand
+// out one region holding every live replica's relay, the oldest first, so
+// that nodes streaming from different replicas use the same relay; when
+// that replica is gone, its relay leaves the map the others send, and the
+// nodes move to the next one.
+func TestReplicasShareEmbeddedRelays(t *testing.T) {
+	rs := startReplicas(t, 2, ServerOptions{})
+	a, b := rs[0], rs[1]
+	relayA := EmbeddedDERPMap("192.0.2.1", 8443, 3478, a.Fingerprint())
+	relayB := EmbeddedDERPMap("192.0.2.2", 9443, -1, b.Fingerprint())
+	if err := a.SetEmbeddedDERPMap(relayA); err != nil {
+		t.Fatal(err)
+	}
+	k := a.key(t, AuthKeyOptions{Tags: []string{"tag:a"}, Reusable: true})
+	onB := newTestNode(t, b.url, "")
+	onB.mustRegister(t, k, "on-b")
+	onB.follow(t, onB.mapRequest())
+	// B's own map until it has a relay: A's relay is not B's to hand out
+	// when B was given a --derp-map (here: none).
+	if m := onB.waitMap(t, "a first map", func(*netmap.NetworkMap) bool { return true }); len(m.DERPMap.Regions) != 0 {
+		t.Fatalf("B, which has no embedded relay, handed out %+v", m.DERPMap)
+	}
+	if err := b.SetEmbeddedDERPMap(relayB); err != nil {
+		t.Fatal(err)
+	}
+	hosts := func(m *netmap.DERPMap) []string {
+		var out []string
+		for _, r := range m.Regions {
+			if r.ID != EmbeddedDERPRegionID {
+				return []string{"unexpected region " + r.Code}
+			}
+			for _, n := range r.Nodes {
+				out = append(out, n.Host)
+			}
+		}
+		return out
+	}
+	both := []string{"192.0.2.1", "192.0.2.2"}
+	onB.waitMap(t, "both relays, A's first (a stream open before the region grew)", func(m *netmap.NetworkMap) bool {
+		return slices.Equal(hosts(&m.DERPMap), both)
+	})
+	onA := newTestNode(t, a.url, "")
+	onA.mustRegister(t, k, "on-a")
+	onA.follow(t, onA.mapRequest())
+	m := onA.waitMap(t, "both relays, A's first", func(m *netmap.NetworkMap) bool {
+		return slices.Equal(hosts(&m.DERPMap), both)
+	})
+	if n := m.DERPMap.Regions[0].Nodes[1]; n.DERPPort != 9443 || n.STUNPort != -1 || n.CertFingerprint != b.Fingerprint() {
+		t.Fatalf("B's relay as A hands it out: %+v", n)
+	}
+	for _, ts := range rs {
+		if got := hosts(ts.DERPMap()); !slices.Equal(got, both) {
+			t.Fatalf("%s serves relays %v at %s, want %v", ts.url, got, DERPMapPath, both)
+		}
+	}
+
+	a.stop(t)
+	onB.waitMap(t, "only B's relay once A is gone", func(m *netmap.NetworkMap) bool {
+		return slices.Equal(hosts(&m.DERPMap), []string{"192.0.2.2"})
+	})
+	// A node that resumes on B after A's end gets the new map too.
+	late := newTestNode(t, b.url, "")
+	late.mustRegister(t, k, "late")
+	late.follow(t, late.mapRequest())
+	late.waitMap(t, "only B's relay", func(m *netmap.NetworkMap) bool {
+		return slices.Equal(hosts(&m.DERPMap), []string{"192.0.2.2"})
+	})
+}
+
+// TestSetEmbeddedDERPMapRefusesOtherMaps: only the one-region map of an
+// embedded relay is shared as one.
+func TestSetEmbeddedDERPMapRefusesOtherMaps(t *testing.T) {
+	ts := startServer(t, ServerOptions{})
+	two := EmbeddedDERPMap("192.0.2.1", 443, 0, "")
+	two.Regions[0].Nodes = append(two.Regions[0].Nodes, two.Regions[0].Nodes[0])
+	other := EmbeddedDERPMap("192.0.2.1", 443, 0, "")
+	other.Regions[0].ID = 7
+	for _, m := range []*netmap.DERPMap{nil, two, other, {}} {
+		if err := ts.SetEmbeddedDERPMap(m); err == nil {
+			t.Errorf("SetEmbeddedDERPMap(%+v) accepted", m)
+		}
+	}
+	if ts.DERPMap() != nil {
+		t.Fatalf("a refused map is in force: %+v", ts.DERPMap())
+	}
+}

@@ -35,6 +35,14 @@ import (
 // and returns a DERP map with them as region 1.
 func startRelay(t *testing.T) netmap.DERPMap {
 	t.Helper()
+	dm, _ := startStoppableRelay(t)
+	return dm
+}
+
+// startStoppableRelay is startRelay with a function that stops the relay
+// (its STUN server too) before the test ends.
+func startStoppableRelay(t *testing.T) (netmap.DERPMap, func()) {
+	t.Helper()
 	cert, err := derp.NewSelfSignedCert([]string{"127.0.0.1"})
 	if err != nil {
 		t.Fatal(err)
@@ -47,7 +55,6 @@ func startRelay(t *testing.T) netmap.DERPMap {
 	hs.Config.ErrorLog = log.New(io.Discard, "", 0)
 	hs.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}}
 	hs.StartTLS()
-	t.Cleanup(func() { s.Close(); hs.Close() })
 	ss, err := stun.Listen("127.0.0.1:0", nil)
 	if err != nil {
 		t.Fatal(err)
@@ -55,12 +62,19 @@ func startRelay(t *testing.T) netmap.DERPMap {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); ss.Serve(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	stop := sync.OnceFunc(func() {
+		hs.CloseClientConnections()
+		s.Close()
+		hs.Close()
+		cancel()
+		<-done
+	})
+	t.Cleanup(stop)
 	port := hs.Listener.Addr().(*net.TCPAddr).Port
 	return netmap.DERPMap{Regions: []netmap.DERPRegion{{ID: 1, Code: "lab", Nodes: []netmap.DERPNode{{
 		Name: "1a", Host: "127.0.0.1", DERPPort: port, STUNPort: int(ss.AddrPort().Port()),
 		CertFingerprint: tlspin.Fingerprint(cert.Leaf),
-	}}}}}
+	}}}}}, stop
 }
 
 // testLogger logs at debug level through t (shown for failed tests) until
@@ -293,6 +307,29 @@ func TestRelayedOnly(t *testing.T) {
 	if res.Path != PathDERP || res.DERPCode != "lab" || res.Peer != "b" || res.Latency <= 0 {
 		t.Errorf("ping %+v, want a pong from b via DERP(lab)", res)
 	}
+}
+
+// TestRelayMovesWithDERPMap: when a new DERP map names another server as
+// a region's relay (coordinator replicas' embedded relays, after the
+// oldest replica is gone), nodes leave the old server and meet at the new
+// one, without a restart.
+func TestRelayMovesWithDERPMap(t *testing.T) {
+	first, stopFirst := startStoppableRelay(t)
+	second := startRelay(t)
+	a, b := newTestNode(t, "a", "100.64.0.1"), newTestNode(t, "b", "100.64.0.2")
+	connect(t, a, b, first, false)
+	transfer(t, a, b, 64<<10)
+	waitPath(t, a, b, PathDERP, 5*time.Second)
+
+	stopFirst()
+	moved := netmap.DERPMap{Regions: []netmap.DERPRegion{first.Regions[0]}}
+	moved.Regions[0].Nodes = []netmap.DERPNode{second.Regions[0].Nodes[0]}
+	na, nb := a.node(1, false), b.node(2, false)
+	a.bind.SetNetworkMap(&netmap.NetworkMap{Self: na, Peers: map[netmap.NodeID]*netmap.Node{nb.ID: &nb}, DERPMap: moved})
+	b.bind.SetNetworkMap(&netmap.NetworkMap{Self: nb, Peers: map[netmap.NodeID]*netmap.Node{na.ID: &na}, DERPMap: moved})
+	transfer(t, a, b, 64<<10)
+	transfer(t, b, a, 64<<10)
+	waitPath(t, a, b, PathDERP, 5*time.Second)
 }
 
 func TestDirectAfterPong(t *testing.T) {

@@ -133,6 +133,7 @@ func (b *Bind) setNetworkMap(nm *netmap.NetworkMap) (held []*peer) {
 	mapChanged := !derpMapEqual(b.derpMap, nm.DERPMap)
 	b.derpMap = nm.DERPMap
 	if mapChanged && b.open != nil {
+		b.dropStaleRegionsLocked()
 		b.kickLocked()
 		b.startSTUNLocked()
 	}

@@ -1,6 +1,7 @@
 package magicbind
 
 import (
+	"context"
 	"net"
 	"net/netip"
 	"slices"
@@ -28,6 +29,10 @@ type region struct {
 	id     int
 	code   string
 	client *derp.ReconnectingClient
+	// node is the relay node dialled; cancel ends the connection when a
+	// new DERP map names another (dropStaleRegionsLocked).
+	node   netmap.DERPNode
+	cancel context.CancelFunc
 }
 
 // connectPeerRegionsLocked connects to every region a peer calls home, so
@@ -77,13 +82,7 @@ func (b *Bind) regionLocked(id int) *region {
 	if reg == nil {
 		return nil
 	}
-	var node *netmap.DERPNode
-	for i := range reg.Nodes {
-		if !reg.Nodes[i].STUNOnly && reg.Nodes[i].DERPPort > 0 {
-			node = &reg.Nodes[i]
-			break
-		}
-	}
+	node := relayNode(reg)
 	if node == nil {
 		return nil
 	}
@@ -91,16 +90,50 @@ func (b *Bind) regionLocked(id int) *region {
 	rc := derp.NewReconnectingClient(url, derp.ClientOptions{
 		NodeKey: b.opts.NodeKey, CertFingerprint: node.CertFingerprint, DialContext: b.opts.DERPDialContext,
 	}, b.log.With("derp_region", reg.Code))
-	r := &region{id: id, code: reg.Code, client: rc}
-	b.regions[id] = r
 	o := b.open
+	ctx, cancel := context.WithCancel(o.ctx)
+	r := &region{id: id, code: reg.Code, client: rc, node: *node, cancel: cancel}
+	b.regions[id] = r
 	o.wg.Add(1)
 	go func() {
 		defer o.wg.Done()
-		rc.Run(o.ctx, func(m derp.Message) { b.handleDERP(o, r, m) })
+		rc.Run(ctx, func(m derp.Message) { b.handleDERP(o, r, m) })
 	}()
 	b.log.Debug("connecting to DERP region", "region", reg.Code, "url", url)
 	return r
+}
+
+// relayNode is the node of reg a relay connection dials: the first that
+// relays. Every node of a region dials the same one, so that two nodes
+// homed in it meet at one server.
+func relayNode(reg *netmap.DERPRegion) *netmap.DERPNode {
+	for i := range reg.Nodes {
+		if !reg.Nodes[i].STUNOnly && reg.Nodes[i].DERPPort > 0 {
+			return &reg.Nodes[i]
+		}
+	}
+	return nil
+}
+
+// dropStaleRegionsLocked ends the relay connections that the DERP map no
+// longer points at: a region gone, or whose first relay node is now
+// another server (coordinator replicas' relays, when the oldest replica
+// is gone). The next use of the region dials what the map names now.
+func (b *Bind) dropStaleRegionsLocked() {
+	for id, r := range b.regions {
+		var now *netmap.DERPNode
+		for i := range b.derpMap.Regions {
+			if b.derpMap.Regions[i].ID == id {
+				now = relayNode(&b.derpMap.Regions[i])
+			}
+		}
+		if now != nil && *now == r.node {
+			continue
+		}
+		b.log.Info("DERP map changed: leaving a relay it no longer names", "region", r.code, "host", r.node.Host)
+		r.cancel()
+		delete(b.regions, id)
+	}
 }
 
 // handleDERP runs on a relay's receive goroutine.

@@ -184,13 +184,6 @@ the oldest.`,
 				}
 			}
 			fmt.Fprintf(c.stdout, "tailnet CA: %s (sha256 %x)\n", s.TLSCAPath(), sha256.Sum256(s.TLSCA().Raw))
-			if strings.HasPrefix(*db, "postgres") && derpMap == nil {
-				// Every replica's embedded relay is region 1 to the nodes
-				// streaming from it, and the relays are not meshed.
-				fmt.Fprintln(c.stderr, "warning: --db postgres without --derp-map: each replica's embedded relay serves only the nodes streaming from that replica, "+
-					"so two nodes homed on different replicas cannot relay to each other (direct paths are unaffected); "+
-					"give every replica the same --derp-map of standalone relays (meshd derp), see docs/ha.md")
-			}
 			stopRelays, err := c.startCoordDERP(ctx, s, *listen, ln, derpFlags, *stateDir)
 			if err != nil {
 				ln.Close()

@@ -169,7 +169,7 @@ func (c *cli) startCoordDERP(ctx context.Context, s *control.Server, listen stri
 		}()
 	}
 	m := control.EmbeddedDERPMap(host, derpAddr.Port, stunPort, s.Fingerprint())
-	if err := s.SetDERPMap(m); err != nil {
+	if err := s.SetEmbeddedDERPMap(m); err != nil {
 		return fail(err)
 	}
 	stunDesc := "off"
@@ -178,5 +178,8 @@ func (c *cli) startCoordDERP(ctx context.Context, s *control.Server, listen stri
 	}
 	fmt.Fprintf(c.stdout, "derp: embedded relay on https://%s/derp (region %d, advertised as %s), STUN %s\n",
 		derpAddr, control.EmbeddedDERPRegionID, net.JoinHostPort(host, strconv.Itoa(derpAddr.Port)), stunDesc)
+	if s.Replicated() {
+		fmt.Fprintln(c.stdout, "derp: the embedded relay forms one region with the other replicas' relays; nodes use the oldest live replica's relay (docs/ha.md)")
+	}
 	return stop, nil
 }

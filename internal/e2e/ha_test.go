@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/net/proxy"
 
+	"meshd.dev/meshd/internal/netlab"
 	"meshd.dev/meshd/internal/pgtest"
 )
 
@@ -62,11 +63,12 @@ func TestHAReplicaKilled(t *testing.T) {
 	if b.exited() {
 		t.Fatalf("replica B exited:\n%s", b.out.String())
 	}
-	// Replicas with embedded relays cannot relay between each other's
-	// nodes: said at start, not left to be found out.
-	if out := b.out.String(); !strings.Contains(out, "without --derp-map") {
-		t.Errorf("replica B without --derp-map did not warn that embedded relays are not shared:\n%s", out)
-	}
+	// Replicas with embedded relays share them as one region: said at
+	// start.
+	waitFor(t, 10*time.Second, "replica B to say its relay joins the replicas' region", func() (bool, string) {
+		out := b.out.String()
+		return strings.Contains(out, "one region with the other replicas' relays"), out
+	})
 
 	svc, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -145,4 +147,97 @@ func pacedTransfer(c net.Conn, d time.Duration) error {
 		return fmt.Errorf("digest mismatch: got %x", got)
 	}
 	return nil
+}
+
+// TestHAEmbeddedRelaysShared: two replicas on one database, each with its
+// embedded relay (no --derp-map), and two nodes behind symmetric NATs (no
+// direct path), one streaming from each replica. The relay is their only
+// path: both use the oldest replica's relay, so traffic flows. When that
+// replica is killed, the survivor hands out a map with only its own relay
+// and traffic flows through it.
+func TestHAEmbeddedRelaysShared(t *testing.T) {
+	t.Parallel()
+	pg, err := pgtest.Start(context.Background(), 50)
+	if errors.Is(err, pgtest.ErrNoPostgres) {
+		t.Skipf("skipping: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pg.Close() })
+	db := pg.Database(t)
+
+	lab := netlab.New(t)
+	e := &env{t: t, bin: buildMeshd(t), dir: t.TempDir()}
+	inet := lab.NewSegment("inet", netip.MustParsePrefix("198.18.0.0/24"))
+	srv := lab.NewHost("srv")
+	srv.Attach(inet)
+	startReplica := func(name string, port int) (*proc, string) {
+		listen := fmt.Sprintf("%s:%d", inetAddr, port)
+		p := start(t, name, srv.Command(context.Background(), e.bin, "coordinator", "--listen", listen,
+			"--state-dir", filepath.Join(e.dir, name), "--db", db))
+		return p, "https://" + listen
+	}
+	a, urlA := startReplica("coordinator-a", 8443)
+	e.tokenFile = filepath.Join(e.dir, "coordinator-a", "admin.token")
+	waitFor(t, 30*time.Second, "replica A to initialise the database", func() (bool, string) {
+		if a.exited() {
+			t.Fatalf("replica A exited:\n%s", a.out.String())
+		}
+		_, err := os.Stat(e.tokenFile)
+		return err == nil, fmt.Sprint(err)
+	})
+	b, urlB := startReplica("coordinator-b", 8444)
+	e.coordURL = urlB
+	key := e.authKey(srv)
+	if b.exited() {
+		t.Fatalf("replica B exited:\n%s", b.out.String())
+	}
+
+	nl := &natLab{e: e, lab: lab}
+	for i := range nl.nodes {
+		name := fmt.Sprintf("n%d", i+1)
+		nl.sites[i] = lab.NewSite("site"+name, inet, netip.MustParsePrefix(fmt.Sprintf("10.%d.0.0/24", i+1)), netlab.HardNAT)
+		nl.hosts[i] = lab.NewHost(name)
+		nl.hosts[i].AttachToSite(nl.sites[i])
+		nl.nodes[i] = e.newNode(name, nl.hosts[i], "--tun", "meshd0")
+		e.startDaemon(nl.nodes[i])
+		// n1 streams from A, n2 from B.
+		e.coordURL = []string{urlA + "," + urlB, urlB + "," + urlA}[i]
+		e.up(nl.nodes[i], key)
+	}
+	e.waitPeers(nl.nodes[0], "n2")
+	e.waitPeers(nl.nodes[1], "n1")
+	for i := range nl.nodes {
+		nl.status[i] = e.status(nl.nodes[i])
+	}
+	sha := nl.serveSHAOn(1)
+	if err := transfer(nl.dialFrom(0, sha)); err != nil {
+		t.Fatalf("transfer n1 (on A) -> n2 (on B) through the relay: %v", err)
+	}
+	for i := range nl.nodes {
+		if p := nl.waitPath(i, "derp", 10*time.Second); p.Endpoint != "derp:coord" {
+			t.Errorf("%s: peer %+v, want relayed through the replicas' region", nl.nodes[i].name, p)
+		}
+	}
+
+	a.kill()
+	killed := time.Now()
+	// B notices A left the database (within 3 s) and sends its map with
+	// only B's relay; the nodes move there.
+	waitFor(t, 60*time.Second, "a transfer through B's relay after A was killed", func() (bool, string) {
+		c, err := net.Conn(nil), error(nil)
+		if err = nl.hosts[0].Do(func() (err error) {
+			d := net.Dialer{Timeout: 10 * time.Second}
+			c, err = d.Dial("tcp", sha.String())
+			return
+		}); err == nil {
+			err = transfer(c)
+		}
+		return err == nil, fmt.Sprint(err)
+	})
+	t.Logf("relayed traffic flowed again %v after replica A was killed", time.Since(killed).Round(100*time.Millisecond))
+	if out := b.out.String(); !strings.Contains(out, "embedded relay leaves the region") {
+		t.Errorf("replica B did not say A's relay left the region:\n%s", out)
+	}
 }
