@@ -371,6 +371,7 @@ func (s *Server) adminRoutes(mux *http.ServeMux) {
 			writeJSON(w, http.StatusOK, v)
 		}
 	}
+	s.tokenRoutes(mux, h)
 	mux.HandleFunc("GET /admin/v1/keys", h(func(r *http.Request) (any, error) { return s.AuthKeys(r.Context()) }))
 	mux.HandleFunc("POST /admin/v1/keys", h(func(r *http.Request) (any, error) {
 		var req createKeyRequest

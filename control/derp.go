@@ -180,9 +180,10 @@ func (s *Server) EnableRelayVerify() (string, error) {
 	if _, pattern := s.mux.Handler(probe); pattern == "GET "+relayVerifyPath {
 		return path, nil // enabled before; the token is the same file
 	}
+	s.relayHash.Store(&want)
 	auth := func(w http.ResponseWriter, r *http.Request) bool {
 		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-		if !ok || !hashEqual(hashSecret(strings.TrimSpace(got)), want) {
+		if !ok || !hashEqual(hashSecret(strings.TrimSpace(got)), *s.relayHash.Load()) {
 			// Not controlclient.ErrUnauthorized, whose message names the admin token.
 			writeJSON(w, http.StatusUnauthorized, controlclient.ErrorBody{Code: "unauthorized",
 				Error: "relay token missing or wrong: use the content of the coordinator's " + relayTokenFile})

@@ -440,8 +440,11 @@ func (r *replication) apply(c store.Change) {
 	case store.ChangePolicy:
 		s.syncPolicy()
 	case store.ChangeMeta:
-		if c.Key == metaAdminHash {
+		switch c.Key {
+		case metaAdminHash:
 			s.syncAdminHash()
+		case metaRelayHash:
+			s.syncRelayHash()
 		}
 	case store.ChangeSSHApproved:
 		s.sshWaiters.wake(c.Key)
@@ -456,6 +459,7 @@ func (r *replication) apply(c store.Change) {
 		s.syncAll()
 		s.syncPolicy()
 		s.syncAdminHash()
+		s.syncRelayHash()
 		s.sshWaiters.wakeAll()
 		r.hello()
 		r.reannounce()

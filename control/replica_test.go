@@ -419,3 +419,41 @@ func TestSetEmbeddedDERPMapRefusesOtherMaps(t *testing.T) {
 		t.Fatalf("a refused map is in force: %+v", ts.DERPMap())
 	}
 }
+
+// TestTokenRotationReachesReplicas: an admin or relay token rotated on one
+// replica is the only one every replica accepts, within a second or so.
+func TestTokenRotationReachesReplicas(t *testing.T) {
+	ctx := context.Background()
+	rs := startReplicas(t, 2, ServerOptions{})
+	a, b := rs[0], rs[1]
+	relayPath, err := a.EnableRelayVerify()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.EnableRelayVerify(); err != nil {
+		t.Fatal(err)
+	}
+	oldRelay := mustReadToken(t, relayPath)
+	oldAdmin := mustReadToken(t, a.AdminTokenPath())
+	acA, err := NewAdminClient(a.url, oldAdmin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rr, err := acA.RotateToken(ctx, TokenRelay)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ar, err := acA.RotateToken(ctx, TokenAdmin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	acBOld, _ := NewAdminClient(b.url, oldAdmin)
+	acBNew, _ := NewAdminClient(b.url, ar.Token)
+	waitFor(t, "B to accept only the new tokens", func() bool {
+		_, errOld := acBOld.Nodes(ctx)
+		_, errNew := acBNew.Nodes(ctx)
+		return errors.Is(errOld, controlclient.ErrUnauthorized) && errNew == nil &&
+			relayRequest(t, b, "POST", relayVerifyPath, oldRelay).StatusCode == 401 &&
+			relayRequest(t, b, "POST", relayVerifyPath, rr.Token).StatusCode == 200
+	})
+}

@@ -194,6 +194,9 @@ func (s *Server) relayRoutes(auth func(http.ResponseWriter, *http.Request) bool)
 }
 
 func (s *Server) serveRevocations(w http.ResponseWriter, r *http.Request) {
+	// Taken after auth checked the token: a rotation from here on ends
+	// the stream, and the relay must come back with the new token.
+	rotated := s.relayEpoch.current()
 	sub := s.keys.subscribe()
 	defer s.keys.unsubscribe(sub)
 	rc := http.NewResponseController(w)
@@ -225,6 +228,9 @@ func (s *Server) serveRevocations(w http.ResponseWriter, r *http.Request) {
 			if !send(RelayRevocation{}) {
 				return
 			}
+		case <-rotated:
+			s.log.Info("relay token rotated: closing a revocation stream opened with the old one", "remote", r.RemoteAddr)
+			return
 		case <-r.Context().Done():
 			return
 		}

@@ -128,15 +128,20 @@ type Server struct {
 	cert        tls.Certificate
 	fingerprint string
 	adminHash   atomic.Pointer[[]byte] // SHA-256 of the admin token
-	adminPath   string
-	hub         *hub
-	keys        keyFeed     // revoked node keys, for relays
-	chal        *challenger // issues node key challenges, checks proofs
-	mux         *http.ServeMux
-	ctx         context.Context
-	cancel      context.CancelFunc
-	wg          sync.WaitGroup
-	clock       clock.Clock // see ServerOptions.clock
+	// relayHash is the relay token's SHA-256, nil until EnableRelayVerify;
+	// relayEpoch ends relay streams when it is rotated (tokens.go).
+	relayHash  atomic.Pointer[[]byte]
+	relayEpoch relayEpoch
+	tokenMu    sync.Mutex // serialises token rotations
+	adminPath  string
+	hub        *hub
+	keys       keyFeed     // revoked node keys, for relays
+	chal       *challenger // issues node key challenges, checks proofs
+	mux        *http.ServeMux
+	ctx        context.Context
+	cancel     context.CancelFunc
+	wg         sync.WaitGroup
+	clock      clock.Clock // see ServerOptions.clock
 
 	// The tailnet CA (ca.go, cert.go) and how long its certificates last.
 	ca           *certAuthority

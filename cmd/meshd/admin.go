@@ -87,8 +87,8 @@ func (c *cli) adminCmd() *ffcli.Command {
 	}
 	return &ffcli.Command{
 		Name:       "admin",
-		ShortUsage: "meshd admin <keys|nodes|users|routes|policy|ssh|audit> <command> --coordinator URL --token-file FILE",
-		ShortHelp:  "manage auth keys, nodes, users, routes, the policy and SSH check approvals on a coordinator; read its audit log",
+		ShortUsage: "meshd admin <keys|nodes|users|routes|policy|ssh|audit|token> <command> --coordinator URL --token-file FILE",
+		ShortHelp:  "manage auth keys, nodes, users, routes, the policy and SSH check approvals on a coordinator; read its audit log; rotate its tokens",
 		FlagSet:    flag.NewFlagSet("admin", flag.ContinueOnError),
 		Subcommands: []*ffcli.Command{
 			group("keys", "create, list and revoke auth keys", c.keysCreateCmd(), c.keysListCmd(), c.keysRevokeCmd()),
@@ -98,6 +98,7 @@ func (c *cli) adminCmd() *ffcli.Command {
 			group("policy", "show or replace the tailnet policy in force", c.policyGetCmd(), c.policySetCmd()),
 			group("ssh", "list and approve check-mode SSH logins", c.sshChecksListCmd(), c.sshApproveCmd()),
 			c.adminAuditCmd(),
+			group("token", "rotate the admin or relay token", c.tokenRotateCmd()),
 		},
 		Exec: func(context.Context, []string) error { return flag.ErrHelp },
 	}

@@ -224,3 +224,58 @@ func TestAdminFlagsAfterArguments(t *testing.T) {
 		t.Fatalf("unknown flag after the argument: exit %d %q", code, errOut)
 	}
 }
+
+// TestAdminTokenRotate: `meshd admin token rotate admin` replaces the
+// admin token and rewrites the token file it was given, so the next
+// command works and the old token does not; `rotate relay --out` writes the
+// new relay token; bad arguments exit 2 and rotate nothing.
+func TestAdminTokenRotate(t *testing.T) {
+	url, dir := startCoordinator(t)
+	tokPath := filepath.Join(t.TempDir(), "admin.token")
+	orig, err := os.ReadFile(filepath.Join(dir, "admin.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(tokPath, orig, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("MESHD_COORDINATOR", url)
+	t.Setenv("MESHD_TOKEN_FILE", tokPath)
+
+	for _, args := range [][]string{{"token", "rotate"}, {"token", "rotate", "root"}, {"token", "rotate", "admin", "relay"}} {
+		if code, _, errOut := runAdmin(t, args...); code != 2 || !strings.Contains(errOut, "want admin or relay") {
+			t.Errorf("%v: exit %d, %q; want 2 and what to pass", args, code, errOut)
+		}
+	}
+	if b, _ := os.ReadFile(tokPath); !bytes.Equal(b, orig) {
+		t.Fatal("a refused rotate changed the token file")
+	}
+
+	code, out, errOut := runAdmin(t, "token", "rotate", "admin")
+	if code != 0 || !strings.Contains(out, "new admin token written to "+tokPath) || !strings.Contains(errOut, "old one no longer works") {
+		t.Fatalf("token rotate admin: exit %d\n%s\n%s", code, out, errOut)
+	}
+	now, _ := os.ReadFile(tokPath)
+	if bytes.Equal(now, orig) || !bytes.HasPrefix(now, []byte("msadm-")) {
+		t.Fatalf("token file after rotation: %q", now)
+	}
+	if fi, _ := os.Stat(tokPath); fi.Mode().Perm() != 0o600 {
+		t.Fatalf("token file mode %v, want 0600", fi.Mode().Perm())
+	}
+	if code, _, errOut := runAdmin(t, "nodes", "list"); code != 0 {
+		t.Fatalf("nodes list with the rotated token: exit %d: %s", code, errOut)
+	}
+	if code, _, _ := runAdmin(t, "nodes", "list", "--admin-token", strings.TrimSpace(string(orig)), "--token-file", ""); code == 0 {
+		t.Fatal("the old admin token still works after rotation")
+	}
+
+	relayOut := filepath.Join(t.TempDir(), "relay.token")
+	code, out, errOut = runAdmin(t, "token", "rotate", "relay", "--out", relayOut)
+	if code != 0 || !strings.Contains(out, "new relay token written to "+relayOut) {
+		t.Fatalf("token rotate relay: exit %d\n%s\n%s", code, out, errOut)
+	}
+	relay, _ := os.ReadFile(filepath.Join(dir, "relay.token"))
+	if got, _ := os.ReadFile(relayOut); len(got) == 0 || !bytes.Equal(got, relay) {
+		t.Fatalf("--out holds %q, the coordinator's relay.token %q", got, relay)
+	}
+}
