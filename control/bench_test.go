@@ -37,7 +37,7 @@ func benchHub(n int) *hub {
 		n := benchNode(id)
 		h.nodes[id] = n
 		h.byKey[n.NodeKey] = id
-		h.sessions[id] = []*session{{node: id, q: make(chan []byte, 8), dead: make(chan struct{})}}
+		h.sessions[id] = []*session{{node: id, q: newFrameQueue(8), dead: make(chan struct{})}}
 	}
 	return h
 }
@@ -47,14 +47,9 @@ func benchHub(n int) *hub {
 func drainAll(h *hub) (frame, total int) {
 	for _, ss := range h.sessions {
 		for _, s := range ss {
-			for more := true; more; {
-				select {
-				case f := <-s.q:
-					frame = len(f)
-					total += len(f)
-				default:
-					more = false
-				}
+			for _, f := range s.q.take(nil) {
+				frame = len(f)
+				total += len(f)
 			}
 		}
 	}

@@ -113,7 +113,7 @@ type change struct {
 // session is one open map stream.
 type session struct {
 	node       netmap.NodeID
-	q          chan []byte   // encoded frames, in order
+	q          *frameQueue   // encoded frames, in order
 	dead       chan struct{} // closed when the hub drops the session
 	dropped    bool
 	dropErr    error
@@ -274,9 +274,7 @@ func (h *hub) send(s *session, frame []byte) {
 		h.dropLocked(s, errEncode)
 		return
 	}
-	select {
-	case s.q <- frame:
-	default:
+	if !s.q.push(frame) {
 		h.dropLocked(s, errSlowConsumer)
 	}
 }
@@ -852,7 +850,7 @@ func (h *hub) subscribe(id netmap.NodeID, since uint64, epoch string) (*session,
 			live--
 		}
 	}
-	s := &session{node: id, q: make(chan []byte, h.queueLen), dead: make(chan struct{})}
+	s := &session{node: id, q: newFrameQueue(h.queueLen), dead: make(chan struct{})}
 	h.sessions[id] = append(h.sessions[id], s)
 	h.sessionsGen++
 	first := h.resumeLocked(n, since, epoch)

@@ -422,26 +422,22 @@ func TestFilterRefreshCoalesced(t *testing.T) {
 		// count drains s into m and counts the frames carrying a filter
 		// and those carrying peers.
 		count := func() (filters, peers int) {
-			for {
-				select {
-				case f := <-s.q:
-					resp, _, err := controlclient.ReadMapResponse(bytes.NewReader(f), nil)
-					if err != nil {
-						t.Fatal(err)
-					}
-					if resp.PacketFilter != nil {
-						filters++
-					}
-					if len(resp.PeersChanged)+len(resp.PeersRemoved) > 0 {
-						peers++
-					}
-					if err := m.Apply(resp); err != nil {
-						t.Fatal(err)
-					}
-				default:
-					return filters, peers
+			for _, f := range s.q.take(nil) {
+				resp, _, err := controlclient.ReadMapResponse(bytes.NewReader(f), nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if resp.PacketFilter != nil {
+					filters++
+				}
+				if len(resp.PeersChanged)+len(resp.PeersRemoved) > 0 {
+					peers++
+				}
+				if err := m.Apply(resp); err != nil {
+					t.Fatal(err)
 				}
 			}
+			return filters, peers
 		}
 		full := func(what string) {
 			h.mu.Lock()

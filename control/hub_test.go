@@ -29,21 +29,17 @@ func hubNode(id netmap.NodeID, tags ...string) *netmap.Node {
 func drain(t testing.TB, s *session, m *netmap.NetworkMap) int {
 	t.Helper()
 	n := 0
-	for {
-		select {
-		case f := <-s.q:
-			resp, _, err := controlclient.ReadMapResponse(bytes.NewReader(f), nil)
-			if err != nil {
-				t.Fatalf("queued frame: %v", err)
-			}
-			if err := m.Apply(resp); err != nil {
-				t.Fatalf("apply queued frame: %v", err)
-			}
-			n++
-		default:
-			return n
+	for _, f := range s.q.take(nil) {
+		resp, _, err := controlclient.ReadMapResponse(bytes.NewReader(f), nil)
+		if err != nil {
+			t.Fatalf("queued frame: %v", err)
 		}
+		if err := m.Apply(resp); err != nil {
+			t.Fatalf("apply queued frame: %v", err)
+		}
+		n++
 	}
+	return n
 }
 
 func subscribeMap(t testing.TB, h *hub, id netmap.NodeID) (*session, *netmap.NetworkMap) {

@@ -481,24 +481,21 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 	s.log.Debug("map stream open", "node", id, "full", first.resp.Full, "version", first.resp.Version)
 	ka := s.clock.NewTicker(s.opts.KeepAliveInterval)
 	defer ka.Stop()
+	var batch [][]byte
 	for {
 		select {
-		case f := <-sess.q:
-			if !write(f) {
-				return
-			}
-			frames.Add(1)
-			// Batch whatever else is queued into one flush.
-			for more := true; more; {
-				select {
-				case f := <-sess.q:
-					if !write(f) {
-						return
-					}
-					frames.Add(1)
-				default:
-					more = false
+		case <-sess.q.ready:
+			// Everything queued goes out in one flush.
+			batch = sess.q.take(batch)
+			for _, f := range batch {
+				if !write(f) {
+					return
 				}
+			}
+			frames.Add(int64(len(batch)))
+			clear(batch)
+			if len(batch) == 0 {
+				continue
 			}
 		case <-ka.C():
 			if !write(s.hub.keepAlive) {

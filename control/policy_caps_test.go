@@ -180,7 +180,7 @@ func TestSetPolicyMatchesReference(t *testing.T) {
 		for _, n := range capsNodes() {
 			h.nodes[n.ID] = n
 			h.byKey[n.NodeKey] = n.ID
-			h.sessions[n.ID] = []*session{{node: n.ID, q: make(chan []byte, 64), dead: make(chan struct{})}}
+			h.sessions[n.ID] = []*session{{node: n.ID, q: newFrameQueue(64), dead: make(chan struct{})}}
 		}
 		return h
 	}
@@ -218,13 +218,5 @@ func TestSetPolicyMatchesReference(t *testing.T) {
 }
 
 func drainFrames(s *session) [][]byte {
-	var out [][]byte
-	for {
-		select {
-		case f := <-s.q:
-			out = append(out, f)
-		default:
-			return out
-		}
-	}
+	return s.q.take(nil)
 }
