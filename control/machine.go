@@ -467,13 +467,24 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 	w.Header().Set("Content-Type", "application/x-meshd-map-frames")
 	w.Header().Set(controlclient.KeepAliveHeader, strconv.FormatInt(int64(s.opts.KeepAliveInterval/time.Millisecond), 10))
 	w.WriteHeader(http.StatusOK)
-	write := func(b []byte) bool {
+	// One deadline covers a batch of frames and its flush (setting it per
+	// frame cost 3% of the coordinator's CPU under churn), renewed every
+	// deadlineBytes so that a long backlog to a slow but live reader is
+	// not cut short: writeTimeout bounds a stall, not a batch.
+	const deadlineBytes = 256 << 10
+	sinceDeadline := 0
+	deadline := func() {
 		rc.SetWriteDeadline(time.Now().Add(writeTimeout))
-		if _, err := w.Write(b); err != nil {
-			return false
-		}
-		return true
+		sinceDeadline = 0
 	}
+	write := func(b []byte) bool {
+		if sinceDeadline += len(b); sinceDeadline > deadlineBytes {
+			deadline()
+		}
+		_, err := w.Write(b)
+		return err == nil
+	}
+	deadline()
 	if !write(frame) || rc.Flush() != nil {
 		return
 	}
@@ -487,6 +498,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 		case <-sess.q.ready:
 			// Everything queued goes out in one flush.
 			batch = sess.q.take(batch)
+			deadline()
 			for _, f := range batch {
 				if !write(f) {
 					return
@@ -498,6 +510,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 				continue
 			}
 		case <-ka.C():
+			deadline()
 			if !write(s.hub.keepAlive) {
 				return
 			}
