@@ -171,11 +171,11 @@ func (b *Bind) fastestRelay(ctx context.Context, dm netmap.DERPMap) (region int,
 	answers := make(chan answer, len(dm.Regions))
 	n := 0
 	for _, reg := range dm.Regions {
-		i := slices.IndexFunc(reg.Nodes, func(n netmap.DERPNode) bool { return !n.STUNOnly && n.DERPPort > 0 })
-		if i < 0 {
+		node := relayNode(&reg)
+		if node == nil {
 			continue
 		}
-		addr := net.JoinHostPort(reg.Nodes[i].Host, strconv.Itoa(reg.Nodes[i].DERPPort))
+		addr := net.JoinHostPort(node.Host, strconv.Itoa(node.DERPPort))
 		n++
 		go func(id int) {
 			start := time.Now()
