@@ -206,7 +206,14 @@ func decodeFilterTailFast(data []byte) (*MapResponse, bool) {
 	if !bytes.HasSuffix(data, []byte("]}")) {
 		return nil, false
 	}
-	i := bytes.LastIndex(data, []byte(filterTail))
+	// The first occurrence, found fast where the coordinator puts it: a
+	// filter update's head is a few dozen bytes, and scanning back from
+	// the end over the whole filter cost a node 9% of its decoding. If it
+	// is not the member that ends the object, the tail below is no
+	// canonical list reaching the end (a later occurrence, or the rest of
+	// a nested object, breaks it) or the head is no object, and
+	// encoding/json decides.
+	i := bytes.Index(data, []byte(filterTail))
 	if i < 1 || data[i-1] == '{' || data[i-1] <= ' ' {
 		// Not after a member's value: "{,..." is no JSON even though
 		// "{}" is.

@@ -146,6 +146,9 @@ func FuzzDecodeMapResponseFast(f *testing.F) {
 		`{"epoch":"e","version":1,"packet_filter":[{"src_ips":[],"dst_ports":[]}]} `,
 		`{"epoch":"e","version":-1,"packet_filter":[]}`,
 		`{"epoch":"e","version":1,"x":",\"packet_filter\":[]}","packet_filter":[]}`,
+		// The first occurrence nested in the head, the member last.
+		`{"epoch":"e","self":{"id":1,"packet_filter":[]},"packet_filter":[{"src_ips":[],"dst_ports":[]}]}`,
+		`{"epoch":"e","version":2,"peers_changed":[{"id":3,"packet_filter":[{"src_ips":[],"dst_ports":[]}]}]}`,
 	} {
 		f.Add([]byte(s))
 	}
