@@ -1,12 +1,9 @@
 package control
 
 import (
-	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"net/netip"
-	"slices"
-	"sync"
 
 	"meshd.dev/meshd/netmap"
 )
@@ -24,54 +21,21 @@ func filterKey(dst []byte, f []netmap.FilterRule) []byte {
 }
 
 // filterKeyer writes what filterKey writes, remembering the key bytes of
-// the source lists it wrote, as netmap.FilterEncoder does for their JSON:
-// the members of a tenant share one source list, and writing it address by
-// address for each of them was a tenth of the coordinator's CPU on joins
-// into a busy tenant. Lists are known by their backing array and checked
-// against a copy before their bytes are reused. The zero value is ready;
+// the source lists it wrote, as netmap.FilterEncoder does for their JSON
+// (netmap.PrefixListCache): the members of a tenant share one source list,
+// and writing it address by address for each of them was a tenth of the
+// coordinator's CPU on joins into a busy tenant. The zero value is ready;
 // it is safe for concurrent use (policy changes key filters in parallel).
 // A nil *filterKeyer remembers nothing.
 type filterKeyer struct {
-	mu    sync.Mutex
-	lists map[*netip.Prefix]*keyedList
+	lists netmap.PrefixListCache
 }
-
-type keyedList struct {
-	ps  []netip.Prefix // a copy of the list keyed
-	key []byte
-}
-
-const (
-	// minKeyedList: shorter lists are written each time, as cheap as the
-	// lookup.
-	minKeyedList = 8
-	// maxKeyedLists bounds the lists remembered; past it the memory
-	// starts over (joins and leaves replace a rule's list, so old ones
-	// pile up until then).
-	maxKeyedLists = 1024
-)
 
 func (k *filterKeyer) appendSrcs(dst []byte, ps []netip.Prefix) []byte {
-	if k == nil || len(ps) < minKeyedList {
+	if k == nil {
 		return appendPrefixes(dst, ps)
 	}
-	id := &ps[0]
-	k.mu.Lock()
-	l := k.lists[id]
-	k.mu.Unlock()
-	if l != nil && slices.Equal(l.ps, ps) {
-		return append(dst, l.key...)
-	}
-	start := len(dst)
-	dst = appendPrefixes(dst, ps)
-	l = &keyedList{ps: slices.Clone(ps), key: bytes.Clone(dst[start:])}
-	k.mu.Lock()
-	if k.lists == nil || len(k.lists) >= maxKeyedLists {
-		k.lists = make(map[*netip.Prefix]*keyedList)
-	}
-	k.lists[id] = l
-	k.mu.Unlock()
-	return dst
+	return k.lists.Append(dst, ps, appendPrefixes)
 }
 
 // append appends f's key to dst, as filterKey.

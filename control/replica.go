@@ -763,18 +763,28 @@ func (s *Server) syncPolicy() {
 	s.log.Info("policy set by another replica is in force", "file", st.File, "sha256", info.SHA256[:12])
 }
 
-// syncAdminHash takes the admin token hash from the database.
-func (s *Server) syncAdminHash() {
-	v, err := s.store.Meta(s.ctx, metaAdminHash)
+// storedTokenHash loads a token hash (meta key) another replica stored;
+// ok is false, and the reason logged, if it cannot be used.
+func (s *Server) storedTokenHash(key, what string) (h []byte, ok bool) {
+	v, err := s.store.Meta(s.ctx, key)
 	if err != nil {
 		if s.ctx.Err() == nil {
-			s.log.Error("change feed: load admin token hash", "err", err)
+			s.log.Error("change feed: load "+what+" token hash", "err", err)
 		}
-		return
+		return nil, false
 	}
-	h, err := hex.DecodeString(v)
+	h, err = hex.DecodeString(v)
 	if err != nil || len(h) != sha256.Size {
-		s.log.Error("change feed: the database's admin token hash is damaged; keeping the previous one")
+		s.log.Error("change feed: the database's " + what + " token hash is damaged; keeping the previous one")
+		return nil, false
+	}
+	return h, true
+}
+
+// syncAdminHash takes the admin token hash from the database.
+func (s *Server) syncAdminHash() {
+	h, ok := s.storedTokenHash(metaAdminHash, "admin")
+	if !ok {
 		return
 	}
 	if old := s.adminHash.Load(); old == nil || !bytes.Equal(*old, h) {

@@ -3,7 +3,6 @@ package control
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
 	"net/http"
@@ -125,16 +124,8 @@ func (s *Server) syncRelayHash() {
 	if s.relayHash.Load() == nil {
 		return // this replica does not verify relays
 	}
-	v, err := s.store.Meta(s.ctx, metaRelayHash)
-	if err != nil {
-		if s.ctx.Err() == nil {
-			s.log.Error("change feed: load relay token hash", "err", err)
-		}
-		return
-	}
-	h, err := hex.DecodeString(v)
-	if err != nil || len(h) != sha256.Size {
-		s.log.Error("change feed: the database's relay token hash is damaged; keeping the previous one")
+	h, ok := s.storedTokenHash(metaRelayHash, "relay")
+	if !ok {
 		return
 	}
 	if old := s.relayHash.Load(); !bytes.Equal(*old, h) {

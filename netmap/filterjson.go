@@ -53,7 +53,7 @@ func (r FilterRule) appendJSON(b []byte, e *FilterEncoder) ([]byte, error) {
 	switch {
 	case r.SrcIPs == nil:
 		b = append(b, "null"...)
-	case e != nil && len(r.SrcIPs) >= minSharedSrcs:
+	case e != nil:
 		b = e.appendSrcs(b, r.SrcIPs)
 	default:
 		b = appendPrefixList(b, r.SrcIPs)
@@ -134,30 +134,11 @@ func appendPrefixList(b []byte, ps []netip.Prefix) []byte {
 // applies to the same source slice (a tenant's hundred members' addresses,
 // say), and only the destinations (the node's own addresses) differ; so on
 // a join, a leave or a policy change, when the filters of a whole tenant
-// are encoded, the sources are formatted once, not once per node. Lists
-// are known by their backing array and checked against a copy before
-// their JSON is reused, so a list changed in place is encoded anew: reuse
-// never depends on the caller's discipline. The zero value is ready; it is
-// safe for concurrent use.
+// are encoded, the sources are formatted once, not once per node. The
+// zero value is ready; it is safe for concurrent use.
 type FilterEncoder struct {
-	mu   sync.Mutex
-	srcs map[*netip.Prefix]*sharedSrcs
+	srcs PrefixListCache
 }
-
-type sharedSrcs struct {
-	ps   []netip.Prefix // a copy of the list encoded
-	json []byte
-}
-
-const (
-	// minSharedSrcs: shorter source lists are formatted each time, as
-	// cheap as the lookup.
-	minSharedSrcs = 8
-	// maxSharedSrcs bounds the lists remembered; past it the memory
-	// starts over. Joins and leaves replace a rule's list, so old ones
-	// pile up until then.
-	maxSharedSrcs = 1024
-)
 
 // Append appends f's JSON encoding to b, as AppendFilterJSON.
 // A nil e writes as AppendFilterJSON does.
@@ -166,21 +147,57 @@ func (e *FilterEncoder) Append(b []byte, f []FilterRule) ([]byte, error) {
 }
 
 func (e *FilterEncoder) appendSrcs(b []byte, ps []netip.Prefix) []byte {
+	return e.srcs.Append(b, ps, appendPrefixList)
+}
+
+// PrefixListCache remembers what a function wrote for a prefix list, for
+// lists that many callers share (a tenant's sources, in every member's
+// filter). Lists are known by their backing array and checked against a
+// copy before the bytes are reused, so a list changed in place is written
+// anew: reuse never depends on the caller's discipline. The zero value is
+// ready; it is safe for concurrent use. One cache serves one write
+// function.
+type PrefixListCache struct {
+	mu    sync.Mutex
+	lists map[*netip.Prefix]*cachedList
+}
+
+type cachedList struct {
+	ps []netip.Prefix // a copy of the list written
+	b  []byte
+}
+
+const (
+	// minCachedList: shorter lists are written each time, as cheap as the
+	// lookup.
+	minCachedList = 8
+	// maxCachedLists bounds the lists remembered; past it the memory
+	// starts over. Joins and leaves replace a rule's list, so old ones
+	// pile up until then.
+	maxCachedLists = 1024
+)
+
+// Append appends write(dst, ps) to dst, from memory when ps (the same
+// backing array, the same contents) was written before.
+func (c *PrefixListCache) Append(dst []byte, ps []netip.Prefix, write func([]byte, []netip.Prefix) []byte) []byte {
+	if c == nil || len(ps) < minCachedList {
+		return write(dst, ps)
+	}
 	key := &ps[0]
-	e.mu.Lock()
-	s := e.srcs[key]
-	e.mu.Unlock()
-	if s != nil && slices.Equal(s.ps, ps) {
-		return append(b, s.json...)
+	c.mu.Lock()
+	l := c.lists[key]
+	c.mu.Unlock()
+	if l != nil && slices.Equal(l.ps, ps) {
+		return append(dst, l.b...)
 	}
-	start := len(b)
-	b = appendPrefixList(b, ps)
-	s = &sharedSrcs{ps: slices.Clone(ps), json: bytes.Clone(b[start:])}
-	e.mu.Lock()
-	if e.srcs == nil || len(e.srcs) >= maxSharedSrcs {
-		e.srcs = make(map[*netip.Prefix]*sharedSrcs)
+	start := len(dst)
+	dst = write(dst, ps)
+	l = &cachedList{ps: slices.Clone(ps), b: bytes.Clone(dst[start:])}
+	c.mu.Lock()
+	if c.lists == nil || len(c.lists) >= maxCachedLists {
+		c.lists = make(map[*netip.Prefix]*cachedList)
 	}
-	e.srcs[key] = s
-	e.mu.Unlock()
-	return b
+	c.lists[key] = l
+	c.mu.Unlock()
+	return dst
 }

@@ -80,7 +80,7 @@ func FuzzFilterRuleJSON(f *testing.F) {
 		// A list long enough for FilterEncoder to remember, encoded twice
 		// (the second time from memory).
 		long := []FilterRule{r}
-		long[0].SrcIPs = slices.Repeat([]netip.Prefix{p}, minSharedSrcs)
+		long[0].SrcIPs = slices.Repeat([]netip.Prefix{p}, minCachedList)
 		if want, err = json.Marshal(long); err != nil {
 			t.Skip("not encodable by encoding/json either")
 		}
@@ -163,8 +163,8 @@ func TestFilterEncoder(t *testing.T) {
 	}
 	check("first node", rule(shared, 1))
 	check("second node, same sources", rule(shared, 2))
-	if len(e.srcs) != 1 {
-		t.Fatalf("%d source lists remembered; want the shared one only", len(e.srcs))
+	if len(e.srcs.lists) != 1 {
+		t.Fatalf("%d source lists remembered; want the shared one only", len(e.srcs.lists))
 	}
 	shared[5] = netip.MustParsePrefix("10.9.9.9/32")
 	check("sources changed in place", rule(shared, 3))
@@ -173,10 +173,10 @@ func TestFilterEncoder(t *testing.T) {
 	check("nil and empty", []FilterRule{{}, {SrcIPs: []netip.Prefix{}}})
 	check("nil filter", nil)
 
-	for i := range maxSharedSrcs + 10 {
+	for i := range maxCachedLists + 10 {
 		check("many lists", rule(srcs(10, byte(i)), 1))
 	}
-	if len(e.srcs) > maxSharedSrcs {
-		t.Fatalf("%d source lists remembered; the bound is %d", len(e.srcs), maxSharedSrcs)
+	if len(e.srcs.lists) > maxCachedLists {
+		t.Fatalf("%d source lists remembered; the bound is %d", len(e.srcs.lists), maxCachedLists)
 	}
 }

@@ -30,15 +30,7 @@ import (
 // through it reaches them all.
 func TestHAReplicaKilled(t *testing.T) {
 	t.Parallel()
-	pg, err := pgtest.Start(context.Background(), 50)
-	if errors.Is(err, pgtest.ErrNoPostgres) {
-		t.Skipf("skipping: %v", err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { pg.Close() }) // after the database is dropped
-	db := pg.Database(t)
+	db := haDatabase(t)
 	e := &env{t: t, bin: buildMeshd(t), dir: t.TempDir()}
 
 	startReplica := func(name string) (*proc, string, string) {
@@ -157,15 +149,7 @@ func pacedTransfer(c net.Conn, d time.Duration) error {
 // and traffic flows through it.
 func TestHAEmbeddedRelaysShared(t *testing.T) {
 	t.Parallel()
-	pg, err := pgtest.Start(context.Background(), 50)
-	if errors.Is(err, pgtest.ErrNoPostgres) {
-		t.Skipf("skipping: %v", err)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { pg.Close() })
-	db := pg.Database(t)
+	db := haDatabase(t)
 
 	lab := netlab.New(t)
 	e := &env{t: t, bin: buildMeshd(t), dir: t.TempDir()}
@@ -240,4 +224,19 @@ func TestHAEmbeddedRelaysShared(t *testing.T) {
 	if out := b.out.String(); !strings.Contains(out, "embedded relay leaves the region") {
 		t.Errorf("replica B did not say A's relay left the region:\n%s", out)
 	}
+}
+
+// haDatabase starts PostgreSQL for the test and returns a fresh
+// database's URL; the test is skipped where PostgreSQL is not installed.
+func haDatabase(t *testing.T) string {
+	t.Helper()
+	pg, err := pgtest.Start(context.Background(), 50)
+	if errors.Is(err, pgtest.ErrNoPostgres) {
+		t.Skipf("skipping: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pg.Close() }) // after the database is dropped
+	return pg.Database(t)
 }
