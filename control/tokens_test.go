@@ -62,6 +62,15 @@ func TestRotateTokens(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// No token, or a made-up one, rotates nothing.
+	for _, tok := range []string{"", "msadm-" + strings.Repeat("a", 32) + "-" + ts.Fingerprint()} {
+		if resp := relayRequest(t, ts, http.MethodPost, "/admin/v1/tokens/admin/rotate", tok); resp.StatusCode != http.StatusUnauthorized {
+			t.Fatalf("rotating with token %q: HTTP %d, want 401", tok, resp.StatusCode)
+		}
+	}
+	if got := mustReadToken(t, ts.AdminTokenPath()); got != oldAdmin {
+		t.Fatal("a refused rotation changed admin.token")
+	}
 	// The relay token opens the relay API only.
 	if resp := relayRequest(t, ts, http.MethodPost, "/admin/v1/tokens/relay/rotate", oldRelay); resp.StatusCode != http.StatusUnauthorized {
 		t.Fatalf("a relay token holder rotating a token: HTTP %d, want 401", resp.StatusCode)
