@@ -310,12 +310,15 @@ func (s *Server) applyPolicy(ctx context.Context, file string, data []byte, stri
 // registrations and map requests carry on while it does. s.polMu held.
 func (s *Server) installPolicy(ctx context.Context, pol Policy, info PolicyInfo) ([]TagRemoval, error) {
 	removed, err := s.recheckTags(ctx, pol, info.File)
-	start := time.Now()
-	s.hub.setPolicy(pol)
-	s.met.policy.Observe(time.Since(start).Seconds())
+	// Described before the hub sends it: whoever sees the new policy in a
+	// node's map then finds it in CurrentPolicy too (a replica test read
+	// the old one in the fan-out's window).
 	s.mu.Lock()
 	s.polInfo = info
 	s.mu.Unlock()
+	start := time.Now()
+	s.hub.setPolicy(pol)
+	s.met.policy.Observe(time.Since(start).Seconds())
 	if err != nil {
 		return removed, err
 	}
