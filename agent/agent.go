@@ -594,7 +594,7 @@ func (a *Agent) applyMapLocked(nm *netmap.NetworkMap) error {
 	a.setNamesLocked(nm)
 	a.chooseMTULocked(nm)
 	addrs := slices.Clone(nm.Self.Addresses)
-	slices.SortFunc(addrs, comparePrefix)
+	slices.SortFunc(addrs, netmap.ComparePrefix)
 	if a.eng != nil && !slices.Equal(a.eng.cfg.addrs, addrs) {
 		a.log.Info("own addresses changed; restarting the data plane", "addrs", addrs)
 		a.closeOSDNSLocked()

@@ -316,7 +316,7 @@ func tailnetRoutes(self []netip.Prefix, nm *netmap.NetworkMap) []netip.Prefix {
 			out = append(out, r)
 		}
 	}
-	slices.SortFunc(out, comparePrefix)
+	slices.SortFunc(out, netmap.ComparePrefix)
 	return slices.Compact(out)
 }
 
@@ -331,7 +331,7 @@ func tableRoutes(self []netip.Prefix, nm *netmap.NetworkMap, p localapi.RoutePre
 		return routes, nil
 	}
 	routes = append(routes, netmap.ExitRouteV4, netmap.ExitRouteV6)
-	slices.SortFunc(routes, comparePrefix)
+	slices.SortFunc(routes, netmap.ComparePrefix)
 	routes = slices.Compact(routes)
 	if p.ExitNodeAllowLANAccess && locals != nil {
 		ls, _ := locals()
@@ -343,7 +343,7 @@ func tableRoutes(self []netip.Prefix, nm *netmap.NetworkMap, p localapi.RoutePre
 			}
 			throws = append(throws, l.Masked())
 		}
-		slices.SortFunc(throws, comparePrefix)
+		slices.SortFunc(throws, netmap.ComparePrefix)
 		throws = slices.Compact(throws)
 	}
 	return routes, throws
@@ -371,7 +371,7 @@ func subnetRoutes(self []netip.Prefix, nm *netmap.NetworkMap) []netip.Prefix {
 			out = append(out, p)
 		}
 	}
-	slices.SortFunc(out, comparePrefix)
+	slices.SortFunc(out, netmap.ComparePrefix)
 	return slices.Compact(out)
 }
 

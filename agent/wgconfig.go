@@ -64,18 +64,11 @@ func wgPeersFromMap(nm *netmap.NetworkMap, pick func([]netip.AddrPort) netip.Add
 		if len(ips) == 0 {
 			ips = slices.Clone(n.Addresses)
 		}
-		slices.SortFunc(ips, comparePrefix)
+		slices.SortFunc(ips, netmap.ComparePrefix)
 		ips = slices.Compact(ips)
 		out[n.NodeKey] = wgPeer{Key: n.NodeKey, Endpoint: pick(n.Endpoints), AllowedIPs: ips, Keepalive: n.Online}
 	}
 	return out
-}
-
-func comparePrefix(a, b netip.Prefix) int {
-	if c := a.Addr().Compare(b.Addr()); c != 0 {
-		return c
-	}
-	return a.Bits() - b.Bits()
 }
 
 // uapiDiff returns the UAPI "set" text that turns the device's peers from old

@@ -1,9 +1,11 @@
 package control
 
 import (
+	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"net/netip"
+	"slices"
 
 	"meshd.dev/meshd/netmap"
 )
@@ -94,4 +96,202 @@ func appendPrefix(dst []byte, p netip.Prefix) []byte {
 		dst = append(dst, b[:]...)
 	}
 	return append(dst, byte(p.Bits()))
+}
+
+// keyRule is one rule of a filter key: its sources' part and the rest.
+type keyRule struct {
+	srcs, rest []byte
+}
+
+// splitKey splits a filter key (filterKeyer.append) into its rules, or
+// returns false for bytes that are no key.
+func splitKey(key []byte, into []keyRule) ([]keyRule, bool) {
+	r := keyReader{b: key, ok: true}
+	n := r.uvarint()
+	for i := uint64(0); i < n && r.ok; i++ {
+		start := len(key) - len(r.b)
+		r.prefixes()
+		mid := len(key) - len(r.b)
+		for range r.uvarint() {
+			r.prefix()
+			r.skip(4)
+		}
+		r.bytes()
+		for range r.uvarint() {
+			r.prefixes()
+			r.bytes()
+		}
+		r.bytes()
+		if r.ok {
+			into = append(into, keyRule{srcs: key[start:mid], rest: key[mid : len(key)-len(r.b)]})
+		}
+	}
+	return into, r.ok && len(r.b) == 0
+}
+
+// keyReader reads what filterKeyer writes; any surprise makes ok false.
+type keyReader struct {
+	b  []byte
+	ok bool
+}
+
+func (r *keyReader) uvarint() uint64 {
+	v, n := binary.Uvarint(r.b)
+	if n <= 0 || v > uint64(len(r.b)) {
+		// No list or string in a key is longer than the key.
+		r.ok = false
+		return 0
+	}
+	r.b = r.b[n:]
+	return v
+}
+
+func (r *keyReader) skip(n int) {
+	if !r.ok || len(r.b) < n {
+		r.ok, r.b = false, nil
+		return
+	}
+	r.b = r.b[n:]
+}
+
+func (r *keyReader) bytes() { r.skip(int(r.uvarint())) }
+
+func (r *keyReader) prefixes() {
+	for range r.uvarint() {
+		r.prefix()
+	}
+}
+
+func (r *keyReader) prefix() netip.Prefix {
+	if !r.ok || len(r.b) == 0 {
+		r.ok = false
+		return netip.Prefix{}
+	}
+	var a netip.Addr
+	switch tag := r.b[0]; tag {
+	case 0:
+		r.skip(1)
+		return netip.Prefix{}
+	case 4:
+		if len(r.b) < 6 {
+			r.ok = false
+			return netip.Prefix{}
+		}
+		a = netip.AddrFrom4([4]byte(r.b[1:5]))
+		r.b = r.b[5:]
+	case 6:
+		if len(r.b) < 18 {
+			r.ok = false
+			return netip.Prefix{}
+		}
+		a = netip.AddrFrom16([16]byte(r.b[1:17]))
+		r.b = r.b[17:]
+	default:
+		r.ok = false
+		return netip.Prefix{}
+	}
+	p := netip.PrefixFrom(a, int(r.b[0]))
+	r.b = r.b[1:]
+	return p
+}
+
+// filterPatch returns the patch that turns the filter keyed oldKey into f,
+// keyed newKey, or false when f must go whole: the rule count or anything
+// but a rule's sources differ, a source list is not ascending, or the
+// patch would not be much smaller than the filter. It reads the old
+// sources back from the key, which holds them exactly, so sessions keep no
+// filter.
+//
+// c, when not nil, remembers the last source lists diffed: a join into a
+// tenant changes its k members' filters by the same sources, and each
+// member's key holds the same old list, so diffing it once serves all k.
+func filterPatch(c *srcDiffCache, oldKey, newKey []byte, f []netmap.FilterRule) ([]netmap.FilterSrcPatch, bool) {
+	var buf [16]keyRule
+	or, ok1 := splitKey(oldKey, buf[:0:8])
+	nr, ok2 := splitKey(newKey, buf[8:8])
+	if !ok1 || !ok2 || len(or) != len(nr) || len(nr) != len(f) {
+		return nil, false
+	}
+	var out []netmap.FilterSrcPatch
+	changed, total := 0, 0
+	for i := range nr {
+		if !bytes.Equal(or[i].rest, nr[i].rest) {
+			return nil, false
+		}
+		total += len(f[i].SrcIPs)
+		if bytes.Equal(or[i].srcs, nr[i].srcs) {
+			continue
+		}
+		add, remove, ok := c.diff(or[i].srcs, f[i].SrcIPs)
+		if !ok {
+			return nil, false
+		}
+		changed += len(add) + len(remove)
+		out = append(out, netmap.FilterSrcPatch{Rule: i, Add: add, Remove: remove})
+	}
+	if len(out) == 0 || 2*changed > total {
+		return nil, false
+	}
+	return out, true
+}
+
+// srcDiffCache holds the last diffSources result. The added and removed
+// lists it returns are shared by the patches built from it, which are only
+// encoded. Not safe for concurrent use: the hub uses it under its lock.
+type srcDiffCache struct {
+	from         []byte
+	to           []netip.Prefix // a copy: callers' lists may be reused
+	add, remove  []netip.Prefix
+	ok, hasValue bool
+}
+
+func (c *srcDiffCache) diff(from []byte, to []netip.Prefix) (add, remove []netip.Prefix, ok bool) {
+	if c == nil {
+		return diffSources(from, to)
+	}
+	if c.hasValue && bytes.Equal(c.from, from) && slices.Equal(c.to, to) {
+		return c.add, c.remove, c.ok
+	}
+	add, remove, ok = diffSources(from, to)
+	c.from, c.to = append(c.from[:0], from...), append(c.to[:0], to...)
+	c.add, c.remove, c.ok, c.hasValue = add, remove, ok, true
+	return add, remove, ok
+}
+
+// diffSources returns what to add to and remove from the sources keyed
+// from to make them to, both ascending, or false if either is not
+// ascending. It merges the key's prefixes as it reads them.
+func diffSources(from []byte, to []netip.Prefix) (add, remove []netip.Prefix, ok bool) {
+	r := keyReader{b: from, ok: true}
+	n := r.uvarint()
+	var prev netip.Prefix
+	j := 0
+	for i := uint64(0); i < n; i++ {
+		p := r.prefix()
+		if !r.ok || i > 0 && netmap.ComparePrefix(prev, p) >= 0 {
+			return nil, nil, false
+		}
+		prev = p
+		for ; j < len(to); j++ {
+			if j > 0 && netmap.ComparePrefix(to[j-1], to[j]) >= 0 {
+				return nil, nil, false
+			}
+			if netmap.ComparePrefix(to[j], p) >= 0 {
+				break
+			}
+			add = append(add, to[j])
+		}
+		if j < len(to) && to[j] == p {
+			j++
+			continue
+		}
+		remove = append(remove, p)
+	}
+	for ; j < len(to); j++ {
+		if j > 0 && netmap.ComparePrefix(to[j-1], to[j]) >= 0 {
+			return nil, nil, false
+		}
+		add = append(add, to[j])
+	}
+	return add, remove, r.ok && len(r.b) == 0
 }

@@ -71,6 +71,9 @@ type hub struct {
 	// frames encodes every frame: the nodes one rule applies to share its
 	// source list, formatted once.
 	frames controlclient.FrameEncoder
+	// srcDiffs remembers the last source diff filter patches were built
+	// from (filterPatch).
+	srcDiffs srcDiffCache
 	// keys writes the filter keys sessions' lastFilter hold, remembering
 	// shared source lists as frames does.
 	keys filterKeyer
@@ -91,6 +94,7 @@ type hub struct {
 		// first message: frames, and the socket writes (flushes) that
 		// carried them; their ratio is how well bursts are batched.
 		frames, writes atomic.Int64
+		filterPatches  atomic.Int64 // filters sent as a patch
 	}
 
 	// dns is the name service configuration every full map carries; set
@@ -118,6 +122,10 @@ type session struct {
 	dropped    bool
 	dropErr    error
 	lastFilter []byte // filterKey of the last PacketFilter sent, under a real policy
+	// patches: the client applies packet filter patches
+	// (netmap.FilterPatchVersion), so a filter whose sources alone changed
+	// goes as one.
+	patches bool
 	// filterAt is when a join or leave last refreshed this session's
 	// filter at once (refreshFilterLaterLocked).
 	filterAt time.Time
@@ -571,14 +579,25 @@ func (h *hub) refreshFilterLocked(n *netmap.Node, ss []*session) {
 	delete(h.dirty, n.ID)
 	f := h.filterFor(n)
 	b := h.keys.append(nil, f)
+	var whole []byte // encoded once for the sessions that need it
 	for _, s := range ss {
 		if bytes.Equal(b, s.lastFilter) {
 			continue
 		}
-		s.lastFilter = b
 		r := h.base()
-		r.PacketFilter = &f
-		h.send(s, h.encode(&r))
+		if p, ok := filterPatch(&h.srcDiffs, s.lastFilter, b, f); ok && s.patches {
+			r.PacketFilterPatch = p
+			h.stats.filterPatches.Add(1)
+			s.lastFilter = b
+			h.send(s, h.encode(&r))
+			continue
+		}
+		s.lastFilter = b
+		if whole == nil {
+			r.PacketFilter = &f
+			whole = h.encode(&r)
+		}
+		h.send(s, whole)
 	}
 }
 
@@ -821,7 +840,7 @@ func (h *hub) resumeLocked(self *netmap.Node, since uint64, epoch string) *mapMe
 // subscribe opens a map session for node id, marking it online. The first
 // message is returned rather than queued so the caller can encode a large
 // full map outside the hub lock.
-func (h *hub) subscribe(id netmap.NodeID, since uint64, epoch string) (*session, *mapMessage, error) {
+func (h *hub) subscribe(id netmap.NodeID, version int, since uint64, epoch string) (*session, *mapMessage, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	n := h.nodes[id]
@@ -850,7 +869,7 @@ func (h *hub) subscribe(id netmap.NodeID, since uint64, epoch string) (*session,
 			live--
 		}
 	}
-	s := &session{node: id, q: newFrameQueue(h.queueLen), dead: make(chan struct{})}
+	s := &session{node: id, q: newFrameQueue(h.queueLen), dead: make(chan struct{}), patches: version >= netmap.FilterPatchVersion}
 	h.sessions[id] = append(h.sessions[id], s)
 	h.sessionsGen++
 	first := h.resumeLocked(n, since, epoch)

@@ -427,7 +427,7 @@ func TestFilterRefreshCoalesced(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if resp.PacketFilter != nil {
+				if resp.PacketFilter != nil || resp.PacketFilterPatch != nil {
 					filters++
 				}
 				if len(resp.PeersChanged)+len(resp.PeersRemoved) > 0 {

@@ -32,6 +32,7 @@ var (
 	mStreams = prometheus.NewDesc("meshd_coordinator_map_streams", "Open map streams (a node may hold up to 4).", nil, nil)
 	mFrames  = prometheus.NewDesc("meshd_coordinator_map_frames_total", "Map stream frames sent after each stream's first message (keep-alives included).", nil, nil)
 	mWrites  = prometheus.NewDesc("meshd_coordinator_map_stream_writes_total", "Socket writes (flushes) that carried those frames: frames per write is how well bursts are batched.", nil, nil)
+	mPatches = prometheus.NewDesc("meshd_coordinator_filter_patches_total", "Packet filters sent as a patch of their sources rather than whole (clients of protocol 3 on).", nil, nil)
 	mFirst   = prometheus.NewDesc("meshd_coordinator_map_stream_starts_total", "Map streams started, by their first message: a full map or the deltas a resuming node missed.", []string{"kind"}, nil)
 )
 
@@ -94,6 +95,7 @@ func (c hubCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- mFirst
 	ch <- mFrames
 	ch <- mWrites
+	ch <- mPatches
 }
 
 func (c hubCollector) Collect(ch chan<- prometheus.Metric) {
@@ -111,4 +113,5 @@ func (c hubCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(mFirst, prometheus.CounterValue, float64(h.stats.resumed.Load()), "resumed")
 	ch <- prometheus.MustNewConstMetric(mFrames, prometheus.CounterValue, float64(h.stats.frames.Load()))
 	ch <- prometheus.MustNewConstMetric(mWrites, prometheus.CounterValue, float64(h.stats.writes.Load()))
+	ch <- prometheus.MustNewConstMetric(mPatches, prometheus.CounterValue, float64(h.stats.filterPatches.Load()))
 }

@@ -37,7 +37,7 @@ var ErrNeedFullMap = errors.New("delta without a base map: need a full map")
 // Apply folds resp into m. On error m is unchanged.
 func (m *NetworkMap) Apply(resp *MapResponse) error {
 	if resp.KeepAlive && !resp.Full && resp.Self == nil && len(resp.PeersChanged) == 0 &&
-		len(resp.PeersRemoved) == 0 && len(resp.PeersPatch) == 0 && resp.DERPMap == nil && resp.DNS == nil && resp.PacketFilter == nil && resp.TLSCA == nil {
+		len(resp.PeersRemoved) == 0 && len(resp.PeersPatch) == 0 && resp.DERPMap == nil && resp.DNS == nil && resp.PacketFilter == nil && resp.PacketFilterPatch == nil && resp.TLSCA == nil {
 		return nil
 	}
 	if err := resp.Validate(); err != nil {
@@ -67,6 +67,14 @@ func (m *NetworkMap) Apply(resp *MapResponse) error {
 		next.TLSCA = resp.TLSCA
 		*m = next
 		return nil
+	}
+	var patched []FilterRule
+	if resp.PacketFilterPatch != nil {
+		f, err := ApplyFilterPatch(m.PacketFilter, resp.PacketFilterPatch)
+		if err != nil {
+			return err
+		}
+		patched = f
 	}
 	for _, p := range resp.PeersPatch {
 		if _, ok := m.Peers[p.ID]; !ok && !slices.ContainsFunc(resp.PeersChanged, func(n Node) bool { return n.ID == p.ID }) {
@@ -114,6 +122,9 @@ func (m *NetworkMap) Apply(resp *MapResponse) error {
 	}
 	if resp.PacketFilter != nil {
 		m.PacketFilter = *resp.PacketFilter
+	}
+	if patched != nil {
+		m.PacketFilter = patched
 	}
 	if resp.TLSCA != nil {
 		m.TLSCA = resp.TLSCA
@@ -190,6 +201,14 @@ func (r *MapResponse) Validate() error {
 	}
 	if r.TLSCA != nil {
 		if _, err := ParseTLSCA(r.TLSCA); err != nil {
+			return fmt.Errorf("map response: %w", err)
+		}
+	}
+	if r.PacketFilterPatch != nil {
+		if r.PacketFilter != nil || r.Full {
+			return errors.New("map response: a packet filter patch with a whole filter or in a full map")
+		}
+		if err := validatePatch(r.PacketFilterPatch); err != nil {
 			return fmt.Errorf("map response: %w", err)
 		}
 	}

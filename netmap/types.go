@@ -19,10 +19,15 @@ import (
 // it. Older clients cannot, so the coordinator refuses their registrations
 // and node key changes (asking to upgrade) but keeps serving their map
 // streams under keys it already knows.
+//
+// Version 3 added packet filter patches (MapResponse.PacketFilterPatch):
+// the coordinator sends them only to clients that speak it, and whole
+// filters to older ones, which would ignore a patch.
 const (
-	ProtocolVersion    = 2
+	ProtocolVersion    = 3
 	MinProtocolVersion = 1
 	KeyProofVersion    = 2
+	FilterPatchVersion = 3
 )
 
 // NodeID identifies a node in the coordinator's registry. It is stable for
@@ -215,6 +220,11 @@ type MapResponse struct {
 	// PacketFilter replaces the node's inbound filter when non-nil. An empty
 	// non-nil slice means deny all inbound.
 	PacketFilter *[]FilterRule `json:"packet_filter,omitempty"`
+	// PacketFilterPatch changes the sources of rules of the filter the
+	// stream holds (the last PacketFilter, with any patches since), sent
+	// instead of PacketFilter to clients from FilterPatchVersion on when
+	// only sources changed (FilterSrcPatch). Never with PacketFilter.
+	PacketFilterPatch []FilterSrcPatch `json:"packet_filter_patch,omitempty"`
 	// PolicyBootstrap reports that no policy is loaded and the coordinator's
 	// allow-all default is in force.
 	PolicyBootstrap bool `json:"policy_bootstrap,omitempty"`

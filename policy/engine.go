@@ -2,7 +2,6 @@ package policy
 
 import (
 	"bytes"
-	"cmp"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -539,14 +538,14 @@ func applyChanges(cur []netip.Prefix, changes []srcChange, literal []netip.Prefi
 	i, j, k := 0, 0, 0
 	for i < len(cur) || j < len(adds) {
 		var next netip.Prefix
-		if j == len(adds) || i < len(cur) && comparePrefix(cur[i], adds[j]) <= 0 {
+		if j == len(adds) || i < len(cur) && netmap.ComparePrefix(cur[i], adds[j]) <= 0 {
 			next = cur[i]
 			i++
 		} else {
 			next = adds[j]
 			j++
 		}
-		for k < len(dels) && comparePrefix(dels[k], next) < 0 {
+		for k < len(dels) && netmap.ComparePrefix(dels[k], next) < 0 {
 			k++
 		}
 		if k < len(dels) && dels[k] == next {
@@ -560,15 +559,8 @@ func applyChanges(cur []netip.Prefix, changes []srcChange, literal []netip.Prefi
 	return out
 }
 
-func comparePrefix(a, b netip.Prefix) int {
-	if c := a.Addr().Compare(b.Addr()); c != 0 {
-		return c
-	}
-	return cmp.Compare(a.Bits(), b.Bits())
-}
-
 func sortPrefixes(ps *[]netip.Prefix) {
-	slices.SortFunc(*ps, comparePrefix)
+	slices.SortFunc(*ps, netmap.ComparePrefix)
 	*ps = slices.Compact(*ps)
 }
 

@@ -47,7 +47,7 @@ func subtractPrefixes(from netip.Prefix, minus ...netip.Prefix) []netip.Prefix {
 		}
 		out = next
 	}
-	slices.SortFunc(out, comparePrefix)
+	slices.SortFunc(out, netmap.ComparePrefix)
 	return out
 }
 
