@@ -156,9 +156,23 @@ func (r *keyReader) skip(n int) {
 
 func (r *keyReader) bytes() { r.skip(int(r.uvarint())) }
 
+// prefixes skips a list of prefixes without building them.
 func (r *keyReader) prefixes() {
 	for range r.uvarint() {
-		r.prefix()
+		if !r.ok || len(r.b) == 0 {
+			r.ok = false
+			return
+		}
+		switch r.b[0] {
+		case 0:
+			r.skip(1)
+		case 4:
+			r.skip(1 + 4 + 1)
+		case 6:
+			r.skip(1 + 16 + 1)
+		default:
+			r.ok = false
+		}
 	}
 }
 

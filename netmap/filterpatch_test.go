@@ -91,11 +91,13 @@ func TestApplyFilterPatch(t *testing.T) {
 	}
 }
 
-func TestApplyFilterPatchRefusesUnsortedFilter(t *testing.T) {
-	f := []FilterRule{{SrcIPs: pfxs("100.64.0.4/32", "100.64.0.2/32")}}
-	_, err := ApplyFilterPatch(f, []FilterSrcPatch{{Rule: 0, Add: pfxs("100.64.0.3/32")}})
+// TestApplyFilterPatchRepeatedSource: a source listed twice is never left
+// behind by its removal.
+func TestApplyFilterPatchRepeatedSource(t *testing.T) {
+	f := []FilterRule{{SrcIPs: pfxs("100.64.0.2/32", "100.64.0.4/32", "100.64.0.4/32")}}
+	_, err := ApplyFilterPatch(f, []FilterSrcPatch{{Rule: 0, Remove: pfxs("100.64.0.4/32")}})
 	if !errors.Is(err, ErrNeedFullMap) {
-		t.Fatalf("patching unsorted sources: %v; want a request for a full map", err)
+		t.Fatalf("removing a repeated source: %v; want a request for a full map", err)
 	}
 }
 
