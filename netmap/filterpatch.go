@@ -156,4 +156,3 @@ func patchSources(cur, add, remove []netip.Prefix) ([]netip.Prefix, error) {
 	}
 	return append(out, cur[i:]...), nil
 }
-
