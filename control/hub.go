@@ -74,6 +74,12 @@ type hub struct {
 	// srcDiffs remembers the last source diff filter patches were built
 	// from (filterPatch).
 	srcDiffs srcDiffCache
+	// lastPatch is the last filter patch encoded, for patchFrame.
+	lastPatch struct {
+		with  *lazyFrame
+		resp  netmap.MapResponse
+		frame []byte
+	}
 	// keys writes the filter keys sessions' lastFilter hold, remembering
 	// shared source lists as frames does.
 	keys filterKeyer
@@ -386,16 +392,17 @@ func (h *hub) upsertOneLocked(n *netmap.Node) {
 			f = removedF
 		}
 		if f != nil {
-			for _, s := range ss {
-				h.send(s, f.bytes())
-			}
 			// Patched fields (endpoints, DERP home, online, keys) never
 			// change a filter.
 			switch {
 			case identityChanged:
-				h.refreshFilterLocked(viewer, ss)
+				h.refreshFilterLocked(viewer, ss, f)
 			case patchF == nil:
-				h.refreshFilterLaterLocked(viewer, ss)
+				h.refreshFilterLaterLocked(viewer, ss, f)
+			default:
+				for _, s := range ss {
+					h.send(s, f.bytes())
+				}
 			}
 		}
 	}
@@ -420,9 +427,9 @@ func (h *hub) upsertOneLocked(n *netmap.Node) {
 		}
 		switch {
 		case identityChanged:
-			h.refreshFilterLocked(n, ss)
+			h.refreshFilterLocked(n, ss, nil)
 		case patchF == nil:
-			h.refreshFilterLaterLocked(n, ss)
+			h.refreshFilterLaterLocked(n, ss, nil)
 		}
 	}
 	if indexed {
@@ -470,6 +477,38 @@ func (h *hub) revokeLocked(k netmap.NodePublic) {
 }
 
 // encode returns r as a frame, or nil (which send turns into a drop).
+// patchFrame encodes filter patch p, in with's frame when with is not nil,
+// reusing the last frame it encoded when that said the same: the members of
+// a tenant get the same patch for a join (the same rule, the same sources
+// from srcDiffs) with the same peer change, and the frame is shared as a
+// peer change's is.
+func (h *hub) patchFrame(with *lazyFrame, p []netmap.FilterSrcPatch) []byte {
+	lp := &h.lastPatch
+	r := h.base()
+	if with != nil {
+		r = with.resp
+	}
+	if lp.frame != nil && lp.with == with && lp.resp.Epoch == r.Epoch && lp.resp.Version == r.Version &&
+		lp.resp.PolicyBootstrap == r.PolicyBootstrap && samePatch(lp.resp.PacketFilterPatch, p) {
+		return lp.frame
+	}
+	r.PacketFilterPatch = p
+	lp.with, lp.resp, lp.frame = with, r, h.encode(&r)
+	return lp.frame
+}
+
+// samePatch reports whether a and b are the same patch built from the
+// same diff: equal rules with the very same lists, which srcDiffCache
+// hands out unchanged.
+func samePatch(a, b []netmap.FilterSrcPatch) bool {
+	same := func(x, y []netip.Prefix) bool {
+		return len(x) == len(y) && (len(x) == 0 || &x[0] == &y[0])
+	}
+	return slices.EqualFunc(a, b, func(x, y netmap.FilterSrcPatch) bool {
+		return x.Rule == y.Rule && same(x.Add, y.Add) && same(x.Remove, y.Remove)
+	})
+}
+
 func (h *hub) encode(r *netmap.MapResponse) []byte {
 	b, _ := h.frames.Encode(r)
 	return b
@@ -515,10 +554,7 @@ func (h *hub) remove(id netmap.NodeID, reason error) {
 		h.dropLocked(s, reason)
 	}
 	tell := func(viewer *netmap.Node, ss []*session) {
-		for _, s := range ss {
-			h.send(s, removedF.bytes())
-		}
-		h.refreshFilterLaterLocked(viewer, ss)
+		h.refreshFilterLaterLocked(viewer, ss, removedF)
 	}
 	if indexed {
 		for _, vid := range viewers {
@@ -572,8 +608,13 @@ func (h *hub) filterFor(n *netmap.Node) []netmap.FilterRule {
 // policy too. Policy.CanSee must hold whenever either node may reach the
 // other, as documented. Under the bootstrap policy filters
 // never depend on the node list, so there is nothing to do.
-func (h *hub) refreshFilterLocked(n *netmap.Node, ss []*session) {
+//
+// with, when not nil, is a peer change for n's sessions that caused the
+// refresh, sent first. A filter patch rides in its frame: a join or leave
+// reaches each member of a tenant as one frame, not two to read.
+func (h *hub) refreshFilterLocked(n *netmap.Node, ss []*session, with *lazyFrame) {
 	if h.bootstrap {
+		h.sendAll(ss, with)
 		return
 	}
 	delete(h.dirty, n.ID)
@@ -582,22 +623,33 @@ func (h *hub) refreshFilterLocked(n *netmap.Node, ss []*session) {
 	var whole []byte // encoded once for the sessions that need it
 	for _, s := range ss {
 		if bytes.Equal(b, s.lastFilter) {
+			h.sendAll([]*session{s}, with)
 			continue
 		}
-		r := h.base()
 		if p, ok := filterPatch(&h.srcDiffs, s.lastFilter, b, f); ok && s.patches {
-			r.PacketFilterPatch = p
 			h.stats.filterPatches.Add(1)
 			s.lastFilter = b
-			h.send(s, h.encode(&r))
+			h.send(s, h.patchFrame(with, p))
 			continue
 		}
+		h.sendAll([]*session{s}, with)
 		s.lastFilter = b
 		if whole == nil {
+			r := h.base()
 			r.PacketFilter = &f
 			whole = h.encode(&r)
 		}
 		h.send(s, whole)
+	}
+}
+
+// sendAll sends f, if not nil, to every session of ss.
+func (h *hub) sendAll(ss []*session, f *lazyFrame) {
+	if f == nil {
+		return
+	}
+	for _, s := range ss {
+		h.send(s, f.bytes())
 	}
 }
 
@@ -614,13 +666,14 @@ func (h *hub) refreshFilterLocked(n *netmap.Node, ss []*session) {
 // them as long, belong to no node (addresses are not reused until the pool
 // wraps around) and have no WireGuard peer. Changes that can narrow access
 // (a node's tags, user or addresses) and policy changes refresh at once.
-func (h *hub) refreshFilterLaterLocked(n *netmap.Node, ss []*session) {
+func (h *hub) refreshFilterLaterLocked(n *netmap.Node, ss []*session, with *lazyFrame) {
 	if h.filterDelay <= 0 || h.afterFunc == nil || h.bootstrap {
-		h.refreshFilterLocked(n, ss)
+		h.refreshFilterLocked(n, ss, with)
 		return
 	}
 	if h.dirty[n.ID] {
-		return // the flush will send it
+		h.sendAll(ss, with) // the flush will send the filter
+		return
 	}
 	now := h.now()
 	recent := false
@@ -631,13 +684,14 @@ func (h *hub) refreshFilterLaterLocked(n *netmap.Node, ss []*session) {
 		for _, s := range ss {
 			s.filterAt = now
 		}
-		h.refreshFilterLocked(n, ss)
+		h.refreshFilterLocked(n, ss, with)
 		return
 	}
 	if h.dirty == nil {
 		h.dirty = make(map[netmap.NodeID]bool)
 	}
 	h.dirty[n.ID] = true
+	h.sendAll(ss, with)
 	if !h.flushArmed {
 		h.flushArmed = true
 		h.afterFunc(h.filterDelay, h.flushFilters)
@@ -655,7 +709,7 @@ func (h *hub) flushFilters() {
 			for _, s := range ss {
 				s.filterAt = now
 			}
-			h.refreshFilterLocked(n, ss) // deletes id from dirty
+			h.refreshFilterLocked(n, ss, nil) // deletes id from dirty
 		}
 	}
 	clear(h.dirty)

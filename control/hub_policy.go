@@ -407,7 +407,7 @@ func (h *hub) reconcileLocked(snap *policySnapshot, updates []policyUpdate) {
 			refresh = refresh || newVis || was != nil && h.policy.CanSee(viewer, was)
 		}
 		if refresh {
-			h.refreshFilterLocked(viewer, ss)
+			h.refreshFilterLocked(viewer, ss, nil)
 		}
 	}
 }
