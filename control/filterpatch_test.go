@@ -8,6 +8,8 @@ import (
 	"net/netip"
 	"slices"
 	"testing"
+	"testing/synctest"
+	"time"
 
 	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/netmap"
@@ -257,4 +259,74 @@ func TestSrcDiffCacheReusedList(t *testing.T) {
 	if add, _, _ := c.diff(from, to); len(add) != 1 || add[0] != to[1] {
 		t.Fatalf("after rewriting the list in place: add %v; want [100.64.0.4/32]", add)
 	}
+}
+
+// TestNewNodeAnnouncedWhenStreaming: a registered node reaches its peers
+// when its map stream opens, online and with the filter patch in one frame;
+// one that does not stream is announced offline after announceDelay; one
+// removed before either is never announced.
+func TestNewNodeAnnouncedWhenStreaming(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHub("e1", nil, 0, time.Now)
+		h.afterFunc = func(d time.Duration, f func()) { time.AfterFunc(d, f) }
+		h.announceDelay = 2 * time.Second
+		h.setPolicy(mustEngine(t, `{"tagOwners": {"tag:a": []}, "grants": [{"src": ["tag:a"], "dst": ["tag:a"], "ip": ["*"]}]}`))
+		h.upsert(hubNode(1, "tag:a"))
+		s, m := subscribeMap(t, h, 1)
+		frames := func() []*netmap.MapResponse {
+			var out []*netmap.MapResponse
+			for _, f := range s.q.take(nil) {
+				resp, _, err := controlclient.ReadMapResponse(bytes.NewReader(f), nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := m.Apply(resp); err != nil {
+					t.Fatal(err)
+				}
+				out = append(out, resp)
+			}
+			return out
+		}
+		h.upsert(hubNode(2, "tag:a"))
+		if got := frames(); len(got) != 0 {
+			t.Fatalf("a registration without a stream sent %d frames at once; want none", len(got))
+		}
+		if _, _, err := h.subscribe(2, netmap.ProtocolVersion, 0, ""); err != nil {
+			t.Fatal(err)
+		}
+		got := frames()
+		if len(got) != 1 || len(got[0].PeersChanged) != 1 || !got[0].PeersChanged[0].Online || got[0].PacketFilterPatch == nil {
+			t.Fatalf("when its stream opened: %+v; want one frame with the node online and the filter patch", got)
+		}
+		h.mu.Lock()
+		want := decodeMsg(t, h.fullLocked(h.nodes[1]))
+		h.mu.Unlock()
+		compareMaps(t, "after the stream opened", m, want)
+
+		h.upsert(hubNode(3, "tag:a"))
+		time.Sleep(time.Second)
+		synctest.Wait()
+		if got := frames(); len(got) != 0 {
+			t.Fatalf("a second after a registration without a stream: %d frames; want none yet", len(got))
+		}
+		time.Sleep(time.Second)
+		synctest.Wait()
+		got = frames()
+		if len(got) != 1 || len(got[0].PeersChanged) != 1 || got[0].PeersChanged[0].ID != 3 || got[0].PeersChanged[0].Online {
+			t.Fatalf("after announceDelay: %+v; want node 3, offline", got)
+		}
+
+		h.upsert(hubNode(4, "tag:a"))
+		h.remove(4, controlclient.ErrNotRegistered)
+		time.Sleep(3 * time.Second)
+		synctest.Wait()
+		for _, r := range frames() {
+			if slices.ContainsFunc(r.PeersChanged, func(n netmap.Node) bool { return n.ID == 4 }) {
+				t.Fatalf("a node removed before it was announced was announced: %+v", r)
+			}
+		}
+		if _, ok := m.Peers[4]; ok {
+			t.Fatal("node 1's map holds the removed node 4")
+		}
+	})
 }

@@ -66,8 +66,13 @@ type hub struct {
 	// afterFunc schedules the flush. Both set once before the hub serves.
 	filterDelay time.Duration
 	afterFunc   func(time.Duration, func())
-	dirty       map[netmap.NodeID]bool // viewers whose filter refresh waits
-	flushArmed  bool
+	// announceDelay, if positive, is how long a newly registered node
+	// that has not opened its map stream is kept from its peers
+	// (unannounced); set once before the hub serves.
+	announceDelay time.Duration
+	unannounced   map[netmap.NodeID]bool
+	dirty         map[netmap.NodeID]bool // viewers whose filter refresh waits
+	flushArmed    bool
 	// frames encodes every frame: the nodes one rule applies to share its
 	// source list, formatted once.
 	frames controlclient.FrameEncoder
@@ -357,6 +362,23 @@ func (h *hub) upsertOneLocked(n *netmap.Node) {
 	}
 	h.version++
 	h.logChange(n.ID)
+	// A new node is announced to its peers when its stream opens, not at
+	// registration a moment before: it can send nothing until it holds
+	// its map, and the announcement then carries it online, which saves
+	// every peer a frame (the online patch) per join. One that does not
+	// stream within announceDelay is announced offline then.
+	if h.unannounced[n.ID] {
+		delete(h.unannounced, n.ID)
+		old, oldPeers = nil, nil // no viewer was told of it
+	} else if old == nil && !n.Online && h.announceDelay > 0 && h.afterFunc != nil {
+		if h.unannounced == nil {
+			h.unannounced = make(map[netmap.NodeID]bool)
+		}
+		h.unannounced[n.ID] = true
+		id := n.ID
+		h.afterFunc(h.announceDelay, func() { h.announce(id) })
+		return
+	}
 
 	var patchF *lazyFrame
 	if old != nil {
@@ -450,6 +472,20 @@ func (h *hub) upsertOneLocked(n *netmap.Node) {
 	}
 }
 
+// announce tells a node's peers of it if its stream has not yet.
+func (h *hub) announce(id netmap.NodeID) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.unannounced[id] {
+		return
+	}
+	if n := h.nodes[id]; n != nil {
+		nn := *n // nodes are replaced, never modified in place
+		h.upsertOneLocked(&nn)
+	}
+	delete(h.unannounced, id)
+}
+
 // mergeIDs calls fn for each ID in a or b (both ascending), saying which
 // of the two hold it.
 func mergeIDs(a, b []netmap.NodeID, fn func(id netmap.NodeID, inA, inB bool)) {
@@ -524,6 +560,7 @@ func (h *hub) remove(id netmap.NodeID, reason error) {
 		return
 	}
 	delete(h.nodes, id)
+	delete(h.unannounced, id)
 	if h.byKey[old.NodeKey] == id {
 		delete(h.byKey, old.NodeKey)
 		h.revokeLocked(old.NodeKey)
@@ -1115,3 +1152,8 @@ func capsEqual(a, b map[string][]json.RawMessage) bool {
 // filter updates a second per node from joins and leaves, well inside the
 // second a change has to reach the fleet.
 const DefaultFilterDelay = 100 * time.Millisecond
+
+// DefaultAnnounceDelay is how long a newly registered node that has not
+// opened its map stream waits to be announced to its peers: `meshd up`
+// opens it within milliseconds of registering.
+const DefaultAnnounceDelay = 2 * time.Second

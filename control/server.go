@@ -301,6 +301,7 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 		s.hub.filterDelay = DefaultFilterDelay
 	}
 	s.hub.afterFunc = func(d time.Duration, f func()) { opts.clock.AfterFunc(d, f) }
+	s.hub.announceDelay = DefaultAnnounceDelay
 	s.hub.revoked = s.keys.publish
 	s.hub.dns = opts.DNS
 	s.met = newServerMetrics(s)
