@@ -512,7 +512,6 @@ func (h *hub) revokeLocked(k netmap.NodePublic) {
 	}
 }
 
-// encode returns r as a frame, or nil (which send turns into a drop).
 // patchFrame encodes filter patch p, in with's frame when with is not nil,
 // reusing the last frame it encoded when that said the same: the members of
 // a tenant get the same patch for a join (the same rule, the same sources
@@ -545,6 +544,7 @@ func samePatch(a, b []netmap.FilterSrcPatch) bool {
 	})
 }
 
+// encode returns r as a frame, or nil (which send turns into a drop).
 func (h *hub) encode(r *netmap.MapResponse) []byte {
 	b, _ := h.frames.Encode(r)
 	return b
@@ -660,16 +660,18 @@ func (h *hub) refreshFilterLocked(n *netmap.Node, ss []*session, with *lazyFrame
 	var whole []byte // encoded once for the sessions that need it
 	for _, s := range ss {
 		if bytes.Equal(b, s.lastFilter) {
-			h.sendAll([]*session{s}, with)
+			h.sendWith(s, with)
 			continue
 		}
-		if p, ok := filterPatch(&h.srcDiffs, s.lastFilter, b, f); ok && s.patches {
-			h.stats.filterPatches.Add(1)
-			s.lastFilter = b
-			h.send(s, h.patchFrame(with, p))
-			continue
+		if s.patches {
+			if p, ok := filterPatch(&h.srcDiffs, s.lastFilter, b, f); ok {
+				h.stats.filterPatches.Add(1)
+				s.lastFilter = b
+				h.send(s, h.patchFrame(with, p))
+				continue
+			}
 		}
-		h.sendAll([]*session{s}, with)
+		h.sendWith(s, with)
 		s.lastFilter = b
 		if whole == nil {
 			r := h.base()
@@ -682,10 +684,14 @@ func (h *hub) refreshFilterLocked(n *netmap.Node, ss []*session, with *lazyFrame
 
 // sendAll sends f, if not nil, to every session of ss.
 func (h *hub) sendAll(ss []*session, f *lazyFrame) {
-	if f == nil {
-		return
-	}
 	for _, s := range ss {
+		h.sendWith(s, f)
+	}
+}
+
+// sendWith sends f to s if f is not nil.
+func (h *hub) sendWith(s *session, f *lazyFrame) {
+	if f != nil {
 		h.send(s, f.bytes())
 	}
 }
