@@ -111,6 +111,9 @@ type testNode struct {
 	nm    *netmap.NetworkMap
 	maps  chan *netmap.NetworkMap
 	fdone chan error
+	// onMap, if set before follow, sees every map the node applies, in
+	// order, on the stream's goroutine.
+	onMap func(*netmap.NetworkMap)
 }
 
 func newTestNode(t testing.TB, url, pin string) *testNode {
@@ -121,8 +124,20 @@ func newTestNode(t testing.TB, url, pin string) *testNode {
 
 func newTestNodeKey(t testing.TB, url, pin string, mk ed25519.PrivateKey) *testNode {
 	t.Helper()
+	return newTestNodeOpts(t, controlclient.ClientOptions{URL: url, MachineKey: mk, ServerPin: pin, MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond})
+}
+
+// newTestNodeOpts is a test node with a client made from o, given a new
+// node key and the test's logger.
+func newTestNodeOpts(t testing.TB, o controlclient.ClientOptions) *testNode {
+	t.Helper()
 	nk := netmap.NewNodePrivate()
-	c, err := controlclient.NewClient(controlclient.ClientOptions{URL: url, MachineKey: mk, ServerPin: pin, NodeKey: nk, Logger: testLogger(t), MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond})
+	o.NodeKey, o.Logger = nk, testLogger(t)
+	if o.MachineKey == nil {
+		_, o.MachineKey, _ = ed25519.GenerateKey(rand.Reader)
+	}
+	mk := o.MachineKey
+	c, err := controlclient.NewClient(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,6 +184,9 @@ func (n *testNode) follow(t testing.TB, req netmap.MapRequest) context.CancelFun
 	n.fdone = make(chan error, 1)
 	go func() {
 		n.fdone <- n.c.Follow(ctx, req, func(m *netmap.NetworkMap) {
+			if n.onMap != nil {
+				n.onMap(m)
+			}
 			n.mu.Lock()
 			n.nm = m
 			n.mu.Unlock()

@@ -58,6 +58,18 @@ const (
 // connected to the database, to drop the streams of one that died.
 const livenessInterval = 3 * time.Second
 
+// DefaultGoneGrace is how long the nodes that streamed from a replica that
+// left the database keep their online flag before they are taken offline,
+// unless they reappear on a survivor first. A replica's death says
+// nothing of its nodes: they fail over within their reconnect backoff
+// (1 s for meshd's client). Taking each offline at once and back online a
+// moment later cost every peer two frames per node; at 10,000 nodes that
+// was about half a million frames, which held the survivor's CPU and the
+// failover itself up by seconds. A stream that dies silently already
+// shows online for up to its write timeout (30 s), so this is no new kind
+// of staleness.
+const DefaultGoneGrace = 30 * time.Second
+
 // announceBatch bounds the node ids of one announcement (a notification
 // carries at most 8,000 bytes).
 const announceBatch = 400
@@ -600,13 +612,24 @@ func (r *replication) watchLiveness() {
 			}
 		}
 		r.mu.Unlock()
-		for _, id := range gone {
-			r.s.setOnline(id, false)
+		if len(gone) > 0 {
+			r.s.clock.AfterFunc(r.goneGrace(), func() {
+				for _, id := range gone {
+					r.s.setOnline(id, false) // no-op for the nodes that failed over
+				}
+			})
 		}
 		if relaysGone {
 			r.refreshRelays()
 		}
 	}
+}
+
+func (r *replication) goneGrace() time.Duration {
+	if g := r.s.opts.goneGrace; g > 0 {
+		return g
+	}
+	return DefaultGoneGrace
 }
 
 // setOnline brings the hub's online flag of node id in line with where it

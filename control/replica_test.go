@@ -306,31 +306,65 @@ func TestNodesFailOverBetweenReplicas(t *testing.T) {
 }
 
 // TestReplicaGoneTakesItsNodesOffline: a node that streams only from a
-// replica that is killed shows as offline on the other replica (which
-// notices that the dead one left the database), while a node that fails
-// over stays online.
+// replica that is stopped shows as offline on the other replica (which
+// notices that the dead one left the database), but only after the grace
+// period; a node that fails over within it is never shown offline, so its
+// peers get no frame for the move. The moving node reconnects 4-8 s
+// after the stop, after the survivor has noticed (livenessInterval).
 func TestReplicaGoneTakesItsNodesOffline(t *testing.T) {
-	rs := startReplicas(t, 2, ServerOptions{})
+	const grace = 10 * time.Second
+	rs := startReplicas(t, 2, ServerOptions{goneGrace: grace})
 	a, b := rs[0], rs[1]
 	k := a.key(t, AuthKeyOptions{Tags: []string{"tag:a"}, Reusable: true})
 	stuck := newTestNode(t, a.url, "") // knows only A
 	stuck.mustRegister(t, k, "stuck")
 	stuck.follow(t, stuck.mapRequest())
-	moving := newTestNode(t, a.url+","+b.url, "")
+	moving := newTestNodeOpts(t, controlclient.ClientOptions{URL: a.url + "," + b.url, MinBackoff: 8 * time.Second, MaxBackoff: 8 * time.Second})
 	moving.mustRegister(t, k, "moving")
 	moving.follow(t, moving.mapRequest())
 	watcher := newTestNode(t, b.url, "")
 	watcher.mustRegister(t, k, "watcher")
+	var (
+		mu           sync.Mutex
+		killed       time.Time
+		movingOff    bool
+		stuckOffSeen time.Time
+	)
+	watcher.onMap = func(m *netmap.NetworkMap) {
+		mu.Lock()
+		defer mu.Unlock()
+		if killed.IsZero() {
+			return
+		}
+		if p := m.Peers[moving.id]; p == nil || !p.Online {
+			movingOff = true
+		}
+		if p := m.Peers[stuck.id]; p != nil && !p.Online && stuckOffSeen.IsZero() {
+			stuckOffSeen = time.Now()
+		}
+	}
 	watcher.follow(t, watcher.mapRequest())
 	watcher.waitMap(t, "both nodes on A online", func(m *netmap.NetworkMap) bool {
 		s, mv := m.Peers[stuck.id], m.Peers[moving.id]
 		return s != nil && s.Online && mv != nil && mv.Online
 	})
+	mu.Lock()
+	killed = time.Now()
+	mu.Unlock()
 	a.stop(t)
+	waitFor(t, "the moving node on B", func() bool { return b.hub.online(moving.id) })
 	watcher.waitMap(t, "the node stuck on A offline, the other online", func(m *netmap.NetworkMap) bool {
 		s, mv := m.Peers[stuck.id], m.Peers[moving.id]
 		return s != nil && !s.Online && mv != nil && mv.Online
 	})
+	mu.Lock()
+	defer mu.Unlock()
+	if movingOff {
+		t.Error("the node that failed over was shown offline (or removed) in between")
+	}
+	if d := stuckOffSeen.Sub(killed); d < grace {
+		t.Errorf("the node stuck on A was shown offline %v after A stopped, before the %v grace", d, grace)
+	}
 }
 
 // TestReplicasShareEmbeddedRelays: replicas running embedded relays hand

@@ -118,6 +118,8 @@ type ServerOptions struct {
 	NewCA bool
 	// certLifetime replaces DefaultCertLifetime, for tests.
 	certLifetime time.Duration
+	// goneGrace replaces DefaultGoneGrace, for tests.
+	goneGrace time.Duration
 }
 
 // Server is a coordinator.
