@@ -231,10 +231,9 @@ func decodeFilterTailFast(data []byte) (*MapResponse, bool) {
 	head := make([]byte, 0, i+1)
 	head = append(append(head, data[:i]...), '}')
 	var r MapResponse
-	if json.Unmarshal(head, &r) != nil || r.PacketFilter != nil {
-		// A filter in the head too: encoding/json would decode the tail's
-		// rules onto it, keeping the head's fields the tail's rules leave
-		// out. Rare enough to leave to it.
+	if decodeMap(head, &r) != nil || r.PacketFilter != nil {
+		// A filter in the head too: the member is there twice, which
+		// decodeMap refuses. Rare enough to leave to it.
 		return nil, false
 	}
 	r.PacketFilter = &rules
