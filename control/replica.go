@@ -65,9 +65,9 @@ const livenessInterval = 3 * time.Second
 // (1 s for meshd's client). Taking each offline at once and back online a
 // moment later cost every peer two frames per node; at 10,000 nodes that
 // was about half a million frames, which held the survivor's CPU and the
-// failover itself up by seconds. A stream that dies silently already
-// shows online for up to its write timeout (30 s), so this is no new kind
-// of staleness.
+// failover itself up by seconds. A node that vanishes without closing its
+// connection already shows online for up to DefaultDeadConnTimeout, so
+// this is no new kind of staleness (docs/ha.md).
 const DefaultGoneGrace = 30 * time.Second
 
 // announceBatch bounds the node ids of one announcement (a notification
