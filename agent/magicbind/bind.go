@@ -110,6 +110,8 @@ type Bind struct {
 	// derpBufs hold relayed packets between the relay's reader and
 	// WireGuard's receive call.
 	derpBufs sync.Pool
+	// handshakes drops second copies of handshake messages, by any path.
+	handshakes handshakeDedup
 }
 
 // openState is what lives from Open to Close.
@@ -145,6 +147,7 @@ func New(opts Options) *Bind {
 	b.derpBufs.New = func() any { buf := make([]byte, derpBufSize); return &buf }
 	b.overlayMTU.Store(int64(opts.OverlayMTU))
 	b.addrs.init()
+	b.handshakes.init()
 	b.byKey.Store(&map[netmap.NodePublic]*peer{})
 	return b
 }
@@ -238,6 +241,10 @@ func (b *Bind) wrapReceive(fn conn.ReceiveFunc) conn.ReceiveFunc {
 				if p == nil {
 					// Not from a path we know: WireGuard would roam
 					// the peer to a raw address we cannot keep.
+					sizes[i] = 0
+					continue
+				}
+				if isHandshake(pkt) && b.handshakes.dup(pkt, time.Now()) {
 					sizes[i] = 0
 					continue
 				}

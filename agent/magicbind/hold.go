@@ -3,7 +3,9 @@ package magicbind
 import (
 	"context"
 	"errors"
+	"hash/maphash"
 	"log/slog"
+	"sync"
 	"time"
 )
 
@@ -27,7 +29,8 @@ const (
 // RekeyTimeout, so a late response still completes the handshake; the
 // responder accepts an initiation whose TAI64N timestamp is newer than the
 // last one it consumed from that peer, so a late initiation is as good as
-// a prompt one, and a copy that arrives twice is dropped as a replay. A
+// a prompt one; a copy that arrives twice is dropped before WireGuard
+// (handshakeDedup), which does not always catch it as a replay. A
 // message older than that answers or starts a handshake WireGuard has
 // given up (a response to it matches no sender index) and could trip the
 // responder's 20 ms initiation flood limit just before the fresh one: it
@@ -118,3 +121,48 @@ func (b *Bind) sendHeld(p *peer) {
 // hasHeldLocked reports whether p holds a handshake message (the caller
 // holds p.mu).
 func (p *peer) hasHeldLocked() bool { return !p.heldAt.IsZero() }
+
+// handshakeDedup remembers the handshake messages recently handed to
+// WireGuard, so that a second copy of one is dropped here. Copies are
+// normal: sendHeld sends a held message again once a sure path appears,
+// and one sent to a guess and then relayed arrives by both paths.
+// WireGuard is meant to drop the later copy as a replay, but wireguard-go
+// checks an initiation's timestamp under a read lock and records it under
+// the write lock a moment later (device/noise-protocol.go,
+// ConsumeMessageInitiation; responses likewise), so two copies taken by
+// two handshake workers at once are both consumed. The responder then
+// answers twice, keeps only the second session, and the initiator, which
+// completed on the first answer, sends data under keys the responder has
+// dropped: nothing gets through until WireGuard gives up on the session
+// 15 s later (seen in TestPMTULab). Dropping exact copies here fixes that
+// for any WireGuard above the bind. Handshake messages are a few per peer
+// per two minutes, so a small ring is enough; it costs the data path
+// nothing (a length and type check).
+type handshakeDedup struct {
+	mu   sync.Mutex
+	seed maphash.Seed
+	next int
+	seen [32]struct {
+		h  uint64
+		at time.Time
+	}
+}
+
+func (d *handshakeDedup) init() { d.seed = maphash.MakeSeed() }
+
+// dup reports whether the handshake message pkt was handed on within
+// holdFor before now, and records it as handed on if not.
+func (d *handshakeDedup) dup(pkt []byte, now time.Time) bool {
+	h := maphash.Bytes(d.seed, pkt)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for i := range d.seen {
+		if e := &d.seen[i]; e.h == h && !e.at.IsZero() && now.Sub(e.at) < holdFor {
+			return true
+		}
+	}
+	e := &d.seen[d.next]
+	e.h, e.at = h, now
+	d.next = (d.next + 1) % len(d.seen)
+	return false
+}

@@ -3,6 +3,7 @@ package magicbind
 import (
 	"bytes"
 	"net/netip"
+	"slices"
 	"sync"
 	"testing"
 	"testing/synctest"
@@ -10,6 +11,7 @@ import (
 
 	"golang.zx2c4.com/wireguard/conn"
 
+	"meshd.dev/meshd/derp"
 	"meshd.dev/meshd/nat/disco"
 	"meshd.dev/meshd/netmap"
 )
@@ -262,4 +264,57 @@ func TestHoldAllocs(t *testing.T) {
 	}); a != 0 {
 		t.Errorf("holding an initiation: %v allocations", a)
 	}
+}
+
+// TestDuplicateHandshakeDropped: a second copy of a handshake message
+// (sendHeld sends a held one again once a sure path appears; a relayed
+// copy and a direct one race) is dropped before WireGuard, whose replay
+// check lets two copies taken at once through (handshakeDedup), by
+// either path; anything else, and a copy after holdFor, goes through.
+func TestDuplicateHandshakeDropped(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHoldHarness(t)
+		direct := ap("198.51.100.7:41641")
+		h.confirmDirect(t, direct)
+		resp := bytes.Repeat([]byte{9}, wgResponseSize)
+		copy(resp, []byte{wgResponseType, 0, 0, 0})
+		data := bytes.Repeat([]byte{7}, 64)
+		copy(data, []byte{4, 0, 0, 0})
+		in := [][]byte{initiation(1), initiation(1), data, data, resp, initiation(2), resp}
+		recv := h.b.wrapReceive(func(packets [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
+			for i, p := range in {
+				sizes[i] = copy(packets[i], p)
+				eps[i] = &conn.StdNetEndpoint{AddrPort: direct}
+			}
+			return len(in), nil
+		})
+		receive := func() []int {
+			packets := make([][]byte, len(in))
+			for i := range packets {
+				packets[i] = make([]byte, 1500)
+			}
+			sizes := make([]int, len(in))
+			n, err := recv(packets, sizes, make([]conn.Endpoint, len(in)))
+			if err != nil || n != len(in) {
+				t.Fatalf("receive: %d, %v", n, err)
+			}
+			return sizes
+		}
+		I, R, D := wgInitiationSize, wgResponseSize, len(data)
+		if got, want := receive(), []int{I, 0, D, D, R, I, 0}; !slices.Equal(got, want) {
+			t.Fatalf("first batch: sizes %v, want %v", got, want)
+		}
+		// The same copies by the relay are dropped too.
+		p := h.ep.(*Endpoint).p
+		o := &openState{ctx: t.Context(), derpRx: make(chan derpPacket, 4)}
+		h.b.handleDERP(o, &region{id: 1, code: "lab"}, derp.ReceivedPacket{Source: h.peer.NodeKey, Data: initiation(1)})
+		h.b.handleDERP(o, &region{id: 1, code: "lab"}, derp.ReceivedPacket{Source: h.peer.NodeKey, Data: initiation(3)})
+		if len(o.derpRx) != 1 || (<-o.derpRx).p != p {
+			t.Fatalf("relayed: %d packets queued, want only the new initiation", len(o.derpRx)+1)
+		}
+		time.Sleep(holdFor)
+		if got, want := receive(), []int{I, 0, D, D, R, I, 0}; !slices.Equal(got, want) {
+			t.Fatalf("after holdFor: sizes %v, want %v", got, want)
+		}
+	})
 }

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
+	"time"
 
 	"golang.zx2c4.com/wireguard/conn"
 
@@ -156,7 +157,7 @@ func (b *Bind) handleDERP(o *openState, r *region, m derp.Message) {
 		b.handleDisco(pkt.Data, netip.AddrPortFrom(derpMagicAddr, uint16(r.id)), r, pkt.Source)
 		return
 	}
-	if p == nil || len(pkt.Data) > derpBufSize {
+	if p == nil || len(pkt.Data) > derpBufSize || isHandshake(pkt.Data) && b.handshakes.dup(pkt.Data, time.Now()) {
 		return
 	}
 	buf := b.derpBufs.Get().(*[]byte)
