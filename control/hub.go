@@ -106,6 +106,9 @@ type hub struct {
 		// carried them; their ratio is how well bursts are batched.
 		frames, writes atomic.Int64
 		filterPatches  atomic.Int64 // filters sent as a patch
+		// tlsFull and tlsResumed count map streams by their
+		// connection's TLS handshake (tickets.go).
+		tlsFull, tlsResumed atomic.Int64
 	}
 
 	// dns is the name service configuration every full map carries; set

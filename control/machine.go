@@ -450,6 +450,11 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID
 		s.writeError(w, r, fmt.Errorf("%w: node %d was removed", err, id))
 		return
 	}
+	if r.TLS != nil && r.TLS.DidResume {
+		s.hub.stats.tlsResumed.Add(1)
+	} else {
+		s.hub.stats.tlsFull.Add(1)
+	}
 	s.mu.Lock()
 	s.cancelEphemeralLocked(id)
 	s.mu.Unlock()

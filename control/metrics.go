@@ -33,6 +33,7 @@ var (
 	mFrames  = prometheus.NewDesc("meshd_coordinator_map_frames_total", "Map stream frames sent after each stream's first message (keep-alives included).", nil, nil)
 	mWrites  = prometheus.NewDesc("meshd_coordinator_map_stream_writes_total", "Socket writes (flushes) that carried those frames: frames per write is how well bursts are batched.", nil, nil)
 	mPatches = prometheus.NewDesc("meshd_coordinator_filter_patches_total", "Packet filters sent as a patch of their sources rather than whole (clients of protocol 3 on).", nil, nil)
+	mTLS     = prometheus.NewDesc("meshd_coordinator_map_stream_tls_total", "Map streams started, by their connection's TLS handshake: full, or resumed from a session ticket (any replica's).", []string{"handshake"}, nil)
 	mFirst   = prometheus.NewDesc("meshd_coordinator_map_stream_starts_total", "Map streams started, by their first message: a full map or the deltas a resuming node missed.", []string{"kind"}, nil)
 )
 
@@ -93,6 +94,7 @@ func (c hubCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- mNodes
 	ch <- mStreams
 	ch <- mFirst
+	ch <- mTLS
 	ch <- mFrames
 	ch <- mWrites
 	ch <- mPatches
@@ -114,4 +116,6 @@ func (c hubCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(mFrames, prometheus.CounterValue, float64(h.stats.frames.Load()))
 	ch <- prometheus.MustNewConstMetric(mWrites, prometheus.CounterValue, float64(h.stats.writes.Load()))
 	ch <- prometheus.MustNewConstMetric(mPatches, prometheus.CounterValue, float64(h.stats.filterPatches.Load()))
+	ch <- prometheus.MustNewConstMetric(mTLS, prometheus.CounterValue, float64(h.stats.tlsFull.Load()), "full")
+	ch <- prometheus.MustNewConstMetric(mTLS, prometheus.CounterValue, float64(h.stats.tlsResumed.Load()), "resumed")
 }

@@ -279,6 +279,11 @@ func TestNodesFailOverBetweenReplicas(t *testing.T) {
 		t.Errorf("streams took %v to fail over", d)
 	}
 	t.Logf("all %d streams on B %v after A was killed", n, time.Since(killed).Round(time.Millisecond))
+	// The nodes that moved resumed the TLS sessions A had issued: the
+	// replicas share their ticket keys (tickets.go).
+	if got := b.hub.stats.tlsResumed.Load(); got < n/2 {
+		t.Errorf("%d map streams on B resumed a TLS session, want the %d that failed over", got, n/2)
+	}
 	want := b.CurrentPolicy()
 	stored, err := b.store.Policy(ctx)
 	if err == nil && stored.File != want.File {

@@ -128,6 +128,7 @@ type Server struct {
 	log         *slog.Logger
 	store       store.Store
 	cert        tls.Certificate
+	tlsConf     *tls.Config // see TLSConfig
 	fingerprint string
 	adminHash   atomic.Pointer[[]byte] // SHA-256 of the admin token
 	// relayHash is the relay token's SHA-256, nil until EnableRelayVerify;
@@ -298,6 +299,18 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	if s.certLifetime <= 0 {
 		s.certLifetime = DefaultCertLifetime
 	}
+	s.tlsConf = &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{s.cert},
+		ClientAuth:   tls.RequestClientCert,
+		NextProtos:   []string{"h2", "http/1.1"},
+	}
+	tickets, err := sessionTicketKeys(key, s.clock.Now())
+	if err != nil {
+		cleanup()
+		return nil, fmt.Errorf("coordinator: %w", err)
+	}
+	s.tlsConf.SetSessionTicketKeys(tickets)
 	s.hub.filterDelay = opts.FilterDelay
 	if s.hub.filterDelay == 0 {
 		s.hub.filterDelay = DefaultFilterDelay
@@ -347,6 +360,12 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	routers := s.clock.NewTicker(routerCheck)
 	s.wg.Add(1)
 	go s.watchRouters(routers)
+	ticketTick := s.clock.NewTicker(time.Minute)
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		rotateTicketKeys(s.tlsConf, key, s.clock, ticketTick, s.ctx.Done())
+	}()
 	if s.repl != nil {
 		s.repl.start(listener)
 	}
@@ -679,16 +698,13 @@ func (s *Server) policy() Policy {
 }
 
 // TLSConfig returns the server side TLS configuration: TLS 1.3 only, the
-// self-signed certificate, and a request (not a requirement) for a client
+// self-signed certificate, a request (not a requirement) for a client
 // certificate, since admin clients authenticate with a bearer token
-// instead. Machine endpoints refuse requests without one.
+// instead (machine endpoints refuse requests without one), and session
+// tickets every replica can resume (tickets.go). It is shared: do not
+// modify it.
 func (s *Server) TLSConfig() *tls.Config {
-	return &tls.Config{
-		MinVersion:   tls.VersionTLS13,
-		Certificates: []tls.Certificate{s.cert},
-		ClientAuth:   tls.RequestClientCert,
-		NextProtos:   []string{"h2", "http/1.1"},
-	}
+	return s.tlsConf
 }
 
 // Serve accepts connections on ln (plain TCP: Serve adds TLS) until Close,

@@ -133,6 +133,7 @@ func pinnedTransport(pin func() string, mismatch func(got string), cert *tls.Cer
 	if cert != nil {
 		cfg.Certificates = []tls.Certificate{*cert}
 	}
+	cfg.ClientSessionCache = newSessionCache()
 	return &http.Transport{
 		TLSClientConfig:     cfg,
 		ForceAttemptHTTP2:   true,
@@ -145,6 +146,25 @@ func pinnedTransport(pin func() string, mismatch func(got string), cert *tls.Cer
 		},
 	}
 }
+
+// sessionCache keeps the last TLS session the coordinator issued, under
+// one name whatever replica issued it: replicas share their ticket keys
+// (control/tickets.go), so a node failing over resumes on another replica
+// instead of a full handshake. A ticket presented to a server that is not
+// the coordinator gives that server nothing: it cannot read it, and the
+// pin is checked on a resumed session as on a full one.
+type sessionCache struct{ c tls.ClientSessionCache }
+
+func newSessionCache() sessionCache { return sessionCache{tls.NewLRUClientSessionCache(1)} }
+
+// coordinatorSession is the one name sessionCache files sessions under.
+const coordinatorSession = "meshd coordinator"
+
+func (s sessionCache) Get(string) (*tls.ClientSessionState, bool) {
+	return s.c.Get(coordinatorSession)
+}
+
+func (s sessionCache) Put(_ string, cs *tls.ClientSessionState) { s.c.Put(coordinatorSession, cs) }
 
 // PinnedTransport returns an HTTP/2-capable transport for the
 // coordinator's API that trusts only the key with fingerprint pin (the
