@@ -713,7 +713,11 @@ func (s *Server) TLSConfig() *tls.Config {
 func (s *Server) Serve(ln net.Listener) error {
 	lim := s.ConnLimits()
 	srv := lim.Server(s.Handler())
-	srv.TLSConfig = s.TLSConfig()
+	// net/http serves a clone of srv.TLSConfig, which would keep the
+	// ticket keys of the day Serve was called: every handshake is handed
+	// the live configuration instead, whose keys rotateTicketKeys turns.
+	srv.TLSConfig = s.tlsConf.Clone()
+	srv.TLSConfig.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) { return s.tlsConf, nil }
 	srv.ErrorLog = slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)
 	srv.BaseContext = func(net.Listener) context.Context { return s.ctx }
 	// A node that vanished without closing its connection must go
