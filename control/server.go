@@ -364,7 +364,7 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		rotateTicketKeys(s.tlsConf, key, s.clock, ticketTick, s.ctx.Done())
+		rotateTicketKeys(s.tlsConf.SetSessionTicketKeys, key, s.clock, ticketTick, s.ctx.Done())
 	}()
 	if s.repl != nil {
 		s.repl.start(listener)

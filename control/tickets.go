@@ -4,7 +4,6 @@ import (
 	"crypto/ed25519"
 	"crypto/hkdf"
 	"crypto/sha256"
-	"crypto/tls"
 	"fmt"
 	"time"
 
@@ -47,9 +46,10 @@ func sessionTicketKeys(key ed25519.PrivateKey, now time.Time) ([][32]byte, error
 	return out, nil
 }
 
-// rotateTicketKeys keeps cfg's ticket keys those of the current period,
-// checking every t tick, until done is closed.
-func rotateTicketKeys(cfg *tls.Config, key ed25519.PrivateKey, c clock.Clock, t clock.Ticker, done <-chan struct{}) {
+// rotateTicketKeys keeps the ticket keys set (tls.Config's
+// SetSessionTicketKeys) those of the current period, checking at every
+// tick of t, until done is closed.
+func rotateTicketKeys(set func([][32]byte), key ed25519.PrivateKey, c clock.Clock, t clock.Ticker, done <-chan struct{}) {
 	defer t.Stop()
 	for {
 		select {
@@ -57,7 +57,7 @@ func rotateTicketKeys(cfg *tls.Config, key ed25519.PrivateKey, c clock.Clock, t 
 			return
 		case <-t.C():
 			if keys, err := sessionTicketKeys(key, c.Now()); err == nil {
-				cfg.SetSessionTicketKeys(keys)
+				set(keys)
 			}
 		}
 	}

@@ -5,6 +5,8 @@ import (
 	"crypto/rand"
 	"testing"
 	"time"
+
+	"meshd.dev/meshd/internal/clock/clocktest"
 )
 
 // TestSessionTicketKeys: replicas (one coordinator key) derive the same
@@ -37,4 +39,35 @@ func TestSessionTicketKeys(t *testing.T) {
 	case next[1] != a[0] || next[0] == a[0]:
 		t.Error("the next period does not issue with a new key and accept this one")
 	}
+}
+
+// TestRotateTicketKeys: the keys in force are the period's, with the one
+// before still accepted, and change when a period ends.
+func TestRotateTicketKeys(t *testing.T) {
+	_, key, _ := ed25519.GenerateKey(rand.Reader)
+	start := time.Date(2026, 12, 4, 23, 0, 0, 0, time.UTC)
+	c := clocktest.New(start)
+	set := make(chan [][32]byte, 4)
+	done := make(chan struct{})
+	defer close(done)
+	go rotateTicketKeys(func(k [][32]byte) { set <- k }, key, c, c.NewTicker(time.Minute), done)
+	expect := func(what string, at time.Time) {
+		t.Helper()
+		want, err := sessionTicketKeys(key, at)
+		if err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case got := <-set:
+			if got[0] != want[0] || got[1] != want[1] {
+				t.Fatalf("%s: not the keys of the period of %v", what, at)
+			}
+		case <-time.After(10 * time.Second): // a guard, not a wait: the tick is already sent
+			t.Fatalf("%s: no keys set", what)
+		}
+	}
+	c.Advance(time.Minute)
+	expect("the first tick", start)
+	c.Advance(time.Hour) // past midnight
+	expect("past midnight", start.Add(time.Hour))
 }
