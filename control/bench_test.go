@@ -37,7 +37,8 @@ func benchHub(n int) *hub {
 		n := benchNode(id)
 		h.nodes[id] = n
 		h.byKey[n.NodeKey] = id
-		h.sessions[id] = []*session{{node: id, q: newFrameQueue(8), dead: make(chan struct{})}}
+		// Streaming with the current protocol, as meshd nodes do.
+		h.sessions[id] = []*session{{node: id, q: newFrameQueue(8), dead: make(chan struct{}), patches: true, rulePatches: true}}
 	}
 	return h
 }

@@ -210,43 +210,116 @@ func (r *keyReader) prefix() netip.Prefix {
 }
 
 // filterPatch returns the patch that turns the filter keyed oldKey into f,
-// keyed newKey, or false when f must go whole: the rule count or anything
-// but a rule's sources differ, a source list is not ascending, or the
-// patch would not be much smaller than the filter. It reads the old
+// keyed newKey, or false when f must go whole: the rule count differs, a
+// field other than the sources differs and rules is false (the client
+// predates netmap.FilterRulePatchVersion), a source list is not ascending,
+// or the patch would not be much smaller than the filter. It reads the old
 // sources back from the key, which holds them exactly, so sessions keep no
-// filter.
+// filter. A field other than the sources that changed goes whole in the
+// patch, as f has it.
 //
 // c, when not nil, remembers the last source lists diffed: a join into a
 // tenant changes its k members' filters by the same sources, and each
 // member's key holds the same old list, so diffing it once serves all k.
-func filterPatch(c *srcDiffCache, oldKey, newKey []byte, f []netmap.FilterRule) ([]netmap.FilterSrcPatch, bool) {
+func filterPatch(c *srcDiffCache, oldKey, newKey []byte, f []netmap.FilterRule, rules bool) ([]netmap.FilterRulePatch, bool) {
 	var buf [16]keyRule
 	or, ok1 := splitKey(oldKey, buf[:0:8])
 	nr, ok2 := splitKey(newKey, buf[8:8])
 	if !ok1 || !ok2 || len(or) != len(nr) || len(nr) != len(f) {
 		return nil, false
 	}
-	var out []netmap.FilterSrcPatch
+	var out []netmap.FilterRulePatch
 	changed, total := 0, 0
 	for i := range nr {
+		var p netmap.FilterRulePatch
 		if !bytes.Equal(or[i].rest, nr[i].rest) {
-			return nil, false
+			if !rules || !replaceRest(&p, or[i].rest, nr[i].rest, &f[i]) {
+				return nil, false
+			}
 		}
 		total += len(f[i].SrcIPs)
-		if bytes.Equal(or[i].srcs, nr[i].srcs) {
-			continue
+		if !bytes.Equal(or[i].srcs, nr[i].srcs) {
+			add, remove, ok := c.diff(or[i].srcs, f[i].SrcIPs)
+			if !ok {
+				return nil, false
+			}
+			changed += len(add) + len(remove)
+			p.Add, p.Remove = add, remove
 		}
-		add, remove, ok := c.diff(or[i].srcs, f[i].SrcIPs)
-		if !ok {
-			return nil, false
+		if len(p.Add) > 0 || len(p.Remove) > 0 || p.DstPorts != nil || p.IPProto != nil || p.CapGrants != nil || p.Origin != nil {
+			p.Rule = i
+			out = append(out, p)
 		}
-		changed += len(add) + len(remove)
-		out = append(out, netmap.FilterSrcPatch{Rule: i, Add: add, Remove: remove})
 	}
 	if len(out) == 0 || 2*changed > total {
 		return nil, false
 	}
 	return out, true
+}
+
+// replaceRest sets in p, from r, each field but the sources whose part of
+// the old and new keys' rests differ. It returns false if either rest is
+// not one a key holds.
+func replaceRest(p *netmap.FilterRulePatch, oldRest, newRest []byte, r *netmap.FilterRule) bool {
+	o, ok1 := splitRest(oldRest)
+	n, ok2 := splitRest(newRest)
+	if !ok1 || !ok2 {
+		return false
+	}
+	// Lists are copied out of the new filter: r may be a policy's shared
+	// value, and the patch is only encoded, but a nil list must go as an
+	// empty one, or the field would be left out of the patch's JSON.
+	if !bytes.Equal(o[0], n[0]) {
+		p.DstPorts = ptrTo(nonNil(r.DstPorts))
+	}
+	if !bytes.Equal(o[1], n[1]) {
+		p.IPProto = ptrTo(nonNil(r.IPProto))
+	}
+	if !bytes.Equal(o[2], n[2]) {
+		p.CapGrants = ptrTo(nonNil(r.CapGrants))
+	}
+	if !bytes.Equal(o[3], n[3]) {
+		p.Origin = ptrTo(r.Origin)
+	}
+	return true
+}
+
+// nonNil returns s, or an empty list for nil: JSON writes it as [].
+func nonNil[T any](s []T) []T {
+	if s == nil {
+		return []T{}
+	}
+	return s
+}
+
+func ptrTo[T any](v T) *T { return &v }
+
+// splitRest splits the part of a rule's key after its sources
+// (keyRule.rest) into its destinations, protocols, capability grants and
+// origin, as filterKeyer.append writes them.
+func splitRest(rest []byte) (parts [4][]byte, ok bool) {
+	r := keyReader{b: rest, ok: true}
+	at := func() int { return len(rest) - len(r.b) }
+	start := 0
+	mark := func(i int) {
+		parts[i] = rest[start:at()]
+		start = at()
+	}
+	for range r.uvarint() {
+		r.prefix()
+		r.skip(4)
+	}
+	mark(0)
+	r.bytes()
+	mark(1)
+	for range r.uvarint() {
+		r.prefixes()
+		r.bytes()
+	}
+	mark(2)
+	r.bytes()
+	mark(3)
+	return parts, r.ok && len(r.b) == 0
 }
 
 // srcDiffCache holds the last diffSources result. The added and removed

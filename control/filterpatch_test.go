@@ -29,46 +29,81 @@ func TestFilterPatch(t *testing.T) {
 	rule := func(s []netip.Prefix) netmap.FilterRule {
 		return netmap.FilterRule{SrcIPs: s, DstPorts: dst, Origin: "policy.hujson:3"}
 	}
+	dst22 := []netmap.NetPortRange{{Net: dst[0].Net, Ports: netmap.PortRange{First: 22, Last: 22}}}
+	// patch: a client of netmap.FilterPatchVersion is sent a patch;
+	// rulePatch: one of netmap.FilterRulePatchVersion is.
 	tests := []struct {
-		name     string
-		from, to []netmap.FilterRule
-		patch    bool
+		name             string
+		from, to         []netmap.FilterRule
+		patch, rulePatch bool
 	}{
-		{name: "a join", from: []netmap.FilterRule{rule(srcs(20, 7))}, to: []netmap.FilterRule{rule(srcs(20))}, patch: true},
-		{name: "a leave", from: []netmap.FilterRule{rule(srcs(20))}, to: []netmap.FilterRule{rule(srcs(20, 7))}, patch: true},
-		{name: "second rule only", from: []netmap.FilterRule{rule(srcs(5)), rule(srcs(20))}, to: []netmap.FilterRule{rule(srcs(5)), rule(srcs(21))}, patch: true},
+		{name: "a join", from: []netmap.FilterRule{rule(srcs(20, 7))}, to: []netmap.FilterRule{rule(srcs(20))}, patch: true, rulePatch: true},
+		{name: "a leave", from: []netmap.FilterRule{rule(srcs(20))}, to: []netmap.FilterRule{rule(srcs(20, 7))}, patch: true, rulePatch: true},
+		{name: "second rule only", from: []netmap.FilterRule{rule(srcs(5)), rule(srcs(20))}, to: []netmap.FilterRule{rule(srcs(5)), rule(srcs(21))}, patch: true, rulePatch: true},
 		{name: "the same", from: []netmap.FilterRule{rule(srcs(20))}, to: []netmap.FilterRule{rule(srcs(20))}},
 		{name: "a rule more", from: []netmap.FilterRule{rule(srcs(20))}, to: []netmap.FilterRule{rule(srcs(20)), rule(srcs(2))}},
-		{name: "ports changed", from: []netmap.FilterRule{rule(srcs(20))},
-			to: []netmap.FilterRule{{SrcIPs: srcs(21), DstPorts: []netmap.NetPortRange{{Net: dst[0].Net, Ports: netmap.PortRange{First: 22, Last: 22}}}, Origin: "policy.hujson:3"}}},
-		{name: "origin changed", from: []netmap.FilterRule{rule(srcs(20))}, to: []netmap.FilterRule{{SrcIPs: srcs(21), DstPorts: dst, Origin: "policy.hujson:4"}}},
+		{name: "ports and sources changed", from: []netmap.FilterRule{rule(srcs(20))},
+			to: []netmap.FilterRule{{SrcIPs: srcs(21), DstPorts: dst22, Origin: "policy.hujson:3"}}, rulePatch: true},
+		{name: "ports changed", from: []netmap.FilterRule{rule(srcs(20)), rule(srcs(5))},
+			to: []netmap.FilterRule{rule(srcs(20)), {SrcIPs: srcs(5), DstPorts: dst22, Origin: "policy.hujson:3"}}, rulePatch: true},
+		{name: "ports emptied", from: []netmap.FilterRule{rule(srcs(20))},
+			to: []netmap.FilterRule{{SrcIPs: srcs(20), Origin: "policy.hujson:3"}}, rulePatch: true},
+		{name: "origin changed", from: []netmap.FilterRule{rule(srcs(20))}, to: []netmap.FilterRule{{SrcIPs: srcs(21), DstPorts: dst, Origin: "policy.hujson:4"}}, rulePatch: true},
+		{name: "protocols set", from: []netmap.FilterRule{rule(srcs(20))},
+			to: []netmap.FilterRule{{SrcIPs: srcs(20), DstPorts: dst, IPProto: []uint8{6}, Origin: "policy.hujson:3"}}, rulePatch: true},
+		{name: "protocols cleared", from: []netmap.FilterRule{{SrcIPs: srcs(20), DstPorts: dst, IPProto: []uint8{6, 17}, Origin: "policy.hujson:3"}},
+			to: []netmap.FilterRule{rule(srcs(20))}, rulePatch: true},
+		{name: "capabilities granted", from: []netmap.FilterRule{rule(srcs(20))},
+			to: []netmap.FilterRule{{SrcIPs: srcs(20), DstPorts: dst, Origin: "policy.hujson:3",
+				CapGrants: []netmap.CapGrant{{Dsts: []netip.Prefix{dst[0].Net}, Caps: map[string][]json.RawMessage{"example.com/cap/x": {json.RawMessage(`{"a":1}`)}}}}}}, rulePatch: true},
 		{name: "most sources changed", from: []netmap.FilterRule{rule(srcs(20))}, to: []netmap.FilterRule{rule(srcs(4))}},
 		{name: "unsorted new sources", from: []netmap.FilterRule{rule(srcs(3))}, to: []netmap.FilterRule{rule(append(srcs(3), srcs(1)...))}},
 		{name: "unsorted old sources", from: []netmap.FilterRule{rule(slices.Concat(srcs(20, 2), srcs(1)))}, to: []netmap.FilterRule{rule(srcs(20))}},
 	}
 	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			oldKey, newKey := filterKey(nil, tt.from), filterKey(nil, tt.to)
-			p, ok := filterPatch(nil, oldKey, newKey, tt.to)
-			if ok != tt.patch {
-				t.Fatalf("patch = %v (%+v); want %v", ok, p, tt.patch)
-			}
-			if !ok {
-				return
-			}
-			got, err := netmap.ApplyFilterPatch(tt.from, p)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !bytes.Equal(filterKey(nil, got), newKey) {
-				t.Fatalf("patched filter %+v; want %+v", got, tt.to)
-			}
-			whole, _ := controlclient.MarshalResponse(&netmap.MapResponse{Epoch: "e", PacketFilter: &tt.to})
-			patch, _ := controlclient.MarshalResponse(&netmap.MapResponse{Epoch: "e", PacketFilterPatch: p})
-			if 4*len(patch) > len(whole) {
-				t.Fatalf("patch of %d bytes for a filter of %d", len(patch), len(whole))
-			}
-		})
+		for _, rules := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/rules=%v", tt.name, rules), func(t *testing.T) {
+				want := tt.patch
+				if rules {
+					want = tt.rulePatch
+				}
+				oldKey, newKey := filterKey(nil, tt.from), filterKey(nil, tt.to)
+				p, ok := filterPatch(nil, oldKey, newKey, tt.to, rules)
+				if ok != want {
+					t.Fatalf("patch = %v (%+v); want %v", ok, p, want)
+				}
+				if !ok {
+					return
+				}
+				// Through JSON, as a node gets it.
+				wire, err := controlclient.MarshalResponse(&netmap.MapResponse{Epoch: "e", PacketFilterPatch: p})
+				if err != nil {
+					t.Fatal(err)
+				}
+				resp, err := netmap.DecodeMapResponse(wire)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := resp.Validate(); err != nil {
+					t.Fatalf("patch %s: %v", wire, err)
+				}
+				got, err := netmap.ApplyFilterPatch(tt.from, resp.PacketFilterPatch)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(filterKey(nil, got), newKey) {
+					t.Fatalf("patched filter %+v; want %+v", got, tt.to)
+				}
+				whole, _ := controlclient.MarshalResponse(&netmap.MapResponse{Epoch: "e", PacketFilter: &tt.to})
+				limit := 4 // sources alone: a few of many
+				if !tt.patch {
+					limit = 2 // another field whole: smaller still
+				}
+				if limit*len(wire) > len(whole) {
+					t.Fatalf("patch of %d bytes for a filter of %d: %s", len(wire), len(whole), wire)
+				}
+			})
+		}
 	}
 }
 
@@ -79,6 +114,8 @@ func FuzzFilterPatch(f *testing.F) {
 	f.Add([]byte{2, 4, 9}, []byte{2, 3, 4, 9}, uint8(0))
 	f.Add([]byte{1, 2, 3, 4, 5, 6, 7, 8}, []byte{1, 2, 3, 5, 6, 7, 8, 200}, uint8(1))
 	f.Add([]byte{5, 4}, []byte{4, 5}, uint8(2))
+	f.Add([]byte{2, 4, 9}, []byte{2, 4, 9}, uint8(8|16))
+	f.Add([]byte{2, 4, 9}, []byte{2, 3, 4, 9}, uint8(16))
 	f.Fuzz(func(t *testing.T, a, b []byte, mode uint8) {
 		// Sources from bytes: IPv4 below 128, IPv6 from 128, bits from the
 		// mode so that one address may appear with two lengths.
@@ -102,8 +139,13 @@ func FuzzFilterPatch(f *testing.F) {
 			return out
 		}
 		dst := []netmap.NetPortRange{{Net: netip.MustParsePrefix("100.64.0.1/32"), Ports: netmap.AllPorts}}
+		rules := mode&8 != 0
+		toDst := dst
+		if mode&16 != 0 { // another port: only a rule patch can say it
+			toDst = []netmap.NetPortRange{{Net: dst[0].Net, Ports: netmap.PortRange{First: uint16(len(a)), Last: 443}}}
+		}
 		from := []netmap.FilterRule{{SrcIPs: srcs(a), DstPorts: dst}}
-		to := []netmap.FilterRule{{SrcIPs: srcs(b), DstPorts: dst}}
+		to := []netmap.FilterRule{{SrcIPs: srcs(b), DstPorts: toDst}}
 		if mode&2 != 0 {
 			from = append(from, netmap.FilterRule{SrcIPs: srcs(b), DstPorts: dst})
 			to = append(to, netmap.FilterRule{SrcIPs: srcs(a), DstPorts: dst})
@@ -111,11 +153,14 @@ func FuzzFilterPatch(f *testing.F) {
 		oldKey, newKey := filterKey(nil, from), filterKey(nil, to)
 		var c srcDiffCache
 		// Twice through one cache: the second answer is the remembered one.
-		p0, ok0 := filterPatch(&c, oldKey, newKey, to)
-		if p, ok := filterPatch(&c, oldKey, newKey, to); ok != ok0 || fmt.Sprint(p) != fmt.Sprint(p0) {
+		p0, ok0 := filterPatch(&c, oldKey, newKey, to, rules)
+		if p, ok := filterPatch(&c, oldKey, newKey, to, rules); ok != ok0 || string(mustMarshal(t, p)) != string(mustMarshal(t, p0)) {
 			t.Fatalf("from the cache: %v %+v; computed %v %+v", ok, p, ok0, p0)
 		}
-		if p, ok := filterPatch(nil, oldKey, newKey, to); ok {
+		if p, ok := filterPatch(nil, oldKey, newKey, to, rules); ok {
+			if !rules && !slices.Equal(dst, toDst) {
+				t.Fatalf("a patch of the ports for a client that cannot apply it: %s", mustMarshal(t, p))
+			}
 			got, err := netmap.ApplyFilterPatch(from, p)
 			if err != nil {
 				t.Fatalf("a chosen patch does not apply: %v (%+v)", err, p)
@@ -127,15 +172,16 @@ func FuzzFilterPatch(f *testing.F) {
 		// Garbage where the old key should be: no panic, and a patch only
 		// if it parses as a key.
 		junk := append(binary.AppendUvarint(nil, 1), a...)
-		filterPatch(&c, junk, newKey, to)
-		filterPatch(&c, a, newKey, to)
+		filterPatch(&c, junk, newKey, to, rules)
+		filterPatch(&c, a, newKey, to, rules)
 	})
 }
 
-// TestFilterPatchesPerClientVersion: a join into a tenant reaches a member
-// streaming with protocol 3 as a patch of its filter's sources and one
-// streaming with protocol 2 as its whole filter; both end with the filter
-// of a full map, and a policy change that changes ports goes whole to both.
+// TestFilterPatchesPerClientVersion: a join into a tenant reaches members
+// streaming with protocol 3 or 4 as a patch of their filter's sources and
+// one streaming with protocol 2 as its whole filter; a policy change that
+// changes ports reaches protocol 4 as a patch and the others whole; all
+// end with the filter of a full map.
 func TestFilterPatchesPerClientVersion(t *testing.T) {
 	const pol = `{"tagOwners": {"tag:a": [], "tag:b": []},
 		"grants": [{"src": ["tag:a"], "dst": ["tag:a"], "ip": ["*"]}, {"src": ["tag:b"], "dst": ["tag:a"], "ip": ["tcp:22"]}]}`
@@ -155,7 +201,7 @@ func TestFilterPatchesPerClientVersion(t *testing.T) {
 	for _, c := range []struct {
 		id netmap.NodeID
 		v  int
-	}{{1, netmap.ProtocolVersion}, {2, 2}} {
+	}{{1, netmap.ProtocolVersion}, {2, 2}, {4, netmap.FilterPatchVersion}} {
 		s, first, err := h.subscribe(c.id, c.v, 0, "")
 		if err != nil {
 			t.Fatal(err)
@@ -179,7 +225,7 @@ func TestFilterPatchesPerClientVersion(t *testing.T) {
 			}
 			if resp.PacketFilterPatch != nil {
 				patches++
-				if len(resp.PeersChanged) == 0 && len(f) > 200 {
+				if len(resp.PeersChanged) == 0 && len(f) > 300 {
 					t.Errorf("a patch frame of %d bytes: %s", len(f), f[4:])
 				}
 			}
@@ -189,7 +235,7 @@ func TestFilterPatchesPerClientVersion(t *testing.T) {
 		}
 		return whole, patches
 	}
-	check := func(what string, wantWhole, wantPatches [2]int) {
+	check := func(what string, wantWhole, wantPatches [3]int) {
 		t.Helper()
 		for i, c := range cs {
 			whole, patches := step(c)
@@ -209,8 +255,9 @@ func TestFilterPatchesPerClientVersion(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	step(cs[0]) // node 2 and 3 came online
-	step(cs[1])
+	for _, c := range cs { // nodes 2 to 4 came online
+		step(c)
+	}
 	h.upsert(hubNode(30, "tag:a"))
 	if a, b := cs[0].s.q.take(nil), s3.q.take(nil); len(a) != 1 || len(b) != 1 || &a[0][0] != &b[0][0] {
 		t.Fatalf("after a join, node 1 was sent %q and node 3 %q; want the same frame, the peer change with the patch", a, b)
@@ -219,16 +266,16 @@ func TestFilterPatchesPerClientVersion(t *testing.T) {
 			cs[0].s.q.push(f)
 		}
 	}
-	check("after a join", [2]int{0, 1}, [2]int{1, 0})
+	check("after a join", [3]int{0, 1, 0}, [3]int{1, 0, 1})
 	h.upsert(hubNode(31, "tag:b")) // the tcp:22 rule's sources
-	check("after a tag:b join", [2]int{0, 1}, [2]int{1, 0})
+	check("after a tag:b join", [3]int{0, 1, 0}, [3]int{1, 0, 1})
 	h.remove(5, controlclient.ErrNotRegistered)
-	check("after a leave", [2]int{0, 1}, [2]int{1, 0})
+	check("after a leave", [3]int{0, 1, 0}, [3]int{1, 0, 1})
 	h.remove(21, controlclient.ErrNotRegistered)
 	h.remove(31, controlclient.ErrNotRegistered) // the tcp:22 rule goes
-	check("after the tag:b rule emptied", [2]int{1, 2}, [2]int{1, 0})
+	check("after the tag:b rule emptied", [3]int{1, 2, 1}, [3]int{1, 0, 1})
 	h.setPolicy(mustEngine(t, `{"tagOwners": {"tag:a": [], "tag:b": []}, "grants": [{"src": ["tag:a"], "dst": ["tag:a"], "ip": ["tcp:80"]}]}`))
-	check("after a policy change", [2]int{1, 1}, [2]int{0, 0})
+	check("after a policy change", [3]int{0, 1, 1}, [3]int{1, 0, 0})
 	var doc bytes.Buffer
 	json.Indent(&doc, mustMarshal(t, cs[0].m.PacketFilter), "", " ")
 	if !bytes.Contains(doc.Bytes(), []byte(`"first": 80`)) {

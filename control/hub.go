@@ -140,6 +140,10 @@ type session struct {
 	// (netmap.FilterPatchVersion), so a filter whose sources alone changed
 	// goes as one.
 	patches bool
+	// rulePatches: the client's patches may also replace a rule's other
+	// fields (netmap.FilterRulePatchVersion), so a policy change that
+	// alters ports goes as a patch.
+	rulePatches bool
 	// filterAt is when a join or leave last refreshed this session's
 	// filter at once (refreshFilterLaterLocked).
 	filterAt time.Time
@@ -520,7 +524,7 @@ func (h *hub) revokeLocked(k netmap.NodePublic) {
 // a tenant get the same patch for a join (the same rule, the same sources
 // from srcDiffs) with the same peer change, and the frame is shared as a
 // peer change's is.
-func (h *hub) patchFrame(with *lazyFrame, p []netmap.FilterSrcPatch) []byte {
+func (h *hub) patchFrame(with *lazyFrame, p []netmap.FilterRulePatch) []byte {
 	lp := &h.lastPatch
 	r := h.base()
 	if with != nil {
@@ -538,11 +542,11 @@ func (h *hub) patchFrame(with *lazyFrame, p []netmap.FilterSrcPatch) []byte {
 // samePatch reports whether a and b are the same patch built from the
 // same diff: equal rules with the very same lists, which srcDiffCache
 // hands out unchanged.
-func samePatch(a, b []netmap.FilterSrcPatch) bool {
+func samePatch(a, b []netmap.FilterRulePatch) bool {
 	same := func(x, y []netip.Prefix) bool {
 		return len(x) == len(y) && (len(x) == 0 || &x[0] == &y[0])
 	}
-	return slices.EqualFunc(a, b, func(x, y netmap.FilterSrcPatch) bool {
+	return slices.EqualFunc(a, b, func(x, y netmap.FilterRulePatch) bool {
 		return x.Rule == y.Rule && same(x.Add, y.Add) && same(x.Remove, y.Remove)
 	})
 }
@@ -667,7 +671,7 @@ func (h *hub) refreshFilterLocked(n *netmap.Node, ss []*session, with *lazyFrame
 			continue
 		}
 		if s.patches {
-			if p, ok := filterPatch(&h.srcDiffs, s.lastFilter, b, f); ok {
+			if p, ok := filterPatch(&h.srcDiffs, s.lastFilter, b, f, s.rulePatches); ok {
 				h.stats.filterPatches.Add(1)
 				s.lastFilter = b
 				h.send(s, h.patchFrame(with, p))
@@ -969,7 +973,8 @@ func (h *hub) subscribe(id netmap.NodeID, version int, since uint64, epoch strin
 			live--
 		}
 	}
-	s := &session{node: id, q: newFrameQueue(h.queueLen), dead: make(chan struct{}), patches: version >= netmap.FilterPatchVersion}
+	s := &session{node: id, q: newFrameQueue(h.queueLen), dead: make(chan struct{}),
+		patches: version >= netmap.FilterPatchVersion, rulePatches: version >= netmap.FilterRulePatchVersion}
 	h.sessions[id] = append(h.sessions[id], s)
 	h.sessionsGen++
 	first := h.resumeLocked(n, since, epoch)

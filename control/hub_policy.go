@@ -67,6 +67,9 @@ type policySnapshot struct {
 	// sent[i] is the filter key every session of viewers[i] was last sent,
 	// or nil if they differ.
 	sent [][]byte
+	// rules[i]: every session of viewers[i] takes patches of a rule's
+	// fields other than its sources (netmap.FilterRulePatchVersion).
+	rules []bool
 }
 
 func (h *hub) snapshotForPolicy() *policySnapshot {
@@ -90,15 +93,17 @@ func (h *hub) snapshotForPolicy() *policySnapshot {
 		}
 		s.viewers = append(s.viewers, v)
 		var key []byte
+		rules := true
 		for i, sess := range ss {
+			rules = rules && sess.rulePatches
 			if i == 0 {
 				key = sess.lastFilter
 			} else if !bytes.Equal(key, sess.lastFilter) {
 				key = nil
-				break
 			}
 		}
 		s.sent = append(s.sent, key)
+		s.rules = append(s.rules, rules)
 	}
 	return s
 }
@@ -125,6 +130,10 @@ type policyUpdate struct {
 	filter []netmap.FilterRule
 	key    []byte // filterKey of the new filter
 	same   bool   // nothing changed but maybe the filter
+	// patchOf, when not nil, is the filter key frame's filter patch
+	// applies to: frame then changes nothing but the filter, and filter is
+	// kept for the sessions that no longer hold that key.
+	patchOf []byte
 	// changed are the IDs in the update's PeersChanged, ascending: their
 	// entries are the snapshot's, which reconcileLocked may have to bring
 	// up to date.
@@ -235,10 +244,20 @@ func (h *hub) computePolicyUpdates(snap *policySnapshot, next policyState) []pol
 		r.PacketFilter = &f
 		u.key = h.keys.append(nil, f)
 		u.same = old.bootstrap == next.bootstrap && len(r.PeersChanged) == 0 && len(r.PeersRemoved) == 0
-		if !u.same || !bytes.Equal(snap.sent[i], u.key) {
-			u.frame = h.encode(&r)
-		} else {
+		switch {
+		case u.same && bytes.Equal(snap.sent[i], u.key):
 			u.filter = f
+		case u.same && !old.bootstrap && !next.bootstrap && snap.rules[i] && snap.sent[i] != nil:
+			// Only the filter changed, and every session holds the one
+			// keyed sent[i]: a patch of the rules that changed (a port
+			// change in a tenant of 100 is ~100 bytes, not 5 KB).
+			if p, ok := filterPatch(nil, snap.sent[i], u.key, f, true); ok {
+				r.PacketFilter, r.PacketFilterPatch = nil, p
+				u.patchOf, u.filter = snap.sent[i], f
+			}
+			u.frame = h.encode(&r)
+		default:
+			u.frame = h.encode(&r)
 		}
 	})
 	return updates
@@ -354,10 +373,23 @@ func (h *hub) reconcileLocked(snap *policySnapshot, updates []policyUpdate) {
 			continue
 		}
 		u := &updates[i]
-		var frame []byte
+		var frame, whole []byte
 		for _, s := range ss {
 			if u.same && bytes.Equal(s.lastFilter, u.key) {
 				continue // nothing this node sees changed: send nothing
+			}
+			if u.patchOf != nil && (!s.rulePatches || !bytes.Equal(s.lastFilter, u.patchOf)) {
+				// The patch does not fit what this session holds now (a
+				// join changed its filter since the snapshot): the filter
+				// whole, which is all the update carries.
+				if whole == nil {
+					r := h.base()
+					r.PacketFilter = &u.filter
+					whole = h.encode(&r)
+				}
+				s.lastFilter = u.key
+				h.send(s, whole)
+				continue
 			}
 			if frame == nil {
 				frame = h.versionedFrame(u, snap.version)

@@ -134,7 +134,11 @@ func reconcileRun(t *testing.T, seed uint64) {
 			}
 		}
 	}
-	specs := []string{tenantPolicy(tenants), capsPolicies["tags and users"], capsPolicies["everyone"], capsPolicies["no app grants"], ""}
+	// Two policies that differ in ports alone: changes between them go
+	// as filter patches, computed against the snapshot, which the
+	// concurrent changes may make stale.
+	specs := []string{tenantPolicy(tenants), capsPolicies["tags and users"], capsPolicies["everyone"], capsPolicies["no app grants"], "",
+		tenantPortPolicy(tenants, 80), tenantPortPolicy(tenants, 443)}
 	for step := range 12 {
 		spec := specs[rng.IntN(len(specs))]
 		if spec == "" {
@@ -180,7 +184,7 @@ func reconcileRun(t *testing.T, seed uint64) {
 // capability policies know only tag:srv and tag:gpu), so that the tenants'
 // nodes are valid under it.
 func withTenantTags(src string, k int) string {
-	if src == tenantPolicy(k) {
+	if strings.Contains(src, `"tag:tenant0": []`) {
 		return src
 	}
 	var owners string

@@ -52,13 +52,6 @@ func (s *Server) Routes(ctx context.Context) ([]RouteInfo, error) {
 	return out, nil
 }
 
-func nonNil(ps []netip.Prefix) []netip.Prefix {
-	if ps == nil {
-		return []netip.Prefix{}
-	}
-	return ps
-}
-
 // ApproveRoute approves route p of node id. Only an advertised route can
 // be approved (so a typo is an error, not a silent pre-approval); for an
 // exit node approve 0.0.0.0/0 and ::/0 (each or both). Approving what an

@@ -39,12 +39,12 @@ func BenchmarkChurnFrames(b *testing.B) {
 		PacketFilter: []FilterRule{{SrcIPs: srcs, DstPorts: []NetPortRange{{Net: self.Addresses[0], Ports: AllPorts}, {Net: self.Addresses[1], Ports: AllPorts}}}}}
 	joiner := churnNode(300)
 	join, err := json.Marshal(&MapResponse{Epoch: "e", Version: 2, PeersChanged: []Node{joiner},
-		PacketFilterPatch: []FilterSrcPatch{{Rule: 0, Add: joiner.Addresses}}})
+		PacketFilterPatch: []FilterRulePatch{{Rule: 0, Add: joiner.Addresses}}})
 	if err != nil {
 		b.Fatal(err)
 	}
 	leave, err := json.Marshal(&MapResponse{Epoch: "e", Version: 3, PeersRemoved: []NodeID{joiner.ID},
-		PacketFilterPatch: []FilterSrcPatch{{Rule: 0, Remove: joiner.Addresses}}})
+		PacketFilterPatch: []FilterRulePatch{{Rule: 0, Remove: joiner.Addresses}}})
 	if err != nil {
 		b.Fatal(err)
 	}

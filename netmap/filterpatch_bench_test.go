@@ -16,7 +16,7 @@ func BenchmarkApplyFilterPatch(b *testing.B) {
 		srcs = append(srcs, netip.PrefixFrom(netip.AddrFrom16([16]byte{0xfd, 0x7a, 0x11, 0x5c, 0xa1, 0xe0, 14: byte(i / 200), 15: byte(i % 200)}), 128))
 	}
 	f := []FilterRule{{SrcIPs: srcs, DstPorts: []NetPortRange{{Net: srcs[0], Ports: AllPorts}}}}
-	p := []FilterSrcPatch{{Rule: 0, Add: []netip.Prefix{
+	p := []FilterRulePatch{{Rule: 0, Add: []netip.Prefix{
 		netip.PrefixFrom(netip.AddrFrom4([4]byte{100, 64, 0, 250}), 32),
 		netip.PrefixFrom(netip.AddrFrom16([16]byte{0xfd, 0x7a, 0x11, 0x5c, 0xa1, 0xe0, 15: 250}), 128),
 	}}}

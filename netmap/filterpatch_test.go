@@ -26,37 +26,37 @@ func TestApplyFilterPatch(t *testing.T) {
 	}
 	tests := []struct {
 		name    string
-		patch   []FilterSrcPatch
+		patch   []FilterRulePatch
 		want    []netip.Prefix // rule 0's sources after
 		want1   []netip.Prefix // rule 1's, when not base's
 		wantErr string         // empty: applies
 		full    bool           // the error asks for a full map
 	}{
 		{name: "add in the middle and at both ends",
-			patch: []FilterSrcPatch{{Rule: 0, Add: pfxs("100.64.0.1/32", "100.64.0.3/32", "fd7a:115c:a1e0::9/128")}},
+			patch: []FilterRulePatch{{Rule: 0, Add: pfxs("100.64.0.1/32", "100.64.0.3/32", "fd7a:115c:a1e0::9/128")}},
 			want:  pfxs("100.64.0.1/32", "100.64.0.2/32", "100.64.0.3/32", "100.64.0.4/32", "fd7a:115c:a1e0::2/128", "fd7a:115c:a1e0::9/128")},
 		{name: "remove",
-			patch: []FilterSrcPatch{{Rule: 0, Remove: pfxs("100.64.0.2/32", "fd7a:115c:a1e0::2/128")}},
+			patch: []FilterRulePatch{{Rule: 0, Remove: pfxs("100.64.0.2/32", "fd7a:115c:a1e0::2/128")}},
 			want:  pfxs("100.64.0.4/32")},
 		{name: "add and remove, two rules",
-			patch: []FilterSrcPatch{{Rule: 0, Add: pfxs("100.64.0.3/32"), Remove: pfxs("100.64.0.4/32")}, {Rule: 1, Add: pfxs("10.0.0.0/7")}},
+			patch: []FilterRulePatch{{Rule: 0, Add: pfxs("100.64.0.3/32"), Remove: pfxs("100.64.0.4/32")}, {Rule: 1, Add: pfxs("10.0.0.0/7")}},
 			want:  pfxs("100.64.0.2/32", "100.64.0.3/32", "fd7a:115c:a1e0::2/128"),
 			want1: pfxs("10.0.0.0/7", "10.0.0.0/8")},
 		{name: "remove everything",
-			patch: []FilterSrcPatch{{Rule: 0, Remove: pfxs("100.64.0.2/32", "100.64.0.4/32", "fd7a:115c:a1e0::2/128")}},
+			patch: []FilterRulePatch{{Rule: 0, Remove: pfxs("100.64.0.2/32", "100.64.0.4/32", "fd7a:115c:a1e0::2/128")}},
 			want:  pfxs()},
-		{name: "rule past the end", patch: []FilterSrcPatch{{Rule: 2, Add: pfxs("100.64.0.3/32")}}, wantErr: "rule 2 of 2", full: true},
-		{name: "remove what is not there", patch: []FilterSrcPatch{{Rule: 0, Remove: pfxs("100.64.0.3/32")}}, wantErr: "not there", full: true},
-		{name: "remove past the end", patch: []FilterSrcPatch{{Rule: 0, Remove: pfxs("fd7a:115c:a1e0::3/128")}}, wantErr: "not there", full: true},
-		{name: "add what is there", patch: []FilterSrcPatch{{Rule: 0, Add: pfxs("100.64.0.4/32")}}, wantErr: "which is there", full: true},
-		{name: "negative rule", patch: []FilterSrcPatch{{Rule: -1, Add: pfxs("100.64.0.3/32")}}, wantErr: "out of order or negative"},
-		{name: "rules out of order", patch: []FilterSrcPatch{{Rule: 1, Add: pfxs("10.0.0.0/7")}, {Rule: 0, Add: pfxs("100.64.0.3/32")}}, wantErr: "out of order"},
-		{name: "rule twice", patch: []FilterSrcPatch{{Rule: 0, Add: pfxs("100.64.0.3/32")}, {Rule: 0, Add: pfxs("100.64.0.5/32")}}, wantErr: "out of order"},
-		{name: "empty", patch: []FilterSrcPatch{{Rule: 0}}, wantErr: "changes nothing"},
-		{name: "unsorted adds", patch: []FilterSrcPatch{{Rule: 0, Add: pfxs("100.64.0.5/32", "100.64.0.3/32")}}, wantErr: "ascending"},
-		{name: "repeated removes", patch: []FilterSrcPatch{{Rule: 0, Remove: pfxs("100.64.0.2/32", "100.64.0.2/32")}}, wantErr: "ascending"},
-		{name: "added and removed", patch: []FilterSrcPatch{{Rule: 0, Add: pfxs("100.64.0.3/32"), Remove: pfxs("100.64.0.3/32")}}, wantErr: "both added and removed"},
-		{name: "invalid prefix", patch: []FilterSrcPatch{{Rule: 0, Add: []netip.Prefix{{}}}}, wantErr: "invalid prefix"},
+		{name: "rule past the end", patch: []FilterRulePatch{{Rule: 2, Add: pfxs("100.64.0.3/32")}}, wantErr: "rule 2 of 2", full: true},
+		{name: "remove what is not there", patch: []FilterRulePatch{{Rule: 0, Remove: pfxs("100.64.0.3/32")}}, wantErr: "not there", full: true},
+		{name: "remove past the end", patch: []FilterRulePatch{{Rule: 0, Remove: pfxs("fd7a:115c:a1e0::3/128")}}, wantErr: "not there", full: true},
+		{name: "add what is there", patch: []FilterRulePatch{{Rule: 0, Add: pfxs("100.64.0.4/32")}}, wantErr: "which is there", full: true},
+		{name: "negative rule", patch: []FilterRulePatch{{Rule: -1, Add: pfxs("100.64.0.3/32")}}, wantErr: "out of order or negative"},
+		{name: "rules out of order", patch: []FilterRulePatch{{Rule: 1, Add: pfxs("10.0.0.0/7")}, {Rule: 0, Add: pfxs("100.64.0.3/32")}}, wantErr: "out of order"},
+		{name: "rule twice", patch: []FilterRulePatch{{Rule: 0, Add: pfxs("100.64.0.3/32")}, {Rule: 0, Add: pfxs("100.64.0.5/32")}}, wantErr: "out of order"},
+		{name: "empty", patch: []FilterRulePatch{{Rule: 0}}, wantErr: "changes nothing"},
+		{name: "unsorted adds", patch: []FilterRulePatch{{Rule: 0, Add: pfxs("100.64.0.5/32", "100.64.0.3/32")}}, wantErr: "ascending"},
+		{name: "repeated removes", patch: []FilterRulePatch{{Rule: 0, Remove: pfxs("100.64.0.2/32", "100.64.0.2/32")}}, wantErr: "ascending"},
+		{name: "added and removed", patch: []FilterRulePatch{{Rule: 0, Add: pfxs("100.64.0.3/32"), Remove: pfxs("100.64.0.3/32")}}, wantErr: "both added and removed"},
+		{name: "invalid prefix", patch: []FilterRulePatch{{Rule: 0, Add: []netip.Prefix{{}}}}, wantErr: "invalid prefix"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -95,7 +95,7 @@ func TestApplyFilterPatch(t *testing.T) {
 // behind by its removal.
 func TestApplyFilterPatchRepeatedSource(t *testing.T) {
 	f := []FilterRule{{SrcIPs: pfxs("100.64.0.2/32", "100.64.0.4/32", "100.64.0.4/32")}}
-	_, err := ApplyFilterPatch(f, []FilterSrcPatch{{Rule: 0, Remove: pfxs("100.64.0.4/32")}})
+	_, err := ApplyFilterPatch(f, []FilterRulePatch{{Rule: 0, Remove: pfxs("100.64.0.4/32")}})
 	if !errors.Is(err, ErrNeedFullMap) {
 		t.Fatalf("removing a repeated source: %v; want a request for a full map", err)
 	}
@@ -180,14 +180,18 @@ func FuzzApplyFilterPatch(f *testing.F) {
 	f.Add([]byte(`[{"rule":0,"add":["100.64.0.3/32"],"remove":["100.64.0.2/32"]}]`))
 	f.Add([]byte(`[{"rule":1,"add":["::/0"]}]`))
 	f.Add([]byte(`[{"rule":0,"remove":["fd7a:115c:a1e0::2/128"]},{"rule":1,"remove":["10.0.0.0/8"]}]`))
+	f.Add([]byte(`[{"rule":1,"dst_ports":[{"net":"100.64.0.1/32","ports":{"first":80,"last":80}}],"ip_proto":"Bg==","origin":"p:2"}]`))
+	f.Add([]byte(`[{"rule":0,"dst_ports":[{"net":"100.64.0.1/32","ports":{"first":90,"last":80}}]}]`))
+	f.Add([]byte(`[{"rule":0,"dst_ports":[],"cap_grants":[]}]`))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		var ps []FilterSrcPatch
+		var ps []FilterRulePatch
 		if json.Unmarshal(data, &ps) != nil {
 			return
 		}
+		dst := []NetPortRange{{Net: netip.MustParsePrefix("100.64.0.1/32"), Ports: AllPorts}}
 		base := []FilterRule{
-			{SrcIPs: pfxs("100.64.0.2/32", "100.64.0.4/32", "fd7a:115c:a1e0::2/128")},
-			{SrcIPs: pfxs("10.0.0.0/8")},
+			{SrcIPs: pfxs("100.64.0.2/32", "100.64.0.4/32", "fd7a:115c:a1e0::2/128"), DstPorts: dst, Origin: "p:1"},
+			{SrcIPs: pfxs("10.0.0.0/8"), DstPorts: dst, IPProto: []uint8{6}},
 		}
 		before := cloneRules(base)
 		got, err := ApplyFilterPatch(base, ps)
@@ -222,6 +226,32 @@ func FuzzApplyFilterPatch(f *testing.F) {
 				if !want[x] {
 					t.Fatalf("rule %d: %v has %v", p.Rule, srcs, x)
 				}
+			}
+			r, b := got[p.Rule], base[p.Rule]
+			if err := r.Validate(); err != nil {
+				t.Fatalf("rule %d patched into an invalid one: %v", p.Rule, err)
+			}
+			for _, c := range []struct {
+				name      string
+				replaced  bool
+				got, want any
+			}{
+				{"dst_ports", p.DstPorts != nil, r.DstPorts, b.DstPorts},
+				{"ip_proto", p.IPProto != nil, r.IPProto, b.IPProto},
+				{"cap_grants", p.CapGrants != nil, r.CapGrants, b.CapGrants},
+				{"origin", p.Origin != nil, r.Origin, b.Origin},
+			} {
+				if c.replaced {
+					continue
+				}
+				x, _ := json.Marshal(c.got)
+				y, _ := json.Marshal(c.want)
+				if string(x) != string(y) {
+					t.Fatalf("rule %d: %s changed to %s by a patch that does not replace it", p.Rule, c.name, x)
+				}
+			}
+			if p.DstPorts != nil && !slices.Equal(r.DstPorts, *p.DstPorts) {
+				t.Fatalf("rule %d: dst_ports %v; the patch set %v", p.Rule, r.DstPorts, *p.DstPorts)
 			}
 		}
 	})

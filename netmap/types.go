@@ -23,11 +23,16 @@ import (
 // Version 3 added packet filter patches (MapResponse.PacketFilterPatch):
 // the coordinator sends them only to clients that speak it, and whole
 // filters to older ones, which would ignore a patch.
+//
+// Version 4 let a filter patch replace a rule's destinations, protocols,
+// capability grants and origin (FilterRulePatch): a policy change that
+// alters ports reaches such clients as a patch, older ones whole.
 const (
-	ProtocolVersion    = 3
-	MinProtocolVersion = 1
-	KeyProofVersion    = 2
-	FilterPatchVersion = 3
+	ProtocolVersion        = 4
+	MinProtocolVersion     = 1
+	KeyProofVersion        = 2
+	FilterPatchVersion     = 3
+	FilterRulePatchVersion = 4
 )
 
 // NodeID identifies a node in the coordinator's registry. It is stable for
@@ -220,11 +225,13 @@ type MapResponse struct {
 	// PacketFilter replaces the node's inbound filter when non-nil. An empty
 	// non-nil slice means deny all inbound.
 	PacketFilter *[]FilterRule `json:"packet_filter,omitempty"`
-	// PacketFilterPatch changes the sources of rules of the filter the
-	// stream holds (the last PacketFilter, with any patches since), sent
-	// instead of PacketFilter to clients from FilterPatchVersion on when
-	// only sources changed (FilterSrcPatch). Never with PacketFilter.
-	PacketFilterPatch []FilterSrcPatch `json:"packet_filter_patch,omitempty"`
+	// PacketFilterPatch changes rules of the filter the stream holds (the
+	// last PacketFilter, with any patches since), sent instead of
+	// PacketFilter when the rules stay as many: to clients from
+	// FilterPatchVersion on when only sources changed, from
+	// FilterRulePatchVersion on when other fields did too
+	// (FilterRulePatch). Never with PacketFilter.
+	PacketFilterPatch []FilterRulePatch `json:"packet_filter_patch,omitempty"`
 	// PolicyBootstrap reports that no policy is loaded and the coordinator's
 	// allow-all default is in force.
 	PolicyBootstrap bool `json:"policy_bootstrap,omitempty"`
