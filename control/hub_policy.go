@@ -16,9 +16,14 @@ import (
 // filter changes. Each viewer's old and new peer sets come from the
 // policies' own index when they have one (PeerLister, e.g. policy.Engine:
 // the rules touching the viewer plus the size of the answer) and from a
-// CanSee per node otherwise; the two sorted sets are then merged.
-// Capabilities are asked for only for viewers whose filter, under the old
-// or the new policy, carries CapGrants: see PeerCapper. The per-viewer work
+// CanSee per node otherwise; the two sorted sets are then merged. When the
+// two policies provably connect the same pairs (VisibilityKeyer: a change
+// of ports or protocols), no peer set is listed at all unless capabilities
+// or exit nodes need one. Capabilities are asked for only for viewers
+// whose filter, under the old or the new policy, carries CapGrants: see
+// PeerCapper; the old filters are not computed when the old policy grants
+// none (CapabilityGranter). A filter that changed goes as a patch to
+// sessions that take one (netmap.FilterRulePatch). The per-viewer work
 // runs on every CPU (policies are safe for concurrent use).
 //
 // That work is done outside h.mu, against a snapshot of the nodes and
@@ -159,11 +164,20 @@ func (h *hub) computePolicyUpdates(snap *policySnapshot, next policyState) []pol
 	if old.indexer == nil {
 		oldAll = snap.all
 	}
-	h.parallel(len(snap.viewers), func(i int) {
-		v := snap.viewers[i]
-		was[i] = before{peers: visible(old.policy, old.indexer != nil, v, snap.all)}
-		was[i].caps = old.capper != nil && filterHasCaps(old.policy.FilterFor(v, oldAll))
-	})
+	// sameVis: no peer list can change, so the old ones are the new ones
+	// (a change of ports, the common edit, by far). oldGrants: the old
+	// filters may hold capabilities, which the peer entries carry.
+	sameVis := !old.bootstrap && !next.bootstrap && sameVisibility(old.policy, next.policy)
+	oldGrants := old.capper != nil && grantsCapabilities(old.policy)
+	if !sameVis || oldGrants {
+		h.parallel(len(snap.viewers), func(i int) {
+			v := snap.viewers[i]
+			if !sameVis {
+				was[i].peers = visible(old.policy, old.indexer != nil, v, snap.all)
+			}
+			was[i].caps = oldGrants && filterHasCaps(old.policy.FilterFor(v, oldAll))
+		})
+	}
 	if next.indexer != nil {
 		next.indexer.SetNodes(snap.all)
 	}
@@ -183,13 +197,20 @@ func (h *hub) computePolicyUpdates(snap *policySnapshot, next policyState) []pol
 	updates := make([]policyUpdate, len(snap.viewers))
 	h.parallel(len(snap.viewers), func(i int) {
 		viewer := snap.viewers[i]
-		is := visible(next.policy, next.indexer != nil, viewer, snap.all)
 		f := next.policy.FilterFor(viewer, newAll)
 		if f == nil {
 			f = []netmap.FilterRule{} // as filterFor: empty means deny all
 		}
 		newCaps := next.capper != nil && filterHasCaps(f)
 		oldCaps := was[i].caps
+		var is []netmap.NodeID
+		if !sameVis || oldCaps || newCaps || len(exits) > 0 {
+			is = visible(next.policy, next.indexer != nil, viewer, snap.all)
+		}
+		wasIDs := was[i].peers
+		if sameVis {
+			wasIDs = is // every peer stays: only capabilities and exit use may change
+		}
 		var oldVC, newVC viewerCaps
 		if oldCaps {
 			oldVC = newViewerCaps(old.capper, old.indexer != nil, viewer)
@@ -199,7 +220,6 @@ func (h *hub) computePolicyUpdates(snap *policySnapshot, next policyState) []pol
 		}
 		u := &updates[i]
 		r := base
-		wasIDs := was[i].peers
 		a, b, c := 0, 0, 0
 		for a < len(wasIDs) || b < len(is) {
 			switch {

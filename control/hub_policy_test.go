@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -498,4 +499,97 @@ func TestFilterRefreshCoalesced(t *testing.T) {
 			t.Fatalf("later: %d filter and %d peer updates; want none", f, p)
 		}
 	})
+}
+
+// countingEngine is a policy.Engine that counts the peer lists asked of it.
+type countingEngine struct {
+	*policy.Engine
+	peers atomic.Int64
+}
+
+func (c *countingEngine) Peers(n *netmap.Node) []netmap.NodeID {
+	c.peers.Add(1)
+	return c.Engine.Peers(n)
+}
+
+// TestSetPolicySameVisibility: a policy change that keeps who sees whom
+// lists no node's peers when no capabilities or exit nodes are involved,
+// and still brings every node to its full map's state when capabilities
+// change (they ride in the peer entries) or exit node use does.
+func TestSetPolicySameVisibility(t *testing.T) {
+	const header = `"tagOwners": {"tag:srv": [], "tag:gpu": [], "tag:exit": []},
+		"autoApprovers": {"exitNode": ["tag:exit"]},`
+	pol := func(grants string) *countingEngine {
+		return &countingEngine{Engine: mustEngine(t, `{`+header+`"grants": [`+grants+`]}`)}
+	}
+	h := newHub("e1", nil, 4096, time.Now)
+	first := pol(`{"src": ["tag:gpu"], "dst": ["tag:srv"], "ip": ["tcp:22"]}`)
+	h.setPolicy(first)
+	clients := map[*session]*netmap.NetworkMap{}
+	for id := netmap.NodeID(1); id <= 12; id++ {
+		tag := []string{"tag:srv", "tag:gpu", "tag:exit"}[id%3]
+		n := hubNode(id, tag)
+		h.upsert(n)
+		s, m := subscribeMap(t, h, id)
+		clients[s] = m
+	}
+	check := func(what string) {
+		t.Helper()
+		for s, m := range clients {
+			drain(t, s, m)
+			h.mu.Lock()
+			want := decodeMsg(t, h.fullLocked(h.nodes[s.node]))
+			h.mu.Unlock()
+			compareMaps(t, fmt.Sprintf("%s, node %d", what, s.node), m, want)
+		}
+	}
+	check("first policy")
+	first.peers.Store(0)
+	// The tag:exit nodes become exit nodes (auto-approved) for the last
+	// steps.
+	becomeExits := func() {
+		for _, id := range []netmap.NodeID{2, 5, 8, 11} {
+			h.mu.Lock()
+			n := *h.nodes[id]
+			h.mu.Unlock()
+			n.AdvertisedRoutes = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")}
+			h.upsert(&n)
+			h.mu.Lock()
+			if !isExitPeer(h.nodes[id]) {
+				t.Fatalf("node %d is no exit node", id)
+			}
+			h.mu.Unlock()
+		}
+		check("exit nodes approved")
+	}
+	steps := []struct {
+		name      string
+		grants    string
+		listPeers bool
+	}{
+		{"other ports", `{"src": ["tag:gpu"], "dst": ["tag:srv"], "ip": ["tcp:80"]}`, false},
+		{"capabilities granted", `{"src": ["tag:gpu"], "dst": ["tag:srv"], "ip": ["tcp:80"], "app": {"example.com/cap/x": [{"a": 1}]}}`, true},
+		{"capabilities changed", `{"src": ["tag:gpu"], "dst": ["tag:srv"], "ip": ["tcp:80"], "app": {"example.com/cap/x": [{"a": 2}]}}`, true},
+		{"capabilities revoked", `{"src": ["tag:gpu"], "dst": ["tag:srv"], "ip": ["tcp:81"]}`, true},
+		{"again other ports", `{"src": ["tag:gpu"], "dst": ["tag:srv"], "ip": ["tcp:22"]}`, false},
+		{"exit nodes approved", "", true},
+		{"exit node use", `{"src": ["tag:gpu"], "dst": ["tag:srv"], "ip": ["tcp:22"]}, {"src": ["tag:gpu"], "dst": ["autogroup:internet"], "ip": ["*"]}`, true},
+		{"exit node ports", `{"src": ["tag:gpu"], "dst": ["tag:srv"], "ip": ["tcp:22"]}, {"src": ["tag:gpu"], "dst": ["autogroup:internet"], "ip": ["tcp:443"]}`, true},
+	}
+	prev := first
+	for _, st := range steps {
+		if st.grants == "" {
+			becomeExits()
+			prev.peers.Store(0)
+			continue
+		}
+		next := pol(st.grants)
+		h.setPolicy(next)
+		if listed := prev.peers.Load()+next.peers.Load() > 0; listed != st.listPeers {
+			t.Errorf("%s: peer lists asked for = %v; want %v", st.name, listed, st.listPeers)
+		}
+		check(st.name)
+		prev = next
+		prev.peers.Store(0)
+	}
 }

@@ -80,6 +80,40 @@ type PeerLister interface {
 	Peers(n *netmap.Node) []netmap.NodeID
 }
 
+// VisibilityKeyer is implemented by policies that can tell when two of
+// them connect the same pairs of nodes (policy.Engine): VisibilityKey is
+// equal for two policies only if CanSee and Peers answer alike under both,
+// for any nodes. A policy change between two such policies (one that
+// alters ports, say) lists no node's peers unless capabilities or exit
+// nodes need them.
+type VisibilityKeyer interface {
+	VisibilityKey() [32]byte
+}
+
+// CapabilityGranter is implemented by policies that can tell they carry no
+// "app" capabilities at all (policy.Engine): GrantsCapabilities is false
+// only if no FilterFor result has CapGrants. A policy change away from one
+// that grants none skips the old filter of every node.
+type CapabilityGranter interface {
+	GrantsCapabilities() bool
+}
+
+// grantsCapabilities reports whether p may grant capabilities.
+func grantsCapabilities(p Policy) bool {
+	if g, ok := p.(CapabilityGranter); ok {
+		return g.GrantsCapabilities()
+	}
+	return true
+}
+
+// sameVisibility reports whether a and b provably connect the same pairs
+// of nodes.
+func sameVisibility(a, b Policy) bool {
+	x, ok1 := a.(VisibilityKeyer)
+	y, ok2 := b.(VisibilityKeyer)
+	return ok1 && ok2 && x.VisibilityKey() == y.VisibilityKey()
+}
+
 // bootstrapPolicy is in force while no policy is loaded: every node sees
 // every other, inbound traffic from any tailnet address is allowed, and any
 // tag may be applied.
