@@ -127,6 +127,8 @@ var pgMigrations = []migration{
 		RETURN NULL;
 	END $$;
 	CREATE TRIGGER ssh_checks_notify AFTER UPDATE ON ssh_checks FOR EACH ROW EXECUTE FUNCTION meshd_notify();`},
+	// 5: SQLite's 8, the index of the nodes that gave themselves tags.
+	{sql: selfTaggedIndex},
 }
 
 // ChangeChannel is the PostgreSQL notification channel of the change feed.

@@ -96,7 +96,19 @@ var migrations = []migration{
 	// until they expire, and what an approval grants for its check
 	// period. approved is 0 or when.
 	{sql: sshSchema},
+	// 8: the nodes that gave themselves tags, which every policy change
+	// looks for twice (NodesWithSelfTags): found in the index, not by
+	// reading every node's row.
+	{sql: selfTaggedIndex},
 }
+
+// selfTaggedWhere selects the rows whose node may have self tags; the
+// partial index selfTaggedIndex holds exactly those rows, and a query
+// with this very condition is answered from it.
+const selfTaggedWhere = `data LIKE '%"self_tags":%'`
+
+// selfTaggedIndex is the same statement on SQLite and PostgreSQL.
+const selfTaggedIndex = `CREATE INDEX IF NOT EXISTS nodes_self_tagged ON nodes (id) WHERE ` + selfTaggedWhere + `;`
 
 // sshSchema is migration 7 of SQLite and 4 of PostgreSQL: the same SQL.
 const sshSchema = `CREATE TABLE ssh_checks (
