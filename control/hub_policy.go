@@ -414,6 +414,9 @@ func (h *hub) reconcileLocked(snap *policySnapshot, updates []policyUpdate) {
 			if frame == nil {
 				frame = h.versionedFrame(u, snap.version)
 			}
+			if u.patchOf != nil {
+				h.stats.filterPatches.Add(1)
+			}
 			s.lastFilter = u.key
 			h.send(s, frame)
 		}
