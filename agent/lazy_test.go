@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"testing"
 	"time"
@@ -66,18 +67,21 @@ func serveEchoOn(t *testing.T, n *lazyNode, port uint16) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.Copy(c, c)
-			}()
+	go echoAll(ln)
+}
+
+// echoAll echoes every connection ln accepts until it is closed.
+func echoAll(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
 		}
-	}()
+		go func() {
+			defer c.Close()
+			io.Copy(c, c)
+		}()
+	}
 }
 
 // echo dials to's port from from and checks one round trip, within d.
