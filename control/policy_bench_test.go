@@ -4,6 +4,9 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+
+	"meshd.dev/meshd/control/controlclient"
+	"meshd.dev/meshd/netmap"
 )
 
 // tenantHub is benchHub with every node in one of 100 tenants.
@@ -128,4 +131,32 @@ func tenantPortPolicy(k int, port int) string {
 		grants = append(grants, fmt.Sprintf(`{"src": ["tag:tenant%d"], "dst": ["tag:tenant%d"], "ip": ["tcp:22", "tcp:%d"]}`, i, i, port))
 	}
 	return `{"tagOwners": {` + strings.Join(owners, ",") + `}, "grants": [` + strings.Join(grants, ",") + `]}`
+}
+
+// BenchmarkFullMapDecode is a node's side of BenchmarkFullMapPolicy: it
+// decodes and applies the full map of a member of a tenant of 100, as a
+// node does on every new stream (and every node of a dead replica at
+// once, on failover).
+func BenchmarkFullMapDecode(b *testing.B) {
+	h := tenantHub(b, 10000)
+	h.mu.Lock()
+	m := h.fullLocked(h.nodes[1])
+	h.mu.Unlock()
+	frame, err := m.frame()
+	if err != nil {
+		b.Fatal(err)
+	}
+	body := frame[controlclient.FrameHeaderLen:]
+	b.SetBytes(int64(len(body)))
+	b.ReportAllocs()
+	for b.Loop() {
+		resp, err := netmap.DecodeMapResponse(body)
+		if err != nil {
+			b.Fatal(err)
+		}
+		var nm netmap.NetworkMap
+		if err := nm.Apply(resp); err != nil {
+			b.Fatal(err)
+		}
+	}
 }
