@@ -202,7 +202,7 @@ func TestFilterPatchesPerClientVersion(t *testing.T) {
 		id netmap.NodeID
 		v  int
 	}{{1, netmap.ProtocolVersion}, {2, 2}, {4, netmap.FilterPatchVersion}} {
-		s, first, err := h.subscribe(c.id, c.v, 0, "")
+		s, first, err := h.subscribe(c.id, c.v, 0, "", "")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -251,7 +251,7 @@ func TestFilterPatchesPerClientVersion(t *testing.T) {
 	}
 	// Another member streaming with protocol 3 gets the very frame node 1
 	// gets: one encoding serves the tenant.
-	s3, _, err := h.subscribe(3, netmap.ProtocolVersion, 0, "")
+	s3, _, err := h.subscribe(3, netmap.ProtocolVersion, 0, "", "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -338,7 +338,7 @@ func TestNewNodeAnnouncedWhenStreaming(t *testing.T) {
 		if got := frames(); len(got) != 0 {
 			t.Fatalf("a registration without a stream sent %d frames at once; want none", len(got))
 		}
-		if _, _, err := h.subscribe(2, netmap.ProtocolVersion, 0, ""); err != nil {
+		if _, _, err := h.subscribe(2, netmap.ProtocolVersion, 0, "", ""); err != nil {
 			t.Fatal(err)
 		}
 		got := frames()

@@ -101,6 +101,7 @@ type hub struct {
 	// (id 0 marks a change that needs a full map, such as a policy change).
 	stats struct {
 		full, resumed atomic.Int64 // first messages sent, by kind
+		peersKept     atomic.Int64 // full maps sent without the peers the node held
 		// frames and writes count what map streams sent after their
 		// first message: frames, and the socket writes (flushes) that
 		// carried them; their ratio is how well bursts are batched.
@@ -944,7 +945,7 @@ func (h *hub) resumeLocked(self *netmap.Node, since uint64, epoch string) *mapMe
 // subscribe opens a map session for node id, marking it online. The first
 // message is returned rather than queued so the caller can encode a large
 // full map outside the hub lock.
-func (h *hub) subscribe(id netmap.NodeID, version int, since uint64, epoch string) (*session, *mapMessage, error) {
+func (h *hub) subscribe(id netmap.NodeID, version int, since uint64, epoch, peersDigest string) (*session, *mapMessage, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	n := h.nodes[id]
@@ -978,11 +979,19 @@ func (h *hub) subscribe(id netmap.NodeID, version int, since uint64, epoch strin
 	h.sessions[id] = append(h.sessions[id], s)
 	h.sessionsGen++
 	first := h.resumeLocked(n, since, epoch)
-	if first == nil {
-		first = h.fullLocked(n)
-		h.stats.full.Add(1)
-	} else {
+	switch {
+	case first != nil:
 		h.stats.resumed.Add(1)
+	default:
+		first = h.fullLocked(n)
+		if peersDigest != "" && version >= netmap.PeersKeptVersion && netmap.DigestPeerEntries(first.peers) == peersDigest {
+			// The node holds these very entries (from another replica,
+			// or before a restart): the rest of the full map is enough.
+			first.peers, first.resp.PeersKept = nil, true
+			h.stats.peersKept.Add(1)
+		} else {
+			h.stats.full.Add(1)
+		}
 	}
 	if !h.bootstrap {
 		s.lastFilter = h.keys.append(nil, *first.resp.PacketFilter)

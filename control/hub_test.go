@@ -44,7 +44,7 @@ func drain(t testing.TB, s *session, m *netmap.NetworkMap) int {
 
 func subscribeMap(t testing.TB, h *hub, id netmap.NodeID) (*session, *netmap.NetworkMap) {
 	t.Helper()
-	s, first, err := h.subscribe(id, netmap.ProtocolVersion, 0, "")
+	s, first, err := h.subscribe(id, netmap.ProtocolVersion, 0, "", "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -205,7 +205,7 @@ func TestHubResume(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			s, first, err := h.subscribe(1, netmap.ProtocolVersion, tt.since, tt.epoch)
+			s, first, err := h.subscribe(1, netmap.ProtocolVersion, tt.since, tt.epoch, "")
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -228,7 +228,7 @@ func TestHubResume(t *testing.T) {
 		n.HomeDERP = i + 1
 		h.upsert(&n)
 	}
-	s, first, _ := h.subscribe(1, netmap.ProtocolVersion, since, "e")
+	s, first, _ := h.subscribe(1, netmap.ProtocolVersion, since, "e", "")
 	h.unsubscribe(s)
 	if !first.resp.Full {
 		t.Fatal("resume across a wrapped change log was not a full map")

@@ -445,7 +445,7 @@ func (s *Server) handleMap(w http.ResponseWriter, r *http.Request) {
 // stream serves one map session until the client goes away, the hub drops
 // the session, or the coordinator closes.
 func (s *Server) stream(w http.ResponseWriter, r *http.Request, id netmap.NodeID, req *netmap.MapRequest) {
-	sess, first, err := s.hub.subscribe(id, req.Version, req.Since, req.Epoch)
+	sess, first, err := s.hub.subscribe(id, req.Version, req.Since, req.Epoch, req.PeersDigest)
 	if err != nil {
 		s.writeError(w, r, fmt.Errorf("%w: node %d was removed", err, id))
 		return

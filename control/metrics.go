@@ -32,9 +32,9 @@ var (
 	mStreams = prometheus.NewDesc("meshd_coordinator_map_streams", "Open map streams (a node may hold up to 4).", nil, nil)
 	mFrames  = prometheus.NewDesc("meshd_coordinator_map_frames_total", "Map stream frames sent after each stream's first message (keep-alives included).", nil, nil)
 	mWrites  = prometheus.NewDesc("meshd_coordinator_map_stream_writes_total", "Socket writes (flushes) that carried those frames: frames per write is how well bursts are batched.", nil, nil)
-	mPatches = prometheus.NewDesc("meshd_coordinator_filter_patches_total", "Packet filters sent as a patch of their sources rather than whole (clients of protocol 3 on).", nil, nil)
+	mPatches = prometheus.NewDesc("meshd_coordinator_filter_patches_total", "Packet filters sent as a patch rather than whole: of their sources (clients of protocol 3 on), or of any rule field after a policy change (protocol 4 on).", nil, nil)
 	mTLS     = prometheus.NewDesc("meshd_coordinator_map_stream_tls_total", "Map streams started, by their connection's TLS handshake: full, or resumed from a session ticket (any replica's).", []string{"handshake"}, nil)
-	mFirst   = prometheus.NewDesc("meshd_coordinator_map_stream_starts_total", "Map streams started, by their first message: a full map or the deltas a resuming node missed.", []string{"kind"}, nil)
+	mFirst   = prometheus.NewDesc("meshd_coordinator_map_stream_starts_total", "Map streams started, by their first message: a full map, the deltas a resuming node missed, or a full map without the peers the node held (peers_kept).", []string{"kind"}, nil)
 )
 
 func newServerMetrics(s *Server) *serverMetrics {
@@ -113,6 +113,7 @@ func (c hubCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(mStreams, prometheus.GaugeValue, float64(streams))
 	ch <- prometheus.MustNewConstMetric(mFirst, prometheus.CounterValue, float64(h.stats.full.Load()), "full")
 	ch <- prometheus.MustNewConstMetric(mFirst, prometheus.CounterValue, float64(h.stats.resumed.Load()), "resumed")
+	ch <- prometheus.MustNewConstMetric(mFirst, prometheus.CounterValue, float64(h.stats.peersKept.Load()), "peers_kept")
 	ch <- prometheus.MustNewConstMetric(mFrames, prometheus.CounterValue, float64(h.stats.frames.Load()))
 	ch <- prometheus.MustNewConstMetric(mWrites, prometheus.CounterValue, float64(h.stats.writes.Load()))
 	ch <- prometheus.MustNewConstMetric(mPatches, prometheus.CounterValue, float64(h.stats.filterPatches.Load()))

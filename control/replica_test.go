@@ -225,6 +225,64 @@ func TestReplicasRegisterConcurrently(t *testing.T) {
 	}
 }
 
+// TestFailoverKeepsPeers: when a replica dies and nothing else changes,
+// the nodes that streamed from it start again on the survivor with a full
+// map that keeps the peers they hold (protocol 5): the survivor sends none
+// of their entries, and every node still ends with its full map.
+func TestFailoverKeepsPeers(t *testing.T) {
+	rs := startReplicas(t, 2, ServerOptions{})
+	a, b := rs[0], rs[1]
+	k := a.key(t, AuthKeyOptions{Tags: []string{"tag:a"}, Reusable: true})
+	const n = 6
+	var nodes []*testNode
+	for i := range n {
+		urls := a.url + "," + b.url
+		if i%2 == 1 {
+			urls = b.url + "," + a.url
+		}
+		nd := newTestNode(t, urls, "")
+		nd.mustRegister(t, k, "node")
+		nd.follow(t, nd.mapRequest())
+		nodes = append(nodes, nd)
+	}
+	for _, nd := range nodes {
+		nd.waitMap(t, "every peer online", func(m *netmap.NetworkMap) bool {
+			if len(m.Peers) != n-1 {
+				return false
+			}
+			for _, p := range m.Peers {
+				if !p.Online {
+					return false
+				}
+			}
+			return true
+		})
+	}
+	full := b.hub.stats.full.Load()
+	a.stop(t)
+	waitFor(t, "every stream on B", func() bool { return b.hub.connected() == n })
+	if got := b.hub.stats.peersKept.Load(); got != n/2 {
+		t.Errorf("%d streams on B kept their peers, want the %d that failed over (%d full maps)", got, n/2, b.hub.stats.full.Load()-full)
+	}
+	for _, nd := range nodes {
+		nd.waitMap(t, "B's full map", func(m *netmap.NetworkMap) bool {
+			b.hub.mu.Lock()
+			want := b.hub.fullLocked(b.hub.nodes[nd.id])
+			b.hub.mu.Unlock()
+			resp := decodeMsg(t, want)
+			if len(m.Peers) != len(resp.Peers) {
+				return false
+			}
+			for _, p := range resp.Peers {
+				if q := m.Peers[p.ID]; q == nil || q.Online != p.Online || !slices.Equal(q.Endpoints, p.Endpoints) || q.NodeKey != p.NodeKey {
+					return false
+				}
+			}
+			return true
+		})
+	}
+}
+
 // TestNodesFailOverBetweenReplicas: nodes given both replicas' URLs keep
 // their map when the replica they stream from is killed in the middle of
 // a policy change: every stream resumes on the other within seconds, and

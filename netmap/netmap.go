@@ -1,10 +1,13 @@
 package netmap
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -32,6 +35,41 @@ type NetworkMap struct {
 	TLSCA []byte
 }
 
+// PeersDigest is the digest of the peers m holds, for
+// MapRequest.PeersDigest: DigestPeerEntries of each peer's encoding/json
+// encoding, in ascending ID order, which is how a coordinator writes a full
+// map's peer entries. A peer the client decoded differently from how the
+// coordinator would write it (a field this version does not know) only
+// makes the digests differ, and the peers are sent. Empty for a map with
+// no base.
+func (m *NetworkMap) PeersDigest() string {
+	if m.Peers == nil {
+		return ""
+	}
+	ids := slices.Sorted(maps.Keys(m.Peers))
+	entries := make([][]byte, 0, len(ids))
+	for _, id := range ids {
+		b, err := json.Marshal(m.Peers[id])
+		if err != nil {
+			return "" // no digest: the coordinator sends the peers
+		}
+		entries = append(entries, b)
+	}
+	return DigestPeerEntries(entries)
+}
+
+// DigestPeerEntries is the hex SHA-256 of the peer entries of a full map,
+// in their order, each followed by a newline (an entry is one JSON object,
+// which holds no raw newline, so entries cannot run together alike).
+func DigestPeerEntries(entries [][]byte) string {
+	h := sha256.New()
+	for _, e := range entries {
+		h.Write(e)
+		h.Write([]byte{'\n'})
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
 // ErrNeedFullMap is returned by Apply when a delta arrives for a map that has
 // no base (or a different epoch): the client must ask for a full map.
 var ErrNeedFullMap = errors.New("delta without a base map: need a full map")
@@ -48,10 +86,18 @@ func (m *NetworkMap) Apply(resp *MapResponse) error {
 	if !resp.Full && (m.Peers == nil || m.Epoch != resp.Epoch) {
 		return ErrNeedFullMap
 	}
+	if resp.PeersKept && m.Peers == nil {
+		return fmt.Errorf("full map keeps peers the client does not hold: %w", ErrNeedFullMap)
+	}
 	if resp.Full {
 		next := NetworkMap{
 			Epoch: resp.Epoch, Version: resp.Version, Self: *resp.Self,
 			Peers: make(map[NodeID]*Node, len(resp.Peers)), PolicyBootstrap: resp.PolicyBootstrap,
+		}
+		if resp.PeersKept {
+			// The entries are shared, as between any two maps: a peer
+			// changes by replacement (copy on write), never in place.
+			next.Peers = maps.Clone(m.Peers)
 		}
 		for i := range resp.Peers {
 			p := resp.Peers[i]
@@ -172,6 +218,9 @@ func (r *MapResponse) Validate() error {
 	}
 	if !r.Full && len(r.Peers) > 0 {
 		return errors.New("map response: peers list in a delta (use peers_changed)")
+	}
+	if r.PeersKept && (!r.Full || len(r.Peers) > 0) {
+		return errors.New("map response: peers kept outside a full map, or with a peers list")
 	}
 	if r.Self != nil {
 		if err := r.Self.Validate(); err != nil {

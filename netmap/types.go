@@ -27,12 +27,17 @@ import (
 // Version 4 let a filter patch replace a rule's destinations, protocols,
 // capability grants and origin (FilterRulePatch): a policy change that
 // alters ports reaches such clients as a patch, older ones whole.
+//
+// Version 5 let a reconnecting node keep its peers: it sends a digest of
+// them (MapRequest.PeersDigest), and a coordinator whose full map would
+// list the very same entries sends it without them (MapResponse.PeersKept).
 const (
-	ProtocolVersion        = 4
+	ProtocolVersion        = 5
 	MinProtocolVersion     = 1
 	KeyProofVersion        = 2
 	FilterPatchVersion     = 3
 	FilterRulePatchVersion = 4
+	PeersKeptVersion       = 5
 )
 
 // NodeID identifies a node in the coordinator's registry. It is stable for
@@ -109,6 +114,11 @@ type RegisterRequest struct {
 	// NodeKeyProof proves the node holds NodeKey's private half (required
 	// from KeyProofVersion on).
 	NodeKeyProof *NodeKeyProof `json:"node_key_proof,omitempty"`
+	// PeersDigest is NetworkMap.PeersDigest of the map the client holds,
+	// sent when it reconnects with one: if the stream must start with a
+	// full map (another replica, a restarted coordinator) and the peers
+	// would be exactly these, they are left out (MapResponse.PeersKept).
+	PeersDigest string `json:"peers_digest,omitempty"`
 }
 
 // RegisterResponse tells the node who it is.
@@ -155,6 +165,11 @@ type MapRequest struct {
 	// only when NodeKey is not the key the coordinator has for the node;
 	// ignored otherwise.
 	NodeKeyProof *NodeKeyProof `json:"node_key_proof,omitempty"`
+	// PeersDigest is NetworkMap.PeersDigest of the map the client holds,
+	// sent when it reconnects with one: if the stream must start with a
+	// full map (another replica, a restarted coordinator) and the peers
+	// would be exactly these, they are left out (MapResponse.PeersKept).
+	PeersDigest string `json:"peers_digest,omitempty"`
 	// Hostinfo, when non-nil, replaces what the coordinator knows of the
 	// node's offers (nil keeps it, so a plain endpoint report never
 	// withdraws routes).
@@ -211,6 +226,11 @@ type MapResponse struct {
 
 	// Peers is the complete peer list (only when Full).
 	Peers []Node `json:"peers,omitempty"`
+	// PeersKept, only in a full map without Peers, says that the peer
+	// list is exactly the one the client holds, whose digest it sent
+	// (MapRequest.PeersDigest): it keeps them, and everything else is
+	// replaced as in any full map.
+	PeersKept bool `json:"peers_kept,omitempty"`
 	// PeersChanged are peers added or replaced whole.
 	PeersChanged []Node `json:"peers_changed,omitempty"`
 	// PeersRemoved are peers that are gone (deleted or no longer visible).

@@ -573,9 +573,9 @@ func (c *Client) follow(ctx context.Context, req netmap.MapRequest, fn func(*net
 	bo := backoff.Backoff{Min: c.minB, Max: c.maxB}
 	for {
 		if nm.Peers != nil {
-			req.Since, req.Epoch = nm.Version, nm.Epoch
+			req.Since, req.Epoch, req.PeersDigest = nm.Version, nm.Epoch, nm.PeersDigest()
 		} else {
-			req.Since, req.Epoch = 0, ""
+			req.Since, req.Epoch, req.PeersDigest = 0, "", ""
 		}
 		c.mu.Lock()
 		if c.state != nil {
