@@ -47,6 +47,8 @@ type Engine struct {
 	setsByKey   map[idKey][]*srcSet // node key -> distinct source sets including it
 	srcOpen     []*crule            // rules whose src has "*" or an address/CIDR
 	targetOrder int
+	// visKey caches VisibilityKey: the rules never change after NewEngine.
+	visKey func() [32]byte
 
 	// mu guards the node index. Queries that only read it (Peers,
 	// PeerCapsFor, FilterFor without a node list) share it, so the
@@ -290,6 +292,7 @@ func NewEngine(p *Policy) *Engine {
 		}
 		e.rules = append(e.rules, cr)
 	}
+	e.visKey = sync.OnceValue(e.visibilityKey)
 	return e
 }
 

@@ -20,6 +20,10 @@ import (
 // (a rule whose group is empty, say): the key is exact one way only, which
 // is the way that matters.
 func (e *Engine) VisibilityKey() [sha256.Size]byte {
+	return e.visKey()
+}
+
+func (e *Engine) visibilityKey() [sha256.Size]byte {
 	var triples []string
 	for _, cr := range e.rules {
 		src := cr.srcSet.signature()
