@@ -225,15 +225,12 @@ func TestReplicasRegisterConcurrently(t *testing.T) {
 	}
 }
 
-// TestFailoverKeepsPeers: when a replica dies and nothing else changes,
-// the nodes that streamed from it start again on the survivor with a full
-// map that keeps the peers they hold (protocol 5): the survivor sends none
-// of their entries, and every node still ends with its full map.
-func TestFailoverKeepsPeers(t *testing.T) {
-	rs := startReplicas(t, 2, ServerOptions{})
-	a, b := rs[0], rs[1]
+// replicaFleet registers n nodes of one tag, half streaming from a (the
+// even ones, given a's URL first) and half from b, and waits until every
+// node sees every other online.
+func replicaFleet(t *testing.T, a, b *testServer, n int) []*testNode {
+	t.Helper()
 	k := a.key(t, AuthKeyOptions{Tags: []string{"tag:a"}, Reusable: true})
-	const n = 6
 	var nodes []*testNode
 	for i := range n {
 		urls := a.url + "," + b.url
@@ -258,6 +255,18 @@ func TestFailoverKeepsPeers(t *testing.T) {
 			return true
 		})
 	}
+	return nodes
+}
+
+// TestFailoverKeepsPeers: when a replica dies and nothing else changes,
+// the nodes that streamed from it start again on the survivor with a full
+// map that keeps the peers they hold (protocol 5): the survivor sends none
+// of their entries, and every node still ends with its full map.
+func TestFailoverKeepsPeers(t *testing.T) {
+	rs := startReplicas(t, 2, ServerOptions{})
+	a, b := rs[0], rs[1]
+	const n = 6
+	nodes := replicaFleet(t, a, b, n)
 	full := b.hub.stats.full.Load()
 	a.stop(t)
 	waitFor(t, "every stream on B", func() bool { return b.hub.connected() == n })
@@ -292,32 +301,8 @@ func TestNodesFailOverBetweenReplicas(t *testing.T) {
 	ctx := context.Background()
 	rs := startReplicas(t, 2, ServerOptions{})
 	a, b := rs[0], rs[1]
-	k := a.key(t, AuthKeyOptions{Tags: []string{"tag:a"}, Reusable: true})
 	const n = 8
-	var nodes []*testNode
-	for i := range n {
-		urls := a.url + "," + b.url
-		if i%2 == 1 {
-			urls = b.url + "," + a.url
-		}
-		nd := newTestNode(t, urls, "")
-		nd.mustRegister(t, k, "node")
-		nd.follow(t, nd.mapRequest())
-		nodes = append(nodes, nd)
-	}
-	for _, nd := range nodes {
-		nd.waitMap(t, "every peer online", func(m *netmap.NetworkMap) bool {
-			if len(m.Peers) != n-1 {
-				return false
-			}
-			for _, p := range m.Peers {
-				if !p.Online {
-					return false
-				}
-			}
-			return true
-		})
-	}
+	nodes := replicaFleet(t, a, b, n)
 	if got := a.hub.connected(); got != n/2 {
 		t.Fatalf("%d nodes stream from A, want %d (the first URL)", got, n/2)
 	}
@@ -362,7 +347,7 @@ func TestNodesFailOverBetweenReplicas(t *testing.T) {
 	}
 	// B goes on serving changes: a new node reaches them all.
 	late := newTestNode(t, b.url, "")
-	late.mustRegister(t, k, "late")
+	late.mustRegister(t, b.key(t, AuthKeyOptions{Tags: []string{"tag:a"}}), "late")
 	for _, nd := range nodes {
 		nd.waitMap(t, "the late node", func(m *netmap.NetworkMap) bool { return m.Peers[late.id] != nil })
 	}
@@ -492,7 +477,7 @@ func TestReplicasShareEmbeddedRelays(t *testing.T) {
 	})
 	// A node that resumes on B after A's end gets the new map too.
 	late := newTestNode(t, b.url, "")
-	late.mustRegister(t, k, "late")
+	late.mustRegister(t, b.key(t, AuthKeyOptions{Tags: []string{"tag:a"}}), "late")
 	late.follow(t, late.mapRequest())
 	late.waitMap(t, "only B's relay", func(m *netmap.NetworkMap) bool {
 		return slices.Equal(hosts(&m.DERPMap), []string{"192.0.2.2"})
