@@ -270,7 +270,7 @@ func (h *hub) computePolicyUpdates(snap *policySnapshot, next policyState) []pol
 		case u.same && !old.bootstrap && !next.bootstrap && snap.rules[i] && snap.sent[i] != nil:
 			// Only the filter changed, and every session holds the one
 			// keyed sent[i]: a patch of the rules that changed (a port
-			// change in a tenant of 100 is ~100 bytes, not 5 KB).
+			// change in a tenant of 100 is ~350 bytes, not 5 KB).
 			if p, ok := filterPatch(nil, snap.sent[i], u.key, f, true); ok {
 				r.PacketFilter, r.PacketFilterPatch = nil, p
 				u.patchOf, u.filter = snap.sent[i], f
