@@ -28,15 +28,7 @@ type upstream struct {
 // truncated to what the query allows, as real servers do.
 func startUpstream(t *testing.T, a map[string]string) *upstream {
 	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := pc.LocalAddr().(*net.UDPAddr).Port
-	ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
-	if err != nil {
-		t.Fatal(err)
-	}
+	pc, ln, port := udpAndTCP(t)
 	u := &upstream{addr: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port))}
 	h := dns.HandlerFunc(func(w dns.ResponseWriter, q *dns.Msg) {
 		u.mu.Lock()
@@ -82,6 +74,31 @@ func (u *upstream) seen() ([]uint16, []string) {
 }
 
 // silent is a UDP socket that reads queries and never answers.
+// udpAndTCP listens on one loopback port number for UDP and for TCP, as a
+// DNS server does. The kernel picks the UDP port; that number may be in
+// use for TCP already (an ephemeral port of some connection, which a busy
+// CI machine has many of: one run failed so), so a taken one is tried
+// again with another.
+func udpAndTCP(t *testing.T) (net.PacketConn, net.Listener, int) {
+	t.Helper()
+	var last error
+	for range 50 {
+		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := pc.LocalAddr().(*net.UDPAddr).Port
+		ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		if err == nil {
+			return pc, ln, port
+		}
+		pc.Close()
+		last = err
+	}
+	t.Fatalf("no loopback port free for both UDP and TCP: %v", last)
+	return nil, nil, 0
+}
+
 func silent(t *testing.T) netip.AddrPort {
 	t.Helper()
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
