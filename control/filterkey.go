@@ -246,7 +246,7 @@ func filterPatch(c *srcDiffCache, oldKey, newKey []byte, f []netmap.FilterRule, 
 			changed += len(add) + len(remove)
 			p.Add, p.Remove = add, remove
 		}
-		if len(p.Add) > 0 || len(p.Remove) > 0 || p.DstPorts != nil || p.IPProto != nil || p.CapGrants != nil || p.Origin != nil {
+		if p.Changes() {
 			p.Rule = i
 			out = append(out, p)
 		}
@@ -266,9 +266,9 @@ func replaceRest(p *netmap.FilterRulePatch, oldRest, newRest []byte, r *netmap.F
 	if !ok1 || !ok2 {
 		return false
 	}
-	// Lists are copied out of the new filter: r may be a policy's shared
-	// value, and the patch is only encoded, but a nil list must go as an
-	// empty one, or the field would be left out of the patch's JSON.
+	// The patch refers to r's own lists (it is only encoded, never
+	// changed), but a nil list must go as an empty one, or the field would
+	// be left out of the patch's JSON.
 	if !bytes.Equal(o[0], n[0]) {
 		p.DstPorts = ptrTo(nonNil(r.DstPorts))
 	}

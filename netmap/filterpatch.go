@@ -46,9 +46,11 @@ type FilterRulePatch struct {
 	Origin    *string         `json:"origin,omitempty"`
 }
 
-// replaces reports whether p replaces any field but the sources.
-func (p *FilterRulePatch) replaces() bool {
-	return p.DstPorts != nil || p.IPProto != nil || p.CapGrants != nil || p.Origin != nil
+// Changes reports whether p changes anything: sources to add or remove,
+// or a field to replace. A patch that changes nothing is refused.
+func (p *FilterRulePatch) Changes() bool {
+	return len(p.Add) > 0 || len(p.Remove) > 0 ||
+		p.DstPorts != nil || p.IPProto != nil || p.CapGrants != nil || p.Origin != nil
 }
 
 // ErrFilterPatch is wrapped by the errors of a patch that does not fit the
@@ -93,7 +95,7 @@ func validatePatch(ps []FilterRulePatch) error {
 		if p.Rule < 0 || i > 0 && p.Rule <= ps[i-1].Rule {
 			return fmt.Errorf("packet filter patch %d: rule %d out of order or negative", i, p.Rule)
 		}
-		if len(p.Add) == 0 && len(p.Remove) == 0 && !p.replaces() {
+		if !p.Changes() {
 			return fmt.Errorf("packet filter patch %d: changes nothing", i)
 		}
 		if p.DstPorts != nil {
