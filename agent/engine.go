@@ -134,13 +134,16 @@ func newEngine(cfg engineConfig) (_ *engine, err error) {
 	// BindUpdate (internal/wireguard/device/inline.go). The device then
 	// keeps inbound batches on upstream's pipeline.
 	e.dev.SetTUNWriteWaitsForRead(cfg.tunName == TUNUserspace)
-	// Run to completion stays off in every mode until the two stalls
-	// seen with it are explained (internal/wireguard/README.md, "Stalls
-	// seen with it on"): a first dial between two netstack nodes (agent
-	// tests, 2 of 13 runs; not reproduced since) and a ping to a node
-	// restarted with the coordinator down (TestKernelTUN, once in CI).
-	// Measured gain: bench/throughput.md, "Run-to-completion lever".
-	e.dev.SetRunToCompletion(false)
+	// Run to completion (the device's default on up to 4 Ps) stays off
+	// in netstack mode until the first-dial stall seen there once is
+	// explained (internal/wireguard/README.md, "Stalls seen with it on").
+	// A kernel TUN keeps the default: the stall seen in TestKernelTUN was
+	// a saved map without the peer's endpoints, which fails the same way
+	// with it off. Measured gain: bench/throughput.md, "Run-to-completion
+	// lever".
+	if cfg.tunName == TUNUserspace {
+		e.dev.SetRunToCompletion(false)
+	}
 	defer func() {
 		if err != nil {
 			e.close()

@@ -41,6 +41,8 @@ var (
 	mRxPackets  = prometheus.NewDesc("meshd_rx_packets_total", "WireGuard packets received from all peers, by path.", []string{"path"}, nil)
 	mPathChg    = prometheus.NewDesc("meshd_path_changes_total", "Path changes of all peers.", nil, nil)
 	mHandshakes = prometheus.NewDesc("meshd_handshakes_sent_total", "WireGuard handshake messages (initiations and responses) sent to peers.", nil, nil)
+	mBatches    = prometheus.NewDesc("meshd_wireguard_batches_total", "Batches of packets WireGuard encrypted (out) or decrypted (in), by whether they ran to completion on the goroutine that had them (inline) or went through the worker pipeline.", []string{"direction", "path"}, nil)
+	mSlowSends  = prometheus.NewDesc("meshd_wireguard_slow_sends_total", "Inline sends that took over 5 ms, each sending the peer's next batch through the pipeline.", nil, nil)
 
 	mFilterAccepted = prometheus.NewDesc("meshd_filter_accepted_packets_total", "Packets the packet filter let through, by direction (in: from peers).", []string{"direction"}, nil)
 	mFilterDropped  = prometheus.NewDesc("meshd_filter_dropped_packets_total", "Packets the packet filter dropped, by direction and reason.", []string{"direction", "reason"}, nil)
@@ -75,7 +77,7 @@ type metricsCollector struct {
 
 func (c *metricsCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
-		mTxBytes, mRxBytes, mTxPackets, mRxPackets, mPathChg, mHandshakes,
+		mTxBytes, mRxBytes, mTxPackets, mRxPackets, mPathChg, mHandshakes, mBatches, mSlowSends,
 		mFilterAccepted, mFilterDropped, mFilterFlows, mFilterRules,
 		mPeers, mPeersConfigured, mState, mHealth, mCoordConnected,
 	} {
@@ -164,6 +166,14 @@ func (c *metricsCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- counter(mPathChg, tot.PathChanges)
 	ch <- counter(mHandshakes, tot.HandshakesTx)
+	if eng != nil {
+		is := eng.dev.InlineStats()
+		ch <- counter(mBatches, is.OutInline, "out", "inline")
+		ch <- counter(mBatches, is.OutPipeline, "out", "pipeline")
+		ch <- counter(mBatches, is.InInline, "in", "inline")
+		ch <- counter(mBatches, is.InPipeline, "in", "pipeline")
+		ch <- counter(mSlowSends, is.SlowSends)
+	}
 	if !c.perPeer {
 		return
 	}

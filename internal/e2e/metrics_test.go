@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -121,6 +122,14 @@ func TestMetrics(t *testing.T) {
 	}
 	if hs := after.Sum("meshd_handshakes_sent_total"); hs < 1 {
 		t.Errorf("no handshake messages counted")
+	}
+	// A kernel TUN runs batches to completion on up to 4 Ps (the device's
+	// default; GOMAXPROCS is at most NumCPU): the transfer's batches were
+	// decrypted inline.
+	inlineIn := after.Sum("meshd_wireguard_batches_total", "direction", "in", "path", "inline") -
+		before.Sum("meshd_wireguard_batches_total", "direction", "in", "path", "inline")
+	if runtime.NumCPU() <= 4 && inlineIn < 10 {
+		t.Errorf("%v inbound batches ran inline during the transfer, want >= 10:\n%s", inlineIn, text)
 	}
 
 	// `meshd metrics` prints the same families from the local API.
