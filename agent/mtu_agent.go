@@ -58,7 +58,8 @@ func (a *Agent) chooseMTULocked(nm *netmap.NetworkMap) {
 // MTU. A netstack's MTU is fixed when it is created: it follows at the
 // next data plane start.
 func (a *Agent) followMTULocked() {
-	if a.eng == nil || a.eng.link == nil || a.eng.mtu == a.mtu.mtu {
+	// With --mtu the TUN keeps it: nothing was chosen to follow.
+	if !a.mtuAuto || a.eng == nil || a.eng.link == nil || a.eng.mtu == a.mtu.mtu {
 		return
 	}
 	if err := a.eng.setMTU(a.mtu.mtu); err != nil {

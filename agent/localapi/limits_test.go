@@ -110,3 +110,35 @@ func closedWithin(c net.Conn, d time.Duration) bool {
 	var ne net.Error
 	return !(errors.As(err, &ne) && ne.Timeout())
 }
+
+// TestClientPerCallWithinSourceLimit: a program that makes a client per
+// call (the throughput harness polled status that way) stays within the
+// daemon's per-source connection limit however many calls it makes: the
+// client keeps no connection open after a call.
+func TestClientPerCallWithinSourceLimit(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "meshd.sock")
+	ln, err := Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lim := DefaultLimits()
+	// Above 1: the daemon closes its side of a finished connection a
+	// moment after the client has its answer.
+	lim.PerSource = 4
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- ServeLimits(ctx, ln, &fakeBackend{}, lim) }()
+	defer func() { cancel(); <-done }()
+	for i := range 10 * lim.PerSource {
+		if _, err := NewClient(sock).Status(ctx); err != nil {
+			t.Fatalf("call %d with a new client: %v", i+1, err)
+		}
+	}
+	// One client reused works too.
+	c := NewClient(sock)
+	for i := range 10 * lim.PerSource {
+		if _, err := c.Status(ctx); err != nil {
+			t.Fatalf("call %d with one client: %v", i+1, err)
+		}
+	}
+}

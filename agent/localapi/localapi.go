@@ -627,6 +627,12 @@ func NewClient(path string) *Client {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", path)
 		},
+		// A connection per request: a program that makes a client per
+		// call (a poll loop, a test harness) would otherwise keep an idle
+		// connection per client open for good, and the daemon refuses a
+		// source's connections beyond Limits.PerSource. Dialing a unix
+		// socket costs microseconds.
+		DisableKeepAlives: true,
 	}}}
 }
 

@@ -373,7 +373,8 @@ func TestKernelTUN(t *testing.T) {
 	key := e.authKey(hosts["coord"])
 
 	n1 := e.newNode("n1", hosts["n1"], "--tun", "meshd0")
-	n2 := e.newNode("n2", hosts["n2"], "--tun", "meshd0")
+	// n2's MTU is set by hand: it must stay as set through map updates.
+	n2 := e.newNode("n2", hosts["n2"], "--tun", "meshd0", "--mtu", "1300")
 	n3 := e.newNode("n3", hosts["n3"], "--tun", "meshd0")
 	for _, n := range []*node{n1, n2} {
 		e.startDaemon(n)
@@ -458,6 +459,17 @@ func TestKernelTUN(t *testing.T) {
 	e.waitPeers(n2, "n1", "n3")
 	e.waitPeers(n3, "n1", "n2")
 	ip3 := ipv4Of(e.status(n3))
+	// n3's join updated n2's map; a hand-set MTU is not re-chosen (a
+	// release tried to set the TUN to 0 on every update and warned).
+	if mtu, err := hosts["n2"].MTU("meshd0"); err != nil || mtu != 1300 {
+		t.Errorf("n2's meshd0 MTU %d (%v), want 1300 as set with --mtu", mtu, err)
+	}
+	if st := e.status(n2).MTU; st == nil || st.MTU != 1300 || st.Auto {
+		t.Errorf("n2 status mtu %+v, want 1300 set by hand", st)
+	}
+	if out := n2.proc.out.String(); strings.Contains(out, "overlay MTU not changed") {
+		t.Errorf("n2 tried to change a hand-set MTU:\n%s", out)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	if err := hosts["n1"].Ping(ctx, ip3); err != nil {
