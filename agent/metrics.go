@@ -42,7 +42,7 @@ var (
 	mPathChg    = prometheus.NewDesc("meshd_path_changes_total", "Path changes of all peers.", nil, nil)
 	mHandshakes = prometheus.NewDesc("meshd_handshakes_sent_total", "WireGuard handshake messages (initiations and responses) sent to peers.", nil, nil)
 	mBatches    = prometheus.NewDesc("meshd_wireguard_batches_total", "Batches of packets WireGuard encrypted (out) or decrypted (in), by whether they ran to completion on the goroutine that had them (inline) or went through the worker pipeline.", []string{"direction", "path"}, nil)
-	mSlowSends  = prometheus.NewDesc("meshd_wireguard_slow_sends_total", "Inline sends that took over 5 ms, each sending the peer's next batch through the pipeline.", nil, nil)
+	mSlowSends  = prometheus.NewDesc("meshd_wireguard_slow_sends_total", "Inline sends over a path that can stall on its own (a relay) that took over 5 ms, each sending the peer's next batch through the pipeline.", nil, nil)
 
 	mFilterAccepted = prometheus.NewDesc("meshd_filter_accepted_packets_total", "Packets the packet filter let through, by direction (in: from peers).", []string{"direction"}, nil)
 	mFilterDropped  = prometheus.NewDesc("meshd_filter_dropped_packets_total", "Packets the packet filter dropped, by direction and reason.", []string{"direction", "reason"}, nil)

@@ -48,6 +48,14 @@ func (e *Endpoint) DstIP() netip.Addr {
 	return netip.Addr{}
 }
 
+// SendMayStall reports whether a send to the peer may wait on the peer's
+// own path: true unless its last send took a direct path, which waits
+// only on the UDP socket all peers share. A relay's queue for the peer
+// can hold a send (derp.Client.Send waits for room), and so can a relay
+// still connecting. WireGuard's run-to-completion fork times only the
+// sends that may stall (internal/wireguard/device.SendStallReporter).
+func (e *Endpoint) SendMayStall() bool { return !e.p.sentDirect.Load() }
+
 // SrcIP is zero: the bind does not pin source addresses.
 func (e *Endpoint) SrcIP() netip.Addr { return netip.Addr{} }
 

@@ -292,6 +292,10 @@ func TestRelayedOnly(t *testing.T) {
 	if st.DERPCode != "lab" || st.Endpoint() != "derp:lab" {
 		t.Errorf("status %+v, want region lab", st)
 	}
+	// A relay's queue can hold a send to b: WireGuard times them.
+	if !mayStall(t, a, b) {
+		t.Error("SendMayStall false for a relayed peer")
+	}
 	if h := a.bind.HomeDERP(); h != 1 {
 		t.Errorf("home DERP %d, want 1", h)
 	}
@@ -343,6 +347,10 @@ func TestDirectAfterPong(t *testing.T) {
 	}
 	waitPath(t, b, a, PathDirect, 5*time.Second)
 	transfer(t, b, a, 1<<20)
+	// Direct sends wait only on the socket every peer shares.
+	if mayStall(t, b, a) {
+		t.Error("SendMayStall true after direct sends")
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	res, err := a.bind.Ping(ctx, b.key.Public())
@@ -352,6 +360,16 @@ func TestDirectAfterPong(t *testing.T) {
 	if res.Path != PathDirect || res.Addr.Port() != b.port {
 		t.Errorf("ping %+v, want a direct pong from b's port %d", res, b.port)
 	}
+}
+
+// mayStall is SendMayStall of n's endpoint for peer.
+func mayStall(t *testing.T, n, peer *testNode) bool {
+	t.Helper()
+	ep, err := n.bind.ParseEndpoint(EndpointFor(peer.key.Public()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ep.(*Endpoint).SendMayStall()
 }
 
 func TestNoRelayUsesPublishedEndpoints(t *testing.T) {

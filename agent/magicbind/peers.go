@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.zx2c4.com/wireguard/conn"
@@ -45,6 +46,9 @@ type peer struct {
 	// taken.
 	lastPath    netip.AddrPort
 	lastPathSet bool
+	// sentDirect says the last send took a direct path, where a send
+	// waits only on the UDP socket every peer shares (Endpoint.SendMayStall).
+	sentDirect atomic.Bool
 
 	ctr peerCounters // read without mu (metrics.go)
 

@@ -49,6 +49,43 @@ type gatedBind struct {
 	// nanoseconds) on by slowSend, as a send that blocks would.
 	slow  atomic.Bool
 	clock atomic.Int64
+
+	// shared makes every endpoint say its sends wait only on a socket
+	// all peers share (SendStallReporter), as a direct path's do.
+	shared atomic.Bool
+}
+
+// reportingEndpoint is a channel bind endpoint that reports whether
+// sends to it may stall on their own, as its bind says.
+type reportingEndpoint struct {
+	conn.Endpoint
+	b *gatedBind
+}
+
+func (e reportingEndpoint) SendMayStall() bool { return !e.b.shared.Load() }
+
+func (b *gatedBind) ParseEndpoint(s string) (conn.Endpoint, error) {
+	ep, err := b.Bind.ParseEndpoint(s)
+	if err != nil {
+		return nil, err
+	}
+	return reportingEndpoint{ep, b}, nil
+}
+
+// Open wraps received packets' endpoints too: WireGuard takes a peer's
+// endpoint from the packets it receives.
+func (b *gatedBind) Open(port uint16) ([]conn.ReceiveFunc, uint16, error) {
+	fns, actual, err := b.Bind.Open(port)
+	for i, fn := range fns {
+		fns[i] = func(bufs [][]byte, sizes []int, eps []conn.Endpoint) (int, error) {
+			n, err := fn(bufs, sizes, eps)
+			for j := range n {
+				eps[j] = reportingEndpoint{eps[j], b}
+			}
+			return n, err
+		}
+	}
+	return fns, actual, err
 }
 
 const slowSend = 2 * inlineSlowSend
@@ -89,6 +126,9 @@ func (b *gatedBind) Send(bufs [][]byte, ep conn.Endpoint) error {
 		default:
 		}
 		<-gate
+	}
+	if re, ok := ep.(reportingEndpoint); ok {
+		ep = re.Endpoint
 	}
 	return b.Bind.Send(bufs, ep)
 }
@@ -387,5 +427,39 @@ func TestRunToCompletionSlowSend(t *testing.T) {
 	expectSeqs(t, b, held+2, after)
 	if got := a.dev.InlineStats().OutInline - before.OutInline; got < after {
 		t.Errorf("%d batches inline once the pipeline drained, want %d", got, after)
+	}
+}
+
+// TestRunToCompletionSlowSendOnSharedSocket: a send whose endpoint says it
+// waits only on the socket all peers share (a direct path's) is not timed:
+// however slow, the batches behind it stay inline, since the pipeline's
+// sender would wait for the same socket.
+func TestRunToCompletionSlowSendOnSharedSocket(t *testing.T) {
+	pair, gate := genGatedPair(t)
+	gate.shared.Store(true)
+	pair.Send(t, Ping, nil)
+	pair.Send(t, Pong, nil)
+	a, b := &pair[0], &pair[1]
+	peer := onlyPeer(t, a.dev)
+	a.dev.SetRunToCompletion(true)
+	waitZero(t, "after the handshake", &peer.inline.out.pending)
+
+	before := a.dev.InlineStats()
+	gate.slow.Store(true)
+	const n = 10
+	for seq := uint32(0); seq < n; seq++ {
+		a.tun.Outbound <- seqPacket(a.ip, b.ip, seq, 200)
+		expectSeqs(t, b, seq, 1)
+	}
+	gate.slow.Store(false)
+	st := a.dev.InlineStats()
+	if st.SlowSends != before.SlowSends {
+		t.Errorf("%d slow sends counted on a shared socket, want none", st.SlowSends-before.SlowSends)
+	}
+	if got := st.OutInline - before.OutInline; got < n {
+		t.Errorf("%d batches inline, want %d", got, n)
+	}
+	if got := st.OutPipeline - before.OutPipeline; got != 0 {
+		t.Errorf("%d batches took the pipeline behind slow sends on a shared socket", got)
 	}
 }
