@@ -51,6 +51,7 @@ func (p *peer) notePathLocked(cur netip.AddrPort) {
 		p.ctr.pathChanges.Add(1)
 	}
 	p.lastPath, p.lastPathSet = cur, true
+	p.sentDirect.Store(cur.IsValid())
 }
 
 // countRx adds a run of received packets; p may be nil (no run yet).

@@ -46,8 +46,9 @@ type peer struct {
 	// taken.
 	lastPath    netip.AddrPort
 	lastPathSet bool
-	// sentDirect says the last send took a direct path, where a send
-	// waits only on the UDP socket every peer shares (Endpoint.SendMayStall).
+	// sentDirect is lastPath.IsValid() for readers without mu: the last
+	// send took a direct path, where a send waits only on the UDP socket
+	// every peer shares (Endpoint.SendMayStall).
 	sentDirect atomic.Bool
 
 	ctr peerCounters // read without mu (metrics.go)

@@ -55,9 +55,6 @@ func (b *Bind) send(p *peer, bufs [][]byte, now time.Time) (sure bool, err error
 	join := p.joinLoopLocked()
 	addr, direct := p.sel.Path(now)
 	doubt := direct && p.sel.InDoubt(now)
-	if p.sentDirect.Load() != direct {
-		p.sentDirect.Store(direct)
-	}
 	p.notePathLocked(directOrZero(addr, direct))
 	var dst *conn.StdNetEndpoint
 	if direct {
