@@ -370,19 +370,30 @@ func TestRunToCompletionConcurrentOrder(t *testing.T) {
 	}
 }
 
+// slowSendPair is a gated pair after its handshake, device 0 running to
+// completion with nothing pending; shared is what its endpoints say of
+// their sends (gatedBind.shared).
+func slowSendPair(t *testing.T, shared bool) (a, b *testPeer, peer *Peer, gate *gatedBind) {
+	t.Helper()
+	var pair testPair
+	pair, gate = genGatedPair(t)
+	gate.shared.Store(shared)
+	pair.Send(t, Ping, nil)
+	pair.Send(t, Pong, nil)
+	a, b = &pair[0], &pair[1]
+	peer = onlyPeer(t, a.dev)
+	a.dev.SetRunToCompletion(true)
+	waitZero(t, "after the handshake", &peer.inline.out.pending)
+	return a, b, peer, gate
+}
+
 // TestRunToCompletionSlowSend: after an inline send that blocked, the
 // peer's next batch takes the pipeline (the TUN reader must not wait on one
 // peer's full relay queue while others have traffic), so do the batches
 // behind it while the pipeline is busy, all in order, and the peer runs
 // inline again once it has drained.
 func TestRunToCompletionSlowSend(t *testing.T) {
-	pair, gate := genGatedPair(t)
-	pair.Send(t, Ping, nil)
-	pair.Send(t, Pong, nil)
-	a, b := &pair[0], &pair[1]
-	peer := onlyPeer(t, a.dev)
-	a.dev.SetRunToCompletion(true)
-	waitZero(t, "after the handshake", &peer.inline.out.pending)
+	a, b, peer, gate := slowSendPair(t, false)
 
 	before := a.dev.InlineStats()
 	gate.slow.Store(true)
@@ -435,14 +446,7 @@ func TestRunToCompletionSlowSend(t *testing.T) {
 // however slow, the batches behind it stay inline, since the pipeline's
 // sender would wait for the same socket.
 func TestRunToCompletionSlowSendOnSharedSocket(t *testing.T) {
-	pair, gate := genGatedPair(t)
-	gate.shared.Store(true)
-	pair.Send(t, Ping, nil)
-	pair.Send(t, Pong, nil)
-	a, b := &pair[0], &pair[1]
-	peer := onlyPeer(t, a.dev)
-	a.dev.SetRunToCompletion(true)
-	waitZero(t, "after the handshake", &peer.inline.out.pending)
+	a, b, _, gate := slowSendPair(t, true)
 
 	before := a.dev.InlineStats()
 	gate.slow.Store(true)
