@@ -22,7 +22,7 @@ import (
 	"meshd.dev/meshd/netmap"
 )
 
-// Machine endpoints FuzzMachineRequest picks from (op modulo 7).
+// Machine endpoints FuzzMachineRequest picks from (op modulo their number).
 const (
 	opRegister uint8 = iota
 	opMap
@@ -31,6 +31,7 @@ const (
 	opSSHAuthorize
 	opSSHWait
 	opSSHSession
+	opLogout
 )
 
 func ptr[T any](v T) *T { return &v }
@@ -49,7 +50,7 @@ func (r *streamRecorder) Flush() {
 }
 
 // FuzzMachineRequest sends arbitrary bodies to the machine endpoints
-// (register, map, challenge, cert, ssh) of a real coordinator (SQLite store
+// (register, map, challenge, cert, ssh, logout) of a real coordinator (SQLite store
 // included), authenticated as one machine. Every answer must be a success
 // or a 4xx JSON error with a code; nothing may panic or answer 500.
 func FuzzMachineRequest(f *testing.F) {
@@ -97,9 +98,13 @@ func FuzzMachineRequest(f *testing.F) {
 	f.Add(opSSHWait, []byte(`{"version":2,"check_id":"0000000000000000"}`))
 	f.Add(opSSHSession, []byte(`{"version":2,"session_id":"s1","check_id":"0000000000000000","caller":{"node_id":1,"hostname":"a"},"local_user":"root","kind":"shell","duration_ns":1000000000,"exit_status":0}`))
 	f.Add(opSSHSession, []byte(`{"version":2,"session_id":"s1","local_user":"root","kind":"exec","duration_ns":-1,"exit_status":-7}`))
+	f.Add(opLogout, []byte(`{"version":5,"node_key":"`+nk.String()+`"}`))
+	f.Add(opLogout, []byte(`{"version":5,"node_key":"`+netmap.NewNodePrivate().Public().String()+`"}`))
+	f.Add(opLogout, []byte(`{"version":5,"node_key":""}`))
 	f.Fuzz(func(t *testing.T, op uint8, body []byte) {
-		path := []string{"/machine/register", "/machine/map", controlclient.ChallengePath, controlclient.CertPath,
-			controlclient.SSHAuthorizePath, controlclient.SSHWaitPath, controlclient.SSHSessionPath}[int(op)%7]
+		paths := []string{"/machine/register", "/machine/map", controlclient.ChallengePath, controlclient.CertPath,
+			controlclient.SSHAuthorizePath, controlclient.SSHWaitPath, controlclient.SSHSessionPath, controlclient.LogoutPath}
+		path := paths[int(op)%len(paths)]
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		req := httptest.NewRequestWithContext(ctx, http.MethodPost, path, bytes.NewReader(body))

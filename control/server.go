@@ -347,6 +347,7 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 	s.mux.HandleFunc("POST /machine/map", s.handleMap)
 	s.mux.HandleFunc("POST "+controlclient.ChallengePath, s.handleChallenge)
 	s.mux.HandleFunc("POST /machine/tags", s.handleSetTags)
+	s.mux.HandleFunc("POST "+controlclient.LogoutPath, s.handleLogout)
 	s.mux.HandleFunc("POST "+controlclient.CertPath, s.handleCert)
 	s.mux.HandleFunc("GET "+DERPMapPath, s.handleDERPMap)
 	s.sshRoutes()

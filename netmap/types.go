@@ -145,6 +145,25 @@ type SetTagsResponse struct {
 	Node Node `json:"node"`
 }
 
+// LogoutRequest asks the coordinator to take the calling machine's node
+// off the tailnet (`meshd logout`, and an ephemeral node's daemon when it
+// shuts down). The machine key (the TLS client certificate) authenticates
+// it; NodeKey must be the node's current key, so that a process holding a
+// rotated-away key cannot log out the node that replaced it.
+type LogoutRequest struct {
+	Version int        `json:"version"`
+	NodeKey NodePublic `json:"node_key"`
+}
+
+// LogoutResponse says what a LogoutRequest did: an ephemeral node is
+// deleted at once (Deleted); any other node has its key expired (Expired)
+// and must register again with an auth key, keeping its id and addresses.
+type LogoutResponse struct {
+	NodeID  NodeID `json:"node_id"`
+	Deleted bool   `json:"deleted,omitempty"`
+	Expired bool   `json:"expired,omitempty"`
+}
+
 // MapRequest opens the map stream, or (Stream=false) reports endpoints and
 // other node state changes without opening one.
 type MapRequest struct {

@@ -366,6 +366,28 @@ func (c *Client) SetTags(ctx context.Context, req netmap.SetTagsRequest) (*netma
 	return &resp, nil
 }
 
+// LogoutPath is where a node logs itself out (Client.Logout).
+const LogoutPath = "/machine/logout"
+
+// Logout takes this node off the tailnet: an ephemeral node is deleted at
+// once, any other has its key expired and must register again with an
+// auth key. Its map stream, if open, ends with ErrNotRegistered or
+// ErrNodeExpired.
+func (c *Client) Logout(ctx context.Context) (*netmap.LogoutResponse, error) {
+	c.mu.Lock()
+	nk := c.nodeKey
+	c.mu.Unlock()
+	if nk.IsZero() {
+		return nil, errors.New("log out: the client has no node key")
+	}
+	req := netmap.LogoutRequest{Version: netmap.ProtocolVersion, NodeKey: nk.Public()}
+	var resp netmap.LogoutResponse
+	if err := c.do(ctx, LogoutPath, req, &resp); err != nil {
+		return nil, fmt.Errorf("log out with %s: %w", c.base().Host, err)
+	}
+	return &resp, nil
+}
+
 // Update reports endpoints, home DERP, disco key or a rotated node key
 // without opening a stream. req carries the node's full current state.
 func (c *Client) Update(ctx context.Context, req netmap.MapRequest) error {
