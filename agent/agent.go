@@ -46,6 +46,9 @@ type ControlClient interface {
 	// node's own DNS name.
 	Cert(ctx context.Context, req netmap.CertRequest) (*netmap.CertResponse, error)
 	ServerPin() string
+	// Logout takes the node off the tailnet: an ephemeral node is
+	// deleted, any other has its key expired.
+	Logout(ctx context.Context) (*netmap.LogoutResponse, error)
 	Update(ctx context.Context, req netmap.MapRequest) error
 	Follow(ctx context.Context, req netmap.MapRequest, fn func(*netmap.NetworkMap)) error
 	// Close releases the client's connections.
@@ -367,11 +370,85 @@ func (a *Agent) Run(ctx context.Context) error {
 	var err error
 	select {
 	case <-ctx.Done():
+		a.logoutEphemeral()
 	case err = <-errc:
 	}
 	a.stop()
 	wg.Wait()
 	return err
+}
+
+// ephemeralLogoutTimeout bounds the logout of an ephemeral node as its
+// daemon stops: a stop must not hang on an unreachable coordinator, which
+// then deletes the node at its ephemeral timeout instead.
+const ephemeralLogoutTimeout = 5 * time.Second
+
+// logoutEphemeral logs an ephemeral node out as its daemon stops, as
+// Tailscale does: the node is deleted at once rather than at the
+// coordinator's ephemeral timeout, so its peers drop it (one change each,
+// not an offline one now and a removal later) and its hostname is free
+// for the pod or job that replaces it. A node taken down with `meshd
+// down` is left as it is.
+func (a *Agent) logoutEphemeral() {
+	a.mu.Lock()
+	eph := a.login != nil && a.login.Ephemeral && a.login.WantRunning
+	a.mu.Unlock()
+	if !eph {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), ephemeralLogoutTimeout)
+	defer cancel()
+	if _, err := a.Logout(ctx); err != nil {
+		a.log.Warn("ephemeral node: logout as the daemon stops failed; the coordinator deletes the node at its ephemeral timeout", "err", err)
+		return
+	}
+	a.log.Info("ephemeral node logged out as the daemon stops: deleted from the tailnet")
+}
+
+// Logout takes the node off the tailnet for good (`meshd logout`): the
+// coordinator deletes an ephemeral node and expires any other's key, the
+// data plane stops, and the daemon forgets the registration (its login
+// and saved map; the identity stays), so the next `meshd up` needs an auth
+// key. A node the coordinator no longer has (deleted or expired there) is
+// forgotten here too. When the coordinator cannot be reached nothing
+// changes, and the error says so.
+func (a *Agent) Logout(ctx context.Context) (*localapi.LogoutResult, error) {
+	a.upMu.Lock()
+	defer a.upMu.Unlock()
+	a.mu.Lock()
+	var l Login
+	if a.login != nil {
+		l = *a.login
+	}
+	a.mu.Unlock()
+	if l.NodeID == 0 {
+		return nil, errors.New("not logged in: nothing to log out (enrol with meshd up --authkey KEY)")
+	}
+	cc, err := a.opts.NewControlClient(a.controlCfg(l))
+	if err != nil {
+		return nil, fmt.Errorf("logout: %w", err)
+	}
+	defer cc.Close()
+	res := &localapi.LogoutResult{NodeID: l.NodeID}
+	resp, err := cc.Logout(ctx)
+	switch {
+	case err == nil:
+		res.Deleted, res.Expired = resp.Deleted, resp.Expired
+	case needsReauth(err):
+		res.AlreadyGone = true
+	default:
+		return nil, fmt.Errorf("logout: nothing changed, the node is still enrolled: %w", explainControlError(l.CoordinatorURL, err))
+	}
+	a.stop()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err := a.store.ForgetLogin(); err != nil {
+		return nil, err
+	}
+	a.login, a.nm = nil, nil
+	a.notifyLocked()
+	a.log.Info("logged out", "node_id", l.NodeID, "deleted", res.Deleted, "expired", res.Expired, "already_gone", res.AlreadyGone)
+	return res, nil
 }
 
 // startLocked starts the data plane from the saved map (if any) and the

@@ -36,6 +36,9 @@ func (f *feedControl) SetTags(context.Context, netmap.SetTagsRequest) (*netmap.S
 func (f *feedControl) Cert(context.Context, netmap.CertRequest) (*netmap.CertResponse, error) {
 	return nil, errors.New("feedControl: no CA")
 }
+func (f *feedControl) Logout(context.Context) (*netmap.LogoutResponse, error) {
+	return nil, errors.New("feedControl: no logout")
+}
 func (f *feedControl) ServerPin() string                               { return "feed" }
 func (f *feedControl) Update(context.Context, netmap.MapRequest) error { return nil }
 func (f *feedControl) Close()                                          {}

@@ -257,6 +257,17 @@ func (s *Store) LoadLogin() (*Login, error) {
 // SaveLogin stores l.
 func (s *Store) SaveLogin(l *Login) error { return s.writeJSON(loginFile, l) }
 
+// ForgetLogin removes the stored login and network map, as after a
+// logout: the identity stays, and the node enrols again with an auth key.
+func (s *Store) ForgetLogin() error {
+	for _, name := range []string{loginFile, netmapFile} {
+		if err := os.Remove(filepath.Join(s.dir, name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("forget login: %w", err)
+		}
+	}
+	return nil
+}
+
 // LoadNetworkMap returns the last network map saved, or nil if there is none.
 func (s *Store) LoadNetworkMap() (*netmap.NetworkMap, error) {
 	var resp netmap.MapResponse

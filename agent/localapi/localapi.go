@@ -286,6 +286,25 @@ type Backend interface {
 	Drops(ctx context.Context) (*Drops, error)
 }
 
+// LogoutResult is what `meshd logout` did.
+type LogoutResult struct {
+	NodeID netmap.NodeID `json:"node_id"`
+	// Deleted: the node was ephemeral and is gone from the tailnet.
+	Deleted bool `json:"deleted,omitempty"`
+	// Expired: the node's key expired; it keeps its id and addresses and
+	// comes back with `meshd up --authkey`.
+	Expired bool `json:"expired,omitempty"`
+	// AlreadyGone: the coordinator had deleted or expired the node
+	// already; the daemon forgot its registration.
+	AlreadyGone bool `json:"already_gone,omitempty"`
+}
+
+// LogoutBackend is implemented by backends that can log the node out; the
+// API serves /v0/logout for them (`meshd logout`).
+type LogoutBackend interface {
+	Logout(ctx context.Context) (*LogoutResult, error)
+}
+
 // StateWaiter is implemented by backends that can wait for their state to
 // change; the API serves /v0/watch for them (`meshd up` waiting for an
 // admin's approval).
@@ -399,6 +418,16 @@ func Handler(b Backend) http.Handler {
 		}
 		writeJSON(w, http.StatusOK, struct{}{})
 	})
+	if lb, ok := b.(LogoutBackend); ok {
+		mux.HandleFunc("POST /v0/logout", func(w http.ResponseWriter, r *http.Request) {
+			res, err := lb.Logout(r.Context())
+			if err != nil {
+				writeJSON(w, http.StatusBadRequest, errorBody{err.Error()})
+				return
+			}
+			writeJSON(w, http.StatusOK, res)
+		})
+	}
 	mux.HandleFunc("GET /v0/status", func(w http.ResponseWriter, r *http.Request) {
 		st, err := b.Status(r.Context())
 		if err != nil {
@@ -645,6 +674,12 @@ func (c *Client) Up(ctx context.Context, req UpRequest) (*Status, error) {
 // Down takes the node off the tailnet, keeping its state.
 func (c *Client) Down(ctx context.Context) error {
 	return c.do(ctx, "POST", "/v0/down", struct{}{}, nil)
+}
+
+// Logout logs the node out of the tailnet (LogoutResult says how).
+func (c *Client) Logout(ctx context.Context) (*LogoutResult, error) {
+	var res LogoutResult
+	return &res, c.do(ctx, "POST", "/v0/logout", struct{}{}, &res)
 }
 
 // Status returns the daemon's status.

@@ -52,6 +52,7 @@ type config struct {
 	ephTimeout   time.Duration
 	concurrency  int
 	failover     bool
+	leave        string // "logout" or "disconnect"
 }
 
 func run() error {
@@ -67,6 +68,7 @@ func run() error {
 	flag.IntVar(&c.churnTenants, "churn-tenants", 0, "tenants the ephemeral nodes join, in turn (1: all into tenant 0, the hottest case); 0: every tenant")
 	flag.DurationVar(&c.ephTimeout, "ephemeral-timeout", 2*time.Second, "the coordinators' --ephemeral-timeout")
 	flag.IntVar(&c.concurrency, "concurrency", 16, "registrations in flight while connecting the fleet")
+	flag.StringVar(&c.leave, "leave", "logout", "how an ephemeral node leaves: logout (as meshd's daemon does when it stops: the node is deleted at once) or disconnect (a crash: offline now, deleted at the ephemeral timeout)")
 	flag.BoolVar(&c.failover, "failover", false, "at the end, kill (SIGKILL) the first coordinator of -pids and time every node holding a policy change made on the second")
 	flag.Parse()
 	c.urls = strings.Split(*urls, ",")
@@ -82,6 +84,9 @@ func run() error {
 			return err
 		}
 		c.pids = append(c.pids, n)
+	}
+	if c.leave != "logout" && c.leave != "disconnect" {
+		return fmt.Errorf("-leave %q: want logout or disconnect", c.leave)
 	}
 	if c.tenants == 0 {
 		c.tenants = max(1, c.nodes/100)
@@ -418,7 +423,10 @@ func bench(ctx context.Context, c config) error {
 		id     netmap.NodeID
 		tenant int
 		err    error
+		offer  time.Duration // when the join was due, from the churn's start
 		lat    time.Duration // from the join's start to holding its first map
+		first  time.Duration // when it held its first map, from the churn's start
+		left   time.Duration // when its leave was done, from the churn's start
 	}
 	var mu sync.Mutex
 	var joins []joined
@@ -435,26 +443,40 @@ func bench(ctx context.Context, c config) error {
 		due := int(time.Since(churnStart).Seconds() * float64(c.churnRate))
 		for ; n < due; n++ {
 			i := n
+			offer := time.Duration(i) * time.Second / time.Duration(c.churnRate)
 			cw.Go(func() {
 				t0 := time.Now()
+				fail := func(err error) {
+					mu.Lock()
+					joins = append(joins, joined{err: err, offer: offer})
+					mu.Unlock()
+				}
 				s, err := start(ctx, c.urls, i%len(c.urls), eph[i%c.churnTenants], fmt.Sprintf("eph-%d", i))
 				if err != nil {
-					mu.Lock()
-					joins = append(joins, joined{err: err})
-					mu.Unlock()
+					fail(err)
 					return
 				}
 				if err := s.ready(); err != nil {
-					mu.Lock()
-					joins = append(joins, joined{err: err})
-					mu.Unlock()
+					fail(err)
 					return
 				}
-				mu.Lock()
-				joins = append(joins, joined{id: s.id, tenant: i % c.churnTenants, lat: time.Since(t0)})
-				mu.Unlock()
+				j := joined{id: s.id, tenant: i % c.churnTenants, offer: offer, lat: time.Since(t0), first: time.Since(churnStart)}
 				time.Sleep(time.Second)
+				if c.leave == "logout" {
+					lctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+					_, err := s.client.Logout(lctx)
+					cancel()
+					if err != nil {
+						s.stop()
+						fail(fmt.Errorf("leave: %w", err))
+						return
+					}
+				}
 				s.stop()
+				j.left = time.Since(churnStart)
+				mu.Lock()
+				joins = append(joins, j)
+				mu.Unlock()
 			})
 		}
 	}
@@ -464,7 +486,13 @@ func bench(ctx context.Context, c config) error {
 	failed := 0
 	ids := map[netmap.NodeID]int{} // tenant
 	dups := 0
-	var lats []time.Duration
+	var lats, early, late []time.Duration
+	// Sustained means keeping pace while offered: the joins holding their
+	// first map by the end of the offer window, and the leaves done by
+	// then plus the second each node stays, per second of the window. A
+	// backlog shows as fewer, and as the late joins waiting longer than
+	// the early ones.
+	joinedInTime, leftInTime := 0, 0
 	for _, j := range joins {
 		if j.err != nil {
 			failed++
@@ -474,6 +502,18 @@ func bench(ctx context.Context, c config) error {
 			continue
 		}
 		lats = append(lats, j.lat)
+		switch {
+		case j.offer < c.churnFor/4:
+			early = append(early, j.lat)
+		case j.offer >= c.churnFor*3/4:
+			late = append(late, j.lat)
+		}
+		if j.first <= c.churnFor {
+			joinedInTime++
+		}
+		if j.left <= c.churnFor+time.Second {
+			leftInTime++
+		}
 		if _, ok := ids[j.id]; ok {
 			dups++
 		}
@@ -520,8 +560,11 @@ func bench(ctx context.Context, c config) error {
 		cpu := cpuSeconds(c.pids...) - churnCPU
 		fmt.Printf("cpu: churn (joins, leaves and reaping): coordinators %.1fs (%.1f ms per join and leave), this simulator %.1fs\n", cpu, cpu*1000/float64(joined), cpuSeconds(0)-churnSelf)
 	}
-	fmt.Printf("churn: %d joins offered in %v (%.0f/s); join to first map p50 %v p99 %v max %v\n", n, c.churnFor,
-		float64(n)/c.churnFor.Seconds(), percentile(lats, 0.5).Round(time.Millisecond), percentile(lats, 0.99).Round(time.Millisecond), percentile(lats, 1).Round(time.Millisecond))
+	fmt.Printf("churn: %d joins offered in %v (%.0f/s), leaving by %s; join to first map p50 %v p99 %v max %v; p50 of the first and last quarter's joins %v, %v\n", n, c.churnFor,
+		float64(n)/c.churnFor.Seconds(), c.leave, percentile(lats, 0.5).Round(time.Millisecond), percentile(lats, 0.99).Round(time.Millisecond), percentile(lats, 1).Round(time.Millisecond),
+		percentile(early, 0.5).Round(time.Millisecond), percentile(late, 0.5).Round(time.Millisecond))
+	fmt.Printf("churn: sustained %.1f joins/s (holding their first map within the %v window) and %.1f leaves/s (done within it plus the 1s stay)\n",
+		float64(joinedInTime)/c.churnFor.Seconds(), c.churnFor, float64(leftInTime)/c.churnFor.Seconds())
 	fmt.Printf("churn: %d ephemeral joins and leaves in %v (%.1f/s each), %d failed, %d duplicate ids, %d (watcher, join) pairs missed by %d watchers, %d ephemeral nodes left after the timeout\n",
 		len(ids), churn.Round(time.Millisecond), float64(len(ids))/churn.Seconds(), failed, dups, missed, len(watchers), left)
 	if c.failover {

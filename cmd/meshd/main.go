@@ -57,6 +57,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			c.daemonCmd(),
 			c.upCmd(),
 			c.downCmd(),
+			c.logoutCmd(),
 			c.statusCmd(),
 			c.waitCmd(),
 			c.metricsCmd(),

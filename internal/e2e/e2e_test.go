@@ -624,14 +624,15 @@ func TestUserspaceSOCKS5(t *testing.T) {
 }
 
 // TestEphemeralForeground: `meshd up --foreground` with an ephemeral key,
-// as a container runs it; stopping it (SIGTERM) removes the node from the
-// tailnet after the coordinator's ephemeral timeout.
+// as a container runs it; stopping it (SIGTERM) logs the node out, which
+// removes it from the tailnet at once, long before the coordinator's
+// ephemeral timeout. `meshd logout` does the same on a running node.
 func TestEphemeralForeground(t *testing.T) {
 	t.Parallel()
 	e := &env{t: t, bin: buildMeshd(t), dir: t.TempDir()}
 	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t, "tcp"))
 	dir := filepath.Join(e.dir, "coordinator")
-	e.coord = start(t, "coordinator", exec.Command(e.bin, "coordinator", "--listen", listen, "--state-dir", dir, "--ephemeral-timeout", "1s"))
+	e.coord = start(t, "coordinator", exec.Command(e.bin, "coordinator", "--listen", listen, "--state-dir", dir, "--ephemeral-timeout", "10m"))
 	e.coordURL, e.tokenFile = "https://"+listen, filepath.Join(dir, "admin.token")
 	waitFor(t, 30*time.Second, "coordinator", func() (bool, string) {
 		_, err := os.Stat(e.tokenFile)
@@ -675,13 +676,20 @@ func TestEphemeralForeground(t *testing.T) {
 	if code := p.cmd.ProcessState.ExitCode(); code != 0 {
 		t.Fatalf("foreground exit code %d after SIGTERM:\n%s", code, p.out.String())
 	}
-	waitFor(t, 30*time.Second, "the ephemeral node to be removed", func() (bool, string) {
-		var names []string
-		for _, peer := range e.status(watcher).Peers {
-			names = append(names, peer.Hostname)
-		}
-		return !slices.Contains(names, "sidecar"), fmt.Sprint(names)
-	})
+	gone := func(what string) {
+		t.Helper()
+		waitFor(t, 10*time.Second, what, func() (bool, string) {
+			var names []string
+			for _, peer := range e.status(watcher).Peers {
+				names = append(names, peer.Hostname)
+			}
+			return !slices.Contains(names, "sidecar"), fmt.Sprint(names)
+		})
+	}
+	gone("the ephemeral node removed as it stopped")
+	if !strings.Contains(p.out.String(), "logged out as the daemon stops") {
+		t.Errorf("the sidecar's log does not say it logged out:\n%s", p.out.String())
+	}
 	// Its state is still on disk: a clean stop does not delete it.
 	if _, err := os.Stat(filepath.Join(side.stateDir, "identity.json")); err != nil {
 		t.Fatalf("state after stop: %v", err)
@@ -693,6 +701,21 @@ func TestEphemeralForeground(t *testing.T) {
 	cmd2.Env = cmd.Env
 	start(t, "sidecar-again", cmd2)
 	e.waitPeers(watcher, "sidecar")
+
+	// meshd logout on the running node: deleted at once, and a second
+	// logout has nothing to do and fails saying so.
+	lo, err := e.cli(side, "logout", "--json")
+	if err != nil {
+		t.Fatalf("meshd logout: %v\n%s", err, lo)
+	}
+	var res localapi.LogoutResult
+	if err := json.Unmarshal([]byte(lo), &res); err != nil || !res.Deleted {
+		t.Fatalf("meshd logout --json: %s (%v), want deleted", lo, err)
+	}
+	gone("the ephemeral node removed by meshd logout")
+	if out, err := e.cli(side, "logout"); err == nil || !strings.Contains(out, "not logged in") {
+		t.Fatalf("a second meshd logout: %v\n%s; want a failure saying it is not logged in", err, out)
+	}
 }
 
 // dialHTTPConnect opens a tunnel to target through an HTTP CONNECT proxy.

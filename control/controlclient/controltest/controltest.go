@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/netmap"
@@ -29,6 +30,9 @@ type Options struct {
 	Tags []string
 	// DERPMap is handed to every node.
 	DERPMap netmap.DERPMap
+	// Ephemeral makes every node it enrols ephemeral (like an ephemeral
+	// auth key): a logout deletes it. Others have their key expired.
+	Ephemeral bool
 }
 
 // Coordinator is an in-memory coordinator: it enrols any machine that
@@ -132,13 +136,44 @@ func (cl *Client) Register(_ context.Context, req netmap.RegisterRequest) (*netm
 			netip.PrefixFrom(netip.AddrFrom4([4]byte{100, 64, byte(id >> 8), byte(id)}), 32),
 			netip.PrefixFrom(netip.AddrFrom16([16]byte{0xfd, 0x5e, 0x5a, 0x1e, 0, 0x0d, 10: 0x64, 11: 0x40, 14: byte(id >> 8), 15: byte(id)}), 128),
 		}
-		n = &netmap.Node{ID: id, MachineKey: cl.mk, Addresses: addrs, AllowedIPs: addrs, Tags: slices.Clone(c.opts.Tags)}
+		n = &netmap.Node{ID: id, MachineKey: cl.mk, Addresses: addrs, AllowedIPs: addrs, Tags: slices.Clone(c.opts.Tags), Ephemeral: c.opts.Ephemeral}
 		c.nodes[cl.mk] = n
+	case expired(n) && req.AuthKey != c.opts.AuthKey:
+		return nil, fmt.Errorf("%w: node %d logged out: register with an auth key", controlclient.ErrNodeExpired, n.ID)
 	}
+	n.KeyExpiry = time.Time{}
 	n.Hostname = req.Hostname
 	n.NodeKey, n.DiscoKey = req.NodeKey, req.DiscoKey
 	c.notifyLocked()
 	return &netmap.RegisterResponse{Node: *n, ServerKey: Pin}, nil
+}
+
+// expired reports whether n's key has expired (a logout).
+func expired(n *netmap.Node) bool { return !n.KeyExpiry.IsZero() && !time.Now().Before(n.KeyExpiry) }
+
+// Logout deletes an ephemeral node and expires any other's key, as the
+// real coordinator does; the node's map stream ends.
+func (cl *Client) Logout(context.Context) (*netmap.LogoutResponse, error) {
+	c := cl.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.down {
+		return nil, errDown
+	}
+	n := c.nodes[cl.mk]
+	switch {
+	case n == nil:
+		return nil, fmt.Errorf("%w: nothing to log out", controlclient.ErrNotRegistered)
+	case expired(n):
+		return nil, fmt.Errorf("%w: logged out already", controlclient.ErrNodeExpired)
+	case n.Ephemeral:
+		delete(c.nodes, cl.mk)
+		c.notifyLocked()
+		return &netmap.LogoutResponse{NodeID: n.ID, Deleted: true}, nil
+	}
+	n.KeyExpiry = time.Now()
+	c.notifyLocked()
+	return &netmap.LogoutResponse{NodeID: n.ID, Expired: true}, nil
 }
 
 // SetTags refuses, as the real coordinator does while no policy is loaded
@@ -233,6 +268,9 @@ func (cl *Client) mapLocked() (*netmap.NetworkMap, error) {
 	if self == nil {
 		return nil, fmt.Errorf("%w: not enrolled or deleted", controlclient.ErrNotRegistered)
 	}
+	if expired(self) {
+		return nil, fmt.Errorf("%w: logged out", controlclient.ErrNodeExpired)
+	}
 	rules := bootstrapRules()
 	dm := c.opts.DERPMap
 	resp := &netmap.MapResponse{
@@ -240,7 +278,7 @@ func (cl *Client) mapLocked() (*netmap.NetworkMap, error) {
 		PacketFilter: &rules, PolicyBootstrap: true,
 	}
 	for _, n := range c.nodes {
-		if n != self && !n.NodeKey.IsZero() {
+		if n != self && !n.NodeKey.IsZero() && !expired(n) {
 			resp.Peers = append(resp.Peers, *n)
 		}
 	}
