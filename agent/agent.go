@@ -396,9 +396,16 @@ func (a *Agent) logoutEphemeral() {
 	if !eph {
 		return
 	}
+	// An up in flight (one waiting for an admin's approval may wait long)
+	// holds upMu: a stop does not wait for it.
+	if !a.upMu.TryLock() {
+		a.log.Warn("ephemeral node: not logged out as the daemon stops, an up is in progress; the coordinator deletes the node at its ephemeral timeout")
+		return
+	}
+	defer a.upMu.Unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), ephemeralLogoutTimeout)
 	defer cancel()
-	if _, err := a.Logout(ctx); err != nil {
+	if _, err := a.logoutLocked(ctx); err != nil {
 		a.log.Warn("ephemeral node: logout as the daemon stops failed; the coordinator deletes the node at its ephemeral timeout", "err", err)
 		return
 	}
@@ -415,6 +422,11 @@ func (a *Agent) logoutEphemeral() {
 func (a *Agent) Logout(ctx context.Context) (*localapi.LogoutResult, error) {
 	a.upMu.Lock()
 	defer a.upMu.Unlock()
+	return a.logoutLocked(ctx)
+}
+
+// logoutLocked is Logout with a.upMu held.
+func (a *Agent) logoutLocked(ctx context.Context) (*localapi.LogoutResult, error) {
 	a.mu.Lock()
 	var l Login
 	if a.login != nil {

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"meshd.dev/meshd/agent/localapi"
 	"meshd.dev/meshd/control/controlclient/controltest"
@@ -64,7 +65,9 @@ func TestLogout(t *testing.T) {
 
 // TestEphemeralLogoutOnStop: an ephemeral node's daemon logs it out as it
 // stops, so the coordinator deletes it at once; one taken down first with
-// `meshd down` is left enrolled.
+// `meshd down` is left enrolled, and a stop during an up (which may wait
+// long for an approval) does not wait for it and leaves the node to the
+// coordinator's timeout.
 func TestEphemeralLogoutOnStop(t *testing.T) {
 	const key = "mskey-controltest"
 	fake := controltest.New(controltest.Options{AuthKey: key, Tags: []string{"tag:ci"}, Ephemeral: true})
@@ -73,10 +76,12 @@ func TestEphemeralLogoutOnStop(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		down    bool
+		busy    bool
 		deleted bool
 	}{
-		{"job", false, true},
-		{"paused", true, false},
+		{"job", false, false, true},
+		{"paused", true, false, false},
+		{"upping", false, true, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			opts := m.options(filepath.Join(t.TempDir(), tc.name))
@@ -97,9 +102,18 @@ func TestEphemeralLogoutOnStop(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
+			if tc.busy {
+				a.upMu.Lock() // as an up in flight holds it
+				defer a.upMu.Unlock()
+			}
 			cancel()
-			if err := <-done; err != nil {
-				t.Fatal(err)
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatal(err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("the daemon did not stop")
 			}
 			if tc.deleted {
 				waitStatus(t, watcher, tc.name+" deleted", func(st *localapi.Status) bool { return peerNamed(st, tc.name) == nil })
