@@ -7,7 +7,6 @@ import (
 	"crypto/x509"
 	"encoding/asn1"
 	"fmt"
-	"net/http"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -18,7 +17,6 @@ import (
 	"golang.org/x/time/rate"
 
 	"meshd.dev/meshd/control/controlclient"
-	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -122,26 +120,6 @@ func checkCSR(der []byte, name string, own []netip.Addr) (*x509.CertificateReque
 // dot.
 func sameName(got, want string) bool {
 	return strings.EqualFold(strings.TrimSuffix(got, "."), want)
-}
-
-func (s *Server) handleCert(w http.ResponseWriter, r *http.Request) {
-	mk, err := machineKey(r)
-	if err != nil {
-		s.writeError(w, r, err)
-		return
-	}
-	var req netmap.CertRequest
-	if err := decodeBody(r, &req); err != nil {
-		s.writeError(w, r, err)
-		return
-	}
-	resp, err := s.issueCert(r.Context(), mk, req)
-	if err != nil {
-		s.writeError(w, r, err)
-		return
-	}
-	connlimit.Authenticate(r.Context())
-	writeJSON(w, http.StatusOK, resp)
 }
 
 // issueCert signs a TLS certificate for the node of machine mk, for its

@@ -4,36 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"time"
 
 	"meshd.dev/meshd/control/controlclient"
 	"meshd.dev/meshd/control/store"
-	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/netmap"
 )
-
-// handleLogout serves POST /machine/logout for the machine whose key the
-// TLS client certificate proves. A node can log out only itself.
-func (s *Server) handleLogout(w http.ResponseWriter, r *http.Request) {
-	mk, err := machineKey(r)
-	if err != nil {
-		s.writeError(w, r, err)
-		return
-	}
-	var req netmap.LogoutRequest
-	if err := decodeBody(r, &req); err != nil {
-		s.writeError(w, r, err)
-		return
-	}
-	resp, err := s.logout(r.Context(), mk, req)
-	if err != nil {
-		s.writeError(w, r, err)
-		return
-	}
-	connlimit.Authenticate(r.Context()) // an enrolled machine key
-	writeJSON(w, http.StatusOK, resp)
-}
 
 // logout takes machine mk's node off the tailnet on its own request. An
 // ephemeral node is deleted at once, as its ephemeral timeout would have

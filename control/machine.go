@@ -73,25 +73,37 @@ func sanitizeOS(os string) string {
 	return os
 }
 
-func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
-	mk, err := machineKey(r)
-	if err != nil {
-		s.writeError(w, r, err)
-		return
+// machineJSON serves a machine endpoint: the caller's machine key from
+// its TLS client certificate, a JSON request of type Req, and do's answer
+// as JSON. A request do accepts came from an enrolled machine, which lifts
+// the connection's limits on unauthenticated clients.
+func machineJSON[Req, Resp any](s *Server, do func(context.Context, netmap.MachinePublic, Req) (*Resp, error)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		mk, err := machineKey(r)
+		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		var req Req
+		if err := decodeBody(r, &req); err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		resp, err := do(r.Context(), mk, req)
+		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		connlimit.Authenticate(r.Context())
+		writeJSON(w, http.StatusOK, resp)
 	}
-	var req netmap.RegisterRequest
-	if err := decodeBody(r, &req); err != nil {
-		s.writeError(w, r, err)
-		return
-	}
-	resp, err := s.register(r.Context(), mk, req)
+}
+
+// registerCounted is register, counted in the registration metrics.
+func (s *Server) registerCounted(ctx context.Context, mk netmap.MachinePublic, req netmap.RegisterRequest) (*netmap.RegisterResponse, error) {
+	resp, err := s.register(ctx, mk, req)
 	s.met.registered(err)
-	if err != nil {
-		s.writeError(w, r, err)
-		return
-	}
-	connlimit.Authenticate(r.Context())
-	writeJSON(w, http.StatusOK, resp)
+	return resp, err
 }
 
 // register enrols or re-registers machine mk.

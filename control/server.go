@@ -343,12 +343,12 @@ func NewServer(ctx context.Context, opts ServerOptions) (*Server, error) {
 		return nil, err
 	}
 	s.mux = http.NewServeMux()
-	s.mux.HandleFunc("POST /machine/register", s.handleRegister)
+	s.mux.HandleFunc("POST /machine/register", machineJSON(s, s.registerCounted))
 	s.mux.HandleFunc("POST /machine/map", s.handleMap)
 	s.mux.HandleFunc("POST "+controlclient.ChallengePath, s.handleChallenge)
-	s.mux.HandleFunc("POST /machine/tags", s.handleSetTags)
-	s.mux.HandleFunc("POST "+controlclient.LogoutPath, s.handleLogout)
-	s.mux.HandleFunc("POST "+controlclient.CertPath, s.handleCert)
+	s.mux.HandleFunc("POST /machine/tags", machineJSON(s, s.setTags))
+	s.mux.HandleFunc("POST "+controlclient.LogoutPath, machineJSON(s, s.logout))
+	s.mux.HandleFunc("POST "+controlclient.CertPath, machineJSON(s, s.issueCert))
 	s.mux.HandleFunc("GET "+DERPMapPath, s.handleDERPMap)
 	s.sshRoutes()
 	s.adminRoutes(s.mux)

@@ -3,13 +3,11 @@ package control
 import (
 	"context"
 	"fmt"
-	"net/http"
 	"slices"
 	"strings"
 	"time"
 
 	"meshd.dev/meshd/control/controlclient"
-	"meshd.dev/meshd/internal/connlimit"
 	"meshd.dev/meshd/netmap"
 )
 
@@ -25,26 +23,6 @@ func registrationTags(pol Policy, keyTags, requested []string) []string {
 		return slices.Clone(requested)
 	}
 	return slices.Compact(slices.Sorted(slices.Values(append(slices.Clone(keyTags), requested...))))
-}
-
-func (s *Server) handleSetTags(w http.ResponseWriter, r *http.Request) {
-	mk, err := machineKey(r)
-	if err != nil {
-		s.writeError(w, r, err)
-		return
-	}
-	var req netmap.SetTagsRequest
-	if err := decodeBody(r, &req); err != nil {
-		s.writeError(w, r, err)
-		return
-	}
-	resp, err := s.setTags(r.Context(), mk, req)
-	if err != nil {
-		s.writeError(w, r, err)
-		return
-	}
-	connlimit.Authenticate(r.Context()) // an enrolled machine key
-	writeJSON(w, http.StatusOK, resp)
 }
 
 // setTags replaces the tags of machine mk's node on the node's own request
