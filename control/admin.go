@@ -205,13 +205,24 @@ func (s *Server) DeleteNode(ctx context.Context, id netmap.NodeID) error {
 	if err != nil {
 		return err
 	}
+	if err := s.deleteNodeLocked(ctx, id, nil, auditNode(&n)); err != nil {
+		return err
+	}
+	s.log.Info("node deleted", "node", id)
+	return nil
+}
+
+// deleteNodeLocked deletes node id from the store and the tailnet: its
+// deletion timer stops, its streams end with ErrNotRegistered and its peers
+// drop it. The deletion is audited with actor (nil: the one ctx carries)
+// and details. s.mu held.
+func (s *Server) deleteNodeLocked(ctx context.Context, id netmap.NodeID, actor *Actor, details any) error {
 	if err := s.store.DeleteNode(ctx, id); err != nil {
 		return err
 	}
 	s.cancelEphemeralLocked(id)
 	s.hub.remove(id, controlclient.ErrNotRegistered)
-	s.log.Info("node deleted", "node", id)
-	s.audit(ctx, nil, AuditNodeDelete, nodeTarget(id), auditNode(&n))
+	s.audit(ctx, actor, AuditNodeDelete, nodeTarget(id), details)
 	return nil
 }
 

@@ -39,13 +39,10 @@ func (s *Server) logout(ctx context.Context, mk netmap.MachinePublic, req netmap
 	}
 	actor := NodeActor(&n.Node)
 	if n.Ephemeral {
-		if err := s.store.DeleteNode(ctx, n.ID); err != nil {
+		if err := s.deleteNodeLocked(ctx, n.ID, &actor, map[string]string{"reason": "logout"}); err != nil {
 			return nil, err
 		}
-		s.cancelEphemeralLocked(n.ID)
-		s.hub.remove(n.ID, controlclient.ErrNotRegistered)
 		s.log.Info("ephemeral node deleted on logout", "node", n.ID)
-		s.audit(ctx, &actor, AuditNodeDelete, nodeTarget(n.ID), map[string]string{"reason": "logout"})
 		return &netmap.LogoutResponse{NodeID: n.ID, Deleted: true}, nil
 	}
 	now := s.now().UTC()

@@ -823,13 +823,18 @@ func (s *Server) reapEphemeral(id netmap.NodeID) {
 	if n, err := s.store.Node(s.ctx, id); err != nil || !n.Ephemeral {
 		return // gone already, or re-enrolled with a non-ephemeral key
 	}
-	if err := s.store.DeleteNode(s.ctx, id); err != nil && !errors.Is(err, store.ErrNotFound) {
+	reason := map[string]string{"reason": "ephemeral node offline"}
+	switch err := s.deleteNodeLocked(s.ctx, id, nil, reason); {
+	case errors.Is(err, store.ErrNotFound):
+		// Deleted from the store a moment ago (another replica): out of
+		// this hub too.
+		s.hub.remove(id, controlclient.ErrNotRegistered)
+		s.audit(s.ctx, nil, AuditNodeDelete, nodeTarget(id), reason)
+	case err != nil:
 		s.log.Error("delete ephemeral node", "node", id, "err", err)
 		return
 	}
-	s.hub.remove(id, controlclient.ErrNotRegistered)
 	s.log.Info("deleted ephemeral node after it went offline", "node", id, "timeout", s.opts.EphemeralTimeout)
-	s.audit(s.ctx, nil, AuditNodeDelete, nodeTarget(id), map[string]string{"reason": "ephemeral node offline"})
 }
 
 // Handler returns the coordinator's HTTP API (machine and admin, and
