@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"flag"
 	"fmt"
 
@@ -30,9 +29,7 @@ func (c *cli) logoutCmd() *ffcli.Command {
 				return noDaemonHint(err, *socket)
 			}
 			if *asJSON {
-				enc := json.NewEncoder(c.stdout)
-				enc.SetIndent("", "  ")
-				return enc.Encode(res)
+				return printJSON(c.stdout, res)
 			}
 			switch {
 			case res.Deleted:
