@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"net/http"
+	"slices"
 	"testing"
 	"time"
 
@@ -92,7 +93,7 @@ func TestLogout(t *testing.T) {
 		wantErr(t, err, controlclient.ErrNodeExpired)
 		// Back with an auth key: the same node, the same addresses.
 		again := n.mustRegister(t, key, "server")
-		if again.Node.ID != n.id || !slicesEqual(again.Node.Addresses, reg.Node.Addresses) {
+		if again.Node.ID != n.id || !slices.Equal(again.Node.Addresses, reg.Node.Addresses) {
 			t.Fatalf("re-registered as node %d %v, want node %d %v", again.Node.ID, again.Node.Addresses, n.id, reg.Node.Addresses)
 		}
 	})
@@ -115,18 +116,6 @@ func TestLogout(t *testing.T) {
 	if len(got) != 2 || got[0] != AuditNodeDelete || got[1] != AuditNodeExpire {
 		t.Fatalf("audited logouts %v, want [%s %s]", got, AuditNodeDelete, AuditNodeExpire)
 	}
-}
-
-func slicesEqual[T comparable](a, b []T) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // TestLogoutRefusals: what other parties can do with the logout endpoint.
